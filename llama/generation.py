@@ -1,0 +1,374 @@
+"""Text and chat generation with the API of Meta's reference: ``Llama.build``, ``generate``,
+``text_completion`` and ``chat_completion``, on any device and any model-parallel world size."""
+
+import logging
+from pathlib import Path
+from typing import List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+
+from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, shard_paths
+from llama.distributed import default_device, init_distributed, local_rank
+from llama.model import ModelArgs, Transformer
+from llama.parallel import model_parallel_world_size
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+Dialog = List[Message]
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAD = -1  # marks the not-yet-generated positions of the right-padded token grid
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """None: this rank's GPU, else MPS, else CPU. A bare "cuda" means this rank's GPU."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be e.g. 'cpu', 'cuda', 'cuda:1' or 'mps', got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
+    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {list(DTYPES)} (or the torch.dtype), got {dtype!r}")
+
+
+def positive_int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        backend: Optional[str] = None,
+    ) -> "Llama":
+        """Load a checkpoint in Meta's layout and its tokenizer.
+
+        Args:
+            ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
+                whatever the number of processes).
+            tokenizer_path: the sentencepiece ``tokenizer.model``.
+            max_seq_len: longest prompt + generation; sizes the KV cache.
+            max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
+            model_parallel_size: must equal the number of processes if given (Meta's argument).
+            seed: seeds torch's random generators; use the same on every rank.
+            device: "cpu", "cuda", "mps", ...; None picks this rank's GPU, else MPS, else CPU.
+            dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device.
+            backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL
+                on CUDA and gloo elsewhere.
+
+        Returns:
+            A ``Llama`` holding the model and tokenizer.
+        """
+        positive_int(max_seq_len, "max_seq_len")
+        positive_int(max_batch_size, "max_batch_size")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        init_distributed(device, backend)
+        world_size = model_parallel_world_size()
+        if model_parallel_size is not None and model_parallel_size != world_size:
+            raise ValueError(
+                f"model_parallel_size={model_parallel_size} but this job has {world_size} process(es); "
+                "leave it None to use every process (any number of processes can load any checkpoint)"
+            )
+        torch.manual_seed(seed)
+
+        params = read_params(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path)
+        paths = shard_paths(ckpt_dir)
+        rows = checkpoint_vocab_size(paths)
+        if rows != tokenizer.n_words:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
+                f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+            )
+        vocab_size = params.get("vocab_size", -1)
+        if vocab_size not in (-1, tokenizer.n_words):
+            raise ValueError(
+                f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
+            )
+        args = ModelArgs.from_dict(
+            {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+            source=str(Path(ckpt_dir) / "params.json"),
+        )
+        model = load_model(ckpt_dir, args, device, dtype)
+        logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    def check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
+        params = self.model.params
+        if not isinstance(prompt_tokens, (list, tuple)):
+            raise TypeError(f"prompt_tokens must be a list of lists of token ids, got {type(prompt_tokens).__name__}")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}")
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        for i, tokens in enumerate(prompt_tokens):
+            if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise TypeError(f"prompt_tokens[{i}] must be a list of int token ids, got {tokens!r:.80}")
+            if not tokens:
+                raise ValueError(f"prompt_tokens[{i}] is empty: a prompt needs at least one token (BOS)")
+            if len(tokens) > params.max_seq_len:
+                raise ValueError(f"prompt_tokens[{i}] has {len(tokens)} tokens, more than max_seq_len={params.max_seq_len}")
+            bad = [t for t in tokens if not 0 <= t < params.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_tokens[{i}] has token id(s) {bad[:5]} outside the vocabulary [0, {params.vocab_size})")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt, all in one batch.
+
+        Prompts are right-padded into one (bsz, total_len) grid. Decoding starts at the shortest
+        prompt's end; for a row whose prompt is longer, its own prompt token replaces the sampled one
+        until the prompt is used up, so prompts are never overwritten.
+
+        Args:
+            prompt_tokens: one list of token ids per prompt.
+            max_gen_len: most new tokens per prompt (also capped by max_seq_len).
+            temperature: softmax temperature; 0 is greedy (argmax).
+            top_p: nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.
+            logprobs: also return each returned token's log-probability.
+            echo: also return the prompt (and its logprobs). The first token's logprob is 0: nothing
+                predicts BOS.
+
+        Returns:
+            (tokens, logprobs): per prompt the generated tokens, up to and excluding the first EOS,
+            and their logprobs (None unless ``logprobs``).
+        """
+        self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        if not prompt_tokens:
+            return [], ([] if logprobs else None)
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=self.device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+        token_logprobs = torch.zeros(bsz, total_len, dtype=torch.float, device=self.device)
+        input_text_mask = tokens != PAD
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+
+        if min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
+            logits = self.model.forward(tokens, 0)
+            token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD)
+
+        prev_pos = 0
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos-prev_pos, vocab)
+            if temperature > 0:
+                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+                next_token = sample_top_p(probs, top_p).reshape(-1)
+            else:
+                next_token = torch.argmax(logits[:, -1], dim=-1)
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=PAD
+                )
+            eos_reached |= ~input_text_mask[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            prev_pos = cur_pos
+            if eos_reached.all():
+                break
+
+        out_tokens, out_logprobs = [], []
+        for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+            prompt_len = len(prompt_tokens[i])
+            end = prompt_len + max_gen_len
+            generated = row[prompt_len:end]
+            if self.tokenizer.eos_id in generated:  # stop at the first EOS the model generated
+                end = prompt_len + generated.index(self.tokenizer.eos_id)
+            start = 0 if echo else prompt_len
+            out_tokens.append(row[start:end])
+            out_logprobs.append(row_logprobs[start:end])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each text prompt (BOS is prepended).
+
+        Args:
+            prompts: the texts to continue.
+            temperature, top_p, logprobs, echo: as for ``generate``.
+            max_gen_len: most new tokens; None allows up to max_seq_len - 1.
+
+        Returns:
+            One dict per prompt: {"generation": text}, plus "tokens" (each token's text) and
+            "logprobs" when ``logprobs``.
+        """
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of strings, got {prompts!r:.80}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def encode_dialog(self, dialog: Sequence[Message]) -> List[int]:
+        """Tokens of a dialog in the Llama 2 chat format: every finished (user, assistant) exchange is
+        ``BOS [INST] user [/INST] answer EOS``; the last user message is ``BOS [INST] user [/INST]``.
+        A leading system message is folded into the first user message between <<SYS>> tags."""
+        if not isinstance(dialog, (list, tuple)) or not dialog:
+            raise ValueError(f"a dialog must be a non-empty list of messages, got {dialog!r:.80}")
+        for j, msg in enumerate(dialog):
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or msg.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(
+                    f"message {j} must be a dict with 'role' in ('system', 'user', 'assistant') and a str 'content', got {msg!r:.80}"
+                )
+        if dialog[0]["role"] == "system":
+            if len(dialog) < 2:
+                raise ValueError("a dialog with a system message needs a user message after it")
+            dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + list(dialog[2:])
+        roles = [msg["role"] for msg in dialog]
+        expected = ["user" if j % 2 == 0 else "assistant" for j in range(len(dialog))]
+        if roles != expected:
+            raise ValueError(f"model only supports 'system', 'user' and 'assistant' roles, starting with 'system', then 'user' and alternating (u/a/u/a/u...); got {roles}")
+        if roles[-1] != "user":
+            raise ValueError(f"the last message must be from the user, got {roles[-1]!r}")
+        dialog_tokens: List[int] = []
+        for prompt, answer in zip(dialog[::2], dialog[1::2]):
+            dialog_tokens += self.tokenizer.encode(
+                f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True
+            )
+        dialog_tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        return dialog_tokens
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant, in the Llama 2 chat format.
+
+        Args:
+            dialogs: lists of {"role", "content"} messages: an optional system message, then user and
+                assistant alternating, ending with the user.
+            temperature, top_p, max_gen_len, logprobs: as for ``text_completion``.
+
+        Returns:
+            One dict per dialog: {"generation": {"role": "assistant", "content": text}}, plus "tokens"
+            and "logprobs" when ``logprobs``. A dialog whose messages contain the special tags gets
+            UNSAFE_ERROR as its content.
+        """
+        if not isinstance(dialogs, (list, tuple)):
+            raise TypeError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
+        unsafe = [any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        results: List[ChatPrediction] = []
+        for i, t in enumerate(generation_tokens):
+            result: ChatPrediction = {
+                "generation": {"role": "assistant", "content": UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)}
+            }
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                result["logprobs"] = generation_logprobs[i]
+            results.append(result)
+        return results
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the most probable tokens until their mass reaches ``p``, renormalise,
+    sample. probs: (bsz, vocab); returns (bsz, 1) token ids."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)

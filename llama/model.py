@@ -1,0 +1,238 @@
+"""The Llama 2 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
+embeddings, attention with its in-place KV cache, the SwiGLU feed-forward, a block, the model.
+
+Pure math: no file I/O and no device selection. Model parallelism enters only through the layer
+classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
+"""
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.parallel import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    split_size,
+)
+
+
+@dataclass
+class ModelArgs:
+    """Every key of Meta's ``params.json`` plus the two sizes of the inference cache."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouped-query attention)
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # Code Llama uses 1e6
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
+        """Build from a ``params.json`` dictionary; an unknown key is an error naming the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known}")
+        return cls(**params)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs.dim = {self.dim} is not divisible by n_heads = {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelArgs.n_heads = {self.n_heads} is not divisible by n_kv_heads = {self.n_kv_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices, not two), scaled, rounded up."""
+        hidden_dim = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
+        return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the model's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, end: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
+
+    This is Meta's ``x * polar(1, angle)`` on pairs viewed as complex numbers, written with real
+    cos/sin so it runs on any device. x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim/2).
+    """
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (bsz, seqlen, n_heads, head_dim/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, rotary positions and an in-place KV cache.
+
+    With ``n_kv_heads < n_heads`` each key/value head serves ``n_heads / n_kv_heads`` query heads.
+    Under model parallelism this rank holds ``n_local_heads`` query and ``n_local_kv_heads``
+    key/value heads; ``wo`` sums the heads' contributions over ranks.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_local_heads = split_size(args.n_heads, "n_heads")
+        self.n_local_kv_heads = split_size(args.n_kv_heads, "n_kv_heads")
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: Optional[int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+
+        if start_pos is None:  # no cache (training, scoring): the keys are this sequence's own
+            keys, values = xk, xv
+        else:  # write this chunk into the cache in place, then attend over everything so far
+            end_pos = start_pos + seqlen
+            self.cache_k[:bsz, start_pos:end_pos] = xk
+            self.cache_v[:bsz, start_pos:end_pos] = xv
+            keys, values = self.cache_k[:bsz, :end_pos], self.cache_v[:bsz, :end_pos]
+
+        # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
+        output = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        )
+        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim)
+        self.w2 = RowParallelLinear(hidden_dim, dim)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, start_pos, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ValueError(
+                f"ModelArgs.vocab_size must be set (got {params.vocab_size}); -1 means 'take it from the "
+                "tokenizer', which Llama.build does"
+            )
+        self.params = params
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.setup_caches()
+
+    def setup_caches(self):
+        """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
+        rotary tables, on the weights' device and in their dtype (the rotary tables stay float32)."""
+        device, dtype = self.output.weight.device, self.output.weight.dtype
+        for layer in self.layers:
+            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta)
+        self.register_buffer("freqs_cos", cos.to(device), persistent=False)
+        self.register_buffer("freqs_sin", sin.to(device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab_size) for ``tokens`` (bsz, seqlen).
+
+        With ``start_pos`` (Meta's inference call) the tokens sit at positions
+        ``start_pos .. start_pos+seqlen-1``, are written into the KV cache and attend to everything
+        cached before them; this runs without autograd. Without it the sequence attends only to
+        itself, no cache is touched, and gradients flow (training, scoring).
+        """
+        no_grad = torch.inference_mode() if start_pos is not None else contextlib.nullcontext()
+        with no_grad:
+            return self._forward(tokens, start_pos)
+
+    def _forward(self, tokens: torch.Tensor, start_pos: Optional[int]) -> torch.Tensor:
+        _, seqlen = tokens.shape
+        offset = start_pos or 0
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos = self.freqs_cos[offset : offset + seqlen]
+        sin = self.freqs_sin[offset : offset + seqlen]
+        mask = None  # one new token attends to everything cached: no mask needed
+        if seqlen > 1:  # query i (position offset+i) sees keys 0 .. offset+i
+            mask = torch.ones(seqlen, offset + seqlen, dtype=torch.bool, device=tokens.device).tril(offset)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask)
+        return self.output(self.norm(h)).float()
