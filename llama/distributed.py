@@ -46,3 +46,8 @@ def init_distributed(device: torch.device, backend: Optional[str] = None) -> Non
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), world_size, backend)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job (or the only process): the one that prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0

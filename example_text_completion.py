@@ -1,0 +1,80 @@
+"""Complete text prompts with a Llama 2 / Code Llama checkpoint in Meta's layout.
+
+    python example_text_completion.py                      # the small model that ships in checkpoints/
+    torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+"""
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import fire
+
+from llama import Llama
+from llama.distributed import is_main_process
+
+BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
+
+CODE_PROMPTS = [  # the bundled model was trained on Python source
+    "import os\n",
+    'def remove_non_ascii(s: str) -> str:\n    """',
+    "class Stack:\n    def __init__(self):\n",
+]
+TEXT_PROMPTS = [  # Meta's prompts, for Meta's checkpoints
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+
+        I just """,
+    """Translate English to French:
+
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+]
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    prompts: Optional[List[str]] = None,
+):
+    """Without --ckpt_dir, runs the small model bundled in checkpoints/tiny-stdlib on code prompts."""
+    if ckpt_dir is None:
+        ckpt_dir = str(BUNDLED)
+        tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
+    if tokenizer_path is None:
+        raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
+    if prompts is None:
+        prompts = CODE_PROMPTS if Path(ckpt_dir).resolve() == BUNDLED else TEXT_PROMPTS
+
+    start = time.perf_counter()
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+    load_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(result["tokens"]) for result in results)
+
+    if is_main_process():
+        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        for prompt, result in zip(prompts, results):
+            print(prompt)
+            print(f"> {result['generation']}")
+            print("\n==================================\n")
+        print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
