@@ -227,7 +227,7 @@ class Llama:
         input_text_mask = tokens != PAD
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
 
-        if min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
+        if logprobs and min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
             logits = self.model.forward(tokens, 0)
             token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD)
 
