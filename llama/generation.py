@@ -3,7 +3,8 @@
 
 import logging
 from pathlib import Path
-from typing import List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,8 @@ from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, sha
 from llama.distributed import default_device, init_distributed, local_rank
 from llama.model import ModelArgs, Transformer
 from llama.parallel import model_parallel_world_size
+from llama.sampling import Sampler, sample_top_p  # noqa: F401  (sample_top_p: Meta's import path)
+from llama.streaming import TextStream
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -191,6 +194,14 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        stop_tokens: Optional[Sequence[int]] = None,
+        stop_strings: Sequence[str] = (),
+        num_return_sequences: int = 1,
+        seed: Optional[int] = None,
+        top_logprobs: int = 0,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt, all in one batch.
 
@@ -206,61 +217,112 @@ class Llama:
             logprobs: also return each returned token's log-probability.
             echo: also return the prompt (and its logprobs). The first token's logprob is 0: nothing
                 predicts BOS.
+            top_k, min_p, repetition_penalty: more sampling filters, off by default (see ``Sampler``).
+            stop_tokens: token ids that end a row, not returned; None means [EOS].
+            stop_strings: texts that end a row; its tokens end with the one completing the text
+                (``text_completion`` cuts the text before it).
+            num_return_sequences: n independent samples per prompt: n rows per prompt, prompt i's
+                at [i*n, (i+1)*n).
+            seed: sample j of each prompt draws from a torch.Generator seeded with seed + j, leaving
+                the global RNG alone; None draws from the global RNG (seeded by ``build``).
+            top_logprobs: k > 0 also returns, per generated token, the k most likely tokens at its
+                position as (token id, logprob) pairs, most likely first.
 
         Returns:
-            (tokens, logprobs): per prompt the generated tokens, up to and excluding the first EOS,
-            and their logprobs (None unless ``logprobs``).
+            (tokens, logprobs): per prompt the generated tokens, up to and excluding the first stop
+            token, and their logprobs (None unless ``logprobs``); with ``top_logprobs``, a third list.
         """
         self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        if not prompt_tokens:
-            return [], ([] if logprobs else None)
-        params = self.model.params
-        bsz = len(prompt_tokens)
-        min_prompt_len = min(len(t) for t in prompt_tokens)
-        max_prompt_len = max(len(t) for t in prompt_tokens)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        state = self.start_decoding(
+            prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), logprobs,
+            stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo=echo,
+        )
+        for _ in self.decode_steps(state):
+            pass
+        return state.results(echo)
 
+    def start_decoding(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        sampler: Sampler,
+        logprobs: bool = False,
+        stop_tokens: Optional[Sequence[int]] = None,
+        stop_strings: Sequence[str] = (),
+        num_return_sequences: int = 1,
+        seed: Optional[int] = None,
+        top_logprobs: int = 0,
+        streams: bool = False,
+        echo: bool = False,
+    ) -> "Decoding":
+        """The right-padded grid of a batch about to be decoded by ``decode_steps``: each prompt
+        ``num_return_sequences`` times, room for max_gen_len more tokens (capped by max_seq_len).
+        ``streams``: keep a ``TextStream`` of each row's text (always kept when there are stop strings)."""
+        params = self.model.params
+        check_decoding_options(stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo, params.vocab_size)
+        prompt_tokens = [list(t) for t in prompt_tokens for _ in range(num_return_sequences)]
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens) // num_return_sequences} prompts x num_return_sequences={num_return_sequences} "
+                f"exceed max_batch_size={params.max_batch_size}"
+            )
+        if seed is not None:  # row i*n + j draws from its own generator seeded with seed + j
+            sampler = replace(sampler, generators=[
+                torch.Generator(device=self.device).manual_seed(seed + i % num_return_sequences) for i in range(len(prompt_tokens))
+            ])
+        bsz = len(prompt_tokens)
+        max_prompt_len = max((len(t) for t in prompt_tokens), default=0)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
         tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=self.device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-        token_logprobs = torch.zeros(bsz, total_len, dtype=torch.float, device=self.device)
-        input_text_mask = tokens != PAD
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], dtype=torch.long, device=self.device)
+        return Decoding(
+            tokens=tokens,
+            prompt_lens=prompt_lens,
+            ends=prompt_lens + max_gen_len,
+            stopped=torch.zeros(bsz, dtype=torch.bool, device=self.device),
+            sampler=sampler,
+            stop_tokens=torch.tensor([self.tokenizer.eos_id] if stop_tokens is None else list(stop_tokens), dtype=torch.long, device=self.device),
+            token_logprobs=torch.zeros(bsz, total_len, dtype=torch.float, device=self.device) if logprobs else None,
+            top_ids=torch.zeros(bsz, total_len, top_logprobs, dtype=torch.long, device=self.device),
+            top_logprobs=torch.zeros(bsz, total_len, top_logprobs, dtype=torch.float, device=self.device),
+            streams=[TextStream(self.tokenizer, stop_strings) for _ in range(bsz)] if streams or stop_strings else None,
+        )
 
-        if logprobs and min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
+    @torch.inference_mode()
+    def decode_steps(self, state: "Decoding") -> Iterator[int]:
+        """The decoding loop: fills ``state``'s grid one position at a time and yields after each
+        position. Rows end at a stop token or stop string; the loop ends when every row has."""
+        tokens, token_logprobs, bsz = state.tokens, state.token_logprobs, state.tokens.shape[0]
+        if bsz == 0:
+            return
+        min_prompt_len = int(state.prompt_lens.min())
+        total_len = tokens.shape[1]
+        input_text_mask = tokens != PAD
+
+        if token_logprobs is not None and min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
             logits = self.model.forward(tokens, 0)
             token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD)
 
         prev_pos = 0
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos-prev_pos, vocab)
-            if temperature > 0:
-                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
-                next_token = sample_top_p(probs, top_p).reshape(-1)
-            else:
-                next_token = torch.argmax(logits[:, -1], dim=-1)
+            next_token = state.sampler(logits[:, -1], tokens[:, :cur_pos])
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
-            if logprobs:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
+            if token_logprobs is not None:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=PAD
                 )
-            eos_reached |= ~input_text_mask[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            if state.top_ids.shape[-1]:
+                alternatives = torch.log_softmax(logits[:, -1].float(), dim=-1).topk(state.top_ids.shape[-1], dim=-1)
+                state.top_logprobs[:, cur_pos], state.top_ids[:, cur_pos] = alternatives.values, alternatives.indices
+            state.record(cur_pos, ~input_text_mask[:, cur_pos])
             prev_pos = cur_pos
-            if eos_reached.all():
+            yield cur_pos
+            if state.stopped.all():
                 break
-
-        out_tokens, out_logprobs = [], []
-        for i, (row, row_logprobs) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
-            prompt_len = len(prompt_tokens[i])
-            end = prompt_len + max_gen_len
-            generated = row[prompt_len:end]
-            if self.tokenizer.eos_id in generated:  # stop at the first EOS the model generated
-                end = prompt_len + generated.index(self.tokenizer.eos_id)
-            start = 0 if echo else prompt_len
-            out_tokens.append(row[start:end])
-            out_logprobs.append(row_logprobs[start:end])
-        return out_tokens, (out_logprobs if logprobs else None)
 
     def text_completion(
         self,
@@ -363,12 +425,65 @@ class Llama:
         return results
 
 
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling: keep the most probable tokens until their mass reaches ``p``, renormalise,
-    sample. probs: (bsz, vocab); returns (bsz, 1) token ids."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1)
-    return torch.gather(probs_idx, -1, next_token)
+@dataclass
+class Decoding:
+    """A batch being decoded: the right-padded grid of prompt and generated tokens, and what the
+    decoding loop learns about each row."""
+
+    tokens: torch.Tensor  # (bsz, total_len): prompt, then generated tokens; PAD where none yet
+    prompt_lens: torch.Tensor  # (bsz,)
+    ends: torch.Tensor  # (bsz,): each row's output ends before this position
+    stopped: torch.Tensor  # (bsz,): the row generated a stop token or completed a stop string
+    sampler: Sampler
+    stop_tokens: torch.Tensor  # (n_stop,)
+    token_logprobs: Optional[torch.Tensor]  # (bsz, total_len): log p(token | tokens before it); None if not asked
+    top_ids: torch.Tensor  # (bsz, total_len, top_logprobs): the most likely tokens at each generated position
+    top_logprobs: torch.Tensor  # (bsz, total_len, top_logprobs): their logprobs
+    streams: Optional[List[TextStream]]  # each row's text, when streaming or stopping at strings
+
+    def record(self, cur_pos: int, generated: torch.Tensor) -> None:
+        """Note the stops among the tokens just written at ``cur_pos``; ``generated``: (bsz,) rows
+        past their prompt."""
+        in_output = generated & ~self.stopped & (cur_pos < self.ends)
+        hit_stop_token = generated & torch.isin(self.tokens[:, cur_pos], self.stop_tokens)
+        self.ends = torch.where(in_output & hit_stop_token, cur_pos, self.ends)
+        self.stopped |= hit_stop_token
+        if self.streams is None:
+            return
+        for row in (in_output & ~hit_stop_token).nonzero().flatten().tolist():
+            stream = self.streams[row]
+            stream.push(int(self.tokens[row, cur_pos]))
+            if stream.stopped:  # the row's output ends with the token that completed the stop string
+                self.stopped[row] = True
+                self.ends[row] = cur_pos + 1
+
+    def results(self, echo: bool):
+        """(tokens, logprobs[, top_logprobs]) per row, as ``Llama.generate`` returns them."""
+        out_tokens, out_logprobs, out_top = [], [], []
+        ends, prompt_lens = self.ends.tolist(), self.prompt_lens.tolist()
+        top_ids, top_logprobs = self.top_ids.tolist(), self.top_logprobs.tolist()
+        for i, row in enumerate(self.tokens.tolist()):
+            start = 0 if echo else prompt_lens[i]
+            out_tokens.append(row[start : ends[i]])
+            if self.token_logprobs is not None:
+                out_logprobs.append(self.token_logprobs[i, start : ends[i]].tolist())
+            out_top.append([list(zip(ids, lps)) for ids, lps in zip(top_ids[i][start : ends[i]], top_logprobs[i][start : ends[i]])])
+        logprobs = out_logprobs if self.token_logprobs is not None else None
+        return (out_tokens, logprobs, out_top) if self.top_ids.shape[-1] else (out_tokens, logprobs)
+
+
+def check_decoding_options(stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo, vocab_size: int) -> None:
+    if stop_tokens is not None and (
+        not isinstance(stop_tokens, (list, tuple))
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_tokens)
+    ):
+        raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab_size}), got {stop_tokens!r:.80}")
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in stop_strings):
+        raise TypeError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r:.80}")
+    positive_int(num_return_sequences, "num_return_sequences")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None (the global RNG), got {seed!r}")
+    if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= vocab_size:
+        raise ValueError(f"top_logprobs must be an integer in [0, {vocab_size}], got {top_logprobs!r}")
+    if top_logprobs and echo:
+        raise ValueError("top_logprobs covers generated tokens only; it cannot be combined with echo=True")

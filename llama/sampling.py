@@ -1,0 +1,90 @@
+"""Choosing the next token from the last position's logits: repetition penalty, temperature, top-k,
+min-p and top-p (nucleus) sampling, or greedy; drawn from torch's global RNG or one seeded
+``torch.Generator`` per row.
+
+With the defaults (top_k=0, min_p=0, repetition_penalty=1, no generators) this is exactly Meta's
+sampling: ``softmax(logits / temperature)`` then ``sample_top_p``, or argmax at temperature 0.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class Sampler:
+    """How one batch picks its next tokens. Applied in this order:
+
+    repetition_penalty r: for each token already in the row (prompt or output), logit <- logit / r
+        if logit > 0 else logit * r (CTRL's penalty; r > 1 discourages repeats, 1 is off).
+    temperature T: p = softmax(logit / T); T = 0 is greedy (argmax, after the penalty).
+    top_k k: keep the k largest logits, drop the rest (0 is off).
+    min_p m: keep the tokens with p >= m * max(p) (0 is off).
+    top_p P: keep the most probable tokens until their mass reaches P (1 keeps all).
+    Dropped tokens get probability 0 and the rest are renormalised before drawing.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    generators: Optional[List[torch.Generator]] = None  # one per row; None draws from the global RNG
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 is off), got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 is off), got {self.min_p!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty!r}")
+
+    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row.
+        Returns (bsz,) token ids."""
+        if self.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
+        if self.temperature == 0:
+            return torch.argmax(logits, dim=-1)
+        logits = logits / self.temperature
+        if self.top_k:
+            logits = keep_top_k(logits, self.top_k)
+        if self.min_p:
+            logits = keep_min_p(logits, self.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        return sample_top_p(probs, self.top_p, self.generators).reshape(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive logits and multiply negative ones by ``penalty`` for every token in
+    ``previous_tokens`` (bsz, n), once however often it occurred."""
+    seen = torch.gather(logits, 1, previous_tokens)
+    return logits.scatter(1, previous_tokens, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf for all but the k largest logits of each row (ties with the k-th largest are kept)."""
+    kth_largest = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """-inf for the tokens whose probability is below ``min_p`` times the row's largest probability."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[torch.Generator]] = None) -> torch.Tensor:
+    """Nucleus sampling: keep the most probable tokens until their mass reaches ``p``, renormalise,
+    sample. probs: (bsz, vocab); returns (bsz, 1) token ids. ``generators``: one per row, else the
+    global RNG."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    if generators is None:
+        next_token = torch.multinomial(probs_sort, num_samples=1)
+    else:
+        next_token = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs_sort, generators)])
+    return torch.gather(probs_idx, -1, next_token)
