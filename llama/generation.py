@@ -14,7 +14,7 @@ from llama.distributed import default_device, init_distributed, local_rank
 from llama.model import ModelArgs, Transformer
 from llama.parallel import model_parallel_world_size
 from llama.sampling import Sampler, sample_top_p  # noqa: F401  (sample_top_p: Meta's import path)
-from llama.streaming import TextStream
+from llama.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class Llama:
         prev_pos = 0
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos-prev_pos, vocab)
-            next_token = state.sampler(logits[:, -1], tokens[:, :cur_pos])
+            next_token = state.sampler(logits[:, -1], tokens[:, :cur_pos], ~input_text_mask[:, cur_pos])
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if token_logprobs is not None:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
@@ -332,6 +332,7 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        **options,
     ) -> List[CompletionPrediction]:
         """Complete each text prompt (BOS is prepended).
 
@@ -339,23 +340,84 @@ class Llama:
             prompts: the texts to continue.
             temperature, top_p, logprobs, echo: as for ``generate``.
             max_gen_len: most new tokens; None allows up to max_seq_len - 1.
+            options: ``generate``'s top_k, min_p, repetition_penalty, stop_tokens, stop_strings,
+                num_return_sequences, seed, top_logprobs.
 
         Returns:
-            One dict per prompt: {"generation": text}, plus "tokens" (each token's text) and
-            "logprobs" when ``logprobs``.
+            One dict per prompt (per sample: prompt i's n at [i*n, (i+1)*n)): {"generation": text},
+            cut before the first stop string, plus "tokens" (each token's text) and "logprobs" when
+            ``logprobs``, and "top_logprobs" (per token, (text, logprob) pairs) when asked.
         """
+        prompt_tokens = self.encode_prompts(prompts)
+        generated = self.generate(prompt_tokens, self.default_gen_len(max_gen_len), temperature, top_p, logprobs, echo, **options)
+        n, stop_strings = options.get("num_return_sequences", 1), options.get("stop_strings", ())
+        results: List[CompletionPrediction] = []
+        for i, tokens in enumerate(generated[0]):
+            prompt_chars = len(self.tokenizer.decode(prompt_tokens[i // n])) if echo else 0
+            text = cut_at_stop(self.tokenizer.decode(tokens), stop_strings, prompt_chars)
+            results.append({"generation": text, **self.token_details(i, *generated)})
+        return results
+
+    def text_completion_stream(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        **options,
+    ) -> "CompletionStream":
+        """``text_completion`` as it is generated: yields, after each decoding step and once more at
+        the end, one string per row (n per prompt, as ``text_completion``) holding the text that
+        became final, "" for none. A row's strings, joined, equal its "generation". Text that may
+        still turn into a stop string, or the first bytes of a multi-byte character, wait.
+
+        Args: as ``text_completion``, less logprobs, echo and top_logprobs.
+        """
+        prompt_tokens = self.encode_prompts(prompts)
+        return self.stream(prompt_tokens, self.default_gen_len(max_gen_len), temperature, top_p, **options)
+
+    def stream(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        stop_tokens: Optional[Sequence[int]] = None,
+        stop_strings: Sequence[str] = (),
+        num_return_sequences: int = 1,
+        seed: Optional[int] = None,
+    ) -> "CompletionStream":
+        """``generate`` as text, per step: see ``text_completion_stream``. The arguments are checked
+        here, before the first step."""
+        self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        state = self.start_decoding(
+            prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), False,
+            stop_tokens, stop_strings, num_return_sequences, seed, streams=True,
+        )
+        return CompletionStream(self.decode_steps(state), state)
+
+    def encode_prompts(self, prompts: List[str]) -> List[List[int]]:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of strings, got {prompts!r:.80}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        if logprobs:
-            return [
-                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                for t, lp in zip(generation_tokens, generation_logprobs)
-            ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+
+    def default_gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def token_details(self, i: int, tokens, logprobs=None, top_logprobs=None) -> dict:
+        """Row i's optional per-token fields: "tokens" (each token's text) when logprobs or the
+        alternatives were asked for, "logprobs" and "top_logprobs" when they were."""
+        details = {}
+        if logprobs is not None or top_logprobs is not None:
+            details["tokens"] = [self.tokenizer.decode([x]) for x in tokens[i]]
+        if logprobs is not None:
+            details["logprobs"] = logprobs[i]
+        if top_logprobs is not None:
+            details["top_logprobs"] = [[(self.tokenizer.decode([t]), lp) for t, lp in alts] for alts in top_logprobs[i]]
+        return details
 
     def encode_dialog(self, dialog: Sequence[Message]) -> List[int]:
         """Tokens of a dialog in the Llama 2 chat format: every finished (user, assistant) exchange is
@@ -393,36 +455,80 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        **options,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in the Llama 2 chat format.
 
         Args:
             dialogs: lists of {"role", "content"} messages: an optional system message, then user and
                 assistant alternating, ending with the user.
-            temperature, top_p, max_gen_len, logprobs: as for ``text_completion``.
+            temperature, top_p, max_gen_len, logprobs, options: as for ``text_completion``.
 
         Returns:
-            One dict per dialog: {"generation": {"role": "assistant", "content": text}}, plus "tokens"
-            and "logprobs" when ``logprobs``. A dialog whose messages contain the special tags gets
+            One dict per dialog (per sample, as ``text_completion``): {"generation": {"role":
+            "assistant", "content": text}}, plus "tokens" and "logprobs" when ``logprobs``, and
+            "top_logprobs" when asked. A dialog whose messages contain the special tags gets
             UNSAFE_ERROR as its content.
         """
+        prompt_tokens, unsafe = self.encode_dialogs(dialogs)
+        generated = self.generate(prompt_tokens, self.default_gen_len(max_gen_len), temperature, top_p, logprobs, **options)
+        n, stop_strings = options.get("num_return_sequences", 1), options.get("stop_strings", ())
+        results: List[ChatPrediction] = []
+        for i, tokens in enumerate(generated[0]):
+            content = UNSAFE_ERROR if unsafe[i // n] else cut_at_stop(self.tokenizer.decode(tokens), stop_strings)
+            results.append({"generation": {"role": "assistant", "content": content}, **self.token_details(i, *generated)})
+        return results
+
+    def chat_completion_stream(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        **options,
+    ) -> "CompletionStream":
+        """``chat_completion`` as it is generated, one string per row per step, like
+        ``text_completion_stream``: joined, a row's strings equal its answer's "content"."""
+        prompt_tokens, unsafe = self.encode_dialogs(dialogs)
+        stream = self.stream(prompt_tokens, self.default_gen_len(max_gen_len), temperature, top_p, **options)
+        n = options.get("num_return_sequences", 1)
+        stream.refused = [unsafe[i // n] for i in range(len(prompt_tokens) * n)]
+        return stream
+
+    def encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[List[int]], List[bool]]:
+        """Each dialog's tokens, and whether it contains the chat format's special tags."""
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
         unsafe = [any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog) for dialog in dialogs]
-        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        results: List[ChatPrediction] = []
-        for i, t in enumerate(generation_tokens):
-            result: ChatPrediction = {
-                "generation": {"role": "assistant", "content": UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)}
-            }
-            if logprobs:
-                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                result["logprobs"] = generation_logprobs[i]
-            results.append(result)
-        return results
+        return prompt_tokens, unsafe
+
+
+class CompletionStream:
+    """Iterating yields, after each decoding step and once more at the end, one string per row: the
+    text that became final since the previous yield. ``tokens``: each row's output tokens so far."""
+
+    def __init__(self, steps: Iterator[int], state: "Decoding"):
+        self.steps = steps
+        self.state = state
+        self.refused = [False] * len(state.streams)  # rows answered with UNSAFE_ERROR instead
+
+    def __iter__(self) -> Iterator[List[str]]:
+        for step, pieces in enumerate(self.pieces()):
+            yield [(UNSAFE_ERROR if step == 0 else "") if refused else piece for piece, refused in zip(pieces, self.refused)]
+
+    def pieces(self) -> Iterator[List[str]]:
+        for _ in self.steps:
+            yield [stream.read() for stream in self.state.streams]
+        yield [stream.close() for stream in self.state.streams]
+
+    @property
+    def tokens(self) -> List[List[int]]:
+        return [stream.tokens for stream in self.state.streams]
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return int(self.state.prompt_lens.sum())
 
 
 @dataclass

@@ -40,9 +40,10 @@ class Sampler:
         if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty!r}")
 
-    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
-        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row.
-        Returns (bsz,) token ids."""
+    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor, sampling: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row;
+        sampling: (bsz,) the rows whose token is used: only their generators draw, so a row's samples
+        do not depend on the other rows of its batch. Returns (bsz,) token ids."""
         if self.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
         if self.temperature == 0:
@@ -53,7 +54,10 @@ class Sampler:
         if self.min_p:
             logits = keep_min_p(logits, self.min_p)
         probs = torch.softmax(logits, dim=-1)
-        return sample_top_p(probs, self.top_p, self.generators).reshape(-1)
+        generators = self.generators
+        if generators is not None and sampling is not None:
+            generators = [g if used else None for g, used in zip(generators, sampling.tolist())]
+        return sample_top_p(probs, self.top_p, generators).reshape(-1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -75,10 +79,10 @@ def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[torch.Generator]] = None) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[Optional[torch.Generator]]] = None) -> torch.Tensor:
     """Nucleus sampling: keep the most probable tokens until their mass reaches ``p``, renormalise,
     sample. probs: (bsz, vocab); returns (bsz, 1) token ids. ``generators``: one per row, else the
-    global RNG."""
+    global RNG; a row whose generator is None draws nothing and gets its most probable token."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
@@ -86,5 +90,8 @@ def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[torch.
     if generators is None:
         next_token = torch.multinomial(probs_sort, num_samples=1)
     else:
-        next_token = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs_sort, generators)])
+        next_token = torch.stack([
+            torch.multinomial(row, 1, generator=g) if g is not None else torch.zeros(1, dtype=torch.long, device=row.device)
+            for row, g in zip(probs_sort, generators)
+        ])
     return torch.gather(probs_idx, -1, next_token)

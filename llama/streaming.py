@@ -1,9 +1,11 @@
 """Turning one row's generated tokens into text as they arrive, and ending it at a stop string.
 
-Sentencepiece pieces cannot be decoded one at a time: the first decoded piece loses its leading
-space ("▁"), and byte-fallback pieces spell one character over several tokens. So the new text of a
+Sentencepiece pieces cannot be decoded one at a time: decoding drops the spaces ("▁") that begin
+the text, and byte-fallback pieces spell one character over several tokens. So the new text of a
 token is what decoding a short window of recent tokens adds to decoding the same window without
-it; a window that ends in U+FFFD (an unfinished character) waits for the next token.
+it, both behind an anchor piece that takes the dropped space (except at the very start, where the
+whole text drops it too); a window that ends in U+FFFD (an unfinished character) waits for the
+next token.
 """
 
 from typing import List, Sequence
@@ -22,6 +24,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
         self.tokens: List[int] = []
+        self.anchor = tokenizer.encode("a", bos=False, eos=False)[-1:]
         self.text = ""  # the decoded text so far, cut before the first stop string
         self.window_start = 0  # tokens[window_start:decoded_end] decode to the end of self.text
         self.decoded_end = 0
@@ -30,14 +33,21 @@ class TextStream:
         self.closed = False
 
     def push(self, token: int) -> None:
+        if self.stopped:  # the text ended at a stop string; tokens after it are not part of it
+            return
         self.tokens.append(token)
-        window = self.tokenizer.decode(self.tokens[self.window_start :])
+        window = self.decode(len(self.tokens))
         if window.endswith(REPLACEMENT_CHAR):  # an unfinished multi-byte character
             return
         self.add_text(window)
 
+    def decode(self, end: int) -> str:
+        """The text of tokens[window_start:end], behind the anchor unless the window starts the text."""
+        anchor = self.anchor if self.window_start > 0 else []
+        return self.tokenizer.decode(anchor + self.tokens[self.window_start : end])
+
     def add_text(self, window: str) -> None:
-        before = self.tokenizer.decode(self.tokens[self.window_start : self.decoded_end])
+        before = self.decode(self.decoded_end)
         search_from = max(0, len(self.text) - max((len(s) for s in self.stop_strings), default=0) + 1)
         self.text += window[len(before) :]
         self.window_start, self.decoded_end = self.decoded_end, len(self.tokens)
@@ -57,7 +67,7 @@ class TextStream:
     def close(self) -> str:
         """No more tokens: decode what was waiting for one, and return all that was not read yet."""
         if not self.stopped and self.decoded_end < len(self.tokens):
-            self.add_text(self.tokenizer.decode(self.tokens[self.window_start :]))
+            self.add_text(self.decode(len(self.tokens)))
         self.closed = True
         return self.read()
 
