@@ -7,7 +7,7 @@ classes of ``llama.parallel``; with one process they are plain linear and embedd
 
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +90,10 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(head_dim: int, end: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2),
+    computed on the CPU even inside ``torch.device("meta")``, where the loader builds the model."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -100,12 +101,18 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
 
     This is Meta's ``x * polar(1, angle)`` on pairs viewed as complex numbers, written with real
-    cos/sin so it runs on any device. x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim/2).
+    cos/sin so it runs on any device. x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim/2),
+    or (bsz, seqlen, head_dim/2) when each row has its own positions.
     """
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (bsz, seqlen, n_heads, head_dim/2)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def row_positions(start_pos: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(bsz, seqlen) positions of a chunk whose row b starts at ``start_pos[b]``."""
+    return start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)
 
 
 class Attention(nn.Module):
@@ -134,7 +141,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Optional[int],
+        start_pos: Union[int, torch.Tensor, None],
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
@@ -148,9 +155,14 @@ class Attention(nn.Module):
         if start_pos is None:  # no cache (training, scoring): the keys are this sequence's own
             keys, values = xk, xv
         else:  # write this chunk into the cache in place, then attend over everything so far
-            end_pos = start_pos + seqlen
-            self.cache_k[:bsz, start_pos:end_pos] = xk
-            self.cache_v[:bsz, start_pos:end_pos] = xv
+            if isinstance(start_pos, torch.Tensor):  # each row writes at its own positions
+                rows, positions = torch.arange(bsz, device=x.device)[:, None], row_positions(start_pos, seqlen)
+                self.cache_k[rows, positions], self.cache_v[rows, positions] = xk, xv
+                end_pos = mask.shape[-1]
+            else:
+                end_pos = start_pos + seqlen
+                self.cache_k[:bsz, start_pos:end_pos] = xk
+                self.cache_v[:bsz, start_pos:end_pos] = xv
             keys, values = self.cache_k[:bsz, :end_pos], self.cache_v[:bsz, :end_pos]
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
@@ -205,34 +217,58 @@ class Transformer(nn.Module):
     def setup_caches(self):
         """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
         rotary tables, on the weights' device and in their dtype (the rotary tables stay float32)."""
-        device, dtype = self.output.weight.device, self.output.weight.dtype
+        device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
         cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor, None] = None,
+        logits_at: Union[int, torch.Tensor, None] = None,
+    ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for ``tokens`` (bsz, seqlen).
 
         With ``start_pos`` (Meta's inference call) the tokens sit at positions
         ``start_pos .. start_pos+seqlen-1``, are written into the KV cache and attend to everything
         cached before them; this runs without autograd. Without it the sequence attends only to
         itself, no cache is touched, and gradients flow (training, scoring).
+
+        ``start_pos`` may also be a (bsz,) tensor, one start per row: rows of a ragged batch then
+        decode at their own positions, so a batch of prompts of different lengths is prefilled in
+        one right-padded pass (the padding's cache entries are overwritten before any row reads
+        them) and each row continues exactly as it would alone.
+
+        ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the
+        logits of that one position per row only, shape (bsz, 1, vocab_size): a prefill needs just
+        the last position's, and the vocabulary projection is the largest matmul of the model.
         """
         no_grad = torch.inference_mode() if start_pos is not None else contextlib.nullcontext()
         with no_grad:
-            return self._forward(tokens, start_pos)
+            return self._forward(tokens, start_pos, logits_at)
 
-    def _forward(self, tokens: torch.Tensor, start_pos: Optional[int]) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, start_pos, logits_at=None) -> torch.Tensor:
         _, seqlen = tokens.shape
-        offset = start_pos or 0
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        cos = self.freqs_cos[offset : offset + seqlen]
-        sin = self.freqs_sin[offset : offset + seqlen]
-        mask = None  # one new token attends to everything cached: no mask needed
-        if seqlen > 1:  # query i (position offset+i) sees keys 0 .. offset+i
-            mask = torch.ones(seqlen, offset + seqlen, dtype=torch.bool, device=tokens.device).tril(offset)
+        if isinstance(start_pos, torch.Tensor):
+            positions = row_positions(start_pos, seqlen)  # (bsz, seqlen)
+            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (bsz, seqlen, head_dim/2)
+            # row b's query at position p sees its keys 0 .. p: (bsz, 1, seqlen, end), broadcast over heads
+            key_positions = torch.arange(int(positions.max()) + 1, device=tokens.device)
+            mask = (key_positions <= positions[..., None]).unsqueeze(1)
+        else:
+            offset = start_pos or 0
+            cos = self.freqs_cos[offset : offset + seqlen]
+            sin = self.freqs_sin[offset : offset + seqlen]
+            mask = None  # one new token attends to everything cached: no mask needed
+            if seqlen > 1:  # query i (position offset+i) sees keys 0 .. offset+i
+                mask = torch.ones(seqlen, offset + seqlen, dtype=torch.bool, device=tokens.device).tril(offset)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
+        if logits_at is not None:  # keep one position per row: (bsz, 1, dim)
+            rows = torch.arange(h.shape[0], device=h.device)
+            h = h[rows, torch.as_tensor(logits_at, device=h.device)].unsqueeze(1)
         return self.output(self.norm(h)).float()

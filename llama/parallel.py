@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llama.quantize import linear
+
 
 def model_parallel_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -53,6 +55,13 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def init_weight(weight: nn.Parameter) -> None:
+    """N(0, 0.02) until a checkpoint overwrites it. Skipped on the meta device, where the loader builds
+    the model: initialising meta tensors would import torch's Python decompositions (~70 MB of RAM)."""
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=0.02)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T`` with ``W`` (out_features, in_features) split by rows: this rank holds
     ``out_features / world_size`` of them and computes that slice of ``y``."""
@@ -61,10 +70,11 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(split_size(out_features, "out_features"), in_features))
-        nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
+        init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (..., out_features / world_size)
+        y = linear(x, self.weight, self.scales)  # (..., out_features / world_size)
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -76,10 +86,11 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features")))
-        nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
+        init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight))
+        return all_reduce(linear(x, self.weight, self.scales))
 
 
 class ParallelEmbedding(nn.Module):
@@ -88,7 +99,7 @@ class ParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, split_size(embedding_dim, "dim")))
-        nn.init.normal_(self.weight, std=0.02)
+        init_weight(self.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(F.embedding(tokens, self.weight))

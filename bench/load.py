@@ -1,0 +1,58 @@
+"""Load a checkpoint once, in this fresh process, and print the load time and the peak resident
+memory the load added (JSON). ``compare.py`` runs it in a subprocess per measurement.
+
+    python bench/load.py --ckpt_dir CKPT --impl llama --dtype bfloat16
+    python bench/load.py --ckpt_dir HF_DIR --impl transformers --dtype bfloat16
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import DTYPES, checkpoint_args
+
+from llama.checkpoint import load_model
+
+
+def status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    """Restart the peak (VmHWM) from the current RSS (Linux >= 4.0); ru_maxrss cannot be reset."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", required=True, help="Meta layout for --impl llama; a save_pretrained folder for transformers")
+    parser.add_argument("--impl", choices=["llama", "transformers"], required=True)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--max_seq_len", type=int, default=512, help="KV cache length (llama allocates it at load)")
+    parser.add_argument("--max_batch_size", type=int, default=1)
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    if args.impl == "transformers":
+        from transformers import LlamaForCausalLM
+    reset_peak()
+    before = status_bytes("VmRSS")
+    start = time.perf_counter()
+    if args.impl == "llama":  # Llama.build minus the tokenizer: read params, map the shards, build the model
+        model_args = checkpoint_args(args.ckpt_dir, args.max_seq_len, args.max_batch_size)
+        model = load_model(args.ckpt_dir, model_args, torch.device("cpu"), dtype)
+    else:
+        model = LlamaForCausalLM.from_pretrained(args.ckpt_dir, dtype=dtype)
+    seconds = time.perf_counter() - start
+    peak = status_bytes("VmHWM")
+    cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
+    print(json.dumps({"load_s": seconds, "peak_added_bytes": peak - before, "kv_cache_bytes": cache}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The fast paths give the tokens of the reference path: logits for chosen positions only, a ragged
+batch prefilled in one pass with per-row positions, and int8 weight-only matmuls."""
+
+import pytest
+import torch
+
+from conftest import SMALL_PARAMS, random_state, to_transformers
+from llama.model import ModelArgs, Transformer
+from llama.quantize import linear, quantize_int8, quantize_weight
+
+
+def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> Transformer:
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+    model = Transformer(args)
+    model.load_state_dict(random_state(args))
+    model.to(dtype).setup_caches()
+    return model
+
+
+def greedy_alone(model: Transformer, prompt: list, n_tokens: int) -> list:
+    """Meta's path for one prompt: prefill at start_pos 0, then one token per step."""
+    logits = model(torch.tensor([prompt]), 0)
+    out = [int(logits[0, -1].argmax())]
+    for pos in range(len(prompt), len(prompt) + n_tokens - 1):
+        out.append(int(model(torch.tensor([[out[-1]]]), pos)[0, -1].argmax()))
+    return out
+
+
+def test_logits_at_gives_transformers_logits_of_the_chosen_positions_only():
+    model = small_model(64, 2)
+    hf = to_transformers({k: v for k, v in model.state_dict().items() if "cache" not in k}, SMALL_PARAMS, 512)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    last = model(tokens, 0, logits_at=-1)
+    chosen = model(tokens, 0, logits_at=torch.tensor([5, 19]))
+    assert last.shape == (2, 1, 512) and chosen.shape == (2, 1, 512)
+    assert torch.allclose(last[:, 0], theirs[:, -1], atol=1e-4)
+    assert torch.allclose(chosen[:, 0], theirs[[0, 1], [5, 19]], atol=1e-4)
+
+
+def test_forward_without_logits_at_still_returns_every_position():
+    model = small_model(64, 1)
+    assert model(torch.zeros(1, 7, dtype=torch.long), 0).shape == (1, 7, 512)
+
+
+def test_ragged_batch_prefilled_in_one_pass_continues_each_prompt_exactly_as_alone():
+    model = small_model(520, 2)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (8, 500)]
+    n_tokens = 6
+    alone = [greedy_alone(model, p, n_tokens) for p in prompts]
+
+    lengths = torch.tensor([len(p) for p in prompts])
+    grid = torch.zeros(2, int(lengths.max()), dtype=torch.long)  # right-padded with token 0
+    for row, p in enumerate(prompts):
+        grid[row, : len(p)] = torch.tensor(p)
+    logits = model(grid, 0, logits_at=lengths - 1)  # the one prefill pass, both rows
+    batched = [logits[:, 0].argmax(-1)]
+    for step in range(n_tokens - 1):  # each row decodes at its own position
+        logits = model(batched[-1][:, None], lengths + step)
+        batched.append(logits[:, 0].argmax(-1))
+    assert torch.stack(batched, dim=1).tolist() == alone
+
+
+def test_quantized_weight_is_within_half_a_step_of_the_original():
+    weight = torch.randn(16, 32)
+    q, scales = quantize_weight(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert ((q.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_matmul_equals_the_matmul_with_the_dequantized_weight():
+    weight, x = torch.randn(48, 64), torch.randn(3, 5, 64).bfloat16()
+    q, scales = quantize_weight(weight)
+    expected = x.float() @ (q.float() * scales.bfloat16().float()[:, None]).T
+    assert torch.allclose(linear(x, q, scales.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_model_decodes_like_the_bfloat16_model_holding_the_dequantized_weights():
+    quantized = quantize_int8(small_model(64, 1, torch.bfloat16))
+    dequantized = small_model(64, 1, torch.bfloat16)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if getattr(module, "scales", None) is not None:
+                target = dequantized.get_submodule(name)
+                target.weight.copy_(module.weight.float() * module.scales.float()[:, None])
+    prompt = torch.randint(3, 512, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    assert greedy_alone(quantized, prompt, 10) == greedy_alone(dequantized, prompt, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
+    model = quantize_int8(small_model(16, 1, dtype))
+    model.setup_caches()
+    assert model.layers[0].attention.cache_k.dtype == dtype
