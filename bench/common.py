@@ -2,7 +2,6 @@
 and the bytes a decode step reads."""
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +74,3 @@ def print_table(title: str, header: list, rows: list) -> None:
     print(f"\n{title}")
     for r in [header] + rows:
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-
-
-def dump(obj) -> str:
-    return json.dumps(obj)
