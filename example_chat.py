@@ -2,11 +2,13 @@
 
     python example_chat.py                                 # the small model that ships in checkpoints/
     torchrun --nproc_per_node 1 example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+    python example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive --system "Be brief."
 """
 
+import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import fire
 
@@ -47,23 +49,41 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    interactive: bool = False,
+    system: Optional[str] = None,
+    verbose: bool = False,
 ):
     """Without --ckpt_dir, runs the small bundled model (trained on code, not on chat: it shows the
-    mechanics, not good answers)."""
+    mechanics, not good answers). --interactive: chat in the terminal, with an optional --system
+    prompt. --verbose: also time the prompt and the decoding."""
     if ckpt_dir is None:
         ckpt_dir = str(BUNDLED)
         tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
     if tokenizer_path is None:
         raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
+    if system is not None and not interactive:
+        raise ValueError("--system is the system prompt of an --interactive chat; the example dialogs bring their own")
+    if interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--interactive reads the terminal in a single process; run it with python, not torchrun")
 
     start = time.perf_counter()
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
+    if interactive:
+        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        chat(generator, system, temperature, top_p, max_gen_len, verbose)
+        return
 
     start = time.perf_counter()
-    results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True)
+    if verbose:
+        stream = generator.chat_completion_stream(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        contents, timing = timed(stream)
+        results = [{"generation": {"role": "assistant", "content": content}} for content in contents]
+        n_tokens = sum(len(tokens) for tokens in stream.tokens)
+    else:
+        results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True)
+        n_tokens = sum(len(result["tokens"]) for result in results)
     seconds = time.perf_counter() - start
-    n_tokens = sum(len(result["tokens"]) for result in results)
 
     if is_main_process():
         print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
@@ -73,6 +93,96 @@ def main(
             print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
             print("\n==================================\n")
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
+        if verbose:
+            print(timing)
+
+
+def timed(stream) -> Tuple[List[str], str]:
+    """Each row's text from a completion stream, and a line timing its first step (the prompt) and
+    the steps after it (decoding)."""
+    start = time.perf_counter()
+    first_step = None
+    texts: List[str] = []
+    for pieces in stream:
+        first_step = first_step or time.perf_counter()
+        texts = [a + b for a, b in zip(texts, pieces)] if texts else pieces
+    end = time.perf_counter()
+    return texts, speeds(stream.n_prompt_tokens, first_step - start, max(sum(map(len, stream.tokens)) - len(texts), 0), end - first_step)
+
+
+def speeds(n_prompt: int, prompt_seconds: float, n_decoded: int, decode_seconds: float) -> str:
+    return (
+        f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+        f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
+    )
+
+
+def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: Optional[int], verbose: bool):
+    """A terminal chat that keeps the dialog and streams each reply. When the dialog outgrows
+    max_seq_len, its oldest exchanges are dropped (the system prompt stays)."""
+    max_seq_len = generator.model.params.max_seq_len
+    opening: Dialog = [{"role": "system", "content": system}] if system else []
+    dialog: Dialog = list(opening)
+    print("Type a message. /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+    while True:
+        try:
+            line = input("\nYou: ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line == "/exit":
+            return
+        if line == "/reset":
+            dialog = list(opening)
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        dialog.append({"role": "user", "content": line})
+        n_prompt = fit_context(generator, dialog, len(opening), max_seq_len)
+        if n_prompt >= max_seq_len:
+            dialog.pop()
+            print(f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)")
+            continue
+        room = max_seq_len - n_prompt
+        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len or room))
+        print("Assistant: ", end="", flush=True)
+        reply = ""
+        start = time.perf_counter()
+        first_step = None
+        try:
+            for (piece,) in stream:
+                first_step = first_step or time.perf_counter()
+                print(piece, end="", flush=True)
+                reply += piece
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        end = time.perf_counter()
+        print()
+        dialog.append({"role": "assistant", "content": reply})
+        n_reply = len(stream.tokens[0])
+        if n_reply >= room:
+            print(f"(the reply filled the {max_seq_len}-token context)")
+        if verbose and first_step is not None:
+            print(f"({speeds(n_prompt, first_step - start, max(n_reply - 1, 0), end - first_step)})")
+
+
+def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int) -> int:
+    """Drop the oldest (user, assistant) exchanges after the first ``n_kept`` messages until the
+    prompt leaves a quarter of max_seq_len for the reply, or only the last message is left.
+    Returns the prompt's length in tokens."""
+    n_prompt = len(generator.encode_dialog(dialog))
+    dropped = 0
+    while n_prompt > max_seq_len * 3 // 4 and len(dialog) > n_kept + 1:
+        del dialog[n_kept : n_kept + 2]
+        dropped += 1
+        n_prompt = len(generator.encode_dialog(dialog))
+    if dropped:
+        print(f"(context full: dropped the {dropped} oldest exchange(s))")
+    return n_prompt
 
 
 if __name__ == "__main__":

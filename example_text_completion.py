@@ -48,8 +48,10 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     prompts: Optional[List[str]] = None,
+    verbose: bool = False,
 ):
-    """Without --ckpt_dir, runs the small model bundled in checkpoints/tiny-stdlib on code prompts."""
+    """Without --ckpt_dir, runs the small model bundled in checkpoints/tiny-stdlib on code prompts.
+    --verbose: also time the prompt and the decoding."""
     if ckpt_dir is None:
         ckpt_dir = str(BUNDLED)
         tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
@@ -63,9 +65,18 @@ def main(
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+    if verbose:  # the stream's text equals text_completion's; its first step is the prompt's
+        stream = generator.text_completion_stream(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        texts, first_step = [""] * len(prompts), None
+        for pieces in stream:
+            first_step = first_step or time.perf_counter()
+            texts = [text + piece for text, piece in zip(texts, pieces)]
+        results = [{"generation": text} for text in texts]
+        n_tokens = sum(len(tokens) for tokens in stream.tokens)
+    else:
+        results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+        n_tokens = sum(len(result["tokens"]) for result in results)
     seconds = time.perf_counter() - start
-    n_tokens = sum(len(result["tokens"]) for result in results)
 
     if is_main_process():
         print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
@@ -74,6 +85,11 @@ def main(
             print(f"> {result['generation']}")
             print("\n==================================\n")
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
+        if verbose:
+            prompt_seconds, decode_seconds = first_step - start, start + seconds - first_step
+            n_prompt, n_decoded = stream.n_prompt_tokens, max(n_tokens - len(prompts), 0)
+            print(f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / prompt_seconds:.1f} tokens/s), "
+                  f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The example scripts run as a user runs them: plain python, and under torchrun."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,13 @@ def test_checkpoint_dir_without_tokenizer_is_a_clear_error(ckpt):
     result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt])
     assert result.returncode != 0
     assert "--tokenizer_path is required with --ckpt_dir" in result.stderr
+
+
+def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_speeds(ckpt, tokenizer_path):
+    args = [sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+            "--max_gen_len", "6", "--prompts", "['import sys', 'héllo']", "--device", "cpu", "--temperature", "0"]
+    plain, verbose = run(args), run(args + ["--verbose"])
+    assert verbose.returncode == 0, verbose.stderr
+    texts = plain.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
+    assert texts in verbose.stdout
+    assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
