@@ -1,12 +1,27 @@
-"""Where this process runs: its device, and the torch.distributed group it joins under torchrun.
+"""Where this process runs: its device, the torch.distributed group it joins under torchrun, and how
+the ranks of that group fail together.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (plus MASTER_ADDR/PORT). Without them this is a single
 process with world size 1: no process group is created and none is needed.
+
+Failure: model-parallel ranks meet in a collective at every layer, so a rank that raises while the
+others carry on leaves them waiting for it. Two things stop that:
+
+- torchrun (and ``torch.multiprocessing.spawn``) end every rank of a job as soon as one exits with an
+  error, and report that rank's error. This covers any failure, anywhere.
+- ``fail_together`` covers the places where ranks can legitimately diverge without a launcher's help:
+  loading (each rank reads different shard files) and ``generate``'s arguments (each rank's caller
+  passes its own). Every rank runs the block, then all exchange their outcome in one collective; if
+  one failed, every rank raises, naming the failed rank and its error.
 """
 
+import atexit
+import contextlib
+import hashlib
 import logging
 import os
-from typing import Optional
+import pickle
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -14,6 +29,11 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "LLAMA_DIST_BACKEND"
+BACKENDS = ("nccl", "gloo")
+
+
+class RankFailedError(RuntimeError):
+    """Raised on every rank of a job when another rank failed inside ``fail_together``."""
 
 
 def local_rank() -> int:
@@ -29,25 +49,86 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device, backend: Optional[str] = None) -> None:
-    """Join torchrun's process group if this is a multi-process job and no group exists yet.
+def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
+    """``backend``, else $LLAMA_DIST_BACKEND, else NCCL for CUDA and gloo otherwise (NCCL exists only
+    for CUDA; gloo runs everywhere)."""
+    source = "backend" if backend is not None else f"${BACKEND_ENV}"
+    backend = backend if backend is not None else os.environ.get(BACKEND_ENV)
+    if backend is None:
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise ValueError(
+            f"{source}='nccl' needs a CUDA device and a PyTorch built with NCCL, but the device is {device} "
+            f"and NCCL is {'' if dist.is_nccl_available() else 'not '}available; use 'gloo'"
+        )
+    return backend
 
-    The backend is ``backend``, else $LLAMA_DIST_BACKEND, else NCCL for CUDA and gloo otherwise
-    (NCCL exists only for CUDA; gloo runs everywhere). A group the application already created is
-    used as it is.
+
+def init_distributed(device: torch.device, backend: Optional[str] = None) -> None:
+    """Join torchrun's process group if this is a multi-process job and no group exists yet, and leave
+    it when the process exits.
+
+    The backend is chosen by ``resolve_backend``. A group the application already created is used as
+    it is, and left to the application to destroy.
     """
+    backend = resolve_backend(device, backend)
     if dist.is_initialized():
         return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return
-    backend = backend or os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
+    atexit.register(leave_process_group)
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), world_size, backend)
+
+
+def leave_process_group() -> None:
+    """Destroy the group while the interpreter is still whole: a gloo group left to be torn down
+    with the interpreter sometimes aborts the process ("terminate called without an active
+    exception"), failing a job that succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
     """Rank 0 of the job (or the only process): the one that prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def fail_together(same_on_every_rank: object = None) -> Iterator[None]:
+    """Run the block on every rank; if it raises on any rank, it raises on every rank.
+
+    The rank that failed raises its own error; the others raise ``RankFailedError`` naming it. With
+    ``same_on_every_rank`` (e.g. the arguments of a call whose collectives must match), a block that
+    succeeded everywhere still raises ``ValueError`` on every rank if that value differs between ranks.
+    Must be entered by every rank of the group; costs one small all-gather, nothing at world size 1.
+    """
+    try:
+        yield
+    except Exception as error:
+        exchange_outcome(f"{type(error).__name__}: {error}", None)
+        raise
+    exchange_outcome(None, same_on_every_rank)
+
+
+def exchange_outcome(error: Optional[str], value: object) -> None:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256(pickle.dumps(value)).hexdigest()
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (error, digest))
+    failed = [f"rank {rank} failed with {e}" for rank, (e, _) in enumerate(outcomes) if e is not None]
+    if error is not None:
+        return  # this rank re-raises its own error
+    if failed:
+        raise RankFailedError("; ".join(failed))
+    differ = [rank for rank, (_, d) in enumerate(outcomes) if d != outcomes[0][1]]
+    if differ:
+        raise ValueError(
+            f"rank(s) {differ} were given different arguments from rank 0; every rank must make the same call"
+        )

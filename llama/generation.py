@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, shard_paths
-from llama.distributed import default_device, init_distributed, local_rank
+from llama.distributed import default_device, fail_together, init_distributed, local_rank
 from llama.model import ModelArgs, Transformer
-from llama.parallel import model_parallel_world_size
+from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.sampling import Sampler, sample_top_p  # noqa: F401  (sample_top_p: Meta's import path)
 from llama.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
@@ -119,39 +119,40 @@ class Llama:
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
-        positive_int(max_seq_len, "max_seq_len")
-        positive_int(max_batch_size, "max_batch_size")
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         init_distributed(device, backend)
-        world_size = model_parallel_world_size()
-        if model_parallel_size is not None and model_parallel_size != world_size:
-            raise ValueError(
-                f"model_parallel_size={model_parallel_size} but this job has {world_size} process(es); "
-                "leave it None to use every process (any number of processes can load any checkpoint)"
-            )
-        torch.manual_seed(seed)
+        with fail_together():  # each rank reads its own files: if one fails, all do
+            positive_int(max_seq_len, "max_seq_len")
+            positive_int(max_batch_size, "max_batch_size")
+            dtype = resolve_dtype(dtype, device)
+            world_size = model_parallel_world_size()
+            if model_parallel_size is not None and model_parallel_size != world_size:
+                raise ValueError(
+                    f"model_parallel_size={model_parallel_size} but this job has {world_size} process(es); "
+                    "leave it None to use every process (any number of processes can load any checkpoint)"
+                )
+            torch.manual_seed(seed)
 
-        params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
-        paths = shard_paths(ckpt_dir)
-        rows = checkpoint_vocab_size(paths)
-        if rows != tokenizer.n_words:
-            raise ValueError(
-                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
-                f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+            params = read_params(ckpt_dir)
+            tokenizer = Tokenizer(tokenizer_path)
+            paths = shard_paths(ckpt_dir)
+            rows = checkpoint_vocab_size(paths)
+            if rows != tokenizer.n_words:
+                raise ValueError(
+                    f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
+                    f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+                )
+            vocab_size = params.get("vocab_size", -1)
+            if vocab_size not in (-1, tokenizer.n_words):
+                raise ValueError(
+                    f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
+                )
+            args = ModelArgs.from_dict(
+                {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+                source=str(Path(ckpt_dir) / "params.json"),
             )
-        vocab_size = params.get("vocab_size", -1)
-        if vocab_size not in (-1, tokenizer.n_words):
-            raise ValueError(
-                f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
-            )
-        args = ModelArgs.from_dict(
-            {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
-            source=str(Path(ckpt_dir) / "params.json"),
-        )
-        model = load_model(ckpt_dir, args, device, dtype)
-        logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
+            model = load_model(ckpt_dir, args, device, dtype)
+            logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -232,11 +233,14 @@ class Llama:
             (tokens, logprobs): per prompt the generated tokens, up to and excluding the first stop
             token, and their logprobs (None unless ``logprobs``); with ``top_logprobs``, a third list.
         """
-        self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        state = self.start_decoding(
-            prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), logprobs,
-            stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo=echo,
-        )
+        every_argument = (prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k, min_p,
+                          repetition_penalty, stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs)
+        with fail_together(same_on_every_rank=every_argument):  # ranks must agree before the first collective
+            self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+            state = self.start_decoding(
+                prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), logprobs,
+                stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo=echo,
+            )
         for _ in self.decode_steps(state):
             pass
         return state.results(echo)
@@ -309,6 +313,7 @@ class Llama:
         for cur_pos in range(min_prompt_len, total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos-prev_pos, vocab)
             next_token = state.sampler(logits[:, -1], tokens[:, :cur_pos], ~input_text_mask[:, cur_pos])
+            next_token = broadcast_from_rank0(next_token)  # every rank continues with rank 0's choice
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if token_logprobs is not None:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
@@ -392,11 +397,14 @@ class Llama:
     ) -> "CompletionStream":
         """``generate`` as text, per step: see ``text_completion_stream``. The arguments are checked
         here, before the first step."""
-        self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        state = self.start_decoding(
-            prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), False,
-            stop_tokens, stop_strings, num_return_sequences, seed, streams=True,
-        )
+        every_argument = (prompt_tokens, max_gen_len, temperature, top_p, top_k, min_p, repetition_penalty,
+                          stop_tokens, stop_strings, num_return_sequences, seed)
+        with fail_together(same_on_every_rank=every_argument):  # ranks must agree before the first collective
+            self.check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+            state = self.start_decoding(
+                prompt_tokens, max_gen_len, Sampler(temperature, top_p, top_k, min_p, repetition_penalty), False,
+                stop_tokens, stop_strings, num_return_sequences, seed, streams=True,
+            )
         return CompletionStream(self.decode_steps(state), state)
 
     def encode_prompts(self, prompts: List[str]) -> List[List[int]]:

@@ -9,10 +9,14 @@ Tensor parallelism (Megatron-style, the layout of Meta's published shards):
 - ``ParallelEmbedding`` splits the embedding dimension and all-gathers it.
 - The output projection is a column-parallel linear over the vocabulary, gathered.
 
-So one attention block and one feed-forward block each cost exactly one all-reduce. The layers
+So one attention block and one feed-forward block each cost exactly one all-reduce; generation adds
+one broadcast per step, so that every rank continues with rank 0's sampled token. The layers
 use the default process group; when none is initialised (or its size is 1) they are plain
 ``F.linear`` / ``F.embedding`` and no collective runs.
 """
+
+import math
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -30,11 +34,29 @@ def model_parallel_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world_sizes_dividing(sizes: Dict[str, int]) -> List[int]:
+    """Every world size that divides all of ``sizes`` evenly."""
+    common = math.gcd(*sizes.values())
+    return [n for n in range(1, common + 1) if common % n == 0]
+
+
+def check_world_size(sizes: Dict[str, int], world_size: int) -> None:
+    """Each of ``sizes`` (name: size of a dimension split over the ranks) must divide evenly over
+    ``world_size`` ranks; the error names those that do not and the world sizes that would work."""
+    bad = [f"{name} = {size}" for name, size in sizes.items() if size % world_size]
+    if bad:
+        works = ", ".join(map(str, world_sizes_dividing(sizes)))
+        raise ValueError(
+            f"cannot split the model over {world_size} model-parallel ranks or shards: {', '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not divisible by {world_size}; a world size or shard count "
+            f"dividing {', '.join(sizes)} would work: {works}"
+        )
+
+
 def split_size(total: int, what: str) -> int:
     """The size of this rank's slice of a dimension that must divide evenly over the ranks."""
     world_size = model_parallel_world_size()
-    if total % world_size:
-        raise ValueError(f"{what} = {total} cannot be split over {world_size} model-parallel ranks")
+    check_world_size({what: total}, world_size)
     return total // world_size
 
 
@@ -53,6 +75,13 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``x`` on every rank with rank 0's ``x`` (in place)."""
+    if model_parallel_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
 
 
 def init_weight(weight: nn.Parameter) -> None:

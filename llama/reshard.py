@@ -1,0 +1,70 @@
+"""Rewrite a checkpoint in Meta's layout into another number of shards.
+
+    python -m llama.reshard --ckpt_dir llama-2-13b/ --out llama-2-13b-mp1/ --shards 1
+
+Any process count can load any checkpoint (``llama.checkpoint`` reshards at load), but a checkpoint
+saved with as many shards as processes loads fastest: each rank memory-maps one file. The output
+holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
+``rope.freqs``, and a copy of ``params.json``. Target shards are written one at a time, each assembled
+from memory-mapped sources, so the tool needs memory for one target shard, not the model.
+"""
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, load_rank_state, load_shard, model_shapes, read_params, shard_paths, split_sizes
+from llama.model import ModelArgs
+from llama.parallel import check_world_size
+
+logger = logging.getLogger(__name__)
+
+
+def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
+    """Write the checkpoint in ``ckpt_dir`` to ``out_dir`` (absent or empty) as ``n_shards`` shards."""
+    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
+        raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
+    params = read_params(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
+
+    vocab_size = checkpoint_vocab_size(paths)
+    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
+    check_world_size(split_sizes(args), n_shards)
+    full_shapes = model_shapes(args)  # from params.json, in this single process
+    for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)
+        check_shard(path, load_shard(path), full_shapes, len(paths))
+    first = load_shard(paths[0])
+    extras = {key: first[key] for key in IGNORED_KEYS if key in first}  # rope.freqs, kept as Meta ships it
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
+    for shard in range(n_shards):
+        # load_rank_state concatenates the overlapping slices into new tensors: each holds only its own bytes
+        state = load_rank_state(paths, full_shapes, shard, n_shards, torch.device("cpu"), dtype=None)
+        state.update({key: tensor.clone() for key, tensor in extras.items()})
+        torch.save(state, out / f"consolidated.{shard:02d}.pth")
+        logger.info("wrote %s (%d of %d)", out / f"consolidated.{shard:02d}.pth", shard + 1, n_shards)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_dir", required=True, help="checkpoint directory: params.json and consolidated.NN.pth")
+    parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
+    parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        reshard(options.ckpt_dir, options.out, options.shards)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""One rank of the multi-process tests in test_distributed.py.
+
+Run under torchrun, or as plain processes given RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT (the way an application that launches its own processes runs them):
+
+    python tests/distributed_worker.py SCENARIO OUT_DIR TOKENIZER_PATH CKPT_DIR...
+
+Scenarios:
+    generate     for each checkpoint: logits of TOKENS, greedy and sampled tokens of PROMPTS, saved to
+                 OUT_DIR/rank<R>.pt. Before sampling every rank seeds its generator differently, so equal
+                 samples on all ranks come from the broadcast, not from luck.
+    build        Llama.build, nothing else (a failing rank raises out of it); rank r loads
+                 CKPT_DIR number r % (number of CKPT_DIRs), so ranks can be given different ones.
+    bad_args     generate called with a bad argument on rank 1 only, then with different (valid) prompts
+                 on each rank, then correctly: each outcome saved to OUT_DIR/rank<R>.pt.
+    rank1_raises rank 1 raises before any collective while rank 0 waits for a minute.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llama.generation import Llama
+
+TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
+SAMPLE_SEED = 123
+
+
+def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
+    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+
+
+def outcome(call) -> str:
+    try:
+        call()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "ok"
+
+
+def generate(tokenizer_path: str, ckpt_dirs) -> dict:
+    results = {}
+    for ckpt_dir in ckpt_dirs:
+        llama = build(ckpt_dir, tokenizer_path)
+        greedy, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=0)
+        torch.manual_seed(SAMPLE_SEED + dist.get_rank())
+        sampled, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, top_p=0.95)
+        results[ckpt_dir] = {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled}
+    return results
+
+
+def bad_args(tokenizer_path: str, ckpt_dirs) -> dict:
+    llama, rank = build(ckpt_dirs[0], tokenizer_path), dist.get_rank()
+    return {
+        "bad_on_rank1": outcome(lambda: llama.generate(PROMPTS, max_gen_len=-1 if rank == 1 else 4)),
+        "different_prompts": outcome(lambda: llama.generate([PROMPTS[rank]], max_gen_len=4)),
+        "then_correct": outcome(lambda: llama.generate(PROMPTS, max_gen_len=4)),
+    }
+
+
+def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> None:
+    if scenario == "rank1_raises":
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("rank 1 gave up before any collective")
+        time.sleep(60)
+    elif scenario == "build":
+        build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
+    else:
+        results = {"generate": generate, "bad_args": bad_args}[scenario](tokenizer_path, ckpt_dirs)
+        torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
