@@ -6,7 +6,7 @@ dim 0, row-parallel weights and the token embedding on dim 1, norms replicated. 
 is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
 and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
-a second copy of the model.
+a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
 """
 
 import json

@@ -110,7 +110,8 @@ class Llama:
             max_seq_len: longest prompt + generation; sizes the KV cache.
             max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
             model_parallel_size: must equal the number of processes if given (Meta's argument).
-            seed: seeds torch's random generators; use the same on every rank.
+            seed: seeds torch's random generators. Under model parallelism rank 0's draws choose every
+                rank's tokens, so the ranks return the same tokens whatever their seeds.
             device: "cpu", "cuda", "mps", ...; None picks this rank's GPU, else MPS, else CPU.
             dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device.
             backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL

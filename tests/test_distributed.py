@@ -22,6 +22,7 @@ import torch.distributed as dist
 from conftest import SMALL_PARAMS, to_transformers
 from distributed_worker import PROMPTS, SAMPLE_SEED, TOKENS
 from llama.checkpoint import model_shapes, split_sizes
+from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
@@ -135,6 +136,52 @@ def test_one_process_loads_a_two_shard_checkpoint(checkpoints, tokenizer_path, s
     assert (merged["logits"] - transformers_logits).abs().max().item() <= 1e-4
     assert merged["greedy"] == single_process["greedy"]
     assert merged["sampled"] == single_process["sampled"]
+
+
+# --- the process group -------------------------------------------------------------------------
+
+
+def test_backend_is_nccl_for_cuda_and_gloo_otherwise(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend(torch.device("cuda", 0)) == "nccl"
+    assert resolve_backend(torch.device("cpu")) == "gloo"
+    assert resolve_backend(torch.device("mps")) == "gloo"
+
+
+def test_backend_argument_overrides_the_environment_which_overrides_the_default(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    assert resolve_backend(torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setenv(BACKEND_ENV, "nccl")
+    assert resolve_backend(torch.device("cpu"), backend="gloo") == "gloo"
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match=r"backend must be one of \['nccl', 'gloo'\], got 'mpi'"):
+        resolve_backend(torch.device("cpu"), backend="mpi")
+    monkeypatch.setenv(BACKEND_ENV, "ncl")
+    with pytest.raises(ValueError, match=r"\$LLAMA_DIST_BACKEND must be one of \['nccl', 'gloo'\], got 'ncl'"):
+        resolve_backend(torch.device("cpu"))
+
+
+def test_nccl_without_cuda_is_a_clear_error(checkpoints, tokenizer_path):
+    dirs, _ = checkpoints
+    with pytest.raises(ValueError, match=r"backend='nccl' needs a CUDA device .* the device is cpu .*; use 'gloo'"):
+        Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", backend="nccl")
+
+
+def test_a_group_the_application_created_is_used_and_left_alone(checkpoints, tokenizer_path, single_process, monkeypatch):
+    # torchrun's variables say 2 processes, but the application's own group (of 1) is the one to use
+    dirs, _ = checkpoints
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        llama = Llama.build(dirs[2], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+        greedy, _ = llama.generate(PROMPTS, max_gen_len=2, temperature=0)
+        assert greedy == [tokens[:2] for tokens in single_process["greedy"]]
+        assert dist.is_initialized() and dist.group.WORLD is group
+    finally:
+        dist.destroy_process_group()
 
 
 # --- world sizes and the published shard shapes ---------------------------------------------------
