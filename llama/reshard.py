@@ -46,11 +46,17 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
     for shard in range(n_shards):
-        # load_rank_state concatenates the overlapping slices into new tensors: each holds only its own bytes
-        state = load_rank_state(paths, full_shapes, shard, n_shards, torch.device("cpu"), dtype=None)
-        state.update({key: tensor.clone() for key, tensor in extras.items()})
-        torch.save(state, out / f"consolidated.{shard:02d}.pth")
-        logger.info("wrote %s (%d of %d)", out / f"consolidated.{shard:02d}.pth", shard + 1, n_shards)
+        path = out / f"consolidated.{shard:02d}.pth"
+        write_shard(path, paths, full_shapes, extras, shard, n_shards)
+        logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
+
+
+def write_shard(path: Path, paths: List[Path], full_shapes: dict, extras: dict, shard: int, n_shards: int) -> None:
+    """Assemble and save one target shard; its tensors are freed on return, before the next is built."""
+    # load_rank_state concatenates the overlapping slices into new tensors: each holds only its own bytes
+    state = load_rank_state(paths, full_shapes, shard, n_shards, torch.device("cpu"), dtype=None)
+    state.update({key: tensor.clone() for key, tensor in extras.items()})
+    torch.save(state, path)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
