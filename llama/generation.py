@@ -207,9 +207,11 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt, all in one batch.
 
-        Prompts are right-padded into one (bsz, total_len) grid. Decoding starts at the shortest
-        prompt's end; for a row whose prompt is longer, its own prompt token replaces the sampled one
-        until the prompt is used up, so prompts are never overwritten.
+        Prompts are right-padded into one (bsz, total_len) grid and prefilled in one pass, whatever
+        their lengths; then each row decodes from its own prompt's end (Meta's reference instead feeds
+        the longer prompts one token per step from the shortest prompt's end). Prompts are never
+        overwritten, greedy results equal Meta's, and a row's tokens equal those of its prompt alone.
+        Sampled rows of a ragged batch follow the same distribution as Meta's, not the same draws.
 
         Args:
             prompt_tokens: one list of token ids per prompt.
@@ -297,38 +299,57 @@ class Llama:
 
     @torch.inference_mode()
     def decode_steps(self, state: "Decoding") -> Iterator[int]:
-        """The decoding loop: fills ``state``'s grid one position at a time and yields after each
-        position. Rows end at a stop token or stop string; the loop ends when every row has."""
+        """The decoding loop: one pass prefills every prompt, however ragged the batch, then each row
+        decodes one token per step at its own position, and the loop yields after each step. Rows end
+        at a stop token, a stop string or their length; the loop ends when every row has.
+
+        A short prompt's padding sits after it, so causal attention never lets a prompt token see the
+        padding, and each padding entry of the KV cache is overwritten by the row's own token before
+        anything reads it: each row continues exactly as it would alone.
+        """
         tokens, token_logprobs, bsz = state.tokens, state.token_logprobs, state.tokens.shape[0]
         if bsz == 0:
             return
-        min_prompt_len = int(state.prompt_lens.min())
         total_len = tokens.shape[1]
-        input_text_mask = tokens != PAD
+        rows = torch.arange(bsz, device=tokens.device)
+        limits = state.ends.clamp(max=total_len)  # (bsz,) each row generates up to here
+        cur_pos = state.prompt_lens.clone()  # (bsz,) where each row writes its next token
+        live = cur_pos < limits
+        if not live.any() and token_logprobs is None:
+            return
+        prompts = tokens[:, : int(cur_pos.max())].clamp(min=0)  # PAD -> any valid id (see above)
+        if token_logprobs is None:  # the vocabulary projection only where the next token is predicted
+            last = self.model.forward(prompts, 0, logits_at=cur_pos - 1)[:, 0]  # (bsz, vocab)
+        else:  # every position's logits: the prompt is scored too (logits at i-1 predict token i)
+            logits = self.model.forward(prompts, 0)
+            token_logprobs[:, 1 : prompts.shape[1]] = -F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), tokens[:, 1 : prompts.shape[1]], reduction="none", ignore_index=PAD
+            )
+            last = logits[rows, cur_pos - 1]
 
-        if token_logprobs is not None and min_prompt_len == total_len:  # nothing to generate: score the prompts in one pass
-            logits = self.model.forward(tokens, 0)
-            token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=PAD)
-
-        prev_pos = 0
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos-prev_pos, vocab)
-            next_token = state.sampler(logits[:, -1], tokens[:, :cur_pos], ~input_text_mask[:, cur_pos])
-            next_token = broadcast_from_rank0(next_token)  # every rank continues with rank 0's choice
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if token_logprobs is not None:  # logits at positions prev_pos..cur_pos-1 predict tokens prev_pos+1..cur_pos
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=PAD
-                )
+        step = 0
+        while live.any():
+            pos = cur_pos.clamp(max=total_len - 1)  # rows that have ended idle on a valid position
+            previous = tokens[:, : int(pos.max())]
+            previous = torch.where(previous == PAD, previous[:, :1], previous)  # PAD -> a token the row already has
+            next_token = broadcast_from_rank0(state.sampler(last, previous, live))  # every rank continues with rank 0's choice
+            tokens[rows, pos] = torch.where(live, next_token, tokens[rows, pos])
+            if token_logprobs is not None:
+                token_logprobs[rows, pos] = torch.where(live, -F.cross_entropy(last, next_token, reduction="none"), token_logprobs[rows, pos])
             if state.top_ids.shape[-1]:
-                alternatives = torch.log_softmax(logits[:, -1].float(), dim=-1).topk(state.top_ids.shape[-1], dim=-1)
-                state.top_logprobs[:, cur_pos], state.top_ids[:, cur_pos] = alternatives.values, alternatives.indices
-            state.record(cur_pos, ~input_text_mask[:, cur_pos])
-            prev_pos = cur_pos
-            yield cur_pos
-            if state.stopped.all():
+                alternatives = torch.log_softmax(last.float(), dim=-1).topk(state.top_ids.shape[-1], dim=-1)
+                state.top_logprobs[rows, pos] = torch.where(live[:, None], alternatives.values, state.top_logprobs[rows, pos])
+                state.top_ids[rows, pos] = torch.where(live[:, None], alternatives.indices, state.top_ids[rows, pos])
+            state.record(pos, live)
+            yield step
+            step += 1
+            cur_pos = cur_pos + 1
+            live &= ~state.stopped & (cur_pos < limits)
+            if not live.any():
                 break
+            # one token per row at its own position; a shared position takes Meta's plain int path
+            start_pos = int(pos[0]) if bool((pos == pos[0]).all()) else pos
+            last = self.model.forward(tokens[rows, pos].clamp(min=0)[:, None], start_pos)[:, -1]
 
     def text_completion(
         self,
@@ -556,21 +577,22 @@ class Decoding:
     top_logprobs: torch.Tensor  # (bsz, total_len, top_logprobs): their logprobs
     streams: Optional[List[TextStream]]  # each row's text, when streaming or stopping at strings
 
-    def record(self, cur_pos: int, generated: torch.Tensor) -> None:
-        """Note the stops among the tokens just written at ``cur_pos``; ``generated``: (bsz,) rows
-        past their prompt."""
-        in_output = generated & ~self.stopped & (cur_pos < self.ends)
-        hit_stop_token = generated & torch.isin(self.tokens[:, cur_pos], self.stop_tokens)
-        self.ends = torch.where(in_output & hit_stop_token, cur_pos, self.ends)
+    def record(self, positions: torch.Tensor, generated: torch.Tensor) -> None:
+        """Note the stops among the tokens just written at ``positions`` (bsz,); ``generated``: (bsz,)
+        the rows that wrote one."""
+        written = self.tokens[torch.arange(len(positions), device=positions.device), positions]
+        in_output = generated & ~self.stopped & (positions < self.ends)
+        hit_stop_token = generated & torch.isin(written, self.stop_tokens)
+        self.ends = torch.where(in_output & hit_stop_token, positions, self.ends)
         self.stopped |= hit_stop_token
         if self.streams is None:
             return
         for row in (in_output & ~hit_stop_token).nonzero().flatten().tolist():
             stream = self.streams[row]
-            stream.push(int(self.tokens[row, cur_pos]))
+            stream.push(int(written[row]))
             if stream.stopped:  # the row's output ends with the token that completed the stop string
                 self.stopped[row] = True
-                self.ends[row] = cur_pos + 1
+                self.ends[row] = positions[row] + 1
 
     def results(self, echo: bool):
         """(tokens, logprobs[, top_logprobs]) per row, as ``Llama.generate`` returns them."""

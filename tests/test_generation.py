@@ -85,7 +85,7 @@ def test_generation_stops_at_eos_per_row_and_loop_ends_when_all_rows_end(llama, 
     monkeypatch.setattr(llama.tokenizer, "eos_id", stop_token)
     calls = []
     forward = llama.model.forward
-    monkeypatch.setattr(llama.model, "forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     stopped, _ = llama.generate(prompts, max_gen_len=12, temperature=0)
     assert stopped[0] == free[0][:3]
     expected_row1 = free[1][: free[1].index(stop_token)] if stop_token in free[1] else free[1]
@@ -159,3 +159,20 @@ def test_generation_is_capped_by_max_seq_len(llama):
     prompt = encode(llama, PROMPTS[1])
     (tokens,), _ = llama.generate([prompt], max_gen_len=1000, temperature=0)
     assert len(prompt) + len(tokens) <= 96
+
+
+def test_ragged_batch_is_prefilled_in_one_pass_and_each_row_continues_as_alone(make_checkpoint, tokenizer_path, monkeypatch):
+    ckpt_dir, _ = make_checkpoint()
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=520, max_batch_size=2, device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(5)
+    short = [1] + torch.randint(3, 512, (7,), generator=generator).tolist()
+    long = [1] + torch.randint(3, 512, (499,), generator=generator).tolist()
+    alone = [llama.generate([p], max_gen_len=12, temperature=0)[0][0] for p in (short, long)]
+    calls = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(a[0].shape) or forward(*a, **kw))
+    batch, _ = llama.generate([short, long], max_gen_len=12, temperature=0)
+    assert batch == alone
+    assert calls[0] == (2, 500)  # both prompts in one pass
+    assert all(shape == (2, 1) for shape in calls[1:])  # then one token per row per step
+    assert len(calls) <= 12

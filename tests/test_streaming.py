@@ -121,7 +121,7 @@ def test_chat_stream_joins_to_chat_completion_and_refuses_special_tags(llama):
 def test_stream_yields_text_before_generation_ends(llama, monkeypatch):
     calls = []
     forward = llama.model.forward
-    monkeypatch.setattr(llama.model, "forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     stream = iter(llama.text_completion_stream(PROMPTS[:1], temperature=0, max_gen_len=40, stop_tokens=[]))
     while not any(next(stream)):
         pass
