@@ -136,7 +136,9 @@ def load_rank_state(
             for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
                 lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
                 parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
-        state[key] = torch.cat(parts, dim=dim or 0).to(device=device, dtype=dtype or parts[0].dtype)
+        # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
+        tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
+        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     return state
 
 
