@@ -53,9 +53,11 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
 
 def write_shard(path: Path, paths: List[Path], full_shapes: dict, extras: dict, shard: int, n_shards: int) -> None:
     """Assemble and save one target shard; its tensors are freed on return, before the next is built."""
-    # load_rank_state concatenates the overlapping slices into new tensors: each holds only its own bytes
     state = load_rank_state(paths, full_shapes, shard, n_shards, torch.device("cpu"), dtype=None)
-    state.update({key: tensor.clone() for key, tensor in extras.items()})
+    state.update(extras)
+    for key, tensor in state.items():  # torch.save writes a view's whole storage: copy the views of a larger one
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            state[key] = tensor.clone()
     torch.save(state, path)
 
 
