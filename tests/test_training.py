@@ -1,0 +1,176 @@
+"""The training loss, perplexity scoring, and train.py run end to end on a tiny configuration."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.loss import causal_lm_loss, scored_token_count
+from llama.model import ModelArgs, Transformer
+from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+TINY_ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16, max_batch_size=1)
+
+
+def hand_cross_entropy(logit_rows, targets):
+    """Mean of -log softmax(row)[target], written out with math."""
+    losses = [math.log(sum(math.exp(z) for z in row)) - row[t] for row, t in zip(logit_rows, targets)]
+    return sum(losses) / len(losses)
+
+
+def test_loss_scores_each_position_against_the_next_label_and_skips_minus_100():
+    logits = torch.tensor(
+        [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 2.0, 2.0]], [[0.3, 0.1, -0.2], [1.5, 0.0, 0.0], [9.0, 9.0, 9.0]]]
+    )
+    labels = torch.tensor([[0, 1, 2], [2, 0, -100]])
+    # position t predicts labels[:, t+1]; the last position has nothing to predict; -100 is skipped
+    expected = hand_cross_entropy([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [0.3, 0.1, -0.2]], [1, 2, 0])
+    assert causal_lm_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert causal_lm_loss(logits, labels, reduction="sum").item() == pytest.approx(3 * expected, rel=1e-6)
+    assert scored_token_count(labels) == 3
+
+
+def test_loss_of_a_right_padded_sequence_equals_the_loss_of_the_sequence_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    tokens = torch.randint(0, 64, (1, 10))
+    padded = torch.cat([tokens, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    labels = torch.cat([tokens, torch.full((1, 6), -100)], dim=1)
+    with torch.no_grad():
+        assert causal_lm_loss(model(padded), labels).item() == pytest.approx(causal_lm_loss(model(tokens), tokens).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "logits, labels, error",
+    [
+        (torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), "logits must be \\(bsz, seqlen, vocab_size\\)"),
+        (torch.zeros(2, 5, 8), torch.zeros(2, 4, dtype=torch.long), "labels must be \\(bsz, seqlen\\) = \\(2, 5\\)"),
+    ],
+)
+def test_loss_rejects_mismatched_shapes(logits, labels, error):
+    with pytest.raises(ValueError, match=error):
+        causal_lm_loss(logits, labels)
+
+
+def test_loss_rejects_float_labels_and_unknown_reduction():
+    with pytest.raises(TypeError, match="labels must hold integer token ids"):
+        causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), reduction="none")
+
+
+def test_one_optimizer_step_lowers_the_loss_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    tokens = torch.randint(0, 64, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = causal_lm_loss(model(tokens), tokens)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = causal_lm_loss(model(tokens), tokens)
+    assert after.item() < before.item() - 0.05
+
+
+def test_document_windows_score_every_token_after_the_first_exactly_once():
+    windows = document_windows(list(range(10)), max_seq_len=4)
+    assert windows == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    assert sorted(t for w in windows for t in w[1:]) == list(range(1, 10))
+    assert document_windows([5, 6], max_seq_len=4) == [[5, 6]]
+
+
+def test_window_loss_of_documents_batched_together_equals_each_scored_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    documents = [torch.randint(0, 64, (n,)).tolist() for n in (12, 5, 9)]
+    result = window_loss(model, documents, batch_size=3)
+    with torch.no_grad():  # reference: one document at a time, log-softmax by hand
+        nll = []
+        for doc in documents:
+            log_probs = model(torch.tensor([doc]))[0].log_softmax(-1)
+            nll += [-log_probs[t, doc[t + 1]].item() for t in range(len(doc) - 1)]
+    assert result["tokens"] == len(nll) == 11 + 4 + 8
+    assert result["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_unigram_loss_uses_add_one_smoothed_training_frequencies():
+    log_probs = unigram_log_probs(torch.tensor([0, 0, 0, 1]), vocab_size=3)  # counts+1: 4, 2, 1 of 7
+    result = unigram_loss(log_probs, [[9, 0, 2]])  # the first token of a window is context only
+    assert result["loss"] == pytest.approx(-(math.log(4 / 7) + math.log(1 / 7)) / 2)
+    assert result["tokens"] == 2
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_minimum():
+    lr = [train.learning_rate(step, steps=110, warmup_steps=10, max_lr=1.0, min_lr=0.1) for step in range(110)]
+    assert lr[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[10 + 50] == pytest.approx(0.55, abs=0.01)  # halfway through the cosine: the mean of max and min
+    assert lr[-1] == pytest.approx(0.1)
+
+
+def test_heldout_files_are_a_small_disjoint_part_of_the_library():
+    training, heldout = train.split_files(heldout_percent=5)
+    assert not set(training) & set(heldout)
+    assert 0.02 < len(heldout) / (len(training) + len(heldout)) < 0.10
+    assert all(p.suffix == ".py" and "test" not in p.relative_to(train.STDLIB).parts for p in training + heldout)
+
+
+TINY_RUN = ["--max_train_files", "10", "--vocab_size", "512", "--dim", "32", "--n_layers", "1", "--n_heads", "2",
+            "--seq_len", "32", "--batch_size", "4", "--steps", "3", "--warmup_steps", "1", "--eval_windows", "2"]
+
+
+def run_train(out_dir, *extra):
+    return subprocess.run([sys.executable, "train.py", "--out_dir", str(out_dir), *TINY_RUN, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tiny-run")
+    return out_dir, run_train(out_dir)
+
+
+def test_training_script_logs_the_loss_and_writes_metas_layout(tiny_run):
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    assert "step 1/3  loss " in result.stderr and "step 3/3  loss " in result.stderr
+    assert "unigram baseline" in result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    state = torch.load(out_dir / "consolidated.00.pth", weights_only=True)
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    assert json.loads((out_dir / "params.json").read_text())["vocab_size"] == 512
+
+
+def test_training_script_output_loads_and_generates(tiny_run):
+    out_dir, _ = tiny_run
+    generator = Llama.build(str(out_dir), str(out_dir / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu")
+    assert generator.tokenizer.bos_id == 1 and generator.tokenizer.eos_id == 2
+    result = generator.text_completion(["import "], temperature=0.0, max_gen_len=4)
+    assert isinstance(result[0]["generation"], str)
+
+
+def test_training_is_deterministic_given_the_seed(tiny_run, tmp_path):
+    out_dir, _ = tiny_run
+    assert run_train(tmp_path).returncode == 0
+    first = torch.load(out_dir / "consolidated.00.pth", weights_only=True)
+    second = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert (out_dir / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
+
+
+def test_training_script_rejects_bad_arguments_with_a_message(tmp_path):
+    result = run_train(tmp_path, "--warmup_steps", "5")
+    assert result.returncode == 2
+    assert "--warmup_steps must be in [0, --steps), got 5 with --steps 3" in result.stderr

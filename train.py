@@ -1,0 +1,253 @@
+"""Train the small Llama that ships in checkpoints/tiny-stdlib, on the Python standard library's source.
+
+    python train.py --out_dir checkpoints/tiny-stdlib      # the bundled model: about 10 minutes on 2 CPU cores
+
+Every machine with Python has its standard library, so nothing is downloaded. The .py files of the
+running interpreter's library (tests, codec tables and generated data left out) are split into
+training and held-out files by a hash of their path, so the split is the same on every machine.
+A sentencepiece tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad, byte fallback so
+any text round-trips) is trained on the training files' lines; then a Llama ``Transformer`` is
+trained with ``causal_lm_loss`` and AdamW on random windows of the training files' tokens, with a
+linear warmup and a cosine decay of the learning rate. The result is written in Meta's layout:
+``params.json``, ``consolidated.00.pth`` (bfloat16) and ``tokenizer.model``.
+
+The run is deterministic given --seed on a given machine and thread count.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import sysconfig
+import time
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import sentencepiece as spm
+import torch
+
+from llama.checkpoint import save_checkpoint
+from llama.loss import causal_lm_loss
+from llama.model import ModelArgs, Transformer
+from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger("train")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Folders of the library that are not ordinary library code: tests, installed packages, codec
+# tables and pydoc's generated help text.
+EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+
+
+def stdlib_files(root: Path = STDLIB) -> List[Path]:
+    """The library's .py files, sorted, outside ``EXCLUDED_DIRS``."""
+    return sorted(p for p in root.rglob("*.py") if not EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def is_heldout(path: Path, heldout_percent: int, root: Path = STDLIB) -> bool:
+    """A file is held out when the hash of its path inside the library falls in the first percents."""
+    digest = hashlib.sha256(path.relative_to(root).as_posix().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < heldout_percent
+
+
+def split_files(heldout_percent: int, root: Path = STDLIB) -> Tuple[List[Path], List[Path]]:
+    """(training files, held-out files)."""
+    files = stdlib_files(root)
+    heldout = [p for p in files if is_heldout(p, heldout_percent, root)]
+    return [p for p in files if p not in heldout], heldout
+
+
+def read_texts(paths: Sequence[Path]) -> List[str]:
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
+    """A BPE sentencepiece model (serialized) trained on the non-blank lines of ``texts``.
+
+    Code needs its whitespace: no normalization, no collapsing of spaces, runs of spaces may be
+    pieces (indentation), and no dummy space is prepended, so a line's first word is the same piece
+    at the start of a prompt and after a newline. A newline is the byte piece <0x0A>, as in Llama.
+    """
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
+        split_digits=True,
+        num_threads=1,  # one thread: the same pieces on every machine
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def token_stream(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """All texts as one sequence of ids, each text framed by BOS and EOS."""
+    ids = tokenizer.sp_model.encode(list(texts))
+    return torch.tensor([t for doc in ids for t in [tokenizer.bos_id, *doc, tokenizer.eos_id]], dtype=torch.long)
+
+
+def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch_size, seq_len) windows of ``stream`` at uniformly random offsets."""
+    starts = torch.randint(0, len(stream) - seq_len + 1, (batch_size,), generator=generator)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def learning_rate(step: int, steps: int, warmup_steps: int, max_lr: float, min_lr: float) -> float:
+    """Linear warmup to ``max_lr``, then cosine decay to ``min_lr`` at the last step."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - 1 - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; matrices are decayed, norm weights (vectors) are not."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    train_files, heldout_files = split_files(args.heldout_percent)
+    if args.max_train_files is not None:
+        train_files = train_files[: args.max_train_files]
+    train_texts, heldout_texts = read_texts(train_files), read_texts(heldout_files)
+    logger.info(
+        "%s: %d training files (%.1f MB), %d held-out files (%.1f MB)", STDLIB, len(train_files),
+        sum(map(len, train_texts)) / 1e6, len(heldout_files), sum(map(len, heldout_texts)) / 1e6,
+    )
+
+    (out_dir / "tokenizer.model").write_bytes(train_tokenizer(train_texts, args.vocab_size))
+    tokenizer = Tokenizer(str(out_dir / "tokenizer.model"))
+    stream = token_stream(tokenizer, train_texts)
+    logger.info("tokenizer: %d pieces; %d training tokens (%.2f characters per token)", tokenizer.n_words,
+                len(stream), sum(map(len, train_texts)) / len(stream))
+
+    params = {
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "multiple_of": args.multiple_of, "norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": tokenizer.n_words,
+    }
+    model_args = ModelArgs.from_dict({**params, "max_seq_len": args.seq_len, "max_batch_size": 1})
+    with device:
+        model = Transformer(model_args)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %s, %.2fM parameters (%.1f MB in bfloat16)", params, n_params / 1e6, 2 * n_params / 1e6)
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    heldout_windows = text_windows(tokenizer, heldout_texts, args.seq_len)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16_autocast else contextlib.nullcontext()
+    tokens_per_step = args.batch_size * args.seq_len
+    for step in range(args.steps):
+        lr = learning_rate(step, args.steps, args.warmup_steps, args.lr, args.lr * args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens = random_windows(stream, args.batch_size, args.seq_len, generator).to(device)
+        with autocast:
+            loss = causal_lm_loss(model(tokens), tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % args.log_interval == 0 or step == args.steps - 1:
+            elapsed = time.perf_counter() - started
+            message = f"step {step + 1}/{args.steps}  loss {loss.item():.3f}  lr {lr:.2e}  {elapsed:.0f}s"
+            if step % args.eval_interval == 0 or step == args.steps - 1:
+                with autocast:
+                    heldout = window_loss(model, heldout_windows[: args.eval_windows], args.batch_size)
+                message += f"  held-out loss {heldout['loss']:.3f}"
+            logger.info(message + f"  ({tokens_per_step * (step + 1) / elapsed:.0f} tokens/s overall)")
+
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    save_checkpoint(str(out_dir), params, state, n_shards=1, dtype=torch.bfloat16)
+    logger.info("wrote %s", ", ".join(sorted(p.name for p in out_dir.iterdir())))
+
+    # Score the weights as saved (rounded to bfloat16), in float32 like Llama.build on a CPU.
+    model.load_state_dict({key: value.to(torch.bfloat16).float() for key, value in state.items()})
+    scored_windows = heldout_windows[: args.eval_windows]
+    heldout = window_loss(model, scored_windows, args.batch_size)
+    unigram = unigram_loss(unigram_log_probs(stream, tokenizer.n_words), scored_windows)
+    logger.info("held-out: loss %.3f, perplexity %.2f over %d tokens; unigram baseline: loss %.3f, perplexity %.2f",
+                heldout["loss"], heldout["perplexity"], heldout["tokens"], unigram["loss"], unigram["perplexity"])
+    logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out_dir", default="checkpoints/tiny-stdlib", help="where params.json, consolidated.00.pth and tokenizer.model go")
+    parser.add_argument("--print_heldout", action="store_true", help="print the held-out files, one per line, and exit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout_percent", type=int, default=5, help="percent of the files held out for evaluation")
+    parser.add_argument("--max_train_files", type=int, default=None, help="train on only the first N training files (quick tries)")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="sentencepiece pieces, 259 of them special or bytes")
+    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--n_heads", type=int, default=6)
+    parser.add_argument("--n_kv_heads", type=int, default=None)
+    parser.add_argument("--multiple_of", type=int, default=32, help="the SwiGLU hidden size is rounded up to a multiple of this")
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per training window")
+    parser.add_argument("--batch_size", type=int, default=16, help="windows per step")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    parser.add_argument("--weight_decay", type=float, default=0.1)
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="maximum gradient norm")
+    parser.add_argument("--bf16_autocast", action=argparse.BooleanOptionalAction, default=True,
+                        help="compute in bfloat16 (weights and optimizer stay float32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads; with one the result does not depend on the core count, "
+                        "and on cores shared with other work it is the fastest")
+    parser.add_argument("--log_interval", type=int, default=10)
+    parser.add_argument("--eval_interval", type=int, default=100, help="steps between held-out losses (on --eval_windows windows)")
+    parser.add_argument("--eval_windows", type=int, default=64, help="held-out windows scored during and after training")
+    args = parser.parse_args(argv)
+    positive = ["heldout_percent", "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "seq_len", "batch_size",
+                "steps", "threads", "log_interval", "eval_interval", "eval_windows"]
+    for name in positive + ["max_train_files", "n_kv_heads"]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}")
+    if not 1 <= args.heldout_percent < 100:
+        parser.error(f"--heldout_percent must be in [1, 99], got {args.heldout_percent}")
+    if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
+        parser.error(f"--warmup_steps must be in [0, --steps), got {args.warmup_steps} with --steps {args.steps}")
+    if args.seq_len < 2:
+        parser.error(f"--seq_len must be at least 2, got {args.seq_len}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.print_heldout:
+        print("\n".join(str(p) for p in split_files(args.heldout_percent)[1]))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
