@@ -10,7 +10,6 @@ scored with ``causal_lm_loss``, the loss of training.
 """
 
 import argparse
-import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -20,8 +19,6 @@ import torch
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 def document_windows(tokens: Sequence[int], max_seq_len: int) -> List[List[int]]:
