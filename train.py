@@ -1,6 +1,6 @@
 """Train the small Llama that ships in checkpoints/tiny-stdlib, on the Python standard library's source.
 
-    python train.py --out_dir checkpoints/tiny-stdlib      # the bundled model: about 10 minutes on 2 CPU cores
+    python train.py --out_dir checkpoints/tiny-stdlib      # the bundled model: about 14 minutes on 2 CPU cores
 
 Every machine with Python has its standard library, so nothing is downloaded. The .py files of the
 running interpreter's library (tests, codec tables and generated data left out) are split into
@@ -210,8 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--multiple_of", type=int, default=32, help="the SwiGLU hidden size is rounded up to a multiple of this")
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per step")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--warmup_steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     parser.add_argument("--weight_decay", type=float, default=0.1)

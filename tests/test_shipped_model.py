@@ -20,8 +20,8 @@ spec.loader.exec_module(train)
 
 # Recorded from the shipped checkpoint: greedy decoding on CPU in float32. It changes only when the
 # checkpoint (or the model's arithmetic) changes.
-PROMPT = "class Stack:\n    def __init__(self):\n"
-EXPECTED_GREEDY_COMPLETION = "        self.tk.call(self._w, 'w', 'w', 'w', 'w', '"
+PROMPT = 'def remove_non_ascii(s: str) -> str:\n    """'
+EXPECTED_GREEDY_COMPLETION = "\n    A string of the string, and the string is a string.\n\n    The string is a string,"
 HELDOUT_CHARS = 4000  # from each of the first held-out files: a few KB keeps the test fast
 HELDOUT_FILES = 3
 
