@@ -166,8 +166,10 @@ class Attention(nn.Module):
             keys, values = self.cache_k[:bsz, :end_pos], self.cache_v[:bsz, :end_pos]
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
+        # no mask for a chunk of several tokens means it starts at position 0: plain causal attention
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=True,
         )
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -263,8 +265,8 @@ class Transformer(nn.Module):
             offset = start_pos or 0
             cos = self.freqs_cos[offset : offset + seqlen]
             sin = self.freqs_sin[offset : offset + seqlen]
-            mask = None  # one new token attends to everything cached: no mask needed
-            if seqlen > 1:  # query i (position offset+i) sees keys 0 .. offset+i
+            mask = None  # one token attends to everything cached; a chunk from position 0 is causal
+            if seqlen > 1 and offset > 0:  # query i (position offset+i) sees keys 0 .. offset+i
                 mask = torch.ones(seqlen, offset + seqlen, dtype=torch.bool, device=tokens.device).tril(offset)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
