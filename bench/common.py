@@ -2,7 +2,6 @@
 and the bytes a decode step reads."""
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +26,12 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
-def random_checkpoint(args: argparse.Namespace, seed: int = 0) -> str:
-    """Write a random-weight checkpoint of the requested shape to a temporary folder; its path."""
+def random_checkpoint(args: argparse.Namespace, ckpt_dir: str, seed: int = 0) -> str:
+    """Write a random-weight checkpoint of the requested shape to ``ckpt_dir``; its path."""
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads}
     params = {k: v for k, v in params.items() if v is not None}
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_dict({**params, "vocab_size": args.vocab_size, "max_seq_len": 1, "max_batch_size": 1}))
-    ckpt_dir = tempfile.mkdtemp(prefix="llama-bench-")
     save_checkpoint(ckpt_dir, {**params, "vocab_size": args.vocab_size}, model.state_dict(), dtype=DTYPES[args.ckpt_dtype])
     return ckpt_dir
 

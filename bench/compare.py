@@ -145,7 +145,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    ckpt_dir = args.ckpt_dir or random_checkpoint(args)
+    scratch = tempfile.TemporaryDirectory(prefix="llama-bench-")  # the random checkpoint, transformers' copy: removed at exit
+    ckpt_dir = args.ckpt_dir or random_checkpoint(args, str(Path(scratch.name) / "llama"))
     max_seq_len = max(args.prefill_len, args.prompt_len + args.gen_tokens, 16 + ACCURACY_TOKENS) + 1
     model_args = checkpoint_args(ckpt_dir, max_seq_len, max(args.batch_sizes))
     params = {k: v for k, v in json.loads((Path(ckpt_dir) / "params.json").read_text()).items()}
@@ -203,7 +204,7 @@ def main() -> None:
         disk = checkpoint_bytes(ckpt_dir)
         hf_dir = None
         if not args.no_transformers:
-            hf_dir = tempfile.mkdtemp(prefix="llama-bench-hf-")
+            hf_dir = str(Path(scratch.name) / "hf")
             hf.to(DTYPES[args.ckpt_dtype]).save_pretrained(hf_dir)
             del hf
         del impls, reference
