@@ -49,6 +49,7 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
@@ -67,7 +68,7 @@ def main(
         raise ValueError("--interactive reads the terminal in a single process; run it with python, not torchrun")
 
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
     load_seconds = time.perf_counter() - start
     if interactive:
         print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")

@@ -47,6 +47,7 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
     prompts: Optional[List[str]] = None,
     verbose: bool = False,
 ):
@@ -61,7 +62,7 @@ def main(
         prompts = CODE_PROMPTS if Path(ckpt_dir).resolve() == BUNDLED else TEXT_PROMPTS
 
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

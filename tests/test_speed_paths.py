@@ -94,3 +94,32 @@ def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
     model = quantize_int8(small_model(16, 1, dtype))
     model.setup_caches()
     assert model.layers[0].attention.cache_k.dtype == dtype
+
+
+def test_build_with_int8_quantizes_every_linear_and_computes_in_bfloat16(make_checkpoint, tokenizer_path):
+    from llama.generation import Llama
+
+    ckpt_dir, _ = make_checkpoint()
+    quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", quantize="int8")
+    assert quantized.model.layers[1].feed_forward.w2.weight.dtype == torch.int8
+    assert quantized.model.output.weight.dtype == torch.int8
+    assert quantized.model.tok_embeddings.weight.dtype == torch.bfloat16  # the default dtype for int8
+    by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
+    quantize_int8(by_hand.model)
+    prompts = [[1, 5, 9, 200], [1, 7]]
+    assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"quantize": "int4"}, r"quantize must be None or 'int8', got 'int4'"),
+        ({"quantize": "int8", "dtype": "float32"}, r"quantize='int8' computes in bfloat16 or float16"),
+    ],
+)
+def test_bad_quantize_arguments(make_checkpoint, tokenizer_path, kwargs, message):
+    from llama.generation import Llama
+
+    ckpt_dir, _ = make_checkpoint()
+    with pytest.raises(ValueError, match=message):
+        Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", **kwargs)
