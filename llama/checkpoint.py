@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from llama.model import ModelArgs, Transformer
-from llama.parallel import check_world_size, model_parallel_rank, model_parallel_world_size
+from llama.parallel import model_parallel_rank, model_parallel_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -159,22 +159,10 @@ def checkpoint_vocab_size(paths: List[Path]) -> int:
     return shard["tok_embeddings.weight"].shape[0]
 
 
-def split_sizes(args: ModelArgs) -> Dict[str, int]:
-    """The sizes that model parallelism divides over the ranks (heads, hidden units, vocabulary)."""
-    return {
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads,
-        "dim": args.dim,
-        "ffn_hidden_dim": args.ffn_hidden_dim,
-        "vocab_size": args.vocab_size,
-    }
-
-
 def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Build the model on the meta device (no memory), then assign this rank's tensors to it."""
     paths = shard_paths(ckpt_dir)
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
-    check_world_size(split_sizes(args), world_size)
     with torch.device("meta"):
         model = Transformer(args)
     full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
@@ -187,7 +175,6 @@ def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torc
 
 def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Shapes of this rank's tensors for ``args``, computed on the meta device (no memory)."""
-    check_world_size(split_sizes(args), model_parallel_world_size())
     with torch.device("meta"):
         model = Transformer(args)
     return {key: tuple(p.shape) for key, p in model.state_dict().items()}

@@ -17,6 +17,8 @@ from llama.parallel import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+    check_world_size,
+    model_parallel_world_size,
     split_size,
 )
 
@@ -73,6 +75,12 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
         return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def split_sizes(self) -> dict:
+        """The sizes that model parallelism divides over the ranks (heads, hidden units, vocabulary)."""
+        return {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "dim": self.dim,
+                "ffn_hidden_dim": self.ffn_hidden_dim, "vocab_size": self.vocab_size}
 
 
 class RMSNorm(nn.Module):
@@ -208,6 +216,7 @@ class Transformer(nn.Module):
                 f"ModelArgs.vocab_size must be set (got {params.vocab_size}); -1 means 'take it from the "
                 "tokenizer', which Llama.build does"
             )
+        check_world_size(params.split_sizes, model_parallel_world_size())  # one error naming every misfit
         self.params = params
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, load_rank_state, load_shard, model_shapes, read_params, shard_paths, split_sizes
+from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, load_rank_state, load_shard, model_shapes, read_params, shard_paths
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
 
@@ -36,7 +36,7 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
 
     vocab_size = checkpoint_vocab_size(paths)
     args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
-    check_world_size(split_sizes(args), n_shards)
+    check_world_size(args.split_sizes, n_shards)
     full_shapes = model_shapes(args)  # from params.json, in this single process
     for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)
         check_shard(path, load_shard(path), full_shapes, len(paths))

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
 from distributed_worker import PROMPTS, SAMPLE_SEED, TOKENS
-from llama.checkpoint import model_shapes, split_sizes
+from llama.checkpoint import model_shapes
 from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
 from llama.model import ModelArgs
@@ -257,7 +257,7 @@ def test_world_size_not_dividing_several_sizes_names_each():
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512})
     with pytest.raises(ValueError, match=r"n_heads = 8, n_kv_heads = 4, dim = 64, ffn_hidden_dim = 224, vocab_size = 512 "
                                          r"are not divisible by 3; .* would work: 1, 2, 4$"):
-        check_world_size(split_sizes(args), 3)
+        check_world_size(args.split_sizes, 3)
 
 
 # --- a failing rank ends the job with its error ---------------------------------------------------
