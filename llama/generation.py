@@ -319,19 +319,23 @@ class Llama:
 
         A short prompt's padding sits after it, so causal attention never lets a prompt token see the
         padding, and each padding entry of the KV cache is overwritten by the row's own token before
-        anything reads it: each row continues exactly as it would alone.
+        anything reads it: each row continues exactly as it would alone. The loop waits on the device
+        once per step, to learn whether any row is still generating.
         """
         tokens, token_logprobs, bsz = state.tokens, state.token_logprobs, state.tokens.shape[0]
         if bsz == 0:
             return
         total_len = tokens.shape[1]
+        prompt_lens = state.prompt_lens.tolist()
+        shared_start = prompt_lens[0] if len(set(prompt_lens)) == 1 else None  # equal prompts share positions
         rows = torch.arange(bsz, device=tokens.device)
         limits = state.ends.clamp(max=total_len)  # (bsz,) each row generates up to here
         cur_pos = state.prompt_lens.clone()  # (bsz,) where each row writes its next token
         live = cur_pos < limits
-        if not live.any() and token_logprobs is None:
+        generating = bool(live.any())
+        if not generating and token_logprobs is None:
             return
-        prompts = tokens[:, : int(cur_pos.max())].clamp(min=0)  # PAD -> any valid id (see above)
+        prompts = tokens[:, : max(prompt_lens)].clamp(min=0)  # PAD -> any valid id (see above)
         if token_logprobs is None:  # the vocabulary projection only where the next token is predicted
             last = self.model.forward(prompts, 0, logits_at=cur_pos - 1)[:, 0]  # (bsz, vocab)
         else:  # every position's logits: the prompt is scored too (logits at i-1 predict token i)
@@ -342,28 +346,27 @@ class Llama:
             last = logits[rows, cur_pos - 1]
 
         step = 0
-        while live.any():
+        while generating:
             pos = cur_pos.clamp(max=total_len - 1)  # rows that have ended idle on a valid position
-            previous = tokens[:, : int(pos.max())]
-            previous = torch.where(previous == PAD, previous[:, :1], previous)  # PAD -> a token the row already has
-            next_token = broadcast_from_rank0(state.sampler(last, previous, live))  # every rank continues with rank 0's choice
-            tokens[rows, pos] = torch.where(live, next_token, tokens[rows, pos])
+            # the grid holds each row's tokens so far and PAD after them: the sampler's "previous tokens"
+            next_token = broadcast_from_rank0(state.sampler(last, tokens, live))  # every rank continues with rank 0's choice
+            written = torch.where(live, next_token, tokens[rows, pos])
+            tokens[rows, pos] = written
             if token_logprobs is not None:
                 token_logprobs[rows, pos] = torch.where(live, -F.cross_entropy(last, next_token, reduction="none"), token_logprobs[rows, pos])
             if state.top_ids.shape[-1]:
                 alternatives = torch.log_softmax(last.float(), dim=-1).topk(state.top_ids.shape[-1], dim=-1)
                 state.top_logprobs[rows, pos] = torch.where(live[:, None], alternatives.values, state.top_logprobs[rows, pos])
                 state.top_ids[rows, pos] = torch.where(live[:, None], alternatives.indices, state.top_ids[rows, pos])
-            state.record(pos, live)
+            state.record(pos, written, live)
             yield step
-            step += 1
             cur_pos = cur_pos + 1
             live &= ~state.stopped & (cur_pos < limits)
-            if not live.any():
-                break
-            # one token per row at its own position; a shared position takes Meta's plain int path
-            start_pos = int(pos[0]) if bool((pos == pos[0]).all()) else pos
-            last = self.model.forward(tokens[rows, pos].clamp(min=0)[:, None], start_pos)[:, -1]
+            generating = bool(live.any())
+            if generating:  # each row's new token at its own position; shared positions take Meta's int path
+                start_pos = pos if shared_start is None else shared_start + step
+                last = self.model.forward(written.clamp(min=0)[:, None], start_pos)[:, -1]
+            step += 1
 
     def text_completion(
         self,
@@ -591,10 +594,9 @@ class Decoding:
     top_logprobs: torch.Tensor  # (bsz, total_len, top_logprobs): their logprobs
     streams: Optional[List[TextStream]]  # each row's text, when streaming or stopping at strings
 
-    def record(self, positions: torch.Tensor, generated: torch.Tensor) -> None:
-        """Note the stops among the tokens just written at ``positions`` (bsz,); ``generated``: (bsz,)
-        the rows that wrote one."""
-        written = self.tokens[torch.arange(len(positions), device=positions.device), positions]
+    def record(self, positions: torch.Tensor, written: torch.Tensor, generated: torch.Tensor) -> None:
+        """Note the stops among the tokens ``written`` (bsz,) at ``positions`` (bsz,); ``generated``:
+        (bsz,) the rows that generated theirs."""
         in_output = generated & ~self.stopped & (positions < self.ends)
         hit_stop_token = generated & torch.isin(written, self.stop_tokens)
         self.ends = torch.where(in_output & hit_stop_token, positions, self.ends)

@@ -41,7 +41,8 @@ class Sampler:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty!r}")
 
     def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor, sampling: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row;
+        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row,
+        -1 where none (read only by the repetition penalty);
         sampling: (bsz,) the rows whose token is used: only their generators draw, so a row's samples
         do not depend on the other rows of its batch. Returns (bsz,) token ids."""
         if self.repetition_penalty != 1.0:
@@ -62,9 +63,10 @@ class Sampler:
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
     """Divide positive logits and multiply negative ones by ``penalty`` for every token in
-    ``previous_tokens`` (bsz, n), once however often it occurred."""
-    seen = torch.gather(logits, 1, previous_tokens)
-    return logits.scatter(1, previous_tokens, torch.where(seen > 0, seen / penalty, seen * penalty))
+    ``previous_tokens`` (bsz, n), once however often it occurred; -1 entries (padding) are skipped."""
+    seen = torch.zeros(logits.shape[0], logits.shape[1] + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter(1, previous_tokens + 1, True)[:, 1:]  # padding lands in the dropped column 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

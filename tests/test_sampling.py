@@ -80,6 +80,12 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
 
 
+def test_repetition_penalty_skips_padding():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[3, -1, -1], [-1, 2, -1]])  # -1: positions not generated yet
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[2.0, -1.0, 0.5, 1.5], [2.0, -1.0, 0.25, 3.0]]
+
+
 def test_repetition_penalty_lowers_a_repeated_tokens_probability_by_the_formula():
     logits = torch.tensor([1.0, 0.0, 0.5])
     penalised = apply_repetition_penalty(logits[None], torch.tensor([[0]]), 2.0)[0]
