@@ -182,8 +182,6 @@ class Llama:
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)):
             raise TypeError(f"prompt_tokens must be a list of lists of token ids, got {type(prompt_tokens).__name__}")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}")
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -281,12 +279,10 @@ class Llama:
         ``streams``: keep a ``TextStream`` of each row's text (always kept when there are stop strings)."""
         params = self.model.params
         check_decoding_options(stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs, echo, params.vocab_size)
+        if len(prompt_tokens) * num_return_sequences > params.max_batch_size:
+            samples = f" x num_return_sequences={num_return_sequences}" if num_return_sequences > 1 else ""
+            raise ValueError(f"{len(prompt_tokens)} prompts{samples} exceed max_batch_size={params.max_batch_size}")
         prompt_tokens = [list(t) for t in prompt_tokens for _ in range(num_return_sequences)]
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens) // num_return_sequences} prompts x num_return_sequences={num_return_sequences} "
-                f"exceed max_batch_size={params.max_batch_size}"
-            )
         if seed is not None:  # row i*n + j draws from its own generator seeded with seed + j
             sampler = replace(sampler, generators=[
                 torch.Generator(device=self.device).manual_seed(seed + i % num_return_sequences) for i in range(len(prompt_tokens))
