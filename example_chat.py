@@ -8,7 +8,7 @@
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import fire
 
@@ -78,8 +78,7 @@ def main(
     start = time.perf_counter()
     if verbose:
         stream = generator.chat_completion_stream(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        contents, timing = timed(stream)
-        results = [{"generation": {"role": "assistant", "content": content}} for content in contents]
+        results = [{"generation": {"role": "assistant", "content": "".join(pieces)}} for pieces in zip(*stream)]
         n_tokens = sum(len(tokens) for tokens in stream.tokens)
     else:
         results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True)
@@ -95,27 +94,7 @@ def main(
             print("\n==================================\n")
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
-            print(timing)
-
-
-def timed(stream) -> Tuple[List[str], str]:
-    """Each row's text from a completion stream, and a line timing its first step (the prompt) and
-    the steps after it (decoding)."""
-    start = time.perf_counter()
-    first_step = None
-    texts: List[str] = []
-    for pieces in stream:
-        first_step = first_step or time.perf_counter()
-        texts = [a + b for a, b in zip(texts, pieces)] if texts else pieces
-    end = time.perf_counter()
-    return texts, speeds(stream.n_prompt_tokens, first_step - start, max(sum(map(len, stream.tokens)) - len(texts), 0), end - first_step)
-
-
-def speeds(n_prompt: int, prompt_seconds: float, n_decoded: int, decode_seconds: float) -> str:
-    return (
-        f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
-        f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
-    )
+            print(stream.timing())
 
 
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: Optional[int], verbose: bool):
@@ -152,23 +131,19 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
         stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len or room))
         print("Assistant: ", end="", flush=True)
         reply = ""
-        start = time.perf_counter()
-        first_step = None
         try:
             for (piece,) in stream:
-                first_step = first_step or time.perf_counter()
                 print(piece, end="", flush=True)
                 reply += piece
         except KeyboardInterrupt:
             print(" [stopped]", end="")
-        end = time.perf_counter()
         print()
         dialog.append({"role": "assistant", "content": reply})
         n_reply = len(stream.tokens[0])
         if n_reply >= room:
             print(f"(the reply filled the {max_seq_len}-token context)")
-        if verbose and first_step is not None:
-            print(f"({speeds(n_prompt, first_step - start, max(n_reply - 1, 0), end - first_step)})")
+        if verbose:
+            print(f"({stream.timing()})")
 
 
 def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int) -> int:

@@ -66,13 +66,9 @@ def main(
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    if verbose:  # the stream's text equals text_completion's; its first step is the prompt's
+    if verbose:  # the stream's text equals text_completion's, and the stream times its steps
         stream = generator.text_completion_stream(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-        texts, first_step = [""] * len(prompts), None
-        for pieces in stream:
-            first_step = first_step or time.perf_counter()
-            texts = [text + piece for text, piece in zip(texts, pieces)]
-        results = [{"generation": text} for text in texts]
+        results = [{"generation": "".join(pieces)} for pieces in zip(*stream)]
         n_tokens = sum(len(tokens) for tokens in stream.tokens)
     else:
         results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
@@ -87,10 +83,7 @@ def main(
             print("\n==================================\n")
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
-            prompt_seconds, decode_seconds = first_step - start, start + seconds - first_step
-            n_prompt, n_decoded = stream.n_prompt_tokens, max(n_tokens - len(prompts), 0)
-            print(f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / prompt_seconds:.1f} tokens/s), "
-                  f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)")
+            print(stream.timing())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 ``text_completion`` and ``chat_completion``, on any device and any model-parallel world size."""
 
 import logging
+import time
 from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
@@ -549,21 +550,39 @@ class Llama:
 
 class CompletionStream:
     """Iterating yields, after each decoding step and once more at the end, one string per row: the
-    text that became final since the previous yield. ``tokens``: each row's output tokens so far."""
+    text that became final since the previous yield. ``tokens``: each row's output tokens so far;
+    ``timing()``: the prompt and decoding speeds of the iteration."""
 
     def __init__(self, steps: Iterator[int], state: "Decoding"):
         self.steps = steps
         self.state = state
         self.refused = [False] * len(state.streams)  # rows answered with UNSAFE_ERROR instead
+        self.started = self.first_step_done = self.finished = None  # time.perf_counter() readings
 
     def __iter__(self) -> Iterator[List[str]]:
         for step, pieces in enumerate(self.pieces()):
             yield [(UNSAFE_ERROR if step == 0 else "") if refused else piece for piece, refused in zip(pieces, self.refused)]
 
     def pieces(self) -> Iterator[List[str]]:
-        for _ in self.steps:
+        self.started = time.perf_counter()
+        for step in self.steps:
+            if step == 0:  # the prefill and each row's first token
+                self.first_step_done = time.perf_counter()
             yield [stream.read() for stream in self.state.streams]
+        self.finished = time.perf_counter()
         yield [stream.close() for stream in self.state.streams]
+
+    def timing(self) -> str:
+        """Prompt tokens/s (the first step: the prefill and each row's first token) and decode
+        tokens/s (the rest), up to now if the iteration was stopped early."""
+        now = time.perf_counter()
+        first_step_done = self.first_step_done or now
+        prompt_seconds, decode_seconds = first_step_done - (self.started or now), (self.finished or now) - first_step_done
+        n_prompt, n_decoded = self.n_prompt_tokens, sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        return (
+            f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+            f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
+        )
 
     @property
     def tokens(self) -> List[List[int]]:

@@ -143,3 +143,15 @@ def test_stream_arguments_are_checked_before_iterating(llama):
         llama.text_completion_stream(PROMPTS, top_p=0)
     with pytest.raises(TypeError, match="stop_strings must be a list of non-empty strings"):
         llama.text_completion_stream(PROMPTS, stop_strings="\n")
+
+
+def test_stream_timing_counts_the_prompts_and_every_token_after_each_rows_first(llama, tokenizer):
+    prompts = ["import os\n", "def f(x):\n    return x + 1"]
+    stream = llama.text_completion_stream(prompts, temperature=0, max_gen_len=6)
+    for _ in stream:
+        pass
+    n_prompt = sum(len(tokenizer.encode(p, bos=True, eos=False)) for p in prompts)
+    n_decoded = sum(len(tokens) - 1 for tokens in stream.tokens)
+    assert n_decoded > 0
+    assert stream.timing().startswith(f"prompt: {n_prompt} tokens in ")
+    assert f", decode: {n_decoded} tokens in " in stream.timing()
