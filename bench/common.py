@@ -3,11 +3,10 @@ and the bytes a decode step reads."""
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from llama.checkpoint import read_params, save_checkpoint
+from llama.checkpoint import checkpoint_vocab_size, read_params, save_checkpoint, shard_paths
 from llama.model import ModelArgs, Transformer
 
 # stories110M's shapes with an untied output: 134M parameters
@@ -40,13 +39,12 @@ def checkpoint_args(ckpt_dir: str, max_seq_len: int, max_batch_size: int) -> Mod
     """ModelArgs of a checkpoint, the vocabulary taken from its params.json or its embedding."""
     params = read_params(ckpt_dir)
     if params.get("vocab_size", -1) < 1:
-        first = sorted(Path(ckpt_dir).glob("consolidated.*.pth"))[0]
-        params["vocab_size"] = torch.load(first, mmap=True, weights_only=True)["tok_embeddings.weight"].shape[0]
+        params["vocab_size"] = checkpoint_vocab_size(shard_paths(ckpt_dir))
     return ModelArgs.from_dict({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
 
 
 def checkpoint_bytes(ckpt_dir: str) -> int:
-    return sum(p.stat().st_size for p in Path(ckpt_dir).glob("consolidated.*.pth"))
+    return sum(p.stat().st_size for p in shard_paths(ckpt_dir))
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
