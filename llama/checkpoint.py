@@ -13,12 +13,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
+from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +28,22 @@ IGNORED_KEYS = {"rope.freqs"}
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def split_dim(key: str) -> Optional[int]:
-    """The dimension along which ``key`` is split over model-parallel ranks; None if replicated."""
-    if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        return 1
-    if key == "output.weight" or key.endswith(
-        ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight", "feed_forward.w3.weight")
-    ):
-        return 0
-    return None
+class TensorLayout(NamedTuple):
+    shape: torch.Size  # the whole tensor's shape, as if unsharded
+    split_dim: Optional[int]  # the dimension model parallelism splits it on; None: every rank holds it whole
+
+
+def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]:
+    """Every tensor of ``model`` (this rank's part of a model built for ``world_size`` ranks) with its
+    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers)."""
+    layout = {}
+    for key, tensor in model.state_dict().items():
+        split_dim = getattr(model.get_submodule(key.rpartition(".")[0]), "split_dim", None)
+        shape = list(tensor.shape)
+        if split_dim is not None:
+            shape[split_dim] *= world_size
+        layout[key] = TensorLayout(torch.Size(shape), split_dim)
+    return layout
 
 
 def read_params(ckpt_dir: str) -> dict:
@@ -85,17 +93,16 @@ def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
     return [i for i in range(n_shards) if i * world_size < (rank + 1) * n_shards and (i + 1) * world_size > rank * n_shards]
 
 
-def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[str, torch.Size], n_shards: int):
+def check_shard(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int):
     """Every expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
-    missing = [key for key in full_shapes if key not in shard]
+    missing = [key for key in layout if key not in shard]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(shard) - set(full_shapes) - IGNORED_KEYS)
+    unexpected = sorted(set(shard) - set(layout) - IGNORED_KEYS)
     if unexpected:
         raise ValueError(f"{path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for key, full_shape in full_shapes.items():
+    for key, (full_shape, dim) in layout.items():
         expected = list(full_shape)
-        dim = split_dim(key)
         if dim is not None:
             expected[dim] = full_shape[dim] // n_shards if full_shape[dim] % n_shards == 0 else -1
         if list(shard[key].shape) != expected:
@@ -107,7 +114,7 @@ def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[st
 
 def load_rank_state(
     paths: List[Path],
-    full_shapes: Dict[str, torch.Size],
+    layout: Dict[str, TensorLayout],
     rank: int,
     world_size: int,
     device: torch.device,
@@ -115,18 +122,17 @@ def load_rank_state(
 ) -> Dict[str, torch.Tensor]:
     """Rank ``rank``'s slice of every tensor of the checkpoint whose shards are ``paths``.
 
-    ``full_shapes`` are the unsharded shapes; ``dtype`` None keeps the checkpoint's dtype.
+    ``layout``: every tensor's whole shape and split dimension; ``dtype`` None keeps the checkpoint's dtype.
     """
     n_shards = len(paths)
     needed = shards_for_rank(n_shards, rank, world_size)
     shards = {}
     for i in needed:
         shards[i] = load_shard(paths[i])
-        check_shard(paths[i], shards[i], full_shapes, n_shards)
+        check_shard(paths[i], shards[i], layout, n_shards)
 
     state = {}
-    for key, full_shape in full_shapes.items():
-        dim = split_dim(key)
+    for key, (full_shape, dim) in layout.items():
         if dim is None:
             parts = [shards[needed[0]][key]]
         else:
@@ -142,13 +148,24 @@ def load_rank_state(
     return state
 
 
-def full_shape(key: str, local_shape: torch.Size, world_size: int) -> torch.Size:
-    dim = split_dim(key)
-    if dim is None:
-        return local_shape
-    shape = list(local_shape)
-    shape[dim] *= world_size
-    return torch.Size(shape)
+def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:
+    """``params.json`` with the cache sizes, checked against the tokenizer and the shards: the vocabulary
+    is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
+    params = read_params(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    rows = checkpoint_vocab_size(paths)
+    if rows != tokenizer.n_words:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
+            f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+        )
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size not in (-1, tokenizer.n_words):
+        raise ValueError(f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
+    return ModelArgs.from_dict(
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+        source=str(Path(ckpt_dir) / "params.json"),
+    )
 
 
 def checkpoint_vocab_size(paths: List[Path]) -> int:
@@ -165,9 +182,8 @@ def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torc
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
-    full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
     logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
-    state = load_rank_state(paths, full_shapes, rank, world_size, device, dtype)
+    state = load_rank_state(paths, model_layout(model, world_size), rank, world_size, device, dtype)
     model.load_state_dict(state, assign=True)
     model.setup_caches()
     return model
@@ -180,9 +196,14 @@ def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     return {key: tuple(p.shape) for key, p in model.state_dict().items()}
 
 
-def shard_slice(tensor: torch.Tensor, key: str, n_shards: int, shard: int) -> torch.Tensor:
-    """Shard ``shard`` of ``n_shards`` of the full ``tensor`` stored under ``key``, as its own copy."""
-    dim = split_dim(key)
+def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
+    """The layout of the model ``args`` describes, split over this process's world size."""
+    with torch.device("meta"):
+        return model_layout(Transformer(args), model_parallel_world_size())
+
+
+def shard_slice(tensor: torch.Tensor, dim: Optional[int], n_shards: int, shard: int) -> torch.Tensor:
+    """Shard ``shard`` of ``n_shards`` of the full ``tensor``, split on ``dim``, as its own copy."""
     if dim is None:
         return tensor.clone()
     return tensor.chunk(n_shards, dim=dim)[shard].clone()  # a view would save the whole storage
@@ -196,8 +217,8 @@ def save_checkpoint(
     out = Path(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(params))
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    layout = layout_of(args)
     for shard in range(n_shards):
-        tensors = {key: shard_slice(t.to(dtype), key, n_shards, shard) for key, t in state.items()}
-        tensors["rope.freqs"] = freqs.to(dtype)
+        tensors = {key: shard_slice(t.to(dtype), layout[key].split_dim, n_shards, shard) for key, t in state.items()}
+        tensors["rope.freqs"] = rope_frequencies(args.head_dim, args.rope_theta).to(dtype)
         torch.save(tensors, out / f"consolidated.{shard:02d}.pth")
