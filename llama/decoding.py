@@ -292,7 +292,7 @@ class Decoding:
         return tokens, logprobs, top
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors as inputs
 def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -> Iterator[int]:
     """The decoding loop: one pass prefills every prompt, however ragged the batch, then each row
     decodes one token per step at its own position, and the loop yields the step's index after

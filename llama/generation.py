@@ -114,12 +114,15 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.output.weight.device
 
-    def start(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str, streams: bool = False) -> Decoding:
-        """Check a batch and its options on every rank, and lay out its rows: each prompt
+    def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Decoding:
+        """Check a batch and its ``GenerationOptions`` on every rank, and lay out its rows: each prompt
         ``num_return_sequences`` times. ``what`` names the prompts in errors ("prompt_tokens",
         "prompt", "dialog")."""
         params = self.model.params
         with fail_together(same_on_every_rank=(prompt_tokens, options)):  # ranks must agree before the first collective
+            options = GenerationOptions(**options)
+            if streams and options.echo:
+                raise ValueError("echo is not supported when streaming: the stream yields generated text only")
             options.check_vocabulary(params.vocab_size)
             check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
             check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
@@ -159,12 +162,12 @@ class Llama:
             of (token id, logprob) pairs per token. After a stop string a row's tokens end with the
             one holding the text's last character before it.
         """
-        options = GenerationOptions(max_gen_len, temperature, top_p, logprobs=logprobs, echo=echo, **options)
-        return self.decode(prompt_tokens, options, "prompt_tokens").results()
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
+        return self.decode(prompt_tokens, "prompt_tokens", **options).results()
 
-    def decode(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str) -> Decoding:
+    def decode(self, prompt_tokens: List[List[int]], what: str, **options) -> Decoding:
         """Decode the batch to its end; the finished ``Decoding``."""
-        state = self.start(prompt_tokens, options, what)
+        state = self.start(prompt_tokens, what, **options)
         for _ in decode_steps(self.model, self.decode_step, state):
             pass
         return state
@@ -192,8 +195,8 @@ class Llama:
             cut before the first stop string, plus "tokens" (each token's text) and "logprobs" when
             ``logprobs``, and "top_logprobs" (per token, (text, logprob) pairs) when asked.
         """
-        options = GenerationOptions(max_gen_len, temperature, top_p, logprobs=logprobs, echo=echo, **options)
-        state = self.decode(self.encode_prompts(prompts), options, "prompt")
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
+        state = self.decode(self.encode_prompts(prompts), "prompt", **options)
         generated = state.results()
         return [{"generation": text, **self.token_details(i, *generated)} for i, text in enumerate(state.texts())]
 
@@ -219,13 +222,13 @@ class Llama:
             "top_logprobs" when asked. A dialog whose messages contain the special tags gets
             UNSAFE_ERROR as its content.
         """
-        options = GenerationOptions(max_gen_len, temperature, top_p, logprobs=logprobs, **options)
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, **options)
         prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
-        state = self.decode(prompt_tokens, options, "dialog")
+        state = self.decode(prompt_tokens, "dialog", **options)
         generated = state.results()
         results: List[ChatPrediction] = []
         for i, text in enumerate(state.texts()):
-            content = UNSAFE_ERROR if unsafe[i // options.num_return_sequences] else text
+            content = UNSAFE_ERROR if unsafe[i // state.options.num_return_sequences] else text
             results.append({"generation": {"role": "assistant", "content": content}, **self.token_details(i, *generated)})
         return results
 
@@ -241,30 +244,30 @@ class Llama:
 
         Args: as ``text_completion``, less echo.
         """
-        options = GenerationOptions(max_gen_len, temperature, top_p, **options)
-        return self.start_stream(self.encode_prompts(prompts), options, "prompt")
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
+        return self.start_stream(self.encode_prompts(prompts), "prompt", **options)
 
     def chat_completion_stream(
         self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None, **options
     ) -> CompletionStream:
         """``chat_completion`` as it is generated, one string per row per step, like
         ``text_completion_stream``: joined, a row's strings equal its answer's "content"."""
-        options = GenerationOptions(max_gen_len, temperature, top_p, **options)
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
         prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
-        refused = [unsafe[i // options.num_return_sequences] for i in range(len(prompt_tokens) * options.num_return_sequences)]
-        return self.start_stream(prompt_tokens, options, "dialog", refused)
+        return self.start_stream(prompt_tokens, "dialog", unsafe, **options)
 
     def stream(
         self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9, **options
     ) -> CompletionStream:
         """``generate`` as text, per step: see ``text_completion_stream``."""
-        options = GenerationOptions(max_gen_len, temperature, top_p, **options)
-        return self.start_stream(prompt_tokens, options, "prompt_tokens")
+        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
+        return self.start_stream(prompt_tokens, "prompt_tokens", **options)
 
-    def start_stream(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str, refused=None) -> CompletionStream:
-        if options.echo:
-            raise ValueError("echo is not supported when streaming: the stream yields generated text only")
-        state = self.start(prompt_tokens, options, what, streams=True)
+    def start_stream(self, prompt_tokens: List[List[int]], what: str, unsafe: Optional[List[bool]] = None, **options) -> CompletionStream:
+        """A stream of the batch; ``unsafe``: per prompt, answered with UNSAFE_ERROR instead."""
+        state = self.start(prompt_tokens, what, streams=True, **options)
+        n = state.options.num_return_sequences
+        refused = [unsafe[row // n] for row in range(len(state.prompt_lens))] if unsafe else None
         return CompletionStream(decode_steps(self.model, self.decode_step, state), state, refused)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:

@@ -251,11 +251,11 @@ class Transformer(nn.Module):
         if start_pos is None:
             return self.logits(self.hidden_states(tokens, None, None), logits_at)
         offsets = torch.arange(seqlen, device=tokens.device)
-        if isinstance(start_pos, torch.Tensor):  # (bsz, seqlen); the mask must reach the furthest row
-            return self.forward_at(tokens, start_pos[:, None] + offsets, logits_at)
-        return self.forward_at(tokens, (start_pos + offsets).expand(bsz, seqlen), logits_at, kv_len=start_pos + seqlen)
+        with torch.inference_mode():
+            if isinstance(start_pos, torch.Tensor):
+                return self.forward_at(tokens, start_pos[:, None] + offsets, logits_at)
+            return self.forward_at(tokens, (start_pos + offsets).expand(bsz, seqlen), logits_at, kv_len=start_pos + seqlen)
 
-    @torch.inference_mode()
     def forward_at(
         self,
         tokens: torch.Tensor,
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
         written into row b of the KV cache there, and attends to row b's cached positions up to its
         own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
-        padding entries are overwritten before any row reads them.
+        padding entries are overwritten before any row reads them. Call it without autograd.
 
         Shapes are static: the mask compares every key position 0 .. kv_len-1 with each query's
         position, so one compiled decode step serves every position. ``kv_len`` (default
