@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, shard_paths
-from llama.distributed import default_device, fail_together, init_distributed, local_rank
+from llama.distributed import default_device, fail_together, init_distributed, local_rank, quiet_local_ranks
 from llama.model import ModelArgs, Transformer
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.quantize import quantize_int8
@@ -110,6 +110,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         backend: Optional[str] = None,
         quantize: Optional[str] = None,
+        quiet_ranks: bool = True,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout and its tokenizer.
 
@@ -129,12 +130,16 @@ class Llama:
             quantize: "int8" stores every linear weight as int8 with one scale per output row
                 (``llama.quantize``): a quarter of float32's bytes to read per token, the fastest
                 decoding on a CPU, at a small accuracy cost. None keeps the checkpoint's weights.
+            quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
+                Meta's build does, so scripts that print on every rank print once; False keeps it.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
         device = resolve_device(device)
         init_distributed(device, backend)
+        if quiet_ranks:
+            quiet_local_ranks()
         with fail_together():  # each rank reads its own files: if one fails, all do
             positive_int(max_seq_len, "max_seq_len")
             positive_int(max_batch_size, "max_batch_size")
