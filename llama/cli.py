@@ -20,7 +20,7 @@ import inspect
 import os
 import re
 import sys
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import fire
 
@@ -78,7 +78,7 @@ def user_errors_exit(show_traceback: bool) -> Iterator[None]:
         fail(str(error))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr (rank 0 only under torchrun) and exit with status 2."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
