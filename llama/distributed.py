@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import pickle
+import sys
 from typing import Iterator, Optional, Union
 
 import torch
@@ -134,6 +135,14 @@ def leave_process_group() -> None:
     exception"), failing a job that succeeded."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_local_ranks() -> None:
+    """Send this process's stdout to /dev/null if its local rank is above 0, as Meta's ``Llama.build``
+    does: a script that prints its results on every rank prints them once per machine, not once per
+    process. stderr, where errors and logging go, is left alone."""
+    if local_rank() > 0 and getattr(sys.stdout, "name", None) != os.devnull:
+        sys.stdout = open(os.devnull, "w")
 
 
 def is_main_process() -> bool:

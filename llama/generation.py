@@ -14,7 +14,7 @@ import torch
 from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, Dialog, Message, encode_dialog, encode_dialogs  # noqa: F401 (Meta's import path)
 from llama.checkpoint import load_model, read_model_args
 from llama.decoding import DecodeStep, Decoding, GenerationOptions, check_batch_size, check_prompts, decode_steps
-from llama.distributed import fail_together, init_distributed, resolve_device, resolve_dtype
+from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.model import Transformer
 from llama.parallel import model_parallel_world_size
 from llama.quantize import quantize_int8
@@ -57,6 +57,7 @@ class Llama:
         backend: Optional[str] = None,
         quantize: Optional[str] = None,
         compile: bool = False,
+        quiet_ranks: bool = True,
     ) -> "Llama":
         """Load a checkpoint in Meta's layout and its tokenizer.
 
@@ -78,12 +79,16 @@ class Llama:
                 decoding on a CPU, at a small accuracy cost. None keeps the checkpoint's weights.
             compile: run the decode step under ``torch.compile`` (a CUDA graph on CUDA): the first
                 generation compiles it (seconds to a minute), later ones run faster.
+            quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
+                Meta's build does, so scripts that print on every rank print once; False keeps it.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
         device = resolve_device(device)
         init_distributed(device, backend)
+        if quiet_ranks:
+            quiet_local_ranks()
         with fail_together():  # each rank reads its own files: if one fails, all do
             positive_int(max_seq_len, "max_seq_len")
             positive_int(max_batch_size, "max_batch_size")

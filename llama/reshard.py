@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_rank_state, load_shard, read_params, shard_paths
+from llama.cli import run_parser
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
 
@@ -66,12 +67,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ckpt_dir", required=True, help="checkpoint directory: params.json and consolidated.NN.pth")
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
-    options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        reshard(options.ckpt_dir, options.out, options.shards)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.error(str(error))
+    run_parser(parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards), argv)
 
 
 if __name__ == "__main__":
