@@ -104,3 +104,12 @@ def test_compiled_sampling_streaming_and_stop_strings_equal_eager(llama, compile
     assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)
     streamed = ["".join(pieces) for pieces in zip(*compiled.text_completion_stream(PROMPTS[:2], **options))]
     assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]
+
+
+def test_compiled_scoring_gives_the_eager_loss(llama):
+    from llama.perplexity import window_loss
+
+    windows = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    eager = window_loss(llama.model, windows, batch_size=2)
+    compiled = window_loss(torch.compile(llama.model, dynamic=False), windows, batch_size=2)
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-5)
