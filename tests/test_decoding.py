@@ -92,10 +92,9 @@ def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama,
     assert fast[0] == eager[0]
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
 
-    graphs = unique_graphs()  # new prompt lengths, positions, batch sizes and contents: nothing new to compile
-    other = [prompts[2] + prompts[0], prompts[1][:3]]
-    assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
-    assert compiled.generate(prompts[:1], max_gen_len=5, temperature=0)[0] == llama.generate(prompts[:1], max_gen_len=5, temperature=0)[0]
+    graphs = unique_graphs()  # new prompt lengths, positions and contents, 3 or 4 rows (padded to 4): nothing new to compile
+    for other in ([prompts[2] + prompts[0], prompts[1][:3], prompts[0]], prompts + [prompts[1][:2]]):
+        assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
     assert unique_graphs() == graphs
 
 
