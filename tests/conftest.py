@@ -12,6 +12,19 @@ from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
+                     "runs the model, generation, streaming and decoding tests there")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    device = request.config.getoption("--device")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
 SMALL_PARAMS = {  # grouped-query attention, ffn_dim_multiplier and a non-default rope_theta
     "dim": 64,
     "n_layers": 2,
@@ -76,14 +89,14 @@ def checkpoint(make_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def make_llama(checkpoint, tokenizer_path):
-    """make_llama(max_seq_len=96, max_batch_size=4, **build_options) -> a float32 Llama on the CPU,
-    on the shared checkpoint."""
+def make_llama(checkpoint, tokenizer_path, device):
+    """make_llama(max_seq_len=96, max_batch_size=4, **build_options) -> a float32 Llama on the
+    session's --device (default: the CPU), on the shared checkpoint."""
     from llama.generation import Llama
 
     ckpt_dir, _ = checkpoint
 
     def make(max_seq_len: int = 96, max_batch_size: int = 4, **build_options):
-        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32", **build_options)
+        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype="float32", **build_options)
 
     return make

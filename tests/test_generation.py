@@ -22,7 +22,7 @@ def greedy_by_recompute(llama, prompt, n):
     """Greedy decoding that re-runs the whole sequence each step, with no KV cache."""
     tokens = list(prompt)
     for _ in range(n):
-        logits = llama.model.forward(torch.tensor([tokens]))
+        logits = llama.model.forward(torch.tensor([tokens], device=llama.device))
         tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(prompt):]
 
@@ -47,7 +47,7 @@ def test_logprobs_are_log_softmax_of_a_full_forward(llama):
     prompts = [encode(llama, p) for p in PROMPTS[:2]]
     tokens, logprobs = llama.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
     for prompt, gen, lps in zip(prompts, tokens, logprobs):
-        full = torch.tensor([prompt + gen])
+        full = torch.tensor([prompt + gen], device=llama.device)
         expected = F.log_softmax(llama.model.forward(full)[0], dim=-1)
         for j, (token, lp) in enumerate(zip(gen, lps)):
             position = len(prompt) - 1 + j  # the logits that predicted this token
@@ -69,7 +69,7 @@ def test_scoring_without_generating_shifts_prompt_logprobs(llama):
     tokens, logprobs = llama.generate(prompts, max_gen_len=0, logprobs=True, echo=True)
     assert tokens == prompts
     for prompt, lps in zip(prompts, logprobs):
-        expected = F.log_softmax(llama.model.forward(torch.tensor([prompt]))[0], dim=-1)
+        expected = F.log_softmax(llama.model.forward(torch.tensor([prompt], device=llama.device))[0], dim=-1)
         assert lps[0] == 0.0
         for j in range(1, len(prompt)):
             assert lps[j] == pytest.approx(expected[j - 1, prompt[j]].item(), abs=1e-4)
