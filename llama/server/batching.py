@@ -172,6 +172,8 @@ class BatchProgress:
         if self.reasons[row] is None:
             self.reasons[row] = reason
             self.stream.cancel(row)
+            if reason == "cancelled":
+                logger.info("request %s: the client hung up; row cancelled after %d tokens", job.id, len(self.stream.tokens[row]))
 
     def finish(self, row: int, stream_reason: str) -> None:
         job, choice = self.owners[row]
