@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llama import Llama
+from server_worker import PG_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
@@ -302,3 +303,57 @@ def test_client_hanging_up_mid_stream_cancels_its_row(server, client):
     assert tokens_decoded < 120
     after = client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=2, temperature=0)
     assert after.choices[0].finish_reason == "length"
+
+
+def test_under_torchrun_rank0_serves_the_followers_keep_up_and_sigterm_stops_every_rank(tmp_path, llama):
+    """Two CPU ranks whose process group times out after PG_TIMEOUT_SECONDS: the server idles past it
+    (rank 0's heartbeats), answers as one process does, refuses a bad request and loses a client
+    without leaving a rank behind, and SIGTERM to torchrun ends every process."""
+    worker = [str(ROOT / "tests" / "server_worker.py")] + SERVER_ARGS + ["--heartbeat_seconds", "0.5"]
+    server = Server([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + worker, tmp_path / "log")
+    ranks = child_pids(server.process.pid)
+    try:
+        assert len(ranks) == 2
+        time.sleep(2 * PG_TIMEOUT_SECONDS)
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=60, max_retries=0)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=0)
+        answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS, max_tokens=16, temperature=0)
+        assert [c.text for c in answer.choices] == [e["generation"] for e in llama.text_completion(PROMPTS, temperature=0, max_gen_len=16)]
+        stream = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=100, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()  # the client hangs up after the first chunk
+        server.wait_for_log("the client hung up; row cancelled after", timeout=30)
+        chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content == llama.chat_completion([DIALOG], temperature=0, max_gen_len=8)[0]["generation"]["content"]
+
+        server.process.send_signal(signal.SIGTERM)  # to torchrun only, as a job scheduler sends it
+        server.process.wait(timeout=40)
+        assert "rank 1: the server shut down" in server.log() and "server stopped" in server.log()
+        assert [pid for pid in ranks if alive(pid)] == []  # no rank outlived torchrun
+    finally:
+        server.kill()
+        for pid in ranks:  # torchrun starts each rank in its own session
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def child_pids(pid: int) -> list:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
