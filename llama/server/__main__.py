@@ -56,8 +56,7 @@ def main(
         tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
     if tokenizer_path is None:
         raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
-    compile_option = {"compile": True} if compile else {}  # Llama.build takes compile=... once it exists
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, **compile_option)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)

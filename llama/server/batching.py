@@ -14,6 +14,7 @@ together into one batch, decodes it as one stream, and hands each request its de
   group's timeout; on shutdown it broadcasts one last message that ends every follower.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ HEARTBEAT, SHUTDOWN, BATCH = "heartbeat", "shutdown", "batch"
 def open_stream(llama, kind: str, prompts: list, max_gen_len: int, sampling: Sampling):
     """The ``CompletionStream`` of one batch; every rank calls it with the same arguments."""
     call = llama.chat_completion_stream if kind == "chat" else llama.text_completion_stream
-    return call(prompts, temperature=sampling.temperature, top_p=sampling.top_p, max_gen_len=max_gen_len, **sampling.stream_options())
+    return call(prompts, **dataclasses.asdict(sampling.options(max_gen_len)))
 
 
 def broadcast_message(message: Optional[tuple]) -> tuple:
@@ -153,7 +154,8 @@ class BatchProgress:
 
     def new_tokens(self) -> List[list]:
         """Per row, (token id, logprob, alternatives) of the tokens not reported yet."""
-        tokens, logprobs, alternatives = self.stream.tokens, self.stream.logprobs, self.stream.top_logprobs
+        tokens, logprobs = self.stream.tokens, self.stream.logprobs
+        alternatives = self.stream.top_logprobs if self.batch[0].sampling.top_logprobs else [[[]] * len(t) for t in tokens]
         return [
             list(zip(tokens[row][sent:], logprobs[row][sent:], alternatives[row][sent:]))
             for row, sent in enumerate(self.sent_tokens)

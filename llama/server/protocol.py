@@ -14,6 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from llama.chat_format import SPECIAL_TAGS, encode_dialog, is_unsafe
+from llama.decoding import GenerationOptions
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -43,12 +46,12 @@ class Sampling:
     logprobs: bool
     top_logprobs: int
 
-    def stream_options(self) -> dict:
-        """Keyword arguments of ``text_completion_stream`` / ``chat_completion_stream``."""
-        options = {"num_return_sequences": self.n, "stop_strings": list(self.stop), "seed": self.seed}
-        if self.logprobs:
-            options.update(logprobs=True, top_logprobs=self.top_logprobs)
-        return options
+    def options(self, max_gen_len: int) -> GenerationOptions:
+        """The options of a stream decoding up to ``max_gen_len`` tokens with these settings."""
+        return GenerationOptions(
+            max_gen_len, self.temperature, self.top_p, stop_strings=self.stop, num_return_sequences=self.n,
+            seed=self.seed, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+        )
 
 
 @dataclass
@@ -114,12 +117,12 @@ def parse_chat(body: dict, llama, model: str) -> Job:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top_logprobs or 0) if wants_logprobs else None  # None: no logprobs at all
     try:
-        prompt_tokens, unsafe = llama.encode_dialogs([dialog])
+        prompt_tokens = encode_dialog(llama.tokenizer, dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
-    if unsafe[0]:
-        raise RequestError("special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed in a message", "messages")
-    return make_job(body, llama, model, "chat", [dialog], [len(prompt_tokens[0])], logprobs, False, None)
+    if is_unsafe(dialog):  # Meta's chat_completion refuses these too
+        raise RequestError(f"the special tags {SPECIAL_TAGS} are not allowed in a message", "messages")
+    return make_job(body, llama, model, "chat", [dialog], [len(prompt_tokens)], logprobs, False, None)
 
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user"}
@@ -150,6 +153,8 @@ def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, def
         raise RequestError(
             f"max_tokens={max_tokens} does not fit: the prompt has {max(prompt_lens)} tokens and the context {params.max_seq_len}; at most {room}", "max_tokens"
         )
+    if max_tokens is None:  # completions: OpenAI's default if it fits; chat: the rest of the context
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
     temperature = optional_number(body, "temperature", 1.0)
     if temperature < 0:
         raise RequestError(f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature")
@@ -164,11 +169,13 @@ def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, def
     stream_options = body.get("stream_options")
     if stream_options is not None and (not stream or not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}):
         raise RequestError("'stream_options' must be {'include_usage': bool}, with 'stream': true", "stream_options")
-    if not isinstance(body.get("model", model), str):
-        raise RequestError(f"'model' must be a string, got {short(body['model'])}", "model")
+    try:  # what the field checks above may have missed, in the generation options' own words
+        sampling.options(max_tokens)
+    except (ValueError, TypeError) as error:
+        raise RequestError(str(error)) from None
     return Job(
         kind=kind, model=model, prompts=prompts, prompt_lens=prompt_lens,
-        max_tokens=default_max_tokens if max_tokens is None else max_tokens, sampling=sampling,
+        max_tokens=max_tokens, sampling=sampling,
         stream=stream, echo=echo, include_usage=bool((stream_options or {}).get("include_usage")),
     )
 
