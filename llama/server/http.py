@@ -50,6 +50,7 @@ class Handler(BaseHTTPRequestHandler):
     server: LlamaHTTPServer
     protocol_version = "HTTP/1.1"
     timeout = READ_TIMEOUT_SECONDS
+    disable_nagle_algorithm = True  # headers and body go out as two writes: without this, the second waits ~40 ms for an ACK
 
     def log_message(self, format, *args):
         logger.debug("%s %s", self.address_string(), format % args)
