@@ -51,6 +51,8 @@ def main(
             (well below the process group's 30-minute timeout).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
+        raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
     if ckpt_dir is None:
         ckpt_dir = str(BUNDLED)
         tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")

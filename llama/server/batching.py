@@ -117,9 +117,11 @@ class Scheduler:
         try:
             BatchProgress(batch, stream, self.stopping).follow()
         except Exception:
+            logger.exception("decoding a batch failed")
             for job in batch:
                 job.events.put(("error", RequestError("decoding failed; see the server's log", status=500, kind="server_error")))
-            raise
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise  # the ranks may be out of step: end the job (torchrun stops every rank)
 
 
 class BatchProgress:
