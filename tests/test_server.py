@@ -255,9 +255,17 @@ def test_malformed_json_gets_400(server):
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
 
 
-def test_body_over_the_limit_gets_413(server):
-    status, answer = raw_request(server, "POST", "/v1/completions", json.dumps({"prompt": "x" * (2 << 20)}).encode())
-    assert status == 413 and "limit" in answer["error"]["message"]
+def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
+    connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
+    connection.sendall(  # the headers announce 2 MiB; the body never comes, the answer does
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
+    )
+    response = b""
+    while chunk := connection.recv(4096):
+        response += chunk
+    connection.close()
+    head, body = response.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 413") and "limit is 1048576" in json.loads(body)["error"]["message"]
 
 
 def test_openai_client_sees_bad_request_error(client):

@@ -15,12 +15,12 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import fire
-
+from llama.cli import run
 from llama.distributed import is_main_process
 from llama.generation import Llama
 from llama.server.batching import Scheduler, follow
 from llama.server.http import LlamaHTTPServer
+from llama.tokenizer import resolve_tokenizer_path
 
 logger = logging.getLogger("llama.server")
 
@@ -41,7 +41,8 @@ def main(
     api_key: Optional[str] = None,
     heartbeat_seconds: float = 10.0,
 ):
-    """Load the checkpoint (without --ckpt_dir: the bundled checkpoints/tiny-stdlib) and serve it.
+    """Load the checkpoint (without --ckpt_dir: the bundled checkpoints/tiny-stdlib; without
+    --tokenizer_path: the checkpoint folder's tokenizer.model) and serve it.
 
     Args:
         max_batch_size: most rows decoded together; a request with n samples of p prompts takes n * p.
@@ -53,11 +54,8 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
-    if ckpt_dir is None:
-        ckpt_dir = str(BUNDLED)
-        tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
-    if tokenizer_path is None:
-        raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
+    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
+    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
@@ -84,4 +82,4 @@ def serve(llama: Llama, model_name: str, host: str, port: int, api_key: Optional
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)
