@@ -143,18 +143,7 @@ def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, def
     n = optional_int(body, "n", 1, params.max_batch_size) or 1
     if len(prompts) * n > params.max_batch_size:
         raise RequestError(f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n")
-    room = params.max_seq_len - max(prompt_lens)
-    if room < 1:
-        raise RequestError(f"the prompt has {max(prompt_lens)} tokens; the context holds {params.max_seq_len} with room for one more", "prompt" if kind == "completion" else "messages")
-    max_tokens = optional_int(body, "max_tokens", 1, None)
-    if max_tokens is None and kind == "chat":
-        max_tokens = optional_int(body, "max_completion_tokens", 1, None)
-    if max_tokens is not None and max_tokens > room:
-        raise RequestError(
-            f"max_tokens={max_tokens} does not fit: the prompt has {max(prompt_lens)} tokens and the context {params.max_seq_len}; at most {room}", "max_tokens"
-        )
-    if max_tokens is None:  # completions: OpenAI's default if it fits; chat: the rest of the context
-        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    max_tokens = parse_max_tokens(body, kind, max(prompt_lens), params.max_seq_len, default_max_tokens)
     temperature = optional_number(body, "temperature", 1.0)
     if temperature < 0:
         raise RequestError(f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature")
@@ -166,9 +155,10 @@ def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, def
         seed=optional_int(body, "seed", 0, None), logprobs=logprobs is not None, top_logprobs=logprobs or 0,
     )
     stream = optional_bool(body, "stream", False)
-    stream_options = body.get("stream_options")
-    if stream_options is not None and (not stream or not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}):
-        raise RequestError("'stream_options' must be {'include_usage': bool}, with 'stream': true", "stream_options")
+    stream_options = body.get("stream_options") or {}
+    if stream_options and (not stream or not isinstance(stream_options, dict) or set(stream_options) != {"include_usage"}
+                           or not isinstance(stream_options["include_usage"], bool)):
+        raise RequestError("'stream_options' must be {'include_usage': true or false}, with 'stream': true", "stream_options")
     try:  # what the field checks above may have missed, in the generation options' own words
         sampling.options(max_tokens)
     except (ValueError, TypeError) as error:
@@ -176,8 +166,25 @@ def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, def
     return Job(
         kind=kind, model=model, prompts=prompts, prompt_lens=prompt_lens,
         max_tokens=max_tokens, sampling=sampling,
-        stream=stream, echo=echo, include_usage=bool((stream_options or {}).get("include_usage")),
+        stream=stream, echo=echo, include_usage=stream_options.get("include_usage", False),
     )
+
+
+def parse_max_tokens(body: dict, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int]) -> int:
+    """``max_tokens`` (chat: or ``max_completion_tokens``), which must fit in the context after the
+    longest prompt; if absent, ``default`` where it fits (None: the rest of the context)."""
+    room = max_seq_len - prompt_len
+    if room < 1:
+        field = "prompt" if kind == "completion" else "messages"
+        raise RequestError(f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more", field)
+    max_tokens = optional_int(body, "max_tokens", 1, None)
+    if max_tokens is None and kind == "chat":
+        max_tokens = optional_int(body, "max_completion_tokens", 1, None)
+    if max_tokens is None:
+        return room if default is None else min(default, room)
+    if max_tokens > room:
+        raise RequestError(f"max_tokens={max_tokens} does not fit: the prompt has {prompt_len} tokens and the context {max_seq_len}; at most {room}", "max_tokens")
+    return max_tokens
 
 
 def parse_stop(stop) -> Tuple[str, ...]:
