@@ -279,6 +279,17 @@ def test_missing_or_wrong_api_key_gets_401(server):
         assert status == 401 and answer["error"]["type"] == "authentication_error"
 
 
+def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_as_a_request(server):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
+    connection.request("POST", "/v1/completions", body=b'{"prompt": "x"}', headers={"Authorization": "Bearer wrong"})
+    response = connection.getresponse()
+    response.read()
+    assert (response.status, response.getheader("Connection")) == (401, "close")
+    connection.close()
+
+
 def test_concurrent_clients_are_batched_and_get_their_own_greedy_answers(server, client, llama):
     prompts = PROMPTS + ["import sys\n", "def main():\n", "x = 1\n", "for i in range(10):\n", "try:\n"]
     answers = [None] * len(prompts)

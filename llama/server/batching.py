@@ -125,8 +125,8 @@ class Scheduler:
 
 
 class BatchProgress:
-    """One batch's stream, turned into each job's events. Row r of the stream is choice
-    ``r - first_row[job]`` of the job that owns it."""
+    """One batch's stream, turned into each job's events: row r of the stream is ``owners[r]``, the
+    job it belongs to and its choice index there (the jobs' rows follow each other in batch order)."""
 
     def __init__(self, batch: List[Job], stream, stopping: threading.Event):
         self.batch, self.stream, self.stopping = batch, stream, stopping

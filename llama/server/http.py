@@ -6,6 +6,7 @@ A client that hangs up is noticed while its answer is awaited (its socket reads 
 when writing to it fails; its job is marked ``hung_up`` and its rows are cancelled.
 """
 
+import hmac
 import json
 import logging
 import queue
@@ -87,7 +88,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def authorized(self) -> bool:
         key = self.server.api_key
-        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
             return True
         self.send_error_body(RequestError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error"))
         return False
@@ -97,7 +98,6 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise RequestError("a request body with a Content-Length header is required", status=411)
         if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is left unread
             raise RequestError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
         try:
             body = json.loads(self.rfile.read(int(length)))
@@ -157,17 +157,22 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             job.hung_up.set()
 
-    def send_json(self, status: int, body: dict) -> None:
+    def send_json(self, status: int, body: dict, close: bool = False) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
     def send_error_body(self, error: RequestError) -> None:
+        """The error, and the connection closed: a refused request's body may be left unread, and
+        would otherwise be read as the next request."""
         logger.info("%s %s -> %d: %s", self.command, self.path, error.status, error.message)
-        self.send_json(error.status, error.body())
+        self.send_json(error.status, error.body(), close=True)
 
 
 class StreamChunks:
