@@ -250,6 +250,13 @@ def test_bad_request_gets_400_naming_the_field(server, path, body, param):
     assert answer["error"]["message"]
 
 
+def test_another_model_or_an_unknown_route_gets_404(server):
+    status, answer = raw_request(server, "POST", "/v1/completions", b'{"model": "llama-2-70b", "prompt": "x"}')
+    assert (status, answer["error"]["param"]) == (404, "model") and "tiny-stdlib" in answer["error"]["message"]
+    status, answer = raw_request(server, "POST", "/v1/embeddings", b'{"input": "x"}')
+    assert status == 404 and "/v1/chat/completions" in answer["error"]["message"]
+
+
 def test_malformed_json_gets_400(server):
     status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "x",')
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
