@@ -126,7 +126,8 @@ class CompletionStream:
         for step in self.steps:
             if step == 0:  # the prefill and each row's first token
                 self.first_step_done = time.perf_counter()
-            yield [stream.read() for stream in self.state.streams]
+            # a row that has finished releases what it held back: its text is complete from that step on
+            yield [stream.read() if reason is None else stream.close() for stream, reason in zip(self.state.streams, self.state.finish_reasons)]
         self.finished = time.perf_counter()
         yield [stream.close() for stream in self.state.streams]
 
