@@ -7,6 +7,9 @@ is even, the shards concatenated along that dimension give the full tensor, and 
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
 and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
+
+A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.hf_checkpoint`` instead,
+into the same keys and slices; ``python -m llama.convert`` converts between the two layouts.
 """
 
 import json
@@ -17,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from llama import hf_checkpoint
+from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.parallel import model_parallel_rank, model_parallel_world_size
 
@@ -39,9 +44,12 @@ def split_dim(key: str) -> Optional[int]:
 
 
 def read_params(ckpt_dir: str) -> dict:
+    """``params.json``, or a Hugging Face ``config.json`` expressed in params.json's keys."""
     path = Path(ckpt_dir) / "params.json"
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.read_params(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
     try:
@@ -159,15 +167,47 @@ def checkpoint_vocab_size(paths: List[Path]) -> int:
     return shard["tok_embeddings.weight"].shape[0]
 
 
+def params_path(ckpt_dir: str) -> Path:
+    """The file the model's hyper-parameters come from: params.json, or a Hugging Face config.json."""
+    return Path(ckpt_dir) / (hf_checkpoint.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
+
+
+def embedding_rows(ckpt_dir: str) -> Tuple[int, Path]:
+    """Rows of the token embedding and the file read for them (headers only)."""
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.embedding_rows(ckpt_dir), Path(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    return checkpoint_vocab_size(paths), paths[0]
+
+
+def default_tokenizer_path(ckpt_dir: str, tokenizer_path: Optional[str]) -> str:
+    """``tokenizer_path`` as given, else the checkpoint folder's own tokenizer.model (both layouts keep
+    it there; Meta's downloads keep it one folder up, which must then be named)."""
+    if tokenizer_path is not None:
+        return tokenizer_path
+    path = Path(ckpt_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer_path given and no tokenizer.model in the checkpoint folder ({path}); "
+            f"pass tokenizer_path (Meta's downloads keep it next to the model folders: {Path(ckpt_dir).parent / 'tokenizer.model'})"
+        )
+    return str(path)
+
+
 def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Build the model on the meta device (no memory), then assign this rank's tensors to it."""
-    paths = shard_paths(ckpt_dir)
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
     full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
-    logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
-    state = load_rank_state(paths, full_shapes, rank, world_size, device, dtype)
+    if is_hf_checkpoint(ckpt_dir):  # one tensor at a time, this rank's slice of it, in Meta's key and row order
+        logger.info("rank %d/%d: loading the Hugging Face folder %s", rank, world_size, ckpt_dir)
+        tensors = hf_checkpoint.rank_tensors(ckpt_dir, args, full_shapes, rank, world_size, split_dim)
+        state = {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
+    else:
+        paths = shard_paths(ckpt_dir)
+        logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
+        state = load_rank_state(paths, full_shapes, rank, world_size, device, dtype)
     model.load_state_dict(state, assign=True)
     model.setup_caches()
     return model

@@ -3,14 +3,13 @@
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
 
-from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, shard_paths
+from llama.checkpoint import default_tokenizer_path, embedding_rows, load_model, params_path, read_params
 from llama.distributed import default_device, fail_together, init_distributed, local_rank
 from llama.model import ModelArgs, Transformer
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
@@ -101,9 +100,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 8,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
@@ -111,12 +110,13 @@ class Llama:
         backend: Optional[str] = None,
         quantize: Optional[str] = None,
     ) -> "Llama":
-        """Load a checkpoint in Meta's layout and its tokenizer.
+        """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
         Args:
             ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
-                whatever the number of processes).
-            tokenizer_path: the sentencepiece ``tokenizer.model``.
+                whatever the number of processes), or a Hugging Face transformers Llama folder
+                (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
+            tokenizer_path: the sentencepiece ``tokenizer.model``; None: the one in ``ckpt_dir``.
             max_seq_len: longest prompt + generation; sizes the KV cache.
             max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
             model_parallel_size: must equal the number of processes if given (Meta's argument).
@@ -148,22 +148,22 @@ class Llama:
             torch.manual_seed(seed)
 
             params = read_params(ckpt_dir)
+            tokenizer_path = default_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
-            paths = shard_paths(ckpt_dir)
-            rows = checkpoint_vocab_size(paths)
+            rows, rows_file = embedding_rows(ckpt_dir)
             if rows != tokenizer.n_words:
                 raise ValueError(
                     f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
-                    f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+                    f"tok_embeddings.weight has {rows} rows ({rows_file}): this tokenizer is not the checkpoint's"
                 )
             vocab_size = params.get("vocab_size", -1)
             if vocab_size not in (-1, tokenizer.n_words):
                 raise ValueError(
-                    f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
+                    f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
                 )
             args = ModelArgs.from_dict(
                 {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
-                source=str(Path(ckpt_dir) / "params.json"),
+                source=str(params_path(ckpt_dir)),
             )
             model = load_model(ckpt_dir, args, device, dtype)
             if quantize:
