@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -113,6 +113,43 @@ def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[st
             )
 
 
+def rank_slices(
+    paths: List[Path], full_shapes: Dict[str, torch.Size], rank: int, world_size: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(key, rank ``rank``'s slice on the CPU) for every key of ``full_shapes`` (the unsharded shapes),
+    tensor by tensor, from Meta's shards ``paths``. A slice inside one shard stays a view of the
+    memory-mapped file; one that spans shards is concatenated, one tensor at a time."""
+    n_shards = len(paths)
+    needed = shards_for_rank(n_shards, rank, world_size)
+    shards = {}
+    for i in needed:
+        shards[i] = load_shard(paths[i])
+        check_shard(paths[i], shards[i], full_shapes, n_shards)
+
+    for key, full_shape in full_shapes.items():
+        dim = split_dim(key)
+        if dim is None:
+            parts = [shards[needed[0]][key]]
+        else:
+            shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
+            begin, end = rank * rank_size, (rank + 1) * rank_size
+            parts = []
+            for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
+                lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
+                parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
+        yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
+
+
+def rank_tensors(
+    ckpt_dir: str, args: ModelArgs, full_shapes: Dict[str, torch.Size], rank: int, world_size: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Meta's key, this rank's CPU slice) for every key of ``full_shapes``, one tensor at a time, from
+    either layout: the one step that places a tensor on its device applies to both."""
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.rank_tensors(ckpt_dir, args, full_shapes, rank, world_size, split_dim)
+    return rank_slices(shard_paths(ckpt_dir), full_shapes, rank, world_size)
+
+
 def load_rank_state(
     paths: List[Path],
     full_shapes: Dict[str, torch.Size],
@@ -125,29 +162,9 @@ def load_rank_state(
 
     ``full_shapes`` are the unsharded shapes; ``dtype`` None keeps the checkpoint's dtype.
     """
-    n_shards = len(paths)
-    needed = shards_for_rank(n_shards, rank, world_size)
-    shards = {}
-    for i in needed:
-        shards[i] = load_shard(paths[i])
-        check_shard(paths[i], shards[i], full_shapes, n_shards)
-
-    state = {}
-    for key, full_shape in full_shapes.items():
-        dim = split_dim(key)
-        if dim is None:
-            parts = [shards[needed[0]][key]]
-        else:
-            shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
-            begin, end = rank * rank_size, (rank + 1) * rank_size
-            parts = []
-            for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
-                lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
-                parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
-        # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
-        tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    return state
+    # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
+    slices = rank_slices(paths, full_shapes, rank, world_size)
+    return {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in slices}
 
 
 def full_shape(key: str, local_shape: torch.Size, world_size: int) -> torch.Size:
@@ -200,14 +217,9 @@ def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torc
     with torch.device("meta"):
         model = Transformer(args)
     full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
-    if is_hf_checkpoint(ckpt_dir):  # one tensor at a time, this rank's slice of it, in Meta's key and row order
-        logger.info("rank %d/%d: loading the Hugging Face folder %s", rank, world_size, ckpt_dir)
-        tensors = hf_checkpoint.rank_tensors(ckpt_dir, args, full_shapes, rank, world_size, split_dim)
-        state = {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
-    else:
-        paths = shard_paths(ckpt_dir)
-        logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
-        state = load_rank_state(paths, full_shapes, rank, world_size, device, dtype)
+    logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
+    tensors = rank_tensors(ckpt_dir, args, full_shapes, rank, world_size)  # in Meta's keys and row order
+    state = {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
     model.load_state_dict(state, assign=True)
     model.setup_caches()
     return model

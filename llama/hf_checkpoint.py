@@ -167,6 +167,34 @@ def config_to_params(config: dict, source: str) -> dict:
     return params
 
 
+def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
+    """transformers' ``config.json`` for a LlamaForCausalLM with Meta's hyper-parameters ``args``.
+
+    rope_theta is written both where transformers 5 reads it (rope_parameters) and where 4 did.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "max_position_embeddings": max_position_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def read_params(ckpt_dir: str) -> dict:
     """``config.json`` as Meta's params.json keys."""
     return config_to_params(read_config(ckpt_dir), str(Path(ckpt_dir) / CONFIG))
