@@ -59,9 +59,6 @@ def main(
     prompt. --verbose: also time the prompt and the decoding."""
     if ckpt_dir is None:
         ckpt_dir = str(BUNDLED)
-        tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
-    if tokenizer_path is None:
-        raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
     if system is not None and not interactive:
         raise ValueError("--system is the system prompt of an --interactive chat; the example dialogs bring their own")
     if interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:

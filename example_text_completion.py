@@ -55,9 +55,6 @@ def main(
     --verbose: also time the prompt and the decoding."""
     if ckpt_dir is None:
         ckpt_dir = str(BUNDLED)
-        tokenizer_path = tokenizer_path or str(BUNDLED / "tokenizer.model")
-    if tokenizer_path is None:
-        raise ValueError("--tokenizer_path is required with --ckpt_dir (the checkpoint's tokenizer.model)")
     if prompts is None:
         prompts = CODE_PROMPTS if Path(ckpt_dir).resolve() == BUNDLED else TEXT_PROMPTS
 

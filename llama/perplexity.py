@@ -1,7 +1,6 @@
 """Perplexity of a checkpoint on text files, and the unigram baseline to read it against.
 
-    python -m llama.perplexity --ckpt_dir checkpoints/tiny-stdlib \\
-        --tokenizer_path checkpoints/tiny-stdlib/tokenizer.model --text_file some.py other.py
+    python -m llama.perplexity --ckpt_dir checkpoints/tiny-stdlib --text_file some.py other.py
 
 Each file is one document: BOS, then its tokens. A document longer than ``max_seq_len`` is cut
 into windows that overlap by one token, so every token after BOS is scored exactly once, with the
@@ -86,8 +85,8 @@ def main(argv=None):
     from llama.generation import Llama  # the CLI's loader; the functions above need only a Transformer
 
     parser = argparse.ArgumentParser(description="Mean loss and perplexity of a checkpoint on text files.")
-    parser.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    parser.add_argument("--tokenizer_path", required=True, help="the checkpoint's sentencepiece tokenizer.model")
+    parser.add_argument("--ckpt_dir", required=True, help="Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
+    parser.add_argument("--tokenizer_path", default=None, help="sentencepiece tokenizer.model; default: the one in --ckpt_dir")
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
     parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")

@@ -1,6 +1,6 @@
 """Hugging Face folders load directly: random transformers LlamaForCausalLM models saved with
-save_pretrained give transformers' own logits and greedy tokens, on one process and on two; every
-unsupported setting or broken file is an error naming it."""
+save_pretrained give transformers' own logits, greedy tokens and loss, on one process and on two, with
+the folder's own tokenizer.model; every unsupported setting or broken file is an error naming it."""
 
 import json
 import shutil
@@ -184,3 +184,28 @@ def test_missing_default_tokenizer_names_where_it_looked(hf_copy):
     (Path(hf_copy) / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer_path given and no tokenizer.model in the checkpoint folder .*copy/tokenizer.model"):
         build(hf_copy)
+
+
+def test_perplexity_of_an_hf_folder_is_transformers_loss(hf_folders, tmp_path, capsys):
+    """llama.perplexity with only --ckpt_dir: the folder's tokenizer, and transformers' mean loss."""
+    from llama.perplexity import main
+    from llama.tokenizer import Tokenizer
+
+    folder = hf_folders[next(iter(CONFIGS))]
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "text.py").write_text(text)
+    main(["--ckpt_dir", folder, "--text_file", str(tmp_path / "text.py"), "--device", "cpu", "--dtype", "float32"])
+    tokens = torch.tensor([Tokenizer(str(Path(folder) / "tokenizer.model")).encode(text, bos=True, eos=False)])
+    with torch.no_grad():
+        loss = transformers_model(folder)(tokens, labels=tokens).loss.item()
+    assert f"mean loss {loss:.4f} nats/token" in capsys.readouterr().out
+
+
+def test_example_runs_an_hf_folder_with_one_command(hf_folders):
+    folder = hf_folders[next(iter(CONFIGS))]
+    result = subprocess.run(
+        [sys.executable, "example_text_completion.py", "--ckpt_dir", folder, "--max_gen_len", "4", "--prompts", "['import os']", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Loaded {folder} on cpu" in result.stdout
