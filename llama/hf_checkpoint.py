@@ -110,10 +110,11 @@ def rope_theta(config: dict, source: str) -> float:
 
 def check_supported(config: dict, source: str) -> None:
     """Every setting of transformers' Llama that this model does not compute is an error naming it."""
-    expected = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-    for key, value in expected.items():
-        if config.get(key, value) != value:
-            raise ValueError(f"{source}: {key} = {config[key]!r} is not supported; this model needs {key} = {value!r}")
+    expected = {"model_type": ("llama",), "hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,)}
+    for key, values in expected.items():
+        if config.get(key, values[0]) not in values:
+            needed = " or ".join(repr(value) for value in values)
+            raise ValueError(f"{source}: {key} = {config[key]!r} is not supported; this model needs {key} = {needed}")
     missing = [key for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if key not in config]
     if missing:
         raise ValueError(f"{source}: missing key(s) {missing}")
