@@ -115,9 +115,10 @@ def check_supported(config: dict, source: str) -> None:
         if config.get(key, values[0]) not in values:
             needed = " or ".join(repr(value) for value in values)
             raise ValueError(f"{source}: {key} = {config[key]!r} is not supported; this model needs {key} = {needed}")
-    missing = [key for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if key not in config]
-    if missing:
-        raise ValueError(f"{source}: missing key(s) {missing}")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, found {value!r}")
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     if config.get("head_dim") not in (None, head_dim):
         raise ValueError(

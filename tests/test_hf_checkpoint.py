@@ -145,6 +145,7 @@ def hf_copy(hf_folders, tmp_path):
     ({"head_dim": 16}, "head_dim = 16 is not supported; this model needs hidden_size / num_attention_heads = 8"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters = .*'linear'.* is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling = .*'dynamic'.* is not supported"),
+    ({"intermediate_size": None}, "intermediate_size must be a positive integer, found None"),
 ])
 def test_unsupported_config_is_an_error_naming_the_key(hf_copy, changes, message):
     with pytest.raises(ValueError, match=message):
