@@ -107,14 +107,13 @@ def test_rotary_permutation_inverts():
 
 
 @pytest.mark.parametrize("dim, hidden_dim, expected", [
-    (4096, 11008, {"multiple_of": 256}),  # Llama 2 7B: Meta's rule, no multiplier
-    (5120, 13824, {"multiple_of": 256}),  # Llama 2 13B
-    (8192, 22016, {"multiple_of": 256, "ffn_dim_multiplier": 1.0}),  # Code Llama 34B
+    (4096, 11008, {"multiple_of": 256}),  # Llama 2 7B: Meta's own params
+    (5120, 13824, {"multiple_of": 512}),  # Llama 2 13B: Meta writes 256, which gives the same size
+    (8192, 28672, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3}),  # Llama 2 70B: Meta's own params
 ])
 def test_meta_ffn_params_of_published_models(dim, hidden_dim, expected):
-    params = meta_ffn_params(dim, hidden_dim)
-    assert ModelArgs(dim=dim, n_heads=dim // 128, **params).ffn_hidden_dim == hidden_dim
-    assert params["multiple_of"] >= expected["multiple_of"]
+    assert meta_ffn_params(dim, hidden_dim) == expected
+    assert ModelArgs(dim=dim, n_heads=dim // 128, **expected).ffn_hidden_dim == hidden_dim
 
 
 def test_meta_ffn_params_express_any_size():
@@ -210,3 +209,20 @@ def test_example_runs_an_hf_folder_with_one_command(hf_folders):
     )
     assert result.returncode == 0, result.stderr
     assert f"Loaded {folder} on cpu" in result.stdout
+
+
+def test_missing_weight_is_an_error_naming_it(hf_folders, tmp_path):
+    folder = tmp_path / "bin"
+    shutil.copytree(hf_folders[next(iter(CONFIGS))], folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    state = transformers_model(hf_folders[next(iter(CONFIGS))]).state_dict()
+    del state["model.layers.1.mlp.up_proj.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"missing weight\(s\) \['model.layers.1.mlp.up_proj.weight'\]"):
+        build(str(folder))
+
+
+def test_folder_without_weights_names_the_files_looked_for(hf_copy):
+    for path in Path(hf_copy).glob("model*"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in .*: expected model.safetensors.index.json, model.safetensors, "):
+        build(hf_copy)
