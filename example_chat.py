@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
+from llama.cli import run
 from llama.distributed import is_main_process
+from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
+REPLY_TOKENS = 256  # an interactive reply's default length: a few paragraphs, not the whole context
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -55,10 +56,12 @@ def main(
     verbose: bool = False,
 ):
     """Without --ckpt_dir, runs the small bundled model (trained on code, not on chat: it shows the
-    mechanics, not good answers). --interactive: chat in the terminal, with an optional --system
-    prompt. --verbose: also time the prompt and the decoding."""
-    if ckpt_dir is None:
-        ckpt_dir = str(BUNDLED)
+    mechanics, not good answers); without --tokenizer_path, the checkpoint folder's tokenizer.model.
+    --interactive: chat in the terminal, with an optional --system prompt; each reply has at most
+    --max_gen_len tokens (default 256 there; the example dialogs default to the whole context, as in
+    Meta's example). --verbose: also time the prompt and the decoding."""
+    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
+    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:
         raise ValueError("--system is the system prompt of an --interactive chat; the example dialogs bring their own")
     if interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -69,7 +72,7 @@ def main(
     load_seconds = time.perf_counter() - start
     if interactive:
         print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
-        chat(generator, system, temperature, top_p, max_gen_len, verbose)
+        chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose)
         return
 
     start = time.perf_counter()
@@ -94,9 +97,10 @@ def main(
             print(stream.timing())
 
 
-def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: Optional[int], verbose: bool):
-    """A terminal chat that keeps the dialog and streams each reply. When the dialog outgrows
-    max_seq_len, its oldest exchanges are dropped (the system prompt stays)."""
+def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool):
+    """A terminal chat that keeps the dialog and streams each reply of at most ``max_gen_len``
+    tokens. When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
+    prompt stays)."""
     max_seq_len = generator.model.params.max_seq_len
     opening: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(opening)
@@ -125,7 +129,7 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
             print(f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)")
             continue
         room = max_seq_len - n_prompt
-        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len or room))
+        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len))
         print("Assistant: ", end="", flush=True)
         reply = ""
         try:
@@ -139,6 +143,8 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
         n_reply = len(stream.tokens[0])
         if n_reply >= room:
             print(f"(the reply filled the {max_seq_len}-token context)")
+        elif n_reply >= max_gen_len:
+            print(f"(the reply reached --max_gen_len={max_gen_len} tokens; restart with a larger one for longer replies)")
         if verbose:
             print(f"({stream.timing()})")
 
@@ -159,4 +165,4 @@ def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

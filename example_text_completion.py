@@ -2,16 +2,17 @@
 
     python example_text_completion.py                      # the small model that ships in checkpoints/
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+    python example_text_completion.py --ckpt_dir checkpoints/tiny-stdlib --prompts "import sys"
 """
 
 import time
 from pathlib import Path
-from typing import List, Optional
-
-import fire
+from typing import List, Optional, Union
 
 from llama import Llama
+from llama.cli import run
 from llama.distributed import is_main_process
+from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
 
@@ -48,15 +49,18 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
-    prompts: Optional[List[str]] = None,
+    prompts: Union[str, List[str], None] = None,
     verbose: bool = False,
 ):
     """Without --ckpt_dir, runs the small model bundled in checkpoints/tiny-stdlib on code prompts.
-    --verbose: also time the prompt and the decoding."""
-    if ckpt_dir is None:
-        ckpt_dir = str(BUNDLED)
+    Without --tokenizer_path, uses the checkpoint folder's tokenizer.model. --prompts: one prompt
+    ("import sys") or a list ("['import os', 'def f(']"). --verbose: also time the prompt and the
+    decoding."""
+    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
+    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if prompts is None:
         prompts = CODE_PROMPTS if Path(ckpt_dir).resolve() == BUNDLED else TEXT_PROMPTS
+    prompts = prompt_list(prompts)
 
     start = time.perf_counter()
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
@@ -83,5 +87,14 @@ def main(
             print(stream.timing())
 
 
+def prompt_list(prompts: object) -> List[str]:
+    """The prompts fire parsed from --prompts: a string that is not a Python list is one prompt."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and all(isinstance(prompt, str) for prompt in prompts):
+        return list(prompts)
+    raise TypeError(f"--prompts must be one prompt or a list of prompts, e.g. --prompts \"['import os', 'def f(']\", got {prompts!r}")
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

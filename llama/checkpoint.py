@@ -16,14 +16,15 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from llama import hf_checkpoint
 from llama.hf_checkpoint import is_hf_checkpoint
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
+from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,22 @@ IGNORED_KEYS = {"rope.freqs"}
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def split_dim(key: str) -> Optional[int]:
-    """The dimension along which ``key`` is split over model-parallel ranks; None if replicated."""
-    if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        return 1
-    if key == "output.weight" or key.endswith(
-        ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight", "feed_forward.w3.weight")
-    ):
-        return 0
-    return None
+class TensorLayout(NamedTuple):
+    shape: torch.Size  # the whole tensor's shape, as if unsharded
+    split_dim: Optional[int]  # the dimension model parallelism splits it on; None: every rank holds it whole
+
+
+def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]:
+    """Every tensor of ``model`` (this rank's part of a model built for ``world_size`` ranks) with its
+    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers)."""
+    layout = {}
+    for key, tensor in model.state_dict().items():
+        split_dim = getattr(model.get_submodule(key.rpartition(".")[0]), "split_dim", None)
+        shape = list(tensor.shape)
+        if split_dim is not None:
+            shape[split_dim] *= world_size
+        layout[key] = TensorLayout(torch.Size(shape), split_dim)
+    return layout
 
 
 def read_params(ckpt_dir: str) -> dict:
@@ -93,17 +101,16 @@ def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
     return [i for i in range(n_shards) if i * world_size < (rank + 1) * n_shards and (i + 1) * world_size > rank * n_shards]
 
 
-def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[str, torch.Size], n_shards: int):
+def check_shard(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int):
     """Every expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
-    missing = [key for key in full_shapes if key not in shard]
+    missing = [key for key in layout if key not in shard]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(shard) - set(full_shapes) - IGNORED_KEYS)
+    unexpected = sorted(set(shard) - set(layout) - IGNORED_KEYS)
     if unexpected:
         raise ValueError(f"{path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for key, full_shape in full_shapes.items():
+    for key, (full_shape, dim) in layout.items():
         expected = list(full_shape)
-        dim = split_dim(key)
         if dim is not None:
             expected[dim] = full_shape[dim] // n_shards if full_shape[dim] % n_shards == 0 else -1
         if list(shard[key].shape) != expected:
@@ -114,20 +121,19 @@ def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[st
 
 
 def rank_slices(
-    paths: List[Path], full_shapes: Dict[str, torch.Size], rank: int, world_size: int
+    paths: List[Path], layout: Dict[str, TensorLayout], rank: int, world_size: int
 ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(key, rank ``rank``'s slice on the CPU) for every key of ``full_shapes`` (the unsharded shapes),
-    tensor by tensor, from Meta's shards ``paths``. A slice inside one shard stays a view of the
-    memory-mapped file; one that spans shards is concatenated, one tensor at a time."""
+    """(key, rank ``rank``'s slice on the CPU) for every key of ``layout``, tensor by tensor, from Meta's
+    shards ``paths``. A slice inside one shard stays a view of the memory-mapped file; one that spans
+    shards is concatenated, one tensor at a time."""
     n_shards = len(paths)
     needed = shards_for_rank(n_shards, rank, world_size)
     shards = {}
     for i in needed:
         shards[i] = load_shard(paths[i])
-        check_shard(paths[i], shards[i], full_shapes, n_shards)
+        check_shard(paths[i], shards[i], layout, n_shards)
 
-    for key, full_shape in full_shapes.items():
-        dim = split_dim(key)
+    for key, (full_shape, dim) in layout.items():
         if dim is None:
             parts = [shards[needed[0]][key]]
         else:
@@ -141,18 +147,24 @@ def rank_slices(
 
 
 def rank_tensors(
-    ckpt_dir: str, args: ModelArgs, full_shapes: Dict[str, torch.Size], rank: int, world_size: int
+    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], rank: int, world_size: int
 ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Meta's key, this rank's CPU slice) for every key of ``full_shapes``, one tensor at a time, from
-    either layout: the one step that places a tensor on its device applies to both."""
+    """(Meta's key, this rank's CPU slice) for every key of ``layout``, one tensor at a time, from
+    either layout on disk: the one step that places a tensor on its device applies to both."""
     if is_hf_checkpoint(ckpt_dir):
-        return hf_checkpoint.rank_tensors(ckpt_dir, args, full_shapes, rank, world_size, split_dim)
-    return rank_slices(shard_paths(ckpt_dir), full_shapes, rank, world_size)
+        return hf_checkpoint.rank_tensors(ckpt_dir, args, layout, rank, world_size)
+    return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
+
+
+def place(tensors: Iterator[Tuple[str, torch.Tensor]], device: torch.device, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Each tensor on ``device`` in ``dtype`` (None: its own). One in the right dtype on the CPU stays
+    the memory-mapped tensor itself: no copy at all."""
+    return {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
 
 
 def load_rank_state(
     paths: List[Path],
-    full_shapes: Dict[str, torch.Size],
+    layout: Dict[str, TensorLayout],
     rank: int,
     world_size: int,
     device: torch.device,
@@ -160,28 +172,28 @@ def load_rank_state(
 ) -> Dict[str, torch.Tensor]:
     """Rank ``rank``'s slice of every tensor of the checkpoint whose shards are ``paths``.
 
-    ``full_shapes`` are the unsharded shapes; ``dtype`` None keeps the checkpoint's dtype.
+    ``layout``: every tensor's whole shape and split dimension; ``dtype`` None keeps the checkpoint's dtype.
     """
-    # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
-    slices = rank_slices(paths, full_shapes, rank, world_size)
-    return {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in slices}
+    return place(rank_slices(paths, layout, rank, world_size), device, dtype)
 
 
-def full_shape(key: str, local_shape: torch.Size, world_size: int) -> torch.Size:
-    dim = split_dim(key)
-    if dim is None:
-        return local_shape
-    shape = list(local_shape)
-    shape[dim] *= world_size
-    return torch.Size(shape)
-
-
-def checkpoint_vocab_size(paths: List[Path]) -> int:
-    """Rows of the token embedding (memory-mapped: reads only the header)."""
-    shard = load_shard(paths[0])
-    if "tok_embeddings.weight" not in shard:
-        raise ValueError(f"{paths[0]}: missing key 'tok_embeddings.weight'")
-    return shard["tok_embeddings.weight"].shape[0]
+def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:
+    """``params.json`` with the cache sizes, checked against the tokenizer and the shards: the vocabulary
+    is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
+    params = read_params(ckpt_dir)
+    rows, rows_file = embedding_rows(ckpt_dir)
+    if rows != tokenizer.n_words:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
+            f"tok_embeddings.weight has {rows} rows ({rows_file}): this tokenizer is not the checkpoint's"
+        )
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size not in (-1, tokenizer.n_words):
+        raise ValueError(f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
+    return ModelArgs.from_dict(
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+        source=str(params_path(ckpt_dir)),
+    )
 
 
 def params_path(ckpt_dir: str) -> Path:
@@ -197,18 +209,12 @@ def embedding_rows(ckpt_dir: str) -> Tuple[int, Path]:
     return checkpoint_vocab_size(paths), paths[0]
 
 
-def default_tokenizer_path(ckpt_dir: str, tokenizer_path: Optional[str]) -> str:
-    """``tokenizer_path`` as given, else the checkpoint folder's own tokenizer.model (both layouts keep
-    it there; Meta's downloads keep it one folder up, which must then be named)."""
-    if tokenizer_path is not None:
-        return tokenizer_path
-    path = Path(ckpt_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer_path given and no tokenizer.model in the checkpoint folder ({path}); "
-            f"pass tokenizer_path (Meta's downloads keep it next to the model folders: {Path(ckpt_dir).parent / 'tokenizer.model'})"
-        )
-    return str(path)
+def checkpoint_vocab_size(paths: List[Path]) -> int:
+    """Rows of the token embedding (memory-mapped: reads only the header)."""
+    shard = load_shard(paths[0])
+    if "tok_embeddings.weight" not in shard:
+        raise ValueError(f"{paths[0]}: missing key 'tok_embeddings.weight'")
+    return shard["tok_embeddings.weight"].shape[0]
 
 
 def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -216,10 +222,9 @@ def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torc
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
-    full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
-    tensors = rank_tensors(ckpt_dir, args, full_shapes, rank, world_size)  # in Meta's keys and row order
-    state = {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
+    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
+    state = place(tensors, device, dtype)
     model.load_state_dict(state, assign=True)
     model.setup_caches()
     return model
@@ -232,9 +237,14 @@ def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     return {key: tuple(p.shape) for key, p in model.state_dict().items()}
 
 
-def shard_slice(tensor: torch.Tensor, key: str, n_shards: int, shard: int) -> torch.Tensor:
-    """Shard ``shard`` of ``n_shards`` of the full ``tensor`` stored under ``key``, as its own copy."""
-    dim = split_dim(key)
+def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
+    """The layout of the model ``args`` describes, split over this process's world size."""
+    with torch.device("meta"):
+        return model_layout(Transformer(args), model_parallel_world_size())
+
+
+def shard_slice(tensor: torch.Tensor, dim: Optional[int], n_shards: int, shard: int) -> torch.Tensor:
+    """Shard ``shard`` of ``n_shards`` of the full ``tensor``, split on ``dim``, as its own copy."""
     if dim is None:
         return tensor.clone()
     return tensor.chunk(n_shards, dim=dim)[shard].clone()  # a view would save the whole storage
@@ -248,8 +258,8 @@ def save_checkpoint(
     out = Path(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(params))
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    layout = layout_of(args)
     for shard in range(n_shards):
-        tensors = {key: shard_slice(t.to(dtype), key, n_shards, shard) for key, t in state.items()}
-        tensors["rope.freqs"] = freqs.to(dtype)
+        tensors = {key: shard_slice(t.to(dtype), layout[key].split_dim, n_shards, shard) for key, t in state.items()}
+        tensors["rope.freqs"] = rope_frequencies(args.head_dim, args.rope_theta).to(dtype)
         torch.save(tensors, out / f"consolidated.{shard:02d}.pth")

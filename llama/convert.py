@@ -23,11 +23,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from llama.checkpoint import default_tokenizer_path, embedding_rows, model_shapes, params_path, rank_tensors, read_params
+from llama.checkpoint import TensorLayout, embedding_rows, layout_of, params_path, rank_tensors, read_params
 from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +62,22 @@ def to_meta(
 ) -> None:
     """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads."""
     check_world_size(args.split_sizes, n_shards)
-    full_shapes = model_shapes(args)
+    layout = layout_of(args)  # this single process: whole shapes
     out = prepare_output(out_dir, tokenizer_path)
     (out / "params.json").write_text(json.dumps(params, indent=2))
     for shard in range(n_shards):
-        state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, full_shapes, shard, n_shards)}
+        state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
         path = out / f"consolidated.{shard:02d}.pth"
         torch.save(state, path)
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
 
 
-def file_groups(full_shapes: Dict[str, torch.Size], n_files: int) -> List[List[str]]:
+def file_groups(layout: Dict[str, TensorLayout], n_files: int) -> List[List[str]]:
     """The keys, in order, cut into ``n_files`` non-empty runs of about equal size."""
-    keys = list(full_shapes)
+    keys = list(layout)
     if not 1 <= n_files <= len(keys):
         raise ValueError(f"--shards for the hf format must be between 1 and the number of tensors ({len(keys)}), got {n_files}")
-    sizes = [torch.Size(shape).numel() for shape in full_shapes.values()]
+    sizes = [shape.numel() for shape, _ in layout.values()]
     total, cuts, seen = sum(sizes), [0], 0
     for i, size in enumerate(sizes):  # cut before key i when the files begun so far hold their share
         n_begun = len(cuts)
@@ -110,14 +110,14 @@ def to_hf(
     max_position_embeddings: int,
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
-    full_shapes = model_shapes(args)
-    groups = file_groups(full_shapes, n_files)
+    layout = layout_of(args)  # this single process: whole shapes
+    groups = file_groups(layout, n_files)
     tokenizer = Tokenizer(tokenizer_path)
     out = prepare_output(out_dir, tokenizer_path)
     names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(n_files)
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
     weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
-    for key, tensor in rank_tensors(ckpt_dir, args, full_shapes, 0, 1):
+    for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
         tensor = owned(hf_tensor(key, tensor, args), dtype)
         tensors[names[key]], out_dtype = tensor, tensor.dtype
         total_size += tensor.nbytes
@@ -159,7 +159,7 @@ def convert(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     params, args = source_model(ckpt_dir)
-    tokenizer_path = default_tokenizer_path(ckpt_dir, tokenizer_path)
+    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if format == "meta":
         to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer_path)
     else:

@@ -1,4 +1,4 @@
-"""Where this process runs: its device, the torch.distributed group it joins under torchrun, and how
+"""Where this process runs: its device and dtype, the torch.distributed group it joins under torchrun, and how
 the ranks of that group fail together.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (plus MASTER_ADDR/PORT). Without them this is a single
@@ -21,7 +21,8 @@ import hashlib
 import logging
 import os
 import pickle
-from typing import Iterator, Optional
+import sys
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,48 @@ def default_device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """None: this rank's GPU, else MPS, else CPU. A bare "cuda" means this rank's GPU."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be e.g. 'cpu', 'cuda', 'cuda:1' or 'mps', got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantize: Optional[str] = None) -> torch.dtype:
+    """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
+    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with int8
+    weights, bf16 on CPU too (the int8 kernel computes in the activations' dtype, slowly in fp32)."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.bfloat16 if quantize else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if not (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        raise ValueError(f"dtype must be one of {list(DTYPES)} (or the torch.dtype), got {dtype!r}")
+    if quantize and dtype == torch.float32:
+        raise ValueError("quantize='int8' computes in bfloat16 or float16 (its kernel is slow in float32): pass dtype='bfloat16' or leave it None")
+    return dtype
 
 
 def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
@@ -92,6 +135,14 @@ def leave_process_group() -> None:
     exception"), failing a job that succeeded."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_local_ranks() -> None:
+    """Send this process's stdout to /dev/null if its local rank is above 0, as Meta's ``Llama.build``
+    does: a script that prints its results on every rank prints them once per machine, not once per
+    process. stderr, where errors and logging go, is left alone."""
+    if local_rank() > 0 and getattr(sys.stdout, "name", None) != os.devnull:
+        sys.stdout = open(os.devnull, "w")
 
 
 def is_main_process() -> bool:

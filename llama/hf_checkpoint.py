@@ -15,7 +15,7 @@ on its device (and converting or quantizing it) is one step for both formats.
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Iterator, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -273,7 +273,7 @@ class WeightFiles:
         lazy = self.tensor(key)
         return tuple(lazy.shape if isinstance(lazy, torch.Tensor) else lazy.get_shape())
 
-    def read(self, key: str, expected_shape: Tuple[int, ...], dim: Union[int, None], begin: int, end: int) -> torch.Tensor:
+    def read(self, key: str, expected_shape: Tuple[int, ...], dim: Optional[int], begin: int, end: int) -> torch.Tensor:
         """Rows or columns [begin, end) of ``key`` along ``dim`` (all of it for None), checked to be
         ``expected_shape`` in full."""
         shape = self.shape(key)
@@ -297,18 +297,15 @@ def check_keys(files: WeightFiles, names: Dict[str, str], ckpt_dir: str) -> None
 
 
 def rank_tensors(
-    ckpt_dir: str, args: ModelArgs, full_shapes: Dict[str, torch.Size], rank: int, world_size: int, split_dim
+    ckpt_dir: str, args: ModelArgs, layout: Dict[str, Tuple[torch.Size, Optional[int]]], rank: int, world_size: int
 ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Meta's key, rank ``rank`` of ``world_size``'s slice on the CPU) for every key of ``full_shapes``,
-    one tensor read at a time, with wq/wk's rows back in Meta's order.
-
-    ``split_dim(key)`` gives the dimension a key is split on (None: replicated).
-    """
+    """(Meta's key, rank ``rank`` of ``world_size``'s slice on the CPU) for every key of ``layout``
+    (``llama.checkpoint.TensorLayout``: the whole shape and the split dimension, None if replicated),
+    one tensor read at a time, with wq/wk's rows back in Meta's order."""
     names = hf_names(args.n_layers, is_tied(ckpt_dir))
     files = WeightFiles(ckpt_dir)
     check_keys(files, names, ckpt_dir)
-    for key, full_shape in full_shapes.items():
-        dim = split_dim(key)
+    for key, (full_shape, dim) in layout.items():
         size = full_shape[dim] // world_size if dim is not None else 0
         tensor = files.read(names[key], full_shape, dim, rank * size, (rank + 1) * size)
         if key.endswith("attention.wq.weight"):

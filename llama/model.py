@@ -5,7 +5,6 @@ Pure math: no file I/O and no device selection. Model parallelism enters only th
 classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
 """
 
-import contextlib
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple, Union
 
@@ -97,30 +96,29 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """The rotation speed of each pair of features, ``theta^(-2i/head_dim)``: (head_dim/2,). Meta's shards
+    store the same numbers as ``rope.freqs``."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
+
+
 def precompute_rope(head_dim: int, end: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2).
-    Kept real (``model.to(dtype)`` would drop a complex table's imaginary part) and computed on the
-    CPU even inside ``torch.device("meta")``, where the loader builds the model."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
-    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), freqs)
+    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2),
+    computed on the CPU even inside ``torch.device("meta")``, where the loader builds the model."""
+    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), rope_frequencies(head_dim, theta))
     return angles.cos(), angles.sin()
 
 
-def apply_rotary_emb(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle: Meta's form, the pair
-    viewed as the complex number x[2i] + j x[2i+1] and multiplied by ``rotation`` = cos + j sin (one
-    fused multiply, an order of magnitude faster than the same arithmetic on real halves).
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle, as Meta does (Meta
+    multiplies the pair as a complex number by cos + j sin; the same arithmetic on real numbers lets
+    ``torch.compile`` fuse it, which it cannot do for complex tensors).
 
-    x: (bsz, seqlen, n_heads, head_dim); rotation: complex (seqlen, head_dim/2), or
-    (bsz, seqlen, head_dim/2) when each row has its own positions.
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz, seqlen, head_dim/2), broadcast over heads.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bsz, seqlen, n_heads, head_dim/2)
-    return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)  # broadcast over heads
-
-
-def row_positions(start_pos: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """(bsz, seqlen) positions of a chunk whose row b starts at ``start_pos[b]``."""
-    return start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (bsz, seqlen, n_heads, head_dim/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -146,37 +144,37 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
+    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
+        """Write row b's keys and values at ``positions[b]`` of cache row b, in place; return every
+        row's first ``kv_len`` cached entries, (bsz, kv_len, n_local_kv_heads, head_dim) each."""
+        bsz = xk.shape[0]
+        rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
+        self.cache_k[rows, positions] = xk
+        self.cache_v[rows, positions] = xv
+        return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Union[int, torch.Tensor, None],
-        rotation: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        """``positions`` None: no cache (training, scoring), the sequence attends causally to itself.
+        Otherwise the chunk is written into the cache at ``positions`` (bsz, seqlen) and attends to
+        the cached entries that ``mask`` (bsz, 1, seqlen, kv_len) allows."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, rotation), apply_rotary_emb(xk, rotation)
-
-        if start_pos is None:  # no cache (training, scoring): the keys are this sequence's own
-            keys, values = xk, xv
-        else:  # write this chunk into the cache in place, then attend over everything so far
-            if isinstance(start_pos, torch.Tensor):  # each row writes at its own positions
-                rows, positions = torch.arange(bsz, device=x.device)[:, None], row_positions(start_pos, seqlen)
-                self.cache_k[rows, positions], self.cache_v[rows, positions] = xk, xv
-                end_pos = mask.shape[-1]
-            else:
-                end_pos = start_pos + seqlen
-                self.cache_k[:bsz, start_pos:end_pos] = xk
-                self.cache_v[:bsz, start_pos:end_pos] = xv
-            keys, values = self.cache_k[:bsz, :end_pos], self.cache_v[:bsz, :end_pos]
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1])
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
-        # no mask for a chunk of several tokens means it starts at position 0: plain causal attention
         output = F.scaled_dot_product_attention(
             xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=True,
+            attn_mask=mask, is_causal=positions is None, enable_gqa=True,
         )
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -203,8 +201,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, rotation, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask)
+    def forward(self, x, cos, sin, positions, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -226,7 +224,8 @@ class Transformer(nn.Module):
 
     def setup_caches(self):
         """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
-        rotary tables, on the weights' device and in their dtype (the rotary tables stay float32)."""
+        rotary tables, on the weights' device and in the embedding's dtype (the rotary tables stay
+        float32)."""
         device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
@@ -240,45 +239,61 @@ class Transformer(nn.Module):
         start_pos: Union[int, torch.Tensor, None] = None,
         logits_at: Union[int, torch.Tensor, None] = None,
     ) -> torch.Tensor:
-        """Float32 logits (bsz, seqlen, vocab_size) for ``tokens`` (bsz, seqlen).
+        """Float32 logits (bsz, seqlen, vocab_size) for ``tokens`` (bsz, seqlen): Meta's call.
 
-        With ``start_pos`` (Meta's inference call) the tokens sit at positions
-        ``start_pos .. start_pos+seqlen-1``, are written into the KV cache and attend to everything
-        cached before them; this runs without autograd. Without it the sequence attends only to
-        itself, no cache is touched, and gradients flow (training, scoring).
+        With ``start_pos`` the tokens sit at positions ``start_pos .. start_pos+seqlen-1`` (an int, or
+        a (bsz,) tensor of one start per row), are written into the KV cache and attend to everything
+        cached before them, without autograd: ``forward_at`` with those positions. Without it the
+        sequence attends only to itself, no cache is touched, and gradients flow (training, scoring).
+        ``logits_at``: see ``forward_at``.
+        """
+        bsz, seqlen = tokens.shape
+        if start_pos is None:
+            return self.logits(self.hidden_states(tokens, None, None), logits_at)
+        offsets = torch.arange(seqlen, device=tokens.device)
+        with torch.inference_mode():
+            if isinstance(start_pos, torch.Tensor):
+                return self.forward_at(tokens, start_pos[:, None] + offsets, logits_at)
+            return self.forward_at(tokens, (start_pos + offsets).expand(bsz, seqlen), logits_at, kv_len=start_pos + seqlen)
 
-        ``start_pos`` may also be a (bsz,) tensor, one start per row: rows of a ragged batch then
-        decode at their own positions, so a batch of prompts of different lengths is prefilled in
-        one right-padded pass (the padding's cache entries are overwritten before any row reads
-        them) and each row continues exactly as it would alone.
+    def forward_at(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        logits_at: Union[int, torch.Tensor, None] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
+        written into row b of the KV cache there, and attends to row b's cached positions up to its
+        own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
+        padding entries are overwritten before any row reads them. Call it without autograd.
+
+        Shapes are static: the mask compares every key position 0 .. kv_len-1 with each query's
+        position, so one compiled decode step serves every position. ``kv_len`` (default
+        ``max_seq_len``) may be lowered by a caller that knows no position reaches it, to skip
+        attending over empty cache entries.
 
         ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the
-        logits of that one position per row only, shape (bsz, 1, vocab_size): a prefill needs just
-        the last position's, and the vocabulary projection is the largest matmul of the model.
+        logits of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
+        position's, and the vocabulary projection is the model's largest matmul.
         """
-        no_grad = torch.inference_mode() if start_pos is not None else contextlib.nullcontext()
-        with no_grad:
-            return self._forward(tokens, start_pos, logits_at)
+        kv_len = self.params.max_seq_len if kv_len is None else kv_len
+        key_positions = torch.arange(kv_len, device=tokens.device)
+        mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
+        return self.logits(self.hidden_states(tokens, positions, mask), logits_at)
 
-    def _forward(self, tokens: torch.Tensor, start_pos, logits_at=None) -> torch.Tensor:
-        _, seqlen = tokens.shape
+    def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        if isinstance(start_pos, torch.Tensor):
-            positions = row_positions(start_pos, seqlen)  # (bsz, seqlen)
-            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (bsz, seqlen, head_dim/2)
-            # row b's query at position p sees its keys 0 .. p: (bsz, 1, seqlen, end), broadcast over heads
-            key_positions = torch.arange(int(positions.max()) + 1, device=tokens.device)
-            mask = (key_positions <= positions[..., None]).unsqueeze(1)
-        else:
-            offset = start_pos or 0
-            cos = self.freqs_cos[offset : offset + seqlen]
-            sin = self.freqs_sin[offset : offset + seqlen]
-            mask = None  # one token attends to everything cached; a chunk from position 0 is causal
-            if seqlen > 1 and offset > 0:  # query i (position offset+i) sees keys 0 .. offset+i
-                mask = torch.ones(seqlen, offset + seqlen, dtype=torch.bool, device=tokens.device).tril(offset)
-        rotation = torch.complex(cos, sin)  # each position's rotation, shared by every layer
+        if positions is None:  # (1, seqlen, head_dim/2), broadcast over rows
+            cos, sin = self.freqs_cos[None, : tokens.shape[1]], self.freqs_sin[None, : tokens.shape[1]]
+        else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
+            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         for layer in self.layers:
-            h = layer(h, start_pos, rotation, mask)
+            h = layer(h, cos, sin, positions, mask)
+        return h
+
+    def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:
         if logits_at is not None:  # keep one position per row: (bsz, 1, dim)
             rows = torch.arange(h.shape[0], device=h.device)
             h = h[rows, torch.as_tensor(logits_at, device=h.device)].unsqueeze(1)

@@ -95,6 +95,8 @@ class ColumnParallelLinear(nn.Module):
     """``y = x W^T`` with ``W`` (out_features, in_features) split by rows: this rank holds
     ``out_features / world_size`` of them and computes that slice of ``y``."""
 
+    split_dim = 0  # of the weight: the dimension each rank holds a slice of (read by llama.checkpoint)
+
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
         super().__init__()
         self.gather_output = gather_output
@@ -112,6 +114,8 @@ class RowParallelLinear(nn.Module):
     slice of ``x``'s features (the output of a column-parallel layer) and the partial products are
     summed over ranks."""
 
+    split_dim = 1
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features")))
@@ -124,6 +128,8 @@ class RowParallelLinear(nn.Module):
 
 class ParallelEmbedding(nn.Module):
     """Token embedding whose ``embedding_dim`` is split over the ranks and gathered."""
+
+    split_dim = 1
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()

@@ -15,9 +15,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from llama.cli import run_parser
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 
 def document_windows(tokens: Sequence[int], max_seq_len: int) -> List[List[int]]:
@@ -82,24 +83,28 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 
 def main(argv=None):
-    from llama.generation import Llama  # the CLI's loader; the functions above need only a Transformer
-
-    parser = argparse.ArgumentParser(description="Mean loss and perplexity of a checkpoint on text files.")
+    parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
     parser.add_argument("--ckpt_dir", required=True, help="Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
-    parser.add_argument("--tokenizer_path", default=None, help="sentencepiece tokenizer.model; default: the one in --ckpt_dir")
+    parser.add_argument("--tokenizer_path", default=None, help="the checkpoint's sentencepiece tokenizer.model; default: the one in --ckpt_dir")
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
     parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if args.max_seq_len < 2:
-        parser.error(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
+    run_parser(parser, score_files, argv)
 
+
+def score_files(args: argparse.Namespace) -> None:
+    """Print the checkpoint's mean loss and perplexity on the files of ``--text_file``."""
+    from llama.generation import Llama  # the CLI's loader; the functions above need only a Transformer
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if args.max_seq_len < 2:
+        raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
+    tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
-    generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype)
+    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype)
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size)
     print(f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}")

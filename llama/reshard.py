@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, load_rank_state, load_shard, model_shapes, read_params, shard_paths
+from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_rank_state, load_shard, read_params, shard_paths
+from llama.cli import run_parser
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
 
@@ -37,9 +38,9 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
     vocab_size = checkpoint_vocab_size(paths)
     args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
     check_world_size(args.split_sizes, n_shards)
-    full_shapes = model_shapes(args)  # from params.json, in this single process
+    layout = layout_of(args)  # from params.json, in this single process
     for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)
-        check_shard(path, load_shard(path), full_shapes, len(paths))
+        check_shard(path, load_shard(path), layout, len(paths))
     first = load_shard(paths[0])
     extras = {key: first[key] for key in IGNORED_KEYS if key in first}  # rope.freqs, kept as Meta ships it
 
@@ -47,13 +48,13 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
     shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
     for shard in range(n_shards):
         path = out / f"consolidated.{shard:02d}.pth"
-        write_shard(path, paths, full_shapes, extras, shard, n_shards)
+        write_shard(path, paths, layout, extras, shard, n_shards)
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
 
 
-def write_shard(path: Path, paths: List[Path], full_shapes: dict, extras: dict, shard: int, n_shards: int) -> None:
+def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:
     """Assemble and save one target shard; its tensors are freed on return, before the next is built."""
-    state = load_rank_state(paths, full_shapes, shard, n_shards, torch.device("cpu"), dtype=None)
+    state = load_rank_state(paths, layout, shard, n_shards, torch.device("cpu"), dtype=None)
     state.update(extras)
     for key, tensor in state.items():  # torch.save writes a view's whole storage: copy the views of a larger one
         if tensor.untyped_storage().nbytes() != tensor.nbytes:
@@ -66,12 +67,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ckpt_dir", required=True, help="checkpoint directory: params.json and consolidated.NN.pth")
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
-    options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        reshard(options.ckpt_dir, options.out, options.shards)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.error(str(error))
+    run_parser(parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards), argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ class Sampler:
     top_k k: keep the k largest logits, drop the rest (0 is off).
     min_p m: keep the tokens with p >= m * max(p) (0 is off).
     top_p P: keep the most probable tokens until their mass reaches P (1 keeps all).
-    Dropped tokens get probability 0 and the rest are renormalised before drawing.
+    Dropped tokens get probability 0 and the rest are renormalised before drawing. The values are
+    checked by ``llama.decoding.GenerationOptions``.
     """
 
     temperature: float = 0.6
@@ -32,18 +33,10 @@ class Sampler:
     repetition_penalty: float = 1.0
     generators: Optional[List[torch.Generator]] = None  # one per row; None draws from the global RNG
 
-    def __post_init__(self):
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 is off), got {self.top_k!r}")
-        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1) (0 is off), got {self.min_p!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty!r}")
-
-    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor, sampling: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor, sampling: Optional[List[bool]] = None) -> torch.Tensor:
         """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row,
         -1 where none (read only by the repetition penalty);
-        sampling: (bsz,) the rows whose token is used: only their generators draw, so a row's samples
+        sampling: per row, whether its token is used: only their generators draw, so a row's samples
         do not depend on the other rows of its batch. Returns (bsz,) token ids."""
         if self.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
@@ -57,7 +50,7 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         generators = self.generators
         if generators is not None and sampling is not None:
-            generators = [g if used else None for g, used in zip(generators, sampling.tolist())]
+            generators = [g if used else None for g, used in zip(generators, sampling)]
         return sample_top_p(probs, self.top_p, generators).reshape(-1)
 
 

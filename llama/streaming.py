@@ -1,4 +1,5 @@
-"""Turning one row's generated tokens into text as they arrive, and ending it at a stop string.
+"""Turning generated tokens into text as they arrive: one row's ``TextStream``, ended at a stop
+string, and the ``CompletionStream`` of a whole batch that ``Llama``'s ``*_stream`` calls return.
 
 Sentencepiece pieces cannot be decoded one at a time: decoding drops the spaces ("▁") that begin
 the text, and byte-fallback pieces spell one character over several tokens. So the new text of a
@@ -8,9 +9,14 @@ whole text drops it too); a window that ends in U+FFFD (an unfinished character)
 next token.
 """
 
-from typing import List, Sequence
+import time
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
+from llama.chat_format import UNSAFE_ERROR
 from llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llama.decoding import Decoding
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -71,6 +77,14 @@ class TextStream:
         self.closed = True
         return self.read()
 
+    def covering_tokens(self) -> int:
+        """How many of the tokens it takes to spell the text: after a stop string, the tokens up to the
+        one holding the text's last character (that token may also hold the stop string's start)."""
+        n = len(self.tokens)
+        while n > 0 and len(self.tokenizer.decode(self.tokens[: n - 1])) >= len(self.text):
+            n -= 1
+        return n
+
     def stop_prefix_len(self) -> int:
         """Length of the longest end of the text that is the beginning of a stop string."""
         for n in range(min(len(self.text), max((len(s) for s in self.stop_strings), default=1) - 1), 0, -1):
@@ -89,3 +103,83 @@ def cut_at_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> str:
     """``text`` up to, not including, the earliest stop string at or after ``start``."""
     stop_at = first_stop(text, stop_strings, start)
     return text if stop_at is None else text[:stop_at]
+
+
+class CompletionStream:
+    """A batch's text as it is generated. Iterating yields, after each decoding step and once more at
+    the end, one string per row: the text that became final since the previous yield. While it runs:
+    each row's ``tokens``, ``logprobs`` and ``top_logprobs`` so far, ``finish_reasons`` (None while a
+    row generates, then "stop", "length" or "cancelled"), ``cancel(row)``, and ``timing()``."""
+
+    def __init__(self, steps: Iterator[int], state: "Decoding", refused: Optional[List[bool]] = None):
+        self.steps = steps
+        self.state = state
+        self.refused = refused or [False] * len(state.streams)  # rows answered with UNSAFE_ERROR instead
+        self.started = self.first_step_done = self.finished = None  # time.perf_counter() readings
+
+    def __iter__(self) -> Iterator[List[str]]:
+        for step, pieces in enumerate(self.pieces()):
+            yield [(UNSAFE_ERROR if step == 0 else "") if refused else piece for piece, refused in zip(pieces, self.refused)]
+
+    def pieces(self) -> Iterator[List[str]]:
+        self.started = time.perf_counter()
+        for step in self.steps:
+            if step == 0:  # the prefill and each row's first token
+                self.first_step_done = time.perf_counter()
+            yield [stream.read() for stream in self.state.streams]
+        self.finished = time.perf_counter()
+        yield [stream.close() for stream in self.state.streams]
+
+    def cancel(self, row: int) -> None:
+        """Stop generating ``row`` from the next step on (a client that went away); it finishes as
+        "cancelled" with the tokens it has. Under model parallelism rank 0's cancellations count."""
+        self.state.cancel(row)
+
+    def timing(self) -> str:
+        """Prompt tokens/s (the first step: the prefill and each row's first token) and decode
+        tokens/s (the rest), up to now if the iteration was stopped early."""
+        now = time.perf_counter()
+        first_step_done = self.first_step_done or now
+        prompt_seconds, decode_seconds = first_step_done - (self.started or now), (self.finished or now) - first_step_done
+        n_prompt, n_decoded = self.n_prompt_tokens, sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        return (
+            f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+            f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
+        )
+
+    @property
+    def finish_reasons(self) -> List[Optional[str]]:
+        return list(self.state.finish_reasons)
+
+    @property
+    def prompt_lens(self) -> List[int]:
+        return list(self.state.prompt_lens)
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return sum(self.state.prompt_lens)
+
+    @property
+    def tokens(self) -> List[List[int]]:
+        """Each row's generated tokens so far (after a stop string, those that spell the text)."""
+        return [self.state.tokens_so_far(row) for row in range(len(self.state.prompt_lens))]
+
+    @property
+    def logprobs(self) -> List[List[float]]:
+        """Each row's generated tokens' logprobs so far; needs ``logprobs=True``."""
+        if self.state.token_logprobs is None:
+            raise ValueError("logprobs were not asked for: pass logprobs=True to the *_stream call")
+        rows = self.state.token_logprobs.tolist()
+        return [row[self.state.prompt_lens[i] : self.state.prompt_lens[i] + len(tokens)] for i, (row, tokens) in enumerate(zip(rows, self.tokens))]
+
+    @property
+    def top_logprobs(self) -> List[List[List[Tuple[int, float]]]]:
+        """Per row, per generated token so far, the k most likely (token id, logprob) pairs; needs
+        ``top_logprobs=k``."""
+        if self.state.top_ids is None:
+            raise ValueError("top_logprobs were not asked for: pass top_logprobs=k to the *_stream call")
+        ids, lps = self.state.top_ids.tolist(), self.state.top_logprobs.tolist()
+        return [
+            [list(zip(i, lp)) for i, lp in zip(ids[row][start : start + len(tokens)], lps[row][start : start + len(tokens)])]
+            for row, (start, tokens) in enumerate(zip(self.state.prompt_lens, self.tokens))
+        ]

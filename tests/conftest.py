@@ -81,6 +81,20 @@ def make_checkpoint(tmp_path_factory, tokenizer_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def make_llama(make_checkpoint, tokenizer_path):
+    """make_llama(max_seq_len=96, max_batch_size=4, **build_options) -> a float32 Llama on the CPU,
+    on one random checkpoint shared by the session."""
+    from llama.generation import Llama
+
+    ckpt_dir, _ = make_checkpoint()
+
+    def make(max_seq_len: int = 96, max_batch_size: int = 4, **build_options):
+        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32", **build_options)
+
+    return make
+
+
 HF_CONFIG = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "bos_token_id": 1, "eos_token_id": 2}
 
 

@@ -4,6 +4,7 @@ Ctrl-C during a reply, Ctrl-D to quit."""
 import codecs
 import os
 import pty
+import re
 import select
 import signal
 import sys
@@ -92,8 +93,10 @@ def terminal():
 
 
 def reply(seen: str) -> str:
-    """The assistant's reply in what the terminal showed from one "You: " prompt to the next."""
-    return seen.split("Assistant: ", 1)[1].rsplit("\n\nYou: ", 1)[0]
+    """The assistant's reply in what the terminal showed from one "You: " prompt to the next, without
+    the note that it reached --max_gen_len."""
+    shown = seen.split("Assistant: ", 1)[1].rsplit("\n\nYou: ", 1)[0]
+    return re.sub(r"\n\(the reply reached --max_gen_len=\d+ tokens; restart with a larger one for longer replies\)$", "", shown)
 
 
 def test_two_turn_conversation_and_reset(make_checkpoint, tokenizer_path, terminal):
@@ -151,5 +154,23 @@ def test_context_limit_refuses_a_too_long_message_and_drops_old_exchanges(make_c
     assert "dropped" not in chat.expect("\n\nYou: ")
     chat.type("hi again\n")
     assert "(context full: dropped the 1 oldest exchange(s))" in chat.expect("\n\nYou: ")
+    chat.type("/exit\n")
+    assert chat.exit_code() == 0
+
+
+def test_a_reply_stops_at_256_tokens_by_default_and_says_how_to_get_longer_ones(tmp_path, tokenizer_path, terminal):
+    state = random_state(ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512}))
+    state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies never end by themselves
+    save_checkpoint(str(tmp_path), SMALL_PARAMS, state, n_shards=1, dtype=torch.bfloat16)
+    llama = Llama.build(str(tmp_path), tokenizer_path, max_seq_len=512, max_batch_size=1, device="cpu", dtype="float32")
+    (expected,) = llama.chat_completion([[{"role": "user", "content": "hello"}]], temperature=0, max_gen_len=256, logprobs=True)
+    assert len(expected["tokens"]) == 256
+
+    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0")  # default max_seq_len 512: room for more than 256
+    chat.expect("You: ")
+    chat.type("hello\n")
+    seen = chat.expect("\n\nYou: ")
+    assert reply(seen) == expected["generation"]["content"].replace("\r\n", "\n")
+    assert "(the reply reached --max_gen_len=256 tokens; restart with a larger one for longer replies)" in seen
     chat.type("/exit\n")
     assert chat.exit_code() == 0

@@ -7,6 +7,7 @@ launches its own processes does. Shard shapes of the published models are comput
 the meta device, under torch's fake process group of the published world size.
 """
 
+import io
 import json
 import os
 import shutil
@@ -184,6 +185,16 @@ def test_a_group_the_application_created_is_used_and_left_alone(checkpoints, tok
         dist.destroy_process_group()
 
 
+def test_build_sends_stdout_to_dev_null_on_local_ranks_above_0_as_metas_does(checkpoints, tokenizer_path, monkeypatch):
+    dirs, _ = checkpoints
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a second process on this machine, in a job of its own here
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    Llama.build(dirs[1], tokenizer_path, max_seq_len=8, max_batch_size=1, device="cpu", quiet_ranks=False)
+    assert isinstance(sys.stdout, io.StringIO)
+    Llama.build(dirs[1], tokenizer_path, max_seq_len=8, max_batch_size=1, device="cpu")
+    assert sys.stdout.name == os.devnull
+
+
 # --- world sizes and the published shard shapes ---------------------------------------------------
 
 
@@ -340,3 +351,12 @@ def test_example_under_torchrun_with_a_corrupt_shard_exits_with_its_error(corrup
     result = run(TORCHRUN + example_args(corrupt_second_shard, tokenizer_path))
     assert result.returncode != 0
     assert f"cannot load checkpoint shard {corrupt_second_shard / 'consolidated.01.pth'}" in result.stderr
+
+
+def test_example_under_torchrun_with_a_bad_world_size_prints_one_error_line(make_checkpoint, tokenizer_path):
+    three_heads, _ = make_checkpoint(params={**SMALL_PARAMS, "dim": 48, "n_heads": 3, "n_kv_heads": 3})
+    result = run(TORCHRUN + example_args(three_heads, tokenizer_path))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot split the model over 2 model-parallel ranks")
+    assert "Traceback" not in result.stderr.split("error: ")[0]  # no rank printed its traceback before it

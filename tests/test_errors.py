@@ -1,12 +1,14 @@
 """Every bad input gets a specific error that names what was expected and what was found."""
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
 from llama.generation import Llama
+from llama.tokenizer import resolve_tokenizer_path
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,26 @@ def test_file_that_is_not_a_tokenizer(ckpt, tmp_path):
     bogus.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="is not a sentencepiece model"):
         build(ckpt, str(bogus))
+
+
+def test_tokenizer_path_that_is_a_directory_says_so_and_names_the_file_in_it(ckpt, tokenizer_path, tmp_path):
+    shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
+    message = f"tokenizer path {tmp_path} is a directory; a sentencepiece tokenizer.model file is expected: pass {tmp_path / 'tokenizer.model'}"
+    with pytest.raises(IsADirectoryError, match=f"^{re.escape(message)}$"):
+        build(ckpt, str(tmp_path))
+
+
+def test_no_tokenizer_path_means_the_checkpoint_folders_tokenizer_model(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    assert resolve_tokenizer_path(str(tmp_path)) == str(tmp_path / "tokenizer.model")
+    assert resolve_tokenizer_path(str(tmp_path), "other.model") == "other.model"
+
+
+def test_no_tokenizer_path_and_none_in_the_folder_names_the_one_beside_it(tmp_path):
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # where Meta's download puts it
+    with pytest.raises(FileNotFoundError, match=re.escape(f"has no tokenizer.model (there is one beside it: {tmp_path / 'tokenizer.model'})")):
+        resolve_tokenizer_path(str(tmp_path / "llama-2-7b"))
 
 
 def test_corrupt_shard_names_the_file(broken, tokenizer_path):

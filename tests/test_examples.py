@@ -1,6 +1,7 @@
 """The example scripts run as a user runs them: plain python, and under torchrun."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,44 @@ def test_chat_example(ckpt, tokenizer_path, launcher):
     assert result.stdout.count("> Assistant: ") == 4
 
 
-def test_checkpoint_dir_without_tokenizer_is_a_clear_error(ckpt):
-    result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt])
+def test_tokenizer_defaults_to_the_one_in_the_checkpoint_folder(ckpt, tokenizer_path, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(folder), "--max_gen_len", "2",
+                  "--prompts", "['import sys']"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("import sys\n> ") == 1
+
+
+def test_a_prompt_given_as_one_string_is_one_prompt(ckpt, tokenizer_path):
+    result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+                  "--max_gen_len", "2", "--prompts", "import sys"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("import sys\n> ") == 1
+    assert result.stdout.count("==================================") == 1
+
+
+def test_an_unknown_flag_is_rejected_before_anything_loads(tmp_path):
+    missing = tmp_path / "missing"  # loading it would fail with another error
+    result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(missing), "--temp", "0.2"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown flag --temp (did you mean --temperature?); known flags: --ckpt_dir, ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_bad_argument_is_one_error_line_and_exit_status_2(ckpt, tokenizer_path):
+    result = run([sys.executable, "example_chat.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_seq_len", "0"])
+    assert result.returncode == 2
+    assert result.stderr == "error: max_seq_len must be a positive integer, got 0\n"
+
+
+def test_traceback_flag_shows_the_traceback_of_a_bad_argument(ckpt, tokenizer_path):
+    result = run([sys.executable, "example_chat.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_seq_len", "0",
+                  "--traceback"])
     assert result.returncode != 0
-    assert "no tokenizer_path given and no tokenizer.model in the checkpoint folder" in result.stderr
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stderr.endswith("ValueError: max_seq_len must be a positive integer, got 0\n")
 
 
 def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_speeds(ckpt, tokenizer_path):

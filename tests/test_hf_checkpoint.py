@@ -182,7 +182,7 @@ def test_tokenizer_defaults_to_the_folder_s_own(hf_copy, tokenizer_path):
 
 def test_missing_default_tokenizer_names_where_it_looked(hf_copy):
     (Path(hf_copy) / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer_path given and no tokenizer.model in the checkpoint folder .*copy/tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer_path given and .*copy has no tokenizer.model"):
         build(hf_copy)
 
 

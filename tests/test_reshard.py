@@ -119,5 +119,4 @@ def test_command_line_reshards_and_reports_errors_without_a_traceback(one_shard,
     assert len(shard_files(tmp_path / "two")) == 2
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
-    assert f"error: output {tmp_path / 'two'} already exists and is not an empty directory" in again.stderr
-    assert "Traceback" not in again.stderr
+    assert again.stderr == f"error: output {tmp_path / 'two'} already exists and is not an empty directory\n"

@@ -133,14 +133,29 @@ def test_stop_tokens_end_each_row_before_the_stop_token(llama):
         assert out == row[: ends[0] if ends else len(row)]
 
 
-def test_stop_string_token_level_output_ends_with_the_completing_token(llama):
+def test_after_a_stop_string_tokens_and_logprobs_end_with_the_last_token_of_the_text_before_it(llama):
     prompt = encode(llama, PROMPTS[0])
     (free,), _ = llama.generate([prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[])
-    stop = llama.tokenizer.decode(free)[12:14]
-    (tokens,), _ = llama.generate([prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop])
-    assert stop in llama.tokenizer.decode(tokens)
-    assert stop not in llama.tokenizer.decode(tokens[:-1])
-    assert tokens == free[: len(tokens)]
+    text = llama.tokenizer.decode(free)
+    stop = text[12:14]
+    before = text[: text.index(stop)]
+    (tokens,), (logprobs,) = llama.generate([prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop], logprobs=True)
+    assert tokens == free[: len(tokens)] and len(logprobs) == len(tokens)
+    assert llama.tokenizer.decode(tokens).startswith(before)
+    assert bool(tokens) == bool(before)  # no token at all when the text starts with the stop string
+    assert not tokens or len(llama.tokenizer.decode(tokens[:-1])) < len(before)
+
+
+def test_a_stop_string_at_a_token_boundary_leaves_exactly_the_tokens_of_the_generation(llama):
+    prompt = encode(llama, PROMPTS[0])
+    (free,), _ = llama.generate([prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[])
+    text, boundary = llama.tokenizer.decode(free), len(llama.tokenizer.decode(free[:8]))
+    stop = text[boundary : boundary + 2]
+    if text.index(stop) != boundary:
+        pytest.skip("the stop string occurs earlier in this random text")
+    (result,) = llama.text_completion([llama.tokenizer.decode(prompt)], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop], logprobs=True)
+    assert result["generation"] == text[:boundary]
+    assert len(result["tokens"]) == len(result["logprobs"]) == 8
 
 
 @pytest.mark.parametrize(

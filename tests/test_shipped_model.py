@@ -71,8 +71,8 @@ def test_shipped_model_is_far_better_than_a_unigram_model_on_heldout_stdlib_sour
 def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(generator, tmp_path):
     text_file = tmp_path / "heldout.py"
     text_file.write_text(heldout_texts()[0])
-    result = subprocess.run(
-        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(CKPT_DIR), "--tokenizer_path", str(TOKENIZER_PATH),
+    result = subprocess.run(  # no --tokenizer_path: the checkpoint folder's own tokenizer.model
+        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(CKPT_DIR),
          "--text_file", str(text_file), "--device", "cpu", "--dtype", "float32"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -82,12 +82,12 @@ def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(gen
     assert f"mean loss {expected['loss']:.4f} nats/token, perplexity {expected['perplexity']:.2f}" in result.stdout
 
 
-def test_perplexity_command_names_a_missing_text_file(tmp_path):
+def test_perplexity_command_names_a_missing_text_file_in_one_line_and_exits_2(tmp_path):
     missing = tmp_path / "missing.txt"
     result = subprocess.run(
         [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(CKPT_DIR), "--tokenizer_path", str(TOKENIZER_PATH),
          "--text_file", str(missing)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode != 0
-    assert f"text file not found: {missing}" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == f"error: text file not found: {missing}\n"

@@ -1,0 +1,139 @@
+"""How every command of this repository starts and fails: flags checked before anything loads, and a
+user error printed as one line, once per job, with exit status 2.
+
+    if __name__ == "__main__":
+        run(main)                       # a function whose keyword arguments are the flags (fire)
+        run_parser(parser, main)        # an argparse command: main(parsed_namespace)
+
+A user error is an exception of ``USER_ERRORS``: a bad flag value, a missing file, a rank that failed
+(``RankFailedError`` names it). It prints ``error: <message>`` on stderr, on rank 0 only under
+torchrun (every rank of a job checks the same arguments and ``fail_together`` gives every rank the
+failure of one), and every rank exits with status 2, so torchrun ends the job instead of waiting.
+Any other exception is a bug and keeps its traceback. ``--traceback`` (accepted by every command) or
+``LLAMA_TRACEBACK=1`` shows the traceback of user errors too.
+"""
+
+import argparse
+import contextlib
+import difflib
+import inspect
+import os
+import re
+import sys
+from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
+
+import fire
+
+from llama.distributed import RankFailedError
+
+USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "LLAMA_TRACEBACK"
+EXIT_USER_ERROR = 2  # the status argparse and fire use for a bad command line
+
+
+def run(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
+    """Run ``main`` as a command whose flags are its parameters, parsed by fire.
+
+    Unknown flags are rejected before ``main`` is called: fire would call ``main`` with the flags it
+    knows (loading the model, generating) and only then complain about the others.
+
+    Args:
+        main: the command; ``--name value`` sets parameter ``name``. A ``**kwargs`` parameter turns
+            the flag check off.
+        argv: the arguments after the program name; None reads ``sys.argv``.
+    """
+    argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
+    with user_errors_exit(show_traceback):
+        check_flags(main, argv)
+        fire.Fire(main, command=argv, name=program_name())
+
+
+def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None], argv: Optional[Sequence[str]] = None) -> None:
+    """Run an argparse command with ``run``'s error behaviour: ``main(parser.parse_args(argv))``.
+
+    The parser's own errors (an unknown flag, a missing one) are printed the same way, once per job.
+    """
+    argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
+    with user_errors_exit(show_traceback):
+        parser.error = fail  # argparse reports a bad command line through error(message)
+        main(parser.parse_args(argv))
+
+
+def split_traceback_flag(argv: Sequence[str]) -> Tuple[List[str], bool]:
+    """The arguments without ``--traceback``, and whether the traceback of a user error is shown."""
+    argv = list(argv)
+    shown = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    return [a for a in argv if a != TRACEBACK_FLAG], shown
+
+
+@contextlib.contextmanager
+def user_errors_exit(show_traceback: bool) -> Iterator[None]:
+    """Turn a user error raised in the block into ``fail(message)``; re-raise it if ``show_traceback``."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if show_traceback:
+            raise
+        fail(str(error))
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr (rank 0 only under torchrun) and exit with status 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def check_flags(main: Callable, argv: Sequence[str]) -> None:
+    """Raise ValueError naming the first flag in ``argv`` that is not a parameter of ``main``, with
+    the likely intended one and every known flag."""
+    parameters = inspect.signature(main).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [name for name, p in parameters.items() if p.kind != inspect.Parameter.VAR_POSITIONAL]
+    for typed, name in flags(argv):
+        candidates = flag_candidates(name, known)
+        if len(candidates) == 1:
+            continue
+        if candidates:  # fire expands a one-letter flag only when a single parameter starts with it
+            raise ValueError(f"flag {typed} is ambiguous: it could be {', '.join('--' + c for c in candidates)}")
+        close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ValueError(f"unknown flag {typed}{hint}; known flags: {', '.join('--' + k for k in known)}")
+
+
+def flags(argv: Sequence[str]) -> Iterator[Tuple[str, str]]:
+    """Each flag in ``argv`` as typed and as fire names it: ``--max-seq-len 8`` and
+    ``--max_seq_len=8`` are ``max_seq_len``. A flag's value is skipped (a flag followed by another
+    flag, or last, is a boolean); a lone ``-`` or ``--`` ends the function's flags (what follows is
+    fire's own)."""
+    index = 0
+    while index < len(argv) and argv[index] not in ("-", "--"):
+        argument = argv[index]
+        index += 1
+        if not is_flag(argument):
+            continue
+        typed = argument.split("=", 1)[0]
+        yield typed, typed.lstrip("-").replace("-", "_")
+        if "=" not in argument and index < len(argv) and not is_flag(argv[index]):
+            index += 1  # the flag's value
+
+
+def is_flag(argument: str) -> bool:
+    """Fire's rule: a leading hyphen, except a negative number."""
+    return argument.startswith("--") or re.match(r"^-[a-zA-Z]", argument) is not None
+
+
+def flag_candidates(name: str, known: List[str]) -> List[str]:
+    """The parameters fire could read flag ``name`` as: itself, ``no<parameter>`` (a boolean set
+    False), fire's help, or, for one letter, every parameter starting with it."""
+    if name in known or name in ("help", "h"):
+        return [name]
+    if name.startswith("no") and name[2:] in known:
+        return [name[2:]]
+    return [k for k in known if k.startswith(name)] if len(name) == 1 else []
+
+
+def program_name() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llama"

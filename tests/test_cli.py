@@ -1,0 +1,137 @@
+"""The command-line runner: flags are checked against the command's parameters before it runs, and a
+user error is one line on stderr with exit status 2 (on rank 0 only), unless a traceback is asked for."""
+
+import argparse
+
+import pytest
+
+from llama.cli import check_flags, run, run_parser
+from llama.distributed import RankFailedError
+
+
+def command(ckpt_dir: str = "", temperature: float = 0.6, top_p: float = 0.9, verbose: bool = False):
+    """Stands for an example's main: records what it was called with."""
+    calls.append({"ckpt_dir": ckpt_dir, "temperature": temperature, "top_p": top_p, "verbose": verbose})
+
+
+calls = []
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    calls.clear()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LLAMA_TRACEBACK", raising=False)
+
+
+def failing(error: Exception):
+    def main(flag: int = 0):
+        raise error
+
+    return main
+
+
+def exit_status(main, argv) -> int:
+    with pytest.raises(SystemExit) as exited:
+        run(main, argv)
+    return exited.value.code
+
+
+@pytest.mark.parametrize("argv", [
+    ["--ckpt_dir", "x", "--temperature", "0"],
+    ["--ckpt_dir=x", "--temperature=0"],
+    ["--top-p", "0.5"],  # fire reads hyphens as underscores
+    ["--verbose", "--temperature", "-1"],  # a boolean flag, then a negative number as a value
+    ["--noverbose"],
+    ["-c", "x"],  # fire's one-letter shortcut for the only parameter starting with c
+    ["x", "0.1"],  # positional arguments
+    ["--ckpt_dir", "--", "--help"],  # after a lone --, fire's own flags
+])
+def test_flags_fire_reads_as_parameters_pass_the_check(argv):
+    check_flags(command, argv)
+
+
+def test_an_unknown_flag_names_the_close_match_and_every_known_flag():
+    with pytest.raises(ValueError) as error:
+        check_flags(command, ["--ckpt_dir", "x", "--temp", "0.2"])
+    assert str(error.value) == (
+        "unknown flag --temp (did you mean --temperature?); known flags: --ckpt_dir, --temperature, --top_p, --verbose"
+    )
+
+
+def test_a_misspelt_flag_names_the_close_match():
+    with pytest.raises(ValueError, match=r"unknown flag --tempreture \(did you mean --temperature\?\)"):
+        check_flags(command, ["--tempreture", "0.2"])
+
+
+def test_a_one_letter_flag_shared_by_two_parameters_is_ambiguous():
+    with pytest.raises(ValueError, match="flag -t is ambiguous: it could be --temperature, --top_p"):
+        check_flags(command, ["-t", "0"])
+
+
+def test_a_command_taking_any_keyword_accepts_any_flag():
+    check_flags(lambda **options: None, ["--anything", "1"])
+
+
+def test_an_unknown_flag_stops_the_command_before_it_runs(capsys):
+    assert exit_status(command, ["--temp", "0.2"]) == 2
+    assert calls == []
+    assert capsys.readouterr().err.startswith("error: unknown flag --temp")
+
+
+def test_known_flags_reach_the_command_parsed_by_fire():
+    run(command, ["--ckpt_dir", "x", "--temperature", "0", "--verbose"])
+    assert calls == [{"ckpt_dir": "x", "temperature": 0, "top_p": 0.9, "verbose": True}]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), TypeError("bad type"), FileNotFoundError("no file"),
+                                   RankFailedError("rank 1 failed with ValueError: bad")])
+def test_a_user_error_is_one_line_and_exit_status_2(error, capsys):
+    assert exit_status(failing(error), []) == 2
+    assert capsys.readouterr() == ("", f"error: {error}\n")
+
+
+def test_under_torchrun_only_rank_0_prints_the_error_but_every_rank_exits(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert exit_status(failing(ValueError("bad value")), []) == 2
+    assert capsys.readouterr() == ("", "")
+
+
+def test_traceback_flag_lets_the_user_error_through():
+    with pytest.raises(ValueError, match="bad value"):
+        run(failing(ValueError("bad value")), ["--traceback"])
+
+
+def test_traceback_environment_variable_lets_the_user_error_through(monkeypatch):
+    monkeypatch.setenv("LLAMA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad value"):
+        run(failing(ValueError("bad value")), [])
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback():
+    with pytest.raises(RuntimeError, match="a bug"):
+        run(failing(RuntimeError("a bug")), [])
+
+
+def argparse_command():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, required=True)
+    return parser
+
+
+def test_an_argparse_command_reports_its_parse_errors_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        run_parser(argparse_command(), calls.append, ["--shard", "2", "--extra"])
+    assert exited.value.code == 2
+    assert capsys.readouterr() == ("", "error: unrecognized arguments: --extra\n")
+    assert calls == []
+
+
+def test_an_argparse_command_reports_its_user_errors_in_one_line(capsys):
+    def main(options):
+        raise ValueError(f"cannot write {options.shards} shards")
+
+    with pytest.raises(SystemExit) as exited:
+        run_parser(argparse_command(), main, ["--shards", "3"])
+    assert exited.value.code == 2
+    assert capsys.readouterr() == ("", "error: cannot write 3 shards\n")

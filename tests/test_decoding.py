@@ -1,0 +1,106 @@
+"""The decoding loop as a server drives it: options checked once, each row's finish reason, tokens and
+logprobs while streaming, cancelling a row; and the compiled decode step against the eager one."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from llama.decoding import GenerationOptions
+from llama.generation import Llama
+
+PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
+
+
+@pytest.fixture(scope="module")
+def llama(make_llama) -> Llama:
+    return make_llama(max_batch_size=4)
+
+
+def test_options_are_frozen_and_checked_when_made():
+    options = GenerationOptions(max_gen_len=4, temperature=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.temperature = 1.0
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        GenerationOptions(top_p=0)
+    with pytest.raises(TypeError, match="logprobs must be True or False, got 'yes'"):
+        GenerationOptions(logprobs="yes")
+
+
+def test_stream_tells_each_rows_finish_reason(llama, monkeypatch):
+    free = llama.text_completion(PROMPTS[:2], max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True)
+    stop_string = free[1]["generation"][2:4]
+    stream = llama.text_completion_stream(PROMPTS[:2], max_gen_len=8, temperature=0, stop_tokens=[], stop_strings=[stop_string])
+    assert stream.finish_reasons == [None, None]
+    texts = ["".join(pieces) for pieces in zip(*stream)]
+    assert stream.finish_reasons[1] == "stop" and texts[1] == free[1]["generation"][:2]
+    assert stream.finish_reasons[0] == ("stop" if stop_string in free[0]["generation"] else "length")
+
+    (tokens,), _ = llama.generate([llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 8, temperature=0, stop_tokens=[])
+    monkeypatch.setattr(llama.tokenizer, "eos_id", tokens[3])  # the 4th token generated ends the row
+    stream = llama.text_completion_stream(PROMPTS[:1], max_gen_len=8, temperature=0)
+    list(stream)
+    assert stream.finish_reasons == ["stop"] and stream.tokens[0] == tokens[: tokens.index(tokens[3])]
+
+
+def test_stream_gives_tokens_and_logprobs_as_they_come(llama):
+    (expected,) = llama.text_completion(PROMPTS[:1], max_gen_len=6, temperature=0, logprobs=True, top_logprobs=2)
+    stream = llama.text_completion_stream(PROMPTS[:1], max_gen_len=6, temperature=0, logprobs=True, top_logprobs=2)
+    for step, _ in enumerate(stream):
+        if step < 6:
+            assert len(stream.tokens[0]) == len(stream.logprobs[0]) == len(stream.top_logprobs[0]) == step + 1
+    assert [llama.tokenizer.decode([t]) for t in stream.tokens[0]] == expected["tokens"]
+    assert stream.logprobs[0] == pytest.approx(expected["logprobs"], abs=1e-6)
+    assert stream.top_logprobs[0][0][0][1] == pytest.approx(expected["top_logprobs"][0][0][1], abs=1e-6)
+    assert stream.prompt_lens == [len(llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False))]
+    assert stream.finish_reasons == ["length"]
+
+
+def test_a_cancelled_row_stops_and_the_others_go_on_as_alone(llama):
+    alone = llama.text_completion(PROMPTS[1:2], max_gen_len=10, temperature=0, stop_tokens=[])
+    stream = llama.text_completion_stream(PROMPTS[:2], max_gen_len=10, temperature=0, stop_tokens=[])
+    pieces = []
+    for step, step_pieces in enumerate(stream):
+        pieces.append(step_pieces)
+        if step == 2:
+            stream.cancel(0)
+    assert stream.finish_reasons == ["cancelled", "length"]
+    assert len(stream.tokens[0]) == 3
+    assert "".join(p[1] for p in pieces) == alone[0]["generation"]
+    with pytest.raises(ValueError, match=r"row must be in \[0, 2\), got 5"):
+        stream.cancel(5)
+
+
+# --- compiled ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(make_llama) -> Llama:
+    """One compiled model for the module: compiling costs seconds."""
+    return make_llama(max_batch_size=4, compile=True)
+
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama, compiled):
+    prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    eager = llama.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    fast = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    assert compiled.decode_step.compile_seconds is not None
+    assert fast[0] == eager[0]
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
+
+    graphs = unique_graphs()  # new prompt lengths, positions, batch sizes and contents: nothing new to compile
+    other = [prompts[2] + prompts[0], prompts[1][:3]]
+    assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
+    assert compiled.generate(prompts[:1], max_gen_len=5, temperature=0)[0] == llama.generate(prompts[:1], max_gen_len=5, temperature=0)[0]
+    assert unique_graphs() == graphs
+
+
+def test_compiled_sampling_streaming_and_stop_strings_equal_eager(llama, compiled):
+    options = dict(max_gen_len=16, temperature=0.8, top_p=0.95, seed=3, num_return_sequences=2, stop_strings=["\n"])
+    assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)
+    streamed = ["".join(pieces) for pieces in zip(*compiled.text_completion_stream(PROMPTS[:2], **options))]
+    assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]
