@@ -106,13 +106,12 @@ def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
 
 
 def to_hf(
-    ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer_path: str,
-    max_position_embeddings: int,
+    ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer: Tokenizer,
+    tokenizer_path: str, max_position_embeddings: int,
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
     layout = layout_of(args)  # this single process: whole shapes
     groups = file_groups(layout, n_files)
-    tokenizer = Tokenizer(tokenizer_path)
     out = prepare_output(out_dir, tokenizer_path)
     names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(n_files)
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
@@ -160,10 +159,16 @@ def convert(
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     params, args = source_model(ckpt_dir)
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words != args.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's token embedding has "
+            f"{args.vocab_size} rows: this tokenizer is not the checkpoint's"
+        )
     if format == "meta":
         to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer_path)
     else:
-        to_hf(ckpt_dir, args, out_dir, shards, DTYPES[dtype], tokenizer_path, max_position_embeddings)
+        to_hf(ckpt_dir, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path, max_position_embeddings)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

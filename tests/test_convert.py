@@ -109,6 +109,13 @@ def test_shard_count_must_divide_the_model(round_trips, tmp_path):
         convert(source, str(tmp_path / "out"), "meta", shards=3)
 
 
+def test_tokenizer_of_another_vocabulary_is_refused(round_trips, tmp_path):
+    source = round_trips[next(iter(HF_MODELS))][0]
+    bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib" / "tokenizer.model"
+    with pytest.raises(ValueError, match="tokenizer .* has 4096 tokens but the checkpoint's token embedding has 512 rows"):
+        convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(bundled))
+
+
 def test_cli_reports_a_bad_source_as_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--ckpt_dir", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--format", "hf"])
