@@ -51,6 +51,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
+    compile: bool = False,
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
@@ -59,7 +60,8 @@ def main(
     mechanics, not good answers); without --tokenizer_path, the checkpoint folder's tokenizer.model.
     --interactive: chat in the terminal, with an optional --system prompt; each reply has at most
     --max_gen_len tokens (default 256 there; the example dialogs default to the whole context, as in
-    Meta's example). --verbose: also time the prompt and the decoding."""
+    Meta's example). --verbose: also time the prompt and the decoding. --compile: run the decode step under
+    torch.compile (a CUDA graph on a GPU): the first generation compiles it, later steps run faster."""
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:
@@ -68,7 +70,7 @@ def main(
         raise ValueError("--interactive reads the terminal in a single process; run it with python, not torchrun")
 
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_seconds = time.perf_counter() - start
     if interactive:
         print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
@@ -95,6 +97,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
+        if generator.decode_step.compile_seconds is not None:
+            print(f"Compiled the decode step in {generator.decode_step.compile_seconds:.1f} s (on first use, counted above)")
 
 
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool):

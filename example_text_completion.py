@@ -49,6 +49,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
+    compile: bool = False,
     prompts: Union[str, List[str], None] = None,
     verbose: bool = False,
 ):
@@ -63,7 +64,7 @@ def main(
     prompts = prompt_list(prompts)
 
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -85,6 +86,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
+        if generator.decode_step.compile_seconds is not None:
+            print(f"Compiled the decode step in {generator.decode_step.compile_seconds:.1f} s (on first use, counted above)")
 
 
 def prompt_list(prompts: object) -> List[str]:

@@ -17,7 +17,6 @@ The run is deterministic given --seed on a given machine and thread count.
 import argparse
 import contextlib
 import hashlib
-import io
 import logging
 import math
 import sysconfig
@@ -25,14 +24,13 @@ import time
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-import sentencepiece as spm
 import torch
 
 from llama.checkpoint import save_checkpoint
 from llama.loss import causal_lm_loss
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, train_tokenizer
 
 logger = logging.getLogger("train")
 
@@ -62,36 +60,6 @@ def split_files(heldout_percent: int, root: Path = STDLIB) -> Tuple[List[Path], 
 
 def read_texts(paths: Sequence[Path]) -> List[str]:
     return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
-    """A BPE sentencepiece model (serialized) trained on the non-blank lines of ``texts``.
-
-    Code needs its whitespace: no normalization, no collapsing of spaces, runs of spaces may be
-    pieces (indentation), and no dummy space is prepended, so a line's first word is the same piece
-    at the start of a prompt and after a newline. A newline is the byte piece <0x0A>, as in Llama.
-    """
-    lines = [line for text in texts for line in text.splitlines() if line.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        add_dummy_prefix=False,
-        split_digits=True,
-        num_threads=1,  # one thread: the same pieces on every machine
-        minloglevel=2,
-    )
-    return model.getvalue()
 
 
 def token_stream(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -139,7 +107,8 @@ def train(args: argparse.Namespace) -> None:
         sum(map(len, train_texts)) / 1e6, len(heldout_files), sum(map(len, heldout_texts)) / 1e6,
     )
 
-    (out_dir / "tokenizer.model").write_bytes(train_tokenizer(train_texts, args.vocab_size))
+    lines = [line for text in train_texts for line in text.splitlines() if line.strip()]
+    (out_dir / "tokenizer.model").write_bytes(train_tokenizer(lines, args.vocab_size))
     tokenizer = Tokenizer(str(out_dir / "tokenizer.model"))
     stream = token_stream(tokenizer, train_texts)
     logger.info("tokenizer: %d pieces; %d training tokens (%.2f characters per token)", tokenizer.n_words,

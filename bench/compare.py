@@ -27,6 +27,7 @@ from common import random_checkpoint, read_bandwidth
 from transformers_llama import to_transformers
 
 from llama.checkpoint import load_model
+from llama.decoding import DecodeStep
 from llama.quantize import quantize_int8
 
 ACCURACY_TOKENS = 64
@@ -39,18 +40,22 @@ def sync(device: torch.device) -> None:
 
 
 class Ours:
-    """Greedy decoding with this project's model, the loop of ``Llama.generate``."""
+    """Greedy decoding with this project's model and decode step, the loop of ``Llama.generate``:
+    one prefill pass, then ``DecodeStep`` (eager, or compiled with ``compile``) once per token."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         self.model = model
+        self.step = DecodeStep(model, compile)
 
     def prefill(self, prompt):
-        return self.model(prompt, 0, logits_at=-1)[:, -1].argmax(-1, keepdim=True)
+        bsz, seqlen = prompt.shape
+        positions = torch.arange(seqlen, device=prompt.device).expand(bsz, seqlen)
+        return self.model.forward_at(prompt, positions, logits_at=-1, kv_len=seqlen)[:, -1].argmax(-1)
 
     def decode(self, prompt, n_tokens):
         token = self.prefill(prompt)
         for pos in range(prompt.shape[1], prompt.shape[1] + n_tokens):
-            token = self.model(token, pos)[:, -1].argmax(-1, keepdim=True)
+            token = self.step(token, torch.full_like(token, pos), kv_len=pos + 1).argmax(-1)
         return token
 
 
@@ -79,7 +84,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
 def speed_round(impl, args, vocab_size, device) -> dict:
     """One measurement of every speed metric for ``impl``."""
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +100,7 @@ def speed_round(impl, args, vocab_size, device) -> dict:
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def accuracy(reference, candidate, vocab_size, n_tokens, device) -> dict:
     """Greedy agreement and logit error of ``candidate`` against ``reference`` (our float32 model)
     along reference's own greedy continuation of a random prompt, scored in one pass."""
@@ -130,6 +135,7 @@ def main() -> None:
     add_checkpoint_args(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="fp32,bf16,int8", help=f"this project's modes, of {list(MODES)}")
+    parser.add_argument("--compiled_modes", default="fp32", help="modes also measured with the decode step compiled ('' for none)")
     parser.add_argument("--transformers_dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--no_transformers", action="store_true", help="skip transformers (e.g. a 7B model on GPU)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -159,6 +165,8 @@ def main() -> None:
         dtype, int8 = MODES[mode]
         model = reference if mode == "fp32" else load_model(ckpt_dir, model_args, device, dtype)
         impls[f"llama {mode}"] = Ours(quantize_int8(model) if int8 else model)
+        if mode in args.compiled_modes.split(","):  # the same weights and cache, the step compiled
+            impls[f"llama {mode} compiled"] = Ours(impls[f"llama {mode}"].model, compile=True)
     if not args.no_transformers:
         state = {k: v.float().cpu() for k, v in reference.state_dict().items()}
         hf = to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES[args.transformers_dtype]).to(device)
@@ -191,6 +199,14 @@ def main() -> None:
             f"ratio to transformers {args.transformers_dtype}",
             ["implementation"] + metrics[:-1] + ["ttft"],
             [[name] + [f"{results[name][m] / base[m]:.2f}x" for m in metrics[:-1]] + [f"{base['ttft_ms'] / results[name]['ttft_ms']:.2f}x faster"] for name in impls],
+        )
+
+    compiled = [(name, name[: -len(" compiled")]) for name in impls if name.endswith(" compiled")]
+    if compiled:
+        print_table(
+            "compiled decode step against eager (same weights, same run)",
+            ["implementation"] + metrics[:-1],
+            [[name] + [f"{results[name][m] / results[eager][m]:.2f}x" for m in metrics[:-1]] for name, eager in compiled],
         )
 
     acc_rows = []

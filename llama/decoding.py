@@ -132,11 +132,12 @@ class DecodeStep:
     """The model's decode step: one token per row, each at its own position, to the (bsz, vocab)
     float32 logits of each row's next token.
 
-    Compiled, it is one graph for every position and batch: ``max_batch_size`` rows (a smaller batch
-    is padded with rows that write only their own, unused cache rows) attending over the whole
-    cache, so nothing is compiled again after the first call. On CUDA, ``mode="reduce-overhead"``
-    records it as a CUDA graph: one launch per step instead of hundreds of small kernels. Eager, it
-    attends only over the positions written so far.
+    Compiled, one graph serves every position: it attends over the whole cache (static shapes). A
+    batch is padded to a power of two rows (the padding rows write only their own, unused cache
+    rows), so at most log2(max_batch_size) + 1 graphs are ever compiled and a batch does at most
+    twice its work; new prompts, lengths and positions compile nothing. On CUDA,
+    ``mode="reduce-overhead"`` records each graph as a CUDA graph: one launch per step instead of
+    hundreds of small kernels. Eager, it attends only over the positions written so far.
     """
 
     def __init__(self, model: Transformer, compile: bool = False):
@@ -154,7 +155,8 @@ class DecodeStep:
         """tokens, positions: (bsz,); ``kv_len``: no position reaches it (the eager step's bound)."""
         if self.compiled is None:
             return self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_len)[:, 0]
-        bsz, padding = tokens.shape[0], self.model.params.max_batch_size - tokens.shape[0]
+        bsz = tokens.shape[0]
+        padding = min(1 << (bsz - 1).bit_length(), self.model.params.max_batch_size) - bsz
         tokens, positions = F.pad(tokens, (0, padding)), F.pad(positions, (0, padding))
         if self.compile_seconds is not None:
             return self.compiled(tokens, positions)[:bsz]

@@ -91,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
+    parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
     run_parser(parser, score_files, argv)
 
 
@@ -106,7 +107,8 @@ def score_files(args: argparse.Namespace) -> None:
     texts = read_texts(args.text_file)
     generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype)
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
-    result = window_loss(generator.model, windows, args.batch_size)
+    model = torch.compile(generator.model, dynamic=False) if args.compile else generator.model  # one graph per batch shape
+    result = window_loss(model, windows, args.batch_size)
     print(f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}")
     print(f"mean loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}")
 

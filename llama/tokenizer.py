@@ -1,10 +1,12 @@
-"""The sentencepiece tokenizer, with the interface of Meta's reference."""
+"""The sentencepiece tokenizer, with the interface of Meta's reference, and how to train one."""
 
+import io
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+import sentencepiece as spm
 from sentencepiece import SentencePieceProcessor
 
 logger = logging.getLogger(__name__)
@@ -70,3 +72,37 @@ class Tokenizer:
 
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(t)
+
+
+def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool = True) -> bytes:
+    """A BPE sentencepiece model (serialized) trained on ``lines``, with Llama's special ids (unk 0,
+    BOS 1, EOS 2, no pad) and byte fallback, as ``train.py`` and the tests make them.
+
+    ``keep_whitespace`` is for code, which needs its whitespace: no normalization, no collapsing of
+    spaces, runs of spaces may be pieces (indentation), and no dummy space is prepended, so a line's
+    first word is the same piece at the start of a prompt and after a newline. False keeps
+    sentencepiece's defaults, as Llama's own tokenizer does.
+    """
+    model = io.BytesIO()
+    whitespace = dict(
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
+        split_digits=True,
+    )
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,  # one thread: the same pieces on every machine
+        minloglevel=2,
+        **(whitespace if keep_whitespace else {}),
+    )
+    return model.getvalue()

@@ -7,12 +7,25 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
 from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, Transformer
+from llama.tokenizer import train_tokenizer
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
+                     "runs the model, generation, streaming and decoding tests there")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    device = request.config.getoption("--device")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
 
 SMALL_PARAMS = {  # grouped-query attention, ffn_dim_multiplier and a non-default rope_theta
     "dim": 64,
@@ -40,20 +53,10 @@ def stdlib_lines(limit: int):
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> str:
     """A 512-piece BPE tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad) and byte fallback."""
-    prefix = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(20000) + ["[INST] <<SYS>> <</SYS>> [/INST] héllo wörld ✓"]),
-        model_prefix=str(prefix),
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return str(prefix) + ".model"
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    lines = stdlib_lines(20000) + ["[INST] <<SYS>> <</SYS>> [/INST] héllo wörld ✓"]
+    path.write_bytes(train_tokenizer(lines, vocab_size=512, keep_whitespace=False))  # sentencepiece's defaults, as Llama's
+    return str(path)
 
 
 def random_state(args: ModelArgs, seed: int = 0) -> dict:
@@ -82,15 +85,21 @@ def make_checkpoint(tmp_path_factory, tokenizer_path):
 
 
 @pytest.fixture(scope="session")
-def make_llama(make_checkpoint, tokenizer_path):
-    """make_llama(max_seq_len=96, max_batch_size=4, **build_options) -> a float32 Llama on the CPU,
-    on one random checkpoint shared by the session."""
+def checkpoint(make_checkpoint):
+    """The session's shared checkpoint (SMALL_PARAMS, seed 0, one shard): (ckpt_dir, full state)."""
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def make_llama(checkpoint, tokenizer_path, device):
+    """make_llama(max_seq_len=96, max_batch_size=4, **build_options) -> a float32 Llama on the
+    session's --device (default: the CPU), on the shared checkpoint."""
     from llama.generation import Llama
 
-    ckpt_dir, _ = make_checkpoint()
+    ckpt_dir, _ = checkpoint
 
     def make(max_seq_len: int = 96, max_batch_size: int = 4, **build_options):
-        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device="cpu", dtype="float32", **build_options)
+        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype="float32", **build_options)
 
     return make
 

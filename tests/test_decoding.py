@@ -92,10 +92,9 @@ def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama,
     assert fast[0] == eager[0]
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
 
-    graphs = unique_graphs()  # new prompt lengths, positions, batch sizes and contents: nothing new to compile
-    other = [prompts[2] + prompts[0], prompts[1][:3]]
-    assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
-    assert compiled.generate(prompts[:1], max_gen_len=5, temperature=0)[0] == llama.generate(prompts[:1], max_gen_len=5, temperature=0)[0]
+    graphs = unique_graphs()  # new prompt lengths, positions and contents, 3 or 4 rows (padded to 4): nothing new to compile
+    for other in ([prompts[2] + prompts[0], prompts[1][:3], prompts[0]], prompts + [prompts[1][:2]]):
+        assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
     assert unique_graphs() == graphs
 
 
@@ -104,3 +103,12 @@ def test_compiled_sampling_streaming_and_stop_strings_equal_eager(llama, compile
     assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)
     streamed = ["".join(pieces) for pieces in zip(*compiled.text_completion_stream(PROMPTS[:2], **options))]
     assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]
+
+
+def test_compiled_scoring_gives_the_eager_loss(llama):
+    from llama.perplexity import window_loss
+
+    windows = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    eager = window_loss(llama.model, windows, batch_size=2)
+    compiled = window_loss(torch.compile(llama.model, dynamic=False), windows, batch_size=2)
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-5)

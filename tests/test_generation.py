@@ -10,9 +10,8 @@ PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
 
 
 @pytest.fixture(scope="module")
-def llama(make_checkpoint, tokenizer_path) -> Llama:
-    ckpt_dir, _ = make_checkpoint()
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=4, device="cpu", dtype="float32")
+def llama(make_llama) -> Llama:
+    return make_llama(max_seq_len=96, max_batch_size=4)
 
 
 def encode(llama, text):
@@ -23,7 +22,7 @@ def greedy_by_recompute(llama, prompt, n):
     """Greedy decoding that re-runs the whole sequence each step, with no KV cache."""
     tokens = list(prompt)
     for _ in range(n):
-        logits = llama.model.forward(torch.tensor([tokens]))
+        logits = llama.model.forward(torch.tensor([tokens], device=llama.device))
         tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(prompt):]
 
@@ -48,7 +47,7 @@ def test_logprobs_are_log_softmax_of_a_full_forward(llama):
     prompts = [encode(llama, p) for p in PROMPTS[:2]]
     tokens, logprobs = llama.generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
     for prompt, gen, lps in zip(prompts, tokens, logprobs):
-        full = torch.tensor([prompt + gen])
+        full = torch.tensor([prompt + gen], device=llama.device)
         expected = F.log_softmax(llama.model.forward(full)[0], dim=-1)
         for j, (token, lp) in enumerate(zip(gen, lps)):
             position = len(prompt) - 1 + j  # the logits that predicted this token
@@ -70,7 +69,7 @@ def test_scoring_without_generating_shifts_prompt_logprobs(llama):
     tokens, logprobs = llama.generate(prompts, max_gen_len=0, logprobs=True, echo=True)
     assert tokens == prompts
     for prompt, lps in zip(prompts, logprobs):
-        expected = F.log_softmax(llama.model.forward(torch.tensor([prompt]))[0], dim=-1)
+        expected = F.log_softmax(llama.model.forward(torch.tensor([prompt], device=llama.device))[0], dim=-1)
         assert lps[0] == 0.0
         for j in range(1, len(prompt)):
             assert lps[j] == pytest.approx(expected[j - 1, prompt[j]].item(), abs=1e-4)
@@ -94,11 +93,9 @@ def test_generation_stops_at_eos_per_row_and_loop_ends_when_all_rows_end(llama, 
         assert len(calls) < 12 + len(prompts[1]) - len(prompts[0])
 
 
-def test_same_seed_same_samples_other_seed_other_samples(make_checkpoint, tokenizer_path):
-    ckpt_dir, _ = make_checkpoint()
-
+def test_same_seed_same_samples_other_seed_other_samples(make_llama):
     def sample(seed):
-        llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, seed=seed, device="cpu", dtype="float32")
+        llama = make_llama(64, 2, seed=seed)
         return llama.text_completion(PROMPTS[:2], temperature=1.0, top_p=0.95, max_gen_len=24)
 
     assert sample(7) == sample(7)
@@ -161,9 +158,8 @@ def test_generation_is_capped_by_max_seq_len(llama):
     assert len(prompt) + len(tokens) <= 96
 
 
-def test_ragged_batch_is_prefilled_in_one_pass_and_each_row_continues_as_alone(make_checkpoint, tokenizer_path, monkeypatch):
-    ckpt_dir, _ = make_checkpoint()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=520, max_batch_size=2, device="cpu", dtype="float32")
+def test_ragged_batch_is_prefilled_in_one_pass_and_each_row_continues_as_alone(make_llama, monkeypatch):
+    llama = make_llama(max_seq_len=520, max_batch_size=2)
     generator = torch.Generator().manual_seed(5)
     short = [1] + torch.randint(3, 512, (7,), generator=generator).tolist()
     long = [1] + torch.randint(3, 512, (499,), generator=generator).tolist()

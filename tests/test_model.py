@@ -9,17 +9,15 @@ from llama.model import ModelArgs, Transformer
 
 
 @pytest.fixture(scope="module")
-def llama_and_state(make_checkpoint, tokenizer_path):
-    ckpt_dir, state = make_checkpoint()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=128, max_batch_size=4, device="cpu", dtype="float32")
-    return llama, state
+def llama_and_state(make_llama, checkpoint):
+    return make_llama(max_seq_len=128, max_batch_size=4), checkpoint[1]
 
 
 def test_logits_match_transformers(llama_and_state):
     llama, state = llama_and_state
     hf = to_transformers(state, SMALL_PARAMS, vocab_size=512)
     tokens = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
-    ours = llama.model.forward(tokens, 0)
+    ours = llama.model.forward(tokens.to(llama.device), 0).cpu()
     with torch.no_grad():
         theirs = hf(tokens).logits
     assert ours.dtype == torch.float32
@@ -41,7 +39,7 @@ def test_greedy_generation_matches_transformers(llama_and_state):
 
 def test_chunked_feeding_equals_one_pass(llama_and_state):
     llama, _ = llama_and_state
-    tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2)).to(llama.device)
     whole = llama.model.forward(tokens, 0)
     chunks = [llama.model.forward(tokens[:, a:b], a) for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]]
     assert torch.allclose(torch.cat(chunks, dim=1), whole, atol=1e-5)
@@ -49,7 +47,7 @@ def test_chunked_feeding_equals_one_pass(llama_and_state):
 
 def test_forward_without_start_pos_equals_cached_forward_and_has_gradients(llama_and_state):
     llama, _ = llama_and_state
-    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3)).to(llama.device)
     cached = llama.model.forward(tokens, 0)
     free = llama.model.forward(tokens)
     assert torch.allclose(free, cached, atol=1e-5)

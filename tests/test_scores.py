@@ -11,13 +11,8 @@ PROMPTS = ["import os\n", "def f(x):\n    return x + 1"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_checkpoint):
-    return make_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def llama(checkpoint, tokenizer_path) -> Llama:
-    return Llama.build(checkpoint[0], tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+def llama(make_llama) -> Llama:
+    return make_llama(max_seq_len=64, max_batch_size=2)
 
 
 def encode(llama, text):

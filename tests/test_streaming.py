@@ -19,9 +19,8 @@ def tokenizer(tokenizer_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def llama(make_checkpoint, tokenizer_path) -> Llama:
-    ckpt_dir, _ = make_checkpoint()
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=6, device="cpu", dtype="float32")
+def llama(make_llama) -> Llama:
+    return make_llama(max_seq_len=96, max_batch_size=6)
 
 
 def stream_pieces(tokenizer, tokens, stop_strings=()):
