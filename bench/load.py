@@ -3,6 +3,7 @@ are read on first use), and print the load time and the peak resident memory add
 ``compare.py`` runs it in a subprocess per measurement.
 
     python bench/load.py --ckpt_dir CKPT --impl llama --dtype bfloat16
+    python bench/load.py --ckpt_dir HF_DIR --impl llama --dtype bfloat16
     python bench/load.py --ckpt_dir HF_DIR --impl transformers --dtype bfloat16
 """
 
@@ -32,7 +33,7 @@ def reset_peak() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", required=True, help="Meta layout for --impl llama; a save_pretrained folder for transformers")
+    parser.add_argument("--ckpt_dir", required=True, help="Meta's layout or a Hugging Face folder for --impl llama; a save_pretrained folder for transformers")
     parser.add_argument("--impl", choices=["llama", "transformers"], required=True)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--max_seq_len", type=int, default=512, help="KV cache length (llama allocates it at load)")
@@ -52,14 +53,16 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak_at_load = status_bytes("VmHWM")
     # memory-mapped weights are read on first use: one token through the model touches every weight
+    start = time.perf_counter()
     with torch.inference_mode():
         if args.impl == "llama":
             model.forward(torch.ones(1, 1, dtype=torch.long), 0)
         else:
             model(torch.ones(1, 1, dtype=torch.long))
+    first_token_seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
     cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
-    print(json.dumps({"load_s": seconds, "peak_added_at_load_bytes": peak_at_load - before,
+    print(json.dumps({"load_s": seconds, "first_token_s": first_token_seconds, "peak_added_at_load_bytes": peak_at_load - before,
                       "peak_added_bytes": peak - before, "kv_cache_bytes": cache}))
 
 

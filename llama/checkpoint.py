@@ -7,16 +7,21 @@ is even, the shards concatenated along that dimension give the full tensor, and 
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
 and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
+
+A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.hf_checkpoint`` instead,
+into the same keys and slices; ``python -m llama.convert`` converts between the two layouts.
 """
 
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from llama import hf_checkpoint
+from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
 from llama.tokenizer import Tokenizer
@@ -47,9 +52,12 @@ def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]
 
 
 def read_params(ckpt_dir: str) -> dict:
+    """``params.json``, or a Hugging Face ``config.json`` expressed in params.json's keys."""
     path = Path(ckpt_dir) / "params.json"
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.read_params(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
     try:
@@ -112,6 +120,48 @@ def check_shard(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, Te
             )
 
 
+def rank_slices(
+    paths: List[Path], layout: Dict[str, TensorLayout], rank: int, world_size: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(key, rank ``rank``'s slice on the CPU) for every key of ``layout``, tensor by tensor, from Meta's
+    shards ``paths``. A slice inside one shard stays a view of the memory-mapped file; one that spans
+    shards is concatenated, one tensor at a time."""
+    n_shards = len(paths)
+    needed = shards_for_rank(n_shards, rank, world_size)
+    shards = {}
+    for i in needed:
+        shards[i] = load_shard(paths[i])
+        check_shard(paths[i], shards[i], layout, n_shards)
+
+    for key, (full_shape, dim) in layout.items():
+        if dim is None:
+            parts = [shards[needed[0]][key]]
+        else:
+            shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
+            begin, end = rank * rank_size, (rank + 1) * rank_size
+            parts = []
+            for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
+                lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
+                parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
+        yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
+
+
+def rank_tensors(
+    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], rank: int, world_size: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Meta's key, this rank's CPU slice) for every key of ``layout``, one tensor at a time, from
+    either layout on disk: the one step that places a tensor on its device applies to both."""
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.rank_tensors(ckpt_dir, args, layout, rank, world_size)
+    return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
+
+
+def place(tensors: Iterator[Tuple[str, torch.Tensor]], device: torch.device, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Each tensor on ``device`` in ``dtype`` (None: its own). One in the right dtype on the CPU stays
+    the memory-mapped tensor itself: no copy at all."""
+    return {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
+
+
 def load_rank_state(
     paths: List[Path],
     layout: Dict[str, TensorLayout],
@@ -124,48 +174,39 @@ def load_rank_state(
 
     ``layout``: every tensor's whole shape and split dimension; ``dtype`` None keeps the checkpoint's dtype.
     """
-    n_shards = len(paths)
-    needed = shards_for_rank(n_shards, rank, world_size)
-    shards = {}
-    for i in needed:
-        shards[i] = load_shard(paths[i])
-        check_shard(paths[i], shards[i], layout, n_shards)
-
-    state = {}
-    for key, (full_shape, dim) in layout.items():
-        if dim is None:
-            parts = [shards[needed[0]][key]]
-        else:
-            shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
-            begin, end = rank * rank_size, (rank + 1) * rank_size
-            parts = []
-            for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
-                lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
-                parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
-        # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
-        tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    return state
+    return place(rank_slices(paths, layout, rank, world_size), device, dtype)
 
 
 def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:
     """``params.json`` with the cache sizes, checked against the tokenizer and the shards: the vocabulary
     is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
     params = read_params(ckpt_dir)
-    paths = shard_paths(ckpt_dir)
-    rows = checkpoint_vocab_size(paths)
+    rows, rows_file = embedding_rows(ckpt_dir)
     if rows != tokenizer.n_words:
         raise ValueError(
             f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
-            f"tok_embeddings.weight has {rows} rows ({paths[0]}): this tokenizer is not the checkpoint's"
+            f"tok_embeddings.weight has {rows} rows ({rows_file}): this tokenizer is not the checkpoint's"
         )
     vocab_size = params.get("vocab_size", -1)
     if vocab_size not in (-1, tokenizer.n_words):
-        raise ValueError(f"{Path(ckpt_dir) / 'params.json'} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
+        raise ValueError(f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
     return ModelArgs.from_dict(
         {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
-        source=str(Path(ckpt_dir) / "params.json"),
+        source=str(params_path(ckpt_dir)),
     )
+
+
+def params_path(ckpt_dir: str) -> Path:
+    """The file the model's hyper-parameters come from: params.json, or a Hugging Face config.json."""
+    return Path(ckpt_dir) / (hf_checkpoint.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
+
+
+def embedding_rows(ckpt_dir: str) -> Tuple[int, Path]:
+    """Rows of the token embedding and the file read for them (headers only)."""
+    if is_hf_checkpoint(ckpt_dir):
+        return hf_checkpoint.embedding_rows(ckpt_dir), Path(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    return checkpoint_vocab_size(paths), paths[0]
 
 
 def checkpoint_vocab_size(paths: List[Path]) -> int:
@@ -178,12 +219,12 @@ def checkpoint_vocab_size(paths: List[Path]) -> int:
 
 def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Build the model on the meta device (no memory), then assign this rank's tensors to it."""
-    paths = shard_paths(ckpt_dir)
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
-    logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
-    state = load_rank_state(paths, model_layout(model, world_size), rank, world_size, device, dtype)
+    logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
+    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
+    state = place(tensors, device, dtype)
     model.load_state_dict(state, assign=True)
     model.setup_caches()
     return model

@@ -20,7 +20,7 @@ from llama.parallel import model_parallel_world_size
 from llama.quantize import quantize_int8
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.streaming import CompletionStream
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 8,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
@@ -59,12 +59,13 @@ class Llama:
         compile: bool = False,
         quiet_ranks: bool = True,
     ) -> "Llama":
-        """Load a checkpoint in Meta's layout and its tokenizer.
+        """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
         Args:
             ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
-                whatever the number of processes).
-            tokenizer_path: the sentencepiece ``tokenizer.model``.
+                whatever the number of processes), or a Hugging Face transformers Llama folder
+                (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
+            tokenizer_path: the sentencepiece ``tokenizer.model``; None: the one in ``ckpt_dir``.
             max_seq_len: longest prompt + generation; sizes the KV cache.
             max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
             model_parallel_size: must equal the number of processes if given (Meta's argument).
@@ -102,6 +103,7 @@ class Llama:
                     "leave it None to use every process (any number of processes can load any checkpoint)"
                 )
             torch.manual_seed(seed)
+            tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
             model = load_model(ckpt_dir, args, device, dtype)

@@ -84,7 +84,7 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
-    parser.add_argument("--ckpt_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    parser.add_argument("--ckpt_dir", required=True, help="Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
     parser.add_argument("--tokenizer_path", default=None, help="the checkpoint's sentencepiece tokenizer.model; default: the one in --ckpt_dir")
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
     parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")

@@ -1,6 +1,8 @@
 """Fixtures: a small sentencepiece model trained on the standard library's source, random-weight
-checkpoints written in Meta's exact layout, and the same weights as a transformers LlamaForCausalLM."""
+checkpoints written in Meta's exact layout, the same weights as a transformers LlamaForCausalLM, and
+random transformers models saved as Hugging Face folders."""
 
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -98,5 +100,31 @@ def make_llama(checkpoint, tokenizer_path, device):
 
     def make(max_seq_len: int = 96, max_batch_size: int = 4, **build_options):
         return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype="float32", **build_options)
+
+    return make
+
+
+HF_CONFIG = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture(scope="session")
+def make_hf_checkpoint(tmp_path_factory, tokenizer_path):
+    """make_hf_checkpoint(dtype=float32, max_shard_size=None, seed=0, **LlamaConfig keys) -> folder of a
+    random transformers LlamaForCausalLM saved with save_pretrained, with the session's tokenizer.model."""
+
+    def make(dtype=torch.float32, max_shard_size=None, seed=0, **config):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**{**HF_CONFIG, **config}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):  # random norms, so that a swapped norm shows
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+        folder = tmp_path_factory.mktemp("hf")
+        extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.to(dtype).save_pretrained(folder, **extra)
+        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+        return str(folder)
 
     return make

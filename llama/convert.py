@@ -1,0 +1,195 @@
+"""Convert a checkpoint between Meta's layout and Hugging Face transformers' Llama layout.
+
+    python -m llama.convert --ckpt_dir Llama-2-7b-hf/ --out llama-2-7b/ --format meta
+    python -m llama.convert --ckpt_dir llama-2-13b/ --out Llama-2-13b-hf/ --format hf --shards 3
+
+The source may be either layout (Meta's ``params.json`` + ``consolidated.NN.pth``, or a folder with
+``config.json``). To Meta: ``params.json`` with only the keys Meta's own ``ModelArgs`` knows (any
+feed-forward size written through multiple_of / ffn_dim_multiplier, rope_theta only when it is not
+10000), and ``--shards`` files ``consolidated.NN.pth`` split as Meta splits them, so that Meta's
+reference code loads the result unchanged. To Hugging Face: ``config.json`` for ``LlamaForCausalLM``
+and ``--shards`` safetensors files (with ``model.safetensors.index.json`` when more than one), wq and
+wk rows in transformers' rotary order. Either way ``tokenizer.model`` is copied, and one output file
+is assembled at a time from memory-mapped sources: the tool needs memory for one output file.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from llama.checkpoint import TensorLayout, embedding_rows, layout_of, params_path, rank_tensors, read_params
+from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
+from llama.model import ModelArgs
+from llama.parallel import check_world_size
+from llama.tokenizer import Tokenizer, resolve_tokenizer_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "source": None}
+
+
+def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
+    """The source's params (Meta's keys) and its full hyper-parameters, vocabulary size included."""
+    params = read_params(ckpt_dir)
+    rows, _ = embedding_rows(ckpt_dir)
+    return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
+
+
+def prepare_output(out_dir: str, tokenizer_path: str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+def owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (None: as it is), as a tensor owning its storage: savers write a
+    view's whole storage (torch.save) or refuse shared memory (safetensors)."""
+    tensor = tensor.to(dtype or tensor.dtype)
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
+def to_meta(
+    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype], tokenizer_path: str
+) -> None:
+    """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads."""
+    check_world_size(args.split_sizes, n_shards)
+    layout = layout_of(args)  # this single process: whole shapes
+    out = prepare_output(out_dir, tokenizer_path)
+    (out / "params.json").write_text(json.dumps(params, indent=2))
+    for shard in range(n_shards):
+        state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
+        path = out / f"consolidated.{shard:02d}.pth"
+        torch.save(state, path)
+        logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
+
+
+def file_groups(layout: Dict[str, TensorLayout], n_files: int) -> List[List[str]]:
+    """The keys, in order, cut into ``n_files`` non-empty runs of about equal size."""
+    keys = list(layout)
+    if not 1 <= n_files <= len(keys):
+        raise ValueError(f"--shards for the hf format must be between 1 and the number of tensors ({len(keys)}), got {n_files}")
+    sizes = [shape.numel() for shape, _ in layout.values()]
+    total, cuts, seen = sum(sizes), [0], 0
+    for i, size in enumerate(sizes):  # cut before key i when the files begun so far hold their share
+        n_begun = len(cuts)
+        share_held = seen * n_files >= n_begun * total
+        keys_just_suffice = len(keys) - i == n_files - n_begun  # one key left for each file not begun
+        if i > cuts[-1] and n_begun < n_files and (share_held or keys_just_suffice):
+            cuts.append(i)
+        seen += size
+    cuts.append(len(keys))
+    return [keys[begin:end] for begin, end in zip(cuts, cuts[1:])]
+
+
+def hf_file_names(n_files: int) -> List[str]:
+    if n_files == 1:
+        return [SAFETENSORS]
+    return [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+
+
+def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """A full tensor in transformers' row order (only wq and wk differ)."""
+    if key.endswith("attention.wq.weight"):
+        return rotary_to_hf(tensor, args.n_heads)
+    if key.endswith("attention.wk.weight"):
+        return rotary_to_hf(tensor, args.n_kv_heads)
+    return tensor
+
+
+def to_hf(
+    ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer: Tokenizer,
+    tokenizer_path: str, max_position_embeddings: int,
+) -> None:
+    """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
+    layout = layout_of(args)  # this single process: whole shapes
+    groups = file_groups(layout, n_files)
+    out = prepare_output(out_dir, tokenizer_path)
+    names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(n_files)
+    last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
+    weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
+    for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
+        tensor = owned(hf_tensor(key, tensor, args), dtype)
+        tensors[names[key]], out_dtype = tensor, tensor.dtype
+        total_size += tensor.nbytes
+        if key in last_keys:  # this file is complete: write it and let its tensors go
+            save_file(tensors, out / last_keys[key], metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, last_keys[key]))
+            logger.info("wrote %s", out / last_keys[key])
+            tensors = {}
+    config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if n_files > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def convert(
+    ckpt_dir: str,
+    out_dir: str,
+    format: str,
+    shards: int = 1,
+    dtype: str = "bfloat16",
+    tokenizer_path: Optional[str] = None,
+    max_position_embeddings: int = 4096,
+) -> None:
+    """Convert the checkpoint in ``ckpt_dir`` (either layout) into ``out_dir`` (absent or empty).
+
+    Args:
+        format: "meta" or "hf", the layout to write.
+        shards: consolidated.NN.pth files for "meta" (any count dividing heads, hidden sizes and
+            vocabulary); safetensors files for "hf".
+        dtype: "bfloat16", "float16", "float32", or "source" to keep each tensor's dtype.
+        tokenizer_path: the tokenizer.model to copy; None: the one in ``ckpt_dir``.
+        max_position_embeddings: written to config.json (Meta's files do not say; Llama 2 has 4096).
+    """
+    if format not in ("meta", "hf"):
+        raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise ValueError(f"the number of shards must be a positive integer, got {shards!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    params, args = source_model(ckpt_dir)
+    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words != args.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's token embedding has "
+            f"{args.vocab_size} rows: this tokenizer is not the checkpoint's"
+        )
+    if format == "meta":
+        to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer_path)
+    else:
+        to_hf(ckpt_dir, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path, max_position_embeddings)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_dir", required=True, help="source: Meta's params.json + consolidated.NN.pth, or a folder with config.json")
+    parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
+    parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
+    parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in --ckpt_dir")
+    parser.add_argument("--max_position_embeddings", type=int, default=4096, help="written to config.json (hf)")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        convert(
+            options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,
+            options.max_position_embeddings,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""python -m llama.convert: Hugging Face -> Meta -> Hugging Face gives transformers the same logits,
+Meta's shards -> Hugging Face is read by transformers as the original, and the Meta files written
+hold only what Meta's own reference code reads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_PARAMS, to_transformers
+from distributed_worker import TOKENS
+from llama.convert import convert, main
+from llama.generation import Llama
+
+# The fields of Meta's ModelArgs (meta-llama/llama, llama/model.py); Code Llama's adds rope_theta.
+LLAMA2_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "max_batch_size", "max_seq_len"}
+CODE_LLAMA_FIELDS = LLAMA2_FIELDS | {"rope_theta"}
+
+HF_MODELS = {  # LlamaConfig keys; 64 dims and intermediate sizes Meta's rule gives only with a multiplier
+    "gqa, theta 1e6, FFN 100, 3 files": ({"num_key_value_heads": 4, "intermediate_size": 100, "rope_theta": 1e6}, "40KB"),
+    "tied embeddings, theta 10000, FFN 172": ({"intermediate_size": 172, "tie_word_embeddings": True}, None),
+}
+
+
+def transformers_logits(folder) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    with torch.no_grad():
+        return LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()(TOKENS).logits
+
+
+def our_logits(folder) -> torch.Tensor:
+    return Llama.build(str(folder), max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32").model.forward(TOKENS)
+
+
+@pytest.fixture(scope="module")
+def round_trips(make_hf_checkpoint, tmp_path_factory):
+    """name -> (HF source, Meta in 2 shards, HF again in 3 files), all float32."""
+    folders = {}
+    for name, (config, shard_size) in HF_MODELS.items():
+        source = make_hf_checkpoint(max_shard_size=shard_size, **config)
+        meta, back = tmp_path_factory.mktemp("meta"), tmp_path_factory.mktemp("hf_again")
+        convert(source, str(meta), "meta", shards=2, dtype="float32")
+        convert(str(meta), str(back), "hf", shards=3, dtype="float32")
+        folders[name] = (source, meta, back)
+    return folders
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_hf_to_meta_to_hf_gives_transformers_the_same_logits(round_trips, name):
+    source, _, back = round_trips[name]
+    torch.testing.assert_close(transformers_logits(back), transformers_logits(source), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_hf_to_meta_loads_with_the_same_logits(round_trips, name):
+    source, meta, _ = round_trips[name]
+    assert sorted(p.name for p in meta.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    torch.testing.assert_close(our_logits(meta), transformers_logits(source), atol=1e-4, rtol=0)
+
+
+def test_meta_params_hold_only_meta_s_keys(round_trips):
+    """Llama 2's ModelArgs has no rope_theta: it is written only when not 10000, as in Code Llama's files."""
+    gqa, tied = (json.loads((meta / "params.json").read_text()) for _, meta, _ in round_trips.values())
+    assert set(tied) <= LLAMA2_FIELDS and "rope_theta" not in tied
+    assert set(gqa) <= CODE_LLAMA_FIELDS and gqa["rope_theta"] == 1e6
+
+
+def test_meta_shards_hold_only_meta_s_keys_in_bf16_by_default(round_trips, tmp_path):
+    source, _, _ = round_trips[next(iter(HF_MODELS))]
+    convert(source, str(tmp_path / "meta"), "meta")
+    shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
+        f"layers.{i}.{name}.weight" for i in range(2) for name in (
+            "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+            "feed_forward.w3", "attention_norm", "ffn_norm")
+    }
+    assert set(shard) == expected
+    assert {t.dtype for t in shard.values()} == {torch.bfloat16}
+
+
+def test_hf_output_has_index_naming_every_file(round_trips):
+    _, _, back = round_trips[next(iter(HF_MODELS))]
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert (back / "tokenizer.model").read_bytes() == (Path(round_trips[next(iter(HF_MODELS))][0]) / "tokenizer.model").read_bytes()
+
+
+def test_meta_two_shards_to_hf_read_by_transformers(make_checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, state = make_checkpoint(n_shards=2, dtype=torch.float32)
+    convert(ckpt_dir, str(tmp_path / "hf"), "hf", dtype="source", tokenizer_path=tokenizer_path)
+    with torch.no_grad():
+        expected = to_transformers(state, SMALL_PARAMS, vocab_size=512)(TOKENS).logits
+    torch.testing.assert_close(transformers_logits(tmp_path / "hf"), expected, atol=1e-4, rtol=0)
+
+
+def test_output_folder_must_be_empty(round_trips, tmp_path):
+    source = round_trips[next(iter(HF_MODELS))][0]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("")
+    with pytest.raises(FileExistsError, match="taken already exists and is not an empty directory"):
+        convert(source, str(tmp_path / "taken"), "meta")
+
+
+def test_shard_count_must_divide_the_model(round_trips, tmp_path):
+    source = round_trips[next(iter(HF_MODELS))][0]
+    with pytest.raises(ValueError, match="cannot split the model over 3 model-parallel ranks or shards"):
+        convert(source, str(tmp_path / "out"), "meta", shards=3)
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(round_trips, tmp_path):
+    source = round_trips[next(iter(HF_MODELS))][0]
+    bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib" / "tokenizer.model"
+    with pytest.raises(ValueError, match="tokenizer .* has 4096 tokens but the checkpoint's token embedding has 512 rows"):
+        convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(bundled))
+
+
+def test_cli_reports_a_bad_source_as_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--ckpt_dir", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--format", "hf"])
+    assert "checkpoint directory not found" in capsys.readouterr().err
