@@ -13,12 +13,14 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from llama.model import ModelArgs, Transformer
 from llama.parallel import model_parallel_rank, model_parallel_world_size
+from llama.placement import place_tensor
+from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +107,13 @@ def check_shard(path: Path, shard: Dict[str, torch.Tensor], full_shapes: Dict[st
             )
 
 
-def load_rank_state(
-    paths: List[Path],
-    full_shapes: Dict[str, torch.Size],
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-) -> Dict[str, torch.Tensor]:
-    """Rank ``rank``'s slice of every tensor of the checkpoint whose shards are ``paths``.
+def rank_slices(
+    paths: List[Path], full_shapes: Dict[str, torch.Size], rank: int, world_size: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Rank ``rank``'s slice of every tensor of the checkpoint whose shards are ``paths``, one
+    (key, CPU tensor) at a time, each read from the memory-mapped shards only when it is used.
 
-    ``full_shapes`` are the unsharded shapes; ``dtype`` None keeps the checkpoint's dtype.
+    ``full_shapes`` are the unsharded shapes.
     """
     n_shards = len(paths)
     needed = shards_for_rank(n_shards, rank, world_size)
@@ -124,7 +122,6 @@ def load_rank_state(
         shards[i] = load_shard(paths[i])
         check_shard(paths[i], shards[i], full_shapes, n_shards)
 
-    state = {}
     for key, full_shape in full_shapes.items():
         dim = split_dim(key)
         if dim is None:
@@ -136,10 +133,20 @@ def load_rank_state(
             for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
                 lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
                 parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
-        # one part in the right dtype on the CPU stays the memory-mapped tensor itself: no copy at all
-        tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    return state
+        # one part stays the memory-mapped tensor itself: no copy at all
+        yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
+
+
+def load_rank_state(
+    paths: List[Path],
+    full_shapes: Dict[str, torch.Size],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+) -> Dict[str, torch.Tensor]:
+    """``rank_slices`` as a state dict on ``device``; ``dtype`` None keeps the checkpoint's dtype."""
+    return {key: t.to(device=device, dtype=dtype or t.dtype) for key, t in rank_slices(paths, full_shapes, rank, world_size)}
 
 
 def full_shape(key: str, local_shape: torch.Size, world_size: int) -> torch.Size:
@@ -159,16 +166,23 @@ def checkpoint_vocab_size(paths: List[Path]) -> int:
     return shard["tok_embeddings.weight"].shape[0]
 
 
-def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model on the meta device (no memory), then assign this rank's tensors to it."""
+def load_model(
+    ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None
+) -> Transformer:
+    """Build the model on the meta device (no memory), then place this rank's tensors in it one by
+    one (``llama.placement``), each linear weight quantized on the CPU first when ``quantization``
+    is given: the device never holds a full-precision copy of the model."""
     paths = shard_paths(ckpt_dir)
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
+    if quantization is not None and quantization.bits == 4:  # before reading anything
+        shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
+        check_int4_shapes(shapes, quantization, world_size)
     full_shapes = {key: full_shape(key, p.shape, world_size) for key, p in model.state_dict().items()}
     logger.info("rank %d/%d: loading shard(s) %s of %s", rank, world_size, shards_for_rank(len(paths), rank, world_size), ckpt_dir)
-    state = load_rank_state(paths, full_shapes, rank, world_size, device, dtype)
-    model.load_state_dict(state, assign=True)
+    for key, tensor in rank_slices(paths, full_shapes, rank, world_size):
+        place_tensor(model, key, tensor, device, dtype, quantization)
     model.setup_caches()
     return model
 

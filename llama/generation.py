@@ -14,7 +14,7 @@ from llama.checkpoint import checkpoint_vocab_size, load_model, read_params, sha
 from llama.distributed import default_device, fail_together, init_distributed, local_rank
 from llama.model import ModelArgs, Transformer
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
-from llama.quantize import quantize_int8
+from llama.quantize import Quantization, check_activation_dtype, parse_quantize, quantized_cpu_dtype
 from llama.sampling import Sampler, sample_top_p  # noqa: F401  (sample_top_p: Meta's import path)
 from llama.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
@@ -70,24 +70,23 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantize: Optional[str] = None) -> torch.dtype:
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantization: Optional[Quantization] = None) -> torch.dtype:
     """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
-    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with int8
-    weights, bf16 on CPU too (the int8 kernel computes in the activations' dtype, slowly in fp32)."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with quantized
+    weights, the CPU's default is ``quantized_cpu_dtype()`` (``llama.quantize``)."""
     if dtype is None:
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.bfloat16 if quantize else torch.float32
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = quantized_cpu_dtype() if quantization else torch.float32
     if isinstance(dtype, str) and dtype in DTYPES:
         dtype = DTYPES[dtype]
     if not (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
         raise ValueError(f"dtype must be one of {list(DTYPES)} (or the torch.dtype), got {dtype!r}")
-    if quantize and dtype == torch.float32:
-        raise ValueError("quantize='int8' computes in bfloat16 or float16 (its kernel is slow in float32): pass dtype='bfloat16' or leave it None")
+    if quantization:
+        check_activation_dtype(quantization, device, dtype)
     return dtype
 
 
@@ -126,9 +125,12 @@ class Llama:
             dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device.
             backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL
                 on CUDA and gloo elsewhere.
-            quantize: "int8" stores every linear weight as int8 with one scale per output row
-                (``llama.quantize``): a quarter of float32's bytes to read per token, the fastest
-                decoding on a CPU, at a small accuracy cost. None keeps the checkpoint's weights.
+            quantize: "int8" stores every linear weight as int8 with one scale per output row: a
+                quarter of float32's bytes to read per token, the fastest decoding on a CPU, at a
+                small accuracy cost. "int4" (groups of 64 input features) or "int4-g32" / "-g64" /
+                "-g128" / "-g256": grouped 4-bit, an eighth of float32's bytes, for a model that
+                must fit. Each weight is quantized on the CPU as it is read (``llama.quantize``).
+                None keeps the checkpoint's weights.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -138,7 +140,8 @@ class Llama:
         with fail_together():  # each rank reads its own files: if one fails, all do
             positive_int(max_seq_len, "max_seq_len")
             positive_int(max_batch_size, "max_batch_size")
-            dtype = resolve_dtype(dtype, device, quantize)
+            quantization = parse_quantize(quantize)
+            dtype = resolve_dtype(dtype, device, quantization)
             world_size = model_parallel_world_size()
             if model_parallel_size is not None and model_parallel_size != world_size:
                 raise ValueError(
@@ -165,9 +168,7 @@ class Llama:
                 {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
                 source=str(Path(ckpt_dir) / "params.json"),
             )
-            model = load_model(ckpt_dir, args, device, dtype)
-            if quantize:
-                quantize_int8(model)
+            model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
         return Llama(model, tokenizer)
 
