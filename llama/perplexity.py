@@ -93,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
+    parser.add_argument("--quantize", default=None, help="int8, int4 or int4-g32/-g64/-g128/-g256: score the quantized model")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be a positive integer, got {args.batch_size}")
@@ -100,7 +101,7 @@ def main(argv=None):
         parser.error(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
 
     texts = read_texts(args.text_file)
-    generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype)
+    generator = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size)
     print(f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}")
