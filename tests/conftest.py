@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
 from llama.checkpoint import save_checkpoint
@@ -77,3 +78,17 @@ def make_checkpoint(tmp_path_factory, tokenizer_path):
         return str(ckpt_dir), {k: v.to(dtype) for k, v in state.items()}
 
     return make
+
+
+@pytest.fixture
+def fake_world():
+    """fake_world(n): this process becomes rank 0 of a fake process group of n ranks (no collective
+    runs), so the model's per-rank shapes are those of a real rank of an n-process job."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def init(world_size: int):
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+    yield init
+    if dist.is_initialized():
+        dist.destroy_process_group()

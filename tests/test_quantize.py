@@ -5,8 +5,11 @@ full-precision linear weight reaches the device, and bad settings are errors nam
 import pytest
 import torch
 
+from conftest import SMALL_PARAMS
 from llama import placement
+from llama.checkpoint import load_model
 from llama.generation import Llama
+from llama.model import ModelArgs
 from llama.quantize import (
     INT4_GROUP_SIZES,
     Quantization,
@@ -135,3 +138,26 @@ def test_build_with_int4_generates_as_the_bfloat16_model_quantized_after_loading
     quantize_model(by_hand.model, Quantization(4, 32))
     prompts = [[1, 5, 9, 200], [1, 7]]
     assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
+
+
+def test_under_tensor_parallelism_each_rank_quantizes_its_own_slice(make_checkpoint, fake_world):
+    params = {**SMALL_PARAMS, "ffn_dim_multiplier": None}  # hidden 192: 96 input features of w2 per rank
+    ckpt_dir, state = make_checkpoint(n_shards=1, params=params)
+    fake_world(2)
+    args = ModelArgs.from_dict({**params, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
+    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
+    w2 = model.layers[0].feed_forward.w2  # row-parallel: rank 0 holds input features 0 .. 95
+    packed, scales_and_zeros = quantize_linear_weight(state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu")
+    assert torch.equal(w2.weight, packed) and torch.equal(w2.scales, scales_and_zeros.bfloat16())
+    wq = model.layers[0].attention.wq  # column-parallel: rank 0 holds output rows 0 .. 31
+    packed, _ = quantize_linear_weight(state["layers.0.attention.wq.weight"][:32], Quantization(4, 32), "cpu")
+    assert torch.equal(wq.weight, packed)
+
+
+def test_int4_groups_that_would_straddle_two_ranks_are_an_error(make_checkpoint, fake_world):
+    ckpt_dir, _ = make_checkpoint(n_shards=2)  # hidden 224: 112 input features of w2 per rank
+    fake_world(2)
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
+    message = r"split over 2 ranks: layers.0.feed_forward.w2: its 112 input features are not a multiple of the group size 32.*use quantize='int8'"
+    with pytest.raises(ValueError, match=message):
+        load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
