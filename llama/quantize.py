@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT4_DEFAULT_GROUP_SIZE = 64  # see the README's int4 table: 128 and 256 lose quality, 32 reads 12% more bytes
+INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
 QUANTIZE_PATTERN = re.compile(r"int8|int4(?:-g(\d+))?")
 QUANTIZE_CHOICES = "None, 'int8', 'int4' or 'int4-gN' with N one of " + ", ".join(map(str, INT4_GROUP_SIZES))
 
