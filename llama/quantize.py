@@ -68,7 +68,7 @@ def check_activation_dtype(quantization: Quantization, device: torch.device, dty
     """The dtypes each kernel computes in: on CPU float32, bfloat16 and float16 (fast in
     ``quantized_cpu_dtype()``); on CUDA int8 takes bfloat16 and float16, int4 (tinygemm) bfloat16 only."""
     if quantization.bits == 4 and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"quantize='{quantization}' has torch kernels on 'cpu' and 'cuda' only, not {device.type!r}: use quantize='int8'")
+        raise ValueError(f"quantize='{quantization}' is packed for 'cpu' and 'cuda' only, not {device.type!r}: use quantize='int8'")
     if device.type == "cuda" and quantization.bits == 4 and dtype != torch.bfloat16:
         raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), got {dtype}: pass dtype='bfloat16'")
     if device.type == "cuda" and dtype == torch.float32:

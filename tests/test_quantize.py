@@ -109,7 +109,7 @@ def test_a_group_may_not_straddle_two_ranks_of_a_row_parallel_layer():
         ("int4", torch.float16, "cuda", r"quantize='int4-g64' on CUDA computes in bfloat16 only"),
         ("int4", torch.float32, "cuda", r"quantize='int4-g64' on CUDA computes in bfloat16 only"),
         ("int8", torch.float32, "cuda", r"quantize='int8' on CUDA computes in bfloat16 or float16"),
-        ("int4", torch.float16, "mps", r"kernels on 'cpu' and 'cuda' only, not 'mps': use quantize='int8'"),
+        ("int4", torch.float16, "mps", r"packed for 'cpu' and 'cuda' only, not 'mps': use quantize='int8'"),
     ],
 )
 def test_activation_dtypes_no_kernel_takes_are_errors(quantize, dtype, device, message):
