@@ -28,10 +28,18 @@ from transformers_llama import to_transformers
 
 from llama.checkpoint import load_model
 from llama.decoding import DecodeStep
-from llama.quantize import quantize_int8
+from llama.quantize import parse_quantize
 
 ACCURACY_TOKENS = 64
-MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "int8": (torch.bfloat16, True)}
+DENSE_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mode_settings(mode: str):
+    """(dtype, quantization) of a mode: fp32, bf16, or a quantize value (int8, int4, int4-g32, ...)
+    with bfloat16 activations."""
+    if mode in DENSE_MODES:
+        return DENSE_MODES[mode], None
+    return torch.bfloat16, parse_quantize(mode)
 
 
 def sync(device: torch.device) -> None:
@@ -134,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", default="fp32,bf16,int8", help=f"this project's modes, of {list(MODES)}")
+    parser.add_argument("--modes", default="fp32,bf16,int8,int4", help="this project's modes: fp32, bf16, int8, int4, int4-g32 ...")
     parser.add_argument("--compiled_modes", default="fp32", help="modes also measured with the decode step compiled ('' for none)")
     parser.add_argument("--transformers_dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--no_transformers", action="store_true", help="skip transformers (e.g. a 7B model on GPU)")
@@ -162,11 +170,11 @@ def main() -> None:
     impls = {}
     reference = load_model(ckpt_dir, model_args, device, torch.float32)
     for mode in modes:
-        dtype, int8 = MODES[mode]
-        model = reference if mode == "fp32" else load_model(ckpt_dir, model_args, device, dtype)
-        impls[f"llama {mode}"] = Ours(quantize_int8(model) if int8 else model)
+        dtype, quantization = mode_settings(mode)
+        model = reference if mode == "fp32" else load_model(ckpt_dir, model_args, device, dtype, quantization)
+        impls[f"llama {mode}"] = Ours(model)
         if mode in args.compiled_modes.split(","):  # the same weights and cache, the step compiled
-            impls[f"llama {mode} compiled"] = Ours(impls[f"llama {mode}"].model, compile=True)
+            impls[f"llama {mode} compiled"] = Ours(model, compile=True)
     if not args.no_transformers:
         state = {k: v.float().cpu() for k, v in reference.state_dict().items()}
         hf = to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES[args.transformers_dtype]).to(device)

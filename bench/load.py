@@ -4,6 +4,7 @@ are read on first use), and print the load time and the peak resident memory add
 
     python bench/load.py --ckpt_dir CKPT --impl llama --dtype bfloat16
     python bench/load.py --ckpt_dir HF_DIR --impl llama --dtype bfloat16
+    python bench/load.py --ckpt_dir CKPT --impl llama --dtype bfloat16 --quantize int4
     python bench/load.py --ckpt_dir HF_DIR --impl transformers --dtype bfloat16
 """
 
@@ -16,6 +17,7 @@ import torch
 from common import DTYPES, checkpoint_args
 
 from llama.checkpoint import load_model
+from llama.quantize import parse_quantize
 
 
 def status_bytes(field: str) -> int:
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--max_seq_len", type=int, default=512, help="KV cache length (llama allocates it at load)")
     parser.add_argument("--max_batch_size", type=int, default=1)
+    parser.add_argument("--quantize", default=None, help="llama only: int8, int4, int4-g32 ... (quantized while loading)")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     if args.impl == "transformers":
@@ -47,7 +50,7 @@ def main() -> None:
     start = time.perf_counter()
     if args.impl == "llama":  # Llama.build minus the tokenizer: read params, map the shards, build the model
         model_args = checkpoint_args(args.ckpt_dir, args.max_seq_len, args.max_batch_size)
-        model = load_model(args.ckpt_dir, model_args, torch.device("cpu"), dtype)
+        model = load_model(args.ckpt_dir, model_args, torch.device("cpu"), dtype, parse_quantize(args.quantize))
     else:
         model = LlamaForCausalLM.from_pretrained(args.ckpt_dir, dtype=dtype)
     seconds = time.perf_counter() - start
@@ -62,8 +65,9 @@ def main() -> None:
     first_token_seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
     cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "cache" in name)
+    tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     print(json.dumps({"load_s": seconds, "first_token_s": first_token_seconds, "peak_added_at_load_bytes": peak_at_load - before,
-                      "peak_added_bytes": peak - before, "kv_cache_bytes": cache}))
+                      "peak_added_bytes": peak - before, "kv_cache_bytes": cache, "model_bytes": tensors}))
 
 
 if __name__ == "__main__":

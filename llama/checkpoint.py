@@ -24,6 +24,8 @@ from llama import hf_checkpoint
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
+from llama.placement import place_tensor
+from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -217,15 +219,21 @@ def checkpoint_vocab_size(paths: List[Path]) -> int:
     return shard["tok_embeddings.weight"].shape[0]
 
 
-def load_model(ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model on the meta device (no memory), then assign this rank's tensors to it."""
+def load_model(
+    ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None
+) -> Transformer:
+    """Build the model on the meta device (no memory), then place this rank's tensors in it one by
+    one (``llama.placement``), each linear weight quantized on the CPU first when ``quantization``
+    is given: the device never holds a full-precision copy of the model."""
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
+    if quantization is not None and quantization.bits == 4:  # before reading anything
+        shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
+        check_int4_shapes(shapes, quantization, world_size)
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
-    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
-    state = place(tensors, device, dtype)
-    model.load_state_dict(state, assign=True)
+    for key, tensor in rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size):  # Meta's keys and row order
+        place_tensor(model, key, tensor, device, dtype, quantization)
     model.setup_caches()
     return model
 

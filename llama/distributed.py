@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from llama.quantize import Quantization, check_activation_dtype, quantized_cpu_dtype
+
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "LLAMA_DIST_BACKEND"
@@ -71,24 +73,23 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantize: Optional[str] = None) -> torch.dtype:
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantization: Optional[Quantization] = None) -> torch.dtype:
     """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
-    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with int8
-    weights, bf16 on CPU too (the int8 kernel computes in the activations' dtype, slowly in fp32)."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with quantized
+    weights, the CPU's default is ``quantized_cpu_dtype()`` (``llama.quantize``)."""
     if dtype is None:
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.bfloat16 if quantize else torch.float32
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = quantized_cpu_dtype() if quantization else torch.float32
     if isinstance(dtype, str) and dtype in DTYPES:
         dtype = DTYPES[dtype]
     if not (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
         raise ValueError(f"dtype must be one of {list(DTYPES)} (or the torch.dtype), got {dtype!r}")
-    if quantize and dtype == torch.float32:
-        raise ValueError("quantize='int8' computes in bfloat16 or float16 (its kernel is slow in float32): pass dtype='bfloat16' or leave it None")
+    if quantization:
+        check_activation_dtype(quantization, device, dtype)
     return dtype
 
 

@@ -17,7 +17,7 @@ from llama.decoding import DecodeStep, Decoding, GenerationOptions, check_batch_
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.model import Transformer
 from llama.parallel import model_parallel_world_size
-from llama.quantize import quantize_int8
+from llama.quantize import parse_quantize
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.streaming import CompletionStream
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -75,9 +75,12 @@ class Llama:
             dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device.
             backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL
                 on CUDA and gloo elsewhere.
-            quantize: "int8" stores every linear weight as int8 with one scale per output row
-                (``llama.quantize``): a quarter of float32's bytes to read per token, the fastest
-                decoding on a CPU, at a small accuracy cost. None keeps the checkpoint's weights.
+            quantize: "int8" stores every linear weight as int8 with one scale per output row: a
+                quarter of float32's bytes to read per token, the fastest decoding on a CPU, at a
+                small accuracy cost. "int4" (groups of 64 input features) or "int4-g32" / "-g64" /
+                "-g128" / "-g256": grouped 4-bit, an eighth of float32's bytes, for a model that
+                must fit. Each weight is quantized on the CPU as it is read (``llama.quantize``).
+                None keeps the checkpoint's weights.
             compile: run the decode step under ``torch.compile`` (a CUDA graph on CUDA): the first
                 generation compiles it (seconds to a minute), later ones run faster.
             quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
@@ -95,7 +98,8 @@ class Llama:
             positive_int(max_batch_size, "max_batch_size")
             if not isinstance(compile, bool):
                 raise TypeError(f"compile must be True or False, got {compile!r}")
-            dtype = resolve_dtype(dtype, device, quantize)
+            quantization = parse_quantize(quantize)
+            dtype = resolve_dtype(dtype, device, quantization)
             world_size = model_parallel_world_size()
             if model_parallel_size is not None and model_parallel_size != world_size:
                 raise ValueError(
@@ -106,9 +110,7 @@ class Llama:
             tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
-            model = load_model(ckpt_dir, args, device, dtype)
-            if quantize:
-                quantize_int8(model)
+            model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
         return Llama(model, tokenizer, compile)
 

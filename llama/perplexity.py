@@ -91,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
+    parser.add_argument("--quantize", default=None, help="int8, int4 or int4-g32/-g64/-g128/-g256: score the quantized model")
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
     run_parser(parser, score_files, argv)
 
@@ -105,7 +106,7 @@ def score_files(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
-    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype)
+    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     model = torch.compile(generator.model, dynamic=False) if args.compile else generator.model  # one graph per batch shape
     result = window_loss(model, windows, args.batch_size)

@@ -1,25 +1,96 @@
-"""Int8 weight-only quantization (the scheme of gpt-fast's ``WeightOnlyInt8Linear``).
+"""Weight-only quantization of the linear layers: int8 per output row, int4 in groups of input features.
 
 Decoding one token reads every weight once and does two flops per weight, so its speed is the
-memory bandwidth divided by the bytes of the weights. Storing each linear weight as int8 with one
-scale per output row (``W ~= q * scales[:, None]``) reads a quarter of float32's bytes and half of
-bfloat16's; activations, norms, the embedding and the KV cache keep the model's dtype. The matmul
-dequantizes on the fly inside torch's ``_weight_int8pack_mm`` kernel (fast for bfloat16 inputs).
+memory bandwidth divided by the bytes of the weights. Activations, norms, the embedding and the KV
+cache keep the model's dtype; only the linear weights shrink, and torch's own kernels dequantize
+them on the fly inside the matmul:
+
+- ``int8``: ``W ~= q * scales[:, None]``, q in [-127, 127], one scale per output row (gpt-fast's
+  ``WeightOnlyInt8Linear``); ``_weight_int8pack_mm`` on every device. A quarter of float32's bytes.
+- ``int4``: asymmetric, one scale and one zero per ``group_size`` consecutive input features of a
+  row: ``W ~= (q - 8) * scale + zero``, q in [0, 15] (the formula of torch's tinygemm kernels).
+  Packed for ``_weight_int4pack_mm_for_cpu`` on CPU and ``_weight_int4pack_mm`` on CUDA (bfloat16
+  only there). An eighth of float32's bytes, plus 4 bytes of scale and zero per group.
+
+Under tensor parallelism each rank quantizes its own slice: groups run along the input features,
+so a row-parallel layer's slice must hold whole groups (``check_int4_shapes``).
 """
 
-from typing import Optional, Tuple
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
+QUANTIZE_PATTERN = re.compile(r"int8|int4(?:-g(\d+))?")
+QUANTIZE_CHOICES = "None, 'int8', 'int4' or 'int4-gN' with N one of " + ", ".join(map(str, INT4_GROUP_SIZES))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What to do to the linear weights: ``bits`` 8 (per-row int8) or 4 (grouped int4)."""
+
+    bits: int
+    group_size: Optional[int] = None  # int4 only: input features sharing one scale and zero
+
+    def __str__(self) -> str:
+        return "int8" if self.bits == 8 else f"int4-g{self.group_size}"
+
+
+def parse_quantize(value: Optional[str]) -> Optional[Quantization]:
+    """``quantize`` as users write it: None, "int8", "int4" (groups of 64) or "int4-g32" (any of
+    ``INT4_GROUP_SIZES``). One string, so that it travels through a command line unchanged."""
+    match = QUANTIZE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if value is not None and not match:
+        raise ValueError(f"quantize must be {QUANTIZE_CHOICES}, got {value!r}")
+    if value is None:
+        return None
+    if value == "int8":
+        return Quantization(8)
+    group_size = int(match.group(1)) if match.group(1) else INT4_DEFAULT_GROUP_SIZE
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantize={value!r}: the int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    return Quantization(4, group_size)
+
+
+def quantized_cpu_dtype() -> torch.dtype:
+    """The activations' dtype for quantized weights on this CPU, from what it reports: bfloat16
+    where torch's CPU kernels are vectorised (AVX2 or AVX-512; measured on an AVX2 machine, the int8
+    and int4 matmuls run 10x faster in bfloat16 than in float32 or float16), float32 elsewhere."""
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else torch.float32
+
+
+def check_activation_dtype(quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
+    """The dtypes each kernel computes in: on CPU float32, bfloat16 and float16 (fast in
+    ``quantized_cpu_dtype()``); on CUDA int8 takes bfloat16 and float16, int4 (tinygemm) bfloat16 only."""
+    if quantization.bits == 4 and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantize='{quantization}' is packed for 'cpu' and 'cuda' only, not {device.type!r}: use quantize='int8'")
+    if device.type == "cuda" and quantization.bits == 4 and dtype != torch.bfloat16:
+        raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), got {dtype}: pass dtype='bfloat16'")
+    if device.type == "cuda" and dtype == torch.float32:
+        raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 or float16, not float32: pass dtype='bfloat16'")
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x W^T`` for a float ``weight``, or for an int8 ``weight`` with one scale per output row."""
+    """``x W^T`` for a float ``weight`` (``scales`` None), an int8 one (``scales`` (out,)) or a packed
+    int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2))."""
     if scales is None:
         return F.linear(x, weight)
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)  # (tokens, out)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    if scales.dim() == 1:
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
+    else:
+        group_size = x.shape[-1] // scales.shape[0]
+        int4_mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = int4_mm(x2.contiguous(), weight, group_size, scales)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+# int8
 
 
 def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -29,17 +100,119 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).to(torch.int8), scales
 
 
-@torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize every linear layer of ``model`` (a ``Transformer``) in place; returns it.
+# int4
 
-    The embedding and the norms stay in the model's dtype, which should be bfloat16 (or float16 on
-    GPU): the int8 kernel computes in the activations' dtype and is slow for float32 on CPU.
-    """
-    dtype = model.tok_embeddings.weight.dtype
-    for module in model.modules():
-        if hasattr(module, "scales"):  # the parallel linear layers (llama.parallel)
-            q, scales = quantize_weight(module.weight)
-            module.weight = nn.Parameter(q, requires_grad=False)
-            module.scales = scales.to(dtype)
+
+def int4_groups(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 of each group of ``group_size`` input features: the group's range [min, max]
+    is cut into 15 steps. Returns q in [0, 15] as int32 (out, in) and scale and zero as float32
+    (in / group_size, out, 2), the layout of torch's kernels: ``W ~= (q - 8) * scale + zero``."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // group_size, group_size)  # (out, groups, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
+    scale = ((high - low) / 15).clamp(min=1e-6)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    zero = low + 8 * scale  # the value of q = 8, the kernels' midpoint
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    return q.view(out_features, in_features), scales_and_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 weight (out, in) that int4 groups stand for: the reference for the kernels."""
+    out_features, in_features = q.shape
+    groups = scales_and_zeros.shape[0]
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # each (out, groups)
+    w = (q.float().view(out_features, groups, -1) - 8) * scale[..., None] + zero[..., None]
+    return w.view(out_features, in_features)
+
+
+def inner_k_tiles(in_features: int) -> int:
+    """The CUDA kernel's tiling of the input features: the largest of 8, 4, 2 with 16 x it dividing them."""
+    return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
+
+
+def pack_int4(q: torch.Tensor, device_type: str) -> torch.Tensor:
+    """q (out, in) in [0, 15], packed on the CPU two values a byte, (out, in / 2) uint8: for the CPU
+    kernel in its own layout; for CUDA as plain pairs, which ``tile_on_device`` finishes there."""
+    if device_type == "cuda":
+        return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def tile_on_device(packed: torch.Tensor) -> torch.Tensor:
+    """A quantized weight already on its device, in the layout of that device's kernel (only CUDA's
+    int4 kernel has one of its own; ``packed`` is returned as it is otherwise)."""
+    if packed.is_cuda and packed.dtype == torch.uint8:
+        return torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles(2 * packed.shape[1]))
+    return packed
+
+
+def int4_shape_errors(shapes: Dict[str, Tuple[int, int]], group_size: int) -> Dict[str, str]:
+    """For each linear weight (name: this rank's (out, in)) that int4 with ``group_size`` cannot
+    hold, why: whole groups along the input, and 16 output rows at a time for the kernels."""
+    errors = {}
+    for name, (out_features, in_features) in shapes.items():
+        if in_features % group_size:
+            errors[name] = f"its {in_features} input features are not a multiple of the group size {group_size}"
+        elif out_features % 16:
+            errors[name] = f"its {out_features} output features are not a multiple of 16"
+    return errors
+
+
+def check_int4_shapes(shapes: Dict[str, Tuple[int, int]], quantization: Quantization, world_size: int = 1) -> None:
+    """Raise a ValueError naming every weight int4 cannot hold, and the group sizes that would work.
+
+    ``shapes`` are this rank's slices: under tensor parallelism a row-parallel layer's slice of the
+    input features must hold whole groups, so that no group straddles two ranks."""
+    errors = int4_shape_errors(shapes, quantization.group_size)
+    if not errors:
+        return
+    works = [g for g in INT4_GROUP_SIZES if not int4_shape_errors(shapes, g)]
+    listed = "; ".join(f"{name}: {why}" for name, why in list(errors.items())[:3]) + (" ..." if len(errors) > 3 else "")
+    remedy = f"quantize='int4-g{works[-1]}' would work" if works else "no int4 group size fits; use quantize='int8'"
+    raise ValueError(
+        f"quantize='{quantization}' cannot hold {len(errors)} weight(s) of this model"
+        f"{f' split over {world_size} ranks' if world_size > 1 else ''}: {listed}; {remedy}"
+    )
+
+
+# both
+
+
+def quantize_linear_weight(weight: torch.Tensor, quantization: Quantization, device_type: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The quantized form of ``weight`` (out, in) that travels to a ``device_type`` device, and its
+    float32 scales, both computed on the CPU: int8 (out, in) and (out,); int4 packed (out, in / 2)
+    and (in / group_size, out, 2)."""
+    if quantization.bits == 8:
+        return quantize_weight(weight)
+    q, scales_and_zeros = int4_groups(weight, quantization.group_size)
+    return pack_int4(q, device_type), scales_and_zeros
+
+
+def quantizable_weights(model: nn.Module) -> Dict[str, nn.Module]:
+    """The linear layers whose weight is quantized (the parallel linears of ``llama.parallel``), by name."""
+    return {name: module for name, module in model.named_modules() if hasattr(module, "scales")}
+
+
+def set_quantized_weight(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.scales = scales
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
+    """Quantize every linear layer of a ``Transformer`` already in memory, in place; returns it.
+    ``Llama.build`` instead quantizes tensor by tensor while loading (``llama.placement``)."""
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    layers = quantizable_weights(model)
+    if quantization.bits == 4:
+        check_int4_shapes({name: tuple(m.weight.shape) for name, m in layers.items()}, quantization)
+    for module in layers.values():
+        weight, scales = quantize_linear_weight(module.weight.cpu(), quantization, device.type)
+        set_quantized_weight(module, tile_on_device(weight.to(device)), scales.to(device, dtype))
     return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """``quantize_model(model, int8)``. The model's dtype should be bfloat16 or float16 on GPU."""
+    return quantize_model(model, Quantization(8))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
 from llama.checkpoint import save_checkpoint
@@ -128,3 +129,17 @@ def make_hf_checkpoint(tmp_path_factory, tokenizer_path):
         return str(folder)
 
     return make
+
+
+@pytest.fixture
+def fake_world():
+    """fake_world(n): this process becomes rank 0 of a fake process group of n ranks (no collective
+    runs), so the model's per-rank shapes are those of a real rank of an n-process job."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def init(world_size: int):
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+    yield init
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -198,20 +198,6 @@ def test_build_sends_stdout_to_dev_null_on_local_ranks_above_0_as_metas_does(che
 # --- world sizes and the published shard shapes ---------------------------------------------------
 
 
-@pytest.fixture
-def fake_world():
-    """fake_world(n): this process becomes rank 0 of a fake process group of n ranks (no collective
-    runs), so the model's per-rank shapes are those of a real rank of an n-process job."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    def init(world_size: int):
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-
-    yield init
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def published_args(name: str) -> ModelArgs:
     params = json.loads((ROOT / "params" / f"{name}.json").read_text())
     return ModelArgs.from_dict({**params, "vocab_size": 32000})

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from conftest import SMALL_PARAMS, to_transformers
-from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import SMALL_PARAMS, random_state, to_transformers
 from llama.model import ModelArgs, Transformer
-from llama.quantize import linear, quantize_int8, quantize_weight
+from llama.quantize import linear, quantize_int8, quantize_weight, quantized_cpu_dtype
 
 
 def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> Transformer:
@@ -96,15 +96,15 @@ def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
     assert model.layers[0].attention.cache_k.dtype == dtype
 
 
-def test_build_with_int8_quantizes_every_linear_and_computes_in_bfloat16(make_checkpoint, tokenizer_path):
+def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantized_dtype(make_checkpoint, tokenizer_path):
     from llama.generation import Llama
 
     ckpt_dir, _ = make_checkpoint()
     quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", quantize="int8")
     assert quantized.model.layers[1].feed_forward.w2.weight.dtype == torch.int8
     assert quantized.model.output.weight.dtype == torch.int8
-    assert quantized.model.tok_embeddings.weight.dtype == torch.bfloat16  # the default dtype for int8
-    by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
+    assert quantized.model.tok_embeddings.weight.dtype == quantized_cpu_dtype()  # bfloat16 on x86
+    by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype=quantized_cpu_dtype())
     quantize_int8(by_hand.model)
     prompts = [[1, 5, 9, 200], [1, 7]]
     assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
@@ -113,8 +113,8 @@ def test_build_with_int8_quantizes_every_linear_and_computes_in_bfloat16(make_ch
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"quantize": "int4"}, r"quantize must be None or 'int8', got 'int4'"),
-        ({"quantize": "int8", "dtype": "float32"}, r"quantize='int8' computes in bfloat16 or float16"),
+        ({"quantize": "int3"}, r"quantize must be None, 'int8', 'int4' or 'int4-gN' with N one of 32, 64, 128, 256, got 'int3'"),
+        ({"quantize": "int4-g64"}, r"layers.0.feed_forward.w2: its 224 input features are not a multiple of the group size 64"),
     ],
 )
 def test_bad_quantize_arguments(make_checkpoint, tokenizer_path, kwargs, message):

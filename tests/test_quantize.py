@@ -1,0 +1,163 @@
+"""Weight-only quantization: the packed int4 matmul is the matmul with the dequantized weight, the
+groups are as close to the weight as 4 bits allow, loading quantizes tensor by tensor so no
+full-precision linear weight reaches the device, and bad settings are errors naming what works."""
+
+import pytest
+import torch
+
+from conftest import SMALL_PARAMS
+from llama import placement
+from llama.checkpoint import load_model
+from llama.generation import Llama
+from llama.model import ModelArgs
+from llama.quantize import (
+    INT4_GROUP_SIZES,
+    Quantization,
+    check_activation_dtype,
+    check_int4_shapes,
+    int4_groups,
+    linear,
+    parse_quantize,
+    quantize_linear_weight,
+    quantize_model,
+)
+from test_speed_paths import greedy_alone, small_model
+
+
+def dequantized_by_hand(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W[n, k] = (q[n, k] - 8) * scale[k // group_size, n] + zero[k // group_size, n], element by element."""
+    out_features, in_features = q.shape
+    groups = torch.arange(in_features) // group_size  # (in,)
+    scale = scales_and_zeros[groups, :, 0].T.float()  # (out, in)
+    zero = scales_and_zeros[groups, :, 1].T.float()
+    return (q.float() - 8) * scale + zero
+
+
+@pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
+def test_int4_groups_are_within_half_a_step_of_the_weight(group_size):
+    weight = torch.randn(32, 512)
+    q, scales_and_zeros = int4_groups(weight, group_size)
+    assert q.min() >= 0 and q.max() <= 15 and scales_and_zeros.shape == (512 // group_size, 32, 2)
+    step = scales_and_zeros[torch.arange(512) // group_size, :, 0].T  # (out, in)
+    assert ((dequantized_by_hand(q, scales_and_zeros, group_size) - weight).abs() <= step / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_int4_packed_matmul_equals_the_matmul_with_the_dequantized_weight(group_size, dtype, tolerance):
+    weight, x = torch.randn(48, 512), torch.randn(3, 5, 512).to(dtype)
+    packed, scales_and_zeros = quantize_linear_weight(weight, Quantization(4, group_size), "cpu")
+    scales_and_zeros = scales_and_zeros.to(dtype)
+    q, _ = int4_groups(weight, group_size)
+    expected = x.float() @ dequantized_by_hand(q, scales_and_zeros, group_size).T  # (3, 5, 48)
+    got = linear(x, packed, scales_and_zeros)
+    assert got.shape == (3, 5, 48) and got.dtype == dtype
+    assert torch.allclose(got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_int4_model_decodes_like_the_model_holding_the_dequantized_weights():
+    quantized = quantize_model(small_model(64, 1), Quantization(4, 32))
+    dequantized = small_model(64, 1)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if getattr(module, "scales", None) is not None:
+                q, scales_and_zeros = int4_groups(dequantized.get_submodule(name).weight, 32)
+                dequantized.get_submodule(name).weight.copy_(dequantized_by_hand(q, scales_and_zeros, 32))
+    prompt = torch.randint(3, 512, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    assert greedy_alone(quantized, prompt, 10) == greedy_alone(dequantized, prompt, 10)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), ("int8", Quantization(8)), ("int4", Quantization(4, 64)), ("int4-g32", Quantization(4, 32)), ("int4-g256", Quantization(4, 256))],
+)
+def test_quantize_values(value, expected):
+    assert parse_quantize(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("int3", r"quantize must be None, 'int8', 'int4' or 'int4-gN' with N one of 32, 64, 128, 256, got 'int3'"),
+        ("int4-g48", r"the int4 group size must be one of \(32, 64, 128, 256\), got 48"),
+        (8, r"quantize must be None, 'int8'.*got 8"),
+    ],
+)
+def test_bad_quantize_values_name_the_ones_that_work(value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_quantize(value)
+
+
+def test_group_size_not_dividing_a_layer_names_the_layer_and_a_group_size_that_works(make_checkpoint, tokenizer_path):
+    ckpt_dir, _ = make_checkpoint()  # the feed-forward's hidden size is 224 = 7 * 32
+    message = r"quantize='int4-g64' cannot hold .*layers.0.feed_forward.w2: its 224 input features are not a multiple of the group size 64.*quantize='int4-g32' would work"
+    with pytest.raises(ValueError, match=message):
+        Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", quantize="int4-g64")
+
+
+def test_a_group_may_not_straddle_two_ranks_of_a_row_parallel_layer():
+    # w2 of a 2048-wide feed-forward over 8 ranks: each rank holds 256 input features
+    shapes = {"w2": (4096, 2048 // 8)}
+    check_int4_shapes(shapes, Quantization(4, 256), world_size=8)
+    with pytest.raises(ValueError, match=r"split over 16 ranks: w2: its 128 input features .* group size 256.*'int4-g128' would work"):
+        check_int4_shapes({"w2": (4096, 2048 // 16)}, Quantization(4, 256), world_size=16)
+
+
+@pytest.mark.parametrize(
+    "quantize, dtype, device, message",
+    [
+        ("int4", torch.float16, "cuda", r"quantize='int4-g64' on CUDA computes in bfloat16 only"),
+        ("int4", torch.float32, "cuda", r"quantize='int4-g64' on CUDA computes in bfloat16 only"),
+        ("int8", torch.float32, "cuda", r"quantize='int8' on CUDA computes in bfloat16 or float16"),
+        ("int4", torch.float16, "mps", r"packed for 'cpu' and 'cuda' only, not 'mps': use quantize='int8'"),
+    ],
+)
+def test_activation_dtypes_no_kernel_takes_are_errors(quantize, dtype, device, message):
+    with pytest.raises(ValueError, match=message):
+        check_activation_dtype(parse_quantize(quantize), torch.device(device), dtype)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_loading_places_only_quantized_linear_weights_on_the_device(make_checkpoint, tokenizer_path, monkeypatch, quantize):
+    ckpt_dir, state = make_checkpoint()
+    placed = []
+    monkeypatch.setattr(placement, "to_device", lambda tensor, device: placed.append(tensor) or tensor.to(device))
+    llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize=quantize)
+    linear_weights = [key for key in state if key.endswith("weight") and state[key].dim() == 2 and "embeddings" not in key]
+    float_matrices = [t for t in placed if t.is_floating_point() and t.dim() == 2]
+    assert len(float_matrices) == 1  # the token embedding, never a linear weight
+    quantized_bytes = sum(t.nbytes for t in placed if not t.is_floating_point())
+    assert quantized_bytes == sum(state[key].numel() for key in linear_weights) // (1 if quantize == "int8" else 2)
+    assert llama.model.layers[1].attention.wq.weight.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+
+
+def test_build_with_int4_generates_as_the_bfloat16_model_quantized_after_loading(make_checkpoint, tokenizer_path):
+    ckpt_dir, _ = make_checkpoint()
+    quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
+    by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
+    quantize_model(by_hand.model, Quantization(4, 32))
+    prompts = [[1, 5, 9, 200], [1, 7]]
+    assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
+
+
+def test_under_tensor_parallelism_each_rank_quantizes_its_own_slice(make_checkpoint, fake_world):
+    params = {**SMALL_PARAMS, "ffn_dim_multiplier": None}  # hidden 192: 96 input features of w2 per rank
+    ckpt_dir, state = make_checkpoint(n_shards=1, params=params)
+    fake_world(2)
+    args = ModelArgs.from_dict({**params, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
+    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
+    w2 = model.layers[0].feed_forward.w2  # row-parallel: rank 0 holds input features 0 .. 95
+    packed, scales_and_zeros = quantize_linear_weight(state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu")
+    assert torch.equal(w2.weight, packed) and torch.equal(w2.scales, scales_and_zeros.bfloat16())
+    wq = model.layers[0].attention.wq  # column-parallel: rank 0 holds output rows 0 .. 31
+    packed, _ = quantize_linear_weight(state["layers.0.attention.wq.weight"][:32], Quantization(4, 32), "cpu")
+    assert torch.equal(wq.weight, packed)
+
+
+def test_int4_groups_that_would_straddle_two_ranks_are_an_error(make_checkpoint, fake_world):
+    ckpt_dir, _ = make_checkpoint(n_shards=2)  # hidden 224: 112 input features of w2 per rank
+    fake_world(2)
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
+    message = r"split over 2 ranks: layers.0.feed_forward.w2: its 112 input features are not a multiple of the group size 32.*use quantize='int8'"
+    with pytest.raises(ValueError, match=message):
+        load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
