@@ -130,14 +130,16 @@ def check_batch_size(n_prompts: int, num_return_sequences: int, max_batch_size: 
 
 class DecodeStep:
     """The model's decode step: one token per row, each at its own position, to the (bsz, vocab)
-    float32 logits of each row's next token.
+    float32 logits of each row's next token. It attends over the first ``kv_len`` cache entries, a
+    bound the loop knows on the host (no position reaches it).
 
-    Compiled, one graph serves every position: it attends over the whole cache (static shapes). A
-    batch is padded to a power of two rows (the padding rows write only their own, unused cache
-    rows), so at most log2(max_batch_size) + 1 graphs are ever compiled and a batch does at most
-    twice its work; new prompts, lengths and positions compile nothing. On CUDA,
-    ``mode="reduce-overhead"`` records each graph as a CUDA graph: one launch per step instead of
-    hundreds of small kernels. Eager, it attends only over the positions written so far.
+    Compiled, a few graphs serve every step: a batch is padded to a power of two rows (the padding
+    rows write only their own, unused cache rows), and the attended length is rounded up to a power
+    of two and marked dynamic, so one graph per padded batch size serves every length, and a CUDA
+    graph is recorded per length bucket. New prompts, positions and contents compile nothing; a
+    batch does at most twice its work and attends over at most twice the keys it needs. On CUDA,
+    ``mode="reduce-overhead"`` replays CUDA graphs: one launch per step instead of hundreds of small
+    kernels.
     """
 
     def __init__(self, model: Transformer, compile: bool = False):
@@ -146,22 +148,28 @@ class DecodeStep:
         self.compile_seconds: Optional[float] = None  # the first compiled call, compilation included
         if compile:
             mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
-            self.compiled = torch.compile(self.whole_cache_step, mode=mode, dynamic=False)
+            self.compiled = torch.compile(self.step, mode=mode, dynamic=False)
 
-    def whole_cache_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_at(tokens[:, None], positions[:, None])[:, 0]
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
+        """The step attending over ``len(kv_slots)`` cache entries: the length of an empty (kv_len, 0)
+        tensor, which the compiler can treat as dynamic (an int argument it would specialise on)."""
+        return self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """tokens, positions: (bsz,); ``kv_len``: no position reaches it (the eager step's bound)."""
+        """tokens, positions: (bsz,)."""
         if self.compiled is None:
             return self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_len)[:, 0]
+        params = self.model.params
         bsz = tokens.shape[0]
-        padding = min(1 << (bsz - 1).bit_length(), self.model.params.max_batch_size) - bsz
+        padding = min(1 << (bsz - 1).bit_length(), params.max_batch_size) - bsz
         tokens, positions = F.pad(tokens, (0, padding)), F.pad(positions, (0, padding))
+        kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), params.max_seq_len), 0)
+        if kv_slots.shape[0] > 1:  # sizes 0 and 1 are always specialised
+            torch._dynamo.mark_dynamic(kv_slots, 0)
         if self.compile_seconds is not None:
-            return self.compiled(tokens, positions)[:bsz]
+            return self.compiled(tokens, positions, kv_slots)[:bsz]
         start = time.perf_counter()
-        logits = self.compiled(tokens, positions)[:bsz]
+        logits = self.compiled(tokens, positions, kv_slots)[:bsz]
         self.compile_seconds = time.perf_counter() - start
         logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         return logits

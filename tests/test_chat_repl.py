@@ -130,7 +130,7 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_quits(tmp_path, tokenizer_path, termina
     state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies run to the context limit
     save_checkpoint(str(tmp_path), SMALL_PARAMS, state, n_shards=1, dtype=torch.bfloat16)
 
-    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0", "--max_seq_len", "4096")
+    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0", "--max_seq_len", "4096", "--max_gen_len", "4000")
     chat.expect("You: ")
     chat.type("tell me everything\n")
     chat.expect("Assistant: ")
