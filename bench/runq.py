@@ -31,6 +31,7 @@ from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import mode_settings
 
 from llama.checkpoint import load_model
+from llama.decoding import DecodeStep
 from llama.model import Transformer
 
 MAGIC = 0x616B3432  # "ak42"
@@ -97,13 +98,14 @@ def run_runq(runq: str, model_path: str, tokenizer_path: str, steps: int, thread
     return float(match.group(1)), [int(i) for i in re.findall(r"<(\d+)>", result.stdout)]
 
 
-@torch.inference_mode()
-def run_ours(model: Transformer, steps: int):
-    """(tokens/s, generated ids) of greedy decoding from BOS, timed as runq times itself."""
-    token, ids = torch.tensor([[1]]), []
+@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
+def run_ours(step: DecodeStep, steps: int):
+    """(tokens/s, generated ids) of greedy decoding from BOS with the decode step of ``Llama.generate``,
+    timed as runq times itself."""
+    token, ids = torch.tensor([1]), []
     start = None
     for pos in range(steps):
-        token = model(token, pos)[:, -1].argmax(-1, keepdim=True)
+        token = step(token, torch.tensor([pos]), kv_len=pos + 1).argmax(-1)
         ids.append(int(token))
         if start is None:
             start = time.perf_counter()
@@ -120,6 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_checkpoint_args(parser)
     parser.add_argument("--runq", required=True, help="path to the runq binary built from llama2.c's runq.c")
     parser.add_argument("--modes", default="int8,int4", help="this project's modes to time (see bench/compare.py)")
+    parser.add_argument("--compiled_modes", default="", help="modes also timed with the decode step compiled, e.g. int8,int4")
     parser.add_argument("--steps", type=int, default=128, help="positions decoded per run, BOS included")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
@@ -135,19 +138,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     export_runq_model(load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32), model_path, args.steps)
     export_runq_tokenizer(tokenizer_path, numbered_pieces(model_args.vocab_size), [0.0] * model_args.vocab_size)
     models = {mode: load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)) for mode in args.modes.split(",")}
+    steps = {mode: DecodeStep(model) for mode, model in models.items()}
+    for mode in filter(None, args.compiled_modes.split(",")):  # the same model, its step compiled
+        steps[f"{mode} compiled"] = DecodeStep(models[mode], compile=True)
     print(f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run")
 
-    speeds = {name: [] for name in ["runq"] + list(models)}
+    speeds = {name: [] for name in ["runq"] + list(steps)}
     continuations = {}
     run_runq(args.runq, model_path, tokenizer_path, 8, threads)  # warm-up: the file in the page cache
-    for mode, model in models.items():
-        run_ours(model, 8)
+    for step in steps.values():
+        run_ours(step, 8)
     for r in range(args.rounds):
         tok_s, continuations["runq"] = run_runq(args.runq, model_path, tokenizer_path, args.steps, threads)
         speeds["runq"].append(tok_s)
-        for mode, model in models.items():
-            tok_s, continuations[mode] = run_ours(model, args.steps)
-            speeds[mode].append(tok_s)
+        for name, step in steps.items():
+            tok_s, continuations[name] = run_ours(step, args.steps)
+            speeds[name].append(tok_s)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s[-1]:.1f}" for n, s in speeds.items()), flush=True)
 
     base = statistics.median(speeds["runq"])

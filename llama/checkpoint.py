@@ -62,13 +62,7 @@ def read_params(ckpt_dir: str) -> dict:
         return hf_checkpoint.read_params(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(params).__name__}")
-    return params
+    return hf_checkpoint.read_json_object(path)
 
 
 def shard_paths(ckpt_dir: str) -> List[Path]:

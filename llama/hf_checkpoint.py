@@ -83,8 +83,8 @@ def rotary_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ---- config.json <-> Meta's params ----------------------------------------------------------------
 
 
-def read_config(ckpt_dir: str) -> dict:
-    path = Path(ckpt_dir) / CONFIG
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, params.json)."""
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -92,6 +92,10 @@ def read_config(ckpt_dir: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(config).__name__}")
     return config
+
+
+def read_config(ckpt_dir: str) -> dict:
+    return read_json_object(Path(ckpt_dir) / CONFIG)
 
 
 def rope_theta(config: dict, source: str) -> float:
