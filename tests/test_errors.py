@@ -208,6 +208,20 @@ def test_batch_larger_than_max_batch_size(llama):
         llama.generate([[1], [1], [1]], max_gen_len=4)
 
 
+def test_chat_errors_speak_of_dialogs(llama):
+    long_dialog = [{"role": "user", "content": "x = 1\n" * 40}]
+    short_dialog = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"dialog 1 has \d+ tokens, more than max_seq_len=32"):
+        llama.chat_completion([short_dialog, long_dialog])
+    with pytest.raises(ValueError, match="3 dialogs exceed max_batch_size=2"):
+        llama.chat_completion([short_dialog] * 3)
+
+
+def test_text_prompt_errors_speak_of_prompts(llama):
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens, more than max_seq_len=32"):
+        llama.text_completion(["x = 1\n" * 40])
+
+
 def test_prompt_longer_than_max_seq_len(llama):
     with pytest.raises(ValueError, match=r"prompt_tokens\[1\] has 33 tokens, more than max_seq_len=32"):
         llama.generate([[1, 5], [1] * 33], max_gen_len=4)
