@@ -92,10 +92,11 @@ def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_spee
     assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
 
 
-def test_compiled_text_completion_prints_the_eager_text_and_the_compile_time(ckpt, tokenizer_path):
-    args = [sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+def test_compiled_text_completion_on_two_processes_prints_the_eager_text_and_the_compile_time(ckpt, tokenizer_path):
+    args = ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
             "--max_gen_len", "6", "--prompts", "['import sys', 'héllo']", "--device", "cpu", "--temperature", "0"]
-    eager, compiled = run(args), run(args + ["--compile"], timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    eager, compiled = run([sys.executable] + args), run(torchrun + args + ["--compile"], timeout=300)
     assert compiled.returncode == 0, compiled.stderr
     texts = eager.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
     assert texts in compiled.stdout
