@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from llama import hf_checkpoint
+from llama.files import load_tensor_dict, read_json_object
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
@@ -62,7 +63,7 @@ def read_params(ckpt_dir: str) -> dict:
         return hf_checkpoint.read_params(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
-    return hf_checkpoint.read_json_object(path)
+    return read_json_object(path)
 
 
 def shard_paths(ckpt_dir: str) -> List[Path]:
@@ -82,14 +83,8 @@ def shard_paths(ckpt_dir: str) -> List[Path]:
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
-    """Memory-map one shard. weights_only: a file from a stranger cannot run code when loaded."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated, corrupt or unsafe file
-        raise ValueError(f"cannot load checkpoint shard {path}: {error}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint shard {path} must hold a dict of tensors, found {type(state).__name__}")
-    return state
+    """Memory-map one shard (``llama.files``: its code cannot run)."""
+    return load_tensor_dict(path, "checkpoint shard")
 
 
 def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
@@ -150,27 +145,6 @@ def rank_tensors(
     if is_hf_checkpoint(ckpt_dir):
         return hf_checkpoint.rank_tensors(ckpt_dir, args, layout, rank, world_size)
     return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
-
-
-def place(tensors: Iterator[Tuple[str, torch.Tensor]], device: torch.device, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
-    """Each tensor on ``device`` in ``dtype`` (None: its own). One in the right dtype on the CPU stays
-    the memory-mapped tensor itself: no copy at all."""
-    return {key: tensor.to(device=device, dtype=dtype or tensor.dtype) for key, tensor in tensors}
-
-
-def load_rank_state(
-    paths: List[Path],
-    layout: Dict[str, TensorLayout],
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-) -> Dict[str, torch.Tensor]:
-    """Rank ``rank``'s slice of every tensor of the checkpoint whose shards are ``paths``.
-
-    ``layout``: every tensor's whole shape and split dimension; ``dtype`` None keeps the checkpoint's dtype.
-    """
-    return place(rank_slices(paths, layout, rank, world_size), device, dtype)
 
 
 def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:

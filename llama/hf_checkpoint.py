@@ -20,6 +20,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llama.files import load_tensor_dict, read_json_object
 from llama.model import ModelArgs
 
 logger = logging.getLogger(__name__)
@@ -81,17 +82,6 @@ def rotary_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ---- config.json <-> Meta's params ----------------------------------------------------------------
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (config.json, params.json)."""
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(config).__name__}")
-    return config
 
 
 def read_config(ckpt_dir: str) -> dict:
@@ -242,20 +232,13 @@ def read_index(path: Path) -> Dict[str, Path]:
 
 
 def open_weights(path: Path):
-    """A memory-mapped view of one weight file: safetensors' handle, or the .bin file's dict
-    (``weights_only``: a file from a stranger cannot run code when loaded)."""
+    """A memory-mapped view of one weight file: safetensors' handle, or the .bin file's dict."""
     if path.suffix == ".safetensors":
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except SafetensorError as error:
             raise ValueError(f"cannot read safetensors file {path}: {error}") from None
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated, corrupt or unsafe file
-        raise ValueError(f"cannot load weight file {path}: {error}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"weight file {path} must hold a dict of tensors, found {type(state).__name__}")
-    return state
+    return load_tensor_dict(path, "weight file")
 
 
 class WeightFiles:

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_rank_state, load_shard, read_params, shard_paths
+from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_shard, rank_slices, read_params, shard_paths
 from llama.cli import run_parser
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
@@ -54,7 +54,7 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
 
 def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:
     """Assemble and save one target shard; its tensors are freed on return, before the next is built."""
-    state = load_rank_state(paths, layout, shard, n_shards, torch.device("cpu"), dtype=None)
+    state = dict(rank_slices(paths, layout, shard, n_shards))  # memory-mapped views, in the source's dtypes
     state.update(extras)
     for key, tensor in state.items():  # torch.save writes a view's whole storage: copy the views of a larger one
         if tensor.untyped_storage().nbytes() != tensor.nbytes:

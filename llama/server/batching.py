@@ -137,37 +137,37 @@ class BatchProgress:
 
     def follow(self) -> None:
         for pieces in self.stream:
-            finish_reasons = self.stream.finish_reasons
-            token_details = self.new_tokens() if self.batch[0].sampling.logprobs else None
+            finish_reasons, tokens = self.stream.finish_reasons, self.stream.tokens  # read once a step: each builds every row's list
+            token_details = self.new_tokens(tokens) if self.batch[0].sampling.logprobs else None
             for row, (job, choice) in enumerate(self.owners):
                 if self.done[row]:
                     continue
                 details = token_details[row] if token_details else []
                 if pieces[row] or details:
                     job.events.put(("delta", choice, pieces[row], details))
-                self.sent_tokens[row] = len(self.stream.tokens[row])
+                self.sent_tokens[row] = len(tokens[row])
                 if finish_reasons[row] is not None:
                     self.finish(row, finish_reasons[row])
                 else:
-                    self.cancel_if_over(row, job)
+                    self.cancel_if_over(row, job, len(tokens[row]))
         for row, finished in enumerate(self.done):  # the stream has ended: so has every row
             if not finished:
                 self.finish(row, self.stream.finish_reasons[row] or "length")
 
-    def new_tokens(self) -> List[list]:
+    def new_tokens(self, tokens: List[List[int]]) -> List[list]:
         """Per row, (token id, logprob, alternatives) of the tokens not reported yet."""
-        tokens, logprobs = self.stream.tokens, self.stream.logprobs
+        logprobs = self.stream.logprobs
         alternatives = self.stream.top_logprobs if self.batch[0].sampling.top_logprobs else [[[]] * len(t) for t in tokens]
         return [
             list(zip(tokens[row][sent:], logprobs[row][sent:], alternatives[row][sent:]))
             for row, sent in enumerate(self.sent_tokens)
         ]
 
-    def cancel_if_over(self, row: int, job: Job) -> None:
+    def cancel_if_over(self, row: int, job: Job, n_tokens: int) -> None:
         """Rows that reached their request's max_tokens, whose client hung up, or the server is stopping."""
         if job.hung_up.is_set():
             reason = "cancelled"
-        elif len(self.stream.tokens[row]) >= job.max_tokens:
+        elif n_tokens >= job.max_tokens:
             reason = "length"
         elif self.stopping.is_set():
             reason = "shutdown"
@@ -177,7 +177,7 @@ class BatchProgress:
             self.reasons[row] = reason
             self.stream.cancel(row)
             if reason == "cancelled":
-                logger.info("request %s: the client hung up; row cancelled after %d tokens", job.id, len(self.stream.tokens[row]))
+                logger.info("request %s: the client hung up; row cancelled after %d tokens", job.id, n_tokens)
 
     def finish(self, row: int, stream_reason: str) -> None:
         job, choice = self.owners[row]
