@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -73,7 +73,7 @@ def main(
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_seconds = time.perf_counter() - start
     if interactive:
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose)
         return
 
@@ -88,7 +88,7 @@ def main(
     seconds = time.perf_counter() - start
 
     if is_main_process():
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         for dialog, result in zip(DIALOGS, results):
             for msg in dialog:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from llama import Llama
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -78,7 +78,7 @@ def main(
     seconds = time.perf_counter() - start
 
     if is_main_process():
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         for prompt, result in zip(prompts, results):
             print(prompt)
             print(f"> {result['generation']}")

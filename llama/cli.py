@@ -135,5 +135,22 @@ def flag_candidates(name: str, known: List[str]) -> List[str]:
     return [k for k in known if k.startswith(name)] if len(name) == 1 else []
 
 
+def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, quantize: Optional[str] = None) -> str:
+    """What a command says once it has loaded a checkpoint: which files, where, in which dtype.
+
+    Args:
+        ckpt_dir: the checkpoint folder, as given.
+        tokenizer_path: the tokenizer file used (given, or found by ``resolve_tokenizer_path``).
+        generator: the loaded ``Llama``.
+        seconds: how long loading took.
+        quantize: the ``--quantize`` value; the line then names the activations' dtype and the weights'.
+
+    Returns:
+        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu (torch.bfloat16 activations, int4 weights) in 9.12 s``.
+    """
+    dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
+    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {generator.device} ({dtype}) in {seconds:.2f} s"
+
+
 def program_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llama"

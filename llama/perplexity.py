@@ -10,12 +10,13 @@ scored with ``causal_lm_loss``, the loss of training.
 
 import argparse
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
-from llama.cli import run_parser
+from llama.cli import load_line, run_parser
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -106,7 +107,9 @@ def score_files(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
+    start = time.perf_counter()
     generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize))
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     model = torch.compile(generator.model, dynamic=False) if args.compile else generator.model  # one graph per batch shape
     result = window_loss(model, windows, args.batch_size)

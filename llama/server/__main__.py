@@ -12,10 +12,11 @@ Ctrl-C stops the server after the current step, and every rank exits.
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.generation import Llama
 from llama.server.batching import Scheduler, follow
@@ -56,7 +57,9 @@ def main(
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
