@@ -14,13 +14,15 @@ Any other exception is a bug and keeps its traceback. ``--traceback`` (accepted 
 """
 
 import argparse
+import ast
 import contextlib
 import difflib
 import inspect
 import os
 import re
 import sys
-from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
+import typing
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import fire
 
@@ -46,6 +48,7 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
     argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
     with user_errors_exit(show_traceback):
         check_flags(main, argv)
+        fire.decorators.SetParseFns(**text_parsers(main))(main)
         fire.Fire(main, command=argv, name=program_name())
 
 
@@ -58,6 +61,35 @@ def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespa
     with user_errors_exit(show_traceback):
         parser.error = fail  # argparse reports a bad command line through error(message)
         main(parser.parse_args(argv))
+
+
+def text_parsers(main: Callable) -> Dict[str, Callable[[str], object]]:
+    """How fire reads the flags ``main`` declares as text: as the text typed.
+
+    Fire reads every value as a Python literal where it can: ``--prompts "hello, world"`` would be two
+    prompts, ``--system 42`` a number, ``--ckpt_dir True`` a boolean. A parameter annotated ``str``
+    (or ``Optional[str]``) keeps the text; one that may also be a list of strings
+    (``Union[str, List[str], None]``) is a list only when the text is a Python list or tuple literal.
+
+    Returns:
+        ``{parameter name: parse function}`` for ``fire.decorators.SetParseFns``.
+    """
+    parsers = {}
+    for name, parameter in inspect.signature(main).parameters.items():
+        annotation = parameter.annotation
+        options = typing.get_args(annotation) or (annotation,)
+        if str in options:
+            parsers[name] = text_or_list if any(typing.get_origin(option) in (list, List) for option in options) else str
+    return parsers
+
+
+def text_or_list(text: str) -> Union[str, list]:
+    """``text`` itself, unless it is a Python list or tuple literal: then that list."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return list(value) if isinstance(value, (list, tuple)) else text
 
 
 def split_traceback_flag(argv: Sequence[str]) -> Tuple[List[str], bool]:

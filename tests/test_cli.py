@@ -2,6 +2,7 @@
 user error is one line on stderr with exit status 2 (on rank 0 only), unless a traceback is asked for."""
 
 import argparse
+from typing import List, Optional, Union
 
 import pytest
 
@@ -77,6 +78,23 @@ def test_an_unknown_flag_stops_the_command_before_it_runs(capsys):
     assert exit_status(command, ["--temp", "0.2"]) == 2
     assert calls == []
     assert capsys.readouterr().err.startswith("error: unknown flag --temp")
+
+
+def texts(prompts: Union[str, List[str], None] = None, system: Optional[str] = None, max_gen_len: Optional[int] = None):
+    """Stands for an example's main with text flags."""
+    calls.append({"prompts": prompts, "system": system, "max_gen_len": max_gen_len})
+
+
+@pytest.mark.parametrize("typed", ["hello, world", "True", "42", "None", "'quoted'", "1e3", "{'a': 1}"])
+def test_a_text_flag_is_the_text_typed_whatever_python_would_read_it_as(typed):
+    run(texts, ["--prompts", typed, "--system", typed])
+    assert calls == [{"prompts": typed, "system": typed, "max_gen_len": None}]
+
+
+@pytest.mark.parametrize("typed", ["['import os', 'def f(']", "('import os', 'def f(')"])
+def test_a_python_list_given_to_a_flag_that_takes_a_list_is_a_list(typed):
+    run(texts, [f"--prompts={typed}", "--max_gen_len", "8"])
+    assert calls == [{"prompts": ["import os", "def f("], "system": None, "max_gen_len": 8}]
 
 
 def test_known_flags_reach_the_command_parsed_by_fire():

@@ -53,11 +53,11 @@ def test_metas_download_layout_needs_no_tokenizer_flag_and_the_load_line_names_t
     assert result.stdout.count("import sys\n> ") == 1
 
 
-def test_a_prompt_given_as_one_string_is_one_prompt(ckpt, tokenizer_path):
+def test_a_prompt_given_as_one_string_is_one_prompt_even_with_a_comma(ckpt, tokenizer_path):
     result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-                  "--max_gen_len", "2", "--prompts", "import sys"])
+                  "--max_gen_len", "2", "--prompts", "import os, sys"])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("import sys\n> ") == 1
+    assert result.stdout.count("import os, sys\n> ") == 1
     assert result.stdout.count("==================================") == 1
 
 
