@@ -56,12 +56,17 @@ def main(
     system: Optional[str] = None,
     verbose: bool = False,
 ):
-    """Without --ckpt_dir, runs the small bundled model (trained on code, not on chat: it shows the
-    mechanics, not good answers); without --tokenizer_path, the checkpoint folder's tokenizer.model.
-    --interactive: chat in the terminal, with an optional --system prompt; each reply has at most
-    --max_gen_len tokens (default 256 there; the example dialogs default to the whole context, as in
-    Meta's example). --verbose: also time the prompt and the decoding. --compile: run the decode step under
-    torch.compile (a CUDA graph on a GPU): the first generation compiles it, later steps run faster."""
+    """Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal
+    (--interactive). Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows
+    the mechanics, not good answers.
+
+    Args:
+        ckpt_dir: the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_gen_len: the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's example, 256 in --interactive
+        interactive: chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands
+        system: the system prompt of an --interactive chat
+    The other flags are described in llama.cli.FLAG_HELP.
+    """
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from llama.cli import load_line, run_parser
+from llama.cli import FLAG_HELP, load_line, run_parser
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -85,14 +85,14 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
-    parser.add_argument("--ckpt_dir", required=True, help="Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
-    parser.add_argument("--tokenizer_path", default=None, help="the checkpoint's sentencepiece tokenizer.model; default: the one in --ckpt_dir")
+    parser.add_argument("--ckpt_dir", required=True, help=FLAG_HELP["ckpt_dir"])
+    parser.add_argument("--tokenizer_path", default=None, help=FLAG_HELP["tokenizer_path"])
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
     parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
-    parser.add_argument("--quantize", default=None, help="int8, int4 or int4-g32/-g64/-g128/-g256: score the quantized model")
+    parser.add_argument("--device", default=None, help=FLAG_HELP["device"])
+    parser.add_argument("--dtype", default=None, help=FLAG_HELP["dtype"])
+    parser.add_argument("--quantize", default=None, help=FLAG_HELP["quantize"])
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
     run_parser(parser, score_files, argv)
 

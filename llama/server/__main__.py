@@ -42,15 +42,18 @@ def main(
     api_key: Optional[str] = None,
     heartbeat_seconds: float = 10.0,
 ):
-    """Load the checkpoint (without --ckpt_dir: the bundled checkpoints/tiny-stdlib; without
-    --tokenizer_path: the checkpoint folder's tokenizer.model) and serve it.
+    """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), on one process or under torchrun.
 
     Args:
-        max_batch_size: most rows decoded together; a request with n samples of p prompts takes n * p.
-        host, port: where to listen (--port 0: any free port, logged at start).
-        api_key: if given, every /v1 request needs ``Authorization: Bearer <api_key>``.
+        ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_batch_size: the most rows decoded together; a request for n samples of p prompts takes n * p rows
+        host: the address to listen on
+        port: the port to listen on; 0 picks a free one, logged at start
+        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
-            (well below the process group's 30-minute timeout).
+            (well below the process group's 30-minute timeout)
+    The other flags are described in llama.cli.FLAG_HELP.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
