@@ -3,7 +3,6 @@ user error is one line on stderr with exit status 2 (on rank 0 only), unless a t
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import re
 import subprocess
@@ -164,18 +163,10 @@ def test_an_argparse_command_reports_its_user_errors_in_one_line(capsys):
     assert capsys.readouterr() == ("", "error: cannot write 3 shards\n")
 
 
-def load_script(name: str):
-    """An example script at the repository root, imported as a module (its main is not run)."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def help_text(command: str, capsys) -> str:
+def help_text(command: str, capsys, example_script) -> str:
     """What ``--help`` prints for a command; fire's commands through ``run``, argparse's through their main."""
     if command.endswith(".py"):
-        run(load_script(command).main, ["--help"])
+        run(example_script(command).main, ["--help"])
     elif command == "llama.server":
         from llama.server.__main__ import main
 
@@ -205,8 +196,8 @@ COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "ll
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_help_describes_every_flag_in_one_style(command, capsys):
-    text = help_text(command, capsys)
+def test_help_describes_every_flag_in_one_style(command, capsys, example_script):
+    text = help_text(command, capsys, example_script)
     entries = option_entries(text)
     assert "--traceback" in entries and "--help" in entries
     for flag, description in entries.items():
@@ -214,9 +205,9 @@ def test_help_describes_every_flag_in_one_style(command, capsys):
 
 
 @pytest.mark.parametrize("command", ["example_text_completion.py", "example_chat.py"])
-def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys):
-    main = load_script(command).main
-    entries = option_entries(help_text(command, capsys))
+def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys, example_script):
+    main = example_script(command).main
+    entries = option_entries(help_text(command, capsys, example_script))
     assert set(META_FLAGS) <= set(entries)
     for name, parameter in inspect.signature(main).parameters.items():
         if parameter.default is not None:
