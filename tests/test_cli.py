@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import pytest
+import torch
 
-from llama.cli import check_flags, run, run_parser
+from llama.cli import check_flags, load_line, run, run_parser
 from llama.distributed import RankFailedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,3 +220,16 @@ def test_the_servers_help_is_titled_with_how_it_is_started():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m llama.server [-h]")
     assert "--heartbeat_seconds HEARTBEAT_SECONDS" in done.stdout
+
+
+def test_the_load_line_names_the_tokenizer_and_the_activation_dtype_of_quantized_weights(make_checkpoint, tokenizer_path):
+    from llama.generation import Llama
+
+    ckpt_dir, _ = make_checkpoint()
+    quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
+    assert quantized.model.output.weight.dtype == torch.uint8  # int4's storage, which the line must not report
+    assert load_line(ckpt_dir, tokenizer_path, quantized, 1.5, "int4-g32") == (
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu (torch.bfloat16 activations, int4-g32 weights) in 1.50 s"
+    )
+    plain = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32")
+    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu (torch.float32) in 0.25 s"
