@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
@@ -60,6 +60,7 @@ def main(
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
+    threads: Optional[int] = None,
 ):
     """Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal
     (--interactive). Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows
@@ -72,6 +73,7 @@ def main(
         system: the system prompt of an --interactive chat
     The other flags are described in llama.cli.FLAG_HELP.
     """
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llama.cli import check_flags, load_line, run, run_parser
-from llama.distributed import RankFailedError
+from llama.distributed import RankFailedError, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,25 @@ def test_the_load_line_names_the_tokenizer_and_the_activation_dtype_of_quantized
     quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
     assert quantized.model.output.weight.dtype == torch.uint8  # int4's storage, which the line must not report
     assert load_line(ckpt_dir, tokenizer_path, quantized, 1.5, "int4-g32") == (
-        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu (torch.bfloat16 activations, int4-g32 weights) in 1.50 s"
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) "
+        "(torch.bfloat16 activations, int4-g32 weights) in 1.50 s"
     )
     plain = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32")
-    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu (torch.float32) in 0.25 s"
+    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == (
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) (torch.float32) in 0.25 s"
+    )
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(threads):
+    with pytest.raises(ValueError, match=re.escape(f"--threads must be a positive integer, got {threads!r}")):
+        set_threads(threads)
+
+
+def test_threads_sets_torchs_thread_count_and_none_keeps_it():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        assert set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -28,9 +28,9 @@ def ckpt(make_checkpoint):
 def test_text_completion_example(ckpt, tokenizer_path, launcher):
     prompt = "import sys"
     result = run(launcher + ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-                             "--max_gen_len", "6", "--prompts", f"['{prompt}']", "--device", "cpu"])
+                             "--max_gen_len", "6", "--prompts", f"['{prompt}']", "--device", "cpu", "--threads", "1"])
     assert result.returncode == 0, result.stderr
-    assert f"Loaded {ckpt} (tokenizer: {tokenizer_path}) on cpu (torch.float32) in" in result.stdout
+    assert f"Loaded {ckpt} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) (torch.float32) in" in result.stdout
     assert f"{prompt}\n> " in result.stdout
     assert "tokens/s)" in result.stdout
 
