@@ -4,6 +4,7 @@ user error is one line on stderr with exit status 2 (on rank 0 only), unless a t
 import argparse
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -251,3 +252,15 @@ def test_threads_sets_torchs_thread_count_and_none_keeps_it():
         assert set_threads(None) == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_the_package_makes_openmp_threads_wait_passively_unless_the_environment_says(given, expected):
+    """Spinning OpenMP threads collapse decoding beside a busy process (docs/performance.md)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, llama; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{expected}\n"
