@@ -93,7 +93,8 @@ def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_spee
     assert verbose.returncode == 0, verbose.stderr
     texts = plain.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
     assert texts in verbose.stdout
-    assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
+    assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), generated: \d+ tokens, the first of each row with the prompt, "
+                     r"then decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
 
 
 def test_compiled_text_completion_on_two_processes_prints_the_eager_text_and_the_compile_time(ckpt, tokenizer_path):
