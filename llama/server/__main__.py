@@ -19,12 +19,13 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch.distributed as dist
 
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
@@ -52,32 +53,28 @@ def main(
     port: int = 8000,
     api_key: Optional[str] = None,
     served_model_name: Optional[str] = None,
-    allowed_origins=None,
+    allowed_origins: Optional[str] = None,
     max_queue: int = 64,
     admission: str = "continuous",
     heartbeat_seconds: float = 10.0,
 ):
-    """Load the checkpoint (without --ckpt_dir: the bundled checkpoints/tiny-stdlib; without
-    --tokenizer_path: the checkpoint folder's tokenizer.model) and serve it.
+    """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), on one process or under torchrun.
 
     Args:
-        max_batch_size: the engine's slots: most rows decoded together; a request with n samples of
-            p prompts takes n * p.
-        compile: compile the engine's decode step (``torch.compile``; the first request waits for it).
-        host, port: where to listen (--port 0: any free port, logged at start).
-        api_key: if given, every /v1 request needs ``Authorization: Bearer <api_key>``; without it,
-            the environment variable LLAMA_API_KEY if set (a flag is visible to every user in ``ps``).
-        served_model_name: the model's id in /v1/models and in requests; default the checkpoint
-            folder's name.
-        allowed_origins: web origins (``https://app.example.com``, comma-separated, or ``*`` for
-            any) whose pages may call the server: CORS headers on every answer to them, and their
-            browsers' preflight requests answered. Default: none.
-        max_queue: most requests waiting while every slot is taken; beyond it a request gets 503.
-        admission: "continuous" (a request starts at the next step if its rows fit the free slots)
-            or "static" (only into an empty batch: the policy of a server without continuous
-            batching, kept to measure the difference).
+        ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_batch_size: the engine's slots: the most rows decoded together; a request for n samples of p prompts takes n * p rows
+        compile: compile the engine's decode step (torch.compile); the first request waits for it
+        host: the address to listen on
+        port: the port to listen on; 0 picks a free one, logged at start
+        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"; default: the environment variable LLAMA_API_KEY (a flag is visible to every user in ps)
+        served_model_name: the model's id in /v1/models and in requests; default: the checkpoint folder's name
+        allowed_origins: web origins whose pages may call the server (CORS), comma-separated (https://app.example.com,http://localhost:3000) or * for any; default: none
+        max_queue: the most requests waiting while every slot is taken; beyond it a request is answered 503
+        admission: continuous (a request starts at the next step in free slots) or static (only into an empty batch, as a server without continuous batching; kept to measure the difference)
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
-            (well below the process group's 30-minute timeout).
+            (well below the process group's 30-minute timeout)
+    The other flags are described in llama.cli.FLAG_HELP.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
@@ -92,8 +89,10 @@ def main(
         raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
     llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, heartbeat_seconds=heartbeat_seconds)  # the server's policy
+    logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
@@ -104,14 +103,13 @@ def main(
     serve(llama, scheduler, served_model_name or Path(ckpt_dir).name, host, port, api_key, origins)
 
 
-def parse_origins(allowed_origins) -> Tuple[str, ...]:
-    """--allowed_origins as a tuple of origins: fire hands over "a,b" as a tuple, one origin as a string."""
+def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
+    """--allowed_origins as a tuple of origins, each checked."""
     if allowed_origins is None:
         return ()
-    origins = allowed_origins.split(",") if isinstance(allowed_origins, str) else allowed_origins
-    if not isinstance(origins, (list, tuple)) or not all(isinstance(o, str) for o in origins):
+    if not isinstance(allowed_origins, str):
         raise ValueError(f"--allowed_origins must be origins separated by commas, or '*', got {allowed_origins!r}")
-    origins = tuple(o.strip() for o in origins)
+    origins = tuple(origin.strip() for origin in allowed_origins.split(","))
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
             raise ValueError(f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], e.g. http://localhost:3000, with no path")
