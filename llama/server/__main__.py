@@ -56,6 +56,7 @@ def main(
     allowed_origins: Optional[str] = None,
     max_queue: int = 64,
     admission: str = "continuous",
+    prefill_chunk: int = 256,
     heartbeat_seconds: float = 10.0,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
@@ -72,6 +73,7 @@ def main(
         allowed_origins: web origins whose pages may call the server (CORS), comma-separated (https://app.example.com,http://localhost:3000) or * for any; default: none
         max_queue: the most requests waiting while every slot is taken; beyond it a request is answered 503
         admission: continuous (a request starts at the next step in free slots) or static (only into an empty batch, as a server without continuous batching; kept to measure the difference)
+        prefill_chunk: the most prompt tokens prefilled in one step while other rows decode: a long prompt delays them by one chunk's time per step
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
             (well below the process group's 30-minute timeout)
     The other flags are described in llama.cli.FLAG_HELP.
@@ -81,6 +83,8 @@ def main(
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
     if admission not in ADMISSIONS:
         raise ValueError(f"--admission must be one of {ADMISSIONS}, got {admission!r}")
+    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+        raise ValueError(f"--prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"--max_queue must be a non-negative integer, got {max_queue!r}")
     origins = parse_origins(allowed_origins)
@@ -91,7 +95,7 @@ def main(
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
-    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, heartbeat_seconds=heartbeat_seconds)  # the server's policy
+    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds)  # the server's policy
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
