@@ -66,8 +66,9 @@ class Scheduler:
         return request
 
     def stop(self) -> None:
-        """Refuse new jobs and stop the engine after its current step (every request still running or
-        waiting ends "cancelled", answered 503); safe in a signal handler."""
+        """Refuse new jobs (503) and stop the engine after its current step: every request still
+        running or waiting ends "cancelled", which the HTTP side answers as a 503 error while the
+        process lasts; safe in a signal handler."""
         self.stopping.set()
         self.engine.stop()
 
