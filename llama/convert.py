@@ -37,7 +37,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
     """The source's params (Meta's keys) and its full hyper-parameters, vocabulary size included."""
     params = read_params(ckpt_dir)
-    rows, _ = embedding_rows(ckpt_dir)
+    rows, _ = embedding_rows(ckpt_dir, params)
     return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
 
 

@@ -5,7 +5,9 @@
 Any process count can load any checkpoint (``llama.checkpoint`` reshards at load), but a checkpoint
 saved with as many shards as processes loads fastest: each rank memory-maps one file. The output
 holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
-``rope.freqs``, and a copy of ``params.json``. Target shards are written one at a time, each assembled
+``rope.freqs``, and a copy of ``params.json``. The token embedding is split as Meta's code for the model
+splits it: Llama 2's on the features, Llama 3's on the vocabulary (as the source's shards are, or, from
+one shard, when the folder's tokenizer is Llama 3's). Target shards are written one at a time, each assembled
 from memory-mapped sources, so the tool needs memory for one target shard, not the model.
 """
 
@@ -17,10 +19,14 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_shard, rank_slices, read_params, shard_paths
+from llama.checkpoint import (
+    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_vocab_size, layout_of, load_shard, meta_layout, rank_slices, read_params,
+    shard_paths, split_dims,
+)
 from llama.cli import run_parser
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
+from llama.tokenizer import resolve_tokenizer_path, tokenizer_kind
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +41,34 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
 
-    vocab_size = checkpoint_vocab_size(paths)
+    vocab_size = checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim))
     args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
     check_world_size(args.split_sizes, n_shards)
     layout = layout_of(args)  # from params.json, in this single process
     for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)
         check_shard(path, load_shard(path), layout, len(paths))
     first = load_shard(paths[0])
+    out_layout = meta_layout(layout, splits_vocabulary(ckpt_dir, paths, first, layout))
     extras = {key: first[key] for key in IGNORED_KEYS if key in first}  # rope.freqs, kept as Meta ships it
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
     for shard in range(n_shards):
         path = out / f"consolidated.{shard:02d}.pth"
-        write_shard(path, paths, layout, extras, shard, n_shards)
+        write_shard(path, paths, out_layout, extras, shard, n_shards)
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
+
+
+def splits_vocabulary(ckpt_dir: str, paths: List[Path], first: dict, layout: dict) -> bool:
+    """Whether Meta's code for this model splits the embedding on the vocabulary (Llama 3's does): as
+    the source's shards do, or, for one source shard, when the folder's tokenizer is Llama 3's."""
+    if len(paths) > 1:
+        return split_dims(paths[0], first, layout, len(paths))[EMBEDDING_KEY] == VOCABULARY_DIM
+    try:
+        return tokenizer_kind(resolve_tokenizer_path(ckpt_dir)) != "sentencepiece"
+    except FileNotFoundError:
+        logger.info("no tokenizer in %s: the embedding is split as Llama 2's code splits it", ckpt_dir)
+        return False
 
 
 def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:
