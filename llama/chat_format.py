@@ -131,12 +131,14 @@ class Llama3ChatFormat(ChatFormat):
 
 
 class ChatTemplate(TypedDict):
-    """A Hugging Face folder's chat template: the jinja source, the file it came from, and the texts
-    of its special tokens that templates read (bos_token, eos_token, ...)."""
+    """A Hugging Face folder's chat template: the jinja source, the file it came from, the texts of its
+    special tokens that templates read (bos_token, eos_token, ...), and tokenizer_config.json's
+    ``legacy`` flag (``Tokenizer.encode_with_special_tokens``)."""
 
     source: str
     path: str
     tokens: Dict[str, str]
+    legacy: bool
 
 
 def raise_exception(message: str):
@@ -175,7 +177,7 @@ class TemplateChatFormat(ChatFormat):
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
 
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
-        return self.tokenizer.encode_with_special_tokens(self.render(dialog))
+        return self.tokenizer.encode_with_special_tokens(self.render(dialog), self.template["legacy"])
 
 
 # A template that writes these is the tokenizer's own format, which the formats above encode exactly.

@@ -227,7 +227,8 @@ def read_params(ckpt_dir: str) -> dict:
 def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
     """The folder's chat template, if it has one: ``chat_template.jinja`` (transformers 5 saves it
     there), else the ``chat_template`` of ``tokenizer_config.json`` (a string, or a list of named
-    templates of which the "default" one), with the special tokens' texts from tokenizer_config.json."""
+    templates of which the "default" one), with the special tokens' texts and the ``legacy`` flag of
+    tokenizer_config.json."""
     folder = Path(ckpt_dir)
     config = read_json_object(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
     tokens = {}
@@ -237,8 +238,11 @@ def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
             value = value.get("content")
         if isinstance(value, str):
             tokens[name] = value
+    legacy = config.get("legacy", False)  # transformers 5's default for Llama tokenizers
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{folder / TOKENIZER_CONFIG}: legacy must be true or false, found {legacy!r}")
     if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return ChatTemplate(source=(folder / CHAT_TEMPLATE_FILE).read_text(), path=str(folder / CHAT_TEMPLATE_FILE), tokens=tokens)
+        return ChatTemplate(source=(folder / CHAT_TEMPLATE_FILE).read_text(), path=str(folder / CHAT_TEMPLATE_FILE), tokens=tokens, legacy=legacy)
     source = config.get("chat_template")
     if isinstance(source, list):
         source = next((entry.get("template") for entry in source if isinstance(entry, dict) and entry.get("name") == "default"), None)
@@ -246,7 +250,7 @@ def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
         return None
     if not isinstance(source, str):
         raise ValueError(f"{folder / TOKENIZER_CONFIG}: chat_template must be a string or a list of named templates with a 'default' one")
-    return ChatTemplate(source=source, path=str(folder / TOKENIZER_CONFIG), tokens=tokens)
+    return ChatTemplate(source=source, path=str(folder / TOKENIZER_CONFIG), tokens=tokens, legacy=legacy)
 
 
 def is_tied(ckpt_dir: str) -> bool:

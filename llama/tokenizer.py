@@ -108,9 +108,10 @@ class Tokenizer:
         """The texts that Hugging Face's tokenizers read as special tokens (``encode_with_special_tokens``)."""
         raise NotImplementedError
 
-    def encode_with_special_tokens(self, text: str) -> List[int]:
+    def encode_with_special_tokens(self, text: str, legacy: bool = False) -> List[int]:
         """Token ids of ``text`` in which the special tokens' texts stand for those tokens, as Hugging
-        Face's tokenizers read a rendered chat template (``encode`` reads them as plain text)."""
+        Face's tokenizers read a rendered chat template (``encode`` reads them as plain text).
+        ``legacy``: tokenizer_config.json's flag of transformers' Llama tokenizers (sentencepiece only)."""
         raise NotImplementedError
 
 
@@ -150,14 +151,23 @@ class SentencePieceTokenizer(Tokenizer):
         ids = range(self.sp_model.get_piece_size())
         return [self.sp_model.id_to_piece(i) for i in ids if self.sp_model.IsControl(i) or self.sp_model.IsUnknown(i)]
 
-    def encode_with_special_tokens(self, text: str) -> List[int]:
-        """Each stretch between special tokens is encoded on its own, with sentencepiece's leading space,
-        as the "legacy" Llama tokenizers of transformers (Llama 2's, TinyLlama's) encode it."""
+    def encode_with_special_tokens(self, text: str, legacy: bool = False) -> List[int]:
+        """Each stretch between special tokens is encoded on its own: with sentencepiece's leading space
+        if ``legacy`` (transformers' legacy Llama tokenizers), else only at the start of ``text``
+        (``legacy=False``, transformers 5's default), and never before a stretch that begins with a space
+        (transformers' Metaspace step). Without the leading space a stretch is encoded behind the unknown
+        piece's text, whose pieces are then dropped, as transformers' own sentencepiece code does."""
         specials = {piece: self.sp_model.piece_to_id(piece) for piece in self.special_token_texts()}
         pattern = "(" + "|".join(re.escape(piece) for piece in sorted(specials, key=len, reverse=True)) + ")"
+        unk = self.sp_model.id_to_piece(self.sp_model.unk_id())
         tokens = []
         for i, part in enumerate(re.split(pattern, text)):
-            tokens += [specials[part]] if i % 2 else self.sp_model.encode(part) if part else []
+            if i % 2:
+                tokens.append(specials[part])
+            elif part and (legacy or i == 0) and not part.startswith(" "):  # a space is the leading space already
+                tokens += self.sp_model.encode(part)
+            elif part:
+                tokens += self.sp_model.encode(unk + part)[len(self.sp_model.encode(unk)) :]
         return tokens
 
 
@@ -221,8 +231,8 @@ class TiktokenTokenizer(Tokenizer):
     def special_token_texts(self) -> List[str]:
         return list(self.special_tokens)
 
-    def encode_with_special_tokens(self, text: str) -> List[int]:
-        return self.model.encode(text, allowed_special="all")
+    def encode_with_special_tokens(self, text: str, legacy: bool = False) -> List[int]:
+        return self.model.encode(text, allowed_special="all")  # byte-level BPE adds no leading space: legacy changes nothing
 
 
 def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool = True) -> bytes:

@@ -496,3 +496,38 @@ def test_chat_stream_and_server_request_use_metas_chat_format(llama3_folders, ll
     assert job.prompt_lens == [len(metas_chat_tokens(DIALOG, encoding))]
     token = encoding.encode(" héllo")[0]
     assert LlamaHTTPServer.token_bytes(argparse.Namespace(llama=llama), token) == encoding.decode_single_token_bytes(token)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_template(tmp_path, legacy):
+    """A Llama 2 fine-tune (TinyLlama-Chat style) with its own template, read by transformers' Llama
+    tokenizer from tokenizer.model: it needs protobuf (setup.py's test extra) to convert the model."""
+    pytest.importorskip("google.protobuf")
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from conftest import stdlib_lines
+
+    model = io.BytesIO()  # Llama's settings: no normalization, whitespace kept, a leading space added
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    template = "{{ bos_token }}" + ZEPHYR_TEMPLATE + "{{ ' ' + eos_token + '  x' }}"
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "chat_template": template, "legacy": legacy}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):  return x"},
+              {"role": "assistant", "content": " ok "}, {"role": "user", "content": "  héllo\nwörld"}]
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+
+    from llama.chat_format import chat_format_for
+    from llama.hf_checkpoint import read_chat_template
+
+    chat_format = chat_format_for(Tokenizer(str(tmp_path / "tokenizer.model")), read_chat_template(str(tmp_path)))
+    assert chat_format.encode_dialog(dialog) == list(expected)
