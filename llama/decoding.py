@@ -349,7 +349,7 @@ def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -
         written = torch.where(writes, message[0], tokens[rows, position])
         tokens[rows, position] = written
         if token_logprobs is not None:
-            scored = -F.cross_entropy(last, written, reduction="none")
+            scored = -F.cross_entropy(last, written.clamp(min=0), reduction="none")  # PAD: an ended row's, discarded below
             token_logprobs[rows, position] = torch.where(writes, scored, token_logprobs[rows, position])
         if state.top_ids is not None:
             alternatives = torch.log_softmax(last, dim=-1).topk(state.top_ids.shape[-1], dim=-1)

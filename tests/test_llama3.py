@@ -373,9 +373,11 @@ def test_chat_tokens_are_metas_chat_format(llama3_folders, llama3_tokenizer, lay
 
 
 def test_chat_reply_ends_at_each_stop_token(llama3_folders, llama3_tokenizer):
-    """A model made to say end-of-turn (or end-of-message, end-of-text) stops there, without it."""
+    """A model made to say end-of-turn (or end-of-message, end-of-text) stops there, without it; in a
+    batch of two dialogs with logprobs, where the rows stop at different steps."""
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     encoding = llama3_tokenizer[2]
+    dialogs = [DIALOG[:2], DIALOG]
     llama = build(hf_folder)
     free, _ = llama.generate([llama.encode_dialog(DIALOG[:2])], max_gen_len=12, temperature=0, stop_tokens=[])
     common = max(set(free[0]), key=free[0].count)
@@ -385,10 +387,13 @@ def test_chat_reply_ends_at_each_stop_token(llama3_folders, llama3_tokenizer):
         with torch.no_grad():
             model.output.weight[stop] = 10 * model.output.weight[common]
         llama = Llama(model, llama.tokenizer)
-        unstopped, _ = llama.generate([llama.encode_dialog(DIALOG[:2])], max_gen_len=12, temperature=0, stop_tokens=[])
+        unstopped, _ = llama.generate([llama.encode_dialog(d) for d in dialogs], max_gen_len=12, temperature=0, stop_tokens=[])
         assert stop in unstopped[0]
-        result = llama.chat_completion([DIALOG[:2]], temperature=0, max_gen_len=12, logprobs=True)[0]
-        assert result["tokens"] == [encoding.decode([t]) for t in unstopped[0][: unstopped[0].index(stop)]]
+        results = llama.chat_completion(dialogs, temperature=0, max_gen_len=12, logprobs=True)
+        for result, tokens in zip(results, unstopped):
+            kept = tokens[: tokens.index(stop)] if stop in tokens else tokens
+            assert result["tokens"] == [encoding.decode([t]) for t in kept]
+            assert len(result["logprobs"]) == len(kept)
 
 
 ZEPHYR_TEMPLATE = (
