@@ -145,12 +145,17 @@ def raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
+def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """jinja's ``tojson`` as transformers defines it: plain JSON, non-ASCII text kept, no HTML escapes."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def compile_template(template: ChatTemplate) -> jinja2.Template:
     """The template in the environment transformers renders chat templates in: a sandbox that trims
     block lines, loop controls, a ``tojson`` that keeps non-ASCII text, ``raise_exception`` and
     ``strftime_now``."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     try:

@@ -2,10 +2,11 @@
 
 A checkpoint published for model-parallel size M holds M shards; shard i is rank i's slice of every
 split tensor (see ``llama.parallel``): column-parallel weights and the output projection split on
-dim 0, row-parallel weights and the token embedding on dim 1, norms replicated. Because every split
-is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
+dim 0, row-parallel weights and the token embedding on dim 1, norms replicated (Meta's Llama 3 shards
+split the embedding on dim 0, the vocabulary, which the reader sees from their shapes). Because every
+split is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
-and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
+(all of them for an embedding split the other way) and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
 
 A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.hf_checkpoint`` instead,
@@ -151,17 +152,17 @@ def rank_slices(
     shards is concatenated, one tensor at a time. A tensor the shards split on another dimension than
     ``layout``'s (Llama 3's embedding) is this rank's part of every shard, concatenated."""
     n_shards = len(paths)
-    shards = {}
+    shards = {0: load_shard(paths[0])}
+    source_dims = split_dims(paths[0], shards[0], layout, n_shards)
 
     def shard(i: int) -> Dict[str, torch.Tensor]:
+        """Shard i, memory-mapped and checked on first use."""
         if i not in shards:
             shards[i] = load_shard(paths[i])
-            dims = split_dims(paths[i], shards[i], layout, n_shards)
-            if i > 0 and dims != source_dims:
+            if split_dims(paths[i], shards[i], layout, n_shards) != source_dims:
                 raise ValueError(f"{paths[i]} splits its tensors on other dimensions than {paths[0]}")
         return shards[i]
 
-    source_dims = split_dims(paths[0], load_shard(paths[0]), layout, n_shards)
     needed = shards_for_rank(n_shards, rank, world_size)
     for i in needed:
         shard(i)

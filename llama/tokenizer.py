@@ -72,7 +72,7 @@ class Tokenizer:
 
     chat_format = "llama2"  # the chat format of the models trained with this kind: "llama2" or "llama3"
 
-    def __new__(cls, model_path: str):
+    def __new__(cls, model_path: Optional[str] = None):  # None: unpickling a subclass, which needs no choice
         if cls is Tokenizer:
             cls = SentencePieceTokenizer if tokenizer_kind(model_path) == "sentencepiece" else TiktokenTokenizer
         return super().__new__(cls)
