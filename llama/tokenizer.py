@@ -24,24 +24,30 @@ TOKENIZER_PLACES = (TOKENIZER_FILE, HF_TOKENIZER_FILE, f"original/{TOKENIZER_FIL
 
 
 def resolve_tokenizer_path(ckpt_dir: str, tokenizer_path: Optional[str] = None) -> str:
-    """``tokenizer_path`` if given, else the checkpoint folder's own tokenizer: the first of
-    ``TOKENIZER_PLACES`` in it.
+    """The tokenizer a checkpoint is read with.
 
-    Meta's downloads put ``tokenizer.model`` beside the checkpoint folders rather than in them; when
-    the folder has none, the error names the one beside it if there is one.
+    Args:
+        ckpt_dir: the checkpoint folder.
+        tokenizer_path: the file to use; None looks in ``ckpt_dir`` for each of ``TOKENIZER_PLACES``
+            (``tokenizer.model``, ``tokenizer.json``, ``original/tokenizer.model``), then beside it, in
+            its parent folder, where Meta's Llama 2 download puts it (``tokenizer.model`` next to
+            ``llama-2-7b/``).
+
+    Returns:
+        ``tokenizer_path`` if given, else the first tokenizer found.
     """
     if tokenizer_path is not None:
         return tokenizer_path
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    for place in TOKENIZER_PLACES:
-        if (Path(ckpt_dir) / place).is_file():
-            return str(Path(ckpt_dir) / place)
+    own = [Path(ckpt_dir) / place for place in TOKENIZER_PLACES]
     beside = Path(ckpt_dir).resolve().parent / TOKENIZER_FILE
-    hint = f" (there is one beside it: {beside})" if beside.is_file() else ""
+    for candidate in own + [beside]:
+        if candidate.is_file():
+            return str(candidate)
     raise FileNotFoundError(
-        f"no tokenizer_path given and {ckpt_dir} has no {', '.join(TOKENIZER_PLACES[:-1])} or {TOKENIZER_PLACES[-1]}{hint}; "
-        "pass the checkpoint's tokenizer.model or tokenizer.json as tokenizer_path"
+        f"no --tokenizer_path given, and none of {', '.join(map(str, own))} or {beside} exists; "
+        "pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path (tokenizer_path= in Llama.build)"
     )
 
 

@@ -475,8 +475,7 @@ def test_reshard_writes_llama3_shards_as_meta_splits_them(llama3_folders, llama3
     from llama.reshard import reshard
 
     model, _, meta_folder = llama3_folders["3.1: Meta's constants, factor 8"]
-    reshard(meta_folder, str(tmp_path / "one"), 1)
-    shutil.copyfile(llama3_tokenizer[0], tmp_path / "one" / "tokenizer.model")
+    reshard(meta_folder, str(tmp_path / "one"), 1)  # copies the tokenizer too
     reshard(str(tmp_path / "one"), str(tmp_path / "two"), 2)  # from one shard: the tokenizer says Llama 3
     for source in (meta_folder, str(tmp_path / "two")):
         for i in range(2):
