@@ -40,7 +40,8 @@ class GenerationOptions:
     at EOS. ``Sampler`` explains the sampling options; the rest:
 
     max_gen_len: most new tokens per row (also capped by max_seq_len); None: up to max_seq_len.
-    stop_tokens: token ids that end a row, not returned; None means [EOS], [] never stops early.
+    stop_tokens: token ids that end a row, not returned; None means the tokenizer's (Llama 2: EOS; Llama 3:
+        end of text, end of turn, end of message), [] never stops early.
     stop_strings: texts that end a row; the text is cut before the first one.
     num_return_sequences: n rows per prompt, prompt i's at [i*n, (i+1)*n).
     seed: row i*n + j samples from a torch.Generator seeded with seed + j; None: the global RNG.
@@ -207,7 +208,7 @@ class Decoding:
         self.text_ends = list(self.limits)  # after a stop string: after the token that completed it
         self.finish_reasons: List[Optional[str]] = ["length" if n >= limit else None for n, limit in zip(self.prompt_lens, self.limits)]
         self.cancel_requests = set()  # rows to cancel at the next step (rank 0's decision)
-        self.stop_tokens = {tokenizer.eos_id} if options.stop_tokens is None else set(options.stop_tokens)
+        self.stop_tokens = set(tokenizer.stop_tokens if options.stop_tokens is None else options.stop_tokens)
         self.tokenizer = tokenizer
 
         self.tokens = torch.full((bsz, self.total_len), PAD, dtype=torch.long)
@@ -348,7 +349,7 @@ def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -
         written = torch.where(writes, message[0], tokens[rows, position])
         tokens[rows, position] = written
         if token_logprobs is not None:
-            scored = -F.cross_entropy(last, written, reduction="none")
+            scored = -F.cross_entropy(last, written.clamp(min=0), reduction="none")  # PAD: an ended row's, discarded below
             token_logprobs[rows, position] = torch.where(writes, scored, token_logprobs[rows, position])
         if state.top_ids is not None:
             alternatives = torch.log_softmax(last, dim=-1).topk(state.top_ids.shape[-1], dim=-1)
