@@ -41,10 +41,6 @@ from llama.tokenizer import Tokenizer  # noqa: E402  (after the path: the reposi
 
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 POLICIES = ("continuous", "static")
-# OpenMP's threads spin while they wait for work; on a machine whose cores are busy with other work
-# that spinning made a 2-thread decode step of the bundled model 15x slower than 1 thread (840 ms
-# against 37 ms at a load average of 9 on 2 cores). Passive waiting removes that; both servers get it.
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class Server:
@@ -53,11 +49,11 @@ class Server:
     def __init__(self, admission: str, args, log_path: Path):
         command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(args.slots),
                    "--max_seq_len", str(args.max_seq_len), "--device", "cpu", "--admission", admission, "--max_queue", "1000",
-                   "--prefill_chunk", str(args.prefill_chunk)]
+                   "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads)]
         self.admission, self.log_path = admission, log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, **THREAD_ENV, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)})
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.port = self.wait_for_port()
 
     def wait_for_port(self, timeout: float = 120) -> int:
@@ -301,7 +297,7 @@ def main():
     parser.add_argument("--slots", type=int, default=8, help="the servers' --max_batch_size")
     parser.add_argument("--max_seq_len", type=int, default=1024)
     parser.add_argument("--prefill_chunk", type=int, default=256, help="the servers' --prefill_chunk")
-    parser.add_argument("--threads", type=int, default=2, help="each server's torch threads (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=2, help="each server's --threads")
     parser.add_argument("--seed", type=int, default=0, help="of the mixed workload")
     parser.add_argument("--log_dir", default="/tmp")
     args = parser.parse_args()

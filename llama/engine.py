@@ -128,7 +128,7 @@ class Request:
         self.options = options
         self.stream_text = stream_text
         self.tokenizer = tokenizer
-        self.stop_tokens = {tokenizer.eos_id} if options.stop_tokens is None else set(options.stop_tokens)
+        self.stop_tokens = set(tokenizer.stop_tokens if options.stop_tokens is None else options.stop_tokens)
         max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
         streams = stream_text or bool(options.stop_strings)
         self.rows = [

@@ -11,8 +11,9 @@ from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, Dialog, Message, encode_dialog, encode_dialogs  # noqa: F401 (Meta's import path)
+from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
 from llama.checkpoint import load_model, read_model_args
+from llama.hf_checkpoint import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.engine import Engine, Request
 from llama.model import Transformer
@@ -66,7 +67,8 @@ class Llama:
             ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
                 whatever the number of processes), or a Hugging Face transformers Llama folder
                 (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
-            tokenizer_path: the sentencepiece ``tokenizer.model``; None: the one in ``ckpt_dir``.
+            tokenizer_path: ``tokenizer.model`` (Llama 2's sentencepiece or Llama 3's tiktoken file) or a
+                Hugging Face ``tokenizer.json``; None: the folder's own (``resolve_tokenizer_path``).
             max_seq_len: longest prompt + generation; sizes the KV cache.
             max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
             model_parallel_size: must equal the number of processes if given (Meta's argument).
@@ -112,13 +114,15 @@ class Llama:
             tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+            chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
-        return Llama(model, tokenizer, compile)
+        return Llama(model, tokenizer, compile, chat_format)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
         self.engine = Engine(model, tokenizer, compile)  # every call below decodes here
 
     @property
@@ -225,7 +229,8 @@ class Llama:
         logprobs: bool = False,
         **options,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 2 chat format (``llama.chat_format``).
+        """Answer each dialog as the assistant, in the model's chat format (``llama.chat_format``: Llama
+        2's, Llama 3's, or the folder's chat template); the answer ends at a stop token of the tokenizer.
 
         Args:
             dialogs: lists of {"role", "content"} messages: an optional system message, then user and
@@ -235,11 +240,12 @@ class Llama:
         Returns:
             One dict per dialog (per sample, as ``text_completion``): {"generation": {"role":
             "assistant", "content": text}}, plus "tokens" and "logprobs" when ``logprobs``, and
-            "top_logprobs" when asked. A dialog whose messages contain the special tags gets
-            UNSAFE_ERROR as its content.
+            "top_logprobs" when asked. A dialog whose messages contain the format's special tags
+            (Llama 2's [INST] and <<SYS>> tags, a chat template's special tokens) gets UNSAFE_ERROR as
+            its content.
         """
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, **options)
-        prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
+        prompt_tokens, unsafe = self.chat_format.encode_dialogs(dialogs)
         request = self.decode(prompt_tokens, "dialog", **options)
         generated = request.results()
         results: List[ChatPrediction] = []
@@ -268,7 +274,7 @@ class Llama:
         """``chat_completion`` as it is generated, one string per row per step, like
         ``text_completion_stream``: joined, a row's strings equal its answer's "content"."""
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
-        prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
+        prompt_tokens, unsafe = self.chat_format.encode_dialogs(dialogs)
         return self.start_stream(prompt_tokens, "dialog", unsafe, **options)
 
     def stream(
@@ -286,8 +292,8 @@ class Llama:
         return CompletionStream(request, self.engine.run_until_done(request), refused)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The dialog's tokens in the Llama 2 chat format."""
-        return encode_dialog(self.tokenizer, dialog)
+        """The dialog's tokens in the model's chat format (``self.chat_format``)."""
+        return self.chat_format.encode_dialog(dialog)
 
     def encode_prompts(self, prompts: List[str]) -> List[List[int]]:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):

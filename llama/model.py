@@ -1,10 +1,11 @@
-"""The Llama 2 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
+"""The Llama 2 and Llama 3 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
 embeddings, attention with its in-place KV cache, the SwiGLU feed-forward, a block, the model.
 
 Pure math: no file I/O and no device selection. Model parallelism enters only through the layer
 classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
 """
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple, Union
 
@@ -22,6 +23,36 @@ from llama.parallel import (
 )
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's stretch of the rotary wavelengths for a longer context (``llama3_rope_scaling``).
+    The defaults are Meta's constants (llama-models' ``apply_scaling``)."""
+
+    factor: float = 8.0  # how much the long wavelengths are stretched (Llama 3.2 1B/3B: 32)
+    low_freq_factor: float = 1.0  # wavelengths above original / low_freq_factor are stretched fully
+    high_freq_factor: float = 4.0  # wavelengths below original / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # the context the model was first trained on
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"RopeScaling.{name} must be a positive number, got {value!r}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor = {self.high_freq_factor} must exceed low_freq_factor = {self.low_freq_factor}")
+
+
+# params.json's keys for the scaling: use_scaled_rope (Meta's, Llama 3.1+) turns it on with Meta's
+# constants; rope_scaling_factor and rope_high_freq_factor are llama-models' names (Llama 4) for
+# other values, and the last two follow their pattern, so that any Hugging Face llama3 setting fits.
+ROPE_SCALING_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_original_max_position_embeddings": "original_max_position_embeddings",
+}
+
+
 @dataclass
 class ModelArgs:
     """Every key of Meta's ``params.json`` plus the two sizes of the inference cache."""
@@ -34,17 +65,28 @@ class ModelArgs:
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # Code Llama uses 1e6
+    rope_theta: float = 10000.0  # Code Llama uses 1e6, Llama 3 5e5
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: params.json's use_scaled_rope
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
-        """Build from a ``params.json`` dictionary; an unknown key is an error naming the known ones."""
-        known = [f.name for f in fields(cls)]
+        """Build from a ``params.json`` dictionary; an unknown key is an error naming the known ones.
+        ``use_scaled_rope`` (and ``ROPE_SCALING_KEYS``) become ``rope_scaling``."""
+        params = dict(params)
+        use_scaled_rope = params.pop("use_scaled_rope", False)
+        scaling = {ROPE_SCALING_KEYS[key]: params.pop(key) for key in list(params) if key in ROPE_SCALING_KEYS}
+        if not isinstance(use_scaled_rope, bool):
+            raise ValueError(f"{source}: use_scaled_rope must be true or false, got {use_scaled_rope!r}")
+        if scaling and not use_scaled_rope:
+            raise ValueError(f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} need use_scaled_rope: true")
+        known = [f.name for f in fields(cls) if f.name != "rope_scaling"]
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known}")
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known + ['use_scaled_rope', *ROPE_SCALING_KEYS]}")
+        if use_scaled_rope:
+            params["rope_scaling"] = RopeScaling(**scaling)
         return cls(**params)
 
     def __post_init__(self):
@@ -102,10 +144,27 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
 
 
-def precompute_rope(head_dim: int, end: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2),
-    computed on the CPU even inside ``torch.device("meta")``, where the loader builds the model."""
-    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), rope_frequencies(head_dim, theta))
+def llama3_rope_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequencies for a long context: a pair whose wavelength (2 pi / frequency) is longer
+    than ``original / low_freq_factor`` turns ``factor`` times slower, one shorter than ``original /
+    high_freq_factor`` keeps its speed (it already repeats many times within the original context), and
+    in between the speed is blended linearly in ``original / wavelength``. (head_dim/2,) -> (head_dim/2,)."""
+    wavelengths = 2 * math.pi / freqs
+    original = scaling.original_max_position_embeddings
+    blend = (original / wavelengths - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * freqs / scaling.factor + blend * freqs
+    stretched = torch.where(wavelengths > original / scaling.low_freq_factor, freqs / scaling.factor, blended)
+    return torch.where(wavelengths < original / scaling.high_freq_factor, freqs, stretched)
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, scaling: Optional[RopeScaling] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)`` (with ``scaling``: the
+    frequencies of ``llama3_rope_scaling``), each (end, head_dim/2), computed on the CPU even inside
+    ``torch.device("meta")``, where the loader builds the model."""
+    freqs = rope_frequencies(head_dim, theta)
+    if scaling is not None:
+        freqs = llama3_rope_scaling(freqs, scaling)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -234,7 +293,7 @@ class Transformer(nn.Module):
         device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
-        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta)
+        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 

@@ -18,7 +18,8 @@ class GenerationOptions:
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias); the rest:
 
     max_gen_len: most new tokens per row (also capped by max_seq_len); None: up to max_seq_len.
-    stop_tokens: token ids that end a row, not returned; None means [EOS], [] never stops early.
+    stop_tokens: token ids that end a row, not returned; None means the tokenizer's (Llama 2: EOS; Llama 3:
+        end of text, end of turn, end of message), [] never stops early.
     stop_strings: texts that end a row; the text is cut before the first one.
     num_return_sequences: n rows per prompt, prompt i's at [i*n, (i+1)*n).
     seed: row i*n + j draws from the counter-based generator of seed + j (its tokens do not depend on

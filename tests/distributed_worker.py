@@ -14,6 +14,8 @@ Scenarios:
     bad_args     generate called with a bad argument on rank 1 only, then with different (valid) prompts
                  on each rank, then correctly: each outcome saved to OUT_DIR/rank<R>.pt.
     rank1_raises rank 1 raises before any collective while rank 0 waits for a minute.
+    llama3       for each Llama 3 checkpoint (TOKENIZER_PATH "-": the folder's own tokenizer): logits of
+                 the first of llama3_inputs, greedy tokens of the second, saved as for generate.
     engine       the decoding engine with a request admitted while another decodes: first every rank
                  submits the same requests (generate's way), then rank 0 alone submits and runs them
                  while the others follow its plans (a server's way) until it shuts down; the tokens
@@ -37,8 +39,29 @@ PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
 SAMPLE_SEED = 123
 
 
+LLAMA3_MAX_SEQ_LEN = 96
+
+
 def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
     return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+
+
+def llama3_inputs(tokenizer):
+    """(2, 80) random tokens, and two prompts, the first of 40 tokens: both pass the 32-token original
+    context of test_llama3's factor-32 model."""
+    tokens = torch.randint(0, tokenizer.n_words, (2, 80), generator=torch.Generator().manual_seed(3))
+    text = "def add(a, b):\n    return a + b\n" * 6
+    return tokens, [tokenizer.encode(text, bos=True, eos=False)[:40], [tokenizer.bos_id, 17, 300]]
+
+
+def llama3(tokenizer_path: str, ckpt_dirs) -> dict:
+    results = {}
+    for ckpt_dir in ckpt_dirs:
+        llama = Llama.build(ckpt_dir, max_seq_len=LLAMA3_MAX_SEQ_LEN, max_batch_size=2, device="cpu", dtype="float32")
+        tokens, prompts = llama3_inputs(llama.tokenizer)
+        greedy, _ = llama.generate(prompts, max_gen_len=8, temperature=0)
+        results[ckpt_dir] = {"logits": llama.model.forward(tokens), "greedy": greedy}
+    return results
 
 
 def outcome(call) -> str:
@@ -103,7 +126,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
     elif scenario == "build":
         build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
     else:
-        results = {"generate": generate, "bad_args": bad_args, "engine": engine}[scenario](tokenizer_path, ckpt_dirs)
+        results = {"generate": generate, "bad_args": bad_args, "llama3": llama3, "engine": engine}[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch.distributed as dist
 
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
 from llama.server.http import LlamaHTTPServer
@@ -58,6 +58,7 @@ def main(
     admission: str = "continuous",
     prefill_chunk: int = 256,
     heartbeat_seconds: float = 10.0,
+    threads: Optional[int] = None,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -91,6 +92,7 @@ def main(
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name.strip()):
         raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()

@@ -50,12 +50,8 @@ class LlamaHTTPServer(ThreadingHTTPServer):
         self.metrics = Metrics()
 
     def token_bytes(self, token: int) -> bytes:
-        """A token's own UTF-8 bytes: its leading space kept (sentencepiece writes it as "▁"), and a
-        byte-fallback piece ("<0x0A>") as its one byte."""
-        sp_model = self.llama.tokenizer.sp_model
-        if sp_model.IsByte(token):
-            return bytes([int(sp_model.id_to_piece(token)[3:5], 16)])
-        return sp_model.id_to_piece(token).replace("\u2581", " ").encode("utf-8")
+        """A token's own UTF-8 bytes, its leading space kept (``Tokenizer.token_bytes``)."""
+        return self.llama.tokenizer.token_bytes(token)
 
 
 class Handler(BaseHTTPRequestHandler):

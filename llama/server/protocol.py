@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from llama.chat_format import SPECIAL_TAGS, is_unsafe
 from llama.options import GenerationOptions
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
@@ -75,7 +74,7 @@ def parse_completion(body: dict, llama, model: str) -> Job:
 
 
 def parse_chat(body: dict, llama, model: str) -> Job:
-    """POST /v1/chat/completions: ``messages`` in the Llama 2 chat format and the sampling fields."""
+    """POST /v1/chat/completions: ``messages`` in the model's chat format and the sampling fields."""
     messages = body.get("messages")
     if messages is None:
         raise RequestError("'messages' is required: a list of {'role', 'content'} objects", "messages")
@@ -92,8 +91,8 @@ def parse_chat(body: dict, llama, model: str) -> Job:
         prompt_tokens = llama.encode_dialog(dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
-    if is_unsafe(dialog):  # Meta's chat_completion refuses these too
-        raise RequestError(f"the special tags {SPECIAL_TAGS} are not allowed in a message", "messages")
+    if llama.chat_format.is_unsafe(dialog):  # Meta's chat_completion refuses these too
+        raise RequestError(f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages")
     return make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None)
 
 
