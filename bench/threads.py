@@ -1,7 +1,7 @@
 """Decoding speed at 1 and 2 CPU threads, on a quiet machine and beside a busy neighbour (``yes >
 /dev/null``, which keeps one core busy), with OpenMP's default wait policy and with
 ``OMP_WAIT_POLICY=PASSIVE``. Each measurement is a fresh process (the wait policy is read when OpenMP
-starts), greedy batch-1 decoding through ``DecodeStep``; the configurations alternate within each
+starts), greedy batch-1 decoding on the engine; the configurations alternate within each
 round, and the load average is recorded with each figure. Prints the median tokens/s of each
 configuration over the rounds, with the range of load averages seen.
 
