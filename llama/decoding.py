@@ -25,6 +25,8 @@ from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+SPECULATE_CHOICES = (None, "lookup", "draft")
+MAX_SPECULATE_K = 16
 PAD = -1  # marks the not-yet-generated positions of the right-padded token grid
 
 
@@ -47,6 +49,10 @@ class GenerationOptions:
     logprobs: also return each returned token's log-probability.
     top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
     echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
+    speculate: "lookup" (prompt lookup) or "draft" (the draft model given to ``Llama.build``):
+        speculative decoding (``llama.speculative``), the same greedy tokens and the same sampling
+        distribution, faster where proposals are accepted; None decodes one token per step.
+    speculate_k: tokens proposed (and verified in one pass) per row per step.
     """
 
     max_gen_len: Optional[int] = None
@@ -62,6 +68,8 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
+    speculate: Optional[str] = None
+    speculate_k: int = 4
 
     def __post_init__(self):
         if self.max_gen_len is not None and not (is_int(self.max_gen_len) and self.max_gen_len >= 0):
@@ -93,6 +101,18 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
         if self.top_logprobs and self.echo:
             raise ValueError("top_logprobs covers generated tokens only; it cannot be combined with echo=True")
+        if self.speculate not in SPECULATE_CHOICES:
+            raise ValueError(f"speculate must be one of {SPECULATE_CHOICES}, got {self.speculate!r}")
+        if not is_int(self.speculate_k) or not 1 <= self.speculate_k <= MAX_SPECULATE_K:
+            raise ValueError(f"speculate_k must be an integer in [1, {MAX_SPECULATE_K}], got {self.speculate_k!r}")
+
+    def check_draft(self, has_draft: bool) -> None:
+        """``speculate="draft"`` needs a model built with a draft."""
+        if self.speculate == "draft" and not has_draft:
+            raise ValueError(
+                "speculate='draft' needs a draft model: build with Llama.build(..., draft_ckpt_dir=...) "
+                "(--draft_ckpt_dir), or use speculate='lookup', which needs none"
+            )
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The checks that need the model's vocabulary size."""
@@ -130,16 +150,17 @@ def check_batch_size(n_prompts: int, num_return_sequences: int, max_batch_size: 
 
 class DecodeStep:
     """The model's decode step: one token per row, each at its own position, to the (bsz, vocab)
-    float32 logits of each row's next token. It attends over the first ``kv_len`` cache entries, a
-    bound the loop knows on the host (no position reaches it).
+    float32 logits of each row's next token; or a chunk of n tokens per row (``chunk``: speculative
+    decoding verifies n proposed tokens in one pass). It attends over the first ``kv_len`` cache
+    entries, a bound the loop knows on the host (no position reaches it).
 
     Compiled, a few graphs serve every step: a batch is padded to a power of two rows (the padding
     rows write only their own, unused cache rows), and the attended length is rounded up to a power
-    of two and marked dynamic, so one graph per padded batch size serves every length, and a CUDA
-    graph is recorded per length bucket. New prompts, positions and contents compile nothing; a
-    batch does at most twice its work and attends over at most twice the keys it needs. On CUDA,
-    ``mode="reduce-overhead"`` replays CUDA graphs: one launch per step instead of hundreds of small
-    kernels.
+    of two and marked dynamic, so one graph per padded batch size (and chunk length) serves every
+    length, and a CUDA graph is recorded per length bucket. New prompts, positions and contents
+    compile nothing; a batch does at most twice its work and attends over at most twice the keys it
+    needs. On CUDA, ``mode="reduce-overhead"`` replays CUDA graphs: one launch per step instead of
+    hundreds of small kernels.
     """
 
     def __init__(self, model: Transformer, compile: bool = False):
@@ -153,16 +174,20 @@ class DecodeStep:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
         """The step attending over ``len(kv_slots)`` cache entries: the length of an empty (kv_len, 0)
         tensor, which the compiler can treat as dynamic (an int argument it would specialise on)."""
-        return self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
+        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0])
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """tokens, positions: (bsz,)."""
+        return self.chunk(tokens[:, None], positions[:, None], kv_len)[:, 0]
+
+    def chunk(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """tokens, positions: (bsz, n); returns the logits (bsz, n, vocab)."""
         if self.compiled is None:
-            return self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_len)[:, 0]
+            return self.model.forward_at(tokens, positions, kv_len=kv_len)
         params = self.model.params
         bsz = tokens.shape[0]
         padding = min(1 << (bsz - 1).bit_length(), params.max_batch_size) - bsz
-        tokens, positions = F.pad(tokens, (0, padding)), F.pad(positions, (0, padding))
+        tokens, positions = F.pad(tokens, (0, 0, 0, padding)), F.pad(positions, (0, 0, 0, padding))
         kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), params.max_seq_len), 0)
         if kv_slots.shape[0] > 1:  # sizes 0 and 1 are always specialised
             torch._dynamo.mark_dynamic(kv_slots, 0)
@@ -245,17 +270,20 @@ class Decoding:
     def record(self, step: int, tokens: List[int], cancelled: List[int]) -> None:
         """Learn from the tokens the rows just wrote, each at ``prompt_len + step``."""
         for row, (token, cancel) in enumerate(zip(tokens, cancelled)):
-            if self.finish_reasons[row] is not None:
-                continue
-            position = self.prompt_lens[row] + step
-            if cancel:
-                self.finish(row, "cancelled", position)
-            elif token in self.stop_tokens:
-                self.finish(row, "stop", position)
-            elif self.streams is not None and self.push(row, token):
-                self.finish(row, "stop", self.prompt_lens[row] + self.streams[row].covering_tokens(), position + 1)
-            elif position + 1 >= self.limits[row]:
-                self.finish(row, "length", position + 1)
+            if self.finish_reasons[row] is None:
+                self.record_token(row, self.prompt_lens[row] + step, token, cancel)
+
+    def record_token(self, row: int, position: int, token: int, cancel: bool = False) -> bool:
+        """Learn from the token the live ``row`` wrote at ``position``; True if the row ended there."""
+        if cancel:
+            self.finish(row, "cancelled", position)
+        elif token in self.stop_tokens:
+            self.finish(row, "stop", position)
+        elif self.streams is not None and self.push(row, token):
+            self.finish(row, "stop", self.prompt_lens[row] + self.streams[row].covering_tokens(), position + 1)
+        elif position + 1 >= self.limits[row]:
+            self.finish(row, "length", position + 1)
+        return self.finish_reasons[row] is not None
 
     def push(self, row: int, token: int) -> bool:
         """Add the token to the row's text; True if that completed a stop string."""
@@ -302,16 +330,35 @@ class Decoding:
         return tokens, logprobs, top
 
 
-@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors as inputs
-def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -> Iterator[int]:
-    """The decoding loop: one pass prefills every prompt, however ragged the batch, then each row
-    decodes one token per step at its own position, and the loop yields the step's index after
-    each. It ends when every row has ended.
+def prefill(model: Transformer, state: Decoding) -> torch.Tensor:
+    """One pass over every prompt of the batch, however ragged, into the KV cache; the logits of
+    each row's next token (bsz, vocab). With logprobs, the prompts are scored too.
 
     A short prompt's padding sits after it, so causal attention never lets a prompt token see the
     padding, and each padding entry of the KV cache is overwritten by the row's own token before
-    anything reads it: each row continues exactly as it would alone. Under model parallelism every
-    rank continues with rank 0's sampled tokens and cancellations, broadcast together each step.
+    anything reads it: each row continues exactly as it would alone.
+    """
+    tokens, token_logprobs, bsz = state.tokens, state.token_logprobs, state.tokens.shape[0]
+    device, max_prompt_len = tokens.device, max(state.prompt_lens)
+    prompt_lens = torch.tensor(state.prompt_lens, device=device)
+    prompts = tokens[:, :max_prompt_len].clamp(min=0)  # PAD -> any valid id (see above)
+    positions = torch.arange(max_prompt_len, device=device).expand(bsz, max_prompt_len)
+    if token_logprobs is None:  # the vocabulary projection only where the next token is predicted
+        return model.forward_at(prompts, positions, logits_at=prompt_lens - 1, kv_len=max_prompt_len)[:, 0]
+    # every position's logits: the prompt is scored too (logits at i-1 predict token i)
+    logits = model.forward_at(prompts, positions, kv_len=max_prompt_len)
+    token_logprobs[:, 1:max_prompt_len] = -F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), tokens[:, 1:max_prompt_len], reduction="none", ignore_index=PAD
+    )
+    return logits[torch.arange(bsz, device=device), prompt_lens - 1]
+
+
+@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors as inputs
+def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -> Iterator[int]:
+    """The decoding loop: one pass prefills every prompt (``prefill``), then each row decodes one
+    token per step at its own position, and the loop yields the step's index after each. It ends
+    when every row has ended. Under model parallelism every rank continues with rank 0's sampled
+    tokens and cancellations, broadcast together each step.
     """
     tokens, token_logprobs, bsz = state.tokens, state.token_logprobs, state.tokens.shape[0]
     if bsz == 0 or (not any(state.live) and token_logprobs is None):
@@ -319,16 +366,7 @@ def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -
     device, total_len, max_prompt_len = tokens.device, state.total_len, max(state.prompt_lens)
     rows = torch.arange(bsz, device=device)
     prompt_lens = torch.tensor(state.prompt_lens, device=device)
-    prompts = tokens[:, :max_prompt_len].clamp(min=0)  # PAD -> any valid id (see above)
-    positions = torch.arange(max_prompt_len, device=device).expand(bsz, max_prompt_len)
-    if token_logprobs is None:  # the vocabulary projection only where the next token is predicted
-        last = model.forward_at(prompts, positions, logits_at=prompt_lens - 1, kv_len=max_prompt_len)[:, 0]  # (bsz, vocab)
-    else:  # every position's logits: the prompt is scored too (logits at i-1 predict token i)
-        logits = model.forward_at(prompts, positions, kv_len=max_prompt_len)
-        token_logprobs[:, 1:max_prompt_len] = -F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), tokens[:, 1:max_prompt_len], reduction="none", ignore_index=PAD
-        )
-        last = logits[rows, prompt_lens - 1]
+    last = prefill(model, state)
 
     for step in itertools.count():
         live = state.live
@@ -346,7 +384,7 @@ def decode_steps(model: Transformer, decode_step: DecodeStep, state: Decoding) -
         written = torch.where(writes, message[0], tokens[rows, position])
         tokens[rows, position] = written
         if token_logprobs is not None:
-            scored = -F.cross_entropy(last, written, reduction="none")
+            scored = -F.cross_entropy(last, written.clamp(min=0), reduction="none")  # PAD: an ended row, not written
             token_logprobs[rows, position] = torch.where(writes, scored, token_logprobs[rows, position])
         if state.top_ids is not None:
             alternatives = torch.log_softmax(last, dim=-1).topk(state.top_ids.shape[-1], dim=-1)

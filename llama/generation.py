@@ -7,18 +7,19 @@ format in ``llama.chat_format``, text streaming in ``llama.streaming``, device a
 """
 
 import logging
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Tuple, TypedDict, Union
 
 import torch
 
 from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, Dialog, Message, encode_dialog, encode_dialogs  # noqa: F401 (Meta's import path)
-from llama.checkpoint import load_model, read_model_args
+from llama.checkpoint import check_draft_vocabulary, load_model, read_model_args
 from llama.decoding import DecodeStep, Decoding, GenerationOptions, check_batch_size, check_prompts, decode_steps
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.model import Transformer
 from llama.parallel import model_parallel_world_size
 from llama.quantize import parse_quantize
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's import path)
+from llama.speculative import DraftProposer, PromptLookup, speculative_steps
 from llama.streaming import CompletionStream
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
@@ -58,6 +59,8 @@ class Llama:
         quantize: Optional[str] = None,
         compile: bool = False,
         quiet_ranks: bool = True,
+        draft_ckpt_dir: Optional[str] = None,
+        draft_quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
@@ -85,6 +88,13 @@ class Llama:
                 generation compiles it (seconds to a minute), later ones run faster.
             quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
                 Meta's build does, so scripts that print on every rank print once; False keeps it.
+            draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for
+                ``speculate="draft"`` (``llama.speculative``); ``ckpt_dir`` itself with
+                ``draft_quantize`` for a quantized copy of the model as its own draft. Split over the
+                processes like the model, with the same cache sizes and compile setting.
+            draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its
+                kernels are fastest in (bfloat16 on an AVX2 CPU, as ``dtype=None`` would pick),
+                whatever ``dtype``; an unquantized one in the model's dtype.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -112,12 +122,26 @@ class Llama:
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
             model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
-        return Llama(model, tokenizer, compile)
+            draft = None
+            if draft_ckpt_dir is not None:
+                draft_quantization = parse_quantize(draft_quantize)
+                draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
+                check_draft_vocabulary(draft_ckpt_dir, tokenizer, tokenizer_path)
+                draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+                draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
+                logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
+            elif draft_quantize is not None:
+                raise ValueError(
+                    f"draft_quantize={draft_quantize!r} needs draft_ckpt_dir: pass draft_ckpt_dir=ckpt_dir for a "
+                    "quantized copy of the model as its own draft"
+                )
+        return Llama(model, tokenizer, compile, draft)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, draft: Optional[Transformer] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.decode_step = DecodeStep(model, compile)
+        self.draft_step = DecodeStep(draft, compile) if draft is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +154,7 @@ class Llama:
         params = self.model.params
         with fail_together(same_on_every_rank=(prompt_tokens, options)):  # ranks must agree before the first collective
             options = GenerationOptions(**options)
+            options.check_draft(self.draft_step is not None)
             if streams and options.echo:
                 raise ValueError("echo is not supported when streaming: the stream yields generated text only")
             options.check_vocabulary(params.vocab_size)
@@ -177,9 +202,18 @@ class Llama:
     def decode(self, prompt_tokens: List[List[int]], what: str, **options) -> Decoding:
         """Decode the batch to its end; the finished ``Decoding``."""
         state = self.start(prompt_tokens, what, **options)
-        for _ in decode_steps(self.model, self.decode_step, state):
+        for _ in self.steps(state):
             pass
         return state
+
+    def steps(self, state: Decoding) -> Iterator[int]:
+        """The decoding loop for the batch: one token per step, or speculative (``llama.speculative``)."""
+        k = state.options.speculate_k
+        if state.options.speculate == "lookup":
+            return speculative_steps(self.model, self.decode_step, state, PromptLookup(k))
+        if state.options.speculate == "draft":
+            return speculative_steps(self.model, self.decode_step, state, DraftProposer(self.draft_step, k))
+        return decode_steps(self.model, self.decode_step, state)
 
     def text_completion(
         self,
@@ -277,7 +311,7 @@ class Llama:
         state = self.start(prompt_tokens, what, streams=True, **options)
         n = state.options.num_return_sequences
         refused = [unsafe[row // n] for row in range(len(state.prompt_lens))] if unsafe else None
-        return CompletionStream(decode_steps(self.model, self.decode_step, state), state, refused)
+        return CompletionStream(self.steps(state), state, refused)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
         """The dialog's tokens in the Llama 2 chat format."""

@@ -38,20 +38,50 @@ class Sampler:
         -1 where none (read only by the repetition penalty);
         sampling: per row, whether its token is used: only their generators draw, so a row's samples
         do not depend on the other rows of its batch. Returns (bsz,) token ids."""
-        if self.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
+        logits = self.penalised(logits, previous_tokens)
         if self.temperature == 0:
             return torch.argmax(logits, dim=-1)
+        return sample_top_p(self.truncated_probs(logits), self.top_p, self.row_generators(sampling)).reshape(-1)
+
+    def penalised(self, logits: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+        """The logits after the repetition penalty (unchanged when it is off)."""
+        if self.repetition_penalty == 1.0:
+            return logits
+        return apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
+
+    def truncated_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / temperature) after top-k and min-p; top-p is left to the caller."""
         logits = logits / self.temperature
         if self.top_k:
             logits = keep_top_k(logits, self.top_k)
         if self.min_p:
             logits = keep_min_p(logits, self.min_p)
-        probs = torch.softmax(logits, dim=-1)
-        generators = self.generators
-        if generators is not None and sampling is not None:
-            generators = [g if used else None for g, used in zip(generators, sampling)]
-        return sample_top_p(probs, self.top_p, generators).reshape(-1)
+        return torch.softmax(logits, dim=-1)
+
+    def distribution(self, logits: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+        """The probabilities (n, vocab), in vocabulary order, that ``__call__`` draws from at a
+        temperature above 0: every option applied, top-p included. Speculative decoding compares
+        them with a draft's. logits: (n, vocab); previous_tokens: (n, m) as for ``__call__``."""
+        return keep_top_p(self.truncated_probs(self.penalised(logits, previous_tokens)), self.top_p)
+
+    def row_generators(self, sampling: Optional[List[bool]]) -> Optional[List[Optional[torch.Generator]]]:
+        """The rows' generators, None for the rows that draw nothing (``sampling`` False)."""
+        if self.generators is None or sampling is None:
+            return self.generators
+        return [g if used else None for g, used in zip(self.generators, sampling)]
+
+    def draw(self, probs: torch.Tensor, sampling: Optional[List[bool]] = None) -> torch.Tensor:
+        """One token per row from ``probs`` (bsz, vocab), each row from its own generator: (bsz,)."""
+        return draw(probs, self.row_generators(sampling)).reshape(-1)
+
+    def uniform(self, bsz: int, n: int, device: torch.device, sampling: Optional[List[bool]] = None) -> torch.Tensor:
+        """(bsz, n) uniform numbers in [0, 1), each row from its own generator (0 for rows that draw nothing)."""
+        generators = self.row_generators(sampling)
+        if generators is None:
+            return torch.rand(bsz, n, device=device)
+        return torch.stack([
+            torch.rand(n, generator=g, device=device) if g is not None else torch.zeros(n, device=device) for g in generators
+        ])
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -82,11 +112,25 @@ def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[Option
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return torch.gather(probs_idx, -1, draw(probs_sort, generators))
+
+
+def keep_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """``sample_top_p``'s distribution in vocabulary order: the most probable tokens until their mass
+    reaches ``p``, renormalised; 0 for the rest. probs: (bsz, vocab)."""
+    if p >= 1.0:
+        return probs
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    dropped = torch.cumsum(probs_sort, dim=-1) - probs_sort > p  # mass before this token already reaches p
+    kept = probs.masked_fill(torch.zeros_like(dropped).scatter(-1, probs_idx, dropped), 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, generators: Optional[List[Optional[torch.Generator]]] = None) -> torch.Tensor:
+    """One index per row of ``probs`` (bsz, n), (bsz, 1); ``generators`` as for ``sample_top_p``."""
     if generators is None:
-        next_token = torch.multinomial(probs_sort, num_samples=1)
-    else:
-        next_token = torch.stack([
-            torch.multinomial(row, 1, generator=g) if g is not None else torch.zeros(1, dtype=torch.long, device=row.device)
-            for row, g in zip(probs_sort, generators)
-        ])
-    return torch.gather(probs_idx, -1, next_token)
+        return torch.multinomial(probs, num_samples=1)
+    return torch.stack([
+        torch.multinomial(row, 1, generator=g) if g is not None else torch.zeros(1, dtype=torch.long, device=row.device)
+        for row, g in zip(probs, generators)
+    ])
