@@ -4,16 +4,21 @@ batches (each row accepting its own counts, stopping where plain decoding stops)
 distribution (chi-square against the model's exact probabilities, computed by a full forward)."""
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama.checkpoint import save_checkpoint
+from llama.cli import check_speculation_flags
 from llama.decoding import DecodeStep, Decoding, GenerationOptions, decode_steps
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.speculative import DraftProposer, NgramIndex, PromptLookup, accept_greedy, accept_sampled, speculative_steps
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [  # ragged, and repetitive enough for prompt lookup to be accepted now and then
     "import os\nimport sys\nimport os\n",
     "def f(x):\n    return x + 1\n\ndef g(x):\n    return x",
@@ -270,3 +275,24 @@ def test_compiled_speculative_decoding_equals_eager(make_llama, llama):
     compiled = make_llama(max_seq_len=96, max_batch_size=4, compile=True)
     options = dict(temperature=0, max_gen_len=20, stop_tokens=[], logprobs=True, speculate="lookup", speculate_k=3)
     assert_same(llama.text_completion(PROMPTS, **{**options, "speculate": None}), compiled.text_completion(PROMPTS, **options))
+
+
+# --- the examples' flags -------------------------------------------------------------------------
+
+
+def test_the_example_with_speculate_lookup_prints_the_plain_greedy_text(checkpoint, tokenizer_path):
+    ckpt_dir, _ = checkpoint
+    command = [sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path,
+               "--max_gen_len", "12", "--temperature", "0", "--prompts", PROMPTS[1], "--device", "cpu"]
+    plain, fast = (subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=120) for extra in ([], ["--speculate", "lookup"]))
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout.split("> ", 1)[1].split("=====")[0] == plain.stdout.split("> ", 1)[1].split("=====")[0]
+
+
+def test_speculation_flags_are_checked_before_loading():
+    with pytest.raises(ValueError, match="speculate must be one of"):
+        check_speculation_flags("ngrams", 4, None)
+    with pytest.raises(ValueError, match="speculate='draft' needs a draft model"):
+        check_speculation_flags("draft", 4, None)
+    with pytest.raises(ValueError, match="--draft_ckpt_dir is used by --speculate draft only, got --speculate lookup"):
+        check_speculation_flags("lookup", 4, "draft/")
