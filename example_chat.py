@@ -112,8 +112,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
-        if generator.decode_step.compile_seconds is not None:
-            print(f"Compiled the decode step in {generator.decode_step.compile_seconds:.1f} s (on first use, counted above)")
+        if generator.engine.compile_seconds is not None:
+            print(f"Compiled the decode step in {generator.engine.compile_seconds:.1f} s (on first use, counted above)")
 
 
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool, **options):

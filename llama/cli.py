@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence,
 
 import fire
 
-from llama.decoding import GenerationOptions
+from llama.options import GenerationOptions
 from llama.distributed import RankFailedError
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)

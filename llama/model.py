@@ -144,14 +144,17 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
-        """Write row b's keys and values at ``positions[b]`` of cache row b, in place; return every
-        row's first ``kv_len`` cached entries, (bsz, kv_len, n_local_kv_heads, head_dim) each."""
+    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int, slots: Optional[torch.Tensor]):
+        """Write row b's keys and values at ``positions[b]`` of cache row ``slots[b]`` (None: row b),
+        in place; return those rows' first ``kv_len`` cached entries, (bsz, kv_len, n_local_kv_heads,
+        head_dim) each."""
         bsz = xk.shape[0]
-        rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
-        self.cache_k[rows, positions] = xk
-        self.cache_v[rows, positions] = xv
-        return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+        rows = torch.arange(bsz, device=xk.device) if slots is None else slots
+        self.cache_k[rows[:, None], positions] = xk  # rows (bsz, 1) broadcast against positions (bsz, seqlen)
+        self.cache_v[rows[:, None], positions] = xv
+        if slots is None:
+            return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+        return self.cache_k[slots, :kv_len], self.cache_v[slots, :kv_len]
 
     def forward(
         self,
@@ -160,16 +163,18 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
+        slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``positions`` None: no cache (training, scoring), the sequence attends causally to itself.
-        Otherwise the chunk is written into the cache at ``positions`` (bsz, seqlen) and attends to
-        the cached entries that ``mask`` (bsz, 1, seqlen, kv_len) allows."""
+        Otherwise the chunk is written into the cache rows ``slots`` (bsz,) (None: rows 0..bsz-1) at
+        ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
+        kv_len) allows."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1])
+        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1], slots)
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
@@ -201,8 +206,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, positions, mask, slots=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -262,10 +267,11 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         logits_at: Union[int, torch.Tensor, None] = None,
         kv_len: Optional[int] = None,
+        slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
-        written into row b of the KV cache there, and attends to row b's cached positions up to its
-        own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
+        written into row ``slots[b]`` of the KV cache there (None: row b), and attends to that row's
+        cached positions up to its own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
         padding entries are overwritten before any row reads them. Call it without autograd.
 
         Shapes are static: the mask compares every key position 0 .. kv_len-1 with each query's
@@ -280,9 +286,11 @@ class Transformer(nn.Module):
         kv_len = self.params.max_seq_len if kv_len is None else kv_len
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        return self.logits(self.hidden_states(tokens, positions, mask), logits_at)
+        return self.logits(self.hidden_states(tokens, positions, mask, slots), logits_at)
 
-    def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], slots: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if positions is None:  # (1, seqlen, head_dim/2), broadcast over rows
@@ -290,7 +298,7 @@ class Transformer(nn.Module):
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask)
+            h = layer(h, cos, sin, positions, mask, slots)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:

@@ -7,11 +7,11 @@ little more. Each step feeds every row's last token and its k proposals at their
 chosen at each. Rows accept different counts; each advances by its own, and the cache entries of
 rejected proposals are simply overwritten by the next step (positions say where each row is).
 
-Two proposers:
-- ``PromptLookup``: the tokens that followed the latest earlier occurrence of the row's last n
-  tokens (n = 3, 2, 1), in its prompt or its output so far. No second model; pays on text that
-  repeats its context (code edits, summaries, quoting).
-- ``DraftProposer``: k steps of a smaller model with the same vocabulary, on its own KV cache.
+Two proposers (``llama.engine`` runs them, per row):
+- prompt lookup (``NgramIndex``): the tokens that followed the latest earlier occurrence of the
+  row's last n tokens (n = 3, 2, 1), in its prompt or its output so far. No second model; pays on
+  text that repeats its context (code edits, summaries, quoting).
+- a draft model: k steps of a smaller model with the same vocabulary, on its own KV cache.
 
 The acceptance rule keeps the output the model's own:
 - greedy: a proposal is accepted while it equals the model's argmax, and the argmax after the last
@@ -23,16 +23,12 @@ The acceptance rule keeps the output the model's own:
   plain sampling's. For prompt lookup q is a point mass on the proposed token.
 """
 
-import itertools
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from llama.decoding import DecodeStep, Decoding, prefill
-from llama.model import Transformer
-from llama.parallel import broadcast_from_rank0
-from llama.sampling import Sampler
+from llama.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
 
 LOOKUP_NGRAMS = (3, 2, 1)  # the n-gram lengths prompt lookup matches, longest first
 
@@ -75,112 +71,34 @@ class NgramIndex:
         return []
 
 
-class Proposer:
-    """What the speculative loop asks of a proposer, and what it tells it: ``accepted[row]`` lists
-    how many of the row's k proposals each step accepted (for the benchmarks' acceptance rates)."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self.accepted: List[List[int]] = []
-
-    def start(self, state: Decoding) -> None:
-        """A new batch: its prompts are in ``state.tokens``."""
-        self.accepted = [[] for _ in state.prompt_lens]
-
-    def extend(self, row: int, tokens: List[int]) -> None:
-        """``row`` emitted ``tokens`` this step."""
-
-    def propose(self, state: Decoding, lengths: List[int], live: List[bool]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(bsz, k) proposals for the tokens after each row's ``lengths[row]`` tokens, on the
-        device, and the distributions they were drawn from (bsz, k, vocab), None for point masses."""
-        raise NotImplementedError
+def accepted_prefix(ok: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """How many proposals each row accepts: the leading run of ``ok`` (bsz, k), at most ``limits`` (bsz,)."""
+    allowed = torch.arange(ok.shape[1], device=ok.device) < limits[:, None]
+    return (ok & allowed).long().cumprod(dim=1).sum(dim=1)
 
 
-class PromptLookup(Proposer):
-    """Proposes each row's next k tokens from its own prompt and output (``NgramIndex``); a row with
-    no match proposes its last token k times (any proposal is correct, a useless one is rejected)."""
-
-    def start(self, state: Decoding) -> None:
-        super().start(state)
-        self.rows = [NgramIndex(tokens[:n]) for tokens, n in zip(state.tokens.tolist(), state.prompt_lens)]
-
-    def extend(self, row: int, tokens: List[int]) -> None:
-        self.rows[row].extend(tokens)
-
-    def propose(self, state: Decoding, lengths: List[int], live: List[bool]) -> Tuple[torch.Tensor, None]:
-        proposals = [
-            (index.propose(self.k) or index.tokens[-1:] * self.k) if alive else [0] * self.k
-            for index, alive in zip(self.rows, live)
-        ]
-        return torch.tensor(proposals, dtype=torch.long, device=state.tokens.device), None
-
-
-class DraftProposer(Proposer):
-    """Proposes each row's next k tokens with k decode steps of a draft model, on its own KV cache,
-    at the rows' own positions: argmax when greedy, else drawn from the draft's distribution q under
-    the same sampling options (returned, for the acceptance rule).
-
-    The draft's cache holds a row's tokens up to the one before its last: each proposal feeds the
-    last two tokens (the previous step's last proposal may have been accepted without ever being fed
-    to the draft), then one proposal per step. Under model parallelism the draft is split like the
-    model, and every rank continues with rank 0's draws.
-    """
-
-    def __init__(self, draft_step: DecodeStep, k: int):
-        super().__init__(k)
-        self.step = draft_step
-
-    def start(self, state: Decoding) -> None:
-        """Prefill the draft's cache with every prompt."""
-        super().start(state)
-        model = self.step.model
-        bsz, max_prompt_len = state.tokens.shape[0], max(state.prompt_lens)
-        positions = torch.arange(max_prompt_len, device=state.tokens.device).expand(bsz, max_prompt_len)
-        prompt_lens = torch.tensor(state.prompt_lens, device=state.tokens.device)
-        model.forward_at(state.tokens[:, :max_prompt_len].clamp(min=0), positions, logits_at=prompt_lens - 1, kv_len=max_prompt_len)
-
-    def propose(self, state: Decoding, lengths: List[int], live: List[bool]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        grid, sampler, max_seq_len = state.tokens, state.sampler, self.step.model.params.max_seq_len
-        rows = torch.arange(grid.shape[0], device=grid.device)
-        starts = torch.tensor(lengths, device=grid.device) - 2  # (bsz,) every row has a prompt and one token
-        positions = starts[:, None] + torch.arange(2, device=grid.device)  # (bsz, 2)
-        logits = self.step.chunk(grid[rows[:, None], positions], positions, kv_len=max(lengths))[:, -1]
-        proposals, draft_probs = [], []
-        for i in range(self.k):
-            if i > 0:
-                position = (starts + i + 1).clamp(max=max_seq_len - 1)
-                logits = self.step(proposals[-1], position, kv_len=min(max(lengths) + i, max_seq_len))
-            if sampler.temperature == 0:
-                proposal = sampler.penalised(logits, grid).argmax(dim=-1)
-            else:
-                draft_probs.append(sampler.distribution(logits, grid))
-                proposal = sampler.draw(draft_probs[-1], live)
-            proposals.append(broadcast_from_rank0(proposal))
-        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
-
-
-def accept_greedy(choices: torch.Tensor, proposals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def accept_greedy(choices: torch.Tensor, proposals: torch.Tensor, limits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification.
 
     Args:
         choices: (bsz, k+1) the model's argmax at each verified position (position i predicts the
             token after proposal i; position 0 the token after the row's last one).
         proposals: (bsz, k) the proposed tokens.
+        limits: (bsz,) how many proposals each row may accept (0: a row that does not speculate).
 
     Returns:
         (accepted, tokens): (bsz,) how many proposals each row accepts (the longest prefix equal to
         the model's choices), and (bsz, k+1) tokens of which each row emits the first accepted + 1:
         the accepted proposals and the model's own next token.
     """
-    k = proposals.shape[1]
-    accepted = (proposals == choices[:, :k]).long().cumprod(dim=1).sum(dim=1)
-    return accepted, choices
+    return accepted_prefix(proposals == choices[:, :-1], limits), choices
 
 
 def accept_sampled(
     probs: torch.Tensor,
     proposals: torch.Tensor,
     draft_probs: Optional[torch.Tensor],
+    limits: torch.Tensor,
     uniforms: torch.Tensor,
     draw: Callable[[torch.Tensor], torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -191,13 +109,15 @@ def accept_sampled(
         proposals: (bsz, k) the proposed tokens.
         draft_probs: (bsz, k, vocab) q, the distributions the proposals were drawn from; None for a
             point mass on each proposal (prompt lookup).
+        limits: (bsz,) how many proposals each row may accept.
         uniforms: (bsz, k) uniform numbers in [0, 1), one per proposal.
         draw: one token per row from (bsz, vocab) probabilities, (bsz,).
 
     Returns:
         (accepted, tokens) as ``accept_greedy``: proposal i is accepted with probability
         min(1, p(d)/q(d)) while all before it were; the token after the accepted ones is drawn from
-        max(p - q, 0) renormalised at the first rejected position, or from p when all were accepted.
+        max(p - q, 0) renormalised at the first rejected position, or from p when the row accepted
+        all it may.
     """
     bsz, k = proposals.shape
     p_proposed = probs[:, :k].gather(-1, proposals[..., None])[..., 0]  # (bsz, k)
@@ -207,106 +127,94 @@ def accept_sampled(
     else:
         q_proposed = draft_probs.gather(-1, proposals[..., None])[..., 0]
         residual = (probs[:, :k] - draft_probs).clamp(min=0)
-    accepted = (uniforms * q_proposed < p_proposed).long().cumprod(dim=1).sum(dim=1)  # u < p/q, without dividing
-    residual = torch.cat([residual, probs[:, k:]], dim=1)  # (bsz, k+1, vocab): all accepted, p itself
+    accepted = accepted_prefix(uniforms * q_proposed < p_proposed, limits)  # u < p/q, without dividing
     rows = torch.arange(bsz, device=probs.device)
-    chosen, fallback = residual[rows, accepted], probs[rows, accepted]  # (bsz, vocab)
-    mass = chosen.sum(dim=-1, keepdim=True)
-    chosen = torch.where(mass > 0, chosen / mass.clamp(min=torch.finfo(mass.dtype).tiny), fallback)  # p == q: never rejected
+    model = probs[rows, accepted]  # (bsz, vocab)
+    rejected = residual[rows, accepted.clamp(max=k - 1)] if k else model
+    mass = rejected.sum(dim=-1, keepdim=True)
+    rejected = torch.where(mass > 0, rejected / mass.clamp(min=torch.finfo(mass.dtype).tiny), model)  # p == q: never rejected
+    chosen = torch.where((accepted < limits)[:, None], rejected, model)
     tokens = F.pad(proposals, (0, 1)).scatter(1, accepted[:, None], draw(chosen)[:, None])
     return accepted, tokens
 
 
-def previous_tokens(grid: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
-    """What the repetition penalty sees at each verified position: the row's tokens and the proposals
-    before that position. grid: (bsz, n), PAD after each row's tokens; returns (bsz * (k+1), n + k)."""
-    bsz, k = proposals.shape
-    before = torch.arange(k, device=grid.device) < torch.arange(k + 1, device=grid.device)[:, None]  # (k+1, k)
-    seen = torch.where(before, proposals[:, None, :], -1)  # (bsz, k+1, k)
-    return torch.cat([grid[:, None].expand(bsz, k + 1, grid.shape[1]), seen], dim=-1).flatten(0, 1)
+def history_per_position(seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the penalties see at each verified position: the row's history and the proposals before
+    the position. seen (bsz, vocab) bool, counts (bsz, vocab); returns (bsz * (k+1), vocab) each."""
+    proposed = F.one_hot(proposals, seen.shape[-1]).to(counts.dtype).cumsum(dim=1)  # (bsz, k, vocab)
+    before = torch.cat([torch.zeros_like(proposed[:, :1]), proposed], dim=1)  # (bsz, k+1, vocab)
+    return (seen[:, None] | (before > 0)).flatten(0, 1), (counts[:, None] + before).flatten(0, 1)
+
+
+def step_keys(settings: RowSettings, steps: torch.Tensor, purpose: int) -> torch.Tensor:
+    """A seeded row's key for one speculative step's draws of one ``purpose`` (acceptance, the
+    token after, the draft's i-th proposal): a function of the row's seed, how many speculative
+    steps it took before (so a position revisited after a rejection draws afresh), and the purpose."""
+    return mix((settings.seed_key ^ mix((steps * 64 + purpose) & WORD)) & WORD)
+
+
+def exponentials(settings: RowSettings, keys: torch.Tensor, positions: torch.Tensor, needs: List[bool], n: int) -> torch.Tensor:
+    """(rows, n) Exp(1) draws: a seeded row's from its ``keys`` and ``positions``, the others' from
+    torch's global RNG (``needs``: the rows that draw)."""
+    noise = global_exponentials(needs, n).to(keys.device)
+    return torch.where(settings.seeded[:, None], seeded_exponentials(keys, positions, n), noise)
+
+
+def penalised_per_position(logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+    """The penalised logits (bsz, k+1, vocab) of every verified position."""
+    bsz, n, vocab = logits.shape
+    seen_n, counts_n = history_per_position(seen, counts, proposals)
+    index = torch.arange(bsz, device=logits.device).repeat_interleave(n)
+    return apply_penalties(logits.flatten(0, 1), settings.rows(index), seen_n, counts_n).view(bsz, n, vocab)
 
 
 def verify(
-    logits: torch.Tensor, proposals: torch.Tensor, draft_probs: Optional[torch.Tensor], sampler: Sampler, grid: torch.Tensor, live: List[bool]
+    logits: torch.Tensor,
+    proposals: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    limits: torch.Tensor,
+    settings: RowSettings,
+    uniforms: torch.Tensor,
+    noise: torch.Tensor,
+    sampling: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each row's accepted count and tokens (``accept_greedy``, ``accept_sampled``) from the model's
-    logits (bsz, k+1, vocab) at the row's last token and its k proposals; ``grid`` holds each row's
-    tokens so far (for the repetition penalty); only ``live`` rows draw from their generators."""
+    """Each row's accepted count and tokens from the model's (penalised) logits (bsz, k+1, vocab) at
+    its last token and its k proposals: greedy rows by ``accept_greedy``, sampling rows (when
+    ``sampling``) by ``accept_sampled`` with ``uniforms`` (bsz, k) and the draw ``argmax(p / noise)``
+    (noise: (bsz, vocab) Exp(1), torch.multinomial's draw)."""
     bsz, n, vocab = logits.shape
-    seen = previous_tokens(grid, proposals) if sampler.repetition_penalty != 1.0 else grid  # read only with a penalty
-    if sampler.temperature == 0:
-        return accept_greedy(sampler.penalised(logits.flatten(0, 1), seen).argmax(dim=-1).view(bsz, n), proposals)
-    probs = sampler.distribution(logits.flatten(0, 1), seen).view(bsz, n, vocab)
-    uniforms = sampler.uniform(bsz, n - 1, logits.device, live)
-    return accept_sampled(probs, proposals, draft_probs, uniforms, lambda p: sampler.draw(p, live))
+    accepted, tokens = accept_greedy(logits.argmax(dim=-1), proposals, limits)
+    if not sampling:
+        return accepted, tokens
+    index = torch.arange(bsz, device=logits.device).repeat_interleave(n)
+    probs = distribution(logits.flatten(0, 1), settings.rows(index)).view(bsz, n, vocab)
+    sampled_accepted, sampled_tokens = accept_sampled(probs, proposals, draft_probs, limits, uniforms, lambda p: torch.argmax(p / noise, dim=-1))
+    sampled = settings.temperature > 0
+    return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
 
 
-@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors as inputs
-def speculative_steps(model: Transformer, verify_step: DecodeStep, state: Decoding, proposer: Proposer) -> Iterator[int]:
-    """The decoding loop of ``llama.decoding.decode_steps``, k+1 tokens a step: after the prefill
-    (whose logits give each row's first token), each step verifies every row's last token and its k
-    proposals (``proposer``: ``PromptLookup`` or ``DraftProposer``) in one pass at the row's own
-    positions, and emits 1 to k+1 tokens per row, stopping a row exactly where plain decoding would
-    (stop token, stop string, max_gen_len, cancel). Yields the step's index after each step.
-    """
-    tokens, bsz, k = state.tokens, state.tokens.shape[0], proposer.k
-    if bsz == 0 or (not any(state.live) and state.token_logprobs is None):
-        return
-    device, max_seq_len = tokens.device, model.params.max_seq_len
-    rows = torch.arange(bsz, device=device)
-    lengths = list(state.prompt_lens)  # each row's tokens so far; its last one is not in the cache yet
-    logits = prefill(model, state)[:, None]  # (bsz, 1, vocab): a step of no proposals
-    proposer.start(state)
-    proposals, draft_probs = torch.empty(bsz, 0, dtype=torch.long, device=device), None
-    for step in itertools.count():
-        live = state.live
-        if not any(live):
-            return
-        cancel_flags = state.cancel_flags(device)
-        if step > 0:
-            proposals, draft_probs = proposer.propose(state, lengths, live)  # (bsz, k)
-            starts = torch.tensor(lengths, device=device) - 1
-            positions = (starts[:, None] + torch.arange(k + 1, device=device)).clamp(max=max_seq_len - 1)  # (bsz, k+1)
-            chunk = torch.cat([tokens[rows, starts][:, None], proposals], dim=1)
-            logits = verify_step.chunk(chunk, positions, kv_len=min(max(lengths) + k, max_seq_len))
-        accepted, chosen = verify(logits, proposals, draft_probs, state.sampler, tokens, live)
-        message = broadcast_from_rank0(torch.cat([chosen, accepted[:, None], cancel_flags[:, None]], dim=1))  # (bsz, n+2)
-        record_step(state, logits, message, lengths, live, proposer)  # the step's one wait on the device
-        yield step
+class ChunkForward:
+    """The model's cached forward over (width, n) tokens at their positions, attending over a
+    power-of-two bucket of the cache: a verification pass (n = k+1) or a draft's step. With
+    ``compile``, one graph per width and n serves every length (the bucket is marked dynamic, the
+    whole cache has its own graph, as in the engine's decode step)."""
 
+    def __init__(self, model, compile: bool = False):
+        self.model = model
+        self.compiled = None
+        if compile:
+            mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
+            self.compiled = torch.compile(self.forward, mode=mode, dynamic=False)
 
-def record_step(state: Decoding, logits: torch.Tensor, message: torch.Tensor, lengths: List[int], live: List[bool], proposer: Proposer) -> None:
-    """Take each live row's emitted tokens up to where it ends, write them into the grid with their
-    logprobs (from the model's ``logits``, (bsz, n, vocab)), and advance ``lengths``.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0])
 
-    message: (bsz, n+2) rank 0's tokens, accepted count and cancel flag per row."""
-    taken_rows, taken_positions, taken_indices = [], [], []
-    for row, (*chosen, accepted, cancel) in enumerate(message.tolist()):
-        if not live[row]:
-            continue
-        if cancel:
-            state.record_token(row, lengths[row], 0, cancel=True)
-            continue
-        taken = []
-        for token in chosen[: accepted + 1]:
-            taken.append(token)
-            if state.record_token(row, lengths[row] + len(taken) - 1, token):
-                break
-        taken_rows += [row] * len(taken)
-        taken_positions += range(lengths[row], lengths[row] + len(taken))
-        taken_indices += range(len(taken))
-        proposer.extend(row, taken)
-        if len(chosen) > 1:  # not the prefill's step, which proposes nothing
-            proposer.accepted[row].append(accepted)
-        lengths[row] += len(taken)
-    if not taken_rows:
-        return
-    device = message.device
-    rows, positions, indices = (torch.tensor(x, device=device) for x in (taken_rows, taken_positions, taken_indices))
-    written, scored = message[rows, indices], logits[rows, indices]  # (n_taken,), (n_taken, vocab)
-    state.tokens[rows, positions] = written
-    if state.token_logprobs is not None:
-        state.token_logprobs[rows, positions] = -F.cross_entropy(scored, written, reduction="none")
-    if state.top_ids is not None:
-        alternatives = torch.log_softmax(scored, dim=-1).topk(state.top_ids.shape[-1], dim=-1)
-        state.top_logprobs[rows, positions], state.top_ids[rows, positions] = alternatives.values, alternatives.indices
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits (width, n, vocab); ``kv_len``: more than every position."""
+        max_seq_len = self.model.params.max_seq_len
+        if self.compiled is None:
+            return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len))
+        kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
+        if 1 < kv_slots.shape[0] < max_seq_len:
+            torch._dynamo.mark_dynamic(kv_slots, 0)
+        return self.compiled(tokens, positions, kv_slots)

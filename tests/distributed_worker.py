@@ -14,10 +14,15 @@ Scenarios:
     bad_args     generate called with a bad argument on rank 1 only, then with different (valid) prompts
                  on each rank, then correctly: each outcome saved to OUT_DIR/rank<R>.pt.
     rank1_raises rank 1 raises before any collective while rank 0 waits for a minute.
+    engine       the decoding engine with a request admitted while another decodes: first every rank
+                 submits the same requests (generate's way), then rank 0 alone submits and runs them
+                 while the others follow its plans (a server's way) until it shuts down; the tokens
+                 saved to OUT_DIR/rank<R>.pt.
 """
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from llama.generation import Llama
+from llama.options import GenerationOptions
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
 PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
@@ -63,6 +69,32 @@ def bad_args(tokenizer_path: str, ckpt_dirs) -> dict:
     }
 
 
+def engine(tokenizer_path: str, ckpt_dirs) -> dict:
+    engine, rank = build(ckpt_dirs[0], tokenizer_path).engine, dist.get_rank()
+    greedy = GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[])
+    torch.manual_seed(SAMPLE_SEED + rank)  # equal samples on every rank come from rank 0's broadcast
+    first = engine.submit([PROMPTS[0]], greedy)
+    engine.step()
+    engine.step()
+    second = engine.submit([PROMPTS[1]], GenerationOptions(max_gen_len=8, temperature=1.0, stop_tokens=[]))
+    while not (first.done and second.done):
+        engine.step()
+    results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None}
+    if rank == 0:
+        first = engine.submit([PROMPTS[1]], greedy)
+        engine.step()
+        second = engine.submit([PROMPTS[0]], greedy)
+        while not (first.done and second.done):
+            engine.step()
+        engine.heartbeat_seconds = 0.2
+        threading.Timer(1.0, engine.stop).start()
+        engine.run()  # idle: heartbeats for a second, then tells the followers to shut down
+        results["served"] = [first.tokens[0], second.tokens[0]]
+    else:
+        engine.follow()
+    return results
+
+
 def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> None:
     if scenario == "rank1_raises":
         if os.environ["RANK"] == "1":
@@ -71,7 +103,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
     elif scenario == "build":
         build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
     else:
-        results = {"generate": generate, "bad_args": bad_args}[scenario](tokenizer_path, ckpt_dirs)
+        results = {"generate": generate, "bad_args": bad_args, "engine": engine}[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 

@@ -13,10 +13,11 @@ import torch
 
 from llama.checkpoint import save_checkpoint
 from llama.cli import check_speculation_flags
-from llama.decoding import DecodeStep, Decoding, GenerationOptions, decode_steps
+from llama.engine import Engine
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
-from llama.speculative import DraftProposer, NgramIndex, PromptLookup, accept_greedy, accept_sampled, speculative_steps
+from llama.options import GenerationOptions
+from llama.speculative import NgramIndex, accept_greedy, accept_sampled
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [  # ragged, and repetitive enough for prompt lookup to be accepted now and then
@@ -70,9 +71,11 @@ def test_lookup_indexes_tokens_added_later():
 def test_greedy_acceptance_keeps_the_prefix_the_model_agrees_with():
     choices = torch.tensor([[4, 5, 6, 7], [4, 5, 6, 7], [4, 5, 6, 7]])
     proposals = torch.tensor([[4, 5, 6], [4, 9, 6], [1, 5, 6]])
-    accepted, tokens = accept_greedy(choices, proposals)
+    accepted, tokens = accept_greedy(choices, proposals, torch.tensor([3, 3, 3]))
     assert accepted.tolist() == [3, 1, 0]  # all, then the bonus token 7; one; none
     assert tokens.tolist() == choices.tolist()
+    accepted, _ = accept_greedy(choices, proposals, torch.tensor([2, 0, 3]))  # a row accepts at most its limit
+    assert accepted.tolist() == [2, 0, 0]
 
 
 @pytest.mark.parametrize("draft", ["point mass", "random"])
@@ -88,7 +91,8 @@ def test_sampled_acceptance_emits_the_models_distribution(draft):
         q = torch.softmax(2 * torch.randn(k, vocab), dim=-1)
         proposals = torch.multinomial(q, bsz, replacement=True).T  # (bsz, k), each column from its q
         q = q.expand(bsz, k, vocab)
-    accepted, tokens = accept_sampled(p, proposals, q, torch.rand(bsz, k), lambda probs: torch.multinomial(probs, 1)[:, 0])
+    limits = torch.full((bsz,), k)
+    accepted, tokens = accept_sampled(p, proposals, q, limits, torch.rand(bsz, k), lambda probs: torch.multinomial(probs, 1)[:, 0])
     assert chi_square_p_value(torch.bincount(tokens[:, 0], minlength=vocab), p[0, 0]) > 1e-3
     second = tokens[accepted >= 1, 1]
     assert chi_square_p_value(torch.bincount(second, minlength=vocab), p[0, 1]) > 1e-3
@@ -111,24 +115,33 @@ def assert_same(plain, fast):
         assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-4)
 
 
-def run_speculation(llama, prompts, proposer, **options):
-    """The finished batch and its proposer (which counts each row's accepted proposals per step)."""
-    state = llama.start([llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], "prompt", temperature=0, logprobs=True, **options)
-    for _ in speculative_steps(llama.model, llama.decode_step, state, proposer):
-        pass
-    return state, proposer
+def run_speculation(llama, prompts, **options):
+    """The finished request, whose rows count their speculative steps and accepted proposals."""
+    return llama.decode([llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], "prompt", temperature=0, logprobs=True, **options)
 
 
 def test_greedy_lookup_returns_plain_greedy_tokens_in_a_ragged_batch(llama):
     plain = llama.generate([llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS], 40, temperature=0, logprobs=True, stop_tokens=[])
-    state, proposer = run_speculation(llama, PROMPTS, PromptLookup(4), max_gen_len=40, stop_tokens=[])
-    tokens, logprobs = state.results()
+    request = run_speculation(llama, PROMPTS, max_gen_len=40, stop_tokens=[], speculate="lookup")
+    tokens, logprobs = request.results()
     assert tokens == plain[0]
     for got, expected in zip(logprobs, plain[1]):
         assert got == pytest.approx(expected, abs=1e-4)
-    counts = [sorted(set(row)) for row in proposer.accepted]
-    assert any(max(row) > 0 for row in counts) and len({tuple(row) for row in counts}) > 1  # rows accepted different counts
-    assert sum(len(row) for row in proposer.accepted) < 3 * 39  # fewer steps than tokens
+    rows = request.rows
+    assert len({(row.speculative_steps, row.accepted) for row in rows}) == 3 and max(row.accepted for row in rows) > 0  # ragged
+    # 39 tokens after the first: each step gives its accepted proposals and one token (the last step may give more than are left)
+    assert all(row.speculative_steps + row.accepted >= 39 for row in rows) and sum(row.speculative_steps for row in rows) < 3 * 39
+
+
+def test_a_speculating_request_and_a_plain_one_share_the_steps(llama):
+    prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:2]]
+    alone = [llama.generate([prompt], 20, temperature=0, stop_tokens=[])[0][0] for prompt in prompts]
+    fast = llama.engine.submit(prompts[:1], GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[], speculate="lookup"))
+    plain = llama.engine.submit(prompts[1:], GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[]))
+    while not (fast.done and plain.done):
+        llama.engine.step()
+    assert [fast.tokens[0], plain.tokens[0]] == alone
+    assert plain.rows[0].speculative_steps > 0 and plain.rows[0].accepted == 0  # it took part, accepting nothing
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -185,8 +198,8 @@ def test_greedy_draft_returns_plain_greedy_tokens(checkpoint, tokenizer_path, ot
     plain, fast = generate_both(llama, PROMPTS, max_gen_len=30, stop_tokens=[], speculate="draft", speculate_k=3)
     assert_same(plain, fast)
     if draft == "int8 self":  # the quantized copy agrees with the model nearly always
-        _, proposer = run_speculation(llama, PROMPTS, DraftProposer(llama.draft_step, 3), max_gen_len=30, stop_tokens=[])
-        assert min(sum(row) / len(row) for row in proposer.accepted) > 2
+        request = run_speculation(llama, PROMPTS, max_gen_len=30, stop_tokens=[], speculate="draft", speculate_k=3)
+        assert min(row.accepted / row.speculative_steps for row in request.rows) > 2
     free = llama.text_completion(PROMPTS, temperature=0, max_gen_len=30, stop_tokens=[], logprobs=True)
     stop_token = llama.tokenizer.sp_model.piece_to_id(free[0]["tokens"][5])
     assert_same(*generate_both(llama, PROMPTS, max_gen_len=30, stop_tokens=[stop_token], speculate="draft"))
@@ -238,27 +251,24 @@ def exact_sequence_probs(model: Transformer, prompt, n: int, temperature: float)
     return logprobs.gather(-1, continuations[..., None])[..., 0].sum(-1).exp()
 
 
-@pytest.mark.parametrize("speculate", ["none", "lookup", "random draft"])
+@pytest.mark.parametrize("speculate", [None, "lookup", "draft"])
 def test_speculative_sampling_follows_the_models_distribution(speculate):
     rows, n, temperature = 3000, 3, 0.9
     prompt = [3, 5, 3]  # lookup proposes 5, 3, ... after the last 3
     model, draft = tiny_model(0, rows), tiny_model(7, rows, sharpness=4.0)  # a useless draft, accepted now and then
-    options = GenerationOptions(temperature=temperature, top_p=1.0, max_gen_len=n, stop_tokens=[], speculate_k=2)
-    state = Decoding([prompt] * rows, options, tokenizer=None, max_seq_len=8, device=torch.device("cpu"))
+    engine = Engine(model, tokenizer=None, draft=draft)
+    options = GenerationOptions(temperature=temperature, top_p=1.0, max_gen_len=n, stop_tokens=[], num_return_sequences=rows,
+                                speculate=speculate, speculate_k=2)
     torch.manual_seed(1)
-    if speculate == "none":
-        steps = decode_steps(model, DecodeStep(model), state)
-    else:
-        proposer = PromptLookup(2) if speculate == "lookup" else DraftProposer(DecodeStep(draft), 2)
-        steps = speculative_steps(model, DecodeStep(model), state, proposer)
-    for _ in steps:
-        pass
-    tokens, _ = state.results()
+    request = engine.submit([prompt], options, stream_text=False)
+    while not request.done:
+        engine.step()
+    tokens = request.tokens
     index = torch.tensor(tokens) @ (VOCAB ** torch.arange(n - 1, -1, -1))  # each continuation's number
     counts = torch.bincount(index, minlength=VOCAB**n)
     assert chi_square_p_value(counts, exact_sequence_probs(model, prompt, n, temperature)) > 1e-3
-    if speculate != "none":
-        assert 0 < sum(map(sum, proposer.accepted)) < 2 * sum(map(len, proposer.accepted))  # some accepted, some not
+    if speculate is not None:  # some proposals accepted, not all
+        assert 0 < sum(row.accepted for row in request.rows) < 2 * sum(row.speculative_steps for row in request.rows)
 
 
 def test_seeded_speculative_sampling_is_reproducible_and_row_independent(llama):

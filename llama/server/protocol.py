@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from llama.chat_format import SPECIAL_TAGS, encode_dialog, is_unsafe
-from llama.decoding import GenerationOptions
+from llama.options import GenerationOptions
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
