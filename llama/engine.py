@@ -13,9 +13,12 @@ chat calls, the streams and the server.
   prompt is complete samples its first token, and decodes from the next step on. Then
   every running row decodes one token. A row leaves the moment it ends (stop token, stop string,
   its ``max_gen_len``, the end of the context, or cancelled), freeing its slot for the next step.
-- The decode step has static shapes: the first ``width`` slots (a power of two covering every
-  busy slot) decode together, idle ones on a position nobody reads, and attend over a power-of-two
-  bucket of the cache. With ``compile=True`` the whole step is one compiled graph: the model, the
+- The decode step runs on the first ``width`` slots, covering every decoding row (idle slots among
+  them decode on a position nobody reads), and attends over the cache up to the furthest row.
+  Compiled, its shapes are static: ``width`` is a power of two and the attended length a
+  power-of-two bucket, so rows coming and going compile nothing new after the first few steps
+  (at most log2(max_batch_size) + 1 widths; the length is dynamic below the whole cache, which has
+  a graph of its own). With ``compile=True`` the whole step is one compiled graph: the model, the
   sampler of every row with its own settings (``llama.sampling``), and the writes of the step's
   tokens, positions and penalty counts. The host waits once a step, to read the tokens.
 - Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
@@ -305,6 +308,7 @@ class Features:
 
     sampling: bool  # some row samples (else every row takes the argmax)
     penalties: bool  # some row has a penalty or a logit bias
+    logprobs: bool  # some row wants logprobs (always, compiled: nearly free there, and one graph fewer)
     alternatives: int  # how many top logprobs to compute (a power of two, 0: none)
 
 
@@ -656,16 +660,20 @@ class Engine:
             row.decoding = row.slot is not None
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
-        """One token for each decoding row: the decode step over the first ``width`` slots (a power
-        of two covering them), attending over a power-of-two bucket of the cache. When a row
-        speculates, a speculative step instead (``speculate``)."""
+        """One token for each decoding row: the decode step over the first ``width`` slots, which
+        cover them (compiled: a power of two of them, and a power-of-two bucket of the cache). When
+        a row speculates, a speculative step instead (``speculate``)."""
         if any(self.owners[row.slot].options.speculate for row in rows):
             return self.speculate(rows, touched)
         params = self.model.params
-        width = min(power_of_two_at_least(max(row.slot for row in rows) + 1), self.max_slots)
+        width = max(row.slot for row in rows) + 1
+        if self.compiled is not None:
+            width = min(power_of_two_at_least(width), self.max_slots)
         live = torch.zeros(width, dtype=torch.bool)
         live[[row.slot for row in rows]] = True
-        kv_len = min(max(16, power_of_two_at_least(max(row.position for row in rows) + 1)), params.max_seq_len)
+        kv_len = max(row.position for row in rows) + 1  # no position reaches it
+        if self.compiled is not None:  # a power-of-two bucket: one graph serves many lengths
+            kv_len = min(max(16, power_of_two_at_least(kv_len)), params.max_seq_len)
         kv_slots = torch.empty(kv_len, 0)
         features = self.features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
@@ -726,6 +734,7 @@ class Engine:
         return Features(
             sampling=any(o.temperature > 0 for o in options),
             penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
+            logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
             alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
         )
 
@@ -773,7 +782,9 @@ class Engine:
         the model's, stopping exactly where decoding one token per step would. A row that does not
         speculate accepts nothing and takes the token ``sample`` chooses, as in a plain step."""
         params = self.model.params
-        width = min(power_of_two_at_least(max(row.slot for row in rows) + 1), self.max_slots)
+        width = max(row.slot for row in rows) + 1
+        if self.compiled is not None:  # as the decode step: a power of two of slots
+            width = min(power_of_two_at_least(width), self.max_slots)
         options = {row.slot: self.owners[row.slot].options for row in rows}
         k = max(o.speculate_k for o in options.values() if o.speculate)
         limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
@@ -901,14 +912,16 @@ def choose(
 
 
 def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torch.Tensor:
-    """The step's message to the host, one float64 row per slot, read in one wait: the token, its
-    logprob (of the model's own distribution, before any sampling option), then the ids and logprobs
-    of the ``features.alternatives`` most likely tokens."""
-    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
-    columns = [tokens.double()[:, None], (logits.gather(1, tokens[:, None]) - normaliser).double()]
-    if features.alternatives:
-        top = logits.topk(features.alternatives, dim=-1)
-        columns += [top.indices.double(), (top.values - normaliser).double()]
+    """The step's message to the host, one float64 row per slot, read in one wait: the token, then
+    with ``features.logprobs`` its logprob (of the model's own distribution, before any sampling
+    option) and the ids and logprobs of the ``features.alternatives`` most likely tokens."""
+    columns = [tokens.double()[:, None]]
+    if features.logprobs:
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
+        columns.append((logits.gather(1, tokens[:, None]) - normaliser).double())
+        if features.alternatives:
+            top = logits.topk(features.alternatives, dim=-1)
+            columns += [top.indices.double(), (top.values - normaliser).double()]
     return torch.cat(columns, dim=1)
 
 

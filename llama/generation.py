@@ -147,6 +147,11 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.output.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (with quantized weights too: the embedding is never quantized)."""
+        return self.model.tok_embeddings.weight.dtype
+
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:
         each prompt ``num_return_sequences`` times. ``what`` names the prompts in errors
