@@ -176,10 +176,10 @@ def test_greedy_lookup_with_repetition_penalty_and_top_logprobs(llama):
 
 
 def test_speculative_stream_yields_the_text_of_the_call(llama):
-    (expected,) = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=20, speculate="lookup")
-    stream = llama.text_completion_stream(PROMPTS[:1], temperature=0, max_gen_len=20, speculate="lookup")
+    (expected,) = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=12, speculate="lookup")
+    stream = llama.text_completion_stream(PROMPTS[:1], temperature=0, max_gen_len=12, speculate="lookup")
     assert "".join(piece for (piece,) in stream) == expected["generation"]
-    assert stream.finish_reasons == ["length"] and len(stream.tokens[0]) == 20
+    assert stream.finish_reasons == ["length"] and len(stream.tokens[0]) == 12
 
 
 # --- a draft model ---------------------------------------------------------------------------------
@@ -199,9 +199,10 @@ def test_greedy_draft_returns_plain_greedy_tokens(checkpoint, tokenizer_path, ot
     llama = Llama.build(ckpt_dir, tokenizer_path, 96, 4, device="cpu", dtype="float32", **build)
     plain, fast = generate_both(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate="draft", speculate_k=3)
     assert_same(plain, fast)
-    if draft == "int8 self":  # the quantized copy agrees with the model nearly always
-        request = run_speculation(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate="draft", speculate_k=3)
-        assert min(row.accepted / row.speculative_steps for row in request.rows) > 2
+    if draft == "other model":  # it rarely agrees: exactness is all there is to check
+        return
+    request = run_speculation(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate="draft", speculate_k=3)
+    assert min(row.accepted / row.speculative_steps for row in request.rows) > 2  # the quantized copy nearly always agrees
     (ids,), _ = llama.generate([llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 20, temperature=0, stop_tokens=[])
     stops = dict(stop_tokens=[ids[5]], stop_strings=[plain[2]["generation"][6:9]])
     assert_same(*generate_both(llama, PROMPTS, max_gen_len=20, speculate="draft", **stops))
