@@ -25,9 +25,10 @@ import typing
 from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import fire
+import torch
 
-from llama.options import GenerationOptions
 from llama.distributed import RankFailedError
+from llama.options import GenerationOptions
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
 FLAG_HELP = {  # the flags several commands share, described once; a command's own docstring may say more
@@ -46,6 +47,7 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "speculate_k": "tokens proposed and verified per step with --speculate",
     "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
     "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
+    "threads": "CPU threads torch computes with; default: torch's choice, one per core (1 per process under torchrun)",
 }
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
@@ -262,10 +264,11 @@ def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, qua
         quantize: the ``--quantize`` value; the line then names the activations' dtype and the weights'.
 
     Returns:
-        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu (torch.bfloat16 activations, int4 weights) in 9.12 s``.
+        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu with 2 thread(s) (torch.bfloat16 activations, int4 weights) in 9.12 s``.
     """
     dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
-    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {generator.device} ({dtype}) in {seconds:.2f} s"
+    device = f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)
+    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
 
 
 def program_name() -> str:

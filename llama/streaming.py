@@ -145,14 +145,18 @@ class CompletionStream:
         self.request.cancel(row)
 
     def timing(self) -> str:
-        """Prompt tokens/s (the first step: the prefill and each row's first token) and decode
-        tokens/s (the rest), up to now if the iteration was stopped early."""
+        """Prompt tokens/s (the first step: the prefill and each row's first token), the tokens generated
+        (as ``max_gen_len`` counts them), and decode tokens/s (every token after each row's first), up
+        to now if the iteration was stopped early."""
         now = time.perf_counter()
         first_step_done = self.first_step_done or now
         prompt_seconds, decode_seconds = first_step_done - (self.started or now), (self.finished or now) - first_step_done
-        n_prompt, n_decoded = self.n_prompt_tokens, sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        n_prompt, n_generated = self.n_prompt_tokens, sum(len(tokens) for tokens in self.tokens)
+        n_decoded = sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        first = "the first of each row" if len(self.tokens) > 1 else "the first"
         return (
             f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+            f"generated: {n_generated} tokens, {first} with the prompt, then "
             f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
         )
 

@@ -2,6 +2,7 @@
 checkpoints written in Meta's exact layout, the same weights as a transformers LlamaForCausalLM, and
 random transformers models saved as Hugging Face folders."""
 
+import importlib.util
 import shutil
 import sysconfig
 from pathlib import Path
@@ -15,9 +16,25 @@ from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
                      "runs the model, generation, streaming and decoding tests there")
+
+
+@pytest.fixture(scope="session")
+def example_script():
+    """example_script("example_chat.py") -> the example script at the repository root, imported as a
+    module (its main is not run): its main, prompts and dialogs."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

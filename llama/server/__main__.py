@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
 from llama.generation import Llama
 from llama.server.batching import Scheduler, follow
 from llama.server.http import LlamaHTTPServer
@@ -41,6 +41,7 @@ def main(
     port: int = 8000,
     api_key: Optional[str] = None,
     heartbeat_seconds: float = 10.0,
+    threads: Optional[int] = None,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -58,6 +59,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
