@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import load_line, run
+from llama.cli import check_speculation_flags, load_line, run
 from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -57,6 +57,10 @@ def main(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    speculate: Optional[str] = None,
+    speculate_k: int = 4,
+    draft_ckpt_dir: Optional[str] = None,
+    draft_quantize: Optional[str] = None,
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
@@ -81,21 +85,27 @@ def main(
     if interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--interactive reads the terminal in a single process; run it with python, not torchrun")
 
+    check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
+
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    generator = Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile,
+        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize,
+    )
+    speculation = dict(speculate=speculate, speculate_k=speculate_k)
     load_seconds = time.perf_counter() - start
     if interactive:
         print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
-        chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose)
+        chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose, **speculation)
         return
 
     start = time.perf_counter()
     if verbose:
-        stream = generator.chat_completion_stream(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        stream = generator.chat_completion_stream(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **speculation)
         results = [{"generation": {"role": "assistant", "content": "".join(pieces)}} for pieces in zip(*stream)]
         n_tokens = sum(len(tokens) for tokens in stream.tokens)
     else:
-        results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True)
+        results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True, **speculation)
         n_tokens = sum(len(result["tokens"]) for result in results)
     seconds = time.perf_counter() - start
 
@@ -113,9 +123,9 @@ def main(
             print(f"Compiled the decode step in {generator.engine.compile_seconds:.1f} s (on first use, counted above)")
 
 
-def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool):
+def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool, **options):
     """A terminal chat that keeps the dialog and streams each reply of at most ``max_gen_len``
-    tokens. When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
+    tokens (``options``: more generation options, e.g. speculate). When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
     prompt stays)."""
     max_seq_len = generator.model.params.max_seq_len
     opening: Dialog = [{"role": "system", "content": system}] if system else []
@@ -154,7 +164,7 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
             print(f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)")
             continue
         room = max_seq_len - n_prompt
-        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len))
+        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len), **options)
         print("Assistant: ", end="", flush=True)
         reply = ""
         try:

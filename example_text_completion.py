@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from llama import Llama
-from llama.cli import load_line, run
+from llama.cli import check_speculation_flags, load_line, run
 from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -50,6 +50,10 @@ def main(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    speculate: Optional[str] = None,
+    speculate_k: int = 4,
+    draft_ckpt_dir: Optional[str] = None,
+    draft_quantize: Optional[str] = None,
     prompts: Union[str, List[str], None] = None,
     verbose: bool = False,
     threads: Optional[int] = None,
@@ -70,17 +74,23 @@ def main(
         prompts = CODE_PROMPTS if Path(ckpt_dir).resolve() == BUNDLED else TEXT_PROMPTS
     prompts = prompt_list(prompts)
 
+    check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
+
     start = time.perf_counter()
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    generator = Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile,
+        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize,
+    )
+    speculation = dict(speculate=speculate, speculate_k=speculate_k)
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     if verbose:  # the stream's text equals text_completion's, and the stream times its steps
-        stream = generator.text_completion_stream(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        stream = generator.text_completion_stream(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, **speculation)
         results = [{"generation": "".join(pieces)} for pieces in zip(*stream)]
         n_tokens = sum(len(tokens) for tokens in stream.tokens)
     else:
-        results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+        results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True, **speculation)
         n_tokens = sum(len(result["tokens"]) for result in results)
     seconds = time.perf_counter() - start
 

@@ -28,7 +28,7 @@ from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import model_parallel_rank, model_parallel_world_size
 from llama.placement import place_tensor
 from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,26 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, ma
         {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
         source=str(params_path(ckpt_dir)),
     )
+
+
+def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str) -> None:
+    """A draft model proposes token ids of the model's vocabulary: its embedding must have the
+    tokenizer's rows, and a ``tokenizer.model`` in its folder must hold the same pieces."""
+    rows, rows_file = embedding_rows(draft_ckpt_dir)
+    if rows != tokenizer.n_words:
+        raise ValueError(
+            f"draft checkpoint {draft_ckpt_dir} has a vocabulary of {rows} tokens ({rows_file}) but the model's "
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words}: a draft must share the model's vocabulary"
+        )
+    own = Path(draft_ckpt_dir) / TOKENIZER_FILE
+    if own.is_file() and own.resolve() != Path(tokenizer_path).resolve():
+        draft_tokenizer = Tokenizer(str(own))
+        pieces = [draft_tokenizer.sp_model.id_to_piece(i) for i in range(rows)]
+        if pieces != [tokenizer.sp_model.id_to_piece(i) for i in range(rows)]:
+            raise ValueError(
+                f"draft tokenizer {own} and the model's tokenizer {tokenizer_path} both have {rows} tokens but "
+                "different pieces: a draft must share the model's vocabulary"
+            )
 
 
 def params_path(ckpt_dir: str) -> Path:

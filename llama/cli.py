@@ -28,6 +28,7 @@ import fire
 import torch
 
 from llama.distributed import RankFailedError
+from llama.options import GenerationOptions
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
 FLAG_HELP = {  # the flags several commands share, described once; a command's own docstring may say more
@@ -42,6 +43,10 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "quantize": "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized",
     "compile": "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it",
     "verbose": "also print the prompt and decoding speeds",
+    "speculate": "speculative decoding: lookup (n-grams of the prompt and output) or draft (needs --draft_ckpt_dir); same output, faster when proposals are accepted",
+    "speculate_k": "tokens proposed and verified per step with --speculate",
+    "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
+    "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
     "threads": "CPU threads torch computes with; default: torch's choice, one per core (1 per process under torchrun)",
 }
 TRACEBACK_FLAG = "--traceback"
@@ -163,6 +168,14 @@ def text_or_list(text: str) -> Union[str, list]:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
     return list(value) if isinstance(value, (list, tuple)) else text
+
+
+def check_speculation_flags(speculate: Optional[str], speculate_k: int, draft_ckpt_dir: Optional[str]) -> None:
+    """The examples' speculation flags, before anything loads: valid values, and a draft only with
+    ``--speculate draft`` (a draft loaded for nothing would be a flag silently ignored)."""
+    GenerationOptions(speculate=speculate, speculate_k=speculate_k).check_draft(draft_ckpt_dir is not None)
+    if draft_ckpt_dir is not None and speculate != "draft":
+        raise ValueError(f"--draft_ckpt_dir is used by --speculate draft only, got --speculate {speculate}")
 
 
 def split_traceback_flag(argv: Sequence[str]) -> Tuple[List[str], bool]:

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
-from llama.sampling import RowSettings, apply_penalties, global_exponentials, sample, seed_key
+from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
+from llama.speculative import ChunkForward, NgramIndex, exponentials, penalised_per_position, step_keys, verify
 from llama.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
 
@@ -106,6 +107,14 @@ class Row:
         self.finish_reason: Optional[str] = None
         self.sent = 0  # tokens already in a delta
         self.closed = False  # its last delta, with its finish reason, is out
+        self.lookup: Optional[NgramIndex] = None  # prompt lookup's index of its tokens
+        self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
+        self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
+
+    @property
+    def sequence(self) -> List[int]:
+        """Its prompt and its generated tokens (all of them: the row ends at a stop)."""
+        return self.prompt + self.tokens
 
     @property
     def returned(self) -> int:
@@ -317,6 +326,8 @@ class Engine:
             an empty batch).
         prefill_chunk: most prompt tokens prefilled per step while rows decode.
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
+        draft: a smaller model with the same vocabulary and cache sizes, for requests with
+            ``speculate="draft"``; its cache rows are the same slots.
     """
 
     def __init__(
@@ -327,6 +338,7 @@ class Engine:
         admission: str = "continuous",
         prefill_chunk: int = 256,
         heartbeat_seconds: float = 10.0,
+        draft: Optional[Transformer] = None,
     ):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
@@ -355,6 +367,9 @@ class Engine:
         self.distributed = model_parallel_world_size() > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
+        self.draft = draft
+        self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
+        self.draft_forward = ChunkForward(draft, compile) if draft is not None else None
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
             # under torchrun the tokens are broadcast between choosing and writing them
@@ -380,6 +395,7 @@ class Engine:
         if not isinstance(options, GenerationOptions):
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(params.vocab_size)
+        options.check_draft(self.draft is not None)
         check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
         if self.stopping.is_set():
@@ -603,6 +619,8 @@ class Engine:
             last = logits[torch.arange(len(batch), device=self.device), ends]
         else:
             last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, slots=slots)[:, 0]
+        if self.draft is not None:  # the draft's cache holds the prompts too
+            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, slots=slots)
         for row, n in batch:
             row.prefilled += n
         self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
@@ -643,7 +661,10 @@ class Engine:
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
         """One token for each decoding row: the decode step over the first ``width`` slots, which
-        cover them (compiled: a power of two of them, and a power-of-two bucket of the cache)."""
+        cover them (compiled: a power of two of them, and a power-of-two bucket of the cache). When
+        a row speculates, a speculative step instead (``speculate``)."""
+        if any(self.owners[row.slot].options.speculate for row in rows):
+            return self.speculate(rows, touched)
         params = self.model.params
         width = max(row.slot for row in rows) + 1
         if self.compiled is not None:
@@ -731,19 +752,151 @@ class Engine:
 
     def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
         """Each row learns its token (``pack``'s columns), and ends if it must."""
+        for row, value in zip(rows, values):
+            self.record_token(row, value, features, touched)
+
+    def record_token(self, row: Row, value: List[float], features: Features, touched: Set[Request]) -> bool:
+        """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
         k = features.alternatives
-        for row, (token, *rest) in zip(rows, values):
-            request = self.owners[row.slot]
-            options = request.options
-            logprob = rest[0] if options.logprobs else None
-            alternatives = None
-            if options.top_logprobs:
-                ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
-                alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
-            request.record(row, int(token), logprob, alternatives)
-            if row.finish_reason is not None:
-                self.end(request, row)
-            touched.add(request)
+        token, *rest = value
+        request = self.owners[row.slot]
+        options = request.options
+        logprob = rest[0] if options.logprobs else None
+        alternatives = None
+        if options.top_logprobs:
+            ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
+            alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
+        request.record(row, int(token), logprob, alternatives)
+        touched.add(request)
+        if row.finish_reason is None:
+            return False
+        self.end(request, row)
+        return True
+
+    # --- speculative decoding (``llama.speculative``) ----------------------------------------------
+
+    def speculate(self, rows: List[Row], touched: Set[Request]) -> None:
+        """One speculative step for the decoding rows: each speculating row's k proposals (prompt
+        lookup or the draft) are verified with its last token in one pass over the first ``width``
+        slots at their own positions, and each row emits its accepted proposals and one token of
+        the model's, stopping exactly where decoding one token per step would. A row that does not
+        speculate accepts nothing and takes the token ``sample`` chooses, as in a plain step."""
+        params = self.model.params
+        width = max(row.slot for row in rows) + 1
+        if self.compiled is not None:  # as the decode step: a power of two of slots
+            width = min(power_of_two_at_least(width), self.max_slots)
+        options = {row.slot: self.owners[row.slot].options for row in rows}
+        k = max(o.speculate_k for o in options.values() if o.speculate)
+        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
+        needs = [False] * width  # the rows that draw from the global RNG
+        for row in rows:
+            o = options[row.slot]
+            limits[row.slot] = o.speculate_k if o.speculate else 0
+            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
+            needs[row.slot] = o.temperature > 0 and o.seed is None
+        limits, steps = limits.to(self.device), steps.to(self.device)
+        features, settings, last = self.features(rows), self.settings.rows(slice(0, width)), self.positions[:width]
+        proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
+        positions = (last[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
+        chunk = torch.cat([self.tokens[:width, None], proposals], dim=1)
+        logits = self.verify_forward(chunk, positions, kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
+        penalised = penalised_per_position(logits, settings, self.seen[:width], self.counts[:width], proposals) if features.penalties else logits
+        uniforms = noise = None
+        if features.sampling:
+            uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
+            noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
+        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
+        if features.sampling:  # a row that does not speculate draws as in a plain step
+            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.device))
+            chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
+        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
+        accepted, chosen = chosen[:, -1], chosen[:, :-1]
+        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
+        values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
+        self.record_speculation(rows, values, k + 1, features, touched)
+
+    def record_speculation(self, rows: List[Row], values: List[List[float]], n: int, features: Features, touched: Set[Request]) -> None:
+        """Each row learns its accepted proposals and the token after them, one by one, until it ends;
+        the slots' last tokens, positions, seen tokens and counts follow. values: per slot, the
+        accepted count, then ``pack``'s columns for each of the n verified positions."""
+        slots, tokens, lasts = [], [], []
+        for row in rows:
+            slot, (accepted, *columns) = row.slot, values[row.slot]
+            row.accepted += int(accepted)
+            size = len(columns) // n
+            for i in range(int(accepted) + 1):
+                value = columns[i * size : (i + 1) * size]
+                slots.append(slot)
+                tokens.append(int(value[0]))
+                if self.record_token(row, value, features, touched):
+                    break
+            lasts.append((slot, tokens[-1], row.position))
+        slots, tokens = torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)
+        self.seen[slots, tokens] = True
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
+        index, last_tokens, positions = (torch.tensor(column, device=self.device) for column in zip(*lasts))
+        self.tokens[index], self.positions[index] = last_tokens, positions
+
+    def propose(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
+        samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
+        prompt lookup rows."""
+        proposals = torch.zeros(width, k, dtype=torch.long)
+        drafting = torch.zeros(width, dtype=torch.bool)
+        for row in rows:
+            speculate = self.owners[row.slot].options.speculate
+            drafting[row.slot] = speculate == "draft"
+            if speculate == "lookup":
+                sequence = row.sequence
+                if row.lookup is None:
+                    row.lookup = NgramIndex(sequence)
+                row.lookup.extend(sequence[len(row.lookup.tokens) :])
+                proposals[row.slot] = torch.tensor(row.lookup.propose(k) or sequence[-1:] * k)
+        proposals = proposals.to(self.device)
+        if not drafting.any():
+            return proposals, None
+        drafted, draft_probs = self.draft_proposals(rows, width, k, settings, steps, needs, features)
+        drafting = drafting.to(self.device)
+        proposals = torch.where(drafting[:, None], drafted, proposals)
+        if draft_probs is not None:
+            point_masses = F.one_hot(proposals, self.model.params.vocab_size).to(draft_probs.dtype)
+            draft_probs = torch.where(drafting[:, None, None], draft_probs, point_masses)
+        return proposals, draft_probs
+
+    def draft_proposals(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
+        from the draft's distribution under the row's settings. The draft's cache holds a row's
+        tokens up to the one before its last: the first step feeds the last two (the previous
+        step's last proposal may have been accepted without being fed), then one proposal a step.
+        Under torchrun every rank continues with rank 0's draws."""
+        max_seq_len, vocab = self.model.params.max_seq_len, self.model.params.vocab_size
+        last = self.positions[:width]
+        previous = torch.zeros(width, dtype=torch.long)
+        decoding = torch.zeros(width, dtype=torch.long)  # idle slots write twice where an idle step may write
+        for row in rows:
+            previous[row.slot], decoding[row.slot] = row.sequence[-2], 1
+        tokens = torch.stack([previous.to(self.device), self.tokens[:width]], dim=1)  # (width, 2)
+        positions = torch.stack([last - decoding.to(self.device), last], dim=1)
+        max_position = max(row.position for row in rows)
+        logits = self.draft_forward(tokens, positions, kv_len=max_position + 1)[:, -1]
+        proposals, draft_probs = [], []
+        for i in range(k):
+            if i > 0:
+                position = (last + i).clamp(max=max_seq_len - 1)
+                logits = self.draft_forward(proposals[-1][:, None], position[:, None], kv_len=max_position + i + 1)[:, 0]
+            if features.penalties:
+                logits = apply_penalties(logits, settings, self.seen[:width], self.counts[:width])
+            proposal = logits.argmax(dim=-1)
+            if features.sampling:
+                draft_probs.append(distribution(logits, settings))
+                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
+                proposal = torch.where(settings.temperature > 0, drawn, proposal)
+            proposals.append(broadcast_from_rank0(proposal))
+        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
 
 
 def choose(

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple, TypedDict, Union
 import torch
 
 from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
-from llama.checkpoint import load_model, read_model_args
+from llama.checkpoint import check_draft_vocabulary, load_model, read_model_args
 from llama.hf_checkpoint import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.engine import Engine, Request
@@ -60,6 +60,8 @@ class Llama:
         quantize: Optional[str] = None,
         compile: bool = False,
         quiet_ranks: bool = True,
+        draft_ckpt_dir: Optional[str] = None,
+        draft_quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
@@ -89,6 +91,13 @@ class Llama:
                 (seconds to a minute), later ones run faster.
             quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
                 Meta's build does, so scripts that print on every rank print once; False keeps it.
+            draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for
+                ``speculate="draft"`` (``llama.speculative``); ``ckpt_dir`` itself with
+                ``draft_quantize`` for a quantized copy of the model as its own draft. Split over the
+                processes like the model, with the same cache sizes.
+            draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its
+                kernels are fastest in (bfloat16 on an AVX2 CPU, as ``dtype=None`` would pick),
+                whatever ``dtype``; an unquantized one in the model's dtype.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -103,6 +112,11 @@ class Llama:
             if not isinstance(compile, bool):
                 raise TypeError(f"compile must be True or False, got {compile!r}")
             quantization = parse_quantize(quantize)
+            if draft_quantize is not None and draft_ckpt_dir is None:
+                raise ValueError(
+                    f"draft_quantize={draft_quantize!r} needs draft_ckpt_dir: pass draft_ckpt_dir=ckpt_dir for a "
+                    "quantized copy of the model as its own draft"
+                )
             dtype = resolve_dtype(dtype, device, quantization)
             world_size = model_parallel_world_size()
             if model_parallel_size is not None and model_parallel_size != world_size:
@@ -117,13 +131,22 @@ class Llama:
             chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
-        return Llama(model, tokenizer, compile, chat_format)
+            draft = None
+            if draft_ckpt_dir is not None:
+                draft_quantization = parse_quantize(draft_quantize)
+                draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
+                check_draft_vocabulary(draft_ckpt_dir, tokenizer, tokenizer_path)
+                draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+                draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
+                logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
+        return Llama(model, tokenizer, compile, chat_format, draft)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None,
+                 draft: Optional[Transformer] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
-        self.engine = Engine(model, tokenizer, compile)  # every call below decodes here
+        self.engine = Engine(model, tokenizer, compile, draft=draft)  # every call below decodes here
 
     @property
     def device(self) -> torch.device:

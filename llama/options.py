@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 
+SPECULATE_CHOICES = (None, "lookup", "draft")
+MAX_SPECULATE_K = 16
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -27,6 +31,10 @@ class GenerationOptions:
     logprobs: also return each returned token's log-probability.
     top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
     echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
+    speculate: "lookup" (prompt lookup) or "draft" (the draft model given to ``Llama.build``):
+        speculative decoding (``llama.speculative``), the same greedy tokens and the same sampling
+        distribution, faster where proposals are accepted; None decodes one token per step.
+    speculate_k: tokens proposed (and verified in one pass) per row per step.
     """
 
     max_gen_len: Optional[int] = None
@@ -45,6 +53,8 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
+    speculate: Optional[str] = None
+    speculate_k: int = 4
 
     def __post_init__(self):
         if self.max_gen_len is not None and not (is_int(self.max_gen_len) and self.max_gen_len >= 0):
@@ -85,6 +95,18 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
         if self.top_logprobs and self.echo:
             raise ValueError("top_logprobs covers generated tokens only; it cannot be combined with echo=True")
+        if self.speculate not in SPECULATE_CHOICES:
+            raise ValueError(f"speculate must be one of {SPECULATE_CHOICES}, got {self.speculate!r}")
+        if not is_int(self.speculate_k) or not 1 <= self.speculate_k <= MAX_SPECULATE_K:
+            raise ValueError(f"speculate_k must be an integer in [1, {MAX_SPECULATE_K}], got {self.speculate_k!r}")
+
+    def check_draft(self, has_draft: bool) -> None:
+        """``speculate="draft"`` needs a model built with a draft."""
+        if self.speculate == "draft" and not has_draft:
+            raise ValueError(
+                "speculate='draft' needs a draft model: build with Llama.build(..., draft_ckpt_dir=...) "
+                "(--draft_ckpt_dir), or use speculate='lookup', which needs none"
+            )
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The checks that need the model's vocabulary size."""

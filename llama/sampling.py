@@ -118,6 +118,23 @@ def sample(logits: torch.Tensor, settings: RowSettings, positions: torch.Tensor,
     seeded rows' counter); noise: (rows, vocab) the unseeded rows' Exp(1) draws
     (``global_exponentials``). Returns (rows,) int64 token ids."""
     greedy = torch.argmax(logits, dim=-1)
+    probs_sort, probs_idx = sorted_distribution(logits, settings)
+    exponentials = torch.where(settings.seeded[:, None], seeded_exponentials(settings.seed_key, positions, logits.shape[-1]), noise)
+    choice = torch.argmax(probs_sort / exponentials, dim=-1, keepdim=True)  # torch.multinomial's draw
+    sampled = torch.gather(probs_idx, -1, choice)[:, 0]
+    return torch.where(settings.temperature > 0, sampled, greedy)
+
+
+def distribution(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:
+    """The probabilities (rows, vocab), in vocabulary order, that ``sample`` draws each row's token
+    from (temperature, top-k, min-p, top-p applied; a greedy row's as at temperature 1). Speculative
+    decoding compares them with a draft's. logits: (rows, vocab) float32, penalised."""
+    probs_sort, probs_idx = sorted_distribution(logits, settings)
+    return torch.zeros_like(probs_sort).scatter(-1, probs_idx, probs_sort)
+
+
+def sorted_distribution(logits: torch.Tensor, settings: RowSettings):
+    """Each row's sampling probabilities sorted in descending order, and their token ids: (rows, vocab) each."""
     temperature = torch.where(settings.temperature > 0, settings.temperature, 1.0)[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (rows, vocab)
@@ -129,11 +146,7 @@ def sample(logits: torch.Tensor, settings: RowSettings, positions: torch.Tensor,
     probs_sort = torch.where(filtered, kept / kept.sum(dim=-1, keepdim=True), probs_sort)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > settings.top_p[:, None], 0.0)  # mass before it reaches top_p
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    exponentials = torch.where(settings.seeded[:, None], seeded_exponentials(settings.seed_key, positions, vocab), noise)
-    choice = torch.argmax(probs_sort / exponentials, dim=-1, keepdim=True)  # torch.multinomial's draw
-    sampled = torch.gather(probs_idx, -1, choice)[:, 0]
-    return torch.where(settings.temperature > 0, sampled, greedy)
+    return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,0 +1,220 @@
+"""Speculative decoding: propose k tokens per row cheaply, check them all in one pass of the model,
+keep the longest prefix the model agrees with plus one token of its own.
+
+Decoding one token reads every weight once; a pass over k+1 tokens reads them once too and costs
+little more. Each step feeds every row's last token and its k proposals at their own positions
+(static shapes: k+1 tokens per row), and the (bsz, k+1, vocab) logits say what the model would have
+chosen at each. Rows accept different counts; each advances by its own, and the cache entries of
+rejected proposals are simply overwritten by the next step (positions say where each row is).
+
+Two proposers (``llama.engine`` runs them, per row):
+- prompt lookup (``NgramIndex``): the tokens that followed the latest earlier occurrence of the
+  row's last n tokens (n = 3, 2, 1), in its prompt or its output so far. No second model; pays on
+  text that repeats its context (code edits, summaries, quoting).
+- a draft model: k steps of a smaller model with the same vocabulary, on its own KV cache.
+
+The acceptance rule keeps the output the model's own:
+- greedy: a proposal is accepted while it equals the model's argmax, and the argmax after the last
+  accepted one is appended (the bonus token when all k are accepted): the tokens of plain greedy
+  decoding, exactly.
+- sampling: proposal d drawn from q is accepted with probability min(1, p(d)/q(d)); the first
+  rejected one is replaced by a draw from max(p - q, 0), renormalised; all accepted, the next token
+  is drawn from p (Leviathan et al. 2023, Chen et al. 2023). Each emitted token is distributed as
+  plain sampling's. For prompt lookup q is a point mass on the proposed token.
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
+
+LOOKUP_NGRAMS = (3, 2, 1)  # the n-gram lengths prompt lookup matches, longest first
+
+
+class NgramIndex:
+    """One row's tokens and, for each n-gram of them, where the tokens after its latest occurrence start.
+
+    Indexing is incremental: each token added is indexed once, so a proposal costs a few dictionary
+    look-ups however long the row.
+    """
+
+    def __init__(self, tokens: List[int], ngrams=LOOKUP_NGRAMS):
+        self.tokens: List[int] = []
+        self.ngrams = ngrams
+        self.continuations: Dict[Tuple[int, ...], int] = {}  # n-gram -> index of the token after it
+        self.indexed = 0  # n-grams ending before this index are in ``continuations``
+        self.extend(tokens)
+
+    def extend(self, tokens: List[int]) -> None:
+        self.tokens += tokens
+
+    def propose(self, k: int) -> List[int]:
+        """The k tokens after the latest earlier occurrence of the longest matching n-gram that ends
+        the row, continued periodically where they run into the row's end (a repeating pattern goes on
+        repeating); [] when none of its last n-grams occurred before."""
+        tokens = self.tokens
+        for end in range(self.indexed, len(tokens) - 1):  # only n-grams whose next token is known
+            for n in self.ngrams:
+                if end + 1 >= n:
+                    self.continuations[tuple(tokens[end + 1 - n : end + 1])] = end + 1
+        self.indexed = max(self.indexed, len(tokens) - 1)
+        for n in self.ngrams:
+            start = self.continuations.get(tuple(tokens[-n:])) if len(tokens) >= n else None
+            if start is not None:
+                period = len(tokens) - start
+                proposal: List[int] = []
+                for i in range(k):
+                    proposal.append(tokens[start + i] if i < period else proposal[i - period])
+                return proposal
+        return []
+
+
+def accepted_prefix(ok: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """How many proposals each row accepts: the leading run of ``ok`` (bsz, k), at most ``limits`` (bsz,)."""
+    allowed = torch.arange(ok.shape[1], device=ok.device) < limits[:, None]
+    return (ok & allowed).long().cumprod(dim=1).sum(dim=1)
+
+
+def accept_greedy(choices: torch.Tensor, proposals: torch.Tensor, limits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification.
+
+    Args:
+        choices: (bsz, k+1) the model's argmax at each verified position (position i predicts the
+            token after proposal i; position 0 the token after the row's last one).
+        proposals: (bsz, k) the proposed tokens.
+        limits: (bsz,) how many proposals each row may accept (0: a row that does not speculate).
+
+    Returns:
+        (accepted, tokens): (bsz,) how many proposals each row accepts (the longest prefix equal to
+        the model's choices), and (bsz, k+1) tokens of which each row emits the first accepted + 1:
+        the accepted proposals and the model's own next token.
+    """
+    return accepted_prefix(proposals == choices[:, :-1], limits), choices
+
+
+def accept_sampled(
+    probs: torch.Tensor,
+    proposals: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    limits: torch.Tensor,
+    uniforms: torch.Tensor,
+    draw: Callable[[torch.Tensor], torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sampled verification: the rejection rule that makes the emitted tokens distributed as the model's.
+
+    Args:
+        probs: (bsz, k+1, vocab) p, the model's sampling distribution at each verified position.
+        proposals: (bsz, k) the proposed tokens.
+        draft_probs: (bsz, k, vocab) q, the distributions the proposals were drawn from; None for a
+            point mass on each proposal (prompt lookup).
+        limits: (bsz,) how many proposals each row may accept.
+        uniforms: (bsz, k) uniform numbers in [0, 1), one per proposal.
+        draw: one token per row from (bsz, vocab) probabilities, (bsz,).
+
+    Returns:
+        (accepted, tokens) as ``accept_greedy``: proposal i is accepted with probability
+        min(1, p(d)/q(d)) while all before it were; the token after the accepted ones is drawn from
+        max(p - q, 0) renormalised at the first rejected position, or from p when the row accepted
+        all it may.
+    """
+    bsz, k = proposals.shape
+    p_proposed = probs[:, :k].gather(-1, proposals[..., None])[..., 0]  # (bsz, k)
+    if draft_probs is None:  # q(d) = 1: accept with probability p(d); the residual is p without d
+        q_proposed = torch.ones_like(p_proposed)
+        residual = probs[:, :k].scatter(-1, proposals[..., None], 0.0)
+    else:
+        q_proposed = draft_probs.gather(-1, proposals[..., None])[..., 0]
+        residual = (probs[:, :k] - draft_probs).clamp(min=0)
+    accepted = accepted_prefix(uniforms * q_proposed < p_proposed, limits)  # u < p/q, without dividing
+    rows = torch.arange(bsz, device=probs.device)
+    model = probs[rows, accepted]  # (bsz, vocab)
+    rejected = residual[rows, accepted.clamp(max=k - 1)] if k else model
+    mass = rejected.sum(dim=-1, keepdim=True)
+    rejected = torch.where(mass > 0, rejected / mass.clamp(min=torch.finfo(mass.dtype).tiny), model)  # p == q: never rejected
+    chosen = torch.where((accepted < limits)[:, None], rejected, model)
+    tokens = F.pad(proposals, (0, 1)).scatter(1, accepted[:, None], draw(chosen)[:, None])
+    return accepted, tokens
+
+
+def history_per_position(seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the penalties see at each verified position: the row's history and the proposals before
+    the position. seen (bsz, vocab) bool, counts (bsz, vocab); returns (bsz * (k+1), vocab) each."""
+    proposed = F.one_hot(proposals, seen.shape[-1]).to(counts.dtype).cumsum(dim=1)  # (bsz, k, vocab)
+    before = torch.cat([torch.zeros_like(proposed[:, :1]), proposed], dim=1)  # (bsz, k+1, vocab)
+    return (seen[:, None] | (before > 0)).flatten(0, 1), (counts[:, None] + before).flatten(0, 1)
+
+
+def step_keys(settings: RowSettings, steps: torch.Tensor, purpose: int) -> torch.Tensor:
+    """A seeded row's key for one speculative step's draws of one ``purpose`` (acceptance, the
+    token after, the draft's i-th proposal): a function of the row's seed, how many speculative
+    steps it took before (so a position revisited after a rejection draws afresh), and the purpose."""
+    return mix((settings.seed_key ^ mix((steps * 64 + purpose) & WORD)) & WORD)
+
+
+def exponentials(settings: RowSettings, keys: torch.Tensor, positions: torch.Tensor, needs: List[bool], n: int) -> torch.Tensor:
+    """(rows, n) Exp(1) draws: a seeded row's from its ``keys`` and ``positions``, the others' from
+    torch's global RNG (``needs``: the rows that draw)."""
+    noise = global_exponentials(needs, n).to(keys.device)
+    return torch.where(settings.seeded[:, None], seeded_exponentials(keys, positions, n), noise)
+
+
+def penalised_per_position(logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+    """The penalised logits (bsz, k+1, vocab) of every verified position."""
+    bsz, n, vocab = logits.shape
+    seen_n, counts_n = history_per_position(seen, counts, proposals)
+    index = torch.arange(bsz, device=logits.device).repeat_interleave(n)
+    return apply_penalties(logits.flatten(0, 1), settings.rows(index), seen_n, counts_n).view(bsz, n, vocab)
+
+
+def verify(
+    logits: torch.Tensor,
+    proposals: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    limits: torch.Tensor,
+    settings: RowSettings,
+    uniforms: torch.Tensor,
+    noise: torch.Tensor,
+    sampling: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's accepted count and tokens from the model's (penalised) logits (bsz, k+1, vocab) at
+    its last token and its k proposals: greedy rows by ``accept_greedy``, sampling rows (when
+    ``sampling``) by ``accept_sampled`` with ``uniforms`` (bsz, k) and the draw ``argmax(p / noise)``
+    (noise: (bsz, vocab) Exp(1), torch.multinomial's draw)."""
+    bsz, n, vocab = logits.shape
+    accepted, tokens = accept_greedy(logits.argmax(dim=-1), proposals, limits)
+    if not sampling:
+        return accepted, tokens
+    index = torch.arange(bsz, device=logits.device).repeat_interleave(n)
+    probs = distribution(logits.flatten(0, 1), settings.rows(index)).view(bsz, n, vocab)
+    sampled_accepted, sampled_tokens = accept_sampled(probs, proposals, draft_probs, limits, uniforms, lambda p: torch.argmax(p / noise, dim=-1))
+    sampled = settings.temperature > 0
+    return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
+
+
+class ChunkForward:
+    """The model's cached forward over (width, n) tokens at their positions, attending over a
+    power-of-two bucket of the cache: a verification pass (n = k+1) or a draft's step. With
+    ``compile``, one graph per width and n serves every length (the bucket is marked dynamic, the
+    whole cache has its own graph, as in the engine's decode step)."""
+
+    def __init__(self, model, compile: bool = False):
+        self.model = model
+        self.compiled = None
+        if compile:
+            mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
+            self.compiled = torch.compile(self.forward, mode=mode, dynamic=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0])
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits (width, n, vocab); ``kv_len``: more than every position."""
+        max_seq_len = self.model.params.max_seq_len
+        if self.compiled is None:
+            return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len))
+        kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
+        if 1 < kv_slots.shape[0] < max_seq_len:
+            torch._dynamo.mark_dynamic(kv_slots, 0)
+        return self.compiled(tokens, positions, kv_slots)
