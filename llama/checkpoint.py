@@ -24,8 +24,8 @@ from llama import hf_checkpoint
 from llama.files import load_tensor_dict, read_json_object
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
-from llama.parallel import model_parallel_rank, model_parallel_world_size
-from llama.placement import place_tensor
+from llama.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
+from llama.placement import place_tensors
 from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
 from llama.tokenizer import Tokenizer
 
@@ -43,10 +43,12 @@ class TensorLayout(NamedTuple):
 
 def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]:
     """Every tensor of ``model`` (this rank's part of a model built for ``world_size`` ranks) with its
-    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers)."""
+    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers).
+    The keys are Meta's: a fused layer's parts (wq, wk, wv) are listed apart, split as their layer."""
+    layers = {**dict(model.named_modules()), **{part: layer for part, (_, layer) in fused_layers(model).items()}}
     layout = {}
     for key, tensor in model.state_dict().items():
-        split_dim = getattr(model.get_submodule(key.rpartition(".")[0]), "split_dim", None)
+        split_dim = getattr(layers[key.rpartition(".")[0]], "split_dim", None)
         shape = list(tensor.shape)
         if split_dim is not None:
             shape[split_dim] *= world_size
@@ -200,8 +202,8 @@ def load_model(
         shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
         check_int4_shapes(shapes, quantization, world_size)
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
-    for key, tensor in rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size):  # Meta's keys and row order
-        place_tensor(model, key, tensor, device, dtype, quantization)
+    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
+    place_tensors(model, tensors, device, dtype, quantization)
     model.setup_caches()
     return model
 

@@ -14,9 +14,11 @@ from torch import nn
 
 from llama.parallel import (
     ColumnParallelLinear,
+    FusedColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
     check_world_size,
+    fuse_parts,
     model_parallel_world_size,
     split_size,
 )
@@ -126,7 +128,9 @@ class Attention(nn.Module):
 
     With ``n_kv_heads < n_heads`` each key/value head serves ``n_heads / n_kv_heads`` query heads.
     Under model parallelism this rank holds ``n_local_heads`` query and ``n_local_kv_heads``
-    key/value heads; ``wo`` sums the heads' contributions over ranks.
+    key/value heads; ``wo`` sums the heads' contributions over ranks. The cache is heads-major,
+    (max_batch_size, n_local_kv_heads, max_seq_len, head_dim): each head's keys are contiguous, the
+    layout the attention kernel reads fastest.
     """
 
     def __init__(self, args: ModelArgs):
@@ -134,24 +138,25 @@ class Attention(nn.Module):
         self.n_local_heads = split_size(args.n_heads, "n_heads")
         self.n_local_kv_heads = split_size(args.n_kv_heads, "n_kv_heads")
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
+        # wq, wk, wv as one weight: one matmul instead of three small ones (checkpoints keep Meta's three)
+        kv_features = args.n_kv_heads * self.head_dim
+        self.wqkv = FusedColumnParallelLinear(args.dim, {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features})
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
-        """Write row b's keys and values at ``positions[b]`` of cache row b, in place; return every
-        row's first ``kv_len`` cached entries, (bsz, kv_len, n_local_kv_heads, head_dim) each."""
+        """Write row b's keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at ``positions[b]``
+        of cache row b, in place; return every row's first ``kv_len`` cached entries, (bsz,
+        n_local_kv_heads, kv_len, head_dim) each."""
         bsz = xk.shape[0]
         rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
-        self.cache_k[rows, positions] = xk
-        self.cache_v[rows, positions] = xv
-        return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+        self.cache_k[rows, :, positions] = xk  # indexed dimensions first: (bsz, seqlen, n_local_kv_heads, head_dim)
+        self.cache_v[rows, :, positions] = xv
+        return self.cache_k[:bsz, :, :kv_len], self.cache_v[:bsz, :, :kv_len]
 
     def forward(
         self,
@@ -165,16 +170,19 @@ class Attention(nn.Module):
         Otherwise the chunk is written into the cache at ``positions`` (bsz, seqlen) and attends to
         the cached entries that ``mask`` (bsz, 1, seqlen, kv_len) allows."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = self.wqkv(x)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1])
+        if positions is None:
+            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
+        else:
+            keys, values = self.update_cache(positions, xk, xv, mask.shape[-1])
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, is_causal=positions is None, enable_gqa=True,
+            xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=positions is None, enable_gqa=True,
         )
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -184,12 +192,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim)
+        self.w13 = FusedColumnParallelLinear(dim, {"w1": hidden_dim, "w3": hidden_dim})  # w1 and w3 as one matmul
         self.w2 = RowParallelLinear(hidden_dim, dim)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)  # w1 x, w3 x
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -220,6 +228,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
         self.setup_caches()
 
     def setup_caches(self):

@@ -51,14 +51,26 @@ def test_forward_without_start_pos_equals_cached_forward_and_has_gradients(llama
     free = llama.model.forward(tokens)
     assert torch.allclose(free, cached, atol=1e-5)
     free.sum().backward()
-    assert llama.model.layers[0].attention.wq.weight.grad is not None
+    assert llama.model.layers[0].attention.wqkv.weight.grad is not None
     llama.model.zero_grad(set_to_none=True)
 
 
-def test_kv_cache_is_preallocated_in_model_dtype(llama_and_state):
+def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama_and_state):
+    llama, state = llama_and_state
+    saved = llama.model.state_dict()
+    assert list(saved) == list(state)  # wq, wk, wv, w1, w3 apart, in Meta's order
+    assert all(torch.equal(saved[key], state[key].float()) for key in state)
+    model = Transformer(llama.model.params)
+    model.load_state_dict(state)
+    attention, feed_forward = model.layers[1].attention, model.layers[1].feed_forward
+    assert torch.equal(attention.wqkv.weight, torch.cat([state[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]).float())
+    assert torch.equal(feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float())
+
+
+def test_kv_cache_is_preallocated_heads_major_in_model_dtype(llama_and_state):
     llama, _ = llama_and_state
     cache = llama.model.layers[0].attention.cache_k
-    assert cache.shape == (4, 128, SMALL_PARAMS["n_kv_heads"], 8)
+    assert cache.shape == (4, SMALL_PARAMS["n_kv_heads"], 128, 8)  # (max_batch_size, kv heads, max_seq_len, head_dim)
     assert cache.dtype == torch.float32
 
 
