@@ -154,8 +154,8 @@ class Attention(nn.Module):
         n_local_kv_heads, kv_len, head_dim) each."""
         bsz = xk.shape[0]
         rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
-        self.cache_k[rows, :, positions] = xk  # indexed dimensions first: (bsz, seqlen, n_local_kv_heads, head_dim)
-        self.cache_v[rows, :, positions] = xv
+        self.cache_k[rows, :, positions] = xk.to(self.cache_k.dtype)  # indexed dimensions first: (bsz, seqlen, n_local_kv_heads, head_dim)
+        self.cache_v[rows, :, positions] = xv.to(self.cache_v.dtype)
         return self.cache_k[:bsz, :, :kv_len], self.cache_v[:bsz, :, :kv_len]
 
     def forward(
@@ -182,9 +182,9 @@ class Attention(nn.Module):
 
         # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=positions is None, enable_gqa=True,
+            xq.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=positions is None, enable_gqa=True,
         )
-        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
 class FeedForward(nn.Module):
@@ -231,13 +231,14 @@ class Transformer(nn.Module):
         self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
         self.setup_caches()
 
-    def setup_caches(self):
+    def setup_caches(self, cache_dtype: Optional[torch.dtype] = None):
         """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
-        rotary tables, on the weights' device and in the embedding's dtype (the rotary tables stay
-        float32)."""
-        device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
+        rotary tables, on the weights' device, the caches in ``cache_dtype`` (None: the embedding's
+        dtype), the rotary tables in float32. Cached attention computes in the cache's dtype."""
+        device = self.tok_embeddings.weight.device
+        cache_dtype = cache_dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
-            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, cache_dtype)
         cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
