@@ -128,9 +128,7 @@ class Attention(nn.Module):
 
     With ``n_kv_heads < n_heads`` each key/value head serves ``n_heads / n_kv_heads`` query heads.
     Under model parallelism this rank holds ``n_local_heads`` query and ``n_local_kv_heads``
-    key/value heads; ``wo`` sums the heads' contributions over ranks. The cache is heads-major,
-    (max_batch_size, n_local_kv_heads, max_seq_len, head_dim): each head's keys are contiguous, the
-    layout the attention kernel reads fastest.
+    key/value heads; ``wo`` sums the heads' contributions over ranks.
     """
 
     def __init__(self, args: ModelArgs):
@@ -144,19 +142,19 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
         """Write row b's keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at ``positions[b]``
-        of cache row b, in place; return every row's first ``kv_len`` cached entries, (bsz,
-        n_local_kv_heads, kv_len, head_dim) each."""
+        of cache row b, in place; return every row's first ``kv_len`` cached entries, (bsz, kv_len,
+        n_local_kv_heads, head_dim) each."""
         bsz = xk.shape[0]
         rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
-        self.cache_k[rows, :, positions] = xk.to(self.cache_k.dtype)  # indexed dimensions first: (bsz, seqlen, n_local_kv_heads, head_dim)
-        self.cache_v[rows, :, positions] = xv.to(self.cache_v.dtype)
-        return self.cache_k[:bsz, :, :kv_len], self.cache_v[:bsz, :, :kv_len]
+        self.cache_k[rows, positions] = xk.to(self.cache_k.dtype)
+        self.cache_v[rows, positions] = xv.to(self.cache_v.dtype)
+        return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
 
     def forward(
         self,
@@ -175,14 +173,12 @@ class Attention(nn.Module):
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        if positions is None:
-            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
-        else:
-            keys, values = self.update_cache(positions, xk, xv, mask.shape[-1])
+        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1])
 
-        # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
+        # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=positions is None, enable_gqa=True,
+            xq.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, is_causal=positions is None, enable_gqa=True,
         )
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 

@@ -67,10 +67,10 @@ def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama
     assert torch.equal(feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float())
 
 
-def test_kv_cache_is_preallocated_heads_major_in_model_dtype(llama_and_state):
+def test_kv_cache_is_preallocated_in_model_dtype(llama_and_state):
     llama, _ = llama_and_state
     cache = llama.model.layers[0].attention.cache_k
-    assert cache.shape == (4, SMALL_PARAMS["n_kv_heads"], 128, 8)  # (max_batch_size, kv heads, max_seq_len, head_dim)
+    assert cache.shape == (4, 128, SMALL_PARAMS["n_kv_heads"], 8)
     assert cache.dtype == torch.float32
 
 

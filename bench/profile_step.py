@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over greedy decoding from BOS, per mode.
 
-    python bench/profile.py                          # a random 134M checkpoint, int8 and int4
-    python bench/profile.py --modes fp32,bf16,int8 --compile --threads 2
+    python bench/profile_step.py                          # a random 134M checkpoint, int8 and int4
+    python bench/profile_step.py --modes fp32,bf16,int8 --compile --threads 2
 
 Prints, for each mode, tokens/s without the profiler and the profiler's operators by self time.
 """
