@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -56,12 +56,17 @@ def main(
     system: Optional[str] = None,
     verbose: bool = False,
 ):
-    """Without --ckpt_dir, runs the small bundled model (trained on code, not on chat: it shows the
-    mechanics, not good answers); without --tokenizer_path, the checkpoint folder's tokenizer.model.
-    --interactive: chat in the terminal, with an optional --system prompt; each reply has at most
-    --max_gen_len tokens (default 256 there; the example dialogs default to the whole context, as in
-    Meta's example). --verbose: also time the prompt and the decoding. --compile: run the decode step under
-    torch.compile (a CUDA graph on a GPU): the first generation compiles it, later steps run faster."""
+    """Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal
+    (--interactive). Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows
+    the mechanics, not good answers.
+
+    Args:
+        ckpt_dir: the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_gen_len: the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's example, 256 in --interactive
+        interactive: chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands
+        system: the system prompt of an --interactive chat
+    The other flags are described in llama.cli.FLAG_HELP.
+    """
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:
@@ -73,7 +78,7 @@ def main(
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
     load_seconds = time.perf_counter() - start
     if interactive:
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose)
         return
 
@@ -88,7 +93,7 @@ def main(
     seconds = time.perf_counter() - start
 
     if is_main_process():
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         for dialog, result in zip(DIALOGS, results):
             for msg in dialog:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from llama import Llama
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -53,10 +53,15 @@ def main(
     prompts: Union[str, List[str], None] = None,
     verbose: bool = False,
 ):
-    """Without --ckpt_dir, runs the small model bundled in checkpoints/tiny-stdlib on code prompts.
-    Without --tokenizer_path, uses the checkpoint folder's tokenizer.model. --prompts: one prompt
-    ("import sys") or a list ("['import os', 'def f(']"). --verbose: also time the prompt and the
-    decoding."""
+    """Complete text prompts with a Llama checkpoint (Meta's layout or a Hugging Face folder) and print
+    the completions. Without --ckpt_dir, the small model bundled in checkpoints/tiny-stdlib completes code.
+
+    Args:
+        ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_gen_len: the most tokens generated for each prompt
+        prompts: one prompt, exactly as typed, or a Python list ("['import os', 'def f(']"); default: code prompts for the bundled model, else Meta's four
+    The other flags are described in llama.cli.FLAG_HELP.
+    """
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if prompts is None:
@@ -78,7 +83,7 @@ def main(
     seconds = time.perf_counter() - start
 
     if is_main_process():
-        print(f"Loaded {ckpt_dir} on {generator.device} ({generator.model.output.weight.dtype}) in {load_seconds:.2f} s")
+        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
         for prompt, result in zip(prompts, results):
             print(prompt)
             print(f"> {result['generation']}")

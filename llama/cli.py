@@ -14,19 +14,34 @@ Any other exception is a bug and keeps its traceback. ``--traceback`` (accepted 
 """
 
 import argparse
+import ast
 import contextlib
 import difflib
 import inspect
 import os
 import re
 import sys
-from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
+import typing
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import fire
 
 from llama.distributed import RankFailedError
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
+FLAG_HELP = {  # the flags several commands share, described once; a command's own docstring may say more
+    "ckpt_dir": "the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder",
+    "tokenizer_path": "the sentencepiece tokenizer.model; default: the one in the checkpoint folder, else beside it",
+    "max_seq_len": "the context length in tokens: prompt and generation together",
+    "max_batch_size": "the most rows (prompts, dialogs, samples) decoded together",
+    "temperature": "sampling temperature; 0 is greedy",
+    "top_p": "nucleus sampling: sample among the most probable tokens whose probabilities add up to top_p",
+    "device": "cpu, cuda or mps; default: the GPU if there is one, else the CPU",
+    "dtype": "float32, bfloat16 or float16; default: per device (float32 on CPU, bfloat16 there for quantized weights)",
+    "quantize": "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized",
+    "compile": "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it",
+    "verbose": "also print the prompt and decoding speeds",
+}
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
 EXIT_USER_ERROR = 2  # the status argparse and fire use for a bad command line
@@ -45,7 +60,11 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
     """
     argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
     with user_errors_exit(show_traceback):
+        if any(name in ("help", "h") for _, name in flags(argv)):
+            help_parser(main).print_help()
+            return
         check_flags(main, argv)
+        fire.decorators.SetParseFns(**text_parsers(main))(main)
         fire.Fire(main, command=argv, name=program_name())
 
 
@@ -57,7 +76,91 @@ def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespa
     argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
     with user_errors_exit(show_traceback):
         parser.error = fail  # argparse reports a bad command line through error(message)
+        parser.formatter_class = HelpFormatter
+        add_traceback_flag(parser)
         main(parser.parse_args(argv))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, with each flag's default after its description (a flag whose default is None
+    says in its description what it defaults to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.option_strings and not action.required and action.default not in (None, argparse.SUPPRESS):
+            return f"{action.help or ''} (default: %(default)s)"
+        return action.help or ""
+
+
+def add_traceback_flag(parser: argparse.ArgumentParser) -> None:
+    """``--traceback`` in the help; ``split_traceback_flag`` takes it out of the arguments before parsing."""
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=f"show the full traceback of an error instead of one line; {TRACEBACK_ENV}=1 does the same")
+
+
+def help_parser(main: Callable) -> argparse.ArgumentParser:
+    """A parser that prints the help of a command run by ``run`` in argparse's style, as the argparse
+    commands print theirs: each parameter of ``main`` as a flag, with its default and its description
+    from the ``Args:`` section of ``main``'s docstring, else from ``FLAG_HELP``. Only its help is used:
+    fire reads the flags."""
+    summary, own = docstring_parts(main)
+    descriptions = {**FLAG_HELP, **own}
+    parser = argparse.ArgumentParser(prog=program_name(), description=summary, formatter_class=HelpFormatter)
+    for name, parameter in inspect.signature(main).parameters.items():
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        required = parameter.default is inspect.Parameter.empty
+        default = None if required else parameter.default
+        if parameter.annotation is bool or isinstance(default, bool):
+            parser.add_argument(f"--{name}", action="store_true", default=default, help=descriptions.get(name))
+        else:
+            parser.add_argument(f"--{name}", required=required, default=default, help=descriptions.get(name))
+    add_traceback_flag(parser)
+    return parser
+
+
+def docstring_parts(main: Callable) -> Tuple[str, Dict[str, str]]:
+    """``main``'s docstring before ``Args:``, and each parameter's description in ``Args:``
+    (``name: description``, continued on more deeply indented lines), joined into one line."""
+    summary, _, section = (inspect.getdoc(main) or "").partition("\nArgs:\n")
+    descriptions: Dict[str, str] = {}
+    name = None
+    for line in section.split("\n"):
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            name, descriptions[entry.group(1)] = entry.group(1), entry.group(2)
+        elif name is not None and line.startswith("        "):
+            descriptions[name] += " " + line.strip()
+        else:
+            name = None
+    return summary.strip(), descriptions
+
+
+def text_parsers(main: Callable) -> Dict[str, Callable[[str], object]]:
+    """How fire reads the flags ``main`` declares as text: as the text typed.
+
+    Fire reads every value as a Python literal where it can: ``--prompts "hello, world"`` would be two
+    prompts, ``--system 42`` a number, ``--ckpt_dir True`` a boolean. A parameter annotated ``str``
+    (or ``Optional[str]``) keeps the text; one that may also be a list of strings
+    (``Union[str, List[str], None]``) is a list only when the text is a Python list or tuple literal.
+
+    Returns:
+        ``{parameter name: parse function}`` for ``fire.decorators.SetParseFns``.
+    """
+    parsers = {}
+    for name, parameter in inspect.signature(main).parameters.items():
+        annotation = parameter.annotation
+        options = typing.get_args(annotation) or (annotation,)
+        if str in options:
+            parsers[name] = text_or_list if any(typing.get_origin(option) in (list, List) for option in options) else str
+    return parsers
+
+
+def text_or_list(text: str) -> Union[str, list]:
+    """``text`` itself, unless it is a Python list or tuple literal: then that list."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return list(value) if isinstance(value, (list, tuple)) else text
 
 
 def split_traceback_flag(argv: Sequence[str]) -> Tuple[List[str], bool]:
@@ -135,5 +238,26 @@ def flag_candidates(name: str, known: List[str]) -> List[str]:
     return [k for k in known if k.startswith(name)] if len(name) == 1 else []
 
 
+def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, quantize: Optional[str] = None) -> str:
+    """What a command says once it has loaded a checkpoint: which files, where, in which dtype.
+
+    Args:
+        ckpt_dir: the checkpoint folder, as given.
+        tokenizer_path: the tokenizer file used (given, or found by ``resolve_tokenizer_path``).
+        generator: the loaded ``Llama``.
+        seconds: how long loading took.
+        quantize: the ``--quantize`` value; the line then names the activations' dtype and the weights'.
+
+    Returns:
+        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu (torch.bfloat16 activations, int4 weights) in 9.12 s``.
+    """
+    dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
+    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {generator.device} ({dtype}) in {seconds:.2f} s"
+
+
 def program_name() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llama"
+    """How the command was started: ``python -m llama.server`` or ``python example_chat.py``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return f"python {os.path.basename(sys.argv[0])}" if sys.argv and sys.argv[0] else "llama"

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama.checkpoint import TensorLayout, embedding_rows, layout_of, params_path, rank_tensors, read_params
+from llama.cli import run_parser
 from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
@@ -178,17 +179,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
     parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
-    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in --ckpt_dir")
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in --ckpt_dir, else beside it")
     parser.add_argument("--max_position_embeddings", type=int, default=4096, help="written to config.json (hf)")
-    options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        convert(
-            options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,
-            options.max_position_embeddings,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.error(str(error))
+    run_parser(parser, lambda options: convert(
+        options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,
+        options.max_position_embeddings,
+    ), argv)
 
 
 if __name__ == "__main__":

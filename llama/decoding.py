@@ -135,8 +135,10 @@ class DecodeStep:
 
     Compiled, a few graphs serve every step: a batch is padded to a power of two rows (the padding
     rows write only their own, unused cache rows), and the attended length is rounded up to a power
-    of two and marked dynamic, so one graph per padded batch size serves every length, and a CUDA
-    graph is recorded per length bucket. New prompts, positions and contents compile nothing; a
+    of two and marked dynamic, so one graph per padded batch size serves every length shorter than
+    the cache, and a CUDA graph is recorded per length bucket. Attending over the whole cache gets a
+    graph of its own: a prefix of the cache rows is a contiguous tensor exactly when it is the whole
+    length, and the compiler specialises on that. New prompts, positions and contents compile nothing; a
     batch does at most twice its work and attends over at most twice the keys it needs. On CUDA,
     ``mode="reduce-overhead"`` replays CUDA graphs: one launch per step instead of hundreds of small
     kernels.
@@ -164,7 +166,7 @@ class DecodeStep:
         padding = min(1 << (bsz - 1).bit_length(), params.max_batch_size) - bsz
         tokens, positions = F.pad(tokens, (0, padding)), F.pad(positions, (0, padding))
         kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), params.max_seq_len), 0)
-        if kv_slots.shape[0] > 1:  # sizes 0 and 1 are always specialised
+        if 1 < kv_slots.shape[0] < params.max_seq_len:  # see the class docstring: the whole cache has its own graph
             torch._dynamo.mark_dynamic(kv_slots, 0)
         if self.compile_seconds is not None:
             return self.compiled(tokens, positions, kv_slots)[:bsz]

@@ -123,6 +123,11 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.output.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (with quantized weights too: the embedding is never quantized)."""
+        return self.model.tok_embeddings.weight.dtype
+
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Decoding:
         """Check a batch and its ``GenerationOptions`` on every rank, and lay out its rows: each prompt
         ``num_return_sequences`` times. ``what`` names the prompts in errors ("prompt_tokens",

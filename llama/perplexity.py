@@ -10,12 +10,13 @@ scored with ``causal_lm_loss``, the loss of training.
 
 import argparse
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
-from llama.cli import run_parser
+from llama.cli import FLAG_HELP, load_line, run_parser
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -84,14 +85,14 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
-    parser.add_argument("--ckpt_dir", required=True, help="Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
-    parser.add_argument("--tokenizer_path", default=None, help="the checkpoint's sentencepiece tokenizer.model; default: the one in --ckpt_dir")
+    parser.add_argument("--ckpt_dir", required=True, help=FLAG_HELP["ckpt_dir"])
+    parser.add_argument("--tokenizer_path", default=None, help=FLAG_HELP["tokenizer_path"])
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
     parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps; default: the GPU if any, else CPU")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: per device")
-    parser.add_argument("--quantize", default=None, help="int8, int4 or int4-g32/-g64/-g128/-g256: score the quantized model")
+    parser.add_argument("--device", default=None, help=FLAG_HELP["device"])
+    parser.add_argument("--dtype", default=None, help=FLAG_HELP["dtype"])
+    parser.add_argument("--quantize", default=None, help=FLAG_HELP["quantize"])
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
     run_parser(parser, score_files, argv)
 
@@ -106,7 +107,9 @@ def score_files(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
+    start = time.perf_counter()
     generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize))
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     model = torch.compile(generator.model, dynamic=False) if args.compile else generator.model  # one graph per batch shape
     result = window_loss(model, windows, args.batch_size)

@@ -5,7 +5,7 @@
 Any process count can load any checkpoint (``llama.checkpoint`` reshards at load), but a checkpoint
 saved with as many shards as processes loads fastest: each rank memory-maps one file. The output
 holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
-``rope.freqs``, and a copy of ``params.json``. Target shards are written one at a time, each assembled
+``rope.freqs``, and copies of ``params.json`` and the tokenizer. Target shards are written one at a time, each assembled
 from memory-mapped sources, so the tool needs memory for one target shard, not the model.
 """
 
@@ -19,16 +19,31 @@ import torch
 
 from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_shard, rank_slices, read_params, shard_paths
 from llama.cli import run_parser
+from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
+from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
 
-def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
-    """Write the checkpoint in ``ckpt_dir`` to ``out_dir`` (absent or empty) as ``n_shards`` shards."""
+def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional[str] = None) -> None:
+    """Write the checkpoint in ``ckpt_dir`` to ``out_dir`` (absent or empty) as ``n_shards`` shards.
+
+    Args:
+        ckpt_dir: a checkpoint in Meta's layout (a Hugging Face folder is refused, naming ``llama.convert``).
+        out_dir: the output folder, absent or empty.
+        n_shards: the number of ``consolidated.NN.pth`` files to write.
+        tokenizer_path: the tokenizer to copy into ``out_dir``; None: ``tokenizer.model`` in or beside
+            ``ckpt_dir`` if there is one (without one, the output has none, and a warning says so).
+    """
     if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
         raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
+    if is_hf_checkpoint(ckpt_dir):
+        raise ValueError(
+            f"{ckpt_dir} is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: "
+            f"python -m llama.convert --ckpt_dir {ckpt_dir} --out {out_dir} --format meta --shards {n_shards}"
+        )
     params = read_params(ckpt_dir)
     paths = shard_paths(ckpt_dir)
     out = Path(out_dir)
@@ -44,12 +59,28 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int) -> None:
     first = load_shard(paths[0])
     extras = {key: first[key] for key in IGNORED_KEYS if key in first}  # rope.freqs, kept as Meta ships it
 
+    tokenizer = tokenizer_to_copy(ckpt_dir, tokenizer_path)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+        logger.info("copied %s", tokenizer)
     for shard in range(n_shards):
         path = out / f"consolidated.{shard:02d}.pth"
         write_shard(path, paths, layout, extras, shard, n_shards)
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
+
+
+def tokenizer_to_copy(ckpt_dir: str, tokenizer_path: Optional[str]) -> Optional[str]:
+    """The tokenizer file reshard copies: the one given (which must exist), else the one
+    ``resolve_tokenizer_path`` finds, else None, with a warning."""
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"--tokenizer_path {tokenizer_path} is not a file")
+    try:
+        return resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    except FileNotFoundError as missing:
+        logger.warning("the output will have no %s: %s", TOKENIZER_FILE, missing)
+        return None
 
 
 def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:
@@ -67,8 +98,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ckpt_dir", required=True, help="checkpoint directory: params.json and consolidated.NN.pth")
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in or beside --ckpt_dir")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_parser(parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards), argv)
+    run_parser(parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards, options.tokenizer_path), argv)
 
 
 if __name__ == "__main__":

@@ -15,23 +15,29 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def resolve_tokenizer_path(ckpt_dir: str, tokenizer_path: Optional[str] = None) -> str:
-    """``tokenizer_path`` if given, else the checkpoint folder's own ``tokenizer.model``.
+    """The tokenizer a checkpoint is read with.
 
-    Meta's downloads put ``tokenizer.model`` beside the checkpoint folders rather than in them; when
-    the folder has none, the error names the one beside it if there is one.
+    Args:
+        ckpt_dir: the checkpoint folder.
+        tokenizer_path: the file to use; None looks for ``tokenizer.model`` in ``ckpt_dir``, then beside
+            it, in its parent folder, where Meta's download puts it (``tokenizer.model`` next to
+            ``llama-2-7b/``).
+
+    Returns:
+        ``tokenizer_path`` if given, else the first ``tokenizer.model`` found.
     """
     if tokenizer_path is not None:
         return tokenizer_path
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
     own = Path(ckpt_dir) / TOKENIZER_FILE
-    if own.is_file():
-        return str(own)
     beside = Path(ckpt_dir).resolve().parent / TOKENIZER_FILE
-    hint = f" (there is one beside it: {beside})" if beside.is_file() else ""
+    for candidate in (own, beside):
+        if candidate.is_file():
+            return str(candidate)
     raise FileNotFoundError(
-        f"no tokenizer_path given and {ckpt_dir} has no {TOKENIZER_FILE}{hint}; "
-        "pass the checkpoint's sentencepiece model as tokenizer_path"
+        f"no --tokenizer_path given, and neither {own} nor {beside} exists; "
+        "pass the checkpoint's sentencepiece model with --tokenizer_path (tokenizer_path= in Llama.build)"
     )
 
 

@@ -2,11 +2,21 @@
 user error is one line on stderr with exit status 2 (on rank 0 only), unless a traceback is asked for."""
 
 import argparse
+import importlib
+import importlib.util
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Union
 
 import pytest
 
 from llama.cli import check_flags, run, run_parser
 from llama.distributed import RankFailedError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def command(ckpt_dir: str = "", temperature: float = 0.6, top_p: float = 0.9, verbose: bool = False):
@@ -79,6 +89,23 @@ def test_an_unknown_flag_stops_the_command_before_it_runs(capsys):
     assert capsys.readouterr().err.startswith("error: unknown flag --temp")
 
 
+def texts(prompts: Union[str, List[str], None] = None, system: Optional[str] = None, max_gen_len: Optional[int] = None):
+    """Stands for an example's main with text flags."""
+    calls.append({"prompts": prompts, "system": system, "max_gen_len": max_gen_len})
+
+
+@pytest.mark.parametrize("typed", ["hello, world", "True", "42", "None", "'quoted'", "1e3", "{'a': 1}"])
+def test_a_text_flag_is_the_text_typed_whatever_python_would_read_it_as(typed):
+    run(texts, ["--prompts", typed, "--system", typed])
+    assert calls == [{"prompts": typed, "system": typed, "max_gen_len": None}]
+
+
+@pytest.mark.parametrize("typed", ["['import os', 'def f(']", "('import os', 'def f(')"])
+def test_a_python_list_given_to_a_flag_that_takes_a_list_is_a_list(typed):
+    run(texts, [f"--prompts={typed}", "--max_gen_len", "8"])
+    assert calls == [{"prompts": ["import os", "def f("], "system": None, "max_gen_len": 8}]
+
+
 def test_known_flags_reach_the_command_parsed_by_fire():
     run(command, ["--ckpt_dir", "x", "--temperature", "0", "--verbose"])
     assert calls == [{"ckpt_dir": "x", "temperature": 0, "top_p": 0.9, "verbose": True}]
@@ -135,3 +162,69 @@ def test_an_argparse_command_reports_its_user_errors_in_one_line(capsys):
         run_parser(argparse_command(), main, ["--shards", "3"])
     assert exited.value.code == 2
     assert capsys.readouterr() == ("", "error: cannot write 3 shards\n")
+
+
+def load_script(name: str):
+    """An example script at the repository root, imported as a module (its main is not run)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def help_text(command: str, capsys) -> str:
+    """What ``--help`` prints for a command; fire's commands through ``run``, argparse's through their main."""
+    if command.endswith(".py"):
+        run(load_script(command).main, ["--help"])
+    elif command == "llama.server":
+        from llama.server.__main__ import main
+
+        run(main, ["--help"])
+    else:
+        with pytest.raises(SystemExit) as exited:
+            importlib.import_module(command).main(["--help"])
+        assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_entries(text: str) -> dict:
+    """argparse's help, option by option: {"--flag": "its description"}."""
+    entries, flag = {}, None
+    for line in re.split(r"\n(?:options|optional arguments):\n", text, maxsplit=1)[1].splitlines():
+        match = re.match(r"^  (-[^\s,]+(?:, -[^\s,]+)*)(?: \S+)?(?:\s{2,}(.*))?$", line)
+        if match:
+            flag = match.group(1).split(", ")[-1]
+            entries[flag] = match.group(2) or ""
+        elif flag and line.startswith("    "):
+            entries[flag] = (entries[flag] + " " + line.strip()).strip()
+    return entries
+
+
+META_FLAGS = ["--ckpt_dir", "--tokenizer_path", "--temperature", "--top_p", "--max_seq_len", "--max_gen_len", "--max_batch_size"]
+COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.perplexity", "llama.convert", "llama.reshard"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_describes_every_flag_in_one_style(command, capsys):
+    text = help_text(command, capsys)
+    entries = option_entries(text)
+    assert "--traceback" in entries and "--help" in entries
+    for flag, description in entries.items():
+        assert len(description) > 10, f"{command}: {flag} has no description"
+
+
+@pytest.mark.parametrize("command", ["example_text_completion.py", "example_chat.py"])
+def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys):
+    main = load_script(command).main
+    entries = option_entries(help_text(command, capsys))
+    assert set(META_FLAGS) <= set(entries)
+    for name, parameter in inspect.signature(main).parameters.items():
+        if parameter.default is not None:
+            assert entries[f"--{name}"].endswith(f"(default: {parameter.default})"), name
+
+
+def test_the_servers_help_is_titled_with_how_it_is_started():
+    done = subprocess.run([sys.executable, "-m", "llama.server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m llama.server [-h]")
+    assert "--heartbeat_seconds HEARTBEAT_SECONDS" in done.stdout

@@ -116,7 +116,23 @@ def test_tokenizer_of_another_vocabulary_is_refused(round_trips, tmp_path):
         convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(bundled))
 
 
-def test_cli_reports_a_bad_source_as_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_cli_reports_a_bad_source_in_one_line_without_the_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
         main(["--ckpt_dir", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--format", "hf"])
-    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: checkpoint directory not found: {tmp_path / 'absent'}\n"
+
+
+def test_cli_reports_a_non_empty_output_in_one_line_without_the_usage(round_trips, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["--ckpt_dir", round_trips[next(iter(HF_MODELS))][0], "--out", str(tmp_path / "out"), "--format", "meta"])
+    assert capsys.readouterr().err == f"error: output {tmp_path / 'out'} already exists and is not an empty directory\n"
+
+
+def test_cli_reports_a_usage_mistake_naming_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--ckpt_dir", str(tmp_path), "--format", "hf"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --out\n"

@@ -98,6 +98,17 @@ def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama,
     assert unique_graphs() == graphs
 
 
+@pytest.mark.parametrize("bsz", [1, 2, 3, 4])
+def test_compiled_ragged_batch_decodes_to_the_end_of_the_context_as_eager(llama, compiled, bsz):
+    """The last buckets attend over the whole cache: every batch size reaches the context's last position."""
+    prompts = [llama.tokenizer.encode(PROMPTS[row % 3], bos=True, eos=False)[: 2 + 3 * row] for row in range(bsz)]
+    eager = llama.generate(prompts, max_gen_len=None, temperature=0, stop_tokens=[], logprobs=True)
+    fast = compiled.generate(prompts, max_gen_len=None, temperature=0, stop_tokens=[], logprobs=True)
+    assert [len(p) + len(t) for p, t in zip(prompts, fast[0])] == [llama.model.params.max_seq_len] * bsz
+    assert fast[0] == eager[0]
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
+
+
 def test_compiled_sampling_streaming_and_stop_strings_equal_eager(llama, compiled):
     options = dict(max_gen_len=16, temperature=0.8, top_p=0.95, seed=3, num_return_sequences=2, stop_strings=["\n"])
     assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)

@@ -322,7 +322,7 @@ def test_example_under_torchrun_on_two_processes_prints_once(checkpoints, tokeni
     dirs, _ = checkpoints
     result = run(TORCHRUN + example_args(dirs[2], tokenizer_path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count(f"Loaded {dirs[2]} on cpu") == 1
+    assert result.stdout.count(f"Loaded {dirs[2]} (tokenizer: {tokenizer_path}) on cpu") == 1
     assert result.stdout.count("import sys\n> ") == 1
 
 

@@ -99,10 +99,23 @@ def test_no_tokenizer_path_means_the_checkpoint_folders_tokenizer_model(tmp_path
     assert resolve_tokenizer_path(str(tmp_path), "other.model") == "other.model"
 
 
-def test_no_tokenizer_path_and_none_in_the_folder_names_the_one_beside_it(tmp_path):
+def test_no_tokenizer_path_and_none_in_the_folder_uses_the_one_beside_it(tmp_path):
     (tmp_path / "llama-2-7b").mkdir()
     (tmp_path / "tokenizer.model").write_bytes(b"")  # where Meta's download puts it
-    with pytest.raises(FileNotFoundError, match=re.escape(f"has no tokenizer.model (there is one beside it: {tmp_path / 'tokenizer.model'})")):
+    assert resolve_tokenizer_path(str(tmp_path / "llama-2-7b")) == str(tmp_path / "tokenizer.model")
+
+
+def test_the_folders_own_tokenizer_comes_before_the_one_beside_it(tmp_path):
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / "llama-2-7b" / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    assert resolve_tokenizer_path(str(tmp_path / "llama-2-7b")) == str(tmp_path / "llama-2-7b" / "tokenizer.model")
+
+
+def test_no_tokenizer_in_or_beside_the_folder_names_both_places_and_the_flag(tmp_path):
+    (tmp_path / "llama-2-7b").mkdir()
+    own, beside = tmp_path / "llama-2-7b" / "tokenizer.model", tmp_path / "tokenizer.model"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"neither {own} nor {beside} exists; pass the checkpoint's sentencepiece model with --tokenizer_path")):
         resolve_tokenizer_path(str(tmp_path / "llama-2-7b"))
 
 

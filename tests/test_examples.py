@@ -27,7 +27,7 @@ def test_text_completion_example(ckpt, tokenizer_path, launcher):
     result = run(launcher + ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
                              "--max_gen_len", "6", "--prompts", f"['{prompt}']", "--device", "cpu"])
     assert result.returncode == 0, result.stderr
-    assert f"Loaded {ckpt} on cpu (torch.float32) in" in result.stdout
+    assert f"Loaded {ckpt} (tokenizer: {tokenizer_path}) on cpu (torch.float32) in" in result.stdout
     assert f"{prompt}\n> " in result.stdout
     assert "tokens/s)" in result.stdout
 
@@ -42,21 +42,22 @@ def test_chat_example(ckpt, tokenizer_path, launcher):
     assert result.stdout.count("> Assistant: ") == 4
 
 
-def test_tokenizer_defaults_to_the_one_in_the_checkpoint_folder(ckpt, tokenizer_path, tmp_path):
-    folder = tmp_path / "ckpt"
+def test_metas_download_layout_needs_no_tokenizer_flag_and_the_load_line_names_the_file(ckpt, tokenizer_path, tmp_path):
+    folder = tmp_path / "llama-2-7b"  # Meta's download: tokenizer.model beside the checkpoint folder
     shutil.copytree(ckpt, folder)
-    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
     result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(folder), "--max_gen_len", "2",
                   "--prompts", "['import sys']"])
     assert result.returncode == 0, result.stderr
+    assert f"Loaded {folder} (tokenizer: {tmp_path / 'tokenizer.model'}) on cpu" in result.stdout
     assert result.stdout.count("import sys\n> ") == 1
 
 
-def test_a_prompt_given_as_one_string_is_one_prompt(ckpt, tokenizer_path):
+def test_a_prompt_given_as_one_string_is_one_prompt_even_with_a_comma(ckpt, tokenizer_path):
     result = run([sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-                  "--max_gen_len", "2", "--prompts", "import sys"])
+                  "--max_gen_len", "2", "--prompts", "import os, sys"])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("import sys\n> ") == 1
+    assert result.stdout.count("import os, sys\n> ") == 1
     assert result.stdout.count("==================================") == 1
 
 

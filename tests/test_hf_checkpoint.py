@@ -182,7 +182,7 @@ def test_tokenizer_defaults_to_the_folder_s_own(hf_copy, tokenizer_path):
 
 def test_missing_default_tokenizer_names_where_it_looked(hf_copy):
     (Path(hf_copy) / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer_path given and .*copy has no tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="no --tokenizer_path given, and neither .*copy.tokenizer.model nor .*tokenizer.model exists"):
         build(hf_copy)
 
 
@@ -208,7 +208,7 @@ def test_example_runs_an_hf_folder_with_one_command(hf_folders):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert f"Loaded {folder} on cpu" in result.stdout
+    assert f"Loaded {folder} (tokenizer: {Path(folder) / 'tokenizer.model'}) on cpu" in result.stdout
 
 
 def test_missing_weight_is_an_error_naming_it(hf_folders, tmp_path):

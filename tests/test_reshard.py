@@ -1,5 +1,6 @@
 """``python -m llama.reshard`` rewrites a checkpoint into any number of shards in Meta's layout."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,30 @@ def test_command_line_reshards_and_reports_errors_without_a_traceback(one_shard,
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
     assert again.stderr == f"error: output {tmp_path / 'two'} already exists and is not an empty directory\n"
+
+
+def test_the_tokenizer_in_or_beside_the_folder_is_copied(one_shard, tokenizer_path, tmp_path):
+    ckpt_dir, _ = one_shard
+    meta_download = tmp_path / "download"  # Meta's layout: tokenizer.model beside llama-2-7b/
+    shutil.copytree(ckpt_dir, meta_download / "llama-2-7b")
+    shutil.copyfile(tokenizer_path, meta_download / "tokenizer.model")
+    reshard(str(meta_download / "llama-2-7b"), str(tmp_path / "two"), 2)
+    reshard(str(tmp_path / "two"), str(tmp_path / "one"), 1)  # now inside the folder
+    for out in ("two", "one"):
+        assert (tmp_path / out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+
+
+def test_without_a_tokenizer_the_output_has_none_and_a_warning_says_so(one_shard, tmp_path, caplog):
+    ckpt_dir, _ = one_shard
+    reshard(ckpt_dir, str(tmp_path / "two"), 2)
+    assert not (tmp_path / "two" / "tokenizer.model").exists()
+    assert "the output will have no tokenizer.model" in caplog.text
+
+
+def test_a_hugging_face_folder_is_pointed_to_convert(tmp_path):
+    folder = tmp_path / "Llama-2-7b-hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')  # what marks the layout
+    command = f"python -m llama.convert --ckpt_dir {folder} --out {tmp_path / 'out'} --format meta --shards 2"
+    with pytest.raises(ValueError, match=re.escape(f"is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: {command}")):
+        reshard(str(folder), str(tmp_path / "out"), 2)

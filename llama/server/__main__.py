@@ -12,10 +12,11 @@ Ctrl-C stops the server after the current step, and every rank exits.
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
-from llama.cli import run
+from llama.cli import load_line, run
 from llama.distributed import is_main_process
 from llama.generation import Llama
 from llama.server.batching import Scheduler, follow
@@ -41,22 +42,27 @@ def main(
     api_key: Optional[str] = None,
     heartbeat_seconds: float = 10.0,
 ):
-    """Load the checkpoint (without --ckpt_dir: the bundled checkpoints/tiny-stdlib; without
-    --tokenizer_path: the checkpoint folder's tokenizer.model) and serve it.
+    """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), on one process or under torchrun.
 
     Args:
-        max_batch_size: most rows decoded together; a request with n samples of p prompts takes n * p.
-        host, port: where to listen (--port 0: any free port, logged at start).
-        api_key: if given, every /v1 request needs ``Authorization: Bearer <api_key>``.
+        ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_batch_size: the most rows decoded together; a request for n samples of p prompts takes n * p rows
+        host: the address to listen on
+        port: the port to listen on; 0 picks a free one, logged at start
+        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
-            (well below the process group's 30-minute timeout).
+            (well below the process group's 30-minute timeout)
+    The other flags are described in llama.cli.FLAG_HELP.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
