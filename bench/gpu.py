@@ -29,12 +29,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from common import bytes_per_token, print_table, read_bandwidth
-from compare import cuda_bandwidth, mode_settings, sync
+from compare import cuda_bandwidth, mode_settings, timed
 
 from llama.checkpoint import layout_of, load_model, save_checkpoint
 from llama.decoding import DecodeStep
@@ -124,14 +124,6 @@ def write_random_checkpoint(params: dict, ckpt_dir: str, device: torch.device) -
         else:
             state[key] = (0.02 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)).cpu()
     save_checkpoint(ckpt_dir, {**params, "vocab_size": VOCAB_SIZE}, state, dtype=torch.bfloat16)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
