@@ -52,7 +52,9 @@ OPTIONAL_BENCHMARKS = {
     "speculative decoding": ("speculative.py", []),
     "server, mixed workload": ("server.py", ["--clients", "1,8", "--requests", "16"]),
 }
-LOAD_MEMORY_SLACK = 64 << 20  # bytes a load may peak above the finished model (allocator rounding, one small tensor)
+# bytes a load may peak above the finished model: CUDA's int4 tiling holds one packed weight twice for a
+# moment (the 7B output projection: 66 MB), nothing like a full-precision copy (13 GB)
+LOAD_MEMORY_SLACK = 256 << 20
 
 
 @dataclass
