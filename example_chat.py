@@ -12,11 +12,16 @@ from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
 REPLY_TOKENS = 256  # an interactive reply's default length: a few paragraphs, not the whole context
+CHAT_COMMANDS = {  # what the interactive chat does with a line starting with "/", rather than send it
+    "/help": "list these commands",
+    "/reset": "start the conversation over (the system prompt stays)",
+    "/exit": "quit (so do /quit and Ctrl-D; Ctrl-C stops a reply)",
+}
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -55,6 +60,7 @@ def main(
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
+    threads: Optional[int] = None,
 ):
     """Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal
     (--interactive). Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows
@@ -67,6 +73,7 @@ def main(
         system: the system prompt of an --interactive chat
     The other flags are described in llama.cli.FLAG_HELP.
     """
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if system is not None and not interactive:
@@ -102,8 +109,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
-        if generator.decode_step.compile_seconds is not None:
-            print(f"Compiled the decode step in {generator.decode_step.compile_seconds:.1f} s (on first use, counted above)")
+        if generator.engine.compile_seconds is not None:
+            print(f"Compiled the decode step in {generator.engine.compile_seconds:.1f} s (on first use, counted above)")
 
 
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool):
@@ -113,7 +120,7 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
     max_seq_len = generator.model.params.max_seq_len
     opening: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(opening)
-    print("Type a message. /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+    print("Type a message. /help lists the commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
     while True:
         try:
             line = input("\nYou: ").strip()
@@ -123,11 +130,20 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
         except KeyboardInterrupt:
             print()
             continue
-        if line == "/exit":
+        if line in ("/exit", "/quit"):
             return
         if line == "/reset":
             dialog = list(opening)
             print("(conversation cleared)")
+            continue
+        if line == "/help":
+            print("\n".join(f"  {name:<8}{description}" for name, description in CHAT_COMMANDS.items()))
+            print("  A message that starts with / is sent when it starts with //, without the first /.")
+            continue
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            print(f"(unknown command {line.split()[0]}, not sent; /help lists the commands)")
             continue
         if not line:
             continue

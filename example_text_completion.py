@@ -11,7 +11,7 @@ from typing import List, Optional, Union
 
 from llama import Llama
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
@@ -52,6 +52,7 @@ def main(
     compile: bool = False,
     prompts: Union[str, List[str], None] = None,
     verbose: bool = False,
+    threads: Optional[int] = None,
 ):
     """Complete text prompts with a Llama checkpoint (Meta's layout or a Hugging Face folder) and print
     the completions. Without --ckpt_dir, the small model bundled in checkpoints/tiny-stdlib completes code.
@@ -62,6 +63,7 @@ def main(
         prompts: one prompt, exactly as typed, or a Python list ("['import os', 'def f(']"); default: code prompts for the bundled model, else Meta's four
     The other flags are described in llama.cli.FLAG_HELP.
     """
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     if prompts is None:
@@ -91,8 +93,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
-        if generator.decode_step.compile_seconds is not None:
-            print(f"Compiled the decode step in {generator.decode_step.compile_seconds:.1f} s (on first use, counted above)")
+        if generator.engine.compile_seconds is not None:
+            print(f"Compiled the decode step in {generator.engine.compile_seconds:.1f} s (on first use, counted above)")
 
 
 def prompt_list(prompts: object) -> List[str]:

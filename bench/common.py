@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from llama.checkpoint import checkpoint_vocab_size, read_params, save_checkpoint, shard_paths
+from llama.checkpoint import embedding_rows, read_params, save_checkpoint, shard_paths
 from llama.model import ModelArgs, Transformer
 
 # stories110M's shapes with an untied output: 134M parameters
@@ -39,7 +39,7 @@ def checkpoint_args(ckpt_dir: str, max_seq_len: int, max_batch_size: int) -> Mod
     """ModelArgs of a checkpoint, the vocabulary taken from its params.json or its embedding."""
     params = read_params(ckpt_dir)
     if params.get("vocab_size", -1) < 1:
-        params["vocab_size"] = checkpoint_vocab_size(shard_paths(ckpt_dir))
+        params["vocab_size"] = embedding_rows(ckpt_dir, params)[0]
     return ModelArgs.from_dict({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
 
 

@@ -27,7 +27,8 @@ from common import random_checkpoint, read_bandwidth
 from transformers_llama import to_transformers
 
 from llama.checkpoint import load_model
-from llama.decoding import DecodeStep
+from llama.engine import Engine
+from llama.options import GenerationOptions
 from llama.quantize import parse_quantize
 
 ACCURACY_TOKENS = 64
@@ -48,23 +49,24 @@ def sync(device: torch.device) -> None:
 
 
 class Ours:
-    """Greedy decoding with this project's model and decode step, the loop of ``Llama.generate``:
-    one prefill pass, then ``DecodeStep`` (eager, or compiled with ``compile``) once per token."""
+    """Greedy decoding on this project's engine, the loop of ``Llama.generate``: one prefill pass,
+    then the decode step (eager, or compiled with ``compile``) once per token."""
 
     def __init__(self, model, compile: bool = False):
-        self.model = model
-        self.step = DecodeStep(model, compile)
+        self.engine = Engine(model, None, compile)
+
+    def generate(self, prompt, n_tokens):
+        options = GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[])
+        request = self.engine.submit(prompt.tolist(), options, stream_text=False)
+        for _ in self.engine.run_until_done(request):
+            pass
+        return request.tokens
 
     def prefill(self, prompt):
-        bsz, seqlen = prompt.shape
-        positions = torch.arange(seqlen, device=prompt.device).expand(bsz, seqlen)
-        return self.model.forward_at(prompt, positions, logits_at=-1, kv_len=seqlen)[:, -1].argmax(-1)
+        return self.generate(prompt, 1)
 
     def decode(self, prompt, n_tokens):
-        token = self.prefill(prompt)
-        for pos in range(prompt.shape[1], prompt.shape[1] + n_tokens):
-            token = self.step(token, torch.full_like(token, pos), kv_len=pos + 1).argmax(-1)
-        return token
+        return self.generate(prompt, n_tokens + 1)
 
 
 class Transformers:

@@ -31,7 +31,8 @@ from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import mode_settings
 
 from llama.checkpoint import load_model
-from llama.decoding import DecodeStep
+from llama.engine import Engine
+from llama.options import GenerationOptions
 from llama.model import Transformer
 
 MAGIC = 0x616B3432  # "ak42"
@@ -98,18 +99,16 @@ def run_runq(runq: str, model_path: str, tokenizer_path: str, steps: int, thread
     return float(match.group(1)), [int(i) for i in re.findall(r"<(\d+)>", result.stdout)]
 
 
-@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
-def run_ours(step: DecodeStep, steps: int):
-    """(tokens/s, generated ids) of greedy decoding from BOS with the decode step of ``Llama.generate``,
-    timed as runq times itself."""
-    token, ids = torch.tensor([1]), []
+def run_ours(engine: Engine, steps: int):
+    """(tokens/s, generated ids) of greedy decoding from BOS on the engine of ``Llama.generate``,
+    timed as runq times itself: from the first token on."""
+    request = engine.submit([[1]], GenerationOptions(max_gen_len=steps, temperature=0, stop_tokens=[]), stream_text=False)
     start = None
-    for pos in range(steps):
-        token = step(token, torch.tensor([pos]), kv_len=pos + 1).argmax(-1)
-        ids.append(int(token))
+    for _ in engine.run_until_done(request):
         if start is None:
             start = time.perf_counter()
-    return (steps - 1) / (time.perf_counter() - start), ids
+    tokens = request.tokens[0]  # the context holds BOS and steps - 1 of them
+    return (len(tokens) - 1) / (time.perf_counter() - start), tokens
 
 
 def agreement(a: List[int], b: List[int]) -> int:
@@ -138,9 +137,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     export_runq_model(load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32), model_path, args.steps)
     export_runq_tokenizer(tokenizer_path, numbered_pieces(model_args.vocab_size), [0.0] * model_args.vocab_size)
     models = {mode: load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)) for mode in args.modes.split(",")}
-    steps = {mode: DecodeStep(model) for mode, model in models.items()}
+    steps = {mode: Engine(model, None) for mode, model in models.items()}
     for mode in filter(None, args.compiled_modes.split(",")):  # the same model, its step compiled
-        steps[f"{mode} compiled"] = DecodeStep(models[mode], compile=True)
+        steps[f"{mode} compiled"] = Engine(models[mode], None, compile=True)
     print(f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run")
 
     speeds = {name: [] for name in ["runq"] + list(steps)}

@@ -1,17 +1,30 @@
-"""Throughput and latency of ``python -m llama.server`` on the bundled model, with N clients that each
-send one request after another, and the HTTP stack's own cost.
+"""``python -m llama.server`` on the bundled model under load: continuous admission against static
+(``--admission static``: a request joins only an empty batch), measured side by side in one run.
 
-    python bench/server.py --clients 1,4,8 --requests 32 --max_tokens 32
+    python bench/server.py                         # 12 clients, 2 threads per server, 3 rounds each
+    python bench/server.py --sections mixed --rounds 2 --requests_per_client 2
 
-Starts the server in a subprocess on a free loopback port, then per client count: requests/s, p50 and
-p99 latency, generated tokens/s. The HTTP stack's cost is measured twice: GET /health round trips
-(no model), and a 1-token completion over HTTP against the same ``text_completion`` in this process.
+Two servers start (one per admission policy, each on a free loopback port, each with --threads
+torch threads) and take turns: every measurement alternates between them, round by round, so the
+machine's noise falls on both. Sections:
+
+- mixed: ``--clients`` clients, each streaming ``--requests_per_client`` completions one after
+  another: prompts of 5 to 500 tokens, max_tokens 8 to 256, greedy and sampled settings mixed (the
+  same requests for both servers). Prints tokens/s, time to first token (mean, p50, p99) and the
+  time between tokens (inter-token latency: mean, p50, p99).
+- short: a 4-token request alone, and beside a running 600-token one (which then hangs up): the
+  ratio of their median latencies.
+- prefill: a row decoding while a 1,000-token prompt is admitted: its longest gap between tokens
+  in that time against its median gap (continuous only: static admits nothing beside a row).
+
+The load average is printed with every section: the machine is shared.
 """
 
 import argparse
 import http.client
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -19,32 +32,97 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["import os\n", "def main():\n", "class Stack:\n    def __init__(self):\n", "for i in range(10):\n"]
+sys.path.insert(0, str(ROOT))
+
+from llama.tokenizer import Tokenizer  # noqa: E402  (after the path: the repository's llama)
+
+BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
+POLICIES = ("continuous", "static")
 
 
-def start_server(args, log_path: Path) -> tuple:
-    """(process, port) of a server on the bundled model, once it listens."""
-    command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(args.max_batch_size),
-               "--max_seq_len", str(args.max_seq_len), "--device", "cpu"]
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for line in log_path.read_text().splitlines():
-            if " on http://127.0.0.1:" in line:
-                return process, int(line.rsplit(":", 1)[1])
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise RuntimeError(f"the server did not start:\n{log_path.read_text()}")
+class Server:
+    """A server process on a free loopback port, started in its own process group."""
+
+    def __init__(self, admission: str, args, log_path: Path):
+        command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(args.slots),
+                   "--max_seq_len", str(args.max_seq_len), "--device", "cpu", "--admission", admission, "--max_queue", "1000",
+                   "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads)]
+        self.admission, self.log_path = admission, log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.port = self.wait_for_port()
+
+    def wait_for_port(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text().splitlines():
+                if " on http://127.0.0.1:" in line:
+                    return int(line.rsplit(":", 1)[1])
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the {self.admission} server did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+class Stream:
+    """One streamed completion, read as it arrives: when each chunk with text came, and the usage."""
+
+    def __init__(self, port: int, body: dict, timeout: float = 600):
+        self.start = time.perf_counter()
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        self.connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        self.response = self.connection.getresponse()
+        if self.response.status != 200:
+            raise RuntimeError(f"HTTP {self.response.status}: {self.response.read()[:300]!r}")
+        self.arrivals: List[float] = []  # perf_counter() of each chunk with text
+        self.tokens = 0
+
+    def read(self, until_arrivals: Optional[int] = None) -> "Stream":
+        """Read chunks to the end (or until ``until_arrivals`` chunks with text have come)."""
+        while until_arrivals is None or len(self.arrivals) < until_arrivals:
+            line = self.response.readline()
+            if not line or line.strip() == b"data: [DONE]":
+                self.response.close()
+                break
+            if not line.startswith(b"data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                self.tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                self.arrivals.append(time.perf_counter())
+        return self
+
+    def hang_up(self) -> None:
+        self.response.close()  # with "Connection: close" the response holds the socket, not the connection
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.arrivals[0] - self.start
+
+    @property
+    def gaps(self) -> List[float]:
+        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
 
 
 def post(port: int, body: dict) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     answer = json.loads(response.read())
@@ -54,89 +132,191 @@ def post(port: int, body: dict) -> dict:
     return answer
 
 
-def run_clients(port: int, clients: int, requests: int, max_tokens: int) -> dict:
-    """``clients`` threads share ``requests`` greedy completions; their latencies and tokens."""
-    latencies, tokens, lock = [], [0], threading.Lock()
-    next_request = iter(range(requests))
+def corpus_tokens(tokenizer: Tokenizer) -> List[int]:
+    """Python source to cut prompts from (the bundled model was trained on the standard library)."""
+    sources = sorted(Path(os.__file__).parent.glob("*.py"))[:40]
+    return tokenizer.encode("\n".join(p.read_text(errors="replace") for p in sources), bos=False, eos=False)
 
-    def client():
-        for i in iter(lambda: next(next_request, None), None):
-            start = time.perf_counter()
-            answer = post(port, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0})
+
+def mixed_requests(tokenizer: Tokenizer, n: int, seed: int) -> List[dict]:
+    """``n`` completion bodies: prompts of 5 to 500 tokens (log-uniform: many short, some long),
+    max_tokens 8 to 256, half greedy, half sampled with assorted settings, EOS kept off so every
+    request generates its max_tokens."""
+    rng, corpus = random.Random(seed), corpus_tokens(tokenizer)
+    no_eos = {str(tokenizer.eos_id): -100}
+    samplers = [
+        {"temperature": 0.8, "top_p": 0.9},
+        {"temperature": 1.0, "top_k": 40},
+        {"temperature": 0.7, "min_p": 0.05, "presence_penalty": 0.5},
+        {"temperature": 1.0, "top_p": 0.95, "frequency_penalty": 0.3, "repetition_penalty": 1.1},
+    ]
+    bodies = []
+    for i in range(n):
+        length = round(5 * 100 ** rng.random())  # 5 .. 500
+        start = rng.randrange(len(corpus) - length)
+        prompt = tokenizer.decode(corpus[start : start + length - 1])  # BOS makes it `length` (about: decoding may merge)
+        settings = {"temperature": 0} if i % 2 == 0 else {**rng.choice(samplers), "seed": i}
+        max_tokens = round(8 * 32 ** rng.random())  # 8 .. 256
+        bodies.append({"prompt": prompt, "max_tokens": max_tokens, "logit_bias": no_eos, **settings})
+    return bodies
+
+
+def percentile(values: List[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_mixed(port: int, bodies: List[dict], clients: int) -> dict:
+    """``clients`` threads stream ``bodies`` (client c takes bodies c, c + clients, ...)."""
+    streams: List[Stream] = []
+    lock = threading.Lock()
+
+    def client(c: int):
+        for body in bodies[c::clients]:
+            stream = Stream(port, body).read()
             with lock:
-                latencies.append(time.perf_counter() - start)
-                tokens[0] += answer["usage"]["completion_tokens"]
+                streams.append(stream)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "clients": clients, "requests/s": requests / seconds, "p50 ms": 1000 * statistics.median(latencies),
-        "p99 ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "tokens/s": tokens[0] / seconds,
-    }
+    return {"seconds": seconds, "tokens": sum(s.tokens for s in streams),
+            "ttft": [s.time_to_first_token for s in streams], "gaps": [g for s in streams for g in s.gaps]}
 
 
-def health_round_trips(port: int, n: int = 500) -> float:
-    """GET /health per second on one keep-alive connection: the HTTP stack alone."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    start = time.perf_counter()
-    for _ in range(n):
-        connection.request("GET", "/health")
-        connection.getresponse().read()
-    connection.close()
-    return n / (time.perf_counter() - start)
+def section_mixed(servers, tokenizer, args) -> None:
+    bodies = mixed_requests(tokenizer, args.clients * args.requests_per_client, args.seed)
+    post(servers[0].port, {**bodies[0], "max_tokens": 2})  # warm up
+    post(servers[1].port, {**bodies[0], "max_tokens": 2})
+    totals = {p: {"seconds": 0.0, "tokens": 0, "ttft": [], "gaps": []} for p in POLICIES}
+    print(f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per policy, "
+          f"{args.slots} slots, {args.threads} thread(s) per server; load average {load()}")
+    for round_ in range(args.rounds):
+        for server in servers:
+            r = run_mixed(server.port, bodies, args.clients)
+            for key in r:
+                totals[server.admission][key] += r[key]
+            print(f"round {round_ + 1} {server.admission}: {r['tokens'] / r['seconds']:.0f} tokens/s, mean TTFT "
+                  f"{statistics.mean(r['ttft']):.2f} s ({r['seconds']:.1f} s, load {load()})", flush=True)
+    print("\n| admission | tokens/s | TTFT mean | TTFT p50 | TTFT p99 | ITL mean | ITL p50 | ITL p99 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for policy, t in totals.items():
+        ttft, gaps = t["ttft"], t["gaps"]
+        print(f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | {percentile(ttft, 0.5):.3f} s | "
+              f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | {1000 * percentile(gaps, 0.5):.1f} ms | "
+              f"{1000 * percentile(gaps, 0.99):.1f} ms |")
+    c, s = totals["continuous"], totals["static"]
+    print(f"\ncontinuous / static: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s (goal >= 1.5), "
+          f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT (goal <= 0.25)")
 
 
-def one_token_overhead(port: int, args, n: int = 30) -> tuple:
-    """Median ms of a 1-token completion over HTTP, and of text_completion in this process."""
-    import torch
+def section_short(servers, tokenizer, args) -> None:
+    """A 4-token request alone, then beside a running 600-token one; alternating, per policy."""
+    short = {"prompt": "import os\n", "max_tokens": 4, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
+    long = {**short, "prompt": "def main():\n", "max_tokens": 600}
+    print(f"\n## short: a 4-token request alone and beside a running 600-token one, {args.rounds * 3} of each; load average {load()}")
+    print("| admission | alone (median) | beside (median) | ratio |")
+    print("|---|---|---|---|")
+    results = {p: {"alone": [], "beside": []} for p in POLICIES}
+    for _ in range(args.rounds * 3):
+        for server in servers:
+            start = time.perf_counter()
+            post(server.port, short)
+            results[server.admission]["alone"].append(time.perf_counter() - start)
+            running = Stream(server.port, long).read(until_arrivals=5)
+            start = time.perf_counter()
+            post(server.port, short)
+            results[server.admission]["beside"].append(time.perf_counter() - start)
+            running.hang_up()  # frees its slot at the next step
+            wait_idle(server.port)
+    for policy, r in results.items():
+        alone, beside = statistics.median(r["alone"]), statistics.median(r["beside"])
+        print(f"| {policy} | {1000 * alone:.1f} ms | {1000 * beside:.1f} ms | {beside / alone:.2f}x |")
+    print("goal (continuous): <= 3x")
 
-    from llama import Llama
 
-    torch.set_num_threads(args.threads)
-    bundled = ROOT / "checkpoints" / "tiny-stdlib"
-    llama = Llama.build(str(bundled), str(bundled / "tokenizer.model"), args.max_seq_len, args.max_batch_size, device="cpu")
-    http_ms, local_ms = [], []
-    for _ in range(n):
-        start = time.perf_counter()
-        post(port, {"prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0})
-        http_ms.append(1000 * (time.perf_counter() - start))
-        start = time.perf_counter()
-        llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=1)
-        local_ms.append(1000 * (time.perf_counter() - start))
-    return statistics.median(http_ms), statistics.median(local_ms)
+def section_prefill(servers, tokenizer, args) -> None:
+    """A running row's gaps between tokens while a 1,000-token prompt is admitted beside it."""
+    server = servers[0]
+    corpus = corpus_tokens(tokenizer)
+    no_eos = {str(tokenizer.eos_id): -100}
+    long_prompt = {"prompt": tokenizer.decode(corpus[:999]), "max_tokens": 4, "temperature": 0}
+    running_body = {"prompt": "class Stack:\n", "max_tokens": 300, "temperature": 0, "logit_bias": no_eos}
+    print(f"\n## prefill: a running row while a {len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
+          f"is admitted ({server.admission}, --prefill_chunk {args.prefill_chunk}); load average {load()}")
+    print("| run | median gap | longest gap while admitting | ratio | longest gap overall |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for run in range(args.rounds):
+        running = Stream(server.port, running_body).read(until_arrivals=60)
+        reader = threading.Thread(target=running.read)  # its chunks are timed as they come, not after the long prompt's
+        reader.start()
+        admitted_at = time.perf_counter()
+        long_request = Stream(server.port, long_prompt).read()
+        first_token = long_request.arrivals[0] if long_request.arrivals else time.perf_counter()
+        reader.join()
+        gaps = running.gaps
+        window = [b - a for a, b in zip(running.arrivals, running.arrivals[1:]) if b >= admitted_at and a <= first_token]
+        median, worst = statistics.median(gaps), max(window)
+        ratios.append(worst / median)
+        print(f"| {run + 1} | {1000 * median:.1f} ms | {1000 * worst:.1f} ms | {worst / median:.2f}x | {1000 * max(gaps):.1f} ms |")
+    print(f"median ratio {statistics.median(ratios):.2f}x (goal <= 3x)")
+
+
+def wait_idle(port: int, timeout: float = 30) -> None:
+    """Until the server's /metrics shows no running slot (a hung-up row leaves at the next step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+        connection.close()
+        if "\nllama_running_slots 0\n" in text:
+            return
+        time.sleep(0.02)
+    raise RuntimeError("the server's slots did not empty")
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+SECTIONS = {"mixed": section_mixed, "short": section_short, "prefill": section_prefill}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="1,4,8", help="comma-separated numbers of concurrent clients")
-    parser.add_argument("--requests", type=int, default=32, help="requests per client count")
-    parser.add_argument("--max_tokens", type=int, default=32)
-    parser.add_argument("--max_batch_size", type=int, default=8)
-    parser.add_argument("--max_seq_len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (OMP_NUM_THREADS)")
-    parser.add_argument("--log", default="/tmp/llama-bench-server.log")
+    parser.add_argument("--sections", default="mixed,short,prefill", help=f"comma-separated, of {list(SECTIONS)}")
+    parser.add_argument("--clients", type=int, default=12)
+    parser.add_argument("--requests_per_client", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per policy, alternating")
+    parser.add_argument("--slots", type=int, default=8, help="the servers' --max_batch_size")
+    parser.add_argument("--max_seq_len", type=int, default=1024)
+    parser.add_argument("--prefill_chunk", type=int, default=256, help="the servers' --prefill_chunk")
+    parser.add_argument("--threads", type=int, default=2, help="each server's --threads")
+    parser.add_argument("--seed", type=int, default=0, help="of the mixed workload")
+    parser.add_argument("--log_dir", default="/tmp")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
 
-    process, port = start_server(args, Path(args.log))
+    tokenizer = Tokenizer(str(BUNDLED / "tokenizer.model"))
+    servers = []
     try:
-        post(port, {"prompt": "x", "max_tokens": 2})  # warm up
-        print(f"GET /health: {health_round_trips(port):.0f} requests/s on one connection")
-        http_ms, local_ms = one_token_overhead(port, args)
-        print(f"1-token completion: {http_ms:.1f} ms over HTTP, {local_ms:.1f} ms in-process text_completion")
-        print("| clients | requests/s | p50 latency | p99 latency | tokens/s |")
-        print("|---|---|---|---|---|")
-        for clients in map(int, args.clients.split(",")):
-            r = run_clients(port, clients, args.requests, args.max_tokens)
-            print(f"| {clients} | {r['requests/s']:.1f} | {r['p50 ms']:.0f} ms | {r['p99 ms']:.0f} ms | {r['tokens/s']:.0f} |", flush=True)
+        for policy in POLICIES:
+            servers.append(Server(policy, args, Path(args.log_dir) / f"llama-bench-server-{policy}.log"))
+        print(f"load average at start {load()}; {os.cpu_count()} CPUs")
+        for name in sections:
+            SECTIONS[name](servers, tokenizer, args)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        for server in servers:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -5,11 +5,19 @@ Meta rotates interleaved pairs (x[2i], x[2i+1]); transformers rotates halves (x[
 Permuting the rows of wq and wk within each head turns one layout into the other.
 """
 
+import dataclasses
 from typing import Dict
 
 import torch
 
 from llama.model import ModelArgs
+
+
+def rope_parameters(args: ModelArgs) -> dict:
+    """transformers' rope_parameters: plain rotary, or Llama 3.1's scaling (rope_type llama3)."""
+    if args.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": args.rope_theta, **dataclasses.asdict(args.rope_scaling)}
 
 
 def transformers_config(args: ModelArgs, max_seq_len: int):
@@ -24,7 +32,7 @@ def transformers_config(args: ModelArgs, max_seq_len: int):
         num_key_value_heads=args.n_kv_heads,
         rms_norm_eps=args.norm_eps,
         max_position_embeddings=max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        rope_parameters=rope_parameters(args),
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,

@@ -1,7 +1,18 @@
-"""Llama 2, Llama 2-Chat and Code Llama inference in native PyTorch."""
+"""Llama 2, Llama 2-Chat and Code Llama inference in native PyTorch.
 
-from llama.generation import Dialog, Llama
-from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: OpenMP threads
+that wait for each other then sleep instead of spinning, so decoding degrades gracefully when another
+process keeps a core busy (measured in docs/performance.md: 10x faster beside other jobs on 2 cores).
+OpenMP reads the variable once, when torch loads it: this runs before the package imports torch, and
+has no effect in a program that imported torch first (set the variable in its environment instead).
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from llama.generation import Dialog, Llama  # noqa: E402 (after the wait policy, which torch reads when it loads)
+from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
 
 __all__ = ["Dialog", "Llama", "ModelArgs", "Tokenizer", "Transformer"]

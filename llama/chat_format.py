@@ -1,12 +1,26 @@
-"""The Llama 2 chat format: a dialog of messages to the tokens a chat model was trained on.
+"""Chat formats: a dialog of messages to the tokens a chat model was trained on. The format follows
+the tokenizer (``chat_format_for``):
 
-Every finished (user, assistant) exchange is ``BOS [INST] user [/INST] answer EOS``; the last user
-message is ``BOS [INST] user [/INST]``, and the model writes the answer. A leading system message is
-folded into the first user message between <<SYS>> tags. Messages that contain the tags themselves
-are refused with ``UNSAFE_ERROR``, as Meta's reference does.
+- Llama 2 (sentencepiece): every finished (user, assistant) exchange is ``BOS [INST] user [/INST]
+  answer EOS``; the last user message is ``BOS [INST] user [/INST]``, and the model writes the answer.
+  A leading system message is folded into the first user message between <<SYS>> tags. Messages that
+  contain the tags themselves are refused with ``UNSAFE_ERROR``, as Meta's reference does.
+- Llama 3 (byte-level BPE), Meta's ``ChatFormat``: BOS, then per message ``<|start_header_id|>role
+  <|end_header_id|>\n\n content <|eot_id|>`` (the header's parts are special tokens, the content
+  stripped), then an open assistant header. Special tokens are ids only, so no message can fake one.
+- A Hugging Face folder's own ``chat_template`` when it is neither (TinyLlama-Chat, Zephyr-style
+  fine-tunes): rendered with jinja2 as transformers' ``apply_chat_template`` renders it, and read with
+  the special tokens' texts standing for them, as transformers reads it. A message containing a special
+  token's text is refused, since the rendered text could not tell it from the template's own.
 """
 
-from typing import List, Literal, Sequence, Tuple, TypedDict
+import json
+from datetime import datetime
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, TypedDict
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama.tokenizer import Tokenizer
 
@@ -49,25 +63,145 @@ def check_dialog(dialog: Sequence[Message]) -> None:
         raise ValueError(f"the last message must be from the user, got {roles[-1]!r}")
 
 
+def is_unsafe(dialog: Sequence[Message], tags: Sequence[str] = SPECIAL_TAGS) -> bool:
+    """Whether a message contains one of ``tags`` (by default the Llama 2 format's)."""
+    return any(tag in msg["content"] for tag in tags for msg in dialog)
+
+
+class ChatFormat:
+    """How one model's dialogs become tokens: ``encode_dialog``, and the ``special_tags`` a message
+    may not contain (``is_unsafe``)."""
+
+    special_tags: List[str] = []
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_dialog(self, dialog: Sequence[Message]) -> List[int]:
+        """The dialog's tokens, ending where the assistant's answer begins."""
+        check_dialog(dialog)
+        return self.encode_checked(dialog)
+
+    def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
+        raise NotImplementedError
+
+    def is_unsafe(self, dialog: Sequence[Message]) -> bool:
+        """Whether a message contains one of the format's special tags."""
+        return is_unsafe(dialog, self.special_tags)
+
+    def encode_dialogs(self, dialogs: Sequence[Dialog]) -> Tuple[List[List[int]], List[bool]]:
+        """Each dialog's tokens, and whether it is refused for containing the special tags."""
+        if not isinstance(dialogs, (list, tuple)):
+            raise TypeError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
+        return [self.encode_dialog(dialog) for dialog in dialogs], [self.is_unsafe(dialog) for dialog in dialogs]
+
+
+class Llama2ChatFormat(ChatFormat):
+    """``[INST]`` turns, the system message between <<SYS>> tags (see the module's docstring)."""
+
+    special_tags = SPECIAL_TAGS
+
+    def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
+        if dialog[0]["role"] == "system":
+            first_user = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+            dialog = [first_user] + list(dialog[2:])
+        tokens: List[int] = []
+        for prompt, answer in zip(dialog[::2], dialog[1::2]):
+            tokens += self.tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
+        return tokens + self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+
+
+class Llama3ChatFormat(ChatFormat):
+    """Meta's Llama 3 ``ChatFormat``: headers and end-of-turn tokens (see the module's docstring)."""
+
+    def encode_header(self, role: str) -> List[int]:
+        special = self.tokenizer.special_tokens
+        role_tokens = self.tokenizer.encode(role, bos=False, eos=False)
+        return [special["<|start_header_id|>"], *role_tokens, special["<|end_header_id|>"], *self.tokenizer.encode("\n\n", bos=False, eos=False)]
+
+    def encode_message(self, message: Message) -> List[int]:
+        content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        return self.encode_header(message["role"]) + content + [self.tokenizer.special_tokens["<|eot_id|>"]]
+
+    def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
+            tokens += self.encode_message(message)
+        return tokens + self.encode_header("assistant")  # the model writes the answer
+
+
+class ChatTemplate(TypedDict):
+    """A Hugging Face folder's chat template: the jinja source, the file it came from, the texts of its
+    special tokens that templates read (bos_token, eos_token, ...), and tokenizer_config.json's
+    ``legacy`` flag (``Tokenizer.encode_with_special_tokens``)."""
+
+    source: str
+    path: str
+    tokens: Dict[str, str]
+    legacy: bool
+
+
+def raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """jinja's ``tojson`` as transformers defines it: plain JSON, non-ASCII text kept, no HTML escapes."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_template(template: ChatTemplate) -> jinja2.Template:
+    """The template in the environment transformers renders chat templates in: a sandbox that trims
+    block lines, loop controls, a ``tojson`` that keeps non-ASCII text, ``raise_exception`` and
+    ``strftime_now``."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    try:
+        return environment.from_string(template["source"])
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise ValueError(f"{template['path']}: the chat_template is not valid jinja: {error}") from None
+
+
+class TemplateChatFormat(ChatFormat):
+    """A folder's own jinja ``chat_template`` (see the module's docstring)."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate):
+        super().__init__(tokenizer)
+        self.template = template
+        self.compiled = compile_template(template)
+        self.special_tags = sorted(tokenizer.special_token_texts())
+
+    def render(self, dialog: Sequence[Message]) -> str:
+        """The dialog as text, with the prompt of the assistant's answer, as ``apply_chat_template``."""
+        messages = [{"role": msg["role"], "content": msg["content"]} for msg in dialog]
+        try:
+            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.template["tokens"])
+        except jinja2.exceptions.TemplateError as error:
+            raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
+
+    def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
+        return self.tokenizer.encode_with_special_tokens(self.render(dialog), self.template["legacy"])
+
+
+# A template that writes these is the tokenizer's own format, which the formats above encode exactly.
+FORMAT_MARKERS = {"llama2": B_INST, "llama3": "<|start_header_id|>"}
+FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat}
+
+
+def chat_format_for(tokenizer: Tokenizer, template: Optional[ChatTemplate] = None) -> ChatFormat:
+    """The tokenizer's format (Llama 2's or Llama 3's), or ``template`` when it writes neither."""
+    if template is None or FORMAT_MARKERS[tokenizer.chat_format] in template["source"]:
+        return FORMATS[tokenizer.chat_format](tokenizer)
+    return TemplateChatFormat(tokenizer, template)
+
+
 def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> List[int]:
-    """The tokens of a dialog in the Llama 2 chat format (see the module's docstring)."""
-    check_dialog(dialog)
-    if dialog[0]["role"] == "system":
-        first_user = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-        dialog = [first_user] + list(dialog[2:])
-    tokens: List[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
-        tokens += tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
-    return tokens + tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-
-
-def is_unsafe(dialog: Sequence[Message]) -> bool:
-    """Whether a message contains one of the format's special tags."""
-    return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
+    """The tokens of a dialog in the tokenizer's chat format (Llama 2's or Llama 3's)."""
+    return chat_format_for(tokenizer).encode_dialog(dialog)
 
 
 def encode_dialogs(tokenizer: Tokenizer, dialogs: Sequence[Dialog]) -> Tuple[List[List[int]], List[bool]]:
-    """Each dialog's tokens, and whether it is refused for containing the special tags."""
-    if not isinstance(dialogs, (list, tuple)):
-        raise TypeError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
-    return [encode_dialog(tokenizer, dialog) for dialog in dialogs], [is_unsafe(dialog) for dialog in dialogs]
+    """Each dialog's tokens in the tokenizer's chat format, and whether it is refused."""
+    return chat_format_for(tokenizer).encode_dialogs(dialogs)

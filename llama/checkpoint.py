@@ -2,10 +2,11 @@
 
 A checkpoint published for model-parallel size M holds M shards; shard i is rank i's slice of every
 split tensor (see ``llama.parallel``): column-parallel weights and the output projection split on
-dim 0, row-parallel weights and the token embedding on dim 1, norms replicated. Because every split
-is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
+dim 0, row-parallel weights and the token embedding on dim 1, norms replicated (Meta's Llama 3 shards
+split the embedding on dim 0, the vocabulary, which the reader sees from their shapes). Because every
+split is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
-and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
+(all of them for an embedding split the other way) and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
 
 A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.hf_checkpoint`` instead,
@@ -94,23 +95,55 @@ def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
     return [i for i in range(n_shards) if i * world_size < (rank + 1) * n_shards and (i + 1) * world_size > rank * n_shards]
 
 
-def check_shard(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int):
-    """Every expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
+# Meta's Llama 3 code splits the token embedding on the vocabulary (dim 0, fairscale's
+# VocabParallelEmbedding), Llama 2's on the features (dim 1), as this model's ParallelEmbedding does:
+# shards split either way are read.
+EMBEDDING_KEY, VOCABULARY_DIM, FEATURES_DIM = "tok_embeddings.weight", 0, 1
+
+
+def split_dims(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int) -> Dict[str, Optional[int]]:
+    """The dimension the shards split each tensor on, seen from this shard's shapes: the layer type's
+    (``layout``), or for the embedding Meta's other one; None when one shard holds everything. Every
+    expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
     missing = [key for key in layout if key not in shard]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     unexpected = sorted(set(shard) - set(layout) - IGNORED_KEYS)
     if unexpected:
         raise ValueError(f"{path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    dims = {}
     for key, (full_shape, dim) in layout.items():
-        expected = list(full_shape)
-        if dim is not None:
-            expected[dim] = full_shape[dim] // n_shards if full_shape[dim] % n_shards == 0 else -1
-        if list(shard[key].shape) != expected:
+        candidates = [None] if n_shards == 1 else [dim] + [d for d in (VOCABULARY_DIM, FEATURES_DIM) if key == EMBEDDING_KEY and d != dim]
+        shapes = {candidate: split_shape(full_shape, candidate, n_shards) for candidate in candidates}
+        found = [candidate for candidate, shape in shapes.items() if list(shard[key].shape) == shape]
+        if not found:
             raise ValueError(
-                f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {tuple(expected)} "
+                f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {' or '.join(str(tuple(s)) for s in shapes.values())} "
                 f"(a {tuple(full_shape)} tensor split over {n_shards} shard(s))"
             )
+        dims[key] = found[0]
+    return dims
+
+
+def split_shape(full_shape: torch.Size, dim: Optional[int], n_shards: int) -> List[int]:
+    """The shape of one of ``n_shards`` slices on ``dim`` (-1 there when it does not divide)."""
+    shape = list(full_shape)
+    if dim is not None:
+        shape[dim] = full_shape[dim] // n_shards if full_shape[dim] % n_shards == 0 else -1
+    return shape
+
+
+def meta_layout(layout: Dict[str, TensorLayout], splits_vocabulary: bool) -> Dict[str, TensorLayout]:
+    """``layout`` as Meta's code splits it: Llama 3's (``splits_vocabulary``) splits the embedding on the
+    vocabulary, Llama 2's as this model does."""
+    if not splits_vocabulary:
+        return layout
+    return {**layout, EMBEDDING_KEY: layout[EMBEDDING_KEY]._replace(split_dim=VOCABULARY_DIM)}
+
+
+def check_shard(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int) -> None:
+    """Every expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
+    split_dims(path, shard, layout, n_shards)
 
 
 def rank_slices(
@@ -118,25 +151,42 @@ def rank_slices(
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """(key, rank ``rank``'s slice on the CPU) for every key of ``layout``, tensor by tensor, from Meta's
     shards ``paths``. A slice inside one shard stays a view of the memory-mapped file; one that spans
-    shards is concatenated, one tensor at a time."""
+    shards is concatenated, one tensor at a time. A tensor the shards split on another dimension than
+    ``layout``'s (Llama 3's embedding) is this rank's part of every shard, concatenated."""
     n_shards = len(paths)
-    needed = shards_for_rank(n_shards, rank, world_size)
-    shards = {}
-    for i in needed:
-        shards[i] = load_shard(paths[i])
-        check_shard(paths[i], shards[i], layout, n_shards)
+    shards = {0: load_shard(paths[0])}
+    source_dims = split_dims(paths[0], shards[0], layout, n_shards)
 
+    def shard(i: int) -> Dict[str, torch.Tensor]:
+        """Shard i, memory-mapped and checked on first use."""
+        if i not in shards:
+            shards[i] = load_shard(paths[i])
+            if split_dims(paths[i], shards[i], layout, n_shards) != source_dims:
+                raise ValueError(f"{paths[i]} splits its tensors on other dimensions than {paths[0]}")
+        return shards[i]
+
+    needed = shards_for_rank(n_shards, rank, world_size)
+    for i in needed:
+        shard(i)
     for key, (full_shape, dim) in layout.items():
-        if dim is None:
-            parts = [shards[needed[0]][key]]
+        source_dim = dim if n_shards == 1 else source_dims[key]
+        if source_dim != dim:
+            yield key, torch.cat([rank_part(shard(i)[key], dim, rank, world_size) for i in range(n_shards)], dim=source_dim)
+        elif dim is None:
+            yield key, shard(needed[0])[key].contiguous()
         else:
             shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
             begin, end = rank * rank_size, (rank + 1) * rank_size
             parts = []
             for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
                 lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
-                parts.append(shards[i][key].narrow(dim, lo - i * shard_size, hi - lo))
-        yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim or 0)
+                parts.append(shard(i)[key].narrow(dim, lo - i * shard_size, hi - lo))
+            yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def rank_part(tensor: torch.Tensor, dim: Optional[int], rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank`` of ``world_size``'s even slice of ``tensor`` on ``dim`` (all of it for None)."""
+    return tensor if dim is None else tensor.chunk(world_size, dim=dim)[rank]
 
 
 def rank_tensors(
@@ -153,7 +203,7 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, ma
     """``params.json`` with the cache sizes, checked against the tokenizer and the shards: the vocabulary
     is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
     params = read_params(ckpt_dir)
-    rows, rows_file = embedding_rows(ckpt_dir)
+    rows, rows_file = embedding_rows(ckpt_dir, params)
     if rows != tokenizer.n_words:
         raise ValueError(
             f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
@@ -173,20 +223,23 @@ def params_path(ckpt_dir: str) -> Path:
     return Path(ckpt_dir) / (hf_checkpoint.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
 
 
-def embedding_rows(ckpt_dir: str) -> Tuple[int, Path]:
-    """Rows of the token embedding and the file read for them (headers only)."""
+def embedding_rows(ckpt_dir: str, params: dict) -> Tuple[int, Path]:
+    """Rows of the token embedding and the file read for them (headers only); ``params``: the
+    checkpoint's (``read_params``)."""
     if is_hf_checkpoint(ckpt_dir):
         return hf_checkpoint.embedding_rows(ckpt_dir), Path(ckpt_dir)
     paths = shard_paths(ckpt_dir)
-    return checkpoint_vocab_size(paths), paths[0]
+    return checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim)), paths[0]
 
 
-def checkpoint_vocab_size(paths: List[Path]) -> int:
-    """Rows of the token embedding (memory-mapped: reads only the header)."""
+def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
+    """Rows of the token embedding (memory-mapped: reads only the header): the first shard's, times
+    the number of shards when they split the vocabulary (Llama 3's: each holds all ``dim`` features)."""
     shard = load_shard(paths[0])
     if "tok_embeddings.weight" not in shard:
         raise ValueError(f"{paths[0]}: missing key 'tok_embeddings.weight'")
-    return shard["tok_embeddings.weight"].shape[0]
+    rows, features = shard["tok_embeddings.weight"].shape
+    return rows * len(paths) if len(paths) > 1 and features == dim else rows
 
 
 def load_model(

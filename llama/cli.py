@@ -25,6 +25,7 @@ import typing
 from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import fire
+import torch
 
 from llama.distributed import RankFailedError
 
@@ -41,6 +42,7 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "quantize": "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized",
     "compile": "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it",
     "verbose": "also print the prompt and decoding speeds",
+    "threads": "CPU threads torch computes with; default: torch's choice, one per core (1 per process under torchrun)",
 }
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
@@ -249,10 +251,11 @@ def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, qua
         quantize: the ``--quantize`` value; the line then names the activations' dtype and the weights'.
 
     Returns:
-        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu (torch.bfloat16 activations, int4 weights) in 9.12 s``.
+        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu with 2 thread(s) (torch.bfloat16 activations, int4 weights) in 9.12 s``.
     """
     dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
-    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {generator.device} ({dtype}) in {seconds:.2f} s"
+    device = f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)
+    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
 
 
 def program_name() -> str:

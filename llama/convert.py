@@ -9,8 +9,13 @@ feed-forward size written through multiple_of / ffn_dim_multiplier, rope_theta o
 10000), and ``--shards`` files ``consolidated.NN.pth`` split as Meta splits them, so that Meta's
 reference code loads the result unchanged. To Hugging Face: ``config.json`` for ``LlamaForCausalLM``
 and ``--shards`` safetensors files (with ``model.safetensors.index.json`` when more than one), wq and
-wk rows in transformers' rotary order. Either way ``tokenizer.model`` is copied, and one output file
-is assembled at a time from memory-mapped sources: the tool needs memory for one output file.
+wk rows in transformers' rotary order. Llama 3's rope scaling is ``use_scaled_rope`` (with the keys of
+``llama.model.ROPE_SCALING_KEYS`` for values other than Meta's constants) in params.json and
+``rope_scaling`` of type llama3 in config.json; Meta's Llama 3 shards split the embedding on the
+vocabulary. A sentencepiece ``tokenizer.model`` is copied; Llama 3's tokenizer is written in the
+target's form (Meta's tiktoken ``tokenizer.model``, or ``tokenizer.json``), which reads back with the
+same ids. One output file is assembled at a time from memory-mapped sources: the tool needs memory for
+one output file.
 """
 
 import argparse
@@ -23,12 +28,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from llama.checkpoint import TensorLayout, embedding_rows, layout_of, params_path, rank_tensors, read_params
+from llama.bpe_files import write_tiktoken_file, write_tokenizer_json
+from llama.checkpoint import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
 from llama.cli import run_parser
-from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
+from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, TOKENIZER_CONFIG, hf_names, params_to_config, rotary_to_hf
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
-from llama.tokenizer import Tokenizer, resolve_tokenizer_path
+from llama.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +44,26 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
     """The source's params (Meta's keys) and its full hyper-parameters, vocabulary size included."""
     params = read_params(ckpt_dir)
-    rows, _ = embedding_rows(ckpt_dir)
+    rows, _ = embedding_rows(ckpt_dir, params)
     return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
 
 
-def prepare_output(out_dir: str, tokenizer_path: str) -> Path:
+def prepare_output(out_dir: str, tokenizer: Tokenizer, tokenizer_path: str, format: str) -> Path:
+    """The empty output folder, with the tokenizer in the target layout's form: a sentencepiece model
+    is copied; Llama 3's becomes Meta's tiktoken ``tokenizer.model`` or Hugging Face's ``tokenizer.json``
+    (with a ``tokenizer_config.json`` naming its BOS and EOS for transformers)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    if not isinstance(tokenizer, TiktokenTokenizer):
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+    elif format == "meta":
+        write_tiktoken_file(tokenizer.vocabulary, out / TOKENIZER_FILE)
+    else:
+        write_tokenizer_json(tokenizer.vocabulary, out / HF_TOKENIZER_FILE)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -59,12 +75,14 @@ def owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def to_meta(
-    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype], tokenizer_path: str
+    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
+    tokenizer: Tokenizer, tokenizer_path: str,
 ) -> None:
-    """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads."""
+    """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads in Meta's
+    code for the model (Llama 3's splits the embedding on the vocabulary)."""
     check_world_size(args.split_sizes, n_shards)
-    layout = layout_of(args)  # this single process: whole shapes
-    out = prepare_output(out_dir, tokenizer_path)
+    layout = meta_layout(layout_of(args), tokenizer.chat_format == "llama3")  # this single process: whole shapes
+    out = prepare_output(out_dir, tokenizer, tokenizer_path, "meta")
     (out / "params.json").write_text(json.dumps(params, indent=2))
     for shard in range(n_shards):
         state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
@@ -113,7 +131,7 @@ def to_hf(
     """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
     layout = layout_of(args)  # this single process: whole shapes
     groups = file_groups(layout, n_files)
-    out = prepare_output(out_dir, tokenizer_path)
+    out = prepare_output(out_dir, tokenizer, tokenizer_path, "hf")
     names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(n_files)
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
     weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
@@ -149,8 +167,9 @@ def convert(
         shards: consolidated.NN.pth files for "meta" (any count dividing heads, hidden sizes and
             vocabulary); safetensors files for "hf".
         dtype: "bfloat16", "float16", "float32", or "source" to keep each tensor's dtype.
-        tokenizer_path: the tokenizer.model to copy; None: the one in ``ckpt_dir``.
-        max_position_embeddings: written to config.json (Meta's files do not say; Llama 2 has 4096).
+        tokenizer_path: the source's tokenizer (tokenizer.model or tokenizer.json); None: the one in ``ckpt_dir``.
+        max_position_embeddings: written to config.json (Meta's files do not say; Llama 2 has 4096,
+            Llama 3.0 8192, Llama 3.1 and 3.2 131072).
     """
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
@@ -167,7 +186,7 @@ def convert(
             f"{args.vocab_size} rows: this tokenizer is not the checkpoint's"
         )
     if format == "meta":
-        to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer_path)
+        to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
     else:
         to_hf(ckpt_dir, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path, max_position_embeddings)
 
@@ -179,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
     parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
-    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in --ckpt_dir, else beside it")
+    parser.add_argument("--tokenizer_path", default=None, help="the source's tokenizer.model or tokenizer.json; default: the one in --ckpt_dir, else beside it")
     parser.add_argument("--max_position_embeddings", type=int, default=4096, help="written to config.json (hf)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_parser(parser, lambda options: convert(

@@ -55,6 +55,23 @@ def default_device() -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def set_threads(threads: Optional[int]) -> int:
+    """The number of CPU threads torch computes with in this process (``--threads``).
+
+    Args:
+        threads: a positive count; None keeps torch's choice (``OMP_NUM_THREADS`` if set, else one
+            thread per core; torchrun sets it to 1 for each process).
+
+    Returns:
+        the number of threads torch now uses.
+    """
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """None: this rank's GPU, else MPS, else CPU. A bare "cuda" means this rank's GPU."""
     if device is None:

@@ -1,8 +1,8 @@
 """Text and chat generation with the API of Meta's reference: ``Llama.build``, ``generate``,
 ``text_completion`` and ``chat_completion``, on any device and any model-parallel world size.
 
-``Llama`` is a facade: the options and the decoding loop live in ``llama.decoding``, the chat
-format in ``llama.chat_format``, text streaming in ``llama.streaming``, device and process policy in
+``Llama`` is a facade: the options live in ``llama.options``, the decoding loop in ``llama.engine``,
+the chat format in ``llama.chat_format``, text streaming in ``llama.streaming``, device and process policy in
 ``llama.distributed`` and checkpoint reading in ``llama.checkpoint``.
 """
 
@@ -11,11 +11,13 @@ from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, Dialog, Message, encode_dialog, encode_dialogs  # noqa: F401 (Meta's import path)
+from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
 from llama.checkpoint import load_model, read_model_args
-from llama.decoding import DecodeStep, Decoding, GenerationOptions, check_batch_size, check_prompts, decode_steps
+from llama.hf_checkpoint import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
+from llama.engine import Engine, Request
 from llama.model import Transformer
+from llama.options import GenerationOptions, check_batch_size, check_prompts
 from llama.parallel import model_parallel_world_size
 from llama.quantize import parse_quantize
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's import path)
@@ -65,7 +67,8 @@ class Llama:
             ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
                 whatever the number of processes), or a Hugging Face transformers Llama folder
                 (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
-            tokenizer_path: the sentencepiece ``tokenizer.model``; None: the one in ``ckpt_dir``.
+            tokenizer_path: ``tokenizer.model`` (Llama 2's sentencepiece or Llama 3's tiktoken file) or a
+                Hugging Face ``tokenizer.json``; None: the folder's own (``resolve_tokenizer_path``).
             max_seq_len: longest prompt + generation; sizes the KV cache.
             max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
             model_parallel_size: must equal the number of processes if given (Meta's argument).
@@ -81,8 +84,9 @@ class Llama:
                 "-g128" / "-g256": grouped 4-bit, an eighth of float32's bytes, for a model that
                 must fit. Each weight is quantized on the CPU as it is read (``llama.quantize``).
                 None keeps the checkpoint's weights.
-            compile: run the decode step under ``torch.compile`` (a CUDA graph on CUDA): the first
-                generation compiles it (seconds to a minute), later ones run faster.
+            compile: run the decode step (the model, every row's sampling, the step's writes) as one
+                ``torch.compile`` graph (a CUDA graph on CUDA): the first generation compiles it
+                (seconds to a minute), later ones run faster.
             quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
                 Meta's build does, so scripts that print on every rank print once; False keeps it.
 
@@ -110,14 +114,16 @@ class Llama:
             tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+            chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
-        return Llama(model, tokenizer, compile)
+        return Llama(model, tokenizer, compile, chat_format)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.decode_step = DecodeStep(model, compile)
+        self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
+        self.engine = Engine(model, tokenizer, compile)  # every call below decodes here
 
     @property
     def device(self) -> torch.device:
@@ -128,10 +134,10 @@ class Llama:
         """The activations' dtype (with quantized weights too: the embedding is never quantized)."""
         return self.model.tok_embeddings.weight.dtype
 
-    def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Decoding:
-        """Check a batch and its ``GenerationOptions`` on every rank, and lay out its rows: each prompt
-        ``num_return_sequences`` times. ``what`` names the prompts in errors ("prompt_tokens",
-        "prompt", "dialog")."""
+    def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
+        """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:
+        each prompt ``num_return_sequences`` times. ``what`` names the prompts in errors
+        ("prompt_tokens", "prompt", "dialog"); ``streams``: assemble each row's text as it comes."""
         params = self.model.params
         with fail_together(same_on_every_rank=(prompt_tokens, options)):  # ranks must agree before the first collective
             options = GenerationOptions(**options)
@@ -140,8 +146,7 @@ class Llama:
             options.check_vocabulary(params.vocab_size)
             check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
             check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
-            rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
-            return Decoding(rows, options, self.tokenizer, params.max_seq_len, self.device, streams)
+        return self.engine.submit(prompt_tokens, options, what, stream_text=streams)
 
     def generate(
         self,
@@ -155,11 +160,11 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt, all in one batch.
 
-        Prompts are right-padded into one (bsz, total_len) grid and prefilled in one pass, whatever
-        their lengths; then each row decodes from its own prompt's end (Meta's reference instead feeds
-        the longer prompts one token per step from the shortest prompt's end). Prompts are never
-        overwritten, greedy results equal Meta's, and a row's tokens equal those of its prompt alone.
-        Sampled rows of a ragged batch follow the same distribution as Meta's, not the same draws.
+        The prompts are prefilled together, whatever their lengths, into the engine's slots; then each
+        row decodes from its own prompt's end (Meta's reference instead feeds the longer prompts one
+        token per step from the shortest prompt's end). Prompts are never overwritten, greedy results
+        equal Meta's, and a row's tokens equal those of its prompt alone. Sampled rows of a ragged
+        batch follow the same distribution as Meta's, not the same draws.
 
         Args:
             prompt_tokens: one list of token ids per prompt.
@@ -168,7 +173,8 @@ class Llama:
             logprobs: also return each returned token's log-probability.
             echo: also return the prompt (and its logprobs). The first token's logprob is 0.
             options: the rest of ``GenerationOptions``: top_k, min_p, repetition_penalty,
-                stop_tokens, stop_strings, num_return_sequences, seed, top_logprobs.
+                presence_penalty, frequency_penalty, logit_bias, stop_tokens, stop_strings,
+                num_return_sequences, seed, top_logprobs.
 
         Returns:
             (tokens, logprobs): per row the generated tokens, up to and excluding the first stop
@@ -179,12 +185,12 @@ class Llama:
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
         return self.decode(prompt_tokens, "prompt_tokens", **options).results()
 
-    def decode(self, prompt_tokens: List[List[int]], what: str, **options) -> Decoding:
-        """Decode the batch to its end; the finished ``Decoding``."""
-        state = self.start(prompt_tokens, what, **options)
-        for _ in decode_steps(self.model, self.decode_step, state):
+    def decode(self, prompt_tokens: List[List[int]], what: str, **options) -> Request:
+        """Decode the request to its end; the finished ``Request``."""
+        request = self.start(prompt_tokens, what, **options)
+        for _ in self.engine.run_until_done(request):
             pass
-        return state
+        return request
 
     def text_completion(
         self,
@@ -210,9 +216,9 @@ class Llama:
             ``logprobs``, and "top_logprobs" (per token, (text, logprob) pairs) when asked.
         """
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
-        state = self.decode(self.encode_prompts(prompts), "prompt", **options)
-        generated = state.results()
-        return [{"generation": text, **self.token_details(i, *generated)} for i, text in enumerate(state.texts())]
+        request = self.decode(self.encode_prompts(prompts), "prompt", **options)
+        generated = request.results()
+        return [{"generation": text, **self.token_details(i, *generated)} for i, text in enumerate(request.texts())]
 
     def chat_completion(
         self,
@@ -223,7 +229,8 @@ class Llama:
         logprobs: bool = False,
         **options,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 2 chat format (``llama.chat_format``).
+        """Answer each dialog as the assistant, in the model's chat format (``llama.chat_format``: Llama
+        2's, Llama 3's, or the folder's chat template); the answer ends at a stop token of the tokenizer.
 
         Args:
             dialogs: lists of {"role", "content"} messages: an optional system message, then user and
@@ -233,24 +240,24 @@ class Llama:
         Returns:
             One dict per dialog (per sample, as ``text_completion``): {"generation": {"role":
             "assistant", "content": text}}, plus "tokens" and "logprobs" when ``logprobs``, and
-            "top_logprobs" when asked. A dialog whose messages contain the special tags gets
-            UNSAFE_ERROR as its content.
+            "top_logprobs" when asked. A dialog whose messages contain the format's special tags
+            (Llama 2's [INST] and <<SYS>> tags, a chat template's special tokens) gets UNSAFE_ERROR as
+            its content.
         """
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, **options)
-        prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
-        state = self.decode(prompt_tokens, "dialog", **options)
-        generated = state.results()
+        prompt_tokens, unsafe = self.chat_format.encode_dialogs(dialogs)
+        request = self.decode(prompt_tokens, "dialog", **options)
+        generated = request.results()
         results: List[ChatPrediction] = []
-        for i, text in enumerate(state.texts()):
-            content = UNSAFE_ERROR if unsafe[i // state.options.num_return_sequences] else text
+        for i, text in enumerate(request.texts()):
+            content = UNSAFE_ERROR if unsafe[i // request.options.num_return_sequences] else text
             results.append({"generation": {"role": "assistant", "content": content}, **self.token_details(i, *generated)})
         return results
 
     def text_completion_stream(
         self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None, **options
     ) -> CompletionStream:
-        """``text_completion`` as it is generated: yields, after each decoding step and once more at
-        the end, one string per row (n per prompt, as ``text_completion``) holding the text that
+        """``text_completion`` as it is generated: yields, after each decoding step, one string per row (n per prompt, as ``text_completion``) holding the text that
         became final, "" for none. A row's strings, joined, equal its "generation". Text that may
         still turn into a stop string, or the first bytes of a multi-byte character, wait. The
         stream also tells each row's tokens, logprobs and finish reason as they come
@@ -267,7 +274,7 @@ class Llama:
         """``chat_completion`` as it is generated, one string per row per step, like
         ``text_completion_stream``: joined, a row's strings equal its answer's "content"."""
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
-        prompt_tokens, unsafe = encode_dialogs(self.tokenizer, dialogs)
+        prompt_tokens, unsafe = self.chat_format.encode_dialogs(dialogs)
         return self.start_stream(prompt_tokens, "dialog", unsafe, **options)
 
     def stream(
@@ -279,14 +286,14 @@ class Llama:
 
     def start_stream(self, prompt_tokens: List[List[int]], what: str, unsafe: Optional[List[bool]] = None, **options) -> CompletionStream:
         """A stream of the batch; ``unsafe``: per prompt, answered with UNSAFE_ERROR instead."""
-        state = self.start(prompt_tokens, what, streams=True, **options)
-        n = state.options.num_return_sequences
-        refused = [unsafe[row // n] for row in range(len(state.prompt_lens))] if unsafe else None
-        return CompletionStream(decode_steps(self.model, self.decode_step, state), state, refused)
+        request = self.start(prompt_tokens, what, streams=True, **options)
+        n = request.options.num_return_sequences
+        refused = [unsafe[row // n] for row in range(request.n_rows)] if unsafe else None
+        return CompletionStream(request, self.engine.run_until_done(request), refused)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The dialog's tokens in the Llama 2 chat format."""
-        return encode_dialog(self.tokenizer, dialog)
+        """The dialog's tokens in the model's chat format (``self.chat_format``)."""
+        return self.chat_format.encode_dialog(dialog)
 
     def encode_prompts(self, prompts: List[str]) -> List[List[int]]:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):

@@ -1,5 +1,6 @@
 """Reading Hugging Face transformers' Llama folders: ``config.json`` and ``model*.safetensors``
-(or ``pytorch_model*.bin``), next to the sentencepiece ``tokenizer.model``.
+(or ``pytorch_model*.bin``), next to the tokenizer (``llama.tokenizer``) and, for chat models, a chat
+template.
 
 The weights are the same matrices as Meta's under other names, with one difference: Meta rotates
 the interleaved pairs (x[2i], x[2i+1]) of each head, transformers rotates the halves (x[i], x[i+d/2]),
@@ -12,6 +13,7 @@ slice) pairs, the same pairs ``llama.checkpoint`` makes from Meta's shards, so t
 on its device (and converting or quantizing it) is one step for both formats.
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,8 +22,9 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llama.chat_format import ChatTemplate
 from llama.files import load_tensor_dict, read_json_object
-from llama.model import ModelArgs
+from llama.model import ROPE_SCALING_KEYS, ModelArgs, RopeScaling
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ CONFIG = "config.json"
 SAFETENSORS_INDEX, SAFETENSORS = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
 DEFAULT_ROPE_THETA = 10000.0
+TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the ones templates read
+META_ROPE_SCALING = RopeScaling()  # the constants of Meta's code, implied by use_scaled_rope
 
 # Meta's key -> transformers' key; the layer keys sit under "layers.{i}." and "model.layers.{i}."
 GLOBAL_NAMES = {
@@ -88,18 +94,35 @@ def read_config(ckpt_dir: str) -> dict:
     return read_json_object(Path(ckpt_dir) / CONFIG)
 
 
-def rope_theta(config: dict, source: str) -> float:
-    """rope_theta, at the top level (transformers 4) or under rope_parameters (5); only plain rotary.
+def rope_settings(config: dict, source: str) -> dict:
+    """``rope_theta`` and, for rope_type "llama3", Meta's params.json keys of the scaling
+    (``use_scaled_rope`` and ``ROPE_SCALING_KEYS``, each only when it differs from Meta's constant).
 
-    Scaled rotary (linear, dynamic, yarn, llama3, ...) changes the angles and is not implemented here.
+    transformers 5 keeps everything under ``rope_parameters``; 4 kept rope_theta at the top level and
+    the scaling under ``rope_scaling`` (whose type was once called "type"). Other scalings (linear,
+    dynamic, yarn, longrope, ...) change the angles differently and are not implemented here.
     """
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling)):
-        kind = value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else value
-        if kind != "default":
-            raise ValueError(f"{source}: {key} = {value!r} is not supported; only plain rotary embeddings (rope_type 'default') are")
-    return float(parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key} must be an object, found {value!r}")
+    kinds = {key: value.get("rope_type", value.get("type", "default")) for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling))}
+    for key, kind in kinds.items():
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{source}: {key} has rope_type {kind!r}, which is not supported; only 'default' and 'llama3' are")
+    params = {"rope_theta": float(parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))}
+    llama3 = parameters if kinds["rope_parameters"] == "llama3" else scaling if kinds["rope_scaling"] == "llama3" else None
+    if llama3 is not None:
+        key = "rope_parameters" if llama3 is parameters else "rope_scaling"
+        missing = [name for name in ROPE_SCALING_KEYS.values() if name not in llama3]
+        if missing:
+            raise ValueError(f"{source}: {key} of rope_type 'llama3' lacks {missing}")
+        params["use_scaled_rope"] = True
+        for meta_key, name in ROPE_SCALING_KEYS.items():
+            if llama3[name] != getattr(META_ROPE_SCALING, name):
+                params[meta_key] = llama3[name]
+    return params
 
 
 def check_supported(config: dict, source: str) -> None:
@@ -145,7 +168,7 @@ def config_to_params(config: dict, source: str) -> dict:
     """Meta's params.json keys for a transformers Llama ``config``; unsupported settings are errors.
 
     rope_theta is kept only when it differs from 10000, as in Meta's files (Llama 2's own ModelArgs
-    has no such field; Code Llama's has).
+    has no such field; Code Llama's and Llama 3's have); llama3 rope scaling is ``use_scaled_rope``.
     """
     check_supported(config, source)
     params = {
@@ -157,17 +180,21 @@ def config_to_params(config: dict, source: str) -> dict:
         **meta_ffn_params(config["hidden_size"], config["intermediate_size"]),
         "norm_eps": config.get("rms_norm_eps", 1e-6),  # transformers' default
     }
-    theta = rope_theta(config, source)
-    if theta != DEFAULT_ROPE_THETA:
-        params["rope_theta"] = theta
-    return params
+    rope = rope_settings(config, source)
+    if rope["rope_theta"] == DEFAULT_ROPE_THETA:
+        del rope["rope_theta"]
+    return {**params, **rope}
 
 
 def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
     """transformers' ``config.json`` for a LlamaForCausalLM with Meta's hyper-parameters ``args``.
 
-    rope_theta is written both where transformers 5 reads it (rope_parameters) and where 4 did.
+    rope_theta (and llama3 rope scaling) is written both where transformers 5 reads it
+    (rope_parameters) and where 4 did (rope_theta, rope_scaling).
     """
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, **dataclasses.asdict(args.rope_scaling)}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -180,7 +207,8 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: i
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_parameters": rope,
+        **({"rope_scaling": rope} if args.rope_scaling is not None else {}),
         "max_position_embeddings": max_position_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -194,6 +222,35 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: i
 def read_params(ckpt_dir: str) -> dict:
     """``config.json`` as Meta's params.json keys."""
     return config_to_params(read_config(ckpt_dir), str(Path(ckpt_dir) / CONFIG))
+
+
+def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
+    """The folder's chat template, if it has one: ``chat_template.jinja`` (transformers 5 saves it
+    there), else the ``chat_template`` of ``tokenizer_config.json`` (a string, or a list of named
+    templates of which the "default" one), with the special tokens' texts and the ``legacy`` flag of
+    tokenizer_config.json."""
+    folder = Path(ckpt_dir)
+    config = read_json_object(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
+    tokens = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = config.get(name)
+        if isinstance(value, dict):  # saved as an AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[name] = value
+    legacy = config.get("legacy", False)  # transformers 5's default for Llama tokenizers
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{folder / TOKENIZER_CONFIG}: legacy must be true or false, found {legacy!r}")
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return ChatTemplate(source=(folder / CHAT_TEMPLATE_FILE).read_text(), path=str(folder / CHAT_TEMPLATE_FILE), tokens=tokens, legacy=legacy)
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((entry.get("template") for entry in source if isinstance(entry, dict) and entry.get("name") == "default"), None)
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise ValueError(f"{folder / TOKENIZER_CONFIG}: chat_template must be a string or a list of named templates with a 'default' one")
+    return ChatTemplate(source=source, path=str(folder / TOKENIZER_CONFIG), tokens=tokens, legacy=legacy)
 
 
 def is_tied(ckpt_dir: str) -> bool:

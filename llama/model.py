@@ -1,10 +1,11 @@
-"""The Llama 2 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
+"""The Llama 2 and Llama 3 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
 embeddings, attention with its in-place KV cache, the SwiGLU feed-forward, a block, the model.
 
 Pure math: no file I/O and no device selection. Model parallelism enters only through the layer
 classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
 """
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple, Union
 
@@ -24,6 +25,36 @@ from llama.parallel import (
 )
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's stretch of the rotary wavelengths for a longer context (``llama3_rope_scaling``).
+    The defaults are Meta's constants (llama-models' ``apply_scaling``)."""
+
+    factor: float = 8.0  # how much the long wavelengths are stretched (Llama 3.2 1B/3B: 32)
+    low_freq_factor: float = 1.0  # wavelengths above original / low_freq_factor are stretched fully
+    high_freq_factor: float = 4.0  # wavelengths below original / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # the context the model was first trained on
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"RopeScaling.{name} must be a positive number, got {value!r}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor = {self.high_freq_factor} must exceed low_freq_factor = {self.low_freq_factor}")
+
+
+# params.json's keys for the scaling: use_scaled_rope (Meta's, Llama 3.1+) turns it on with Meta's
+# constants; rope_scaling_factor and rope_high_freq_factor are llama-models' names (Llama 4) for
+# other values, and the last two follow their pattern, so that any Hugging Face llama3 setting fits.
+ROPE_SCALING_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_original_max_position_embeddings": "original_max_position_embeddings",
+}
+
+
 @dataclass
 class ModelArgs:
     """Every key of Meta's ``params.json`` plus the two sizes of the inference cache."""
@@ -36,17 +67,28 @@ class ModelArgs:
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # Code Llama uses 1e6
+    rope_theta: float = 10000.0  # Code Llama uses 1e6, Llama 3 5e5
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: params.json's use_scaled_rope
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
-        """Build from a ``params.json`` dictionary; an unknown key is an error naming the known ones."""
-        known = [f.name for f in fields(cls)]
+        """Build from a ``params.json`` dictionary; an unknown key is an error naming the known ones.
+        ``use_scaled_rope`` (and ``ROPE_SCALING_KEYS``) become ``rope_scaling``."""
+        params = dict(params)
+        use_scaled_rope = params.pop("use_scaled_rope", False)
+        scaling = {ROPE_SCALING_KEYS[key]: params.pop(key) for key in list(params) if key in ROPE_SCALING_KEYS}
+        if not isinstance(use_scaled_rope, bool):
+            raise ValueError(f"{source}: use_scaled_rope must be true or false, got {use_scaled_rope!r}")
+        if scaling and not use_scaled_rope:
+            raise ValueError(f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} need use_scaled_rope: true")
+        known = [f.name for f in fields(cls) if f.name != "rope_scaling"]
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known}")
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known + ['use_scaled_rope', *ROPE_SCALING_KEYS]}")
+        if use_scaled_rope:
+            params["rope_scaling"] = RopeScaling(**scaling)
         return cls(**params)
 
     def __post_init__(self):
@@ -104,10 +146,27 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
 
 
-def precompute_rope(head_dim: int, end: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)``, each (end, head_dim/2),
-    computed on the CPU even inside ``torch.device("meta")``, where the loader builds the model."""
-    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), rope_frequencies(head_dim, theta))
+def llama3_rope_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequencies for a long context: a pair whose wavelength (2 pi / frequency) is longer
+    than ``original / low_freq_factor`` turns ``factor`` times slower, one shorter than ``original /
+    high_freq_factor`` keeps its speed (it already repeats many times within the original context), and
+    in between the speed is blended linearly in ``original / wavelength``. (head_dim/2,) -> (head_dim/2,)."""
+    wavelengths = 2 * math.pi / freqs
+    original = scaling.original_max_position_embeddings
+    blend = (original / wavelengths - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * freqs / scaling.factor + blend * freqs
+    stretched = torch.where(wavelengths > original / scaling.low_freq_factor, freqs / scaling.factor, blended)
+    return torch.where(wavelengths < original / scaling.high_freq_factor, freqs, stretched)
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, scaling: Optional[RopeScaling] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)`` (with ``scaling``: the
+    frequencies of ``llama3_rope_scaling``), each (end, head_dim/2), computed on the CPU even inside
+    ``torch.device("meta")``, where the loader builds the model."""
+    freqs = rope_frequencies(head_dim, theta)
+    if scaling is not None:
+        freqs = llama3_rope_scaling(freqs, scaling)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32, device="cpu"), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -146,15 +205,17 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
-        """Write row b's keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at ``positions[b]``
-        of cache row b, in place; return every row's first ``kv_len`` cached entries, (bsz, kv_len,
-        n_local_kv_heads, head_dim) each."""
+    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int, slots: Optional[torch.Tensor]):
+        """Write row b's keys and values at ``positions[b]`` of cache row ``slots[b]`` (None: row b),
+        in place; return those rows' first ``kv_len`` cached entries, (bsz, kv_len, n_local_kv_heads,
+        head_dim) each."""
         bsz = xk.shape[0]
-        rows = torch.arange(bsz, device=xk.device)[:, None]  # (bsz, 1), broadcast against (bsz, seqlen)
-        self.cache_k[rows, positions] = xk.to(self.cache_k.dtype)
-        self.cache_v[rows, positions] = xv.to(self.cache_v.dtype)
-        return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+        rows = torch.arange(bsz, device=xk.device) if slots is None else slots
+        self.cache_k[rows[:, None], positions] = xk.to(self.cache_k.dtype)  # rows (bsz, 1) broadcast against positions (bsz, seqlen)
+        self.cache_v[rows[:, None], positions] = xv.to(self.cache_v.dtype)
+        if slots is None:
+            return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
+        return self.cache_k[slots, :kv_len], self.cache_v[slots, :kv_len]
 
     def forward(
         self,
@@ -163,17 +224,19 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
+        slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``positions`` None: no cache (training, scoring), the sequence attends causally to itself.
-        Otherwise the chunk is written into the cache at ``positions`` (bsz, seqlen) and attends to
-        the cached entries that ``mask`` (bsz, 1, seqlen, kv_len) allows."""
+        Otherwise the chunk is written into the cache rows ``slots`` (bsz,) (None: rows 0..bsz-1) at
+        ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
+        kv_len) allows."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1])
+        keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1], slots)
 
         # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
@@ -205,8 +268,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, positions, mask, slots=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -235,7 +298,7 @@ class Transformer(nn.Module):
         cache_dtype = cache_dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, cache_dtype)
-        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta)
+        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 
@@ -268,10 +331,11 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         logits_at: Union[int, torch.Tensor, None] = None,
         kv_len: Optional[int] = None,
+        slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
-        written into row b of the KV cache there, and attends to row b's cached positions up to its
-        own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
+        written into row ``slots[b]`` of the KV cache there (None: row b), and attends to that row's
+        cached positions up to its own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
         padding entries are overwritten before any row reads them. Call it without autograd.
 
         Shapes are static: the mask compares every key position 0 .. kv_len-1 with each query's
@@ -286,9 +350,11 @@ class Transformer(nn.Module):
         kv_len = self.params.max_seq_len if kv_len is None else kv_len
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        return self.logits(self.hidden_states(tokens, positions, mask), logits_at)
+        return self.logits(self.hidden_states(tokens, positions, mask, slots), logits_at)
 
-    def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], slots: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if positions is None:  # (1, seqlen, head_dim/2), broadcast over rows
@@ -296,7 +362,7 @@ class Transformer(nn.Module):
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask)
+            h = layer(h, cos, sin, positions, mask, slots)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from llama.cli import FLAG_HELP, load_line, run_parser
+from llama.distributed import set_threads
 from llama.loss import IGNORE_INDEX, causal_lm_loss, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -94,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help=FLAG_HELP["dtype"])
     parser.add_argument("--quantize", default=None, help=FLAG_HELP["quantize"])
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
+    parser.add_argument("--threads", type=int, default=None, help=FLAG_HELP["threads"])
     run_parser(parser, score_files, argv)
 
 
@@ -105,6 +107,7 @@ def score_files(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if args.max_seq_len < 2:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
+    set_threads(args.threads)
     tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
     start = time.perf_counter()

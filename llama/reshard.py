@@ -5,7 +5,9 @@
 Any process count can load any checkpoint (``llama.checkpoint`` reshards at load), but a checkpoint
 saved with as many shards as processes loads fastest: each rank memory-maps one file. The output
 holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
-``rope.freqs``, and copies of ``params.json`` and the tokenizer. Target shards are written one at a time, each assembled
+``rope.freqs``, and copies of ``params.json`` and the tokenizer. The token embedding is split as Meta's
+code for the model splits it: Llama 2's on the features, Llama 3's on the vocabulary (as the source's
+shards are, or, from one shard, when the tokenizer is Llama 3's). Target shards are written one at a time, each assembled
 from memory-mapped sources, so the tool needs memory for one target shard, not the model.
 """
 
@@ -17,12 +19,15 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, check_shard, checkpoint_vocab_size, layout_of, load_shard, rank_slices, read_params, shard_paths
+from llama.checkpoint import (
+    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_vocab_size, layout_of, load_shard, meta_layout, rank_slices, read_params,
+    shard_paths, split_dims,
+)
 from llama.cli import run_parser
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
-from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path
+from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path, tokenizer_kind
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
 
-    vocab_size = checkpoint_vocab_size(paths)
+    vocab_size = checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim))
     args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
     check_world_size(args.split_sizes, n_shards)
     layout = layout_of(args)  # from params.json, in this single process
@@ -60,6 +65,7 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
     extras = {key: first[key] for key in IGNORED_KEYS if key in first}  # rope.freqs, kept as Meta ships it
 
     tokenizer = tokenizer_to_copy(ckpt_dir, tokenizer_path)
+    out_layout = meta_layout(layout, splits_vocabulary(paths, first, layout, tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(ckpt_dir) / "params.json", out / "params.json")
     if tokenizer is not None:
@@ -67,7 +73,7 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
         logger.info("copied %s", tokenizer)
     for shard in range(n_shards):
         path = out / f"consolidated.{shard:02d}.pth"
-        write_shard(path, paths, layout, extras, shard, n_shards)
+        write_shard(path, paths, out_layout, extras, shard, n_shards)
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
 
 
@@ -81,6 +87,17 @@ def tokenizer_to_copy(ckpt_dir: str, tokenizer_path: Optional[str]) -> Optional[
     except FileNotFoundError as missing:
         logger.warning("the output will have no %s: %s", TOKENIZER_FILE, missing)
         return None
+
+
+def splits_vocabulary(paths: List[Path], first: dict, layout: dict, tokenizer: Optional[str]) -> bool:
+    """Whether Meta's code for this model splits the embedding on the vocabulary (Llama 3's does): as
+    the source's shards do, or, for one source shard, when its ``tokenizer`` is Llama 3's."""
+    if len(paths) > 1:
+        return split_dims(paths[0], first, layout, len(paths))[EMBEDDING_KEY] == VOCABULARY_DIM
+    if tokenizer is None:
+        logger.info("no tokenizer: the embedding is split as Llama 2's code splits it")
+        return False
+    return tokenizer_kind(tokenizer) != "sentencepiece"
 
 
 def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:

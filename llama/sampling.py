@@ -1,92 +1,148 @@
-"""Choosing the next token from the last position's logits: repetition penalty, temperature, top-k,
-min-p and top-p (nucleus) sampling, or greedy; drawn from torch's global RNG or one seeded
-``torch.Generator`` per row.
+"""Choosing each row's next token from its last position's logits, every row with its own settings,
+as tensor operations over the rows (no Python loop per row, so the decode step compiles with it).
 
-With the defaults (top_k=0, min_p=0, repetition_penalty=1, no generators) this is exactly Meta's
-sampling: ``softmax(logits / temperature)`` then ``sample_top_p``, or argmax at temperature 0.
+Applied in this order, each a tensor of one value per row:
+
+penalties (``apply_penalties``, on the logits, over the row's own history):
+    repetition_penalty r: for each token already in the row (prompt or output), logit <- logit / r if
+        logit > 0 else logit * r (CTRL's penalty; r > 1 discourages repeats, 1 is off).
+    presence_penalty a, frequency_penalty f (OpenAI's): logit <- logit - a * [count > 0] - f * count,
+        count = how often the row generated the token (0 is off; negative values encourage).
+    logit_bias: a number added to chosen tokens' logits (OpenAI's, -100 bans, 100 forces).
+temperature T: p = softmax(logit / T); T = 0 is greedy (argmax of the penalised logits).
+top_k k: keep the k most probable tokens, and those tied with the k-th (0 is off).
+min_p m: keep the tokens with p >= m * max(p) (0 is off).
+top_p P: keep the most probable tokens until their mass reaches P (1 keeps all).
+Dropped tokens get probability 0 and the rest are renormalised before drawing.
+
+The draw is torch's own: ``torch.multinomial(p, 1)`` is ``argmax(p / q)`` with q ~ Exp(1), one q per
+token, in the order of the sorted probabilities. A row without a seed takes its q from torch's global
+RNG (drawn by the caller, ``global_exponentials``): with the defaults (top_k=0, min_p=0, no
+penalties) a lone row samples exactly as Meta's ``sample_top_p``. A seeded row computes its q from
+(seed, position, index) with an integer hash (``seeded_exponentials``): its tokens depend on nothing
+else, not on the rows beside it nor on the global RNG, and the same arithmetic runs compiled.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Union
 
 import torch
 
+WORD = 0x7FFFFFFF  # the hash works on 31-bit words, so products of two stay within int64
+
+
+def mix(x: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """A 31-bit integer hash (the avalanche of Thomas Mueller's 32-bit hash), the same on Python ints
+    and int64 tensors, eager or compiled: x in [0, 2^31) -> [0, 2^31)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & WORD
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & WORD
+    return (x >> 16) ^ x
+
+
+def seed_key(seed: int) -> int:
+    """A row's seed, any non-negative integer, folded into one 31-bit key."""
+    key = mix(seed & WORD)
+    seed >>= 31
+    while seed:
+        key = mix(key ^ (seed & WORD))
+        seed >>= 31
+    return key
+
+
+def seeded_exponentials(keys: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) Exp(1) draws, a function of each row's key (``seed_key``), its position and the
+    column only. keys, positions: (rows,) int64."""
+    row = mix((keys ^ mix(positions & WORD)) & WORD)[:, None]  # (rows, 1)
+    column = torch.arange(n, device=keys.device)[None, :]  # (1, n)
+    bits = mix((row + mix(column)) & WORD) >> 7  # (rows, n) 24 random bits each
+    return -torch.log((bits.float() + 0.5) * (1.0 / (1 << 24)))
+
+
+def global_exponentials(needs: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) Exp(1) draws from torch's global RNG for the rows where ``needs`` (a bool list or
+    (rows,) tensor on the host) is true, in row order, drawn as ``torch.multinomial`` draws for
+    exactly those rows; 1 elsewhere."""
+    needs = torch.as_tensor(needs, dtype=torch.bool)
+    noise = torch.ones(len(needs), n)
+    if needs.any():
+        noise[needs] = torch.empty(int(needs.sum()), n).exponential_()
+    return noise
+
 
 @dataclass
-class Sampler:
-    """How one batch picks its next tokens. Applied in this order:
+class RowSettings:
+    """The sampling settings of a set of rows, one value per row (device tensors, (rows,) each but
+    ``logit_bias``, (rows, vocab)); the slots of the engine keep one of these for all slots."""
 
-    repetition_penalty r: for each token already in the row (prompt or output), logit <- logit / r
-        if logit > 0 else logit * r (CTRL's penalty; r > 1 discourages repeats, 1 is off).
-    temperature T: p = softmax(logit / T); T = 0 is greedy (argmax, after the penalty).
-    top_k k: keep the k largest logits, drop the rest (0 is off).
-    min_p m: keep the tokens with p >= m * max(p) (0 is off).
-    top_p P: keep the most probable tokens until their mass reaches P (1 keeps all).
-    Dropped tokens get probability 0 and the rest are renormalised before drawing. The values are
-    checked by ``llama.decoding.GenerationOptions``.
-    """
+    temperature: torch.Tensor  # float32, 0: greedy
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, 0: off
+    min_p: torch.Tensor  # float32
+    repetition_penalty: torch.Tensor  # float32
+    presence_penalty: torch.Tensor  # float32
+    frequency_penalty: torch.Tensor  # float32
+    logit_bias: torch.Tensor  # float32 (rows, vocab)
+    seeded: torch.Tensor  # bool
+    seed_key: torch.Tensor  # int64, ``seed_key(seed + j)`` of row j of a prompt
 
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    generators: Optional[List[torch.Generator]] = None  # one per row; None draws from the global RNG
+    @classmethod
+    def empty(cls, rows: int, vocab_size: int, device: torch.device) -> "RowSettings":
+        def full(value, dtype):
+            return torch.full((rows,), value, dtype=dtype, device=device)
 
-    def __call__(self, logits: torch.Tensor, previous_tokens: torch.Tensor, sampling: Optional[List[bool]] = None) -> torch.Tensor:
-        """logits: (bsz, vocab) of the last position; previous_tokens: (bsz, n) ids already in each row,
-        -1 where none (read only by the repetition penalty);
-        sampling: per row, whether its token is used: only their generators draw, so a row's samples
-        do not depend on the other rows of its batch. Returns (bsz,) token ids."""
-        if self.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, previous_tokens, self.repetition_penalty)
-        if self.temperature == 0:
-            return torch.argmax(logits, dim=-1)
-        logits = logits / self.temperature
-        if self.top_k:
-            logits = keep_top_k(logits, self.top_k)
-        if self.min_p:
-            logits = keep_min_p(logits, self.min_p)
-        probs = torch.softmax(logits, dim=-1)
-        generators = self.generators
-        if generators is not None and sampling is not None:
-            generators = [g if used else None for g, used in zip(generators, sampling)]
-        return sample_top_p(probs, self.top_p, generators).reshape(-1)
+        return cls(
+            temperature=full(0.0, torch.float32), top_p=full(1.0, torch.float32), top_k=full(0, torch.long),
+            min_p=full(0.0, torch.float32), repetition_penalty=full(1.0, torch.float32),
+            presence_penalty=full(0.0, torch.float32), frequency_penalty=full(0.0, torch.float32),
+            logit_bias=torch.zeros(rows, vocab_size, device=device), seeded=full(False, torch.bool),
+            seed_key=full(0, torch.long),
+        )
+
+    def rows(self, index) -> "RowSettings":
+        """The settings of some rows: ``index`` a slice or a (rows,) tensor of row indices."""
+        return RowSettings(**{name: value[index] for name, value in vars(self).items()})
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive logits and multiply negative ones by ``penalty`` for every token in
-    ``previous_tokens`` (bsz, n), once however often it occurred; -1 entries (padding) are skipped."""
-    seen = torch.zeros(logits.shape[0], logits.shape[1] + 1, dtype=torch.bool, device=logits.device)
-    seen = seen.scatter(1, previous_tokens + 1, True)[:, 1:]  # padding lands in the dropped column 0
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+def apply_penalties(logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The penalised logits. logits: (rows, vocab) float32; seen: (rows, vocab) bool, the token is in
+    the row's prompt or output; counts: (rows, vocab), how often the row generated it."""
+    penalty = settings.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits - settings.presence_penalty[:, None] * (counts > 0) - settings.frequency_penalty[:, None] * counts
+    return logits + settings.logit_bias
 
 
-def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """-inf for all but the k largest logits of each row (ties with the k-th largest are kept)."""
-    kth_largest = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+def sample(logits: torch.Tensor, settings: RowSettings, positions: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Each row's next token: argmax at temperature 0, else drawn as the module docstring says.
+    logits: (rows, vocab) float32, penalised; positions: (rows,) where each row's token will sit (the
+    seeded rows' counter); noise: (rows, vocab) the unseeded rows' Exp(1) draws
+    (``global_exponentials``). Returns (rows,) int64 token ids."""
+    greedy = torch.argmax(logits, dim=-1)
+    temperature = torch.where(settings.temperature > 0, settings.temperature, 1.0)[:, None]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (rows, vocab)
+    vocab = probs.shape[-1]
+    kth = probs_sort.gather(1, (settings.top_k.clamp(1, vocab) - 1)[:, None])  # (rows, 1)
+    keep = (probs_sort >= torch.where(settings.top_k[:, None] > 0, kth, 0.0)) & (probs_sort >= settings.min_p[:, None] * probs_sort[:, :1])
+    kept = probs_sort * keep
+    filtered = ((settings.top_k > 0) | (settings.min_p > 0))[:, None]  # only these rows renormalise before top-p
+    probs_sort = torch.where(filtered, kept / kept.sum(dim=-1, keepdim=True), probs_sort)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > settings.top_p[:, None], 0.0)  # mass before it reaches top_p
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    exponentials = torch.where(settings.seeded[:, None], seeded_exponentials(settings.seed_key, positions, vocab), noise)
+    choice = torch.argmax(probs_sort / exponentials, dim=-1, keepdim=True)  # torch.multinomial's draw
+    sampled = torch.gather(probs_idx, -1, choice)[:, 0]
+    return torch.where(settings.temperature > 0, sampled, greedy)
 
 
-def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """-inf for the tokens whose probability is below ``min_p`` times the row's largest probability."""
-    probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generators: Optional[List[Optional[torch.Generator]]] = None) -> torch.Tensor:
-    """Nucleus sampling: keep the most probable tokens until their mass reaches ``p``, renormalise,
-    sample. probs: (bsz, vocab); returns (bsz, 1) token ids. ``generators``: one per row, else the
-    global RNG; a row whose generator is None draws nothing and gets its most probable token."""
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Meta's nucleus sampling, for code that imports it from ``llama.generation``: keep the most
+    probable tokens until their mass reaches ``p``, renormalise, draw from the global RNG.
+    probs: (bsz, vocab); returns (bsz, 1) token ids."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0  # mass before this token already reaches p
+    probs_sort[probs_sum - probs_sort > p] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    if generators is None:
-        next_token = torch.multinomial(probs_sort, num_samples=1)
-    else:
-        next_token = torch.stack([
-            torch.multinomial(row, 1, generator=g) if g is not None else torch.zeros(1, dtype=torch.long, device=row.device)
-            for row, g in zip(probs_sort, generators)
-        ])
+    next_token = torch.multinomial(probs_sort, num_samples=1)
     return torch.gather(probs_idx, -1, next_token)

@@ -1,5 +1,5 @@
 """Turning generated tokens into text as they arrive: one row's ``TextStream``, ended at a stop
-string, and the ``CompletionStream`` of a whole batch that ``Llama``'s ``*_stream`` calls return.
+string, and the ``CompletionStream`` of a whole request that ``Llama``'s ``*_stream`` calls return.
 
 Sentencepiece pieces cannot be decoded one at a time: decoding drops the spaces ("▁") that begin
 the text, and byte-fallback pieces spell one character over several tokens. So the new text of a
@@ -10,13 +10,10 @@ next token.
 """
 
 import time
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from llama.chat_format import UNSAFE_ERROR
 from llama.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from llama.decoding import Decoding
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -106,15 +103,20 @@ def cut_at_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> str:
 
 
 class CompletionStream:
-    """A batch's text as it is generated. Iterating yields, after each decoding step and once more at
-    the end, one string per row: the text that became final since the previous yield. While it runs:
-    each row's ``tokens``, ``logprobs`` and ``top_logprobs`` so far, ``finish_reasons`` (None while a
-    row generates, then "stop", "length" or "cancelled"), ``cancel(row)``, and ``timing()``."""
+    """A request's text as it is generated. Iterating yields, after each decoding step that changed
+    a row, one string per row: the text that became final since the previous yield (a row's last
+    piece comes with the step that ends it); then once more at the end, empty strings. While it runs: each row's ``tokens``, ``logprobs`` and
+    ``top_logprobs`` so far, ``finish_reasons`` (None while a row generates, then "stop", "length"
+    or "cancelled"), ``cancel(row)``, and ``timing()``. Closing the iteration early cancels the rows
+    still running.
 
-    def __init__(self, steps: Iterator[int], state: "Decoding", refused: Optional[List[bool]] = None):
+    ``request`` is the engine's ``Request`` (``llama.engine``) and ``steps`` the iterator of its
+    per-step deltas that runs the engine (``Engine.run_until_done``)."""
+
+    def __init__(self, request, steps: Iterator[list], refused: Optional[List[bool]] = None):
+        self.request = request
         self.steps = steps
-        self.state = state
-        self.refused = refused or [False] * len(state.streams)  # rows answered with UNSAFE_ERROR instead
+        self.refused = refused or [False] * request.n_rows  # rows answered with UNSAFE_ERROR instead
         self.started = self.first_step_done = self.finished = None  # time.perf_counter() readings
 
     def __iter__(self) -> Iterator[List[str]]:
@@ -123,64 +125,69 @@ class CompletionStream:
 
     def pieces(self) -> Iterator[List[str]]:
         self.started = time.perf_counter()
-        for step in self.steps:
-            if step == 0:  # the prefill and each row's first token
-                self.first_step_done = time.perf_counter()
-            # a row that has finished releases what it held back: its text is complete from that step on
-            yield [stream.read() if reason is None else stream.close() for stream, reason in zip(self.state.streams, self.state.finish_reasons)]
-        self.finished = time.perf_counter()
-        yield [stream.close() for stream in self.state.streams]
+        try:
+            for deltas in self.steps:
+                if self.first_step_done is None:  # the prefill and each row's first token
+                    self.first_step_done = time.perf_counter()
+                pieces = [""] * self.request.n_rows
+                for delta in deltas:
+                    pieces[delta.row] += delta.text
+                yield pieces
+            yield [""] * self.request.n_rows  # the end: every row's text is complete
+        finally:
+            self.finished = time.perf_counter()
+            if not self.request.done:  # the caller stopped iterating: free the rows' slots
+                self.request.cancel()
 
     def cancel(self, row: int) -> None:
         """Stop generating ``row`` from the next step on (a client that went away); it finishes as
         "cancelled" with the tokens it has. Under model parallelism rank 0's cancellations count."""
-        self.state.cancel(row)
+        self.request.cancel(row)
 
     def timing(self) -> str:
-        """Prompt tokens/s (the first step: the prefill and each row's first token) and decode
-        tokens/s (the rest), up to now if the iteration was stopped early."""
+        """Prompt tokens/s (the first step: the prefill and each row's first token), the tokens generated
+        (as ``max_gen_len`` counts them), and decode tokens/s (every token after each row's first), up
+        to now if the iteration was stopped early."""
         now = time.perf_counter()
         first_step_done = self.first_step_done or now
         prompt_seconds, decode_seconds = first_step_done - (self.started or now), (self.finished or now) - first_step_done
-        n_prompt, n_decoded = self.n_prompt_tokens, sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        n_prompt, n_generated = self.n_prompt_tokens, sum(len(tokens) for tokens in self.tokens)
+        n_decoded = sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        first = "the first of each row" if len(self.tokens) > 1 else "the first"
         return (
             f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+            f"generated: {n_generated} tokens, {first} with the prompt, then "
             f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
         )
 
     @property
     def finish_reasons(self) -> List[Optional[str]]:
-        return list(self.state.finish_reasons)
+        return self.request.finish_reasons
 
     @property
     def prompt_lens(self) -> List[int]:
-        return list(self.state.prompt_lens)
+        return self.request.prompt_lens
 
     @property
     def n_prompt_tokens(self) -> int:
-        return sum(self.state.prompt_lens)
+        return sum(self.request.prompt_lens)
 
     @property
     def tokens(self) -> List[List[int]]:
         """Each row's generated tokens so far (after a stop string, those that spell the text)."""
-        return [self.state.tokens_so_far(row) for row in range(len(self.state.prompt_lens))]
+        return self.request.tokens
 
     @property
     def logprobs(self) -> List[List[float]]:
         """Each row's generated tokens' logprobs so far; needs ``logprobs=True``."""
-        if self.state.token_logprobs is None:
+        if not self.request.options.logprobs:
             raise ValueError("logprobs were not asked for: pass logprobs=True to the *_stream call")
-        rows = self.state.token_logprobs.tolist()
-        return [row[self.state.prompt_lens[i] : self.state.prompt_lens[i] + len(tokens)] for i, (row, tokens) in enumerate(zip(rows, self.tokens))]
+        return self.request.logprobs
 
     @property
     def top_logprobs(self) -> List[List[List[Tuple[int, float]]]]:
         """Per row, per generated token so far, the k most likely (token id, logprob) pairs; needs
         ``top_logprobs=k``."""
-        if self.state.top_ids is None:
+        if not self.request.options.top_logprobs:
             raise ValueError("top_logprobs were not asked for: pass top_logprobs=k to the *_stream call")
-        ids, lps = self.state.top_ids.tolist(), self.state.top_logprobs.tolist()
-        return [
-            [list(zip(i, lp)) for i, lp in zip(ids[row][start : start + len(tokens)], lps[row][start : start + len(tokens)])]
-            for row, (start, tokens) in enumerate(zip(self.state.prompt_lens, self.tokens))
-        ]
+        return self.request.top_logprobs

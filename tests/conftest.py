@@ -2,6 +2,7 @@
 checkpoints written in Meta's exact layout, the same weights as a transformers LlamaForCausalLM, and
 random transformers models saved as Hugging Face folders."""
 
+import importlib.util
 import shutil
 import sysconfig
 from pathlib import Path
@@ -15,9 +16,25 @@ from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
                      "runs the model, generation, streaming and decoding tests there")
+
+
+@pytest.fixture(scope="session")
+def example_script():
+    """example_script("example_chat.py") -> the example script at the repository root, imported as a
+    module (its main is not run): its main, prompts and dialogs."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +160,71 @@ def fake_world():
     yield init
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- Llama 3: a small byte-level BPE tokenizer in Meta's and Hugging Face's files ---------------------
+
+# Meta's split pattern and special tokens, as Meta's llama3 / llama-models tokenizer.py write them.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+    "<|python_tag|>", "<|image|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
+
+
+def train_byte_bpe(lines, n_merges: int) -> dict:
+    """Ranks of a byte-level BPE vocabulary: the 256 bytes, then ``n_merges`` merges of the most frequent
+    adjacent pair within the pattern's pieces of ``lines`` (ties broken by the pair's bytes)."""
+    import collections
+
+    import regex
+
+    words = collections.Counter(tuple(bytes([b]) for b in piece.encode()) for line in lines for piece in regex.findall(LLAMA3_PATTERN, line))
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < 256 + n_merges:
+        pairs = collections.Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        (left, right), _ = max(pairs.items(), key=lambda item: (item[1], item[0]))
+        ranks.setdefault(left + right, len(ranks))
+        merged = {}
+        for word, count in words.items():
+            if left not in word or right not in word:
+                merged[word] = merged.get(word, 0) + count
+                continue
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == (left, right):
+                    out.append(left + right)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    return ranks
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    """(Meta's tokenizer.model, the tokenizer.json transformers' tiktoken converter makes of it, and the
+    reference tiktoken.Encoding) for a 300-merge BPE trained on the standard library's source."""
+    import base64
+    import os
+    from unittest import mock
+
+    import tiktoken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    folder = tmp_path_factory.mktemp("llama3_tokenizer")
+    ranks = train_byte_bpe(stdlib_lines(1000) + ["héllo wörld ✓ 日本語 <|eot_id|> 12345"], 300)
+    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
+    (folder / "tokenizer.model").write_bytes(b"\n".join(lines) + b"\n")
+    specials = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIALS)}
+    encoding = tiktoken.Encoding("test", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):  # tiktoken would cache the file by its path
+        converter = TikTokenConverter(vocab_file=str(folder / "tokenizer.model"), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIALS)
+        converter.converted().save(str(folder / "tokenizer.json"))
+    return str(folder / "tokenizer.model"), str(folder / "tokenizer.json"), encoding

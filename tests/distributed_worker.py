@@ -14,10 +14,17 @@ Scenarios:
     bad_args     generate called with a bad argument on rank 1 only, then with different (valid) prompts
                  on each rank, then correctly: each outcome saved to OUT_DIR/rank<R>.pt.
     rank1_raises rank 1 raises before any collective while rank 0 waits for a minute.
+    llama3       for each Llama 3 checkpoint (TOKENIZER_PATH "-": the folder's own tokenizer): logits of
+                 the first of llama3_inputs, greedy tokens of the second, saved as for generate.
+    engine       the decoding engine with a request admitted while another decodes: first every rank
+                 submits the same requests (generate's way), then rank 0 alone submits and runs them
+                 while the others follow its plans (a server's way) until it shuts down; the tokens
+                 saved to OUT_DIR/rank<R>.pt.
 """
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,14 +32,36 @@ import torch
 import torch.distributed as dist
 
 from llama.generation import Llama
+from llama.options import GenerationOptions
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
 PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
 SAMPLE_SEED = 123
 
 
+LLAMA3_MAX_SEQ_LEN = 96
+
+
 def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
     return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+
+
+def llama3_inputs(tokenizer):
+    """(2, 80) random tokens, and two prompts, the first of 40 tokens: both pass the 32-token original
+    context of test_llama3's factor-32 model."""
+    tokens = torch.randint(0, tokenizer.n_words, (2, 80), generator=torch.Generator().manual_seed(3))
+    text = "def add(a, b):\n    return a + b\n" * 6
+    return tokens, [tokenizer.encode(text, bos=True, eos=False)[:40], [tokenizer.bos_id, 17, 300]]
+
+
+def llama3(tokenizer_path: str, ckpt_dirs) -> dict:
+    results = {}
+    for ckpt_dir in ckpt_dirs:
+        llama = Llama.build(ckpt_dir, max_seq_len=LLAMA3_MAX_SEQ_LEN, max_batch_size=2, device="cpu", dtype="float32")
+        tokens, prompts = llama3_inputs(llama.tokenizer)
+        greedy, _ = llama.generate(prompts, max_gen_len=8, temperature=0)
+        results[ckpt_dir] = {"logits": llama.model.forward(tokens), "greedy": greedy}
+    return results
 
 
 def outcome(call) -> str:
@@ -63,6 +92,32 @@ def bad_args(tokenizer_path: str, ckpt_dirs) -> dict:
     }
 
 
+def engine(tokenizer_path: str, ckpt_dirs) -> dict:
+    engine, rank = build(ckpt_dirs[0], tokenizer_path).engine, dist.get_rank()
+    greedy = GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[])
+    torch.manual_seed(SAMPLE_SEED + rank)  # equal samples on every rank come from rank 0's broadcast
+    first = engine.submit([PROMPTS[0]], greedy)
+    engine.step()
+    engine.step()
+    second = engine.submit([PROMPTS[1]], GenerationOptions(max_gen_len=8, temperature=1.0, stop_tokens=[]))
+    while not (first.done and second.done):
+        engine.step()
+    results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None}
+    if rank == 0:
+        first = engine.submit([PROMPTS[1]], greedy)
+        engine.step()
+        second = engine.submit([PROMPTS[0]], greedy)
+        while not (first.done and second.done):
+            engine.step()
+        engine.heartbeat_seconds = 0.2
+        threading.Timer(1.0, engine.stop).start()
+        engine.run()  # idle: heartbeats for a second, then tells the followers to shut down
+        results["served"] = [first.tokens[0], second.tokens[0]]
+    else:
+        engine.follow()
+    return results
+
+
 def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> None:
     if scenario == "rank1_raises":
         if os.environ["RANK"] == "1":
@@ -71,7 +126,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
     elif scenario == "build":
         build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
     else:
-        results = {"generate": generate, "bad_args": bad_args}[scenario](tokenizer_path, ckpt_dirs)
+        results = {"generate": generate, "bad_args": bad_args, "llama3": llama3, "engine": engine}[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 

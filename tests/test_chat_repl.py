@@ -94,8 +94,9 @@ def terminal():
 
 def reply(seen: str) -> str:
     """The assistant's reply in what the terminal showed from one "You: " prompt to the next, without
-    the note that it reached --max_gen_len."""
+    the note that it reached --max_gen_len and the --verbose timing."""
     shown = seen.split("Assistant: ", 1)[1].rsplit("\n\nYou: ", 1)[0]
+    shown = re.sub(r"\n\(prompt: .*\)$", "", shown)
     return re.sub(r"\n\(the reply reached --max_gen_len=\d+ tokens; restart with a larger one for longer replies\)$", "", shown)
 
 
@@ -115,13 +116,17 @@ def test_two_turn_conversation_and_reset(make_checkpoint, tokenizer_path, termin
     chat.expect("You: ")
     chat.type("hello there\n")
     assert reply(chat.expect("\n\nYou: ")) == first
+    chat.type("/help\n")
+    assert "/reset  start the conversation over" in chat.expect("\n\nYou: ")
+    chat.type("/hlep me\n")  # refused, not sent: the next answer is the same as without it
+    assert "(unknown command /hlep, not sent; /help lists the commands)" in chat.expect("\n\nYou: ")
     chat.type("and then?\n")  # answered with the first exchange in the prompt
     assert reply(chat.expect("\n\nYou: ")) == second
     chat.type("/reset\n")
     chat.expect("(conversation cleared)\n\nYou: ")
     chat.type("hello there\n")  # a fresh dialog answers as the first time
     assert reply(chat.expect("\n\nYou: ")) == first
-    chat.type("/exit\n")
+    chat.type("/quit\n")
     assert chat.exit_code() == 0
 
 
@@ -158,7 +163,7 @@ def test_context_limit_refuses_a_too_long_message_and_drops_old_exchanges(make_c
     assert chat.exit_code() == 0
 
 
-def test_a_reply_stops_at_256_tokens_by_default_and_says_how_to_get_longer_ones(tmp_path, tokenizer_path, terminal):
+def test_a_reply_stops_at_256_tokens_by_default_says_how_to_get_longer_ones_and_counts_alike(tmp_path, tokenizer_path, terminal):
     state = random_state(ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512}))
     state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies never end by themselves
     save_checkpoint(str(tmp_path), SMALL_PARAMS, state, n_shards=1, dtype=torch.bfloat16)
@@ -166,11 +171,12 @@ def test_a_reply_stops_at_256_tokens_by_default_and_says_how_to_get_longer_ones(
     (expected,) = llama.chat_completion([[{"role": "user", "content": "hello"}]], temperature=0, max_gen_len=256, logprobs=True)
     assert len(expected["tokens"]) == 256
 
-    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0")  # default max_seq_len 512: room for more than 256
+    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0", "--verbose")  # default max_seq_len 512: room for more than 256
     chat.expect("You: ")
     chat.type("hello\n")
     seen = chat.expect("\n\nYou: ")
     assert reply(seen) == expected["generation"]["content"].replace("\r\n", "\n")
     assert "(the reply reached --max_gen_len=256 tokens; restart with a larger one for longer replies)" in seen
+    assert "generated: 256 tokens, the first with the prompt, then decode: 255 tokens in " in seen
     chat.type("/exit\n")
     assert chat.exit_code() == 0

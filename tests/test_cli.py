@@ -3,8 +3,8 @@ user error is one line on stderr with exit status 2 (on rank 0 only), unless a t
 
 import argparse
 import importlib
-import importlib.util
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import pytest
+import torch
 
-from llama.cli import check_flags, run, run_parser
-from llama.distributed import RankFailedError
+from llama.cli import check_flags, load_line, run, run_parser
+from llama.distributed import RankFailedError, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,18 +165,10 @@ def test_an_argparse_command_reports_its_user_errors_in_one_line(capsys):
     assert capsys.readouterr() == ("", "error: cannot write 3 shards\n")
 
 
-def load_script(name: str):
-    """An example script at the repository root, imported as a module (its main is not run)."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def help_text(command: str, capsys) -> str:
+def help_text(command: str, capsys, example_script) -> str:
     """What ``--help`` prints for a command; fire's commands through ``run``, argparse's through their main."""
     if command.endswith(".py"):
-        run(load_script(command).main, ["--help"])
+        run(example_script(command).main, ["--help"])
     elif command == "llama.server":
         from llama.server.__main__ import main
 
@@ -205,8 +198,8 @@ COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "ll
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_help_describes_every_flag_in_one_style(command, capsys):
-    text = help_text(command, capsys)
+def test_help_describes_every_flag_in_one_style(command, capsys, example_script):
+    text = help_text(command, capsys, example_script)
     entries = option_entries(text)
     assert "--traceback" in entries and "--help" in entries
     for flag, description in entries.items():
@@ -214,9 +207,9 @@ def test_help_describes_every_flag_in_one_style(command, capsys):
 
 
 @pytest.mark.parametrize("command", ["example_text_completion.py", "example_chat.py"])
-def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys):
-    main = load_script(command).main
-    entries = option_entries(help_text(command, capsys))
+def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys, example_script):
+    main = example_script(command).main
+    entries = option_entries(help_text(command, capsys, example_script))
     assert set(META_FLAGS) <= set(entries)
     for name, parameter in inspect.signature(main).parameters.items():
         if parameter.default is not None:
@@ -228,3 +221,46 @@ def test_the_servers_help_is_titled_with_how_it_is_started():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m llama.server [-h]")
     assert "--heartbeat_seconds HEARTBEAT_SECONDS" in done.stdout
+
+
+def test_the_load_line_names_the_tokenizer_and_the_activation_dtype_of_quantized_weights(make_checkpoint, tokenizer_path):
+    from llama.generation import Llama
+
+    ckpt_dir, _ = make_checkpoint()
+    quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
+    assert quantized.model.output.weight.dtype == torch.uint8  # int4's storage, which the line must not report
+    assert load_line(ckpt_dir, tokenizer_path, quantized, 1.5, "int4-g32") == (
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) "
+        "(torch.bfloat16 activations, int4-g32 weights) in 1.50 s"
+    )
+    plain = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32")
+    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == (
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) (torch.float32) in 0.25 s"
+    )
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(threads):
+    with pytest.raises(ValueError, match=re.escape(f"--threads must be a positive integer, got {threads!r}")):
+        set_threads(threads)
+
+
+def test_threads_sets_torchs_thread_count_and_none_keeps_it():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        assert set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_the_package_makes_openmp_threads_wait_passively_unless_the_environment_says(given, expected):
+    """Spinning OpenMP threads collapse decoding beside a busy process (docs/performance.md)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, llama; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{expected}\n"

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from llama.decoding import GenerationOptions
+from llama.options import GenerationOptions
 from llama.generation import Llama
 
 PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
@@ -88,7 +88,7 @@ def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama,
     prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     eager = llama.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     fast = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
-    assert compiled.decode_step.compile_seconds is not None
+    assert compiled.engine.compile_seconds is not None
     assert fast[0] == eager[0]
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
 

@@ -131,6 +131,18 @@ def test_ranks_with_different_random_generators_return_rank_0s_samples(two_ranks
     assert two_ranks[0][n_shards]["sampled"] == two_ranks[1][n_shards]["sampled"] == single_process["sampled"]
 
 
+def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_follow_rank_0(checkpoints, tokenizer_path, tmp_path):
+    dirs, _ = checkpoints
+    result = run(TORCHRUN + [WORKER, "engine", str(tmp_path), tokenizer_path, dirs[2]])
+    assert result.returncode == 0, result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+    alone = [llama.generate([prompt], max_gen_len=8, temperature=0, stop_tokens=[])[0][0] for prompt in PROMPTS]
+    assert ranks[0]["every_rank"] == ranks[1]["every_rank"]  # rank 1's own draws were overruled
+    assert ranks[0]["every_rank"][0] == alone[0]
+    assert ranks[0]["served"] == [alone[1], alone[0]]
+
+
 def test_one_process_loads_a_two_shard_checkpoint(checkpoints, tokenizer_path, single_process, transformers_logits):
     dirs, _ = checkpoints
     merged = run_single_process(dirs[2], tokenizer_path)
@@ -322,7 +334,7 @@ def test_example_under_torchrun_on_two_processes_prints_once(checkpoints, tokeni
     dirs, _ = checkpoints
     result = run(TORCHRUN + example_args(dirs[2], tokenizer_path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count(f"Loaded {dirs[2]} (tokenizer: {tokenizer_path}) on cpu") == 1
+    assert result.stdout.count(f"Loaded {dirs[2]} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s)") == 1  # torchrun's OMP_NUM_THREADS=1
     assert result.stdout.count("import sys\n> ") == 1
 
 

@@ -56,8 +56,8 @@ def test_invalid_params_json(broken, tokenizer_path):
 
 def test_unknown_params_key(broken, tokenizer_path):
     params = json.loads((broken / "params.json").read_text())
-    (broken / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['use_scaled_rope'\]; known keys are"):
+    (broken / "params.json").write_text(json.dumps({**params, "vision_chunk_size": 560}))  # Llama 3.2 Vision's
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['vision_chunk_size'\]; known keys are"):
         build(broken, tokenizer_path)
 
 
@@ -82,13 +82,13 @@ def test_missing_tokenizer(ckpt, tmp_path):
 def test_file_that_is_not_a_tokenizer(ckpt, tmp_path):
     bogus = tmp_path / "tokenizer.model"
     bogus.write_bytes(b"not a sentencepiece model")
-    with pytest.raises(ValueError, match="is not a sentencepiece model"):
+    with pytest.raises(ValueError, match="tokenizer.model is neither a sentencepiece model nor a tiktoken BPE file"):
         build(ckpt, str(bogus))
 
 
 def test_tokenizer_path_that_is_a_directory_says_so_and_names_the_file_in_it(ckpt, tokenizer_path, tmp_path):
     shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
-    message = f"tokenizer path {tmp_path} is a directory; a sentencepiece tokenizer.model file is expected: pass {tmp_path / 'tokenizer.model'}"
+    message = f"tokenizer path {tmp_path} is a directory; a tokenizer.model or tokenizer.json file is expected: pass {tmp_path / 'tokenizer.model'}"
     with pytest.raises(IsADirectoryError, match=f"^{re.escape(message)}$"):
         build(ckpt, str(tmp_path))
 
@@ -114,8 +114,9 @@ def test_the_folders_own_tokenizer_comes_before_the_one_beside_it(tmp_path):
 
 def test_no_tokenizer_in_or_beside_the_folder_names_both_places_and_the_flag(tmp_path):
     (tmp_path / "llama-2-7b").mkdir()
-    own, beside = tmp_path / "llama-2-7b" / "tokenizer.model", tmp_path / "tokenizer.model"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"neither {own} nor {beside} exists; pass the checkpoint's sentencepiece model with --tokenizer_path")):
+    folder, beside = tmp_path / "llama-2-7b", tmp_path / "tokenizer.model"
+    own = f"{folder / 'tokenizer.model'}, {folder / 'tokenizer.json'}, {folder / 'original' / 'tokenizer.model'}"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"none of {own} or {beside} exists; pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path")):
         resolve_tokenizer_path(str(tmp_path / "llama-2-7b"))
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from llama.chat_format import encode_dialog
+from llama.tokenizer import Tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,9 +28,9 @@ def ckpt(make_checkpoint):
 def test_text_completion_example(ckpt, tokenizer_path, launcher):
     prompt = "import sys"
     result = run(launcher + ["example_text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-                             "--max_gen_len", "6", "--prompts", f"['{prompt}']", "--device", "cpu"])
+                             "--max_gen_len", "6", "--prompts", f"['{prompt}']", "--device", "cpu", "--threads", "1"])
     assert result.returncode == 0, result.stderr
-    assert f"Loaded {ckpt} (tokenizer: {tokenizer_path}) on cpu (torch.float32) in" in result.stdout
+    assert f"Loaded {ckpt} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) (torch.float32) in" in result.stdout
     assert f"{prompt}\n> " in result.stdout
     assert "tokens/s)" in result.stdout
 
@@ -90,7 +93,8 @@ def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_spee
     assert verbose.returncode == 0, verbose.stderr
     texts = plain.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
     assert texts in verbose.stdout
-    assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
+    assert re.search(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), generated: \d+ tokens, the first of each row with the prompt, "
+                     r"then decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", verbose.stdout)
 
 
 def test_compiled_text_completion_on_two_processes_prints_the_eager_text_and_the_compile_time(ckpt, tokenizer_path):
@@ -102,3 +106,19 @@ def test_compiled_text_completion_on_two_processes_prints_the_eager_text_and_the
     texts = eager.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
     assert texts in compiled.stdout
     assert re.search(r"Compiled the decode step in [\d.]+ s", compiled.stdout)
+
+
+@pytest.mark.parametrize("script, max_seq_len", [("example_text_completion.py", 40), ("example_chat.py", 112)])
+def test_the_default_command_compiled_generates_to_the_end_of_a_small_context(script, max_seq_len, example_script):
+    """The bundled model's default prompts or dialogs, sampled as by default, with --compile: every row
+    decodes to the context's last position (the bundled model emits no EOS on them)."""
+    example = example_script(script)
+    tokenizer = Tokenizer(str(ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"))
+    if script == "example_chat.py":
+        prompt_lens = [len(encode_dialog(tokenizer, dialog)) for dialog in example.DIALOGS]
+    else:
+        prompt_lens = [len(tokenizer.encode(prompt, bos=True, eos=False)) for prompt in example.CODE_PROMPTS]
+    result = run([sys.executable, script, "--compile", "--max_seq_len", str(max_seq_len), "--max_gen_len", str(max_seq_len)], timeout=420)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Generated {sum(max_seq_len - n for n in prompt_lens)} tokens" in result.stdout
+    assert "Compiled the decode step in" in result.stdout

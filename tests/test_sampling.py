@@ -7,7 +7,7 @@ import torch
 
 from conftest import SMALL_PARAMS, to_transformers
 from llama.generation import Llama
-from llama.sampling import Sampler, apply_repetition_penalty, keep_min_p, keep_top_k
+from llama.sampling import RowSettings, apply_penalties, sample
 
 PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
 
@@ -21,10 +21,31 @@ def encode(llama, text):
     return llama.tokenizer.encode(text, bos=True, eos=False)
 
 
-def draws(sampler: Sampler, logits: torch.Tensor, n: int = 2000) -> set:
-    """The set of tokens ``sampler`` picks from one row of logits in n draws."""
-    sampler.generators = [torch.Generator().manual_seed(0)]
-    return {int(sampler(logits[None], torch.zeros(1, 0, dtype=torch.long))) for _ in range(n)}
+def settings(rows: int = 1, vocab: int = 6, **values) -> RowSettings:
+    """Every row with the same ``values`` (e.g. temperature=1.0), the rest off; seeded with seed 0."""
+    row_settings = RowSettings.empty(rows, vocab, torch.device("cpu"))
+    row_settings.seeded[:] = True
+    for name, value in values.items():
+        getattr(row_settings, name)[:] = value
+    return row_settings
+
+
+def draws(row_settings: RowSettings, logits: torch.Tensor, n: int = 2000) -> set:
+    """The set of tokens sampled from one row of logits at n positions of a seeded row."""
+    rows = settings(n, logits.shape[-1], **{name: value[0] for name, value in vars(row_settings).items() if name != "logit_bias"})
+    tokens = sample(logits[None].expand(n, -1), rows, torch.arange(n), torch.ones(n, logits.shape[-1]))
+    return set(tokens.tolist())
+
+
+def penalised(logits: torch.Tensor, seen_tokens, generated_tokens=(), **values) -> torch.Tensor:
+    """apply_penalties on one row: ``seen_tokens`` in its prompt or output, ``generated_tokens`` generated."""
+    vocab = logits.shape[-1]
+    seen = torch.zeros(1, vocab, dtype=torch.bool)
+    seen[0, list(seen_tokens)] = True
+    counts = torch.zeros(1, vocab, dtype=torch.int32)
+    for token in generated_tokens:
+        counts[0, token] += 1
+    return apply_penalties(logits[None], settings(1, vocab, **values), seen, counts)[0]
 
 
 def test_default_options_sample_exactly_as_metas_algorithm(llama):
@@ -51,43 +72,42 @@ def test_top_k_1_equals_greedy(llama):
 
 def test_top_k_keeps_exactly_the_k_most_likely_tokens():
     logits = torch.tensor([0.1, 2.0, -1.0, 1.5, 0.7, 3.0])
-    assert draws(Sampler(temperature=1.0, top_p=1.0, top_k=3), logits) == {1, 3, 5}
-    assert torch.isinf(keep_top_k(logits[None], 3)).sum() == 3
+    assert draws(settings(temperature=1.0, top_p=1.0, top_k=3), logits) == {1, 3, 5}
 
 
 def test_min_p_keeps_exactly_the_tokens_within_min_p_of_the_most_likely():
     probs = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08])
     logits = probs.log()
     # min_p=0.35: threshold 0.35 * 0.40 = 0.14 keeps p >= 0.14
-    assert draws(Sampler(temperature=1.0, top_p=1.0, min_p=0.35), logits) == {0, 1, 2}
-    assert torch.isfinite(keep_min_p(logits[None], 0.35)).tolist() == [[True, True, True, False, False]]
+    assert draws(settings(temperature=1.0, top_p=1.0, min_p=0.35), logits) == {0, 1, 2}
 
 
 def test_min_p_applies_to_the_tempered_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0])
     # at T=0.5, p ~ softmax([4, 2, 0]) = [0.867, 0.117, 0.016]: min_p=0.1 keeps p >= 0.0867, i.e. tokens 0 and 1
-    assert draws(Sampler(temperature=0.5, top_p=1.0, min_p=0.1), logits) == {0, 1}
+    assert draws(settings(temperature=0.5, top_p=1.0, min_p=0.1), logits) == {0, 1}
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    seen = torch.tensor([[0, 1, 1]])  # token 1 twice: penalised once
-    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
-
-
-def test_repetition_penalty_skips_padding():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
-    seen = torch.tensor([[3, -1, -1], [-1, 2, -1]])  # -1: positions not generated yet
-    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[2.0, -1.0, 0.5, 1.5], [2.0, -1.0, 0.25, 3.0]]
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    assert penalised(logits, seen_tokens=[0, 1], repetition_penalty=2.0).tolist() == [1.0, -2.0, 0.5, 3.0]
 
 
 def test_repetition_penalty_lowers_a_repeated_tokens_probability_by_the_formula():
     logits = torch.tensor([1.0, 0.0, 0.5])
-    penalised = apply_repetition_penalty(logits[None], torch.tensor([[0]]), 2.0)[0]
+    penalties = penalised(logits, seen_tokens=[0], repetition_penalty=2.0)
     # by hand: token 0's logit 1.0 -> 0.5, so p0 = e^0.5 / (e^0.5 + e^0 + e^0.5)
     expected = math.exp(0.5) / (math.exp(0.5) + 1 + math.exp(0.5))
-    assert torch.softmax(penalised, -1)[0].item() == pytest.approx(expected, rel=1e-6)
-    assert torch.softmax(penalised, -1)[0] < torch.softmax(logits, -1)[0]
+    assert torch.softmax(penalties, -1)[0].item() == pytest.approx(expected, rel=1e-6)
+    assert torch.softmax(penalties, -1)[0] < torch.softmax(logits, -1)[0]
+
+
+def test_presence_and_frequency_penalties_subtract_as_openai_defines_them():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # token 1 generated three times, token 2 once, token 3 only in the prompt (seen, never generated)
+    out = penalised(logits, seen_tokens=[1, 2, 3], generated_tokens=[1, 2, 1, 1], presence_penalty=0.5, frequency_penalty=0.25)
+    # by hand: logit - 0.5 * [count > 0] - 0.25 * count
+    assert out.tolist() == pytest.approx([1.0, 2.0 - 0.5 - 0.75, 3.0 - 0.5 - 0.25, 4.0])
 
 
 def test_greedy_with_repetition_penalty_matches_transformers(llama, checkpoint):

@@ -4,6 +4,7 @@ driven by the official openai client, its answers compared with the Python API's
 Every server runs in its own process group, is waited on with timeouts, and is killed at teardown.
 """
 
+import http.client
 import json
 import os
 import signal
@@ -36,13 +37,13 @@ DIALOG = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "
 class Server:
     """A server process: its port (read from its log), its log, and a clean stop."""
 
-    def __init__(self, command, log_path: Path):
+    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib"):
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ONE_THREAD}
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ONE_THREAD, **(env or {})}
             )
-        self.port = self.wait_for_log("serving tiny-stdlib on http://127.0.0.1:", START_TIMEOUT)
+        self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", START_TIMEOUT)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -95,16 +96,57 @@ def llama():
     torch.set_num_threads(threads)
 
 
-def raw_request(server, method: str, path: str, body: bytes = b"", headers=None) -> tuple:
+def raw_request(server, method: str, path: str, body: bytes = b"", headers=None, key: str = API_KEY) -> tuple:
     """(status, parsed JSON body) of one request sent by hand (for what the openai client won't send)."""
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
-    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})})
-    response = connection.getresponse()
-    status, data = response.status, response.read()
-    connection.close()
+    status, _, data = raw_answer(server, method, path, body, headers, key)
     return status, json.loads(data)
+
+
+def raw_answer(server, method: str, path: str, body: bytes = b"", headers=None, key: str = API_KEY) -> tuple:
+    """(status, headers, body bytes) of one request sent by hand."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
+    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    response = connection.getresponse()
+    answer = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return answer
+
+
+def open_stream(server, body: dict, key: str = API_KEY) -> http.client.HTTPResponse:
+    """A streamed completion whose first chunk has come: the request holds a slot until the stream
+    ends or ``close()`` hangs up. (With "Connection: close" the response owns the socket.)"""
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=60)
+    body = {"temperature": 0, **body, "stream": True}
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    response.first_line = response.readline()
+    assert response.first_line.startswith(b"data: {")
+    return response
+
+
+def stream_text(response: http.client.HTTPResponse) -> str:
+    """A one-choice completion stream's whole text, its first chunk included."""
+    text = ""
+    for line in [response.first_line, *response]:
+        if line.startswith(b"data: {"):
+            text += "".join(choice["text"] for choice in json.loads(line[6:])["choices"])
+    response.close()
+    return text
+
+
+def metrics(server) -> dict:
+    """GET /metrics as {sample name with labels: value}, the text format checked line by line."""
+    status, headers, data = raw_answer(server, "GET", "/metrics", key="")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in data.decode().splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP llama_", "# TYPE llama_")), line
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    return samples
 
 
 def test_health_and_models(server, client):
@@ -165,8 +207,6 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
 
 
 def test_stream_ends_with_done(server):
-    import http.client
-
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     body = json.dumps({"prompt": "x", "max_tokens": 3, "stream": True})
     connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}"})
@@ -231,7 +271,19 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "x", "logprobs": 99}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 1.0}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": "0"}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"4096": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"13": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": [13]}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "user": 5}, "user"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
@@ -287,8 +339,6 @@ def test_missing_or_wrong_api_key_gets_401(server):
 
 
 def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_as_a_request(server):
-    import http.client
-
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     connection.request("POST", "/v1/completions", body=b'{"prompt": "x"}', headers={"Authorization": "Bearer wrong"})
     response = connection.getresponse()
@@ -297,7 +347,7 @@ def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_
     connection.close()
 
 
-def test_concurrent_clients_are_batched_and_get_their_own_greedy_answers(server, client, llama):
+def test_concurrent_clients_get_their_own_greedy_answers(client, llama):
     prompts = PROMPTS + ["import sys\n", "def main():\n", "x = 1\n", "for i in range(10):\n", "try:\n"]
     answers = [None] * len(prompts)
 
@@ -310,25 +360,179 @@ def test_concurrent_clients_are_batched_and_get_their_own_greedy_answers(server,
     for thread in threads:
         thread.join(timeout=60)
     assert answers == [llama.text_completion([p], temperature=0, max_gen_len=12 + i)[0]["generation"] for i, p in enumerate(prompts)]
-    batch_sizes = [int(line.split("decoding ")[1].split(" request")[0]) for line in server.log().splitlines() if "decoding " in line]
-    assert max(batch_sizes) > 1  # requests that waited together were decoded together
 
 
-def test_client_hanging_up_mid_stream_cancels_its_row(server, client):
+def test_requests_with_different_settings_share_the_batch_and_get_their_alone_answers(server, llama):
+    """A greedy row and a seeded sampled row with penalties decode side by side (both hold a slot at
+    once, /metrics shows), each giving what it gives alone."""
+    no_eos = {llama.tokenizer.eos_id: -100.0}
+    greedy = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "logit_bias": no_eos}
+    sampled = {"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 1.0, "top_p": 1.0, "top_k": 40, "presence_penalty": 0.5, "seed": 3}
+    streams = [open_stream(server, greedy), open_stream(server, sampled)]
+    assert metrics(server)["llama_running_slots"] == 2
+    texts = [stream_text(stream) for stream in streams]
+    assert texts == [llama.text_completion([body.pop("prompt")], max_gen_len=body.pop("max_tokens"), **body)[0]["generation"] for body in (greedy, sampled)]
+
+
+def test_a_short_request_finishes_while_a_long_one_runs(server, client):
+    long = open_stream(server, {"prompt": PROMPTS[1], "max_tokens": 100, "logit_bias": {"2": -100}})
+    short = client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=4, temperature=0, logit_bias={"2": -100})
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
+    assert metrics(server)["llama_running_slots"] == 1  # the long one still decodes
+    long.close()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_client_hanging_up_frees_its_slot(server, client, stream):
+    hang_ups = server.log().count("the client hung up")
     connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
-    body = json.dumps({"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": stream, "logit_bias": {"2": -100}}).encode()
     connection.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
-    received = b""
-    while b"data: " not in received:  # the headers, then the first chunk
-        received += connection.recv(4096)
+    if stream:
+        received = b""
+        while b"data: " not in received:  # the headers, then the first chunk
+            received += connection.recv(4096)
+    else:
+        wait_until(lambda: metrics(server)["llama_running_slots"] == 1)
     connection.close()
-    tokens_decoded = int(server.wait_for_log("the client hung up; row cancelled after", timeout=30).split()[0])
+    wait_until(lambda: server.log().count("the client hung up") > hang_ups)
+    tokens_decoded = int(server.log().rsplit("the client hung up; rows cancelled after", 1)[1].split()[0])
     assert tokens_decoded < 120
+    wait_until(lambda: metrics(server)["llama_running_slots"] == 0)
     after = client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=2, temperature=0)
     assert after.choices[0].finish_reason == "length"
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
+    before = metrics(server)
+    answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+    raw_request(server, "POST", "/v1/completions", b'{"prompt": "x", "top_p": 7}')
+    after = metrics(server)
+    requests = 'llama_requests_total{method="POST",endpoint="/v1/completions",code="%d"}'
+    assert after[requests % 200] - before.get(requests % 200, 0) == 1
+    assert after[requests % 400] - before.get(requests % 400, 0) == 1
+    assert after["llama_generation_tokens_total"] - before["llama_generation_tokens_total"] == answer.usage.completion_tokens == 5
+    assert after["llama_prompt_tokens_total"] - before["llama_prompt_tokens_total"] == answer.usage.prompt_tokens
+    assert (after["llama_slots"], after["llama_queue_length"], after["llama_running_slots"]) == (MAX_BATCH_SIZE, 0, 0)
+    ttft = "llama_time_to_first_token_seconds"
+    assert after[f"{ttft}_count"] - before[f"{ttft}_count"] == 1
+    buckets = [value for name, value in after.items() if name.startswith(f"{ttft}_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == after[f"{ttft}_count"]
+    assert 0 < after[f"{ttft}_sum"] - before[f"{ttft}_sum"] < 30
+
+
+def test_what_common_clients_send_is_accepted(client, llama):
+    """The fields OpenAI clients and front-ends send by default, at values that change nothing: a
+    developer message is the system message, text parts are joined by newlines."""
+    messages = [
+        {"role": "developer", "content": "Answer in Python."},
+        {"role": "user", "content": [{"type": "text", "text": "How do I"}, {"type": "text", "text": "read a file?"}]},
+    ]
+    answer = client.chat.completions.create(
+        model="tiny-stdlib", messages=messages, max_tokens=12, temperature=0, presence_penalty=0, frequency_penalty=0,
+        logit_bias={}, response_format={"type": "text"}, user="someone",
+        extra_body={"top_k": -1, "min_p": 0, "repetition_penalty": 1},  # vLLM's "off"
+    )
+    dialog = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "How do I\nread a file?"}]
+    assert answer.choices[0].message.content == llama.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+
+
+def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama):
+    """Each setting changes the answer as the Python API's same setting does (which the sampler's own
+    tests check against OpenAI's and vLLM's definitions); a -100 bias removes the greedy token."""
+    plain = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    first = llama.tokenizer.encode(plain.choices[0].text, bos=False, eos=False)[0]
+    settings = [
+        {"temperature": 0, "logit_bias": {first: -100.0}},
+        {"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 2.0},
+        {"temperature": 1.0, "top_p": 1.0, "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.3, "seed": 11},
+    ]
+    for options in settings:
+        vllm_fields = {k: options[k] for k in ("top_k", "min_p", "repetition_penalty") if k in options}
+        openai_fields = {k: v for k, v in options.items() if k not in vllm_fields}
+        if "logit_bias" in openai_fields:
+            openai_fields["logit_bias"] = {str(k): v for k, v in openai_fields["logit_bias"].items()}
+        answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, extra_body=vllm_fields, **openai_fields)
+        expected = llama.text_completion([PROMPTS[0]], max_gen_len=12, **options)[0]["generation"]
+        assert answer.choices[0].text == expected, options
+        assert answer.choices[0].text != plain.choices[0].text, options
+    biased = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0, logit_bias={str(first): -100})
+    assert first not in llama.tokenizer.encode(biased.choices[0].text, bos=False, eos=False)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """One slot, no queue, a served name, the key from the environment, one allowed web origin."""
+    command = [sys.executable, "-m", "llama.server", "--served_model_name", "tiny", "--allowed_origins", ORIGIN,
+               "--max_queue", "0", "--max_batch_size", "1", "--max_seq_len", str(MAX_SEQ_LEN), "--port", "0", "--device", "cpu"]
+    running = Server(command, tmp_path_factory.mktemp("small_server") / "log", env={"LLAMA_API_KEY": "env-key"}, name="tiny")
+    yield running
+    running.kill()
+
+
+ORIGIN = "http://app.example"
+
+
+def test_served_model_name_and_key_from_the_environment(small_server):
+    client = openai.OpenAI(base_url=small_server.url("/v1"), api_key="env-key", timeout=60, max_retries=0)
+    assert [model.id for model in client.models.list().data] == ["tiny"]
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.NotFoundError, match="'tiny'"):
+        client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=small_server.url("/v1"), api_key=API_KEY, max_retries=0).models.list()
+
+
+def test_cors_preflight_and_headers_on_every_answer(small_server):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    status, headers, _ = raw_answer(small_server, "OPTIONS", "/v1/chat/completions", headers=preflight, key="")
+    assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == ORIGIN and "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    for path, key in (("/v1/models", "env-key"), ("/v1/models", "wrong"), ("/nowhere", "env-key"), ("/metrics", "")):
+        status, headers, _ = raw_answer(small_server, "GET", path, headers={"Origin": ORIGIN}, key=key)
+        assert headers.get("Access-Control-Allow-Origin") == ORIGIN, (path, status)
+    status, headers, _ = raw_answer(small_server, "OPTIONS", "/v1/models", headers={**preflight, "Origin": "http://elsewhere.example"}, key="")
+    assert status == 204 and "Access-Control-Allow-Origin" not in headers  # the browser blocks that page
+
+
+def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
+    running = open_stream(small_server, {"prompt": "x", "max_tokens": 100, "logit_bias": {"2": -100}}, key="env-key")
+    status, answer = raw_request(small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key")
+    assert status == 503 and answer["error"]["type"] == "server_error" and "--max_queue" in answer["error"]["message"]
+    running.close()  # the client hangs up: its slot is free at the next step
+    wait_until(lambda: metrics(small_server)["llama_running_slots"] == 0)
+    status, answer = raw_request(small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key")
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path, llama):
+    """``--compile`` with n=2 and max_tokens reaching the last position of the cache (greedy: the
+    sampler's graph would double the compile time, and the end of the cache is the edge)."""
+    max_seq_len = 32
+    command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
+               "--port", "0", "--device", "cpu"]
+    server = Server(command, tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
+        prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))
+        answer = client.completions.create(
+            model="tiny-stdlib", prompt="import os\n", n=2, max_tokens=max_seq_len - prompt_len, temperature=0
+        )
+        assert [c.finish_reason for c in answer.choices] == ["length", "length"]
+        assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (max_seq_len - prompt_len)
+    finally:
+        server.kill()
 
 
 def test_under_torchrun_rank0_serves_the_followers_keep_up_and_sigterm_stops_every_rank(tmp_path, llama):
@@ -348,8 +552,10 @@ def test_under_torchrun_rank0_serves_the_followers_keep_up_and_sigterm_stops_eve
         assert [c.text for c in answer.choices] == [e["generation"] for e in llama.text_completion(PROMPTS, temperature=0, max_gen_len=16)]
         stream = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=100, temperature=0, stream=True)
         next(iter(stream))
+        short = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=6, temperature=0)  # admitted mid-decode
+        assert short.choices[0].text == llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=6)[0]["generation"]
         stream.close()  # the client hangs up after the first chunk
-        server.wait_for_log("the client hung up; row cancelled after", timeout=30)
+        server.wait_for_log("the client hung up; rows cancelled after", timeout=30)
         chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=8, temperature=0)
         assert chat.choices[0].message.content == llama.chat_completion([DIALOG], temperature=0, max_gen_len=8)[0]["generation"]["content"]
 

@@ -150,10 +150,11 @@ def test_stream_timing_counts_the_prompts_and_every_token_after_each_rows_first(
     for _ in stream:
         pass
     n_prompt = sum(len(tokenizer.encode(p, bos=True, eos=False)) for p in prompts)
-    n_decoded = sum(len(tokens) - 1 for tokens in stream.tokens)
+    n_generated = sum(len(tokens) for tokens in stream.tokens)
+    n_decoded = n_generated - len(prompts)
     assert n_decoded > 0
     assert stream.timing().startswith(f"prompt: {n_prompt} tokens in ")
-    assert f", decode: {n_decoded} tokens in " in stream.timing()
+    assert f", generated: {n_generated} tokens, the first of each row with the prompt, then decode: {n_decoded} tokens in " in stream.timing()
 
 
 def test_a_rows_text_is_complete_at_the_step_it_finishes(llama, tokenizer):

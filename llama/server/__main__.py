@@ -2,30 +2,42 @@
 ``GET /v1/models`` and ``GET /health``.
 
     python -m llama.server                                   # the bundled model, http://127.0.0.1:8000
-    python -m llama.server --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --api_key KEY
+    LLAMA_API_KEY=KEY python -m llama.server --ckpt_dir llama-2-7b-chat/ --served_model_name llama-2-7b-chat
+    python -m llama.server --allowed_origins http://localhost:3000   # a web page there may call it
     torchrun --nproc_per_node 8 -m llama.server --ckpt_dir llama-2-70b-chat/ --tokenizer_path tokenizer.model
 
-Under torchrun rank 0 serves HTTP and decodes; every other rank follows its batches. SIGTERM or
-Ctrl-C stops the server after the current step, and every rank exits.
+Also ``GET /metrics`` (Prometheus) and CORS preflights (``OPTIONS``). Requests decode in the slots of
+one engine (``llama.engine``): a request starts at the next step if a slot is free, whatever the
+others' settings, and waits in a bounded queue otherwise.
+
+Under torchrun rank 0 serves HTTP and decides each step; every other rank follows the engine's
+broadcasts. SIGTERM or Ctrl-C stops the server after the current step, and every rank exits.
 """
 
 import logging
+import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
+
+import torch.distributed as dist
 
 from llama.cli import load_line, run
-from llama.distributed import is_main_process
+from llama.distributed import is_main_process, set_threads
+from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
-from llama.server.batching import Scheduler, follow
 from llama.server.http import LlamaHTTPServer
+from llama.server.scheduler import Scheduler
 from llama.tokenizer import resolve_tokenizer_path
 
 logger = logging.getLogger("llama.server")
 
 BUNDLED = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny-stdlib"
+API_KEY_ENV = "LLAMA_API_KEY"
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as a browser's Origin header writes it
 
 
 def main(
@@ -40,17 +52,29 @@ def main(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Optional[str] = None,
+    served_model_name: Optional[str] = None,
+    allowed_origins: Optional[str] = None,
+    max_queue: int = 64,
+    admission: str = "continuous",
+    prefill_chunk: int = 256,
     heartbeat_seconds: float = 10.0,
+    threads: Optional[int] = None,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
 
     Args:
         ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
-        max_batch_size: the most rows decoded together; a request for n samples of p prompts takes n * p rows
+        max_batch_size: the engine's slots: the most rows decoded together; a request for n samples of p prompts takes n * p rows
+        compile: compile the engine's decode step (torch.compile); the first request waits for it
         host: the address to listen on
         port: the port to listen on; 0 picks a free one, logged at start
-        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"
+        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"; default: the environment variable LLAMA_API_KEY (a flag is visible to every user in ps)
+        served_model_name: the model's id in /v1/models and in requests; default: the checkpoint folder's name
+        allowed_origins: web origins whose pages may call the server (CORS), comma-separated (https://app.example.com,http://localhost:3000) or * for any; default: none
+        max_queue: the most requests waiting while every slot is taken; beyond it a request is answered 503
+        admission: continuous (a request starts at the next step in free slots) or static (only into an empty batch, as a server without continuous batching; kept to measure the difference)
+        prefill_chunk: the most prompt tokens prefilled in one step while other rows decode: a long prompt delays them by one chunk's time per step
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
             (well below the process group's 30-minute timeout)
     The other flags are described in llama.cli.FLAG_HELP.
@@ -58,22 +82,50 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
         raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
+    if admission not in ADMISSIONS:
+        raise ValueError(f"--admission must be one of {ADMISSIONS}, got {admission!r}")
+    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+        raise ValueError(f"--prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        raise ValueError(f"--max_queue must be a non-negative integer, got {max_queue!r}")
+    origins = parse_origins(allowed_origins)
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name.strip()):
+        raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
+    set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
+    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds)  # the server's policy
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
-        return follow(llama)
-    serve(llama, Path(ckpt_dir).name, host, port, api_key, heartbeat_seconds)
+        engine.follow()
+        logger.info("rank %d: the server shut down", dist.get_rank())
+        return
+    scheduler = Scheduler(engine, max_queue)
+    serve(llama, scheduler, served_model_name or Path(ckpt_dir).name, host, port, api_key, origins)
 
 
-def serve(llama: Llama, model_name: str, host: str, port: int, api_key: Optional[str], heartbeat_seconds: float) -> None:
+def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
+    """--allowed_origins as a tuple of origins, each checked."""
+    if allowed_origins is None:
+        return ()
+    if not isinstance(allowed_origins, str):
+        raise ValueError(f"--allowed_origins must be origins separated by commas, or '*', got {allowed_origins!r}")
+    origins = tuple(origin.strip() for origin in allowed_origins.split(","))
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise ValueError(f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], e.g. http://localhost:3000, with no path")
+    return origins
+
+
+def serve(llama: Llama, scheduler: Scheduler, model_name: str, host: str, port: int, api_key: Optional[str],
+          allowed_origins: Tuple[str, ...]) -> None:
     """HTTP on a background thread; decoding on this one, which owns the model and the signals."""
-    scheduler = Scheduler(llama, heartbeat_seconds)
-    server = LlamaHTTPServer((host, port), llama, scheduler, model_name, api_key)
+    server = LlamaHTTPServer((host, port), llama, scheduler, model_name, api_key, allowed_origins)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: scheduler.stop())
     http_thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)

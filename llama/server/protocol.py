@@ -7,15 +7,12 @@ raise ``RequestError``, which the HTTP layer sends as a 400 with OpenAI's error 
 """
 
 import math
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from llama.chat_format import SPECIAL_TAGS, encode_dialog, is_unsafe
-from llama.decoding import GenerationOptions
+from llama.options import GenerationOptions
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -32,54 +29,32 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """What every row of one decoding batch shares: requests with equal ``Sampling`` can be batched.
-    max_tokens is per request (a row that reaches it is cancelled), so it is not part of it."""
-
-    kind: str  # "completion" or "chat": which stream call decodes the batch
-    temperature: float
-    top_p: float
-    n: int  # samples per prompt (the stream's num_return_sequences)
-    stop: Tuple[str, ...]
-    seed: Optional[int]
-    logprobs: bool
-    top_logprobs: int
-
-    def options(self, max_gen_len: int) -> GenerationOptions:
-        """The options of a stream decoding up to ``max_gen_len`` tokens with these settings."""
-        return GenerationOptions(
-            max_gen_len, self.temperature, self.top_p, stop_strings=self.stop, num_return_sequences=self.n,
-            seed=self.seed, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
-        )
-
-
 @dataclass
 class Job:
-    """One accepted request: its prompts, its options, and the queue its answer arrives on.
+    """One accepted request, as the engine takes it (``prompt_tokens``, ``options``: every row of it
+    decodes with these settings, beside rows of other requests with theirs) and as the answer needs
+    it. Choice i * n + j of the answer is prompt i's sample j: the engine's row of the same index."""
 
-    The decoding thread puts events on ``events``: ("delta", choice, text, tokens), ("finish",
-    choice, reason), ("done", usage) or ("error", RequestError); ``tokens`` is a list of (token id,
-    logprob, [(id, logprob), ...]) for the choice's new tokens when logprobs were asked, else [].
-    The HTTP thread sets ``hung_up`` when the client has gone: its rows are cancelled."""
-
-    kind: str
+    kind: str  # "completion" or "chat"
     model: str
-    prompts: list  # strings (completions) or dialogs (chat), as the stream calls take them
-    prompt_lens: List[int]
-    max_tokens: int
-    sampling: Sampling
+    prompts: list  # strings (completions, for echo) or the one dialog (chat)
+    prompt_tokens: List[List[int]]  # one list per prompt
+    options: GenerationOptions  # max_gen_len is the request's max_tokens
     stream: bool
     echo: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
-    events: "queue.Queue" = field(default_factory=queue.Queue)
-    hung_up: threading.Event = field(default_factory=threading.Event)
+    accepted: float = field(default_factory=time.monotonic)  # for the time to its first token
 
     @property
     def rows(self) -> int:
-        return len(self.prompts) * self.sampling.n
+        return len(self.prompt_tokens) * self.options.num_return_sequences
+
+    def usage(self, completion_tokens: int) -> dict:
+        """OpenAI's usage: each prompt counted once, whatever its number of samples."""
+        prompt_tokens = sum(len(tokens) for tokens in self.prompt_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
 def parse_completion(body: dict, llama, model: str) -> Job:
@@ -95,21 +70,17 @@ def parse_completion(body: dict, llama, model: str) -> Job:
     echo = optional_bool(body, "echo", False)
     if echo and logprobs is not None:
         raise RequestError("'echo' with 'logprobs' is not supported: the prompt's tokens are not scored", "echo")
-    prompt_lens = [len(llama.tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
-    return make_job(body, llama, model, "completion", prompts, prompt_lens, logprobs, echo, DEFAULT_COMPLETION_TOKENS)
+    return make_job(body, llama, model, "completion", prompts, llama.encode_prompts(prompts), logprobs, echo, DEFAULT_COMPLETION_TOKENS)
 
 
 def parse_chat(body: dict, llama, model: str) -> Job:
-    """POST /v1/chat/completions: ``messages`` in the Llama 2 chat format and the sampling fields."""
+    """POST /v1/chat/completions: ``messages`` in the model's chat format and the sampling fields."""
     messages = body.get("messages")
     if messages is None:
         raise RequestError("'messages' is required: a list of {'role', 'content'} objects", "messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(f"'messages' must be a non-empty list of messages, got {short(messages)}", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string 'content', got {short(message)}", f"messages[{i}]")
-    dialog = [{"role": m.get("role"), "content": m["content"]} for m in messages]
+    dialog = [parse_message(i, message) for i, message in enumerate(messages)]
     check_known_fields(body, CHAT_FIELDS)
     wants_logprobs = optional_bool(body, "logprobs", False)
     top_logprobs = optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
@@ -117,15 +88,56 @@ def parse_chat(body: dict, llama, model: str) -> Job:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top_logprobs or 0) if wants_logprobs else None  # None: no logprobs at all
     try:
-        prompt_tokens = encode_dialog(llama.tokenizer, dialog)
+        prompt_tokens = llama.encode_dialog(dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
-    if is_unsafe(dialog):  # Meta's chat_completion refuses these too
-        raise RequestError(f"the special tags {SPECIAL_TAGS} are not allowed in a message", "messages")
-    return make_job(body, llama, model, "chat", [dialog], [len(prompt_tokens)], logprobs, False, None)
+    if llama.chat_format.is_unsafe(dialog):  # Meta's chat_completion refuses these too
+        raise RequestError(f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages")
+    return make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None)
 
 
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user"}
+def parse_message(i: int, message) -> dict:
+    """messages[i] as the chat format takes it: OpenAI's ``developer`` role is the system role, and
+    content given as a list of ``{"type": "text", "text": ...}`` parts is their texts joined by
+    newlines (as vLLM joins them); a part of another type (an image, audio, a file) is refused."""
+    if not isinstance(message, dict):
+        raise RequestError(f"messages[{i}] must be an object with 'role' and 'content', got {short(message)}", f"messages[{i}]")
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(text_part(i, j, part) for j, part in enumerate(content))
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{i}] must have a string 'content' or a list of text parts, got {short(message)}", f"messages[{i}]")
+    role = message.get("role")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def text_part(i: int, j: int, part) -> str:
+    """The text of part j of messages[i]'s content."""
+    if not isinstance(part, dict) or "type" not in part:
+        raise RequestError(f"messages[{i}].content[{j}] must be an object {{'type': 'text', 'text': ...}}, got {short(part)}", f"messages[{i}]")
+    if part["type"] != "text":
+        raise RequestError(
+            f"messages[{i}].content[{j}] has type {part['type']!r}; this model reads only 'text' parts", f"messages[{i}]"
+        )
+    if not isinstance(part.get("text"), str):
+        raise RequestError(f"messages[{i}].content[{j}] must have a string 'text', got {short(part)}", f"messages[{i}]")
+    return part["text"]
+
+
+def parse_response_format(response_format) -> None:
+    """``response_format``: only ``{"type": "text"}`` (plain text, what the model writes anyway);
+    JSON modes would need constrained decoding, which this server does not do."""
+    if response_format is None or response_format == {"type": "text"}:
+        return
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    what = f"type {kind!r}" if kind is not None else short(response_format)
+    raise RequestError(f"response_format {what} is not supported; this server writes plain text: {{'type': 'text'}}", "response_format")
+
+
+COMMON_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user", "response_format",
+    "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty",
+}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
@@ -137,37 +149,63 @@ def check_known_fields(body: dict, known: set) -> None:
         raise RequestError(f"unsupported field(s) {unknown}; this server takes {sorted(known)}", unknown[0])
 
 
-def make_job(body, llama, model, kind, prompts, prompt_lens, logprobs, echo, default_max_tokens) -> Job:
+def make_job(body, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens) -> Job:
     """The fields both endpoints share, checked against the model's limits."""
     params = llama.model.params
     n = optional_int(body, "n", 1, params.max_batch_size) or 1
     if len(prompts) * n > params.max_batch_size:
         raise RequestError(f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n")
-    max_tokens = parse_max_tokens(body, kind, max(prompt_lens), params.max_seq_len, default_max_tokens)
-    temperature = optional_number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise RequestError(f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature")
-    top_p = optional_number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    sampling = Sampling(
-        kind=kind, temperature=temperature, top_p=top_p, n=n, stop=parse_stop(body.get("stop")),
-        seed=optional_int(body, "seed", 0, None), logprobs=logprobs is not None, top_logprobs=logprobs or 0,
-    )
+    max_tokens = parse_max_tokens(body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens)
+    parse_response_format(body.get("response_format"))
+    if not isinstance(body.get("user", ""), str):
+        raise RequestError(f"'user' must be a string (an id of the end user), got {short(body['user'])}", "user")
     stream = optional_bool(body, "stream", False)
     stream_options = body.get("stream_options") or {}
     if stream_options and (not stream or not isinstance(stream_options, dict) or set(stream_options) != {"include_usage"}
                            or not isinstance(stream_options["include_usage"], bool)):
         raise RequestError("'stream_options' must be {'include_usage': true or false}, with 'stream': true", "stream_options")
-    try:  # what the field checks above may have missed, in the generation options' own words
-        sampling.options(max_tokens)
+    try:  # what the field checks below miss is refused in the generation options' own words
+        options = GenerationOptions(
+            max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.get("stop")),
+            seed=optional_int(body, "seed", 0, None), logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            temperature=checked_number(body, "temperature", 1.0, lambda t: t >= 0, ">= 0 (0 is greedy)"),
+            top_p=checked_number(body, "top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
+            top_k=parse_top_k(body),
+            min_p=checked_number(body, "min_p", 0.0, lambda m: 0 <= m < 1, "in [0, 1) (0 is off)"),
+            repetition_penalty=checked_number(body, "repetition_penalty", 1.0, lambda r: r > 0, "> 0 (1 is off)"),
+            presence_penalty=checked_number(body, "presence_penalty", 0.0, lambda a: -2 <= a <= 2, "in [-2, 2] (0 is off)"),
+            frequency_penalty=checked_number(body, "frequency_penalty", 0.0, lambda a: -2 <= a <= 2, "in [-2, 2] (0 is off)"),
+            logit_bias=parse_logit_bias(body.get("logit_bias"), params.vocab_size),
+        )
     except (ValueError, TypeError) as error:
         raise RequestError(str(error)) from None
     return Job(
-        kind=kind, model=model, prompts=prompts, prompt_lens=prompt_lens,
-        max_tokens=max_tokens, sampling=sampling,
+        kind=kind, model=model, prompts=prompts, prompt_tokens=prompt_tokens, options=options,
         stream=stream, echo=echo, include_usage=stream_options.get("include_usage", False),
     )
+
+
+def parse_top_k(body: dict) -> int:
+    """``top_k`` as vLLM takes it: a positive k keeps the k likeliest tokens; 0 or -1 keeps all."""
+    top_k = optional_int(body, "top_k", -1, None)
+    return 0 if top_k in (None, -1) else top_k
+
+
+def parse_logit_bias(logit_bias, vocab_size: int) -> Dict[int, float]:
+    """``logit_bias``: an object from token ids (JSON keys, so strings of digits) to a bias in
+    [-100, 100] added to that token's logit before sampling (OpenAI's definition)."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, dict):
+        raise RequestError(f"'logit_bias' must be an object from token ids to biases, got {short(logit_bias)}", "logit_bias")
+    biases = {}
+    for key, bias in logit_bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise RequestError(f"'logit_bias' key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        if not is_number(bias) or not -100 <= bias <= 100:
+            raise RequestError(f"'logit_bias' of token {key} must be a number in [-100, 100], got {short(bias)}", "logit_bias")
+        biases[int(key)] = float(bias)
+    return biases
 
 
 def parse_max_tokens(body: dict, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int]) -> int:
@@ -205,12 +243,17 @@ def optional_int(body: dict, name: str, low: int, high: Optional[int]) -> Option
     return value
 
 
-def optional_number(body: dict, name: str, default: float) -> float:
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checked_number(body: dict, name: str, default: float, allowed: Callable[[float], bool], expected: str) -> float:
+    """``body[name]`` (``default`` if absent or null), a number for which ``allowed`` holds."""
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise RequestError(f"'{name}' must be a number, got {short(value)}", name)
+    if not is_number(value) or not allowed(value):
+        raise RequestError(f"'{name}' must be a number {expected}, got {short(value)}", name)
     return float(value)
 
 
@@ -229,9 +272,12 @@ def short(value) -> str:
 
 
 # The answers. A "choice" is one row: prompt i's sample j is choice i * n + j, as OpenAI numbers them.
+# A row's new tokens arrive as (token id, logprob, [(id, logprob), ...] alternatives) triples.
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def token_triples(delta) -> List[Tuple[int, float, list]]:
+    """The new tokens of an engine ``RowDelta`` with their logprobs and alternatives."""
+    alternatives = delta.top_logprobs or [[] for _ in delta.tokens]
+    return list(zip(delta.tokens, delta.logprobs, alternatives))
 
 
 def completion_logprobs(tokens: List[Tuple[int, float, list]], token_bytes, text_start: int) -> dict:
@@ -264,20 +310,29 @@ def chat_logprobs(tokens: List[Tuple[int, float, list]], token_bytes) -> dict:
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for t, lp, alts in tokens]}
 
 
+def logprobs_object(job: Job, tokens: List[Tuple[int, float, list]], token_bytes, text_start: int) -> Optional[dict]:
+    """The logprobs of a choice's ``tokens`` in the endpoint's shape; None if not asked for."""
+    if not job.options.logprobs:
+        return None
+    return chat_logprobs(tokens, token_bytes) if job.kind == "chat" else completion_logprobs(tokens, token_bytes, text_start)
+
+
 def whole_answer(job: Job, texts: Dict[int, str], reasons: Dict[int, str], tokens: Dict[int, list], token_bytes, counts: dict) -> dict:
     """The non-streamed answer, from each choice's joined text, finish reason and tokens."""
     choices = []
     for index in range(job.rows):
-        logprobs = None
-        if job.sampling.logprobs:
-            logprobs = chat_logprobs(tokens[index], token_bytes) if job.kind == "chat" else completion_logprobs(tokens[index], token_bytes, 0)
-        choice = {"index": index, "logprobs": logprobs, "finish_reason": reasons[index]}
+        choice = {"index": index, "logprobs": logprobs_object(job, tokens[index], token_bytes, 0), "finish_reason": reasons[index]}
         if job.kind == "chat":
             choice["message"] = {"role": "assistant", "content": texts[index]}
         else:
-            choice["text"] = (job.prompts[index // job.sampling.n] if job.echo else "") + texts[index]
+            choice["text"] = echoed_prompt(job, index) + texts[index]
         choices.append(choice)
     return {**header(job, chunk=False), "choices": choices, "usage": counts}
+
+
+def echoed_prompt(job: Job, index: int) -> str:
+    """What choice ``index``'s text starts with: its prompt with ``echo``, else nothing."""
+    return job.prompts[index // job.options.num_return_sequences] if job.echo else ""
 
 
 def header(job: Job, chunk: bool) -> dict:

@@ -1,0 +1,122 @@
+"""The options of a generation call, checked once, and the checks of its prompts: what ``Llama``'s
+calls, the streams and the server hand to the decoding engine (``llama.engine``)."""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Every option of ``Llama.generate`` and the text and chat calls, checked once, here.
+
+    The defaults give Meta's behaviour: nucleus sampling at temperature 0.6 and top_p 0.9, stopping
+    at EOS. ``llama.sampling`` explains the sampling options (temperature, top_p, top_k, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, logit_bias); the rest:
+
+    max_gen_len: most new tokens per row (also capped by max_seq_len); None: up to max_seq_len.
+    stop_tokens: token ids that end a row, not returned; None means the tokenizer's (Llama 2: EOS; Llama 3:
+        end of text, end of turn, end of message), [] never stops early.
+    stop_strings: texts that end a row; the text is cut before the first one.
+    num_return_sequences: n rows per prompt, prompt i's at [i*n, (i+1)*n).
+    seed: row i*n + j draws from the counter-based generator of seed + j (its tokens do not depend on
+        the other rows decoded beside it); None: torch's global RNG.
+    logprobs: also return each returned token's log-probability.
+    top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
+    echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
+    """
+
+    max_gen_len: Optional[int] = None
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Dict[int, float] = field(default_factory=dict)
+    stop_tokens: Optional[Sequence[int]] = None
+    stop_strings: Sequence[str] = ()
+    num_return_sequences: int = 1
+    seed: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+
+    def __post_init__(self):
+        if self.max_gen_len is not None and not (is_int(self.max_gen_len) and self.max_gen_len >= 0):
+            raise ValueError(f"max_gen_len must be a non-negative integer, got {self.max_gen_len!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 is off), got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 is off), got {self.min_p!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 is off), got {value!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+            is_int(t) and isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
+            for t, b in self.logit_bias.items()
+        ):
+            raise ValueError(f"logit_bias must map token ids to numbers in [-100, 100], got {self.logit_bias!r:.80}")
+        if self.stop_tokens is not None and (
+            not isinstance(self.stop_tokens, (list, tuple)) or not all(is_int(t) for t in self.stop_tokens)
+        ):
+            raise ValueError(f"stop_tokens must be a list of token ids, got {self.stop_tokens!r:.80}")
+        if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise TypeError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r:.80}")
+        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer or None (the global RNG), got {self.seed!r}")
+        for name in ("logprobs", "echo"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not is_int(self.top_logprobs) or self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
+        if self.top_logprobs and self.echo:
+            raise ValueError("top_logprobs covers generated tokens only; it cannot be combined with echo=True")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The checks that need the model's vocabulary size."""
+        if self.stop_tokens is not None and not all(0 <= t < vocab_size for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab_size}), got {self.stop_tokens!r:.80}")
+        if not all(0 <= t < vocab_size for t in self.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {sorted(self.logit_bias)[:5]!r}")
+        if self.top_logprobs > vocab_size:
+            raise ValueError(f"top_logprobs must be an integer in [0, {vocab_size}], got {self.top_logprobs!r}")
+
+
+def check_prompts(prompt_tokens, max_seq_len: int, vocab_size: int, what: str = "prompt_tokens") -> None:
+    """Each prompt a non-empty list of token ids in the vocabulary that fits the context. ``what``
+    names the prompts in errors: "prompt_tokens" (prompt_tokens[i]), "prompt" or "dialog" (dialog i)."""
+    if not isinstance(prompt_tokens, (list, tuple)):
+        raise TypeError(f"prompt_tokens must be a list of lists of token ids, got {type(prompt_tokens).__name__}")
+    for i, tokens in enumerate(prompt_tokens):
+        name = f"prompt_tokens[{i}]" if what == "prompt_tokens" else f"{what} {i}"
+        if not isinstance(tokens, (list, tuple)) or not all(is_int(t) for t in tokens):
+            raise TypeError(f"{name} must be a list of int token ids, got {tokens!r:.80}")
+        if not tokens:
+            raise ValueError(f"{name} is empty: a prompt needs at least one token (BOS)")
+        if len(tokens) > max_seq_len:
+            raise ValueError(f"{name} has {len(tokens)} tokens, more than max_seq_len={max_seq_len}")
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+def check_batch_size(n_prompts: int, num_return_sequences: int, max_batch_size: int, what: str = "prompt_tokens") -> None:
+    """Every prompt's ``num_return_sequences`` rows must fit the cache's ``max_batch_size`` rows."""
+    if n_prompts * num_return_sequences > max_batch_size:
+        samples = f" x num_return_sequences={num_return_sequences}" if num_return_sequences > 1 else ""
+        plural = "dialogs" if what == "dialog" else "prompts"
+        raise ValueError(f"{n_prompts} {plural}{samples} exceed max_batch_size={max_batch_size}")

@@ -1,0 +1,203 @@
+"""The decoding engine: rows admitted between steps into free slots, each with its own settings, leave
+the moment they end; every row gives what its prompt gives alone. Compiled, the whole step is one
+graph that rows coming and going do not recompile."""
+
+import pytest
+import torch
+
+from llama.engine import Engine
+from llama.generation import Llama
+from llama.options import GenerationOptions
+
+PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:", "for i in range(10):"]
+
+
+@pytest.fixture(scope="module")
+def llama(make_llama) -> Llama:
+    return make_llama(max_seq_len=64, max_batch_size=4)
+
+
+def encode(llama: Llama, text: str):
+    return llama.tokenizer.encode(text, bos=True, eos=False)
+
+
+def alone(llama: Llama, text: str, **options):
+    """The row's tokens when its prompt is decoded by itself."""
+    (tokens,), _ = llama.generate([encode(llama, text)], **options)
+    return tokens
+
+
+def run(engine: Engine, requests) -> None:
+    while not all(request.done for request in requests):
+        engine.step()
+
+
+GREEDY = dict(max_gen_len=16, temperature=0, stop_tokens=[])
+SEEDED = dict(max_gen_len=16, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
+
+
+@pytest.mark.parametrize("options", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_request_admitted_mid_decode_and_the_running_one_each_give_their_alone_result(llama, options):
+    engine = llama.engine
+    first = engine.submit([encode(llama, PROMPTS[1])], GenerationOptions(**options))
+    for _ in range(5):
+        engine.step()
+    assert len(first.tokens[0]) == 5 and engine.running_slots == 1
+    second = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(**options))
+    engine.step()
+    assert engine.running_slots == 2  # admitted while the first decodes
+    run(engine, [first, second])
+    assert first.tokens[0] == alone(llama, PROMPTS[1], **options)
+    assert second.tokens[0] == alone(llama, PROMPTS[0], **options)
+    assert engine.running_slots == 0
+
+
+MIXED = [
+    dict(temperature=0),
+    dict(temperature=0.8, top_p=0.9, top_k=20, seed=1),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=1.2, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3, seed=2),
+]
+
+
+def test_rows_with_different_settings_in_one_batch_each_equal_their_setting_alone(llama):
+    requests = [
+        llama.engine.submit([encode(llama, prompt)], GenerationOptions(max_gen_len=12, stop_tokens=[], **options))
+        for prompt, options in zip(PROMPTS, MIXED)
+    ]
+    run(llama.engine, requests)
+    for request, prompt, options in zip(requests, PROMPTS, MIXED):
+        assert request.tokens[0] == alone(llama, prompt, max_gen_len=12, stop_tokens=[], **options)
+
+
+def test_more_requests_than_slots_reuse_the_slots_as_rows_end(llama):
+    engine = llama.engine
+    lengths = [3, 9, 5, 2, 7, 4, 6]
+    requests = [engine.submit([encode(llama, PROMPTS[i % 4])], GenerationOptions(max_gen_len=n, temperature=0, stop_tokens=[])) for i, n in enumerate(lengths)]
+    most_running = 0
+    while not all(request.done for request in requests):
+        engine.step()
+        most_running = max(most_running, engine.running_slots)
+    assert most_running == engine.max_slots == 4
+    for i, (request, n) in enumerate(zip(requests, lengths)):
+        assert request.tokens[0] == alone(llama, PROMPTS[i % 4], max_gen_len=n, temperature=0, stop_tokens=[])
+        assert request.finish_reasons == ["length"]
+
+
+def test_cancelling_a_row_frees_its_slot_for_a_waiting_request(llama):
+    engine = llama.engine
+    options = GenerationOptions(max_gen_len=40, temperature=0, stop_tokens=[])
+    running = [engine.submit([encode(llama, PROMPTS[i])], options) for i in range(4)]
+    waiting = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=6, temperature=0, stop_tokens=[]))
+    engine.step()
+    engine.step()
+    assert engine.queue_length == 1 and engine.running_slots == 4
+    running[2].cancel()
+    engine.step()
+    assert running[2].finish_reasons == ["cancelled"] and len(running[2].tokens[0]) == 2
+    assert engine.queue_length == 0 and engine.running_slots == 4  # the waiting request took the slot
+    run(engine, [waiting])
+    assert waiting.tokens[0] == alone(llama, PROMPTS[0], max_gen_len=6, temperature=0, stop_tokens=[])
+    for request in running:
+        request.cancel()
+    run(engine, running)
+    assert engine.running_slots == 0
+
+
+def test_static_admission_waits_for_an_empty_batch(llama):
+    engine = Engine(llama.model, llama.tokenizer, admission="static")
+    first = engine.submit([encode(llama, PROMPTS[1])], GenerationOptions(max_gen_len=6, temperature=0, stop_tokens=[]))
+    engine.step()
+    second = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=3, temperature=0, stop_tokens=[]))
+    while not first.done:
+        engine.step()
+        assert second.admitted_at is None or first.done
+    run(engine, [second])
+    assert second.tokens[0] == alone(llama, PROMPTS[0], max_gen_len=3, temperature=0, stop_tokens=[])
+
+
+def test_penalties_and_logit_bias_follow_the_hand_computation(llama):
+    """Greedy decoding with no KV cache, applying OpenAI's penalties and the bias by hand each step."""
+    prompt = encode(llama, PROMPTS[1])
+    bias = {prompt[-1]: 1.5, 5: -100.0}
+    options = dict(presence_penalty=0.6, frequency_penalty=0.4, logit_bias=bias)
+    (ours,), _ = llama.generate([prompt], max_gen_len=12, temperature=0, stop_tokens=[], **options)
+    tokens, generated = list(prompt), []
+    for _ in range(12):
+        logits = llama.model.forward(torch.tensor([tokens]))[0, -1].tolist()
+        for token in set(generated):
+            logits[token] -= 0.6 + 0.4 * generated.count(token)
+        for token, value in bias.items():
+            logits[token] += value
+        generated.append(max(range(len(logits)), key=logits.__getitem__))
+        tokens.append(generated[-1])
+    assert ours == generated
+    assert ours != alone(llama, PROMPTS[1], max_gen_len=12, temperature=0, stop_tokens=[])  # the options changed the path
+
+
+def test_a_seeded_row_does_not_depend_on_its_company(llama):
+    options = GenerationOptions(max_gen_len=10, temperature=1.0, top_p=1.0, seed=11, stop_tokens=[])
+    lone = llama.engine.submit([encode(llama, PROMPTS[2])], options)
+    run(llama.engine, [lone])
+    torch.manual_seed(0)
+    company = [llama.engine.submit([encode(llama, PROMPTS[i])], GenerationOptions(max_gen_len=10, temperature=1.0, stop_tokens=[])) for i in (0, 1)]
+    crowded = llama.engine.submit([encode(llama, PROMPTS[2])], options)
+    run(llama.engine, company + [crowded])
+    assert crowded.tokens == lone.tokens
+
+
+def test_updates_deliver_each_rows_tokens_text_and_finish_reason_to_another_thread(llama):
+    import threading
+
+    engine = Engine(llama.model, llama.tokenizer)
+    request = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True, num_return_sequences=2))
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(delta for step in request.updates(timeout=60) for delta in step))
+    reader.start()
+    run(engine, [request])
+    reader.join(timeout=60)
+    expected = alone(llama, PROMPTS[0], max_gen_len=8, temperature=0, stop_tokens=[])
+    for row in (0, 1):
+        mine = [delta for delta in seen if delta.row == row]
+        assert sum((delta.tokens for delta in mine), []) == expected
+        assert len(sum((delta.logprobs for delta in mine), [])) == 8
+        assert "".join(delta.text for delta in mine) == llama.tokenizer.decode(expected)
+        assert mine[-1].finish_reason == "length" and all(delta.finish_reason is None for delta in mine[:-1])
+
+
+def test_bad_engine_arguments_are_clear_errors(llama):
+    with pytest.raises(ValueError, match="admission must be one of"):
+        Engine(llama.model, llama.tokenizer, admission="greedy")
+    with pytest.raises(TypeError, match="options must be a GenerationOptions"):
+        llama.engine.submit([[1, 2]], {"temperature": 0})
+    with pytest.raises(ValueError, match="5 prompts exceed max_batch_size=4"):
+        llama.engine.submit([[1, 2]] * 5, GenerationOptions())
+
+
+# --- compiled ------------------------------------------------------------------------------------
+
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_rows_coming_and_going_compile_nothing_after_warm_up_and_equal_eager(llama, make_llama):
+    compiled = make_llama(max_seq_len=64, max_batch_size=4, compile=True)
+
+    def workload(engine: Engine, prompts):
+        """Four requests, greedy and seeded, arriving while others decode and leaving at different steps."""
+        requests = []
+        for i, prompt in enumerate(prompts):
+            options = GenerationOptions(max_gen_len=4 + 3 * i, stop_tokens=[], **MIXED[i % 2])
+            requests.append(engine.submit([encode(llama, prompt)], options))
+            engine.step()
+        run(engine, requests)
+        return [request.tokens[0] for request in requests]
+
+    workload(compiled.engine, PROMPTS)  # warm-up: widths 1, 2 and 4 and both features seen
+    graphs = unique_graphs()
+    other = [PROMPTS[3] + PROMPTS[0], PROMPTS[2], PROMPTS[1][:5], PROMPTS[0]]
+    fast = workload(compiled.engine, other)
+    assert unique_graphs() == graphs
+    eager = workload(llama.engine, other)
+    assert fast == eager
