@@ -52,9 +52,9 @@ def write_q80(file: BinaryIO, weight: torch.Tensor, group_size: int) -> None:
 def export_runq_model(model: Transformer, path: str, max_seq_len: int, group_size: int = RUNQ_GROUP_SIZE) -> None:
     """Write ``model`` (float weights) in runq's version-2 format: a 256-byte header, the norms in
     float32, then every matrix in Q8_0, each kind for all layers in turn, the output last."""
-    p = model.params
-    layers = model.layers
-    hidden_dim = layers[0].feed_forward.w1.weight.shape[0]
+    p, state = model.params, model.state_dict()  # Meta's keys: wq, wk, wv and w1, w3 apart
+    layers = [f"layers.{i}." for i in range(p.n_layers)]
+    hidden_dim = p.ffn_hidden_dim
     for size, name in ((p.dim, "dim"), (hidden_dim, "hidden_dim")):
         if size % group_size:
             raise ValueError(f"runq's group size {group_size} must divide {name} = {size}")
@@ -63,14 +63,14 @@ def export_runq_model(model: Transformer, path: str, max_seq_len: int, group_siz
         file.write(struct.pack("<7i", p.dim, hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, max_seq_len))
         file.write(struct.pack("<Bi", 0, group_size))  # 0: the output projection is its own matrix
         file.write(b"\0" * (HEADER_BYTES - file.tell()))
-        norms = [l.attention_norm.weight for l in layers] + [l.ffn_norm.weight for l in layers] + [model.norm.weight]
+        norms = [state[l + "attention_norm.weight"] for l in layers] + [state[l + "ffn_norm.weight"] for l in layers] + [state["norm.weight"]]
         for norm in norms:
-            file.write(norm.detach().float().numpy().astype("<f4").tobytes())
-        matrices = [model.tok_embeddings.weight]
+            file.write(norm.float().numpy().astype("<f4").tobytes())
+        matrices = [state["tok_embeddings.weight"]]
         for kind in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-            matrices += [l.get_submodule(kind).weight for l in layers]
-        for matrix in matrices + [model.output.weight]:
-            write_q80(file, matrix.detach(), group_size)
+            matrices += [state[f"{l}{kind}.weight"] for l in layers]
+        for matrix in matrices + [state["output.weight"]]:
+            write_q80(file, matrix, group_size)
 
 
 def export_runq_tokenizer(path: str, pieces: List[str], scores: List[float]) -> None:

@@ -25,8 +25,8 @@ from llama import hf_checkpoint
 from llama.files import load_tensor_dict, read_json_object
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
-from llama.parallel import model_parallel_rank, model_parallel_world_size
-from llama.placement import place_tensor
+from llama.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
+from llama.placement import place_tensors
 from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
 from llama.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -44,10 +44,12 @@ class TensorLayout(NamedTuple):
 
 def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]:
     """Every tensor of ``model`` (this rank's part of a model built for ``world_size`` ranks) with its
-    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers)."""
+    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers).
+    The keys are Meta's: a fused layer's parts (wq, wk, wv) are listed apart, split as their layer."""
+    layers = {**dict(model.named_modules()), **{part: layer for part, (_, layer) in fused_layers(model).items()}}
     layout = {}
     for key, tensor in model.state_dict().items():
-        split_dim = getattr(model.get_submodule(key.rpartition(".")[0]), "split_dim", None)
+        split_dim = getattr(layers[key.rpartition(".")[0]], "split_dim", None)
         shape = list(tensor.shape)
         if split_dim is not None:
             shape[split_dim] *= world_size
@@ -273,10 +275,17 @@ def load_model(
         shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
         check_int4_shapes(shapes, quantization, world_size)
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
-    for key, tensor in rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size):  # Meta's keys and row order
-        place_tensor(model, key, tensor, device, dtype, quantization)
-    model.setup_caches()
+    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
+    place_tensors(model, tensors, device, dtype, quantization)
+    model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
     return model
+
+
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype, in which cached attention computes: the model's, but float32 for a
+    bfloat16 or float16 model on a CPU, where torch's attention kernel runs 4-6x slower in half
+    precision than in float32 (measured on AVX2; the cache then takes twice the memory)."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:

@@ -15,9 +15,11 @@ from torch import nn
 
 from llama.parallel import (
     ColumnParallelLinear,
+    FusedColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
     check_world_size,
+    fuse_parts,
     model_parallel_world_size,
     split_size,
 )
@@ -193,9 +195,9 @@ class Attention(nn.Module):
         self.n_local_heads = split_size(args.n_heads, "n_heads")
         self.n_local_kv_heads = split_size(args.n_kv_heads, "n_kv_heads")
         self.head_dim = args.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim)
+        # wq, wk, wv as one weight: one matmul instead of three small ones (checkpoints keep Meta's three)
+        kv_features = args.n_kv_heads * self.head_dim
+        self.wqkv = FusedColumnParallelLinear(args.dim, {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features})
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
@@ -209,8 +211,8 @@ class Attention(nn.Module):
         head_dim) each."""
         bsz = xk.shape[0]
         rows = torch.arange(bsz, device=xk.device) if slots is None else slots
-        self.cache_k[rows[:, None], positions] = xk  # rows (bsz, 1) broadcast against positions (bsz, seqlen)
-        self.cache_v[rows[:, None], positions] = xv
+        self.cache_k[rows[:, None], positions] = xk.to(self.cache_k.dtype)  # rows (bsz, 1) broadcast against positions (bsz, seqlen)
+        self.cache_v[rows[:, None], positions] = xv.to(self.cache_v.dtype)
         if slots is None:
             return self.cache_k[:bsz, :kv_len], self.cache_v[:bsz, :kv_len]
         return self.cache_k[slots, :kv_len], self.cache_v[slots, :kv_len]
@@ -229,18 +231,19 @@ class Attention(nn.Module):
         ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
         kv_len) allows."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = self.wqkv(x)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
         keys, values = (xk, xv) if positions is None else self.update_cache(positions, xk, xv, mask.shape[-1], slots)
 
-        # (bsz, n_heads, seqlen, head_dim); enable_gqa lets each kv head serve its group of query heads
+        # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            xq.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask, is_causal=positions is None, enable_gqa=True,
         )
-        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
 class FeedForward(nn.Module):
@@ -248,12 +251,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim)
+        self.w13 = FusedColumnParallelLinear(dim, {"w1": hidden_dim, "w3": hidden_dim})  # w1 and w3 as one matmul
         self.w2 = RowParallelLinear(hidden_dim, dim)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)  # w1 x, w3 x
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -284,15 +287,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
         self.setup_caches()
 
-    def setup_caches(self):
+    def setup_caches(self, cache_dtype: Optional[torch.dtype] = None):
         """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
-        rotary tables, on the weights' device and in the embedding's dtype (the rotary tables stay
-        float32)."""
-        device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
+        rotary tables, on the weights' device, the caches in ``cache_dtype`` (None: the embedding's
+        dtype), the rotary tables in float32. Cached attention computes in the cache's dtype."""
+        device = self.tok_embeddings.weight.device
+        cache_dtype = cache_dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
-            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, cache_dtype)
         cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)

@@ -4,6 +4,8 @@ Tensor parallelism (Megatron-style, the layout of Meta's published shards):
 
 - ``ColumnParallelLinear`` splits the weight on its *output* dimension: each rank computes a slice of
   the output features (wq, wk, wv, w1, w3 each give this rank its own heads / hidden units).
+  ``FusedColumnParallelLinear`` holds several of them that read the same input as one weight (wq, wk,
+  wv; w1, w3): this rank's slice of each, concatenated, so one matmul computes them all.
 - ``RowParallelLinear`` splits the weight on its *input* dimension: each rank multiplies its slice
   of the features and the partial sums are all-reduced (wo, w2 close the column-parallel blocks).
 - ``ParallelEmbedding`` splits the embedding dimension and all-gathers it.
@@ -16,7 +18,7 @@ use the default process group; when none is initialised (or its size is 1) they 
 """
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -107,6 +109,60 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.scales)  # (..., out_features / world_size)
         return all_gather_last_dim(y) if self.gather_output else y
+
+
+class FusedColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel layers reading the same input, stored as one weight: this rank's slice of each
+    part, concatenated in order, (sum of the parts' local out_features, in_features). One matmul
+    reads the input once and makes one kernel call instead of one a part.
+
+    Checkpoints and state dicts keep the parts apart under their own (Meta's) names, e.g.
+    ``attention.wq.weight``: ``state_dict()`` splits the weight, ``load_state_dict`` and the
+    checkpoint readers (``llama.placement``) concatenate the parts.
+    """
+
+    def __init__(self, in_features: int, parts: Dict[str, int]):
+        """``parts``: each part's name, a sibling of this layer in Meta's keys, and its out_features."""
+        super().__init__(in_features, sum(parts.values()))
+        self.parts = {name: split_size(out_features, name) for name, out_features in parts.items()}  # local sizes
+        self.register_state_dict_post_hook(split_parts)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return super().forward(x).split(list(self.parts.values()), dim=-1)  # each (..., part's out_features / world_size)
+
+
+def part_keys(layer_key: str, layer: FusedColumnParallelLinear) -> List[str]:
+    """The state-dict keys of ``layer``'s parts: ``layers.0.attention.wqkv.weight`` ->
+    ``layers.0.attention.wq.weight``, ``...wk.weight``, ``...wv.weight``."""
+    parent, _, _ = layer_key.rpartition(".")[0].rpartition(".")
+    return [f"{parent}.{name}.weight".lstrip(".") for name in layer.parts]
+
+
+def split_parts(layer: FusedColumnParallelLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: this rank's weight under its parts' own keys."""
+    weight = state_dict.pop(prefix + "weight")
+    state_dict.update(zip(part_keys(prefix + "weight", layer), weight.split(list(layer.parts.values()))))
+
+
+def fused_layers(model: nn.Module) -> Dict[str, Tuple[str, FusedColumnParallelLinear]]:
+    """Each part's module name in Meta's keys (``layers.0.attention.wq``) -> (the fused layer's
+    weight key, the layer)."""
+    found = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, FusedColumnParallelLinear):
+            for key in part_keys(f"{name}.weight", layer):
+                found[key.rpartition(".")[0]] = (f"{name}.weight", layer)
+    return found
+
+
+def fuse_parts(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of a model: the parts of each fused layer, under their own keys,
+    concatenated into its weight (registered on the model, so that it runs before any of its
+    layers checks its keys)."""
+    for layer_key, layer in dict(fused_layers(model).values()).items():
+        keys = [prefix + key for key in part_keys(layer_key, layer)]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + layer_key] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 class RowParallelLinear(nn.Module):

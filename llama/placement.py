@@ -4,13 +4,16 @@ A reader yields this rank's slice of each tensor on the CPU (memory-mapped, noth
 ``place_tensor`` converts it to the model's dtype, quantizes it when it is a linear weight, moves
 it to the device and assigns it to the model built on the meta device. Tensor by tensor, so the
 device never holds more than the finished model: a model that fits only quantized still loads.
+``place_tensors`` first concatenates the parts of each fused layer (``llama.parallel``: this rank's
+wq, wk, wv slices; its w1, w3), so that each is converted, quantized and placed as one weight.
 """
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
+from llama.parallel import fused_layers
 from llama.quantize import Quantization, quantizable_weights, quantize_linear_weight, set_quantized_weight, tile_on_device
 
 
@@ -48,3 +51,33 @@ def place_tensor(
     old = getattr(module, name)
     placed = to_device(tensor.to(dtype), device)
     setattr(module, name, nn.Parameter(placed, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else placed)
+
+
+def fuse(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``tensors`` (Meta's key, this rank's slice) with the parts of each fused layer of ``model``
+    replaced by the layer's weight, the parts concatenated in the layer's order once all have come."""
+    layers, pending = fused_layers(model), {}
+    for key, tensor in tensors:
+        module_name, _, name = key.rpartition(".")
+        if module_name not in layers or name != "weight":
+            yield key, tensor
+            continue
+        layer_key, layer = layers[module_name]
+        parts = pending.setdefault(layer_key, {})
+        parts[module_name.rpartition(".")[2]] = tensor
+        if len(parts) == len(layer.parts):
+            yield layer_key, torch.cat([parts[part] for part in layer.parts])
+            del pending[layer_key]
+
+
+def place_tensors(
+    model: nn.Module,
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    quantization: Optional[Quantization] = None,
+) -> None:
+    """``place_tensor`` for each of ``tensors`` (Meta's key, this rank's CPU slice), as a checkpoint
+    reader yields them, the parts of a fused layer concatenated first."""
+    for key, tensor in fuse(model, tensors):
+        place_tensor(model, key, tensor, device, dtype, quantization)

@@ -51,8 +51,20 @@ def test_forward_without_start_pos_equals_cached_forward_and_has_gradients(llama
     free = llama.model.forward(tokens)
     assert torch.allclose(free, cached, atol=1e-5)
     free.sum().backward()
-    assert llama.model.layers[0].attention.wq.weight.grad is not None
+    assert llama.model.layers[0].attention.wqkv.weight.grad is not None
     llama.model.zero_grad(set_to_none=True)
+
+
+def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama_and_state):
+    llama, state = llama_and_state
+    saved = llama.model.state_dict()
+    assert list(saved) == list(state)  # wq, wk, wv, w1, w3 apart, in Meta's order
+    assert all(torch.equal(saved[key], state[key].float()) for key in state)
+    model = Transformer(llama.model.params)
+    model.load_state_dict(state)
+    attention, feed_forward = model.layers[1].attention, model.layers[1].feed_forward
+    assert torch.equal(attention.wqkv.weight, torch.cat([state[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]).float())
+    assert torch.equal(feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float())
 
 
 def test_kv_cache_is_preallocated_in_model_dtype(llama_and_state):

@@ -128,7 +128,7 @@ def test_loading_places_only_quantized_linear_weights_on_the_device(make_checkpo
     assert len(float_matrices) == 1  # the token embedding, never a linear weight
     quantized_bytes = sum(t.nbytes for t in placed if not t.is_floating_point())
     assert quantized_bytes == sum(state[key].numel() for key in linear_weights) // (1 if quantize == "int8" else 2)
-    assert llama.model.layers[1].attention.wq.weight.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    assert llama.model.layers[1].attention.wqkv.weight.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
 
 
 def test_build_with_int4_generates_as_the_bfloat16_model_quantized_after_loading(make_checkpoint, tokenizer_path):
@@ -149,9 +149,29 @@ def test_under_tensor_parallelism_each_rank_quantizes_its_own_slice(make_checkpo
     w2 = model.layers[0].feed_forward.w2  # row-parallel: rank 0 holds input features 0 .. 95
     packed, scales_and_zeros = quantize_linear_weight(state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu")
     assert torch.equal(w2.weight, packed) and torch.equal(w2.scales, scales_and_zeros.bfloat16())
-    wq = model.layers[0].attention.wq  # column-parallel: rank 0 holds output rows 0 .. 31
-    packed, _ = quantize_linear_weight(state["layers.0.attention.wq.weight"][:32], Quantization(4, 32), "cpu")
-    assert torch.equal(wq.weight, packed)
+    # fused column-parallel: rank 0 holds rows 0 .. 31 of wq (heads 0-3), 0 .. 15 of wk and of wv (kv heads 0-1)
+    wqkv = model.layers[0].attention.wqkv
+    own_rows = torch.cat([state[f"layers.0.attention.{name}.weight"][:rows] for name, rows in (("wq", 32), ("wk", 16), ("wv", 16))])
+    packed, scales_and_zeros = quantize_linear_weight(own_rows, Quantization(4, 32), "cpu")
+    assert torch.equal(wqkv.weight, packed) and torch.equal(wqkv.scales, scales_and_zeros.bfloat16())
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_each_part_of_a_quantized_fused_layer_is_the_matmul_with_its_own_dequantized_weight(make_checkpoint, quantize):
+    ckpt_dir, state = make_checkpoint(dtype=torch.float32)
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
+    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.float32, parse_quantize(quantize))
+    x = torch.randn(2, 3, SMALL_PARAMS["dim"], generator=torch.Generator().manual_seed(6))
+    for layer, names in (("attention.wqkv", ("wq", "wk", "wv")), ("feed_forward.w13", ("w1", "w3"))):
+        parts = model.layers[1].get_submodule(layer)(x)
+        for name, got in zip(names, parts):
+            weight = state[f"layers.1.{layer.partition('.')[0]}.{name}.weight"]  # quantized alone, as if not fused
+            if quantize == "int8":
+                q, scales = quantize_linear_weight(weight, Quantization(8), "cpu")
+                dequantized = q.float() * scales[:, None]
+            else:
+                dequantized = dequantized_by_hand(*int4_groups(weight, 32), 32)
+            assert torch.allclose(got, x @ dequantized.T, rtol=1e-4, atol=1e-4), (layer, name)
 
 
 def test_int4_groups_that_would_straddle_two_ranks_are_an_error(make_checkpoint, fake_world):

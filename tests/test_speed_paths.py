@@ -96,6 +96,22 @@ def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
     assert model.layers[0].attention.cache_k.dtype == dtype
 
 
+def test_a_bfloat16_model_on_a_cpu_caches_and_attends_in_float32(make_checkpoint, tokenizer_path):
+    from llama.generation import Llama
+
+    ckpt_dir, state = make_checkpoint()
+    llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
+    assert llama.model.layers[0].attention.cache_k.dtype == torch.float32
+    assert llama.model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(7))
+    hf = to_transformers({k: v.float() for k, v in state.items()}, SMALL_PARAMS, 512)
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    cached = llama.model(tokens, 0)  # through the float32 cache
+    assert cached.dtype == torch.float32
+    assert (cached - theirs).abs().max() <= 0.05 * theirs.abs().max()  # bfloat16 weights and activations
+
+
 def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantized_dtype(make_checkpoint, tokenizer_path):
     from llama.generation import Llama
 

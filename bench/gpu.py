@@ -1,0 +1,289 @@
+"""Every GPU figure of this project from one command, for a machine lent for minutes.
+
+    python bench/gpu.py                  # on a CUDA machine: about 9 minutes
+    python bench/gpu.py --dry_run        # the same code paths on the CPU, tiny shapes (CI runs it)
+
+In order, within ``--budget_s`` seconds:
+
+1. ``pytest --device cuda`` on the test files that build their models on ``--device`` (model,
+   generation, decoding, sampling, scores, streaming);
+2. ``torchrun --nproc_per_node 1`` running the text-completion example on the bundled model over NCCL;
+3. a random checkpoint of ``params/llama-2-7b.json``'s shape, loaded in bfloat16, int8 and int4, each
+   measured eager and compiled (``--dry_run``: int8 only): batch-1 decode tokens/s, the fraction of the GPU's memory bandwidth
+   that reaches (bytes of weights read per token x tokens/s, against a large device-to-device copy
+   measured here), prefill tokens/s of one prompt, and the peak device memory while loading;
+4. the optional benchmarks of ``OPTIONAL_BENCHMARKS`` whose scripts exist and take ``--device``.
+
+It prints one table of measurements and one line per check, and exits 1 if a check failed: a test,
+torchrun, a compiled step whose logits differ from the eager step's, a load whose peak device memory
+exceeds the finished model's (a full-precision copy reached the device), or the time budget.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from common import bytes_per_token, print_table, read_bandwidth
+from compare import cuda_bandwidth, mode_settings, timed
+
+from llama.checkpoint import layout_of, load_model, save_checkpoint
+from llama.decoding import DecodeStep
+from llama.model import ModelArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE_TESTS = ["test_model.py", "test_generation.py", "test_decoding.py", "test_sampling.py", "test_scores.py", "test_streaming.py"]
+DRY_RUN_TESTS = "logits_match_transformers"  # one test of the list, for the dry run
+SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
+DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "norm_eps": 1e-5}
+VOCAB_SIZE = 32000
+MODES = ["bf16", "int8", "int4"]
+# name -> (script under bench/, its arguments); run when the script exists and takes --device
+OPTIONAL_BENCHMARKS = {
+    "speculative decoding": ("speculative.py", []),
+    "server, mixed workload": ("server.py", ["--clients", "1,8", "--requests", "16"]),
+}
+# bytes a load may peak above the finished model: CUDA's int4 tiling holds one packed weight twice for a
+# moment (the 7B output projection: 66 MB), nothing like a full-precision copy (13 GB)
+LOAD_MEMORY_SLACK = 256 << 20
+
+
+@dataclass
+class Sizes:
+    """What one run measures: the shape, the prompt and the number of decoded tokens."""
+
+    params: dict
+    prefill_len: int
+    decode_tokens: int
+    rounds: int
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class Budget:
+    """The seconds left of ``--budget_s``; a stage that would start after it is a failed check."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def run_command(name: str, command: List[str], budget: Budget, limit_s: float, env: Optional[dict] = None) -> Check:
+    """Run ``command`` from the repository root for at most ``limit_s`` (and the budget); a check."""
+    timeout = min(limit_s, budget.left())
+    if timeout <= 0:
+        return Check(name, False, "not started: the time budget is spent")
+    start = time.monotonic()
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return Check(name, False, f"still running after {timeout:.0f} s")
+    seconds = time.monotonic() - start
+    tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+    return Check(name, result.returncode == 0, f"exit {result.returncode} in {seconds:.0f} s: {tail[0][:160]}")
+
+
+def device_tests(device: str, dry_run: bool, budget: Budget) -> Check:
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--device", device]
+    command += [f"tests/{name}" for name in DEVICE_TESTS] + (["-k", DRY_RUN_TESTS] if dry_run else [])
+    return run_command(f"pytest --device {device}", command, budget, limit_s=240)
+
+
+def torchrun_example(device: str, budget: Budget) -> Check:
+    """The example on the bundled model in a one-process torchrun job, over NCCL on CUDA (gloo on CPU)."""
+    backend = "nccl" if device == "cuda" else "gloo"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               "example_text_completion.py", "--device", device, "--temperature", "0", "--max_gen_len", "8", "--prompts", "import os"]
+    env = {**os.environ, "LLAMA_DIST_BACKEND": backend}
+    return run_command(f"torchrun --nproc_per_node 1 ({backend})", command, budget, limit_s=120, env=env)
+
+
+def write_random_checkpoint(params: dict, ckpt_dir: str, device: torch.device) -> None:
+    """A checkpoint of ``params``' shape in Meta's layout, bfloat16, N(0, 0.02) weights and unit
+    norms, generated tensor by tensor on ``device`` (fast on a GPU) and saved from the CPU."""
+    args = ModelArgs.from_dict({**params, "vocab_size": VOCAB_SIZE})
+    generator = torch.Generator(device).manual_seed(0)
+    state = {}
+    for key, (shape, _) in layout_of(args).items():
+        if key.endswith("norm.weight"):
+            state[key] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            state[key] = (0.02 * torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)).cpu()
+    save_checkpoint(ckpt_dir, {**params, "vocab_size": VOCAB_SIZE}, state, dtype=torch.bfloat16)
+
+
+@torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
+def decode_tok_s(step: DecodeStep, prompt_len: int, n_tokens: int, device: torch.device) -> float:
+    """Batch-1 greedy decoding of ``n_tokens`` positions after a prompt of ``prompt_len`` (whose
+    cache entries are whatever the cache holds); tokens/s."""
+    token = torch.ones(1, dtype=torch.long, device=device)
+
+    def loop():
+        nonlocal token
+        for pos in range(prompt_len, prompt_len + n_tokens):
+            token = step(token, torch.full_like(token, pos), kv_len=pos + 1).argmax(-1)
+
+    return n_tokens / timed(loop, device)
+
+
+@torch.no_grad()
+def prefill_tok_s(model, prompt: torch.Tensor, device: torch.device) -> float:
+    positions = torch.arange(prompt.shape[1], device=device)[None]
+    return prompt.shape[1] / timed(lambda: model.forward_at(prompt, positions, logits_at=-1, kv_len=prompt.shape[1]), device)
+
+
+@torch.no_grad()
+def first_step_logits(step: DecodeStep, position: int, device: torch.device) -> torch.Tensor:
+    token = torch.full((1,), 7, dtype=torch.long, device=device)
+    return step(token, torch.full_like(token, position), kv_len=position + 1).float()
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def measure_mode(
+    ckpt_dir: str, args: ModelArgs, mode: str, compiled_too: bool, sizes: Sizes, device: torch.device, bandwidth: float
+) -> tuple:
+    """Load ``mode``, then time prefill and decoding eager (and compiled); (table rows, checks)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model = load_model(ckpt_dir, args, device, *mode_settings(mode))
+    load_s = time.perf_counter() - start
+    peak, resident = device_memory(device), torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    checks = []
+    if peak is not None:
+        checks.append(Check(f"{mode}: loading peaks at the finished model's memory", peak <= resident + LOAD_MEMORY_SLACK,
+                            f"peak {peak / 2**30:.2f} GiB, finished {resident / 2**30:.2f} GiB"))
+    prompt = torch.randint(3, VOCAB_SIZE, (1, sizes.prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
+    prefill_tok_s(model, prompt[:, :8], device)  # warm-up
+    prefill = statistics.median(prefill_tok_s(model, prompt, device) for _ in range(sizes.rounds))
+    per_token = bytes_per_token(model)
+    rows, logits = [], {}
+    for compiled in (False, True) if compiled_too else (False,):
+        step = DecodeStep(model, compile=compiled)
+        logits[compiled] = first_step_logits(step, sizes.prefill_len, device)  # compiles, the first time
+        decode_tok_s(step, sizes.prefill_len, 4, device)  # warm-up (CUDA graphs are recorded per length bucket)
+        tok_s = statistics.median(decode_tok_s(step, sizes.prefill_len, sizes.decode_tokens, device) for _ in range(sizes.rounds))
+        rows.append([mode + (" compiled" if compiled else ""), f"{tok_s:.1f}", f"{100 * per_token * tok_s / bandwidth:.0f}",
+                     f"{prefill:.0f}", f"{per_token / 2**30:.2f}", f"{load_s:.1f}",
+                     "-" if peak is None else f"{peak / 2**30:.2f}", "-" if not compiled else f"{step.compile_seconds:.1f}"])
+    if compiled_too:
+        error = (logits[True] - logits[False]).abs().max().item()
+        scale = logits[False].abs().max().item()
+        checks.append(Check(f"{mode}: compiled step's logits equal the eager step's", error <= 0.05 * scale + 1e-3,
+                            f"max |difference| {error:.4f}, max |logit| {scale:.3f}"))
+    return rows, checks
+
+
+def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Check]:
+    """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device (dry run: only its --help)."""
+    checks = []
+    for name, (script, script_args) in OPTIONAL_BENCHMARKS.items():
+        path = ROOT / "bench" / script
+        if not path.is_file():
+            continue
+        usage = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if usage.returncode or "--device" not in usage.stdout:
+            checks.append(Check(name, True, f"skipped: bench/{script} does not take --device"))
+        elif dry_run:
+            checks.append(Check(name, True, f"dry run: bench/{script} --help answers"))
+        else:
+            checks.append(run_command(name, [sys.executable, str(path), "--device", device] + script_args, budget, limit_s=120))
+    return checks
+
+
+def goals(results: Dict[str, float], fractions: Dict[str, float]) -> List[str]:
+    """The goals for a GPU, from the decode tokens/s and bandwidth fractions measured."""
+    lines = []
+    if "bf16 compiled" in fractions:
+        lines.append(f"compiled bf16 reads at {100 * fractions['bf16 compiled']:.0f}% of the measured bandwidth (goal >= 80%)")
+    if "bf16 compiled" in results and "bf16" in results:
+        lines.append(f"compiled bf16 against eager bf16: {results['bf16 compiled'] / results['bf16']:.2f}x (goal >= 3x)")
+    if "int4 compiled" in results and "bf16 compiled" in results:
+        lines.append(f"int4 against bf16, compiled: {results['int4 compiled'] / results['bf16 compiled']:.2f}x (goal >= 1.8x)")
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry_run", action="store_true", help="on the CPU, tiny shapes, one device test: checks the script itself")
+    parser.add_argument("--ckpt_dir", help="a checkpoint to measure instead of a random one of params/llama-2-7b.json's shape")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes to measure (see bench/compare.py)")
+    parser.add_argument("--compiled_modes", default=None, help="modes also measured compiled (default: every mode; dry run: int8)")
+    parser.add_argument("--budget_s", type=float, default=540, help="every stage must start within this many seconds")
+    parser.add_argument("--skip_tests", action="store_true", help="skip pytest and torchrun")
+    options = parser.parse_args(argv)
+    device = torch.device("cpu" if options.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or pass --dry_run")
+    if options.dry_run:
+        sizes = Sizes(DRY_RUN_SHAPE, prefill_len=32, decode_tokens=8, rounds=1)
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    else:
+        sizes = Sizes(json.loads(SHAPE_7B.read_text()), prefill_len=512, decode_tokens=64, rounds=3)
+    compiled_modes = (options.compiled_modes if options.compiled_modes is not None else "int8" if options.dry_run else options.modes).split(",")
+    budget = Budget(options.budget_s)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    print(f"{name}, torch {torch.__version__}", flush=True)
+
+    checks = []
+    if not options.skip_tests:
+        checks += [device_tests(device.type, options.dry_run, budget), torchrun_example(device.type, budget)]
+        print("\n".join(f"{'ok' if c.ok else 'FAILED'}: {c.name} ({c.detail})" for c in checks), flush=True)
+
+    scratch = tempfile.TemporaryDirectory(prefix="llama-gpu-")
+    ckpt_dir = options.ckpt_dir
+    if ckpt_dir is None:
+        ckpt_dir = str(Path(scratch.name) / "random")
+        start = time.perf_counter()
+        write_random_checkpoint(sizes.params, ckpt_dir, device)
+        print(f"wrote a random checkpoint of {sizes.params} in {time.perf_counter() - start:.0f} s", flush=True)
+    args = ModelArgs.from_dict({**sizes.params, "vocab_size": VOCAB_SIZE, "max_seq_len": sizes.prefill_len + sizes.decode_tokens + 8,
+                                "max_batch_size": 1})
+    bandwidth = cuda_bandwidth(device) if device.type == "cuda" else read_bandwidth(1 << 26)
+    rows, speeds, fractions = [], {}, {}
+    for mode in options.modes.split(","):
+        if budget.left() <= 0:
+            checks.append(Check(f"{mode}: measured", False, "not started: the time budget is spent"))
+            continue
+        mode_rows, mode_checks = measure_mode(ckpt_dir, args, mode, mode in compiled_modes, sizes, device, bandwidth)
+        rows += mode_rows
+        checks += mode_checks
+        speeds.update({row[0]: float(row[1]) for row in mode_rows})
+        fractions.update({row[0]: float(row[2]) / 100 for row in mode_rows})
+        print(f"measured {mode} ({budget.left():.0f} s of the budget left)", flush=True)
+    checks += optional_benchmarks(device.type, options.dry_run, budget)
+
+    header = ["mode", "decode tok/s (b1)", "% of bandwidth", "prefill tok/s", "GiB read/token", "load s", "peak GiB loading", "compile s"]
+    print_table(f"{name}: {sizes.params}, prompt {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens, median of "
+                f"{sizes.rounds}; measured bandwidth {bandwidth / 1e9:.0f} GB/s", header, rows)
+    for line in goals(speeds, fractions):
+        print(line)
+    for check in checks:
+        print(f"{'ok' if check.ok else 'FAILED'}: {check.name} ({check.detail})")
+    failed = [check.name for check in checks if not check.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""bench/gpu.py, the one command of a machine lent with a GPU for minutes, runs end to end on the CPU
+with tiny shapes (--dry_run), so that it cannot rot between the rare sessions that have a GPU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_bench_dry_run_passes_every_check_and_prints_each_mode():
+    result = subprocess.run([sys.executable, "bench/gpu.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=420)  # mostly compiling one step; minutes when the machine is loaded
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for mode in ("bf16", "int8", "int4"):
+        assert any(line.startswith(f"{mode} ") for line in lines), result.stdout
+    assert any(line.startswith("int8 compiled ") for line in lines), result.stdout
+    assert "ok: int8: compiled step's logits equal the eager step's" in result.stdout
+    assert "ok: pytest --device cpu" in result.stdout
+    assert "ok: torchrun --nproc_per_node 1 (gloo)" in result.stdout
+    assert "FAILED" not in result.stdout
