@@ -472,9 +472,10 @@ def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    """One slot, no queue, a served name, the key from the environment, one allowed web origin."""
+    """One slot, no queue, a served name, the key from the environment, one allowed web origin, prompt
+    lookup for every request."""
     command = [sys.executable, "-m", "llama.server", "--served_model_name", "tiny", "--allowed_origins", ORIGIN,
-               "--max_queue", "0", "--max_batch_size", "1", "--max_seq_len", str(MAX_SEQ_LEN), "--port", "0", "--device", "cpu"]
+               "--speculate", "lookup", "--max_queue", "0", "--max_batch_size", "1", "--max_seq_len", str(MAX_SEQ_LEN), "--port", "0", "--device", "cpu"]
     running = Server(command, tmp_path_factory.mktemp("small_server") / "log", env={"LLAMA_API_KEY": "env-key"}, name="tiny")
     yield running
     running.kill()
@@ -491,6 +492,14 @@ def test_served_model_name_and_key_from_the_environment(small_server):
         client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=small_server.url("/v1"), api_key=API_KEY, max_retries=0).models.list()
+
+
+def test_speculating_server_answers_as_plain_greedy_decoding(small_server, llama):
+    assert "speculative decoding for every request: lookup, 4 token(s)" in small_server.log()
+    client = openai.OpenAI(base_url=small_server.url("/v1"), api_key="env-key", timeout=60, max_retries=0)
+    for prompt in PROMPTS[1:]:
+        answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+        assert answer.choices[0].text == llama.text_completion([prompt], max_gen_len=40, temperature=0)[0]["generation"]
 
 
 def test_cors_preflight_and_headers_on_every_answer(small_server):

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch.distributed as dist
 
-from llama.cli import load_line, run
+from llama.cli import check_speculation_flags, load_line, run
 from llama.distributed import is_main_process, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
@@ -59,6 +59,10 @@ def main(
     prefill_chunk: int = 256,
     heartbeat_seconds: float = 10.0,
     threads: Optional[int] = None,
+    speculate: Optional[str] = None,
+    speculate_k: int = 4,
+    draft_ckpt_dir: Optional[str] = None,
+    draft_quantize: Optional[str] = None,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -92,12 +96,14 @@ def main(
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name.strip()):
         raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
+    check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
     set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize)
-    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds)  # the server's policy
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
+                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize)
+    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft)  # the server's policy
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
@@ -105,7 +111,11 @@ def main(
         engine.follow()
         logger.info("rank %d: the server shut down", dist.get_rank())
         return
-    scheduler = Scheduler(engine, max_queue)
+    speculation = None
+    if speculate is not None:
+        speculation = dict(speculate=speculate, speculate_k=speculate_k)
+        logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", speculate, speculate_k)
+    scheduler = Scheduler(engine, max_queue, speculation)
     serve(llama, scheduler, served_model_name or Path(ckpt_dir).name, host, port, api_key, origins)
 
 

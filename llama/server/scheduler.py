@@ -11,8 +11,10 @@ and the thread that owns the model runs the engine's loop.
   ``follow``, until rank 0 broadcasts the shutdown.
 """
 
+import dataclasses
 import logging
 import threading
+from typing import Optional
 
 from llama.engine import Engine, Request
 from llama.server.protocol import Job, RequestError
@@ -25,10 +27,11 @@ def shutting_down() -> RequestError:
 
 
 class Scheduler:
-    """Rank 0's bounded door to ``engine``: ``submit`` from any thread, ``run`` on the model's."""
+    """Rank 0's bounded door to ``engine``: ``submit`` from any thread, ``run`` on the model's.
+    ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request."""
 
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int, speculation: Optional[dict] = None):
+        self.engine, self.max_queue, self.speculation = engine, max_queue, speculation or {}
         self.submitting = threading.Lock()  # the bound is checked and the job queued as one act
         self.stopping = threading.Event()
 
@@ -59,7 +62,8 @@ class Scheduler:
                     status=503, kind="server_error",
                 )
             try:
-                request = self.engine.submit(job.prompt_tokens, job.options, "prompt" if job.kind == "completion" else "dialog")
+                options = dataclasses.replace(job.options, **self.speculation)
+                request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
             except (ValueError, TypeError) as error:
                 raise RequestError(str(error)) from None
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
