@@ -34,13 +34,13 @@ from typing import Dict, List, Optional
 import torch
 
 from common import bytes_per_token, print_table, read_bandwidth
-from compare import cuda_bandwidth, mode_settings, timed
+from compare import Ours, cuda_bandwidth, mode_settings, timed
 
 from llama.checkpoint import layout_of, load_model, save_checkpoint
-from llama.decoding import DecodeStep
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECKED_TOKENS = 4  # greedy tokens compared between the compiled and the eager engine
 DEVICE_TESTS = ["test_model.py", "test_generation.py", "test_decoding.py", "test_sampling.py", "test_scores.py", "test_streaming.py"]
 DRY_RUN_TESTS = "logits_match_transformers"  # one test of the list, for the dry run
 SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
@@ -129,29 +129,18 @@ def write_random_checkpoint(params: dict, ckpt_dir: str, device: torch.device) -
 
 
 @torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
-def decode_tok_s(step: DecodeStep, prompt_len: int, n_tokens: int, device: torch.device) -> float:
-    """Batch-1 greedy decoding of ``n_tokens`` positions after a prompt of ``prompt_len`` (whose
-    cache entries are whatever the cache holds); tokens/s."""
-    token = torch.ones(1, dtype=torch.long, device=device)
-
-    def loop():
-        nonlocal token
-        for pos in range(prompt_len, prompt_len + n_tokens):
-            token = step(token, torch.full_like(token, pos), kv_len=pos + 1).argmax(-1)
-
-    return n_tokens / timed(loop, device)
+def decode_tok_s(decoder: Ours, prompt: torch.Tensor, n_tokens: int, device: torch.device) -> float:
+    """Batch-1 greedy decoding of ``n_tokens`` tokens after ``prompt`` on the engine, less its
+    prefill (timed alone); tokens/s."""
+    total = timed(lambda: decoder.decode(prompt, n_tokens), device)
+    first = timed(lambda: decoder.prefill(prompt), device)
+    return n_tokens / max(total - first, 1e-9)
 
 
 @torch.no_grad()
 def prefill_tok_s(model, prompt: torch.Tensor, device: torch.device) -> float:
     positions = torch.arange(prompt.shape[1], device=device)[None]
     return prompt.shape[1] / timed(lambda: model.forward_at(prompt, positions, logits_at=-1, kv_len=prompt.shape[1]), device)
-
-
-@torch.no_grad()
-def first_step_logits(step: DecodeStep, position: int, device: torch.device) -> torch.Tensor:
-    token = torch.full((1,), 7, dtype=torch.long, device=device)
-    return step(token, torch.full_like(token, position), kv_len=position + 1).float()
 
 
 def device_memory(device: torch.device) -> Optional[int]:
@@ -177,20 +166,19 @@ def measure_mode(
     prefill_tok_s(model, prompt[:, :8], device)  # warm-up
     prefill = statistics.median(prefill_tok_s(model, prompt, device) for _ in range(sizes.rounds))
     per_token = bytes_per_token(model)
-    rows, logits = [], {}
+    rows, greedy = [], {}
     for compiled in (False, True) if compiled_too else (False,):
-        step = DecodeStep(model, compile=compiled)
-        logits[compiled] = first_step_logits(step, sizes.prefill_len, device)  # compiles, the first time
-        decode_tok_s(step, sizes.prefill_len, 4, device)  # warm-up (CUDA graphs are recorded per length bucket)
-        tok_s = statistics.median(decode_tok_s(step, sizes.prefill_len, sizes.decode_tokens, device) for _ in range(sizes.rounds))
+        decoder = Ours(model, compile=compiled)
+        greedy[compiled] = decoder.decode(prompt[:, :8], CHECKED_TOKENS)[0][:CHECKED_TOKENS]  # compiles, the first time
+        decode_tok_s(decoder, prompt, 4, device)  # warm-up (CUDA graphs are recorded per length bucket)
+        tok_s = statistics.median(decode_tok_s(decoder, prompt, sizes.decode_tokens, device) for _ in range(sizes.rounds))
+        step = decoder.engine
         rows.append([mode + (" compiled" if compiled else ""), f"{tok_s:.1f}", f"{100 * per_token * tok_s / bandwidth:.0f}",
                      f"{prefill:.0f}", f"{per_token / 2**30:.2f}", f"{load_s:.1f}",
                      "-" if peak is None else f"{peak / 2**30:.2f}", "-" if not compiled else f"{step.compile_seconds:.1f}"])
-    if compiled_too:
-        error = (logits[True] - logits[False]).abs().max().item()
-        scale = logits[False].abs().max().item()
-        checks.append(Check(f"{mode}: compiled step's logits equal the eager step's", error <= 0.05 * scale + 1e-3,
-                            f"max |difference| {error:.4f}, max |logit| {scale:.3f}"))
+    if compiled_too:  # a random model's logits are nearly flat: later tokens may part ways on rounding alone
+        checks.append(Check(f"{mode}: compiled greedy tokens equal the eager ones", greedy[True] == greedy[False],
+                            f"first {CHECKED_TOKENS}: eager {greedy[False]}, compiled {greedy[True]}"))
     return rows, checks
 
 

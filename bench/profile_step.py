@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: torch.profiler over greedy decoding from BOS, per mode.
+"""Where a decode step's time goes: torch.profiler over greedy decoding on the engine, per mode.
 
     python bench/profile_step.py                          # a random 134M checkpoint, int8 and int4
     python bench/profile_step.py --modes fp32,bf16,int8 --compile --threads 2
@@ -15,19 +15,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import add_checkpoint_args, checkpoint_args, random_checkpoint
-from compare import mode_settings
+from compare import Ours, mode_settings
 
 from llama.checkpoint import load_model
-from llama.decoding import DecodeStep
+
+PROMPT = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 @torch.no_grad()  # not inference_mode: torch.compile cannot take inference tensors
-def decode(step: DecodeStep, start: int, steps: int) -> float:
-    """Greedy decoding of ``steps`` positions after ``start``; tokens/s."""
-    token = torch.tensor([1])
+def decode(decoder: Ours, steps: int) -> float:
+    """Greedy decoding of ``steps`` tokens after an 8-token prompt; tokens/s (the prefill included)."""
     begin = time.perf_counter()
-    for pos in range(start, start + steps):
-        token = step(token, torch.tensor([pos]), kv_len=pos + 1).argmax(-1)
+    decoder.generate(PROMPT, steps)
     return steps / (time.perf_counter() - begin)
 
 
@@ -43,13 +42,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     scratch = tempfile.TemporaryDirectory(prefix="llama-profile-")
     ckpt_dir = args.ckpt_dir or random_checkpoint(args, str(Path(scratch.name) / "llama"))
-    model_args = checkpoint_args(ckpt_dir, 3 * args.steps + 8, 1)
+    model_args = checkpoint_args(ckpt_dir, PROMPT.shape[1] + args.steps, 1)
     for mode in args.modes.split(","):
-        step = DecodeStep(load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)), compile=args.compile)
-        decode(step, 0, 8)  # warm-up (and compilation)
-        tok_s = decode(step, 8, args.steps)
+        decoder = Ours(load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)), compile=args.compile)
+        decode(decoder, args.steps)  # warm-up (and compilation)
+        tok_s = decode(decoder, args.steps)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode(step, 8 + args.steps, args.steps)
+            decode(decoder, args.steps)
         print(f"\n== {mode}{' compiled' if args.compile else ''}: {tok_s:.1f} tok/s, {1e3 / tok_s:.2f} ms a token ({torch.get_num_threads()} threads)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 

@@ -220,8 +220,8 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, ma
 
 def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str) -> None:
     """A draft model proposes token ids of the model's vocabulary: its embedding must have the
-    tokenizer's rows, and a ``tokenizer.model`` in its folder must hold the same pieces."""
-    rows, rows_file = embedding_rows(draft_ckpt_dir)
+    tokenizer's rows, and a ``tokenizer.model`` in its folder must give each id the same bytes."""
+    rows, rows_file = embedding_rows(draft_ckpt_dir, read_params(draft_ckpt_dir))
     if rows != tokenizer.n_words:
         raise ValueError(
             f"draft checkpoint {draft_ckpt_dir} has a vocabulary of {rows} tokens ({rows_file}) but the model's "
@@ -230,8 +230,7 @@ def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_
     own = Path(draft_ckpt_dir) / TOKENIZER_FILE
     if own.is_file() and own.resolve() != Path(tokenizer_path).resolve():
         draft_tokenizer = Tokenizer(str(own))
-        pieces = [draft_tokenizer.sp_model.id_to_piece(i) for i in range(rows)]
-        if pieces != [tokenizer.sp_model.id_to_piece(i) for i in range(rows)]:
+        if [draft_tokenizer.token_bytes(i) for i in range(rows)] != [tokenizer.token_bytes(i) for i in range(rows)]:
             raise ValueError(
                 f"draft tokenizer {own} and the model's tokenizer {tokenizer_path} both have {rows} tokens but "
                 "different pieces: a draft must share the model's vocabulary"

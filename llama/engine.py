@@ -45,6 +45,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts

@@ -497,7 +497,7 @@ def test_chat_stream_and_server_request_use_metas_chat_format(llama3_folders, ll
     answer = llama.chat_completion([DIALOG], temperature=0, max_gen_len=6)[0]["generation"]["content"]
     assert "".join(piece for (piece,) in llama.chat_completion_stream([DIALOG], temperature=0, max_gen_len=6)) == answer
     job = parse_chat({"messages": DIALOG, "max_tokens": 4}, llama, "test")
-    assert job.prompt_lens == [len(metas_chat_tokens(DIALOG, encoding))]
+    assert job.prompt_tokens == [metas_chat_tokens(DIALOG, encoding)]
     token = encoding.encode(" héllo")[0]
     assert LlamaHTTPServer.token_bytes(argparse.Namespace(llama=llama), token) == encoding.decode_single_token_bytes(token)
 
