@@ -51,7 +51,7 @@ from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
-from llama.speculative import ChunkForward, NgramIndex, exponentials, penalised_per_position, step_keys, verify
+from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 from llama.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
 
@@ -672,20 +672,14 @@ class Engine:
         live = torch.zeros(width, dtype=torch.bool)
         live[[row.slot for row in rows]] = True
         kv_len = max(row.position for row in rows) + 1  # no position reaches it
-        if self.compiled is not None:  # a power-of-two bucket: one graph serves many lengths
-            kv_len = min(max(16, power_of_two_at_least(kv_len)), params.max_seq_len)
-        kv_slots = torch.empty(kv_len, 0)
+        # compiled: a power-of-two bucket of the cache, one graph for many lengths
+        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len)
         features = self.features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
         live = live.to(self.device)
         if self.compiled is None:
             message = self.decode_step(width, kv_slots, live, noise, features)
         else:
-            # sizes 0 and 1 are always specialised; the whole cache gets a graph of its own: a prefix of
-            # the cache rows is contiguous exactly when it spans the whole length, and the compiler
-            # specialises on that
-            if 1 < kv_slots.shape[0] < params.max_seq_len:
-                torch._dynamo.mark_dynamic(kv_slots, 0)
             start = time.perf_counter()
             if self.distributed:
                 logits, chosen = self.compiled(width, kv_slots, noise, features)

@@ -193,11 +193,22 @@ def verify(
     return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
 
 
+def attended_slots(kv_len: int, max_seq_len: int) -> torch.Tensor:
+    """The attended length of a compiled pass, as an empty (bucket, 0) tensor: ``kv_len`` rounded up to
+    a power of two (at least 16, at most the cache) and marked dynamic, so one graph serves every
+    bucket. Sizes 0 and 1 are always specialised, and the whole cache gets a graph of its own: a prefix
+    of the cache rows is contiguous exactly when it spans the whole length, and the compiler
+    specialises on that."""
+    kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
+    if 1 < kv_slots.shape[0] < max_seq_len:
+        torch._dynamo.mark_dynamic(kv_slots, 0)
+    return kv_slots
+
+
 class ChunkForward:
     """The model's cached forward over (width, n) tokens at their positions, attending over a
     power-of-two bucket of the cache: a verification pass (n = k+1) or a draft's step. With
-    ``compile``, one graph per width and n serves every length (the bucket is marked dynamic, the
-    whole cache has its own graph, as in the engine's decode step)."""
+    ``compile``, one graph per width and n serves every length (``attended_slots``)."""
 
     def __init__(self, model, compile: bool = False):
         self.model = model
@@ -214,7 +225,4 @@ class ChunkForward:
         max_seq_len = self.model.params.max_seq_len
         if self.compiled is None:
             return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len))
-        kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
-        if 1 < kv_slots.shape[0] < max_seq_len:
-            torch._dynamo.mark_dynamic(kv_slots, 0)
-        return self.compiled(tokens, positions, kv_slots)
+        return self.compiled(tokens, positions, attended_slots(kv_len, max_seq_len))
