@@ -53,6 +53,7 @@ class Ours:
     then the decode step (eager, or compiled with ``compile``) once per token."""
 
     def __init__(self, model, compile: bool = False):
+        self.model = model
         self.engine = Engine(model, None, compile)
 
     def generate(self, prompt, n_tokens):
