@@ -104,10 +104,11 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(split_size(out_features, "out_features"), in_features))
         self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
+        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.scales)  # (..., out_features / world_size)
+        y = linear(x, self.weight, self.scales, self.onednn)  # (..., out_features / world_size)
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -176,10 +177,11 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features")))
         self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
+        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight, self.scales))
+        return all_reduce(linear(x, self.weight, self.scales, self.onednn))
 
 
 class ParallelEmbedding(nn.Module):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.cpu_kernels import onednn_linear, wants_autograd
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
 QUANTIZE_PATTERN = re.compile(r"int8|int4(?:-g(\d+))?")
@@ -75,10 +77,13 @@ def check_activation_dtype(quantization: Quantization, device: torch.device, dty
         raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 or float16, not float32: pass dtype='bfloat16'")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], onednn: bool = False) -> torch.Tensor:
     """``x W^T`` for a float ``weight`` (``scales`` None), an int8 one (``scales`` (out,)) or a packed
-    int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2))."""
+    int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2)). ``onednn``: a
+    float32 CPU weight whose shape oneDNN's kernel was measured to multiply faster (``llama.cpu_kernels``)."""
     if scales is None:
+        if onednn and not wants_autograd(x, weight):
+            return onednn_linear(x, weight)
         return F.linear(x, weight)
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if scales.dim() == 1:

@@ -1,0 +1,94 @@
+"""Which kernel multiplies a float32 weight on a CPU: measured on the machine, not assumed.
+
+torch's ``F.linear`` in float32 calls its BLAS (MKL in the pip builds); oneDNN, which torch also
+carries, has its own float32 kernel. Which one reads a weight faster depends on the CPU and on the
+weight's shape: on a 2-core AMD EPYC (AVX2), MKL's single-token product streamed 7-10 GB/s where
+oneDNN's streamed 12-16 GB/s for the large matrices, while oneDNN's fixed cost per call (~50 us) made
+it 2x slower for small ones (docs/performance.md). So ``choose_float32_kernels`` times both kernels at
+load over the model's own weights, one shape at a time, and lets each layer use the faster one.
+
+The two kernels differ only in the order of the float32 sums (logits agree to ~1e-5); the choice is
+made once per weight shape and thread count in a process, so every model a process loads computes
+alike. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``.
+"""
+
+import statistics
+import time
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUNDS = 5  # alternating timings of each kernel per shape; the median decides
+MARGIN = 0.95  # oneDNN must take under 95% of BLAS's time: a tie keeps torch's default
+TIMED_BYTES = 32 << 20  # weight bytes read per timing: a few layers of a large model, a small one's repeatedly
+
+_chosen: Dict[Tuple[int, int, int], bool] = {}  # (out_features, in_features, threads) -> use oneDNN
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` by oneDNN's float32 kernel. Compiled code calls it through ``compiled_onednn_linear``:
+    the compiler's own lowering of the op expects weights frozen into the graph."""
+    if torch.compiler.is_compiling():
+        return compiled_onednn_linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@torch.library.custom_op("llama::onednn_linear", mutates_args=())
+def compiled_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same kernel as one opaque call in a compiled graph."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@compiled_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def wants_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def _pass_seconds(layers: List[nn.Module], x: torch.Tensor, onednn: bool) -> float:
+    """Seconds for one product with each weight of ``layers`` in turn, as a decode step reads them."""
+    start = time.perf_counter()
+    for layer in layers:
+        onednn_linear(x, layer.weight) if onednn else F.linear(x, layer.weight)
+    return time.perf_counter() - start
+
+
+def timed_layers(layers: List[nn.Module]) -> List[nn.Module]:
+    """About ``TIMED_BYTES`` of weights from ``layers``: the first few of a large model's, or a small
+    model's all, repeated (read from the caches, as that model's decoding reads them)."""
+    nbytes = layers[0].weight.numel() * layers[0].weight.element_size()
+    count = max(1, TIMED_BYTES // nbytes)
+    return (layers * (count // len(layers) + 1))[:count]
+
+
+@torch.no_grad()
+def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
+    """Set ``onednn`` on each float32 CPU linear layer of ``model`` (the layers of ``llama.parallel``)
+    to whether oneDNN multiplies its shape of weight faster here than torch's default, timed on one
+    token's input; returns the choice per (out_features, in_features)."""
+    layers: Dict[Tuple[int, int], List[nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "onednn") and module.scales is None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            layers.setdefault(tuple(weight.shape), []).append(module)
+    if not layers or not torch.backends.mkldnn.is_available():
+        return {}
+    threads = torch.get_num_threads()
+    for shape, group in layers.items():
+        key = (*shape, threads)
+        if key not in _chosen:
+            x, timed = torch.randn(1, shape[1]), timed_layers(group)
+            onednn_linear(x, group[0].weight)  # oneDNN prepares its kernel for the shape on first use
+            seconds = {False: [], True: []}
+            for _ in range(ROUNDS):
+                for onednn in (False, True):
+                    seconds[onednn].append(_pass_seconds(timed, x, onednn))
+            _chosen[key] = statistics.median(seconds[True]) < MARGIN * statistics.median(seconds[False])
+        for module in group:
+            module.onednn = _chosen[key]
+    return {shape: _chosen[(*shape, threads)] for shape in layers}

@@ -1,0 +1,88 @@
+"""The float32 CPU kernel chosen per weight shape by timing (``llama.cpu_kernels``): the choice
+follows the timings, is made once per shape in a process, and oneDNN's kernel computes what
+``F.linear`` computes, in eager and compiled code, with autograd falling back to ``F.linear``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SMALL_PARAMS, random_state
+from llama import cpu_kernels
+from llama.cpu_kernels import choose_float32_kernels
+from llama.model import ModelArgs, Transformer
+from llama.quantize import linear, quantize_int8
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def small_model(max_seq_len: int = 32, max_batch_size: int = 2) -> Transformer:
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+    model = Transformer(args)
+    model.load_state_dict(random_state(args))
+    model.setup_caches()
+    return model
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """An empty record of choices, so that this test measures (or fakes) its own."""
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})
+
+
+def test_each_shape_takes_the_kernel_its_timings_favour_and_is_timed_once(fresh_choices, monkeypatch):
+    model = small_model()
+    output_shape = tuple(model.output.weight.shape)
+    timed = []
+
+    def fake_seconds(layers, x, onednn):  # oneDNN faster only for the output projection's shape
+        shape = tuple(layers[0].weight.shape)
+        timed.append(shape)
+        return (0.5 if shape == output_shape else 2.0) if onednn else 1.0
+
+    monkeypatch.setattr(cpu_kernels, "_pass_seconds", fake_seconds)
+    choices = choose_float32_kernels(model)
+    shapes = {tuple(m.weight.shape) for m in model.modules() if hasattr(m, "onednn")}
+    assert set(choices) == shapes and choices[output_shape] and sum(choices.values()) == 1
+    assert model.output.onednn and not model.layers[0].attention.wqkv.onednn and not model.layers[1].feed_forward.w2.onednn
+    assert len(timed) == len(shapes) * 2 * cpu_kernels.ROUNDS
+
+    again = small_model()  # a second model of the same shapes in this process: the same choice, no timing
+    monkeypatch.setattr(cpu_kernels, "_pass_seconds", lambda *args: pytest.fail("timed twice"))
+    assert choose_float32_kernels(again) == choices and again.output.onednn
+
+
+def test_a_tie_keeps_torchs_default(fresh_choices, monkeypatch):
+    model = small_model()
+    monkeypatch.setattr(cpu_kernels, "_pass_seconds", lambda layers, x, onednn: 0.97 if onednn else 1.0)
+    assert not any(choose_float32_kernels(model).values())
+
+
+def test_quantized_and_half_precision_layers_are_not_timed(fresh_choices):
+    model = quantize_int8(small_model().to(torch.bfloat16))
+    assert choose_float32_kernels(model) == {}
+    assert choose_float32_kernels(small_model().to(torch.bfloat16)) == {}
+
+
+def test_onednn_logits_equal_blas_logits_and_autograd_falls_back():
+    model = small_model()
+    tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        blas = model(tokens)
+        for module in model.modules():
+            if hasattr(module, "onednn"):
+                module.onednn = True
+        onednn = model(tokens)
+    assert torch.allclose(onednn, blas, atol=1e-4)
+    loss = model(tokens).logsumexp(-1).mean()  # gradients flow: F.linear under autograd
+    loss.backward()
+    assert model.output.weight.grad is not None and torch.allclose(model(tokens).detach(), blas, atol=1e-4)
+
+
+def test_compiled_onednn_linear_equals_eager_exactly():
+    weight = torch.randn(96, 64)
+    x = torch.randn(3, 5, 64)
+    eager = linear(x, weight, None, onednn=True)
+    compiled = torch.compile(lambda x: linear(x, weight, None, onednn=True), fullgraph=True)(x)
+    assert torch.equal(eager, torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))  # oneDNN's kernel ran
+    assert torch.allclose(eager, F.linear(x, weight), atol=1e-5)
+    assert torch.equal(compiled, eager)
