@@ -70,7 +70,7 @@ def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama
 def test_kv_cache_is_preallocated_in_model_dtype(llama_and_state):
     llama, _ = llama_and_state
     cache = llama.model.layers[0].attention.cache_k
-    assert cache.shape == (4, 128, SMALL_PARAMS["n_kv_heads"], 8)
+    assert cache.shape == (4, SMALL_PARAMS["n_kv_heads"], 128, 8)  # heads before positions
     assert cache.dtype == torch.float32
 
 
