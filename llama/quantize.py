@@ -82,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2)). ``onednn``: a
     float32 CPU weight whose shape oneDNN's kernel was measured to multiply faster (``llama.cpu_kernels``)."""
     if scales is None:
-        if onednn and not wants_autograd(x, weight):
+        if onednn and weight.dtype == torch.float32 and weight.device.type == "cpu" and not wants_autograd(x, weight):
             return onednn_linear(x, weight)
         return F.linear(x, weight)
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)

@@ -86,3 +86,18 @@ def test_compiled_onednn_linear_equals_eager_exactly():
     assert torch.equal(eager, torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))  # oneDNN's kernel ran
     assert torch.allclose(eager, F.linear(x, weight), atol=1e-5)
     assert torch.equal(compiled, eager)
+
+
+def test_a_timed_model_converted_afterwards_computes_as_torchs_default():
+    model = small_model()
+    tokens = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(2))
+    for module in model.modules():
+        if hasattr(module, "onednn"):
+            module.onednn = True
+    half = model.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = half(tokens)
+        for module in half.modules():
+            if hasattr(module, "onednn"):
+                module.onednn = False
+        assert torch.equal(logits, half(tokens))
