@@ -124,9 +124,20 @@ def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return tensor
 
 
+def trained_context(args: ModelArgs, tokenizer: Tokenizer) -> int:
+    """The context length a Meta checkpoint was released with, which its files do not state: 131072
+    with Llama 3.1's rope scaling (3.1, 3.2), 8192 for Llama 3.0 (a tiktoken tokenizer), 16384 for Code
+    Llama (rope_theta 1e6), 4096 for Llama 2."""
+    if args.rope_scaling is not None:
+        return 131072
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return 8192
+    return 16384 if args.rope_theta == 1e6 else 4096
+
+
 def to_hf(
     ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer: Tokenizer,
-    tokenizer_path: str, max_position_embeddings: int,
+    tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
     layout = layout_of(args)  # this single process: whole shapes
@@ -144,6 +155,9 @@ def to_hf(
             weight_map.update(dict.fromkeys(tensors, last_keys[key]))
             logger.info("wrote %s", out / last_keys[key])
             tensors = {}
+    if max_position_embeddings is None:
+        max_position_embeddings = trained_context(args, tokenizer)
+        logger.info("max_position_embeddings: %d (the model's released context; --max_position_embeddings sets another)", max_position_embeddings)
     config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if n_files > 1:
@@ -158,7 +172,7 @@ def convert(
     shards: int = 1,
     dtype: str = "bfloat16",
     tokenizer_path: Optional[str] = None,
-    max_position_embeddings: int = 4096,
+    max_position_embeddings: Optional[int] = None,
 ) -> None:
     """Convert the checkpoint in ``ckpt_dir`` (either layout) into ``out_dir`` (absent or empty).
 
@@ -168,8 +182,8 @@ def convert(
             vocabulary); safetensors files for "hf".
         dtype: "bfloat16", "float16", "float32", or "source" to keep each tensor's dtype.
         tokenizer_path: the source's tokenizer (tokenizer.model or tokenizer.json); None: the one in ``ckpt_dir``.
-        max_position_embeddings: written to config.json (Meta's files do not say; Llama 2 has 4096,
-            Llama 3.0 8192, Llama 3.1 and 3.2 131072).
+        max_position_embeddings: written to config.json; None: the context the model was released with
+            (``trained_context``: Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1 and 3.2 131072).
     """
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
@@ -199,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
     parser.add_argument("--tokenizer_path", default=None, help="the source's tokenizer.model or tokenizer.json; default: the one in --ckpt_dir, else beside it")
-    parser.add_argument("--max_position_embeddings", type=int, default=4096, help="written to config.json (hf)")
+    parser.add_argument("--max_position_embeddings", type=int, default=None,
+                        help="written to config.json (hf); default: the model's released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_parser(parser, lambda options: convert(
         options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,

@@ -93,6 +93,14 @@ def test_meta_two_shards_to_hf_read_by_transformers(make_checkpoint, tokenizer_p
     with torch.no_grad():
         expected = to_transformers(state, SMALL_PARAMS, vocab_size=512)(TOKENS).logits
     torch.testing.assert_close(transformers_logits(tmp_path / "hf"), expected, atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 4096  # Llama 2's context: a sentencepiece model, no rope scaling, rope_theta not 1e6
+
+
+def test_meta_to_hf_writes_the_context_it_is_given(make_checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, _ = make_checkpoint()
+    main(["--ckpt_dir", ckpt_dir, "--out", str(tmp_path / "hf"), "--format", "hf", "--tokenizer_path", tokenizer_path, "--max_position_embeddings", "2048"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 2048
 
 
 def test_output_folder_must_be_empty(round_trips, tmp_path):

@@ -453,6 +453,7 @@ def test_convert_meta_to_hf_and_back(llama3_folders, llama3_tokenizer, tmp_path)
     convert(meta_folder, str(tmp_path / "hf"), "hf", dtype="float32")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": THETA, **ROPES[name][0]}
+    assert config["max_position_embeddings"] == 131072  # Llama 3.1 and 3.2's context, which Meta's files do not state
     tokens, _ = llama3_inputs(Tokenizer(llama3_tokenizer[0]))
     with torch.no_grad():
         converted = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(tokens).logits
