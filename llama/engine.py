@@ -76,7 +76,8 @@ class RowDelta:
     logprobs: their log-probabilities (the model's distribution, before any sampling option) when
         the request asked for ``logprobs``, else [].
     top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
-    finish_reason: None while the row runs, then "stop", "length" or "cancelled".
+    finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
+        loop's step failed).
     """
 
     row: int
@@ -163,7 +164,7 @@ class Request:
 
     @property
     def finish_reasons(self) -> List[Optional[str]]:
-        """Per row: None while waiting or running, then "stop", "length" or "cancelled"."""
+        """Per row: None while waiting or running, then "stop", "length", "cancelled" or "error"."""
         with self.lock:
             return [row.finish_reason for row in self.rows]
 
@@ -361,6 +362,7 @@ class Engine:
         self.owners: Dict[int, Request] = {}  # slot -> its row's request
         self.prefilling: List[Row] = []  # admitted rows whose prompt is not all in the cache, oldest first
         self.waiting: Deque[Request] = deque()
+        self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
         self.arrived = threading.Condition()
         self.ids = itertools.count()
         self.stopping = threading.Event()
@@ -458,7 +460,13 @@ class Engine:
         last_broadcast = time.monotonic()
         while not self.stopping.is_set():
             if self.waiting or self.running_slots:
-                self.step()
+                try:
+                    self.step()
+                except Exception:
+                    if self.distributed:  # the other ranks' state is unknown: stop them all
+                        raise
+                    logger.exception("a step failed: its requests end with finish reason 'error', serving goes on")
+                    self.fail_step()
                 last_broadcast = time.monotonic()
                 continue
             with self.arrived:
@@ -472,6 +480,18 @@ class Engine:
         self.step()  # cancels what runs, withdraws what waits
         if self.distributed:
             broadcast_plan(StepPlan("shutdown"))
+
+    def fail_step(self) -> None:
+        """After a step raised: every request it held (running, or taken from the queue) ends with
+        finish reason "error" and frees its slots; the requests still waiting are untouched."""
+        for request in set(self.owners.values()) | self.in_step:
+            for row in request.rows:
+                if row.slot is not None:
+                    self.end(request, row, "error")
+                elif row.finish_reason is None:
+                    request.finish(row, "error")
+            request.publish()
+        self.in_step = set()
 
     def follow(self) -> None:
         """A rank > 0's serving loop: runs each step rank 0 plans, until rank 0 shuts down. It waits
@@ -519,6 +539,7 @@ class Engine:
             waiting = {request.id: request for request in self.waiting}
             taken = set(plan.withdrawn) | {admission[0] for admission in plan.admissions}
             self.waiting = deque(request for request in self.waiting if request.id not in taken)
+            self.in_step = {waiting[request_id] for request_id in taken if request_id in waiting}
         for request_id in plan.withdrawn:
             if request_id in waiting:
                 for row in waiting[request_id].rows:
@@ -539,6 +560,7 @@ class Engine:
                 self.decode(decoding, touched)
         for request in touched:
             request.publish()
+        self.in_step = set()
         return bool(touched)
 
     def admit(self, request: Request, slots: List[int]) -> None:

@@ -201,3 +201,31 @@ def test_compiled_rows_coming_and_going_compile_nothing_after_warm_up_and_equal_
     assert unique_graphs() == graphs
     eager = workload(llama.engine, other)
     assert fast == eager
+
+
+def test_a_failed_step_ends_its_requests_with_error_and_the_serving_loop_goes_on(llama, monkeypatch):
+    import threading
+
+    engine = Engine(llama.model, llama.tokenizer)
+    real_decode, failures = engine.decode, []
+
+    def decode_failing_once(rows, touched):
+        if not failures:
+            failures.append(len(rows))
+            raise RuntimeError("a kernel failed")
+        return real_decode(rows, touched)
+
+    monkeypatch.setattr(engine, "decode", decode_failing_once)
+    serving = threading.Thread(target=engine.run)
+    serving.start()
+    try:
+        failed = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(**GREEDY, num_return_sequences=2))
+        assert sum(len(step) for step in failed.updates(timeout=60)) >= 2  # each row's end is delivered
+        assert failed.finish_reasons == ["error", "error"] and engine.running_slots == 0
+        after = engine.submit([encode(llama, PROMPTS[1])], GenerationOptions(**GREEDY))
+        list(after.updates(timeout=60))
+        assert after.finish_reasons == ["length"] and after.tokens[0] == alone(llama, PROMPTS[1], **GREEDY)
+    finally:
+        engine.stop()
+        serving.join(timeout=60)
+    assert failures == [2] and not serving.is_alive()

@@ -598,3 +598,17 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_row_ended_by_a_failed_step_streams_a_500_error_chunk_and_a_finished_row_its_reason():
+    from llama.engine import RowDelta
+    from llama.options import GenerationOptions
+    from llama.server.http import StreamChunks
+    from llama.server.protocol import Job
+
+    job = Job("completion", "m", ["a"], [[1, 2]], GenerationOptions(num_return_sequences=2), stream=True)
+    chunks = StreamChunks(job, lambda token: b"x", threading.Event())
+    failed = chunks.of(RowDelta(0, "", [], [], [], "error"))
+    assert failed[-1]["error"]["type"] == "server_error" and "generation failed" in failed[-1]["error"]["message"]
+    finished = chunks.of(RowDelta(1, "", [], [], [], "length"))
+    assert finished[-1]["choices"][0]["finish_reason"] == "length"

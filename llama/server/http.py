@@ -24,7 +24,7 @@ from llama.server.protocol import (
     Job, RequestError, delta_chunk, echoed_prompt, logprobs_object, parse_chat, parse_completion, token_triples, usage_chunk,
     whole_answer,
 )
-from llama.server.scheduler import Scheduler, shutting_down
+from llama.server.scheduler import Scheduler, generation_failed, shutting_down
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,8 @@ class Handler(BaseHTTPRequestHandler):
                 reasons[delta.row] = delta.finish_reason
         if "cancelled" in reasons.values() and self.server.scheduler.stopping.is_set():
             return self.send_error_body(shutting_down())
+        if "error" in reasons.values():
+            return self.send_error_body(generation_failed())
         counts = job.usage(sum(map(len, request.tokens)))
         self.send_json(200, whole_answer(job, texts, reasons, tokens, self.server.token_bytes, counts))
 
@@ -252,7 +254,8 @@ class ClientGone(Exception):
 class StreamChunks:
     """Turns a request's row deltas into its streamed chunks: the prompt first when echoing, chat's
     role in each choice's first chunk, each token's text offset for completions' logprobs, and the
-    server's shutdown (the engine ends every row "cancelled") as an error chunk."""
+    server's shutdown (the engine ends every row "cancelled") and a failed step (rows end "error") as
+    error chunks."""
 
     def __init__(self, job: Job, token_bytes: Callable[[int], bytes], stopping: threading.Event):
         self.job, self.token_bytes, self.stopping = job, token_bytes, stopping
@@ -270,6 +273,8 @@ class StreamChunks:
             chunks.append(delta_chunk(job, index, text, logprobs, first=first))
         if delta.finish_reason == "cancelled" and self.stopping.is_set():
             chunks.append(shutting_down().body())
+        elif delta.finish_reason == "error":
+            chunks.append(generation_failed().body())
         elif delta.finish_reason is not None:
             chunks.append(delta_chunk(job, index, "", None, finish_reason=delta.finish_reason))
         return chunks

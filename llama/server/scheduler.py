@@ -26,6 +26,10 @@ def shutting_down() -> RequestError:
     return RequestError("the server is shutting down", status=503, kind="server_error")
 
 
+def generation_failed() -> RequestError:
+    return RequestError("generation failed on the server (its log has the traceback); the request may be retried", status=500, kind="server_error")
+
+
 class Scheduler:
     """Rank 0's bounded door to ``engine``: ``submit`` from any thread, ``run`` on the model's.
     ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request."""
