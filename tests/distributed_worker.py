@@ -20,6 +20,8 @@ Scenarios:
                  submits the same requests (generate's way), then rank 0 alone submits and runs them
                  while the others follow its plans (a server's way) until it shuts down; the tokens
                  saved to OUT_DIR/rank<R>.pt.
+    speculate    greedy tokens and logprobs of REPEATING_PROMPTS with prompt lookup and with the
+                 model's own int8 weights as the draft, saved as for generate.
 """
 
 import os
@@ -118,6 +120,17 @@ def engine(tokenizer_path: str, ckpt_dirs) -> dict:
     return results
 
 
+REPEATING_PROMPTS = [[1] + [17, 300, 42, 99] * 3, [1, 250, 7, 250, 7]]  # something for prompt lookup to find
+
+
+def speculate(tokenizer_path: str, ckpt_dirs) -> dict:
+    results = {}
+    for kind, extra in (("lookup", {}), ("draft", {"draft_ckpt_dir": ckpt_dirs[0], "draft_quantize": "int8"})):
+        llama = Llama.build(ckpt_dirs[0], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **extra)
+        results[kind] = llama.generate(REPEATING_PROMPTS, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[], speculate=kind, speculate_k=3)
+    return results
+
+
 def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> None:
     if scenario == "rank1_raises":
         if os.environ["RANK"] == "1":
@@ -126,7 +139,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
     elif scenario == "build":
         build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
     else:
-        results = {"generate": generate, "bad_args": bad_args, "llama3": llama3, "engine": engine}[scenario](tokenizer_path, ckpt_dirs)
+        results = {"generate": generate, "bad_args": bad_args, "llama3": llama3, "engine": engine, "speculate": speculate}[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 

@@ -143,6 +143,24 @@ def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_fol
     assert ranks[0]["served"] == [alone[1], alone[0]]
 
 
+def test_speculative_decoding_under_torchrun_gives_every_rank_plain_greedy_tokens(checkpoints, tokenizer_path, tmp_path):
+    """Prompt lookup and an int8 self-draft, on a two-shard checkpoint split over two ranks: each rank
+    accepts the same drafts and ends with the single process's plain greedy tokens and logprobs."""
+    from distributed_worker import REPEATING_PROMPTS
+
+    dirs, _ = checkpoints
+    result = run(TORCHRUN + [WORKER, "speculate", str(tmp_path), tokenizer_path, dirs[2]])
+    assert result.returncode == 0, result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+    tokens, logprobs = llama.generate(REPEATING_PROMPTS, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[])
+    for kind in ("lookup", "draft"):
+        assert ranks[0][kind][0] == ranks[1][kind][0] == tokens
+        for rank in ranks:
+            for theirs, ours in zip(rank[kind][1], logprobs):
+                assert torch.allclose(torch.tensor(theirs), torch.tensor(ours), atol=1e-4)
+
+
 def test_one_process_loads_a_two_shard_checkpoint(checkpoints, tokenizer_path, single_process, transformers_logits):
     dirs, _ = checkpoints
     merged = run_single_process(dirs[2], tokenizer_path)
