@@ -46,6 +46,11 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def float32_on_cpu(weight: torch.Tensor) -> bool:
+    """A weight the choice is about (a layer timed on it may have moved or been converted since)."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
 def wants_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
@@ -74,7 +79,7 @@ def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
     layers: Dict[Tuple[int, int], List[nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if hasattr(module, "onednn") and module.scales is None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        if hasattr(module, "onednn") and module.scales is None and float32_on_cpu(weight):
             layers.setdefault(tuple(weight.shape), []).append(module)
     if not layers or not torch.backends.mkldnn.is_available():
         return {}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.cpu_kernels import onednn_linear, wants_autograd
+from llama.cpu_kernels import float32_on_cpu, onednn_linear, wants_autograd
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
@@ -82,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2)). ``onednn``: a
     float32 CPU weight whose shape oneDNN's kernel was measured to multiply faster (``llama.cpu_kernels``)."""
     if scales is None:
-        if onednn and weight.dtype == torch.float32 and weight.device.type == "cpu" and not wants_autograd(x, weight):
+        if onednn and float32_on_cpu(weight) and not wants_autograd(x, weight):
             return onednn_linear(x, weight)
         return F.linear(x, weight)
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)

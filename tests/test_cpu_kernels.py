@@ -78,14 +78,33 @@ def test_onednn_logits_equal_blas_logits_and_autograd_falls_back():
     assert model.output.weight.grad is not None and torch.allclose(model(tokens).detach(), blas, atol=1e-4)
 
 
-def test_compiled_onednn_linear_equals_eager_exactly():
+def test_the_onednn_flag_runs_onednns_kernel_within_float32_rounding_of_f_linear():
     weight = torch.randn(96, 64)
     x = torch.randn(3, 5, 64)
-    eager = linear(x, weight, None, onednn=True)
-    compiled = torch.compile(lambda x: linear(x, weight, None, onednn=True), fullgraph=True)(x)
-    assert torch.equal(eager, torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))  # oneDNN's kernel ran
-    assert torch.allclose(eager, F.linear(x, weight), atol=1e-5)
-    assert torch.equal(compiled, eager)
+    with torch.no_grad():
+        ours = linear(x, weight, None, onednn=True)
+    assert torch.equal(ours, torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))
+    assert torch.allclose(ours, F.linear(x, weight), atol=1e-5)
+
+
+def test_a_compiled_step_on_onednn_layers_gives_the_eager_tokens_and_logprobs_to_the_end_of_the_context(make_llama):
+    """A full batch of two, one row decoding to the context's last position, every layer on oneDNN:
+    the compiled step (the kernel as a custom op) against the eager engine on the same weights."""
+    from llama.engine import Engine
+
+    llama = make_llama(max_seq_len=16, max_batch_size=2, compile=True)
+    for module in llama.model.modules():
+        if hasattr(module, "onednn"):
+            module.onednn = True
+    prompts = [[1, 17, 300], [1, 250, 7, 99, 42]]
+    options = dict(max_gen_len=13, temperature=0, logprobs=True, stop_tokens=[])
+    compiled_tokens, compiled_logprobs = llama.generate(prompts, **options)
+    llama.engine = Engine(llama.model, llama.tokenizer)
+    eager_tokens, eager_logprobs = llama.generate(prompts, **options)
+    assert [len(tokens) for tokens in eager_tokens] == [13, 11]  # row 0 reaches position 15, the last
+    assert compiled_tokens == eager_tokens
+    for ours, theirs in zip(compiled_logprobs, eager_logprobs):
+        assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-5)
 
 
 def test_a_timed_model_converted_afterwards_computes_as_torchs_default():
