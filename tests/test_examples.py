@@ -122,3 +122,26 @@ def test_the_default_command_compiled_generates_to_the_end_of_a_small_context(sc
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Generated {sum(max_seq_len - n for n in prompt_lens)} tokens" in result.stdout
     assert "Compiled the decode step in" in result.stdout
+
+
+def readme_quick_start():
+    """The README's quick start: the last command of its first bash block, and the output block after it."""
+    section = (ROOT / "README.md").read_text().split("## Quick start", 1)[1]
+    commands, after = re.search(r"```bash\n(.*?)```(.*)", section, re.S).groups()
+    sample = re.search(r"```\n(.*?)```", after, re.S).group(1)
+    return commands.strip().splitlines()[-1], sample.splitlines()
+
+
+def test_the_readmes_quick_start_prints_the_output_the_readme_shows():
+    command, sample = readme_quick_start()
+    program, *args = command.split()
+    assert program == "python", command
+    result = run([sys.executable, *args])
+    assert result.returncode == 0, result.stderr
+    printed = [line.rstrip() for line in result.stdout.splitlines()]
+    patterns = [".*".join(re.escape(part) for part in line.split("…")) for line in sample]  # … : what the machine decides
+    differing = [(n, want, got) for n, (want, got) in enumerate(zip(sample, printed), 1) if not re.fullmatch(patterns[n - 1], got)]
+    assert len(printed) == len(sample) and not differing, (
+        f"the README's quick-start sample ({len(sample)} lines) is not what `{command}` prints ({len(printed)} lines); "
+        f"first differing line: {differing[:1]}; it printed:\n{result.stdout}"
+    )
