@@ -8,7 +8,7 @@
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from llama import Dialog, Llama
 from llama.cli import check_speculation_flags, load_line, run
@@ -126,7 +126,8 @@ def main(
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool, **options):
     """A terminal chat that keeps the dialog and streams each reply of at most ``max_gen_len``
     tokens (``options``: more generation options, e.g. speculate). When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
-    prompt stays)."""
+    prompt stays) for a message that is then answered; a message too long for the context even alone
+    is refused and leaves the dialog as it was."""
     max_seq_len = generator.model.params.max_seq_len
     opening: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(opening)
@@ -157,12 +158,13 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
             continue
         if not line:
             continue
-        dialog.append({"role": "user", "content": line})
-        n_prompt = fit_context(generator, dialog, len(opening), max_seq_len)
-        if n_prompt >= max_seq_len:
-            dialog.pop()
+        asked, n_prompt, n_dropped = fit_context(generator, dialog + [{"role": "user", "content": line}], len(opening), max_seq_len)
+        if n_prompt >= max_seq_len:  # refused: the conversation stays as it was
             print(f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)")
             continue
+        if n_dropped:
+            print(f"(context full: dropped the {n_dropped} oldest exchange(s))")
+        dialog = asked
         room = max_seq_len - n_prompt
         stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len), **options)
         print("Assistant: ", end="", flush=True)
@@ -184,20 +186,22 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
             print(f"({stream.timing()})")
 
 
-def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int) -> int:
-    """Drop the oldest (user, assistant) exchanges after the first ``n_kept`` messages until the
-    prompt leaves a quarter of max_seq_len for the reply, or only the last message is left.
-    Returns the prompt's length in tokens."""
-    n_prompt = len(generator.encode_dialog(dialog))
-    dropped = 0
-    while n_prompt > max_seq_len * 3 // 4 and len(dialog) > n_kept + 1:
-        del dialog[n_kept : n_kept + 2]
-        dropped += 1
-        n_prompt = len(generator.encode_dialog(dialog))
-    if dropped:
-        print(f"(context full: dropped the {dropped} oldest exchange(s))")
-    return n_prompt
+def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int) -> Tuple[Dialog, int, int]:
+    """``dialog`` without its oldest (user, assistant) exchanges after the first ``n_kept`` messages,
+    as many as the prompt must lose to leave a quarter of max_seq_len for the reply (or all but the
+    last message); ``dialog`` itself is unchanged.
 
+    Returns:
+        (the dialog kept, its prompt's length in tokens, the number of exchanges dropped).
+    """
+    kept = list(dialog)
+    n_prompt = len(generator.encode_dialog(kept))
+    n_dropped = 0
+    while n_prompt > max_seq_len * 3 // 4 and len(kept) > n_kept + 1:
+        del kept[n_kept : n_kept + 2]
+        n_dropped += 1
+        n_prompt = len(generator.encode_dialog(kept))
+    return kept, n_prompt, n_dropped
 
 if __name__ == "__main__":
     run(main)

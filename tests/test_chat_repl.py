@@ -163,6 +163,26 @@ def test_context_limit_refuses_a_too_long_message_and_drops_old_exchanges(make_c
     assert chat.exit_code() == 0
 
 
+def test_a_refused_message_leaves_the_conversation_as_it_was(make_checkpoint, tokenizer_path, terminal):
+    ckpt_dir, _ = make_checkpoint()
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=1, device="cpu", dtype="float32")
+    first = llama.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    (second,) = llama.chat_completion([history], temperature=0, max_gen_len=6)
+
+    chat = terminal(ckpt_dir, tokenizer_path, "--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "96")
+    chat.expect("You: ")
+    chat.type("hi\n")
+    assert reply(chat.expect("\n\nYou: ")) == first.replace("\r\n", "\n")
+    chat.type("word " * 100 + "\n")
+    refused = chat.expect("\n\nYou: ")
+    assert "more than max_seq_len=96 allows" in refused and "dropped" not in refused
+    chat.type("and then?\n")  # answered with the first exchange still in the prompt
+    assert reply(chat.expect("\n\nYou: ")) == second["generation"]["content"].replace("\r\n", "\n")
+    chat.type("/exit\n")
+    assert chat.exit_code() == 0
+
+
 def test_a_reply_stops_at_256_tokens_by_default_says_how_to_get_longer_ones_and_counts_alike(tmp_path, tokenizer_path, terminal):
     state = random_state(ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512}))
     state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies never end by themselves
