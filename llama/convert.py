@@ -14,27 +14,32 @@ wk rows in transformers' rotary order. Llama 3's rope scaling is ``use_scaled_ro
 ``rope_scaling`` of type llama3 in config.json; Meta's Llama 3 shards split the embedding on the
 vocabulary. A sentencepiece ``tokenizer.model`` is copied; Llama 3's tokenizer is written in the
 target's form (Meta's tiktoken ``tokenizer.model``, or ``tokenizer.json``), which reads back with the
-same ids. One output file is assembled at a time from memory-mapped sources: the tool needs memory for
-one output file.
+same ids. A Hugging Face folder also gets the files transformers reads the tokenizer's settings, chat
+template and stop tokens from (``llama.hf_tokenizer_files``), so that ``AutoTokenizer`` and
+``generate`` work as this package does. One output file is assembled at a time from memory-mapped
+sources: the tool needs memory for one output file. A conversion that fails or is interrupted removes
+what it wrote.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
 
-from llama.bpe_files import write_tiktoken_file, write_tokenizer_json
+from llama.bpe_files import write_tiktoken_file
 from llama.checkpoint import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
 from llama.cli import run_parser
-from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, TOKENIZER_CONFIG, hf_names, params_to_config, rotary_to_hf
+from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
+from llama.hf_tokenizer_files import write_hf_tokenizer_files
 from llama.model import ModelArgs
 from llama.parallel import check_world_size
-from llama.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
+from llama.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +53,35 @@ def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
     return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
 
 
-def prepare_output(out_dir: str, tokenizer: Tokenizer, tokenizer_path: str, format: str) -> Path:
-    """The empty output folder, with the tokenizer in the target layout's form: a sentencepiece model
-    is copied; Llama 3's becomes Meta's tiktoken ``tokenizer.model`` or Hugging Face's ``tokenizer.json``
-    (with a ``tokenizer_config.json`` naming its BOS and EOS for transformers)."""
+@contextlib.contextmanager
+def output_folder(out_dir: str) -> Iterator[Path]:
+    """The output folder, absent or empty, created; if the block fails (a refused tokenizer, a full
+    disk, Ctrl-C), what it wrote is removed, with the folders it created for it."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
+    created = None if out.exists() else out  # the outermost folder this creates
+    while created is not None and not created.parent.exists():
+        created = created.parent
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(tokenizer, TiktokenTokenizer):
-        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
-    elif format == "meta":
+    try:
+        yield out
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created)
+        else:
+            for path in out.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
+
+
+def write_meta_tokenizer(out: Path, tokenizer: Tokenizer, tokenizer_path: str) -> None:
+    """The tokenizer in Meta's form: a sentencepiece model copied, Llama 3's as Meta's tiktoken
+    ``tokenizer.model`` (refused for a vocabulary Meta's file cannot hold)."""
+    if isinstance(tokenizer, TiktokenTokenizer):
         write_tiktoken_file(tokenizer.vocabulary, out / TOKENIZER_FILE)
     else:
-        write_tokenizer_json(tokenizer.vocabulary, out / HF_TOKENIZER_FILE)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-        (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
-    return out
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
 
 
 def owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -82,13 +99,14 @@ def to_meta(
     code for the model (Llama 3's splits the embedding on the vocabulary)."""
     check_world_size(args.split_sizes, n_shards)
     layout = meta_layout(layout_of(args), tokenizer.chat_format == "llama3")  # this single process: whole shapes
-    out = prepare_output(out_dir, tokenizer, tokenizer_path, "meta")
-    (out / "params.json").write_text(json.dumps(params, indent=2))
-    for shard in range(n_shards):
-        state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
-        path = out / f"consolidated.{shard:02d}.pth"
-        torch.save(state, path)
-        logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
+    with output_folder(out_dir) as out:
+        write_meta_tokenizer(out, tokenizer, tokenizer_path)
+        (out / "params.json").write_text(json.dumps(params, indent=2))
+        for shard in range(n_shards):
+            state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
+            path = out / f"consolidated.{shard:02d}.pth"
+            torch.save(state, path)
+            logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
 
 
 def file_groups(layout: Dict[str, TensorLayout], n_files: int) -> List[List[str]]:
@@ -139,11 +157,28 @@ def to_hf(
     ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer: Tokenizer,
     tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
-    """Write config.json and ``n_files`` safetensors files (with their index when more than one)."""
+    """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
+    the tokenizer with the files transformers reads its settings from (``llama.hf_tokenizer_files``)."""
     layout = layout_of(args)  # this single process: whole shapes
     groups = file_groups(layout, n_files)
-    out = prepare_output(out_dir, tokenizer, tokenizer_path, "hf")
-    names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(n_files)
+    if max_position_embeddings is None:
+        max_position_embeddings = trained_context(args, tokenizer)
+        logger.info("max_position_embeddings: %d (the model's released context; --max_position_embeddings sets another)", max_position_embeddings)
+    with output_folder(out_dir) as out:
+        if not isinstance(tokenizer, TiktokenTokenizer):
+            shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+        write_hf_tokenizer_files(tokenizer, out, max_position_embeddings)
+        out_dtype = write_safetensors(ckpt_dir, args, layout, groups, dtype, out)
+        config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_safetensors(
+    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], groups: List[List[str]], dtype: Optional[torch.dtype], out: Path,
+) -> torch.dtype:
+    """The tensors in transformers' names as one safetensors file per group of keys (with their index
+    when more than one), each file assembled and written in turn; returns the dtype written."""
+    names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(len(groups))
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
     weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
     for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
@@ -155,14 +190,10 @@ def to_hf(
             weight_map.update(dict.fromkeys(tensors, last_keys[key]))
             logger.info("wrote %s", out / last_keys[key])
             tensors = {}
-    if max_position_embeddings is None:
-        max_position_embeddings = trained_context(args, tokenizer)
-        logger.info("max_position_embeddings: %d (the model's released context; --max_position_embeddings sets another)", max_position_embeddings)
-    config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if n_files > 1:
+    if len(groups) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    return out_dtype
 
 
 def convert(

@@ -144,3 +144,69 @@ def test_cli_reports_a_usage_mistake_naming_the_flag(tmp_path, capsys):
         main(["--ckpt_dir", str(tmp_path), "--format", "hf"])
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: the following arguments are required: --out\n"
+
+
+# ---- what transformers reads besides the weights: the tokenizer, the chat template, the stop tokens ----
+
+SAMPLE_TEXTS = ["import os\n", "def f(x):  return x", "  héllo\nwörld", " a leading space", "", "x\n\n  y "]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):  return x"},
+        {"role": "assistant", "content": " ok "}, {"role": "user", "content": "  héllo\nwörld"}]
+
+
+def llama_style_tokenizer(path: Path) -> str:
+    """A 512-piece sentencepiece BPE with Llama's settings: no normalization, spaces kept, a leading space added."""
+    import io
+
+    import sentencepiece as spm
+
+    from conftest import stdlib_lines
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]), model_writer=model, vocab_size=512, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+    )
+    path.write_bytes(model.getvalue())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama2_hf_folder(make_checkpoint, tmp_path_factory):
+    """(Meta's folder with a Llama-style tokenizer.model, its conversion to a Hugging Face folder)."""
+    pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model with it (the test extra)
+    ckpt_dir, _ = make_checkpoint()
+    source = tmp_path_factory.mktemp("llama2_style")
+    for path in Path(ckpt_dir).iterdir():
+        (source / path.name).symlink_to(path)
+    llama_style_tokenizer(source / "tokenizer.model")
+    out = tmp_path_factory.mktemp("llama2_style_hf") / "hf"
+    convert(str(source), str(out), "hf", dtype="float32")
+    return str(source), str(out)
+
+
+def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_here(llama2_hf_folder):
+    from transformers import AutoTokenizer
+
+    from llama.chat_format import encode_dialog
+    from llama.tokenizer import Tokenizer
+
+    source, out = llama2_hf_folder
+    ours, theirs = Tokenizer(str(Path(source) / "tokenizer.model")), AutoTokenizer.from_pretrained(out)
+    assert [theirs(text)["input_ids"] for text in SAMPLE_TEXTS] == [ours.encode(text, bos=True, eos=False) for text in SAMPLE_TEXTS]
+    expected = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == encode_dialog(ours, CHAT)
+
+
+def test_transformers_generates_from_a_converted_llama2_folder_the_greedy_tokens_of_here(llama2_hf_folder):
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    source, out = llama2_hf_folder
+    llama = Llama.build(source, max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == llama.tokenizer.stop_tokens[0]
+    model, tokenizer = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+    for text in SAMPLE_TEXTS[:2]:
+        prompt = tokenizer(text, return_tensors="pt")["input_ids"]
+        generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+        (expected,), _ = llama.generate([prompt[0].tolist()], max_gen_len=8, temperature=0)
+        assert [t for t in generated if t not in llama.tokenizer.stop_tokens] == expected

@@ -536,3 +536,45 @@ def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_temp
 
     chat_format = chat_format_for(Tokenizer(str(tmp_path / "tokenizer.model")), read_chat_template(str(tmp_path)))
     assert chat_format.encode_dialog(dialog) == list(expected)
+
+
+def test_transformers_tokenizes_chats_and_generates_from_a_converted_folder_as_here(llama3_folders, llama3_tokenizer, tmp_path):
+    """Meta's 3.x folder -> Hugging Face: AutoTokenizer adds BOS and encodes text and chats (the header
+    template) as tiktoken and Meta's ChatFormat; generate stops at the stop tokens and, greedy, writes
+    this package's tokens."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    from llama.convert import convert
+
+    _, _, meta_folder = llama3_folders["3.1: Meta's constants, factor 8"]
+    encoding = llama3_tokenizer[2]
+    convert(meta_folder, str(tmp_path / "hf"), "hf", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    bos = special("<|begin_of_text|>", encoding)
+    assert [tokenizer(text)["input_ids"] for text in TEXTS[:2]] == [[bos] + encoding.encode(text) for text in TEXTS[:2]]
+    dialog = [dict(message, content=message["content"].replace("<|eot_id|>", "eot")) for message in DIALOG]
+    expected = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == metas_chat_tokens(dialog, encoding)
+    stops = [special(name, encoding) for name in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == stops
+
+    llama = build(meta_folder)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+    (ours,), _ = llama.generate([prompt[0].tolist()], max_gen_len=8, temperature=0)
+    assert [t for t in generated if t not in stops] == ours
+
+
+def test_a_refused_conversion_leaves_no_output_folder(llama3_folders, tmp_path):
+    """A tokenizer.json that splits text otherwise than Meta's pattern cannot become Meta's tiktoken file."""
+    from llama.convert import convert
+
+    _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
+    folder = Path(shutil.copytree(hf_folder, tmp_path / "other_pattern"))
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] += "|x"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="Meta's tokenizer.model implies Meta's split pattern"):
+        convert(str(folder), str(tmp_path / "out" / "meta"), "meta")
+    assert not (tmp_path / "out").exists()
