@@ -82,8 +82,35 @@ def shard_paths(ckpt_dir: str) -> List[Path]:
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
         names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} has {len(found)} shards but lacks {names}")
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} has {shard_count(len(found))} but lacks {names}")
     return [found[i] for i in sorted(found)]
+
+
+def shard_count(n: int) -> str:
+    return f"{n} shard" if n == 1 else f"{n} shards"
+
+
+# A tensor every shard splits on dim 0 (wq is column-parallel in Llama 2's and 3's shards alike), whose
+# whole number of rows params.json gives: a shard's rows tell how many shards there are.
+COUNTED_KEY = "layers.0.attention.wq.weight"
+
+
+def check_shard_count(ckpt_dir: str, paths: List[Path], params: dict) -> None:
+    """Raise FileNotFoundError naming the shards missing after the last one found (or ValueError for
+    more shards than the split implies), from the part of ``COUNTED_KEY`` in the first shard."""
+    shape = getattr(load_shard(paths[0]).get(COUNTED_KEY), "shape", None)
+    rows = params.get("dim", ModelArgs.dim)  # n_heads x head_dim
+    if shape is None or len(shape) != 2 or shape[0] == 0 or rows % shape[0]:
+        return  # the shard's keys and shapes are checked as it is read
+    n_shards = rows // shape[0]
+    if n_shards == len(paths):
+        return
+    split = (f"{paths[0].name}'s {COUNTED_KEY} has {shape[0]} of the {rows} rows params.json's dim gives: "
+             f"it is 1 of {shard_count(n_shards)}")
+    if n_shards < len(paths):
+        raise ValueError(f"checkpoint directory {ckpt_dir} has {shard_count(len(paths))}, but {split}")
+    missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(paths), n_shards))
+    raise FileNotFoundError(f"checkpoint directory {ckpt_dir} lacks {missing}: {split}, and {len(paths)} {'is' if len(paths) == 1 else 'are'} there")
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
@@ -249,6 +276,7 @@ def embedding_rows(ckpt_dir: str, params: dict) -> Tuple[int, Path]:
     if is_hf_checkpoint(ckpt_dir):
         return hf_checkpoint.embedding_rows(ckpt_dir), Path(ckpt_dir)
     paths = shard_paths(ckpt_dir)
+    check_shard_count(ckpt_dir, paths, params)
     return checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim)), paths[0]
 
 

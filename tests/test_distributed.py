@@ -315,7 +315,7 @@ def test_missing_shard_on_one_rank_fails_every_rank_with_its_error(checkpoints, 
     (incomplete / "consolidated.00.pth").unlink()
     # rank 0 is given the good checkpoint, rank 1 a copy that lacks a shard
     (rc0, err0), (rc1, err1) = run_plain_processes([sys.executable, WORKER, "build", str(tmp_path), tokenizer_path, dirs[2], str(incomplete)])
-    message = f"checkpoint directory {incomplete} has 1 shards but lacks consolidated.00.pth"
+    message = f"checkpoint directory {incomplete} has 1 shard but lacks consolidated.00.pth"
     assert rc1 != 0 and f"FileNotFoundError: {message}" in err1
     assert rc0 != 0 and f"RankFailedError: rank 1 failed with FileNotFoundError: {message}" in err0
 

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +300,13 @@ def test_non_string_prompts(llama, prompts):
 def test_bad_dialogs(llama, dialog, message):
     with pytest.raises(ValueError, match=message):
         llama.chat_completion([dialog])
+
+
+def test_a_missing_last_shard_is_named(make_checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, _ = make_checkpoint(n_shards=2)
+    broken = Path(shutil.copytree(ckpt_dir, tmp_path / "two_shards"))
+    (broken / "consolidated.01.pth").unlink()
+    message = (f"checkpoint directory {broken} lacks consolidated.01.pth: consolidated.00.pth's layers.0.attention.wq.weight "
+               "has 32 of the 64 rows params.json's dim gives: it is 1 of 2 shards, and 1 is there")
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        build(str(broken), tokenizer_path)
