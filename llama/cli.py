@@ -9,8 +9,9 @@ A user error is an exception of ``USER_ERRORS``: a bad flag value, a missing fil
 (``RankFailedError`` names it). It prints ``error: <message>`` on stderr, on rank 0 only under
 torchrun (every rank of a job checks the same arguments and ``fail_together`` gives every rank the
 failure of one), and every rank exits with status 2, so torchrun ends the job instead of waiting.
-Any other exception is a bug and keeps its traceback. ``--traceback`` (accepted by every command) or
-``LLAMA_TRACEBACK=1`` shows the traceback of user errors too.
+Ctrl-C prints ``interrupted (Ctrl-C)`` once and exits with status 130. Any other exception is a bug
+and keeps its traceback. ``--traceback`` (accepted by every command) or ``LLAMA_TRACEBACK=1`` shows
+the traceback of user errors and Ctrl-C too.
 """
 
 import argparse
@@ -52,6 +53,7 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
 EXIT_USER_ERROR = 2  # the status argparse and fire use for a bad command line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 def run(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
@@ -187,19 +189,30 @@ def split_traceback_flag(argv: Sequence[str]) -> Tuple[List[str], bool]:
 
 @contextlib.contextmanager
 def user_errors_exit(show_traceback: bool) -> Iterator[None]:
-    """Turn a user error raised in the block into ``fail(message)``; re-raise it if ``show_traceback``."""
+    """Turn a user error raised in the block into ``fail(message)``, and Ctrl-C into one line and exit
+    status 130 (a shell's for a command ended by SIGINT); re-raise either if ``show_traceback``."""
     try:
         yield
     except USER_ERRORS as error:
         if show_traceback:
             raise
         fail(str(error))
+    except KeyboardInterrupt:
+        if show_traceback:
+            raise
+        say_once("interrupted (Ctrl-C)")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` on stderr, on rank 0 only under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr (rank 0 only under torchrun) and exit with status 2."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    say_once(f"error: {message}")
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -141,6 +141,17 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback():
         run(failing(RuntimeError("a bug")), [])
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
+    assert exit_status(failing(KeyboardInterrupt()), []) == 130
+    assert capsys.readouterr() == ("", "interrupted (Ctrl-C)\n")
+
+
+def test_ctrl_c_under_torchrun_is_said_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert exit_status(failing(KeyboardInterrupt()), []) == 130
+    assert capsys.readouterr() == ("", "")
+
+
 def argparse_command():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, required=True)
