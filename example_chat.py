@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from llama import Dialog, Llama
-from llama.cli import check_speculation_flags, load_line, run
+from llama.cli import check_speculation_flags, compile_line, load_line, run
 from llama.distributed import is_main_process, set_threads
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -119,8 +119,8 @@ def main(
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
         if verbose:
             print(stream.timing())
-        if generator.engine.compile_seconds is not None:
-            print(f"Compiled the decode step in {generator.engine.compile_seconds:.1f} s (on first use, counted above)")
+        if (compiled := compile_line(generator.engine)) is not None:
+            print(compiled)
 
 
 def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool, **options):

@@ -284,6 +284,20 @@ def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, qua
     return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
 
 
+def compile_line(engine) -> Optional[str]:
+    """What a command says after generating with ``--compile``: how long each compiled step took on
+    first use, compilation included (the decode step; with ``--speculate`` the verification pass and
+    the draft's step); None when nothing was compiled.
+
+    Args:
+        engine: the ``llama.engine.Engine`` that generated.
+    """
+    steps = [engine.verify_forward] + ([engine.draft_forward] if engine.draft_forward is not None else [])
+    times = [("the decode step", engine.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
+    compiled = [f"{name} in {seconds:.1f} s" for name, seconds in times if seconds is not None]
+    return f"Compiled {', '.join(compiled)} (on first use, counted above)" if compiled else None
+
+
 def program_name() -> str:
     """How the command was started: ``python -m llama.server`` or ``python example_chat.py``."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)

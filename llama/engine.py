@@ -371,7 +371,7 @@ class Engine:
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
         self.draft = draft
         self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
-        self.draft_forward = ChunkForward(draft, compile) if draft is not None else None
+        self.draft_forward = ChunkForward(draft, compile, "draft's step") if draft is not None else None
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
             # under torchrun the tokens are broadcast between choosing and writing them

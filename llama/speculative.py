@@ -23,12 +23,16 @@ The acceptance rule keeps the output the model's own:
   plain sampling's. For prompt lookup q is a point mass on the proposed token.
 """
 
+import logging
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from llama.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
+
+logger = logging.getLogger(__name__)
 
 LOOKUP_NGRAMS = (3, 2, 1)  # the n-gram lengths prompt lookup matches, longest first
 
@@ -210,9 +214,11 @@ class ChunkForward:
     power-of-two bucket of the cache: a verification pass (n = k+1) or a draft's step. With
     ``compile``, one graph per width and n serves every length (``attended_slots``)."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, name: str = "verification pass"):
         self.model = model
+        self.name = name
         self.compiled = None
+        self.compile_seconds: Optional[float] = None  # the first compiled pass, compilation included
         if compile:
             mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
             self.compiled = torch.compile(self.forward, mode=mode, dynamic=False)
@@ -225,4 +231,9 @@ class ChunkForward:
         max_seq_len = self.model.params.max_seq_len
         if self.compiled is None:
             return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len))
-        return self.compiled(tokens, positions, attended_slots(kv_len, max_seq_len))
+        start = time.perf_counter()
+        logits = self.compiled(tokens, positions, attended_slots(kv_len, max_seq_len))
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+            logger.info("compiled the %s in %.1f s", self.name, self.compile_seconds)
+        return logits

@@ -8,13 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import List, Optional, Union
 
 import pytest
 import torch
 
-from llama.cli import check_flags, load_line, run, run_parser
+from llama.cli import check_flags, compile_line, load_line, run, run_parser
 from llama.distributed import RankFailedError, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,3 +276,14 @@ def test_importing_the_package_makes_openmp_threads_wait_passively_unless_the_en
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{expected}\n"
+
+
+def test_the_compile_line_names_every_step_that_was_compiled_and_none_when_nothing_was():
+    def step(name, seconds):
+        return types.SimpleNamespace(name=name, compile_seconds=seconds)
+
+    engine = types.SimpleNamespace(compile_seconds=None, verify_forward=step("verification pass", None), draft_forward=None)
+    assert compile_line(engine) is None
+    engine.compile_seconds, engine.verify_forward.compile_seconds = 12.34, 5.0
+    engine.draft_forward = step("draft's step", 3.06)
+    assert compile_line(engine) == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, the draft's step in 3.1 s (on first use, counted above)"

@@ -4,6 +4,7 @@ batches (each row accepting its own counts, stopping where plain decoding stops)
 distribution (chi-square against the model's exact probabilities, computed by a full forward)."""
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from llama.checkpoint import save_checkpoint
-from llama.cli import check_speculation_flags
+from llama.cli import check_speculation_flags, compile_line
 from llama.engine import Engine
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
@@ -287,6 +288,7 @@ def test_compiled_speculative_decoding_equals_eager(make_llama, llama):
     compiled = make_llama(max_seq_len=96, max_batch_size=4, compile=True)
     options = dict(temperature=0, max_gen_len=20, stop_tokens=[], logprobs=True, speculate="lookup", speculate_k=3)
     assert_same(llama.text_completion(PROMPTS, **{**options, "speculate": None}), compiled.text_completion(PROMPTS, **options))
+    assert re.fullmatch(r"Compiled the verification pass in \d+\.\d s \(on first use, counted above\)", compile_line(compiled.engine))
 
 
 # --- the examples' flags -------------------------------------------------------------------------
