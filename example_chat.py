@@ -1,4 +1,4 @@
-"""Chat with a Llama 2-Chat checkpoint in Meta's layout, in the Llama 2 chat format.
+"""Chat with a Llama 2-Chat or Llama 3 Instruct checkpoint (Meta's layout or a Hugging Face folder) in its chat format.
 
     python example_chat.py                                 # the small model that ships in checkpoints/
     torchrun --nproc_per_node 1 example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model

@@ -1,4 +1,4 @@
-"""Complete text prompts with a Llama 2 / Code Llama checkpoint in Meta's layout.
+"""Complete text prompts with a Llama 2, Code Llama or Llama 3 checkpoint, in Meta's layout or a Hugging Face folder.
 
     python example_text_completion.py                      # the small model that ships in checkpoints/
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model

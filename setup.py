@@ -8,7 +8,7 @@ def get_requirements(path: str):
 setup(
     name="llama",
     version="0.1.0",
-    description="Llama 2, Llama 2-Chat and Code Llama inference in native PyTorch",
+    description="Llama 2, Llama 2-Chat, Code Llama and Llama 3, 3.1, 3.2 inference in native PyTorch",
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),

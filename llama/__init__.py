@@ -1,4 +1,4 @@
-"""Llama 2, Llama 2-Chat and Code Llama inference in native PyTorch.
+"""Llama 2, Llama 2-Chat, Code Llama and Llama 3, 3.1, 3.2 inference in native PyTorch.
 
 Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: OpenMP threads
 that wait for each other then sleep instead of spinning, so decoding degrades gracefully when another

@@ -34,7 +34,7 @@ from llama.options import GenerationOptions
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
 FLAG_HELP = {  # the flags several commands share, described once; a command's own docstring may say more
     "ckpt_dir": "the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder",
-    "tokenizer_path": "the sentencepiece tokenizer.model; default: the one in the checkpoint folder, else beside it",
+    "tokenizer_path": "the tokenizer: a sentencepiece or tiktoken tokenizer.model, or a Hugging Face tokenizer.json; default: the one in the checkpoint folder, else beside it",
     "max_seq_len": "the context length in tokens: prompt and generation together",
     "max_batch_size": "the most rows (prompts, dialogs, samples) decoded together",
     "temperature": "sampling temperature; 0 is greedy",
