@@ -23,6 +23,7 @@ import torch
 
 from llama import hf_checkpoint
 from llama.cpu_kernels import choose_float32_kernels
+from llama.cpu_threads import choose_threads
 from llama.files import load_tensor_dict, read_json_object
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
@@ -306,6 +307,7 @@ def load_model(
     tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
+    choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)
     if kernels:
         logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})

@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from llama.cpu_threads import measure_threads_at_load
 from llama.quantize import Quantization, check_activation_dtype, quantized_cpu_dtype
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def set_threads(threads: Optional[int]) -> int:
     """The number of CPU threads torch computes with in this process (``--threads``).
 
     Args:
-        threads: a positive count; None keeps torch's choice (``OMP_NUM_THREADS`` if set, else one
-            thread per core; torchrun sets it to 1 for each process).
+        threads: a positive count; None: ``OMP_NUM_THREADS`` if set (torchrun sets it to 1 for each
+            process), else the count the next model loaded on a CPU decodes fastest with, of one per
+            core and fewer (``llama.cpu_threads``; torch's one per core until then).
 
     Returns:
         the number of threads torch now uses.
@@ -69,6 +71,7 @@ def set_threads(threads: Optional[int]) -> int:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
+    measure_threads_at_load(threads is None)
     return torch.get_num_threads()
 
 

@@ -1,0 +1,98 @@
+"""How many threads a CPU decodes with when the command is not told: measured at load, not assumed.
+
+torch computes with one thread per core. For a small model that costs more than it shares: each
+operation of a decode step is a few microseconds of work, after which the threads wait for each
+other (and, waiting passively, must be woken for the next one). On a 2-core AMD EPYC the bundled model
+decoded at 860-1080 tokens/s on 1 thread and 589-665 on 2 (docs/performance.md); a large model's
+products are long, and limited by the memory bandwidth that each core adds to.
+
+So a command given no ``--threads`` (``set_threads(None)``), in an environment that sets no
+``OMP_NUM_THREADS`` (torchrun sets 1 for each process), has the model it loads choose
+(``choose_threads``): a full batch's decode step of that model, timed at torch's thread count and at
+each half of it down to 1, alternating, decides; torch's count stays unless another is more than 10%
+faster. The step writes position 0 of each cache row, which a prompt's prefill overwrites before
+anything reads it. A model of more than ``MEASURED_BYTES`` keeps torch's count unmeasured: its step
+takes long to time, and its products are the long ones. The choice is made once, for the first model
+a process loads (a draft loaded after it decodes with the same threads). Thread counts change only the
+split of the work, not the results (greedy tokens and sampled text are the same at 1 and 2 threads).
+"""
+
+import logging
+import os
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from llama.parallel import model_parallel_world_size
+
+logger = logging.getLogger(__name__)
+
+ROUNDS = 5  # alternating timings of each thread count; the median decides
+MARGIN = 0.9  # another count must take under 90% of torch's count's time
+TIMING_SECONDS = 0.005  # a timing repeats the step to last at least this long
+MEASURED_BYTES = 1 << 30  # the largest model (weights of this process) whose step is timed
+
+_measure_next_model = False
+
+
+def measure_threads_at_load(measure: bool) -> None:
+    """Whether the next model loaded on a CPU chooses the thread count (``choose_threads``): what a
+    command given no ``--threads`` asks for, unless ``OMP_NUM_THREADS`` says how many."""
+    global _measure_next_model
+    _measure_next_model = measure and "OMP_NUM_THREADS" not in os.environ
+
+
+def thread_counts(threads: int) -> List[int]:
+    """``threads``, then each half of it down to 1: 8 -> [8, 4, 2, 1]."""
+    counts = [threads]
+    while counts[-1] > 1:
+        counts.append(counts[-1] // 2)
+    return counts
+
+
+def step_seconds(model: nn.Module, repeats: int) -> float:
+    """Seconds of one decode step of a full batch at position 0, over ``repeats`` steps."""
+    tokens = torch.zeros((model.params.max_batch_size, 1), dtype=torch.long)  # (max_batch_size, 1)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model.forward_at(tokens, tokens, kv_len=1)
+    return (time.perf_counter() - start) / repeats
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.inference_mode()
+def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
+    """Set torch's thread count to the fastest for ``model``'s decode step, if the command asked for it
+    (``measure_threads_at_load``) and the model is on the CPU of a single process.
+
+    Returns:
+        the median seconds of a step at each thread count timed, or None when nothing was timed.
+    """
+    global _measure_next_model
+    measure, _measure_next_model = _measure_next_model, False
+    if not measure or model.output.weight.device.type != "cpu" or model_parallel_world_size() > 1:
+        return None
+    counts = thread_counts(torch.get_num_threads())
+    if len(counts) == 1 or weight_bytes(model) > MEASURED_BYTES:
+        return None
+    repeats = {}
+    for threads in counts:  # the first step at a count starts its threads: a warm-up, and a length
+        torch.set_num_threads(threads)
+        repeats[threads] = max(1, round(TIMING_SECONDS / max(step_seconds(model, 1), 1e-6)))
+    timings = {threads: [] for threads in counts}
+    for _ in range(ROUNDS):
+        for threads in counts:
+            torch.set_num_threads(threads)
+            timings[threads].append(step_seconds(model, repeats[threads]))
+    medians = {threads: statistics.median(seconds) for threads, seconds in timings.items()}
+    fastest = min(counts, key=medians.get)
+    chosen = fastest if medians[fastest] < MARGIN * medians[counts[0]] else counts[0]
+    torch.set_num_threads(chosen)
+    logger.info("CPU threads: %d, timed (ms per decode step: %s)", chosen, {t: round(s * 1e3, 3) for t, s in medians.items()})
+    return medians

@@ -1,0 +1,86 @@
+"""The thread count a command decodes with when given no --threads: the fastest of one per core and
+fewer, timed on the model loaded, unless OMP_NUM_THREADS says or a count was given."""
+
+import pytest
+import torch
+from torch import nn
+
+from llama import checkpoint, cpu_threads
+from llama.cpu_threads import choose_threads, measure_threads_at_load, thread_counts
+from llama.distributed import set_threads
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """timed({threads: ms per step}) -> a CPU model whose decode step takes that long at each thread
+    count, in a process of 4 threads by default (torch's count, faked)."""
+    threads = [4]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+
+    def make(ms: dict) -> nn.Module:
+        monkeypatch.setattr(cpu_threads, "step_seconds", lambda model, repeats: ms[threads[0]] / 1e3)
+        model = nn.Module()
+        model.output = nn.Linear(2, 2)
+        return model
+
+    yield make
+    measure_threads_at_load(False)
+
+
+def test_the_counts_timed_are_one_per_core_and_each_half_down_to_one():
+    assert thread_counts(8) == [8, 4, 2, 1]
+    assert thread_counts(6) == [6, 3, 1]
+    assert thread_counts(1) == [1]
+
+
+def test_a_command_without_threads_decodes_with_the_fastest_count(timed):
+    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    set_threads(None)
+    assert choose_threads(model) == {4: 2e-3, 2: 1.5e-3, 1: 1e-3}
+    assert torch.get_num_threads() == 1
+
+
+def test_one_per_core_stays_unless_another_count_is_more_than_10_percent_faster(timed):
+    model = timed({4: 1.0, 2: 0.95, 1: 0.92})
+    set_threads(None)
+    choose_threads(model)
+    assert torch.get_num_threads() == 4
+
+
+@pytest.mark.parametrize("told", ["--threads", "OMP_NUM_THREADS"])
+def test_a_count_given_is_kept_untimed(timed, monkeypatch, told):
+    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    if told == "--threads":
+        set_threads(4)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        set_threads(None)
+    assert choose_threads(model) is None
+    assert torch.get_num_threads() == 4
+
+
+def test_only_the_first_model_loaded_chooses(timed):
+    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    set_threads(None)
+    choose_threads(model)
+    torch.set_num_threads(4)
+    assert choose_threads(model) is None  # a draft loaded next keeps the count
+    assert torch.get_num_threads() == 4
+
+
+def test_a_model_timed_at_load_generates_as_one_that_was_not(make_llama, monkeypatch):
+    """The timed steps write position 0 of each cache row, which every prompt's prefill overwrites."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(checkpoint, "choose_float32_kernels", lambda model: {})  # both models alike, untimed
+    prompts = [[1, 5, 9, 2], [1, 7], [1, 3, 3, 3, 8]]
+    try:
+        plain = make_llama().generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
+        set_threads(None)
+        timed = make_llama()
+    finally:
+        measure_threads_at_load(False)
+        torch.set_num_threads(before)
+    assert timed.generate(prompts, max_gen_len=8, temperature=0, logprobs=True) == plain
