@@ -12,7 +12,7 @@ and ``--shards`` safetensors files (with ``model.safetensors.index.json`` when m
 wk rows in transformers' rotary order. Llama 3's rope scaling is ``use_scaled_rope`` (with the keys of
 ``llama.model.ROPE_SCALING_KEYS`` for values other than Meta's constants) in params.json and
 ``rope_scaling`` of type llama3 in config.json; Meta's Llama 3 shards split the embedding on the
-vocabulary. A sentencepiece ``tokenizer.model`` is copied; Llama 3's tokenizer is written in the
+vocabulary. A sentencepiece ``tokenizer.model`` is copied (with the ``tokenizer_config.json`` of Llama 2's Hugging Face folders); Llama 3's tokenizer is written in the
 target's form (Meta's tiktoken ``tokenizer.model``, or ``tokenizer.json``), which reads back with the
 same ids. One output file is assembled at a time from memory-mapped sources: the tool needs memory for
 one output file.
@@ -50,14 +50,19 @@ def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
 
 def prepare_output(out_dir: str, tokenizer: Tokenizer, tokenizer_path: str, format: str) -> Path:
     """The empty output folder, with the tokenizer in the target layout's form: a sentencepiece model
-    is copied; Llama 3's becomes Meta's tiktoken ``tokenizer.model`` or Hugging Face's ``tokenizer.json``
-    (with a ``tokenizer_config.json`` naming its BOS and EOS for transformers)."""
+    is copied; Llama 3's becomes Meta's tiktoken ``tokenizer.model`` or Hugging Face's ``tokenizer.json``.
+    A Hugging Face folder gets the ``tokenizer_config.json`` of the published ones, naming the
+    tokenizer's class and special tokens, so that transformers prepends BOS as Llama's tokenizers do."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(tokenizer, TiktokenTokenizer):
         shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+        if format == "hf":
+            bos, eos, unk = (tokenizer.sp_model.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp_model.unk_id()))
+            config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": bos, "eos_token": eos, "unk_token": unk, "legacy": False}
+            (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
     elif format == "meta":
         write_tiktoken_file(tokenizer.vocabulary, out / TOKENIZER_FILE)
     else:
