@@ -125,7 +125,7 @@ class Llama2ChatFormat(ChatFormat):
             first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + (dialog[1]["content"] if len(dialog) > 1 else "")}
             dialog = [first] + rest
         text = ""
-        for i, message in enumerate(dialog):
+        for message in dialog:
             if message["role"] == "user":
                 text += f"{bos}{B_INST} {message['content'].strip()} {E_INST}"
             else:

@@ -5,6 +5,7 @@ JSON Lines files beside their YAMLs."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,6 @@ import torch
 from conftest import stdlib_lines
 from llama.convert import convert
 from llama.evaluate import main
-
-lm_eval = pytest.importorskip("lm_eval")
 
 MAX_SEQ_LEN = 40  # the converted folder's max_position_embeddings: lm-eval's max_length on both sides
 
@@ -81,7 +80,8 @@ def write_tasks(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluations(make_checkpoint, tmp_path_factory):
-    """(our results, our samples, hf's results, hf's samples, our printed output): every task, both backends."""
+    """(our results, our samples, hf's results, hf's samples): every task, both backends."""
+    lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     with pytest.MonkeyPatch.context() as patch:
@@ -100,7 +100,7 @@ def evaluations(make_checkpoint, tmp_path_factory):
         ours = json.loads(results_file.read_text())
         our_samples = {name: [json.loads(line) for line in next(out.glob(f"*/samples_{name}_*.jsonl")).read_text().splitlines()] for name in TASKS}
         theirs = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(TASKS), task_manager=TaskManager(include_path=str(tasks)),
+            model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(TASKS), task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
             batch_size=2, device="cpu", log_samples=True,
         )
     return ours, our_samples, theirs, theirs["samples"]
@@ -135,3 +135,12 @@ def test_greedy_generations_equal_the_hf_backend(evaluations):
     ours, our_samples, theirs, their_samples = evaluations
     assert [s["resps"][0][0] for s in our_samples["tiny_generation"]] == [s["resps"][0][0] for s in their_samples["tiny_generation"]]
     assert metrics(ours, "tiny_generation") == metrics(theirs, "tiny_generation")
+
+
+def test_without_lm_eval_the_command_names_the_extra_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(SystemExit) as exit:
+        main(["--ckpt_dir", str(tmp_path), "--tasks", "hellaswag"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == 'error: lm-evaluation-harness is not installed: pip install -e ".[eval]"\n'
+
