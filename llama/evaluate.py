@@ -111,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> None:
         device=args.device, dtype=args.dtype, quantize=args.quantize,
     )
     print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize), flush=True)
-    model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype), "quantize": args.quantize, "max_seq_len": args.max_seq_len}
+    model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype).removeprefix("torch."), "quantize": args.quantize, "max_seq_len": args.max_seq_len}
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = lm_eval.simple_evaluate(
         model=LlamaLM(generator, args.batch_size), model_args=model_args, tasks=tasks, num_fewshot=args.num_fewshot,
