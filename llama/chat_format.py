@@ -85,6 +85,14 @@ class ChatFormat:
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
         raise NotImplementedError
 
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The dialog as text, special tokens written as their texts, as transformers'
+        ``apply_chat_template`` renders it: ending with the assistant's header if
+        ``add_generation_prompt``, else right after the last message's content (transformers'
+        ``continue_final_message``), for a reply that goes on from there. What evaluation harnesses
+        read; ``Tokenizer.encode_with_special_tokens`` reads it back."""
+        raise NotImplementedError
+
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """Whether a message contains one of the format's special tags."""
         return is_unsafe(dialog, self.special_tags)
@@ -110,6 +118,22 @@ class Llama2ChatFormat(ChatFormat):
             tokens += self.tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
         return tokens + self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
 
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        bos, eos = (self.tokenizer.sp_model.id_to_piece(i) for i in (self.tokenizer.bos_id, self.tokenizer.eos_id))
+        if dialog and dialog[0]["role"] == "system":
+            rest = list(dialog[2:]) if len(dialog) > 1 else []
+            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + (dialog[1]["content"] if len(dialog) > 1 else "")}
+            dialog = [first] + rest
+        text = ""
+        for message in dialog:
+            if message["role"] == "user":
+                text += f"{bos}{B_INST} {message['content'].strip()} {E_INST}"
+            else:
+                text += f" {message['content'].strip()} {eos}"
+        if not add_generation_prompt and dialog[-1]["role"] == "assistant":
+            text = text[: -len(f" {eos}")]
+        return text
+
 
 class Llama3ChatFormat(ChatFormat):
     """Meta's Llama 3 ``ChatFormat``: headers and end-of-turn tokens (see the module's docstring)."""
@@ -128,6 +152,15 @@ class Llama3ChatFormat(ChatFormat):
         for message in dialog:
             tokens += self.encode_message(message)
         return tokens + self.encode_header("assistant")  # the model writes the answer
+
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        def header(role: str) -> str:
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+        text = "<|begin_of_text|>" + "".join(header(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in dialog)
+        if add_generation_prompt:
+            return text + header("assistant")
+        return text[: -len("<|eot_id|>")]
 
 
 class ChatTemplate(TypedDict):
@@ -173,13 +206,19 @@ class TemplateChatFormat(ChatFormat):
         self.compiled = compile_template(template)
         self.special_tags = sorted(tokenizer.special_token_texts())
 
-    def render(self, dialog: Sequence[Message]) -> str:
-        """The dialog as text, with the prompt of the assistant's answer, as ``apply_chat_template``."""
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
         messages = [{"role": msg["role"], "content": msg["content"]} for msg in dialog]
         try:
-            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.template["tokens"])
+            text = self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.template["tokens"])
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
+        if add_generation_prompt:
+            return text
+        final = messages[-1]["content"]  # transformers' continue_final_message: cut after it
+        final = final if final in text else final.strip()
+        if final not in text:
+            raise ValueError(f"{self.template['path']}: the chat_template does not write the last message's content as given, so a reply cannot continue it")
+        return text[: text.rindex(final) + len(final)]
 
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
         return self.tokenizer.encode_with_special_tokens(self.render(dialog), self.template["legacy"])

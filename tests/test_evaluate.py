@@ -1,0 +1,146 @@
+"""python -m llama.evaluate: lm-evaluation-harness on this project's model gives the numbers of lm-eval's
+own ``hf`` backend on the same weights (the checkpoint converted to a Hugging Face folder), on local
+tasks of each kind: multiple choice, rolling perplexity, greedy generation. Offline: the tasks read
+JSON Lines files beside their YAMLs."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import stdlib_lines
+from llama.convert import convert
+from llama.evaluate import main
+
+MAX_SEQ_LEN = 40  # the converted folder's max_position_embeddings: lm-eval's max_length on both sides
+
+CHOICE_DOCS = [
+    {"question": "import os\nimport", "choices": [" sys", " re", " json", " os.path"], "answer": 0},
+    {"question": "def main():\n    return", "choices": [" None", " 0", " self"], "answer": 1},
+    {"question": "for key, value in", "choices": [" items", " self.items()", " d.items():"], "answer": 2},
+    {"question": "class Stack:\n    def __init__(self", "choices": ["):", ", items):", ", *args, **kwargs):"], "answer": 0},
+    # a context longer than the window, cut from the left as the hf backend cuts it
+    {"question": "if x is None:\n    raise ValueError('x must be given')\n" * 3 + "elif", "choices": [" y", " x is None:"], "answer": 1},
+]
+TEXT_DOCS = [  # scored in rolling windows of MAX_SEQ_LEN tokens: one window, then several
+    {"text": "import os"},
+    {"text": "def read(path):\n    with open(path) as f:\n        return f.read()\n\n\nclass Reader:\n    def __init__(self, path):\n        self.path = path\n"},
+    {"text": "x = [i * i for i in range(10) if i % 2]\nprint(sum(x), len(x), max(x), min(x), sorted(x, reverse=True))\n" * 2},
+]
+GENERATION_DOCS = [
+    {"prompt": "def add(a, b):\n    return", "answer": " a + b"},
+    {"prompt": "import", "answer": " os"},
+    {"prompt": "class Node:\n    def __init__(self, value):\n        self.value =", "answer": " value"},
+]
+TASKS = {
+    "tiny_choice": ("choice.jsonl", CHOICE_DOCS, {
+        "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }),
+    "tiny_text": ("text.jsonl", TEXT_DOCS, {
+        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+    }),
+    "tiny_generation": ("generation.jsonl", GENERATION_DOCS, {
+        "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    }),
+}
+
+
+def llama2_style_tokenizer(path: Path) -> None:
+    """A 512-piece sentencepiece BPE with Llama 2's settings (no normalization, whitespace kept, a dummy
+    space prepended, digits split, byte fallback), which transformers' LlamaTokenizer reads with the same
+    ids (the session's tokenizer keeps sentencepiece's normalization, which transformers does not apply)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_lines(5000)), model_writer=model, vocab_size=512, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+    )
+    path.write_bytes(model.getvalue())
+
+
+def write_tasks(folder: Path) -> Path:
+    """Each task as a YAML file (JSON is YAML) beside its JSON Lines dataset."""
+    for name, (data_file, docs, config) in TASKS.items():
+        (folder / data_file).write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        dataset = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(folder / data_file)}}, "test_split": "test"}
+        (folder / f"{name}.yaml").write_text(json.dumps({"task": name, **dataset, **config}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluations(make_checkpoint, tmp_path_factory):
+    """(our results, our samples, hf's results, hf's samples): every task, both backends."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        ckpt_dir, _ = make_checkpoint(dtype=torch.float32, seed=3)
+        llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
+        hf_dir = tmp_path_factory.mktemp("hf_eval")
+        convert(ckpt_dir, str(hf_dir), "hf", dtype="float32", max_position_embeddings=MAX_SEQ_LEN)
+        tasks = write_tasks(tmp_path_factory.mktemp("tasks"))
+        out = tmp_path_factory.mktemp("out")
+        names = ",".join(TASKS)
+        main(["--ckpt_dir", ckpt_dir, "--tasks", names, "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
+              "--batch_size", "3", "--output_path", str(out), "--log_samples", "--dtype", "float32", "--device", "cpu"])
+        (results_file,) = out.glob("*/results_*.json")
+        ours = json.loads(results_file.read_text())
+        our_samples = {name: [json.loads(line) for line in next(out.glob(f"*/samples_{name}_*.jsonl")).read_text().splitlines()] for name in TASKS}
+        theirs = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(TASKS), task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            batch_size=2, device="cpu", log_samples=True,
+        )
+    return ours, our_samples, theirs, theirs["samples"]
+
+
+def metrics(results: dict, task: str) -> dict:
+    return {key: value for key, value in results["results"][task].items() if "," in key and "stderr" not in key}
+
+
+def test_multiple_choice_accuracies_equal_the_hf_backend(evaluations):
+    ours, _, theirs, _ = evaluations
+    assert metrics(ours, "tiny_choice") == metrics(theirs, "tiny_choice")
+
+
+def test_multiple_choice_loglikelihoods_and_greedy_flags_equal_the_hf_backend(evaluations):
+    _, our_samples, _, their_samples = evaluations
+    for ours, theirs in zip(our_samples["tiny_choice"], their_samples["tiny_choice"], strict=True):
+        assert [float(r[0][0]) for r in ours["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], rel=1e-4)
+        assert [r[0][1] == "True" for r in ours["resps"]] == [r[0][1] for r in theirs["resps"]]
+
+
+def test_rolling_perplexities_equal_the_hf_backend(evaluations):
+    ours, our_samples, theirs, their_samples = evaluations
+    expected = metrics(theirs, "tiny_text")
+    assert metrics(ours, "tiny_text") == pytest.approx(expected, rel=1e-4)
+    assert all(math.isfinite(value) and value > 1 for value in expected.values())
+    for mine, reference in zip(our_samples["tiny_text"], their_samples["tiny_text"], strict=True):
+        assert float(mine["resps"][0][0]) == pytest.approx(reference["resps"][0][0], rel=1e-4)
+
+
+def test_greedy_generations_equal_the_hf_backend(evaluations):
+    ours, our_samples, theirs, their_samples = evaluations
+    assert [s["resps"][0][0] for s in our_samples["tiny_generation"]] == [s["resps"][0][0] for s in their_samples["tiny_generation"]]
+    assert metrics(ours, "tiny_generation") == metrics(theirs, "tiny_generation")
+
+
+def test_without_lm_eval_the_command_names_the_extra_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(SystemExit) as exit:
+        main(["--ckpt_dir", str(tmp_path), "--tasks", "hellaswag"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == 'error: lm-evaluation-harness is not installed: pip install -e ".[eval]"\n'
+
