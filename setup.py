@@ -12,5 +12,10 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),
-    extras_require={"test": ["pytest", "transformers>=5", "openai>=1", "protobuf"]},  # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece models with it
+    extras_require={
+        "finetune": ["matplotlib"],  # the loss curve's picture
+        # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
+        # models with it; peft: the reference for LoRA adapters
+        "test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "peft", "matplotlib"],
+    },
 )

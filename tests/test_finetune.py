@@ -1,0 +1,117 @@
+"""python -m llama.finetune against independent references: transformers' loss with labels built by
+hand, peft's gradients and logits on transformers' model of the same weights, and the same run
+packed, resumed, or on two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SMALL_PARAMS, to_transformers
+from llama import Llama
+from llama.adapter import read_adapter, write_adapter
+from llama.checkpoint import load_model, read_model_args
+from llama.finetune import adapter_tensors, main as finetune
+from llama.lora import LoraConfig, apply_lora
+from llama.model import ModelArgs
+from llama.loss import causal_lm_loss
+from llama.tokenizer import Tokenizer
+from llama.training_data import Example, micro_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
+DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
+          {"role": "assistant", "content": "4"}, {"role": "user", "content": "and times three?"}, {"role": "assistant", "content": "12"}]
+PAIRS = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i} + {7 * i}\n"} for i in range(8)]
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(ckpt_dir, data, out, *flags, tokenizer_path=None):
+    extra = ["--tokenizer_path", tokenizer_path] if tokenizer_path else []
+    finetune(["--ckpt_dir", str(ckpt_dir), "--data", str(data), "--out", str(out), "--threads", "1", *extra, *flags])
+    return metrics(Path(out))
+
+
+def hand_llama2_labels(sp, dialog):
+    """Meta's Llama 2 chat format written out: each exchange BOS [INST] user [/INST] answer EOS, the
+    system text inside the first user message; only the answer and its EOS are learnt."""
+    users = [dialog[1]["content"], dialog[3]["content"]]
+    users[0] = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{users[0]}"
+    tokens, labels = [], []
+    for user, answer in zip(users, [dialog[2]["content"], dialog[4]["content"]]):
+        prompt = [1] + sp.encode(f"[INST] {user} [/INST]")
+        turn = [1] + sp.encode(f"[INST] {user} [/INST] {answer} ") + [2]
+        assert turn[: len(prompt)] == prompt
+        tokens += turn
+        labels += [-100] * len(prompt) + turn[len(prompt):]
+    return tokens, labels
+
+
+def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, state = checkpoint
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": DIALOG}])
+    first = run(ckpt_dir, data, tmp_path / "out", "--batch_size", "1", "--max_steps", "1", "--max_seq_len", "96",
+                tokenizer_path=tokenizer_path)[0]
+    tokens, labels = hand_llama2_labels(Tokenizer(tokenizer_path).sp_model, DIALOG)
+    reference = to_transformers(state, SMALL_PARAMS, 512)
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens]), labels=torch.tensor([labels])).loss.item()
+    assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)
+    assert first["tokens"] == len(tokens)
+
+
+def read_model_args_small():
+    return ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 64, "max_batch_size": 1})
+
+
+def test_lora_logits_and_gradients_equal_peft_on_transformers_and_peft_reads_the_adapter(checkpoint, tmp_path):
+    from peft import PeftModel
+
+    ckpt_dir, state = checkpoint
+    args = read_model_args_small()
+    config = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
+    torch.manual_seed(1)
+    for name, module in model.named_modules():
+        if name.endswith("lora_B"):  # nonzero, so that the adapter changes the logits and A gets a gradient
+            torch.nn.init.normal_(module.weight, std=0.05)
+    write_adapter(str(tmp_path), adapter_tensors(model), config, args, ckpt_dir)
+    peft_model = PeftModel.from_pretrained(to_transformers(state, SMALL_PARAMS, 512), str(tmp_path), is_trainable=True)
+
+    torch.manual_seed(2)
+    tokens = torch.randint(3, 512, (2, 24))
+    labels = tokens.clone()
+    labels[:, :10] = -100
+    loss = causal_lm_loss(model(tokens), labels)
+    loss.backward()
+    peft_loss = peft_model(input_ids=tokens, labels=labels).loss
+    peft_loss.backward()
+    assert loss.item() == pytest.approx(peft_loss.item(), rel=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), peft_model(input_ids=tokens).logits, atol=1e-4)
+
+    # our gradients, written as an adapter, are peft's gradients in peft's layout
+    for name, module in model.named_modules():
+        if name.endswith(("lora_A", "lora_B")):
+            module.weight.data = module.weight.grad
+    (tmp_path / "grads").mkdir()
+    write_adapter(str(tmp_path / "grads"), adapter_tensors(model), config, args, ckpt_dir)
+
+    ours = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
+    theirs = {name.replace(".default", ""): p.grad for name, p in peft_model.named_parameters() if p.grad is not None}
+    assert set(ours) == set(theirs) and len(ours) == 2 * 7 * args.n_layers
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-5, rtol=1e-4), key
