@@ -226,8 +226,7 @@ def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Opt
 
 def source_dtype(ckpt_dir: str, args) -> torch.dtype:
     """The dtype the checkpoint stores its weights in (its embedding's)."""
-    layout = {"tok_embeddings.weight": layout_of(args)["tok_embeddings.weight"]}
-    return next(iter(rank_tensors(ckpt_dir, args, layout, 0, 1)))[1].dtype
+    return next(iter(rank_tensors(ckpt_dir, args, layout_of(args), 0, 1)))[1].dtype
 
 
 def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None:

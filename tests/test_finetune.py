@@ -115,3 +115,49 @@ def test_lora_logits_and_gradients_equal_peft_on_transformers_and_peft_reads_the
     assert set(ours) == set(theirs) and len(ours) == 2 * 7 * args.n_layers
     for key in ours:
         assert torch.allclose(ours[key], theirs[key], atol=1e-5, rtol=1e-4), key
+
+
+MEMORY = [{"prompt": f"def scale_{i}(x):\n", "completion": f"    return x * {a} + {b}\n"} for i, (a, b) in enumerate([(3, 21), (5, 2), (7, 9), (2, 8)])]
+LEARNING_RATES = {"lora": "1e-2", "qlora": "1e-2", "full": "2e-3"}
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """The bundled model after 16 steps on four prompt/completion pairs, with each method (LoRA merged too)."""
+    folder = tmp_path_factory.mktemp("memorised")
+    data = write_jsonl(folder / "pairs.jsonl", MEMORY)
+    runs = {}
+    for method, lr in LEARNING_RATES.items():
+        merge = ["--merge"] if method == "lora" else []
+        runs[method] = run(BUNDLED, data, folder / method, "--method", method, "--lr", lr, "--max_steps", "16", "--batch_size", "4",
+                           "--warmup_steps", "0", "--lr_schedule", "constant", *merge), folder / method
+    return runs
+
+
+@pytest.mark.parametrize("method", list(LEARNING_RATES))
+def test_the_bundled_model_learns_to_complete_four_pairs_with_each_method(memorised, method):
+    losses, out = memorised[method]
+    assert losses[-1]["loss"] < 0.1 * losses[0]["loss"]
+    if method == "full":
+        generator = Llama.build(str(out / "checkpoint"), max_seq_len=64, max_batch_size=4)  # alone: its own tokenizer
+    else:
+        generator = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=4, adapter_dir=str(out),
+                                quantize="int4" if method == "qlora" else None)
+    completions = generator.text_completion([pair["prompt"] for pair in MEMORY], temperature=0, max_gen_len=12)
+    assert sum(c["generation"].startswith(pair["completion"]) for c, pair in zip(completions, MEMORY)) >= 3
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["step"] for r in losses] == list(range(1, 17)) and all({"lr", "tokens", "tokens_per_s"} <= set(r) for r in losses)
+
+
+def test_an_adapter_merged_on_load_equals_the_merged_checkpoint_and_has_an_identity(memorised):
+    _, out = memorised["lora"]
+    with_adapter = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=1, adapter_dir=str(out))
+    tokens = torch.tensor([with_adapter.tokenizer.encode(MEMORY[0]["prompt"] + MEMORY[0]["completion"], bos=True, eos=True)])
+    merged = Llama.build(str(out / "checkpoint"), max_seq_len=64, max_batch_size=1)
+    base = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=1)
+    with torch.no_grad():
+        logits = with_adapter.model(tokens)
+        assert (logits - merged.model(tokens)).abs().max() < 0.1  # the checkpoint's weights are rounded to bfloat16
+        assert (logits - base.model(tokens)).abs().max() > 1
+    assert len(with_adapter.adapter_id) == 64 and base.adapter_id is None
+    assert read_adapter(str(out), with_adapter.model.params).identity == with_adapter.adapter_id
