@@ -157,7 +157,6 @@ def finetune(options: argparse.Namespace) -> None:
     check_options(options, world_size)
     lora = lora_config(options)
     dtype = compute_dtype(options.dtype, device, options.method)
-    torch.manual_seed(options.seed)
 
     tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
     tokenizer = Tokenizer(tokenizer_path)
@@ -173,6 +172,7 @@ def finetune(options: argparse.Namespace) -> None:
     # the base in the compute dtype when frozen (LoRA), float32 when it trains (full: autocast computes in dtype)
     model = load_model(options.ckpt_dir, args, device, torch.float32 if options.method == "full" else dtype, quantization)
     if lora is not None:
+        torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
         apply_lora(model, lora)
     model = wrap_for_training(model, options.activation_checkpointing, options.compile, world_size > 1,
                               dtype if dtype != torch.float32 else None)

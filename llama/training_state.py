@@ -11,6 +11,7 @@ the previous state whole.
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -49,7 +50,8 @@ def save_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: to
     if rank() == 0 and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
         dcp.save(optimizer_tensors(parameters, optimizer), checkpoint_id=str(partial / "tensors"))
     generators = {"cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
@@ -81,7 +83,8 @@ def check_resumable(saved: dict, settings: dict, out_dir: Path) -> None:
 def load_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
     """Load the saved parameters, optimizer state and generators in place; the steps done."""
     folder = out_dir / STATE_DIR
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(optimizer_tensors(parameters, optimizer), checkpoint_id=str(folder / "tensors"))
     generators = torch.load(folder / f"generators.{rank()}.pt", weights_only=True)
     torch.random.set_rng_state(generators["cpu"])

@@ -4,6 +4,7 @@ packed, resumed, or on two processes."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,89 @@ def test_an_adapter_merged_on_load_equals_the_merged_checkpoint_and_has_an_ident
         assert (logits - base.model(tokens)).abs().max() > 1
     assert len(with_adapter.adapter_id) == 64 and base.adapter_id is None
     assert read_adapter(str(out), with_adapter.model.params).identity == with_adapter.adapter_id
+
+
+VARIED = [{"text": "import os\n" * n} for n in (1, 3, 2, 5, 4, 1, 2, 3)] + [{"messages": DIALOG}] * 4
+
+
+@pytest.fixture(scope="module")
+def varied_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("varied") / "varied.jsonl", VARIED)
+
+
+def test_packed_rows_give_the_losses_of_padded_rows(checkpoint, tokenizer_path, varied_data, tmp_path):
+    ckpt_dir, _ = checkpoint
+    flags = ["--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "2", "--max_seq_len", "96", "--lr", "1e-2"]
+    padded = run(ckpt_dir, varied_data, tmp_path / "padded", *flags, tokenizer_path=tokenizer_path)
+    packed = run(ckpt_dir, varied_data, tmp_path / "packed", *flags, "--pack", tokenizer_path=tokenizer_path)
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=1e-5)
+    assert all(r["tokens"] % 96 == 0 for r in packed)  # whole rows of --max_seq_len
+
+
+def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(checkpoint, tokenizer_path, varied_data, tmp_path, capsys):
+    ckpt_dir, _ = checkpoint
+    flags = ["--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--lora_dropout", "0.2", "--lr_schedule", "constant"]
+    whole = run(ckpt_dir, varied_data, tmp_path / "whole", "--max_steps", "4", *flags, tokenizer_path=tokenizer_path)
+    run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "2", "--save_every", "2", *flags, tokenizer_path=tokenizer_path)
+    resumed = run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "4", "--resume", *flags, tokenizer_path=tokenizer_path)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
+    with pytest.raises(SystemExit):
+        run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "6", "--resume", "--method", "full", *flags, tokenizer_path=tokenizer_path)
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: --resume: ") and "method was 'lora', now 'full'" in error
+
+
+def test_two_processes_under_torchrun_give_one_process_losses(checkpoint, tokenizer_path, varied_data, tmp_path):
+    ckpt_dir, _ = checkpoint
+    flags = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--max_steps", "3", "--batch_size", "4",
+             "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--save_every", "3"]
+    single = run(ckpt_dir, varied_data, tmp_path / "one", *flags[6:], tokenizer_path=tokenizer_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.finetune",
+               *flags, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["loss"] for r in metrics(tmp_path / "two")] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
+    assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in ours)
+
+
+@pytest.mark.parametrize("lines, flags, error", [
+    (['{"text": "a"}', '{"text": '], [], r"data.jsonl, line 2: not valid JSON"),
+    ([json.dumps({"messages": [{"role": "user", "content": "hi"}]})], [], r"data.jsonl, line 1: the dialog has no assistant reply"),
+    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], [], r"line 1: message 0 has an unknown role 'robot'"),
+    ([], [], r"data.jsonl: no examples \(the file is empty\)"),
+    (['{"text": "' + "import os " * 80 + '"}'], ["--max_seq_len", "16"], r"every one of its 1 examples is longer than --max_seq_len 16"),
+    (['{"text": "a"}'], ["--lora_targets", "wq,q_gate"], r"--lora_targets: unknown name\(s\) \['q_gate'\]"),
+    (['{"text": "a"}'], ["--batch_size", "6", "--micro_batch_size", "4"], r"--batch_size 6 must be divisible by the 1 rank\(s\) x --micro_batch_size 4"),
+    (['{"text": "a"}'], ["--resume"], r"--resume: .*state/run.json not found"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(checkpoint, tokenizer_path, tmp_path, capsys, lines, flags, error):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(SystemExit) as exit:
+        run(checkpoint[0], data, tmp_path / "out", *flags, tokenizer_path=tokenizer_path)
+    assert exit.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and re.search(error, message), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_where_int4_cannot_hold_the_weights_is_refused(make_checkpoint, tokenizer_path, tmp_path, capsys):
+    ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "dim": 48, "n_heads": 4, "n_kv_heads": 2})
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}])
+    with pytest.raises(SystemExit):
+        run(ckpt_dir, data, tmp_path / "out", "--method", "qlora", tokenizer_path=tokenizer_path)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--method qlora: the int4 base cannot run here: " in message and "not a multiple of the group size 64" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, tokenizer_path, caplog):
+    from llama.chat_format import chat_format_for
+    from llama.training_data import read_examples
+
+    tokenizer = Tokenizer(tokenizer_path)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "x"}, {"text": "import os " * 40}, {"text": "y"}])
+    examples = read_examples(data, tokenizer, chat_format_for(tokenizer), max_seq_len=16)
+    assert len(examples) == 2 and "dropped 1 of 3 examples longer than --max_seq_len 16 tokens" in caplog.text
