@@ -32,7 +32,7 @@ from llama.model import Transformer
 from llama.parallel import fused_layers, set_model_parallel_group
 from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, quantized_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
-from llama.training import Schedule, evaluate, train
+from llama.training import Schedule, evaluate, make_optimizer, train
 from llama.training_data import micro_batches, rank_share, read_examples, step_indices
 from llama.training_log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
 from llama.training_state import STATE_DIR, check_resumable, load_state, read_settings, save_state
@@ -137,14 +137,6 @@ def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
     return {module: (parts["lora_A.weight"], parts["lora_B.weight"]) for module, parts in pairs.items()}
 
 
-def make_optimizer(parameters: Dict[str, torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices are decayed, vectors (norm weights) are not."""
-    matrices = [p for p in parameters.values() if p.dim() >= 2]
-    vectors = [p for p in parameters.values() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
-
-
 def finetune(options: argparse.Namespace) -> None:
     """The command, on every rank: check, read, load, wrap, train, write."""
     set_threads(options.threads)
@@ -177,7 +169,7 @@ def finetune(options: argparse.Namespace) -> None:
     model = wrap_for_training(model, options.activation_checkpointing, options.compile, world_size > 1,
                               dtype if dtype != torch.float32 else None)
     parameters = trainable_parameters(model)
-    optimizer = make_optimizer(parameters, schedule.lr, options.weight_decay)
+    optimizer = make_optimizer(parameters.values(), schedule.lr, options.weight_decay)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world_size == 1 else contextlib.nullcontext()
 
     out = Path(options.out)

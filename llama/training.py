@@ -11,7 +11,7 @@ the number of ranks to make that average the step's sum.
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,14 @@ class Schedule:
             return self.lr
         progress = (step - self.warmup_steps) / max(1, self.max_steps - 1 - self.warmup_steps)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over ``parameters``: matrices are decayed, vectors (norm weights) are not."""
+    parameters = list(parameters)
+    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas)
 
 
 def data_parallel_size() -> int:

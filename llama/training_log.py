@@ -42,7 +42,7 @@ class MetricsLog:
             filled = round(30 * record["step"] / self.max_steps)
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}" + ("\n" if record["step"] == self.max_steps else ""))
             sys.stderr.flush()
-        elif record["step"] % self.every == 0 or record["step"] == self.max_steps or "val_loss" in record:
+        elif record["step"] % self.every == 0 or record["step"] in (1, self.max_steps) or "val_loss" in record:
             logger.info(line)
 
 
