@@ -248,3 +248,41 @@ def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, toke
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "x"}, {"text": "import os " * 40}, {"text": "y"}])
     examples = read_examples(data, tokenizer, chat_format_for(tokenizer), max_seq_len=16)
     assert len(examples) == 2 and "dropped 1 of 3 examples longer than --max_seq_len 16 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("format", ["llama2", "llama3"])
+def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_reply_with_its_end(format, tokenizer_path, llama3_tokenizer):
+    from llama.chat_format import chat_format_for
+    from llama.training_data import encode_example
+
+    tokenizer = Tokenizer(tokenizer_path if format == "llama2" else llama3_tokenizer[0])
+    chat_format = chat_format_for(tokenizer)
+    example = encode_example({"messages": DIALOG}, tokenizer, chat_format, "line 1")
+    end = tokenizer.eos_id if format == "llama2" else tokenizer.special_tokens["<|eot_id|>"]
+    previous_end = 0
+    for reply in (3, 5):  # the prompt chat_completion sends for each reply, then the reply and its end
+        prompt = chat_format.encode_dialog(DIALOG[:reply - 1])
+        answer = tokenizer.encode(DIALOG[reply - 1]["content"], bos=False, eos=False)
+        assert example.tokens[: len(prompt)] == prompt
+        assert all(label == -100 for label in example.labels[previous_end : len(prompt)])  # since the last reply: the prompt
+        previous_end = len(prompt) + len(answer) + 1
+        assert example.tokens[len(prompt) : previous_end] == example.labels[len(prompt) : previous_end] == answer + [end]
+    assert sum(label != -100 for label in example.labels) == sum(len(tokenizer.encode(m["content"], bos=False, eos=False)) + 1 for m in DIALOG[2::2])
+
+
+def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folder_transformers_reads(make_hf_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    folder = make_hf_checkpoint(num_key_value_heads=4)
+    data = write_jsonl(tmp_path / "pairs.jsonl", MEMORY)
+    run(folder, data, tmp_path / "out", "--max_steps", "3", "--batch_size", "4", "--lr", "1e-2", "--merge")
+    ours = Llama.build(folder, max_seq_len=64, max_batch_size=1, adapter_dir=str(tmp_path / "out"))
+    tokens = torch.tensor([ours.tokenizer.encode(MEMORY[0]["prompt"], bos=True, eos=False)])
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), str(tmp_path / "out")).eval()
+    merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "out" / "checkpoint")).eval()
+    with torch.no_grad():
+        logits = ours.model(tokens)
+        assert torch.allclose(logits, peft_model(input_ids=tokens).logits, atol=1e-4)
+        assert torch.allclose(logits, merged(input_ids=tokens).logits, atol=1e-4)
+        assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
