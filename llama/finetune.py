@@ -33,7 +33,7 @@ from llama.parallel import fused_layers, set_model_parallel_group
 from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, quantized_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training import Schedule, evaluate, make_optimizer, train
-from llama.training_data import micro_batches, rank_share, read_examples, step_indices
+from llama.training_data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
 from llama.training_log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
 from llama.training_state import STATE_DIR, check_resumable, load_state, read_settings, save_state
 from llama.wrapping import clean_name, full_tensor, trainable_parameters, wrap_for_training
@@ -182,11 +182,12 @@ def finetune(options: argparse.Namespace) -> None:
         indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), rank, world_size)
         return micro_batches([examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len)
 
-    val_batches = micro_batches(val_examples[rank::world_size], options.micro_batch_size, options.pack, options.max_seq_len)
+    val_batches = evaluation_batches(val_examples, options.micro_batch_size, options.pack, options.max_seq_len, rank, world_size)
     n_trainable = sum(p.numel() for p in parameters.values())
-    logger.info("%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
-                options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}", "adapters" if lora else "all",
-                str(dtype).removeprefix("torch."), world_size)
+    if rank == 0:
+        logger.info("%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
+                    options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}", "adapters" if lora else "all",
+                    str(dtype).removeprefix("torch."), world_size)
     train(model, optimizer, step_batches, schedule, MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
           device, autocast, options.grad_clip, start_step, options.eval_every,
           (lambda: evaluate(model, val_batches, device, autocast)) if val_examples else None,

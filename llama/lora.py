@@ -6,8 +6,7 @@ The adapters sit beside the layers of ``llama.parallel`` they adapt, which this 
 ``LoRALinear`` holds the layer (``base``) and one ``LoRA`` per adapted part. A fused layer (wq, wk, wv
 as ``wqkv``; w1, w3 as ``w13``) gets an adapter per part that is a target, added to that part's output.
 The parameter names are those ``peft`` writes (``lora_A.weight``, ``lora_B.weight``), and
-``adapter_state`` lists them under Meta's module names (``layers.0.attention.wq``), which
-``llama.adapter`` turns into peft's files.
+``llama.adapter`` writes them under transformers' module names in peft's files.
 """
 
 from dataclasses import dataclass
@@ -109,8 +108,9 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Freeze every parameter of ``model`` (a ``Transformer``, on one process per model) and put
-    adapters beside the target linears of every block, on the weights' device; returns the model."""
+    """Freeze every parameter of ``model`` (a ``Transformer`` whose layers are whole: one process, or
+    data parallelism) and put adapters beside the target linears of every block, on the weights'
+    device; returns the model."""
     model.requires_grad_(False)
     device = model.tok_embeddings.weight.device
     for block in model.layers:
@@ -123,15 +123,3 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             adapters = {name: LoRA(in_features, out, config, device) for name, out in sizes.items() if name in config.targets}
             setattr(parent, attribute, LoRALinear(base, adapters))
     return model
-
-
-def adapter_state(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Meta's module name (``layers.0.attention.wq``) -> (A, B) of every adapter of ``model``."""
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            parent = name.rpartition(".")[0]
-            for part, adapter in module.adapters.items():
-                state[f"{parent}.{part}".replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")] = (
-                    adapter.lora_A.weight, adapter.lora_B.weight)
-    return state

@@ -237,3 +237,13 @@ def micro_batches(examples: Sequence[Example], micro_batch_size: int, pack: bool
     """A rank's examples of one step as batches of ``micro_batch_size`` examples each."""
     groups = [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
     return [packed_batch(group, max_seq_len) if pack else padded_batch(group) for group in groups]
+
+
+def evaluation_batches(examples: Sequence[Example], micro_batch_size: int, pack: bool, max_seq_len: int, rank: int,
+                       world_size: int) -> List[Batch]:
+    """Rank ``rank``'s share of the validation micro-batches. Every rank makes the same number of
+    forward passes (sharded layers gather their weights in each): a rank short of one scores an
+    example with nothing to learn."""
+    groups = [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
+    groups += [[Example([0, 0], masked([0, 0]))]] * (-len(groups) % world_size)
+    return [packed_batch(group, max_seq_len) if pack else padded_batch(group) for group in groups[rank::world_size]]

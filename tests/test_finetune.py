@@ -197,14 +197,18 @@ def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(checkpoint, toke
 
 def test_two_processes_under_torchrun_give_one_process_losses(checkpoint, tokenizer_path, varied_data, tmp_path):
     ckpt_dir, _ = checkpoint
+    validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])  # 3 micro-batches: one rank scores an empty one
     flags = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--max_steps", "3", "--batch_size", "4",
-             "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--save_every", "3"]
+             "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--save_every", "3", "--val_data", validation, "--eval_every", "2"]
     single = run(ckpt_dir, varied_data, tmp_path / "one", *flags[6:], tokenizer_path=tokenizer_path)
+    assert [r["step"] for r in single if "val_loss" in r] == [2, 3]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.finetune",
                *flags, "--out", str(tmp_path / "two")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["loss"] for r in metrics(tmp_path / "two")] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    two = metrics(tmp_path / "two")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
     ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
     assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in ours)
 
