@@ -61,6 +61,7 @@ def main(
     speculate_k: int = 4,
     draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
+    adapter_dir: Optional[str] = None,
     interactive: bool = False,
     system: Optional[str] = None,
     verbose: bool = False,
@@ -90,7 +91,7 @@ def main(
     start = time.perf_counter()
     generator = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile,
-        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize,
+        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir,
     )
     speculation = dict(speculate=speculate, speculate_k=speculate_k)
     load_seconds = time.perf_counter() - start

@@ -13,9 +13,11 @@ setup(
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),
     extras_require={
-        # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
-        # models with it; lm_eval[hf]: the evaluation tests compare with lm-eval's own hf backend
-        "test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "lm_eval[hf]>=0.4.13"],
+        "finetune": ["matplotlib"],  # the loss curve's picture
         "eval": ["lm_eval>=0.4.13"],  # python -m llama.evaluate
+        # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
+        # models with it; peft: the reference for LoRA adapters; lm_eval[hf]: the evaluation tests compare with
+        # lm-eval's own hf backend
+        "test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "peft", "matplotlib", "lm_eval[hf]>=0.4.13"],
     },
 )

@@ -1,6 +1,7 @@
 """Train the small Llama that ships in checkpoints/tiny-stdlib, on the Python standard library's source.
 
     python train.py --out_dir checkpoints/tiny-stdlib      # the bundled model: about 14 minutes on 2 CPU cores
+    python train.py                                        # the same, into checkpoints/tiny-stdlib-retrained
 
 Every machine with Python has its standard library, so nothing is downloaded. The .py files of the
 running interpreter's library (tests, codec tables and generated data left out) are split into
@@ -8,7 +9,8 @@ training and held-out files by a hash of their path, so the split is the same on
 A sentencepiece tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad, byte fallback so
 any text round-trips) is trained on the training files' lines; then a Llama ``Transformer`` is
 trained with ``causal_lm_loss`` and AdamW on random windows of the training files' tokens, with a
-linear warmup and a cosine decay of the learning rate. The result is written in Meta's layout:
+linear warmup and a cosine decay of the learning rate, by the training loop fine-tuning runs on
+(``llama.training``). The result is written in Meta's layout:
 ``params.json``, ``consolidated.00.pth`` (bfloat16) and ``tokenizer.model``.
 
 The run is deterministic given --seed on a given machine and thread count.
@@ -18,7 +20,6 @@ import argparse
 import contextlib
 import hashlib
 import logging
-import math
 import sysconfig
 import time
 from pathlib import Path
@@ -26,17 +27,20 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from llama import training
 from llama.checkpoint import save_checkpoint
-from llama.loss import causal_lm_loss
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
 from llama.tokenizer import Tokenizer, train_tokenizer
+from llama.training_data import Batch
+from llama.training_log import MetricsLog
 
 logger = logging.getLogger("train")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Folders of the library that are not ordinary library code: tests, installed packages, codec
 # tables and pydoc's generated help text.
+DEFAULT_OUT_DIR = "checkpoints/tiny-stdlib-retrained"  # beside the bundled model, never over it
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
 
 
@@ -74,22 +78,6 @@ def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generato
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def learning_rate(step: int, steps: int, warmup_steps: int, max_lr: float, min_lr: float) -> float:
-    """Linear warmup to ``max_lr``, then cosine decay to ``min_lr`` at the last step."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - 1 - warmup_steps)
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices are decayed, norm weights (vectors) are not."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -124,31 +112,27 @@ def train(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s, %.2fM parameters (%.1f MB in bfloat16)", params, n_params / 1e6, 2 * n_params / 1e6)
 
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    # the training loop of every training in this repository (llama.training), on random windows of the stream
     generator = torch.Generator().manual_seed(args.seed)
     heldout_windows = text_windows(tokenizer, heldout_texts, args.seq_len)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16_autocast else contextlib.nullcontext()
-    tokens_per_step = args.batch_size * args.seq_len
-    for step in range(args.steps):
-        lr = learning_rate(step, args.steps, args.warmup_steps, args.lr, args.lr * args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tokens = random_windows(stream, args.batch_size, args.seq_len, generator).to(device)
-        with autocast:
-            loss = causal_lm_loss(model(tokens), tokens)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
 
-        if step % args.log_interval == 0 or step == args.steps - 1:
-            elapsed = time.perf_counter() - started
-            message = f"step {step + 1}/{args.steps}  loss {loss.item():.3f}  lr {lr:.2e}  {elapsed:.0f}s"
-            if step % args.eval_interval == 0 or step == args.steps - 1:
-                with autocast:
-                    heldout = window_loss(model, heldout_windows[: args.eval_windows], args.batch_size)
-                message += f"  held-out loss {heldout['loss']:.3f}"
-            logger.info(message + f"  ({tokens_per_step * (step + 1) / elapsed:.0f} tokens/s overall)")
+    def step_batches(step: int) -> List[Batch]:
+        tokens = random_windows(stream, args.batch_size, args.seq_len, generator)
+        return [Batch(tokens, tokens)]  # every token is learnt
+
+    def heldout_loss() -> dict:
+        with autocast:
+            heldout = window_loss(model, heldout_windows[: args.eval_windows], args.batch_size)
+        return {"val_loss": heldout["loss"], "val_perplexity": heldout["perplexity"]}
+
+    training.train(
+        model, training.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)), step_batches,
+        training.Schedule(args.lr, args.steps, warmup_steps, "cosine", args.lr * args.min_lr_ratio),
+        MetricsLog(None, args.steps, every=args.log_interval), device, autocast, args.grad_clip,
+        evaluate_every=args.eval_interval, evaluate_at=heldout_loss,
+    )
 
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     save_checkpoint(str(out_dir), params, state, n_shards=1, dtype=torch.bfloat16)
@@ -164,35 +148,41 @@ def train(args: argparse.Namespace) -> None:
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out_dir", default="checkpoints/tiny-stdlib", help="where params.json, consolidated.00.pth and tokenizer.model go")
+    parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
+                        help="where params.json, consolidated.00.pth and tokenizer.model go; the bundled model is remade with --out_dir checkpoints/tiny-stdlib")
     parser.add_argument("--print_heldout", action="store_true", help="print the held-out files, one per line, and exit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the training windows")
     parser.add_argument("--heldout_percent", type=int, default=5, help="percent of the files held out for evaluation")
-    parser.add_argument("--max_train_files", type=int, default=None, help="train on only the first N training files (quick tries)")
+    parser.add_argument("--max_train_files", type=int, default=None, help="train on only the first N training files (quick tries); default: all")
     parser.add_argument("--vocab_size", type=int, default=4096, help="sentencepiece pieces, 259 of them special or bytes")
-    parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--n_heads", type=int, default=6)
-    parser.add_argument("--n_kv_heads", type=int, default=None)
+    parser.add_argument("--dim", type=int, default=192, help="the model's width (params.json's dim)")
+    parser.add_argument("--n_layers", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--n_heads", type=int, default=6, help="attention heads (dim must be divisible by it)")
+    parser.add_argument("--n_kv_heads", type=int, default=None, help="key/value heads for grouped-query attention; default: n_heads")
     parser.add_argument("--multiple_of", type=int, default=32, help="the SwiGLU hidden size is rounded up to a multiple of this")
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per step")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--warmup_steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="steps of linear learning-rate warmup; default: 5%% of --steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    parser.add_argument("--weight_decay", type=float, default=0.1)
+    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW's decoupled weight decay (matrices only)")
     parser.add_argument("--grad_clip", type=float, default=1.0, help="maximum gradient norm")
     parser.add_argument("--bf16_autocast", action=argparse.BooleanOptionalAction, default=True,
                         help="compute in bfloat16 (weights and optimizer stay float32)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, mps")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; with one the result does not depend on the core count, "
                         "and on cores shared with other work it is the fastest")
-    parser.add_argument("--log_interval", type=int, default=10)
+    parser.add_argument("--log_interval", type=int, default=10, help="steps between progress lines")
     parser.add_argument("--eval_interval", type=int, default=100, help="steps between held-out losses (on --eval_windows windows)")
     parser.add_argument("--eval_windows", type=int, default=64, help="held-out windows scored during and after training")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     positive = ["heldout_percent", "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "seq_len", "batch_size",
                 "steps", "threads", "log_interval", "eval_interval", "eval_windows"]
@@ -202,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be a positive integer, got {value}")
     if not 1 <= args.heldout_percent < 100:
         parser.error(f"--heldout_percent must be in [1, 99], got {args.heldout_percent}")
-    if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
+    if args.warmup_steps is not None and not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup_steps must be in [0, --steps), got {args.warmup_steps} with --steps {args.steps}")
     if args.seq_len < 2:
         parser.error(f"--seq_len must be at least 2, got {args.seq_len}")

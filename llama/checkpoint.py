@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from llama import hf_checkpoint
+from llama.adapter import Adapter, merge_adapter
 from llama.cpu_kernels import choose_float32_kernels
 from llama.cpu_threads import choose_threads
 from llama.files import load_tensor_dict, read_json_object
@@ -292,11 +293,13 @@ def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
 
 
 def load_model(
-    ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None
+    ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None,
+    adapter: Optional[Adapter] = None,
 ) -> Transformer:
     """Build the model on the meta device (no memory), then place this rank's tensors in it one by
     one (``llama.placement``), each linear weight quantized on the CPU first when ``quantization``
-    is given: the device never holds a full-precision copy of the model."""
+    is given: the device never holds a full-precision copy of the model. A LoRA ``adapter``
+    (``llama.adapter``) is merged into each weight it adapts as the weight is read."""
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
@@ -304,7 +307,10 @@ def load_model(
         shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
         check_int4_shapes(shapes, quantization, world_size)
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
-    tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
+    layout = model_layout(model, world_size)
+    tensors = rank_tensors(ckpt_dir, args, layout, rank, world_size)  # Meta's keys and row order
+    if adapter is not None:
+        tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
     choose_threads(model)  # before the kernels, which are chosen for the thread count

@@ -48,6 +48,7 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "speculate_k": "tokens proposed and verified per step with --speculate",
     "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
     "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
+    "adapter_dir": "a LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors, as python -m llama.finetune writes it), merged into the weights as they load",
     "threads": "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per core or fewer, whichever decodes the model fastest, timed at load",
 }
 TRACEBACK_FLAG = "--traceback"

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple, TypedDict, Union
 import torch
 
 from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
+from llama.adapter import read_adapter
 from llama.checkpoint import check_draft_vocabulary, load_model, read_model_args
 from llama.hf_checkpoint import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
@@ -62,6 +63,7 @@ class Llama:
         quiet_ranks: bool = True,
         draft_ckpt_dir: Optional[str] = None,
         draft_quantize: Optional[str] = None,
+        adapter_dir: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
@@ -98,6 +100,10 @@ class Llama:
             draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its
                 kernels are fastest in (bfloat16 on an AVX2 CPU, as ``dtype=None`` would pick),
                 whatever ``dtype``; an unquantized one in the model's dtype.
+            adapter_dir: a LoRA adapter in peft's format (``adapter_config.json``,
+                ``adapter_model.safetensors``, as ``python -m llama.finetune`` writes it), merged into
+                the weights as they are read, before ``quantize``: decoding costs what the model alone
+                costs. ``Llama.adapter_id`` then names it (a hash of its files).
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -129,7 +135,8 @@ class Llama:
             tokenizer = Tokenizer(tokenizer_path)
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
             chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
-            model = load_model(ckpt_dir, args, device, dtype, quantization)  # quantized tensor by tensor
+            adapter = read_adapter(adapter_dir, args) if adapter_dir is not None else None
+            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter)  # quantized tensor by tensor
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
             draft = None
             if draft_ckpt_dir is not None:
@@ -139,12 +146,15 @@ class Llama:
                 draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
                 draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
                 logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
-        return Llama(model, tokenizer, compile, chat_format, draft)
+        return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None,
-                 draft: Optional[Transformer] = None):
+                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
+        # what the weights hold besides the checkpoint: the sha256 of the merged adapter's files, or None.
+        # Two models of one checkpoint compute alike (and may share cached keys and values) only if it is equal.
+        self.adapter_id = adapter_id
         self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
         self.engine = Engine(model, tokenizer, compile, draft=draft)  # every call below decodes here
 

@@ -229,8 +229,8 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor],
         slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``positions`` None: no cache (training, scoring), the sequence attends causally to itself.
-        Otherwise the chunk is written into the cache rows ``slots`` (bsz,) (None: rows 0..bsz-1) at
+        """``positions`` None: no cache (training, scoring), the sequence attends to itself, causally
+        or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into the cache rows ``slots`` (bsz,) (None: rows 0..bsz-1) at
         ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
         kv_len) allows."""
         bsz, seqlen, _ = x.shape
@@ -246,7 +246,7 @@ class Attention(nn.Module):
 
         # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=positions is None, enable_gqa=True,
+            xq.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
         )
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
@@ -356,6 +356,17 @@ class Transformer(nn.Module):
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
         return self.logits(self.hidden_states(tokens, positions, mask, slots), logits_at)
+
+    def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training on packed rows, several documents each: float32 logits (bsz, seqlen, vocab_size).
+        No cache is touched and gradients flow. ``positions`` (bsz, seqlen) restart at 0 with each
+        document; ``mask`` (bsz, 1, seqlen, seqlen) lets a token attend to its own document's earlier
+        tokens only (block-diagonal and causal)."""
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (bsz, seqlen, head_dim/2)
+        for layer in self.layers:
+            h = layer(h, cos, sin, None, mask)
+        return self.logits(h, None)
 
     def hidden_states(
         self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], slots: Optional[torch.Tensor] = None

@@ -13,8 +13,9 @@ Tensor parallelism (Megatron-style, the layout of Meta's published shards):
 
 So one attention block and one feed-forward block each cost exactly one all-reduce; generation adds
 one broadcast per step, so that every rank continues with rank 0's sampled token. The layers
-use the default process group; when none is initialised (or its size is 1) they are plain
-``F.linear`` / ``F.embedding`` and no collective runs.
+use the model-parallel group: the default process group, unless training set another (fully-sharded data
+parallelism gives each rank a group of its own, ``set_model_parallel_group``); when none is initialised
+(or its size is 1) they are plain ``F.linear`` / ``F.embedding`` and no collective runs.
 """
 
 import math
@@ -28,12 +29,22 @@ from torch import nn
 from llama.quantize import linear
 
 
+_model_parallel_group = None  # None: the default process group
+
+
+def set_model_parallel_group(group) -> None:
+    """The ranks that split each layer between them from now on (None: every process of the job).
+    Data-parallel training gives each rank a group of one: every rank builds and reads the whole model."""
+    global _model_parallel_group
+    _model_parallel_group = group
+
+
 def model_parallel_world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size(_model_parallel_group) if dist.is_initialized() else 1
 
 
 def model_parallel_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank(_model_parallel_group) if dist.is_initialized() else 0
 
 
 def world_sizes_dividing(sizes: Dict[str, int]) -> List[int]:
@@ -65,7 +76,7 @@ def split_size(total: int, what: str) -> int:
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the ranks (in place)."""
     if model_parallel_world_size() > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_model_parallel_group)
     return x
 
 
@@ -75,7 +86,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_model_parallel_group)
     return torch.cat(parts, dim=-1)
 
 

@@ -88,11 +88,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if scales.dim() == 1:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
+    elif wants_autograd(x, weight):
+        y = Int4Matmul.apply(x2.contiguous(), weight, scales)
     else:
-        group_size = x.shape[-1] // scales.shape[0]
-        int4_mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = int4_mm(x2.contiguous(), weight, group_size, scales)
+        y = int4_matmul(x2.contiguous(), weight, scales)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(tokens, in) x packed int4 (out, in)^T -> (tokens, out), by the device's kernel."""
+    group_size = x2.shape[-1] // scales.shape[0]
+    int4_mm = torch.ops.aten._weight_int4pack_mm if x2.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return int4_mm(x2, weight, group_size, scales)
+
+
+class Int4Matmul(torch.autograd.Function):
+    """``int4_matmul`` with the gradient of its input, for adapters trained beside a frozen int4 weight
+    (QLoRA): grad_x = grad_y W, with W dequantized by the kernel itself (its product with the identity,
+    so exactly the weight the forward used), one layer at a time. The weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scales)
+        ctx.in_features = x2.shape[-1]
+        return int4_matmul(x2, weight, scales)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        weight, scales = ctx.saved_tensors
+        eye = torch.eye(ctx.in_features, dtype=grad_y.dtype, device=grad_y.device)
+        weight_t = int4_matmul(eye, weight, scales)  # (in, out): W^T
+        return grad_y @ weight_t.T, None, None
 
 
 # int8

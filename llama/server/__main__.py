@@ -63,6 +63,7 @@ def main(
     speculate_k: int = 4,
     draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
+    adapter_dir: Optional[str] = None,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -102,7 +103,7 @@ def main(
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize)
+                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir)
     llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft)  # the server's policy
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():

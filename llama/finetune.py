@@ -1,0 +1,277 @@
+"""Fine-tune a checkpoint on JSONL examples: LoRA, QLoRA (LoRA beside an int4 base) or every weight.
+
+    python -m llama.finetune --ckpt_dir llama-2-7b-chat/ --data train.jsonl --out run/ --method lora
+    torchrun --nproc_per_node 4 -m llama.finetune --ckpt_dir Llama-3.2-1B-Instruct/ --data train.jsonl --out run/
+
+OUT receives ``metrics.jsonl`` (one line per optimizer step), ``loss.png``, for LoRA and QLoRA the adapter
+in peft's format (``adapter_config.json``, ``adapter_model.safetensors``), and for full fine-tuning or
+``--merge`` a checkpoint in the source's layout in ``OUT/checkpoint``. ``--save_every`` keeps the training
+state in ``OUT/state`` and ``--resume`` continues it. Under torchrun the model is sharded with FSDP2 and
+the examples of each step are split over the ranks: any number of processes computes one process's losses.
+"""
+
+import argparse
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from llama.adapter import merge_adapter, read_adapter, write_adapter
+from llama.chat_format import chat_format_for
+from llama.checkpoint import layout_of, load_model, rank_tensors, read_model_args
+from llama.cli import run_parser
+from llama.distributed import DTYPES, init_distributed, is_main_process, resolve_device, set_threads
+from llama.finetuned_checkpoint import write_checkpoint
+from llama.hf_checkpoint import read_chat_template
+from llama.lora import LoraConfig, apply_lora, parse_targets
+from llama.model import Transformer
+from llama.parallel import fused_layers, set_model_parallel_group
+from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, quantized_cpu_dtype
+from llama.tokenizer import Tokenizer, resolve_tokenizer_path
+from llama.training import Schedule, evaluate, make_optimizer, train
+from llama.training_data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
+from llama.training_log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
+from llama.training_state import STATE_DIR, check_resumable, load_state, read_settings, save_state
+from llama.wrapping import clean_name, full_tensor, trainable_parameters, wrap_for_training
+
+logger = logging.getLogger("llama.finetune")
+
+METHODS = ("lora", "qlora", "full")
+QLORA_GROUP_SIZE = 64
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+
+
+def compute_dtype(name: Optional[str], device: torch.device, method: str) -> torch.dtype:
+    """--dtype, else bfloat16 where the device computes in it (a GPU that has it; the int4 kernels of
+    a vectorised CPU), float32 elsewhere."""
+    if name is not None:
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return quantized_cpu_dtype() if method == "qlora" else torch.float32
+
+
+def run_settings(options: argparse.Namespace) -> dict:
+    """What a resumed run must share with the run it continues."""
+    return {"method": options.method, "ckpt_dir": str(Path(options.ckpt_dir).resolve()), "data": str(Path(options.data).resolve()),
+            "lora_rank": options.lora_rank, "lora_alpha": options.lora_alpha, "lora_targets": options.lora_targets,
+            "batch_size": options.batch_size, "max_seq_len": options.max_seq_len, "pack": options.pack, "seed": options.seed}
+
+
+def check_options(options: argparse.Namespace, world_size: int) -> None:
+    """Every flag that can be checked before anything is read."""
+    if options.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {options.method!r}")
+    if options.max_steps is not None and options.epochs is not None:
+        raise ValueError("give --max_steps or --epochs, not both")
+    for name in ("batch_size", "max_seq_len", "max_steps", "epochs", "micro_batch_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    micro = options.micro_batch_size or options.batch_size // world_size
+    if options.batch_size % world_size or micro < 1 or (options.batch_size // world_size) % micro:
+        raise ValueError(f"--batch_size {options.batch_size} must be divisible by the {world_size} rank(s) x --micro_batch_size "
+                         f"{options.micro_batch_size or '(default: --batch_size / ranks)'}")
+    options.micro_batch_size = micro
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {options.dtype!r}")
+    for name in ("eval_every", "save_every"):
+        if getattr(options, name) < 0:
+            raise ValueError(f"--{name} must be 0 (never) or a positive number of steps, got {getattr(options, name)}")
+    out = Path(options.out)
+    if options.resume:
+        check_resumable(read_settings(out), run_settings(options), out)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {options.out} already exists and is not empty: choose another, or --resume the run in it")
+
+
+def lora_config(options: argparse.Namespace) -> Optional[LoraConfig]:
+    if options.method == "full":
+        return None
+    return LoraConfig(options.lora_rank, options.lora_alpha, options.lora_dropout, parse_targets(options.lora_targets))
+
+
+def check_qlora(model_args, device: torch.device, dtype: torch.dtype) -> Quantization:
+    """The int4 quantization of QLoRA's base, where int4 can run: the device's kernel, its dtype, the shapes."""
+    quantization = Quantization(4, QLORA_GROUP_SIZE)
+    try:
+        check_activation_dtype(quantization, device, dtype)
+        with torch.device("meta"):
+            shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(Transformer(model_args)).items() if name != "output"}
+        check_int4_shapes(shapes, quantization)
+    except ValueError as error:
+        raise ValueError(f"--method qlora: the int4 base cannot run here: {error}") from None
+    return quantization
+
+
+def meta_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Every weight of a fully fine-tuned model, whole, on the CPU, under Meta's keys (a collective
+    under FSDP): each fused weight split into its parts (wq, wk, wv; w1, w3)."""
+    fused = {}  # a fused weight's name -> (its parts' Meta keys, their sizes)
+    for part_module, (layer_key, layer) in fused_layers(model).items():
+        keys, _ = fused.setdefault(clean_name(layer_key), ([], list(layer.parts.values())))
+        keys.append(f"{clean_name(part_module)}.weight")
+    state = {}
+    for name, parameter in model.named_parameters():
+        name, tensor = clean_name(name), full_tensor(parameter)
+        if name in fused:
+            keys, sizes = fused[name]
+            state.update(zip(keys, tensor.split(sizes)))
+        else:
+            state[name] = tensor
+    return state
+
+
+def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
+    """Meta's module name (``layers.0.attention.wq``) -> (A, B), whole, on the CPU (a collective under FSDP)."""
+    pairs: Dict[str, dict] = {}
+    for name, parameter in model.named_parameters():
+        if ".adapters." in name:  # layers.0.attention.wqkv.adapters.wq.lora_A.weight
+            module, _, rest = clean_name(name).partition(".adapters.")
+            part, _, which = rest.partition(".")
+            pairs.setdefault(f"{module.rpartition('.')[0]}.{part}", {})[which] = full_tensor(parameter)
+    return {module: (parts["lora_A.weight"], parts["lora_B.weight"]) for module, parts in pairs.items()}
+
+
+def finetune(options: argparse.Namespace) -> None:
+    """The command, on every rank: check, read, load, wrap, train, write."""
+    set_threads(options.threads)
+    device = resolve_device(options.device)
+    init_distributed(device)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world_size > 1:
+        set_model_parallel_group(dist.new_subgroups(group_size=1)[0])  # every rank holds whole layers; FSDP shards them
+    check_options(options, world_size)
+    lora = lora_config(options)
+    dtype = compute_dtype(options.dtype, device, options.method)
+
+    tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, options.max_seq_len, 1)
+    quantization = check_qlora(args, device, dtype) if options.method == "qlora" else None
+    chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
+    examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
+    val_examples = read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    max_steps = options.max_steps or max(1, (options.epochs or 1) * len(examples) // options.batch_size)
+    warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
+    schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
+
+    # the base in the compute dtype when frozen (LoRA), float32 when it trains (full: autocast computes in dtype)
+    model = load_model(options.ckpt_dir, args, device, torch.float32 if options.method == "full" else dtype, quantization)
+    if lora is not None:
+        torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
+        apply_lora(model, lora)
+    model = wrap_for_training(model, options.activation_checkpointing, options.compile, world_size > 1,
+                              dtype if dtype != torch.float32 else None)
+    parameters = trainable_parameters(model)
+    optimizer = make_optimizer(parameters.values(), schedule.lr, options.weight_decay)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world_size == 1 else contextlib.nullcontext()
+
+    out = Path(options.out)
+    start_step = load_state(out, parameters, optimizer) if options.resume else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(options)
+
+    def step_batches(step: int):
+        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), rank, world_size)
+        return micro_batches([examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len)
+
+    val_batches = evaluation_batches(val_examples, options.micro_batch_size, options.pack, options.max_seq_len, rank, world_size)
+    n_trainable = sum(p.numel() for p in parameters.values())
+    if rank == 0:
+        logger.info("%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
+                    options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}", "adapters" if lora else "all",
+                    str(dtype).removeprefix("torch."), world_size)
+    train(model, optimizer, step_batches, schedule, MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
+          device, autocast, options.grad_clip, start_step, options.eval_every,
+          (lambda: evaluate(model, val_batches, device, autocast)) if val_examples else None,
+          options.save_every, (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None)
+    write_outputs(options, model, lora, args, tokenizer_path, rank)
+    logger.info("peak memory: %s", peak_memory(device))
+
+
+def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Optional[LoraConfig], args, tokenizer_path: str,
+                  rank: int) -> None:
+    """The adapter (LoRA, QLoRA), the checkpoint (full, --merge) and the loss curve, in OUT."""
+    out = Path(options.out)
+    if lora is not None:
+        tensors = adapter_tensors(model)
+        if rank == 0:
+            write_adapter(str(out), tensors, lora, args, str(options.ckpt_dir))
+            logger.info("wrote the adapter: %s", ", ".join(sorted(p.name for p in out.glob("adapter_*"))))
+        if options.merge and rank == 0:
+            write_merged(options, args, tokenizer_path)
+    else:
+        state = meta_state(model)
+        if rank == 0:
+            write_checkpoint(out / "checkpoint", options.ckpt_dir, tokenizer_path, args, state.items(), source_dtype(options.ckpt_dir, args))
+    if rank == 0:
+        if options.merge or lora is None:
+            logger.info("wrote %s", out / "checkpoint")
+        plot_losses(out / METRICS_FILE, out / PLOT_FILE)
+
+
+def source_dtype(ckpt_dir: str, args) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (its embedding's)."""
+    return next(iter(rank_tensors(ckpt_dir, args, layout_of(args), 0, 1)))[1].dtype
+
+
+def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None:
+    """The source checkpoint with the adapter just written merged into its weights, read again from
+    the source (a QLoRA base in memory is only its int4 rounding)."""
+    layout = layout_of(args)
+    adapter = read_adapter(options.out, args)
+    tensors = merge_adapter(rank_tensors(options.ckpt_dir, args, layout, 0, 1), adapter,
+                            {key: entry.split_dim for key, entry in layout.items()}, 0, 1)
+    write_checkpoint(Path(options.out) / "checkpoint", options.ckpt_dir, tokenizer_path, args, tensors, source_dtype(options.ckpt_dir, args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama.finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_dir", required=True, help="the checkpoint to fine-tune: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
+    p.add_argument("--data", required=True, help="JSONL training examples: {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"} per line")
+    p.add_argument("--out", required=True, help="the run's folder (new, or empty; with --resume, the run to continue)")
+    p.add_argument("--method", default="lora", choices=METHODS, help="lora: adapters beside the frozen weights; qlora: the same beside an int4 base; full: every weight")
+    p.add_argument("--tokenizer_path", default=None, help="the checkpoint's tokenizer; default: the one in --ckpt_dir, else beside it")
+    p.add_argument("--lora_rank", type=int, default=8, help="the rank r of each adapter B A")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="adapters are scaled by alpha / r")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the adapters' input")
+    p.add_argument("--lora_targets", default="all", help="the linears adapted in every block: all, attention, or a list as wq,wv (or q_proj,v_proj)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate; default: 2e-4 for lora and qlora, 2e-5 for full")
+    p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"], help="after the warmup: constant, or cosine decay to 0")
+    p.add_argument("--warmup_steps", type=int, default=None, help="steps of linear warmup; default: 5%% of the steps")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay (matrices only)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="largest gradient norm")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; default: one epoch (--epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data, instead of --max_steps; default: 1")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step, over all ranks")
+    p.add_argument("--micro_batch_size", type=int, default=None, help="examples per forward pass on a rank (gradients accumulate); default: --batch_size / ranks")
+    p.add_argument("--max_seq_len", type=int, default=512, help="the longest example in tokens (longer ones are dropped, and counted); the row length with --pack")
+    p.add_argument("--pack", action="store_true", help="pack each micro-batch's examples into rows of --max_seq_len that cannot see each other")
+    p.add_argument("--val_data", default=None, help="JSONL validation examples: loss and perplexity every --eval_every steps and at the end")
+    p.add_argument("--eval_every", type=int, default=0, help="steps between validations; 0: at the end only")
+    p.add_argument("--save_every", type=int, default=0, help="steps between saves of the training state in OUT/state (for --resume); 0: never")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to --max_steps, with the same settings")
+    p.add_argument("--merge", action="store_true", help="also write the checkpoint with the adapter merged into OUT/checkpoint (always for full)")
+    p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block's activations in the backward pass: less memory, more time")
+    p.add_argument("--compile", action="store_true", help="compile each block with torch.compile")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU), else float32")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps; default: this rank's GPU if there is one, else the CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's choice (1 per process under torchrun)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run_parser(parser(), finetune, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""A fine-tuned model written as a checkpoint in its source's layout (``OUT/checkpoint``), which
+``Llama.build`` and the examples load alone: Meta's ``params.json`` + ``consolidated.00.pth``, or a
+Hugging Face folder's ``config.json`` + ``model.safetensors``, each with the source's tokenizer files
+(and, for a folder, its tokenizer and generation settings and chat template)."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Iterable, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from llama import hf_checkpoint
+from llama.checkpoint import read_params, save_checkpoint
+from llama.convert import hf_tensor
+from llama.hf_checkpoint import hf_names, is_hf_checkpoint
+from llama.model import ModelArgs
+
+# files of a Hugging Face folder that are not weights: tokenization, generation, the chat template
+HF_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja")
+
+
+def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: ModelArgs,
+                     tensors: Iterable[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Write ``tensors`` (Meta's keys, whole tensors) in ``dtype`` as a checkpoint in ``ckpt_dir``'s layout."""
+    out_dir.mkdir(parents=True)
+    state: Dict[str, torch.Tensor] = {key: tensor.to(dtype).contiguous() for key, tensor in tensors}
+    if is_hf_checkpoint(ckpt_dir):
+        names = hf_names(args.n_layers, tied=False)
+        save_file({names[key]: hf_tensor(key, tensor, args).contiguous() for key, tensor in state.items()},
+                  str(out_dir / hf_checkpoint.SAFETENSORS), metadata={"format": "pt"})
+        config = {**hf_checkpoint.read_config(ckpt_dir), "tie_word_embeddings": False,
+                  "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
+        (out_dir / hf_checkpoint.CONFIG).write_text(json.dumps(config, indent=2))
+        for name in HF_SIDE_FILES:
+            if (Path(ckpt_dir) / name).is_file():
+                shutil.copyfile(Path(ckpt_dir) / name, out_dir / name)
+    else:
+        save_checkpoint(str(out_dir), read_params(ckpt_dir), state, n_shards=1, dtype=dtype)
+    if not any((out_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        shutil.copyfile(tokenizer_path, out_dir / Path(tokenizer_path).name)

@@ -1,0 +1,159 @@
+"""The training loop, shared by ``train.py`` (the bundled model, from scratch) and ``python -m
+llama.finetune``: batches -> forward -> masked loss -> backward -> step, one page.
+
+The loss of a step is the mean over every scored label of the step, over its micro-batches and ranks
+alike: each micro-batch's summed loss is divided by the step's total count of scored labels (known
+before the first forward), not averaged per micro-batch (a mean of means weighs a short micro-batch
+as much as a long one). Data-parallel ranks average their gradients, so each rank's loss is scaled by
+the number of ranks to make that average the step's sum.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama.loss import causal_lm_loss
+from llama.training_data import Batch
+from llama.training_log import MetricsLog
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each step: a linear warmup over ``warmup_steps`` to ``lr``, then constant,
+    or a cosine decay to ``min_lr`` at the last of ``max_steps``."""
+
+    lr: float
+    max_steps: int
+    warmup_steps: int = 0
+    kind: str = "cosine"
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"--lr_schedule must be one of {SCHEDULES}, got {self.kind!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"the number of steps must be a positive integer, got {self.max_steps!r}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ValueError(f"--warmup_steps must be in [0, {self.max_steps}) for {self.max_steps} steps, got {self.warmup_steps}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - 1 - self.warmup_steps)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over ``parameters``: matrices are decayed, vectors (norm weights) are not."""
+    parameters = list(parameters)
+    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas)
+
+
+def data_parallel_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if data_parallel_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The loss summed over the batch's scored labels (packed rows through ``forward_packed``)."""
+    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+    if batch.positions is None:
+        logits = model(tokens)
+    else:
+        logits = model.forward_packed(tokens, batch.positions.to(device), batch.mask.to(device))
+    return causal_lm_loss(logits, labels, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autocast) -> dict:
+    """Mean loss and perplexity over every scored label of ``batches`` (this rank's share), over ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, scored labels
+    for batch in batches:
+        with autocast:
+            total[0] += summed_loss(model, batch, device).double()
+        total[1] += batch.scored_tokens
+    model.train(was_training)
+    loss = (sum_over_ranks(total)[0] / total[1]).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700))}
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_batches: Callable[[int], List[Batch]],
+    schedule: Schedule,
+    log: MetricsLog,
+    device: torch.device,
+    autocast,
+    grad_clip: Optional[float] = 1.0,
+    start_step: int = 0,
+    evaluate_every: int = 0,
+    evaluate_at: Optional[Callable[[], dict]] = None,
+    save_every: int = 0,
+    save_at: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Train ``model`` from ``start_step`` to ``schedule.max_steps``.
+
+    Args:
+        model: the model as wrapped for training (``llama.wrapping``).
+        optimizer: over its trainable parameters.
+        step_batches: step -> this rank's micro-batches of that step.
+        schedule: the learning rate of each step.
+        log: receives each step's metrics (``step``, ``loss`` before the update, ``lr``, ``tokens``,
+            ``tokens_per_s``, and ``val_loss`` / ``val_perplexity`` when evaluated).
+        device: where the batches go.
+        autocast: the context the forward passes run in (bfloat16 autocast, or a null context).
+        grad_clip: the largest norm of the gradient; None: not clipped.
+        evaluate_every, evaluate_at: every so many steps (and after the last), the metrics ``evaluate_at()`` returns.
+        save_every, save_at: every so many steps (and after the last), ``save_at(steps done)``.
+    """
+    model.train()
+    world_size = data_parallel_size()
+    for step in range(start_step, schedule.max_steps):
+        started = time.perf_counter()
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = step_batches(step)
+        scored = sum_over_ranks(torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=device))
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in batches:
+            with autocast:
+                loss = summed_loss(model, batch, device)
+            (loss * world_size / scored).backward()
+            step_loss += loss.detach().double()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        tokens = sum_over_ranks(torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=device)).item()
+        record = {"step": done, "loss": (sum_over_ranks(step_loss) / scored).item(), "lr": lr, "tokens": int(tokens),
+                  "tokens_per_s": tokens / (time.perf_counter() - started)}
+        last = done == schedule.max_steps
+        if evaluate_at is not None and ((evaluate_every and done % evaluate_every == 0) or last):
+            record.update(evaluate_at())
+        log.step(record)
+        if save_at is not None and ((save_every and done % save_every == 0) or last):
+            save_at(done)
