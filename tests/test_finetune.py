@@ -290,3 +290,13 @@ def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folde
         assert torch.allclose(logits, peft_model(input_ids=tokens).logits, atol=1e-4)
         assert torch.allclose(logits, merged(input_ids=tokens).logits, atol=1e-4)
         assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
+
+
+def test_activation_checkpointing_changes_no_loss(checkpoint, tokenizer_path, varied_data, tmp_path):
+    ckpt_dir, _ = checkpoint
+    flags = ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--pack", "--method", "full"]
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, tokenizer_path=tokenizer_path)
+    checkpointed = run(ckpt_dir, varied_data, tmp_path / "checkpointed", *flags, "--activation_checkpointing", tokenizer_path=tokenizer_path)
+    assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    assert torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys() == \
+        torch.load(tmp_path / "plain" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys()
