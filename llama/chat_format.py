@@ -173,11 +173,13 @@ class TemplateChatFormat(ChatFormat):
         self.compiled = compile_template(template)
         self.special_tags = sorted(tokenizer.special_token_texts())
 
-    def render(self, dialog: Sequence[Message]) -> str:
-        """The dialog as text, with the prompt of the assistant's answer, as ``apply_chat_template``."""
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The dialog as text, with the prompt of the assistant's answer (unless not
+        ``add_generation_prompt``: a finished dialog, to train on), as ``apply_chat_template``."""
         messages = [{"role": msg["role"], "content": msg["content"]} for msg in dialog]
         try:
-            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.template["tokens"])
+            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                                        **self.template["tokens"])
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
 
