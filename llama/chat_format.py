@@ -206,15 +206,23 @@ class TemplateChatFormat(ChatFormat):
         self.compiled = compile_template(template)
         self.special_tags = sorted(tokenizer.special_token_texts())
 
-    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_finished(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The template's own text of the dialog: with the prompt of the assistant's answer, or (not
+        ``add_generation_prompt``) a finished dialog with the template's end of every turn, to train on."""
         messages = [{"role": msg["role"], "content": msg["content"]} for msg in dialog]
         try:
-            text = self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.template["tokens"])
+            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                                        **self.template["tokens"])
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
+
+    def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The dialog as text, as ``apply_chat_template``: with the prompt of the assistant's answer, or
+        (not ``add_generation_prompt``) ending inside the last message, for a reply that continues it."""
+        text = self.render_finished(dialog, add_generation_prompt)
         if add_generation_prompt:
             return text
-        final = messages[-1]["content"]  # transformers' continue_final_message: cut after it
+        final = dialog[-1]["content"]  # transformers' continue_final_message: cut after it
         final = final if final in text else final.strip()
         if final not in text:
             raise ValueError(f"{self.template['path']}: the chat_template does not write the last message's content as given, so a reply cannot continue it")

@@ -101,7 +101,7 @@ def check_qlora(model_args, device: torch.device, dtype: torch.dtype) -> Quantiz
     try:
         check_activation_dtype(quantization, device, dtype)
         with torch.device("meta"):
-            shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(Transformer(model_args)).items() if name != "output"}
+            shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(Transformer(model_args)).items()}
         check_int4_shapes(shapes, quantization)
     except ValueError as error:
         raise ValueError(f"--method qlora: the int4 base cannot run here: {error}") from None

@@ -80,13 +80,13 @@ class LoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, device=None):
         super().__init__()
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return self.lora_B(self.lora_A(self.dropout(x)) * self.scale)  # scaled at the rank's width: fewer products
 
 
 class LoRALinear(nn.Module):

@@ -35,10 +35,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
         raise TypeError(f"labels must hold integer token ids (int64 or int32), got {labels.dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    vocab_size = logits.shape[-1]
-    shifted_logits = logits[:, :-1].reshape(-1, vocab_size).float()  # (bsz * (seqlen-1), vocab_size)
-    shifted_labels = labels[:, 1:].reshape(-1).long()  # (bsz * (seqlen-1),)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    # the labels move one place left (the last position has nothing to predict), not the logits: no
+    # copy of the largest tensor of a training step
+    shifted_labels = F.pad(labels[:, 1:].long(), (0, 1), value=IGNORE_INDEX).reshape(-1)  # (bsz * seqlen,)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def scored_token_count(labels: torch.Tensor) -> int:

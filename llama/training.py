@@ -62,6 +62,11 @@ def make_optimizer(parameters: Iterable[nn.Parameter], lr: float, weight_decay: 
     return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas)
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """Sums of many losses in float64, where the device has it (MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def data_parallel_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -87,10 +92,10 @@ def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autoc
     """Mean loss and perplexity over every scored label of ``batches`` (this rank's share), over ranks."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, scored labels
+    total = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # summed loss, scored labels
     for batch in batches:
         with autocast:
-            total[0] += summed_loss(model, batch, device).double()
+            total[0] += summed_loss(model, batch, device).to(total.dtype)
         total[1] += batch.scored_tokens
     model.train(was_training)
     loss = (sum_over_ranks(total)[0] / total[1]).item()
@@ -136,12 +141,12 @@ def train(
             group["lr"] = lr
         batches = step_batches(step)
         scored = sum_over_ranks(torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=device))
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        step_loss = torch.zeros((), dtype=accumulator_dtype(device), device=device)
         for batch in batches:
             with autocast:
                 loss = summed_loss(model, batch, device)
             (loss * world_size / scored).backward()
-            step_loss += loss.detach().double()
+            step_loss += loss.detach().to(step_loss.dtype)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()

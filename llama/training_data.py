@@ -4,8 +4,9 @@ Each line is one example, in one of three forms:
 
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: a dialog (an optional system message, then
   user and assistant alternating, ending with the assistant), tokenized exactly as ``chat_completion``
-  sends it for the checkpoint (Llama 2's ``[INST]`` turns, Llama 3's headers). Only each assistant reply
-  and the token that ends it (``</s>``, ``<|eot_id|>``) are learnt.
+  sends it for the checkpoint (Llama 2's ``[INST]`` turns, Llama 3's headers, a folder's own chat
+  template). Only each assistant reply and the token that ends it (``</s>``, ``<|eot_id|>``, the
+  template's end of turn) are learnt.
 - ``{"prompt": ..., "completion": ...}``: the prompt with BOS, as ``text_completion`` sends it, then the
   completion and EOS; the completion and EOS are learnt.
 - ``{"text": ...}``: BOS, the text, EOS, all learnt.
@@ -26,7 +27,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, ChatFormat, Llama2ChatFormat, Llama3ChatFormat
+from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, ChatFormat, Llama2ChatFormat, Llama3ChatFormat, TemplateChatFormat
 from llama.loss import IGNORE_INDEX
 from llama.tokenizer import Tokenizer
 
@@ -82,6 +83,11 @@ def check_messages(messages, where: str) -> list:
     return messages
 
 
+def shared_prefix(a: List[int], b: List[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def encode_llama2_dialog(chat_format: Llama2ChatFormat, messages: list) -> Example:
     """Meta's Llama 2 turns, each ``BOS [INST] user [/INST] answer EOS``; the answer and EOS learnt.
     The prompt part is the exact tokens ``chat_completion`` sends before the answer."""
@@ -93,7 +99,7 @@ def encode_llama2_dialog(chat_format: Llama2ChatFormat, messages: list) -> Examp
     for user, answer in zip(messages[::2], messages[1::2]):
         prompt = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST}", bos=True, eos=False)
         turn = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
-        shared = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), len(prompt))
+        shared = shared_prefix(prompt, turn)
         tokens += turn
         labels += masked(turn[:shared]) + learnt(turn[shared:])
     return Example(tokens, labels)
@@ -111,6 +117,23 @@ def encode_llama3_dialog(chat_format: Llama3ChatFormat, messages: list) -> Examp
     return Example(tokens, labels)
 
 
+def encode_template_dialog(chat_format: TemplateChatFormat, messages: list) -> Example:
+    """A folder's own chat template: the finished dialog rendered and tokenized as transformers does;
+    learnt, each reply from where the template's prompt for it ends (the tokens ``chat_completion``
+    sends) to where the template ends the reply (its end-of-turn text included)."""
+    def encode(text: str) -> List[int]:
+        return chat_format.tokenizer.encode_with_special_tokens(text, chat_format.template["legacy"])
+
+    tokens = encode(chat_format.render_finished(messages, add_generation_prompt=False))
+    labels = masked(tokens)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = shared_prefix(encode(chat_format.render(messages[:i])), tokens)
+            end = shared_prefix(encode(chat_format.render_finished(messages[: i + 1], add_generation_prompt=False)), tokens)
+            labels[start:end] = tokens[start:end]
+    return Example(tokens, labels)
+
+
 def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat, where: str) -> Example:
     """One JSONL record as tokens and labels (the module's docstring); ``where`` names it in errors."""
     if not isinstance(record, dict):
@@ -121,13 +144,15 @@ def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat
         raise ValueError(f"{where}: expected the keys messages, or prompt and completion, or text; got {sorted(record)}")
     if form == "messages":
         messages = check_messages(record["messages"], where)
+        if chat_format.is_unsafe(messages):
+            raise ValueError(f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
+                             "which chat_completion refuses")
         if isinstance(chat_format, Llama2ChatFormat):
             example = encode_llama2_dialog(chat_format, messages)
         elif isinstance(chat_format, Llama3ChatFormat):
             example = encode_llama3_dialog(chat_format, messages)
         else:
-            raise ValueError(f"{where}: dialogs in a folder's own chat_template cannot be trained on yet; "
-                             "write them as prompt/completion pairs")
+            example = encode_template_dialog(chat_format, messages)
     else:
         for key in forms[form]:
             if not isinstance(record[key], str):

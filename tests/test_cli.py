@@ -207,7 +207,7 @@ def option_entries(text: str) -> dict:
 
 
 META_FLAGS = ["--ckpt_dir", "--tokenizer_path", "--temperature", "--top_p", "--max_seq_len", "--max_gen_len", "--max_batch_size"]
-COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.perplexity", "llama.convert", "llama.reshard"]
+COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.perplexity", "llama.convert", "llama.reshard", "llama.finetune"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

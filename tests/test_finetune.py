@@ -290,3 +290,47 @@ def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folde
         assert torch.allclose(logits, peft_model(input_ids=tokens).logits, atol=1e-4)
         assert torch.allclose(logits, merged(input_ids=tokens).logits, atol=1e-4)
         assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
+
+
+def test_activation_checkpointing_changes_no_loss(checkpoint, tokenizer_path, varied_data, tmp_path):
+    ckpt_dir, _ = checkpoint
+    flags = ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--pack", "--method", "full"]
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, tokenizer_path=tokenizer_path)
+    checkpointed = run(ckpt_dir, varied_data, tmp_path / "checkpointed", *flags, "--activation_checkpointing", tokenizer_path=tokenizer_path)
+    assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    assert torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys() == \
+        torch.load(tmp_path / "plain" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys()
+
+
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def test_a_dialog_in_a_folders_own_template_learns_each_reply_after_the_prompt_chat_completion_sends(make_hf_checkpoint):
+    from llama.chat_format import TemplateChatFormat, chat_format_for
+    from llama.hf_checkpoint import read_chat_template
+    from llama.training_data import encode_example
+
+    folder = Path(make_hf_checkpoint())
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "chat_template": ZEPHYR_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(str(folder / "tokenizer.model"))
+    chat_format = chat_format_for(tokenizer, read_chat_template(str(folder)))
+    assert isinstance(chat_format, TemplateChatFormat)
+    example = encode_example({"messages": DIALOG}, tokenizer, chat_format, "line 1")
+    spans, start = [], None
+    for i, label in enumerate(example.labels + [-100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            spans.append((start, i))
+            start = None
+    assert len(spans) == 2
+    for (start, end), reply in zip(spans, (3, 5)):
+        assert example.tokens[:start] == chat_format.encode_dialog(DIALOG[:reply - 1])  # what chat_completion sends
+        learnt = example.tokens[start:end]
+        assert tokenizer.eos_id in learnt and tokenizer.decode(learnt[: learnt.index(tokenizer.eos_id)]).strip() == DIALOG[reply - 1]["content"]
