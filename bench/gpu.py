@@ -12,7 +12,8 @@ In order, within ``--budget_s`` seconds:
    measured eager and compiled (``--dry_run``: int8 only): batch-1 decode tokens/s, the fraction of the GPU's memory bandwidth
    that reaches (bytes of weights read per token x tokens/s, against a large device-to-device copy
    measured here), prefill tokens/s of one prompt, and the peak device memory while loading;
-4. the optional benchmarks of ``OPTIONAL_BENCHMARKS`` whose scripts exist and take ``--device``.
+4. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload)
+   whose scripts exist and take ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
 
 It prints one table of measurements and one line per check, and exits 1 if a check failed: a test,
 torchrun, a compiled step whose logits differ from the eager step's, a load whose peak device memory
@@ -47,15 +48,23 @@ SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
 DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "norm_eps": 1e-5}
 VOCAB_SIZE = 32000
 MODES = ["bf16", "int8", "int4"]
-# name -> (script under bench/, its arguments, seconds allowed); run when the script exists and takes --device
+# name -> (script under bench/, its arguments on the GPU, its arguments in the dry run); run when the
+# script exists and takes --device, for at most OPTIONAL_LIMIT_S seconds each (fine-tuning: FINETUNE_LIMIT_S)
 OPTIONAL_BENCHMARKS = {
-    "speculative decoding": ("speculative.py", [], 120),
-    "server, mixed workload": ("server.py", ["--clients", "1,8", "--requests", "16"], 120),
+    "speculative decoding": ("speculative.py", ["--gen_tokens", "64", "--rounds", "2", "--prompts", "2"],
+                             ["--gen_tokens", "12", "--rounds", "1", "--prompts", "1", "--k", "3", "--threads", "1",
+                              "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--vocab_size", "4096"]),
+    "server, mixed workload": ("server.py", ["--sections", "mixed", "--clients", "8", "--requests_per_client", "2", "--rounds", "1"],
+                               ["--sections", "mixed", "--clients", "2", "--requests_per_client", "1", "--rounds", "1", "--slots", "2", "--threads", "1"]),
     # torchtune's published A100 figures for this setup: LoRA 8,210 tokens/s at 8.5 GiB, QLoRA 8,035 at 4.6 GiB
     "fine-tuning LoRA and QLoRA, Llama 3.2 3B shapes, batch 2 x 4096 packed, compiled": (
         "finetune.py", ["--shape", "llama-3.2-3b", "--methods", "lora,qlora", "--batch_size", "2", "--seq_len", "4096", "--pack",
-                        "--compile", "--activation_checkpointing", "--reference", "none", "--rounds", "1", "--steps", "3"], 300),
+                        "--compile", "--activation_checkpointing", "--reference", "none", "--rounds", "1", "--steps", "3"],
+        ["--methods", "lora,qlora", "--batch_size", "1", "--seq_len", "32", "--reference", "none", "--rounds", "1",
+         "--steps", "1", "--threads", "1"]),
 }
+OPTIONAL_LIMIT_S = 120  # seconds each may run
+FINETUNE_LIMIT_S = 300  # two compiled 3B models
 # bytes a load may peak above the finished model: CUDA's int4 tiling holds one packed weight twice for a
 # moment (the 7B output projection: 66 MB), nothing like a full-precision copy (13 GB)
 LOAD_MEMORY_SLACK = 256 << 20
@@ -190,19 +199,20 @@ def measure_mode(
 
 
 def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Check]:
-    """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device (dry run: only its --help)."""
+    """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device, with its dry-run arguments
+    under ``dry_run``; the check's detail ends with the last line it printed."""
     checks = []
-    for name, (script, script_args, limit_s) in OPTIONAL_BENCHMARKS.items():
+    for name, (script, script_args, dry_run_args) in OPTIONAL_BENCHMARKS.items():
         path = ROOT / "bench" / script
         if not path.is_file():
             continue
         usage = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         if usage.returncode or "--device" not in usage.stdout:
             checks.append(Check(name, True, f"skipped: bench/{script} does not take --device"))
-        elif dry_run:
-            checks.append(Check(name, True, f"dry run: bench/{script} --help answers"))
         else:
-            checks.append(run_command(name, [sys.executable, str(path), "--device", device] + script_args, budget, limit_s, show_output=True))
+            command = [sys.executable, str(path), "--device", device] + (dry_run_args if dry_run else script_args)
+            limit_s = FINETUNE_LIMIT_S if script == "finetune.py" and not dry_run else OPTIONAL_LIMIT_S
+            checks.append(run_command(name, command, budget, limit_s=limit_s, show_output=True))
     return checks
 
 

@@ -6,6 +6,8 @@
     llama_queue_length                         requests accepted and waiting for a slot
     llama_running_slots                        slots (rows of the KV cache) decoding now
     llama_slots                                slots in all (--max_batch_size)
+    llama_compiled_graphs                      graphs torch.compile made in this process: with --compile, all
+                                               of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
 
 The HTTP threads count into one ``Metrics``; the gauges are read from the scheduler when scraped.
@@ -45,7 +47,7 @@ class Metrics:
             self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
             self.ttft_sum += seconds
 
-    def render(self, queue_length: int, running_slots: int, slots: int) -> str:
+    def render(self, queue_length: int, running_slots: int, slots: int, compiled_graphs: int) -> str:
         """The exposition text, with the scheduler's gauges as given."""
         with self.lock:
             lines: List[str] = []
@@ -57,6 +59,7 @@ class Metrics:
             metric(lines, "llama_queue_length", "gauge", "Requests waiting for a slot.", queue_length)
             metric(lines, "llama_running_slots", "gauge", "Slots (rows of the KV cache) decoding now.", running_slots)
             metric(lines, "llama_slots", "gauge", "Slots in all.", slots)
+            metric(lines, "llama_compiled_graphs", "gauge", "Graphs torch.compile made in this process.", compiled_graphs)
             name = "llama_time_to_first_token_seconds"
             metric(lines, name, "histogram", "Seconds from a request's acceptance to its first generated token.")
             cumulative = 0
