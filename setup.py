@@ -12,5 +12,5 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),
-    extras_require={"test": ["pytest", "transformers>=5", "openai>=1", "protobuf"]},  # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece models with it
+    extras_require={"test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "jsonschema"]},  # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece models with it; jsonschema: structured answers are validated with it
 )

@@ -8,7 +8,6 @@ that short prompts pass it, tied output), each saved by save_pretrained and writ
 (two shards, the embedding split on the vocabulary, as Meta's VocabParallelEmbedding splits it).
 """
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -489,18 +488,18 @@ def test_reshard_writes_llama3_shards_as_meta_splits_them(llama3_folders, llama3
 def test_chat_stream_and_server_request_use_metas_chat_format(llama3_folders, llama3_tokenizer):
     """The stream's pieces join to chat_completion's answer; the server's chat request is parsed into
     the same prompt, and its token bytes are tiktoken's."""
-    from llama.server.http import LlamaHTTPServer
     from llama.server.protocol import parse_chat
+    from llama.server.schemas import ChatRequest
 
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     encoding = llama3_tokenizer[2]
     llama = build(hf_folder)
     answer = llama.chat_completion([DIALOG], temperature=0, max_gen_len=6)[0]["generation"]["content"]
     assert "".join(piece for (piece,) in llama.chat_completion_stream([DIALOG], temperature=0, max_gen_len=6)) == answer
-    job = parse_chat({"messages": DIALOG, "max_tokens": 4}, llama, "test")
+    job = parse_chat(ChatRequest.model_validate({"messages": DIALOG, "max_tokens": 4}), llama, "test")
     assert job.prompt_tokens == [metas_chat_tokens(DIALOG, encoding)]
     token = encoding.encode(" héllo")[0]
-    assert LlamaHTTPServer.token_bytes(argparse.Namespace(llama=llama), token) == encoding.decode_single_token_bytes(token)
+    assert llama.tokenizer.token_bytes(token) == encoding.decode_single_token_bytes(token)  # what the server's logprobs show
 
 
 @pytest.mark.parametrize("legacy", [True, False])

@@ -105,9 +105,10 @@ def raw_request(server, method: str, path: str, body: bytes = b"", headers=None,
 def raw_answer(server, method: str, path: str, body: bytes = b"", headers=None, key: str = API_KEY) -> tuple:
     """(status, headers, body bytes) of one request sent by hand."""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
-    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    json_body = {"Content-Type": "application/json"} if method == "POST" else {}
+    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **json_body, **(headers or {})})
     response = connection.getresponse()
-    answer = response.status, dict(response.getheaders()), response.read()
+    answer = response.status, response.headers, response.read()  # headers: case-insensitive
     connection.close()
     return answer
 
@@ -117,7 +118,7 @@ def open_stream(server, body: dict, key: str = API_KEY) -> http.client.HTTPRespo
     ends or ``close()`` hangs up. (With "Connection: close" the response owns the socket.)"""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=60)
     body = {"temperature": 0, **body, "stream": True}
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}"})
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200, response.read()
     response.first_line = response.readline()
@@ -209,9 +210,9 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
 def test_stream_ends_with_done(server):
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     body = json.dumps({"prompt": "x", "max_tokens": 3, "stream": True})
-    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     response = connection.getresponse()
-    assert response.getheader("Content-Type") == "text/event-stream"
+    assert response.getheader("Content-Type").startswith("text/event-stream")
     events = [e for e in response.read().decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
@@ -281,7 +282,7 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "user": 5}, "user"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
@@ -317,7 +318,7 @@ def test_malformed_json_gets_400(server):
 def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
     connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
     connection.sendall(  # the headers announce 2 MiB; the body never comes, the answer does
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
     )
     response = b""
     while chunk := connection.recv(4096):
@@ -325,6 +326,49 @@ def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
     connection.close()
     head, body = response.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 413") and "limit is 1048576" in json.loads(body)["error"]["message"]
+
+
+def test_a_body_not_sent_as_json_gets_415(server):
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": ""}):
+        status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "x"}', headers)
+        assert status == 415 and "Content-Type: application/json" in answer["error"]["message"]
+
+
+def test_a_chunked_body_is_read(server):
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
+    parts = iter([b'{"prompt": "import os\\n", ', b'"max_tokens": 3, "temperature": 0}'])
+    connection.request("POST", "/v1/completions", body=parts, encode_chunked=True,
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 3
+    connection.close()
+
+
+def test_model_may_be_left_out_and_means_the_served_one(server, llama):
+    status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "import os\\n", "max_tokens": 6, "temperature": 0}')
+    assert (status, answer["model"]) == (200, "tiny-stdlib")
+    assert answer["choices"][0]["text"] == llama.text_completion(["import os\n"], temperature=0, max_gen_len=6)[0]["generation"]
+
+
+def test_prompts_as_token_ids_are_decoded_from_as_given(client, llama):
+    """OpenAI's token-id prompts: a list of ids, or a list of such lists (no BOS is added)."""
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:2]]
+    expected = [llama.tokenizer.decode(tokens) for tokens in llama.generate(ids, max_gen_len=8, temperature=0)[0]]
+    one = client.completions.create(model="tiny-stdlib", prompt=ids[0], max_tokens=8, temperature=0)
+    both = client.completions.create(model="tiny-stdlib", prompt=ids, max_tokens=8, temperature=0)
+    assert [one.choices[0].text] + [choice.text for choice in both.choices] == expected[:1] + expected
+    assert both.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_a_bad_port_or_one_in_use_is_one_line_before_the_model_loads(server):
+    commands = [[sys.executable, "-m", "llama.server", "--port", port] for port in ("99999", server.port)]
+    processes = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+                 for c in commands]
+    outputs = [process.communicate(timeout=60)[0] for process in processes]
+    assert all(process.returncode != 0 for process in processes)
+    assert outputs[0].strip() == "error: --port must be an integer in [0, 65535] (0 picks a free one), got 99999"
+    assert f"error: --port {server.port}: 127.0.0.1:{server.port} is already in use" in outputs[1]
+    assert "loading" not in outputs[1] and len(outputs[1].strip().splitlines()) == 1
 
 
 def test_openai_client_sees_bad_request_error(client):
@@ -389,7 +433,7 @@ def test_client_hanging_up_frees_its_slot(server, client, stream):
     body = json.dumps({"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": stream, "logit_bias": {"2": -100}}).encode()
     connection.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     if stream:
         received = b""
@@ -418,7 +462,7 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=5, temperature=0)
     raw_request(server, "POST", "/v1/completions", b'{"prompt": "x", "top_p": 7}')
     after = metrics(server)
-    requests = 'llama_requests_total{method="POST",endpoint="/v1/completions",code="%d"}'
+    requests = 'llama_requests_total{code="%d",endpoint="/v1/completions",method="POST"}'  # labels in prometheus_client's order
     assert after[requests % 200] - before.get(requests % 200, 0) == 1
     assert after[requests % 400] - before.get(requests % 400, 0) == 1
     assert after["llama_generation_tokens_total"] - before["llama_generation_tokens_total"] == answer.usage.completion_tokens == 5
@@ -603,7 +647,7 @@ def alive(pid: int) -> bool:
 def test_a_row_ended_by_a_failed_step_streams_a_500_error_chunk_and_a_finished_row_its_reason():
     from llama.engine import RowDelta
     from llama.options import GenerationOptions
-    from llama.server.http import StreamChunks
+    from llama.server.app import StreamChunks
     from llama.server.protocol import Job
 
     job = Job("completion", "m", ["a"], [[1, 2]], GenerationOptions(num_return_sequences=2), stream=True)

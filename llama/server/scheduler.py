@@ -1,16 +1,19 @@
-"""The server's door to the decoding engine (``llama.engine``): HTTP threads submit jobs through it,
-and the thread that owns the model runs the engine's loop.
+"""The server's door to the decoding engine (``llama.engine``): the HTTP side's event loop submits
+jobs through it, and the thread that owns the model runs the engine's loop.
 
 - A job is submitted to the engine as one request (its prompts times n rows, every row with the
   job's own settings). It starts at the engine's next step if its rows fit the free slots, beside
   whatever is decoding there, whatever their settings; else it waits in the engine's queue.
 - The queue is bounded: a job that would find ``max_queue`` requests already waiting beyond what
   the free slots take at the next step is refused with 503, which a client can retry.
+- A job's deltas reach its coroutine through ``LoopDeltas``: the engine's thread hands each step's
+  deltas to the event loop, and never waits on it.
 - Under torchrun rank 0 runs ``Scheduler.run`` (the engine's ``run``: it broadcasts each step's
   admissions and cancellations, and a heartbeat while idle) and every other rank the engine's
   ``follow``, until rank 0 broadcasts the shutdown.
 """
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -49,8 +52,9 @@ class Scheduler:
     def running_slots(self) -> int:
         return self.engine.running_slots
 
-    def submit(self, job: Job) -> Request:
-        """Queue ``job`` in the engine; its request, whose rows are the job's choices.
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Request:
+        """Queue ``job`` in the engine; its request, whose rows are the job's choices, and whose
+        ``deltas`` are read by a coroutine on ``loop`` (``LoopDeltas``).
 
         Raises:
             RequestError: 503 if the queue is full or the server is stopping; 400 if the engine
@@ -65,13 +69,19 @@ class Scheduler:
                     f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); retry later",
                     status=503, kind="server_error",
                 )
-            try:
-                options = dataclasses.replace(job.options, **self.speculation)
-                request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
-            except (ValueError, TypeError) as error:
-                raise RequestError(str(error)) from None
+            options = dataclasses.replace(job.options, **self.speculation)
+            with self.engine.arrived:  # the engine admits it only after its deltas go to the loop
+                try:
+                    request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
+                except (ValueError, TypeError) as error:
+                    raise RequestError(str(error)) from None
+                request.deltas = LoopDeltas(loop)
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
         return request
+
+    def refuse(self) -> None:
+        """Refuse new jobs (503) from now on; what runs goes on. Safe in a signal handler."""
+        self.stopping.set()
 
     def stop(self) -> None:
         """Refuse new jobs (503) and stop the engine after its current step: every request still
@@ -83,3 +93,21 @@ class Scheduler:
     def run(self) -> None:
         """The engine's serving loop, until ``stop``."""
         self.engine.run()
+
+
+class LoopDeltas:
+    """A request's queue of step deltas (``Request.deltas``) whose reader is a coroutine on ``loop``:
+    ``put`` (the engine's thread) schedules the item onto an ``asyncio.Queue``, ``get`` awaits it.
+    Once the loop is closed (the HTTP side has shut down) nobody reads, and items are dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    async def get(self):
+        return await self.queue.get()
