@@ -53,6 +53,7 @@ from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
 from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 from llama.streaming import TextStream, cut_at_stop
+from llama.structured import Constraints
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -311,6 +312,7 @@ class Features:
     penalties: bool  # some row has a penalty or a logit bias
     logprobs: bool  # some row wants logprobs (always, compiled: nearly free there, and one graph fewer)
     alternatives: int  # how many top logprobs to compute (a power of two, 0: none)
+    constrained: bool = False  # some row follows a grammar: the step takes a mask of allowed tokens
 
 
 class Engine:
@@ -357,6 +359,7 @@ class Engine:
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(slots, vocab, device)
+        self.constraints = Constraints(tokenizer, vocab)  # the grammars of rows with json_schema / json_object
         # on the host
         self.slots: List[Optional[Row]] = [None] * slots
         self.owners: Dict[int, Request] = {}  # slot -> its row's request
@@ -398,6 +401,7 @@ class Engine:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(params.vocab_size)
         options.check_draft(self.draft is not None)
+        self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
         if self.stopping.is_set():
@@ -595,6 +599,7 @@ class Engine:
                 continue
             row.slot = slot
             self.slots[slot], self.owners[slot] = row, request
+            self.constraints.start(slot, options.json_schema, options.json_object)
             self.prefilling.append(row)
 
     def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
@@ -603,6 +608,7 @@ class Engine:
             request.finish(row, reason)
         if row in self.prefilling:
             self.prefilling.remove(row)
+        self.constraints.end(row.slot)
         self.slots[row.slot] = None
         del self.owners[row.slot]
         row.slot, row.decoding = None, False
@@ -674,7 +680,8 @@ class Engine:
         settings = self.settings.rows(slots)
         positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
         noise = self.noise(rows, features)
-        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features))
+        allowed = self.constraints.allowed([row.slot for row in rows], self.device)
+        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
         self.record(rows, pack(logits, chosen, features).tolist(), features, touched)
@@ -685,7 +692,8 @@ class Engine:
         """One token for each decoding row: the decode step over the first ``width`` slots, which
         cover them (compiled: a power of two of them, and a power-of-two bucket of the cache). When
         a row speculates, a speculative step instead (``speculate``)."""
-        if any(self.owners[row.slot].options.speculate for row in rows):
+        options = [self.owners[row.slot].options for row in rows]
+        if any(o.speculate for o in options) and not any(o.constrained for o in options):  # a grammar's row takes one token a step
             return self.speculate(rows, touched)
         params = self.model.params
         width = max(row.slot for row in rows) + 1
@@ -698,35 +706,39 @@ class Engine:
         kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len)
         features = self.features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
+        allowed = self.constraints.allowed([slot if live[slot] else None for slot in range(width)], self.device)
         live = live.to(self.device)
         if self.compiled is None:
-            message = self.decode_step(width, kv_slots, live, noise, features)
+            message = self.decode_step(width, kv_slots, live, noise, features, allowed)
         else:
             start = time.perf_counter()
             if self.distributed:
-                logits, chosen = self.compiled(width, kv_slots, noise, features)
+                logits, chosen = self.compiled(width, kv_slots, noise, features, allowed)
                 message = self.commit(width, logits, chosen, live, features)
             else:
-                message = self.compiled(width, kv_slots, live, noise, features)
+                message = self.compiled(width, kv_slots, live, noise, features, allowed)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - start
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
         self.record(rows, [values[row.slot] for row in rows], features, touched)
 
-    def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+    def decode_step(
+        self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
         last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
-        length the compiler may treat as dynamic (an int argument it would specialise on)."""
-        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features)
+        length the compiler may treat as dynamic (an int argument it would specialise on).
+        ``allowed``: (width, vocab) bool, the tokens each row's grammar allows; None: any."""
+        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features, allowed)
         return self.commit(width, logits, chosen, live, features)
 
-    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
+    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None):
         """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots."""
         tokens, positions = self.tokens[:width], self.positions[:width]
         logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
         rows = slice(0, width)
-        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features)
+        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
         return logits, chosen
 
     def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
@@ -752,6 +764,7 @@ class Engine:
             penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
             logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
             alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
+            constrained=any(o.constrained for o in options),
         )
 
     def noise(self, rows: List[Optional[Row]], features: Features) -> torch.Tensor:
@@ -782,6 +795,7 @@ class Engine:
         if options.top_logprobs:
             ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
             alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
+        self.constraints.advance(row.slot, int(token))
         request.record(row, int(token), logprob, alternatives)
         touched.add(request)
         if row.finish_reason is None:
@@ -917,9 +931,12 @@ class Engine:
 
 def choose(
     logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor,
-    noise: torch.Tensor, features: Features,
+    noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
+    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings; only
+    among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if features.penalties:
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -283,6 +284,8 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "user": 5}, "user"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
@@ -389,6 +392,35 @@ def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_
     response.read()
     assert (response.status, response.getheader("Connection")) == (401, "close")
     connection.close()
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def test_json_schema_answers_validate_on_both_routes_whole_or_streamed(client, llama):
+    expected = llama.chat_completion([DIALOG], temperature=0, max_gen_len=90, json_schema=PERSON)[0]["generation"]["content"]
+    chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT)
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (expected, "stop")
+    jsonschema.validate(json.loads(expected), PERSON)
+    streamed = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected
+    sampled = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=90, temperature=1.0, n=3, seed=2,
+                                        extra_body={"response_format": PERSON_FORMAT})
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), PERSON)
+
+
+def test_json_object_answer_is_an_object_and_a_bad_schema_names_its_part(server, client):
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=[{"role": "user", "content": "hi"}], max_tokens=90, temperature=0,
+                                            response_format={"type": "json_object"})
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"not": {}}}}}}
+    status, answer = raw_request(server, "POST", "/v1/chat/completions", json.dumps({"messages": DIALOG, "response_format": bad}).encode())
+    assert (status, answer["error"]["param"]) == (400, "response_format")
+    assert "#/properties/a/not" in answer["error"]["message"] and "Unimplemented" in answer["error"]["message"]
 
 
 def test_concurrent_clients_get_their_own_greedy_answers(client, llama):

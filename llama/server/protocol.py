@@ -125,6 +125,7 @@ def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, l
     max_tokens = parse_max_tokens(body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens)
     if body.stream_options is not None and not body.stream:
         raise RequestError("'stream_options' needs 'stream': true", "stream_options")
+    json_schema, json_object = parse_response_format(body, llama)
     try:  # what the declared checks miss is refused in the generation options' own words
         options = GenerationOptions(
             max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.stop),
@@ -133,7 +134,7 @@ def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, l
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's: 0 or -1 keeps every token
             min_p=default(body.min_p, 0.0), repetition_penalty=default(body.repetition_penalty, 1.0),
             presence_penalty=default(body.presence_penalty, 0.0), frequency_penalty=default(body.frequency_penalty, 0.0),
-            logit_bias=parse_logit_bias(body.logit_bias, params.vocab_size),
+            logit_bias=parse_logit_bias(body.logit_bias, params.vocab_size), json_schema=json_schema, json_object=json_object,
         )
     except (ValueError, TypeError) as error:
         raise RequestError(str(error)) from None
@@ -141,6 +142,20 @@ def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, l
         kind=kind, model=model, prompts=prompts, prompt_tokens=prompt_tokens, options=options, stream=bool(body.stream),
         echo=echo, include_usage=body.stream_options is not None and body.stream_options.include_usage,
     )
+
+
+def parse_response_format(body: SamplingFields, llama) -> Tuple[Optional[dict], bool]:
+    """``response_format`` as the options' (json_schema, json_object), the schema's grammar built
+    (and cached for the engine) here, off the event loop."""
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None, False
+    json_schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
+    try:
+        llama.engine.constraints.check(json_schema, json_schema is None)
+    except ValueError as error:
+        raise RequestError(f"response_format.json_schema.schema: {error}" if json_schema is not None else str(error), "response_format") from None
+    return json_schema, json_schema is None
 
 
 def default(value: Optional[float], otherwise: float) -> float:

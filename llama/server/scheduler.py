@@ -35,7 +35,7 @@ def generation_failed() -> RequestError:
 
 class Scheduler:
     """Rank 0's bounded door to ``engine``: ``submit`` from any thread, ``run`` on the model's.
-    ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request."""
+    ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request without a grammar."""
 
     def __init__(self, engine: Engine, max_queue: int, speculation: Optional[dict] = None):
         self.engine, self.max_queue, self.speculation = engine, max_queue, speculation or {}
@@ -69,7 +69,8 @@ class Scheduler:
                     f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); retry later",
                     status=503, kind="server_error",
                 )
-            options = dataclasses.replace(job.options, **self.speculation)
+            speculation = {} if job.options.constrained else self.speculation  # a grammar's rows decode a token a step
+            options = dataclasses.replace(job.options, **speculation)
             with self.engine.arrived:  # the engine admits it only after its deltas go to the loop
                 try:
                     request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
