@@ -26,7 +26,7 @@ from server_worker import PG_TIMEOUT_SECONDS
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 API_KEY = "test-key"
-MAX_SEQ_LEN, MAX_BATCH_SIZE = 128, 4
+MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 4  # room for two tools described in JSON
 SERVER_ARGS = ["--max_seq_len", str(MAX_SEQ_LEN), "--max_batch_size", str(MAX_BATCH_SIZE), "--port", "0", "--dtype", "float32", "--device", "cpu"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the server and this process share the machine: on 2 busy cores, torch's
 # thread pools contending with each other make a step 10x slower than one thread each
@@ -295,6 +295,9 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "[INST] hi [/INST]"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}]}, "messages"),
 ]
 
 
@@ -363,15 +366,17 @@ def test_prompts_as_token_ids_are_decoded_from_as_given(client, llama):
     assert both.usage.prompt_tokens == sum(map(len, ids))
 
 
-def test_a_bad_port_or_one_in_use_is_one_line_before_the_model_loads(server):
-    commands = [[sys.executable, "-m", "llama.server", "--port", port] for port in ("99999", server.port)]
-    processes = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
-                 for c in commands]
-    outputs = [process.communicate(timeout=60)[0] for process in processes]
-    assert all(process.returncode != 0 for process in processes)
-    assert outputs[0].strip() == "error: --port must be an integer in [0, 65535] (0 picks a free one), got 99999"
-    assert f"error: --port {server.port}: 127.0.0.1:{server.port} is already in use" in outputs[1]
-    assert "loading" not in outputs[1] and len(outputs[1].strip().splitlines()) == 1
+def test_a_bad_port_or_one_in_use_is_refused_before_the_model_loads(server, monkeypatch):
+    from llama.server.__main__ import main
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Llama, "build", load)
+    with pytest.raises(ValueError, match=r"^--port must be an integer in \[0, 65535\] \(0 picks a free one\), got 99999$"):
+        main(port=99999)
+    with pytest.raises(ValueError, match=f"^--port {server.port}: 127.0.0.1:{server.port} is already in use"):
+        main(port=int(server.port))
 
 
 def test_openai_client_sees_bad_request_error(client):
@@ -421,6 +426,51 @@ def test_json_object_answer_is_an_object_and_a_bad_schema_names_its_part(server,
     status, answer = raw_request(server, "POST", "/v1/chat/completions", json.dumps({"messages": DIALOG, "response_format": bad}).encode())
     assert (status, answer["error"]["param"]) == (400, "response_format")
     assert "#/properties/a/not" in answer["error"]["message"] and "Unimplemented" in answer["error"]["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+QUESTION = [{"role": "user", "content": "Is it warm in Paris?"}]
+
+
+def test_forced_tool_calls_are_valid_calls_of_their_tool(client):
+    """The bundled model never saw tools; "required" and a named function still give valid calls
+    (greedy and sampled), with finish reason "tool_calls"."""
+    tools = {"weather": WEATHER, "add": ADD}
+    answers = [client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", max_tokens=60, temperature=0)]
+    answers.append(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], max_tokens=60, temperature=1.0, n=3, seed=4,
+                                                  tool_choice={"type": "function", "function": {"name": "weather"}}))
+    choices = [choice for answer in answers for choice in answer.choices]
+    for choice in choices:
+        (call,) = choice.message.tool_calls
+        assert (choice.finish_reason, choice.message.content, call.type) == ("tool_calls", None, "function")
+        jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name]["function"]["parameters"])
+    assert [call.function.name for choice in choices[1:] for call in choice.message.tool_calls] == ["weather"] * 3
+    assert len({choice.message.tool_calls[0].id for choice in choices}) == 4
+
+
+def test_a_streamed_call_comes_as_delta_tool_calls_and_its_result_goes_back_as_a_tool_message(client, llama):
+    chunks = list(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60,
+                                                 temperature=0, stream=True))
+    (call,) = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()]
+    assert (call.index, call.function.name, chunks[-1].choices[0].finish_reason) == (0, "weather", "tool_calls")
+    whole = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    assert whole.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    messages = QUESTION + [whole.choices[0].message, {"role": "tool", "tool_call_id": whole.choices[0].message.tool_calls[0].id, "content": "22 C"}]
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
+    arguments = json.loads(call.function.arguments)
+    convention = [  # the documented JSON convention of a format without tool calls (Llama 2's); "none": no functions described
+        QUESTION[0], {"role": "assistant", "content": json.dumps({"name": "weather", "parameters": arguments})}, {"role": "user", "content": "weather returned: 22 C"},
+    ]
+    assert answer.usage.prompt_tokens == len(llama.encode_dialog(convention)) and answer.choices[0].finish_reason == "length"
+
+
+def test_auto_reads_calls_only_from_an_answer_that_is_one(client):
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], max_tokens=12, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content  # this model answers in words
 
 
 def test_concurrent_clients_get_their_own_greedy_answers(client, llama):

@@ -28,8 +28,8 @@ from llama.engine import RowDelta
 from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llama.server.metrics import Metrics
 from llama.server.protocol import (
-    Job, RequestError, delta_chunk, echoed_prompt, logprobs_object, parse_chat, parse_completion, token_triples, usage_chunk,
-    whole_answer,
+    Job, RequestError, delta_chunk, echoed_prompt, logprobs_object, may_be_a_call, parse_chat, parse_completion, token_triples, tool_calls,
+    tool_calls_chunk, usage_chunk, whole_answer,
 )
 from llama.server.schemas import ChatRequest, CompletionRequest, error_message, error_param
 from llama.server.scheduler import Scheduler, generation_failed, shutting_down
@@ -200,14 +200,39 @@ class StreamChunks:
     """Turns a request's row deltas into its streamed chunks: the prompt first when echoing, chat's
     role in each choice's first chunk, each token's text offset for completions' logprobs, and the
     server's shutdown (the engine ends every row "cancelled") and a failed step (rows end "error") as
-    error chunks."""
+    error chunks. With tools, a choice's text is held back while it may be calls: at its end, calls
+    are one chunk of ``delta.tool_calls`` and finish reason "tool_calls"; else the text goes out."""
 
     def __init__(self, job: Job, token_bytes: Callable[[int], bytes], stopping):
         self.job, self.token_bytes, self.stopping = job, token_bytes, stopping
         self.started = set()
         self.offsets = {i: 0 for i in range(job.rows)}  # characters of each choice's text sent so far
+        self.held: Dict[int, RowDelta] = {}  # per choice, what is held back while it may be calls
+        self.answering = set()  # choices known to be text
 
     def of(self, delta: RowDelta) -> List[dict]:
+        if not self.job.tool_names or delta.row in self.answering:
+            return self.text_chunks(delta)
+        delta = self.hold(delta)
+        if delta.finish_reason is None and may_be_a_call(self.job, delta.text):
+            return self.text_chunks(RowDelta(delta.row, "", [], [], [], None)) if delta.row not in self.started else []
+        calls = tool_calls(self.job, delta.text, delta.finish_reason)
+        if calls is None:
+            self.answering.add(delta.row)
+            return self.text_chunks(delta)
+        chunks = self.text_chunks(RowDelta(delta.row, "", [], [], [], None)) if delta.row not in self.started else []
+        return chunks + [tool_calls_chunk(self.job, delta.row, calls), delta_chunk(self.job, delta.row, "", None, finish_reason="tool_calls")]
+
+    def hold(self, delta: RowDelta) -> RowDelta:
+        """The choice's held delta with ``delta`` added."""
+        held = self.held.get(delta.row)
+        if held is not None:
+            delta = RowDelta(delta.row, held.text + delta.text, held.tokens + delta.tokens, held.logprobs + delta.logprobs,
+                             held.top_logprobs + delta.top_logprobs, delta.finish_reason)
+        self.held[delta.row] = delta
+        return delta
+
+    def text_chunks(self, delta: RowDelta) -> List[dict]:
         job, index, chunks = self.job, delta.row, []
         if delta.text or delta.tokens or index not in self.started:
             first = index not in self.started

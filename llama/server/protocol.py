@@ -7,6 +7,7 @@ Nothing here touches the network: ``parse_completion`` / ``parse_chat`` take the
 which the HTTP layer sends with OpenAI's error body naming the field.
 """
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from llama.options import GenerationOptions
 from llama.server.schemas import ChatRequest, CompletionRequest, SamplingFields, short
+from llama.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -43,6 +45,8 @@ class Job:
     stream: bool
     echo: bool = False
     include_usage: bool = False
+    tool_names: Tuple[str, ...] = ()  # chat: the functions whose calls are read from the answer
+    forced_call: bool = False  # tool_choice "required" or a named function: the answer is a call
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     accepted: float = field(default_factory=time.monotonic)  # for the time to its first token
@@ -80,18 +84,53 @@ def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
 
 
 def parse_chat(body: ChatRequest, llama, model: str) -> Job:
-    """POST /v1/chat/completions: ``messages`` in the model's chat format and the sampling fields."""
+    """POST /v1/chat/completions: ``messages`` in the model's chat format, the ``tools`` it may call
+    (``llama.tool_calls``) and the sampling fields."""
     dialog = [parse_message(i, message) for i, message in enumerate(body.messages)]
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs at all
+    tools, choice = parse_tools(body)
     try:
-        prompt_tokens = llama.encode_dialog(dialog)
+        if tools or any(message["role"] == "tool" or message.get("tool_calls") for message in dialog):
+            prompt_tokens = encode_tool_dialog(llama.chat_format, with_function_names(dialog), tools if choice != "none" else [])
+        else:
+            prompt_tokens = llama.encode_dialog(dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
     if llama.chat_format.is_unsafe(dialog):  # Meta's chat_completion refuses these too
         raise RequestError(f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages")
-    return make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None)
+    called = [tool for tool in tools if choice == "required" or choice == tool["function"]["name"]]
+    schema = call_schema(llama.chat_format, called) if called else None
+    job = make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None, schema)
+    job.tool_names = tuple(tool["function"]["name"] for tool in tools) if choice != "none" else ()
+    job.forced_call = bool(called)
+    return job
+
+
+def parse_tools(body: ChatRequest) -> Tuple[List[dict], str]:
+    """``tools`` (as OpenAI's dicts) and ``tool_choice`` as "none", "auto", "required" or a function's
+    name (default: "auto" with tools, else "none")."""
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) < len(names):
+        raise RequestError(f"'tools' names a function twice: {names}", "tools")
+    choice = body.tool_choice if body.tool_choice is not None else "auto" if tools else "none"
+    if not isinstance(choice, str):
+        choice = choice.function.name
+        if choice not in names:
+            raise RequestError(f"'tool_choice' names the function {choice!r}, which is not in 'tools' {names}", "tool_choice")
+    if choice != "none" and not tools:
+        raise RequestError(f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
+    if body.parallel_tool_calls and choice not in ("none", "auto"):
+        raise RequestError("'parallel_tool_calls' with a forced call is not supported: a forced answer is one call", "parallel_tool_calls")
+    return tools, choice
+
+
+def with_function_names(dialog: List[dict]) -> List[dict]:
+    """The dialog with each tool message's function name (from the call it answers)."""
+    names = {call.id: call.name for message in dialog for call in message.get("tool_calls") or ()}
+    return [{**message, "name": names.get(message.get("tool_call_id"))} if message["role"] == "tool" else message for message in dialog]
 
 
 def parse_message(i: int, message) -> dict:
@@ -101,10 +140,26 @@ def parse_message(i: int, message) -> dict:
     content = message.content
     if isinstance(content, list):
         content = "\n".join(text_part(i, j, part) for j, part in enumerate(content))
+    if message.tool_calls and message.role == "assistant":
+        return {"role": "assistant", "content": content or "", "tool_calls": [parse_call(i, call) for call in message.tool_calls]}
     if not isinstance(content, str):
         raise RequestError(f"messages[{i}] must have a string 'content' or a list of text parts", f"messages[{i}]")
+    if (message.tool_calls is not None) or (message.tool_call_id is not None) != (message.role == "tool"):
+        raise RequestError(f"messages[{i}]: 'tool_calls' belong to an assistant message, and 'tool_call_id' to every tool message only", f"messages[{i}]")
     role = message.role
-    return {"role": "system" if role == "developer" else role, "content": content}
+    parsed = {"role": "system" if role == "developer" else role, "content": content}
+    return parsed if role != "tool" else {**parsed, "tool_call_id": message.tool_call_id}
+
+
+def parse_call(i: int, call) -> Call:
+    """A call in an assistant's message sent back: its arguments, a JSON string, as an object."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"messages[{i}]: the arguments of call {call.id!r} must be a JSON object in a string, got {short(call.function.arguments)}", f"messages[{i}]")
+    return Call(call.id, call.function.name, arguments)
 
 
 def text_part(i: int, j: int, part) -> str:
@@ -116,8 +171,9 @@ def text_part(i: int, j: int, part) -> str:
     return part.text
 
 
-def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens) -> Job:
-    """The fields both endpoints share, checked against the model's limits."""
+def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens, forced_call_schema=None) -> Job:
+    """The fields both endpoints share, checked against the model's limits; ``forced_call_schema``:
+    the JSON Schema of a forced tool call, which the answer follows."""
     params = llama.model.params
     n = body.n or 1
     if len(prompts) * n > params.max_batch_size:
@@ -126,6 +182,14 @@ def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, l
     if body.stream_options is not None and not body.stream:
         raise RequestError("'stream_options' needs 'stream': true", "stream_options")
     json_schema, json_object = parse_response_format(body, llama)
+    if forced_call_schema is not None:
+        if json_schema is not None or json_object:
+            raise RequestError("'response_format' JSON cannot be combined with a forced tool call: the answer is the call", "response_format")
+        json_schema = forced_call_schema
+        try:
+            llama.engine.constraints.check(json_schema, False)
+        except ValueError as error:
+            raise RequestError(f"tools: a function's parameters: {error}", "tools") from None
     try:  # what the declared checks miss is refused in the generation options' own words
         options = GenerationOptions(
             max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.stop),
@@ -247,11 +311,40 @@ def whole_answer(job: Job, texts: Dict[int, str], reasons: Dict[int, str], token
     for index in range(job.rows):
         choice = {"index": index, "logprobs": logprobs_object(job, tokens[index], token_bytes, 0), "finish_reason": reasons[index]}
         if job.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": texts[index]}
+            calls = tool_calls(job, texts[index], reasons[index])
+            choice["message"] = {"role": "assistant", "content": texts[index] if calls is None else None}
+            if calls is not None:
+                choice["message"]["tool_calls"], choice["finish_reason"] = calls, "tool_calls"
         else:
             choice["text"] = echoed_prompt(job, index) + texts[index]
         choices.append(choice)
     return {**header(job, chunk=False), "choices": choices, "usage": counts}
+
+
+def tool_calls(job: Job, text: str, finish_reason: Optional[str]) -> Optional[List[dict]]:
+    """The answer's calls as OpenAI writes them (``arguments`` a JSON string), if the model called
+    functions of ``job.tool_names`` and nothing else; None: the text is the answer."""
+    if not job.tool_names or finish_reason != "stop":
+        return None
+    calls = parse_calls(text, job.tool_names)
+    if calls is None:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            for name, arguments in calls]
+
+
+def may_be_a_call(job: Job, text: str) -> bool:
+    """Whether a streamed answer that starts with ``text`` may still turn out to be calls (held back)."""
+    if not job.tool_names:
+        return False
+    start = text.lstrip()
+    return job.forced_call or start == "" or start.startswith(("{", "[")) or PYTHON_TAG.startswith(start[: len(PYTHON_TAG)])
+
+
+def tool_calls_chunk(job: Job, index: int, calls: List[dict]) -> dict:
+    """A streamed chunk with the choice's calls, each with its ``index`` as OpenAI streams them."""
+    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    return {**header(job, chunk=True), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
 
 def echoed_prompt(job: Job, index: int) -> str:
