@@ -653,7 +653,8 @@ def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
 
 def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path, llama):
     """``--compile`` with n=2 and max_tokens reaching the last position of the cache (greedy: the
-    sampler's graph would double the compile time, and the end of the cache is the edge)."""
+    sampler's graph would double the compile time, and the end of the cache is the edge); SIGTERM
+    lets a running stream end."""
     max_seq_len = 32
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
@@ -666,6 +667,14 @@ def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path,
         )
         assert [c.finish_reason for c in answer.choices] == ["length", "length"]
         assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (max_seq_len - prompt_len)
+
+        stream = open_stream(server, {"prompt": "import os\n", "n": 2, "max_tokens": max_seq_len - prompt_len}, key="unused")  # the same graph
+        server.process.send_signal(signal.SIGTERM)  # a running answer finishes within --shutdown_timeout; no new one starts
+        events = [stream.first_line] + list(stream)
+        assert events[-2:] == [b"data: [DONE]\n", b"\n"] and sum(b'"finish_reason": "length"' in e for e in events) == 2
+        assert server.process.wait(timeout=30) == 0 and "server stopped" in server.log()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(server.port)), timeout=5)
     finally:
         server.kill()
 
