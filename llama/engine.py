@@ -20,7 +20,11 @@ chat calls, the streams and the server.
   (at most log2(max_batch_size) + 1 widths; the length is dynamic below the whole cache, which has
   a graph of its own). With ``compile=True`` the whole step is one compiled graph: the model, the
   sampler of every row with its own settings (``llama.sampling``), and the writes of the step's
-  tokens, positions and penalty counts. The host waits once a step, to read the tokens.
+  tokens, positions and penalty counts. The host waits once a step, to read the tokens. The compiled
+  step holds the whole sampler (penalties, sampling, logprobs, ``top_logprobs`` up to the most
+  warmed), the rows' settings as tensors, and ``torch.cond`` runs the penalties and the sampler's sort
+  only when a row needs them: one graph per width and length serves every mix of options, and
+  ``warm_up`` compiles them all before the first request (a server's start).
 - Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
   step could advance a row by any number of tokens.
 - Under torchrun every rank runs an engine. Rank 0 decides each step's admissions and cancellations
@@ -306,7 +310,8 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class Features:
-    """What the running rows need of a decode step; the compiled step specialises on it."""
+    """What the running rows need of a step; an eager step skips what they do not need, the
+    compiled one runs all of it (``Engine.compiled_features``)."""
 
     sampling: bool  # some row samples (else every row takes the argmax)
     penalties: bool  # some row has a penalty or a logit bias
@@ -360,6 +365,7 @@ class Engine:
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(slots, vocab, device)
         self.constraints = Constraints(tokenizer, vocab)  # the grammars of rows with json_schema / json_object
+        self.allowed = torch.ones(slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         # on the host
         self.slots: List[Optional[Row]] = [None] * slots
         self.owners: Dict[int, Request] = {}  # slot -> its row's request
@@ -372,6 +378,7 @@ class Engine:
         self.distributed = model_parallel_world_size() > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
+        self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
         self.draft = draft
         self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
         self.draft_forward = ChunkForward(draft, compile) if draft is not None else None
@@ -608,7 +615,8 @@ class Engine:
             request.finish(row, reason)
         if row in self.prefilling:
             self.prefilling.remove(row)
-        self.constraints.end(row.slot)
+        if self.constraints.end(row.slot):
+            self.allowed[row.slot] = True
         self.slots[row.slot] = None
         del self.owners[row.slot]
         row.slot, row.decoding = None, False
@@ -680,7 +688,8 @@ class Engine:
         settings = self.settings.rows(slots)
         positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
         noise = self.noise(rows, features)
-        allowed = self.constraints.allowed([row.slot for row in rows], self.device)
+        self.fill_allowed(rows)
+        allowed = self.allowed[slots] if features.constrained else None
         chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
@@ -704,40 +713,87 @@ class Engine:
         kv_len = max(row.position for row in rows) + 1  # no position reaches it
         # compiled: a power-of-two bucket of the cache, one graph for many lengths
         kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len)
-        features = self.features(rows)
+        features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
-        allowed = self.constraints.allowed([slot if live[slot] else None for slot in range(width)], self.device)
+        self.fill_allowed(rows)
         live = live.to(self.device)
         if self.compiled is None:
-            message = self.decode_step(width, kv_slots, live, noise, features, allowed)
+            message = self.decode_step(width, kv_slots, live, noise, features)
         else:
             start = time.perf_counter()
-            if self.distributed:
-                logits, chosen = self.compiled(width, kv_slots, noise, features, allowed)
-                message = self.commit(width, logits, chosen, live, features)
-            else:
-                message = self.compiled(width, kv_slots, live, noise, features, allowed)
+            message = self.compiled_step(width, kv_slots, live, noise, features)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - start
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
         self.record(rows, [values[row.slot] for row in rows], features, touched)
 
-    def decode_step(
-        self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
-        last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
-        length the compiler may treat as dynamic (an int argument it would specialise on).
-        ``allowed``: (width, vocab) bool, the tokens each row's grammar allows; None: any."""
-        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features, allowed)
+    def compiled_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
+        choice and the writes."""
+        if not self.distributed:
+            return self.compiled(width, kv_slots, live, noise, features)
+        logits, chosen = self.compiled(width, kv_slots, noise, features)
         return self.commit(width, logits, chosen, live, features)
 
-    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None):
-        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots."""
+    def compiled_features(self, rows: List[Row]) -> Features:
+        """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
+        so one graph serves every mix of options; more top logprobs than warmed compile a graph of their own."""
+        alternatives = max(self.features(rows).alternatives, self.warmed_alternatives)
+        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
+
+    def compiled_widths(self) -> List[int]:
+        """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
+        return sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
+
+    def warm_up(self, max_top_logprobs: int = 0) -> float:
+        """Compile every graph the compiled decode step can need, so that no request waits for a
+        compile: each width (``compiled_widths``) on a bucket of the cache and on the whole cache,
+        with up to ``max_top_logprobs`` alternatives. Run on idle slots (the cache positions they
+        write are overwritten before they are read); draws nothing from the global RNG. Under
+        torchrun every rank calls it, at the same point. Returns the seconds it took (0 when not
+        compiled)."""
+        if self.compiled is None:
+            return 0.0
+        params, start = self.model.params, time.perf_counter()
+        k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
+        self.warmed_alternatives = max(self.warmed_alternatives, k)
+        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
+        lengths = sorted({attended_slots(1, params.max_seq_len).shape[0], params.max_seq_len})
+        graphs = len(self.compiled_widths()) * len(lengths)
+        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would decode eagerly
+            torch._dynamo.config.recompile_limit = graphs
+        calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
+        with torch.no_grad():
+            for width, kv_len, _ in itertools.product(self.compiled_widths(), lengths, range(calls)):
+                live = torch.zeros(width, dtype=torch.bool, device=self.device)
+                noise = torch.ones(width, params.vocab_size, device=self.device)
+                self.compiled_step(width, attended_slots(kv_len, params.max_seq_len), live, noise, features).tolist()
+        seconds = time.perf_counter() - start
+        logger.info("compiled the decode step for widths %s x cache lengths %s in %.1f s", self.compiled_widths(), lengths, seconds)
+        return seconds
+
+    def fill_allowed(self, rows: List[Row]) -> None:
+        """Each constrained row's next allowed tokens into ``allowed`` (the other rows': all)."""
+        masks = self.constraints.allowed([row.slot for row in rows], self.device)
+        if masks is not None:
+            slots, allowed = masks
+            self.allowed[slots] = allowed
+
+    def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
+        last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
+        length the compiler may treat as dynamic (an int argument it would specialise on)."""
+        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features)
+        return self.commit(width, logits, chosen, live, features)
+
+    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
+        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
+        tokens their grammars allow (``allowed``) when a row has one."""
         tokens, positions = self.tokens[:width], self.positions[:width]
         logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
         rows = slice(0, width)
+        allowed = self.allowed[rows] if features.constrained else None
         chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
         return logits, chosen
 
@@ -777,6 +833,8 @@ class Engine:
         for row in rows:
             options = None if row is None else self.owners[row.slot].options
             needs.append(options is not None and options.temperature > 0 and options.seed is None)
+        if not any(needs):  # nothing to copy from the host
+            return torch.ones(len(rows), vocab, device=self.device)
         return global_exponentials(needs, vocab).to(self.device)
 
     def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
@@ -937,10 +995,18 @@ def choose(
     among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    if features.penalties:
+    # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
+    compiled = torch.compiler.is_compiling()
+    if features.penalties and compiled:
+        penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
+        penalised = penalised.any() | (settings.logit_bias != 0).any()
+        logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
+    elif features.penalties:
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:
         return torch.argmax(logits, dim=-1)
+    if compiled:
+        return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
     return sample(logits, settings, positions, noise)
 
 

@@ -150,30 +150,31 @@ class Constraints:
         if schema is not None:
             self.matchers[slot] = vocabulary_for(self.tokenizer, self.vocab_size).grammar(schema).deep_copy()
 
-    def end(self, slot: int) -> None:
-        self.matchers.pop(slot, None)
+    def end(self, slot: int) -> bool:
+        """The row in ``slot`` ended; whether it had a grammar."""
+        return self.matchers.pop(slot, None) is not None
 
-    def allowed(self, slots: List[Optional[int]], device: torch.device) -> Optional[torch.Tensor]:
-        """(len(slots), vocab) bool: the tokens each slot's row may take next (all for a free row or
-        None); None if no slot is constrained. A matcher that failed (it should not) allows only the
-        stop tokens, which end its row."""
-        if not any(slot in self.matchers for slot in slots):
+    def allowed(self, slots: List[int], device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(the constrained ones among ``slots`` (n,), the tokens each may take next (n, vocab) bool),
+        both on ``device``; None if none is constrained. A matcher that failed (it should not) allows
+        only the stop tokens, which end its row."""
+        constrained = [slot for slot in slots if slot in self.matchers]
+        if not constrained:
             return None
-        bitmask = llguidance_torch.allocate_token_bitmask(len(slots), self.vocab_size)  # (rows, words) int32, all ones
+        bitmask = llguidance_torch.allocate_token_bitmask(len(constrained), self.vocab_size)  # (n, words) int32
         failed = []
-        for i, slot in enumerate(slots):
-            matcher = self.matchers.get(slot)
-            if matcher is not None:
-                llguidance_torch.fill_next_token_bitmask(matcher, bitmask, i)
-                if matcher.is_error():
-                    logger.warning("slot %d: the grammar failed (%s); the row stops", slot, matcher.get_error())
-                    failed.append(i)
+        for i, slot in enumerate(constrained):
+            matcher = self.matchers[slot]
+            llguidance_torch.fill_next_token_bitmask(matcher, bitmask, i)
+            if matcher.is_error():
+                logger.warning("slot %d: the grammar failed (%s); the row stops", slot, matcher.get_error())
+                failed.append(i)
         bits = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]  # (rows, vocab)
+        allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]  # (n, vocab)
         for i in failed:
             allowed[i] = False
             allowed[i, list(self.tokenizer.stop_tokens)] = True
-        return allowed.to(device)
+        return torch.tensor(constrained, device=device), allowed.to(device)
 
     def advance(self, slot: int, token: int) -> None:
         """The row in ``slot`` took ``token``."""

@@ -5,6 +5,7 @@ Every server runs in its own process group, is waited on with timeouts, and is k
 """
 
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -38,13 +39,13 @@ DIALOG = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "
 class Server:
     """A server process: its port (read from its log), its log, and a clean stop."""
 
-    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib"):
+    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib", start_timeout: float = START_TIMEOUT):
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ONE_THREAD, **(env or {})}
             )
-        self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", START_TIMEOUT)
+        self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", start_timeout)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -651,15 +652,19 @@ def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
 
 
-def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path, llama):
-    """``--compile`` with n=2 and max_tokens reaching the last position of the cache (greedy: the
-    sampler's graph would double the compile time, and the end of the cache is the edge); SIGTERM
-    lets a running stream end."""
+def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compiles_again(tmp_path, llama):
+    """``--compile``: every graph is compiled before the server listens; then every combination of
+    greedy or sampled, penalties or none, no logprobs, logprobs or 20 alternatives, one row or two
+    (one pair to the last position of the cache), with a grammar or not, adds no graph, and a
+    grammar's greedy answer is the eager one's. SIGTERM lets a running stream end."""
     max_seq_len = 32
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
-    server = Server(command, tmp_path / "log")
+    server = Server(command, tmp_path / "log", start_timeout=600)
     try:
+        log = server.log()
+        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [16, 32] in") < log.index("serving tiny-stdlib")
+        graphs = metrics(server)["llama_compiled_graphs"]
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
         prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))
         answer = client.completions.create(
@@ -667,6 +672,17 @@ def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path,
         )
         assert [c.finish_reason for c in answer.choices] == ["length", "length"]
         assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (max_seq_len - prompt_len)
+        mixes = itertools.product([{"temperature": 0}, {"temperature": 0.8}], [{}, {"presence_penalty": 1.0, "logit_bias": {"13": 5}}],
+                                  [{}, {"logprobs": 0}, {"logprobs": 20}])
+        for i, (sampling, penalties, logprobs) in enumerate(mixes):
+            answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs)
+            assert [c.finish_reason in ("stop", "length") for c in answer.choices] == [True] * (1 + i % 2)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+        answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=2, max_tokens=20, temperature=0,
+                                           extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}})
+        expected = llama.text_completion(["x = "], max_gen_len=20, temperature=0, json_schema=schema)[0]["generation"]
+        assert [c.text for c in answer.choices] == [expected] * 2 and answer.choices[0].finish_reason == "stop"
+        assert metrics(server)["llama_compiled_graphs"] == graphs
 
         stream = open_stream(server, {"prompt": "import os\n", "n": 2, "max_tokens": max_seq_len - prompt_len}, key="unused")  # the same graph
         server.process.send_signal(signal.SIGTERM)  # a running answer finishes within --shutdown_timeout; no new one starts

@@ -7,6 +7,8 @@ kept by ``prometheus_client`` in a registry of the server's own (no process or p
     llama_queue_length                         requests accepted and waiting for a slot
     llama_running_slots                        slots (rows of the KV cache) decoding now
     llama_slots                                slots in all (--max_batch_size)
+    llama_compiled_graphs                      graphs torch.compile made in this process: with --compile, all
+                                               of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
 
 The gauges are read from the scheduler when scraped.
@@ -34,6 +36,7 @@ class Metrics:
         Gauge("llama_queue_length", "Requests waiting for a slot.", registry=registry).set_function(scheduler.queue_length)
         Gauge("llama_running_slots", "Slots (rows of the KV cache) decoding now.", registry=registry).set_function(scheduler.running_slots)
         Gauge("llama_slots", "Slots in all.", registry=registry).set_function(lambda: scheduler.slots)
+        Gauge("llama_compiled_graphs", "Graphs torch.compile made in this process.", registry=registry).set_function(scheduler.compiled_graphs)
         self.time_to_first_token = Histogram(
             "llama_time_to_first_token_seconds", "Seconds from a request's acceptance to its first generated token.",
             buckets=TTFT_BUCKETS, registry=registry,
