@@ -994,7 +994,7 @@ def choose(
     """Each row's next token (rows,) from its logits (rows, vocab), with its own settings; only
     among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = torch.where(allowed, logits, float("-inf"))
     # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
     compiled = torch.compiler.is_compiling()
     if features.penalties and compiled:

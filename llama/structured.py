@@ -129,6 +129,7 @@ class Constraints:
     def __init__(self, tokenizer: Optional[Tokenizer], vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.matchers: Dict[int, llguidance.LLMatcher] = {}  # slot -> its row's matcher
+        self.executor = llguidance.LLExecutor()  # computes several rows' masks at once
 
     def check(self, json_schema: Optional[dict], json_object: bool) -> None:
         """Build (or find cached) the grammar of a request's schema.
@@ -162,12 +163,12 @@ class Constraints:
         if not constrained:
             return None
         bitmask = llguidance_torch.allocate_token_bitmask(len(constrained), self.vocab_size)  # (n, words) int32
+        matchers = [(self.matchers[slot], i) for i, slot in enumerate(constrained)]
+        llguidance_torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)  # the rows in parallel, the GIL released
         failed = []
-        for i, slot in enumerate(constrained):
-            matcher = self.matchers[slot]
-            llguidance_torch.fill_next_token_bitmask(matcher, bitmask, i)
+        for matcher, i in matchers:
             if matcher.is_error():
-                logger.warning("slot %d: the grammar failed (%s); the row stops", slot, matcher.get_error())
+                logger.warning("slot %d: the grammar failed (%s); the row stops", constrained[i], matcher.get_error())
                 failed.append(i)
         bits = torch.arange(32, dtype=torch.int32)
         allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]  # (n, vocab)
