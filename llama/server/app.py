@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request
@@ -128,26 +127,20 @@ class ClientGone(Exception):
 
 async def deltas(job: Job, request, metrics: Metrics, http: Optional[Request] = None) -> AsyncIterator[RowDelta]:
     """The request's row deltas as the engine's steps make them, until every row has ended. With
-    ``http``, raises ``ClientGone`` if the client leaves meanwhile (checked every POLL_SECONDS); a
-    stream learns it from its response, which is cancelled. The time to the first step's news and
-    the token counts go to the metrics."""
-    first, checked = True, time.monotonic()
+    ``http`` (a whole answer), raises ``ClientGone`` if the client leaves meanwhile (checked every
+    POLL_SECONDS); a stream learns it from its response, which is cancelled. The time to the first
+    token and the token counts go to the metrics."""
     while True:
-        try:
-            step = await asyncio.wait_for(request.deltas.get(), POLL_SECONDS)
-        except asyncio.TimeoutError:
-            step = ()
-        if step is None:
+        steps = await request.deltas.get_all(POLL_SECONDS if http is not None else None)
+        for step in steps:
+            for delta in step or ():
+                yield delta
+        if steps and steps[-1] is None:
             break
-        if step and first:
-            metrics.observe_time_to_first_token(time.monotonic() - job.accepted)
-            first = False
-        for delta in step:
-            yield delta
-        if http is not None and time.monotonic() - checked >= POLL_SECONDS:
-            if await http.is_disconnected():
-                raise ClientGone()
-            checked = time.monotonic()
+        if http is not None and await http.is_disconnected():
+            raise ClientGone()
+    if request.first_token_at is not None:
+        metrics.observe_time_to_first_token(request.first_token_at - job.accepted)
     metrics.count_tokens(sum(map(len, job.prompt_tokens)), sum(map(len, request.tokens)))
 
 

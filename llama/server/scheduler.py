@@ -6,8 +6,9 @@ jobs through it, and the thread that owns the model runs the engine's loop.
   whatever is decoding there, whatever their settings; else it waits in the engine's queue.
 - The queue is bounded: a job that would find ``max_queue`` requests already waiting beyond what
   the free slots take at the next step is refused with 503, which a client can retry.
-- A job's deltas reach its coroutine through ``LoopDeltas``: the engine's thread hands each step's
-  deltas to the event loop, and never waits on it.
+- A job's deltas reach its coroutine through ``LoopDeltas``: the engine's thread appends each step's
+  deltas and wakes the event loop (a stream after each step, a whole answer at its end); it never
+  waits on the loop.
 - Under torchrun rank 0 runs ``Scheduler.run`` (the engine's ``run``: it broadcasts each step's
   admissions and cancellations, and a heartbeat while idle) and every other rank the engine's
   ``follow``, until rank 0 broadcasts the shutdown.
@@ -17,7 +18,8 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from typing import Optional
+from collections import deque
+from typing import Deque, Optional
 
 import torch
 
@@ -82,7 +84,7 @@ class Scheduler:
                     request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
                 except (ValueError, TypeError) as error:
                     raise RequestError(str(error)) from None
-                request.deltas = LoopDeltas(loop)
+                request.deltas = LoopDeltas(loop, every_step=job.stream)
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
         return request
 
@@ -103,18 +105,35 @@ class Scheduler:
 
 
 class LoopDeltas:
-    """A request's queue of step deltas (``Request.deltas``) whose reader is a coroutine on ``loop``:
-    ``put`` (the engine's thread) schedules the item onto an ``asyncio.Queue``, ``get`` awaits it.
-    Once the loop is closed (the HTTP side has shut down) nobody reads, and items are dropped."""
+    """A request's queue of step deltas (``Request.deltas``) whose reader is a coroutine on ``loop``.
+    ``put`` (the engine's thread) appends, and wakes the reader through the loop after each step
+    (``every_step``: a stream) or only at the end (a whole answer: the engine's steps cost the loop
+    nothing meanwhile); ``get_all`` awaits and takes what came. Once the loop is closed (the HTTP
+    side has shut down) nobody reads, and nothing is woken."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_step: bool):
+        self.loop, self.every_step = loop, every_step
+        self.items: Deque = deque()
+        self.ready = asyncio.Event()
 
     def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed
-            pass
+        self.items.append(item)
+        if self.every_step or item is None:
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop is closed
+                pass
 
-    async def get(self):
-        return await self.queue.get()
+    async def get_all(self, timeout: Optional[float] = None) -> list:
+        """Every item that came (a list of deltas per step, None at the end), waiting up to
+        ``timeout`` seconds (None: for ever) for one; [] if none came."""
+        if not self.items:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        self.ready.clear()
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        return taken
