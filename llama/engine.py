@@ -27,6 +27,10 @@ chat calls, the streams and the server.
   ``warm_up`` compiles them all before the first request (a server's start).
 - Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
   step could advance a row by any number of tokens.
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): it gets a
+  matcher when admitted, its allowed next tokens are written into ``allowed`` before each step, the
+  sampler takes only those, and each token it takes advances its matcher; the other rows' masks allow
+  every token, so they share the batch (and the compiled graph) unchanged.
 - Under torchrun every rank runs an engine. Rank 0 decides each step's admissions and cancellations
   and broadcasts them (``StepPlan``) before the step; the sampled tokens are broadcast from rank 0
   inside the step, so every rank writes the same tokens. In-process callers (``generate`` under

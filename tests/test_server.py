@@ -157,6 +157,15 @@ def test_health_and_models(server, client):
     assert [model.id for model in client.models.list().data] == ["tiny-stdlib"]
 
 
+def test_the_openapi_page_declares_the_request_bodies(server):
+    status, headers, page = raw_answer(server, "GET", "/docs", key="")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    status, spec = raw_request(server, "GET", "/openapi.json", key="")
+    schemas = spec["components"]["schemas"]
+    assert {"CompletionRequest", "ChatRequest"} <= set(schemas) and "response_format" in schemas["ChatRequest"]["properties"]
+    assert set(spec["paths"]) >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
 def test_greedy_completions_equal_text_completion(client, llama):
     answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS, max_tokens=24, temperature=0)
     expected = llama.text_completion(PROMPTS, temperature=0, max_gen_len=24)
