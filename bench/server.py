@@ -1,13 +1,16 @@
 """``python -m llama.server`` on the bundled model under load: continuous admission against static
-(``--admission static``: a request joins only an empty batch), measured side by side in one run.
+(``--admission static``: a request joins only an empty batch), or this tree's server against another
+tree's (``--baseline_root``, e.g. an export of main), measured side by side in one run.
 
     python bench/server.py                         # 12 clients, 2 threads per server, 3 rounds each
     python bench/server.py --sections mixed --rounds 2 --requests_per_client 2
     python bench/server.py --device cuda
+    git archive main | tar -x -C /tmp/main && python bench/server.py --sections mixed --baseline_root /tmp/main
+    python bench/server.py --sections burst,stalled   # the HTTP side: many clients at once, stalled ones
 
-Two servers start (one per admission policy, each on a free loopback port, each with --threads
-torch threads) and take turns: every measurement alternates between them, round by round, so the
-machine's noise falls on both. Sections:
+Two servers start (one per admission policy, or this tree's and the baseline's, both continuous;
+each on a free loopback port, each with --threads torch threads) and take turns: every measurement
+alternates between them, round by round, so the machine's noise falls on both. Sections:
 
 - mixed: ``--clients`` clients, each streaming ``--requests_per_client`` completions one after
   another: prompts of 5 to 500 tokens, max_tokens 8 to 256, greedy and sampled settings mixed (the
@@ -17,6 +20,12 @@ machine's noise falls on both. Sections:
   ratio of their median latencies.
 - prefill: a row decoding while a 1,000-token prompt is admitted: its longest gap between tokens
   in that time against its median gap (continuous only: static admits nothing beside a row).
+- burst: ``--burst_clients`` streaming clients at once (32 slots), against a server with
+  ``--max_queue 1024`` and one with ``--max_queue 16``: how many got a complete answer, a 503 JSON
+  answer, or neither (a reset connection, a stream cut mid-way). Goal: all complete with 1024; with
+  16, each complete or 503.
+- stalled: ``--stalled`` connections that send half a request and stop, then a real request: its
+  latency beside them against alone. Goal: under 1 s.
 
 The load average is printed with every section: the machine is shared.
 """
@@ -27,6 +36,7 @@ import json
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,16 +55,18 @@ POLICIES = ("continuous", "static")
 
 
 class Server:
-    """A server process on a free loopback port, started in its own process group."""
+    """A server process on a free loopback port, started in its own process group, from the code in
+    ``root``; ``label`` names it in the tables."""
 
-    def __init__(self, admission: str, args, log_path: Path):
-        command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(args.slots),
-                   "--max_seq_len", str(args.max_seq_len), "--device", args.device, "--admission", admission, "--max_queue", "1000",
-                   "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads)]
-        self.admission, self.log_path = admission, log_path
+    def __init__(self, label: str, args, log_path: Path, root: Path = ROOT, admission: str = "continuous", max_queue: int = 1000,
+                 slots: Optional[int] = None):
+        command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(slots or args.slots),
+                   "--max_seq_len", str(args.max_seq_len), "--device", args.device, "--admission", admission, "--max_queue", str(max_queue),
+                   "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads), "--ckpt_dir", str(BUNDLED)]
+        self.label, self.admission, self.log_path = label, admission, log_path
         with open(log_path, "w") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            self.process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "PYTHONPATH": str(root)})
         self.port = self.wait_for_port()
 
     def wait_for_port(self, timeout: float = 120) -> int:
@@ -67,7 +79,7 @@ class Server:
                 break
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the {self.admission} server did not start:\n{self.log_path.read_text()}")
+        raise RuntimeError(f"the {self.label} server did not start:\n{self.log_path.read_text()}")
 
     def stop(self) -> None:
         try:
@@ -193,26 +205,29 @@ def section_mixed(servers, tokenizer, args) -> None:
     bodies = mixed_requests(tokenizer, args.clients * args.requests_per_client, args.seed)
     post(servers[0].port, {**bodies[0], "max_tokens": 2})  # warm up
     post(servers[1].port, {**bodies[0], "max_tokens": 2})
-    totals = {p: {"seconds": 0.0, "tokens": 0, "ttft": [], "gaps": []} for p in POLICIES}
-    print(f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per policy, "
+    totals = {server.label: {"seconds": 0.0, "tokens": 0, "ttft": [], "gaps": []} for server in servers}
+    print(f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per server, "
           f"{args.slots} slots, {args.threads} thread(s) per server; load average {load()}")
     for round_ in range(args.rounds):
         for server in servers:
             r = run_mixed(server.port, bodies, args.clients)
             for key in r:
-                totals[server.admission][key] += r[key]
-            print(f"round {round_ + 1} {server.admission}: {r['tokens'] / r['seconds']:.0f} tokens/s, mean TTFT "
+                totals[server.label][key] += r[key]
+            print(f"round {round_ + 1} {server.label}: {r['tokens'] / r['seconds']:.0f} tokens/s, mean TTFT "
                   f"{statistics.mean(r['ttft']):.2f} s ({r['seconds']:.1f} s, load {load()})", flush=True)
-    print("\n| admission | tokens/s | TTFT mean | TTFT p50 | TTFT p99 | ITL mean | ITL p50 | ITL p99 |")
+    print("\n| server | tokens/s | TTFT mean | TTFT p50 | TTFT p99 | ITL mean | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|---|")
     for policy, t in totals.items():
         ttft, gaps = t["ttft"], t["gaps"]
         print(f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | {percentile(ttft, 0.5):.3f} s | "
               f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | {1000 * percentile(gaps, 0.5):.1f} ms | "
               f"{1000 * percentile(gaps, 0.99):.1f} ms |")
-    c, s = totals["continuous"], totals["static"]
-    print(f"\ncontinuous / static: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s (goal >= 1.5), "
-          f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT (goal <= 0.25)")
+    (first, c), (second, s) = totals.items()
+    goals = "(goal >= 1.5)", "(goal <= 0.25)"
+    if args.baseline_root:
+        goals = "(goal >= 1: no worse)", "(goal <= 1: no worse)"
+    print(f"\n{first} / {second}: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s {goals[0]}, "
+          f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT {goals[1]}")
 
 
 def section_short(servers, tokenizer, args) -> None:
@@ -220,18 +235,18 @@ def section_short(servers, tokenizer, args) -> None:
     short = {"prompt": "import os\n", "max_tokens": 4, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
     long = {**short, "prompt": "def main():\n", "max_tokens": 600}
     print(f"\n## short: a 4-token request alone and beside a running 600-token one, {args.rounds * 3} of each; load average {load()}")
-    print("| admission | alone (median) | beside (median) | ratio |")
+    print("| server | alone (median) | beside (median) | ratio |")
     print("|---|---|---|---|")
-    results = {p: {"alone": [], "beside": []} for p in POLICIES}
+    results = {server.label: {"alone": [], "beside": []} for server in servers}
     for _ in range(args.rounds * 3):
         for server in servers:
             start = time.perf_counter()
             post(server.port, short)
-            results[server.admission]["alone"].append(time.perf_counter() - start)
+            results[server.label]["alone"].append(time.perf_counter() - start)
             running = Stream(server.port, long).read(until_arrivals=5)
             start = time.perf_counter()
             post(server.port, short)
-            results[server.admission]["beside"].append(time.perf_counter() - start)
+            results[server.label]["beside"].append(time.perf_counter() - start)
             running.hang_up()  # frees its slot at the next step
             wait_idle(server.port)
     for policy, r in results.items():
@@ -248,7 +263,7 @@ def section_prefill(servers, tokenizer, args) -> None:
     long_prompt = {"prompt": tokenizer.decode(corpus[:999]), "max_tokens": 4, "temperature": 0}
     running_body = {"prompt": "class Stack:\n", "max_tokens": 300, "temperature": 0, "logit_bias": no_eos}
     print(f"\n## prefill: a running row while a {len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
-          f"is admitted ({server.admission}, --prefill_chunk {args.prefill_chunk}); load average {load()}")
+          f"is admitted ({server.label}, --prefill_chunk {args.prefill_chunk}); load average {load()}")
     print("| run | median gap | longest gap while admitting | ratio | longest gap overall |")
     print("|---|---|---|---|---|")
     ratios = []
@@ -276,17 +291,101 @@ def wait_idle(port: int, timeout: float = 30) -> None:
         connection.request("GET", "/metrics")
         text = connection.getresponse().read().decode()
         connection.close()
-        if "\nllama_running_slots 0\n" in text:
+        running = [line.split()[-1] for line in text.splitlines() if line.startswith("llama_running_slots ")]
+        if running and float(running[0]) == 0:
             return
         time.sleep(0.02)
     raise RuntimeError("the server's slots did not empty")
+
+
+def burst_client(port: int, body: dict, outcomes: dict, lock: threading.Lock, start: threading.Barrier) -> None:
+    """One client of a burst: "complete" (the stream's [DONE] came), "503" (a JSON 503), or what
+    else happened ("reset", "cut": a stream that ended before [DONE], "HTTP <status>")."""
+    start.wait()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status == 503:
+            outcome = "503" if "error" in json.loads(response.read()) else "503 (not JSON)"
+        elif response.status != 200:
+            outcome = f"HTTP {response.status}"
+        else:
+            outcome = "complete" if response.read().rstrip().endswith(b"data: [DONE]") else "cut"
+        connection.close()
+    except (ConnectionError, http.client.HTTPException, OSError) as error:
+        outcome = f"reset ({type(error).__name__})"
+    with lock:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+
+def section_burst(servers, tokenizer, args) -> None:
+    """``--burst_clients`` streaming clients started at once against 32 slots, per --max_queue."""
+    body = {"prompt": "import os\n", "max_tokens": 16, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
+    print(f"\n## burst: {args.burst_clients} streaming clients at once, 32 slots, 16 tokens each; load average {load()}")
+    print("| server | --max_queue | outcomes | seconds |")
+    print("|---|---|---|---|")
+    for label, root in roots(args):
+        for max_queue in (1024, 16):
+            server = Server(label, args, Path(args.log_dir) / f"llama-bench-burst-{label}-{max_queue}.log", root, max_queue=max_queue, slots=32)
+            try:
+                post(server.port, {**body, "max_tokens": 2})  # warm up
+                outcomes, lock = {}, threading.Lock()
+                barrier = threading.Barrier(args.burst_clients)
+                threads = [threading.Thread(target=burst_client, args=(server.port, body, outcomes, lock, barrier)) for _ in range(args.burst_clients)]
+                start = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                print(f"| {label} | {max_queue} | {dict(sorted(outcomes.items()))} | {time.perf_counter() - start:.1f} |", flush=True)
+            finally:
+                server.stop()
+    print("goal (this tree): all complete with 1024; complete or 503 with 16")
+
+
+def section_stalled(servers, tokenizer, args) -> None:
+    """A real request's latency beside ``--stalled`` connections that sent half a request."""
+    body = json.dumps({"prompt": "import os\n", "max_tokens": 4, "temperature": 0})
+    half = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            + body[: len(body) // 2]).encode()
+    print(f"\n## stalled: a 4-token request alone and beside {args.stalled} connections that sent half a request; load average {load()}")
+    print("| server | alone (median) | beside (median, max) |")
+    print("|---|---|---|")
+    for server in servers[:1] if not args.baseline_root else servers:
+        alone, beside, stalled = [], [], []
+        try:
+            for _ in range(5):
+                start = time.perf_counter()
+                post(server.port, json.loads(body))
+                alone.append(time.perf_counter() - start)
+            for _ in range(args.stalled):
+                connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                connection.sendall(half)
+                stalled.append(connection)
+            for _ in range(5):
+                start = time.perf_counter()
+                post(server.port, json.loads(body))
+                beside.append(time.perf_counter() - start)
+            print(f"| {server.label} | {1000 * statistics.median(alone):.1f} ms | {1000 * statistics.median(beside):.1f} ms, {1000 * max(beside):.1f} ms |")
+        except (ConnectionError, OSError, RuntimeError) as error:
+            print(f"| {server.label} | {1000 * statistics.median(alone) if alone else float('nan'):.1f} ms | failed: {error!r:.80} |")
+        finally:
+            for connection in stalled:
+                connection.close()
+    print("goal: beside < 1 s")
+
+
+def roots(args) -> List[tuple]:
+    """(label, code tree) of the servers compared."""
+    return [("this tree", ROOT)] + ([("baseline", Path(args.baseline_root))] if args.baseline_root else [])
 
 
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-SECTIONS = {"mixed": section_mixed, "short": section_short, "prefill": section_prefill}
+SECTIONS = {"mixed": section_mixed, "short": section_short, "prefill": section_prefill, "burst": section_burst, "stalled": section_stalled}
 
 
 def main():
@@ -302,6 +401,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="of the mixed workload")
     parser.add_argument("--log_dir", default="/tmp")
     parser.add_argument("--device", default="cpu", help="the servers' --device")
+    parser.add_argument("--baseline_root", default=None, help="another tree (an export of main) whose server is compared with this one's, both continuous")
+    parser.add_argument("--burst_clients", type=int, default=512)
+    parser.add_argument("--stalled", type=int, default=300, help="half-sent requests of the stalled section")
     args = parser.parse_args()
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -311,8 +413,12 @@ def main():
     tokenizer = Tokenizer(str(BUNDLED / "tokenizer.model"))
     servers = []
     try:
-        for policy in POLICIES:
-            servers.append(Server(policy, args, Path(args.log_dir) / f"llama-bench-server-{policy}.log"))
+        if args.baseline_root:
+            for label, root in roots(args):
+                servers.append(Server(label, args, Path(args.log_dir) / f"llama-bench-server-{label.replace(' ', '-')}.log", root))
+        else:
+            for policy in POLICIES:
+                servers.append(Server(policy, args, Path(args.log_dir) / f"llama-bench-server-{policy}.log", admission=policy))
         print(f"load average at start {load()}; {os.cpu_count()} CPUs")
         for name in sections:
             SECTIONS[name](servers, tokenizer, args)

@@ -231,6 +231,20 @@ class TemplateChatFormat(ChatFormat):
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
         return self.tokenizer.encode_with_special_tokens(self.render(dialog), self.template["legacy"])
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template writes function definitions (it reads the ``tools`` variable)."""
+        return "tools" in self.template["source"]
+
+    def encode_with_tools(self, messages: List[dict], tools: Optional[List[dict]]) -> List[int]:
+        """Messages with tool calls and results (Hugging Face's form) and the ``tools``, rendered and read
+        as ``encode_checked`` does."""
+        try:
+            text = self.compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=True, **self.template["tokens"])
+        except jinja2.exceptions.TemplateError as error:
+            raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
+        return self.tokenizer.encode_with_special_tokens(text, self.template["legacy"])
+
 
 # A template that writes these is the tokenizer's own format, which the formats above encode exactly.
 FORMAT_MARKERS = {"llama2": B_INST, "llama3": "<|start_header_id|>"}

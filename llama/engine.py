@@ -27,6 +27,10 @@ chat calls, the streams and the server.
   ``warm_up`` compiles them all before the first request (a server's start).
 - Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
   step could advance a row by any number of tokens.
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): it gets a
+  matcher when admitted, its allowed next tokens are written into ``allowed`` before each step, the
+  sampler takes only those, and each token it takes advances its matcher; the other rows' masks allow
+  every token, so they share the batch (and the compiled graph) unchanged.
 - Under torchrun every rank runs an engine. Rank 0 decides each step's admissions and cancellations
   and broadcasts them (``StepPlan``) before the step; the sampled tokens are broadcast from rank 0
   inside the step, so every rank writes the same tokens. In-process callers (``generate`` under
@@ -57,6 +61,7 @@ from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
 from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 from llama.streaming import TextStream, cut_at_stop
+from llama.structured import Constraints
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -316,6 +321,7 @@ class Features:
     penalties: bool  # some row has a penalty or a logit bias
     logprobs: bool  # some row wants logprobs (always, compiled: nearly free there, and one graph fewer)
     alternatives: int  # how many top logprobs to compute (a power of two, 0: none)
+    constrained: bool = False  # some row follows a grammar: the step takes a mask of allowed tokens
 
 
 class Engine:
@@ -362,6 +368,8 @@ class Engine:
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(slots, vocab, device)
+        self.constraints = Constraints(tokenizer, vocab)  # the grammars of rows with json_schema / json_object
+        self.allowed = torch.ones(slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         # on the host
         self.slots: List[Optional[Row]] = [None] * slots
         self.owners: Dict[int, Request] = {}  # slot -> its row's request
@@ -404,6 +412,7 @@ class Engine:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(params.vocab_size)
         options.check_draft(self.draft is not None)
+        self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
         if self.stopping.is_set():
@@ -601,6 +610,7 @@ class Engine:
                 continue
             row.slot = slot
             self.slots[slot], self.owners[slot] = row, request
+            self.constraints.start(slot, options.json_schema, options.json_object)
             self.prefilling.append(row)
 
     def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
@@ -609,6 +619,8 @@ class Engine:
             request.finish(row, reason)
         if row in self.prefilling:
             self.prefilling.remove(row)
+        if self.constraints.end(row.slot):
+            self.allowed[row.slot] = True
         self.slots[row.slot] = None
         del self.owners[row.slot]
         row.slot, row.decoding = None, False
@@ -680,7 +692,9 @@ class Engine:
         settings = self.settings.rows(slots)
         positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
         noise = self.noise(rows, features)
-        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features))
+        self.fill_allowed(rows)
+        allowed = self.allowed[slots] if features.constrained else None
+        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
         self.record(rows, pack(logits, chosen, features).tolist(), features, touched)
@@ -691,7 +705,8 @@ class Engine:
         """One token for each decoding row: the decode step over the first ``width`` slots, which
         cover them (compiled: a power of two of them, and a power-of-two bucket of the cache). When
         a row speculates, a speculative step instead (``speculate``)."""
-        if any(self.owners[row.slot].options.speculate for row in rows):
+        options = [self.owners[row.slot].options for row in rows]
+        if any(o.speculate for o in options) and not any(o.constrained for o in options):  # a grammar's row takes one token a step
             return self.speculate(rows, touched)
         params = self.model.params
         width = max(row.slot for row in rows) + 1
@@ -704,6 +719,7 @@ class Engine:
         kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len)
         features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
+        self.fill_allowed(rows)
         live = live.to(self.device)
         if self.compiled is None:
             message = self.decode_step(width, kv_slots, live, noise, features)
@@ -728,7 +744,7 @@ class Engine:
         """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
         so one graph serves every mix of options; more top logprobs than warmed compile a graph of their own."""
         alternatives = max(self.features(rows).alternatives, self.warmed_alternatives)
-        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives)
+        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
 
     def compiled_widths(self) -> List[int]:
         """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
@@ -746,7 +762,7 @@ class Engine:
         params, start = self.model.params, time.perf_counter()
         k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
-        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives)
+        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
         lengths = sorted({attended_slots(1, params.max_seq_len).shape[0], params.max_seq_len})
         graphs = len(self.compiled_widths()) * len(lengths)
         if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would decode eagerly
@@ -761,6 +777,13 @@ class Engine:
         logger.info("compiled the decode step for widths %s x cache lengths %s in %.1f s", self.compiled_widths(), lengths, seconds)
         return seconds
 
+    def fill_allowed(self, rows: List[Row]) -> None:
+        """Each constrained row's next allowed tokens into ``allowed`` (the other rows': all)."""
+        masks = self.constraints.allowed([row.slot for row in rows], self.device)
+        if masks is not None:
+            slots, allowed = masks
+            self.allowed[slots] = allowed
+
     def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
         """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
         last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
@@ -769,11 +792,13 @@ class Engine:
         return self.commit(width, logits, chosen, live, features)
 
     def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
-        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots."""
+        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
+        tokens their grammars allow (``allowed``) when a row has one."""
         tokens, positions = self.tokens[:width], self.positions[:width]
         logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
         rows = slice(0, width)
-        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features)
+        allowed = self.allowed[rows] if features.constrained else None
+        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
         return logits, chosen
 
     def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
@@ -799,6 +824,7 @@ class Engine:
             penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
             logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
             alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
+            constrained=any(o.constrained for o in options),
         )
 
     def noise(self, rows: List[Optional[Row]], features: Features) -> torch.Tensor:
@@ -831,6 +857,7 @@ class Engine:
         if options.top_logprobs:
             ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
             alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
+        self.constraints.advance(row.slot, int(token))
         request.record(row, int(token), logprob, alternatives)
         touched.add(request)
         if row.finish_reason is None:
@@ -966,9 +993,12 @@ class Engine:
 
 def choose(
     logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor,
-    noise: torch.Tensor, features: Features,
+    noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
+    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings; only
+    among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
+    if allowed is not None:
+        logits = torch.where(allowed, logits, float("-inf"))
     # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
     compiled = torch.compiler.is_compiling()
     if features.penalties and compiled:

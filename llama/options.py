@@ -35,6 +35,9 @@ class GenerationOptions:
         speculative decoding (``llama.speculative``), the same greedy tokens and the same sampling
         distribution, faster where proposals are accepted; None decodes one token per step.
     speculate_k: tokens proposed (and verified in one pass) per row per step.
+    json_schema: a JSON Schema (a dict): each row's text is compact JSON that follows it, decoded
+        under the grammar's token mask (``llama.structured``), and ends by itself (a stop token).
+    json_object: each row's text is a compact JSON object (any keys and values).
     """
 
     max_gen_len: Optional[int] = None
@@ -55,6 +58,8 @@ class GenerationOptions:
     echo: bool = False
     speculate: Optional[str] = None
     speculate_k: int = 4
+    json_schema: Optional[dict] = None
+    json_object: bool = False
 
     def __post_init__(self):
         if self.max_gen_len is not None and not (is_int(self.max_gen_len) and self.max_gen_len >= 0):
@@ -88,7 +93,7 @@ class GenerationOptions:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer or None (the global RNG), got {self.seed!r}")
-        for name in ("logprobs", "echo"):
+        for name in ("logprobs", "echo", "json_object"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.top_logprobs) or self.top_logprobs < 0:
@@ -99,6 +104,17 @@ class GenerationOptions:
             raise ValueError(f"speculate must be one of {SPECULATE_CHOICES}, got {self.speculate!r}")
         if not is_int(self.speculate_k) or not 1 <= self.speculate_k <= MAX_SPECULATE_K:
             raise ValueError(f"speculate_k must be an integer in [1, {MAX_SPECULATE_K}], got {self.speculate_k!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise TypeError(f"json_schema must be a JSON Schema as a dict, got {self.json_schema!r:.80}")
+        if self.json_schema is not None and self.json_object:
+            raise ValueError("give json_schema or json_object=True, not both (a schema of {'type': 'object'} is json_object)")
+        if self.constrained and self.speculate:
+            raise ValueError("speculate cannot be combined with json_schema or json_object: the proposals are not constrained")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the rows follow a grammar (``json_schema`` or ``json_object``)."""
+        return self.json_schema is not None or self.json_object
 
     def check_draft(self, has_draft: bool) -> None:
         """``speculate="draft"`` needs a model built with a draft."""

@@ -8,13 +8,13 @@ that short prompts pass it, tied output), each saved by save_pretrained and writ
 (two shards, the embedding split on the vocabulary, as Meta's VocabParallelEmbedding splits it).
 """
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
@@ -489,18 +489,18 @@ def test_reshard_writes_llama3_shards_as_meta_splits_them(llama3_folders, llama3
 def test_chat_stream_and_server_request_use_metas_chat_format(llama3_folders, llama3_tokenizer):
     """The stream's pieces join to chat_completion's answer; the server's chat request is parsed into
     the same prompt, and its token bytes are tiktoken's."""
-    from llama.server.http import LlamaHTTPServer
     from llama.server.protocol import parse_chat
+    from llama.server.schemas import ChatRequest
 
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     encoding = llama3_tokenizer[2]
     llama = build(hf_folder)
     answer = llama.chat_completion([DIALOG], temperature=0, max_gen_len=6)[0]["generation"]["content"]
     assert "".join(piece for (piece,) in llama.chat_completion_stream([DIALOG], temperature=0, max_gen_len=6)) == answer
-    job = parse_chat({"messages": DIALOG, "max_tokens": 4}, llama, "test")
+    job = parse_chat(ChatRequest.model_validate({"messages": DIALOG, "max_tokens": 4}), llama, "test")
     assert job.prompt_tokens == [metas_chat_tokens(DIALOG, encoding)]
     token = encoding.encode(" héllo")[0]
-    assert LlamaHTTPServer.token_bytes(argparse.Namespace(llama=llama), token) == encoding.decode_single_token_bytes(token)
+    assert llama.tokenizer.token_bytes(token) == encoding.decode_single_token_bytes(token)  # what the server's logprobs show
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -578,3 +578,45 @@ def test_a_refused_conversion_leaves_no_output_folder(llama3_folders, tmp_path):
     with pytest.raises(ValueError, match="Meta's tokenizer.model implies Meta's split pattern"):
         convert(str(folder), str(tmp_path / "out" / "meta"), "meta")
     assert not (tmp_path / "out").exists()
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"], "additionalProperties": False}
+
+
+def test_tool_calls_are_written_in_metas_llama31_format_and_a_forced_call_is_valid(llama3_folders, llama3_tokenizer):
+    """Llama 3.1's JSON tool calling as Meta's llama-models writes it (Environment: ipython, the
+    functions in a user message, a call ending with <|eom_id|>, its result in the ipython role); a
+    forced call from random weights is still a valid call."""
+    from datetime import datetime
+
+    from llama.server.protocol import parse_chat
+    from llama.server.schemas import ChatRequest
+    from llama.tool_calls import parse_calls
+
+    _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
+    encoding = llama3_tokenizer[2]
+    llama = Llama.build(hf_folder, max_seq_len=640, max_batch_size=2, device="cpu", dtype="float32")
+    tool = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": WEATHER}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+                {"role": "user", "content": "And in Rome?"}]
+    body = {"messages": messages, "tools": [tool], "tool_choice": "required", "max_tokens": 60, "temperature": 0}
+    job = parse_chat(ChatRequest.model_validate(body), llama, "test")
+
+    def header(role):
+        return [special("<|start_header_id|>", encoding)] + encoding.encode(role) + [special("<|end_header_id|>", encoding)] + encoding.encode("\n\n")
+
+    instruction = ("Answer the user's question by making use of the following functions if needed.\nIf none of the function can be used, please say so.\n"
+                   f"Here is a list of functions in JSON format:\n{json.dumps(tool, indent=4)}\n\nReturn function calls in JSON format.")
+    system = f"Environment: ipython\n\nCutting Knowledge Date: December 2023\nToday Date: {datetime.now().strftime('%d %B %Y')}\n\nBe brief."
+    expected = metas_chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": instruction}, messages[1]], encoding)
+    expected += encoding.encode('{"type": "function", "name": "weather", "parameters": {"city": "Paris"}}') + [special("<|eom_id|>", encoding)]
+    expected += header("ipython") + encoding.encode("22 C") + [special("<|eot_id|>", encoding)]
+    expected += header("user") + encoding.encode("And in Rome?") + [special("<|eot_id|>", encoding)] + header("assistant")
+    assert job.prompt_tokens == [expected]
+    request = llama.engine.submit(job.prompt_tokens, job.options, "dialog")
+    list(llama.engine.run_until_done(request))
+    (name, arguments), = parse_calls(request.texts()[0], ["weather"])
+    assert name == "weather" and json.loads(request.texts()[0])["type"] == "function"
+    jsonschema.validate(arguments, WEATHER)

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -26,7 +27,7 @@ from server_worker import PG_TIMEOUT_SECONDS
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 API_KEY = "test-key"
-MAX_SEQ_LEN, MAX_BATCH_SIZE = 128, 4
+MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 4  # room for two tools described in JSON
 SERVER_ARGS = ["--max_seq_len", str(MAX_SEQ_LEN), "--max_batch_size", str(MAX_BATCH_SIZE), "--port", "0", "--dtype", "float32", "--device", "cpu"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the server and this process share the machine: on 2 busy cores, torch's
 # thread pools contending with each other make a step 10x slower than one thread each
@@ -106,9 +107,10 @@ def raw_request(server, method: str, path: str, body: bytes = b"", headers=None,
 def raw_answer(server, method: str, path: str, body: bytes = b"", headers=None, key: str = API_KEY) -> tuple:
     """(status, headers, body bytes) of one request sent by hand."""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
-    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    json_body = {"Content-Type": "application/json"} if method == "POST" else {}
+    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **json_body, **(headers or {})})
     response = connection.getresponse()
-    answer = response.status, dict(response.getheaders()), response.read()
+    answer = response.status, response.headers, response.read()  # headers: case-insensitive
     connection.close()
     return answer
 
@@ -118,7 +120,7 @@ def open_stream(server, body: dict, key: str = API_KEY) -> http.client.HTTPRespo
     ends or ``close()`` hangs up. (With "Connection: close" the response owns the socket.)"""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=60)
     body = {"temperature": 0, **body, "stream": True}
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}"})
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200, response.read()
     response.first_line = response.readline()
@@ -153,6 +155,15 @@ def metrics(server) -> dict:
 def test_health_and_models(server, client):
     assert raw_request(server, "GET", "/health", headers={"Authorization": ""}) == (200, {"status": "ok"})
     assert [model.id for model in client.models.list().data] == ["tiny-stdlib"]
+
+
+def test_the_openapi_page_declares_the_request_bodies(server):
+    status, headers, page = raw_answer(server, "GET", "/docs", key="")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    status, spec = raw_request(server, "GET", "/openapi.json", key="")
+    schemas = spec["components"]["schemas"]
+    assert {"CompletionRequest", "ChatRequest"} <= set(schemas) and "response_format" in schemas["ChatRequest"]["properties"]
+    assert set(spec["paths"]) >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
 
 def test_greedy_completions_equal_text_completion(client, llama):
@@ -210,9 +221,9 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
 def test_stream_ends_with_done(server):
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     body = json.dumps({"prompt": "x", "max_tokens": 3, "stream": True})
-    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     response = connection.getresponse()
-    assert response.getheader("Content-Type") == "text/event-stream"
+    assert response.getheader("Content-Type").startswith("text/event-stream")
     events = [e for e in response.read().decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
@@ -282,7 +293,9 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "user": 5}, "user"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
@@ -292,6 +305,9 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "[INST] hi [/INST]"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}]}, "messages"),
 ]
 
 
@@ -318,7 +334,7 @@ def test_malformed_json_gets_400(server):
 def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
     connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
     connection.sendall(  # the headers announce 2 MiB; the body never comes, the answer does
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
     )
     response = b""
     while chunk := connection.recv(4096):
@@ -326,6 +342,51 @@ def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
     connection.close()
     head, body = response.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 413") and "limit is 1048576" in json.loads(body)["error"]["message"]
+
+
+def test_a_body_not_sent_as_json_gets_415(server):
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": ""}):
+        status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "x"}', headers)
+        assert status == 415 and "Content-Type: application/json" in answer["error"]["message"]
+
+
+def test_a_chunked_body_is_read(server):
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
+    parts = iter([b'{"prompt": "import os\\n", ', b'"max_tokens": 3, "temperature": 0}'])
+    connection.request("POST", "/v1/completions", body=parts, encode_chunked=True,
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 3
+    connection.close()
+
+
+def test_model_may_be_left_out_and_means_the_served_one(server, llama):
+    status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "import os\\n", "max_tokens": 6, "temperature": 0}')
+    assert (status, answer["model"]) == (200, "tiny-stdlib")
+    assert answer["choices"][0]["text"] == llama.text_completion(["import os\n"], temperature=0, max_gen_len=6)[0]["generation"]
+
+
+def test_prompts_as_token_ids_are_decoded_from_as_given(client, llama):
+    """OpenAI's token-id prompts: a list of ids, or a list of such lists (no BOS is added)."""
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:2]]
+    expected = [llama.tokenizer.decode(tokens) for tokens in llama.generate(ids, max_gen_len=8, temperature=0)[0]]
+    one = client.completions.create(model="tiny-stdlib", prompt=ids[0], max_tokens=8, temperature=0)
+    both = client.completions.create(model="tiny-stdlib", prompt=ids, max_tokens=8, temperature=0)
+    assert [one.choices[0].text] + [choice.text for choice in both.choices] == expected[:1] + expected
+    assert both.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_a_bad_port_or_one_in_use_is_refused_before_the_model_loads(server, monkeypatch):
+    from llama.server.__main__ import main
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Llama, "build", load)
+    with pytest.raises(ValueError, match=r"^--port must be an integer in \[0, 65535\] \(0 picks a free one\), got 99999$"):
+        main(port=99999)
+    with pytest.raises(ValueError, match=f"^--port {server.port}: 127.0.0.1:{server.port} is already in use"):
+        main(port=int(server.port))
 
 
 def test_openai_client_sees_bad_request_error(client):
@@ -346,6 +407,80 @@ def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_
     response.read()
     assert (response.status, response.getheader("Connection")) == (401, "close")
     connection.close()
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def test_json_schema_answers_validate_on_both_routes_whole_or_streamed(client, llama):
+    expected = llama.chat_completion([DIALOG], temperature=0, max_gen_len=90, json_schema=PERSON)[0]["generation"]["content"]
+    chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT)
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (expected, "stop")
+    jsonschema.validate(json.loads(expected), PERSON)
+    streamed = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected
+    sampled = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=90, temperature=1.0, n=3, seed=2,
+                                        extra_body={"response_format": PERSON_FORMAT})
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), PERSON)
+
+
+def test_json_object_answer_is_an_object_and_a_bad_schema_names_its_part(server, client):
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=[{"role": "user", "content": "hi"}], max_tokens=90, temperature=0,
+                                            response_format={"type": "json_object"})
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"not": {}}}}}}
+    status, answer = raw_request(server, "POST", "/v1/chat/completions", json.dumps({"messages": DIALOG, "response_format": bad}).encode())
+    assert (status, answer["error"]["param"]) == (400, "response_format")
+    assert "#/properties/a/not" in answer["error"]["message"] and "Unimplemented" in answer["error"]["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+QUESTION = [{"role": "user", "content": "Is it warm in Paris?"}]
+
+
+def test_forced_tool_calls_are_valid_calls_of_their_tool(client):
+    """The bundled model never saw tools; "required" and a named function still give valid calls
+    (greedy and sampled), with finish reason "tool_calls"."""
+    tools = {"weather": WEATHER, "add": ADD}
+    answers = [client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", max_tokens=60, temperature=0)]
+    answers.append(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], max_tokens=60, temperature=1.0, n=3, seed=4,
+                                                  tool_choice={"type": "function", "function": {"name": "weather"}}))
+    choices = [choice for answer in answers for choice in answer.choices]
+    for choice in choices:
+        (call,) = choice.message.tool_calls
+        assert (choice.finish_reason, choice.message.content, call.type) == ("tool_calls", None, "function")
+        jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name]["function"]["parameters"])
+    assert [call.function.name for choice in choices[1:] for call in choice.message.tool_calls] == ["weather"] * 3
+    assert len({choice.message.tool_calls[0].id for choice in choices}) == 4
+
+
+def test_a_streamed_call_comes_as_delta_tool_calls_and_its_result_goes_back_as_a_tool_message(client, llama):
+    chunks = list(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60,
+                                                 temperature=0, stream=True))
+    (call,) = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()]
+    assert (call.index, call.function.name, chunks[-1].choices[0].finish_reason) == (0, "weather", "tool_calls")
+    whole = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    assert whole.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    messages = QUESTION + [whole.choices[0].message, {"role": "tool", "tool_call_id": whole.choices[0].message.tool_calls[0].id, "content": "22 C"}]
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
+    arguments = json.loads(call.function.arguments)
+    convention = [  # the documented JSON convention of a format without tool calls (Llama 2's); "none": no functions described
+        QUESTION[0], {"role": "assistant", "content": json.dumps({"name": "weather", "parameters": arguments})}, {"role": "user", "content": "weather returned: 22 C"},
+    ]
+    assert answer.usage.prompt_tokens == len(llama.encode_dialog(convention)) and answer.choices[0].finish_reason == "length"
+
+
+def test_auto_reads_calls_only_from_an_answer_that_is_one(client):
+    answer = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], max_tokens=12, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content  # this model answers in words
 
 
 def test_concurrent_clients_get_their_own_greedy_answers(client, llama):
@@ -390,7 +525,7 @@ def test_client_hanging_up_frees_its_slot(server, client, stream):
     body = json.dumps({"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": stream, "logit_bias": {"2": -100}}).encode()
     connection.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     if stream:
         received = b""
@@ -419,7 +554,7 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=5, temperature=0)
     raw_request(server, "POST", "/v1/completions", b'{"prompt": "x", "top_p": 7}')
     after = metrics(server)
-    requests = 'llama_requests_total{method="POST",endpoint="/v1/completions",code="%d"}'
+    requests = 'llama_requests_total{code="%d",endpoint="/v1/completions",method="POST"}'  # labels in prometheus_client's order
     assert after[requests % 200] - before.get(requests % 200, 0) == 1
     assert after[requests % 400] - before.get(requests % 400, 0) == 1
     assert after["llama_generation_tokens_total"] - before["llama_generation_tokens_total"] == answer.usage.completion_tokens == 5
@@ -529,7 +664,8 @@ def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
 def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compiles_again(tmp_path, llama):
     """``--compile``: every graph is compiled before the server listens; then every combination of
     greedy or sampled, penalties or none, no logprobs, logprobs or 20 alternatives, one row or two
-    (one pair to the last position of the cache) adds no graph."""
+    (one pair to the last position of the cache), with a grammar or not, adds no graph, and a
+    grammar's greedy answer is the eager one's. SIGTERM lets a running stream end."""
     max_seq_len = 32
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
@@ -550,7 +686,20 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
         for i, (sampling, penalties, logprobs) in enumerate(mixes):
             answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs)
             assert [c.finish_reason in ("stop", "length") for c in answer.choices] == [True] * (1 + i % 2)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+        answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=2, max_tokens=20, temperature=0,
+                                           extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}})
+        expected = llama.text_completion(["x = "], max_gen_len=20, temperature=0, json_schema=schema)[0]["generation"]
+        assert [c.text for c in answer.choices] == [expected] * 2 and answer.choices[0].finish_reason == "stop"
         assert metrics(server)["llama_compiled_graphs"] == graphs
+
+        stream = open_stream(server, {"prompt": "import os\n", "n": 2, "max_tokens": max_seq_len - prompt_len}, key="unused")  # the same graph
+        server.process.send_signal(signal.SIGTERM)  # a running answer finishes within --shutdown_timeout; no new one starts
+        events = [stream.first_line] + list(stream)
+        assert events[-2:] == [b"data: [DONE]\n", b"\n"] and sum(b'"finish_reason": "length"' in e for e in events) == 2
+        assert server.process.wait(timeout=30) == 0 and "server stopped" in server.log()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(server.port)), timeout=5)
     finally:
         server.kill()
 
@@ -614,7 +763,7 @@ def alive(pid: int) -> bool:
 def test_a_row_ended_by_a_failed_step_streams_a_500_error_chunk_and_a_finished_row_its_reason():
     from llama.engine import RowDelta
     from llama.options import GenerationOptions
-    from llama.server.http import StreamChunks
+    from llama.server.app import StreamChunks
     from llama.server.protocol import Job
 
     job = Job("completion", "m", ["a"], [[1, 2]], GenerationOptions(num_return_sequences=2), stream=True)

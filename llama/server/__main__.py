@@ -10,28 +10,35 @@ Also ``GET /metrics`` (Prometheus) and CORS preflights (``OPTIONS``). Requests d
 one engine (``llama.engine``): a request starts at the next step if a slot is free, whatever the
 others' settings, and waits in a bounded queue otherwise.
 
-Under torchrun rank 0 serves HTTP and decides each step; every other rank follows the engine's
-broadcasts. SIGTERM or Ctrl-C stops the server after the current step, and every rank exits.
+The HTTP side is a FastAPI application (``llama.server.app``; its OpenAPI page at ``/docs``) on
+uvicorn, on a thread of its own; the engine runs on the main thread. The port is bound before the
+model loads, so a port in use is reported at once. Under torchrun rank 0 serves HTTP and decides
+each step; every other rank follows the engine's broadcasts. SIGTERM or Ctrl-C stops accepting,
+lets running requests finish for up to ``--shutdown_timeout`` seconds, cancels what remains (a 503
+or an error chunk), and every rank exits.
 """
 
+import errno
 import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch.distributed as dist
+import uvicorn
 
 from llama.cli import check_speculation_flags, load_line, run
 from llama.distributed import is_main_process, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
-from llama.server.http import LlamaHTTPServer
-from llama.server.protocol import MAX_TOP_LOGPROBS
+from llama.server.app import make_app
 from llama.server.scheduler import Scheduler
+from llama.server.schemas import MAX_TOP_LOGPROBS
 from llama.tokenizer import resolve_tokenizer_path
 
 logger = logging.getLogger("llama.server")
@@ -65,6 +72,7 @@ def main(
     draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
     adapter_dir: Optional[str] = None,
+    shutdown_timeout: float = 10.0,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -83,6 +91,7 @@ def main(
         prefill_chunk: the most prompt tokens prefilled in one step while other rows decode: a long prompt delays them by one chunk's time per step
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
             (well below the process group's 30-minute timeout)
+        shutdown_timeout: after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled
     The other flags are described in llama.cli.FLAG_HELP.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -99,6 +108,9 @@ def main(
     if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name.strip()):
         raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
     check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
+    if not isinstance(shutdown_timeout, (int, float)) or isinstance(shutdown_timeout, bool) or not 0 <= shutdown_timeout <= 3600:
+        raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {shutdown_timeout!r}")
+    listener = listen(host, port) if int(os.environ.get("RANK", "0")) == 0 else None  # before the model: a port in use fails fast
     set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
@@ -108,6 +120,7 @@ def main(
     llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft)  # the server's policy
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     engine.warm_up(MAX_TOP_LOGPROBS)  # on every rank: no request waits for a compile
+    engine.constraints.check(None, json_object=True)  # the vocabulary grammars read, built before the first JSON request
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
@@ -119,7 +132,8 @@ def main(
         speculation = dict(speculate=speculate, speculate_k=speculate_k)
         logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", speculate, speculate_k)
     scheduler = Scheduler(engine, max_queue, speculation)
-    serve(llama, scheduler, served_model_name or Path(ckpt_dir).name, host, port, api_key, origins)
+    app = make_app(llama, scheduler, served_model_name or Path(ckpt_dir).name, api_key, origins)
+    serve(app, scheduler, listener, served_model_name or Path(ckpt_dir).name, shutdown_timeout)
 
 
 def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
@@ -135,20 +149,65 @@ def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
     return origins
 
 
-def serve(llama: Llama, scheduler: Scheduler, model_name: str, host: str, port: int, api_key: Optional[str],
-          allowed_origins: Tuple[str, ...]) -> None:
-    """HTTP on a background thread; decoding on this one, which owns the model and the signals."""
-    server = LlamaHTTPServer((host, port), llama, scheduler, model_name, api_key, allowed_origins)
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (uvicorn listens on it).
+
+    Raises:
+        ValueError: the port is not in [0, 65535], the host is unknown, or the address is taken.
+    """
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be an integer in [0, 65535] (0 picks a free one), got {port!r}")
+    if not isinstance(host, str):
+        raise ValueError(f"--host must be an address or a host name, got {host!r}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host}: {error.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: {host}:{port} is already in use (another server?); choose another --port, or 0 for a free one") from None
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {error.strerror}") from None
+    return sock
+
+
+def serve(app, scheduler: Scheduler, listener: socket.socket, model_name: str, shutdown_timeout: float) -> None:
+    """HTTP on a background thread (uvicorn's event loop); decoding on this one, which owns the
+    model and the signals. A signal stops uvicorn (it stops accepting, waits up to
+    ``shutdown_timeout`` for running answers, then cancels them), and then the engine."""
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout, backlog=2048, lifespan="off")
+    server = uvicorn.Server(config)
+
+    def stop(*_):
+        if scheduler.stopping.is_set():  # a second Ctrl-C: no grace
+            server.force_exit = True
+        scheduler.refuse()
+        server.should_exit = True
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: scheduler.stop())
-    http_thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+        signal.signal(signum, stop)
+
+    def run_http():
+        try:
+            server.run(sockets=[listener])
+        finally:
+            scheduler.stop()  # what still runs ends "cancelled"
+
+    http_thread = threading.Thread(target=run_http, name="http", daemon=True)
     http_thread.start()
-    logger.info("serving %s on http://%s:%d", model_name, *server.server_address[:2])
+    while not server.started and http_thread.is_alive():
+        time.sleep(0.01)
+    host, port = listener.getsockname()[:2]
+    logger.info("serving %s on http://%s:%d", model_name, host, port)
     try:
         scheduler.run()
     finally:
-        server.shutdown()
-        server.server_close()
+        server.should_exit = True
+        http_thread.join(timeout=shutdown_timeout + 5)
         logger.info("server stopped")
 
 

@@ -1,4 +1,5 @@
-"""The server's counters, served at ``GET /metrics`` in Prometheus' text format (version 0.0.4).
+"""The server's counters, served at ``GET /metrics`` in Prometheus' text format (version 0.0.4),
+kept by ``prometheus_client`` in a registry of the server's own (no process or platform metrics).
 
     llama_requests_total{method, endpoint, code}   answers sent, by route and HTTP status
     llama_prompt_tokens_total                  prompt tokens of the requests answered
@@ -10,68 +11,47 @@
                                                of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
 
-The HTTP threads count into one ``Metrics``; the gauges are read from the scheduler when scraped.
+The gauges are read from the scheduler when scraped.
 """
 
-import bisect
-import threading
-from collections import Counter
-from typing import List
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)  # seconds
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+disable_created_metrics()  # a *_created sample per counter is noise for a server's dashboards
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 
 class Metrics:
-    """Counters and the time-to-first-token histogram, safe to update from any thread."""
+    """The server's metrics in their own registry, safe to update from any thread. ``scheduler``
+    gives the gauges (``queue_length()``, ``running_slots()``, ``slots``)."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: Counter = Counter()  # (method, endpoint, code) -> answers
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)  # per bucket (not cumulative); the last is +Inf
-        self.ttft_sum = 0.0
+    def __init__(self, scheduler):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("llama_requests", "Answers sent, by route and HTTP status.", ["method", "endpoint", "code"], registry=registry)
+        self.prompt_tokens = Counter("llama_prompt_tokens", "Prompt tokens of the answered requests.", registry=registry)
+        self.generation_tokens = Counter("llama_generation_tokens", "Tokens generated for the answered requests.", registry=registry)
+        Gauge("llama_queue_length", "Requests waiting for a slot.", registry=registry).set_function(scheduler.queue_length)
+        Gauge("llama_running_slots", "Slots (rows of the KV cache) decoding now.", registry=registry).set_function(scheduler.running_slots)
+        Gauge("llama_slots", "Slots in all.", registry=registry).set_function(lambda: scheduler.slots)
+        Gauge("llama_compiled_graphs", "Graphs torch.compile made in this process.", registry=registry).set_function(scheduler.compiled_graphs)
+        self.time_to_first_token = Histogram(
+            "llama_time_to_first_token_seconds", "Seconds from a request's acceptance to its first generated token.",
+            buckets=TTFT_BUCKETS, registry=registry,
+        )
 
     def count_request(self, method: str, endpoint: str, code: int) -> None:
-        with self.lock:
-            self.requests[method, endpoint, code] += 1
+        self.requests.labels(method, endpoint, str(code)).inc()
 
     def count_tokens(self, prompt_tokens: int, generation_tokens: int) -> None:
-        with self.lock:
-            self.prompt_tokens += prompt_tokens
-            self.generation_tokens += generation_tokens
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generation_tokens)
 
     def observe_time_to_first_token(self, seconds: float) -> None:
-        with self.lock:
-            self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
-            self.ttft_sum += seconds
+        self.time_to_first_token.observe(seconds)
 
-    def render(self, queue_length: int, running_slots: int, slots: int, compiled_graphs: int) -> str:
-        """The exposition text, with the scheduler's gauges as given."""
-        with self.lock:
-            lines: List[str] = []
-            metric(lines, "llama_requests_total", "counter", "Answers sent, by route and HTTP status.")
-            for (method, endpoint, code), count in sorted(self.requests.items()):
-                lines.append(f'llama_requests_total{{method="{method}",endpoint="{endpoint}",code="{code}"}} {count}')
-            metric(lines, "llama_prompt_tokens_total", "counter", "Prompt tokens of the answered requests.", self.prompt_tokens)
-            metric(lines, "llama_generation_tokens_total", "counter", "Tokens generated for the answered requests.", self.generation_tokens)
-            metric(lines, "llama_queue_length", "gauge", "Requests waiting for a slot.", queue_length)
-            metric(lines, "llama_running_slots", "gauge", "Slots (rows of the KV cache) decoding now.", running_slots)
-            metric(lines, "llama_slots", "gauge", "Slots in all.", slots)
-            metric(lines, "llama_compiled_graphs", "gauge", "Graphs torch.compile made in this process.", compiled_graphs)
-            name = "llama_time_to_first_token_seconds"
-            metric(lines, name, "histogram", "Seconds from a request's acceptance to its first generated token.")
-            cumulative = 0
-            for bound, count in zip(TTFT_BUCKETS + ("+Inf",), self.ttft_counts):
-                cumulative += count
-                lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-            lines += [f"{name}_sum {self.ttft_sum}", f"{name}_count {cumulative}"]
-        return "\n".join(lines) + "\n"
-
-
-def metric(lines: List[str], name: str, kind: str, help_text: str, value=None) -> None:
-    """A metric's HELP and TYPE lines, and its one sample if ``value`` is given."""
-    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    if value is not None:
-        lines.append(f"{name} {value}")
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

@@ -1,20 +1,22 @@
-"""OpenAI's HTTP API as this server speaks it: a request body checked field by field into a ``Job``,
-and the JSON of the answers (whole, or as streamed chunks).
+"""OpenAI's HTTP API as this server speaks it: a checked request body (``llama.server.schemas``)
+mapped to a ``Job`` (the engine's ``GenerationOptions``), and the JSON of the answers (whole, or as
+streamed chunks).
 
-Nothing here touches the model or the network: ``parse_completion`` / ``parse_chat`` take the
-decoded JSON body and the ``Llama`` (for its tokenizer and limits) and either return a ``Job`` or
-raise ``RequestError``, which the HTTP layer sends as a 400 with OpenAI's error body naming the field.
+Nothing here touches the network: ``parse_completion`` / ``parse_chat`` take the body and the
+``Llama`` (for its tokenizer and limits) and either return a ``Job`` or raise ``RequestError``,
+which the HTTP layer sends with OpenAI's error body naming the field.
 """
 
-import math
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from llama.options import GenerationOptions
+from llama.server.schemas import ChatRequest, CompletionRequest, SamplingFields, short
+from llama.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -43,6 +45,8 @@ class Job:
     stream: bool
     echo: bool = False
     include_usage: bool = False
+    tool_names: Tuple[str, ...] = ()  # chat: the functions whose calls are read from the answer
+    forced_call: bool = False  # tool_choice "required" or a named function: the answer is a call
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     accepted: float = field(default_factory=time.monotonic)  # for the time to its first token
@@ -57,167 +61,192 @@ class Job:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def parse_completion(body: dict, llama, model: str) -> Job:
-    """POST /v1/completions: ``prompt`` (a string or a list of strings) and the sampling fields."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise RequestError("'prompt' is required: a string or a list of strings", "prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise RequestError(f"'prompt' must be a string or a non-empty list of strings, got {short(prompt)}", "prompt")
-    check_known_fields(body, COMPLETION_FIELDS)
-    logprobs = optional_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    echo = optional_bool(body, "echo", False)
-    if echo and logprobs is not None:
+def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
+    """POST /v1/completions: ``prompt`` (a string, a list of strings, a list of token ids or a list
+    of such lists: token ids are the prompt as given, no BOS added) and the sampling fields."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts, prompt_tokens = [prompt], llama.encode_prompts([prompt])
+    elif not prompt or (isinstance(prompt[0], list) and not all(prompt)):
+        raise RequestError(f"'prompt' must not be empty, got {short(prompt)}", "prompt")
+    elif isinstance(prompt[0], str):
+        prompts, prompt_tokens = prompt, llama.encode_prompts(prompt)
+    else:
+        prompt_tokens = [prompt] if isinstance(prompt[0], int) else prompt
+        vocab_size = llama.model.params.vocab_size
+        if any(not 0 <= token < vocab_size for tokens in prompt_tokens for token in tokens):
+            raise RequestError(f"'prompt' has token ids outside the vocabulary [0, {vocab_size})", "prompt")
+        prompts = [llama.tokenizer.decode(tokens) for tokens in prompt_tokens]
+    echo = bool(body.echo)
+    if echo and body.logprobs is not None:
         raise RequestError("'echo' with 'logprobs' is not supported: the prompt's tokens are not scored", "echo")
-    return make_job(body, llama, model, "completion", prompts, llama.encode_prompts(prompts), logprobs, echo, DEFAULT_COMPLETION_TOKENS)
+    return make_job(body, llama, model, "completion", prompts, prompt_tokens, body.logprobs, echo, DEFAULT_COMPLETION_TOKENS)
 
 
-def parse_chat(body: dict, llama, model: str) -> Job:
-    """POST /v1/chat/completions: ``messages`` in the model's chat format and the sampling fields."""
-    messages = body.get("messages")
-    if messages is None:
-        raise RequestError("'messages' is required: a list of {'role', 'content'} objects", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(f"'messages' must be a non-empty list of messages, got {short(messages)}", "messages")
-    dialog = [parse_message(i, message) for i, message in enumerate(messages)]
-    check_known_fields(body, CHAT_FIELDS)
-    wants_logprobs = optional_bool(body, "logprobs", False)
-    top_logprobs = optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-    if top_logprobs is not None and not wants_logprobs:
+def parse_chat(body: ChatRequest, llama, model: str) -> Job:
+    """POST /v1/chat/completions: ``messages`` in the model's chat format, the ``tools`` it may call
+    (``llama.tool_calls``) and the sampling fields."""
+    dialog = [parse_message(i, message) for i, message in enumerate(body.messages)]
+    if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    logprobs = (top_logprobs or 0) if wants_logprobs else None  # None: no logprobs at all
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None  # None: no logprobs at all
+    tools, choice = parse_tools(body)
     try:
-        prompt_tokens = llama.encode_dialog(dialog)
+        if tools or any(message["role"] == "tool" or message.get("tool_calls") for message in dialog):
+            prompt_tokens = encode_tool_dialog(llama.chat_format, with_function_names(dialog), tools if choice != "none" else [])
+        else:
+            prompt_tokens = llama.encode_dialog(dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
     if llama.chat_format.is_unsafe(dialog):  # Meta's chat_completion refuses these too
         raise RequestError(f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages")
-    return make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None)
+    called = [tool for tool in tools if choice == "required" or choice == tool["function"]["name"]]
+    schema = call_schema(llama.chat_format, called) if called else None
+    job = make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None, schema)
+    job.tool_names = tuple(tool["function"]["name"] for tool in tools) if choice != "none" else ()
+    job.forced_call = bool(called)
+    return job
+
+
+def parse_tools(body: ChatRequest) -> Tuple[List[dict], str]:
+    """``tools`` (as OpenAI's dicts) and ``tool_choice`` as "none", "auto", "required" or a function's
+    name (default: "auto" with tools, else "none")."""
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) < len(names):
+        raise RequestError(f"'tools' names a function twice: {names}", "tools")
+    choice = body.tool_choice if body.tool_choice is not None else "auto" if tools else "none"
+    if not isinstance(choice, str):
+        choice = choice.function.name
+        if choice not in names:
+            raise RequestError(f"'tool_choice' names the function {choice!r}, which is not in 'tools' {names}", "tool_choice")
+    if choice != "none" and not tools:
+        raise RequestError(f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
+    if body.parallel_tool_calls and choice not in ("none", "auto"):
+        raise RequestError("'parallel_tool_calls' with a forced call is not supported: a forced answer is one call", "parallel_tool_calls")
+    return tools, choice
+
+
+def with_function_names(dialog: List[dict]) -> List[dict]:
+    """The dialog with each tool message's function name (from the call it answers)."""
+    names = {call.id: call.name for message in dialog for call in message.get("tool_calls") or ()}
+    return [{**message, "name": names.get(message.get("tool_call_id"))} if message["role"] == "tool" else message for message in dialog]
 
 
 def parse_message(i: int, message) -> dict:
     """messages[i] as the chat format takes it: OpenAI's ``developer`` role is the system role, and
     content given as a list of ``{"type": "text", "text": ...}`` parts is their texts joined by
     newlines (as vLLM joins them); a part of another type (an image, audio, a file) is refused."""
-    if not isinstance(message, dict):
-        raise RequestError(f"messages[{i}] must be an object with 'role' and 'content', got {short(message)}", f"messages[{i}]")
-    content = message.get("content")
+    content = message.content
     if isinstance(content, list):
         content = "\n".join(text_part(i, j, part) for j, part in enumerate(content))
+    if message.tool_calls and message.role == "assistant":
+        return {"role": "assistant", "content": content or "", "tool_calls": [parse_call(i, call) for call in message.tool_calls]}
     if not isinstance(content, str):
-        raise RequestError(f"messages[{i}] must have a string 'content' or a list of text parts, got {short(message)}", f"messages[{i}]")
-    role = message.get("role")
-    return {"role": "system" if role == "developer" else role, "content": content}
+        raise RequestError(f"messages[{i}] must have a string 'content' or a list of text parts", f"messages[{i}]")
+    if (message.tool_calls is not None) or (message.tool_call_id is not None) != (message.role == "tool"):
+        raise RequestError(f"messages[{i}]: 'tool_calls' belong to an assistant message, and 'tool_call_id' to every tool message only", f"messages[{i}]")
+    role = message.role
+    parsed = {"role": "system" if role == "developer" else role, "content": content}
+    return parsed if role != "tool" else {**parsed, "tool_call_id": message.tool_call_id}
+
+
+def parse_call(i: int, call) -> Call:
+    """A call in an assistant's message sent back: its arguments, a JSON string, as an object."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"messages[{i}]: the arguments of call {call.id!r} must be a JSON object in a string, got {short(call.function.arguments)}", f"messages[{i}]")
+    return Call(call.id, call.function.name, arguments)
 
 
 def text_part(i: int, j: int, part) -> str:
     """The text of part j of messages[i]'s content."""
-    if not isinstance(part, dict) or "type" not in part:
-        raise RequestError(f"messages[{i}].content[{j}] must be an object {{'type': 'text', 'text': ...}}, got {short(part)}", f"messages[{i}]")
-    if part["type"] != "text":
-        raise RequestError(
-            f"messages[{i}].content[{j}] has type {part['type']!r}; this model reads only 'text' parts", f"messages[{i}]"
-        )
-    if not isinstance(part.get("text"), str):
-        raise RequestError(f"messages[{i}].content[{j}] must have a string 'text', got {short(part)}", f"messages[{i}]")
-    return part["text"]
+    if part.type != "text":
+        raise RequestError(f"messages[{i}].content[{j}] has type {part.type!r}; this model reads only 'text' parts", f"messages[{i}]")
+    if part.text is None:
+        raise RequestError(f"messages[{i}].content[{j}] must have a string 'text'", f"messages[{i}]")
+    return part.text
 
 
-def parse_response_format(response_format) -> None:
-    """``response_format``: only ``{"type": "text"}`` (plain text, what the model writes anyway);
-    JSON modes would need constrained decoding, which this server does not do."""
-    if response_format is None or response_format == {"type": "text"}:
-        return
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    what = f"type {kind!r}" if kind is not None else short(response_format)
-    raise RequestError(f"response_format {what} is not supported; this server writes plain text: {{'type': 'text'}}", "response_format")
-
-
-COMMON_FIELDS = {
-    "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user", "response_format",
-    "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty",
-}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
-
-
-def check_known_fields(body: dict, known: set) -> None:
-    """A field this server does not implement is refused rather than ignored."""
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise RequestError(f"unsupported field(s) {unknown}; this server takes {sorted(known)}", unknown[0])
-
-
-def make_job(body, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens) -> Job:
-    """The fields both endpoints share, checked against the model's limits."""
+def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens, forced_call_schema=None) -> Job:
+    """The fields both endpoints share, checked against the model's limits; ``forced_call_schema``:
+    the JSON Schema of a forced tool call, which the answer follows."""
     params = llama.model.params
-    n = optional_int(body, "n", 1, params.max_batch_size) or 1
+    n = body.n or 1
     if len(prompts) * n > params.max_batch_size:
         raise RequestError(f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n")
     max_tokens = parse_max_tokens(body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens)
-    parse_response_format(body.get("response_format"))
-    if not isinstance(body.get("user", ""), str):
-        raise RequestError(f"'user' must be a string (an id of the end user), got {short(body['user'])}", "user")
-    stream = optional_bool(body, "stream", False)
-    stream_options = body.get("stream_options") or {}
-    if stream_options and (not stream or not isinstance(stream_options, dict) or set(stream_options) != {"include_usage"}
-                           or not isinstance(stream_options["include_usage"], bool)):
-        raise RequestError("'stream_options' must be {'include_usage': true or false}, with 'stream': true", "stream_options")
-    try:  # what the field checks below miss is refused in the generation options' own words
+    if body.stream_options is not None and not body.stream:
+        raise RequestError("'stream_options' needs 'stream': true", "stream_options")
+    json_schema, json_object = parse_response_format(body, llama)
+    if forced_call_schema is not None:
+        if json_schema is not None or json_object:
+            raise RequestError("'response_format' JSON cannot be combined with a forced tool call: the answer is the call", "response_format")
+        json_schema = forced_call_schema
+        try:
+            llama.engine.constraints.check(json_schema, False)
+        except ValueError as error:
+            raise RequestError(f"tools: a function's parameters: {error}", "tools") from None
+    try:  # what the declared checks miss is refused in the generation options' own words
         options = GenerationOptions(
-            max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.get("stop")),
-            seed=optional_int(body, "seed", 0, None), logprobs=logprobs is not None, top_logprobs=logprobs or 0,
-            temperature=checked_number(body, "temperature", 1.0, lambda t: t >= 0, ">= 0 (0 is greedy)"),
-            top_p=checked_number(body, "top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
-            top_k=parse_top_k(body),
-            min_p=checked_number(body, "min_p", 0.0, lambda m: 0 <= m < 1, "in [0, 1) (0 is off)"),
-            repetition_penalty=checked_number(body, "repetition_penalty", 1.0, lambda r: r > 0, "> 0 (1 is off)"),
-            presence_penalty=checked_number(body, "presence_penalty", 0.0, lambda a: -2 <= a <= 2, "in [-2, 2] (0 is off)"),
-            frequency_penalty=checked_number(body, "frequency_penalty", 0.0, lambda a: -2 <= a <= 2, "in [-2, 2] (0 is off)"),
-            logit_bias=parse_logit_bias(body.get("logit_bias"), params.vocab_size),
+            max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.stop),
+            seed=body.seed, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            temperature=default(body.temperature, 1.0), top_p=default(body.top_p, 1.0),
+            top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's: 0 or -1 keeps every token
+            min_p=default(body.min_p, 0.0), repetition_penalty=default(body.repetition_penalty, 1.0),
+            presence_penalty=default(body.presence_penalty, 0.0), frequency_penalty=default(body.frequency_penalty, 0.0),
+            logit_bias=parse_logit_bias(body.logit_bias, params.vocab_size), json_schema=json_schema, json_object=json_object,
         )
     except (ValueError, TypeError) as error:
         raise RequestError(str(error)) from None
     return Job(
-        kind=kind, model=model, prompts=prompts, prompt_tokens=prompt_tokens, options=options,
-        stream=stream, echo=echo, include_usage=stream_options.get("include_usage", False),
+        kind=kind, model=model, prompts=prompts, prompt_tokens=prompt_tokens, options=options, stream=bool(body.stream),
+        echo=echo, include_usage=body.stream_options is not None and body.stream_options.include_usage,
     )
 
 
-def parse_top_k(body: dict) -> int:
-    """``top_k`` as vLLM takes it: a positive k keeps the k likeliest tokens; 0 or -1 keeps all."""
-    top_k = optional_int(body, "top_k", -1, None)
-    return 0 if top_k in (None, -1) else top_k
+def parse_response_format(body: SamplingFields, llama) -> Tuple[Optional[dict], bool]:
+    """``response_format`` as the options' (json_schema, json_object), the schema's grammar built
+    (and cached for the engine) here, off the event loop."""
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None, False
+    json_schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
+    try:
+        llama.engine.constraints.check(json_schema, json_schema is None)
+    except ValueError as error:
+        raise RequestError(f"response_format.json_schema.schema: {error}" if json_schema is not None else str(error), "response_format") from None
+    return json_schema, json_schema is None
 
 
-def parse_logit_bias(logit_bias, vocab_size: int) -> Dict[int, float]:
+def default(value: Optional[float], otherwise: float) -> float:
+    return otherwise if value is None else float(value)
+
+
+def parse_logit_bias(logit_bias: Optional[Dict[str, float]], vocab_size: int) -> Dict[int, float]:
     """``logit_bias``: an object from token ids (JSON keys, so strings of digits) to a bias in
     [-100, 100] added to that token's logit before sampling (OpenAI's definition)."""
-    if logit_bias is None:
-        return {}
-    if not isinstance(logit_bias, dict):
-        raise RequestError(f"'logit_bias' must be an object from token ids to biases, got {short(logit_bias)}", "logit_bias")
     biases = {}
-    for key, bias in logit_bias.items():
+    for key, bias in (logit_bias or {}).items():
         if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
             raise RequestError(f"'logit_bias' key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
-        if not is_number(bias) or not -100 <= bias <= 100:
-            raise RequestError(f"'logit_bias' of token {key} must be a number in [-100, 100], got {short(bias)}", "logit_bias")
         biases[int(key)] = float(bias)
     return biases
 
 
-def parse_max_tokens(body: dict, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int]) -> int:
+def parse_max_tokens(body: SamplingFields, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int]) -> int:
     """``max_tokens`` (chat: or ``max_completion_tokens``), which must fit in the context after the
     longest prompt; if absent, ``default`` where it fits (None: the rest of the context)."""
     room = max_seq_len - prompt_len
     if room < 1:
         field = "prompt" if kind == "completion" else "messages"
         raise RequestError(f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more", field)
-    max_tokens = optional_int(body, "max_tokens", 1, None)
+    max_tokens = body.max_tokens
     if max_tokens is None and kind == "chat":
-        max_tokens = optional_int(body, "max_completion_tokens", 1, None)
+        max_tokens = body.max_completion_tokens
     if max_tokens is None:
         return room if default is None else min(default, room)
     if max_tokens > room:
@@ -226,49 +255,8 @@ def parse_max_tokens(body: dict, kind: str, prompt_len: int, max_seq_len: int, d
 
 
 def parse_stop(stop) -> Tuple[str, ...]:
-    """``stop``: null, a string, or a list of up to 4 non-empty strings (OpenAI's limit)."""
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(f"'stop' must be a non-empty string or a list of up to 4 of them, got {short(stop)}", "stop")
-    return tuple(stops)
-
-
-def optional_int(body: dict, name: str, low: int, high: Optional[int]) -> Optional[int]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise RequestError(f"'{name}' must be an integer {bounds}, got {short(value)}", name)
-    return value
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def checked_number(body: dict, name: str, default: float, allowed: Callable[[float], bool], expected: str) -> float:
-    """``body[name]`` (``default`` if absent or null), a number for which ``allowed`` holds."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if not is_number(value) or not allowed(value):
-        raise RequestError(f"'{name}' must be a number {expected}, got {short(value)}", name)
-    return float(value)
-
-
-def optional_bool(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be true or false, got {short(value)}", name)
-    return value
-
-
-def short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """``stop``: null, a string, or a list of strings (checked by the schema)."""
+    return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 # The answers. A "choice" is one row: prompt i's sample j is choice i * n + j, as OpenAI numbers them.
@@ -323,11 +311,40 @@ def whole_answer(job: Job, texts: Dict[int, str], reasons: Dict[int, str], token
     for index in range(job.rows):
         choice = {"index": index, "logprobs": logprobs_object(job, tokens[index], token_bytes, 0), "finish_reason": reasons[index]}
         if job.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": texts[index]}
+            calls = tool_calls(job, texts[index], reasons[index])
+            choice["message"] = {"role": "assistant", "content": texts[index] if calls is None else None}
+            if calls is not None:
+                choice["message"]["tool_calls"], choice["finish_reason"] = calls, "tool_calls"
         else:
             choice["text"] = echoed_prompt(job, index) + texts[index]
         choices.append(choice)
     return {**header(job, chunk=False), "choices": choices, "usage": counts}
+
+
+def tool_calls(job: Job, text: str, finish_reason: Optional[str]) -> Optional[List[dict]]:
+    """The answer's calls as OpenAI writes them (``arguments`` a JSON string), if the model called
+    functions of ``job.tool_names`` and nothing else; None: the text is the answer."""
+    if not job.tool_names or finish_reason != "stop":
+        return None
+    calls = parse_calls(text, job.tool_names)
+    if calls is None:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            for name, arguments in calls]
+
+
+def may_be_a_call(job: Job, text: str) -> bool:
+    """Whether a streamed answer that starts with ``text`` may still turn out to be calls (held back)."""
+    if not job.tool_names:
+        return False
+    start = text.lstrip()
+    return job.forced_call or start == "" or start.startswith(("{", "[")) or PYTHON_TAG.startswith(start[: len(PYTHON_TAG)])
+
+
+def tool_calls_chunk(job: Job, index: int, calls: List[dict]) -> dict:
+    """A streamed chunk with the choice's calls, each with its ``index`` as OpenAI streams them."""
+    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    return {**header(job, chunk=True), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
 
 def echoed_prompt(job: Job, index: int) -> str:

@@ -1,20 +1,25 @@
-"""The server's door to the decoding engine (``llama.engine``): HTTP threads submit jobs through it,
-and the thread that owns the model runs the engine's loop.
+"""The server's door to the decoding engine (``llama.engine``): the HTTP side's event loop submits
+jobs through it, and the thread that owns the model runs the engine's loop.
 
 - A job is submitted to the engine as one request (its prompts times n rows, every row with the
   job's own settings). It starts at the engine's next step if its rows fit the free slots, beside
   whatever is decoding there, whatever their settings; else it waits in the engine's queue.
 - The queue is bounded: a job that would find ``max_queue`` requests already waiting beyond what
   the free slots take at the next step is refused with 503, which a client can retry.
+- A job's deltas reach its coroutine through ``LoopDeltas``: the engine's thread appends each step's
+  deltas and wakes the event loop (a stream after each step, a whole answer at its end); it never
+  waits on the loop.
 - Under torchrun rank 0 runs ``Scheduler.run`` (the engine's ``run``: it broadcasts each step's
   admissions and cancellations, and a heartbeat while idle) and every other rank the engine's
   ``follow``, until rank 0 broadcasts the shutdown.
 """
 
+import asyncio
 import dataclasses
 import logging
 import threading
-from typing import Optional
+from collections import deque
+from typing import Deque, Optional
 
 import torch
 
@@ -34,7 +39,7 @@ def generation_failed() -> RequestError:
 
 class Scheduler:
     """Rank 0's bounded door to ``engine``: ``submit`` from any thread, ``run`` on the model's.
-    ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request."""
+    ``speculation``: the server's ``speculate``/``speculate_k`` options, given to every request without a grammar."""
 
     def __init__(self, engine: Engine, max_queue: int, speculation: Optional[dict] = None):
         self.engine, self.max_queue, self.speculation = engine, max_queue, speculation or {}
@@ -55,8 +60,9 @@ class Scheduler:
         """Graphs torch.compile made in this process (the count its own tests read)."""
         return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    def submit(self, job: Job) -> Request:
-        """Queue ``job`` in the engine; its request, whose rows are the job's choices.
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Request:
+        """Queue ``job`` in the engine; its request, whose rows are the job's choices, and whose
+        ``deltas`` are read by a coroutine on ``loop`` (``LoopDeltas``).
 
         Raises:
             RequestError: 503 if the queue is full or the server is stopping; 400 if the engine
@@ -71,13 +77,20 @@ class Scheduler:
                     f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); retry later",
                     status=503, kind="server_error",
                 )
-            try:
-                options = dataclasses.replace(job.options, **self.speculation)
-                request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
-            except (ValueError, TypeError) as error:
-                raise RequestError(str(error)) from None
+            speculation = {} if job.options.constrained else self.speculation  # a grammar's rows decode a token a step
+            options = dataclasses.replace(job.options, **speculation)
+            with self.engine.arrived:  # the engine admits it only after its deltas go to the loop
+                try:
+                    request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
+                except (ValueError, TypeError) as error:
+                    raise RequestError(str(error)) from None
+                request.deltas = LoopDeltas(loop, every_step=job.stream)
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
         return request
+
+    def refuse(self) -> None:
+        """Refuse new jobs (503) from now on; what runs goes on. Safe in a signal handler."""
+        self.stopping.set()
 
     def stop(self) -> None:
         """Refuse new jobs (503) and stop the engine after its current step: every request still
@@ -89,3 +102,38 @@ class Scheduler:
     def run(self) -> None:
         """The engine's serving loop, until ``stop``."""
         self.engine.run()
+
+
+class LoopDeltas:
+    """A request's queue of step deltas (``Request.deltas``) whose reader is a coroutine on ``loop``.
+    ``put`` (the engine's thread) appends, and wakes the reader through the loop after each step
+    (``every_step``: a stream) or only at the end (a whole answer: the engine's steps cost the loop
+    nothing meanwhile); ``get_all`` awaits and takes what came. Once the loop is closed (the HTTP
+    side has shut down) nobody reads, and nothing is woken."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_step: bool):
+        self.loop, self.every_step = loop, every_step
+        self.items: Deque = deque()
+        self.ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.every_step or item is None:
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    async def get_all(self, timeout: Optional[float] = None) -> list:
+        """Every item that came (a list of deltas per step, None at the end), waiting up to
+        ``timeout`` seconds (None: for ever) for one; [] if none came."""
+        if not self.items:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        self.ready.clear()
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        return taken
