@@ -47,6 +47,8 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "speculate_k": "tokens proposed and verified per step with --speculate",
     "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
     "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
+    "kv_cache_tokens": "the KV cache pool's size in tokens, shared by the rows in blocks; default: max_batch_size x max_seq_len",
+    "no_prefix_cache": "compute every prompt in full instead of reusing the cached blocks of a prefix an earlier request computed",
     "threads": "CPU threads torch computes with; default: torch's choice, one per core (1 per process under torchrun)",
 }
 TRACEBACK_FLAG = "--traceback"

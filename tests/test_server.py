@@ -431,6 +431,17 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     assert 0 < after[f"{ttft}_sum"] - before[f"{ttft}_sum"] < 30
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_and_metrics_the_pool_and_hit_rate(server, client):
+    prompt = PROMPTS[1] * 4
+    first, second = (client.completions.create(model="tiny-stdlib", prompt=prompt, max_tokens=2, temperature=0) for _ in range(2))
+    n = second.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0  # whole blocks, its last token computed
+    assert second.choices[0].text == first.choices[0].text
+    pool = metrics(server)
+    assert pool["llama_prefix_cache_hit_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < pool["llama_prefix_cache_hit_rate"] <= 1 and pool["llama_kv_cache_blocks_used"] == 0
+
+
 def test_what_common_clients_send_is_accepted(client, llama):
     """The fields OpenAI clients and front-ends send by default, at values that change nothing: a
     developer message is the system message, text parts are joined by newlines."""

@@ -63,6 +63,8 @@ def main(
     speculate_k: int = 4,
     draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    no_prefix_cache: bool = False,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -102,8 +104,11 @@ def main(
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize)
-    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft)  # the server's policy
+                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, kv_cache_tokens=kv_cache_tokens)
+    llama.engine = engine = Engine(  # the server's policy
+        llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft,
+        prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize}",
+    )
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown

@@ -116,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_metrics(self) -> None:
         scheduler = self.server.scheduler
-        data = self.server.metrics.render(scheduler.queue_length(), scheduler.running_slots(), scheduler.slots).encode()
+        data = self.server.metrics.render(scheduler.queue_length(), scheduler.running_slots(), scheduler.slots, scheduler.engine.pool_use()).encode()
         self.send_response(200)
         self.send_header("Content-Type", METRICS_CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
@@ -202,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_error_body(shutting_down())
         if "error" in reasons.values():
             return self.send_error_body(generation_failed())
-        counts = job.usage(sum(map(len, request.tokens)))
+        counts = job.usage(sum(map(len, request.tokens)), request.cached_tokens)
         self.send_json(200, whole_answer(job, texts, reasons, tokens, self.server.token_bytes, counts))
 
     def stream_answer(self, job: Job, request: Request) -> None:
@@ -218,7 +218,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for delta in self.deltas(job, request):
                 self.send_events(chunks.of(delta))
-            self.send_events([usage_chunk(job, job.usage(sum(map(len, request.tokens))))] if job.include_usage else [])
+            self.send_events([usage_chunk(job, job.usage(sum(map(len, request.tokens)), request.cached_tokens))] if job.include_usage else [])
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):

@@ -7,6 +7,11 @@
     llama_running_slots                        slots (rows of the KV cache) decoding now
     llama_slots                                slots in all (--max_batch_size)
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
+    llama_kv_cache_blocks, _used               the KV cache pool's blocks, and those rows hold now
+    llama_prefix_cache_queried_tokens_total    prompt tokens looked up in the prefix cache, and
+    llama_prefix_cache_hit_tokens_total        those found there (their ratio is the hit rate)
+    llama_prefix_cache_hit_rate                hit tokens / queried tokens since the start
+    llama_preemptions_total                    rows that gave their blocks back to a full pool
 
 The HTTP threads count into one ``Metrics``; the gauges are read from the scheduler when scraped.
 """
@@ -45,8 +50,9 @@ class Metrics:
             self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
             self.ttft_sum += seconds
 
-    def render(self, queue_length: int, running_slots: int, slots: int) -> str:
-        """The exposition text, with the scheduler's gauges as given."""
+    def render(self, queue_length: int, running_slots: int, slots: int, pool: dict) -> str:
+        """The exposition text, with the scheduler's gauges as given; ``pool``: the engine's
+        ``pool_use()``."""
         with self.lock:
             lines: List[str] = []
             metric(lines, "llama_requests_total", "counter", "Answers sent, by route and HTTP status.")
@@ -57,6 +63,13 @@ class Metrics:
             metric(lines, "llama_queue_length", "gauge", "Requests waiting for a slot.", queue_length)
             metric(lines, "llama_running_slots", "gauge", "Slots (rows of the KV cache) decoding now.", running_slots)
             metric(lines, "llama_slots", "gauge", "Slots in all.", slots)
+            metric(lines, "llama_kv_cache_blocks", "gauge", "Blocks of the KV cache pool.", pool["blocks"])
+            metric(lines, "llama_kv_cache_blocks_used", "gauge", "Blocks of the pool held by rows now.", pool["used_blocks"])
+            metric(lines, "llama_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.", pool["queried_tokens"])
+            metric(lines, "llama_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.", pool["hit_tokens"])
+            metric(lines, "llama_prefix_cache_hit_rate", "gauge", "Hit tokens / queried tokens since the start.",
+                   pool["hit_tokens"] / pool["queried_tokens"] if pool["queried_tokens"] else 0.0)
+            metric(lines, "llama_preemptions_total", "counter", "Rows preempted from a full pool.", pool["preemptions"])
             name = "llama_time_to_first_token_seconds"
             metric(lines, name, "histogram", "Seconds from a request's acceptance to its first generated token.")
             cumulative = 0

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.engine.block_manager import SCRATCH_BLOCK, BlockManager, BlockTable
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
 from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 from llama.streaming import TextStream, cut_at_stop
@@ -91,13 +92,17 @@ class RowDelta:
 class Row:
     """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
 
-    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream]):
+    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream], options: GenerationOptions):
         self.index = index
+        self.options = options
         self.prompt = prompt
         self.limit = limit  # its output ends by this position
         self.stream = stream
         self.slot: Optional[int] = None
-        self.prefilled = 0  # prompt tokens in the cache
+        self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
+        self.target = prompt  # the tokens its prefill puts in the cache: the prompt, or after a preemption all but the last
+        self.cached = 0  # prompt tokens found in the prefix cache at admission
+        self.prefilled = 0  # target tokens in the cache
         self.decoding = False  # its prompt is in the cache and it has a token to decode from
         self.position = len(prompt) - 1  # where its last token sits: the next decode step's input
         self.tokens: List[int] = []  # generated, up to the one that completed a stop string
@@ -116,6 +121,11 @@ class Row:
     def sequence(self) -> List[int]:
         """Its prompt and its generated tokens (all of them: the row ends at a stop)."""
         return self.prompt + self.tokens
+
+    @property
+    def written(self) -> int:
+        """Positions whose keys and values are in the cache: below the next input's."""
+        return self.position if self.decoding else self.prefilled
 
     @property
     def returned(self) -> int:
@@ -142,7 +152,7 @@ class Request:
         max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
         streams = stream_text or bool(options.stop_strings)
         self.rows = [
-            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None)
+            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None, options)
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
@@ -161,6 +171,12 @@ class Request:
     def prompt_lens(self) -> List[int]:
         """Each row's prompt length."""
         return [len(row.prompt) for row in self.rows]
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache when first admitted (not computed), each prompt
+        counted once (its first row's), as OpenAI's usage counts prompt tokens."""
+        return sum(row.cached for row in self.rows[:: self.options.num_return_sequences])
 
     @property
     def finish_reasons(self) -> List[Optional[str]]:
@@ -295,12 +311,23 @@ class StepPlan:
     """What rank 0 decided for one step, broadcast to every rank before it. ``kind``: "step",
     "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return). ``admissions``: per
     request admitted, (id, rows' prompts, options, stream_text, the slot of each row);
-    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled."""
+    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled;
+    ``preemptions``: slots whose rows give their blocks back and wait at the queue's front;
+    ``resumptions``: preempted rows admitted again, (request id, row index, slot); ``exhausted``:
+    slots whose row alone outgrew the pool (it ends, "length"); ``dropped``: preempted rows
+    cancelled, (request id, row index); ``tables``: each slot's blocks, where
+    they changed; ``cached``: per admitted slot, its prompt tokens found in the prefix cache."""
 
     kind: str
     admissions: List[Tuple[int, List[List[int]], GenerationOptions, bool, List[int]]] = field(default_factory=list)
     cancellations: List[int] = field(default_factory=list)
     withdrawn: List[int] = field(default_factory=list)
+    preemptions: List[int] = field(default_factory=list)
+    resumptions: List[Tuple[int, int, int]] = field(default_factory=list)
+    exhausted: List[int] = field(default_factory=list)
+    dropped: List[Tuple[int, int]] = field(default_factory=list)
+    tables: Dict[int, List[int]] = field(default_factory=dict)
+    cached: Dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -328,7 +355,10 @@ class Engine:
         prefill_chunk: most prompt tokens prefilled per step while rows decode.
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
-            ``speculate="draft"``; its cache rows are the same slots.
+            ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
+        prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows
+            (``llama.engine.block_manager``).
+        cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
     """
 
     def __init__(
@@ -340,6 +370,8 @@ class Engine:
         prefill_chunk: int = 256,
         heartbeat_seconds: float = 10.0,
         draft: Optional[Transformer] = None,
+        prefix_cache: bool = True,
+        cache_salt: str = "",
     ):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
@@ -357,12 +389,17 @@ class Engine:
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(slots, vocab, device)
+        self.block_tables = torch.full((slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
         # on the host
         self.slots: List[Optional[Row]] = [None] * slots
         self.owners: Dict[int, Request] = {}  # slot -> its row's request
         self.prefilling: List[Row] = []  # admitted rows whose prompt is not all in the cache, oldest first
+        self.running: List[Row] = []  # rows holding a slot, in the order they were admitted
         self.waiting: Deque[Request] = deque()
-        self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
+        self.preempted: Deque[Tuple[Request, Row]] = deque()  # rows that gave their blocks back, first to resume first
+        self.in_step: Set[Request] = set()
+        self.preemptions = 0  # rows preempted since the start  # the requests a step took from the queue, while it runs
         self.arrived = threading.Condition()
         self.ids = itertools.count()
         self.stopping = threading.Event()
@@ -400,6 +437,7 @@ class Engine:
         options.check_draft(self.draft is not None)
         check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
+        self.check_pool(prompt_tokens, options.num_return_sequences, what)
         if self.stopping.is_set():
             raise ValueError("the engine is shutting down: it takes no new requests")
         rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
@@ -409,10 +447,27 @@ class Engine:
             self.arrived.notify()
         return request
 
+    def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str) -> None:
+        """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
+        blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
+        if blocks > self.blocks.capacity:
+            params = self.model.params
+            raise ValueError(
+                f"{what}: {n * len(prompt_tokens)} row(s) of {sum(len(t) for t in prompt_tokens) * n} prompt tokens in all need {blocks} blocks "
+                f"of {params.kv_block_size} tokens, but the KV cache pool holds {self.blocks.capacity} (kv_cache_tokens={params.kv_cache_tokens})"
+            )
+
     @property
     def max_slots(self) -> int:
         """The number of slots: the cache's ``max_batch_size``."""
         return len(self.slots)
+
+    def pool_use(self) -> dict:
+        """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
+        and found there, and the preemptions, since the start (rank 0's)."""
+        blocks = self.blocks
+        return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
+                    hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
 
     @property
     def queue_length(self) -> int:
@@ -475,7 +530,7 @@ class Engine:
                 broadcast_plan(StepPlan("heartbeat"))
                 last_broadcast = time.monotonic()
         with self.arrived:
-            for request in list(self.waiting) + list(self.owners.values()):
+            for request in list(self.waiting) + list(self.owners.values()) + [request for request, _ in self.preempted]:
                 request.cancel()
         self.step()  # cancels what runs, withdraws what waits
         if self.distributed:
@@ -484,13 +539,14 @@ class Engine:
     def fail_step(self) -> None:
         """After a step raised: every request it held (running, or taken from the queue) ends with
         finish reason "error" and frees its slots; the requests still waiting are untouched."""
-        for request in set(self.owners.values()) | self.in_step:
+        for request in set(self.owners.values()) | self.in_step | {request for request, _ in self.preempted}:
             for row in request.rows:
                 if row.slot is not None:
                     self.end(request, row, "error")
                 elif row.finish_reason is None:
                     request.finish(row, "error")
             request.publish()
+        self.preempted = deque((request, row) for request, row in self.preempted if row.finish_reason is None)
         self.in_step = set()
 
     def follow(self) -> None:
@@ -507,28 +563,89 @@ class Engine:
 
     def plan(self) -> StepPlan:
         """Rank 0's decisions for this step (broadcast under torchrun): the rows cancelled, the
-        waiting requests withdrawn, and the requests admitted, oldest first, while their rows fit
-        the free slots (with "static" admission, only into an empty batch)."""
+        waiting requests withdrawn, the blocks the decoding rows write into this step (preempting
+        the newest rows when the pool has none), and, when nothing was preempted, the preempted rows
+        and then the waiting requests admitted, oldest first, while their rows fit the free slots
+        and the pool (with "static" admission, only into an empty batch)."""
         plan = StepPlan("step")
         with self.arrived:
             for slot, row in enumerate(self.slots):
                 if row is not None and row.index in self.owners[slot].cancelled:
                     plan.cancellations.append(slot)
+                    self.blocks.register(row.table, row.sequence, row.written)
+                    self.blocks.release(row.table)
             for request in self.waiting:
                 if len(request.cancelled) == request.n_rows:
                     plan.withdrawn.append(request.id)
+            plan.dropped = [(request.id, row.index) for request, row in self.preempted if row.index in request.cancelled]
+            self.plan_growth(plan)
             free = [slot for slot, row in enumerate(self.slots) if row is None or slot in plan.cancellations]
-            if self.admission == "continuous" or len(free) == self.max_slots:
-                for request in self.waiting:
-                    if request.id in plan.withdrawn:
-                        continue
-                    if request.n_rows > len(free):
-                        break  # first come, first served: nothing overtakes the oldest request
-                    slots, free = free[: request.n_rows], free[request.n_rows :]
-                    plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
+            if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
+                self.plan_admissions(plan, free)
         if self.distributed:
             broadcast_plan(plan)
         return plan
+
+    def plan_growth(self, plan: StepPlan) -> None:
+        """Blocks for every position the decoding rows write this step (k + 1 of them per row in a
+        speculative step), oldest row first; when the pool has none, the newest running row gives its
+        blocks back (``preemptions``), or, alone, the row ends ("length": ``exhausted``)."""
+        gone = set(plan.cancellations)
+        decoding = [row for row in self.running if row.decoding and row.slot not in gone]
+        k = max((self.owners[row.slot].options.speculate_k for row in decoding if self.owners[row.slot].options.speculate), default=0)
+        max_seq_len = self.model.params.max_seq_len
+        for row in decoding:
+            if row.slot in gone:
+                continue
+            while not self.blocks.grow(row.table, min(row.position + 1 + k, max_seq_len)):
+                victims = [other for other in self.running if other.slot not in gone]
+                if victims == [row]:
+                    plan.exhausted.append(row.slot)
+                    gone.add(row.slot)
+                    break
+                victim = victims[-1]
+                self.blocks.register(victim.table, victim.sequence, victim.written)
+                self.blocks.release(victim.table)
+                plan.preemptions.append(victim.slot)
+                gone.add(victim.slot)
+                if victim is row:
+                    break
+            else:
+                plan.tables[row.slot] = list(row.table.blocks)
+
+    def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
+        """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
+        its prefill are there; first come, first served: nothing overtakes the oldest."""
+        for request, row in self.preempted:
+            if not free or not self.allocate(row, free[0], plan):
+                return
+            plan.resumptions.append((request.id, row.index, free.pop(0)))
+        for request in self.waiting:
+            if request.id in plan.withdrawn:
+                continue
+            if request.n_rows > len(free):
+                return
+            slots = free[: request.n_rows]
+            if not all(self.allocate(row, slot, plan) for row, slot in zip(request.rows, slots)):
+                for row, slot in zip(request.rows, slots):
+                    self.blocks.release(row.table)
+                    plan.tables.pop(slot, None)
+                return
+            free = free[request.n_rows :]
+            plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
+
+    def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
+        """The row's blocks for its prefill (its cached prefix taken: none for a prompt to be scored,
+        which needs every position's logits), into ``plan``; False if the pool cannot give them."""
+        options = row.options
+        scored = options.echo and options.logprobs and not row.tokens
+        prefix = row.target if not scored else []
+        taken = self.blocks.allocate(prefix, len(row.target))
+        if taken is None:
+            return False
+        row.table, plan.cached[slot] = taken
+        plan.tables[slot] = list(row.table.blocks)
+        return True
 
     def execute(self, plan: StepPlan) -> bool:
         """Run one step as ``plan`` says; publish what changed. Returns whether anything ran."""
@@ -549,26 +666,55 @@ class Engine:
             request = self.owners[slot]
             self.end(request, self.slots[slot], "cancelled")
             touched.add(request)
+        for slot in plan.exhausted:
+            request = self.owners[slot]
+            logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
+            self.end(request, self.slots[slot], "length")
+            touched.add(request)
+        for request, row in [(q, r) for q, r in self.preempted if (q.id, r.index) in plan.dropped]:
+            self.preempted.remove((request, row))
+            request.finish(row, "cancelled")
+            touched.add(request)
+        for slot in plan.preemptions:
+            self.preempt(slot)
+        self.resume(plan)
         for request_id, prompts, options, stream_text, slots in plan.admissions:
             request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
-            self.admit(request, slots)
+            self.admit(request, slots, plan.cached)
             touched.add(request)
+        for slot, blocks in plan.tables.items():
+            if self.slots[slot] is not None:
+                self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, device=self.device)
         decoding = [row for row in self.slots if row is not None and row.decoding]
         with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
             self.prefill(touched)
             if decoding:
                 self.decode(decoding, touched)
+        for row in self.running:  # the blocks this step filled join the prefix cache
+            self.blocks.register(row.table, row.sequence, row.written)
         for request in touched:
             request.publish()
         self.in_step = set()
         return bool(touched)
 
-    def admit(self, request: Request, slots: List[int]) -> None:
+    def admit(self, request: Request, slots: List[int], cached: Dict[int, int]) -> None:
         """Give each row of ``request`` its slot and the slot its settings; a row with no room to
-        generate ends at once (unless its prompt is to be scored)."""
+        generate ends at once (unless its prompt is to be scored). ``cached``: per slot, the prompt
+        tokens already in its blocks."""
         request.admitted_at = time.monotonic()
         options = request.options
         scored = options.echo and options.logprobs
+        self.set_options(options, slots, request.rows)
+        for row, slot in zip(request.rows, slots):
+            if len(row.prompt) >= row.limit and not scored:
+                request.finish(row, "length")
+                self.blocks.release(row.table)
+                continue
+            row.cached = row.prefilled = cached.get(slot, 0)
+            self.take_slot(request, row, slot)
+
+    def set_options(self, options: GenerationOptions, slots: List[int], rows: List[Row]) -> None:
+        """The slots' sampling settings, and what their rows have seen and generated."""
         index = torch.tensor(slots, device=self.device)
         n = options.num_return_sequences
         values = dict(
@@ -579,7 +725,7 @@ class Engine:
         for name, value in values.items():
             getattr(self.settings, name)[index] = value
         if options.seed is not None:  # row i*n + j draws from seed + j
-            keys = [seed_key(options.seed + row.index % n) for row in request.rows]
+            keys = [seed_key(options.seed + row.index % n) for row in rows]
             self.settings.seed_key[index] = torch.tensor(keys, device=self.device)
         self.settings.logit_bias[index] = 0.0
         if options.logit_bias:
@@ -588,21 +734,55 @@ class Engine:
         self.seen[index] = False
         self.counts[index] = 0
         self.positions[index] = 0
-        for row, slot in zip(request.rows, slots):
-            self.seen[slot, torch.tensor(row.prompt, device=self.device)] = True
-            if len(row.prompt) >= row.limit and not scored:
-                request.finish(row, "length")
-                continue
-            row.slot = slot
-            self.slots[slot], self.owners[slot] = row, request
-            self.prefilling.append(row)
+        for row, slot in zip(rows, slots):
+            self.seen[slot, torch.tensor(row.sequence, device=self.device)] = True
+            if row.tokens:
+                generated = torch.tensor(row.tokens, device=self.device)
+                self.counts[slot].index_put_((generated,), torch.ones_like(generated, dtype=self.counts.dtype), accumulate=True)
+
+    def take_slot(self, request: Request, row: Row, slot: int) -> None:
+        row.slot = slot
+        self.slots[slot], self.owners[slot] = row, request
+        self.running.append(row)
+        self.prefilling.append(row)
+
+    def preempt(self, slot: int) -> None:
+        """The slot's row gives its slot and blocks back (rank 0 released them when planning) and
+        waits at the front of the queue; it is prefilled again, prompt and output, when it resumes."""
+        request, row = self.owners[slot], self.slots[slot]
+        logger.info("request %d: a row is preempted at position %d: the KV cache pool is full", request.id, row.position)
+        self.preemptions += 1
+        self.free_slot(row)
+        if row.tokens:
+            row.target = row.sequence[: row.position]  # its last token is the next decode step's input
+        else:
+            row.prompt_logprobs = [0.0]  # scored again from the start
+        row.prefilled = 0
+        self.preempted.appendleft((request, row))
+
+    def resume(self, plan: StepPlan) -> None:
+        """The preempted rows ``plan`` admits again, each into its slot."""
+        for request_id, index, slot in plan.resumptions:
+            request, row = self.preempted.popleft()
+            if (request.id, row.index) != (request_id, index):
+                raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request {request.id} row {row.index}")
+            self.set_options(request.options, [slot], [row])
+            row.prefilled = plan.cached.get(slot, 0)
+            self.take_slot(request, row, slot)
 
     def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
-        """Free the row's slot; ``reason``: why it ends, if the row does not know yet."""
+        """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
         if reason is not None:
             request.finish(row, reason)
+        self.blocks.register(row.table, row.sequence, row.written)
+        self.blocks.release(row.table)
+        self.free_slot(row)
+
+    def free_slot(self, row: Row) -> None:
         if row in self.prefilling:
             self.prefilling.remove(row)
+        self.running.remove(row)
+        self.block_tables[row.slot] = SCRATCH_BLOCK
         self.slots[row.slot] = None
         del self.owners[row.slot]
         row.slot, row.decoding = None, False
@@ -615,7 +795,7 @@ class Engine:
         batch: List[Tuple[Row, int]] = []  # (row, its chunk's length)
         width = 0
         for row in self.prefilling:
-            n = len(row.prompt) - row.prefilled
+            n = len(row.target) - row.prefilled
             if busy:
                 n = min(n, self.prefill_chunk)
                 if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
@@ -627,34 +807,39 @@ class Engine:
         max_seq_len = self.model.params.max_seq_len
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         for i, (row, n) in enumerate(batch):
-            tokens[i, :n] = torch.tensor(row.prompt[row.prefilled : row.prefilled + n])
+            tokens[i, :n] = torch.tensor(row.target[row.prefilled : row.prefilled + n])
         starts = torch.tensor([row.prefilled for row, _ in batch])
         positions = (starts[:, None] + torch.arange(width)).clamp(max=max_seq_len - 1).to(self.device)
         slots = torch.tensor([row.slot for row, _ in batch], device=self.device)
+        tables = self.block_tables[slots]
         ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
         kv_len = max(row.prefilled + n for row, n in batch)
-        scored = [i for i, (row, _) in enumerate(batch) if self.owners[row.slot].options.echo and self.owners[row.slot].options.logprobs]
+        scored = [i for i, (row, _) in enumerate(batch) if row.options.echo and row.options.logprobs and not row.tokens]
         tokens = tokens.to(self.device)
         if scored:  # every position's logits: position j predicts the prompt's token j + 1
-            logits = self.model.forward_at(tokens, positions, kv_len=kv_len, slots=slots)
+            logits = self.model.forward_at(tokens, positions, kv_len=kv_len, block_table=tables)
             self.score_prompts(batch, scored, logits)
             last = logits[torch.arange(len(batch), device=self.device), ends]
         else:
-            last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, slots=slots)[:, 0]
+            last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)[:, 0]
         if self.draft is not None:  # the draft's cache holds the prompts too
-            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, slots=slots)
+            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)
         for row, n in batch:
             row.prefilled += n
         self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
-        complete = [i for i, (row, _) in enumerate(batch) if row.prefilled == len(row.prompt)]
+        complete = [i for i, (row, _) in enumerate(batch) if row.prefilled == len(row.target)]
         for i in complete:
             row = batch[i][0]
             self.prefilling.remove(row)
-            if len(row.prompt) >= row.limit:  # scored only: nothing to generate
+            if row.tokens:  # resumed after a preemption: it decodes on from its last token
+                self.write(torch.tensor([row.slot], device=self.device), torch.tensor([row.tokens[-1]], device=self.device), torch.zeros(1, dtype=torch.bool, device=self.device))
+                self.positions[row.slot] = row.position
+                row.decoding = True
+            elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
                 request = self.owners[row.slot]
                 self.end(request, row, "length")
                 touched.add(request)
-        complete = [i for i in complete if batch[i][0].slot is not None]
+        complete = [i for i in complete if batch[i][0].slot is not None and not batch[i][0].decoding]
         if complete:
             self.first_tokens([batch[i][0] for i in complete], last[complete], touched)
 
@@ -695,7 +880,7 @@ class Engine:
         live[[row.slot for row in rows]] = True
         kv_len = max(row.position for row in rows) + 1  # no position reaches it
         # compiled: a power-of-two bucket of the cache, one graph for many lengths
-        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len)
+        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
         features = self.features(rows)
         noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
         live = live.to(self.device)
@@ -724,7 +909,7 @@ class Engine:
     def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
         """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots."""
         tokens, positions = self.tokens[:width], self.positions[:width]
-        logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0])[:, 0]
+        logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width])[:, 0]
         rows = slice(0, width)
         chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features)
         return logits, chosen
@@ -815,7 +1000,7 @@ class Engine:
         proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
         positions = (last[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
         chunk = torch.cat([self.tokens[:width, None], proposals], dim=1)
-        logits = self.verify_forward(chunk, positions, kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
+        logits = self.verify_forward(chunk, positions, self.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
         penalised = penalised_per_position(logits, settings, self.seen[:width], self.counts[:width], proposals) if features.penalties else logits
         uniforms = noise = None
         if features.sampling:
@@ -898,12 +1083,13 @@ class Engine:
         tokens = torch.stack([previous.to(self.device), self.tokens[:width]], dim=1)  # (width, 2)
         positions = torch.stack([last - decoding.to(self.device), last], dim=1)
         max_position = max(row.position for row in rows)
-        logits = self.draft_forward(tokens, positions, kv_len=max_position + 1)[:, -1]
+        tables = self.block_tables[:width]
+        logits = self.draft_forward(tokens, positions, tables, kv_len=max_position + 1)[:, -1]
         proposals, draft_probs = [], []
         for i in range(k):
             if i > 0:
                 position = (last + i).clamp(max=max_seq_len - 1)
-                logits = self.draft_forward(proposals[-1][:, None], position[:, None], kv_len=max_position + i + 1)[:, 0]
+                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
             if features.penalties:
                 logits = apply_penalties(logits, settings, self.seen[:width], self.counts[:width])
             proposal = logits.argmax(dim=-1)
