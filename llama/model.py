@@ -7,7 +7,7 @@ classes of ``llama.parallel``; with one process they are plain linear and embedd
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ class ModelArgs:
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: params.json's use_scaled_rope
     max_batch_size: int = 32  # the most rows decoded together
     max_seq_len: int = 2048  # the longest row
-    kv_cache_tokens: Optional[int] = None  # the KV cache pool's size in tokens; None: max_batch_size * max_seq_len
+    kv_cache_tokens: Optional[int] = None  # the KV cache pool's size in tokens; None: max_batch_size * max_seq_len (in whole blocks)
     kv_block_size: Optional[int] = None  # tokens per block of the pool; None: 16, or max_seq_len if shorter
 
     @classmethod
@@ -96,11 +96,11 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.kv_cache_tokens is None:
-            self.kv_cache_tokens = self.max_batch_size * self.max_seq_len
-        if self.kv_block_size is None:
-            self.kv_block_size = min(16, self.max_seq_len) if isinstance(self.max_seq_len, int) else 16
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len", "kv_cache_tokens", "kv_block_size"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len", "kv_block_size", "kv_cache_tokens"):
+            if name == "kv_block_size" and self.kv_block_size is None:
+                self.kv_block_size = min(16, self.max_seq_len)
+            if name == "kv_cache_tokens" and self.kv_cache_tokens is None:
+                self.kv_cache_tokens = self.max_batch_size * -(-self.max_seq_len // (self.kv_block_size or 16)) * (self.kv_block_size or 16)
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
@@ -198,6 +198,22 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+class CacheIndex(NamedTuple):
+    """Where a pass writes and reads the KV cache pool, computed once for every layer."""
+
+    blocks: torch.Tensor  # (bsz, seqlen): the block of each token's position
+    offsets: torch.Tensor  # (bsz, seqlen): its place in the block
+    gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (blocks * heads, ...)
+
+    @staticmethod
+    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, block_size: int, heads: int) -> "CacheIndex":
+        """For rows with blocks ``block_table`` (bsz, blocks_per_row), tokens at ``positions``
+        (bsz, seqlen), attending over their first ``kv_blocks`` blocks."""
+        blocks = block_table.gather(1, positions // block_size)
+        gather = block_table[:, None, :kv_blocks] * heads + torch.arange(heads, device=block_table.device)[None, :, None]
+        return CacheIndex(blocks, positions % block_size, gather)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, rotary positions and an in-place KV cache.
 
@@ -223,20 +239,15 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, block_table: torch.Tensor, kv_blocks: int):
-        """Write row b's keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at ``positions[b]``
-        of its blocks ``block_table[b]`` (bsz, blocks_per_row), in place; return each row's first
-        ``kv_blocks`` blocks gathered in order, (bsz, n_local_kv_heads, kv_blocks * block_size,
-        head_dim) each."""
-        block_size, heads = self.cache_k.shape[2], self.n_local_kv_heads
-        blocks, offsets = block_table.gather(1, positions // block_size), positions % block_size  # (bsz, seqlen) each
-        self.cache_k[blocks, :, offsets] = xk.to(self.cache_k.dtype)
-        self.cache_v[blocks, :, offsets] = xv.to(self.cache_v.dtype)
-        # (bsz, heads, kv_blocks): where head h of each block sits in the pool seen as (blocks * heads, block_size, head_dim)
-        index = block_table[:, None, :kv_blocks] * heads + torch.arange(heads, device=block_table.device)[None, :, None]
-        bsz = block_table.shape[0]
-        keys = self.cache_k.flatten(0, 1)[index].view(bsz, heads, -1, self.head_dim)
-        values = self.cache_v.flatten(0, 1)[index].view(bsz, heads, -1, self.head_dim)
+    def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, cache_index: "CacheIndex"):
+        """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) where ``cache_index``
+        says, in place; return each row's attended blocks gathered in order, (bsz, n_local_kv_heads,
+        kv_len, head_dim) each."""
+        self.cache_k[cache_index.blocks, :, cache_index.offsets] = xk.to(self.cache_k.dtype)
+        self.cache_v[cache_index.blocks, :, cache_index.offsets] = xv.to(self.cache_v.dtype)
+        bsz, heads = xk.shape[0], self.n_local_kv_heads
+        keys = self.cache_k.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
+        values = self.cache_v.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
         return keys, values
 
     def forward(
@@ -246,12 +257,11 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
-        block_table: Optional[torch.Tensor] = None,
+        cache_index: Optional["CacheIndex"] = None,
     ) -> torch.Tensor:
         """``positions`` None: no cache (training, scoring), the sequence attends causally to itself.
-        Otherwise the chunk is written into each row's blocks ``block_table`` (bsz, blocks_per_row) at
-        ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
-        kv_len, kv_len a whole number of blocks) allows."""
+        Otherwise the chunk is written into the cache where ``cache_index`` says and attends to the
+        cached entries that ``mask`` (bsz, 1, seqlen, kv_len) allows."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -261,7 +271,7 @@ class Attention(nn.Module):
         if positions is None:
             keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
         else:
-            keys, values = self.update_cache(positions, xk, xv, block_table, mask.shape[-1] // self.cache_k.shape[2])
+            keys, values = self.update_cache(xk, xv, cache_index)
 
         # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
@@ -292,8 +302,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, block_table=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, block_table)
+    def forward(self, x, cos, sin, positions, mask, cache_index=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache_index)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -379,10 +389,11 @@ class Transformer(nn.Module):
         kv_len = params.max_seq_len if kv_len is None else kv_len
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
-        kv_len = -(-kv_len // params.kv_block_size) * params.kv_block_size  # whole blocks
-        key_positions = torch.arange(kv_len, device=tokens.device)
+        kv_blocks = -(-kv_len // params.kv_block_size)
+        key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        return self.logits(self.hidden_states(tokens, positions, mask, block_table), logits_at)
+        cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads)
+        return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
 
     def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:
         """(bsz, blocks_per_row): row b's blocks 1 + b * blocks_per_row onwards, a contiguous cache's
@@ -390,13 +401,14 @@ class Transformer(nn.Module):
         params = self.params
         if 1 + bsz * params.blocks_per_row > params.kv_cache_blocks:
             raise ValueError(
-                f"a batch of {bsz} row(s) without block tables needs {bsz} x max_seq_len={params.max_seq_len} tokens of KV cache, "
-                f"but the pool holds kv_cache_tokens={params.kv_cache_tokens}: pass block tables, or build with more kv_cache_tokens"
+                f"a batch of {bsz} row(s) without block tables needs {bsz} x {params.blocks_per_row} blocks of {params.kv_block_size} tokens "
+                f"(max_seq_len={params.max_seq_len} each), but the pool holds {params.kv_cache_blocks - 1} (kv_cache_tokens={params.kv_cache_tokens}): "
+                "pass block tables, or build with more kv_cache_tokens"
             )
         return 1 + torch.arange(bsz * params.blocks_per_row, device=device).view(bsz, params.blocks_per_row)
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], block_table: Optional[torch.Tensor] = None
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache_index: Optional["CacheIndex"] = None
     ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
@@ -405,7 +417,7 @@ class Transformer(nn.Module):
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask, block_table)
+            h = layer(h, cos, sin, positions, mask, cache_index)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:

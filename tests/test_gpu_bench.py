@@ -18,4 +18,5 @@ def test_gpu_bench_dry_run_passes_every_check_and_prints_each_mode():
     assert "ok: int8: compiled greedy tokens equal the eager ones" in result.stdout
     assert "ok: pytest --device cpu" in result.stdout
     assert "ok: torchrun --nproc_per_node 1 (gloo)" in result.stdout
+    assert any(line.startswith("the KV cache pool: bf16, 64 slots") for line in lines), result.stdout
     assert "FAILED" not in result.stdout

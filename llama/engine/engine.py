@@ -1,33 +1,31 @@
-"""The decoding engine: a fixed set of slots (the rows of the KV cache) that requests come into and
-leave between steps. Every generation in this project runs here: ``Llama.generate``, the text and
-chat calls, the streams and the server.
+"""The decoding engine: slots (the most rows decoded at once) that requests come into and leave between
+steps, over a KV cache pool of blocks the rows share. Every generation in this project runs here:
+``Llama.generate``, the text and chat calls, the streams and the server. Its rooms:
 
-- A request is one or more rows (a prompt repeated ``num_return_sequences`` times), each with the
-  request's ``GenerationOptions``; row j of a prompt with a seed draws from seed + j. ``submit``
-  queues it; at the start of a step the engine admits waiting requests whose rows all fit the free
-  slots ("continuous"), or only when every slot is free ("static": one batch at a time, the policy
-  of a server without continuous batching, kept so the gain can be measured).
-- A step prefills the admitted prompts: while other rows decode, in chunks of at most
-  ``prefill_chunk`` tokens in all, so a long prompt delays the running rows by at most one chunk
-  per step; into an idle engine, every prompt in one pass (``generate``'s batch). A row whose
-  prompt is complete samples its first token, and decodes from the next step on. Then
-  every running row decodes one token. A row leaves the moment it ends (stop token, stop string,
-  its ``max_gen_len``, the end of the context, or cancelled), freeing its slot for the next step.
-- The decode step runs on the first ``width`` slots, covering every decoding row (idle slots among
-  them decode on a position nobody reads), and attends over the cache up to the furthest row.
-  Compiled, its shapes are static: ``width`` is a power of two and the attended length a
-  power-of-two bucket, so rows coming and going compile nothing new after the first few steps
-  (at most log2(max_batch_size) + 1 widths; the length is dynamic below the whole cache, which has
-  a graph of its own). With ``compile=True`` the whole step is one compiled graph: the model, the
-  sampler of every row with its own settings (``llama.sampling``), and the writes of the step's
-  tokens, positions and penalty counts. The host waits once a step, to read the tokens.
-- Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
-  step could advance a row by any number of tokens.
-- Under torchrun every rank runs an engine. Rank 0 decides each step's admissions and cancellations
-  and broadcasts them (``StepPlan``) before the step; the sampled tokens are broadcast from rank 0
-  inside the step, so every rank writes the same tokens. In-process callers (``generate`` under
-  torchrun) submit the same requests on every rank, in the same order; a server submits on rank 0
-  only and the other ranks ``follow``.
+- ``llama.engine.requests``: a request is one or more rows (a prompt repeated
+  ``num_return_sequences`` times), each with the request's ``GenerationOptions``; row j of a prompt
+  with a seed draws from seed + j.
+- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans: the
+  cancellations, the blocks each decoding row writes into (preempting the newest rows when the pool
+  is full), and the admissions, while rows fit the free slots and the pool ("continuous"), or only
+  when every slot is free ("static": one batch at a time, the policy of a server without continuous
+  batching, kept so the gain can be measured).
+- ``llama.engine.block_manager``: the pool's blocks, and the prefix cache: a new row takes the blocks
+  of the longest prefix of its prompt an earlier row computed.
+- ``llama.engine.runner``: a step prefills the admitted rows (while other rows decode, in chunks of at
+  most ``prefill_chunk`` tokens in all, so a long prompt delays the running rows by at most one
+  chunk per step; into an idle engine, every prompt in one pass: ``generate``'s batch). A row whose
+  prompt is complete samples its first token, and decodes from the next step on. Then every running
+  row decodes one token (or speculates). A row leaves the moment it ends (stop token, stop string,
+  its ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+- Each row's position lives on the device (``Runner.positions``) and on the host (``Row.position``),
+  so a step could advance a row by any number of tokens.
+- Under torchrun every rank runs an engine. Rank 0 plans each step (admissions, cancellations,
+  preemptions and every changed block table) and broadcasts the plan (``StepPlan``) before the step;
+  the sampled tokens are broadcast from rank 0 inside the step, so every rank writes the same tokens
+  into the same blocks (its heads of them). In-process callers (``generate`` under torchrun) submit
+  the same requests on every rank, in the same order; a server submits on rank 0 only and the other
+  ranks ``follow``.
 
 Threads: ``submit``, ``Request.cancel``, ``Request.updates`` and the metrics properties may be
 called from any thread; ``step``, ``run``, ``follow`` and ``run_until_done`` from the one thread
@@ -39,313 +37,29 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from llama.engine.block_manager import BlockManager
+from llama.engine.requests import Request, Row, RowDelta  # noqa: F401 (the engine's public names)
+from llama.engine.runner import Features, Runner
+from llama.engine.scheduler import Scheduler, StepPlan
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
-from llama.parallel import broadcast_from_rank0, model_parallel_world_size
-from llama.engine.block_manager import SCRATCH_BLOCK, BlockManager, BlockTable
-from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
-from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
-from llama.streaming import TextStream, cut_at_stop
+from llama.parallel import model_parallel_world_size
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-ADMISSIONS = ("continuous", "static")
-
-
-def power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-@dataclass
-class RowDelta:
-    """What one row of a request produced in one step.
-
-    row: the row's index in its request (prompt i's sample j is row i*n + j).
-    text: the text that became final ("" if none: a stop string or a multi-byte character may be
-        pending; always "" for a request submitted without ``stream_text``); after the row ends,
-        the rest of its text.
-    tokens: the new token ids (those that spell the text, after a stop string; never a stop token).
-    logprobs: their log-probabilities (the model's distribution, before any sampling option) when
-        the request asked for ``logprobs``, else [].
-    top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
-    finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
-        loop's step failed).
-    """
-
-    row: int
-    text: str
-    tokens: List[int]
-    logprobs: List[float]
-    top_logprobs: List[List[Tuple[int, float]]]
-    finish_reason: Optional[str]
-
-
-class Row:
-    """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
-
-    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream], options: GenerationOptions):
-        self.index = index
-        self.options = options
-        self.prompt = prompt
-        self.limit = limit  # its output ends by this position
-        self.stream = stream
-        self.slot: Optional[int] = None
-        self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
-        self.target = prompt  # the tokens its prefill puts in the cache: the prompt, or after a preemption all but the last
-        self.cached = 0  # prompt tokens found in the prefix cache at admission
-        self.prefilled = 0  # target tokens in the cache
-        self.decoding = False  # its prompt is in the cache and it has a token to decode from
-        self.position = len(prompt) - 1  # where its last token sits: the next decode step's input
-        self.tokens: List[int] = []  # generated, up to the one that completed a stop string
-        self.kept: Optional[int] = None  # after a stop string: how many of them spell the text
-        self.logprobs: List[float] = []
-        self.top_logprobs: List[List[Tuple[int, float]]] = []
-        self.prompt_logprobs: List[float] = [0.0]  # with echo and logprobs; nothing predicts BOS
-        self.finish_reason: Optional[str] = None
-        self.sent = 0  # tokens already in a delta
-        self.closed = False  # its last delta, with its finish reason, is out
-        self.lookup: Optional[NgramIndex] = None  # prompt lookup's index of its tokens
-        self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
-        self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
-
-    @property
-    def sequence(self) -> List[int]:
-        """Its prompt and its generated tokens (all of them: the row ends at a stop)."""
-        return self.prompt + self.tokens
-
-    @property
-    def written(self) -> int:
-        """Positions whose keys and values are in the cache: below the next input's."""
-        return self.position if self.decoding else self.prefilled
-
-    @property
-    def returned(self) -> int:
-        """How many generated tokens it returns."""
-        return len(self.tokens) if self.kept is None else self.kept
-
-
-class Request:
-    """One submitted request: its rows and what they generated so far. Made by ``Engine.submit``.
-
-    Read from any thread: ``finish_reasons``, ``done``, ``tokens``, ``logprobs``, ``top_logprobs``,
-    ``texts``; ``updates()`` yields each step's ``RowDelta``s as they come (blocking), for a thread
-    that does not run the engine; ``cancel()`` ends rows at the next step. ``submitted_at``,
-    ``admitted_at`` and ``first_token_at`` are ``time.monotonic()`` readings (None until then).
-    """
-
-    def __init__(self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer, max_seq_len: int, stream_text: bool):
-        self.id = id
-        self.prompt_tokens = prompt_tokens  # one list per row
-        self.options = options
-        self.stream_text = stream_text
-        self.tokenizer = tokenizer
-        self.stop_tokens = set(tokenizer.stop_tokens if options.stop_tokens is None else options.stop_tokens)
-        max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
-        streams = stream_text or bool(options.stop_strings)
-        self.rows = [
-            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None, options)
-            for i, prompt in enumerate(prompt_tokens)
-        ]
-        self.lock = threading.Lock()
-        self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
-        self.deltas: "queue.Queue[Optional[List[RowDelta]]]" = queue.Queue()  # None: the end
-        self.submitted_at = time.monotonic()
-        self.admitted_at: Optional[float] = None
-        self.first_token_at: Optional[float] = None
-
-    @property
-    def n_rows(self) -> int:
-        """How many rows (slots) the request needs."""
-        return len(self.rows)
-
-    @property
-    def prompt_lens(self) -> List[int]:
-        """Each row's prompt length."""
-        return [len(row.prompt) for row in self.rows]
-
-    @property
-    def cached_tokens(self) -> int:
-        """Prompt tokens found in the prefix cache when first admitted (not computed), each prompt
-        counted once (its first row's), as OpenAI's usage counts prompt tokens."""
-        return sum(row.cached for row in self.rows[:: self.options.num_return_sequences])
-
-    @property
-    def finish_reasons(self) -> List[Optional[str]]:
-        """Per row: None while waiting or running, then "stop", "length", "cancelled" or "error"."""
-        with self.lock:
-            return [row.finish_reason for row in self.rows]
-
-    @property
-    def done(self) -> bool:
-        """Every row has ended (finished or cancelled)."""
-        return all(reason is not None for reason in self.finish_reasons)
-
-    @property
-    def tokens(self) -> List[List[int]]:
-        """Each row's generated tokens so far (after a stop string, those that spell the text)."""
-        with self.lock:
-            return [row.tokens[: row.returned] for row in self.rows]
-
-    @property
-    def logprobs(self) -> List[List[float]]:
-        """Each row's generated tokens' logprobs so far (needs ``logprobs=True``)."""
-        with self.lock:
-            return [row.logprobs[: row.returned] for row in self.rows]
-
-    @property
-    def top_logprobs(self) -> List[List[List[Tuple[int, float]]]]:
-        """Per row, per generated token so far, the k most likely (token id, logprob) pairs (needs
-        ``top_logprobs=k``)."""
-        with self.lock:
-            return [row.top_logprobs[: row.returned] for row in self.rows]
-
-    def cancel(self, row: Optional[int] = None) -> None:
-        """End ``row`` (None: every row) at the next step, keeping the tokens it has; its finish
-        reason becomes "cancelled". Thread-safe. Under torchrun rank 0's cancellations count.
-
-        Raises:
-            ValueError: ``row`` is not one of the request's rows.
-        """
-        if row is not None and not (isinstance(row, int) and 0 <= row < self.n_rows):
-            raise ValueError(f"row must be in [0, {self.n_rows}), got {row!r}")
-        with self.lock:
-            self.cancelled.update(range(self.n_rows) if row is None else [row])
-
-    def updates(self, timeout: Optional[float] = None) -> Iterator[List[RowDelta]]:
-        """Each step's deltas (one list per step that changed something), until every row has ended;
-        the last list holds each row's final delta with its finish reason. Blocks between steps, for
-        a thread other than the engine's. ``timeout``: seconds to wait for one step before raising
-        ``TimeoutError``; None waits for ever."""
-        while True:
-            try:
-                deltas = self.deltas.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"request {self.id}: no step in {timeout} s") from None
-            if deltas is None:
-                return
-            yield deltas
-
-    def texts(self) -> List[str]:
-        """Each row's text (its prompt's too with ``echo``), cut before the first stop string."""
-        texts = []
-        for row in self.rows:
-            prompt = row.prompt if self.options.echo else []
-            prompt_chars = len(self.tokenizer.decode(prompt)) if prompt else 0
-            texts.append(cut_at_stop(self.tokenizer.decode(prompt + row.tokens), self.options.stop_strings, prompt_chars))
-        return texts
-
-    def results(self):
-        """(tokens, logprobs[, top_logprobs]) per row, as ``Llama.generate`` returns them: with
-        ``echo`` the prompt's tokens (and logprobs, BOS's 0) come first."""
-        echo, tokens = self.options.echo, self.tokens
-        tokens = [(row.prompt if echo else []) + generated for row, generated in zip(self.rows, tokens)]
-        logprobs = None
-        if self.options.logprobs:
-            logprobs = [(row.prompt_logprobs if echo else []) + generated for row, generated in zip(self.rows, self.logprobs)]
-        if not self.options.top_logprobs:
-            return tokens, logprobs
-        return tokens, logprobs, self.top_logprobs
-
-    # --- the engine's side ------------------------------------------------------------------------
-
-    def record(self, row: Row, token: int, logprob: Optional[float], alternatives: Optional[list]) -> None:
-        """Learn the token the row just sampled, at ``row.position + 1``; end the row if it must."""
-        with self.lock:
-            row.position += 1
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            if token in self.stop_tokens:
-                row.finish_reason = "stop"
-                return
-            row.tokens.append(token)
-            if logprob is not None:
-                row.logprobs.append(logprob)
-            if alternatives is not None:
-                row.top_logprobs.append(alternatives)
-            if row.stream is not None:
-                row.stream.push(token)
-                if row.stream.stopped:
-                    row.kept, row.finish_reason = row.stream.covering_tokens(), "stop"
-                    return
-            if row.position + 1 >= row.limit:
-                row.finish_reason = "length"
-
-    def finish(self, row: Row, reason: str) -> None:
-        with self.lock:
-            row.finish_reason = reason
-
-    def publish(self) -> None:
-        """Put the rows' news since the last call on ``deltas``, and the end once every row ended."""
-        deltas = []
-        with self.lock:
-            for row in self.rows:
-                if row.closed:
-                    continue
-                ended = row.finish_reason is not None
-                text = "" if row.stream is None or not self.stream_text else (row.stream.close() if ended else row.stream.read())
-                end = row.returned
-                if text or end > row.sent or ended:
-                    deltas.append(RowDelta(
-                        row.index, text, row.tokens[row.sent : end], row.logprobs[row.sent : end],
-                        row.top_logprobs[row.sent : end], row.finish_reason,
-                    ))
-                row.sent, row.closed = max(row.sent, end), ended
-            ended = all(row.closed for row in self.rows)
-        if deltas:
-            self.deltas.put(deltas)
-        if ended:
-            self.deltas.put(None)
-
-
-@dataclass
-class StepPlan:
-    """What rank 0 decided for one step, broadcast to every rank before it. ``kind``: "step",
-    "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return). ``admissions``: per
-    request admitted, (id, rows' prompts, options, stream_text, the slot of each row);
-    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled;
-    ``preemptions``: slots whose rows give their blocks back and wait at the queue's front;
-    ``resumptions``: preempted rows admitted again, (request id, row index, slot); ``exhausted``:
-    slots whose row alone outgrew the pool (it ends, "length"); ``dropped``: preempted rows
-    cancelled, (request id, row index); ``tables``: each slot's blocks, where
-    they changed; ``cached``: per admitted slot, its prompt tokens found in the prefix cache."""
-
-    kind: str
-    admissions: List[Tuple[int, List[List[int]], GenerationOptions, bool, List[int]]] = field(default_factory=list)
-    cancellations: List[int] = field(default_factory=list)
-    withdrawn: List[int] = field(default_factory=list)
-    preemptions: List[int] = field(default_factory=list)
-    resumptions: List[Tuple[int, int, int]] = field(default_factory=list)
-    exhausted: List[int] = field(default_factory=list)
-    dropped: List[Tuple[int, int]] = field(default_factory=list)
-    tables: Dict[int, List[int]] = field(default_factory=dict)
-    cached: Dict[int, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Features:
-    """What the running rows need of a decode step; the compiled step specialises on it."""
-
-    sampling: bool  # some row samples (else every row takes the argmax)
-    penalties: bool  # some row has a penalty or a logit bias
-    logprobs: bool  # some row wants logprobs (always, compiled: nearly free there, and one graph fewer)
-    alternatives: int  # how many top logprobs to compute (a power of two, 0: none)
 
 
 class Engine:
     """The slots of one model and the loop that fills and decodes them. See the module docstring.
 
     Args:
-        model: the model; its cache has ``params.max_batch_size`` rows (the slots) of
-            ``params.max_seq_len`` positions.
+        model: the model; ``params.max_batch_size`` slots of at most ``params.max_seq_len``
+            positions each, in a pool of ``params.kv_cache_tokens``.
         tokenizer: for EOS, stop strings and the text of each row; None for an engine whose requests
             all give ``stop_tokens`` and ask for no text (benchmarks).
         compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (on
@@ -356,8 +70,7 @@ class Engine:
         heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
-        prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows
-            (``llama.engine.block_manager``).
+        prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows.
         cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
     """
 
@@ -373,55 +86,27 @@ class Engine:
         prefix_cache: bool = True,
         cache_salt: str = "",
     ):
-        if admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        self.model, self.tokenizer = model, tokenizer
-        self.admission, self.prefill_chunk, self.heartbeat_seconds = admission, prefill_chunk, heartbeat_seconds
         params = model.params
-        self.device = device = model.output.weight.device
-        slots, vocab = params.max_batch_size, params.vocab_size
-        # the slots' state on the device: each row's last token and its position (the next decode
-        # step's input), what it has seen (prompt and output) and how often it generated each token
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
-        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
-        self.settings = RowSettings.empty(slots, vocab, device)
-        self.block_tables = torch.full((slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
-        self.blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
-        # on the host
-        self.slots: List[Optional[Row]] = [None] * slots
-        self.owners: Dict[int, Request] = {}  # slot -> its row's request
-        self.prefilling: List[Row] = []  # admitted rows whose prompt is not all in the cache, oldest first
-        self.running: List[Row] = []  # rows holding a slot, in the order they were admitted
-        self.waiting: Deque[Request] = deque()
-        self.preempted: Deque[Tuple[Request, Row]] = deque()  # rows that gave their blocks back, first to resume first
-        self.in_step: Set[Request] = set()
-        self.preemptions = 0  # rows preempted since the start  # the requests a step took from the queue, while it runs
-        self.arrived = threading.Condition()
+        blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
+        self.scheduler = Scheduler(params.max_batch_size, params.max_seq_len, blocks, admission)
+        self.runner = Runner(model, params.max_batch_size, compile, draft)
+        self.model, self.draft, self.tokenizer = model, draft, tokenizer
+        self.prefill_chunk, self.heartbeat_seconds = prefill_chunk, heartbeat_seconds
+        self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
         self.ids = itertools.count()
         self.stopping = threading.Event()
         self.distributed = model_parallel_world_size() > 1
-        self.compiled = None
-        self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
-        self.draft = draft
-        self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
-        self.draft_forward = ChunkForward(draft, compile) if draft is not None else None
-        if compile:
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            # under torchrun the tokens are broadcast between choosing and writing them
-            self.compiled = torch.compile(self.forward_and_choose if self.distributed else self.decode_step, mode=mode, dynamic=False)
 
     # --- any thread -------------------------------------------------------------------------------
 
     def submit(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens", stream_text: bool = True) -> Request:
         """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
-        prompt order. Checked here (prompts fit the context and the vocabulary, rows fit
-        ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in errors
-        ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it comes
-        (``RowDelta.text``); without it only stop strings need it. Thread-safe; wakes ``run``.
+        prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
+        rows fit ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in
+        errors ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it
+        comes (``RowDelta.text``); without it only stop strings need it. Thread-safe; wakes ``run``.
 
         Returns:
             The ``Request``, waiting for slots.
@@ -437,47 +122,47 @@ class Engine:
         options.check_draft(self.draft is not None)
         check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
-        self.check_pool(prompt_tokens, options.num_return_sequences, what)
+        self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, params.kv_cache_tokens)
         if self.stopping.is_set():
             raise ValueError("the engine is shutting down: it takes no new requests")
         rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
-        with self.arrived:
+        with self.scheduler.arrived:
             request = Request(next(self.ids), rows, options, self.tokenizer, params.max_seq_len, stream_text)
-            self.waiting.append(request)
-            self.arrived.notify()
+            self.scheduler.waiting.append(request)
+            self.scheduler.arrived.notify()
         return request
-
-    def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str) -> None:
-        """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
-        blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
-        if blocks > self.blocks.capacity:
-            params = self.model.params
-            raise ValueError(
-                f"{what}: {n * len(prompt_tokens)} row(s) of {sum(len(t) for t in prompt_tokens) * n} prompt tokens in all need {blocks} blocks "
-                f"of {params.kv_block_size} tokens, but the KV cache pool holds {self.blocks.capacity} (kv_cache_tokens={params.kv_cache_tokens})"
-            )
 
     @property
     def max_slots(self) -> int:
-        """The number of slots: the cache's ``max_batch_size``."""
-        return len(self.slots)
-
-    def pool_use(self) -> dict:
-        """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
-        and found there, and the preemptions, since the start (rank 0's)."""
-        blocks = self.blocks
-        return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
-                    hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
+        """The number of slots: ``max_batch_size``."""
+        return len(self.scheduler.slots)
 
     @property
     def queue_length(self) -> int:
         """Requests waiting for slots."""
-        return len(self.waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def running_slots(self) -> int:
         """Slots holding a row (prefilling or decoding)."""
-        return sum(row is not None for row in self.slots)
+        return len(self.scheduler.running)
+
+    @property
+    def preemptions(self) -> int:
+        """Rows preempted since the start."""
+        return self.scheduler.preemptions
+
+    @property
+    def compile_seconds(self) -> Optional[float]:
+        """The first compiled decode step's time, compilation included (None before it)."""
+        return self.runner.compile_seconds
+
+    def pool_use(self) -> dict:
+        """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
+        and found there, and the preemptions, since the start (rank 0's)."""
+        blocks = self.scheduler.blocks
+        return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
+                    hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
 
     def stop(self) -> None:
         """Ask ``run`` to return after the current step: every request, running or waiting, is
@@ -488,10 +173,14 @@ class Engine:
     # --- the thread that owns the model -----------------------------------------------------------
 
     def step(self) -> bool:
-        """One step: admit, prefill one chunk, decode one token per running row, publish each
+        """One step: plan, prefill one chunk, decode one token per running row, publish each
         request's deltas. Under torchrun rank 0 broadcasts the step's plan first and the other ranks
         run it. Returns whether there was anything to do."""
-        plan = self.plan() if not self.distributed or dist.get_rank() == 0 else receive_plan()
+        if self.distributed and dist.get_rank() != 0:
+            return self.execute(receive_plan())
+        plan = self.scheduler.plan()
+        if self.distributed:
+            broadcast_plan(plan)
         return self.execute(plan)
 
     def run_until_done(self, request: Request) -> Iterator[List[RowDelta]]:
@@ -512,9 +201,10 @@ class Engine:
         """Rank 0's serving loop: steps while there is work; idle, waits for ``submit`` (no
         spinning) and under torchrun broadcasts a heartbeat every ``heartbeat_seconds``; returns
         after ``stop``, having cancelled every request and told the followers."""
+        scheduler = self.scheduler
         last_broadcast = time.monotonic()
         while not self.stopping.is_set():
-            if self.waiting or self.running_slots:
+            if scheduler.waiting or scheduler.running or scheduler.preempted:
                 try:
                     self.step()
                 except Exception:
@@ -524,29 +214,30 @@ class Engine:
                     self.fail_step()
                 last_broadcast = time.monotonic()
                 continue
-            with self.arrived:
-                self.arrived.wait_for(lambda: self.waiting, timeout=min(0.5, self.heartbeat_seconds))
+            with scheduler.arrived:
+                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.heartbeat_seconds))
             if self.distributed and time.monotonic() - last_broadcast >= self.heartbeat_seconds:
                 broadcast_plan(StepPlan("heartbeat"))
                 last_broadcast = time.monotonic()
-        with self.arrived:
-            for request in list(self.waiting) + list(self.owners.values()) + [request for request, _ in self.preempted]:
+        with scheduler.arrived:
+            for request in set(scheduler.waiting) | scheduler.requests():
                 request.cancel()
-        self.step()  # cancels what runs, withdraws what waits
+        self.step()  # cancels what runs and what was preempted, withdraws what waits
         if self.distributed:
             broadcast_plan(StepPlan("shutdown"))
 
     def fail_step(self) -> None:
-        """After a step raised: every request it held (running, or taken from the queue) ends with
-        finish reason "error" and frees its slots; the requests still waiting are untouched."""
-        for request in set(self.owners.values()) | self.in_step | {request for request, _ in self.preempted}:
+        """After a step raised: every request it held (running, preempted, or taken from the queue)
+        ends with finish reason "error" and frees its slots and blocks; the requests still waiting
+        are untouched."""
+        for request in self.scheduler.requests() | self.in_step:
             for row in request.rows:
                 if row.slot is not None:
                     self.end(request, row, "error")
                 elif row.finish_reason is None:
                     request.finish(row, "error")
             request.publish()
-        self.preempted = deque((request, row) for request, row in self.preempted if row.finish_reason is None)
+        self.scheduler.forget_ended()
         self.in_step = set()
 
     def follow(self) -> None:
@@ -561,240 +252,84 @@ class Engine:
 
     # --- a step -----------------------------------------------------------------------------------
 
-    def plan(self) -> StepPlan:
-        """Rank 0's decisions for this step (broadcast under torchrun): the rows cancelled, the
-        waiting requests withdrawn, the blocks the decoding rows write into this step (preempting
-        the newest rows when the pool has none), and, when nothing was preempted, the preempted rows
-        and then the waiting requests admitted, oldest first, while their rows fit the free slots
-        and the pool (with "static" admission, only into an empty batch)."""
-        plan = StepPlan("step")
-        with self.arrived:
-            for slot, row in enumerate(self.slots):
-                if row is not None and row.index in self.owners[slot].cancelled:
-                    plan.cancellations.append(slot)
-                    self.blocks.register(row.table, row.sequence, row.written)
-                    self.blocks.release(row.table)
-            for request in self.waiting:
-                if len(request.cancelled) == request.n_rows:
-                    plan.withdrawn.append(request.id)
-            plan.dropped = [(request.id, row.index) for request, row in self.preempted if row.index in request.cancelled]
-            self.plan_growth(plan)
-            free = [slot for slot, row in enumerate(self.slots) if row is None or slot in plan.cancellations]
-            if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
-                self.plan_admissions(plan, free)
-        if self.distributed:
-            broadcast_plan(plan)
-        return plan
-
-    def plan_growth(self, plan: StepPlan) -> None:
-        """Blocks for every position the decoding rows write this step (k + 1 of them per row in a
-        speculative step), oldest row first; when the pool has none, the newest running row gives its
-        blocks back (``preemptions``), or, alone, the row ends ("length": ``exhausted``)."""
-        gone = set(plan.cancellations)
-        decoding = [row for row in self.running if row.decoding and row.slot not in gone]
-        k = max((self.owners[row.slot].options.speculate_k for row in decoding if self.owners[row.slot].options.speculate), default=0)
-        max_seq_len = self.model.params.max_seq_len
-        for row in decoding:
-            if row.slot in gone:
-                continue
-            while not self.blocks.grow(row.table, min(row.position + 1 + k, max_seq_len)):
-                victims = [other for other in self.running if other.slot not in gone]
-                if victims == [row]:
-                    plan.exhausted.append(row.slot)
-                    gone.add(row.slot)
-                    break
-                victim = victims[-1]
-                self.blocks.register(victim.table, victim.sequence, victim.written)
-                self.blocks.release(victim.table)
-                plan.preemptions.append(victim.slot)
-                gone.add(victim.slot)
-                if victim is row:
-                    break
-            else:
-                plan.tables[row.slot] = list(row.table.blocks)
-
-    def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
-        """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
-        its prefill are there; first come, first served: nothing overtakes the oldest."""
-        for request, row in self.preempted:
-            if not free or not self.allocate(row, free[0], plan):
-                return
-            plan.resumptions.append((request.id, row.index, free.pop(0)))
-        for request in self.waiting:
-            if request.id in plan.withdrawn:
-                continue
-            if request.n_rows > len(free):
-                return
-            slots = free[: request.n_rows]
-            if not all(self.allocate(row, slot, plan) for row, slot in zip(request.rows, slots)):
-                for row, slot in zip(request.rows, slots):
-                    self.blocks.release(row.table)
-                    plan.tables.pop(slot, None)
-                return
-            free = free[request.n_rows :]
-            plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
-
-    def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
-        """The row's blocks for its prefill (its cached prefix taken: none for a prompt to be scored,
-        which needs every position's logits), into ``plan``; False if the pool cannot give them."""
-        options = row.options
-        scored = options.echo and options.logprobs and not row.tokens
-        prefix = row.target if not scored else []
-        taken = self.blocks.allocate(prefix, len(row.target))
-        if taken is None:
-            return False
-        row.table, plan.cached[slot] = taken
-        plan.tables[slot] = list(row.table.blocks)
-        return True
-
     def execute(self, plan: StepPlan) -> bool:
         """Run one step as ``plan`` says; publish what changed. Returns whether anything ran."""
         if plan.kind != "step":
             return False
-        touched: Set[Request] = set()
-        with self.arrived:
-            waiting = {request.id: request for request in self.waiting}
-            taken = set(plan.withdrawn) | {admission[0] for admission in plan.admissions}
-            self.waiting = deque(request for request in self.waiting if request.id not in taken)
-            self.in_step = {waiting[request_id] for request_id in taken if request_id in waiting}
+        scheduler, touched = self.scheduler, set()
+        waiting = scheduler.take(set(plan.withdrawn) | {admission[0] for admission in plan.admissions})
+        self.in_step = set(waiting.values())
         for request_id in plan.withdrawn:
             if request_id in waiting:
                 for row in waiting[request_id].rows:
                     waiting[request_id].finish(row, "cancelled")
                 touched.add(waiting[request_id])
-        for slot in plan.cancellations:
-            request = self.owners[slot]
-            self.end(request, self.slots[slot], "cancelled")
+        for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
+            request = scheduler.owners[slot]
+            if reason == "length":
+                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
+            self.end(request, scheduler.slots[slot], reason)
             touched.add(request)
-        for slot in plan.exhausted:
-            request = self.owners[slot]
-            logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
-            self.end(request, self.slots[slot], "length")
-            touched.add(request)
-        for request, row in [(q, r) for q, r in self.preempted if (q.id, r.index) in plan.dropped]:
-            self.preempted.remove((request, row))
+        for request, row in scheduler.drop(plan.dropped):
             request.finish(row, "cancelled")
             touched.add(request)
         for slot in plan.preemptions:
-            self.preempt(slot)
-        self.resume(plan)
+            logger.info("a row is preempted at position %d: the KV cache pool is full", scheduler.slots[slot].position)
+            self.runner.set_table(slot, [])
+            scheduler.preempt(scheduler.slots[slot])
+        for request_id, index, slot in plan.resumptions:
+            request, row = scheduler.resume(request_id, index)
+            self.runner.set_rows(request.options, [slot], [row])
+            row.prefilled = plan.cached.get(slot, 0)
+            scheduler.take_slot(request, row, slot)
         for request_id, prompts, options, stream_text, slots in plan.admissions:
             request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
-            self.admit(request, slots, plan.cached)
+            self.admit(request, slots, plan)
             touched.add(request)
         for slot, blocks in plan.tables.items():
-            if self.slots[slot] is not None:
-                self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, device=self.device)
-        decoding = [row for row in self.slots if row is not None and row.decoding]
+            if scheduler.slots[slot] is not None:
+                self.runner.set_table(slot, blocks)
+        decoding = [row for row in scheduler.running if row.decoding]
         with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
             self.prefill(touched)
             if decoding:
                 self.decode(decoding, touched)
-        for row in self.running:  # the blocks this step filled join the prefix cache
-            self.blocks.register(row.table, row.sequence, row.written)
+        scheduler.register_written()
         for request in touched:
             request.publish()
+        scheduler.forget_ended()
         self.in_step = set()
         return bool(touched)
 
-    def admit(self, request: Request, slots: List[int], cached: Dict[int, int]) -> None:
+    def admit(self, request: Request, slots: List[int], plan: StepPlan) -> None:
         """Give each row of ``request`` its slot and the slot its settings; a row with no room to
-        generate ends at once (unless its prompt is to be scored). ``cached``: per slot, the prompt
-        tokens already in its blocks."""
+        generate ends at once (unless its prompt is to be scored)."""
         request.admitted_at = time.monotonic()
-        options = request.options
-        scored = options.echo and options.logprobs
-        self.set_options(options, slots, request.rows)
+        scored = request.options.echo and request.options.logprobs
+        self.runner.set_rows(request.options, slots, request.rows)
         for row, slot in zip(request.rows, slots):
             if len(row.prompt) >= row.limit and not scored:
                 request.finish(row, "length")
-                self.blocks.release(row.table)
+                self.scheduler.blocks.release(row.table)
                 continue
-            row.cached = row.prefilled = cached.get(slot, 0)
-            self.take_slot(request, row, slot)
-
-    def set_options(self, options: GenerationOptions, slots: List[int], rows: List[Row]) -> None:
-        """The slots' sampling settings, and what their rows have seen and generated."""
-        index = torch.tensor(slots, device=self.device)
-        n = options.num_return_sequences
-        values = dict(
-            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, min_p=options.min_p,
-            repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty, seeded=options.seed is not None,
-        )
-        for name, value in values.items():
-            getattr(self.settings, name)[index] = value
-        if options.seed is not None:  # row i*n + j draws from seed + j
-            keys = [seed_key(options.seed + row.index % n) for row in rows]
-            self.settings.seed_key[index] = torch.tensor(keys, device=self.device)
-        self.settings.logit_bias[index] = 0.0
-        if options.logit_bias:
-            ids = torch.tensor(list(options.logit_bias), device=self.device)
-            self.settings.logit_bias[index[:, None], ids] = torch.tensor(list(options.logit_bias.values()), device=self.device)
-        self.seen[index] = False
-        self.counts[index] = 0
-        self.positions[index] = 0
-        for row, slot in zip(rows, slots):
-            self.seen[slot, torch.tensor(row.sequence, device=self.device)] = True
-            if row.tokens:
-                generated = torch.tensor(row.tokens, device=self.device)
-                self.counts[slot].index_put_((generated,), torch.ones_like(generated, dtype=self.counts.dtype), accumulate=True)
-
-    def take_slot(self, request: Request, row: Row, slot: int) -> None:
-        row.slot = slot
-        self.slots[slot], self.owners[slot] = row, request
-        self.running.append(row)
-        self.prefilling.append(row)
-
-    def preempt(self, slot: int) -> None:
-        """The slot's row gives its slot and blocks back (rank 0 released them when planning) and
-        waits at the front of the queue; it is prefilled again, prompt and output, when it resumes."""
-        request, row = self.owners[slot], self.slots[slot]
-        logger.info("request %d: a row is preempted at position %d: the KV cache pool is full", request.id, row.position)
-        self.preemptions += 1
-        self.free_slot(row)
-        if row.tokens:
-            row.target = row.sequence[: row.position]  # its last token is the next decode step's input
-        else:
-            row.prompt_logprobs = [0.0]  # scored again from the start
-        row.prefilled = 0
-        self.preempted.appendleft((request, row))
-
-    def resume(self, plan: StepPlan) -> None:
-        """The preempted rows ``plan`` admits again, each into its slot."""
-        for request_id, index, slot in plan.resumptions:
-            request, row = self.preempted.popleft()
-            if (request.id, row.index) != (request_id, index):
-                raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request {request.id} row {row.index}")
-            self.set_options(request.options, [slot], [row])
-            row.prefilled = plan.cached.get(slot, 0)
-            self.take_slot(request, row, slot)
+            row.cached = row.prefilled = plan.cached.get(slot, 0)
+            self.scheduler.take_slot(request, row, slot)
 
     def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
         """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
         if reason is not None:
             request.finish(row, reason)
-        self.blocks.register(row.table, row.sequence, row.written)
-        self.blocks.release(row.table)
-        self.free_slot(row)
-
-    def free_slot(self, row: Row) -> None:
-        if row in self.prefilling:
-            self.prefilling.remove(row)
-        self.running.remove(row)
-        self.block_tables[row.slot] = SCRATCH_BLOCK
-        self.slots[row.slot] = None
-        del self.owners[row.slot]
-        row.slot, row.decoding = None, False
+        self.scheduler.release(row)
+        self.runner.set_table(row.slot, [])
+        self.scheduler.free_slot(row)
 
     def prefill(self, touched: Set[Request]) -> None:
-        """Put the next chunk of the oldest admitted prompts into their slots, in one forward pass
-        (right-padded: a padding entry lands at a position the row overwrites before reading it);
-        the rows whose prompt is complete sample their first token."""
-        busy = any(row is not None and row.decoding for row in self.slots)  # else no one waits: one pass
+        """The next chunk of the oldest admitted rows' prefills, in one pass; the rows whose prompt is
+        complete sample their first token (a resumed row decodes on from its last)."""
+        busy = any(row.decoding for row in self.scheduler.running)  # else no one waits: one pass
         batch: List[Tuple[Row, int]] = []  # (row, its chunk's length)
         width = 0
-        for row in self.prefilling:
+        for row in self.scheduler.prefilling:
             n = len(row.target) - row.prefilled
             if busy:
                 n = min(n, self.prefill_chunk)
@@ -804,152 +339,36 @@ class Engine:
             width = max(width, n)
         if not batch:
             return
-        max_seq_len = self.model.params.max_seq_len
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        last = self.runner.prefill(batch)
+        first = []
         for i, (row, n) in enumerate(batch):
-            tokens[i, :n] = torch.tensor(row.target[row.prefilled : row.prefilled + n])
-        starts = torch.tensor([row.prefilled for row, _ in batch])
-        positions = (starts[:, None] + torch.arange(width)).clamp(max=max_seq_len - 1).to(self.device)
-        slots = torch.tensor([row.slot for row, _ in batch], device=self.device)
-        tables = self.block_tables[slots]
-        ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
-        kv_len = max(row.prefilled + n for row, n in batch)
-        scored = [i for i, (row, _) in enumerate(batch) if row.options.echo and row.options.logprobs and not row.tokens]
-        tokens = tokens.to(self.device)
-        if scored:  # every position's logits: position j predicts the prompt's token j + 1
-            logits = self.model.forward_at(tokens, positions, kv_len=kv_len, block_table=tables)
-            self.score_prompts(batch, scored, logits)
-            last = logits[torch.arange(len(batch), device=self.device), ends]
-        else:
-            last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)[:, 0]
-        if self.draft is not None:  # the draft's cache holds the prompts too
-            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)
-        for row, n in batch:
             row.prefilled += n
-        self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
-        complete = [i for i, (row, _) in enumerate(batch) if row.prefilled == len(row.target)]
-        for i in complete:
-            row = batch[i][0]
-            self.prefilling.remove(row)
-            if row.tokens:  # resumed after a preemption: it decodes on from its last token
-                self.write(torch.tensor([row.slot], device=self.device), torch.tensor([row.tokens[-1]], device=self.device), torch.zeros(1, dtype=torch.bool, device=self.device))
-                self.positions[row.slot] = row.position
+            if row.prefilled < len(row.target):
+                continue
+            self.scheduler.prefilling.remove(row)
+            request = self.scheduler.owners[row.slot]
+            if row.tokens:  # resumed after a preemption
+                self.runner.resume(row)
                 row.decoding = True
             elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
-                request = self.owners[row.slot]
                 self.end(request, row, "length")
                 touched.add(request)
-        complete = [i for i in complete if batch[i][0].slot is not None and not batch[i][0].decoding]
-        if complete:
-            self.first_tokens([batch[i][0] for i in complete], last[complete], touched)
-
-    def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[int], logits: torch.Tensor) -> None:
-        """Each scored row's prompt logprobs of the chunk: logits (rows, chunk, vocab)."""
-        for i in scored:
-            row, n = batch[i]
-            targets = row.prompt[row.prefilled + 1 : row.prefilled + n + 1]  # the last chunk predicts one fewer
-            logprobs = torch.log_softmax(logits[i, : len(targets)], dim=-1)
-            row.prompt_logprobs += logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
-
-    def first_tokens(self, rows: List[Row], logits: torch.Tensor, touched: Set[Request]) -> None:
-        """Sample each row's first token from its prompt's last logits (rows, vocab), eagerly; write
-        it as the slot's next input; the rows decode from the next step on."""
-        slots = torch.tensor([row.slot for row in rows], device=self.device)
-        features = self.features(rows)
-        settings = self.settings.rows(slots)
-        positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
-        noise = self.noise(rows, features)
-        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features))
-        self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
-        self.positions[slots] = positions
-        self.record(rows, pack(logits, chosen, features).tolist(), features, touched)
-        for row in rows:
-            row.decoding = row.slot is not None
+            else:
+                first.append(i)
+        if first:
+            rows = [batch[i][0] for i in first]
+            values, features = self.runner.first_tokens(rows, last[first])
+            self.record(rows, values, features, touched)
+            for row in rows:
+                row.decoding = row.slot is not None
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
-        """One token for each decoding row: the decode step over the first ``width`` slots, which
-        cover them (compiled: a power of two of them, and a power-of-two bucket of the cache). When
-        a row speculates, a speculative step instead (``speculate``)."""
-        if any(self.owners[row.slot].options.speculate for row in rows):
-            return self.speculate(rows, touched)
-        params = self.model.params
-        width = max(row.slot for row in rows) + 1
-        if self.compiled is not None:
-            width = min(power_of_two_at_least(width), self.max_slots)
-        live = torch.zeros(width, dtype=torch.bool)
-        live[[row.slot for row in rows]] = True
-        kv_len = max(row.position for row in rows) + 1  # no position reaches it
-        # compiled: a power-of-two bucket of the cache, one graph for many lengths
-        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
-        features = self.features(rows)
-        noise = self.noise([self.slots[slot] if live[slot] else None for slot in range(width)], features)
-        live = live.to(self.device)
-        if self.compiled is None:
-            message = self.decode_step(width, kv_slots, live, noise, features)
-        else:
-            start = time.perf_counter()
-            if self.distributed:
-                logits, chosen = self.compiled(width, kv_slots, noise, features)
-                message = self.commit(width, logits, chosen, live, features)
-            else:
-                message = self.compiled(width, kv_slots, live, noise, features)
-            if self.compile_seconds is None:
-                self.compile_seconds = time.perf_counter() - start
-                logger.info("compiled the decode step in %.1f s", self.compile_seconds)
-        values = message.tolist()  # the step's one wait on the device
-        self.record(rows, [values[row.slot] for row in rows], features, touched)
-
-    def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
-        """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
-        last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
-        length the compiler may treat as dynamic (an int argument it would specialise on)."""
-        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features)
-        return self.commit(width, logits, chosen, live, features)
-
-    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
-        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots."""
-        tokens, positions = self.tokens[:width], self.positions[:width]
-        logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width])[:, 0]
-        rows = slice(0, width)
-        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features)
-        return logits, chosen
-
-    def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
-        """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
-        further; the rest keep theirs. Returns the step's message (``pack``)."""
-        chosen = broadcast_from_rank0(chosen)
-        tokens = torch.where(live, chosen, self.tokens[:width])
-        self.write(torch.arange(width, device=chosen.device), tokens, live)
-        self.positions[:width] += live
-        return pack(logits, tokens, features)
-
-    def write(self, slots: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor) -> None:
-        """The slots' new tokens: their next input, seen, counted (only where ``live``)."""
-        self.tokens[slots] = tokens
-        self.seen[slots, tokens] = self.seen[slots, tokens] | live
-        self.counts[slots, tokens] = self.counts[slots, tokens] + live.int()
-
-    def features(self, rows: List[Row]) -> Features:
-        options = [self.owners[row.slot].options for row in rows]
-        k = max((o.top_logprobs for o in options), default=0)
-        return Features(
-            sampling=any(o.temperature > 0 for o in options),
-            penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
-            logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
-            alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
-        )
-
-    def noise(self, rows: List[Optional[Row]], features: Features) -> torch.Tensor:
-        """(len(rows), vocab) Exp(1) draws of torch's global RNG for the sampling rows without a seed
-        (None: a slot that does not decode), as ``torch.multinomial`` would draw them."""
-        vocab = self.model.params.vocab_size
-        if not features.sampling:
-            return torch.ones(len(rows), 1, device=self.device)
-        needs = []
-        for row in rows:
-            options = None if row is None else self.owners[row.slot].options
-            needs.append(options is not None and options.temperature > 0 and options.seed is None)
-        return global_exponentials(needs, vocab).to(self.device)
+        """One token for each decoding row, or a speculative step when a row speculates."""
+        if any(row.options.speculate for row in rows):
+            values, n, features = self.runner.speculate(rows)
+            return self.record_speculation(rows, values, n, features, touched)
+        values, features = self.runner.decode(rows)
+        self.record(rows, values, features, touched)
 
     def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
         """Each row learns its token (``pack``'s columns), and ends if it must."""
@@ -960,7 +379,7 @@ class Engine:
         """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
         k = features.alternatives
         token, *rest = value
-        request = self.owners[row.slot]
+        request = self.scheduler.owners[row.slot]
         options = request.options
         logprob = rest[0] if options.logprobs else None
         alternatives = None
@@ -974,157 +393,22 @@ class Engine:
         self.end(request, row)
         return True
 
-    # --- speculative decoding (``llama.speculative``) ----------------------------------------------
-
-    def speculate(self, rows: List[Row], touched: Set[Request]) -> None:
-        """One speculative step for the decoding rows: each speculating row's k proposals (prompt
-        lookup or the draft) are verified with its last token in one pass over the first ``width``
-        slots at their own positions, and each row emits its accepted proposals and one token of
-        the model's, stopping exactly where decoding one token per step would. A row that does not
-        speculate accepts nothing and takes the token ``sample`` chooses, as in a plain step."""
-        params = self.model.params
-        width = max(row.slot for row in rows) + 1
-        if self.compiled is not None:  # as the decode step: a power of two of slots
-            width = min(power_of_two_at_least(width), self.max_slots)
-        options = {row.slot: self.owners[row.slot].options for row in rows}
-        k = max(o.speculate_k for o in options.values() if o.speculate)
-        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
-        needs = [False] * width  # the rows that draw from the global RNG
-        for row in rows:
-            o = options[row.slot]
-            limits[row.slot] = o.speculate_k if o.speculate else 0
-            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
-            needs[row.slot] = o.temperature > 0 and o.seed is None
-        limits, steps = limits.to(self.device), steps.to(self.device)
-        features, settings, last = self.features(rows), self.settings.rows(slice(0, width)), self.positions[:width]
-        proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
-        positions = (last[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
-        chunk = torch.cat([self.tokens[:width, None], proposals], dim=1)
-        logits = self.verify_forward(chunk, positions, self.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
-        penalised = penalised_per_position(logits, settings, self.seen[:width], self.counts[:width], proposals) if features.penalties else logits
-        uniforms = noise = None
-        if features.sampling:
-            uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
-            noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
-        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
-        if features.sampling:  # a row that does not speculate draws as in a plain step
-            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.device))
-            chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
-        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
-        accepted, chosen = chosen[:, -1], chosen[:, :-1]
-        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
-        values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
-        self.record_speculation(rows, values, k + 1, features, touched)
-
     def record_speculation(self, rows: List[Row], values: List[List[float]], n: int, features: Features, touched: Set[Request]) -> None:
         """Each row learns its accepted proposals and the token after them, one by one, until it ends;
         the slots' last tokens, positions, seen tokens and counts follow. values: per slot, the
         accepted count, then ``pack``'s columns for each of the n verified positions."""
-        slots, tokens, lasts = [], [], []
+        emitted, lasts = [], []
         for row in rows:
             slot, (accepted, *columns) = row.slot, values[row.slot]
             row.accepted += int(accepted)
             size = len(columns) // n
             for i in range(int(accepted) + 1):
                 value = columns[i * size : (i + 1) * size]
-                slots.append(slot)
-                tokens.append(int(value[0]))
+                emitted.append((slot, int(value[0])))
                 if self.record_token(row, value, features, touched):
                     break
-            lasts.append((slot, tokens[-1], row.position))
-        slots, tokens = torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)
-        self.seen[slots, tokens] = True
-        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
-        index, last_tokens, positions = (torch.tensor(column, device=self.device) for column in zip(*lasts))
-        self.tokens[index], self.positions[index] = last_tokens, positions
-
-    def propose(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
-    ):
-        """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
-        samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
-        prompt lookup rows."""
-        proposals = torch.zeros(width, k, dtype=torch.long)
-        drafting = torch.zeros(width, dtype=torch.bool)
-        for row in rows:
-            speculate = self.owners[row.slot].options.speculate
-            drafting[row.slot] = speculate == "draft"
-            if speculate == "lookup":
-                sequence = row.sequence
-                if row.lookup is None:
-                    row.lookup = NgramIndex(sequence)
-                row.lookup.extend(sequence[len(row.lookup.tokens) :])
-                proposals[row.slot] = torch.tensor(row.lookup.propose(k) or sequence[-1:] * k)
-        proposals = proposals.to(self.device)
-        if not drafting.any():
-            return proposals, None
-        drafted, draft_probs = self.draft_proposals(rows, width, k, settings, steps, needs, features)
-        drafting = drafting.to(self.device)
-        proposals = torch.where(drafting[:, None], drafted, proposals)
-        if draft_probs is not None:
-            point_masses = F.one_hot(proposals, self.model.params.vocab_size).to(draft_probs.dtype)
-            draft_probs = torch.where(drafting[:, None, None], draft_probs, point_masses)
-        return proposals, draft_probs
-
-    def draft_proposals(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
-    ):
-        """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
-        from the draft's distribution under the row's settings. The draft's cache holds a row's
-        tokens up to the one before its last: the first step feeds the last two (the previous
-        step's last proposal may have been accepted without being fed), then one proposal a step.
-        Under torchrun every rank continues with rank 0's draws."""
-        max_seq_len, vocab = self.model.params.max_seq_len, self.model.params.vocab_size
-        last = self.positions[:width]
-        previous = torch.zeros(width, dtype=torch.long)
-        decoding = torch.zeros(width, dtype=torch.long)  # idle slots write twice where an idle step may write
-        for row in rows:
-            previous[row.slot], decoding[row.slot] = row.sequence[-2], 1
-        tokens = torch.stack([previous.to(self.device), self.tokens[:width]], dim=1)  # (width, 2)
-        positions = torch.stack([last - decoding.to(self.device), last], dim=1)
-        max_position = max(row.position for row in rows)
-        tables = self.block_tables[:width]
-        logits = self.draft_forward(tokens, positions, tables, kv_len=max_position + 1)[:, -1]
-        proposals, draft_probs = [], []
-        for i in range(k):
-            if i > 0:
-                position = (last + i).clamp(max=max_seq_len - 1)
-                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
-            if features.penalties:
-                logits = apply_penalties(logits, settings, self.seen[:width], self.counts[:width])
-            proposal = logits.argmax(dim=-1)
-            if features.sampling:
-                draft_probs.append(distribution(logits, settings))
-                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
-                proposal = torch.where(settings.temperature > 0, drawn, proposal)
-            proposals.append(broadcast_from_rank0(proposal))
-        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
-
-
-def choose(
-    logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor,
-    noise: torch.Tensor, features: Features,
-) -> torch.Tensor:
-    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
-    if features.penalties:
-        logits = apply_penalties(logits, settings, seen, counts)
-    if not features.sampling:
-        return torch.argmax(logits, dim=-1)
-    return sample(logits, settings, positions, noise)
-
-
-def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torch.Tensor:
-    """The step's message to the host, one float64 row per slot, read in one wait: the token, then
-    with ``features.logprobs`` its logprob (of the model's own distribution, before any sampling
-    option) and the ids and logprobs of the ``features.alternatives`` most likely tokens."""
-    columns = [tokens.double()[:, None]]
-    if features.logprobs:
-        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
-        columns.append((logits.gather(1, tokens[:, None]) - normaliser).double())
-        if features.alternatives:
-            top = logits.topk(features.alternatives, dim=-1)
-            columns += [top.indices.double(), (top.values - normaliser).double()]
-    return torch.cat(columns, dim=1)
+            lasts.append((slot, emitted[-1][1], row.position))
+        self.runner.advance(emitted, lasts)
 
 
 def broadcast_plan(plan: StepPlan) -> None:
