@@ -85,10 +85,12 @@ def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_un
 
 
 def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(make_llama, llama):
+    """A greedy, a seeded and a speculating row in a pool that holds little more than one of them."""
     small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
-    options = [GenerationOptions(max_gen_len=30, **GREEDY), GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[])]
+    options = [GenerationOptions(max_gen_len=30, **GREEDY), GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[]),
+               GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[], speculate="lookup", speculate_k=3)]
     prompts = [random_prompt(10, 30 + i) for i in range(3)]
-    requests = [small.engine.submit([prompt], options[i % 2]) for i, prompt in enumerate(prompts)]
+    requests = [small.engine.submit([prompt], options[i]) for i, prompt in enumerate(prompts)]
     streamed = [[] for _ in requests]
     while not all(request.done for request in requests):
         small.engine.step()
@@ -99,7 +101,7 @@ def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with
     assert small.engine.preemptions > 0
     for i, (prompt, request) in enumerate(zip(prompts, requests)):
         assert streamed[i] == request.tokens[0] and len(request.tokens[0]) == 30
-        (alone,), _ = llama.generate([prompt], **{**dataclasses.asdict(options[i % 2]), "logprobs": False})
+        (alone,), _ = llama.generate([prompt], **{**dataclasses.asdict(options[i]), "logprobs": False, "speculate": None})
         assert request.tokens[0] == alone
     assert_uncached(small.model, prompts[0], requests[0].tokens[0], requests[0].logprobs[0])
 

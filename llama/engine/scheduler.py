@@ -134,6 +134,8 @@ class Scheduler:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
         for request, row in self.preempted:
+            if (request.id, row.index) in plan.dropped:
+                continue
             if not free or not self.allocate(row, free[0], plan):
                 return
             plan.resumptions.append((request.id, row.index, free.pop(0)))
