@@ -12,8 +12,10 @@ In order, within ``--budget_s`` seconds:
    measured eager and compiled (``--dry_run``: int8 only): batch-1 decode tokens/s, the fraction of the GPU's memory bandwidth
    that reaches (bytes of weights read per token x tokens/s, against a large device-to-device copy
    measured here), prefill tokens/s of one prompt, and the peak device memory while loading;
-4. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload)
-   whose scripts exist and take ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
+4. the KV cache pool: the bf16 model with 64 slots in a pool sized to 80% of the memory left after
+   loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together;
+5. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload,
+   fine-tuning) whose scripts exist and take ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
 
 It prints one table of measurements and one line per check, and exits 1 if a check failed: a test,
 torchrun, a compiled step whose logits differ from the eager step's, a load whose peak device memory
@@ -198,6 +200,42 @@ def measure_mode(
     return rows, checks
 
 
+POOL_BATCHES = (1, 8, 32, 64)
+
+
+@torch.no_grad()
+def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.device) -> List[list]:
+    """The bf16 model with ``max(POOL_BATCHES)`` slots over a pool of 80% of the memory left after
+    loading (dry run: every slot's whole context); per batch, decode tokens/s of that many rows."""
+    from llama.checkpoint import kv_cache_dtype
+    from llama.engine import Engine
+    from llama.options import GenerationOptions
+
+    slots = max(POOL_BATCHES)
+    args = ModelArgs(**{**args.__dict__, "max_batch_size": slots, "kv_cache_tokens": args.kv_block_size})  # the pool comes after the weights
+    model = load_model(ckpt_dir, args, device, *mode_settings("bf16"))
+    cache_dtype = kv_cache_dtype(model.tok_embeddings.weight.dtype, device)
+    token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype.itemsize
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    model.params.kv_cache_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
+    model.setup_caches(cache_dtype)
+    engine = Engine(model, None, prefix_cache=False)  # the same prompts again: computed each time
+    prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def seconds(bsz: int, n_tokens: int) -> float:
+        request = engine.submit(prompts[:bsz], GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[]), stream_text=False)
+        return timed(lambda: [None for _ in engine.run_until_done(request)], device)
+
+    rows = []
+    for bsz in POOL_BATCHES:
+        seconds(bsz, 2)  # warm-up
+        tok_s = statistics.median(bsz * (sizes.decode_tokens - 1) / max(seconds(bsz, sizes.decode_tokens) - seconds(bsz, 1), 1e-9)
+                                  for _ in range(sizes.rounds))
+        rows.append([str(bsz), f"{tok_s:.1f}", f"{model.params.kv_cache_tokens}", f"{engine.preemptions}"])
+    del engine, model
+    return rows
+
+
 def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Check]:
     """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device, with its dry-run arguments
     under ``dry_run``; the check's detail ends with the last line it printed."""
@@ -276,11 +314,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         speeds.update({row[0]: float(row[1]) for row in mode_rows})
         fractions.update({row[0]: float(row[2]) / 100 for row in mode_rows})
         print(f"measured {mode} ({budget.left():.0f} s of the budget left)", flush=True)
+    pool_rows = []
+    if budget.left() > 0 and "bf16" in options.modes.split(","):
+        pool_rows = block_pool_rows(ckpt_dir, args, sizes, device)
+        print(f"measured the block pool ({budget.left():.0f} s of the budget left)", flush=True)
     checks += optional_benchmarks(device.type, options.dry_run, budget)
 
     header = ["mode", "decode tok/s (b1)", "% of bandwidth", "prefill tok/s", "GiB read/token", "load s", "peak GiB loading", "compile s"]
     print_table(f"{name}: {sizes.params}, prompt {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens, median of "
                 f"{sizes.rounds}; measured bandwidth {bandwidth / 1e9:.0f} GB/s", header, rows)
+    if pool_rows:
+        print_table(f"the KV cache pool: bf16, {max(POOL_BATCHES)} slots, prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
+                    ["rows", "decode tok/s", "pool tokens", "preemptions"], pool_rows)
     for line in goals(speeds, fractions):
         print(line)
     for check in checks:

@@ -235,8 +235,10 @@ def rank_tensors(
     return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
 
 
-def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:
-    """``params.json`` with the cache sizes, checked against the tokenizer and the shards: the vocabulary
+def read_model_args(
+    ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int, kv_cache_tokens: Optional[int] = None
+) -> ModelArgs:
+    """``params.json`` with the cache sizes (``kv_cache_tokens`` None: ``max_batch_size * max_seq_len``), checked against the tokenizer and the shards: the vocabulary
     is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
     params = read_params(ckpt_dir)
     rows, rows_file = embedding_rows(ckpt_dir, params)
@@ -249,7 +251,7 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, ma
     if vocab_size not in (-1, tokenizer.n_words):
         raise ValueError(f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
     return ModelArgs.from_dict(
-        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens},
         source=str(params_path(ckpt_dir)),
     )
 

@@ -49,6 +49,8 @@ FLAG_HELP = {  # the flags several commands share, described once; a command's o
     "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
     "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
     "adapter_dir": "a LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors, as python -m llama.finetune writes it), merged into the weights as they load",
+    "kv_cache_tokens": "the KV cache pool's size in tokens, shared by the rows in blocks; default: max_batch_size x max_seq_len",
+    "no_prefix_cache": "compute every prompt in full instead of reusing the cached blocks of a prefix an earlier request computed",
     "threads": "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per core or fewer, whichever decodes the model fastest, timed at load",
 }
 TRACEBACK_FLAG = "--traceback"
@@ -293,8 +295,9 @@ def compile_line(engine) -> Optional[str]:
     Args:
         engine: the ``llama.engine.Engine`` that generated.
     """
-    steps = [engine.verify_forward] + ([engine.draft_forward] if engine.draft_forward is not None else [])
-    times = [("the decode step", engine.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
+    runner = engine.runner
+    steps = [runner.verify_forward] + ([runner.draft_forward] if runner.draft_forward is not None else [])
+    times = [("the decode step", runner.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
     compiled = [f"{name} in {seconds:.1f} s" for name, seconds in times if seconds is not None]
     return f"Compiled {', '.join(compiled)} (on first use, counted above)" if compiled else None
 

@@ -64,6 +64,8 @@ class Llama:
         draft_ckpt_dir: Optional[str] = None,
         draft_quantize: Optional[str] = None,
         adapter_dir: Optional[str] = None,
+        kv_cache_tokens: Optional[int] = None,
+        prefix_cache: bool = True,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
@@ -73,8 +75,8 @@ class Llama:
                 (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
             tokenizer_path: ``tokenizer.model`` (Llama 2's sentencepiece or Llama 3's tiktoken file) or a
                 Hugging Face ``tokenizer.json``; None: the folder's own (``resolve_tokenizer_path``).
-            max_seq_len: longest prompt + generation; sizes the KV cache.
-            max_batch_size: most sequences per ``generate`` call; sizes the KV cache.
+            max_seq_len: longest prompt + generation (a row's most positions).
+            max_batch_size: most sequences decoded together (per ``generate`` call).
             model_parallel_size: must equal the number of processes if given (Meta's argument).
             seed: seeds torch's random generators. Under model parallelism rank 0's draws choose every
                 rank's tokens, so the ranks return the same tokens whatever their seeds.
@@ -104,6 +106,12 @@ class Llama:
                 ``adapter_model.safetensors``, as ``python -m llama.finetune`` writes it), merged into
                 the weights as they are read, before ``quantize``: decoding costs what the model alone
                 costs. ``Llama.adapter_id`` then names it (a hash of its files).
+            kv_cache_tokens: the KV cache pool's size in tokens, shared by the rows in blocks of 16
+                (``llama.engine.block_manager``); None: ``max_batch_size * max_seq_len``, the memory
+                of a contiguous cache, on every device. Smaller pools hold fewer tokens at once: when
+                the running rows fill it, the newest gives its blocks back and is recomputed later.
+            prefix_cache: a row reuses the cached keys and values of a prompt prefix an earlier row
+                computed (whole blocks); False computes every prompt in full.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -115,6 +123,10 @@ class Llama:
         with fail_together():  # each rank reads its own files: if one fails, all do
             positive_int(max_seq_len, "max_seq_len")
             positive_int(max_batch_size, "max_batch_size")
+            if kv_cache_tokens is not None:
+                positive_int(kv_cache_tokens, "kv_cache_tokens")
+            if not isinstance(prefix_cache, bool):
+                raise TypeError(f"prefix_cache must be True or False, got {prefix_cache!r}")
             if not isinstance(compile, bool):
                 raise TypeError(f"compile must be True or False, got {compile!r}")
             quantization = parse_quantize(quantize)
@@ -133,7 +145,7 @@ class Llama:
             torch.manual_seed(seed)
             tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
-            args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+            args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
             chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             adapter = read_adapter(adapter_dir, args) if adapter_dir is not None else None
             model = load_model(ckpt_dir, args, device, dtype, quantization, adapter)  # quantized tensor by tensor
@@ -143,20 +155,22 @@ class Llama:
                 draft_quantization = parse_quantize(draft_quantize)
                 draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
                 check_draft_vocabulary(draft_ckpt_dir, tokenizer, tokenizer_path)
-                draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size)
+                draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
                 draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
                 logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
-        return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None)
+        return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None, prefix_cache,
+                     cache_salt=f"{ckpt_dir} {quantize} {adapter.identity if adapter else None}")
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None,
-                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None):
+                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None, prefix_cache: bool = True, cache_salt: str = ""):
         self.model = model
         self.tokenizer = tokenizer
         # what the weights hold besides the checkpoint: the sha256 of the merged adapter's files, or None.
         # Two models of one checkpoint compute alike (and may share cached keys and values) only if it is equal.
         self.adapter_id = adapter_id
         self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
-        self.engine = Engine(model, tokenizer, compile, draft=draft)  # every call below decodes here
+        # every call below decodes here; cache_salt names the weights in the prefix cache's keys
+        self.engine = Engine(model, tokenizer, compile, draft=draft, prefix_cache=prefix_cache, cache_salt=cache_salt)
 
     @property
     def device(self) -> torch.device:

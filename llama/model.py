@@ -1,5 +1,5 @@
 """The Llama 2 and Llama 3 transformer, in the order the data flows: hyper-parameters, RMSNorm, rotary
-embeddings, attention with its in-place KV cache, the SwiGLU feed-forward, a block, the model.
+embeddings, attention over its KV cache's blocks, the SwiGLU feed-forward, a block, the model.
 
 Pure math: no file I/O and no device selection. Model parallelism enters only through the layer
 classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
@@ -7,7 +7,7 @@ classes of ``llama.parallel``; with one process they are plain linear and embedd
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ ROPE_SCALING_KEYS = {
 
 @dataclass
 class ModelArgs:
-    """Every key of Meta's ``params.json`` plus the two sizes of the inference cache."""
+    """Every key of Meta's ``params.json`` plus the sizes of the inference cache."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -69,8 +69,10 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Code Llama uses 1e6, Llama 3 5e5
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: params.json's use_scaled_rope
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
+    max_batch_size: int = 32  # the most rows decoded together
+    max_seq_len: int = 2048  # the longest row
+    kv_cache_tokens: Optional[int] = None  # the KV cache pool's size in tokens; None: max_batch_size * max_seq_len (in whole blocks)
+    kv_block_size: Optional[int] = None  # tokens per block of the pool; None: 16, or max_seq_len if shorter
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
@@ -94,7 +96,11 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len", "kv_block_size", "kv_cache_tokens"):
+            if name == "kv_block_size" and self.kv_block_size is None:
+                self.kv_block_size = min(16, self.max_seq_len)
+            if name == "kv_cache_tokens" and self.kv_cache_tokens is None:
+                self.kv_cache_tokens = self.max_batch_size * -(-self.max_seq_len // (self.kv_block_size or 16)) * (self.kv_block_size or 16)
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
@@ -110,6 +116,16 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def blocks_per_row(self) -> int:
+        """The most blocks one row holds: its block table's length."""
+        return -(-self.max_seq_len // self.kv_block_size)
+
+    @property
+    def kv_cache_blocks(self) -> int:
+        """The pool's blocks: ``kv_cache_tokens`` rounded up to whole blocks, and the scratch block."""
+        return -(-self.kv_cache_tokens // self.kv_block_size) + 1
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -182,6 +198,22 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+class CacheIndex(NamedTuple):
+    """Where a pass writes and reads the KV cache pool, computed once for every layer."""
+
+    blocks: torch.Tensor  # (bsz, seqlen): the block of each token's position
+    offsets: torch.Tensor  # (bsz, seqlen): its place in the block
+    gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (blocks * heads, ...)
+
+    @staticmethod
+    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, block_size: int, heads: int) -> "CacheIndex":
+        """For rows with blocks ``block_table`` (bsz, blocks_per_row), tokens at ``positions``
+        (bsz, seqlen), attending over their first ``kv_blocks`` blocks."""
+        blocks = block_table.gather(1, positions // block_size)
+        gather = block_table[:, None, :kv_blocks] * heads + torch.arange(heads, device=block_table.device)[None, :, None]
+        return CacheIndex(blocks, positions % block_size, gather)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, rotary positions and an in-place KV cache.
 
@@ -200,25 +232,23 @@ class Attention(nn.Module):
         self.wqkv = FusedColumnParallelLinear(args.dim, {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features})
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
-        # heads before positions (Meta's cache has them after): each head's keys are one block, as the
-        # attention kernel reads them (measured 1.1-1.3x faster on a CPU than strided)
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+    def setup_cache(self, n_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+        # a pool of blocks, each (n_local_kv_heads, block_size, head_dim): heads before positions, so a
+        # row's gathered keys are each head's positions in a row, as the attention kernel reads them
+        shape = (n_blocks, self.n_local_kv_heads, block_size, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update_cache(self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int, slots: Optional[torch.Tensor]):
-        """Write row b's keys and values at ``positions[b]`` of cache row ``slots[b]`` (None: row b),
-        in place; return those rows' first ``kv_len`` cached entries, (bsz, n_local_kv_heads, kv_len,
-        head_dim) each."""
-        bsz = xk.shape[0]
-        rows = torch.arange(bsz, device=xk.device) if slots is None else slots
-        # rows (bsz, 1) broadcast against positions (bsz, seqlen): the entries (bsz, seqlen, heads, head_dim)
-        self.cache_k[rows[:, None], :, positions] = xk.to(self.cache_k.dtype)
-        self.cache_v[rows[:, None], :, positions] = xv.to(self.cache_v.dtype)
-        if slots is None:
-            return self.cache_k[:bsz, :, :kv_len], self.cache_v[:bsz, :, :kv_len]
-        return self.cache_k[slots, :, :kv_len], self.cache_v[slots, :, :kv_len]
+    def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, cache_index: "CacheIndex"):
+        """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) where ``cache_index``
+        says, in place; return each row's attended blocks gathered in order, (bsz, n_local_kv_heads,
+        kv_len, head_dim) each."""
+        self.cache_k[cache_index.blocks, :, cache_index.offsets] = xk.to(self.cache_k.dtype)
+        self.cache_v[cache_index.blocks, :, cache_index.offsets] = xv.to(self.cache_v.dtype)
+        bsz, heads = xk.shape[0], self.n_local_kv_heads
+        keys = self.cache_k.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
+        values = self.cache_v.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
+        return keys, values
 
     def forward(
         self,
@@ -227,12 +257,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
-        slots: Optional[torch.Tensor] = None,
+        cache_index: Optional["CacheIndex"] = None,
     ) -> torch.Tensor:
         """``positions`` None: no cache (training, scoring), the sequence attends to itself, causally
-        or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into the cache rows ``slots`` (bsz,) (None: rows 0..bsz-1) at
-        ``positions`` (bsz, seqlen) and attends to the cached entries that ``mask`` (bsz, 1, seqlen,
-        kv_len) allows."""
+        or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into
+        the cache where ``cache_index`` says and attends to the cached entries that ``mask`` (bsz, 1,
+        seqlen, kv_len) allows."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -242,7 +272,7 @@ class Attention(nn.Module):
         if positions is None:
             keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
         else:
-            keys, values = self.update_cache(positions, xk, xv, mask.shape[-1], slots)
+            keys, values = self.update_cache(xk, xv, cache_index)
 
         # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
         output = F.scaled_dot_product_attention(
@@ -273,8 +303,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, slots=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, slots)
+    def forward(self, x, cos, sin, positions, mask, cache_index=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache_index)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -296,13 +326,14 @@ class Transformer(nn.Module):
         self.setup_caches()
 
     def setup_caches(self, cache_dtype: Optional[torch.dtype] = None):
-        """(Re)allocate the KV caches for ``params.max_batch_size`` x ``params.max_seq_len`` and the
-        rotary tables, on the weights' device, the caches in ``cache_dtype`` (None: the embedding's
-        dtype), the rotary tables in float32. Cached attention computes in the cache's dtype."""
+        """(Re)allocate the KV cache pools (``params.kv_cache_blocks`` blocks of ``kv_block_size``
+        positions per layer; block 0 is scratch, written by positions nobody reads) and the rotary
+        tables, on the weights' device, the pools in ``cache_dtype`` (None: the embedding's dtype), the
+        rotary tables in float32. Cached attention computes in the cache's dtype."""
         device = self.tok_embeddings.weight.device
         cache_dtype = cache_dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
-            layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, cache_dtype)
+            layer.attention.setup_cache(self.params.kv_cache_blocks, self.params.kv_block_size, device, cache_dtype)
         cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
@@ -336,26 +367,46 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         logits_at: Union[int, torch.Tensor, None] = None,
         kv_len: Optional[int] = None,
-        slots: Optional[torch.Tensor] = None,
+        block_table: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
-        written into row ``slots[b]`` of the KV cache there (None: row b), and attends to that row's
-        cached positions up to its own. Rows of a ragged batch each decode at their own positions; a right-padded prompt's
-        padding entries are overwritten before any row reads them. Call it without autograd.
+        written into row b's blocks ``block_table[b]`` there (position p in block ``block_table[b, p //
+        kv_block_size]``), and attends to that row's cached positions up to its own. ``block_table``
+        (bsz, blocks_per_row) None: row b owns blocks 1 + b * blocks_per_row onwards, as a contiguous
+        cache would (the pool must hold bsz whole rows). Rows of a ragged batch each decode at their own
+        positions; a right-padded prompt's padding entries are overwritten before any row reads them, or
+        land in the scratch block 0 where the table points there. Call it without autograd.
 
-        Shapes are static: the mask compares every key position 0 .. kv_len-1 with each query's
-        position, so one compiled decode step serves every position. ``kv_len`` (default
-        ``max_seq_len``) may be lowered by a caller that knows no position reaches it, to skip
-        attending over empty cache entries.
+        Shapes are static: the mask compares every key position 0 .. kv_len-1 (rounded up to whole
+        blocks) with each query's position, so one compiled decode step serves every position.
+        ``kv_len`` (default ``max_seq_len``) may be lowered by a caller that knows no position reaches
+        it, to skip attending over empty cache entries.
 
         ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the
         logits of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
         position's, and the vocabulary projection is the model's largest matmul.
         """
-        kv_len = self.params.max_seq_len if kv_len is None else kv_len
-        key_positions = torch.arange(kv_len, device=tokens.device)
+        params = self.params
+        kv_len = params.max_seq_len if kv_len is None else kv_len
+        if block_table is None:
+            block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
+        kv_blocks = -(-kv_len // params.kv_block_size)
+        key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        return self.logits(self.hidden_states(tokens, positions, mask, slots), logits_at)
+        cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads)
+        return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
+
+    def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:
+        """(bsz, blocks_per_row): row b's blocks 1 + b * blocks_per_row onwards, a contiguous cache's
+        layout, for callers that keep no block tables (Meta's ``forward(tokens, start_pos)``)."""
+        params = self.params
+        if 1 + bsz * params.blocks_per_row > params.kv_cache_blocks:
+            raise ValueError(
+                f"a batch of {bsz} row(s) without block tables needs {bsz} x {params.blocks_per_row} blocks of {params.kv_block_size} tokens "
+                f"(max_seq_len={params.max_seq_len} each), but the pool holds {params.kv_cache_blocks - 1} (kv_cache_tokens={params.kv_cache_tokens}): "
+                "pass block tables, or build with more kv_cache_tokens"
+            )
+        return 1 + torch.arange(bsz * params.blocks_per_row, device=device).view(bsz, params.blocks_per_row)
 
     def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Training on packed rows, several documents each: float32 logits (bsz, seqlen, vocab_size).
@@ -369,7 +420,7 @@ class Transformer(nn.Module):
         return self.logits(h, None)
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], slots: Optional[torch.Tensor] = None
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache_index: Optional["CacheIndex"] = None
     ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
@@ -378,7 +429,7 @@ class Transformer(nn.Module):
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask, slots)
+            h = layer(h, cos, sin, positions, mask, cache_index)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:

@@ -197,14 +197,14 @@ def verify(
     return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
 
 
-def attended_slots(kv_len: int, max_seq_len: int) -> torch.Tensor:
+def attended_slots(kv_len: int, max_seq_len: int, block_size: int) -> torch.Tensor:
     """The attended length of a compiled pass, as an empty (bucket, 0) tensor: ``kv_len`` rounded up to
-    a power of two (at least 16, at most the cache) and marked dynamic, so one graph serves every
-    bucket. Sizes 0 and 1 are always specialised, and the whole cache gets a graph of its own: a prefix
-    of the cache rows is contiguous exactly when it spans the whole length, and the compiler
-    specialises on that."""
-    kv_slots = torch.empty(min(max(16, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
-    if 1 < kv_slots.shape[0] < max_seq_len:
+    a power of two (at least two blocks of ``block_size`` and 16, at most the cache) and marked
+    dynamic, so one graph serves every bucket. Sizes 0 and 1 are always specialised (a bucket of one
+    block would be), and the whole cache gets a graph of its own: gathering every block of a row is
+    slicing the whole block table, which the compiler specialises on."""
+    kv_slots = torch.empty(min(max(16, 2 * block_size, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
+    if 2 * block_size <= kv_slots.shape[0] < max_seq_len:
         torch._dynamo.mark_dynamic(kv_slots, 0)
     return kv_slots
 
@@ -223,16 +223,17 @@ class ChunkForward:
             mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
             self.compiled = torch.compile(self.forward, mode=mode, dynamic=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0])
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0], block_table=block_table)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Logits (width, n, vocab); ``kv_len``: more than every position."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits (width, n, vocab); ``block_table``: the rows' blocks (width, blocks_per_row);
+        ``kv_len``: more than every position."""
         max_seq_len = self.model.params.max_seq_len
         if self.compiled is None:
-            return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len))
+            return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len), block_table=block_table)
         start = time.perf_counter()
-        logits = self.compiled(tokens, positions, attended_slots(kv_len, max_seq_len))
+        logits = self.compiled(tokens, positions, block_table, attended_slots(kv_len, max_seq_len, self.model.params.kv_block_size))
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
             logger.info("compiled the %s in %.1f s", self.name, self.compile_seconds)

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import weakref
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import llguidance
 import llguidance.torch as llguidance_torch
@@ -124,11 +124,12 @@ def walk(node, pointer: str) -> Iterator[Tuple[str, object]]:
 
 
 class Constraints:
-    """The constrained rows of an engine's slots: a matcher per slot (see the module docstring)."""
+    """The constrained rows of an engine: a matcher per row, kept while the row waits preempted (see
+    the module docstring). A row is any hashable key (the engine's ``Row``)."""
 
     def __init__(self, tokenizer: Optional[Tokenizer], vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.matchers: Dict[int, llguidance.LLMatcher] = {}  # slot -> its row's matcher
+        self.matchers: Dict[Hashable, llguidance.LLMatcher] = {}  # row -> its matcher
         self.executor = llguidance.LLExecutor()  # computes several rows' masks at once
 
     def check(self, json_schema: Optional[dict], json_object: bool) -> None:
@@ -144,41 +145,40 @@ class Constraints:
             raise ValueError("json_schema and json_object need an engine with a tokenizer")
         vocabulary_for(self.tokenizer, self.vocab_size).grammar(schema)
 
-    def start(self, slot: int, json_schema: Optional[dict], json_object: bool) -> None:
-        """The row now in ``slot`` follows the schema (or nothing, if None)."""
-        self.matchers.pop(slot, None)
+    def start(self, row: Hashable, json_schema: Optional[dict], json_object: bool) -> None:
+        """The newly admitted ``row`` follows the schema (or nothing, if None)."""
         schema = schema_of(json_schema, json_object)
         if schema is not None:
-            self.matchers[slot] = vocabulary_for(self.tokenizer, self.vocab_size).grammar(schema).deep_copy()
+            self.matchers[row] = vocabulary_for(self.tokenizer, self.vocab_size).grammar(schema).deep_copy()
 
-    def end(self, slot: int) -> bool:
-        """The row in ``slot`` ended; whether it had a grammar."""
-        return self.matchers.pop(slot, None) is not None
+    def end(self, row: Hashable) -> None:
+        """The row ended."""
+        self.matchers.pop(row, None)
 
-    def allowed(self, slots: List[int], device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(the constrained ones among ``slots`` (n,), the tokens each may take next (n, vocab) bool),
-        both on ``device``; None if none is constrained. A matcher that failed (it should not) allows
-        only the stop tokens, which end its row."""
-        constrained = [slot for slot in slots if slot in self.matchers]
+    def allowed(self, rows: Sequence[Hashable]) -> Optional[Tuple[List[int], torch.Tensor]]:
+        """(the indices of the constrained ones among ``rows``, the tokens each may take next (n,
+        vocab) bool); None if none is constrained. A matcher that failed (it should not) allows only
+        the stop tokens, which end its row."""
+        constrained = [i for i, row in enumerate(rows) if row in self.matchers]
         if not constrained:
             return None
         bitmask = llguidance_torch.allocate_token_bitmask(len(constrained), self.vocab_size)  # (n, words) int32
-        matchers = [(self.matchers[slot], i) for i, slot in enumerate(constrained)]
+        matchers = [(self.matchers[rows[index]], i) for i, index in enumerate(constrained)]
         llguidance_torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)  # the rows in parallel, the GIL released
         failed = []
         for matcher, i in matchers:
             if matcher.is_error():
-                logger.warning("slot %d: the grammar failed (%s); the row stops", constrained[i], matcher.get_error())
+                logger.warning("a row's grammar failed (%s); the row stops", matcher.get_error())
                 failed.append(i)
         bits = torch.arange(32, dtype=torch.int32)
         allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]  # (n, vocab)
         for i in failed:
             allowed[i] = False
             allowed[i, list(self.tokenizer.stop_tokens)] = True
-        return torch.tensor(constrained, device=device), allowed.to(device)
+        return constrained, allowed
 
-    def advance(self, slot: int, token: int) -> None:
-        """The row in ``slot`` took ``token``."""
-        matcher = self.matchers.get(slot)
+    def advance(self, row: Hashable, token: int) -> None:
+        """The row took ``token``."""
+        matcher = self.matchers.get(row)
         if matcher is not None and not matcher.is_stopped():
             matcher.consume_token(token)

@@ -17,10 +17,11 @@ Scenarios:
     rank1_raises rank 1 raises before any collective while rank 0 waits for a minute.
     llama3       for each Llama 3 checkpoint (TOKENIZER_PATH "-": the folder's own tokenizer): logits of
                  the first of llama3_inputs, greedy tokens of the second, saved as for generate.
-    engine       the decoding engine with a request admitted while another decodes: first every rank
-                 submits the same requests (generate's way), then rank 0 alone submits and runs them
-                 while the others follow its plans (a server's way) until it shuts down; the tokens
-                 saved to OUT_DIR/rank<R>.pt.
+    engine       the decoding engine, its KV cache pool 3 blocks of 16: a request admitted while another
+                 decodes, then two rows outgrowing the pool together (one is preempted) and a prompt
+                 whose first block is cached: first every rank submits the same requests (generate's
+                 way), then rank 0 alone submits and runs them while the others follow its plans (a
+                 server's way) until it shuts down; the tokens saved to OUT_DIR/rank<R>.pt.
     speculate    greedy tokens and logprobs of REPEATING_PROMPTS with prompt lookup and with the
                  model's own int8 weights as the draft, saved as for generate.
 """
@@ -40,13 +41,14 @@ from llama.options import GenerationOptions
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
 PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
 SAMPLE_SEED = 123
+POOLED_PROMPTS = [PROMPTS[0] + [5, 6, 7], PROMPTS[1]]
 
 
 LLAMA3_MAX_SEQ_LEN = 96
 
 
-def build(ckpt_dir: str, tokenizer_path: str) -> Llama:
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+def build(ckpt_dir: str, tokenizer_path: str, **options) -> Llama:
+    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **options)
 
 
 def sample_after_build(llama: Llama):
@@ -102,7 +104,7 @@ def bad_args(tokenizer_path: str, ckpt_dirs) -> dict:
 
 
 def engine(tokenizer_path: str, ckpt_dirs) -> dict:
-    engine, rank = build(ckpt_dirs[0], tokenizer_path).engine, dist.get_rank()
+    engine, rank = build(ckpt_dirs[0], tokenizer_path, kv_cache_tokens=48).engine, dist.get_rank()
     greedy = GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[])
     torch.manual_seed(SAMPLE_SEED + rank)  # equal samples on every rank come from rank 0's broadcast
     first = engine.submit([PROMPTS[0]], greedy)
@@ -111,7 +113,15 @@ def engine(tokenizer_path: str, ckpt_dirs) -> dict:
     second = engine.submit([PROMPTS[1]], GenerationOptions(max_gen_len=8, temperature=1.0, stop_tokens=[]))
     while not (first.done and second.done):
         engine.step()
-    results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None}
+    longer = GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[], logprobs=True)
+    pooled = [engine.submit([prompt], longer) for prompt in POOLED_PROMPTS]  # 2 blocks each, 3 in the pool
+    while not all(request.done for request in pooled):
+        engine.step()
+    cached = engine.submit([POOLED_PROMPTS[0] + pooled[0].tokens[0][:15]], longer)  # its first block is cached
+    while not cached.done:
+        engine.step()
+    results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None, "pooled": [r.results() for r in pooled + [cached]],
+               "preemptions": engine.preemptions, "cached_tokens": cached.cached_tokens}
     if rank == 0:
         first = engine.submit([PROMPTS[1]], greedy)
         engine.step()

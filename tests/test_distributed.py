@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
-from distributed_worker import PROMPTS, SAMPLE_SEED, TOKENS, sample_after_build
+from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, TOKENS, sample_after_build
 from llama import cpu_kernels
 from llama.checkpoint import model_shapes
 from llama.distributed import BACKEND_ENV, resolve_backend
@@ -175,6 +175,14 @@ def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_fol
     assert ranks[0]["every_rank"] == ranks[1]["every_rank"]  # rank 1's own draws were overruled
     assert ranks[0]["every_rank"][0] == alone[0]
     assert ranks[0]["served"] == [alone[1], alone[0]]
+    # the pool of 3 blocks: a row was preempted and recomputed, then a prompt took a cached block, on both ranks alike
+    assert ranks[0]["preemptions"] == ranks[1]["preemptions"] > 0 and ranks[0]["cached_tokens"] == ranks[1]["cached_tokens"] == 16
+    prompts = POOLED_PROMPTS + [POOLED_PROMPTS[0] + ranks[0]["pooled"][0][0][0][:15]]
+    for prompt, *theirs in zip(prompts, ranks[0]["pooled"], ranks[1]["pooled"]):
+        tokens, logprobs = llama.generate([prompt], max_gen_len=20, temperature=0, stop_tokens=[], logprobs=True)
+        for (their_tokens, their_logprobs) in theirs:
+            assert their_tokens == tokens
+            assert torch.allclose(torch.tensor(their_logprobs), torch.tensor(logprobs), atol=1e-4)
 
 
 def test_speculative_decoding_under_torchrun_gives_every_rank_plain_greedy_tokens(checkpoints, tokenizer_path, tmp_path):

@@ -20,4 +20,5 @@ def test_gpu_bench_dry_run_passes_every_check_prints_each_mode_and_skips_nothing
     assert "ok: torchrun --nproc_per_node 1 (gloo)" in result.stdout
     assert "ok: speculative decoding (exit 0" in result.stdout and "ok: server, mixed workload (exit 0" in result.stdout
     assert "skipped" not in result.stdout
+    assert any(line.startswith("the KV cache pool: bf16, 64 slots") for line in lines), result.stdout
     assert "FAILED" not in result.stdout

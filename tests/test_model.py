@@ -67,10 +67,11 @@ def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama
     assert torch.equal(feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float())
 
 
-def test_kv_cache_is_preallocated_in_model_dtype(llama_and_state):
+def test_kv_cache_is_a_pool_of_blocks_preallocated_in_model_dtype(llama_and_state):
     llama, _ = llama_and_state
     cache = llama.model.layers[0].attention.cache_k
-    assert cache.shape == (4, SMALL_PARAMS["n_kv_heads"], 128, 8)  # heads before positions
+    # 4 rows x 128 positions by default, in blocks of 16, and the scratch block; heads before positions
+    assert cache.shape == (1 + 4 * 128 // 16, SMALL_PARAMS["n_kv_heads"], 16, 8)
     assert cache.dtype == torch.float32
 
 

@@ -567,6 +567,17 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     assert 0 < after[f"{ttft}_sum"] - before[f"{ttft}_sum"] < 30
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_and_metrics_the_pool_and_hit_rate(server, client):
+    prompt = PROMPTS[1] * 4
+    first, second = (client.completions.create(model="tiny-stdlib", prompt=prompt, max_tokens=2, temperature=0) for _ in range(2))
+    n = second.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0  # whole blocks, its last token computed
+    assert second.choices[0].text == first.choices[0].text
+    pool = metrics(server)
+    assert pool["llama_prefix_cache_hit_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < pool["llama_prefix_cache_hit_rate"] <= 1 and pool["llama_kv_cache_blocks_used"] == 0
+
+
 def test_what_common_clients_send_is_accepted(client, llama):
     """The fields OpenAI clients and front-ends send by default, at values that change nothing: a
     developer message is the system message, text parts are joined by newlines."""
@@ -666,13 +677,13 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
     greedy or sampled, penalties or none, no logprobs, logprobs or 20 alternatives, one row or two
     (one pair to the last position of the cache), with a grammar or not, adds no graph, and a
     grammar's greedy answer is the eager one's. SIGTERM lets a running stream end."""
-    max_seq_len = 32
+    max_seq_len = 64  # a bucket of two 16-token blocks, and the whole row
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
     server = Server(command, tmp_path / "log", start_timeout=600)
     try:
         log = server.log()
-        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [16, 32] in") < log.index("serving tiny-stdlib")
+        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [32, 64] in") < log.index("serving tiny-stdlib")
         graphs = metrics(server)["llama_compiled_graphs"]
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
         prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))

@@ -84,10 +84,11 @@ def test_a_llama3_vocabulary_spells_valid_json_under_the_mask(llama3_tokenizer):
     constraints = Constraints(tokenizer, tokenizer.n_words)
     rng, stops = random.Random(0), set(tokenizer.stop_tokens)
     for walk in range(4):
+        constraints.end(0)
         constraints.start(0, SCHEMAS[0], False)
         tokens = []
         while True:
-            allowed = constraints.allowed([0], torch.device("cpu"))[1][0].nonzero()[:, 0].tolist()
+            allowed = constraints.allowed([0])[1][0].nonzero()[:, 0].tolist()
             token = rng.choice(allowed)
             constraints.advance(0, token)
             if token in stops:

@@ -73,6 +73,8 @@ def main(
     draft_quantize: Optional[str] = None,
     adapter_dir: Optional[str] = None,
     shutdown_timeout: float = 10.0,
+    kv_cache_tokens: Optional[int] = None,
+    no_prefix_cache: bool = False,
 ):
     """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), on one process or under torchrun.
@@ -116,8 +118,11 @@ def main(
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir)
-    llama.engine = engine = Engine(llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft)  # the server's policy
+                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir, kv_cache_tokens=kv_cache_tokens)
+    llama.engine = engine = Engine(  # the server's policy
+        llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft,
+        prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize} {llama.adapter_id}",
+    )
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
     engine.warm_up(MAX_TOP_LOGPROBS)  # on every rank: no request waits for a compile
     engine.constraints.check(None, json_object=True)  # the vocabulary grammars read, built before the first JSON request

@@ -166,7 +166,7 @@ async def whole(job: Job, request, http: Request, token_bytes, metrics: Metrics,
         return error_response(shutting_down())
     if "error" in reasons.values():
         return error_response(generation_failed())
-    counts = job.usage(sum(map(len, request.tokens)))
+    counts = job.usage(sum(map(len, request.tokens)), request.cached_tokens)
     return JSONResponse(whole_answer(job, texts, reasons, tokens, token_bytes, counts))
 
 
@@ -178,7 +178,7 @@ async def stream_events(job: Job, request, token_bytes, metrics: Metrics, schedu
         async for delta in deltas(job, request, metrics):
             yield b"".join(event(chunk) for chunk in chunks.of(delta))
         if job.include_usage:
-            yield event(usage_chunk(job, job.usage(sum(map(len, request.tokens)))))
+            yield event(usage_chunk(job, job.usage(sum(map(len, request.tokens)), request.cached_tokens)))
         yield b"data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         hung_up(job, request)

@@ -10,11 +10,19 @@ kept by ``prometheus_client`` in a registry of the server's own (no process or p
     llama_compiled_graphs                      graphs torch.compile made in this process: with --compile, all
                                                of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
+    llama_kv_cache_blocks, _used               the KV cache pool's blocks, and those rows hold now
+    llama_prefix_cache_queried_tokens_total    prompt tokens looked up in the prefix cache, and
+    llama_prefix_cache_hit_tokens_total        those found there (their ratio is the hit rate)
+    llama_prefix_cache_hit_rate                hit tokens / queried tokens since the start
+    llama_preemptions_total                    rows that gave their blocks back to a full pool
 
 The gauges are read from the scheduler when scraped.
 """
 
+from typing import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)  # seconds
@@ -26,7 +34,8 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 
 class Metrics:
     """The server's metrics in their own registry, safe to update from any thread. ``scheduler``
-    gives the gauges (``queue_length()``, ``running_slots()``, ``slots``)."""
+    gives the gauges (``queue_length()``, ``running_slots()``, ``slots``, ``compiled_graphs()``, and
+    its engine's ``pool_use()``)."""
 
     def __init__(self, scheduler):
         self.registry = registry = CollectorRegistry()
@@ -37,6 +46,7 @@ class Metrics:
         Gauge("llama_running_slots", "Slots (rows of the KV cache) decoding now.", registry=registry).set_function(scheduler.running_slots)
         Gauge("llama_slots", "Slots in all.", registry=registry).set_function(lambda: scheduler.slots)
         Gauge("llama_compiled_graphs", "Graphs torch.compile made in this process.", registry=registry).set_function(scheduler.compiled_graphs)
+        registry.register(PoolCollector(scheduler.engine))
         self.time_to_first_token = Histogram(
             "llama_time_to_first_token_seconds", "Seconds from a request's acceptance to its first generated token.",
             buckets=TTFT_BUCKETS, registry=registry,
@@ -55,3 +65,20 @@ class Metrics:
     def render(self) -> bytes:
         """The exposition text."""
         return generate_latest(self.registry)
+
+
+class PoolCollector:
+    """The KV cache pool's gauges and counters, read from the engine's ``pool_use()`` when scraped."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.engine.pool_use()
+        yield GaugeMetricFamily("llama_kv_cache_blocks", "Blocks of the KV cache pool.", pool["blocks"])
+        yield GaugeMetricFamily("llama_kv_cache_blocks_used", "Blocks of the pool held by rows now.", pool["used_blocks"])
+        yield CounterMetricFamily("llama_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", pool["queried_tokens"])
+        yield CounterMetricFamily("llama_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", pool["hit_tokens"])
+        rate = pool["hit_tokens"] / pool["queried_tokens"] if pool["queried_tokens"] else 0.0
+        yield GaugeMetricFamily("llama_prefix_cache_hit_rate", "Hit tokens / queried tokens since the start.", rate)
+        yield CounterMetricFamily("llama_preemptions", "Rows preempted from a full pool.", pool["preemptions"])

@@ -55,10 +55,12 @@ class Job:
     def rows(self) -> int:
         return len(self.prompt_tokens) * self.options.num_return_sequences
 
-    def usage(self, completion_tokens: int) -> dict:
-        """OpenAI's usage: each prompt counted once, whatever its number of samples."""
+    def usage(self, completion_tokens: int, cached_tokens: int) -> dict:
+        """OpenAI's usage: each prompt counted once, whatever its number of samples; ``cached_tokens``
+        of them were found in the prefix cache."""
         prompt_tokens = sum(len(tokens) for tokens in self.prompt_tokens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def parse_completion(body: CompletionRequest, llama, model: str) -> Job:

@@ -1,0 +1,452 @@
+"""The decoding engine: slots (the most rows decoded at once) that requests come into and leave between
+steps, over a KV cache pool of blocks the rows share. Every generation in this project runs here:
+``Llama.generate``, the text and chat calls, the streams and the server. Its rooms:
+
+- ``llama.engine.requests``: a request is one or more rows (a prompt repeated
+  ``num_return_sequences`` times), each with the request's ``GenerationOptions``; row j of a prompt
+  with a seed draws from seed + j.
+- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans: the
+  cancellations, the blocks each decoding row writes into (preempting the newest rows when the pool
+  is full), and the admissions, while rows fit the free slots and the pool ("continuous"), or only
+  when every slot is free ("static": one batch at a time, the policy of a server without continuous
+  batching, kept so the gain can be measured).
+- ``llama.engine.block_manager``: the pool's blocks, and the prefix cache: a new row takes the blocks
+  of the longest prefix of its prompt an earlier row computed.
+- ``llama.engine.runner``: a step prefills the admitted rows (while other rows decode, in chunks of at
+  most ``prefill_chunk`` tokens in all, so a long prompt delays the running rows by at most one
+  chunk per step; into an idle engine, every prompt in one pass: ``generate``'s batch). A row whose
+  prompt is complete samples its first token, and decodes from the next step on. Then every running
+  row decodes one token (or speculates). A row leaves the moment it ends (stop token, stop string,
+  its ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): it gets a
+  matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
+  before each step, and each token it takes advances its matcher.
+- Each row's position lives on the device (``Runner.positions``) and on the host (``Row.position``),
+  so a step could advance a row by any number of tokens.
+- Under torchrun every rank runs an engine. Rank 0 plans each step (admissions, cancellations,
+  preemptions and every changed block table) and broadcasts the plan (``StepPlan``) before the step;
+  the sampled tokens are broadcast from rank 0 inside the step, so every rank writes the same tokens
+  into the same blocks (its heads of them). In-process callers (``generate`` under torchrun) submit
+  the same requests on every rank, in the same order; a server submits on rank 0 only and the other
+  ranks ``follow``.
+
+Threads: ``submit``, ``Request.cancel``, ``Request.updates`` and the metrics properties may be
+called from any thread; ``step``, ``run``, ``follow`` and ``run_until_done`` from the one thread
+that owns the model.
+"""
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Iterator, List, Optional, Set, Tuple
+
+import torch
+import torch.distributed as dist
+
+from llama.engine.block_manager import BlockManager
+from llama.engine.requests import Request, Row, RowDelta  # noqa: F401 (the engine's public names)
+from llama.engine.runner import Features, Runner
+from llama.engine.scheduler import Scheduler, StepPlan
+from llama.model import Transformer
+from llama.options import GenerationOptions, check_batch_size, check_prompts
+from llama.parallel import model_parallel_world_size
+from llama.structured import Constraints
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """The slots of one model and the loop that fills and decodes them. See the module docstring.
+
+    Args:
+        model: the model; ``params.max_batch_size`` slots of at most ``params.max_seq_len``
+            positions each, in a pool of ``params.kv_cache_tokens``.
+        tokenizer: for EOS, stop strings and the text of each row; None for an engine whose requests
+            all give ``stop_tokens`` and ask for no text (benchmarks).
+        compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (on
+            CUDA, replayed as CUDA graphs).
+        admission: "continuous" (admit into free slots between steps) or "static" (admit only into
+            an empty batch).
+        prefill_chunk: most prompt tokens prefilled per step while rows decode.
+        heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
+        draft: a smaller model with the same vocabulary and cache sizes, for requests with
+            ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
+        prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows.
+        cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Optional[Tokenizer],
+        compile: bool = False,
+        admission: str = "continuous",
+        prefill_chunk: int = 256,
+        heartbeat_seconds: float = 10.0,
+        draft: Optional[Transformer] = None,
+        prefix_cache: bool = True,
+        cache_salt: str = "",
+    ):
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        params = model.params
+        blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
+        self.scheduler = Scheduler(params.max_batch_size, params.max_seq_len, blocks, admission)
+        self.runner = Runner(model, params.max_batch_size, compile, draft)
+        self.constraints = Constraints(tokenizer, params.vocab_size)  # the grammars of rows with json_schema / json_object
+        self.model, self.draft, self.tokenizer = model, draft, tokenizer
+        self.prefill_chunk, self.heartbeat_seconds = prefill_chunk, heartbeat_seconds
+        self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
+        self.ids = itertools.count()
+        self.stopping = threading.Event()
+        self.distributed = model_parallel_world_size() > 1
+
+    # --- any thread -------------------------------------------------------------------------------
+
+    def submit(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens", stream_text: bool = True) -> Request:
+        """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
+        prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
+        rows fit ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in
+        errors ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it
+        comes (``RowDelta.text``); without it only stop strings need it. Thread-safe; wakes ``run``.
+
+        Returns:
+            The ``Request``, waiting for slots.
+
+        Raises:
+            ValueError, TypeError: a prompt or an option the model cannot take, or the engine is
+                shutting down.
+        """
+        params = self.model.params
+        if not isinstance(options, GenerationOptions):
+            raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
+        options.check_vocabulary(params.vocab_size)
+        options.check_draft(self.draft is not None)
+        self.constraints.check(options.json_schema, options.json_object)
+        check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
+        check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
+        self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, params.kv_cache_tokens)
+        if self.stopping.is_set():
+            raise ValueError("the engine is shutting down: it takes no new requests")
+        rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
+        with self.scheduler.arrived:
+            request = Request(next(self.ids), rows, options, self.tokenizer, params.max_seq_len, stream_text)
+            self.scheduler.waiting.append(request)
+            self.scheduler.arrived.notify()
+        return request
+
+    @property
+    def arrived(self) -> threading.Condition:
+        """The queue's lock and condition: while a caller holds it, no step admits a request."""
+        return self.scheduler.arrived
+
+    @property
+    def max_slots(self) -> int:
+        """The number of slots: ``max_batch_size``."""
+        return len(self.scheduler.slots)
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for slots."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def running_slots(self) -> int:
+        """Slots holding a row (prefilling or decoding)."""
+        return len(self.scheduler.running)
+
+    @property
+    def preemptions(self) -> int:
+        """Rows preempted since the start."""
+        return self.scheduler.preemptions
+
+    @property
+    def compile_seconds(self) -> Optional[float]:
+        """The first compiled decode step's time, compilation included (None before it)."""
+        return self.runner.compile_seconds
+
+    def pool_use(self) -> dict:
+        """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
+        and found there, and the preemptions, since the start (rank 0's)."""
+        blocks = self.scheduler.blocks
+        return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
+                    hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
+
+    def warm_up(self, max_top_logprobs: int = 0) -> float:
+        """Compile every graph the compiled decode step can need (``Runner.warm_up``), so that no
+        request waits for a compile; the seconds it took (0 when not compiled)."""
+        return self.runner.warm_up(max_top_logprobs)
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current step: every request, running or waiting, is
+        cancelled (finish reason "cancelled"), and followers are told to shut down. Safe in a signal
+        handler."""
+        self.stopping.set()
+
+    # --- the thread that owns the model -----------------------------------------------------------
+
+    def step(self) -> bool:
+        """One step: plan, prefill one chunk, decode one token per running row, publish each
+        request's deltas. Under torchrun rank 0 broadcasts the step's plan first and the other ranks
+        run it. Returns whether there was anything to do."""
+        if self.distributed and dist.get_rank() != 0:
+            return self.execute(receive_plan())
+        plan = self.scheduler.plan()
+        if self.distributed:
+            broadcast_plan(plan)
+        return self.execute(plan)
+
+    def run_until_done(self, request: Request) -> Iterator[List[RowDelta]]:
+        """Run steps until ``request`` is done, yielding its deltas after each step that changed it
+        (the streams' and ``generate``'s loop, on the caller's thread)."""
+        while True:
+            self.step()
+            while True:
+                try:
+                    deltas = request.deltas.get_nowait()
+                except queue.Empty:
+                    break
+                if deltas is None:
+                    return
+                yield deltas
+
+    def run(self) -> None:
+        """Rank 0's serving loop: steps while there is work; idle, waits for ``submit`` (no
+        spinning) and under torchrun broadcasts a heartbeat every ``heartbeat_seconds``; returns
+        after ``stop``, having cancelled every request and told the followers."""
+        scheduler = self.scheduler
+        last_broadcast = time.monotonic()
+        while not self.stopping.is_set():
+            if scheduler.waiting or scheduler.running or scheduler.preempted:
+                try:
+                    self.step()
+                except Exception:
+                    if self.distributed:  # the other ranks' state is unknown: stop them all
+                        raise
+                    logger.exception("a step failed: its requests end with finish reason 'error', serving goes on")
+                    self.fail_step()
+                last_broadcast = time.monotonic()
+                continue
+            with scheduler.arrived:
+                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.heartbeat_seconds))
+            if self.distributed and time.monotonic() - last_broadcast >= self.heartbeat_seconds:
+                broadcast_plan(StepPlan("heartbeat"))
+                last_broadcast = time.monotonic()
+        with scheduler.arrived:
+            for request in set(scheduler.waiting) | scheduler.requests():
+                request.cancel()
+        self.step()  # cancels what runs and what was preempted, withdraws what waits
+        if self.distributed:
+            broadcast_plan(StepPlan("shutdown"))
+
+    def fail_step(self) -> None:
+        """After a step raised: every request it held (running, preempted, or taken from the queue)
+        ends with finish reason "error" and frees its slots and blocks; the requests still waiting
+        are untouched."""
+        for request in self.scheduler.requests() | self.in_step:
+            for row in request.rows:
+                if row.slot is not None:
+                    self.end(request, row, "error")
+                elif row.finish_reason is None:
+                    request.finish(row, "error")
+                    self.constraints.end(row)
+            request.publish()
+        self.scheduler.forget_ended()
+        self.in_step = set()
+
+    def follow(self) -> None:
+        """A rank > 0's serving loop: runs each step rank 0 plans, until rank 0 shuts down. It waits
+        in the broadcast, which rank 0's heartbeats keep from timing out."""
+        while True:
+            plan = receive_plan()
+            if plan.kind == "shutdown":
+                logger.info("rank %d: rank 0 shut down", dist.get_rank())
+                return
+            self.execute(plan)
+
+    # --- a step -----------------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> bool:
+        """Run one step as ``plan`` says; publish what changed. Returns whether anything ran."""
+        if plan.kind != "step":
+            return False
+        scheduler, touched = self.scheduler, set()
+        waiting = scheduler.take(set(plan.withdrawn) | {admission[0] for admission in plan.admissions})
+        self.in_step = set(waiting.values())
+        for request_id in plan.withdrawn:
+            if request_id in waiting:
+                for row in waiting[request_id].rows:
+                    waiting[request_id].finish(row, "cancelled")
+                touched.add(waiting[request_id])
+        for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
+            request = scheduler.owners[slot]
+            if reason == "length":
+                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
+            self.end(request, scheduler.slots[slot], reason)
+            touched.add(request)
+        for request, row in scheduler.drop(plan.dropped):
+            request.finish(row, "cancelled")
+            self.constraints.end(row)
+            touched.add(request)
+        for slot in plan.preemptions:
+            logger.info("a row is preempted at position %d: the KV cache pool is full", scheduler.slots[slot].position)
+            self.runner.free(slot)
+            scheduler.preempt(scheduler.slots[slot])
+        for request_id, index, slot in plan.resumptions:
+            request, row = scheduler.resume(request_id, index)
+            self.runner.set_rows(request.options, [slot], [row])
+            row.prefilled = plan.cached.get(slot, 0)
+            scheduler.take_slot(request, row, slot)
+        for request_id, prompts, options, stream_text, slots in plan.admissions:
+            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
+            self.admit(request, slots, plan)
+            touched.add(request)
+        for slot, blocks in plan.tables.items():
+            if scheduler.slots[slot] is not None:
+                self.runner.set_table(slot, blocks)
+        decoding = [row for row in scheduler.running if row.decoding]
+        with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
+            self.prefill(touched)
+            if decoding:
+                self.decode(decoding, touched)
+        scheduler.register_written()
+        for request in touched:
+            request.publish()
+        scheduler.forget_ended()
+        self.in_step = set()
+        return bool(touched)
+
+    def admit(self, request: Request, slots: List[int], plan: StepPlan) -> None:
+        """Give each row of ``request`` its slot and the slot its settings; a row with no room to
+        generate ends at once (unless its prompt is to be scored)."""
+        request.admitted_at = time.monotonic()
+        scored = request.options.echo and request.options.logprobs
+        self.runner.set_rows(request.options, slots, request.rows)
+        for row, slot in zip(request.rows, slots):
+            if len(row.prompt) >= row.limit and not scored:
+                request.finish(row, "length")
+                self.scheduler.blocks.release(row.table)
+                continue
+            row.cached = row.prefilled = plan.cached.get(slot, 0)
+            self.constraints.start(row, request.options.json_schema, request.options.json_object)
+            self.scheduler.take_slot(request, row, slot)
+
+    def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
+        """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
+        if reason is not None:
+            request.finish(row, reason)
+        self.scheduler.release(row)
+        self.constraints.end(row)
+        self.runner.free(row.slot)
+        self.scheduler.free_slot(row)
+
+    def prefill(self, touched: Set[Request]) -> None:
+        """The next chunk of the oldest admitted rows' prefills, in one pass; the rows whose prompt is
+        complete sample their first token (a resumed row decodes on from its last)."""
+        busy = any(row.decoding for row in self.scheduler.running)  # else no one waits: one pass
+        batch: List[Tuple[Row, int]] = []  # (row, its chunk's length)
+        width = 0
+        for row in self.scheduler.prefilling:
+            n = len(row.target) - row.prefilled
+            if busy:
+                n = min(n, self.prefill_chunk)
+                if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+                    break
+            batch.append((row, n))
+            width = max(width, n)
+        if not batch:
+            return
+        last = self.runner.prefill(batch)
+        first = []
+        for i, (row, n) in enumerate(batch):
+            row.prefilled += n
+            if row.prefilled < len(row.target):
+                continue
+            self.scheduler.prefilling.remove(row)
+            request = self.scheduler.owners[row.slot]
+            if row.tokens:  # resumed after a preemption
+                self.runner.resume(row)
+                row.decoding = True
+            elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
+                self.end(request, row, "length")
+                touched.add(request)
+            else:
+                first.append(i)
+        if first:
+            rows = [batch[i][0] for i in first]
+            self.fill_allowed(rows)
+            values, features = self.runner.first_tokens(rows, last[first])
+            self.record(rows, values, features, touched)
+            for row in rows:
+                row.decoding = row.slot is not None
+
+    def decode(self, rows: List[Row], touched: Set[Request]) -> None:
+        """One token for each decoding row, or a speculative step when a row speculates (and none
+        follows a grammar, which takes one token a step)."""
+        if any(row.options.speculate for row in rows) and not any(row.options.constrained for row in rows):
+            values, n, features = self.runner.speculate(rows)
+            return self.record_speculation(rows, values, n, features, touched)
+        self.fill_allowed(rows)
+        values, features = self.runner.decode(rows)
+        self.record(rows, values, features, touched)
+
+    def fill_allowed(self, rows: List[Row]) -> None:
+        """Each constrained row's next allowed tokens into the runner's mask (the others allow all)."""
+        masks = self.constraints.allowed(rows)
+        if masks is not None:
+            indices, allowed = masks
+            self.runner.set_allowed([rows[i].slot for i in indices], allowed)
+
+    def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
+        """Each row learns its token (``pack``'s columns), and ends if it must."""
+        for row, value in zip(rows, values):
+            self.record_token(row, value, features, touched)
+
+    def record_token(self, row: Row, value: List[float], features: Features, touched: Set[Request]) -> bool:
+        """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
+        k = features.alternatives
+        token, *rest = value
+        request = self.scheduler.owners[row.slot]
+        options = request.options
+        logprob = rest[0] if options.logprobs else None
+        alternatives = None
+        if options.top_logprobs:
+            ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
+            alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
+        self.constraints.advance(row, int(token))
+        request.record(row, int(token), logprob, alternatives)
+        touched.add(request)
+        if row.finish_reason is None:
+            return False
+        self.end(request, row)
+        return True
+
+    def record_speculation(self, rows: List[Row], values: List[List[float]], n: int, features: Features, touched: Set[Request]) -> None:
+        """Each row learns its accepted proposals and the token after them, one by one, until it ends;
+        the slots' last tokens, positions, seen tokens and counts follow. values: per slot, the
+        accepted count, then ``pack``'s columns for each of the n verified positions."""
+        emitted, lasts = [], []
+        for row in rows:
+            slot, (accepted, *columns) = row.slot, values[row.slot]
+            row.accepted += int(accepted)
+            size = len(columns) // n
+            for i in range(int(accepted) + 1):
+                value = columns[i * size : (i + 1) * size]
+                emitted.append((slot, int(value[0])))
+                if self.record_token(row, value, features, touched):
+                    break
+            lasts.append((slot, emitted[-1][1], row.position))
+        self.runner.advance(emitted, lasts)
+
+
+def broadcast_plan(plan: StepPlan) -> None:
+    dist.broadcast_object_list([plan], src=0)
+
+
+def receive_plan() -> StepPlan:
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,259 @@
+"""A request and its rows: what each row holds on the host (its prompt, its blocks, where it is, what it
+generated, why it ended), and the deltas a request publishes to whoever waits on it.
+
+Threads: ``Request``'s readers (``tokens``, ``finish_reasons``, ``updates`` ...) and ``cancel`` may be
+called from any thread; the engine's side (``record``, ``finish``, ``publish``) from the engine's.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Set, Tuple
+
+from llama.engine.block_manager import BlockTable
+from llama.options import GenerationOptions
+from llama.speculative import NgramIndex
+from llama.streaming import TextStream, cut_at_stop
+from llama.tokenizer import Tokenizer
+
+
+@dataclass
+class RowDelta:
+    """What one row of a request produced in one step.
+
+    row: the row's index in its request (prompt i's sample j is row i*n + j).
+    text: the text that became final ("" if none: a stop string or a multi-byte character may be
+        pending; always "" for a request submitted without ``stream_text``); after the row ends,
+        the rest of its text.
+    tokens: the new token ids (those that spell the text, after a stop string; never a stop token).
+    logprobs: their log-probabilities (the model's distribution, before any sampling option) when
+        the request asked for ``logprobs``, else [].
+    top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
+    finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
+        loop's step failed).
+    """
+
+    row: int
+    text: str
+    tokens: List[int]
+    logprobs: List[float]
+    top_logprobs: List[List[Tuple[int, float]]]
+    finish_reason: Optional[str]
+
+
+class Row:
+    """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
+
+    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream], options: GenerationOptions):
+        self.index = index
+        self.options = options
+        self.prompt = prompt
+        self.limit = limit  # its output ends by this position
+        self.stream = stream
+        self.slot: Optional[int] = None
+        self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
+        self.target = prompt  # the tokens its prefill puts in the cache: the prompt, or after a preemption all but the last
+        self.cached = 0  # prompt tokens found in the prefix cache at admission
+        self.prefilled = 0  # target tokens in the cache
+        self.decoding = False  # its prompt is in the cache and it has a token to decode from
+        self.position = len(prompt) - 1  # where its last token sits: the next decode step's input
+        self.tokens: List[int] = []  # generated, up to the one that completed a stop string
+        self.kept: Optional[int] = None  # after a stop string: how many of them spell the text
+        self.logprobs: List[float] = []
+        self.top_logprobs: List[List[Tuple[int, float]]] = []
+        self.prompt_logprobs: List[float] = [0.0]  # with echo and logprobs; nothing predicts BOS
+        self.finish_reason: Optional[str] = None
+        self.sent = 0  # tokens already in a delta
+        self.closed = False  # its last delta, with its finish reason, is out
+        self.lookup: Optional[NgramIndex] = None  # prompt lookup's index of its tokens
+        self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
+        self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
+
+    @property
+    def sequence(self) -> List[int]:
+        """Its prompt and its generated tokens (all of them: the row ends at a stop)."""
+        return self.prompt + self.tokens
+
+    @property
+    def written(self) -> int:
+        """Positions whose keys and values are in the cache: below the next input's."""
+        return self.position if self.decoding else self.prefilled
+
+    @property
+    def returned(self) -> int:
+        """How many generated tokens it returns."""
+        return len(self.tokens) if self.kept is None else self.kept
+
+
+class Request:
+    """One submitted request: its rows and what they generated so far. Made by ``Engine.submit``.
+
+    Read from any thread: ``finish_reasons``, ``done``, ``tokens``, ``logprobs``, ``top_logprobs``,
+    ``texts``; ``updates()`` yields each step's ``RowDelta``s as they come (blocking), for a thread
+    that does not run the engine; ``cancel()`` ends rows at the next step. ``submitted_at``,
+    ``admitted_at`` and ``first_token_at`` are ``time.monotonic()`` readings (None until then).
+    """
+
+    def __init__(self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer, max_seq_len: int, stream_text: bool):
+        self.id = id
+        self.prompt_tokens = prompt_tokens  # one list per row
+        self.options = options
+        self.stream_text = stream_text
+        self.tokenizer = tokenizer
+        self.stop_tokens = set(tokenizer.stop_tokens if options.stop_tokens is None else options.stop_tokens)
+        max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
+        streams = stream_text or bool(options.stop_strings)
+        self.rows = [
+            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None, options)
+            for i, prompt in enumerate(prompt_tokens)
+        ]
+        self.lock = threading.Lock()
+        self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
+        self.deltas: "queue.Queue[Optional[List[RowDelta]]]" = queue.Queue()  # None: the end
+        self.submitted_at = time.monotonic()
+        self.admitted_at: Optional[float] = None
+        self.first_token_at: Optional[float] = None
+
+    @property
+    def n_rows(self) -> int:
+        """How many rows (slots) the request needs."""
+        return len(self.rows)
+
+    @property
+    def prompt_lens(self) -> List[int]:
+        """Each row's prompt length."""
+        return [len(row.prompt) for row in self.rows]
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache when first admitted (not computed), each prompt
+        counted once (its first row's), as OpenAI's usage counts prompt tokens."""
+        return sum(row.cached for row in self.rows[:: self.options.num_return_sequences])
+
+    @property
+    def finish_reasons(self) -> List[Optional[str]]:
+        """Per row: None while waiting or running, then "stop", "length", "cancelled" or "error"."""
+        with self.lock:
+            return [row.finish_reason for row in self.rows]
+
+    @property
+    def done(self) -> bool:
+        """Every row has ended (finished or cancelled)."""
+        return all(reason is not None for reason in self.finish_reasons)
+
+    @property
+    def tokens(self) -> List[List[int]]:
+        """Each row's generated tokens so far (after a stop string, those that spell the text)."""
+        with self.lock:
+            return [row.tokens[: row.returned] for row in self.rows]
+
+    @property
+    def logprobs(self) -> List[List[float]]:
+        """Each row's generated tokens' logprobs so far (needs ``logprobs=True``)."""
+        with self.lock:
+            return [row.logprobs[: row.returned] for row in self.rows]
+
+    @property
+    def top_logprobs(self) -> List[List[List[Tuple[int, float]]]]:
+        """Per row, per generated token so far, the k most likely (token id, logprob) pairs (needs
+        ``top_logprobs=k``)."""
+        with self.lock:
+            return [row.top_logprobs[: row.returned] for row in self.rows]
+
+    def cancel(self, row: Optional[int] = None) -> None:
+        """End ``row`` (None: every row) at the next step, keeping the tokens it has; its finish
+        reason becomes "cancelled". Thread-safe. Under torchrun rank 0's cancellations count.
+
+        Raises:
+            ValueError: ``row`` is not one of the request's rows.
+        """
+        if row is not None and not (isinstance(row, int) and 0 <= row < self.n_rows):
+            raise ValueError(f"row must be in [0, {self.n_rows}), got {row!r}")
+        with self.lock:
+            self.cancelled.update(range(self.n_rows) if row is None else [row])
+
+    def updates(self, timeout: Optional[float] = None) -> Iterator[List[RowDelta]]:
+        """Each step's deltas (one list per step that changed something), until every row has ended;
+        the last list holds each row's final delta with its finish reason. Blocks between steps, for
+        a thread other than the engine's. ``timeout``: seconds to wait for one step before raising
+        ``TimeoutError``; None waits for ever."""
+        while True:
+            try:
+                deltas = self.deltas.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no step in {timeout} s") from None
+            if deltas is None:
+                return
+            yield deltas
+
+    def texts(self) -> List[str]:
+        """Each row's text (its prompt's too with ``echo``), cut before the first stop string."""
+        texts = []
+        for row in self.rows:
+            prompt = row.prompt if self.options.echo else []
+            prompt_chars = len(self.tokenizer.decode(prompt)) if prompt else 0
+            texts.append(cut_at_stop(self.tokenizer.decode(prompt + row.tokens), self.options.stop_strings, prompt_chars))
+        return texts
+
+    def results(self):
+        """(tokens, logprobs[, top_logprobs]) per row, as ``Llama.generate`` returns them: with
+        ``echo`` the prompt's tokens (and logprobs, BOS's 0) come first."""
+        echo, tokens = self.options.echo, self.tokens
+        tokens = [(row.prompt if echo else []) + generated for row, generated in zip(self.rows, tokens)]
+        logprobs = None
+        if self.options.logprobs:
+            logprobs = [(row.prompt_logprobs if echo else []) + generated for row, generated in zip(self.rows, self.logprobs)]
+        if not self.options.top_logprobs:
+            return tokens, logprobs
+        return tokens, logprobs, self.top_logprobs
+
+    # --- the engine's side ------------------------------------------------------------------------
+
+    def record(self, row: Row, token: int, logprob: Optional[float], alternatives: Optional[list]) -> None:
+        """Learn the token the row just sampled, at ``row.position + 1``; end the row if it must."""
+        with self.lock:
+            row.position += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if token in self.stop_tokens:
+                row.finish_reason = "stop"
+                return
+            row.tokens.append(token)
+            if logprob is not None:
+                row.logprobs.append(logprob)
+            if alternatives is not None:
+                row.top_logprobs.append(alternatives)
+            if row.stream is not None:
+                row.stream.push(token)
+                if row.stream.stopped:
+                    row.kept, row.finish_reason = row.stream.covering_tokens(), "stop"
+                    return
+            if row.position + 1 >= row.limit:
+                row.finish_reason = "length"
+
+    def finish(self, row: Row, reason: str) -> None:
+        with self.lock:
+            row.finish_reason = reason
+
+    def publish(self) -> None:
+        """Put the rows' news since the last call on ``deltas``, and the end once every row ended."""
+        deltas = []
+        with self.lock:
+            for row in self.rows:
+                if row.closed:
+                    continue
+                ended = row.finish_reason is not None
+                text = "" if row.stream is None or not self.stream_text else (row.stream.close() if ended else row.stream.read())
+                end = row.returned
+                if text or end > row.sent or ended:
+                    deltas.append(RowDelta(
+                        row.index, text, row.tokens[row.sent : end], row.logprobs[row.sent : end],
+                        row.top_logprobs[row.sent : end], row.finish_reason,
+                    ))
+                row.sent, row.closed = max(row.sent, end), ended
+            ended = all(row.closed for row in self.rows)
+        if deltas:
+            self.deltas.put(deltas)
+        if ended:
+            self.deltas.put(None)

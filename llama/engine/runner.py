@@ -1,0 +1,484 @@
+"""One step on the model, over the state the device keeps per slot: each row's last token and its
+position (the next decode step's input), what it has seen and generated (the penalties), its sampling
+settings, and its block table (where its positions live in the KV cache pool). The host's side of
+each row is ``llama.engine.requests``; which rows run is ``llama.engine.scheduler``'s.
+
+- ``prefill``: a chunk of each admitted row's prefill in one forward pass, right-padded (a padding
+  entry lands at a position the row overwrites before reading it, or in the scratch block).
+- ``first_tokens``: each row whose prompt is complete samples its first token, eagerly.
+- ``decode``: one token for every decoding row, over the first ``width`` slots (idle slots among them
+  decode on a position nobody reads, into the scratch block), attending over the rows' blocks up to
+  the furthest row. Compiled, its shapes are static: ``width`` is a power of two, the block tables a
+  (width, blocks_per_row) tensor, and the attended length a power-of-two bucket of whole blocks, so
+  rows coming and going compile nothing new after the first few steps (at most log2(max_batch_size)
+  + 1 widths; the length is dynamic below the whole row, which has a graph of its own). With
+  ``compile=True`` the whole step is one compiled graph: the model, the sampler of every row with its
+  own settings (``llama.sampling``), and the writes of the step's tokens, positions and penalty
+  counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
+  (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
+  tensors, and ``torch.cond`` runs the penalties and the sampler's sort only when a row needs them:
+  one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
+  before the first request (a server's start).
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): its allowed
+  next tokens are written into ``allowed`` before each step and the sampler takes only those; the
+  other rows' masks allow every token, so they share the batch (and the compiled graph) unchanged.
+- ``speculate``: k proposals per row (prompt lookup or the draft model, on the same block tables)
+  verified in one pass (``llama.speculative``).
+
+Under torchrun the sampled tokens are broadcast from rank 0 inside the step, so every rank writes
+the same tokens.
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.engine.block_manager import SCRATCH_BLOCK
+from llama.engine.requests import Row
+from llama.model import Transformer
+from llama.options import GenerationOptions
+from llama.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
+from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
+
+logger = logging.getLogger(__name__)
+
+
+def power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the running rows need of a step; an eager step skips what they do not need, the
+    compiled one runs all of it (``Runner.compiled_features``)."""
+
+    sampling: bool  # some row samples (else every row takes the argmax)
+    penalties: bool  # some row has a penalty or a logit bias
+    logprobs: bool  # some row wants logprobs (always, compiled: nearly free there, and one graph fewer)
+    alternatives: int  # how many top logprobs to compute (a power of two, 0: none)
+    constrained: bool = False  # some row follows a grammar: the step takes a mask of allowed tokens
+
+
+class Runner:
+    """The model (and the draft) and the device's per-slot state; each method one pass or one write.
+
+    Args:
+        model: the model; its pool's blocks hold every slot's positions.
+        max_slots: the slots (``max_batch_size``).
+        compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (on
+            CUDA, replayed as CUDA graphs).
+        draft: a smaller model with the same vocabulary and cache sizes, for ``speculate="draft"``;
+            its pool's blocks are the model's, in the same block tables.
+    """
+
+    def __init__(self, model: Transformer, max_slots: int, compile: bool = False, draft: Optional[Transformer] = None):
+        self.model, self.draft, self.max_slots = model, draft, max_slots
+        params = model.params
+        self.device = device = model.output.weight.device
+        vocab = params.vocab_size
+        # the slots' state on the device: each row's last token and its position (the next decode
+        # step's input), what it has seen (prompt and output) and how often it generated each token
+        self.tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
+        self.settings = RowSettings.empty(max_slots, vocab, device)
+        self.block_tables = torch.full((max_slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
+        self.distributed = model_parallel_world_size() > 1
+        self.compiled = None
+        self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
+        self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
+        self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
+        self.draft_forward = ChunkForward(draft, compile, "draft's step") if draft is not None else None
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            # under torchrun the tokens are broadcast between choosing and writing them
+            self.compiled = torch.compile(self.forward_and_choose if self.distributed else self.decode_step, mode=mode, dynamic=False)
+
+    # --- a row's state ----------------------------------------------------------------------------
+
+    def set_rows(self, options: GenerationOptions, slots: List[int], rows: List[Row]) -> None:
+        """The slots' sampling settings, and what their rows have seen and generated."""
+        index = torch.tensor(slots, device=self.device)
+        n = options.num_return_sequences
+        values = dict(
+            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty, seeded=options.seed is not None,
+        )
+        for name, value in values.items():
+            getattr(self.settings, name)[index] = value
+        if options.seed is not None:  # row i*n + j draws from seed + j
+            keys = [seed_key(options.seed + row.index % n) for row in rows]
+            self.settings.seed_key[index] = torch.tensor(keys, device=self.device)
+        self.settings.logit_bias[index] = 0.0
+        if options.logit_bias:
+            ids = torch.tensor(list(options.logit_bias), device=self.device)
+            self.settings.logit_bias[index[:, None], ids] = torch.tensor(list(options.logit_bias.values()), device=self.device)
+        self.seen[index] = False
+        self.counts[index] = 0
+        self.positions[index] = 0
+        for row, slot in zip(rows, slots):
+            self.seen[slot, torch.tensor(row.sequence, device=self.device)] = True
+            if row.tokens:
+                generated = torch.tensor(row.tokens, device=self.device)
+                self.counts[slot].index_put_((generated,), torch.ones_like(generated, dtype=self.counts.dtype), accumulate=True)
+
+    def set_table(self, slot: int, blocks: List[int]) -> None:
+        """The slot's block table: its row's blocks, then the scratch block."""
+        self.block_tables[slot] = SCRATCH_BLOCK
+        self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, device=self.device)
+
+    def free(self, slot: int) -> None:
+        """The slot's row left it (ended or preempted): no blocks, every token allowed."""
+        self.set_table(slot, [])
+        self.allowed[slot] = True
+
+    def set_allowed(self, slots: List[int], allowed: torch.Tensor) -> None:
+        """The slots' allowed next tokens (len(slots), vocab) bool, from their grammars."""
+        self.allowed[torch.tensor(slots, device=self.device)] = allowed.to(self.device)
+
+    def resume(self, row: Row) -> None:
+        """A row prefilled again after a preemption decodes on from its last token."""
+        self.tokens[row.slot], self.positions[row.slot] = row.tokens[-1], row.position
+
+    # --- passes -----------------------------------------------------------------------------------
+
+    def prefill(self, batch: List[Tuple[Row, int]]) -> torch.Tensor:
+        """The next n tokens of each row's prefill (``batch``: (row, n)) into its blocks, in one
+        forward pass (scored rows' prompt logprobs appended to them). Returns each row's last
+        logits (rows, vocab)."""
+        max_seq_len = self.model.params.max_seq_len
+        width = max(n for _, n in batch)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (row, n) in enumerate(batch):
+            tokens[i, :n] = torch.tensor(row.target[row.prefilled : row.prefilled + n])
+        starts = torch.tensor([row.prefilled for row, _ in batch])
+        positions = (starts[:, None] + torch.arange(width)).clamp(max=max_seq_len - 1).to(self.device)
+        slots = torch.tensor([row.slot for row, _ in batch], device=self.device)
+        tables = self.block_tables[slots]
+        ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
+        kv_len = max(row.prefilled + n for row, n in batch)
+        scored = [i for i, (row, _) in enumerate(batch) if row.options.echo and row.options.logprobs and not row.tokens]
+        tokens = tokens.to(self.device)
+        if scored:  # every position's logits: position j predicts the prompt's token j + 1
+            logits = self.model.forward_at(tokens, positions, kv_len=kv_len, block_table=tables)
+            self.score_prompts(batch, scored, logits)
+            last = logits[torch.arange(len(batch), device=self.device), ends]
+        else:
+            last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)[:, 0]
+        if self.draft is not None:  # the draft's cache holds the prompts too
+            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)
+        self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
+        return last
+
+    def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[int], logits: torch.Tensor) -> None:
+        """Each scored row's prompt logprobs of the chunk: logits (rows, chunk, vocab)."""
+        for i in scored:
+            row, n = batch[i]
+            targets = row.prompt[row.prefilled + 1 : row.prefilled + n + 1]  # the last chunk predicts one fewer
+            logprobs = torch.log_softmax(logits[i, : len(targets)], dim=-1)
+            row.prompt_logprobs += logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+
+    def first_tokens(self, rows: List[Row], logits: torch.Tensor) -> Tuple[List[List[float]], Features]:
+        """Sample each row's first token from its prompt's last logits (rows, vocab), eagerly; write
+        it as the slot's next input. Returns ``pack``'s columns per row, and the features."""
+        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        features = self.features(rows)
+        settings = self.settings.rows(slots)
+        positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
+        noise = self.noise(rows, features)
+        allowed = self.allowed[slots] if features.constrained else None
+        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
+        self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
+        self.positions[slots] = positions
+        return pack(logits, chosen, features).tolist(), features
+
+    def decode(self, rows: List[Row]) -> Tuple[List[List[float]], Features]:
+        """One token for each decoding row: the decode step over the first ``width`` slots, which
+        cover them (compiled: a power of two of them, and a power-of-two bucket of the rows' blocks).
+        Returns ``pack``'s columns per row, and the features."""
+        params = self.model.params
+        width = max(row.slot for row in rows) + 1
+        if self.compiled is not None:
+            width = min(power_of_two_at_least(width), self.max_slots)
+        by_slot = {row.slot: row for row in rows}
+        live = torch.zeros(width, dtype=torch.bool)
+        live[list(by_slot)] = True
+        kv_len = max(row.position for row in rows) + 1  # no position reaches it
+        # compiled: a power-of-two bucket of the cache, one graph for many lengths
+        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
+        features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
+        noise = self.noise([by_slot.get(slot) for slot in range(width)], features)
+        live = live.to(self.device)
+        if self.compiled is None:
+            message = self.decode_step(width, kv_slots, live, noise, features)
+        else:
+            start = time.perf_counter()
+            message = self.compiled_step(width, kv_slots, live, noise, features)
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - start
+                logger.info("compiled the decode step in %.1f s", self.compile_seconds)
+        values = message.tolist()  # the step's one wait on the device
+        return [values[row.slot] for row in rows], features
+
+    def compiled_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
+        choice and the writes."""
+        if not self.distributed:
+            return self.compiled(width, kv_slots, live, noise, features)
+        logits, chosen = self.compiled(width, kv_slots, noise, features)
+        return self.commit(width, logits, chosen, live, features)
+
+    def compiled_features(self, rows: List[Row]) -> Features:
+        """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
+        so one graph serves every mix of options; more top logprobs than warmed compile a graph of their own."""
+        alternatives = max(self.features(rows).alternatives, self.warmed_alternatives)
+        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
+
+    def compiled_widths(self) -> List[int]:
+        """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
+        return sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
+
+    def warm_up(self, max_top_logprobs: int = 0) -> float:
+        """Compile every graph the compiled decode step can need, so that no request waits for a
+        compile: each width (``compiled_widths``) on a bucket of the cache and on a whole row, with
+        up to ``max_top_logprobs`` alternatives. Run on idle slots (they write into the scratch
+        block); draws nothing from the global RNG. Under torchrun every rank calls it, at the same
+        point. Returns the seconds it took (0 when not compiled)."""
+        if self.compiled is None:
+            return 0.0
+        params, start = self.model.params, time.perf_counter()
+        k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
+        self.warmed_alternatives = max(self.warmed_alternatives, k)
+        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
+        lengths = sorted({attended_slots(1, params.max_seq_len, params.kv_block_size).shape[0], params.max_seq_len})
+        graphs = len(self.compiled_widths()) * len(lengths)
+        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would decode eagerly
+            torch._dynamo.config.recompile_limit = graphs
+        calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
+        with torch.no_grad():
+            for width, kv_len, _ in itertools.product(self.compiled_widths(), lengths, range(calls)):
+                live = torch.zeros(width, dtype=torch.bool, device=self.device)
+                noise = torch.ones(width, params.vocab_size, device=self.device)
+                kv_slots = attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
+                self.compiled_step(width, kv_slots, live, noise, features).tolist()
+        seconds = time.perf_counter() - start
+        logger.info("compiled the decode step for widths %s x cache lengths %s in %.1f s", self.compiled_widths(), lengths, seconds)
+        return seconds
+
+    def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
+        last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
+        length the compiler may treat as dynamic (an int argument it would specialise on)."""
+        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features)
+        return self.commit(width, logits, chosen, live, features)
+
+    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
+        """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
+        tokens their grammars allow (``allowed``) when a row has one."""
+        tokens, positions = self.tokens[:width], self.positions[:width]
+        logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width])[:, 0]
+        rows = slice(0, width)
+        allowed = self.allowed[rows] if features.constrained else None
+        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
+        return logits, chosen
+
+    def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
+        """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
+        further; the rest keep theirs. Returns the step's message (``pack``)."""
+        chosen = broadcast_from_rank0(chosen)
+        tokens = torch.where(live, chosen, self.tokens[:width])
+        self.write(torch.arange(width, device=chosen.device), tokens, live)
+        self.positions[:width] += live
+        return pack(logits, tokens, features)
+
+    def write(self, slots: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        """The slots' new tokens: their next input, seen, counted (only where ``live``)."""
+        self.tokens[slots] = tokens
+        self.seen[slots, tokens] = self.seen[slots, tokens] | live
+        self.counts[slots, tokens] = self.counts[slots, tokens] + live.int()
+
+    def features(self, rows: List[Row]) -> Features:
+        options = [row.options for row in rows]
+        k = max((o.top_logprobs for o in options), default=0)
+        return Features(
+            sampling=any(o.temperature > 0 for o in options),
+            penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
+            logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
+            alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
+            constrained=any(o.constrained for o in options),
+        )
+
+    def noise(self, rows: List[Optional[Row]], features: Features) -> torch.Tensor:
+        """(len(rows), vocab) Exp(1) draws of torch's global RNG for the sampling rows without a seed
+        (None: a slot that does not decode), as ``torch.multinomial`` would draw them."""
+        vocab = self.model.params.vocab_size
+        if not features.sampling:
+            return torch.ones(len(rows), 1, device=self.device)
+        needs = []
+        for row in rows:
+            options = None if row is None else row.options
+            needs.append(options is not None and options.temperature > 0 and options.seed is None)
+        if not any(needs):  # nothing to copy from the host
+            return torch.ones(len(rows), vocab, device=self.device)
+        return global_exponentials(needs, vocab).to(self.device)
+
+    # --- speculative decoding (``llama.speculative``) ----------------------------------------------
+
+    def speculate(self, rows: List[Row]) -> Tuple[List[List[float]], int, Features]:
+        """One speculative step for the decoding rows: each speculating row's k proposals (prompt
+        lookup or the draft) are verified with its last token in one pass over the first ``width``
+        slots at their own positions. A row that does not speculate accepts nothing and takes the
+        token ``sample`` chooses, as in a plain step. Returns, per slot, the accepted count and then
+        ``pack``'s columns for each of the n = k + 1 verified positions; n; the step's features. The
+        rows emit their accepted proposals and one token of the model's, stopping exactly where
+        decoding one token per step would, and ``advance`` the slots."""
+        params = self.model.params
+        width = max(row.slot for row in rows) + 1
+        if self.compiled is not None:  # as the decode step: a power of two of slots
+            width = min(power_of_two_at_least(width), self.max_slots)
+        options = {row.slot: row.options for row in rows}
+        k = max(o.speculate_k for o in options.values() if o.speculate)
+        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
+        needs = [False] * width  # the rows that draw from the global RNG
+        for row in rows:
+            o = options[row.slot]
+            limits[row.slot] = o.speculate_k if o.speculate else 0
+            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
+            needs[row.slot] = o.temperature > 0 and o.seed is None
+        limits, steps = limits.to(self.device), steps.to(self.device)
+        features, settings, last = self.features(rows), self.settings.rows(slice(0, width)), self.positions[:width]
+        proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
+        positions = (last[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
+        chunk = torch.cat([self.tokens[:width, None], proposals], dim=1)
+        logits = self.verify_forward(chunk, positions, self.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
+        penalised = penalised_per_position(logits, settings, self.seen[:width], self.counts[:width], proposals) if features.penalties else logits
+        uniforms = noise = None
+        if features.sampling:
+            uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
+            noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
+        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
+        if features.sampling:  # a row that does not speculate draws as in a plain step
+            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.device))
+            chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
+        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
+        accepted, chosen = chosen[:, -1], chosen[:, :-1]
+        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
+        values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
+        return values, k + 1, features
+
+    def advance(self, emitted: List[Tuple[int, int]], lasts: List[Tuple[int, int, int]]) -> None:
+        """After a speculative step: the (slot, token) pairs the rows emitted are seen and counted,
+        and each slot's (slot, last token, position) becomes its next input."""
+        slots, tokens = (torch.tensor(column, device=self.device) for column in zip(*emitted))
+        self.seen[slots, tokens] = True
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
+        index, last_tokens, positions = (torch.tensor(column, device=self.device) for column in zip(*lasts))
+        self.tokens[index], self.positions[index] = last_tokens, positions
+
+    def propose(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
+        samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
+        prompt lookup rows."""
+        proposals = torch.zeros(width, k, dtype=torch.long)
+        drafting = torch.zeros(width, dtype=torch.bool)
+        for row in rows:
+            speculate = row.options.speculate
+            drafting[row.slot] = speculate == "draft"
+            if speculate == "lookup":
+                sequence = row.sequence
+                if row.lookup is None:
+                    row.lookup = NgramIndex(sequence)
+                row.lookup.extend(sequence[len(row.lookup.tokens) :])
+                proposals[row.slot] = torch.tensor(row.lookup.propose(k) or sequence[-1:] * k)
+        proposals = proposals.to(self.device)
+        if not drafting.any():
+            return proposals, None
+        drafted, draft_probs = self.draft_proposals(rows, width, k, settings, steps, needs, features)
+        drafting = drafting.to(self.device)
+        proposals = torch.where(drafting[:, None], drafted, proposals)
+        if draft_probs is not None:
+            point_masses = F.one_hot(proposals, self.model.params.vocab_size).to(draft_probs.dtype)
+            draft_probs = torch.where(drafting[:, None, None], draft_probs, point_masses)
+        return proposals, draft_probs
+
+    def draft_proposals(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
+        from the draft's distribution under the row's settings. The draft's cache holds a row's
+        tokens up to the one before its last: the first step feeds the last two (the previous
+        step's last proposal may have been accepted without being fed), then one proposal a step.
+        Under torchrun every rank continues with rank 0's draws."""
+        max_seq_len, vocab = self.model.params.max_seq_len, self.model.params.vocab_size
+        last = self.positions[:width]
+        previous = torch.zeros(width, dtype=torch.long)
+        decoding = torch.zeros(width, dtype=torch.long)  # idle slots write twice where an idle step may write
+        for row in rows:
+            previous[row.slot], decoding[row.slot] = row.sequence[-2], 1
+        tokens = torch.stack([previous.to(self.device), self.tokens[:width]], dim=1)  # (width, 2)
+        positions = torch.stack([last - decoding.to(self.device), last], dim=1)
+        max_position = max(row.position for row in rows)
+        tables = self.block_tables[:width]
+        logits = self.draft_forward(tokens, positions, tables, kv_len=max_position + 1)[:, -1]
+        proposals, draft_probs = [], []
+        for i in range(k):
+            if i > 0:
+                position = (last + i).clamp(max=max_seq_len - 1)
+                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
+            if features.penalties:
+                logits = apply_penalties(logits, settings, self.seen[:width], self.counts[:width])
+            proposal = logits.argmax(dim=-1)
+            if features.sampling:
+                draft_probs.append(distribution(logits, settings))
+                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
+                proposal = torch.where(settings.temperature > 0, drawn, proposal)
+            proposals.append(broadcast_from_rank0(proposal))
+        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
+
+
+def choose(
+    logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor,
+    noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Each row's next token (rows,) from its logits (rows, vocab), with its own settings; only
+    among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
+    if allowed is not None:
+        logits = torch.where(allowed, logits, float("-inf"))
+    # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
+    compiled = torch.compiler.is_compiling()
+    if features.penalties and compiled:
+        penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
+        penalised = penalised.any() | (settings.logit_bias != 0).any()
+        logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
+    elif features.penalties:
+        logits = apply_penalties(logits, settings, seen, counts)
+    if not features.sampling:
+        return torch.argmax(logits, dim=-1)
+    if compiled:
+        return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
+    return sample(logits, settings, positions, noise)
+
+
+def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torch.Tensor:
+    """The step's message to the host, one float64 row per slot, read in one wait: the token, then
+    with ``features.logprobs`` its logprob (of the model's own distribution, before any sampling
+    option) and the ids and logprobs of the ``features.alternatives`` most likely tokens."""
+    columns = [tokens.double()[:, None]]
+    if features.logprobs:
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
+        columns.append((logits.gather(1, tokens[:, None]) - normaliser).double())
+        if features.alternatives:
+            top = logits.topk(features.alternatives, dim=-1)
+            columns += [top.indices.double(), (top.values - normaliser).double()]
+    return torch.cat(columns, dim=1)

@@ -1,0 +1,232 @@
+"""Who runs in each step, on the host: the slots (the most rows decoded at once) and the rows in them,
+the queue of waiting requests and of preempted rows, and rank 0's plan of each step.
+
+The plan (``StepPlan``, broadcast under torchrun so that every rank runs the same step):
+- cancellations: rows asked to end; their blocks go back to the pool (``llama.engine.block_manager``);
+- growth: each decoding row gets the blocks of the positions it writes this step (k + 1 of them in a
+  speculative step). When the pool has none, the newest running row is preempted: it gives its blocks
+  back and waits at the front of the queue, to be prefilled again later, its prompt and what it
+  generated, and to go on where it was; a row that alone outgrows the pool ends ("length");
+- admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
+  first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
+  request's rows are admitted together; "static" admission admits only into an empty batch). A new
+  row takes the blocks of the longest cached prefix of its prompt and computes the rest.
+
+Rank 0 alone keeps the block manager: the plan carries each changed slot's blocks to every rank.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Tuple
+
+from llama.engine.block_manager import BlockManager
+from llama.engine.requests import Request, Row
+from llama.options import GenerationOptions
+
+ADMISSIONS = ("continuous", "static")
+
+
+@dataclass
+class StepPlan:
+    """What rank 0 decided for one step, broadcast to every rank before it. ``kind``: "step",
+    "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return). ``admissions``: per
+    request admitted, (id, rows' prompts, options, stream_text, the slot of each row);
+    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled;
+    ``preemptions``: slots whose rows give their blocks back and wait at the queue's front;
+    ``resumptions``: preempted rows admitted again, (request id, row index, slot); ``exhausted``:
+    slots whose row alone outgrew the pool (it ends, "length"); ``dropped``: preempted rows
+    cancelled, (request id, row index); ``tables``: each slot's blocks, where they changed;
+    ``cached``: per admitted slot, its prompt tokens found in the prefix cache."""
+
+    kind: str
+    admissions: List[Tuple[int, List[List[int]], GenerationOptions, bool, List[int]]] = field(default_factory=list)
+    cancellations: List[int] = field(default_factory=list)
+    withdrawn: List[int] = field(default_factory=list)
+    preemptions: List[int] = field(default_factory=list)
+    resumptions: List[Tuple[int, int, int]] = field(default_factory=list)
+    exhausted: List[int] = field(default_factory=list)
+    dropped: List[Tuple[int, int]] = field(default_factory=list)
+    tables: Dict[int, List[int]] = field(default_factory=dict)
+    cached: Dict[int, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """The slots, the queues and the block manager; ``plan`` decides a step, the other methods move
+    rows between slots and queues as a plan says (on every rank).
+
+    Args:
+        max_slots: the most rows decoded at once (``max_batch_size``).
+        max_seq_len: a row's most positions.
+        blocks: the pool's block manager (used on rank 0 only).
+        admission: "continuous" or "static".
+    """
+
+    def __init__(self, max_slots: int, max_seq_len: int, blocks: BlockManager, admission: str = "continuous"):
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
+        self.max_seq_len, self.blocks, self.admission = max_seq_len, blocks, admission
+        self.slots: List[Optional[Row]] = [None] * max_slots
+        self.owners: Dict[int, Request] = {}  # slot -> its row's request
+        self.running: List[Row] = []  # rows holding a slot, in the order they were admitted
+        self.prefilling: List[Row] = []  # admitted rows whose prefill is not all in the cache, oldest first
+        self.waiting: Deque[Request] = deque()
+        self.preempted: Deque[Tuple[Request, Row]] = deque()  # rows that gave their blocks back, first to resume first
+        self.arrived = threading.Condition()  # guards ``waiting``; notified by each submission
+        self.preemptions = 0  # rows preempted since the start
+
+    def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str, kv_cache_tokens: int) -> None:
+        """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
+        blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
+        if blocks > self.blocks.capacity:
+            raise ValueError(
+                f"{what}: {n * len(prompt_tokens)} row(s) of {sum(len(t) for t in prompt_tokens) * n} prompt tokens in all need {blocks} blocks "
+                f"of {self.blocks.block_size} tokens, but the KV cache pool holds {self.blocks.capacity} (kv_cache_tokens={kv_cache_tokens})"
+            )
+
+    # --- rank 0's plan ----------------------------------------------------------------------------
+
+    def plan(self) -> StepPlan:
+        """Rank 0's decisions for this step: the rows cancelled, the waiting requests withdrawn, the
+        blocks the decoding rows write into (preempting when the pool has none), the admissions."""
+        plan = StepPlan("step")
+        with self.arrived:
+            for slot, row in enumerate(self.slots):
+                if row is not None and row.index in self.owners[slot].cancelled:
+                    plan.cancellations.append(slot)
+                    self.release(row)
+            for request in self.waiting:
+                if len(request.cancelled) == request.n_rows:
+                    plan.withdrawn.append(request.id)
+            plan.dropped = [(request.id, row.index) for request, row in self.preempted if row.index in request.cancelled]
+            self.plan_growth(plan)
+            free = [slot for slot, row in enumerate(self.slots) if row is None or slot in plan.cancellations]
+            if not plan.preemptions and (self.admission == "continuous" or len(free) == len(self.slots)):
+                self.plan_admissions(plan, free)
+        return plan
+
+    def plan_growth(self, plan: StepPlan) -> None:
+        """Blocks for every position the decoding rows write this step, oldest row first; when the pool
+        has none, the newest running row gives its blocks back (``preemptions``), or, alone, the row
+        ends (``exhausted``)."""
+        gone = set(plan.cancellations)
+        decoding = [row for row in self.running if row.decoding and row.slot not in gone]
+        k = max((row.options.speculate_k for row in decoding if row.options.speculate), default=0)
+        for row in decoding:
+            if row.slot in gone:
+                continue
+            while not self.blocks.grow(row.table, min(row.position + 1 + k, self.max_seq_len)):
+                victims = [other for other in self.running if other.slot not in gone]
+                if victims == [row]:
+                    plan.exhausted.append(row.slot)
+                    gone.add(row.slot)
+                    break
+                victim = victims[-1]
+                self.release(victim)
+                plan.preemptions.append(victim.slot)
+                gone.add(victim.slot)
+                if victim is row:
+                    break
+            else:
+                plan.tables[row.slot] = list(row.table.blocks)
+
+    def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
+        """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
+        its prefill are there; first come, first served: nothing overtakes the oldest."""
+        for request, row in self.preempted:
+            if (request.id, row.index) in plan.dropped:
+                continue
+            if not free or not self.allocate(row, free[0], plan):
+                return
+            plan.resumptions.append((request.id, row.index, free.pop(0)))
+        for request in self.waiting:
+            if request.id in plan.withdrawn:
+                continue
+            if request.n_rows > len(free):
+                return
+            slots = free[: request.n_rows]
+            if not all(self.allocate(row, slot, plan) for row, slot in zip(request.rows, slots)):
+                for row, slot in zip(request.rows, slots):
+                    self.blocks.release(row.table)
+                    plan.tables.pop(slot, None)
+                return
+            free = free[request.n_rows :]
+            plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
+
+    def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
+        """The row's blocks for its prefill (its cached prefix taken: none for a prompt to be scored,
+        which needs every position's logits), into ``plan``; False if the pool cannot give them."""
+        scored = row.options.echo and row.options.logprobs and not row.tokens
+        taken = self.blocks.allocate([] if scored else row.target, len(row.target))
+        if taken is None:
+            return False
+        row.table, plan.cached[slot] = taken
+        plan.tables[slot] = list(row.table.blocks)
+        return True
+
+    def release(self, row: Row) -> None:
+        """Rank 0: the row's written full blocks join the prefix cache, and all its blocks go back."""
+        self.blocks.register(row.table, row.sequence, row.written)
+        self.blocks.release(row.table)
+
+    def register_written(self) -> None:
+        """Rank 0: the full blocks the running rows wrote join the prefix cache."""
+        for row in self.running:
+            self.blocks.register(row.table, row.sequence, row.written)
+
+    # --- every rank, as the plan says -------------------------------------------------------------
+
+    def take(self, taken: set) -> Dict[int, Request]:
+        """The waiting requests whose ids are in ``taken`` (admitted or withdrawn), out of the queue."""
+        with self.arrived:
+            waiting = {request.id: request for request in self.waiting if request.id in taken}
+            self.waiting = deque(request for request in self.waiting if request.id not in taken)
+        return waiting
+
+    def take_slot(self, request: Request, row: Row, slot: int) -> None:
+        row.slot = slot
+        self.slots[slot], self.owners[slot] = row, request
+        self.running.append(row)
+        self.prefilling.append(row)
+
+    def free_slot(self, row: Row) -> None:
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+        self.running.remove(row)
+        self.slots[row.slot] = None
+        del self.owners[row.slot]
+        row.slot, row.decoding = None, False
+
+    def preempt(self, row: Row) -> None:
+        """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
+        prompt and what it generated but the last token, the next decode step's input."""
+        self.preemptions += 1
+        request = self.owners[row.slot]
+        self.free_slot(row)
+        if row.tokens:
+            row.target = row.sequence[: row.position]
+        else:
+            row.prompt_logprobs = [0.0]  # scored again from the start
+        row.prefilled = 0
+        self.preempted.appendleft((request, row))
+
+    def resume(self, request_id: int, index: int) -> Tuple[Request, Row]:
+        """The first preempted row, which the plan names."""
+        request, row = self.preempted.popleft()
+        if (request.id, row.index) != (request_id, index):
+            raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request {request.id} row {row.index}")
+        return request, row
+
+    def drop(self, dropped: List[Tuple[int, int]]) -> List[Tuple[Request, Row]]:
+        """The preempted rows ``dropped`` names, out of the queue."""
+        rows = [(request, row) for request, row in self.preempted if (request.id, row.index) in dropped]
+        self.preempted = deque(pair for pair in self.preempted if pair not in rows)
+        return rows
+
+    def forget_ended(self) -> None:
+        """Preempted rows that ended meanwhile (a failed step) leave the queue."""
+        self.preempted = deque((request, row) for request, row in self.preempted if row.finish_reason is None)
+
+    def requests(self) -> set:
+        """Every request holding a slot or a preempted row."""
+        return set(self.owners.values()) | {request for request, _ in self.preempted}

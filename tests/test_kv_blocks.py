@@ -1,0 +1,135 @@
+"""The KV cache as a pool of blocks: every row's greedy tokens and logprobs are the uncached model's
+(the whole sequence recomputed at each step), across block boundaries, in ragged batches, with
+chunked prefill, from a cached prefix, and after a preemption; the pool's limits are clear errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from llama.engine import Engine
+from llama.engine.block_manager import BlockManager
+from llama.options import GenerationOptions
+
+MAX_SEQ_LEN = 64  # four blocks of 16 per row
+
+
+@pytest.fixture(scope="module")
+def llama(make_llama):
+    return make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4)
+
+
+def random_prompt(n: int, seed: int, vocab: int = 512):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def uncached(model, prompt, n_tokens: int):
+    """Greedy tokens and their logprobs from the model without a cache: the whole sequence each step."""
+    tokens, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            scores = torch.log_softmax(model(torch.tensor([tokens], device=model.output.weight.device))[0, -1], dim=-1)
+            tokens.append(int(scores.argmax()))
+            logprobs.append(float(scores[tokens[-1]]))
+    return tokens[len(prompt):], logprobs
+
+
+def assert_uncached(model, prompt, tokens, logprobs):
+    expected, expected_logprobs = uncached(model, prompt, len(tokens))
+    assert tokens == expected
+    assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
+
+
+GREEDY = dict(temperature=0, stop_tokens=[], logprobs=True)
+
+
+def run(engine, requests):
+    while not all(request.done for request in requests):
+        engine.step()
+
+
+def test_a_ragged_batch_across_block_boundaries_and_a_prompt_filling_the_context_equal_the_uncached_model(llama):
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([3, 17, 40, MAX_SEQ_LEN - 1])]
+    tokens, logprobs = llama.generate(prompts, max_gen_len=20, **GREEDY)
+    assert [len(t) for t in tokens] == [20, 20, 20, 1]  # the last row fills the context at once
+    for prompt, row_tokens, row_logprobs in zip(prompts, tokens, logprobs):
+        assert_uncached(llama.model, prompt, row_tokens, row_logprobs)
+
+
+def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):
+    engine = Engine(llama.model, llama.tokenizer, prefill_chunk=8)
+    short, long = random_prompt(5, 10), random_prompt(50, 11)
+    first = engine.submit([short], GenerationOptions(max_gen_len=20, **GREEDY))
+    engine.step()
+    second = engine.submit([long], GenerationOptions(max_gen_len=12, **GREEDY))
+    engine.step()
+    assert 0 < second.rows[0].prefilled < len(long)  # in chunks: the first row decodes meanwhile
+    run(engine, [first, second])
+    for prompt, request in [(short, first), (long, second)]:
+        assert_uncached(llama.model, prompt, request.tokens[0], request.logprobs[0])
+
+
+def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_uncached_answer(llama):
+    engine = Engine(llama.model, llama.tokenizer)
+    prompt = random_prompt(40, 20)
+    first = engine.submit([prompt], GenerationOptions(max_gen_len=10, **GREEDY))
+    run(engine, [first])
+    # shares 37 tokens with the first prompt: two whole blocks (32 tokens) are reused, the rest computed
+    others = [prompt[:37] + random_prompt(8, 21), prompt, prompt + first.tokens[0]]
+    requests = [engine.submit([tokens], GenerationOptions(max_gen_len=6, **GREEDY)) for tokens in others]
+    run(engine, requests)
+    # the same prompt: all but the block of its last token; with the first's output: its generated blocks too
+    assert [request.cached_tokens for request in [first] + requests] == [0, 32, 32, 48]
+    for tokens, request in zip(others, requests):
+        assert_uncached(llama.model, tokens, request.tokens[0], request.logprobs[0])
+
+
+def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(make_llama, llama):
+    """A greedy, a seeded and a speculating row in a pool that holds little more than one of them."""
+    small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
+    options = [GenerationOptions(max_gen_len=30, **GREEDY), GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[]),
+               GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[], speculate="lookup", speculate_k=3)]
+    prompts = [random_prompt(10, 30 + i) for i in range(3)]
+    requests = [small.engine.submit([prompt], options[i]) for i, prompt in enumerate(prompts)]
+    streamed = [[] for _ in requests]
+    while not all(request.done for request in requests):
+        small.engine.step()
+        for request, tokens in zip(requests, streamed):
+            while not request.deltas.empty():
+                deltas = request.deltas.get()
+                tokens += [token for delta in deltas or [] for token in delta.tokens]
+    assert small.engine.preemptions > 0
+    for i, (prompt, request) in enumerate(zip(prompts, requests)):
+        assert streamed[i] == request.tokens[0] and len(request.tokens[0]) == 30
+        (alone,), _ = llama.generate([prompt], **{**dataclasses.asdict(options[i]), "logprobs": False, "speculate": None})
+        assert request.tokens[0] == alone
+    assert_uncached(small.model, prompts[0], requests[0].tokens[0], requests[0].logprobs[0])
+
+
+def test_a_prompt_larger_than_the_pool_is_refused_and_a_lone_row_ends_where_the_pool_does(make_llama):
+    small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=2, kv_cache_tokens=32)
+    with pytest.raises(ValueError, match=r"need 3 blocks of 16 tokens, but the KV cache pool holds 2 \(kv_cache_tokens=32\)"):
+        small.generate([random_prompt(40, 40)], max_gen_len=4, temperature=0)
+    (tokens,), _ = small.generate([random_prompt(10, 41)], max_gen_len=40, temperature=0, stop_tokens=[])
+    assert len(tokens) == 32 - 10 + 1  # until the pool has no block for the last token's keys
+
+
+def test_the_block_manager_counts_references_evicts_the_least_recently_used_and_checks_stored_tokens(monkeypatch):
+    manager = BlockManager(n_blocks=5, block_size=2)  # blocks 1..4
+    a, _ = manager.allocate([1, 2, 3, 4, 5], 5)  # three blocks
+    manager.register(a, [1, 2, 3, 4, 5], written=5)
+    b, cached = manager.allocate([1, 2, 3, 4, 9], 5)  # shares two blocks, needs one fresh
+    assert cached == 4 and b.blocks[:2] == a.blocks[:2] and manager.available == 0
+    assert manager.allocate([7, 7, 7], 3) is None  # nothing taken
+    manager.release(b)
+    manager.release(a)
+    assert manager.available == 4 and manager.used == 0
+    c, cached = manager.allocate([1, 2, 6, 6, 6, 6, 6], 7)  # the prefix [1, 2] still cached; [3, 4] evicted first
+    assert cached == 2 and manager.allocate([1, 2, 3, 4, 0], 5) is None
+    manager.release(c)
+    assert BlockManager(5, 2, salt="another adapter").cached_prefix([1, 2, 3]) == []
+    monkeypatch.setattr(BlockManager, "key", lambda self, previous, tokens: b"one key for all")
+    manager = BlockManager(n_blocks=5, block_size=2)
+    d, _ = manager.allocate([1, 2, 3], 3)
+    manager.register(d, [1, 2, 3], written=3)
+    assert manager.cached_prefix([5, 6, 7]) == []  # a colliding key with other tokens is no hit
