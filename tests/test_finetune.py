@@ -16,19 +16,17 @@ from safetensors.torch import load_file
 from conftest import SMALL_PARAMS, to_transformers
 from llama import Llama
 from llama.adapter import read_adapter, write_adapter
-from llama.checkpoint import load_model, read_model_args
+from llama.checkpoint import load_model
 from llama.finetune import adapter_tensors, main as finetune
 from llama.lora import LoraConfig, apply_lora
 from llama.model import ModelArgs
 from llama.loss import causal_lm_loss
 from llama.tokenizer import Tokenizer
-from llama.training_data import Example, micro_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
           {"role": "assistant", "content": "4"}, {"role": "user", "content": "and times three?"}, {"role": "assistant", "content": "12"}]
-PAIRS = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i} + {7 * i}\n"} for i in range(8)]
 
 
 def write_jsonl(path: Path, records) -> str:
