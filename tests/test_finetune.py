@@ -59,8 +59,8 @@ def hand_llama2_labels(sp, dialog):
     return tokens, labels
 
 
-def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(checkpoint, tokenizer_path, tmp_path):
-    ckpt_dir, state = checkpoint
+def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(make_checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, state = make_checkpoint(n_shards=2)  # Meta's layout in two shards
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": DIALOG}])
     first = run(ckpt_dir, data, tmp_path / "out", "--batch_size", "1", "--max_steps", "1", "--max_seq_len", "96",
                 tokenizer_path=tokenizer_path)[0]
