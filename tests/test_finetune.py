@@ -290,10 +290,11 @@ def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folde
         assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
 
 
-def test_activation_checkpointing_changes_no_loss(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_activation_checkpointing_changes_no_loss_and_a_finished_full_run_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
     ckpt_dir, _ = checkpoint
     flags = ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--pack", "--method", "full"]
-    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, tokenizer_path=tokenizer_path)
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags[:1], "1", *flags[2:], "--save_every", "1", tokenizer_path=tokenizer_path)
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, "--resume", tokenizer_path=tokenizer_path)  # over its checkpoint
     checkpointed = run(ckpt_dir, varied_data, tmp_path / "checkpointed", *flags, "--activation_checkpointing", tokenizer_path=tokenizer_path)
     assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
     assert torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys() == \
