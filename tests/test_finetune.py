@@ -193,22 +193,24 @@ def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(checkpoint, toke
     assert error.startswith("error: --resume: ") and "method was 'lora', now 'full'" in error
 
 
-def test_two_processes_under_torchrun_give_one_process_losses(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_process_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
     ckpt_dir, _ = checkpoint
     validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])  # 3 micro-batches: one rank scores an empty one
-    flags = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--max_steps", "3", "--batch_size", "4",
-             "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--save_every", "3", "--val_data", validation, "--eval_every", "2"]
-    single = run(ckpt_dir, varied_data, tmp_path / "one", *flags[6:], tokenizer_path=tokenizer_path)
+    flags = ["--batch_size", "4", "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--lr_schedule", "constant",
+             "--val_data", validation, "--eval_every", "2"]  # constant: the schedule of 2 steps is that of 3
+    single = run(ckpt_dir, varied_data, tmp_path / "one", "--max_steps", "3", *flags, tokenizer_path=tokenizer_path)
     assert [r["step"] for r in single if "val_loss" in r] == [2, 3]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.finetune",
-               *flags, "--out", str(tmp_path / "two")]
+               "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--out", str(tmp_path / "two"),
+               "--max_steps", "2", "--save_every", "2", *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    two = metrics(tmp_path / "two")
+    # the two ranks' sharded state, resumed by one process for the last step
+    two = run(ckpt_dir, varied_data, tmp_path / "two", "--max_steps", "3", "--resume", *flags, tokenizer_path=tokenizer_path)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], rel=1e-5)
     assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
     ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
-    assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in ours)
+    assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-5  # float32 rounding (entries ~1e-2)
 
 
 @pytest.mark.parametrize("lines, flags, error", [
