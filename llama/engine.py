@@ -22,8 +22,8 @@ chat calls, the streams and the server.
   sampler of every row with its own settings (``llama.sampling``), and the writes of the step's
   tokens, positions and penalty counts. The host waits once a step, to read the tokens. The compiled
   step holds the whole sampler (penalties, sampling, logprobs, ``top_logprobs`` up to the most
-  warmed), the rows' settings as tensors, and ``torch.cond`` runs the penalties and the sampler's sort
-  only when a row needs them: one graph per width and length serves every mix of options, and
+  warmed), the rows' settings as tensors, and on a CPU ``torch.cond`` runs the penalties and the
+  sampler's sort only when a row needs them: one graph per width and length serves every mix of options, and
   ``warm_up`` compiles them all before the first request (a server's start).
 - Each row's position lives on the device (``positions``) and on the host (``Row.position``), so a
   step could advance a row by any number of tokens.
@@ -765,6 +765,7 @@ class Engine:
                     tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
                     forward(tokens, positions, kv_len).sum().item()
         seconds = time.perf_counter() - start
+        self.compile_seconds = seconds if self.compile_seconds is None else self.compile_seconds
         passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if chunks else "")
         logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
         return seconds
@@ -977,9 +978,11 @@ def choose(
     noise: torch.Tensor, features: Features,
 ) -> torch.Tensor:
     """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
-    # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
-    compiled = torch.compiler.is_compiling()
-    if features.penalties and compiled:
+    # Compiled, one graph serves every mix of rows (neutral penalties change nothing, a greedy row takes
+    # its argmax); on a CPU torch.cond runs each part only when a row needs it (the sampler's sort costs
+    # more than a small model's step there), while a CUDA graph, which cannot branch, runs both
+    conditional = torch.compiler.is_compiling() and logits.device.type != "cuda"
+    if features.penalties and conditional:
         penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
         penalised = penalised.any() | (settings.logit_bias != 0).any()
         logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
@@ -987,7 +990,7 @@ def choose(
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:
         return torch.argmax(logits, dim=-1)
-    if compiled:
+    if conditional:
         return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
     return sample(logits, settings, positions, noise)
 
