@@ -13,7 +13,6 @@ the examples of each step are split over the ranks: any number of processes comp
 import argparse
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -24,7 +23,7 @@ from llama.adapter import merge_adapter, read_adapter, write_adapter
 from llama.chat_format import chat_format_for
 from llama.checkpoint import layout_of, load_model, rank_tensors, read_model_args
 from llama.cli import run_parser
-from llama.distributed import DTYPES, init_distributed, is_main_process, resolve_device, set_threads
+from llama.distributed import DTYPES, init_distributed, resolve_device, set_threads
 from llama.finetuned_checkpoint import write_checkpoint
 from llama.hf_checkpoint import read_chat_template
 from llama.lora import LoraConfig, apply_lora, parse_targets
@@ -35,7 +34,7 @@ from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training import Schedule, evaluate, make_optimizer, train
 from llama.training_data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
 from llama.training_log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
-from llama.training_state import STATE_DIR, check_resumable, load_state, read_settings, save_state
+from llama.training_state import check_resumable, load_state, read_settings, save_state
 from llama.wrapping import clean_name, full_tensor, trainable_parameters, wrap_for_training
 
 logger = logging.getLogger("llama.finetune")

@@ -24,7 +24,11 @@ HF_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "
 
 def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: ModelArgs,
                      tensors: Iterable[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
-    """Write ``tensors`` (Meta's keys, whole tensors) in ``dtype`` as a checkpoint in ``ckpt_dir``'s layout."""
+    """Write ``tensors`` (Meta's keys, whole tensors) in ``dtype`` as a checkpoint in ``ckpt_dir``'s
+    layout, into ``out_dir`` (replaced if it exists, as a resumed run's): written beside it, then renamed."""
+    final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     state: Dict[str, torch.Tensor] = {key: tensor.to(dtype).contiguous() for key, tensor in tensors}
     if is_hf_checkpoint(ckpt_dir):
@@ -41,3 +45,6 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
         save_checkpoint(str(out_dir), read_params(ckpt_dir), state, n_shards=1, dtype=dtype)
     if not any((out_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         shutil.copyfile(tokenizer_path, out_dir / Path(tokenizer_path).name)
+    if final.exists():
+        shutil.rmtree(final)
+    out_dir.rename(final)

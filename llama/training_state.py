@@ -56,6 +56,7 @@ def save_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: to
     generators = {"cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         generators["cuda"] = torch.cuda.get_rng_state()
+    partial.mkdir(parents=True, exist_ok=True)
     torch.save(generators, partial / f"generators.{rank()}.pt")
     barrier()
     if rank() == 0:

@@ -16,19 +16,17 @@ from safetensors.torch import load_file
 from conftest import SMALL_PARAMS, to_transformers
 from llama import Llama
 from llama.adapter import read_adapter, write_adapter
-from llama.checkpoint import load_model, read_model_args
+from llama.checkpoint import load_model
 from llama.finetune import adapter_tensors, main as finetune
 from llama.lora import LoraConfig, apply_lora
 from llama.model import ModelArgs
 from llama.loss import causal_lm_loss
 from llama.tokenizer import Tokenizer
-from llama.training_data import Example, micro_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
           {"role": "assistant", "content": "4"}, {"role": "user", "content": "and times three?"}, {"role": "assistant", "content": "12"}]
-PAIRS = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i} + {7 * i}\n"} for i in range(8)]
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -61,8 +59,8 @@ def hand_llama2_labels(sp, dialog):
     return tokens, labels
 
 
-def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(checkpoint, tokenizer_path, tmp_path):
-    ckpt_dir, state = checkpoint
+def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(make_checkpoint, tokenizer_path, tmp_path):
+    ckpt_dir, state = make_checkpoint(n_shards=2)  # Meta's layout in two shards
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": DIALOG}])
     first = run(ckpt_dir, data, tmp_path / "out", "--batch_size", "1", "--max_steps", "1", "--max_seq_len", "96",
                 tokenizer_path=tokenizer_path)[0]
@@ -195,22 +193,24 @@ def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(checkpoint, toke
     assert error.startswith("error: --resume: ") and "method was 'lora', now 'full'" in error
 
 
-def test_two_processes_under_torchrun_give_one_process_losses(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_process_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
     ckpt_dir, _ = checkpoint
     validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])  # 3 micro-batches: one rank scores an empty one
-    flags = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--max_steps", "3", "--batch_size", "4",
-             "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--save_every", "3", "--val_data", validation, "--eval_every", "2"]
-    single = run(ckpt_dir, varied_data, tmp_path / "one", *flags[6:], tokenizer_path=tokenizer_path)
+    flags = ["--batch_size", "4", "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--lr_schedule", "constant",
+             "--val_data", validation, "--eval_every", "2"]  # constant: the schedule of 2 steps is that of 3
+    single = run(ckpt_dir, varied_data, tmp_path / "one", "--max_steps", "3", *flags, tokenizer_path=tokenizer_path)
     assert [r["step"] for r in single if "val_loss" in r] == [2, 3]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.finetune",
-               *flags, "--out", str(tmp_path / "two")]
+               "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--out", str(tmp_path / "two"),
+               "--max_steps", "2", "--save_every", "2", *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    two = metrics(tmp_path / "two")
+    # the two ranks' sharded state, resumed by one process for the last step
+    two = run(ckpt_dir, varied_data, tmp_path / "two", "--max_steps", "3", "--resume", *flags, tokenizer_path=tokenizer_path)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], rel=1e-5)
     assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
     ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
-    assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in ours)
+    assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-5  # float32 rounding (entries ~1e-2)
 
 
 @pytest.mark.parametrize("lines, flags, error", [
@@ -292,10 +292,11 @@ def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folde
         assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
 
 
-def test_activation_checkpointing_changes_no_loss(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_activation_checkpointing_changes_no_loss_and_a_finished_full_run_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
     ckpt_dir, _ = checkpoint
     flags = ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--pack", "--method", "full"]
-    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, tokenizer_path=tokenizer_path)
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags[:1], "1", *flags[2:], "--save_every", "1", tokenizer_path=tokenizer_path)
+    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, "--resume", tokenizer_path=tokenizer_path)  # over its checkpoint
     checkpointed = run(ckpt_dir, varied_data, tmp_path / "checkpointed", *flags, "--activation_checkpointing", tokenizer_path=tokenizer_path)
     assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
     assert torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys() == \

@@ -677,13 +677,13 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
     greedy or sampled, penalties or none, no logprobs, logprobs or 20 alternatives, one row or two
     (one pair to the last position of the cache), with a grammar or not, adds no graph, and a
     grammar's greedy answer is the eager one's. SIGTERM lets a running stream end."""
-    max_seq_len = 64  # a bucket of two 16-token blocks, and the whole row
+    max_seq_len = 16  # one cache length to compile: the smallest bucket (two blocks) is the whole row
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
     server = Server(command, tmp_path / "log", start_timeout=600)
     try:
         log = server.log()
-        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [32, 64] in") < log.index("serving tiny-stdlib")
+        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [16] in") < log.index("serving tiny-stdlib")
         graphs = metrics(server)["llama_compiled_graphs"]
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
         prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))
@@ -698,9 +698,9 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
             answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs)
             assert [c.finish_reason in ("stop", "length") for c in answer.choices] == [True] * (1 + i % 2)
         schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
-        answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=2, max_tokens=20, temperature=0,
+        answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=2, max_tokens=12, temperature=0,
                                            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}})
-        expected = llama.text_completion(["x = "], max_gen_len=20, temperature=0, json_schema=schema)[0]["generation"]
+        expected = llama.text_completion(["x = "], max_gen_len=12, temperature=0, json_schema=schema)[0]["generation"]
         assert [c.text for c in answer.choices] == [expected] * 2 and answer.choices[0].finish_reason == "stop"
         assert metrics(server)["llama_compiled_graphs"] == graphs
 

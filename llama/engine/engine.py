@@ -175,10 +175,10 @@ class Engine:
         return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
                     hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
 
-    def warm_up(self, max_top_logprobs: int = 0) -> float:
-        """Compile every graph the compiled decode step can need (``Runner.warm_up``), so that no
-        request waits for a compile; the seconds it took (0 when not compiled)."""
-        return self.runner.warm_up(max_top_logprobs)
+    def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
+        """Compile every graph the compiled steps can need (``Runner.warm_up``), so that no request
+        waits for a compile; the seconds it took (0 when not compiled)."""
+        return self.runner.warm_up(max_top_logprobs, speculate_k)
 
     def stop(self) -> None:
         """Ask ``run`` to return after the current step: every request, running or waiting, is
