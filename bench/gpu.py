@@ -14,7 +14,8 @@ In order, within ``--budget_s`` seconds:
    measured here), prefill tokens/s of one prompt, and the peak device memory while loading;
 4. the KV cache pool: the bf16 model with 64 slots in a pool sized to 80% of the memory left after
    loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together;
-5. the optional benchmarks of ``OPTIONAL_BENCHMARKS`` whose scripts exist and take ``--device``.
+5. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload)
+   whose scripts exist and take ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
 
 It prints one table of measurements and one line per check, and exits 1 if a check failed: a test,
 torchrun, a compiled step whose logits differ from the eager step's, a load whose peak device memory
@@ -49,11 +50,16 @@ SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
 DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "norm_eps": 1e-5}
 VOCAB_SIZE = 32000
 MODES = ["bf16", "int8", "int4"]
-# name -> (script under bench/, its arguments); run when the script exists and takes --device
+# name -> (script under bench/, its arguments on the GPU, its arguments in the dry run); run when the
+# script exists and takes --device
 OPTIONAL_BENCHMARKS = {
-    "speculative decoding": ("speculative.py", []),
-    "server, mixed workload": ("server.py", ["--clients", "1,8", "--requests", "16"]),
+    "speculative decoding": ("speculative.py", ["--gen_tokens", "64", "--rounds", "2", "--prompts", "2"],
+                             ["--gen_tokens", "12", "--rounds", "1", "--prompts", "1", "--k", "3", "--threads", "1",
+                              "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--vocab_size", "4096"]),
+    "server, mixed workload": ("server.py", ["--sections", "mixed", "--clients", "8", "--requests_per_client", "2", "--rounds", "1"],
+                               ["--sections", "mixed", "--clients", "2", "--requests_per_client", "1", "--rounds", "1", "--slots", "2", "--threads", "1"]),
 }
+OPTIONAL_LIMIT_S = 120  # seconds each may run
 # bytes a load may peak above the finished model: CUDA's int4 tiling holds one packed weight twice for a
 # moment (the 7B output projection: 66 MB), nothing like a full-precision copy (13 GB)
 LOAD_MEMORY_SLACK = 256 << 20
@@ -221,19 +227,19 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
 
 
 def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Check]:
-    """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device (dry run: only its --help)."""
+    """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device, with its dry-run arguments
+    under ``dry_run``; the check's detail ends with the last line it printed."""
     checks = []
-    for name, (script, script_args) in OPTIONAL_BENCHMARKS.items():
+    for name, (script, script_args, dry_run_args) in OPTIONAL_BENCHMARKS.items():
         path = ROOT / "bench" / script
         if not path.is_file():
             continue
         usage = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         if usage.returncode or "--device" not in usage.stdout:
             checks.append(Check(name, True, f"skipped: bench/{script} does not take --device"))
-        elif dry_run:
-            checks.append(Check(name, True, f"dry run: bench/{script} --help answers"))
         else:
-            checks.append(run_command(name, [sys.executable, str(path), "--device", device] + script_args, budget, limit_s=120))
+            command = [sys.executable, str(path), "--device", device] + (dry_run_args if dry_run else script_args)
+            checks.append(run_command(name, command, budget, limit_s=OPTIONAL_LIMIT_S))
     return checks
 
 

@@ -3,6 +3,7 @@
 
     python bench/server.py                         # 12 clients, 2 threads per server, 3 rounds each
     python bench/server.py --sections mixed --rounds 2 --requests_per_client 2
+    python bench/server.py --device cuda
 
 Two servers start (one per admission policy, each on a free loopback port, each with --threads
 torch threads) and take turns: every measurement alternates between them, round by round, so the
@@ -48,7 +49,7 @@ class Server:
 
     def __init__(self, admission: str, args, log_path: Path):
         command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(args.slots),
-                   "--max_seq_len", str(args.max_seq_len), "--device", "cpu", "--admission", admission, "--max_queue", "1000",
+                   "--max_seq_len", str(args.max_seq_len), "--device", args.device, "--admission", admission, "--max_queue", "1000",
                    "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads)]
         self.admission, self.log_path = admission, log_path
         with open(log_path, "w") as log:
@@ -300,6 +301,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="each server's --threads")
     parser.add_argument("--seed", type=int, default=0, help="of the mixed workload")
     parser.add_argument("--log_dir", default="/tmp")
+    parser.add_argument("--device", default="cpu", help="the servers' --device")
     args = parser.parse_args()
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(SECTIONS))

@@ -8,12 +8,14 @@ ratio over the prompts.
 - lookup: the bundled model (checkpoints/tiny-stdlib), batch 1, prompt lookup, on code that
   continues (a function body, a class) and code that repeats its prompt (a function to copy or
   edit, a table of similar lines);
-- draft: a random 134M checkpoint (stories110M's shapes, as bench/compare.py makes it) in float32,
-  with its own int8 copy (bfloat16 activations) as the draft, on random prompts.
+- draft: a random 134M checkpoint (stories110M's shapes, as bench/compare.py makes it; ``--dim``
+  and the rest for another) in float32, with its own int8 copy (bfloat16 activations) as the draft,
+  on random prompts.
 
-    python bench/speculative.py                         # both setups
+    python bench/speculative.py                         # both setups, on the CPU
     python bench/speculative.py --setups lookup --k 4 6 8
     python bench/speculative.py --setups draft --ckpt_dir CKPT --k 3
+    python bench/speculative.py --device cuda
 """
 
 import argparse
@@ -64,7 +66,8 @@ def generate(engine: Engine, prompt, options: GenerationOptions):
 def compare(engines, prompts, args, speculate: str, title: str) -> None:
     """Alternating rounds of plain and speculative decoding per prompt; prints the table."""
     plain = GenerationOptions(max_gen_len=args.gen_tokens, temperature=0, stop_tokens=[])
-    print(f"\n{title}: {args.gen_tokens} tokens, batch 1, {args.threads} threads, median of {args.rounds} rounds")
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    print(f"\n{title}: {args.gen_tokens} tokens, batch 1, {where}, median of {args.rounds} rounds")
     print(f"{'prompt':<10} {'k':>2} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} {'accept':>7} {'tok/step':>8}")
     ratios = {k: [] for k in args.k}
     for name, prompt in prompts.items():
@@ -88,7 +91,7 @@ def compare(engines, prompts, args, speculate: str, title: str) -> None:
 def lookup_setup(args) -> None:
     tokenizer = Tokenizer(str(BUNDLED / "tokenizer.model"))
     model_args = checkpoint_args(str(BUNDLED), args.gen_tokens + 256, 1)
-    model = load_model(str(BUNDLED), model_args, torch.device("cpu"), torch.float32)
+    model = load_model(str(BUNDLED), model_args, torch.device(args.device), torch.float32)
     engines = {"plain": Engine(model, None), "speculative": Engine(model, None)}
     prompts = {name: tokenizer.encode(text, bos=True, eos=False) for name, text in {**CONTINUING, **REPEATING}.items()}
     compare(engines, prompts, args, "lookup", f"prompt lookup, {BUNDLED.name}, float32")
@@ -96,14 +99,16 @@ def lookup_setup(args) -> None:
 
 def draft_setup(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        ckpt_dir = args.ckpt_dir or random_checkpoint(argparse.Namespace(**DEFAULT_SHAPE, n_kv_heads=None, ckpt_dtype="float32"), folder)
+        shape = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size)
+        ckpt_dir = args.ckpt_dir or random_checkpoint(argparse.Namespace(**shape, n_kv_heads=None, ckpt_dtype="float32"), folder)
         model_args = checkpoint_args(ckpt_dir, args.prompt_len + args.gen_tokens + 16, 1)
-        model = load_model(ckpt_dir, model_args, torch.device("cpu"), DTYPES[args.dtype])
-        draft = load_model(ckpt_dir, model_args, torch.device("cpu"), torch.bfloat16, parse_quantize(args.draft_quantize))
+        device = torch.device(args.device)
+        model = load_model(ckpt_dir, model_args, device, DTYPES[args.dtype])
+        draft = load_model(ckpt_dir, model_args, device, torch.bfloat16, parse_quantize(args.draft_quantize))
     engines = {"plain": Engine(model, None), "speculative": Engine(model, None, draft=draft)}
     generator = torch.Generator().manual_seed(0)
     prompts = {f"random{i}": torch.randint(3, model_args.vocab_size, (args.prompt_len,), generator=generator).tolist() for i in range(args.prompts)}
-    name = args.ckpt_dir or "random 134M"
+    name = args.ckpt_dir or f"random {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
     compare(engines, prompts, args, "draft", f"draft model, {name} in {args.dtype}, its {args.draft_quantize} copy as the draft")
 
 
@@ -119,6 +124,9 @@ def main() -> None:
     parser.add_argument("--draft_quantize", default="int8")
     parser.add_argument("--prompts", type=int, default=3, help="random prompts of the draft setup")
     parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where both setups run: cpu, cuda, ...")
+    for name in ("dim", "n_layers", "n_heads", "vocab_size"):
+        parser.add_argument(f"--{name}", type=int, default=DEFAULT_SHAPE[name], help="the draft setup's random checkpoint's shape")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for setup in args.setups:

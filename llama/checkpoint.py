@@ -24,6 +24,7 @@ import torch
 from llama import hf_checkpoint
 from llama.cpu_kernels import choose_float32_kernels
 from llama.files import load_tensor_dict, read_json_object
+from llama.mapped_pages import release_copied
 from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
@@ -172,17 +173,22 @@ def rank_slices(
     for key, (full_shape, dim) in layout.items():
         source_dim = dim if n_shards == 1 else source_dims[key]
         if source_dim != dim:
-            yield key, torch.cat([rank_part(shard(i)[key], dim, rank, world_size) for i in range(n_shards)], dim=source_dim)
+            sources = list(range(n_shards))
+            tensor = torch.cat([rank_part(shard(i)[key], dim, rank, world_size) for i in sources], dim=source_dim)
         elif dim is None:
-            yield key, shard(needed[0])[key].contiguous()
+            sources = needed[:1]
+            tensor = shard(needed[0])[key].contiguous()
         else:
             shard_size, rank_size = full_shape[dim] // n_shards, full_shape[dim] // world_size
             begin, end = rank * rank_size, (rank + 1) * rank_size
-            parts = []
+            parts, sources = [], needed
             for i in needed:  # the part of shard i inside [begin, end), as a view: nothing is read yet
                 lo, hi = max(begin, i * shard_size), min(end, (i + 1) * shard_size)
                 parts.append(shard(i)[key].narrow(dim, lo - i * shard_size, hi - lo))
-            yield key, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim)
+            tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim)
+        for i in sources:  # a slice copied (across shards, or strided) gives back the pages it was read from
+            release_copied(shard(i)[key], tensor)
+        yield key, tensor
 
 
 def rank_part(tensor: torch.Tensor, dim: Optional[int], rank: int, world_size: int) -> torch.Tensor:
@@ -280,10 +286,21 @@ def load_model(
     tensors = rank_tensors(ckpt_dir, args, model_layout(model, world_size), rank, world_size)  # Meta's keys and row order
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
+    log_kv_cache(model)
     kernels = choose_float32_kernels(model)
     if kernels:
         logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})
     return model
+
+
+def log_kv_cache(model: Transformer) -> None:
+    """Say what the KV cache takes: it is allocated (and zeroed, so resident) at load, beside the weights."""
+    caches = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
+    cache_dtype, weights_dtype = caches[0].dtype, model.tok_embeddings.weight.dtype
+    why = f" (the model computes in {weights_dtype}: attention on a CPU is faster in float32)" if cache_dtype != weights_dtype else ""
+    params = model.params
+    logger.info("KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB", params.kv_cache_tokens, params.kv_block_size,
+                cache_dtype, why, sum(b.numel() * b.element_size() for b in caches) / 2**20)
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -9,7 +9,9 @@ load over the model's own weights, one shape at a time, and lets each layer use 
 
 The two kernels differ only in the order of the float32 sums (logits agree to ~1e-5); the choice is
 made once per weight shape and thread count in a process, so every model a process loads computes
-alike. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``.
+alike. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
+from a generator of its own: torch's global generator, which ``Llama.build`` seeds, is left as seeded,
+whatever shapes are timed (they differ with the world size) or whether a choice was cached.
 """
 
 import statistics
@@ -87,7 +89,7 @@ def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
     for shape, group in layers.items():
         key = (*shape, threads)
         if key not in _chosen:
-            x, timed = torch.randn(1, shape[1]), timed_layers(group)
+            x, timed = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(0)), timed_layers(group)
             onednn_linear(x, group[0].weight)  # oneDNN prepares its kernel for the shape on first use
             seconds = {False: [], True: []}
             for _ in range(ROUNDS):

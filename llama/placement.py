@@ -6,6 +6,8 @@ it to the device and assigns it to the model built on the meta device. Tensor by
 device never holds more than the finished model: a model that fits only quantized still loads.
 ``place_tensors`` first concatenates the parts of each fused layer (``llama.parallel``: this rank's
 wq, wk, wv slices; its w1, w3), so that each is converted, quantized and placed as one weight.
+Whatever is copied (the fused parts, a converted dtype, a quantized or moved weight) gives its
+memory-mapped pages back at once (``llama.mapped_pages``), so the process never holds a tensor twice.
 """
 
 from typing import Iterable, Iterator, Optional, Tuple
@@ -13,6 +15,7 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from llama.mapped_pages import release_copied
 from llama.parallel import fused_layers
 from llama.quantize import Quantization, quantizable_weights, quantize_linear_weight, set_quantized_weight, tile_on_device
 
@@ -47,9 +50,11 @@ def place_tensor(
     if quantization is not None and name == "weight" and module_name in quantizable_weights(model):
         weight, scales = quantize_linear_weight(tensor.to(dtype), quantization, device.type)  # on the CPU
         set_quantized_weight(module, tile_on_device(to_device(weight, device)), to_device(scales.to(dtype), device))
+        release_copied(tensor, weight)
         return
     old = getattr(module, name)
     placed = to_device(tensor.to(dtype), device)
+    release_copied(tensor, placed)
     setattr(module, name, nn.Parameter(placed, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else placed)
 
 
@@ -66,7 +71,10 @@ def fuse(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]]) -> Itera
         parts = pending.setdefault(layer_key, {})
         parts[module_name.rpartition(".")[2]] = tensor
         if len(parts) == len(layer.parts):
-            yield layer_key, torch.cat([parts[part] for part in layer.parts])
+            fused = torch.cat([parts[part] for part in layer.parts])
+            for part in parts.values():
+                release_copied(part, fused)
+            yield layer_key, fused
             del pending[layer_key]
 
 

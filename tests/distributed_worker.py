@@ -6,9 +6,10 @@ MASTER_PORT (the way an application that launches its own processes runs them):
     python tests/distributed_worker.py SCENARIO OUT_DIR TOKENIZER_PATH CKPT_DIR...
 
 Scenarios:
-    generate     for each checkpoint: logits of TOKENS, greedy and sampled tokens of PROMPTS, saved to
-                 OUT_DIR/rank<R>.pt. Before sampling every rank seeds its generator differently, so equal
-                 samples on all ranks come from the broadcast, not from luck.
+    generate     for each checkpoint: tokens of PROMPTS sampled first thing after Llama.build (from the
+                 generator as the build's seed left it), logits of TOKENS, greedy and sampled tokens of
+                 PROMPTS, saved to OUT_DIR/rank<R>.pt. Before the second sampling every rank seeds its
+                 generator differently, so equal samples on all ranks come from the broadcast, not from luck.
     build        Llama.build, nothing else (a failing rank raises out of it); rank r loads
                  CKPT_DIR number r % (number of CKPT_DIRs), so ranks can be given different ones.
     bad_args     generate called with a bad argument on rank 1 only, then with different (valid) prompts
@@ -50,6 +51,11 @@ def build(ckpt_dir: str, tokenizer_path: str, **options) -> Llama:
     return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **options)
 
 
+def sample_after_build(llama: Llama):
+    """Tokens of PROMPTS sampled from the global generator in the state ``Llama.build`` left it in."""
+    return llama.generate(PROMPTS, max_gen_len=8, temperature=0.8, top_p=0.9)[0]
+
+
 def llama3_inputs(tokenizer):
     """(2, 80) random tokens, and two prompts, the first of 40 tokens: both pass the 32-token original
     context of test_llama3's factor-32 model."""
@@ -80,10 +86,11 @@ def generate(tokenizer_path: str, ckpt_dirs) -> dict:
     results = {}
     for ckpt_dir in ckpt_dirs:
         llama = build(ckpt_dir, tokenizer_path)
+        after_build = sample_after_build(llama)
         greedy, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=0)
         torch.manual_seed(SAMPLE_SEED + dist.get_rank())
         sampled, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, top_p=0.95)
-        results[ckpt_dir] = {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled}
+        results[ckpt_dir] = {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled, "after_build": after_build}
     return results
 
 

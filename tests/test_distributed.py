@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
-from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, TOKENS
+from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, TOKENS, sample_after_build
+from llama import cpu_kernels
 from llama.checkpoint import model_shapes
 from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
@@ -44,10 +45,11 @@ def checkpoints(make_checkpoint):
 
 def run_single_process(ckpt_dir, tokenizer_path):
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+    after_build = sample_after_build(llama)
     greedy, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=0)
     torch.manual_seed(SAMPLE_SEED)
     sampled, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, top_p=0.95)
-    return {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled}
+    return {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled, "after_build": after_build}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,38 @@ def test_two_ranks_return_the_single_process_greedy_tokens(two_ranks, single_pro
 def test_ranks_with_different_random_generators_return_rank_0s_samples(two_ranks, single_process, n_shards):
     # rank r seeded SAMPLE_SEED + r before sampling; the single process, like rank 0, SAMPLE_SEED
     assert two_ranks[0][n_shards]["sampled"] == two_ranks[1][n_shards]["sampled"] == single_process["sampled"]
+
+
+@pytest.mark.parametrize("n_shards", SHARD_COUNTS)
+def test_the_same_seed_samples_the_same_text_on_two_ranks_as_in_one_process(two_ranks, single_process, n_shards):
+    # each rank's weights have other shapes than the single process's: loading draws nothing from the generator
+    assert two_ranks[0][n_shards]["after_build"] == two_ranks[1][n_shards]["after_build"] == single_process["after_build"]
+
+
+def seconds_favouring(onednn: bool):
+    """A stand-in for ``cpu_kernels._pass_seconds`` under which ``onednn`` (or BLAS) is always faster."""
+    return lambda layers, x, timed_onednn: 1.0 if timed_onednn == onednn else 2.0
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "blas"])
+def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_kernel_each_layer_gets(
+    checkpoints, tokenizer_path, single_process, monkeypatch, kernel
+):
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})  # every shape timed afresh, each won by ``kernel``
+    monkeypatch.setattr(cpu_kernels, "_pass_seconds", seconds_favouring(kernel == "onednn"))
+    dirs, _ = checkpoints
+    llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", seed=7)
+    assert all(m.onednn == (kernel == "onednn") for m in llama.model.modules() if hasattr(m, "onednn"))
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
+    torch.manual_seed(1)  # the seed the single process was built with
+    assert sample_after_build(llama) == single_process["after_build"]
+
+
+@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"dtype": "bfloat16"}, {"compile": True}])
+def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_the_weights(checkpoints, tokenizer_path, options):
+    dirs, _ = checkpoints
+    Llama.build(dirs[2], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", seed=7, **options)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
 
 
 def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_follow_rank_0(checkpoints, tokenizer_path, tmp_path):

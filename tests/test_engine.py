@@ -181,20 +181,24 @@ def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_compiled_rows_coming_and_going_compile_nothing_after_warm_up_and_equal_eager(llama, make_llama):
+def test_after_warm_up_no_mix_of_options_or_rows_coming_and_going_compiles_and_tokens_equal_eager(llama, make_llama):
     compiled = make_llama(max_seq_len=64, max_batch_size=4, compile=True)
 
     def workload(engine: Engine, prompts):
-        """Four requests, greedy and seeded, arriving while others decode and leaving at different steps."""
+        """Four requests (greedy; sampled from the global generator; penalised; sampled with a seed,
+        penalised, with top logprobs) arriving while others decode and leaving at different steps:
+        every width, alone and mixed."""
+        torch.manual_seed(0)
         requests = []
         for i, prompt in enumerate(prompts):
-            options = GenerationOptions(max_gen_len=4 + 3 * i, stop_tokens=[], **MIXED[i % 2])
+            extra = [{}, dict(seed=None), {}, dict(logprobs=True, top_logprobs=3)][i]
+            options = GenerationOptions(max_gen_len=4 + 3 * i, stop_tokens=[], **{**MIXED[i], **extra})
             requests.append(engine.submit([encode(llama, prompt)], options))
             engine.step()
         run(engine, requests)
         return [request.tokens[0] for request in requests]
 
-    workload(compiled.engine, PROMPTS)  # warm-up: widths 1, 2 and 4 and both features seen
+    compiled.engine.warm_up(max_top_logprobs=3)
     graphs = unique_graphs()
     other = [PROMPTS[3] + PROMPTS[0], PROMPTS[2], PROMPTS[1][:5], PROMPTS[0]]
     fast = workload(compiled.engine, other)

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_bench_dry_run_passes_every_check_and_prints_each_mode():
+def test_gpu_bench_dry_run_passes_every_check_prints_each_mode_and_skips_nothing():
     result = subprocess.run([sys.executable, "bench/gpu.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=420)  # mostly compiling one step; minutes when the machine is loaded
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -19,4 +19,6 @@ def test_gpu_bench_dry_run_passes_every_check_and_prints_each_mode():
     assert "ok: pytest --device cpu" in result.stdout
     assert "ok: torchrun --nproc_per_node 1 (gloo)" in result.stdout
     assert any(line.startswith("the KV cache pool: bf16, 64 slots") for line in lines), result.stdout
+    assert "ok: speculative decoding (exit 0" in result.stdout and "ok: server, mixed workload (exit 0" in result.stdout
+    assert "skipped" not in result.stdout
     assert "FAILED" not in result.stdout

@@ -5,6 +5,7 @@ Every server runs in its own process group, is waited on with timeouts, and is k
 """
 
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -37,13 +38,13 @@ DIALOG = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "
 class Server:
     """A server process: its port (read from its log), its log, and a clean stop."""
 
-    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib"):
+    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib", start_timeout: float = START_TIMEOUT):
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ONE_THREAD, **(env or {})}
             )
-        self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", START_TIMEOUT)
+        self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", start_timeout)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -203,7 +204,9 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
     ))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    assert streamed.prompt_tokens_details.cached_tokens == (streamed.prompt_tokens - 1) // 16 * 16  # the same dialog again
 
 
 def test_stream_ends_with_done(server):
@@ -536,14 +539,19 @@ def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
 
 
-def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path, llama):
-    """``--compile`` with n=2 and max_tokens reaching the last position of the cache (greedy: the
-    sampler's graph would double the compile time, and the end of the cache is the edge)."""
+def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compiles_again(tmp_path, llama):
+    """``--compile``: every graph is compiled before the server listens; then every combination of
+    greedy or sampled, penalties or none, no logprobs, logprobs or 20 alternatives, one row or two
+    (one pair to the last position of the cache) adds no graph."""
     max_seq_len = 32
     command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
                "--port", "0", "--device", "cpu"]
-    server = Server(command, tmp_path / "log")
+    server = Server(command, tmp_path / "log", start_timeout=600)
     try:
+        log = server.log()
+        # two blocks of 16 are the shortest bucket: here a whole row
+        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [32] in") < log.index("serving tiny-stdlib")
+        graphs = metrics(server)["llama_compiled_graphs"]
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
         prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))
         answer = client.completions.create(
@@ -551,6 +559,12 @@ def test_compiled_server_decodes_two_samples_to_the_end_of_the_context(tmp_path,
         )
         assert [c.finish_reason for c in answer.choices] == ["length", "length"]
         assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (max_seq_len - prompt_len)
+        mixes = itertools.product([{"temperature": 0}, {"temperature": 0.8}], [{}, {"presence_penalty": 1.0, "logit_bias": {"13": 5}}],
+                                  [{}, {"logprobs": 0}, {"logprobs": 20}])
+        for i, (sampling, penalties, logprobs) in enumerate(mixes):
+            answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs)
+            assert [c.finish_reason in ("stop", "length") for c in answer.choices] == [True] * (1 + i % 2)
+        assert metrics(server)["llama_compiled_graphs"] == graphs
     finally:
         server.kill()
 

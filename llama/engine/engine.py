@@ -157,6 +157,11 @@ class Engine:
         """The first compiled decode step's time, compilation included (None before it)."""
         return self.runner.compile_seconds
 
+    def warm_up(self, max_top_logprobs: int = 0) -> float:
+        """Compile every graph the compiled decode step can need (``Runner.warm_up``), so that no
+        request waits for a compile; the seconds it took (0 when not compiled)."""
+        return self.runner.warm_up(max_top_logprobs)
+
     def pool_use(self) -> dict:
         """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
         and found there, and the preemptions, since the start (rank 0's)."""

@@ -14,7 +14,11 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   + 1 widths; the length is dynamic below the whole row, which has a graph of its own). With
   ``compile=True`` the whole step is one compiled graph: the model, the sampler of every row with its
   own settings (``llama.sampling``), and the writes of the step's tokens, positions and penalty
-  counts. The host waits once a step, to read the tokens.
+  counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
+  (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
+  tensors, and ``torch.cond`` runs the penalties and the sampler's sort only when a row needs them:
+  one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
+  before the first request (a server's start).
 - ``speculate``: k proposals per row (prompt lookup or the draft model, on the same block tables)
   verified in one pass (``llama.speculative``).
 
@@ -22,6 +26,7 @@ Under torchrun the sampled tokens are broadcast from rank 0 inside the step, so 
 the same tokens.
 """
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -47,7 +52,8 @@ def power_of_two_at_least(n: int) -> int:
 
 @dataclass(frozen=True)
 class Features:
-    """What the running rows need of a decode step; the compiled step specialises on it."""
+    """What the running rows need of a step; an eager step skips what they do not need, the
+    compiled one runs all of it (``Runner.compiled_features``)."""
 
     sampling: bool  # some row samples (else every row takes the argmax)
     penalties: bool  # some row has a penalty or a logit bias
@@ -83,6 +89,7 @@ class Runner:
         self.distributed = model_parallel_world_size() > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
+        self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
         self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
         self.draft_forward = ChunkForward(draft, compile) if draft is not None else None
         if compile:
@@ -193,23 +200,63 @@ class Runner:
         kv_len = max(row.position for row in rows) + 1  # no position reaches it
         # compiled: a power-of-two bucket of the cache, one graph for many lengths
         kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
-        features = self.features(rows)
+        features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([by_slot.get(slot) for slot in range(width)], features)
         live = live.to(self.device)
         if self.compiled is None:
             message = self.decode_step(width, kv_slots, live, noise, features)
         else:
             start = time.perf_counter()
-            if self.distributed:
-                logits, chosen = self.compiled(width, kv_slots, noise, features)
-                message = self.commit(width, logits, chosen, live, features)
-            else:
-                message = self.compiled(width, kv_slots, live, noise, features)
+            message = self.compiled_step(width, kv_slots, live, noise, features)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - start
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
         return [values[row.slot] for row in rows], features
+
+    def compiled_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
+        choice and the writes."""
+        if not self.distributed:
+            return self.compiled(width, kv_slots, live, noise, features)
+        logits, chosen = self.compiled(width, kv_slots, noise, features)
+        return self.commit(width, logits, chosen, live, features)
+
+    def compiled_features(self, rows: List[Row]) -> Features:
+        """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
+        so one graph serves every mix of options; more top logprobs than warmed compile a graph of their own."""
+        alternatives = max(self.features(rows).alternatives, self.warmed_alternatives)
+        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives)
+
+    def compiled_widths(self) -> List[int]:
+        """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
+        return sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
+
+    def warm_up(self, max_top_logprobs: int = 0) -> float:
+        """Compile every graph the compiled decode step can need, so that no request waits for a
+        compile: each width (``compiled_widths``) on a bucket of the cache and on a whole row, with up
+        to ``max_top_logprobs`` alternatives. Run on idle slots (their block tables point at the
+        scratch block); draws nothing from the global RNG. Under torchrun every rank calls it, at
+        the same point. Returns the seconds it took (0 when not compiled)."""
+        if self.compiled is None:
+            return 0.0
+        params, start = self.model.params, time.perf_counter()
+        k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
+        self.warmed_alternatives = max(self.warmed_alternatives, k)
+        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives)
+        lengths = sorted({attended_slots(1, params.max_seq_len, params.kv_block_size).shape[0], params.max_seq_len})
+        graphs = len(self.compiled_widths()) * len(lengths)
+        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would decode eagerly
+            torch._dynamo.config.recompile_limit = graphs
+        calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
+        with torch.no_grad():
+            for width, kv_len, _ in itertools.product(self.compiled_widths(), lengths, range(calls)):
+                live = torch.zeros(width, dtype=torch.bool, device=self.device)
+                noise = torch.ones(width, params.vocab_size, device=self.device)
+                self.compiled_step(width, attended_slots(kv_len, params.max_seq_len, params.kv_block_size), live, noise, features).tolist()
+        seconds = time.perf_counter() - start
+        logger.info("compiled the decode step for widths %s x cache lengths %s in %.1f s", self.compiled_widths(), lengths, seconds)
+        return seconds
 
     def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
         """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
@@ -261,6 +308,8 @@ class Runner:
         for row in rows:
             options = None if row is None else row.options
             needs.append(options is not None and options.temperature > 0 and options.seed is None)
+        if not any(needs):  # nothing to copy from the host
+            return torch.ones(len(rows), vocab, device=self.device)
         return global_exponentials(needs, vocab).to(self.device)
 
     # --- speculative decoding (``llama.speculative``) ----------------------------------------------
@@ -383,10 +432,18 @@ def choose(
     noise: torch.Tensor, features: Features,
 ) -> torch.Tensor:
     """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
-    if features.penalties:
+    # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
+    compiled = torch.compiler.is_compiling()
+    if features.penalties and compiled:
+        penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
+        penalised = penalised.any() | (settings.logit_bias != 0).any()
+        logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
+    elif features.penalties:
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:
         return torch.argmax(logits, dim=-1)
+    if compiled:
+        return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
     return sample(logits, settings, positions, noise)
 
 

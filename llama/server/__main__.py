@@ -30,6 +30,7 @@ from llama.distributed import is_main_process, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
 from llama.server.http import LlamaHTTPServer
+from llama.server.protocol import MAX_TOP_LOGPROBS
 from llama.server.scheduler import Scheduler
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -72,7 +73,7 @@ def main(
     Args:
         ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
         max_batch_size: the engine's slots: the most rows decoded together; a request for n samples of p prompts takes n * p rows
-        compile: compile the engine's decode step (torch.compile); the first request waits for it
+        compile: compile the engine's decode step (torch.compile), every graph a request can need, before /health answers (logged: seconds to a minute for each batch width)
         host: the address to listen on
         port: the port to listen on; 0 picks a free one, logged at start
         api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"; default: the environment variable LLAMA_API_KEY (a flag is visible to every user in ps)
@@ -110,6 +111,7 @@ def main(
         prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize}",
     )
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
+    engine.warm_up(MAX_TOP_LOGPROBS)  # on every rank: no request waits for a compile
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)

@@ -116,7 +116,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_metrics(self) -> None:
         scheduler = self.server.scheduler
-        data = self.server.metrics.render(scheduler.queue_length(), scheduler.running_slots(), scheduler.slots, scheduler.engine.pool_use()).encode()
+        data = self.server.metrics.render(
+            scheduler.queue_length(), scheduler.running_slots(), scheduler.slots, scheduler.compiled_graphs(), scheduler.engine.pool_use()
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", METRICS_CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))

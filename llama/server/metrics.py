@@ -6,6 +6,8 @@
     llama_queue_length                         requests accepted and waiting for a slot
     llama_running_slots                        slots (rows of the KV cache) decoding now
     llama_slots                                slots in all (--max_batch_size)
+    llama_compiled_graphs                      graphs torch.compile made in this process: with --compile, all
+                                               of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
     llama_kv_cache_blocks, _used               the KV cache pool's blocks, and those rows hold now
     llama_prefix_cache_queried_tokens_total    prompt tokens looked up in the prefix cache, and
@@ -50,7 +52,7 @@ class Metrics:
             self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
             self.ttft_sum += seconds
 
-    def render(self, queue_length: int, running_slots: int, slots: int, pool: dict) -> str:
+    def render(self, queue_length: int, running_slots: int, slots: int, compiled_graphs: int, pool: dict) -> str:
         """The exposition text, with the scheduler's gauges as given; ``pool``: the engine's
         ``pool_use()``."""
         with self.lock:
@@ -63,6 +65,7 @@ class Metrics:
             metric(lines, "llama_queue_length", "gauge", "Requests waiting for a slot.", queue_length)
             metric(lines, "llama_running_slots", "gauge", "Slots (rows of the KV cache) decoding now.", running_slots)
             metric(lines, "llama_slots", "gauge", "Slots in all.", slots)
+            metric(lines, "llama_compiled_graphs", "gauge", "Graphs torch.compile made in this process.", compiled_graphs)
             metric(lines, "llama_kv_cache_blocks", "gauge", "Blocks of the KV cache pool.", pool["blocks"])
             metric(lines, "llama_kv_cache_blocks_used", "gauge", "Blocks of the pool held by rows now.", pool["used_blocks"])
             metric(lines, "llama_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.", pool["queried_tokens"])

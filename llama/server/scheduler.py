@@ -16,6 +16,8 @@ import logging
 import threading
 from typing import Optional
 
+import torch
+
 from llama.engine import Engine, Request
 from llama.server.protocol import Job, RequestError
 
@@ -48,6 +50,10 @@ class Scheduler:
 
     def running_slots(self) -> int:
         return self.engine.running_slots
+
+    def compiled_graphs(self) -> int:
+        """Graphs torch.compile made in this process (the count its own tests read)."""
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     def submit(self, job: Job) -> Request:
         """Queue ``job`` in the engine; its request, whose rows are the job's choices.

@@ -1,0 +1,85 @@
+"""The compiled decode step's cost per step, on greedy rows, with the whole sampler in it (penalties
+and sampling under ``torch.cond``, 32 top logprobs: what the engine compiles, one graph for every mix
+of options) against a step specialised to greedy rows without penalties or alternatives (one graph
+per mix of options, as the engine once compiled), in alternating rounds on the same engine, at
+width 1 and the full batch.
+
+    python bench/decode_features.py --threads 2                             # the bundled model
+    python bench/decode_features.py --ckpt_dir "" --dim 256 --n_layers 4 --vocab_size 32000 --threads 2
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import add_checkpoint_args, print_table, random_checkpoint
+
+from llama.engine import Engine
+from llama.engine.runner import Features
+from llama.generation import Llama
+
+BUNDLED = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib")
+MAX_TOP_LOGPROBS = 20  # the server's limit
+
+
+@torch.no_grad()
+def step_seconds(engine: Engine, width: int, features: Features, steps: int) -> float:
+    """Median seconds of ``steps`` compiled steps on ``width`` idle slots at the cache's 64th position."""
+    vocab = engine.model.params.vocab_size
+    live = torch.zeros(width, dtype=torch.bool)
+    noise = torch.ones(width, vocab if features.sampling else 1)
+    kv_slots = torch.empty(64, 0)
+    torch._dynamo.mark_dynamic(kv_slots, 0)
+    engine.runner.positions[:width] = 63
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.runner.compiled_step(width, kv_slots, live, noise, features).tolist()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    parser.set_defaults(ckpt_dir=BUNDLED)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50, help="steps timed per round")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = args.ckpt_dir or random_checkpoint(args, tmp)
+        llama = Llama.build(ckpt_dir, max_seq_len=256, max_batch_size=args.batch_size, device="cpu", dtype="float32", compile=True)
+    engine = llama.engine
+    alternatives = min(1 << (MAX_TOP_LOGPROBS - 1).bit_length(), llama.model.params.vocab_size)
+    variants = {"greedy only": Features(False, False, True, 0), "whole sampler": Features(True, True, True, alternatives)}
+    widths = sorted({1, args.batch_size})
+    start = time.perf_counter()
+    for width in widths:
+        for features in variants.values():
+            step_seconds(engine, width, features, 1)
+    print(f"compiled {len(widths) * len(variants)} graphs in {time.perf_counter() - start:.1f} s")
+    timings = {(name, width): [] for name in variants for width in widths}
+    for _ in range(args.rounds):
+        for width in widths:
+            for name, features in variants.items():
+                timings[name, width].append(step_seconds(engine, width, features, args.steps))
+    rows = []
+    for width in widths:
+        greedy = statistics.median(timings["greedy only", width])
+        whole = statistics.median(timings["whole sampler", width])
+        rows.append([width, f"{greedy * 1e3:.3f}", f"{whole * 1e3:.3f}", f"{whole / greedy:.3f}x"])
+    params = llama.model.params
+    title = (f"compiled decode step, ms (median of {args.rounds} rounds x {args.steps} steps); dim {params.dim}, "
+             f"{params.n_layers} layers, vocab {params.vocab_size}, {torch.get_num_threads()} threads")
+    print_table(title, ["width", "greedy only", f"whole sampler (top {alternatives})", "ratio"], rows)
+
+
+if __name__ == "__main__":
+    main()
