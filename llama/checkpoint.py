@@ -334,7 +334,8 @@ def log_kv_cache(model: Transformer) -> None:
     caches = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
     cache_dtype, weights_dtype = caches[0].dtype, model.tok_embeddings.weight.dtype
     why = f" (the model computes in {weights_dtype}: attention on a CPU is faster in float32)" if cache_dtype != weights_dtype else ""
-    logger.info("KV cache: %d x %d positions in %s%s, %.1f MiB", model.params.max_batch_size, model.params.max_seq_len,
+    params = model.params
+    logger.info("KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB", params.kv_cache_tokens, params.kv_block_size,
                 cache_dtype, why, sum(b.numel() * b.element_size() for b in caches) / 2**20)
 
 
