@@ -148,6 +148,7 @@ class LlamaLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         """(logprob, is_greedy) per ((context, continuation) strings, context tokens, continuation tokens)."""
         answers = loglikelihoods(self.generator.model, [(context, continuation) for _, context, continuation in requests], self.batch_size)
+        self.generator.engine.forget_cached_prefixes()  # their blocks now hold the scored rows
         for (strings, _, _), answer in zip(requests, answers):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)

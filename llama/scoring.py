@@ -8,7 +8,7 @@ one): lm-evaluation-harness's ``(logprob, is_greedy)``. A pair longer than ``max
 loses its oldest context tokens, as lm-evaluation-harness's ``hf`` backend truncates it.
 
 Requests are grouped by context. A batch takes up to ``max_batch_size`` contexts, longest first, one
-per cache row (slot): one pass writes them into the cache and gives the distribution of each first
+per cache row (slot, laid out in the KV cache pool's blocks as a contiguous cache would be): one pass writes them into the cache and gives the distribution of each first
 continuation token; then each round feeds, for every context of the batch, one of its continuations
 (less its last token) at the positions after the context, overwriting the previous round's, and reads
 the distributions of the remaining continuation tokens. Every pass asks the vocabulary projection
@@ -56,9 +56,9 @@ def scored_logits(model: Transformer, chunks: Sequence[Sequence[int]], starts: S
     device = model.output.weight.device
     tokens, positions = padded_chunks(chunks, starts, device)
     kv_len = max(start + len(chunk) for chunk, start in zip(chunks, starts))
-    slots_tensor = torch.tensor(list(slots), device=device)
+    rows = model.contiguous_block_table(max(slots) + 1, device)[torch.tensor(list(slots), device=device)]  # (rows, blocks_per_row)
     logits_at = torch.tensor([len(chunk) - 1 for chunk in chunks], device=device) if last_only else None
-    logits = model.forward_at(tokens, positions, logits_at=logits_at, kv_len=kv_len, slots=slots_tensor)
+    logits = model.forward_at(tokens, positions, logits_at=logits_at, kv_len=kv_len, block_table=rows)
     logits = torch.log_softmax(logits, dim=-1)
     return logits[:, 0] if last_only else logits
 
@@ -78,7 +78,8 @@ def loglikelihoods(model: Transformer, requests: Sequence[TokenPair], batch_size
     """(logprob, is_greedy) of each (context, continuation) request, in order (see the module's docstring).
 
     Args:
-        model: the model; its cache rows are written (call it while no generation runs on them).
+        model: the model; its cache pool's blocks are written (call it while no generation runs, and
+            make the engine forget its cached prefixes after: ``Engine.forget_cached_prefixes``).
         requests: (context tokens, continuation tokens) pairs, both non-empty.
         batch_size: contexts per pass, at most the cache's ``max_batch_size``.
 

@@ -180,6 +180,11 @@ class Engine:
         waits for a compile; the seconds it took (0 when not compiled)."""
         return self.runner.warm_up(max_top_logprobs, speculate_k)
 
+    def forget_cached_prefixes(self) -> None:
+        """Forget the prefix cache's blocks no row holds, after a caller wrote the pool directly (the
+        log-likelihoods of ``llama.scoring``, run while no row decodes)."""
+        self.scheduler.blocks.forget()
+
     def stop(self) -> None:
         """Ask ``run`` to return after the current step: every request, running or waiting, is
         cancelled (finish reason "cancelled"), and followers are told to shut down. Safe in a signal
