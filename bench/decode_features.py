@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from common import add_checkpoint_args, print_table, random_checkpoint
+from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 
+from llama.checkpoint import load_model
 from llama.engine import Engine
 from llama.engine.runner import Features
-from llama.generation import Llama
 
 BUNDLED = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib")
 MAX_TOP_LOGPROBS = 20  # the server's limit
@@ -55,9 +55,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = args.ckpt_dir or random_checkpoint(args, tmp)
-        llama = Llama.build(ckpt_dir, max_seq_len=256, max_batch_size=args.batch_size, device="cpu", dtype="float32", compile=True)
-    engine = llama.engine
-    alternatives = min(1 << (MAX_TOP_LOGPROBS - 1).bit_length(), llama.model.params.vocab_size)
+        model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, 256, args.batch_size), torch.device("cpu"), torch.float32)
+    engine = Engine(model, None, compile=True)
+    alternatives = min(1 << (MAX_TOP_LOGPROBS - 1).bit_length(), model.params.vocab_size)
     variants = {"greedy only": Features(False, False, True, 0), "whole sampler": Features(True, True, True, alternatives)}
     widths = sorted({1, args.batch_size})
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def main() -> None:
         greedy = statistics.median(timings["greedy only", width])
         whole = statistics.median(timings["whole sampler", width])
         rows.append([width, f"{greedy * 1e3:.3f}", f"{whole * 1e3:.3f}", f"{whole / greedy:.3f}x"])
-    params = llama.model.params
+    params = model.params
     title = (f"compiled decode step, ms (median of {args.rounds} rounds x {args.steps} steps); dim {params.dim}, "
              f"{params.n_layers} layers, vocab {params.vocab_size}, {torch.get_num_threads()} threads")
     print_table(title, ["width", "greedy only", f"whole sampler (top {alternatives})", "ratio"], rows)

@@ -109,8 +109,8 @@ def test_compiled_ragged_batch_decodes_to_the_end_of_the_context_as_eager(llama,
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
 
 
-def test_compiled_sampling_streaming_and_stop_strings_equal_eager(llama, compiled):
-    options = dict(max_gen_len=16, temperature=0.8, top_p=0.95, seed=3, num_return_sequences=2, stop_strings=["\n"])
+def test_compiled_sampling_penalties_streaming_and_stop_strings_equal_eager(llama, compiled):
+    options = dict(max_gen_len=16, temperature=0.8, top_p=0.95, seed=3, num_return_sequences=2, stop_strings=["\n"], repetition_penalty=1.3)
     assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)
     streamed = ["".join(pieces) for pieces in zip(*compiled.text_completion_stream(PROMPTS[:2], **options))]
     assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]

@@ -3,6 +3,7 @@ speculate="lookup" and "draft" against plain decoding: the same greedy tokens an
 batches (each row accepting its own counts, stopping where plain decoding stops), the same sampling
 distribution (chi-square against the model's exact probabilities, computed by a full forward)."""
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -287,6 +288,24 @@ def test_compiled_speculative_decoding_equals_eager(make_llama, llama):
     compiled = make_llama(max_seq_len=96, max_batch_size=4, compile=True)
     options = dict(temperature=0, max_gen_len=20, stop_tokens=[], logprobs=True, speculate="lookup", speculate_k=3)
     assert_same(llama.text_completion(PROMPTS, **{**options, "speculate": None}), compiled.text_completion(PROMPTS, **options))
+
+
+def test_after_warm_up_speculative_decoding_adds_no_graph(make_llama, checkpoint, monkeypatch):
+    """Lookup and an int8 draft, greedy and sampled, batches of two and of one to the context's last
+    position, after ``warm_up(speculate_k=3)``. Traced by dynamo's eager backend: the graphs are the
+    ones inductor would compile, counted the same, in a fraction of the time."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    ckpt_dir, _ = checkpoint
+    fast = make_llama(max_seq_len=32, max_batch_size=2, compile=True, draft_ckpt_dir=ckpt_dir, draft_quantize="int8")
+    fast.engine.warm_up(speculate_k=3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompt = fast.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
+    for speculate, sampling in itertools.product(["lookup", "draft"], [dict(temperature=0), dict(temperature=0.8, seed=1)]):
+        options = dict(stop_tokens=[], speculate=speculate, speculate_k=3, **sampling)
+        fast.text_completion(PROMPTS[:2], max_gen_len=8, **options)
+        (tokens,), _ = fast.generate([prompt], max_gen_len=32, **options)
+        assert len(prompt) + len(tokens) == 32
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 # --- the examples' flags -------------------------------------------------------------------------

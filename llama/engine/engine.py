@@ -157,10 +157,10 @@ class Engine:
         """The first compiled decode step's time, compilation included (None before it)."""
         return self.runner.compile_seconds
 
-    def warm_up(self, max_top_logprobs: int = 0) -> float:
-        """Compile every graph the compiled decode step can need (``Runner.warm_up``), so that no
-        request waits for a compile; the seconds it took (0 when not compiled)."""
-        return self.runner.warm_up(max_top_logprobs)
+    def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
+        """Compile every graph the compiled steps can need (``Runner.warm_up``), so that no request
+        waits for a compile; the seconds it took (0 when not compiled)."""
+        return self.runner.warm_up(max_top_logprobs, speculate_k)
 
     def pool_use(self) -> dict:
         """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache

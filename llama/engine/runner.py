@@ -16,9 +16,9 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   own settings (``llama.sampling``), and the writes of the step's tokens, positions and penalty
   counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
-  tensors, and ``torch.cond`` runs the penalties and the sampler's sort only when a row needs them:
-  one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
-  before the first request (a server's start).
+  tensors, and on a CPU ``torch.cond`` runs the penalties and the sampler's sort only when a row
+  needs them: one graph per width and length serves every mix of options, and ``warm_up`` compiles
+  them all before the first request (a server's start).
 - ``speculate``: k proposals per row (prompt lookup or the draft model, on the same block tables)
   verified in one pass (``llama.speculative``).
 
@@ -232,30 +232,40 @@ class Runner:
         """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
         return sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
 
-    def warm_up(self, max_top_logprobs: int = 0) -> float:
-        """Compile every graph the compiled decode step can need, so that no request waits for a
-        compile: each width (``compiled_widths``) on a bucket of the cache and on a whole row, with up
-        to ``max_top_logprobs`` alternatives. Run on idle slots (their block tables point at the
-        scratch block); draws nothing from the global RNG. Under torchrun every rank calls it, at
-        the same point. Returns the seconds it took (0 when not compiled)."""
+    def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
+        """Compile every graph the compiled steps can need, so that no request waits for a compile:
+        each width (``compiled_widths``) on a bucket of the cache and on a whole row, the decode step
+        with up to ``max_top_logprobs`` alternatives and, with ``speculate_k``, the passes of
+        speculative decoding with that many proposals (the model's over k + 1 tokens, the draft's over
+        2 and 1). Run on idle slots (their block tables point at the scratch block); draws nothing
+        from the global RNG. Under torchrun every rank calls it, at the same point. Returns the
+        seconds it took (0 when not compiled)."""
         if self.compiled is None:
             return 0.0
-        params, start = self.model.params, time.perf_counter()
+        params, widths, start = self.model.params, self.compiled_widths(), time.perf_counter()
         k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
         features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives)
         lengths = sorted({attended_slots(1, params.max_seq_len, params.kv_block_size).shape[0], params.max_seq_len})
-        graphs = len(self.compiled_widths()) * len(lengths)
-        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would decode eagerly
+        chunks = [] if speculate_k is None else [(self.verify_forward, speculate_k + 1)]
+        if speculate_k is not None and self.draft_forward is not None:
+            chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
+        graphs = len(widths) * len(lengths) * max(1, len(chunks))  # the most of one function's graphs
+        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
             torch._dynamo.config.recompile_limit = graphs
         calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
         with torch.no_grad():
-            for width, kv_len, _ in itertools.product(self.compiled_widths(), lengths, range(calls)):
+            for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
                 noise = torch.ones(width, params.vocab_size, device=self.device)
                 self.compiled_step(width, attended_slots(kv_len, params.max_seq_len, params.kv_block_size), live, noise, features).tolist()
+                for forward, n in chunks:  # tokens 0 at position 0, into the scratch block
+                    tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
+                    forward(tokens, positions, self.block_tables[:width], kv_len).sum().item()
         seconds = time.perf_counter() - start
-        logger.info("compiled the decode step for widths %s x cache lengths %s in %.1f s", self.compiled_widths(), lengths, seconds)
+        self.compile_seconds = seconds if self.compile_seconds is None else self.compile_seconds
+        passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if chunks else "")
+        logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
         return seconds
 
     def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
@@ -432,9 +442,11 @@ def choose(
     noise: torch.Tensor, features: Features,
 ) -> torch.Tensor:
     """Each row's next token (rows,) from its logits (rows, vocab), with its own settings."""
-    # compiled, one graph serves every mix of rows: each part runs only when a row needs it (torch.cond)
-    compiled = torch.compiler.is_compiling()
-    if features.penalties and compiled:
+    # Compiled, one graph serves every mix of rows (neutral penalties change nothing, a greedy row takes
+    # its argmax); on a CPU torch.cond runs each part only when a row needs it (the sampler's sort costs
+    # more than a small model's step there), while a CUDA graph, which cannot branch, runs both
+    conditional = torch.compiler.is_compiling() and logits.device.type != "cuda"
+    if features.penalties and conditional:
         penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
         penalised = penalised.any() | (settings.logit_bias != 0).any()
         logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
@@ -442,7 +454,7 @@ def choose(
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:
         return torch.argmax(logits, dim=-1)
-    if compiled:
+    if conditional:
         return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
     return sample(logits, settings, positions, noise)
 

@@ -111,7 +111,7 @@ def main(
         prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize}",
     )
     logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
-    engine.warm_up(MAX_TOP_LOGPROBS)  # on every rank: no request waits for a compile
+    engine.warm_up(MAX_TOP_LOGPROBS, speculate_k if speculate else None)  # on every rank: no request waits for a compile
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
