@@ -19,7 +19,8 @@ import torch
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 
 from llama.checkpoint import load_model
-from llama.engine import Engine, Features
+from llama.engine import Engine
+from llama.engine.runner import Features
 
 BUNDLED = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib")
 MAX_TOP_LOGPROBS = 20  # the server's limit
@@ -33,11 +34,11 @@ def step_seconds(engine: Engine, width: int, features: Features, steps: int) -> 
     noise = torch.ones(width, vocab if features.sampling else 1)
     kv_slots = torch.empty(64, 0)
     torch._dynamo.mark_dynamic(kv_slots, 0)
-    engine.positions[:width] = 63
+    engine.runner.positions[:width] = 63
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
-        engine.compiled_step(width, kv_slots, live, noise, features).tolist()
+        engine.runner.compiled_step(width, kv_slots, live, noise, features).tolist()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

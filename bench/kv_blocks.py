@@ -17,9 +17,9 @@ Sections (the load average is printed with each: the machine may be shared):
 - decode: batch-1 decode tokens/s (``Llama.generate``, prefill subtracted) of this checkout and of
   ``--reference`` (another checkout, e.g. the contiguous cache), eager and compiled, the bundled
   model and the 134M one, in two worker processes taking turns round by round; medians and ratios.
-- concurrency: the KV memory of 8 slots x 2048 positions (16,384 tokens) as a pool for 64 slots:
-  how many 300-token conversations (100 prompt + 200 generated) run at once, and whether any was
-  preempted, against the contiguous cache's 8 slots.
+- concurrency: the KV memory of 8 slots x 2048 positions (16,384 tokens) as a pool for 48 slots:
+  how many of 48 300-token conversations (100 prompt + 200 generated) run at once, and how many
+  preemptions that took, against the contiguous cache's 8 slots.
 """
 
 import argparse
@@ -224,11 +224,11 @@ def concurrency(args) -> None:
 
     tokens = 8 * 2048
     print(f"\nconcurrency ({load_average()}): the bundled model, KV memory of 8 x 2048 = {tokens} tokens, 300-token conversations")
-    for name, rows in [("contiguous (8 slots)", 8), ("pool (64 slots)", 64)]:
+    for name, rows in [("contiguous (8 slots)", 8), ("pool (48 slots)", 48)]:
         engine = load(str(BUNDLED), 2048, rows, kv_cache_tokens=tokens)
         generator = torch.Generator().manual_seed(0)
         options = GenerationOptions(max_gen_len=200, temperature=0, stop_tokens=[])
-        requests = [engine.submit([torch.randint(3, 4096, (100,), generator=generator).tolist()], options, stream_text=False) for _ in range(64)]
+        requests = [engine.submit([torch.randint(3, 4096, (100,), generator=generator).tolist()], options, stream_text=False) for _ in range(48)]
         most = 0
         while not all(request.done for request in requests):
             engine.step()
