@@ -5,6 +5,8 @@ JSON Lines files beside their YAMLs."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,3 +146,43 @@ def test_without_lm_eval_the_command_names_the_extra_to_install(monkeypatch, cap
     assert exit.value.code == 2
     assert capsys.readouterr().err == 'error: lm-evaluation-harness is not installed: pip install -e ".[eval]"\n'
 
+
+
+def test_two_processes_on_a_sharded_checkpoint_write_one_process_results_once(evaluations, make_checkpoint, tmp_path):
+    """torchrun on a 2-shard checkpoint of the same weights: rank 0 alone prints the table and writes one
+    results file, whose metrics are the single process's."""
+    ours, _, _, _ = evaluations
+    ckpt_dir, _ = make_checkpoint(n_shards=2, dtype=torch.float32, seed=3)
+    llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    (tmp_path / "tasks").mkdir()
+    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.evaluate"]
+    args = ["--ckpt_dir", ckpt_dir, "--tasks", ",".join(TASKS), "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
+            "--batch_size", "3", "--output_path", str(out), "--dtype", "float32", "--device", "cpu"]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(torchrun + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tiny_choice") == 1, result.stdout  # one table
+    (results_file,) = out.glob("*/results_*.json")
+    theirs = json.loads(results_file.read_text())
+    for task in TASKS:
+        assert metrics(theirs, task) == pytest.approx(metrics(ours, task), rel=1e-5)
+
+
+def test_an_int8_model_scores_within_int8_rounding_of_the_float_model(evaluations, make_checkpoint, tmp_path):
+    """``--quantize int8``: the same weights quantized give each choice's log-likelihood within int8's
+    rounding of the float32 model's (and not exactly it: the int8 weights are used)."""
+    _, our_samples, _, _ = evaluations
+    ckpt_dir, _ = make_checkpoint(dtype=torch.float32, seed=3)
+    llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    (tmp_path / "tasks").mkdir()
+    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        main(["--ckpt_dir", ckpt_dir, "--tasks", "tiny_choice", "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
+              "--batch_size", "3", "--output_path", str(out), "--log_samples", "--dtype", "float32", "--device", "cpu", "--quantize", "int8"])
+    quantized = [json.loads(line) for line in next(out.glob("*/samples_tiny_choice_*.jsonl")).read_text().splitlines()]
+    exact = [float(r[0][0]) for s in our_samples["tiny_choice"] for r in s["resps"]]
+    int8 = [float(r[0][0]) for s in quantized for r in s["resps"]]
+    assert int8 == pytest.approx(exact, abs=0.05) and int8 != exact
