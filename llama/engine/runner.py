@@ -91,6 +91,7 @@ class Runner:
         self.settings = RowSettings.empty(max_slots, vocab, device)
         self.block_tables = torch.full((max_slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
         self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
+        self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
         self.distributed = model_parallel_world_size() > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
@@ -337,8 +338,8 @@ class Runner:
         for row in rows:
             options = None if row is None else row.options
             needs.append(options is not None and options.temperature > 0 and options.seed is None)
-        if not any(needs):  # nothing to copy from the host
-            return torch.ones(len(rows), vocab, device=self.device)
+        if not any(needs):  # nothing to draw or copy from the host (compiled, every step samples)
+            return self.no_noise[: len(rows)]
         return global_exponentials(needs, vocab).to(self.device)
 
     # --- speculative decoding (``llama.speculative``) ----------------------------------------------
