@@ -246,8 +246,9 @@ class Attention(nn.Module):
         self.cache_k[cache_index.blocks, :, cache_index.offsets] = xk.to(self.cache_k.dtype)
         self.cache_v[cache_index.blocks, :, cache_index.offsets] = xv.to(self.cache_v.dtype)
         bsz, heads = xk.shape[0], self.n_local_kv_heads
-        keys = self.cache_k.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
-        values = self.cache_v.flatten(0, 1)[cache_index.gather].view(bsz, heads, -1, self.head_dim)
+        gather = cache_index.gather.flatten()  # index_select: half the time of indexing with a tensor on a CPU
+        keys = self.cache_k.flatten(0, 1).index_select(0, gather).view(bsz, heads, -1, self.head_dim)
+        values = self.cache_v.flatten(0, 1).index_select(0, gather).view(bsz, heads, -1, self.head_dim)
         return keys, values
 
     def forward(
