@@ -16,7 +16,8 @@ Sections (the load average is printed with each: the machine may be shared):
   (one model) taking turns; means over the turns, their ratio, and whether the answers agree.
 - decode: batch-1 decode tokens/s (``Llama.generate``, prefill subtracted) of this checkout and of
   ``--reference`` (another checkout, e.g. the contiguous cache), eager and compiled, the bundled
-  model and the 134M one, in two worker processes taking turns round by round; medians and ratios.
+  model and the 134M one, in two worker processes taking turns round by round (each round's figure the
+  median of 3 runs); medians and ratios.
 - concurrency: the KV memory of 8 slots x 2048 positions (16,384 tokens) as a pool for 48 slots:
   how many of 48 300-token conversations (100 prompt + 200 generated) run at once, and how many
   preemptions that took, against the contiguous cache's 8 slots.
@@ -171,7 +172,7 @@ def worker() -> None:
                 generate(engine, prompt, n)
                 return time.perf_counter() - start
 
-            result = (n_tokens - 1) / max(timed(n_tokens) - timed(1), 1e-9)
+            result = statistics.median((n_tokens - 1) / max(timed(n_tokens) - timed(1), 1e-9) for _ in range(3))
         print(json.dumps(result), flush=True)
 
 
@@ -212,7 +213,9 @@ def decode(args) -> None:
     print(f"\ndecode ({load_average()}): batch 1, {args.decode_tokens} tokens, {args.threads} threads, median of {args.rounds} rounds; reference {args.reference}")
     for model, compile in cases:
         ours, theirs = (statistics.median(results[name, (model, compile)]) for name in ("blocks", "reference"))
-        print(f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, reference {theirs:7.1f} tok/s, ratio {ours / theirs:.3f}")
+        per_round = statistics.median(a / b for a, b in zip(results["blocks", (model, compile)], results["reference", (model, compile)]))
+        print(f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, reference {theirs:7.1f} tok/s, "
+              f"ratio {ours / theirs:.3f} (median of the rounds' ratios {per_round:.3f})")
 
 
 # --- concurrency ------------------------------------------------------------------------------------
