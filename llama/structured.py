@@ -24,7 +24,6 @@ import weakref
 from typing import Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import llguidance
-import llguidance.torch as llguidance_torch
 import torch
 
 from llama.tokenizer import Tokenizer
@@ -162,6 +161,8 @@ class Constraints:
         constrained = [i for i, row in enumerate(rows) if row in self.matchers]
         if not constrained:
             return None
+        import llguidance.torch as llguidance_torch  # here: its import compiles a kernel (2 s, 200 MB a process)
+
         bitmask = llguidance_torch.allocate_token_bitmask(len(constrained), self.vocab_size)  # (n, words) int32
         matchers = [(self.matchers[rows[index]], i) for i, index in enumerate(constrained)]
         llguidance_torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)  # the rows in parallel, the GIL released
