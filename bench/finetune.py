@@ -11,11 +11,16 @@ Ours is ``llama.training.train`` on the model ``python -m llama.finetune`` build
 project's linears, QLoRA beside its int4 weights); the reference is transformers' ``LlamaForCausalLM``
 with peft's ``get_peft_model`` (no int4 base that runs on a CPU exists there: its QLoRA column is empty).
 Both take AdamW steps on the same fixed batch, every token learnt. Tokens/s counts every position of
-the batch; peak memory is the process's resident peak on a CPU and torch's peak allocation on a GPU.
+the batch. Peak memory on a GPU is torch's peak allocation; on a CPU two figures: the process's
+resident peak (Python, torch's libraries, and what the allocator keeps after freeing, included), and
+the peak of the tensors alive at once (the GPU's measure: the tensors alive before a further step
+plus the most its allocations hold at once, from torch's profiler).
 """
 
 import argparse
 import contextlib
+import gc
+import itertools
 import json
 import os
 import statistics
@@ -78,8 +83,9 @@ def compute_dtype(device: torch.device, method: str) -> torch.dtype:
     return quantized_cpu_dtype() if method == "qlora" else torch.float32
 
 
-def run_ours(options, device: torch.device) -> float:
-    """Seconds of ``options.steps`` steps of the project's loop, after one warm-up step."""
+def run_ours(options, device: torch.device):
+    """Seconds of ``options.steps`` steps of the project's loop, after one warm-up step, and a
+    function that takes one more step."""
     from llama.checkpoint import load_model
     from llama.lora import LoraConfig, apply_lora
     from llama.quantize import Quantization
@@ -105,11 +111,12 @@ def run_ours(options, device: torch.device) -> float:
         train(model, optimizer, lambda step: [batch], Schedule(1e-5, last, 0, "constant"), log, device, autocast, 1.0, first)
 
     steps(0, 1)  # warm-up (and compilation)
-    return timed(lambda: steps(1, 1 + options.steps), device)
+    return timed(lambda: steps(1, 1 + options.steps), device), lambda: steps(1 + options.steps, 2 + options.steps)
 
 
-def run_reference(options, device: torch.device) -> float:
-    """Seconds of ``options.steps`` AdamW steps of transformers (+ peft for LoRA), after one warm-up step."""
+def run_reference(options, device: torch.device):
+    """Seconds of ``options.steps`` AdamW steps of transformers (+ peft for LoRA), after one warm-up
+    step, and a function that takes one more step."""
     from peft import LoraConfig, get_peft_model
 
     from bench.transformers_llama import to_transformers
@@ -149,7 +156,7 @@ def run_reference(options, device: torch.device) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    return timed(lambda: [step() for _ in range(options.steps)], device)
+    return timed(lambda: [step() for _ in range(options.steps)], device), step
 
 
 def timed(fn, device: torch.device) -> float:
@@ -162,19 +169,43 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def live_tensor_bytes() -> int:
+    """The bytes of every CPU tensor's storage that Python holds now, each storage once."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def peak_tensor_bytes(step) -> int:
+    """The most bytes of CPU tensors alive at once during ``step()``: those alive before it, plus the
+    highest running sum of its allocations and frees (torch's profiler records each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    allocations = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
+    return before + max(0, *itertools.accumulate(nbytes for _, nbytes in allocations))
+
+
 def worker(options) -> None:
-    """One measurement: print {"tokens_per_s", "peak_gib"} as JSON."""
+    """One measurement: print {"tokens_per_s", "peak_gib"} (and on a CPU "tensors_peak_gib") as JSON."""
     import resource
 
     device = torch.device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
-    seconds = (run_ours if options.worker_impl == "ours" else run_reference)(options, device)
+    seconds, one_step = (run_ours if options.worker_impl == "ours" else run_reference)(options, device)
+    result = {"tokens_per_s": options.steps * options.batch_size * options.seq_len / seconds}
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens_per_s": options.steps * options.batch_size * options.seq_len / seconds, "peak_gib": peak / 2**30}))
+        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        result["tensors_peak_gib"] = peak_tensor_bytes(one_step) / 2**30
+    print(json.dumps(result))
 
 
 def measure(options, impl: str, method: str, ckpt_dir: str):
@@ -229,24 +260,26 @@ def main(argv=None) -> None:
                     errors[impl, method] = error
         print(f"round {round_ + 1} of {options.rounds} done", flush=True)
 
+    memories = ["peak_gib"] + (["tensors_peak_gib"] if options.device == "cpu" else [])
     rows = []
     for method in methods:
-        medians = {impl: (statistics.median(r["tokens_per_s"] for r in results[impl, method]),
-                          statistics.median(r["peak_gib"] for r in results[impl, method])) for impl in impls if results[impl, method]}
-        for impl, (speed, peak) in medians.items():
+        medians = {impl: {key: statistics.median(r[key] for r in results[impl, method]) for key in ["tokens_per_s", *memories]}
+                   for impl in impls if results[impl, method]}
+        for impl, median in medians.items():
             reference = medians.get("transformers+peft")
-            ratio = f"{speed / reference[0]:.2f}x" if reference and impl == "ours" else "-"
-            rows.append([method, impl, f"{speed:.0f}", ratio, f"{peak:.2f}"])
+            ratio = f"{median['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference and impl == "ours" else "-"
+            rows.append([method, impl, f"{median['tokens_per_s']:.0f}", ratio, *(f"{median[key]:.2f}" for key in memories)])
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                 if line.startswith("Model name")), "?") if options.device == "cpu" else torch.cuda.get_device_name()
     print_table(f"{cpu}; {options.shape if not options.ckpt_dir else ckpt_dir}, batch {options.batch_size} x {options.seq_len}"
                 f"{', packed' if options.pack else ''}{', compiled' if options.compile else ''}, {options.steps} steps, median of "
                 f"{options.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}",
-                ["method", "implementation", "tokens/s", "vs transformers+peft", "peak GiB"], rows)
+                ["method", "implementation", "tokens/s", "vs transformers+peft", *(["peak GiB"] if options.device != "cpu" else ["resident peak GiB", "tensors peak GiB"])], rows)
     if "lora" in methods and "qlora" in methods and ("ours", "lora") in results and results["ours", "qlora"] and results["ours", "lora"]:
-        lora_peak = statistics.median(r["peak_gib"] for r in results["ours", "lora"])
-        qlora_peak = statistics.median(r["peak_gib"] for r in results["ours", "qlora"])
-        print(f"QLoRA's peak memory / LoRA's: {qlora_peak / lora_peak:.2f}")
+        for key in memories:
+            lora_peak = statistics.median(r[key] for r in results["ours", "lora"])
+            qlora_peak = statistics.median(r[key] for r in results["ours", "qlora"])
+            print(f"QLoRA's {'peak memory' if key == 'peak_gib' else 'peak of tensors'} / LoRA's: {qlora_peak / lora_peak:.2f}")
     for (impl, method), error in errors.items():
         print(f"FAILED: {impl} {method}: {error}")
     if errors:
