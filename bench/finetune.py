@@ -173,9 +173,10 @@ def live_tensor_bytes() -> int:
     """The bytes of every CPU tensor's storage that Python holds now, each storage once."""
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:  # type(): a dead weak proxy cannot be asked
             storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            with contextlib.suppress(RuntimeError):  # the fake tensors torch.compile keeps hold no memory
+                storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 ROUNDS = 5  # alternating timings of each kernel per shape; the median decides
 MARGIN = 0.95  # oneDNN must take under 95% of BLAS's time: a tie keeps torch's default
-TIMED_BYTES = 32 << 20  # weight bytes read per timing: a few layers of a large model, a small one's repeatedly
+TIMED_BYTES = 32 << 20  # weight bytes read per timing: a few layers of a large model, more than the caches hold
+SMALL_MODEL_PASSES = 4  # a small model's layers of a shape, cached however often they are read, are timed this many times over
 
 _chosen: Dict[Tuple[int, int, int], bool] = {}  # (out_features, in_features, threads) -> use oneDNN
 
@@ -66,10 +67,11 @@ def _pass_seconds(layers: List[nn.Module], x: torch.Tensor, onednn: bool) -> flo
 
 
 def timed_layers(layers: List[nn.Module]) -> List[nn.Module]:
-    """About ``TIMED_BYTES`` of weights from ``layers``: the first few of a large model's, or a small
-    model's all, repeated (read from the caches, as that model's decoding reads them)."""
+    """About ``TIMED_BYTES`` of weights from ``layers``: the first few of a large model's; a small
+    model's all, ``SMALL_MODEL_PASSES`` times over (read from the caches, as that model's decoding
+    reads them: more passes would time the same thing again)."""
     nbytes = layers[0].weight.numel() * layers[0].weight.element_size()
-    count = max(1, TIMED_BYTES // nbytes)
+    count = max(1, min(TIMED_BYTES // nbytes, SMALL_MODEL_PASSES * len(layers)))
     return (layers * (count // len(layers) + 1))[:count]
 
 
