@@ -13,6 +13,7 @@ the examples of each step are split over the ranks: any number of processes comp
 import argparse
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -268,7 +269,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank reads the same data: rank 0 says it once
+    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run_parser(parser(), finetune, argv)
 
 

@@ -205,6 +205,7 @@ def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_proc
                "--max_steps", "2", "--save_every", "2", *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("peak memory:") == 1 and result.stderr.count("loading") == 1  # rank 0 speaks for both
     # the two ranks' sharded state, resumed by one process for the last step
     two = run(ckpt_dir, varied_data, tmp_path / "two", "--max_steps", "3", "--resume", *flags, tokenizer_path=tokenizer_path)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], rel=1e-5)
