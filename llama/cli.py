@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence,
 import fire
 import torch
 
-from llama.distributed import RankFailedError
+from llama.distributed import RankFailedError, launched_as_rank0
 from llama.options import GenerationOptions
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
@@ -209,7 +209,7 @@ def user_errors_exit(show_traceback: bool) -> Iterator[None]:
 
 def say_once(line: str) -> None:
     """Print ``line`` on stderr, on rank 0 only under torchrun."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_as_rank0():
         print(line, file=sys.stderr, flush=True)
 
 

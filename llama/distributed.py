@@ -44,6 +44,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched_as_rank0() -> bool:
+    """Rank 0 of the job as torchrun launched it (or the only process), known before any process group
+    exists: for what a command says or opens before it loads a model."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def default_device() -> torch.device:
     """This rank's GPU if there is one (cuda:LOCAL_RANK), else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():

@@ -13,7 +13,6 @@ the examples of each step are split over the ranks: any number of processes comp
 import argparse
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -24,7 +23,7 @@ from llama.adapter import merge_adapter, read_adapter, write_adapter
 from llama.chat_format import chat_format_for
 from llama.checkpoint import layout_of, load_model, rank_tensors, read_model_args
 from llama.cli import run_parser
-from llama.distributed import DTYPES, init_distributed, resolve_device, set_threads
+from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
 from llama.finetuned_checkpoint import write_checkpoint
 from llama.hf_checkpoint import read_chat_template
 from llama.lora import LoraConfig, apply_lora, parse_targets
@@ -269,8 +268,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank reads the same data: rank 0 says it once
-    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # under torchrun every rank reads the same data: rank 0 says it once
+    logging.basicConfig(level=logging.INFO if launched_as_rank0() else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run_parser(parser(), finetune, argv)
 
 

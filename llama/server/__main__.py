@@ -33,7 +33,7 @@ import torch.distributed as dist
 import uvicorn
 
 from llama.cli import check_speculation_flags, load_line, run
-from llama.distributed import is_main_process, set_threads
+from llama.distributed import is_main_process, launched_as_rank0, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
 from llama.server.app import make_app
@@ -112,7 +112,7 @@ def main(
     check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
     if not isinstance(shutdown_timeout, (int, float)) or isinstance(shutdown_timeout, bool) or not 0 <= shutdown_timeout <= 3600:
         raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {shutdown_timeout!r}")
-    listener = listen(host, port) if int(os.environ.get("RANK", "0")) == 0 else None  # before the model: a port in use fails fast
+    listener = listen(host, port) if launched_as_rank0() else None  # before the model: a port in use fails fast
     set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
