@@ -415,23 +415,22 @@ class Transformer(nn.Module):
         No cache is touched and gradients flow. ``positions`` (bsz, seqlen) restart at 0 with each
         document; ``mask`` (bsz, 1, seqlen, seqlen) lets a token attend to its own document's earlier
         tokens only (block-diagonal and causal)."""
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (bsz, seqlen, head_dim/2)
-        for layer in self.layers:
-            h = layer(h, cos, sin, None, mask)
-        return self.logits(h, None)
+        return self.logits(self.hidden_states(tokens, positions, mask), None)
 
     def hidden_states(
         self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache_index: Optional["CacheIndex"] = None
     ) -> torch.Tensor:
-        """The last layer's output (bsz, seqlen, dim); ``positions`` None: the sequence alone, from 0."""
+        """The last layer's output (bsz, seqlen, dim). ``positions`` None: the sequence alone, from 0.
+        With ``cache_index`` the tokens are written into the cache and attend to it (``forward_at``);
+        without, to each other as ``mask`` allows (packed rows, whose ``positions`` restart)."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if positions is None:  # (1, seqlen, head_dim/2), broadcast over rows
             cos, sin = self.freqs_cos[None, : tokens.shape[1]], self.freqs_sin[None, : tokens.shape[1]]
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
+        cached_positions = None if cache_index is None else positions  # None: the layers touch no cache
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask, cache_index)
+            h = layer(h, cos, sin, cached_positions, mask, cache_index)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:
