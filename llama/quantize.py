@@ -102,6 +102,23 @@ def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     return int4_mm(x2, weight, group_size, scales)
 
 
+def dequantized_weight(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype`` that ``linear(x, weight, scales)`` multiplies by: a float weight
+    itself, an int8 one times its row scales, a packed int4 one as its kernel reads it (the kernel's
+    product with the identity, so exactly the weight the forward used)."""
+    if scales is None:
+        return weight.to(dtype)
+    if scales.dim() == 1:
+        return weight.to(dtype) * scales[:, None].to(dtype)
+    eye = torch.eye(in_features, dtype=dtype, device=weight.device)
+    return int4_matmul(eye, weight, scales).T  # (in, out) -> (out, in)
+
+
+def out_features(weight: torch.Tensor, scales: Optional[torch.Tensor]) -> int:
+    """The output features of a float, int8 or int4 weight (a packed int4 weight's shape is the kernel's own)."""
+    return scales.shape[1] if scales is not None and scales.dim() == 3 else weight.shape[0]
+
+
 class Int4Matmul(torch.autograd.Function):
     """``int4_matmul`` with the gradient of its input, for adapters trained beside a frozen int4 weight
     (QLoRA): grad_x = grad_y W, with W dequantized by the kernel itself (its product with the identity,
@@ -116,9 +133,7 @@ class Int4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         weight, scales = ctx.saved_tensors
-        eye = torch.eye(ctx.in_features, dtype=grad_y.dtype, device=grad_y.device)
-        weight_t = int4_matmul(eye, weight, scales)  # (in, out): W^T
-        return grad_y @ weight_t.T, None, None
+        return grad_y @ dequantized_weight(weight, scales, ctx.in_features, grad_y.dtype), None, None
 
 
 # int8
