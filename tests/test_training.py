@@ -1,6 +1,7 @@
 """The training loss, perplexity scoring, and train.py run end to end on a tiny configuration."""
 
 import importlib.util
+import itertools
 import json
 import math
 import subprocess
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama import Llama
-from llama.loss import causal_lm_loss, scored_token_count
+from llama.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
 from llama.model import ModelArgs, Transformer
+from llama.quantize import dequantize_int4, int4_groups, pack_int4
 from llama.training import Schedule
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
 
@@ -82,6 +85,85 @@ def test_one_optimizer_step_lowers_the_loss_on_a_tiny_batch():
     with torch.no_grad():
         after = causal_lm_loss(model(tokens), tokens)
     assert after.item() < before.item() - 0.05
+
+
+def loss_and_gradients(loss_of, hidden, weight):
+    """``loss_of(hidden, weight)`` and its gradients with respect to those of the two that train."""
+    loss = loss_of(hidden, weight)
+    wanted = [t for t in (hidden, weight) if t.requires_grad]
+    return [loss, *torch.autograd.grad(loss, wanted)]
+
+
+def masked_labels(bsz: int, seqlen: int, vocab_size: int) -> torch.Tensor:
+    """Random labels; row 1 has nothing to learn, row 2 a prompt of three tokens."""
+    labels = torch.randint(0, vocab_size, (bsz, seqlen))
+    labels[1] = -100
+    labels[2, :3] = -100
+    return labels
+
+
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen weight"])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 7, None], ids=lambda n: f"chunk {n}")  # 12 scored tokens: neither 5 nor 7 divides them
+def test_chunked_loss_and_its_gradients_equal_cross_entropy_over_the_whole_logits(chunk_tokens, weight_trains):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=weight_trains)
+    labels = masked_labels(3, 8, 40)
+    assert scored_token_count(labels) == 12
+    chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens), hidden, weight)
+    reference = loss_and_gradients(lambda h, w: causal_lm_loss(h @ w.T, labels, reduction="sum"), hidden, weight)
+    assert len(chunked) == len(reference) == (3 if weight_trains else 2)
+    for ours, theirs in zip(chunked, reference):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert chunked[1][1].abs().max() == 0  # the row with nothing to learn gets no gradient
+
+
+def test_chunked_loss_of_a_batch_with_nothing_to_learn_is_zero_without_gradient():
+    hidden, weight = torch.randn(2, 4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    loss = chunked_causal_lm_loss(hidden, weight, torch.full((2, 4), -100))
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
+
+
+def test_chunked_loss_under_bfloat16_autocast_equals_cross_entropy_over_the_autocast_logits():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 8, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    labels = masked_labels(3, 8, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk_tokens=5), hidden, weight)
+        reference = loss_and_gradients(lambda h, w: causal_lm_loss(F.linear(h, w).float(), labels, reduction="sum"), hidden, weight)
+    assert chunked[0].item() == pytest.approx(reference[0].item(), rel=1e-5)  # the same bfloat16 logits, in float32
+    for ours, theirs in zip(chunked[1:], reference[1:]):  # bfloat16 products: within their rounding
+        assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
+
+
+def test_chunked_loss_of_an_int4_weight_equals_cross_entropy_under_the_weight_it_stands_for():
+    torch.manual_seed(0)
+    hidden, labels = torch.randn(3, 8, 64, requires_grad=True), masked_labels(3, 8, 48)
+    q, scales = int4_groups(torch.randn(48, 64), group_size=32)
+    chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, scales, chunk_tokens=5), hidden, pack_int4(q, "cpu"))
+    reference = loss_and_gradients(lambda h, w: causal_lm_loss(h @ w.T, labels, reduction="sum"), hidden, dequantize_int4(q, scales))
+    for ours, theirs in zip(chunked, reference):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def peak_allocated_bytes(step) -> int:
+    """The most bytes ``step()`` holds allocated at once, beyond what existed before (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    allocations = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
+    return max(itertools.accumulate(nbytes for _, nbytes in allocations))
+
+
+def test_chunked_loss_holds_one_chunk_of_logits_not_the_batchs():
+    hidden, weight = torch.randn(1, 1024, 16, requires_grad=True), torch.randn(4096, 16, requires_grad=True)
+    labels = torch.randint(0, 4096, (1, 1024))
+    logits_bytes = 1024 * 4096 * 4  # 16 MiB of float32 logits; a chunk of 64 tokens holds 1 MiB
+    whole = peak_allocated_bytes(lambda: causal_lm_loss(hidden @ weight.T, labels, reduction="sum").backward())
+    chunked = peak_allocated_bytes(lambda: chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=64).backward())
+    assert whole > 2 * logits_bytes and chunked < logits_bytes / 4
 
 
 def test_document_windows_score_every_token_after_the_first_exactly_once():
