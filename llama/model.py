@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.loss import causal_lm_loss, chunked_causal_lm_loss
 from llama.parallel import (
     ColumnParallelLinear,
     FusedColumnParallelLinear,
@@ -416,6 +417,20 @@ class Transformer(nn.Module):
         document; ``mask`` (bsz, 1, seqlen, seqlen) lets a token attend to its own document's earlier
         tokens only (block-diagonal and causal)."""
         return self.logits(self.hidden_states(tokens, positions, mask), None)
+
+    def forward_loss(
+        self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Training's loss: the summed ``causal_lm_loss`` of ``labels`` (bsz, seqlen) under the logits
+        of ``forward(tokens)``, or of ``forward_packed(tokens, positions, mask)`` for packed rows,
+        computed chunk by chunk of tokens from the last hidden states without the logits of the whole
+        batch (``chunked_causal_lm_loss``; an int8 or int4 output weight included). Through the logits
+        where the output layer is not whole here: a slice of the vocabulary per rank (tensor
+        parallelism), or a module other than the plain linear (an adapter beside it)."""
+        h = self.norm(self.hidden_states(tokens, positions, mask))  # (bsz, seqlen, dim)
+        if isinstance(self.output, ColumnParallelLinear) and model_parallel_world_size() == 1:
+            return chunked_causal_lm_loss(h, self.output.weight, labels, self.output.scales)
+        return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
 
     def hidden_states(
         self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache_index: Optional["CacheIndex"] = None

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llama.loss import causal_lm_loss
 from llama.training_data import Batch
 from llama.training_log import MetricsLog
 
@@ -78,13 +77,11 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """The loss summed over the batch's scored labels (packed rows through ``forward_packed``)."""
+    """The loss summed over the batch's scored labels, chunk by chunk of tokens (``Transformer.forward_loss``)."""
     tokens, labels = batch.tokens.to(device), batch.labels.to(device)
     if batch.positions is None:
-        logits = model(tokens)
-    else:
-        logits = model.forward_packed(tokens, batch.positions.to(device), batch.mask.to(device))
-    return causal_lm_loss(logits, labels, reduction="sum")
+        return model.forward_loss(tokens, labels)
+    return model.forward_loss(tokens, labels, batch.positions.to(device), batch.mask.to(device))
 
 
 @torch.no_grad()

@@ -33,7 +33,8 @@ def apply_fsdp(model: nn.Module, param_dtype: Optional[torch.dtype]) -> None:
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    register_fsdp_forward_method(model, "forward_packed")
+    for method in ("forward_loss", "forward_packed"):  # the output weight is whole only inside the root's registered methods
+        register_fsdp_forward_method(model, method)
 
 
 def wrap_for_training(model: nn.Module, activation_checkpointing: bool, compile: bool, fsdp: bool,

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
+from llama.lora import LoRA, LoRALinear, LoraConfig
 from llama.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
 from llama.model import ModelArgs, Transformer
 from llama.quantize import dequantize_int4, int4_groups, pack_int4
 from llama.training import Schedule
+from llama.training_data import Example, packed_batch
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +166,34 @@ def test_chunked_loss_holds_one_chunk_of_logits_not_the_batchs():
     whole = peak_allocated_bytes(lambda: causal_lm_loss(hidden @ weight.T, labels, reduction="sum").backward())
     chunked = peak_allocated_bytes(lambda: chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=64).backward())
     assert whole > 2 * logits_bytes and chunked < logits_bytes / 4
+
+
+def test_the_models_training_loss_and_gradients_equal_cross_entropy_over_its_logits_padded_and_packed():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    tokens, labels = torch.randint(0, 64, (3, 16)), masked_labels(3, 16, 64)
+    packed = packed_batch([Example(row[:n].tolist(), row[:n].tolist()) for row, n in zip(tokens, (5, 9, 7))], max_seq_len=16)
+    for arguments, logits_of in [((tokens, labels), lambda: model(tokens)),
+                                 (packed, lambda: model.forward_packed(packed.tokens, packed.positions, packed.mask))]:
+        chunked = model.forward_loss(*arguments)
+        ours = torch.autograd.grad(chunked, list(model.parameters()))
+        reference = causal_lm_loss(logits_of(), arguments[1], reduction="sum")
+        theirs = torch.autograd.grad(reference, list(model.parameters()))
+        assert chunked.item() == pytest.approx(reference.item(), rel=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(ours, theirs))
+
+
+def test_an_output_layer_with_an_adapter_beside_it_trains_through_its_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    model.output = LoRALinear(model.output, {"output": LoRA(32, 64, LoraConfig())})
+    tokens, labels = torch.randint(0, 64, (3, 16)), masked_labels(3, 16, 64)
+    loss = model.forward_loss(tokens, labels)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    reference = causal_lm_loss(model(tokens), labels, reduction="sum")
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, torch.autograd.grad(reference, list(model.parameters()))))
+    assert model.output.adapters["output"].lora_B.weight.requires_grad and ours[-1].abs().max() > 0
 
 
 def test_document_windows_score_every_token_after_the_first_exactly_once():
