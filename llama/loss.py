@@ -87,23 +87,22 @@ def linear_cross_entropy(
         compute_dtype = product.dtype
         logits = product.float()
         del product
-        # the softmax in place of the logits: one (chunk, vocab_size) float32 tensor in all
+        # the softmax in place of the logits, and then its gradient: one (chunk, vocab_size) float32 tensor
         logits -= logits.amax(-1, keepdim=True)
         target_logits = logits.gather(1, target[:, None])  # (chunk, 1)
         sums = logits.exp_().sum(-1, keepdim=True)  # (chunk, 1)
         total += (sums.log() - target_logits).sum()
-        if not (wants_rows or wants_weight):
-            continue
-        probs = logits.div_(sums)
-        probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1
-        grad_logits = probs.to(compute_dtype)
-        del logits, probs
-        if wants_rows:
-            if dense is None:
-                dense = dequantized_weight(weight, scales, rows.shape[-1], compute_dtype)  # (vocab_size, dim)
-            grad_rows[start : start + chunk_tokens] = grad_logits @ dense
-        if wants_weight:
-            grad_weight += grad_logits.T @ chunk.to(compute_dtype)
+        if wants_rows or wants_weight:
+            logits /= sums
+            logits[torch.arange(target.shape[0], device=logits.device), target] -= 1  # d loss / d logits
+            logits = logits.to(compute_dtype)  # (the float32 tensor is freed where the compute dtype is another)
+            if wants_rows:
+                if dense is None:
+                    dense = dequantized_weight(weight, scales, rows.shape[-1], compute_dtype)  # (vocab_size, dim)
+                grad_rows[start : start + chunk_tokens] = logits @ dense
+            if wants_weight:
+                grad_weight += logits.T @ chunk.to(compute_dtype)
+        del logits  # before the next chunk's product: one chunk's logits alive at a time
     return total, grad_rows, grad_weight
 
 
