@@ -43,6 +43,8 @@ SHAPES = {
     "llama-3.2-3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
                      "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True, "rope_scaling_factor": 32},
     "tiny": {"dim": 128, "n_layers": 2, "n_heads": 4, "vocab_size": 512, "multiple_of": 64},  # bench/gpu.py's dry run
+    # a model whose step is mostly its output layer and loss: Llama 3's vocabulary on a small body
+    "large-vocab": {"dim": 256, "n_layers": 2, "n_heads": 4, "vocab_size": 128256, "multiple_of": 64},
 }
 METHODS = ("full", "lora", "qlora")
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
