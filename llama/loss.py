@@ -114,14 +114,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, scales, targets, chunk_tokens):
         wants_rows, wants_weight = ctx.needs_input_grad[:2]
-        total, ctx.grad_rows, ctx.grad_weight = linear_cross_entropy(rows, weight, scales, targets, chunk_tokens, wants_rows, wants_weight)
-        ctx.weight_dtype, ctx.rows_dtype = weight.dtype, rows.dtype
+        total, grad_rows, grad_weight = linear_cross_entropy(rows, weight, scales, targets, chunk_tokens, wants_rows, wants_weight)
+        ctx.save_for_backward(grad_rows, grad_weight)  # saved, not kept on ctx: freed by the backward, not with the loss
+        ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_rows = None if ctx.grad_rows is None else (ctx.grad_rows * grad_total).to(ctx.rows_dtype)
-        grad_weight = None if ctx.grad_weight is None else (ctx.grad_weight * grad_total).to(ctx.weight_dtype)
+        grad_rows, grad_weight = ctx.saved_tensors
+        grad_rows = None if grad_rows is None else (grad_rows * grad_total).to(ctx.rows_dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_rows, grad_weight, None, None, None
 
 

@@ -168,6 +168,15 @@ def test_chunked_loss_holds_one_chunk_of_logits_not_the_batchs():
     assert whole > 2 * logits_bytes and chunked < 2 * chunk_bytes  # beside one chunk: the weight's gradient (0.25 MiB), and such
 
 
+def test_the_gradients_the_chunked_loss_keeps_are_freed_by_its_backward_not_with_the_loss():
+    hidden, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    loss = chunked_causal_lm_loss(hidden, weight, torch.randint(0, 50, (2, 9)), chunk_tokens=4)
+    assert [tuple(t.shape) for t in loss.grad_fn.saved_tensors] == [(16, 16), (50, 16)]  # the scored rows', the weight's
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.grad_fn.saved_tensors  # the training loop holds the loss until the next micro-batch
+
+
 def test_the_models_training_loss_and_gradients_equal_cross_entropy_over_its_logits_padded_and_packed():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**TINY_ARGS))
