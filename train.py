@@ -8,9 +8,9 @@ running interpreter's library (tests, codec tables and generated data left out) 
 training and held-out files by a hash of their path, so the split is the same on every machine.
 A sentencepiece tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad, byte fallback so
 any text round-trips) is trained on the training files' lines; then a Llama ``Transformer`` is
-trained with ``causal_lm_loss`` and AdamW on random windows of the training files' tokens, with a
-linear warmup and a cosine decay of the learning rate, by the training loop fine-tuning runs on
-(``llama.training``). The result is written in Meta's layout:
+trained with the causal language-modelling loss (``llama.loss``) and AdamW on random windows of the
+training files' tokens, with a linear warmup and a cosine decay of the learning rate, by the training
+loop fine-tuning runs on (``llama.training``). The result is written in Meta's layout:
 ``params.json``, ``consolidated.00.pth`` (bfloat16) and ``tokenizer.model``.
 
 The run is deterministic given --seed on a given machine and thread count.
