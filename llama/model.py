@@ -204,14 +204,14 @@ class CacheIndex(NamedTuple):
 
     blocks: torch.Tensor  # (bsz, seqlen): the block of each token's position
     offsets: torch.Tensor  # (bsz, seqlen): its place in the block
-    gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (blocks * heads, ...)
+    gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (heads * blocks, ...)
 
     @staticmethod
-    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, block_size: int, heads: int) -> "CacheIndex":
-        """For rows with blocks ``block_table`` (bsz, blocks_per_row), tokens at ``positions``
-        (bsz, seqlen), attending over their first ``kv_blocks`` blocks."""
+    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, block_size: int, heads: int, n_blocks: int) -> "CacheIndex":
+        """For rows with blocks ``block_table`` (bsz, blocks_per_row) of a pool of ``n_blocks``, tokens
+        at ``positions`` (bsz, seqlen), attending over their first ``kv_blocks`` blocks."""
         blocks = block_table.gather(1, positions // block_size)
-        gather = block_table[:, None, :kv_blocks] * heads + torch.arange(heads, device=block_table.device)[None, :, None]
+        gather = torch.arange(heads, device=block_table.device)[None, :, None] * n_blocks + block_table[:, None, :kv_blocks]
         return CacheIndex(blocks, positions % block_size, gather)
 
 
@@ -234,9 +234,9 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
     def setup_cache(self, n_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-        # a pool of blocks, each (n_local_kv_heads, block_size, head_dim): heads before positions, so a
-        # row's gathered keys are each head's positions in a row, as the attention kernel reads them
-        shape = (n_blocks, self.n_local_kv_heads, block_size, self.head_dim)
+        # a pool of blocks per head, (n_local_kv_heads, n_blocks, block_size, head_dim): a row's gathered
+        # keys are each head's positions in a row, as the attention kernel reads them
+        shape = (self.n_local_kv_heads, n_blocks, block_size, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
@@ -244,9 +244,9 @@ class Attention(nn.Module):
         """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) where ``cache_index``
         says, in place; return each row's attended blocks gathered in order, (bsz, n_local_kv_heads,
         kv_len, head_dim) each."""
-        self.cache_k[cache_index.blocks, :, cache_index.offsets] = xk.to(self.cache_k.dtype)
-        self.cache_v[cache_index.blocks, :, cache_index.offsets] = xv.to(self.cache_v.dtype)
-        pool_k, pool_v = self.cache_k.flatten(0, 1), self.cache_v.flatten(0, 1)  # (blocks * heads, block_size, head_dim)
+        self.cache_k[:, cache_index.blocks, cache_index.offsets] = xk.permute(2, 0, 1, 3).to(self.cache_k.dtype)  # (heads, bsz, seqlen, head_dim)
+        self.cache_v[:, cache_index.blocks, cache_index.offsets] = xv.permute(2, 0, 1, 3).to(self.cache_v.dtype)
+        pool_k, pool_v = self.cache_k.flatten(0, 1), self.cache_v.flatten(0, 1)  # (heads * blocks, block_size, head_dim)
         if torch.compiler.is_compiling():  # indexing: plain loops for inductor (its index_select over the symbolic length was 8x slower)
             return pool_k[cache_index.gather].flatten(2, 3), pool_v[cache_index.gather].flatten(2, 3)
         shape = (xk.shape[0], self.n_local_kv_heads, -1, self.head_dim)
@@ -396,7 +396,7 @@ class Transformer(nn.Module):
         kv_blocks = -(-kv_len // params.kv_block_size)
         key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads)
+        cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads, params.kv_cache_blocks)
         return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
 
     def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:
