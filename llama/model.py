@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from llama.loss import causal_lm_loss, chunked_causal_lm_loss
 from llama.parallel import (
@@ -24,6 +25,7 @@ from llama.parallel import (
     model_parallel_world_size,
     split_size,
 )
+from llama.pool_attention import pool_attention, pool_block_mask
 
 
 @dataclass(frozen=True)
@@ -235,21 +237,25 @@ class Attention(nn.Module):
 
     def setup_cache(self, n_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         # a pool of blocks per head, (n_local_kv_heads, n_blocks, block_size, head_dim): a row's gathered
-        # keys are each head's positions in a row, as the attention kernel reads them
+        # keys are each head's positions in a row, as the attention kernel reads them, and each head's
+        # blocks end to end are one sequence, which FlexAttention reads in place
         shape = (self.n_local_kv_heads, n_blocks, block_size, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, cache_index: "CacheIndex"):
+    def write_cache(self, xk: torch.Tensor, xv: torch.Tensor, cache_index: "CacheIndex"):
         """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) where ``cache_index``
-        says, in place; return each row's attended blocks gathered in order, (bsz, n_local_kv_heads,
-        kv_len, head_dim) each."""
+        says, in place."""
         self.cache_k[:, cache_index.blocks, cache_index.offsets] = xk.permute(2, 0, 1, 3).to(self.cache_k.dtype)  # (heads, bsz, seqlen, head_dim)
         self.cache_v[:, cache_index.blocks, cache_index.offsets] = xv.permute(2, 0, 1, 3).to(self.cache_v.dtype)
+
+    def gather_cache(self, cache_index: "CacheIndex"):
+        """Each row's attended blocks gathered in order, (bsz, n_local_kv_heads, kv_len, head_dim) keys and values."""
         pool_k, pool_v = self.cache_k.flatten(0, 1), self.cache_v.flatten(0, 1)  # (heads * blocks, block_size, head_dim)
         if torch.compiler.is_compiling():  # indexing: plain loops for inductor (its index_select over the symbolic length was 8x slower)
             return pool_k[cache_index.gather].flatten(2, 3), pool_v[cache_index.gather].flatten(2, 3)
-        shape = (xk.shape[0], self.n_local_kv_heads, -1, self.head_dim)
+        bsz, heads, _ = cache_index.gather.shape
+        shape = (bsz, heads, -1, self.head_dim)
         gather = cache_index.gather.flatten()  # eager, index_select: a third of the time of indexing on a CPU
         return pool_k.index_select(0, gather).view(shape), pool_v.index_select(0, gather).view(shape)
 
@@ -259,28 +265,30 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: Optional[torch.Tensor],
-        mask: Optional[torch.Tensor],
+        mask: Union[torch.Tensor, BlockMask, None],
         cache_index: Optional["CacheIndex"] = None,
     ) -> torch.Tensor:
         """``positions`` None: no cache (training, scoring), the sequence attends to itself, causally
         or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into
         the cache where ``cache_index`` says and attends to the cached entries that ``mask`` (bsz, 1,
-        seqlen, kv_len) allows."""
+        seqlen, kv_len) allows, gathered; or, ``mask`` a ``BlockMask`` (``llama.pool_attention``), to
+        those it allows where they lie in the pool."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        if positions is None:
-            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
-        else:
-            keys, values = self.update_cache(xk, xv, cache_index)
-
-        # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
-        output = F.scaled_dot_product_attention(
-            xq.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-        )
+        if positions is not None:
+            self.write_cache(xk, xv, cache_index)
+        xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
+        if not isinstance(mask, BlockMask):
+            # (bsz, n_local_kv_heads, seqlen or kv_len, head_dim): the chunk's own, or its rows' blocks gathered
+            keys, values = (xk.transpose(1, 2), xv.transpose(1, 2)) if positions is None else self.gather_cache(cache_index)
+            # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
+            output = F.scaled_dot_product_attention(xq.to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:  # FlexAttention reads the rows' blocks in the pool, no copy
+            output = pool_attention(xq.to(self.cache_k.dtype), self.cache_k, self.cache_v, mask)
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
@@ -371,6 +379,7 @@ class Transformer(nn.Module):
         logits_at: Union[int, torch.Tensor, None] = None,
         kv_len: Optional[int] = None,
         block_table: Optional[torch.Tensor] = None,
+        attention: str = "gather",
     ) -> torch.Tensor:
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
         written into row b's blocks ``block_table[b]`` there (position p in block ``block_table[b, p //
@@ -388,15 +397,28 @@ class Transformer(nn.Module):
         ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the
         logits of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
         position's, and the vocabulary projection is the model's largest matmul.
+
+        ``attention``: how the cached entries are read. "gather" copies each row's blocks in order for
+        ``scaled_dot_product_attention``, on any device. "flex", for one token per row (a decode step),
+        has FlexAttention read them where they lie in the pool, each row only its own blocks up to its
+        position (``kv_len`` then changes nothing); fast only under ``torch.compile``, which generates
+        its kernel.
         """
         params = self.params
+        if attention not in ("gather", "flex"):
+            raise ValueError(f'attention must be "gather" or "flex", got {attention!r}')
+        if attention == "flex" and tokens.shape[1] != 1:
+            raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
         kv_len = params.max_seq_len if kv_len is None else kv_len
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
         kv_blocks = -(-kv_len // params.kv_block_size)
-        key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
-        mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
         cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads, params.kv_cache_blocks)
+        if attention == "gather":
+            key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
+            mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
+        else:
+            mask = pool_block_mask(block_table, positions, params.kv_cache_blocks, params.kv_block_size)
         return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
 
     def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:
@@ -433,7 +455,7 @@ class Transformer(nn.Module):
         return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache_index: Optional["CacheIndex"] = None
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Union[torch.Tensor, BlockMask, None], cache_index: Optional["CacheIndex"] = None
     ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim). ``positions`` None: the sequence alone, from 0.
         With ``cache_index`` the tokens are written into the cache and attend to it (``forward_at``);
