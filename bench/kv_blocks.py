@@ -1,9 +1,11 @@
 """The KV cache as a pool of blocks, side by side in one run: memory, prefix caching, decode speed
-against a checkout with the contiguous cache, and concurrency at equal memory.
+against a checkout with the contiguous cache, concurrency at equal memory, and the compiled step's
+two ways of reading the pool.
 
     python bench/kv_blocks.py --sections memory prefix concurrency
     git archive 53e6fd0 | tar -x -C /tmp/contiguous    # the last commit with the contiguous cache
     python bench/kv_blocks.py --sections decode --reference /tmp/contiguous
+    python bench/kv_blocks.py --sections flex
 
 Sections (the load average is printed with each: the machine may be shared):
 
@@ -21,6 +23,11 @@ Sections (the load average is printed with each: the machine may be shared):
 - concurrency: the KV memory of 8 slots x 2048 positions (16,384 tokens) as a pool for 48 slots:
   how many of 48 300-token conversations (100 prompt + 200 generated) run at once, and how many
   preemptions that took, against the contiguous cache's 8 slots.
+- flex: the compiled decode step of batch 1 and batch 8, its attention reading the pool with
+  FlexAttention against gathering each row's blocks (``Engine(compiled_attention=...)``), the bundled
+  model and the 134M one (max_seq_len 512): ms per step after a prefill of ``--flex_prompt`` random
+  tokens per row, the two engines (one model) taking turns round by round; medians, the rounds' range
+  and the ratio.
 """
 
 import argparse
@@ -239,12 +246,64 @@ def concurrency(args) -> None:
         print(f"  {name:28s} {most} conversations at once, {engine.preemptions} preemption(s)")
 
 
+# --- flex -------------------------------------------------------------------------------------------
+
+def decode_seconds(engine, prompts, n_steps: int) -> float:
+    """Seconds per decode step of all rows together, after their prefill (one pass: the engine's
+    prefill_chunk holds every prompt) and first token."""
+    from llama.options import GenerationOptions
+
+    request = engine.submit(prompts, GenerationOptions(max_gen_len=n_steps + 1, temperature=0, stop_tokens=[]), stream_text=False)
+    while not request.tokens[0]:
+        engine.step()
+    start = time.perf_counter()
+    while not request.done:
+        engine.step()
+    return (time.perf_counter() - start) / n_steps
+
+
+def flex(args) -> None:
+    import torch
+
+    from bench.common import checkpoint_args
+    from llama.checkpoint import load_model
+    from llama.engine import Engine
+
+    torch._dynamo.config.recompile_limit = 64  # every engine's graphs are the one decode step's, by its code
+    rows, steps, max_seq_len = 8, args.decode_tokens, 512
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, ckpt_dir in {"bundled": str(BUNDLED), "134M": random_134m(folder)}.items():
+            model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, max_seq_len, rows), torch.device("cpu"), torch.float32, None)
+            vocab = model.params.vocab_size
+            # no prefix cache: the two engines share the model's pool, one after the other
+            engines = {attention: Engine(model, None, compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False, compiled_attention=attention)
+                       for attention in ("gather", "flex")}
+            for bsz in (1, rows):
+                prompts = [torch.randint(3, vocab, (args.flex_prompt,), generator=generator).tolist() for _ in range(bsz)]
+                for engine in engines.values():
+                    decode_seconds(engine, prompts, steps)  # compiles this width's steps
+                for round_ in range(args.rounds):
+                    for attention in sorted(engines, reverse=round_ % 2 == 1):
+                        results.setdefault((name, bsz, attention), []).append(decode_seconds(engines[attention], prompts, steps))
+    print(f"\nflex ({load_average()}): the compiled decode step, max_seq_len {max_seq_len}, {args.flex_prompt}-token prompts, "
+          f"{steps} steps, {args.threads} thread(s), median of {args.rounds} rounds")
+    for name, bsz in dict.fromkeys((name, bsz) for name, bsz, _ in results):
+        times = {attention: [t * 1e3 for t in results[name, bsz, attention]] for attention in ("gather", "flex")}
+        medians = {attention: statistics.median(t) for attention, t in times.items()}
+        spread = {attention: f"{min(t):.2f}-{max(t):.2f}" for attention, t in times.items()}
+        print(f"  {name:8s} batch {bsz}: gather {medians['gather']:7.2f} ms/step ({spread['gather']}), "
+              f"flex {medians['flex']:7.2f} ms/step ({spread['flex']}), flex/gather {medians['flex'] / medians['gather']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["memory", "prefix", "concurrency"], choices=["memory", "prefix", "decode", "concurrency"])
+    parser.add_argument("--sections", nargs="+", default=["memory", "prefix", "concurrency"], choices=["memory", "prefix", "decode", "concurrency", "flex"])
     parser.add_argument("--reference", help="another checkout of this project, for the decode section")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode_tokens", type=int, default=100)
+    parser.add_argument("--flex_prompt", type=int, default=200, help="prompt tokens per row before the flex section's decode steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

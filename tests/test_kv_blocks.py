@@ -1,7 +1,9 @@
 """The KV cache as a pool of blocks: every row's greedy tokens and logprobs are the uncached model's
 (the whole sequence recomputed at each step), across block boundaries, in ragged batches, with
-chunked prefill, from a cached prefix, and after a preemption; the pool's limits are clear errors."""
+chunked prefill, from a cached prefix, and after a preemption; the compiled step's two ways of
+reading the pool decode as the eager one; the pool's limits are clear errors."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -54,6 +56,23 @@ def test_a_ragged_batch_across_block_boundaries_and_a_prompt_filling_the_context
     assert [len(t) for t in tokens] == [20, 20, 20, 1]  # the last row fills the context at once
     for prompt, row_tokens, row_logprobs in zip(prompts, tokens, logprobs):
         assert_uncached(llama.model, prompt, row_tokens, row_logprobs)
+
+
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_decodes_to_the_end_of_the_context_as_eager(llama, attention):
+    """Three rows in four slots (the fourth idle, on the scratch block) across every block boundary up
+    to the context's last position; the longest prompt in the first slot, so that the width stays 4.
+    The compiled engine has a copy of the model: a pool of its own, not the one ``llama`` caches prefixes in."""
+    prompts = [random_prompt(n, 50 + i) for i, n in enumerate([40, 17, 3])]
+    eager = llama.generate(prompts, max_gen_len=None, **GREEDY)
+    engine = Engine(copy.deepcopy(llama.model), llama.tokenizer, compile=True, compiled_attention=attention)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    request = engine.submit(prompts, GenerationOptions(**GREEDY))
+    run(engine, [request])
+    assert engine.runner.attention == attention and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert [len(p) + len(t) for p, t in zip(prompts, request.tokens)] == [MAX_SEQ_LEN] * 3
+    assert request.tokens == eager[0]
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(request.logprobs, eager[1]))
 
 
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):

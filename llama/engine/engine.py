@@ -76,6 +76,8 @@ class Engine:
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
         prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows.
         cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
+        compiled_attention: how the compiled decode step reads the rows' blocks: "gather" or "flex"
+            (``Runner``).
     """
 
     def __init__(
@@ -89,13 +91,14 @@ class Engine:
         draft: Optional[Transformer] = None,
         prefix_cache: bool = True,
         cache_salt: str = "",
+        compiled_attention: str = "gather",
     ):
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         params = model.params
         blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
         self.scheduler = Scheduler(params.max_batch_size, params.max_seq_len, blocks, admission)
-        self.runner = Runner(model, params.max_batch_size, compile, draft)
+        self.runner = Runner(model, params.max_batch_size, compile, draft, compiled_attention)
         self.constraints = Constraints(tokenizer, params.vocab_size)  # the grammars of rows with json_schema / json_object
         self.model, self.draft, self.tokenizer = model, draft, tokenizer
         self.prefill_chunk, self.heartbeat_seconds = prefill_chunk, heartbeat_seconds

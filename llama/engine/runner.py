@@ -18,7 +18,8 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
   tensors, and on a CPU ``torch.cond`` runs the penalties and the sampler's sort only when a row needs
   them: one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
-  before the first request (a server's start).
+  before the first request (a server's start). With ``compiled_attention="flex"`` the compiled step's
+  attention reads the rows' blocks where they lie in the pool, with FlexAttention, instead of gathering them.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): its allowed
   next tokens are written into ``allowed`` before each step and the sampler takes only those; the
   other rows' masks allow every token, so they share the batch (and the compiled graph) unchanged.
@@ -75,12 +76,21 @@ class Runner:
             CUDA, replayed as CUDA graphs).
         draft: a smaller model with the same vocabulary and cache sizes, for ``speculate="draft"``;
             its pool's blocks are the model's, in the same block tables.
+        compiled_attention: how the compiled decode step reads the rows' blocks (``Transformer.forward_at``'s
+            ``attention``): "gather" copies them for scaled_dot_product_attention, "flex" has
+            FlexAttention read them in the pool. Every other pass gathers.
     """
 
-    def __init__(self, model: Transformer, max_slots: int, compile: bool = False, draft: Optional[Transformer] = None):
+    def __init__(
+        self, model: Transformer, max_slots: int, compile: bool = False, draft: Optional[Transformer] = None,
+        compiled_attention: str = "gather",
+    ):
+        if compiled_attention not in ("gather", "flex"):
+            raise ValueError(f'compiled_attention must be "gather" or "flex", got {compiled_attention!r}')
         self.model, self.draft, self.max_slots = model, draft, max_slots
         params = model.params
         self.device = device = model.output.weight.device
+        self.attention = compiled_attention if compile else "gather"  # FlexAttention's fast kernel exists only compiled
         vocab = params.vocab_size
         # the slots' state on the device: each row's last token and its position (the next decode
         # step's input), what it has seen (prompt and output) and how often it generated each token
@@ -100,8 +110,12 @@ class Runner:
         self.draft_forward = ChunkForward(draft, compile, "draft's step") if draft is not None else None
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
+            # inductor's FlexAttention kernel for a CPU cannot take the next operation fused into it (a
+            # cast to a bfloat16 model's dtype fails to compile, torch 2.13)
+            options = {"epilogue_fusion": False} if self.attention == "flex" and device.type == "cpu" else None
             # under torchrun the tokens are broadcast between choosing and writing them
-            self.compiled = torch.compile(self.forward_and_choose if self.distributed else self.decode_step, mode=mode, dynamic=False)
+            step = self.forward_and_choose if self.distributed else self.decode_step
+            self.compiled = torch.compile(step, mode=mode, options=options, dynamic=False)
 
     # --- a row's state ----------------------------------------------------------------------------
 
@@ -296,7 +310,9 @@ class Runner:
         """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
         tokens their grammars allow (``allowed``) when a row has one."""
         tokens, positions = self.tokens[:width], self.positions[:width]
-        logits = self.model.forward_at(tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width])[:, 0]
+        logits = self.model.forward_at(
+            tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width], attention=self.attention,
+        )[:, 0]
         rows = slice(0, width)
         allowed = self.allowed[rows] if features.constrained else None
         chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
