@@ -75,6 +75,16 @@ def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_dec
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(request.logprobs, eager[1]))
 
 
+def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
+    runner = Engine(llama.model, llama.tokenizer, compile=True).runner
+    assert runner.attention == "flex" and Engine(llama.model, llama.tokenizer).runner.attention == "gather"
+    assert {runner.decode_slots(kv_len).shape[0] for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {MAX_SEQ_LEN}  # every length: one graph
+    gather = Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="gather").runner
+    assert [gather.decode_slots(kv_len).shape[0] for kv_len in (1, 40)] == [32, MAX_SEQ_LEN]  # a bucket of blocks, the whole row
+    with pytest.raises(ValueError, match=r"compiled_attention must be one of \('gather', 'flex'\), got 'paged'"):
+        Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="paged")
+
+
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):
     engine = Engine(llama.model, llama.tokenizer, prefill_chunk=8)
     short, long = random_prompt(5, 10), random_prompt(50, 11)

@@ -76,8 +76,8 @@ class Engine:
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
         prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows.
         cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
-        compiled_attention: how the compiled decode step reads the rows' blocks: "gather" or "flex"
-            (``Runner``).
+        compiled_attention: how the compiled decode step reads the rows' blocks: "gather", "flex", or
+            None, the device's default (``Runner``: FlexAttention on a CPU).
     """
 
     def __init__(
@@ -91,7 +91,7 @@ class Engine:
         draft: Optional[Transformer] = None,
         prefix_cache: bool = True,
         cache_salt: str = "",
-        compiled_attention: str = "gather",
+        compiled_attention: Optional[str] = None,
     ):
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")

@@ -54,6 +54,26 @@ def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+COMPILED_ATTENTIONS = ("gather", "flex")
+FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)  # inductor's CPU FlexAttention kernel came in 2.6
+
+
+def default_compiled_attention(device: torch.device) -> str:
+    """FlexAttention on a CPU, where it measured faster than the gather (``bench/kv_blocks.py --sections
+    flex``: 0.70-0.95 of the step's time, and one graph per width instead of two); the gather elsewhere,
+    until FlexAttention is measured there."""
+    return "flex" if device.type == "cpu" and FLEX_ON_CPU else "gather"
+
+
+def check_compiled_attention(attention: str, device: torch.device) -> None:
+    if attention not in COMPILED_ATTENTIONS:
+        raise ValueError(f"compiled_attention must be one of {COMPILED_ATTENTIONS}, got {attention!r}")
+    if attention == "flex" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f'compiled_attention="flex" runs on "cpu" and "cuda", not {device.type!r}: use "gather"')
+    if attention == "flex" and device.type == "cpu" and not FLEX_ON_CPU:
+        raise ValueError(f'compiled_attention="flex" on a CPU needs torch >= 2.6, this is {torch.__version__}: use "gather"')
+
+
 @dataclass(frozen=True)
 class Features:
     """What the running rows need of a step; an eager step skips what they do not need, the
@@ -78,18 +98,20 @@ class Runner:
             its pool's blocks are the model's, in the same block tables.
         compiled_attention: how the compiled decode step reads the rows' blocks (``Transformer.forward_at``'s
             ``attention``): "gather" copies them for scaled_dot_product_attention, "flex" has
-            FlexAttention read them in the pool. Every other pass gathers.
+            FlexAttention read them in the pool; None: ``default_compiled_attention``. Every other
+            pass gathers.
     """
 
     def __init__(
         self, model: Transformer, max_slots: int, compile: bool = False, draft: Optional[Transformer] = None,
-        compiled_attention: str = "gather",
+        compiled_attention: Optional[str] = None,
     ):
-        if compiled_attention not in ("gather", "flex"):
-            raise ValueError(f'compiled_attention must be "gather" or "flex", got {compiled_attention!r}')
         self.model, self.draft, self.max_slots = model, draft, max_slots
         params = model.params
         self.device = device = model.output.weight.device
+        if compiled_attention is None:
+            compiled_attention = default_compiled_attention(device)
+        check_compiled_attention(compiled_attention, device)
         self.attention = compiled_attention if compile else "gather"  # FlexAttention's fast kernel exists only compiled
         vocab = params.vocab_size
         # the slots' state on the device: each row's last token and its position (the next decode
@@ -227,9 +249,7 @@ class Runner:
         by_slot = {row.slot: row for row in rows}
         live = torch.zeros(width, dtype=torch.bool)
         live[list(by_slot)] = True
-        kv_len = max(row.position for row in rows) + 1  # no position reaches it
-        # compiled: a power-of-two bucket of the cache, one graph for many lengths
-        kv_slots = torch.empty(kv_len, 0) if self.compiled is None else attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
+        kv_slots = self.decode_slots(max(row.position for row in rows) + 1)  # no position reaches it
         features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([by_slot.get(slot) for slot in range(width)], features)
         live = live.to(self.device)
@@ -243,6 +263,15 @@ class Runner:
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
         return [values[row.slot] for row in rows], features
+
+    def decode_slots(self, kv_len: int) -> torch.Tensor:
+        """The decode step's attended length, as an empty (length, 0) tensor: ``kv_len`` eagerly; compiled,
+        a power-of-two bucket of the cache (one graph for many lengths), or, with FlexAttention, which
+        reads each row's own blocks whatever the length, the whole row (one graph per width)."""
+        params = self.model.params
+        if self.compiled is None:
+            return torch.empty(kv_len, 0)
+        return attended_slots(params.max_seq_len if self.attention == "flex" else kv_len, params.max_seq_len, params.kv_block_size)
 
     def compiled_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
         """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
@@ -288,8 +317,7 @@ class Runner:
             for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
                 noise = torch.ones(width, params.vocab_size, device=self.device)
-                kv_slots = attended_slots(kv_len, params.max_seq_len, params.kv_block_size)
-                self.compiled_step(width, kv_slots, live, noise, features).tolist()
+                self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()  # flex: one graph for both lengths
                 for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block
                     tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
                     forward(tokens, positions, self.block_tables[:width], kv_len).sum().item()
