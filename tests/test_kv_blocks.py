@@ -65,6 +65,7 @@ def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_dec
     The compiled engine has a copy of the model: a pool of its own, not the one ``llama`` caches prefixes in."""
     prompts = [random_prompt(n, 50 + i) for i, n in enumerate([40, 17, 3])]
     eager = llama.generate(prompts, max_gen_len=None, **GREEDY)
+    torch._dynamo.reset()  # no graph of an earlier test's engine of the same shapes serves this one
     engine = Engine(copy.deepcopy(llama.model), llama.tokenizer, compile=True, compiled_attention=attention)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     request = engine.submit(prompts, GenerationOptions(**GREEDY))
