@@ -115,6 +115,7 @@ class Scheduler:
         for row in decoding:
             if row.slot in gone:
                 continue
+            had = len(row.table.blocks)
             while not self.blocks.grow(row.table, min(row.position + 1 + k, self.max_seq_len)):
                 victims = [other for other in self.running if other.slot not in gone]
                 if victims == [row]:
@@ -128,7 +129,8 @@ class Scheduler:
                 if victim is row:
                     break
             else:
-                plan.tables[row.slot] = list(row.table.blocks)
+                if len(row.table.blocks) != had:  # a new block every block_size steps: the table is written then only
+                    plan.tables[row.slot] = list(row.table.blocks)
 
     def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
