@@ -18,8 +18,9 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
   tensors, and on a CPU ``torch.cond`` runs the penalties and the sampler's sort only when a row needs
   them: one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
-  before the first request (a server's start). With ``compiled_attention="flex"`` the compiled step's
-  attention reads the rows' blocks where they lie in the pool, with FlexAttention, instead of gathering them.
+  before the first request (a server's start). With ``compiled_attention="flex"`` (a CPU's default)
+  the compiled step's attention reads the rows' blocks where they lie in the pool, with FlexAttention,
+  instead of gathering them, and one graph per width serves every length.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): its allowed
   next tokens are written into ``allowed`` before each step and the sampler takes only those; the
   other rows' masks allow every token, so they share the batch (and the compiled graph) unchanged.
