@@ -76,6 +76,25 @@ def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_dec
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(request.logprobs, eager[1]))
 
 
+def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_float32_model(llama):
+    """bfloat16 is the dtype a quantized model computes in on a CPU, where inductor's FlexAttention
+    kernel cannot take the next operation fused into it (the runner turns epilogue fusion off). The
+    tiny model's near-ties make greedy bfloat16 tokens differ between any two kernels, so each chosen
+    token is checked against the float32 model without a cache, on the same sequence: within bfloat16's
+    error of its best token, and its logprob as the float32 model gives it."""
+    prompts = [random_prompt(n, 60 + i) for i, n in enumerate([20, 5])]
+    engine = Engine(copy.deepcopy(llama.model).to(torch.bfloat16), llama.tokenizer, compile=True)
+    request = engine.submit(prompts, GenerationOptions(max_gen_len=12, **GREEDY))
+    run(engine, [request])
+    assert engine.runner.attention == "flex"
+    for prompt, tokens, logprobs in zip(prompts, request.tokens, request.logprobs):
+        with torch.no_grad():
+            scores = torch.log_softmax(llama.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1], dim=-1)  # (12, vocab)
+        chosen = scores.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (scores.max(dim=-1).values - chosen).max() < 0.02
+        assert torch.allclose(torch.tensor(logprobs), chosen, atol=0.02)
+
+
 def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
     runner = Engine(llama.model, llama.tokenizer, compile=True).runner
     assert runner.attention == "flex" and Engine(llama.model, llama.tokenizer).runner.attention == "gather"
