@@ -27,6 +27,8 @@ from llama.parallel import (
 )
 from llama.pool_attention import pool_attention, pool_block_mask
 
+ATTENTIONS = ("gather", "flex")  # how forward_at reads the cache pool: a gathered copy, or FlexAttention in place
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -405,8 +407,8 @@ class Transformer(nn.Module):
         its kernel.
         """
         params = self.params
-        if attention not in ("gather", "flex"):
-            raise ValueError(f'attention must be "gather" or "flex", got {attention!r}')
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "flex" and tokens.shape[1] != 1:
             raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
         kv_len = params.max_seq_len if kv_len is None else kv_len

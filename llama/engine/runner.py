@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from llama.engine.block_manager import SCRATCH_BLOCK
 from llama.engine.requests import Row
-from llama.model import Transformer
+from llama.model import ATTENTIONS, Transformer
 from llama.options import GenerationOptions
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
@@ -55,20 +55,19 @@ def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-COMPILED_ATTENTIONS = ("gather", "flex")
 FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)  # inductor's CPU FlexAttention kernel came in 2.6
 
 
 def default_compiled_attention(device: torch.device) -> str:
-    """FlexAttention on a CPU, where it measured faster than the gather (``bench/kv_blocks.py --sections
-    flex``: 0.70-0.95 of the step's time, and one graph per width instead of two); the gather elsewhere,
-    until FlexAttention is measured there."""
+    """FlexAttention on a CPU, where it measured as fast as the gather or faster (``bench/kv_blocks.py
+    --sections flex``: 0.90-1.02 of the step's time, and one graph per width instead of two); the
+    gather elsewhere, until FlexAttention is measured there."""
     return "flex" if device.type == "cpu" and FLEX_ON_CPU else "gather"
 
 
 def check_compiled_attention(attention: str, device: torch.device) -> None:
-    if attention not in COMPILED_ATTENTIONS:
-        raise ValueError(f"compiled_attention must be one of {COMPILED_ATTENTIONS}, got {attention!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"compiled_attention must be one of {ATTENTIONS}, got {attention!r}")
     if attention == "flex" and device.type not in ("cpu", "cuda"):
         raise ValueError(f'compiled_attention="flex" runs on "cpu" and "cuda", not {device.type!r}: use "gather"')
     if attention == "flex" and device.type == "cpu" and not FLEX_ON_CPU:
