@@ -137,6 +137,16 @@ def test_penalties_and_logit_bias_follow_the_hand_computation(llama):
     assert ours != alone(llama, PROMPTS[1], max_gen_len=12, temperature=0, stop_tokens=[])  # the options changed the path
 
 
+def test_a_logit_bias_of_integers_forces_and_bans_tokens_as_floats_do(llama):
+    """OpenAI's examples write the bias as integers ({"50256": -100}): +100 forces a token at every step."""
+    prompt = encode(llama, PROMPTS[1])
+    (forced,), _ = llama.generate([prompt], max_gen_len=5, temperature=0, stop_tokens=[], logit_bias={7: 100})
+    assert forced == [7] * 5
+    greedy = alone(llama, PROMPTS[1], max_gen_len=5, temperature=0, stop_tokens=[])
+    (banned,), _ = llama.generate([prompt], max_gen_len=5, temperature=0, stop_tokens=[], logit_bias={greedy[0]: -100})
+    assert banned[0] != greedy[0]
+
+
 def test_a_seeded_row_does_not_depend_on_its_company(llama):
     options = GenerationOptions(max_gen_len=10, temperature=1.0, top_p=1.0, seed=11, stop_tokens=[])
     lone = llama.engine.submit([encode(llama, PROMPTS[2])], options)

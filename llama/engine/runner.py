@@ -158,7 +158,8 @@ class Runner:
         self.settings.logit_bias[index] = 0.0
         if options.logit_bias:
             ids = torch.tensor(list(options.logit_bias), device=self.device)
-            self.settings.logit_bias[index[:, None], ids] = torch.tensor(list(options.logit_bias.values()), device=self.device)
+            biases = torch.tensor(list(options.logit_bias.values()), dtype=self.settings.logit_bias.dtype, device=self.device)  # ints too
+            self.settings.logit_bias[index[:, None], ids] = biases
         self.seen[index] = False
         self.counts[index] = 0
         self.positions[index] = 0
