@@ -209,14 +209,22 @@ class CacheIndex(NamedTuple):
     blocks: torch.Tensor  # (bsz, seqlen): the block of each token's position
     offsets: torch.Tensor  # (bsz, seqlen): its place in the block
     gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (heads * blocks, ...)
+    gathered: Optional[torch.Tensor]  # eager: (2, bsz * n_local_kv_heads * kv_blocks, block_size, head_dim), where each layer gathers its keys and values
 
     @staticmethod
-    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, block_size: int, heads: int, n_blocks: int) -> "CacheIndex":
-        """For rows with blocks ``block_table`` (bsz, blocks_per_row) of a pool of ``n_blocks``, tokens
-        at ``positions`` (bsz, seqlen), attending over their first ``kv_blocks`` blocks."""
+    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, pool: torch.Tensor) -> "CacheIndex":
+        """For rows with blocks ``block_table`` (bsz, blocks_per_row) of pools shaped and typed as ``pool``
+        (n_local_kv_heads, n_blocks, block_size, head_dim), tokens at ``positions`` (bsz, seqlen),
+        attending over their first ``kv_blocks`` blocks."""
+        heads, n_blocks, block_size, head_dim = pool.shape
         blocks = block_table.gather(1, positions // block_size)
         gather = torch.arange(heads, device=block_table.device)[None, :, None] * n_blocks + block_table[:, None, :kv_blocks]
-        return CacheIndex(blocks, positions % block_size, gather)
+        # one buffer per pass, which the layers gather into in turn: megabytes allocated anew twice a layer
+        # came as fresh pages from the OS (glibc maps large blocks until freed ones raise its threshold),
+        # and a server's first requests on the bundled model ran at 0.65x the speed of later ones;
+        # compiled, inductor plans its own buffers
+        gathered = None if torch.compiler.is_compiling() else pool.new_empty(2, gather.numel(), block_size, head_dim)
+        return CacheIndex(blocks, positions % block_size, gather, gathered)
 
 
 class Attention(nn.Module):
@@ -259,7 +267,8 @@ class Attention(nn.Module):
         bsz, heads, _ = cache_index.gather.shape
         shape = (bsz, heads, -1, self.head_dim)
         gather = cache_index.gather.flatten()  # eager, index_select: a third of the time of indexing on a CPU
-        return pool_k.index_select(0, gather).view(shape), pool_v.index_select(0, gather).view(shape)
+        keys, values = cache_index.gathered
+        return torch.index_select(pool_k, 0, gather, out=keys).view(shape), torch.index_select(pool_v, 0, gather, out=values).view(shape)
 
     def forward(
         self,
@@ -415,7 +424,7 @@ class Transformer(nn.Module):
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
         kv_blocks = -(-kv_len // params.kv_block_size)
-        cache_index = CacheIndex.of(block_table, positions, kv_blocks, params.kv_block_size, self.layers[0].attention.n_local_kv_heads, params.kv_cache_blocks)
+        cache_index = CacheIndex.of(block_table, positions, kv_blocks, self.layers[0].attention.cache_k)
         if attention == "gather":
             key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
             mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
