@@ -227,6 +227,17 @@ def test_window_loss_of_documents_batched_together_equals_each_scored_alone():
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
 
 
+def test_window_loss_holds_one_chunk_of_logits_at_a_time_not_the_batchs(monkeypatch):
+    import llama.loss
+
+    monkeypatch.setattr(llama.loss, "CHUNK_LOGITS", 16 * 4096)  # chunks of 16 tokens at a vocabulary of 4,096
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=128, max_batch_size=1))
+    windows = torch.randint(0, 4096, (2, 128)).tolist()
+    logits_bytes = 2 * 128 * 4096 * 4  # float32: 4 MiB for the batch, 0.25 MiB for a chunk
+    assert peak_allocated_bytes(lambda: window_loss(model, windows, batch_size=2)) < logits_bytes / 4
+
+
 def test_unigram_loss_uses_add_one_smoothed_training_frequencies():
     log_probs = unigram_log_probs(torch.tensor([0, 0, 0, 1]), vocab_size=3)  # counts+1: 4, 2, 1 of 7
     result = unigram_loss(log_probs, [[9, 0, 2]])  # the first token of a window is context only
