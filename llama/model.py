@@ -391,6 +391,7 @@ class Transformer(nn.Module):
         kv_len: Optional[int] = None,
         block_table: Optional[torch.Tensor] = None,
         attention: str = "gather",
+        block_starts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
         written into row b's blocks ``block_table[b]`` there (position p in block ``block_table[b, p //
@@ -412,14 +413,17 @@ class Transformer(nn.Module):
         ``attention``: how the cached entries are read. "gather" copies each row's blocks in order for
         ``scaled_dot_product_attention``, on any device. "flex", for one token per row (a decode step),
         has FlexAttention read them where they lie in the pool, each row only its own blocks up to its
-        position (``kv_len`` then changes nothing); fast only under ``torch.compile``, which generates
-        its kernel.
+        position (``kv_len`` then changes nothing), where ``block_starts`` (bsz, kv_cache_blocks), the
+        caller's ``llama.pool_attention.block_starts`` of the block tables, says each block sits in
+        its row; fast only under ``torch.compile``, which generates its kernel.
         """
         params = self.params
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention == "flex" and tokens.shape[1] != 1:
             raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
+        if attention == "flex" and (block_table is None or block_starts is None):
+            raise ValueError('attention="flex" needs block_table and block_starts (llama.pool_attention.block_starts of the table)')
         kv_len = params.max_seq_len if kv_len is None else kv_len
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
@@ -429,7 +433,7 @@ class Transformer(nn.Module):
             key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
             mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
         else:
-            mask = pool_block_mask(block_table, positions, params.kv_cache_blocks, params.kv_block_size)
+            mask = pool_block_mask(block_table, positions, block_starts, params.kv_block_size)
         return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
 
     def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:

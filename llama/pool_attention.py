@@ -14,35 +14,30 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 QUERY_TILE = 128  # torch's default tile of queries; a decode step's one query per row sits in one
+NOT_HELD = 1 << 30  # ``block_starts`` of a block a row does not hold: past every position
 
 
-# An operator of its own, so that inductor hands the mask a buffer it computed before: on a CPU (torch
-# 2.13) a mask reading a tensor computed in the same graph reads a scatter's values from before the
-# scatter, and one computed pointwise fails to compile.
-@torch.library.custom_op("llama::visible_keys", mutates_args=())
-def visible_keys(block_table: torch.Tensor, positions: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
-    """How many leading keys of each pool block the query of each row sees, (bsz, n_blocks): all of
-    its blocks before the query's, the query's up to its position ``positions`` (bsz, 1), none of
-    any other block."""
-    bsz, blocks_per_row = block_table.shape
-    starts = torch.arange(blocks_per_row, device=block_table.device) * block_size  # each of the row's blocks' first position
-    seen = (positions - starts + 1).clamp(0, block_size)  # (bsz, blocks_per_row)
-    return torch.zeros(bsz, n_blocks, dtype=seen.dtype, device=seen.device).scatter_reduce(1, block_table, seen, "amax")
+def block_starts(block_table: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
+    """Where each of the pool's ``n_blocks`` blocks sits in each row, (bsz, n_blocks) int32: the
+    position of its first key, ``block_size`` times its first index in the row's ``block_table`` (bsz,
+    blocks_per_row), or ``NOT_HELD``. (A row's table ends in the scratch block, so the scratch block
+    starts after the row's last position; an idle slot's table is all scratch, from 0.)"""
+    index = torch.arange(block_table.shape[1], dtype=torch.int32, device=block_table.device) * block_size
+    starts = torch.full((block_table.shape[0], n_blocks), NOT_HELD, dtype=torch.int32, device=block_table.device)
+    return starts.scatter_reduce(1, block_table, index.expand(block_table.shape), "amin")
 
 
-@visible_keys.register_fake
-def _(block_table, positions, n_blocks, block_size):
-    return block_table.new_empty(block_table.shape[0], n_blocks)
-
-
-def pool_block_mask(block_table: torch.Tensor, positions: torch.Tensor, n_blocks: int, block_size: int) -> BlockMask:
-    """Which keys of the pool (``n_blocks`` of ``block_size``) each row's one query attends to: those
-    of its blocks ``block_table`` (bsz, blocks_per_row) at logical positions up to the query's,
-    ``positions`` (bsz, 1)."""
-    seen = visible_keys(block_table, positions, n_blocks, block_size)
+def pool_block_mask(block_table: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, block_size: int) -> BlockMask:
+    """Which keys of the pool each row's one query attends to: those of its blocks ``block_table``
+    (bsz, blocks_per_row) at logical positions up to the query's, ``positions`` (bsz, 1). ``starts``:
+    ``block_starts`` of those tables, kept by the caller beside them (it changes when a table does):
+    on a CPU (torch 2.13) a mask reading a tensor computed in the same graph reads a scatter's values
+    from before the scatter, and one computed pointwise fails to compile; an operator of our own that
+    computed it each step took a tenth of the bundled model's step."""
+    n_blocks = starts.shape[1]
 
     def visible(b, h, q_idx, kv_idx):
-        return kv_idx % block_size < seen[b, kv_idx // block_size]
+        return kv_idx % block_size + starts[b, kv_idx // block_size] <= positions[b, 0]
 
     bsz, blocks_per_row = block_table.shape
     own = positions // block_size  # (bsz, 1): the query's block in its row, and how many full ones precede it

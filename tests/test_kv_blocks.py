@@ -12,6 +12,7 @@ import torch
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
 from llama.options import GenerationOptions
+from llama.pool_attention import NOT_HELD, block_starts
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
 
@@ -103,6 +104,19 @@ def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_defaul
     assert [gather.decode_slots(kv_len).shape[0] for kv_len in (1, 40)] == [32, MAX_SEQ_LEN]  # a bucket of blocks, the whole row
     with pytest.raises(ValueError, match=r"compiled_attention must be one of \('gather', 'flex'\), got 'paged'"):
         Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="paged")
+
+
+def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attention_needs_them(llama):
+    tables = torch.tensor([[3, 5, 0, 0], [0, 0, 0, 0], [6, 1, 2, 4]])  # a row of two blocks, an idle slot, a full row
+    never = NOT_HELD
+    assert block_starts(tables, n_blocks=7, block_size=16).tolist() == [
+        [32, never, never, 0, never, 16, never],  # its blocks at 0 and 16, the scratch block after them
+        [0, never, never, never, never, never, never],
+        [never, 16, 32, never, 48, never, 0],
+    ]
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[3]])
+    with pytest.raises(ValueError, match=r'attention="flex" needs block_table and block_starts'):
+        llama.model.forward_at(tokens, positions, block_table=tables[:1], attention="flex")
 
 
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):

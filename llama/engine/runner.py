@@ -45,6 +45,7 @@ from llama.engine.requests import Row
 from llama.model import ATTENTIONS, Transformer
 from llama.options import GenerationOptions
 from llama.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.pool_attention import block_starts
 from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
 from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 
@@ -122,6 +123,8 @@ class Runner:
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(max_slots, vocab, device)
         self.block_tables = torch.full((max_slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        # FlexAttention's mask reads where each pool block sits in each row, kept beside the tables (``pool_block_mask``)
+        self.block_starts = block_starts(self.block_tables, params.kv_cache_blocks, params.kv_block_size) if self.attention == "flex" else None
         self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
         self.distributed = model_parallel_world_size() > 1
@@ -173,6 +176,9 @@ class Runner:
         """The slot's block table: its row's blocks, then the scratch block."""
         self.block_tables[slot] = SCRATCH_BLOCK
         self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, device=self.device)
+        if self.block_starts is not None:
+            params = self.model.params
+            self.block_starts[slot] = block_starts(self.block_tables[slot : slot + 1], params.kv_cache_blocks, params.kv_block_size)[0]
 
     def free(self, slot: int) -> None:
         """The slot's row left it (ended or preempted): no blocks, every token allowed."""
@@ -339,8 +345,10 @@ class Runner:
         """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
         tokens their grammars allow (``allowed``) when a row has one."""
         tokens, positions = self.tokens[:width], self.positions[:width]
+        starts = None if self.block_starts is None else self.block_starts[:width]
         logits = self.model.forward_at(
             tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width], attention=self.attention,
+            block_starts=starts,
         )[:, 0]
         rows = slice(0, width)
         allowed = self.allowed[rows] if features.constrained else None
