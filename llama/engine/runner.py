@@ -61,7 +61,7 @@ FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)  # i
 
 def default_compiled_attention(device: torch.device) -> str:
     """FlexAttention on a CPU, where it measured as fast as the gather or faster (``bench/kv_blocks.py
-    --sections flex``: 0.90-1.02 of the step's time, and one graph per width instead of two); the
+    --sections flex``: 0.84-1.01 of the step's time, and one graph per width instead of two); the
     gather elsewhere, until FlexAttention is measured there."""
     return "flex" if device.type == "cpu" and FLEX_ON_CPU else "gather"
 
