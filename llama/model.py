@@ -212,10 +212,11 @@ class CacheIndex(NamedTuple):
     gathered: Optional[torch.Tensor]  # eager: (2, bsz * n_local_kv_heads * kv_blocks, block_size, head_dim), where each layer gathers its keys and values
 
     @staticmethod
-    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, pool: torch.Tensor) -> "CacheIndex":
+    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, pool: torch.Tensor, gathers: bool) -> "CacheIndex":
         """For rows with blocks ``block_table`` (bsz, blocks_per_row) of pools shaped and typed as ``pool``
         (n_local_kv_heads, n_blocks, block_size, head_dim), tokens at ``positions`` (bsz, seqlen),
-        attending over their first ``kv_blocks`` blocks."""
+        attending over their first ``kv_blocks`` blocks; ``gathers``: the layers copy those blocks
+        (else FlexAttention reads them in the pool)."""
         heads, n_blocks, block_size, head_dim = pool.shape
         blocks = block_table.gather(1, positions // block_size)
         gather = torch.arange(heads, device=block_table.device)[None, :, None] * n_blocks + block_table[:, None, :kv_blocks]
@@ -223,7 +224,7 @@ class CacheIndex(NamedTuple):
         # came as fresh pages from the OS (glibc maps large blocks until freed ones raise its threshold),
         # and a server's first requests on the bundled model ran at 0.65x the speed of later ones;
         # compiled, inductor plans its own buffers
-        gathered = None if torch.compiler.is_compiling() else pool.new_empty(2, gather.numel(), block_size, head_dim)
+        gathered = pool.new_empty(2, gather.numel(), block_size, head_dim) if gathers and not torch.compiler.is_compiling() else None
         return CacheIndex(blocks, positions % block_size, gather, gathered)
 
 
@@ -423,12 +424,13 @@ class Transformer(nn.Module):
         if attention == "flex" and tokens.shape[1] != 1:
             raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
         if attention == "flex" and (block_table is None or block_starts is None):
-            raise ValueError('attention="flex" needs block_table and block_starts (llama.pool_attention.block_starts of the table)')
+            missing = [name for name, value in (("block_table", block_table), ("block_starts", block_starts)) if value is None]
+            raise ValueError(f'attention="flex" needs block_table and block_starts (llama.pool_attention.block_starts of the table), got no {" and no ".join(missing)}')
         kv_len = params.max_seq_len if kv_len is None else kv_len
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
         kv_blocks = -(-kv_len // params.kv_block_size)
-        cache_index = CacheIndex.of(block_table, positions, kv_blocks, self.layers[0].attention.cache_k)
+        cache_index = CacheIndex.of(block_table, positions, kv_blocks, self.layers[0].attention.cache_k, gathers=attention == "gather")
         if attention == "gather":
             key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
             mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
