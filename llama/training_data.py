@@ -178,10 +178,12 @@ def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            text = line.rstrip("\n")  # with its newline, an error at the line's end is said at column 1 of the next
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                column = f"{error.colno}, the end of the line" if error.pos == len(text) else error.colno
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {column})") from None
             examples.append(encode_example(record, tokenizer, chat_format, f"{path}, line {number}"))
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")

@@ -255,6 +255,22 @@ def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, toke
     assert len(examples) == 2 and "dropped 1 of 3 examples longer than --max_seq_len 16 tokens" in caplog.text
 
 
+@pytest.mark.parametrize("bad_line, column", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "Expecting ',' delimiter at column 48, the end of the line)"),  # no ]}
+    ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14)"),
+])
+def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path, tokenizer_path, bad_line, column):
+    from llama.chat_format import chat_format_for
+    from llama.training_data import read_examples
+
+    tokenizer = Tokenizer(tokenizer_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "x"}\n' + bad_line + '\n{"text": "y"}\n')
+    with pytest.raises(ValueError) as error:
+        read_examples(str(data), tokenizer, chat_format_for(tokenizer), max_seq_len=16)
+    assert str(error.value) == f"{data}, line 2: not valid JSON ({column}"
+
+
 @pytest.mark.parametrize("format", ["llama2", "llama3"])
 def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_reply_with_its_end(format, tokenizer_path, llama3_tokenizer):
     from llama.chat_format import chat_format_for
