@@ -303,11 +303,14 @@ def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
 def load_model(
     ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None,
     adapter: Optional[Adapter] = None,
+    training: bool = False,
 ) -> Transformer:
     """Build the model on the meta device (no memory), then place this rank's tensors in it one by
     one (``llama.placement``), each linear weight quantized on the CPU first when ``quantization``
     is given: the device never holds a full-precision copy of the model. A LoRA ``adapter``
-    (``llama.adapter``) is merged into each weight it adapts as the weight is read."""
+    (``llama.adapter``) is merged into each weight it adapts as the weight is read. ``training``: the
+    model is for training, which makes none of decoding's choices (threads, float32 kernels, both
+    timed on a decode step) and does not say what the KV cache it does not use takes."""
     rank, world_size = model_parallel_rank(), model_parallel_world_size()
     with torch.device("meta"):
         model = Transformer(args)
@@ -321,6 +324,8 @@ def load_model(
         tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
+    if training:
+        return model
     log_kv_cache(model)
     choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)

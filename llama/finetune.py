@@ -138,7 +138,8 @@ def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
 
 def finetune(options: argparse.Namespace) -> None:
     """The command, on every rank: check, read, load, wrap, train, write."""
-    set_threads(options.threads)
+    if options.threads is not None:  # else torch's count: set_threads(None) would time a decode step, which training is not
+        set_threads(options.threads)
     device = resolve_device(options.device)
     init_distributed(device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -161,7 +162,8 @@ def finetune(options: argparse.Namespace) -> None:
     schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
 
     # the base in the compute dtype when frozen (LoRA), float32 when it trains (full: autocast computes in dtype)
-    model = load_model(options.ckpt_dir, args, device, torch.float32 if options.method == "full" else dtype, quantization)
+    model = load_model(options.ckpt_dir, args, device, torch.float32 if options.method == "full" else dtype, quantization,
+                       training=True)
     if lora is not None:
         torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
         apply_lora(model, lora)
@@ -268,8 +270,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    # under torchrun every rank reads the same data: rank 0 says it once
-    logging.basicConfig(level=logging.INFO if launched_as_rank0() else logging.ERROR, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # under torchrun every rank reads the same data: rank 0 says it once. Other libraries' INFO lines (matplotlib's
+    # "generated new fontManager") are not the run's: only their warnings and errors show
+    level = logging.INFO if launched_as_rank0() else logging.ERROR
+    logging.basicConfig(level=max(level, logging.WARNING), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("llama").setLevel(level)
     run_parser(parser(), finetune, argv)
 
 

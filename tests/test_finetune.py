@@ -235,6 +235,20 @@ def test_bad_input_is_one_line_before_anything_is_written(checkpoint, tokenizer_
     assert not (tmp_path / "out").exists()
 
 
+def test_the_log_says_what_a_trainer_needs_and_nothing_of_decoding_or_of_other_libraries(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", MEMORY)
+    env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}  # unset, decoding times threads
+    env.update(PYTHONPATH=str(ROOT), MPLCONFIGDIR=str(tmp_path / "matplotlib"))  # no font cache: matplotlib logs its making
+    command = [sys.executable, "-m", "llama.finetune", "--ckpt_dir", str(BUNDLED), "--data", data, "--out", str(tmp_path / "out"),
+               "--max_steps", "2", "--batch_size", "4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = [line.split(" ", 1)[1] for line in result.stderr.splitlines()]  # without the time
+    expected = ["loaded sentencepiece model from", "rank 0/1: loading", "lora: 4 examples, 2 steps of 4,", "step 1/2 ", "step 2/2 ",
+                "wrote the adapter:", "peak memory:"]
+    assert len(messages) == len(expected) and all(m.startswith(e) for m, e in zip(messages, expected)), result.stderr
+
+
 def test_qlora_where_int4_cannot_hold_the_weights_is_refused(make_checkpoint, tokenizer_path, tmp_path, capsys):
     ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "dim": 48, "n_heads": 4, "n_kv_heads": 2})
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}])
