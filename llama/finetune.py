@@ -138,7 +138,7 @@ def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
 
 def finetune(options: argparse.Namespace) -> None:
     """The command, on every rank: check, read, load, wrap, train, write."""
-    if options.threads is not None:  # else torch's count: set_threads(None) would time a decode step, which training is not
+    if options.threads is not None:  # else torch's count: set_threads(None) would time a decode step, not training's
         set_threads(options.threads)
     device = resolve_device(options.device)
     init_distributed(device)
@@ -162,8 +162,8 @@ def finetune(options: argparse.Namespace) -> None:
     schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
 
     # the base in the compute dtype when frozen (LoRA), float32 when it trains (full: autocast computes in dtype)
-    model = load_model(options.ckpt_dir, args, device, torch.float32 if options.method == "full" else dtype, quantization,
-                       training=True)
+    base_dtype = torch.float32 if options.method == "full" else dtype
+    model = load_model(options.ckpt_dir, args, device, base_dtype, quantization, training=True)
     if lora is not None:
         torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
         apply_lora(model, lora)

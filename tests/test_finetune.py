@@ -237,15 +237,15 @@ def test_bad_input_is_one_line_before_anything_is_written(checkpoint, tokenizer_
 
 def test_the_log_says_what_a_trainer_needs_and_nothing_of_decoding_or_of_other_libraries(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", MEMORY)
-    env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}  # unset, decoding times threads
-    env.update(PYTHONPATH=str(ROOT), MPLCONFIGDIR=str(tmp_path / "matplotlib"))  # no font cache: matplotlib logs its making
-    command = [sys.executable, "-m", "llama.finetune", "--ckpt_dir", str(BUNDLED), "--data", data, "--out", str(tmp_path / "out"),
-               "--max_steps", "2", "--batch_size", "4"]
+    env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}  # decoding times threads
+    env.update(PYTHONPATH=str(ROOT), MPLCONFIGDIR=str(tmp_path / "mpl"))  # no font cache: matplotlib says it makes one
+    command = [sys.executable, "-m", "llama.finetune", "--ckpt_dir", str(BUNDLED), "--data", data,
+               "--out", str(tmp_path / "out"), "--max_steps", "2", "--batch_size", "4"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     messages = [line.split(" ", 1)[1] for line in result.stderr.splitlines()]  # without the time
-    expected = ["loaded sentencepiece model from", "rank 0/1: loading", "lora: 4 examples, 2 steps of 4,", "step 1/2 ", "step 2/2 ",
-                "wrote the adapter:", "peak memory:"]
+    expected = ["loaded sentencepiece model from", "rank 0/1: loading", "lora: 4 examples, 2 steps of 4,", "step 1/2 ",
+                "step 2/2 ", "wrote the adapter:", "peak memory:"]
     assert len(messages) == len(expected) and all(m.startswith(e) for m, e in zip(messages, expected)), result.stderr
 
 
@@ -269,8 +269,8 @@ def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, toke
     assert len(examples) == 2 and "dropped 1 of 3 examples longer than --max_seq_len 16 tokens" in caplog.text
 
 
-@pytest.mark.parametrize("bad_line, column", [
-    ('{"messages": [{"role": "user", "content": "hi"}', "Expecting ',' delimiter at column 48, the end of the line)"),  # no ]}
+@pytest.mark.parametrize("bad_line, column", [  # a line without its ]}, a line with a comma missing
+    ('{"messages": [{"role": "user", "content": "hi"}', "Expecting ',' delimiter at column 48, the end of the line)"),
     ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14)"),
 ])
 def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path, tokenizer_path, bad_line, column):
