@@ -2,9 +2,11 @@
 hand, peft's gradients and logits on transformers' model of the same weights, and the same run
 packed, resumed, or on two processes."""
 
+import ast
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +148,42 @@ def test_the_bundled_model_learns_to_complete_four_pairs_with_each_method(memori
     assert sum(c["generation"].startswith(pair["completion"]) for c, pair in zip(completions, MEMORY)) >= 3
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["step"] for r in losses] == list(range(1, 17)) and all({"lr", "tokens", "tokens_per_s"} <= set(r) for r in losses)
+
+
+def readme_fine_tuning_commands():
+    """The commands of README.md's fine-tuning section, each as its arguments."""
+    section = (ROOT / "README.md").read_text().split("### Fine-tuning\n", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()]
+
+
+def test_the_readmes_fine_tuning_command_teaches_the_bundled_model_prompts_it_held_out(tmp_path, monkeypatch):
+    train_command, completion_command = readme_fine_tuning_commands()
+    assert train_command[:3] == ["python", "-m", "llama.finetune"]
+    assert completion_command[:2] == ["python", "example_text_completion.py"]
+    monkeypatch.chdir(ROOT)  # the commands' paths are the repository's
+    flags = dict(zip(train_command[3::2], train_command[4::2]))
+    train, held_out = ([json.loads(line) for line in Path(flags[flag]).read_text().splitlines()]
+                       for flag in ("--data", "--val_data"))
+    seen = [pair["prompt"].split() for pair in train]  # "# VERB NAME"
+    for pair in held_out:  # a verb and a name training saw, never together
+        _, verb, name = pair["prompt"].split()
+        assert ["#", verb, name] not in seen
+        assert any(v == verb for _, v, _ in seen) and any(n == name for _, _, n in seen)
+    shown = ast.literal_eval(completion_command[completion_command.index("--prompts") + 1])
+    assert set(shown) <= {pair["prompt"] for pair in held_out}
+
+    out = tmp_path / "run"
+    finetune([str(out) if arg == flags["--out"] else arg for arg in train_command[3:]] + ["--threads", "1"])
+    assert metrics(out)[-1]["val_loss"] < 0.2  # the bundled model's: 2.64
+
+    def completed_exactly(adapter_dir):
+        generator = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=len(held_out), adapter_dir=adapter_dir)
+        completions = generator.text_completion([pair["prompt"] for pair in held_out], temperature=0, max_gen_len=24)
+        return sum(c["generation"] == pair["completion"] for c, pair in zip(completions, held_out))  # and stopped there
+
+    assert completed_exactly(None) == 0
+    assert completed_exactly(str(out)) >= 36  # 39 measured ("# get target" returns self._parent)
 
 
 def test_an_adapter_merged_on_load_equals_the_merged_checkpoint_and_has_an_identity(memorised):
