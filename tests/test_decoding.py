@@ -116,6 +116,20 @@ def test_compiled_sampling_penalties_streaming_and_stop_strings_equal_eager(llam
     assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]
 
 
+def test_a_later_run_loads_the_compiled_steps_from_the_compilers_cache(compiled):
+    """Every graph of the compiled decode step is one inductor's cache can store (no ``torch.cond``, which
+    it cannot): a later run, here a fresh trace after ``torch._dynamo.reset()``, loads greedy and sampling
+    steps instead of compiling them again."""
+    options = [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=1, repetition_penalty=1.2)]
+    first = [compiled.text_completion(PROMPTS[:2], max_gen_len=4, **o) for o in options]
+    counters = torch._dynamo.utils.counters["inductor"]
+    torch._dynamo.reset()
+    bypassed, hits = counters["fxgraph_cache_bypass"], counters["fxgraph_cache_hit"]
+    assert [compiled.text_completion(PROMPTS[:2], max_gen_len=4, **o) for o in options] == first
+    assert counters["fxgraph_cache_bypass"] == bypassed
+    assert counters["fxgraph_cache_hit"] >= hits + 2
+
+
 def test_compiled_scoring_gives_the_eager_loss(llama):
     from llama.perplexity import window_loss
 

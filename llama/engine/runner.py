@@ -16,9 +16,10 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   own settings (``llama.sampling``), and the writes of the step's tokens, positions and penalty
   counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
-  tensors, and on a CPU ``torch.cond`` runs the penalties and the sampler's sort only when a row needs
-  them: one graph per width and length serves every mix of options, and ``warm_up`` compiles them all
-  before the first request (a server's start). With ``compiled_attention="flex"`` (a CPU's default)
+  tensors: one graph per width and length serves every mix of options (on a CPU, two: a step whose
+  rows are all greedy skips the sampler's sort), and ``warm_up`` compiles them all before the first
+  request (a server's start). Each graph is one the compiler's cache can store: a later run on the
+  same machine loads it rather than compiling it again. With ``compiled_attention="flex"`` (a CPU's default)
   the compiled step's attention reads the rows' blocks where they lie in the pool, with FlexAttention,
   instead of gathering them, and one graph per width serves every length.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): its allowed
@@ -290,9 +291,20 @@ class Runner:
 
     def compiled_features(self, rows: List[Row]) -> Features:
         """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
-        so one graph serves every mix of options; more top logprobs than warmed compile a graph of their own."""
-        alternatives = max(self.features(rows).alternatives, self.warmed_alternatives)
-        return Features(sampling=True, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
+        so that one graph serves every mix of options; more top logprobs than warmed compile a graph of
+        their own. On a CPU, where the sampler's sort costs more than a small model's step, a step whose
+        rows are all greedy runs a graph without it (``sampling_variants``)."""
+        needed = self.features(rows)
+        alternatives = max(needed.alternatives, self.warmed_alternatives)
+        sampling = needed.sampling or self.device.type == "cuda"
+        return Features(sampling=sampling, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
+
+    def sampling_variants(self) -> List[bool]:
+        """The values of ``Features.sampling`` the compiled step is compiled for: both on a CPU, sampling
+        only on CUDA (a CUDA graph cannot skip the sort, and it costs little beside a GPU model's step).
+        Two graphs rather than a branch in one (``torch.cond``), which would keep the compiler's cache
+        from storing the graph: a later run on the machine then loads it instead of compiling again."""
+        return [True] if self.device.type == "cuda" else [False, True]
 
     def compiled_widths(self) -> List[int]:
         """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
@@ -311,20 +323,22 @@ class Runner:
         params, widths, start = self.model.params, self.compiled_widths(), time.perf_counter()
         k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
-        features = Features(sampling=True, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
         lengths = sorted({attended_slots(1, params.max_seq_len, params.kv_block_size).shape[0], params.max_seq_len})
         chunks = [] if speculate_k is None else [(self.verify_forward, speculate_k + 1)]
         if speculate_k is not None and self.draft_forward is not None:
             chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
-        graphs = len(widths) * len(lengths) * max(1, len(chunks))  # the most of one function's graphs
+        variants = self.sampling_variants()
+        graphs = len(widths) * len(lengths) * max(len(variants), len(chunks))  # the most of one function's graphs
         if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
             torch._dynamo.config.recompile_limit = graphs
         calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
         with torch.no_grad():
             for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
-                noise = torch.ones(width, params.vocab_size, device=self.device)
-                self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()  # flex: one graph for both lengths
+                for sampling in variants:  # flex: one graph for both lengths
+                    features = Features(sampling, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
+                    noise = torch.ones(width, params.vocab_size if sampling else 1, device=self.device)
+                    self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()
                 for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block
                     tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
                     forward(tokens, positions, self.block_tables[:width], kv_len).sum().item()
@@ -519,21 +533,11 @@ def choose(
     among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""
     if allowed is not None:
         logits = torch.where(allowed, logits, float("-inf"))
-    # Compiled, one graph serves every mix of rows (neutral penalties change nothing, a greedy row takes
-    # its argmax); on a CPU torch.cond runs each part only when a row needs it (the sampler's sort costs
-    # more than a small model's step there), while a CUDA graph, which cannot branch, runs both
-    conditional = torch.compiler.is_compiling() and logits.device.type != "cuda"
-    if features.penalties and conditional:
-        penalised = (settings.repetition_penalty != 1) | (settings.presence_penalty != 0) | (settings.frequency_penalty != 0)
-        penalised = penalised.any() | (settings.logit_bias != 0).any()
-        logits = torch.cond(penalised, lambda: apply_penalties(logits, settings, seen, counts), lambda: logits.clone())
-    elif features.penalties:
+    if features.penalties:  # neutral settings change nothing: one compiled graph serves every mix of rows
         logits = apply_penalties(logits, settings, seen, counts)
     if not features.sampling:
         return torch.argmax(logits, dim=-1)
-    if conditional:
-        return torch.cond((settings.temperature > 0).any(), lambda: sample(logits, settings, positions, noise), lambda: torch.argmax(logits, dim=-1))
-    return sample(logits, settings, positions, noise)
+    return sample(logits, settings, positions, noise)  # a greedy row among sampling ones takes its argmax
 
 
 def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torch.Tensor:
