@@ -8,8 +8,8 @@ it 2x slower for small ones (docs/performance.md). So ``choose_float32_kernels``
 load over the model's own weights, one shape at a time, and lets each layer use the faster one.
 
 The two kernels differ only in the order of the float32 sums (logits agree to ~1e-5); the choice is
-made once per weight shape and thread count in a process, so every model a process loads computes
-alike. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
+made once per weight shape and thread count on a machine, so every model a process loads computes
+alike, and a later run reads it (``llama.timed_choices``) and compiles as the first did. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
 from a generator of its own: torch's global generator, which ``Llama.build`` seeds, is left as seeded,
 whatever shapes are timed (they differ with the world size) or whether a choice was cached.
 """
@@ -21,6 +21,8 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama.timed_choices import recall, remember
 
 ROUNDS = 5  # alternating timings of each kernel per shape; the median decides
 MARGIN = 0.95  # oneDNN must take under 95% of BLAS's time: a tie keeps torch's default
@@ -75,6 +77,18 @@ def timed_layers(layers: List[nn.Module]) -> List[nn.Module]:
     return (layers * (count // len(layers) + 1))[:count]
 
 
+def onednn_is_faster(layers: List[nn.Module]) -> bool:
+    """Whether oneDNN multiplies one token by the weights of ``layers`` (all of one shape) faster than
+    BLAS, by ``MARGIN``, in alternating rounds."""
+    x, timed = torch.randn(1, layers[0].weight.shape[1], generator=torch.Generator().manual_seed(0)), timed_layers(layers)
+    onednn_linear(x, layers[0].weight)  # oneDNN prepares its kernel for the shape on first use
+    seconds = {False: [], True: []}
+    for _ in range(ROUNDS):
+        for onednn in (False, True):
+            seconds[onednn].append(_pass_seconds(timed, x, onednn))
+    return statistics.median(seconds[True]) < MARGIN * statistics.median(seconds[False])
+
+
 @torch.no_grad()
 def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
     """Set ``onednn`` on each float32 CPU linear layer of ``model`` (the layers of ``llama.parallel``)
@@ -90,14 +104,12 @@ def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
     threads = torch.get_num_threads()
     for shape, group in layers.items():
         key = (*shape, threads)
+        what = f"oneDNN for a float32 {shape[0]}x{shape[1]} weight at {threads} threads"
+        if key not in _chosen and isinstance(remembered := recall(what), bool):
+            _chosen[key] = remembered
         if key not in _chosen:
-            x, timed = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(0)), timed_layers(group)
-            onednn_linear(x, group[0].weight)  # oneDNN prepares its kernel for the shape on first use
-            seconds = {False: [], True: []}
-            for _ in range(ROUNDS):
-                for onednn in (False, True):
-                    seconds[onednn].append(_pass_seconds(timed, x, onednn))
-            _chosen[key] = statistics.median(seconds[True]) < MARGIN * statistics.median(seconds[False])
+            _chosen[key] = onednn_is_faster(group)
+            remember(what, _chosen[key])
         for module in group:
             module.onednn = _chosen[key]
     return {shape: _chosen[(*shape, threads)] for shape in layers}

@@ -11,12 +11,15 @@ So a command given no ``--threads`` (``set_threads(None)``), in an environment t
 (``choose_threads``): a full batch's decode step of that model, timed at torch's thread count and at
 each half of it down to 1, alternating, decides; torch's count stays unless another is more than 10%
 faster. The step writes position 0 of each cache row, which a prompt's prefill overwrites before
-anything reads it. A model of more than ``MEASURED_BYTES`` keeps torch's count unmeasured: its step
+anything reads it. The choice is remembered for the machine and the model's shapes
+(``llama.timed_choices``): a later run reads it rather than timing again, so that it decodes, and
+compiles, as the first did. A model of more than ``MEASURED_BYTES`` keeps torch's count unmeasured: its step
 takes long to time, and its products are the long ones. The choice is made once, for the first model
 a process loads (a draft loaded after it decodes with the same threads). Thread counts change only the
 split of the work, not the results (greedy tokens and sampled text are the same at 1 and 2 threads).
 """
 
+import hashlib
 import logging
 import os
 import statistics
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from llama.parallel import model_parallel_world_size
+from llama.timed_choices import cache_file, recall, remember
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +70,18 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@torch.inference_mode()
-def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
-    """Set torch's thread count to the fastest for ``model``'s decode step, if the command asked for it
-    (``measure_threads_at_load``) and the model is on the CPU of a single process.
+def timed_model(model: nn.Module, threads: int) -> str:
+    """What a thread choice was timed on: the model's tensors (their shapes and dtypes, the KV cache's
+    aside), its batch, and the thread count it started from."""
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not name.endswith(("cache_k", "cache_v"))]
+    digest = hashlib.sha256(repr(tensors).encode()).hexdigest()[:16]
+    batch = getattr(getattr(model, "params", None), "max_batch_size", None)
+    return f"threads for the decode step of model {digest} ({weight_bytes(model)} bytes), batch {batch}, from {threads} threads"
 
-    Returns:
-        the median seconds of a step at each thread count timed, or None when nothing was timed.
-    """
-    global _measure_next_model
-    measure, _measure_next_model = _measure_next_model, False
-    if not measure or model.output.weight.device.type != "cpu" or model_parallel_world_size() > 1:
-        return None
-    counts = thread_counts(torch.get_num_threads())
-    if len(counts) == 1 or weight_bytes(model) > MEASURED_BYTES:
-        return None
+
+def time_threads(model: nn.Module, counts: List[int]) -> Dict[int, float]:
+    """The median seconds of ``model``'s decode step at each of ``counts`` threads, alternating."""
     repeats = {}
     for threads in counts:  # the first step at a count starts its threads: a warm-up, and a length
         torch.set_num_threads(threads)
@@ -90,9 +91,36 @@ def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
         for threads in counts:
             torch.set_num_threads(threads)
             timings[threads].append(step_seconds(model, repeats[threads]))
-    medians = {threads: statistics.median(seconds) for threads, seconds in timings.items()}
-    fastest = min(counts, key=medians.get)
-    chosen = fastest if medians[fastest] < MARGIN * medians[counts[0]] else counts[0]
+    return {threads: statistics.median(seconds) for threads, seconds in timings.items()}
+
+
+@torch.inference_mode()
+def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
+    """Set torch's thread count to the fastest for ``model``'s decode step, if the command asked for it
+    (``measure_threads_at_load``) and the model is on the CPU of a single process.
+
+    Returns:
+        the median seconds of a step at each thread count timed (in this run, or in the run that
+        timed this model on this machine first), or None when nothing was timed.
+    """
+    global _measure_next_model
+    measure, _measure_next_model = _measure_next_model, False
+    if not measure or model.output.weight.device.type != "cpu" or model_parallel_world_size() > 1:
+        return None
+    counts = thread_counts(torch.get_num_threads())
+    if len(counts) == 1 or weight_bytes(model) > MEASURED_BYTES:
+        return None
+    what = timed_model(model, counts[0])
+    remembered = recall(what)
+    if isinstance(remembered, dict) and remembered.get("threads") in counts:
+        chosen, medians = remembered["threads"], {int(t): s for t, s in remembered["seconds"].items()}
+        how = f"as timed before on this machine (delete {cache_file()} to time again)"
+    else:
+        medians = time_threads(model, counts)
+        fastest = min(counts, key=medians.get)
+        chosen = fastest if medians[fastest] < MARGIN * medians[counts[0]] else counts[0]
+        remember(what, {"threads": chosen, "seconds": medians})
+        how = "timed"
     torch.set_num_threads(chosen)
-    logger.info("CPU threads: %d, timed (ms per decode step: %s)", chosen, {t: round(s * 1e3, 3) for t, s in medians.items()})
+    logger.info("CPU threads: %d, %s (ms per decode step: %s)", chosen, how, {t: round(s * 1e3, 3) for t, s in medians.items()})
     return medians

@@ -3,9 +3,11 @@ checkpoints written in Meta's exact layout, the same weights as a transformers L
 random transformers models saved as Hugging Face folders."""
 
 import importlib.util
+import os
 import shutil
 import sysconfig
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,14 @@ from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="session", autouse=True)
+def timed_choices_folder(tmp_path_factory):
+    """The choices timed on this machine (``llama.timed_choices``) go to a folder of the session's own, in
+    this process and the commands it starts, never the user's cache: each session times afresh."""
+    with mock.patch.dict(os.environ, {"LLAMA_CACHE_DIR": str(tmp_path_factory.mktemp("llama-cache"))}):
+        yield
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
@@ -212,8 +222,6 @@ def llama3_tokenizer(tmp_path_factory):
     """(Meta's tokenizer.model, the tokenizer.json transformers' tiktoken converter makes of it, and the
     reference tiktoken.Encoding) for a 300-merge BPE trained on the standard library's source."""
     import base64
-    import os
-    from unittest import mock
 
     import tiktoken
     from transformers.convert_slow_tokenizer import TikTokenConverter

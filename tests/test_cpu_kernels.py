@@ -24,9 +24,11 @@ def small_model(max_seq_len: int = 32, max_batch_size: int = 2) -> Transformer:
 
 
 @pytest.fixture
-def fresh_choices(monkeypatch):
-    """An empty record of choices, so that this test measures (or fakes) its own."""
+def fresh_choices(monkeypatch, tmp_path):
+    """An empty record of choices, in the process and on the machine (the test's own cache folder),
+    so that this test measures (or fakes) its own."""
     monkeypatch.setattr(cpu_kernels, "_chosen", {})
+    monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path))
 
 
 def test_each_shape_takes_the_kernel_its_timings_favour_and_is_timed_once(fresh_choices, monkeypatch):
@@ -49,6 +51,10 @@ def test_each_shape_takes_the_kernel_its_timings_favour_and_is_timed_once(fresh_
     again = small_model()  # a second model of the same shapes in this process: the same choice, no timing
     monkeypatch.setattr(cpu_kernels, "_pass_seconds", lambda *args: pytest.fail("timed twice"))
     assert choose_float32_kernels(again) == choices and again.output.onednn
+
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})  # a later process on the machine reads the choice timed first
+    later = small_model()
+    assert choose_float32_kernels(later) == choices and later.output.onednn
 
 
 def test_a_tie_keeps_torchs_default(fresh_choices, monkeypatch):

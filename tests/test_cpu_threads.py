@@ -1,6 +1,8 @@
 """The thread count a command decodes with when given no --threads: the fastest of one per core and
 fewer, timed on the model loaded, unless OMP_NUM_THREADS says or a count was given."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -11,10 +13,12 @@ from llama.distributed import set_threads
 
 
 @pytest.fixture
-def timed(monkeypatch):
+def timed(monkeypatch, tmp_path):
     """timed({threads: ms per step}) -> a CPU model whose decode step takes that long at each thread
-    count, in a process of 4 threads by default (torch's count, faked)."""
+    count, in a process of 4 threads by default (torch's count, faked), on a machine where nothing
+    was timed before (the test's own cache folder)."""
     threads = [4]
+    monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads[0])
     monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
@@ -84,3 +88,45 @@ def test_a_model_timed_at_load_generates_as_one_that_was_not(make_llama, monkeyp
         measure_threads_at_load(False)
         torch.set_num_threads(before)
     assert timed.generate(prompts, max_gen_len=8, temperature=0, logprobs=True) == plain
+
+
+def test_a_later_run_on_the_machine_decodes_with_the_count_timed_first(timed, tmp_path):
+    """The choice is remembered in the cache folder: a later process reads it instead of timing again
+    (a timing on a busy machine could choose otherwise, and a compiled step would compile again)."""
+    first = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    set_threads(None)
+    medians = choose_threads(first)
+    assert torch.get_num_threads() == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "timed_choices.json"]
+
+    torch.set_num_threads(4)  # a new process
+    later = timed({4: 1.0, 2: 2.0, 1: 3.0})  # the same shapes, timed otherwise now: not timed
+    set_threads(None)
+    assert choose_threads(later) == medians
+    assert torch.get_num_threads() == 1
+
+    torch.set_num_threads(4)
+    other = timed({4: 1.0, 2: 2.0, 1: 3.0})
+    other.output = nn.Linear(3, 2)  # another model: timed
+    set_threads(None)
+    assert choose_threads(other) == {4: 1e-3, 2: 2e-3, 1: 3e-3}
+    assert torch.get_num_threads() == 4
+
+
+def test_a_cache_file_that_cannot_be_read_is_timed_over(timed, tmp_path, caplog):
+    (tmp_path / "timed_choices.json").write_text("{not json")
+    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    set_threads(None)
+    assert choose_threads(model) == {4: 2e-3, 2: 1.5e-3, 1: 1e-3}
+    assert "timed_choices.json cannot be read" in caplog.text
+    assert json.loads((tmp_path / "timed_choices.json").read_text())  # written anew, whole
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_and_the_run_goes_on(timed, monkeypatch, tmp_path, caplog):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path / "file" / "llama"))  # under a file: no folder there
+    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
+    set_threads(None)
+    choose_threads(model)
+    assert torch.get_num_threads() == 1
+    assert "could not be remembered" in caplog.text
