@@ -14,7 +14,8 @@ setup(
     install_requires=get_requirements("requirements.txt"),
     extras_require={
         "finetune": ["matplotlib"],  # the loss curve's picture
-        "eval": ["lm_eval>=0.4.13"],  # python -m llama.evaluate
+        # python -m llama.evaluate; lm-eval's api extra: its backends that query a server (local-completions)
+        "eval": ["lm_eval[api]>=0.4.13"],
         # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
         # models with it; peft: the reference for LoRA adapters; lm_eval[hf]: the evaluation tests compare with
         # lm-eval's own hf backend; jsonschema: structured answers are validated with it
