@@ -270,21 +270,27 @@ def flag_candidates(name: str, known: List[str]) -> List[str]:
 
 
 def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, quantize: Optional[str] = None) -> str:
-    """What a command says once it has loaded a checkpoint: which files, where, in which dtype.
+    """What a command says once it has loaded a checkpoint: which files, where, in which dtype. A merged
+    adapter, quantized weights and a KV cache in another dtype than the model's are named only when
+    there are some, so that a plain model's line stays ``... (torch.float32) in 0.10 s``.
 
     Args:
         ckpt_dir: the checkpoint folder, as given.
         tokenizer_path: the tokenizer file used (given, or found by ``resolve_tokenizer_path``).
-        generator: the loaded ``Llama``.
+        generator: the loaded ``Llama``; its ``adapter_dir`` and ``kv_cache_dtype`` are named too.
         seconds: how long loading took.
         quantize: the ``--quantize`` value; the line then names the activations' dtype and the weights'.
 
     Returns:
-        e.g. ``Loaded llama-2-7b/ (tokenizer: tokenizer.model) on cpu with 2 thread(s) (torch.bfloat16 activations, int4 weights) in 9.12 s``.
+        e.g. ``Loaded llama-2-7b/ with the adapter run/ (tokenizer: tokenizer.model) on cpu with 2 thread(s)
+        (torch.bfloat16 activations, int4 weights, torch.float32 KV cache) in 9.12 s``.
     """
     dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
+    if generator.kv_cache_dtype != generator.dtype:
+        dtype += f", {generator.kv_cache_dtype} KV cache"
+    adapter = f" with the adapter {generator.adapter_dir}" if generator.adapter_dir is not None else ""
     device = f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)
-    return f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
+    return f"Loaded {ckpt_dir}{adapter} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
 
 
 def compile_line(engine) -> Optional[str]:

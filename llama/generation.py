@@ -105,7 +105,7 @@ class Llama:
             adapter_dir: a LoRA adapter in peft's format (``adapter_config.json``,
                 ``adapter_model.safetensors``, as ``python -m llama.finetune`` writes it), merged into
                 the weights as they are read, before ``quantize``: decoding costs what the model alone
-                costs. ``Llama.adapter_id`` then names it (a hash of its files).
+                costs. ``Llama.adapter_id`` then names it (a hash of its files), ``Llama.adapter_dir`` its folder.
             kv_cache_tokens: the KV cache pool's size in tokens, shared by the rows in blocks of 16
                 (``llama.engine.block_manager``); None: ``max_batch_size * max_seq_len``, the memory
                 of a contiguous cache, on every device. Smaller pools hold fewer tokens at once: when
@@ -159,15 +159,18 @@ class Llama:
                 draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
                 logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
         return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None, prefix_cache,
-                     cache_salt=f"{ckpt_dir} {quantize} {adapter.identity if adapter else None}")
+                     cache_salt=f"{ckpt_dir} {quantize} {adapter.identity if adapter else None}",
+                     adapter_dir=adapter_dir)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None,
-                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None, prefix_cache: bool = True, cache_salt: str = ""):
+                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None, prefix_cache: bool = True,
+                 cache_salt: str = "", adapter_dir: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
         # what the weights hold besides the checkpoint: the sha256 of the merged adapter's files, or None.
         # Two models of one checkpoint compute alike (and may share cached keys and values) only if it is equal.
         self.adapter_id = adapter_id
+        self.adapter_dir = adapter_dir  # the folder it was read from, as given: what a command says it loaded
         self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
         # every call below decodes here; cache_salt names the weights in the prefix cache's keys
         self.engine = Engine(model, tokenizer, compile, draft=draft, prefix_cache=prefix_cache, cache_salt=cache_salt)
@@ -180,6 +183,12 @@ class Llama:
     def dtype(self) -> torch.dtype:
         """The activations' dtype (with quantized weights too: the embedding is never quantized)."""
         return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, in which cached attention computes: ``dtype``, except float32 for a
+        half-precision model on a CPU (``llama.checkpoint.kv_cache_dtype``)."""
+        return self.model.layers[0].attention.cache_k.dtype
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:

@@ -4,6 +4,7 @@ user error is one line on stderr with exit status 2 (on rank 0 only), unless a t
 import argparse
 import importlib
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -236,19 +237,38 @@ def test_the_servers_help_is_titled_with_how_it_is_started():
     assert "--heartbeat_seconds HEARTBEAT_SECONDS" in done.stdout
 
 
-def test_the_load_line_names_the_tokenizer_and_the_activation_dtype_of_quantized_weights(make_checkpoint, tokenizer_path):
+def test_the_load_line_names_the_tokenizer_and_what_a_plain_model_lacks(make_checkpoint, tokenizer_path, tmp_path):
+    from llama.adapter import write_adapter
     from llama.generation import Llama
+    from llama.lora import LoraConfig
+    from llama.model import ModelArgs
 
     ckpt_dir, _ = make_checkpoint()
+    threads = f"cpu with {torch.get_num_threads()} thread(s)"
+    plain = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32")
+    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == (  # the README's line: nothing besides the checkpoint
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {threads} (torch.float32) in 0.25 s"
+    )
     quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
     assert quantized.model.output.weight.dtype == torch.uint8  # int4's storage, which the line must not report
     assert load_line(ckpt_dir, tokenizer_path, quantized, 1.5, "int4-g32") == (
-        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) "
-        "(torch.bfloat16 activations, int4-g32 weights) in 1.50 s"
+        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {threads} "
+        "(torch.bfloat16 activations, int4-g32 weights, torch.float32 KV cache) in 1.50 s"
     )
-    plain = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32")
-    assert load_line(ckpt_dir, tokenizer_path, plain, 0.25) == (
-        f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on cpu with {torch.get_num_threads()} thread(s) (torch.float32) in 0.25 s"
+    half = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
+    assert load_line(ckpt_dir, tokenizer_path, half, 1.0).endswith(
+        f"on {threads} (torch.bfloat16, torch.float32 KV cache) in 1.00 s"  # attention on a CPU computes in float32
+    )
+
+    args = ModelArgs.from_dict({**json.loads((Path(ckpt_dir) / "params.json").read_text()), "vocab_size": 512})
+    lora = (0.01 * torch.randn(2, args.dim), 0.01 * torch.randn(args.dim, 2))
+    config = LoraConfig(rank=2, alpha=4.0, targets=("wq",))
+    write_adapter(str(tmp_path), {"layers.0.attention.wq": lora}, config, args, ckpt_dir)
+    adapted = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="float32", adapter_dir=str(tmp_path))
+    assert adapted.adapter_dir == str(tmp_path) and plain.adapter_dir is None
+    assert load_line(ckpt_dir, tokenizer_path, adapted, 0.5) == (
+        f"Loaded {ckpt_dir} with the adapter {tmp_path} (tokenizer: {tokenizer_path}) on {threads} (torch.float32) "
+        "in 0.50 s"
     )
 
 

@@ -40,7 +40,7 @@ def test_chat_example(ckpt, tokenizer_path, launcher):
     result = run(launcher + ["example_chat.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
                              "--max_gen_len", "4", "--dtype", "bfloat16"])
     assert result.returncode == 0, result.stderr
-    assert "(torch.bfloat16)" in result.stdout
+    assert "(torch.bfloat16, torch.float32 KV cache)" in result.stdout  # attention on a CPU computes in float32
     assert "User: what is the recipe of mayonnaise?" in result.stdout
     assert result.stdout.count("> Assistant: ") == 4
 

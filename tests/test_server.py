@@ -155,6 +155,11 @@ def metrics(server) -> dict:
 def test_health_and_models(server, client):
     assert raw_request(server, "GET", "/health", headers={"Authorization": ""}) == (200, {"status": "ok"})
     assert [model.id for model in client.models.list().data] == ["tiny-stdlib"]
+    status, listed = raw_request(server, "GET", "/v1/models")
+    assert status == 200 and listed["data"] == [{
+        "id": "tiny-stdlib", "object": "model", "created": 0, "owned_by": "llama", "max_model_len": MAX_SEQ_LEN,
+        "dtype": "float32", "quantization": None, "kv_cache_dtype": "float32", "adapter": None,
+    }]
 
 
 def test_the_openapi_page_declares_the_request_bodies(server):
@@ -615,6 +620,50 @@ def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama
         assert answer.choices[0].text != plain.choices[0].text, options
     biased = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0, logit_bias={str(first): -100})
     assert first not in llama.tokenizer.encode(biased.choices[0].text, bos=False, eos=False)
+
+
+def write_adapter_for(ckpt_dir: str, out: Path) -> str:
+    """A random LoRA adapter of rank 2 on every wq of the checkpoint, written as peft's files in ``out``;
+    the sha256 of its files."""
+    from llama.adapter import read_adapter, write_adapter
+    from llama.convert import source_model
+    from llama.lora import LoraConfig
+
+    args = source_model(ckpt_dir)[1]
+    generator = torch.Generator().manual_seed(0)
+    state = {f"layers.{i}.attention.wq": (0.01 * torch.randn(2, args.dim, generator=generator),
+                                          0.01 * torch.randn(args.dim, 2, generator=generator))
+             for i in range(args.n_layers)}
+    out.mkdir()
+    write_adapter(str(out), state, LoraConfig(rank=2, alpha=4.0, targets=("wq",)), args, ckpt_dir)
+    return read_adapter(str(out), args).identity
+
+
+def test_the_log_and_the_model_list_say_the_adapter_the_quantization_and_the_kv_cache_dtype(
+    make_checkpoint, tokenizer_path, tmp_path
+):
+    """The log and /v1/models say what was loaded besides the checkpoint: the adapter, the quantization
+    and the KV cache's dtype, and the context; the official client reads the model list."""
+    ckpt_dir, _ = make_checkpoint()
+    adapter = tmp_path / "adapter"
+    sha256 = write_adapter_for(ckpt_dir, adapter)
+    name = Path(ckpt_dir).name
+    command = [sys.executable, "-m", "llama.server", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path,
+               "--adapter_dir", str(adapter), "--quantize", "int8", "--max_seq_len", "768", "--max_batch_size", "2",
+               "--port", "0", "--device", "cpu"]
+    server = Server(command, tmp_path / "log", name=name)
+    try:
+        log = server.log()
+        assert (f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
+                "(torch.bfloat16 activations, int8 weights, torch.float32 KV cache) in") in log
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=60, max_retries=0)
+        [model] = client.models.list().data
+        assert model.id == name and model.model_extra == {
+            "max_model_len": 768, "dtype": "bfloat16", "quantization": "int8", "kv_cache_dtype": "float32",
+            "adapter": {"name": "adapter", "sha256": sha256},
+        }
+    finally:
+        server.kill()
 
 
 @pytest.fixture(scope="module")

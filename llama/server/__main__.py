@@ -137,7 +137,7 @@ def main(
         speculation = dict(speculate=speculate, speculate_k=speculate_k)
         logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", speculate, speculate_k)
     scheduler = Scheduler(engine, max_queue, speculation)
-    app = make_app(llama, scheduler, served_model_name or Path(ckpt_dir).name, api_key, origins)
+    app = make_app(llama, scheduler, served_model_name or Path(ckpt_dir).name, api_key, origins, quantize)
     serve(app, scheduler, listener, served_model_name or Path(ckpt_dir).name, shutdown_timeout)
 
 

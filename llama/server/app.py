@@ -15,8 +15,10 @@ import asyncio
 import hmac
 import json
 import logging
+from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llama.engine import RowDelta
+from llama.quantize import parse_quantize
 from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llama.server.metrics import Metrics
 from llama.server.protocol import (
@@ -43,10 +46,11 @@ POLL_SECONDS = 0.1  # how often a waiting whole answer checks whether its client
 
 
 def make_app(llama, scheduler: Scheduler, model_name: str, api_key: Optional[str] = None,
-             allowed_origins: Sequence[str] = ()) -> FastAPI:
+             allowed_origins: Sequence[str] = (), quantize: Optional[str] = None) -> FastAPI:
     """The application serving ``llama`` (tokenizer and limits) through ``scheduler`` as
     ``model_name``; ``api_key``: None for no authentication; ``allowed_origins``: the web origins
-    whose pages may call it (CORS; "*" any, empty: none)."""
+    whose pages may call it (CORS; "*" any, empty: none); ``quantize``: how the weights were
+    quantized (``Llama.build``'s argument), which ``/v1/models`` says."""
     app = FastAPI(title="llama", summary="OpenAI's completions and chat completions API for one Llama model", docs_url="/docs", redoc_url=None)
     app.state.metrics = metrics = Metrics(scheduler)
     app.add_middleware(Gate, metrics=metrics, api_key=api_key, allowed_origins=frozenset(allowed_origins))
@@ -65,10 +69,12 @@ def make_app(llama, scheduler: Scheduler, model_name: str, api_key: Optional[str
         """The server's counters in Prometheus' text format."""
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    served = model_object(model_name, llama, quantize)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        """The one model served."""
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llama"}]}
+        """The one model served, and what was loaded."""
+        return {"object": "list", "data": [served]}
 
     async def answer(parse: Callable, body, http: Request) -> Response:
         if body.model is not None and body.model != model_name:
@@ -91,6 +97,24 @@ def make_app(llama, scheduler: Scheduler, model_name: str, api_key: Optional[str
         return await answer(parse_chat, body, http)
 
     return app
+
+
+def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
+    """OpenAI's model object for ``llama`` served as ``model_name``, with keys of its own that OpenAI's
+    clients keep as extra fields: ``max_model_len`` (the context, under vLLM's name for it), ``dtype``,
+    ``quantization`` (``int8``, ``int4-g64``, ...), ``kv_cache_dtype``, and ``adapter``: the merged LoRA
+    adapter's folder name and the sha256 of its files; null where there is none."""
+    adapter = None if llama.adapter_dir is None else {"name": Path(llama.adapter_dir).name, "sha256": llama.adapter_id}
+    return {
+        "id": model_name, "object": "model", "created": 0, "owned_by": "llama",
+        "max_model_len": llama.model.params.max_seq_len, "dtype": dtype_name(llama.dtype),
+        "quantization": str(parse_quantize(quantize)) if quantize is not None else None,
+        "kv_cache_dtype": dtype_name(llama.kv_cache_dtype), "adapter": adapter,
+    }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # as --dtype takes it
 
 
 def error_response(error: RequestError) -> JSONResponse:
