@@ -2,10 +2,14 @@
 that ``AutoTokenizer`` encodes as this package encodes and ``generate`` starts and stops as it does.
 
 - ``tokenizer.json``: for a sentencepiece model, its BPE pieces and merges (the merge of a piece is
-  ranked by the piece's id, as transformers' own conversion ranks it) behind sentencepiece's own
-  normalization, a "▁" before every stretch of text and each space as "▁", so that text which begins
-  with a space encodes as sentencepiece encodes it (transformers 5's Llama tokenizer would drop that
-  space into the leading one); BOS before every text. Llama 3's is ``llama.bpe_files``' with BOS added.
+  ranked by the piece's id, as transformers' own conversion ranks it) behind the normalization the
+  model's own settings ask for, read from the model (``NormalizerSpec``): its character map
+  (``precompiled_charsmap``, none for ``identity``), spaces at the ends removed and runs of them
+  made one (``remove_extra_whitespaces``), a space before every stretch of text
+  (``add_dummy_prefix``), each space as "▁" (``escape_whitespaces``), so that text which begins with
+  a space encodes as sentencepiece encodes it (transformers 5's Llama tokenizer would drop that space
+  into the leading one); decoding drops the first piece's leading space only where sentencepiece
+  does. BOS before every text. Llama 3's is ``llama.bpe_files``' with BOS added.
 - ``tokenizer_config.json`` and ``special_tokens_map.json``: the BOS, EOS, unknown and pad tokens'
   texts, and the chat template of the tokenizer's format (Meta's: Llama 2's ``[INST]``, Llama 3's
   headers), which this package reads back as that format (``llama.chat_format``).
@@ -13,10 +17,12 @@ that ``AutoTokenizer`` encodes as this package encodes and ``generate`` starts a
   of turn), and Meta's sampling defaults (temperature 0.6, top-p 0.9).
 """
 
+import base64
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from llama.bpe_files import write_tokenizer_json
 from llama.hf_checkpoint import TOKENIZER_CONFIG
@@ -26,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS_MAP, GENERATION_CONFIG = "special_tokens_map.json", "generation_config.json"
 SPACE = "\u2581"  # sentencepiece's "▁"
+# sentencepiece_model.proto's field numbers: ModelProto's specs, NormalizerSpec's character map and flags,
+# TrainerSpec's treat_whitespace_as_suffix
+TRAINER_SPEC, NORMALIZER_SPEC, DENORMALIZER_SPEC = 2, 3, 5
+PRECOMPILED_CHARSMAP, TREAT_WHITESPACE_AS_SUFFIX = 2, 24
+NORMALIZER_FLAGS = {"add_dummy_prefix": 3, "remove_extra_whitespaces": 4, "escape_whitespaces": 5}
+FIXED_SIZES = {1: 8, 5: 4}  # protobuf's fixed-size wire types: their sizes in bytes
 
 # Meta's templates (Llama-2-7b-chat-hf, Meta-Llama-3-8B-Instruct): each renders a dialog as the
 # package's chat format for that tokenizer encodes it.
@@ -85,11 +97,110 @@ def sentencepiece_merges(vocab: Dict[str, int]) -> List[List[str]]:
     return [[left, right] for *_, left, right in sorted(merges)]
 
 
-def keeps_text_as_is(tokenizer: SentencePieceTokenizer) -> bool:
-    """Whether the sentencepiece model encodes text without normalizing it (Llama's do), which is all
-    that ``tokenizer.json``'s normalizer writes: collapsed spaces or NFKC would tokenize otherwise."""
-    probe = "a  b\u00a0c \uff46"
-    return tokenizer.decode(tokenizer.encode(probe, bos=False, eos=False)) == probe
+def read_varint(data: bytes, at: int) -> Tuple[int, int]:
+    """The protobuf varint at ``data[at:]`` and the offset after it."""
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if byte < 0x80:
+            return value, at
+
+
+def protobuf_fields(data: bytes) -> Dict[int, list]:
+    """A serialized protobuf message's fields: number -> its values in order, varints as ints, the rest
+    as bytes. Enough to read a sentencepiece model's settings without the protobuf package, which this
+    package does not need otherwise."""
+    fields: Dict[int, list] = {}
+    at = 0
+    while at < len(data):
+        key, at = read_varint(data, at)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, at = read_varint(data, at)
+        elif wire_type in FIXED_SIZES or wire_type == 2:
+            size, at = read_varint(data, at) if wire_type == 2 else (FIXED_SIZES[wire_type], at)
+            value, at = data[at : at + size], at + size
+        else:
+            raise ValueError(f"sentencepiece model: field {number} has protobuf wire type {wire_type}, "
+                             "which a sentencepiece model does not use")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+@dataclass(frozen=True)
+class NormalizerSpec:
+    """What a sentencepiece model does to text before its pieces are found and to pieces when they are
+    decoded: sentencepiece_model.proto's NormalizerSpec (its defaults where the model leaves a field
+    out), with TrainerSpec's treat_whitespace_as_suffix and the denormalizer's character map."""
+
+    precompiled_charsmap: bytes = b""  # empty for normalization_rule_name "identity"
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    treat_whitespace_as_suffix: bool = False
+    denormalizer_charsmap: bytes = b""
+
+    @classmethod
+    def of(cls, tokenizer: SentencePieceTokenizer) -> "NormalizerSpec":
+        model = protobuf_fields(tokenizer.sp_model.serialized_model_proto())
+
+        def message(fields: Dict[int, list], number: int) -> Dict[int, list]:
+            return protobuf_fields(fields[number][-1]) if number in fields else {}
+
+        specs = (NORMALIZER_SPEC, TRAINER_SPEC, DENORMALIZER_SPEC)
+        normalizer, trainer, denormalizer = (message(model, number) for number in specs)
+        flags = {name: bool(normalizer[number][-1]) for name, number in NORMALIZER_FLAGS.items()
+                 if number in normalizer}
+        return cls(
+            precompiled_charsmap=normalizer.get(PRECOMPILED_CHARSMAP, [b""])[-1], **flags,
+            treat_whitespace_as_suffix=bool(trainer.get(TREAT_WHITESPACE_AS_SUFFIX, [0])[-1]),
+            denormalizer_charsmap=denormalizer.get(PRECOMPILED_CHARSMAP, [b""])[-1],
+        )
+
+    def unwritable(self) -> List[str]:
+        """The settings tokenizer.json cannot hold."""
+        settings = (
+            ("treat_whitespace_as_suffix (spaces end pieces instead of starting them)",
+             self.treat_whitespace_as_suffix),
+            ("a denormalizer (a character map applied to decoded text)", bool(self.denormalizer_charsmap)),
+        )
+        return [setting for setting, present in settings if present]
+
+
+def replace(pattern: dict, content: str) -> dict:
+    return {"type": "Replace", "pattern": pattern, "content": content}
+
+
+def sentencepiece_normalizer(spec: NormalizerSpec) -> dict:
+    """tokenizers' normalizer doing what sentencepiece's does, in its order."""
+    steps = []
+    if spec.precompiled_charsmap:
+        charsmap = base64.b64encode(spec.precompiled_charsmap).decode()
+        steps.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
+    if spec.remove_extra_whitespaces:  # spaces only: sentencepiece keeps newlines and tabs
+        steps += [replace({"Regex": r"\A +| +\z"}, ""), replace({"Regex": " {2,}"}, " ")]
+    if spec.add_dummy_prefix:  # Prepend leaves an empty text empty, as sentencepiece does
+        steps.append({"type": "Prepend", "prepend": " "})
+    if spec.escape_whitespaces:
+        steps.append(replace({"String": " "}, SPACE))
+    return {"type": "Sequence", "normalizers": steps}
+
+
+def sentencepiece_decoder(spec: NormalizerSpec) -> dict:
+    """tokenizers' decoder doing what sentencepiece's does: byte pieces as bytes, the first piece's
+    leading "▁" dropped where the model adds one or removes spaces at the start, and "▁" as a space.
+
+    The "▁" is dropped from the fused text before "▁" becomes a space: a space that is a byte piece, or
+    that the model does not escape, stays, as in sentencepiece. Where the model removes spaces,
+    sentencepiece drops the "▁" of each leading piece that is only "▁", which no encoded text begins
+    with; tokenizer.json drops one."""
+    steps = [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if spec.add_dummy_prefix or spec.remove_extra_whitespaces:
+        # after Fuse: the start of the text, not of each piece
+        steps.append({"type": "Strip", "content": SPACE, "start": 1, "stop": 0})
+    steps.append({"type": "Replace", "pattern": {"String": SPACE}, "content": " "})
+    return {"type": "Sequence", "decoders": steps}
 
 
 def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: Path) -> None:
@@ -97,9 +208,10 @@ def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: 
     sp = tokenizer.sp_model
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     special = [i for i in range(sp.get_piece_size()) if sp.IsControl(i) or sp.IsUnknown(i)]
-    if not keeps_text_as_is(tokenizer):
-        logger.warning("the sentencepiece model normalizes text (spaces or NFKC), which tokenizer.json does not: "
-                       "transformers will tokenize some texts otherwise")
+    spec = NormalizerSpec.of(tokenizer)
+    for setting in spec.unwritable():
+        logger.warning("%s: the sentencepiece model's %s cannot be written in tokenizer.json: transformers will "
+                       "encode or decode some texts otherwise than sentencepiece", path, setting)
     bos = sp.id_to_piece(tokenizer.bos_id)
     data = {
         "version": "1.0",
@@ -109,13 +221,10 @@ def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: 
             {"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
             for i in special
         ],
-        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]},
+        "normalizer": sentencepiece_normalizer(spec),
         "pre_tokenizer": None,
         "post_processor": bos_template(bos, tokenizer.bos_id),
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ]},
+        "decoder": sentencepiece_decoder(spec),
         "model": {
             "type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()), "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_PARAMS, to_transformers
+from conftest import ROOT, SMALL_PARAMS, to_transformers
 from distributed_worker import TOKENS
 from llama.convert import convert, main
 from llama.generation import Llama
@@ -16,6 +16,7 @@ from llama.generation import Llama
 # The fields of Meta's ModelArgs (meta-llama/llama, llama/model.py); Code Llama's adds rope_theta.
 LLAMA2_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "max_batch_size", "max_seq_len"}
 CODE_LLAMA_FIELDS = LLAMA2_FIELDS | {"rope_theta"}
+BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 
 HF_MODELS = {  # LlamaConfig keys; 64 dims and intermediate sizes Meta's rule gives only with a multiplier
     "gqa, theta 1e6, FFN 100, 3 files": ({"num_key_value_heads": 4, "intermediate_size": 100, "rope_theta": 1e6}, "40KB"),
@@ -119,9 +120,8 @@ def test_shard_count_must_divide_the_model(round_trips, tmp_path):
 
 def test_tokenizer_of_another_vocabulary_is_refused(round_trips, tmp_path):
     source = round_trips[next(iter(HF_MODELS))][0]
-    bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib" / "tokenizer.model"
     with pytest.raises(ValueError, match="tokenizer .* has 4096 tokens but the checkpoint's token embedding has 512 rows"):
-        convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(bundled))
+        convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(BUNDLED / "tokenizer.model"))
 
 
 def test_cli_reports_a_bad_source_in_one_line_without_the_usage(tmp_path, capsys):
@@ -194,6 +194,8 @@ def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_h
     source, out = llama2_hf_folder
     ours, theirs = Tokenizer(str(Path(source) / "tokenizer.model")), AutoTokenizer.from_pretrained(out)
     assert [theirs(text)["input_ids"] for text in SAMPLE_TEXTS] == [ours.encode(text, bos=True, eos=False) for text in SAMPLE_TEXTS]
+    assert [theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) for text in SAMPLE_TEXTS] == [
+        ours.decode(ours.encode(text, bos=True, eos=False)) for text in SAMPLE_TEXTS]
     expected = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == encode_dialog(ours, CHAT)
 
@@ -210,3 +212,28 @@ def test_transformers_generates_from_a_converted_llama2_folder_the_greedy_tokens
         generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
         (expected,), _ = llama.generate([prompt[0].tolist()], max_gen_len=8, temperature=0)
         assert [t for t in generated if t not in llama.tokenizer.stop_tokens] == expected
+
+
+@pytest.fixture(scope="module")
+def bundled_hf_folder(tmp_path_factory):
+    """The bundled model (a sentencepiece model that adds no leading space) converted to a Hugging Face folder."""
+    out = tmp_path_factory.mktemp("bundled_hf") / "hf"
+    convert(str(BUNDLED), str(out), "hf", dtype="float32")
+    return str(out)
+
+
+def test_transformers_tokenizes_and_generates_on_the_converted_bundled_model_as_here(bundled_hf_folder, example_script):
+    """The examples' code prompts: the same ids, their text back, and the same greedy completion's text."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    llama = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
+    model = LlamaForCausalLM.from_pretrained(bundled_hf_folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(bundled_hf_folder)
+    for text in example_script("example_text_completion.py").CODE_PROMPTS:
+        prompt = tokenizer(text, return_tensors="pt")["input_ids"]
+        assert prompt[0].tolist() == llama.tokenizer.encode(text, bos=True, eos=False)
+        assert tokenizer.decode(prompt[0], skip_special_tokens=True) == text
+        generated = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]
+        (expected,) = llama.text_completion([text], max_gen_len=16, temperature=0)
+        assert tokenizer.decode(generated, skip_special_tokens=True) == expected["generation"]
+
