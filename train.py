@@ -11,7 +11,8 @@ any text round-trips) is trained on the training files' lines; then a Llama ``Tr
 trained with the causal language-modelling loss (``llama.loss``) and AdamW on random windows of the
 training files' tokens, with a linear warmup and a cosine decay of the learning rate, by the training
 loop fine-tuning runs on (``llama.training``). The result is written in Meta's layout:
-``params.json``, ``consolidated.00.pth`` (bfloat16) and ``tokenizer.model``.
+``params.json`` (its ``max_seq_len`` the training windows' length), ``consolidated.00.pth`` (bfloat16)
+and ``tokenizer.model``.
 
 The run is deterministic given --seed on a given machine and thread count.
 """
@@ -105,8 +106,9 @@ def train(args: argparse.Namespace) -> None:
     params = {
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
         "multiple_of": args.multiple_of, "norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": tokenizer.n_words,
+        "max_seq_len": args.seq_len,  # the context it is trained for, which the checkpoint's readers cannot guess
     }
-    model_args = ModelArgs.from_dict({**params, "max_seq_len": args.seq_len, "max_batch_size": 1})
+    model_args = ModelArgs.from_dict({**params, "max_batch_size": 1})
     with device:
         model = Transformer(model_args)
     n_params = sum(p.numel() for p in model.parameters())

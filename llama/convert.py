@@ -142,10 +142,13 @@ def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return tensor
 
 
-def trained_context(args: ModelArgs, tokenizer: Tokenizer) -> int:
-    """The context length a Meta checkpoint was released with, which its files do not state: 131072
-    with Llama 3.1's rope scaling (3.1, 3.2), 8192 for Llama 3.0 (a tiktoken tokenizer), 16384 for Code
-    Llama (rope_theta 1e6), 4096 for Llama 2."""
+def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
+    """The context length the checkpoint was trained for: params.json's max_seq_len where it states one
+    (train.py writes its windows' length there); otherwise the one a Meta checkpoint was released with,
+    which Meta's files do not state: 131072 with Llama 3.1's rope scaling (3.1, 3.2), 8192 for Llama 3.0
+    (a tiktoken tokenizer), 16384 for Code Llama (rope_theta 1e6), 4096 for Llama 2."""
+    if "max_seq_len" in params:
+        return args.max_seq_len
     if args.rope_scaling is not None:
         return 131072
     if isinstance(tokenizer, TiktokenTokenizer):
@@ -154,16 +157,17 @@ def trained_context(args: ModelArgs, tokenizer: Tokenizer) -> int:
 
 
 def to_hf(
-    ckpt_dir: str, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype], tokenizer: Tokenizer,
-    tokenizer_path: str, max_position_embeddings: Optional[int],
+    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
+    tokenizer: Tokenizer, tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
     the tokenizer with the files transformers reads its settings from (``llama.hf_tokenizer_files``)."""
     layout = layout_of(args)  # this single process: whole shapes
     groups = file_groups(layout, n_files)
     if max_position_embeddings is None:
-        max_position_embeddings = trained_context(args, tokenizer)
-        logger.info("max_position_embeddings: %d (the model's released context; --max_position_embeddings sets another)", max_position_embeddings)
+        max_position_embeddings = trained_context(params, args, tokenizer)
+        logger.info("max_position_embeddings: %d (the model's trained context; --max_position_embeddings sets another)",
+                    max_position_embeddings)
     with output_folder(out_dir) as out:
         if not isinstance(tokenizer, TiktokenTokenizer):
             shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
@@ -213,8 +217,9 @@ def convert(
             vocabulary); safetensors files for "hf".
         dtype: "bfloat16", "float16", "float32", or "source" to keep each tensor's dtype.
         tokenizer_path: the source's tokenizer (tokenizer.model or tokenizer.json); None: the one in ``ckpt_dir``.
-        max_position_embeddings: written to config.json; None: the context the model was released with
-            (``trained_context``: Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1 and 3.2 131072).
+        max_position_embeddings: written to config.json; None: the context the model was trained for
+            (``trained_context``: params.json's max_seq_len where it has one, else the released context
+            of Meta's models: Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1 and 3.2 131072).
     """
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
@@ -233,7 +238,8 @@ def convert(
     if format == "meta":
         to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
     else:
-        to_hf(ckpt_dir, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path, max_position_embeddings)
+        to_hf(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
+              max_position_embeddings)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -245,7 +251,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
     parser.add_argument("--tokenizer_path", default=None, help="the source's tokenizer.model or tokenizer.json; default: the one in --ckpt_dir, else beside it")
     parser.add_argument("--max_position_embeddings", type=int, default=None,
-                        help="written to config.json (hf); default: the model's released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")
+                        help="written to config.json (hf); default: params.json's max_seq_len, else the model's "
+                             "released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_parser(parser, lambda options: convert(
         options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,

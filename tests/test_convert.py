@@ -237,3 +237,10 @@ def test_transformers_tokenizes_and_generates_on_the_converted_bundled_model_as_
         (expected,) = llama.text_completion([text], max_gen_len=16, temperature=0)
         assert tokenizer.decode(generated, skip_special_tokens=True) == expected["generation"]
 
+
+def test_the_converted_bundled_model_says_the_context_it_was_trained_for(bundled_hf_folder):
+    """params.json's max_seq_len, the length of train.py's windows, not Llama 2's 4096."""
+    trained = json.loads((BUNDLED / "params.json").read_text())["max_seq_len"]
+    assert trained == 256
+    assert json.loads((Path(bundled_hf_folder) / "config.json").read_text())["max_position_embeddings"] == trained
+    assert json.loads((Path(bundled_hf_folder) / "tokenizer_config.json").read_text())["model_max_length"] == trained

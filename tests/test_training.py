@@ -284,7 +284,8 @@ def test_training_script_logs_the_loss_and_writes_metas_layout(tiny_run):
     assert sorted(p.name for p in out_dir.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
     state = torch.load(out_dir / "consolidated.00.pth", weights_only=True)
     assert all(t.dtype == torch.bfloat16 for t in state.values())
-    assert json.loads((out_dir / "params.json").read_text())["vocab_size"] == 512
+    params = json.loads((out_dir / "params.json").read_text())
+    assert (params["vocab_size"], params["max_seq_len"]) == (512, 32)  # max_seq_len: the --seq_len it trained on
 
 
 def test_training_script_output_loads_and_generates(tiny_run):
