@@ -17,7 +17,7 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
   tensors: one graph per width and length serves every mix of options (on a CPU, two: a step whose
-  rows are all greedy skips the sampler's sort), and ``warm_up`` compiles them all before the first
+  rows are all greedy and unpenalised skips the sampler's sort and the penalties), and ``warm_up`` compiles them all before the first
   request (a server's start). Each graph is one the compiler's cache can store: a later run on the
   same machine loads it rather than compiling it again. With ``compiled_attention="flex"`` (a CPU's default)
   the compiled step's attention reads the rows' blocks where they lie in the pool, with FlexAttention,
@@ -293,17 +293,19 @@ class Runner:
         """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
         so that one graph serves every mix of options; more top logprobs than warmed compile a graph of
         their own. On a CPU, where the sampler's sort costs more than a small model's step, a step whose
-        rows are all greedy runs a graph without it (``sampling_variants``)."""
+        rows are all greedy and unpenalised runs a graph without the sampler and the penalties
+        (``sampler_variants``)."""
         needed = self.features(rows)
         alternatives = max(needed.alternatives, self.warmed_alternatives)
-        sampling = needed.sampling or self.device.type == "cuda"
-        return Features(sampling=sampling, penalties=True, logprobs=True, alternatives=alternatives, constrained=True)
+        sampler = needed.sampling or needed.penalties or self.device.type == "cuda"
+        return Features(sampling=sampler, penalties=sampler, logprobs=True, alternatives=alternatives, constrained=True)
 
-    def sampling_variants(self) -> List[bool]:
-        """The values of ``Features.sampling`` the compiled step is compiled for: both on a CPU, sampling
-        only on CUDA (a CUDA graph cannot skip the sort, and it costs little beside a GPU model's step).
-        Two graphs rather than a branch in one (``torch.cond``), which would keep the compiler's cache
-        from storing the graph: a later run on the machine then loads it instead of compiling again."""
+    def sampler_variants(self) -> List[bool]:
+        """Whether the compiled step runs the sampler and the penalties, in the graphs it is compiled for:
+        both ways on a CPU, always on CUDA (a CUDA graph cannot skip the sort, and it costs little beside
+        a GPU model's step). Two graphs rather than a branch in one (``torch.cond``), which would keep
+        the compiler's cache from storing the graph: a later run on the machine then loads it instead of
+        compiling again."""
         return [True] if self.device.type == "cuda" else [False, True]
 
     def compiled_widths(self) -> List[int]:
@@ -327,7 +329,7 @@ class Runner:
         chunks = [] if speculate_k is None else [(self.verify_forward, speculate_k + 1)]
         if speculate_k is not None and self.draft_forward is not None:
             chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
-        variants = self.sampling_variants()
+        variants = self.sampler_variants()
         graphs = len(widths) * len(lengths) * max(len(variants), len(chunks))  # the most of one function's graphs
         if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
             torch._dynamo.config.recompile_limit = graphs
@@ -335,9 +337,9 @@ class Runner:
         with torch.no_grad():
             for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
-                for sampling in variants:  # flex: one graph for both lengths
-                    features = Features(sampling, penalties=True, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
-                    noise = torch.ones(width, params.vocab_size if sampling else 1, device=self.device)
+                for sampler in variants:  # flex: one graph for both lengths
+                    features = Features(sampler, sampler, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
+                    noise = torch.ones(width, params.vocab_size if sampler else 1, device=self.device)
                     self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()
                 for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block
                     tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
