@@ -8,6 +8,8 @@ import http.client
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import openai
 import pytest
 import torch
 
+from conftest import SMALL_PARAMS
 from llama import Llama
 from server_worker import PG_TIMEOUT_SECONDS
 
@@ -639,21 +642,24 @@ def write_adapter_for(ckpt_dir: str, out: Path) -> str:
     return read_adapter(str(out), args).identity
 
 
-def test_the_log_and_the_model_list_say_the_adapter_the_quantization_and_the_kv_cache_dtype(
+def test_a_server_without_max_seq_len_serves_the_checkpoints_context_and_says_what_it_loaded(
     make_checkpoint, tokenizer_path, tmp_path
 ):
-    """The log and /v1/models say what was loaded besides the checkpoint: the adapter, the quantization
-    and the KV cache's dtype, and the context; the official client reads the model list."""
-    ckpt_dir, _ = make_checkpoint()
+    """The context params.json states (768 tokens, more than 512): a prompt of 600 tokens is answered, and
+    no more than 768 tokens. The log and /v1/models say what was loaded besides the checkpoint: the
+    adapter, the quantization and the KV cache's dtype; the official client reads the model list."""
+    ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "max_seq_len": 768})
     adapter = tmp_path / "adapter"
     sha256 = write_adapter_for(ckpt_dir, adapter)
     name = Path(ckpt_dir).name
     command = [sys.executable, "-m", "llama.server", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path,
-               "--adapter_dir", str(adapter), "--quantize", "int8", "--max_seq_len", "768", "--max_batch_size", "2",
-               "--port", "0", "--device", "cpu"]
+               "--adapter_dir", str(adapter), "--quantize", "int8", "--max_batch_size", "2", "--port", "0",
+               "--device", "cpu"]
     server = Server(command, tmp_path / "log", name=name)
     try:
         log = server.log()
+        context = f"the checkpoint's context is 768 ({Path(ckpt_dir) / 'params.json'}'s max_seq_len)"
+        assert f"max_seq_len 768: {context}; 2 row(s) of KV cache (" in log
         assert (f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
                 "(torch.bfloat16 activations, int8 weights, torch.float32 KV cache) in") in log
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=60, max_retries=0)
@@ -662,8 +668,91 @@ def test_the_log_and_the_model_list_say_the_adapter_the_quantization_and_the_kv_
             "max_model_len": 768, "dtype": "bfloat16", "quantization": "int8", "kv_cache_dtype": "float32",
             "adapter": {"name": "adapter", "sha256": sha256},
         }
+        prompt = [3 + i % 500 for i in range(600)]
+        answer = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+        assert answer.usage.prompt_tokens == 600 and answer.choices[0].finish_reason in ("length", "stop")
+        with pytest.raises(openai.BadRequestError, match="the prompt has 760 tokens and the context 768"):
+            client.completions.create(model=name, prompt=[3 + i % 500 for i in range(760)], max_tokens=16)
     finally:
         server.kill()
+
+
+def test_the_default_context_is_the_checkpoints_at_least_512_and_at_most_the_pool(
+    make_checkpoint, make_hf_checkpoint, tokenizer_path, tmp_path
+):
+    from llama.server.context import default_context
+
+    def context(ckpt_dir: str, kv_cache_tokens=None) -> tuple:
+        return default_context(ckpt_dir, tokenizer_path, 8, kv_cache_tokens, torch.device("cpu"), "float32", None)
+
+    stated, _ = make_checkpoint(params={**SMALL_PARAMS, "max_seq_len": 768})
+    why = f"the checkpoint's context is 768 ({Path(stated) / 'params.json'}'s max_seq_len)"
+    tokens, said = context(stated)
+    assert tokens == 768 and said.startswith(f"{why}; 8 row(s) of KV cache (3.0 MiB) fit in 50% of what ")
+    assert context(stated, kv_cache_tokens=600) == (600, f"{why}, more than the pool's --kv_cache_tokens 600")
+    assert context(stated, kv_cache_tokens=1000) == (768, why)
+    short, _ = make_checkpoint(params={**SMALL_PARAMS, "max_seq_len": 256})
+    tokens, said = context(short)
+    assert tokens == 512 and said.startswith(f"the checkpoint's context is 256 ({Path(short) / 'params.json'}'s "
+                                             "max_seq_len), raised to 512, the least this server defaults to; ")
+    unstated, _ = make_checkpoint()  # Llama 2's tokenizer and rope_theta: released with 4096
+    tokens, said = context(unstated)
+    assert tokens == 4096
+    assert said.startswith(f"the checkpoint's context is 4096 ({Path(unstated) / 'params.json'} states none: ")
+    hf = make_hf_checkpoint(max_position_embeddings=1024)
+    tokens, said = context(hf)
+    assert tokens == 1024
+    assert said.startswith(f"the checkpoint's context is 1024 ({Path(hf) / 'config.json'}'s max_position_embeddings); ")
+
+    config = json.loads((Path(hf) / "config.json").read_text())
+    shutil.copytree(hf, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": "4k"}))
+    expected = f"{tmp_path / 'hf' / 'config.json'}: max_position_embeddings must be a positive integer, got '4k'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        context(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="kv_cache_tokens must be a positive integer, got 0"):
+        context(stated, kv_cache_tokens=0)
+
+
+def test_the_default_context_is_capped_so_that_the_kv_cache_fits_in_half_the_memory_the_weights_leave(
+    make_checkpoint, tokenizer_path, monkeypatch
+):
+    from llama.convert import source_model
+    from llama.server import context as chosen
+
+    ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "max_seq_len": 768})
+    weights, token_bytes = chosen.model_bytes(source_model(ckpt_dir)[1], torch.device("cpu"), torch.float32, None)
+    assert token_bytes == 2 * 2 * 4 * 8 * 4  # keys and values, of 2 layers, of 4 heads of 8 features, in float32
+    for rows_of, expected in ((800, 768), (700, 688), (300, 512)):  # 688: whole blocks of 16; 512: the least
+        free = weights + 2 * 8 * rows_of * token_bytes  # twice what 8 rows of that length take
+        monkeypatch.setattr(chosen, "available_memory", lambda device: (free, "of memory available"))
+        tokens, said = chosen.default_context(ckpt_dir, tokenizer_path, 8, None, torch.device("cpu"), "float32", None)
+        assert tokens == expected, rows_of
+        if expected < 768:
+            assert said.endswith(
+                f"but 8 row(s) of KV cache (3.0 MiB) would take more than 50% of what {chosen.gib(weights)} of weights "
+                f"leave of the {chosen.gib(free)} of memory available (never under 512); --max_seq_len, "
+                "--kv_cache_tokens or a smaller --max_batch_size choose another"
+            )
+
+
+@pytest.mark.parametrize("quantize, dtype", [(None, "float32"), ("int8", "bfloat16"), ("int4-g32", "bfloat16")])
+def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(make_checkpoint, tokenizer_path, quantize,
+                                                                          dtype):
+    from llama.convert import source_model
+    from llama.quantize import parse_quantize
+    from llama.server.context import model_bytes
+
+    ckpt_dir, _ = make_checkpoint()
+    llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype=dtype, quantize=quantize)
+    args = source_model(ckpt_dir)[1]
+    weights, token_bytes = model_bytes(args, torch.device("cpu"), llama.dtype, parse_quantize(quantize))
+    parameters = llama.model.parameters()
+    assert weights == sum(parameter.numel() * parameter.element_size() for parameter in parameters)  # scales aside
+    params = llama.model.params
+    caches = [buffer for name, buffer in llama.model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
+    pool = params.kv_cache_blocks * params.kv_block_size
+    assert token_bytes * pool == sum(buffer.numel() * buffer.element_size() for buffer in caches)
 
 
 @pytest.fixture(scope="module")

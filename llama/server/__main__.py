@@ -33,10 +33,11 @@ import torch.distributed as dist
 import uvicorn
 
 from llama.cli import check_speculation_flags, load_line, run
-from llama.distributed import is_main_process, launched_as_rank0, set_threads
+from llama.distributed import init_distributed, is_main_process, launched_as_rank0, resolve_device, set_threads
 from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
 from llama.server.app import make_app
+from llama.server.context import default_context
 from llama.server.scheduler import Scheduler
 from llama.server.schemas import MAX_TOP_LOGPROBS
 from llama.tokenizer import resolve_tokenizer_path
@@ -51,7 +52,7 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as 
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
-    max_seq_len: int = 512,
+    max_seq_len: Optional[int] = None,
     max_batch_size: int = 8,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
@@ -81,6 +82,10 @@ def main(
 
     Args:
         ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
+        max_seq_len: the context length in tokens, prompt and answer together; default: the checkpoint's
+            (config.json's max_position_embeddings or params.json's max_seq_len, else what Meta released such a
+            checkpoint with) and at least 512, capped so that --max_batch_size rows of KV cache fit in half the
+            memory the weights leave, or to --kv_cache_tokens; logged at start
         max_batch_size: the engine's slots: the most rows decoded together; a request for n samples of p prompts takes n * p rows
         compile: compile the engine's decode step (torch.compile), every graph a request can need, before /health answers (logged: seconds to a minute for each batch width)
         host: the address to listen on
@@ -116,6 +121,12 @@ def main(
     set_threads(threads)
     ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
     tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    device = resolve_device(device)
+    init_distributed(device)  # before the context is chosen: the ranks agree on it
+    if max_seq_len is None:
+        max_seq_len, why = default_context(ckpt_dir, tokenizer_path, max_batch_size, kv_cache_tokens, device, dtype,
+                                           quantize, draft_ckpt_dir, draft_quantize)
+        logger.info("max_seq_len %d: %s", max_seq_len, why)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
                         draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir, kv_cache_tokens=kv_cache_tokens)
