@@ -78,11 +78,11 @@ def fixed_batch(options, vocab_size: int):
 
 
 def compute_dtype(device: torch.device, method: str) -> torch.dtype:
-    from llama.quantize import quantized_cpu_dtype
+    from llama.quantize import training_cpu_dtype
 
     if device.type == "cuda":
         return torch.bfloat16
-    return quantized_cpu_dtype() if method == "qlora" else torch.float32
+    return training_cpu_dtype() if method == "qlora" else torch.float32
 
 
 def run_ours(options, device: torch.device):

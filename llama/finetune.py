@@ -29,7 +29,7 @@ from llama.hf_checkpoint import read_chat_template
 from llama.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
 from llama.parallel import fused_layers, set_model_parallel_group
-from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, quantized_cpu_dtype
+from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training import Schedule, evaluate, make_optimizer, train
 from llama.training_data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
@@ -45,13 +45,13 @@ DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 
 
 def compute_dtype(name: Optional[str], device: torch.device, method: str) -> torch.dtype:
-    """--dtype, else bfloat16 where the device computes in it (a GPU that has it; the int4 kernels of
-    a vectorised CPU), float32 elsewhere."""
+    """--dtype, else bfloat16 where the device computes in it (a GPU that has it; for QLoRA, a CPU with
+    bfloat16 instructions: ``training_cpu_dtype``), float32 elsewhere."""
     if name is not None:
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return quantized_cpu_dtype() if method == "qlora" else torch.float32
+    return training_cpu_dtype() if method == "qlora" else torch.float32
 
 
 def run_settings(options: argparse.Namespace) -> dict:

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.quantize import dequantized_weight, linear, out_features
+from llama.quantize import dequantized_weight, linear, out_features, unpacks_on_cpu
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -80,10 +80,12 @@ def linear_cross_entropy(
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
     grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device) if wants_rows else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
-    dense = None  # the weight the rows' gradient multiplies by, made at the first chunk, in the product's dtype
+    # the weight the rows' gradient multiplies by, in the product's dtype, made at the first chunk; an int4
+    # weight that a CPU unpacks is made first, and multiplies the chunks too (``Int4Matmul``'s reason)
+    dense = dequantized_weight(weight, scales, rows.shape[-1], rows.dtype) if unpacks_on_cpu(weight, scales, rows.shape[-1]) else None
     for start in range(0, rows.shape[0], chunk_tokens):
         chunk, target = rows[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # (chunk, dim), (chunk,)
-        product = linear(chunk, weight, scales)  # (chunk, vocab_size), in the compute dtype
+        product = linear(chunk, weight, scales) if dense is None else chunk @ dense.T  # (chunk, vocab_size), in the compute dtype
         compute_dtype = product.dtype
         logits = product.float()
         del product

@@ -66,6 +66,16 @@ def quantized_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else torch.float32
 
 
+def training_cpu_dtype() -> torch.dtype:
+    """The activations' dtype for training beside int4 weights (QLoRA) on this CPU: bfloat16 where it
+    multiplies bfloat16 with its own instructions (AVX-512 BF16, with torch's AVX-512 kernels), float32
+    elsewhere, where bfloat16 products are converted and run several times slower than float32's
+    (docs/finetuning.md). Training multiplies by the weights dequantized (``Int4Matmul``), not by the
+    int4 kernel."""
+    native = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def check_activation_dtype(quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
     """The dtypes each kernel computes in: on CPU float32, bfloat16 and float16 (fast in
     ``quantized_cpu_dtype()``); on CUDA int8 takes bfloat16 and float16, int4 (tinygemm) bfloat16 only."""
@@ -88,8 +98,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if scales.dim() == 1:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
-    elif wants_autograd(x, weight):
-        y = Int4Matmul.apply(x2.contiguous(), weight, scales)
+    elif wants_autograd(x, weight) or (torch.is_grad_enabled() and unpacks_on_cpu(weight, scales, x.shape[-1])):
+        y = Int4Matmul.apply(x2.contiguous(), weight, scales)  # training, a block's first product included
     else:
         y = int4_matmul(x2.contiguous(), weight, scales)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
@@ -104,12 +114,16 @@ def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
 
 def dequantized_weight(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in ``dtype`` that ``linear(x, weight, scales)`` multiplies by: a float weight
-    itself, an int8 one times its row scales, a packed int4 one as its kernel reads it (the kernel's
-    product with the identity, so exactly the weight the forward used)."""
+    itself, an int8 one times its row scales, a packed int4 one unpacked from the CPU kernel's layout
+    (``unpack_int4``), else as its kernel reads it (the kernel's product with the identity, which costs
+    a product of in x in x out)."""
     if scales is None:
         return weight.to(dtype)
     if scales.dim() == 1:
         return weight.to(dtype) * scales[:, None].to(dtype)
+    q = unpack_int4(weight, in_features) if weight.device.type == "cpu" else None
+    if q is not None:
+        return dequantize_int4(q, scales, dtype)
     eye = torch.eye(in_features, dtype=dtype, device=weight.device)
     return int4_matmul(eye, weight, scales).T  # (in, out) -> (out, in)
 
@@ -120,20 +134,65 @@ def out_features(weight: torch.Tensor, scales: Optional[torch.Tensor]) -> int:
 
 
 class Int4Matmul(torch.autograd.Function):
-    """``int4_matmul`` with the gradient of its input, for adapters trained beside a frozen int4 weight
-    (QLoRA): grad_x = grad_y W, with W dequantized by the kernel itself (its product with the identity,
-    so exactly the weight the forward used), one layer at a time. The weight gets no gradient."""
+    """``x W^T`` by a frozen int4 weight, with the gradient of its input, for adapters trained beside it
+    (QLoRA): grad_x = grad_y W. The weight gets no gradient, and only its packed form is kept for the
+    backward. On a CPU whose kernel's layout ``unpack_int4`` reads, W is dequantized for each product
+    (a pass over the weight, against a product of tokens x in x out), which runs at the float kernels'
+    speed in the activations' dtype: the int4 kernel is slow in float32, and bfloat16 products are slow
+    where the CPU has no bfloat16 instructions. Elsewhere the forward is the kernel's, and the backward's
+    W the kernel's product with the identity, so exactly the weight the forward used."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, scales)
         ctx.in_features = x2.shape[-1]
+        if unpacks_on_cpu(weight, scales, x2.shape[-1]):
+            return x2 @ dequantized_weight(weight, scales, x2.shape[-1], x2.dtype).T
         return int4_matmul(x2, weight, scales)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         weight, scales = ctx.saved_tensors
         return grad_y @ dequantized_weight(weight, scales, ctx.in_features, grad_y.dtype), None, None
+
+
+# The CPU kernel's packing (``_convert_weight_to_int4pack_for_cpu``) differs with the vector instructions
+# it was built for: blocks of ``rows`` output rows, each stored input feature by input feature as
+# rows / 2 bytes, a byte holding two rows' values. The layouts seen: AVX-512 64 rows, byte j holding
+# rows j (low 4 bits) and 32 + j; AVX2 32 rows, j and 16 + j; without either 32 rows, 2j and 2j + 1.
+INT4_CPU_LAYOUTS = [(rows, halves) for rows in (64, 32, 16, 128) for halves in (True, False)]
+_int4_cpu_layouts: Dict[Tuple[int, int], Optional[Tuple[int, bool]]] = {}  # (out, in) -> the layout found, or None
+
+
+def unpack_int4_as(packed: torch.Tensor, in_features: int, rows: int, halves: bool) -> torch.Tensor:
+    """q (out, in) uint8 from ``packed`` (out, in / 2) uint8, read in the layout ``rows``, ``halves``."""
+    blocks = packed.reshape(-1, in_features, rows // 2)  # (out / rows, in, rows / 2)
+    low, high = blocks & 15, blocks >> 4
+    if halves:
+        q = torch.cat([low, high], dim=-1)  # (out / rows, in, rows)
+    else:
+        q = torch.stack([low, high], dim=-1).flatten(-2)
+    return q.transpose(1, 2).reshape(-1, in_features)
+
+
+def unpacks_on_cpu(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int) -> bool:
+    """Whether ``weight`` is an int4 CPU weight whose packing ``unpack_int4`` reads: training multiplies
+    by it dequantized (``Int4Matmul``)."""
+    return scales is not None and scales.dim() == 3 and weight.device.type == "cpu" and unpack_int4(weight, in_features) is not None
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> Optional[torch.Tensor]:
+    """q (out, in) in [0, 15], uint8, from the CPU kernel's packing, or None where its layout is none of
+    ``INT4_CPU_LAYOUTS``. The layout of each shape is found once, by packing random values of it."""
+    out_features = packed.shape[0]
+    shape = (out_features, in_features)
+    if shape not in _int4_cpu_layouts:
+        probe = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
+        fits = [(rows, halves) for rows, halves in INT4_CPU_LAYOUTS if out_features % rows == 0 and packed_probe.shape == packed.shape]
+        _int4_cpu_layouts[shape] = next((layout for layout in fits if torch.equal(unpack_int4_as(packed_probe, in_features, *layout), probe)), None)
+    layout = _int4_cpu_layouts[shape]
+    return None if layout is None else unpack_int4_as(packed, in_features, *layout)
 
 
 # int8
@@ -163,12 +222,13 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, to
     return q.view(out_features, in_features), scales_and_zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The float32 weight (out, in) that int4 groups stand for: the reference for the kernels."""
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight (out, in) in ``dtype`` that int4 groups stand for, computed in place in that dtype (one
+    weight's worth of memory beside ``q``)."""
     out_features, in_features = q.shape
     groups = scales_and_zeros.shape[0]
-    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # each (out, groups)
-    w = (q.float().view(out_features, groups, -1) - 8) * scale[..., None] + zero[..., None]
+    scale, zero = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # each (out, groups)
+    w = q.to(dtype).view(out_features, groups, -1).sub_(8).mul_(scale[..., None]).add_(zero[..., None])
     return w.view(out_features, in_features)
 
 

@@ -2,10 +2,14 @@
 groups are as close to the weight as 4 bits allow, loading quantizes tensor by tensor so no
 full-precision linear weight reaches the device, and bad settings are errors naming what works."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import SMALL_PARAMS
+from conftest import ROOT, SMALL_PARAMS
 from llama import placement
 from llama.checkpoint import load_model
 from llama.generation import Llama
@@ -20,6 +24,7 @@ from llama.quantize import (
     parse_quantize,
     quantize_linear_weight,
     quantize_model,
+    training_cpu_dtype,
 )
 from test_speed_paths import greedy_alone, small_model
 
@@ -53,6 +58,54 @@ def test_int4_packed_matmul_equals_the_matmul_with_the_dequantized_weight(group_
     got = linear(x, packed, scales_and_zeros)
     assert got.shape == (3, 5, 48) and got.dtype == dtype
     assert torch.allclose(got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+UNPACK_CHECK = """
+import torch
+from llama.quantize import pack_int4, unpack_int4
+for shape in [(64, 128), (576, 192), (4096, 192), (128, 64)]:
+    q = torch.randint(0, 16, shape, dtype=torch.int32)
+    assert torch.equal(unpack_int4(pack_int4(q, "cpu"), shape[1]), q.to(torch.uint8)), shape
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "avx2", "default"])
+def test_the_cpu_kernels_int4_packing_is_unpacked_to_the_values_packed(capability):
+    """The packing differs with the vector instructions torch's kernels use (ATEN_CPU_CAPABILITY picks
+    them, None: this CPU's best): each is read back."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability} if capability else os.environ
+    done = subprocess.run([sys.executable, "-c", UNPACK_CHECK], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert capability is None or done.stdout.strip() == capability.upper()
+
+
+@pytest.mark.parametrize("out_features", [128, 48])  # 48: rows the packing's blocks do not divide, dequantized by the kernel
+@pytest.mark.parametrize("requires_grad", [True, False])  # False: a block's first product, on an input that needs no gradient
+def test_training_beside_int4_weights_multiplies_and_differentiates_by_the_dequantized_weight(out_features, requires_grad):
+    """Training (gradients on) multiplies by the dequantized int4 weight in float32: the product and the
+    input's gradient are those of the weight ``int4_groups`` stands for, by hand."""
+    weight = torch.randn(out_features, 256)
+    packed, scales_and_zeros = quantize_linear_weight(weight, Quantization(4, 64), "cpu")
+    q, _ = int4_groups(weight, 64)
+    dense = dequantized_by_hand(q, scales_and_zeros, 64)
+    x = torch.randn(2, 40, 256, requires_grad=requires_grad)
+    y = linear(x, packed, scales_and_zeros)
+    assert torch.allclose(y, x @ dense.T, atol=1e-4)
+    if requires_grad:
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        assert torch.allclose(x.grad, grad @ dense, atol=1e-4)
+
+
+def test_training_beside_int4_weights_computes_in_float32_on_a_cpu_without_bfloat16_instructions(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert training_cpu_dtype() == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert training_cpu_dtype() == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert training_cpu_dtype() == torch.float32
 
 
 def test_int4_model_decodes_like_the_model_holding_the_dequantized_weights():
