@@ -262,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write the checkpoint with the adapter merged into OUT/checkpoint (always for full)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block's activations in the backward pass: less memory, more time")
     p.add_argument("--compile", action="store_true", help="compile each block with torch.compile")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU), else float32")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32")
     p.add_argument("--device", default=None, help="cpu, cuda or mps; default: this rank's GPU if there is one, else the CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's choice (1 per process under torchrun)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")

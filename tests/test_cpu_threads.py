@@ -2,11 +2,15 @@
 fewer, timed on the model loaded, unless OMP_NUM_THREADS says or a count was given."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+import llama
+from conftest import ROOT
 from llama import checkpoint, cpu_threads
 from llama.cpu_threads import choose_threads, measure_threads_at_load, thread_counts
 from llama.distributed import set_threads
@@ -130,3 +134,21 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_run_goes_on(timed
     choose_threads(model)
     assert torch.get_num_threads() == 1
     assert "could not be remembered" in caplog.text
+
+
+def test_a_process_that_imports_the_package_waits_passively(monkeypatch):
+    """OpenMP's waiting threads sleep (decoding beside a busy neighbour), unless the environment says otherwise."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    command = "import llama, os; print(os.environ['OMP_WAIT_POLICY'])"
+    assert subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "PASSIVE"
+
+
+def test_the_training_command_is_recognised_from_the_interpreters_arguments(monkeypatch):
+    """... and a ``python -m llama.finetune`` process (torchrun's workers alike) keeps OpenMP's default: a
+    training step's many small operations would each wake sleeping threads."""
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-u", "-m", "llama.finetune", "--data", "x.jsonl"], raising=False)
+    assert llama.runs_a_training_command()
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "llama.server"], raising=False)
+    assert not llama.runs_a_training_command()
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "example_text_completion.py", "-m", "x"], raising=False)
+    assert not llama.runs_a_training_command()
