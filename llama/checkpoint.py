@@ -31,7 +31,7 @@ from llama.hf_checkpoint import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
 from llama.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
 from llama.placement import place_tensors
-from llama.quantize import Quantization, check_int4_shapes, quantizable_weights
+from llama.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
 from llama.tokenizer import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -327,6 +327,10 @@ def load_model(
     if training:
         return model
     log_kv_cache(model)
+    if quantization is not None and quantization.bits == 4 and device.type == "cpu" and not int4_outpaces_int8_on_cpu():
+        logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound by its own "
+                       "arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
+                       torch.backends.cpu.get_cpu_capability())
     choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)
     if kernels:

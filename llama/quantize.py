@@ -66,6 +66,13 @@ def quantized_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else torch.float32
 
 
+def int4_outpaces_int8_on_cpu() -> bool:
+    """Whether torch's int4 CPU kernel decodes faster than its int8 one here: with its AVX-512 code, not
+    with its AVX2 code, which streams int4 weights at about half int8's bytes per second, or without
+    vector code (``bench/quantized_matmul.py``, docs/quantization.md)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def training_cpu_dtype() -> torch.dtype:
     """The activations' dtype for training beside int4 weights (QLoRA) on this CPU: bfloat16 where it
     multiplies bfloat16 with its own instructions (AVX-512 BF16, with torch's AVX-512 kernels), float32
@@ -98,11 +105,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if scales.dim() == 1:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
-    elif wants_autograd(x, weight) or (torch.is_grad_enabled() and unpacks_on_cpu(weight, scales, x.shape[-1])):
+    elif wants_autograd(x, weight) or (torch.is_grad_enabled() and x2.shape[0] >= TRAINING_ROWS and unpacks_on_cpu(weight, scales, x.shape[-1])):
         y = Int4Matmul.apply(x2.contiguous(), weight, scales)  # training, a block's first product included
     else:
         y = int4_matmul(x2.contiguous(), weight, scales)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+TRAINING_ROWS = 16  # tokens over which dequantizing a weight costs little beside the product (Int4Matmul)
 
 
 def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

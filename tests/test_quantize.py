@@ -108,6 +108,16 @@ def test_training_beside_int4_weights_computes_in_float32_on_a_cpu_without_bfloa
     assert training_cpu_dtype() == torch.float32
 
 
+@pytest.mark.parametrize("capability, warned", [("AVX2", True), ("AVX512", False)])
+def test_int4_on_a_cpu_whose_kernel_cannot_outpace_int8_is_said_at_load(make_checkpoint, monkeypatch, caplog, capability, warned):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "multiple_of": 64})  # a hidden size of whole groups
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "multiple_of": 64, "vocab_size": 512, "max_seq_len": 32, "max_batch_size": 1})
+    with caplog.at_level("WARNING", logger="llama.checkpoint"):
+        load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
+    assert ("int4 weights decode about as fast as int8 on this CPU (torch's AVX2 int4 kernel" in caplog.text) == warned
+
+
 def test_int4_model_decodes_like_the_model_holding_the_dequantized_weights():
     quantized = quantize_model(small_model(64, 1), Quantization(4, 32))
     dequantized = small_model(64, 1)
