@@ -146,9 +146,10 @@ def seconds_favouring(onednn: bool):
 
 @pytest.mark.parametrize("kernel", ["onednn", "blas"])
 def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_kernel_each_layer_gets(
-    checkpoints, tokenizer_path, single_process, monkeypatch, kernel
+    checkpoints, tokenizer_path, single_process, monkeypatch, tmp_path, kernel
 ):
     monkeypatch.setattr(cpu_kernels, "_chosen", {})  # every shape timed afresh, each won by ``kernel``
+    monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path))  # (nor read from a choice an earlier test's run remembered)
     monkeypatch.setattr(cpu_kernels, "_pass_seconds", seconds_favouring(kernel == "onednn"))
     dirs, _ = checkpoints
     llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", seed=7)

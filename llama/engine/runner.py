@@ -250,7 +250,6 @@ class Runner:
         """One token for each decoding row: the decode step over the first ``width`` slots, which
         cover them (compiled: a power of two of them, and a power-of-two bucket of the rows' blocks).
         Returns ``pack``'s columns per row, and the features."""
-        params = self.model.params
         width = max(row.slot for row in rows) + 1
         if self.compiled is not None:
             width = min(power_of_two_at_least(width), self.max_slots)
