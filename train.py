@@ -8,9 +8,9 @@ running interpreter's library (tests, codec tables and generated data left out) 
 training and held-out files by a hash of their path, so the split is the same on every machine.
 A sentencepiece tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad, byte fallback so
 any text round-trips) is trained on the training files' lines; then a Llama ``Transformer`` is
-trained with the causal language-modelling loss (``llama.loss``) and AdamW on random windows of the
+trained with the causal language-modelling loss (``llama.layers.loss``) and AdamW on random windows of the
 training files' tokens, with a linear warmup and a cosine decay of the learning rate, by the training
-loop fine-tuning runs on (``llama.training``). The result is written in Meta's layout:
+loop fine-tuning runs on (``llama.training.loop``). The result is written in Meta's layout:
 ``params.json`` (its ``max_seq_len`` the training windows' length), ``consolidated.00.pth`` (bfloat16)
 and ``tokenizer.model``.
 
@@ -28,13 +28,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from llama import training
-from llama.checkpoint import save_checkpoint
+from llama.training import loop
+from llama.checkpoints.loader import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
 from llama.tokenizer import Tokenizer, train_tokenizer
-from llama.training_data import Batch
-from llama.training_log import MetricsLog
+from llama.training.data import Batch
+from llama.training.log import MetricsLog
 
 logger = logging.getLogger("train")
 
@@ -114,7 +114,7 @@ def train(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s, %.2fM parameters (%.1f MB in bfloat16)", params, n_params / 1e6, 2 * n_params / 1e6)
 
-    # the training loop of every training in this repository (llama.training), on random windows of the stream
+    # the training loop of every training in this repository (llama.training.loop), on random windows of the stream
     generator = torch.Generator().manual_seed(args.seed)
     heldout_windows = text_windows(tokenizer, heldout_texts, args.seq_len)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16_autocast else contextlib.nullcontext()
@@ -129,9 +129,9 @@ def train(args: argparse.Namespace) -> None:
             heldout = window_loss(model, heldout_windows[: args.eval_windows], args.batch_size)
         return {"val_loss": heldout["loss"], "val_perplexity": heldout["perplexity"]}
 
-    training.train(
-        model, training.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)), step_batches,
-        training.Schedule(args.lr, args.steps, warmup_steps, "cosine", args.lr * args.min_lr_ratio),
+    loop.train(
+        model, loop.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)), step_batches,
+        loop.Schedule(args.lr, args.steps, warmup_steps, "cosine", args.lr * args.min_lr_ratio),
         MetricsLog(None, args.steps, every=args.log_interval), device, autocast, args.grad_clip,
         evaluate_every=args.eval_interval, evaluate_at=heldout_loss,
     )

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from llama.checkpoint import embedding_rows, read_params, save_checkpoint, shard_paths
+from llama.checkpoints.loader import embedding_rows, read_params, save_checkpoint, shard_paths
 from llama.model import ModelArgs, Transformer
 
 # stories110M's shapes with an untied output: 134M parameters

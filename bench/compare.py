@@ -26,10 +26,10 @@ from common import DTYPES, add_checkpoint_args, bytes_per_token, checkpoint_args
 from common import random_checkpoint, read_bandwidth
 from transformers_llama import to_transformers
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.options import GenerationOptions
-from llama.quantize import parse_quantize
+from llama.layers.quantize import parse_quantize
 
 ACCURACY_TOKENS = 64
 DENSE_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}

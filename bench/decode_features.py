@@ -18,7 +18,7 @@ import torch
 
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.engine.runner import Features
 

@@ -23,8 +23,8 @@ import torch
 from common import DTYPES, add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from transformers_llama import to_transformers
 
-from llama.checkpoint import load_model
-from llama.eval_harness import LlamaLM
+from llama.checkpoints.loader import load_model
+from llama.evaluation.harness import LlamaLM
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer
 

@@ -7,7 +7,7 @@ own (so that its peak memory is its own).
     python bench/finetune.py --device cuda --shape llama-3.2-3b --methods lora,qlora --batch_size 2 --seq_len 4096 \\
         --pack --compile --activation_checkpointing --reference none   # bench/gpu.py's rows
 
-Ours is ``llama.training.train`` on the model ``python -m llama.finetune`` builds (LoRA beside the
+Ours is ``llama.training.loop.train`` on the model ``python -m llama.finetune`` builds (LoRA beside the
 project's linears, QLoRA beside its int4 weights); the reference is transformers' ``LlamaForCausalLM``
 with peft's ``get_peft_model`` (no int4 base that runs on a CPU exists there: its QLoRA column is empty).
 Both take AdamW steps on the same fixed batch, every token learnt. Tokens/s counts every position of
@@ -53,7 +53,7 @@ PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def random_checkpoint(params: dict, ckpt_dir: str, device: str) -> str:
     """A checkpoint of ``params``' shape in Meta's layout (bfloat16, N(0, 0.02), unit norms), drawn on
     ``device`` (fast on a GPU) tensor by tensor."""
-    from llama.checkpoint import layout_of, save_checkpoint
+    from llama.checkpoints.loader import layout_of, save_checkpoint
     from llama.model import ModelArgs
 
     generator = torch.Generator(device).manual_seed(0)
@@ -66,7 +66,7 @@ def random_checkpoint(params: dict, ckpt_dir: str, device: str) -> str:
 
 def fixed_batch(options, vocab_size: int):
     """The batch every step trains on: random tokens, all learnt; packed: documents of a quarter row each."""
-    from llama.training_data import Example, Batch, packed_batch
+    from llama.training.data import Example, Batch, packed_batch
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, vocab_size, (options.batch_size, options.seq_len), generator=generator)
@@ -78,7 +78,7 @@ def fixed_batch(options, vocab_size: int):
 
 
 def compute_dtype(device: torch.device, method: str) -> torch.dtype:
-    from llama.quantize import training_cpu_dtype
+    from llama.layers.quantize import training_cpu_dtype
 
     if device.type == "cuda":
         return torch.bfloat16
@@ -88,12 +88,12 @@ def compute_dtype(device: torch.device, method: str) -> torch.dtype:
 def run_ours(options, device: torch.device):
     """Seconds of ``options.steps`` steps of the project's loop, after one warm-up step, and a
     function that takes one more step."""
-    from llama.checkpoint import load_model
-    from llama.lora import LoraConfig, apply_lora
-    from llama.quantize import Quantization
-    from llama.training import Schedule, make_optimizer, train
-    from llama.training_log import MetricsLog
-    from llama.wrapping import trainable_parameters, wrap_for_training
+    from llama.checkpoints.loader import load_model
+    from llama.layers.lora import LoraConfig, apply_lora
+    from llama.layers.quantize import Quantization
+    from llama.training.loop import Schedule, make_optimizer, train
+    from llama.training.log import MetricsLog
+    from llama.training.parallelize import trainable_parameters, wrap_for_training
 
     method = options.worker_method
     args = checkpoint_args(options.ckpt_dir, options.seq_len, 1)
@@ -122,8 +122,8 @@ def run_reference(options, device: torch.device):
     from peft import LoraConfig, get_peft_model
 
     from bench.transformers_llama import to_transformers
-    from llama.checkpoint import read_params
-    from llama.files import load_tensor_dict
+    from llama.checkpoints.loader import read_params
+    from llama.checkpoints.files import load_tensor_dict
 
     if options.worker_method == "qlora":
         raise SystemExit("the reference has no int4 base for QLoRA here")

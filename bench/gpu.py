@@ -39,7 +39,7 @@ import torch
 from common import bytes_per_token, print_table, read_bandwidth
 from compare import Ours, cuda_bandwidth, mode_settings, timed
 
-from llama.checkpoint import layout_of, load_model, save_checkpoint
+from llama.checkpoints.loader import layout_of, load_model, save_checkpoint
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ POOL_BATCHES = (1, 8, 32, 64)
 def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.device) -> List[list]:
     """The bf16 model with ``max(POOL_BATCHES)`` slots over a pool of 80% of the memory left after
     loading (dry run: every slot's whole context); per batch, decode tokens/s of that many rows."""
-    from llama.checkpoint import kv_cache_dtype
+    from llama.checkpoints.loader import kv_cache_dtype
     from llama.engine import Engine
     from llama.options import GenerationOptions
 

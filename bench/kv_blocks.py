@@ -68,7 +68,7 @@ def load(ckpt_dir: str, max_seq_len: int, max_batch_size: int, compile: bool = F
     import torch
 
     from bench.common import checkpoint_args
-    from llama.checkpoint import load_model
+    from llama.checkpoints.loader import load_model
     from llama.engine import Engine
     from llama.model import ModelArgs
 
@@ -266,7 +266,7 @@ def flex(args) -> None:
     import torch
 
     from bench.common import checkpoint_args
-    from llama.checkpoint import load_model
+    from llama.checkpoints.loader import load_model
     from llama.engine import Engine
 
     torch._dynamo.config.recompile_limit = 64  # every engine's graphs are the one decode step's, by its code

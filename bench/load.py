@@ -40,8 +40,8 @@ from torch import nn
 
 from common import DTYPES, add_checkpoint_args, checkpoint_args, checkpoint_bytes, print_table, random_checkpoint
 
-from llama.checkpoint import load_model, read_params, shard_paths
-from llama.quantize import parse_quantize
+from llama.checkpoints.loader import load_model, read_params, shard_paths
+from llama.layers.quantize import parse_quantize
 
 
 def status_bytes(field: str) -> int:

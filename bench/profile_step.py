@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import Ours, mode_settings
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 
 PROMPT = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from llama.quantize import Quantization, linear, quantize_linear_weight
+from llama.layers.quantize import Quantization, linear, quantize_linear_weight
 
 
 def block_shapes(dim: int, hidden: int, n_heads: int, n_kv_heads: int):

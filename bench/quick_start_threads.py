@@ -1,4 +1,4 @@
-"""The quick start's command with its default thread count (measured at load, ``llama.cpu_threads``)
+"""The quick start's command with its default thread count (measured at load, ``llama.layers.cpu_threads``)
 side by side with ``--threads 1`` and ``--threads N`` (one per core), each run a fresh process, the
 configurations alternating within each round; the same for a random checkpoint of a larger shape
 (134M by default) with the bundled tokenizer. Prints, per checkpoint and configuration, the median

@@ -30,7 +30,7 @@ import torch
 from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import mode_settings
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.options import GenerationOptions
 from llama.model import Transformer

@@ -28,10 +28,10 @@ import torch
 
 from common import DEFAULT_SHAPE, DTYPES, checkpoint_args, random_checkpoint
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.options import GenerationOptions
-from llama.quantize import parse_quantize
+from llama.layers.quantize import parse_quantize
 from llama.tokenizer import Tokenizer
 
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"

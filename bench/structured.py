@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402  (after the path: the repository's llama)
 from llama.options import GenerationOptions  # noqa: E402
-from llama.structured import COMPACT, special_ids  # noqa: E402
+from llama.engine.structured import COMPACT, special_ids  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
@@ -56,7 +56,7 @@ class LLGuidance:
         import llguidance
         import llguidance.torch
 
-        from llama.structured import TokenizerFunctions
+        from llama.engine.structured import TokenizerFunctions
         self.lib, self.torch = llguidance, llguidance.torch
         wrapper = llguidance.TokenizerWrapper(TokenizerFunctions(tokenizer, tokens, specials))
         self.lltokenizer = llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=list(tokenizer.stop_tokens))

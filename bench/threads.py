@@ -25,7 +25,7 @@ import torch  # before llama, whose import sets OMP_WAIT_POLICY=PASSIVE if unset
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from compare import Ours, timed
 
-from llama.checkpoint import load_model
+from llama.checkpoints.loader import load_model
 from llama.distributed import set_threads
 
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"

@@ -15,7 +15,7 @@ wk rows in transformers' rotary order. Llama 3's rope scaling is ``use_scaled_ro
 vocabulary. A sentencepiece ``tokenizer.model`` is copied; Llama 3's tokenizer is written in the
 target's form (Meta's tiktoken ``tokenizer.model``, or ``tokenizer.json``), which reads back with the
 same ids. A Hugging Face folder also gets the files transformers reads the tokenizer's settings, chat
-template and stop tokens from (``llama.hf_tokenizer_files``), so that ``AutoTokenizer`` and
+template and stop tokens from (``llama.checkpoints.hf_tokenizer_files``), so that ``AutoTokenizer`` and
 ``generate`` work as this package does. One output file is assembled at a time from memory-mapped
 sources: the tool needs memory for one output file. A conversion that fails or is interrupted removes
 what it wrote.
@@ -32,13 +32,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from llama.bpe_files import write_tiktoken_file
-from llama.checkpoint import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
+from llama.checkpoints.bpe_files import write_tiktoken_file
+from llama.checkpoints.loader import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
 from llama.cli import run_parser
-from llama.hf_checkpoint import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
-from llama.hf_tokenizer_files import write_hf_tokenizer_files
+from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
+from llama.checkpoints.hf_tokenizer_files import write_hf_tokenizer_files
 from llama.model import ModelArgs
-from llama.parallel import check_world_size
+from llama.layers.parallel import check_world_size
 from llama.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def to_hf(
     tokenizer: Tokenizer, tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
-    the tokenizer with the files transformers reads its settings from (``llama.hf_tokenizer_files``)."""
+    the tokenizer with the files transformers reads its settings from (``llama.checkpoints.hf_tokenizer_files``)."""
     layout = layout_of(args)  # this single process: whole shapes
     groups = file_groups(layout, n_files)
     if max_position_embeddings is None:

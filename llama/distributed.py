@@ -27,8 +27,8 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-from llama.cpu_threads import measure_threads_at_load
-from llama.quantize import Quantization, check_activation_dtype, quantized_cpu_dtype
+from llama.layers.cpu_threads import measure_threads_at_load
+from llama.layers.quantize import Quantization, check_activation_dtype, quantized_cpu_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def set_threads(threads: Optional[int]) -> int:
     Args:
         threads: a positive count; None: ``OMP_NUM_THREADS`` if set (torchrun sets it to 1 for each
             process), else the count the next model loaded on a CPU decodes fastest with, of one per
-            core and fewer (``llama.cpu_threads``; torch's one per core until then).
+            core and fewer (``llama.layers.cpu_threads``; torch's one per core until then).
 
     Returns:
         the number of threads torch now uses.
@@ -102,7 +102,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantization: Optional[Quantization] = None) -> torch.dtype:
     """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
     where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with quantized
-    weights, the CPU's default is ``quantized_cpu_dtype()`` (``llama.quantize``)."""
+    weights, the CPU's default is ``quantized_cpu_dtype()`` (``llama.layers.quantize``)."""
     if dtype is None:
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -4,7 +4,7 @@
     python -m llama.evaluate --ckpt_dir checkpoints/tiny-stdlib --tasks my_task --include_path my_tasks/ --output_path out/ --log_samples
 
 Any checkpoint ``Llama.build`` loads (Meta's shards or a Hugging Face folder, quantized or not, split
-over the processes of a torchrun job) runs as lm-eval's model (``llama.eval_harness.LlamaLM``). The
+over the processes of a torchrun job) runs as lm-eval's model (``llama.evaluation.harness.LlamaLM``). The
 results table is printed as lm-eval prints it and, with ``--output_path``, written as lm-eval writes
 it: ``OUT/<checkpoint>/results_<date>.json``, and ``samples_<task>_<date>.jsonl`` with
 ``--log_samples``. Under torchrun every rank evaluates and rank 0 prints and writes. Tasks from
@@ -97,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> None:
         fail(INSTALL_HINT)
     import torch.distributed as dist
 
-    from llama.eval_harness import LlamaLM
+    from llama.evaluation.harness import LlamaLM
     from llama.generation import Llama
     from llama.tokenizer import resolve_tokenizer_path
 

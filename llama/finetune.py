@@ -19,23 +19,23 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from llama.adapter import merge_adapter, read_adapter, write_adapter
-from llama.chat_format import chat_format_for
-from llama.checkpoint import layout_of, load_model, rank_tensors, read_model_args
+from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
+from llama.chat.format import chat_format_for
+from llama.checkpoints.loader import layout_of, load_model, rank_tensors, read_model_args
 from llama.cli import run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
-from llama.finetuned_checkpoint import write_checkpoint
-from llama.hf_checkpoint import read_chat_template
-from llama.lora import LoraConfig, apply_lora, parse_targets
+from llama.checkpoints.writers import write_checkpoint
+from llama.checkpoints.hf import read_chat_template
+from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
-from llama.parallel import fused_layers, set_model_parallel_group
-from llama.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
+from llama.layers.parallel import fused_layers, set_model_parallel_group
+from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
-from llama.training import Schedule, evaluate, make_optimizer, train
-from llama.training_data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
-from llama.training_log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
-from llama.training_state import check_resumable, load_state, read_settings, save_state
-from llama.wrapping import clean_name, full_tensor, trainable_parameters, wrap_for_training
+from llama.training.loop import Schedule, evaluate, make_optimizer, train
+from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
+from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
+from llama.training.state import check_resumable, load_state, read_settings, save_state
+from llama.training.parallelize import clean_name, full_tensor, trainable_parameters, wrap_for_training
 
 logger = logging.getLogger("llama.finetune")
 

@@ -2,8 +2,8 @@
 ``text_completion`` and ``chat_completion``, on any device and any model-parallel world size.
 
 ``Llama`` is a facade: the options live in ``llama.options``, the decoding loop in ``llama.engine``,
-the chat format in ``llama.chat_format``, text streaming in ``llama.streaming``, device and process policy in
-``llama.distributed`` and checkpoint reading in ``llama.checkpoint``.
+the chat format in ``llama.chat.format``, text streaming in ``llama.engine.streaming``, device and process policy in
+``llama.distributed`` and checkpoint reading in ``llama.checkpoints.loader``.
 """
 
 import logging
@@ -11,18 +11,18 @@ from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama.chat_format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
-from llama.adapter import read_adapter
-from llama.checkpoint import check_draft_vocabulary, load_model, read_model_args
-from llama.hf_checkpoint import read_chat_template
+from llama.chat.format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
+from llama.checkpoints.peft import read_adapter
+from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
+from llama.checkpoints.hf import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.engine import Engine, Request
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
-from llama.parallel import model_parallel_world_size
-from llama.quantize import parse_quantize
-from llama.sampling import sample_top_p  # noqa: F401 (Meta's import path)
-from llama.streaming import CompletionStream
+from llama.layers.parallel import model_parallel_world_size
+from llama.layers.quantize import parse_quantize
+from llama.engine.sampling import sample_top_p  # noqa: F401 (Meta's import path)
+from llama.engine.streaming import CompletionStream
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Llama:
                 quarter of float32's bytes to read per token, the fastest decoding on a CPU, at a
                 small accuracy cost. "int4" (groups of 64 input features) or "int4-g32" / "-g64" /
                 "-g128" / "-g256": grouped 4-bit, an eighth of float32's bytes, for a model that
-                must fit. Each weight is quantized on the CPU as it is read (``llama.quantize``).
+                must fit. Each weight is quantized on the CPU as it is read (``llama.layers.quantize``).
                 None keeps the checkpoint's weights.
             compile: run the decode step (the model, every row's sampling, the step's writes) as one
                 ``torch.compile`` graph (a CUDA graph on CUDA): the first generation compiles it
@@ -96,7 +96,7 @@ class Llama:
             quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
                 Meta's build does, so scripts that print on every rank print once; False keeps it.
             draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for
-                ``speculate="draft"`` (``llama.speculative``); ``ckpt_dir`` itself with
+                ``speculate="draft"`` (``llama.engine.speculative``); ``ckpt_dir`` itself with
                 ``draft_quantize`` for a quantized copy of the model as its own draft. Split over the
                 processes like the model, with the same cache sizes.
             draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its
@@ -187,7 +187,7 @@ class Llama:
     @property
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype, in which cached attention computes: ``dtype``, except float32 for a
-        half-precision model on a CPU (``llama.checkpoint.kv_cache_dtype``)."""
+        half-precision model on a CPU (``llama.checkpoints.loader.kv_cache_dtype``)."""
         return self.model.layers[0].attention.cache_k.dtype
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
@@ -285,7 +285,7 @@ class Llama:
         logprobs: bool = False,
         **options,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the model's chat format (``llama.chat_format``: Llama
+        """Answer each dialog as the assistant, in the model's chat format (``llama.chat.format``: Llama
         2's, Llama 3's, or the folder's chat template); the answer ends at a stop token of the tokenizer.
 
         Args:

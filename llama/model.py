@@ -2,7 +2,7 @@
 embeddings, attention over its KV cache's blocks, the SwiGLU feed-forward, a block, the model.
 
 Pure math: no file I/O and no device selection. Model parallelism enters only through the layer
-classes of ``llama.parallel``; with one process they are plain linear and embedding layers.
+classes of ``llama.layers.parallel``; with one process they are plain linear and embedding layers.
 """
 
 import math
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from llama.loss import causal_lm_loss, chunked_causal_lm_loss
-from llama.parallel import (
+from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss
+from llama.layers.parallel import (
     ColumnParallelLinear,
     FusedColumnParallelLinear,
     ParallelEmbedding,
@@ -25,7 +25,7 @@ from llama.parallel import (
     model_parallel_world_size,
     split_size,
 )
-from llama.pool_attention import pool_attention, pool_block_mask
+from llama.layers.pool_attention import pool_attention, pool_block_mask
 
 ATTENTIONS = ("gather", "flex")  # how forward_at reads the cache pool: a gathered copy, or FlexAttention in place
 
@@ -283,7 +283,7 @@ class Attention(nn.Module):
         """``positions`` None: no cache (training, scoring), the sequence attends to itself, causally
         or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into
         the cache where ``cache_index`` says and attends to the cached entries that ``mask`` (bsz, 1,
-        seqlen, kv_len) allows, gathered; or, ``mask`` a ``BlockMask`` (``llama.pool_attention``), to
+        seqlen, kv_len) allows, gathered; or, ``mask`` a ``BlockMask`` (``llama.layers.pool_attention``), to
         those it allows where they lie in the pool."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
@@ -415,7 +415,7 @@ class Transformer(nn.Module):
         ``scaled_dot_product_attention``, on any device. "flex", for one token per row (a decode step),
         has FlexAttention read them where they lie in the pool, each row only its own blocks up to its
         position (``kv_len`` then changes nothing), where ``block_starts`` (bsz, kv_cache_blocks), the
-        caller's ``llama.pool_attention.block_starts`` of the block tables, says each block sits in
+        caller's ``llama.layers.pool_attention.block_starts`` of the block tables, says each block sits in
         its row; fast only under ``torch.compile``, which generates its kernel.
         """
         params = self.params
@@ -425,7 +425,7 @@ class Transformer(nn.Module):
             raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
         if attention == "flex" and (block_table is None or block_starts is None):
             missing = [name for name, value in (("block_table", block_table), ("block_starts", block_starts)) if value is None]
-            raise ValueError(f'attention="flex" needs block_table and block_starts (llama.pool_attention.block_starts of the table), got no {" and no ".join(missing)}')
+            raise ValueError(f'attention="flex" needs block_table and block_starts (llama.layers.pool_attention.block_starts of the table), got no {" and no ".join(missing)}')
         kv_len = params.max_seq_len if kv_len is None else kv_len
         if block_table is None:
             block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)

@@ -18,7 +18,7 @@ class GenerationOptions:
     """Every option of ``Llama.generate`` and the text and chat calls, checked once, here.
 
     The defaults give Meta's behaviour: nucleus sampling at temperature 0.6 and top_p 0.9, stopping
-    at EOS. ``llama.sampling`` explains the sampling options (temperature, top_p, top_k, min_p,
+    at EOS. ``llama.engine.sampling`` explains the sampling options (temperature, top_p, top_k, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias); the rest:
 
     max_gen_len: most new tokens per row (also capped by max_seq_len); None: up to max_seq_len.
@@ -32,11 +32,11 @@ class GenerationOptions:
     top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
     echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
     speculate: "lookup" (prompt lookup) or "draft" (the draft model given to ``Llama.build``):
-        speculative decoding (``llama.speculative``), the same greedy tokens and the same sampling
+        speculative decoding (``llama.engine.speculative``), the same greedy tokens and the same sampling
         distribution, faster where proposals are accepted; None decodes one token per step.
     speculate_k: tokens proposed (and verified in one pass) per row per step.
     json_schema: a JSON Schema (a dict): each row's text is compact JSON that follows it, decoded
-        under the grammar's token mask (``llama.structured``), and ends by itself (a stop token).
+        under the grammar's token mask (``llama.engine.structured``), and ends by itself (a stop token).
     json_object: each row's text is a compact JSON object (any keys and values).
     """
 

@@ -20,7 +20,7 @@ import torch
 
 from llama.cli import FLAG_HELP, load_line, run_parser
 from llama.distributed import set_threads
-from llama.loss import IGNORE_INDEX, scored_token_count
+from llama.layers.loss import IGNORE_INDEX, scored_token_count
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 

@@ -2,7 +2,7 @@
 
     python -m llama.reshard --ckpt_dir llama-2-13b/ --out llama-2-13b-mp1/ --shards 1
 
-Any process count can load any checkpoint (``llama.checkpoint`` reshards at load), but a checkpoint
+Any process count can load any checkpoint (``llama.checkpoints.loader`` reshards at load), but a checkpoint
 saved with as many shards as processes loads fastest: each rank memory-maps one file. The output
 holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
 ``rope.freqs``, and copies of ``params.json`` and the tokenizer. The token embedding is split as Meta's
@@ -19,14 +19,14 @@ from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import (
+from llama.checkpoints.loader import (
     EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_vocab_size, layout_of, load_shard, meta_layout, rank_slices, read_params,
     shard_paths, split_dims,
 )
 from llama.cli import run_parser
-from llama.hf_checkpoint import is_hf_checkpoint
+from llama.checkpoints.hf import is_hf_checkpoint
 from llama.model import ModelArgs
-from llama.parallel import check_world_size
+from llama.layers.parallel import check_world_size
 from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path, tokenizer_kind
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import tiktoken
 from sentencepiece import SentencePieceProcessor
 
-from llama.bpe_files import USED_SPECIAL_TOKENS, is_tiktoken_file, read_tiktoken_file, read_tokenizer_json
+from llama.checkpoints.bpe_files import USED_SPECIAL_TOKENS, is_tiktoken_file, read_tiktoken_file, read_tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def text_pieces(s: str) -> Iterator[str]:
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3's byte-level BPE, run by tiktoken: Meta's tiktoken ``tokenizer.model`` or a Hugging Face
-    ``tokenizer.json`` (``llama.bpe_files``). Special tokens are ids only: text that spells one, like
+    ``tokenizer.json`` (``llama.checkpoints.bpe_files``). Special tokens are ids only: text that spells one, like
     "<|eot_id|>" in a user's message, is encoded as plain text, so no prompt can fake a turn."""
 
     chat_format = "llama3"

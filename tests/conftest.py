@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
-from llama.checkpoint import save_checkpoint
+from llama.checkpoints.loader import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session", autouse=True)
 def timed_choices_folder(tmp_path_factory):
-    """The choices timed on this machine (``llama.timed_choices``) go to a folder of the session's own, in
+    """The choices timed on this machine (``llama.layers.timed_choices``) go to a folder of the session's own, in
     this process and the commands it starts, never the user's cache: each session times afresh."""
     with mock.patch.dict(os.environ, {"LLAMA_CACHE_DIR": str(tmp_path_factory.mktemp("llama-cache"))}):
         yield

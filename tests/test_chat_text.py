@@ -2,7 +2,7 @@
 evaluation harnesses, which read text. Read back with the special tokens' texts standing for them, it
 is the format's own tokens; without the generation prompt it stops right after the last message."""
 
-from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
+from llama.chat.format import Llama2ChatFormat, Llama3ChatFormat
 from llama.tokenizer import Tokenizer
 
 DIALOG = [

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llama.cli import check_flags, compile_line, load_line, run, run_parser
-from llama.cpu_threads import measure_threads_at_load
+from llama.layers.cpu_threads import measure_threads_at_load
 from llama.distributed import RankFailedError, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,9 +238,9 @@ def test_the_servers_help_is_titled_with_how_it_is_started():
 
 
 def test_the_load_line_names_the_tokenizer_and_what_a_plain_model_lacks(make_checkpoint, tokenizer_path, tmp_path):
-    from llama.adapter import write_adapter
+    from llama.checkpoints.peft import write_adapter
     from llama.generation import Llama
-    from llama.lora import LoraConfig
+    from llama.layers.lora import LoraConfig
     from llama.model import ModelArgs
 
     ckpt_dir, _ = make_checkpoint()

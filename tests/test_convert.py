@@ -188,7 +188,7 @@ def llama2_hf_folder(make_checkpoint, tmp_path_factory):
 def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_here(llama2_hf_folder):
     from transformers import AutoTokenizer
 
-    from llama.chat_format import encode_dialog
+    from llama.chat.format import encode_dialog
     from llama.tokenizer import Tokenizer
 
     source, out = llama2_hf_folder

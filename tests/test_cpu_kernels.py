@@ -1,4 +1,4 @@
-"""The float32 CPU kernel chosen per weight shape by timing (``llama.cpu_kernels``): the choice
+"""The float32 CPU kernel chosen per weight shape by timing (``llama.layers.cpu_kernels``): the choice
 follows the timings, is made once per shape in a process, and oneDNN's kernel computes what
 ``F.linear`` computes, in eager and compiled code, with autograd falling back to ``F.linear``."""
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SMALL_PARAMS, random_state
-from llama import cpu_kernels
-from llama.cpu_kernels import choose_float32_kernels
+from llama.layers import cpu_kernels
+from llama.layers.cpu_kernels import choose_float32_kernels
 from llama.model import ModelArgs, Transformer
-from llama.quantize import linear, quantize_int8
+from llama.layers.quantize import linear, quantize_int8
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 

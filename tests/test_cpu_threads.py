@@ -11,8 +11,9 @@ from torch import nn
 
 import llama
 from conftest import ROOT
-from llama import checkpoint, cpu_threads
-from llama.cpu_threads import choose_threads, measure_threads_at_load, thread_counts
+from llama.checkpoints import loader
+from llama.layers import cpu_threads
+from llama.layers.cpu_threads import choose_threads, measure_threads_at_load, thread_counts
 from llama.distributed import set_threads
 
 
@@ -82,7 +83,7 @@ def test_a_model_timed_at_load_generates_as_one_that_was_not(make_llama, monkeyp
     """The timed steps write position 0 of each cache row, which every prompt's prefill overwrites."""
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(checkpoint, "choose_float32_kernels", lambda model: {})  # both models alike, untimed
+    monkeypatch.setattr(loader, "choose_float32_kernels", lambda model: {})  # both models alike, untimed
     prompts = [[1, 5, 9, 2], [1, 7], [1, 3, 3, 3, 8]]
     try:
         plain = make_llama().generate(prompts, max_gen_len=8, temperature=0, logprobs=True)

@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
 from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, TOKENS, sample_after_build
-from llama import cpu_kernels
-from llama.checkpoint import model_shapes
+from llama.layers import cpu_kernels
+from llama.checkpoints.loader import model_shapes
 from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
 from llama.model import ModelArgs
-from llama.parallel import check_world_size
+from llama.layers.parallel import check_world_size
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "distributed_worker.py")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.chat_format import encode_dialog
+from llama.chat.format import encode_dialog
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from conftest import SMALL_PARAMS, to_transformers
 from llama import Llama
-from llama.adapter import read_adapter, write_adapter
-from llama.checkpoint import load_model
+from llama.checkpoints.peft import read_adapter, write_adapter
+from llama.checkpoints.loader import load_model
 from llama.finetune import adapter_tensors, main as finetune
-from llama.lora import LoraConfig, apply_lora
+from llama.layers.lora import LoraConfig, apply_lora
 from llama.model import ModelArgs
-from llama.loss import causal_lm_loss
+from llama.layers.loss import causal_lm_loss
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,8 +298,8 @@ def test_qlora_where_int4_cannot_hold_the_weights_is_refused(make_checkpoint, to
 
 
 def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, tokenizer_path, caplog):
-    from llama.chat_format import chat_format_for
-    from llama.training_data import read_examples
+    from llama.chat.format import chat_format_for
+    from llama.training.data import read_examples
 
     tokenizer = Tokenizer(tokenizer_path)
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "x"}, {"text": "import os " * 40}, {"text": "y"}])
@@ -312,8 +312,8 @@ def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, toke
     ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14)"),
 ])
 def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path, tokenizer_path, bad_line, column):
-    from llama.chat_format import chat_format_for
-    from llama.training_data import read_examples
+    from llama.chat.format import chat_format_for
+    from llama.training.data import read_examples
 
     tokenizer = Tokenizer(tokenizer_path)
     data = tmp_path / "data.jsonl"
@@ -325,8 +325,8 @@ def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path,
 
 @pytest.mark.parametrize("format", ["llama2", "llama3"])
 def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_reply_with_its_end(format, tokenizer_path, llama3_tokenizer):
-    from llama.chat_format import chat_format_for
-    from llama.training_data import encode_example
+    from llama.chat.format import chat_format_for
+    from llama.training.data import encode_example
 
     tokenizer = Tokenizer(tokenizer_path if format == "llama2" else llama3_tokenizer[0])
     chat_format = chat_format_for(tokenizer)
@@ -381,9 +381,9 @@ ZEPHYR_TEMPLATE = (
 
 
 def test_a_dialog_in_a_folders_own_template_learns_each_reply_after_the_prompt_chat_completion_sends(make_hf_checkpoint):
-    from llama.chat_format import TemplateChatFormat, chat_format_for
-    from llama.hf_checkpoint import read_chat_template
-    from llama.training_data import encode_example
+    from llama.chat.format import TemplateChatFormat, chat_format_for
+    from llama.checkpoints.hf import read_chat_template
+    from llama.training.data import encode_example
 
     folder = Path(make_hf_checkpoint())
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "chat_template": ZEPHYR_TEMPLATE}

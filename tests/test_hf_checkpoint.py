@@ -13,7 +13,7 @@ import torch
 
 from distributed_worker import PROMPTS, TOKENS
 from llama.generation import Llama
-from llama.hf_checkpoint import meta_ffn_params, rotary_from_hf, rotary_to_hf
+from llama.checkpoints.hf import meta_ffn_params, rotary_from_hf, rotary_to_hf
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent

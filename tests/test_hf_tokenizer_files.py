@@ -1,4 +1,4 @@
-"""The tokenizer.json written for a sentencepiece model (llama.hf_tokenizer_files): transformers'
+"""The tokenizer.json written for a sentencepiece model (llama.checkpoints.hf_tokenizer_files): transformers'
 AutoTokenizer encodes and decodes as sentencepiece itself under each normalizer setting a model may
 have, the settings read from the model as the protobuf package reads them."""
 
@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT, stdlib_lines
-from llama.hf_tokenizer_files import NormalizerSpec, write_hf_tokenizer_files
+from llama.checkpoints.hf_tokenizer_files import NormalizerSpec, write_hf_tokenizer_files
 from llama.tokenizer import Tokenizer
 
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"
@@ -135,7 +135,7 @@ def test_the_bundled_model_reads_as_adding_no_dummy_prefix(tmp_path):
 
 
 def test_only_a_setting_tokenizer_json_cannot_hold_is_warned(model, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="llama.hf_tokenizer_files"):
+    with caplog.at_level(logging.WARNING, logger="llama.checkpoints.hf_tokenizer_files"):
         for i, name in enumerate(SETTINGS):
             write_folder(model(name), tmp_path / str(i))
         assert caplog.records == []

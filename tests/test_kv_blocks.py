@@ -12,7 +12,7 @@ import torch
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
 from llama.options import GenerationOptions
-from llama.pool_attention import NOT_HELD, block_starts
+from llama.layers.pool_attention import NOT_HELD, block_starts
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
 

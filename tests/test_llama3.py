@@ -127,7 +127,7 @@ def test_rope_scaling_equals_transformers(name):
 
 @pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "longrope"])
 def test_other_rope_types_are_errors_naming_the_type(rope_type):
-    from llama.hf_checkpoint import config_to_params
+    from llama.checkpoints.hf import config_to_params
 
     config = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
               "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
@@ -136,7 +136,7 @@ def test_other_rope_types_are_errors_naming_the_type(rope_type):
 
 
 def test_llama3_rope_without_its_keys_names_them():
-    from llama.hf_checkpoint import config_to_params
+    from llama.checkpoints.hf import config_to_params
 
     config = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
               "rope_parameters": {"rope_type": "llama3", "rope_theta": THETA, "factor": 8.0}}
@@ -531,8 +531,8 @@ def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_temp
     expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
 
-    from llama.chat_format import chat_format_for
-    from llama.hf_checkpoint import read_chat_template
+    from llama.chat.format import chat_format_for
+    from llama.checkpoints.hf import read_chat_template
 
     chat_format = chat_format_for(Tokenizer(str(tmp_path / "tokenizer.model")), read_chat_template(str(tmp_path)))
     assert chat_format.encode_dialog(dialog) == list(expected)
@@ -591,7 +591,7 @@ def test_tool_calls_are_written_in_metas_llama31_format_and_a_forced_call_is_val
 
     from llama.server.protocol import parse_chat
     from llama.server.schemas import ChatRequest
-    from llama.tool_calls import parse_calls
+    from llama.chat.tool_calls import parse_calls
 
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     encoding = llama3_tokenizer[2]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL_PARAMS
-from llama import placement
-from llama.checkpoint import load_model
+from llama.checkpoints import placement
+from llama.checkpoints.loader import load_model
 from llama.generation import Llama
 from llama.model import ModelArgs
-from llama.quantize import (
+from llama.layers.quantize import (
     INT4_GROUP_SIZES,
     Quantization,
     check_activation_dtype,
@@ -62,7 +62,7 @@ def test_int4_packed_matmul_equals_the_matmul_with_the_dequantized_weight(group_
 
 UNPACK_CHECK = """
 import torch
-from llama.quantize import pack_int4, unpack_int4
+from llama.layers.quantize import pack_int4, unpack_int4
 for shape in [(64, 128), (576, 192), (4096, 192), (128, 64)]:
     q = torch.randint(0, 16, shape, dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(q, "cpu"), shape[1]), q.to(torch.uint8)), shape
@@ -113,7 +113,7 @@ def test_int4_on_a_cpu_whose_kernel_cannot_outpace_int8_is_said_at_load(make_che
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "multiple_of": 64})  # a hidden size of whole groups
     args = ModelArgs.from_dict({**SMALL_PARAMS, "multiple_of": 64, "vocab_size": 512, "max_seq_len": 32, "max_batch_size": 1})
-    with caplog.at_level("WARNING", logger="llama.checkpoint"):
+    with caplog.at_level("WARNING", logger="llama.checkpoints.loader"):
         load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
     assert ("int4 weights decode about as fast as int8 on this CPU (torch's AVX2 int4 kernel" in caplog.text) == warned
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import SMALL_PARAMS, to_transformers
 from llama.generation import Llama
-from llama.sampling import RowSettings, apply_penalties, sample
+from llama.engine.sampling import RowSettings, apply_penalties, sample
 
 PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
 

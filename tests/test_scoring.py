@@ -1,4 +1,4 @@
-"""llama.scoring: the log-likelihood of continuations, scored through the KV cache with shared contexts
+"""llama.evaluation.scoring: the log-likelihood of continuations, scored through the KV cache with shared contexts
 computed once, equals a plain forward pass over each whole sequence (lm-eval's hf backend's
 computation), at the edges: a context shared by several continuations, one-token continuations, a
 pair cut to the context, a batch of one and a full batch; is_greedy is true exactly for greedy text."""
@@ -6,7 +6,7 @@ pair cut to the context, a batch of one and a full batch; is_greedy is true exac
 import pytest
 import torch
 
-from llama.scoring import fit_to_context, loglikelihoods
+from llama.evaluation.scoring import fit_to_context, loglikelihoods
 
 MAX_SEQ_LEN = 24
 

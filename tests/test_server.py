@@ -628,9 +628,9 @@ def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama
 def write_adapter_for(ckpt_dir: str, out: Path) -> str:
     """A random LoRA adapter of rank 2 on every wq of the checkpoint, written as peft's files in ``out``;
     the sha256 of its files."""
-    from llama.adapter import read_adapter, write_adapter
+    from llama.checkpoints.peft import read_adapter, write_adapter
     from llama.convert import source_model
-    from llama.lora import LoraConfig
+    from llama.layers.lora import LoraConfig
 
     args = source_model(ckpt_dir)[1]
     generator = torch.Generator().manual_seed(0)
@@ -740,7 +740,7 @@ def test_the_default_context_is_capped_so_that_the_kv_cache_fits_in_half_the_mem
 def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(make_checkpoint, tokenizer_path, quantize,
                                                                           dtype):
     from llama.convert import source_model
-    from llama.quantize import parse_quantize
+    from llama.layers.quantize import parse_quantize
     from llama.server.context import model_bytes
 
     ckpt_dir, _ = make_checkpoint()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import save_checkpoint
+from llama.checkpoints.loader import save_checkpoint
 from llama.cli import check_speculation_flags, compile_line
 from llama.engine import Engine
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.options import GenerationOptions
-from llama.speculative import NgramIndex, accept_greedy, accept_sampled
+from llama.engine.speculative import NgramIndex, accept_greedy, accept_sampled
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [  # ragged, and repetitive enough for prompt lookup to be accepted now and then

@@ -6,7 +6,7 @@ import torch
 
 from conftest import SMALL_PARAMS, random_state, to_transformers
 from llama.model import ModelArgs, Transformer
-from llama.quantize import linear, quantize_int8, quantize_weight, quantized_cpu_dtype
+from llama.layers.quantize import linear, quantize_int8, quantize_weight, quantized_cpu_dtype
 
 
 def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> Transformer:

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from llama.generation import UNSAFE_ERROR, Llama
-from llama.streaming import REPLACEMENT_CHAR, TextStream
+from llama.engine.streaming import REPLACEMENT_CHAR, TextStream
 from llama.tokenizer import Tokenizer
 
 NON_ASCII = "héllo wörld ✓ 日本 x = 1"

@@ -13,7 +13,7 @@ import torch
 
 from llama import Llama
 from llama.options import GenerationOptions
-from llama.structured import Constraints
+from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
 
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"

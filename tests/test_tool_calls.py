@@ -1,11 +1,11 @@
-"""Reading tool calls back from what a model wrote (``llama.tool_calls.parse_calls``), and the JSON
+"""Reading tool calls back from what a model wrote (``llama.chat.tool_calls.parse_calls``), and the JSON
 Schema a forced call is decoded under."""
 
 import jsonschema
 import pytest
 
-from llama.chat_format import Llama2ChatFormat
-from llama.tool_calls import call_schema, parse_calls
+from llama.chat.format import Llama2ChatFormat
+from llama.chat.tool_calls import call_schema, parse_calls
 
 NAMES = ["weather", "add"]
 

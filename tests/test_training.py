@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.lora import LoRA, LoRALinear, LoraConfig
-from llama.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
+from llama.layers.lora import LoRA, LoRALinear, LoraConfig
+from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
 from llama.model import ModelArgs, Transformer
-from llama.quantize import dequantize_int4, int4_groups, pack_int4
-from llama.training import Schedule
-from llama.training_data import Example, packed_batch
+from llama.layers.quantize import dequantize_int4, int4_groups, pack_int4
+from llama.training.loop import Schedule
+from llama.training.data import Example, packed_batch
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,9 +228,9 @@ def test_window_loss_of_documents_batched_together_equals_each_scored_alone():
 
 
 def test_window_loss_holds_one_chunk_of_logits_at_a_time_not_the_batchs(monkeypatch):
-    import llama.loss
+    import llama.layers.loss
 
-    monkeypatch.setattr(llama.loss, "CHUNK_LOGITS", 16 * 4096)  # chunks of 16 tokens at a vocabulary of 4,096
+    monkeypatch.setattr(llama.layers.loss, "CHUNK_LOGITS", 16 * 4096)  # chunks of 16 tokens at a vocabulary of 4,096
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=128, max_batch_size=1))
     windows = torch.randint(0, 4096, (2, 128)).tolist()

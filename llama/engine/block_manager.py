@@ -159,7 +159,7 @@ class BlockManager:
 
     def forget(self) -> None:
         """Drop every cached block no row holds (their keys and values were overwritten outside the
-        engine: ``llama.scoring`` writes the pool as a contiguous cache)."""
+        engine: ``llama.evaluation.scoring`` writes the pool as a contiguous cache)."""
         for block in self.cached:
             key, _ = self.contents.pop(block)
             del self.keys[key]

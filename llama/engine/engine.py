@@ -18,7 +18,7 @@ steps, over a KV cache pool of blocks the rows share. Every generation in this p
   prompt is complete samples its first token, and decodes from the next step on. Then every running
   row decodes one token (or speculates). A row leaves the moment it ends (stop token, stop string,
   its ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
-- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): it gets a
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): it gets a
   matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
   before each step, and each token it takes advances its matcher.
 - Each row's position lives on the device (``Runner.positions``) and on the host (``Row.position``),
@@ -51,8 +51,8 @@ from llama.engine.runner import Features, Runner
 from llama.engine.scheduler import Scheduler, StepPlan
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
-from llama.parallel import model_parallel_world_size
-from llama.structured import Constraints
+from llama.layers.parallel import model_parallel_world_size
+from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Engine:
 
     def forget_cached_prefixes(self) -> None:
         """Forget the prefix cache's blocks no row holds, after a caller wrote the pool directly (the
-        log-likelihoods of ``llama.scoring``, run while no row decodes)."""
+        log-likelihoods of ``llama.evaluation.scoring``, run while no row decodes)."""
         self.scheduler.blocks.forget()
 
     def stop(self) -> None:

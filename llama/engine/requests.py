@@ -13,8 +13,8 @@ from typing import Iterator, List, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
 from llama.options import GenerationOptions
-from llama.speculative import NgramIndex
-from llama.streaming import TextStream, cut_at_stop
+from llama.engine.speculative import NgramIndex
+from llama.engine.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
 
 

@@ -13,7 +13,7 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   rows coming and going compile nothing new after the first few steps (at most log2(max_batch_size)
   + 1 widths; the length is dynamic below the whole row, which has a graph of its own). With
   ``compile=True`` the whole step is one compiled graph: the model, the sampler of every row with its
-  own settings (``llama.sampling``), and the writes of the step's tokens, positions and penalty
+  own settings (``llama.engine.sampling``), and the writes of the step's tokens, positions and penalty
   counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
   tensors: one graph per width and length serves every mix of options (on a CPU, two: a step whose
@@ -22,11 +22,11 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   same machine loads it rather than compiling it again. With ``compiled_attention="flex"`` (a CPU's default)
   the compiled step's attention reads the rows' blocks where they lie in the pool, with FlexAttention,
   instead of gathering them, and one graph per width serves every length.
-- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.structured``): its allowed
+- A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): its allowed
   next tokens are written into ``allowed`` before each step and the sampler takes only those; the
   other rows' masks allow every token, so they share the batch (and the compiled graph) unchanged.
 - ``speculate``: k proposals per row (prompt lookup or the draft model, on the same block tables)
-  verified in one pass (``llama.speculative``).
+  verified in one pass (``llama.engine.speculative``).
 
 Under torchrun the sampled tokens are broadcast from rank 0 inside the step, so every rank writes
 the same tokens.
@@ -45,10 +45,10 @@ from llama.engine.block_manager import SCRATCH_BLOCK
 from llama.engine.requests import Row
 from llama.model import ATTENTIONS, Transformer
 from llama.options import GenerationOptions
-from llama.parallel import broadcast_from_rank0, model_parallel_world_size
-from llama.pool_attention import block_starts
-from llama.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
-from llama.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
+from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.layers.pool_attention import block_starts
+from llama.engine.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
+from llama.engine.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class Runner:
             return self.no_noise[: len(rows)]
         return global_exponentials(needs, vocab).to(self.device)
 
-    # --- speculative decoding (``llama.speculative``) ----------------------------------------------
+    # --- speculative decoding (``llama.engine.speculative``) ----------------------------------------------
 
     def speculate(self, rows: List[Row]) -> Tuple[List[List[float]], int, Features]:
         """One speculative step for the decoding rows: each speculating row's k proposals (prompt

@@ -38,7 +38,7 @@ from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
 from llama.server.app import make_app
 from llama.server.context import default_context
-from llama.server.scheduler import Scheduler
+from llama.server.admission import Scheduler
 from llama.server.schemas import MAX_TOP_LOGPROBS
 from llama.tokenizer import resolve_tokenizer_path
 

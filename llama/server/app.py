@@ -1,6 +1,6 @@
 """The HTTP side of the server: a FastAPI application (served by uvicorn, ``llama.server.__main__``).
 A route checks the body against its declared model (``llama.server.schemas``), maps it to a ``Job``
-(``llama.server.protocol``), submits it to the engine (``llama.server.scheduler``) and awaits what
+(``llama.server.protocol``), submits it to the engine (``llama.server.admission``) and awaits what
 the engine's steps produce for it, whole or as server-sent events; the engine runs on its own
 thread, which nothing here blocks.
 
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llama.engine import RowDelta
-from llama.quantize import parse_quantize
+from llama.layers.quantize import parse_quantize
 from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llama.server.metrics import Metrics
 from llama.server.protocol import (
@@ -34,7 +34,7 @@ from llama.server.protocol import (
     tool_calls_chunk, usage_chunk, whole_answer,
 )
 from llama.server.schemas import ChatRequest, CompletionRequest, error_message, error_param
-from llama.server.scheduler import Scheduler, generation_failed, shutting_down
+from llama.server.admission import Scheduler, generation_failed, shutting_down
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from llama.checkpoint import kv_cache_dtype, params_path
+from llama.checkpoints.loader import kv_cache_dtype, params_path
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, resolve_dtype
 from llama.generation import positive_int
-from llama.hf_checkpoint import is_hf_checkpoint, read_config
+from llama.checkpoints.hf import is_hf_checkpoint, read_config
 from llama.model import ModelArgs, Transformer
-from llama.quantize import Quantization, parse_quantize, quantizable_weights
+from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
 from llama.tokenizer import Tokenizer
 
 # the most of the memory left beside the weights the KV cache takes by default: the rest is for the

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from llama.options import GenerationOptions
 from llama.server.schemas import ChatRequest, CompletionRequest, SamplingFields, short
-from llama.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
+from llama.chat.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -87,7 +87,7 @@ def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
 
 def parse_chat(body: ChatRequest, llama, model: str) -> Job:
     """POST /v1/chat/completions: ``messages`` in the model's chat format, the ``tools`` it may call
-    (``llama.tool_calls``) and the sampling fields."""
+    (``llama.chat.tool_calls``) and the sampling fields."""
     dialog = [parse_message(i, message) for i, message in enumerate(body.messages)]
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")

@@ -12,7 +12,7 @@ next token.
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from llama.chat_format import UNSAFE_ERROR
+from llama.chat.format import UNSAFE_ERROR
 from llama.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.quantize import dequantized_weight, linear, out_features, unpacks_on_cpu
+from llama.layers.quantize import dequantized_weight, linear, out_features, unpacks_on_cpu
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -142,7 +142,7 @@ def chunked_causal_lm_loss(
     vocab_size x dim for ``weight`` where it trains), never the logits. The positions whose label is
     -100 are left out before any product.
 
-    The product is ``llama.quantize.linear``'s, as the output layer computes it: in autocast's dtype
+    The product is ``llama.layers.quantize.linear``'s, as the output layer computes it: in autocast's dtype
     under autocast, and for an int8 or int4 ``weight`` (``scales`` given) by the same kernel. The
     gradient of ``hidden`` multiplies by the weight in that dtype (``dequantized_weight``: a quantized
     one dequantized), made once per call and held for its duration (vocab_size x dim). A quantized
@@ -152,7 +152,7 @@ def chunked_causal_lm_loss(
         hidden: (bsz, seqlen, dim), the model's normed last hidden states.
         weight: (vocab_size, dim), the output projection (int8, or int4 packed, with ``scales``).
         labels: (bsz, seqlen) integer token ids aligned with the model's input tokens.
-        scales: a quantized weight's scales, as ``llama.quantize.linear`` takes them; None: a float weight.
+        scales: a quantized weight's scales, as ``llama.layers.quantize.linear`` takes them; None: a float weight.
         chunk_tokens: scored positions per chunk; None: as many as hold ``CHUNK_LOGITS`` float32 logits.
 
     Returns:

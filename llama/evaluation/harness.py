@@ -13,7 +13,7 @@ folder, so that the same weights give the same numbers:
 - generation stops at the ``until`` strings (the text cut before the first) or EOS, after at most
   ``max_gen_toks`` tokens, from a context left-truncated to leave room for them.
 
-Log-likelihoods are scored by ``llama.scoring`` (a context shared by several continuations computed
+Log-likelihoods are scored by ``llama.evaluation.scoring`` (a context shared by several continuations computed
 once); generations run on the decoding engine, every request submitted at once so that the engine's
 slots stay full while rows finish at different lengths. Under torchrun every rank runs the same
 requests (the model is split across them) and gets the same answers.
@@ -28,9 +28,9 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from llama.chat_format import Dialog
+from llama.chat.format import Dialog
 from llama.generation import Llama
-from llama.scoring import loglikelihoods
+from llama.evaluation.scoring import loglikelihoods
 from llama.tokenizer import SentencePieceTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)

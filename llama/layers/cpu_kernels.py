@@ -9,7 +9,7 @@ load over the model's own weights, one shape at a time, and lets each layer use 
 
 The two kernels differ only in the order of the float32 sums (logits agree to ~1e-5); the choice is
 made once per weight shape and thread count on a machine, so every model a process loads computes
-alike, and a later run reads it (``llama.timed_choices``) and compiles as the first did. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
+alike, and a later run reads it (``llama.layers.timed_choices``) and compiles as the first did. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
 from a generator of its own: torch's global generator, which ``Llama.build`` seeds, is left as seeded,
 whatever shapes are timed (they differ with the world size) or whether a choice was cached.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.timed_choices import recall, remember
+from llama.layers.timed_choices import recall, remember
 
 ROUNDS = 5  # alternating timings of each kernel per shape; the median decides
 MARGIN = 0.95  # oneDNN must take under 95% of BLAS's time: a tie keeps torch's default
@@ -91,7 +91,7 @@ def onednn_is_faster(layers: List[nn.Module]) -> bool:
 
 @torch.no_grad()
 def choose_float32_kernels(model: nn.Module) -> Dict[Tuple[int, int], bool]:
-    """Set ``onednn`` on each float32 CPU linear layer of ``model`` (the layers of ``llama.parallel``)
+    """Set ``onednn`` on each float32 CPU linear layer of ``model`` (the layers of ``llama.layers.parallel``)
     to whether oneDNN multiplies its shape of weight faster here than torch's default, timed on one
     token's input; returns the choice per (out_features, in_features)."""
     layers: Dict[Tuple[int, int], List[nn.Module]] = {}

@@ -6,7 +6,7 @@
   (rank, in_features) and ``...lora_B.weight`` (out_features, rank), transformers' key names.
 
 The adapters are those of transformers' model of the checkpoint, so the q and k adapters are in its
-row order: Meta's interleaved rotary pairs become halves (``llama.hf_checkpoint.rotary_to_hf``), which
+row order: Meta's interleaved rotary pairs become halves (``llama.checkpoints.hf.rotary_to_hf``), which
 permutes the rows of B and leaves A alone (P (B A) = (P B) A). ``read_adapter`` undoes it.
 
 A model built with an adapter (``Llama.build(adapter_dir=...)``) merges it into the weights as they are
@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llama.files import read_json_object
-from llama.hf_checkpoint import rotary_from_hf, rotary_to_hf
-from llama.lora import TARGETS, LoraConfig
+from llama.checkpoints.files import read_json_object
+from llama.checkpoints.hf import rotary_from_hf, rotary_to_hf
+from llama.layers.lora import TARGETS, LoraConfig
 from llama.model import ModelArgs
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llama.training_data import Batch
-from llama.training_log import MetricsLog
+from llama.training.data import Batch
+from llama.training.log import MetricsLog
 
 SCHEDULES = ("constant", "cosine")
 
@@ -117,7 +117,7 @@ def train(
     """Train ``model`` from ``start_step`` to ``schedule.max_steps``.
 
     Args:
-        model: the model as wrapped for training (``llama.wrapping``).
+        model: the model as wrapped for training (``llama.training.parallelize``).
         optimizer: over its trainable parameters.
         step_batches: step -> this rank's micro-batches of that step.
         schedule: the learning rate of each step.

@@ -1,5 +1,5 @@
 """How a model is wrapped for training, in one place and in torchtitan's order: adapters first (LoRA,
-``llama.lora``), then activation checkpointing, then compilation, then fully-sharded data parallelism
+``llama.layers.lora``), then activation checkpointing, then compilation, then fully-sharded data parallelism
 (FSDP2). Each is a small function of the model; the training loop knows none of them.
 """
 

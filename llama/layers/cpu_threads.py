@@ -12,7 +12,7 @@ So a command given no ``--threads`` (``set_threads(None)``), in an environment t
 each half of it down to 1, alternating, decides; torch's count stays unless another is more than 10%
 faster. The step writes position 0 of each cache row, which a prompt's prefill overwrites before
 anything reads it. The choice is remembered for the machine and the model's shapes
-(``llama.timed_choices``): a later run reads it rather than timing again, so that it decodes, and
+(``llama.layers.timed_choices``): a later run reads it rather than timing again, so that it decodes, and
 compiles, as the first did. A model of more than ``MEASURED_BYTES`` keeps torch's count unmeasured: its step
 takes long to time, and its products are the long ones. The choice is made once, for the first model
 a process loads (a draft loaded after it decodes with the same threads). Thread counts change only the
@@ -29,8 +29,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from llama.parallel import model_parallel_world_size
-from llama.timed_choices import cache_file, recall, remember
+from llama.layers.parallel import model_parallel_world_size
+from llama.layers.timed_choices import cache_file, recall, remember
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Tuple
 
-from llama.files import read_json_object
+from llama.checkpoints.files import read_json_object
 
 # Meta's split pattern (llama3 and llama-models' tokenizer.py): contractions, words with one leading
 # non-letter, numbers of up to three digits, punctuation runs, newlines, other whitespace.

@@ -9,7 +9,7 @@ model parallelism splits wq and wk by whole heads, so each rank undoes it on its
 
 Each tensor is read on its own, and only this rank's slice of it: safetensors' ``get_slice`` copies
 just those bytes out of the memory-mapped file. ``rank_tensors`` yields (Meta's key, this rank's CPU
-slice) pairs, the same pairs ``llama.checkpoint`` makes from Meta's shards, so that placing a tensor
+slice) pairs, the same pairs ``llama.checkpoints.loader`` makes from Meta's shards, so that placing a tensor
 on its device (and converting or quantizing it) is one step for both formats.
 """
 
@@ -22,8 +22,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llama.chat_format import ChatTemplate
-from llama.files import load_tensor_dict, read_json_object
+from llama.chat.format import ChatTemplate
+from llama.checkpoints.files import load_tensor_dict, read_json_object
 from llama.model import ROPE_SCALING_KEYS, ModelArgs, RopeScaling
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def rank_tensors(
     ckpt_dir: str, args: ModelArgs, layout: Dict[str, Tuple[torch.Size, Optional[int]]], rank: int, world_size: int
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """(Meta's key, rank ``rank`` of ``world_size``'s slice on the CPU) for every key of ``layout``
-    (``llama.checkpoint.TensorLayout``: the whole shape and the split dimension, None if replicated),
+    (``llama.checkpoints.loader.TensorLayout``: the whole shape and the split dimension, None if replicated),
     one tensor read at a time, with wq/wk's rows back in Meta's order."""
     names = hf_names(args.n_layers, is_tied(ckpt_dir))
     files = WeightFiles(ckpt_dir)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llama.quantize import linear
+from llama.layers.quantize import linear
 
 
 _model_parallel_group = None  # None: the default process group
@@ -108,14 +108,14 @@ class ColumnParallelLinear(nn.Module):
     """``y = x W^T`` with ``W`` (out_features, in_features) split by rows: this rank holds
     ``out_features / world_size`` of them and computes that slice of ``y``."""
 
-    split_dim = 0  # of the weight: the dimension each rank holds a slice of (read by llama.checkpoint)
+    split_dim = 0  # of the weight: the dimension each rank holds a slice of (read by llama.checkpoints.loader)
 
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
         super().__init__()
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(split_size(out_features, "out_features"), in_features))
-        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
-        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.cpu_kernels)
+        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.layers.quantize)
+        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.layers.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class FusedColumnParallelLinear(ColumnParallelLinear):
 
     Checkpoints and state dicts keep the parts apart under their own (Meta's) names, e.g.
     ``attention.wq.weight``: ``state_dict()`` splits the weight, ``load_state_dict`` and the
-    checkpoint readers (``llama.placement``) concatenate the parts.
+    checkpoint readers (``llama.checkpoints.placement``) concatenate the parts.
     """
 
     def __init__(self, in_features: int, parts: Dict[str, int]):
@@ -187,8 +187,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features")))
-        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.quantize)
-        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.cpu_kernels)
+        self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.layers.quantize)
+        self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.layers.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,10 @@ A reader yields this rank's slice of each tensor on the CPU (memory-mapped, noth
 ``place_tensor`` converts it to the model's dtype, quantizes it when it is a linear weight, moves
 it to the device and assigns it to the model built on the meta device. Tensor by tensor, so the
 device never holds more than the finished model: a model that fits only quantized still loads.
-``place_tensors`` first concatenates the parts of each fused layer (``llama.parallel``: this rank's
+``place_tensors`` first concatenates the parts of each fused layer (``llama.layers.parallel``: this rank's
 wq, wk, wv slices; its w1, w3), so that each is converted, quantized and placed as one weight.
 Whatever is copied (the fused parts, a converted dtype, a quantized or moved weight) gives its
-memory-mapped pages back at once (``llama.mapped_pages``), so the process never holds a tensor twice.
+memory-mapped pages back at once (``llama.checkpoints.mapped_pages``), so the process never holds a tensor twice.
 """
 
 from typing import Iterable, Iterator, Optional, Tuple
@@ -15,9 +15,9 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from llama.mapped_pages import release_copied
-from llama.parallel import fused_layers
-from llama.quantize import Quantization, quantizable_weights, quantize_linear_weight, set_quantized_weight, tile_on_device
+from llama.checkpoints.mapped_pages import release_copied
+from llama.layers.parallel import fused_layers
+from llama.layers.quantize import Quantization, quantizable_weights, quantize_linear_weight, set_quantized_weight, tile_on_device
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -41,7 +41,7 @@ def place_tensor(
         tensor: the slice, shaped as the model's parameter.
         device: where the model runs.
         dtype: the model's dtype; None keeps the checkpoint's.
-        quantization: None, or how linear weights are stored (``llama.quantize``); the embedding
+        quantization: None, or how linear weights are stored (``llama.layers.quantize``); the embedding
             and norms keep ``dtype``.
     """
     module_name, _, name = key.rpartition(".")

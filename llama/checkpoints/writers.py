@@ -11,10 +11,10 @@ from typing import Dict, Iterable, Tuple
 import torch
 from safetensors.torch import save_file
 
-from llama import hf_checkpoint
-from llama.checkpoint import read_params, save_checkpoint
+from llama.checkpoints import hf
+from llama.checkpoints.loader import read_params, save_checkpoint
 from llama.convert import hf_tensor
-from llama.hf_checkpoint import hf_names, is_hf_checkpoint
+from llama.checkpoints.hf import hf_names, is_hf_checkpoint
 from llama.model import ModelArgs
 
 # files of a Hugging Face folder that are not weights: tokenization, generation, the chat template
@@ -34,10 +34,10 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
     if is_hf_checkpoint(ckpt_dir):
         names = hf_names(args.n_layers, tied=False)
         save_file({names[key]: hf_tensor(key, tensor, args).contiguous() for key, tensor in state.items()},
-                  str(out_dir / hf_checkpoint.SAFETENSORS), metadata={"format": "pt"})
-        config = {**hf_checkpoint.read_config(ckpt_dir), "tie_word_embeddings": False,
+                  str(out_dir / hf.SAFETENSORS), metadata={"format": "pt"})
+        config = {**hf.read_config(ckpt_dir), "tie_word_embeddings": False,
                   "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
-        (out_dir / hf_checkpoint.CONFIG).write_text(json.dumps(config, indent=2))
+        (out_dir / hf.CONFIG).write_text(json.dumps(config, indent=2))
         for name in HF_SIDE_FILES:
             if (Path(ckpt_dir) / name).is_file():
                 shutil.copyfile(Path(ckpt_dir) / name, out_dir / name)

@@ -2,7 +2,7 @@
 and their results in the dialog, the JSON Schema a forced call follows, and the calls read back from
 what the model wrote.
 
-The format follows the chat format (``llama.chat_format``):
+The format follows the chat format (``llama.chat.format``):
 
 - Llama 3.1+ (Meta's ``llama-models``, JSON based tool calling): the system message starts with
   ``Environment: ipython`` and the knowledge and today's dates; a user message before the first one
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from llama.chat_format import ChatFormat, Llama3ChatFormat, TemplateChatFormat
+from llama.chat.format import ChatFormat, Llama3ChatFormat, TemplateChatFormat
 
 TOOLS_INSTRUCTION = (  # Meta's JsonCustomToolGenerator (llama-models, llama3 prompt templates)
     "Answer the user's question by making use of the following functions if needed.\n"

@@ -1,7 +1,7 @@
 """Reading Meta's checkpoints: ``params.json`` and ``consolidated.NN.pth`` shards.
 
 A checkpoint published for model-parallel size M holds M shards; shard i is rank i's slice of every
-split tensor (see ``llama.parallel``): column-parallel weights and the output projection split on
+split tensor (see ``llama.layers.parallel``): column-parallel weights and the output projection split on
 dim 0, row-parallel weights and the token embedding on dim 1, norms replicated (Meta's Llama 3 shards
 split the embedding on dim 0, the vocabulary, which the reader sees from their shapes). Because every
 split is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
@@ -9,7 +9,7 @@ the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that ov
 (all of them for an embedding split the other way) and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
 
-A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.hf_checkpoint`` instead,
+A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.checkpoints.hf`` instead,
 into the same keys and slices; ``python -m llama.convert`` converts between the two layouts.
 """
 
@@ -21,17 +21,17 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from llama import hf_checkpoint
-from llama.adapter import Adapter, merge_adapter
-from llama.cpu_kernels import choose_float32_kernels
-from llama.cpu_threads import choose_threads
-from llama.files import load_tensor_dict, read_json_object
-from llama.mapped_pages import release_copied
-from llama.hf_checkpoint import is_hf_checkpoint
+from llama.checkpoints import hf
+from llama.checkpoints.peft import Adapter, merge_adapter
+from llama.layers.cpu_kernels import choose_float32_kernels
+from llama.layers.cpu_threads import choose_threads
+from llama.checkpoints.files import load_tensor_dict, read_json_object
+from llama.checkpoints.mapped_pages import release_copied
+from llama.checkpoints.hf import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer, rope_frequencies
-from llama.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
-from llama.placement import place_tensors
-from llama.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
+from llama.layers.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
+from llama.checkpoints.placement import place_tensors
+from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
 from llama.tokenizer import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class TensorLayout(NamedTuple):
 
 def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]:
     """Every tensor of ``model`` (this rank's part of a model built for ``world_size`` ranks) with its
-    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.parallel``'s layers).
+    whole shape and the dimension its layer type splits (``split_dim`` of ``llama.layers.parallel``'s layers).
     The keys are Meta's: a fused layer's parts (wq, wk, wv) are listed apart, split as their layer."""
     layers = {**dict(model.named_modules()), **{part: layer for part, (_, layer) in fused_layers(model).items()}}
     layout = {}
@@ -67,7 +67,7 @@ def read_params(ckpt_dir: str) -> dict:
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
     if is_hf_checkpoint(ckpt_dir):
-        return hf_checkpoint.read_params(ckpt_dir)
+        return hf.read_params(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
     return read_json_object(path)
@@ -117,7 +117,7 @@ def check_shard_count(ckpt_dir: str, paths: List[Path], params: dict) -> None:
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
-    """Memory-map one shard (``llama.files``: its code cannot run)."""
+    """Memory-map one shard (``llama.checkpoints.files``: its code cannot run)."""
     return load_tensor_dict(path, "checkpoint shard")
 
 
@@ -231,7 +231,7 @@ def rank_tensors(
     """(Meta's key, this rank's CPU slice) for every key of ``layout``, one tensor at a time, from
     either layout on disk: the one step that places a tensor on its device applies to both."""
     if is_hf_checkpoint(ckpt_dir):
-        return hf_checkpoint.rank_tensors(ckpt_dir, args, layout, rank, world_size)
+        return hf.rank_tensors(ckpt_dir, args, layout, rank, world_size)
     return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
 
 
@@ -277,14 +277,14 @@ def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_
 
 def params_path(ckpt_dir: str) -> Path:
     """The file the model's hyper-parameters come from: params.json, or a Hugging Face config.json."""
-    return Path(ckpt_dir) / (hf_checkpoint.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
+    return Path(ckpt_dir) / (hf.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
 
 
 def embedding_rows(ckpt_dir: str, params: dict) -> Tuple[int, Path]:
     """Rows of the token embedding and the file read for them (headers only); ``params``: the
     checkpoint's (``read_params``)."""
     if is_hf_checkpoint(ckpt_dir):
-        return hf_checkpoint.embedding_rows(ckpt_dir), Path(ckpt_dir)
+        return hf.embedding_rows(ckpt_dir), Path(ckpt_dir)
     paths = shard_paths(ckpt_dir)
     check_shard_count(ckpt_dir, paths, params)
     return checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim)), paths[0]
@@ -306,9 +306,9 @@ def load_model(
     training: bool = False,
 ) -> Transformer:
     """Build the model on the meta device (no memory), then place this rank's tensors in it one by
-    one (``llama.placement``), each linear weight quantized on the CPU first when ``quantization``
+    one (``llama.checkpoints.placement``), each linear weight quantized on the CPU first when ``quantization``
     is given: the device never holds a full-precision copy of the model. A LoRA ``adapter``
-    (``llama.adapter``) is merged into each weight it adapts as the weight is read. ``training``: the
+    (``llama.checkpoints.peft``) is merged into each weight it adapts as the weight is read. ``training``: the
     model is for training, which makes none of decoding's choices (threads, float32 kernels, both
     timed on a decode step) and does not say what the KV cache it does not use takes."""
     rank, world_size = model_parallel_rank(), model_parallel_world_size()

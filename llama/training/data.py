@@ -11,7 +11,7 @@ Each line is one example, in one of three forms:
   completion and EOS; the completion and EOS are learnt.
 - ``{"text": ...}``: BOS, the text, EOS, all learnt.
 
-Labels are aligned with the tokens (``llama.loss``: position t predicts label t+1) and -100 where
+Labels are aligned with the tokens (``llama.layers.loss``: position t predicts label t+1) and -100 where
 nothing is learnt: the prompt, the system text, padding, and every example's first position.
 
 A step takes the next ``batch_size`` examples of a shuffled order (a new permutation each epoch, from
@@ -27,8 +27,8 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, ChatFormat, Llama2ChatFormat, Llama3ChatFormat, TemplateChatFormat
-from llama.loss import IGNORE_INDEX
+from llama.chat.format import B_INST, B_SYS, E_INST, E_SYS, ChatFormat, Llama2ChatFormat, Llama3ChatFormat, TemplateChatFormat
+from llama.layers.loss import IGNORE_INDEX
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
+from llama.engine.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
 
 logger = logging.getLogger(__name__)
 

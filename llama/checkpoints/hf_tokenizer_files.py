@@ -9,10 +9,10 @@ that ``AutoTokenizer`` encodes as this package encodes and ``generate`` starts a
   (``add_dummy_prefix``), each space as "▁" (``escape_whitespaces``), so that text which begins with
   a space encodes as sentencepiece encodes it (transformers 5's Llama tokenizer would drop that space
   into the leading one); decoding drops the first piece's leading space only where sentencepiece
-  does. BOS before every text. Llama 3's is ``llama.bpe_files``' with BOS added.
+  does. BOS before every text. Llama 3's is ``llama.checkpoints.bpe_files``' with BOS added.
 - ``tokenizer_config.json`` and ``special_tokens_map.json``: the BOS, EOS, unknown and pad tokens'
   texts, and the chat template of the tokenizer's format (Meta's: Llama 2's ``[INST]``, Llama 3's
-  headers), which this package reads back as that format (``llama.chat_format``).
+  headers), which this package reads back as that format (``llama.chat.format``).
 - ``generation_config.json``: BOS, the stop tokens as EOS (Llama 3's end of text, end of message and end
   of turn), and Meta's sampling defaults (temperature 0.6, top-p 0.9).
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from llama.bpe_files import write_tokenizer_json
-from llama.hf_checkpoint import TOKENIZER_CONFIG
+from llama.checkpoints.bpe_files import write_tokenizer_json
+from llama.checkpoints.hf import TOKENIZER_CONFIG
 from llama.tokenizer import HF_TOKENIZER_FILE, SentencePieceTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: 
 
 
 def write_llama3_tokenizer_json(tokenizer: Tokenizer, path: Path) -> None:
-    """Llama 3's ``tokenizer.json`` (``llama.bpe_files``), with BOS before every text."""
+    """Llama 3's ``tokenizer.json`` (``llama.checkpoints.bpe_files``), with BOS before every text."""
     write_tokenizer_json(tokenizer.vocabulary, path)
     data = json.loads(path.read_text())
     bos = token_text(tokenizer, tokenizer.bos_id)

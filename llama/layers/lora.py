@@ -2,11 +2,11 @@
 (Hu et al., 2021). A starts as torch's default linear init and B at zero, so training starts from the
 base model exactly.
 
-The adapters sit beside the layers of ``llama.parallel`` they adapt, which this file does not change:
+The adapters sit beside the layers of ``llama.layers.parallel`` they adapt, which this file does not change:
 ``LoRALinear`` holds the layer (``base``) and one ``LoRA`` per adapted part. A fused layer (wq, wk, wv
 as ``wqkv``; w1, w3 as ``w13``) gets an adapter per part that is a target, added to that part's output.
 The parameter names are those ``peft`` writes (``lora_A.weight``, ``lora_B.weight``), and
-``llama.adapter`` writes them under transformers' module names in peft's files.
+``llama.checkpoints.peft`` writes them under transformers' module names in peft's files.
 """
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from llama.parallel import FusedColumnParallelLinear
+from llama.layers.parallel import FusedColumnParallelLinear
 
 # Meta's name of each linear LoRA can adapt -> the module of a block that computes it, and peft's
 # (transformers') name for it
@@ -90,7 +90,7 @@ class LoRA(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear of ``llama.parallel`` (``base``) and the adapters of its parts beside it, by
+    """A frozen linear of ``llama.layers.parallel`` (``base``) and the adapters of its parts beside it, by
     Meta's part name (a plain linear has one part, its own name)."""
 
     def __init__(self, base: nn.Module, adapters: Dict[str, LoRA]):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.cpu_kernels import float32_on_cpu, onednn_linear, wants_autograd
+from llama.layers.cpu_kernels import float32_on_cpu, onednn_linear, wants_autograd
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
@@ -97,7 +97,7 @@ def check_activation_dtype(quantization: Quantization, device: torch.device, dty
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], onednn: bool = False) -> torch.Tensor:
     """``x W^T`` for a float ``weight`` (``scales`` None), an int8 one (``scales`` (out,)) or a packed
     int4 one (``scales`` holds scale and zero per group, (in / group_size, out, 2)). ``onednn``: a
-    float32 CPU weight whose shape oneDNN's kernel was measured to multiply faster (``llama.cpu_kernels``)."""
+    float32 CPU weight whose shape oneDNN's kernel was measured to multiply faster (``llama.layers.cpu_kernels``)."""
     if scales is None:
         if onednn and float32_on_cpu(weight) and not wants_autograd(x, weight):
             return onednn_linear(x, weight)
@@ -306,7 +306,7 @@ def quantize_linear_weight(weight: torch.Tensor, quantization: Quantization, dev
 
 
 def quantizable_weights(model: nn.Module) -> Dict[str, nn.Module]:
-    """The linear layers whose weight is quantized (the parallel linears of ``llama.parallel``), by name."""
+    """The linear layers whose weight is quantized (the parallel linears of ``llama.layers.parallel``), by name."""
     return {name: module for name, module in model.named_modules() if hasattr(module, "scales")}
 
 
@@ -318,7 +318,7 @@ def set_quantized_weight(module: nn.Module, weight: torch.Tensor, scales: torch.
 @torch.no_grad()
 def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
     """Quantize every linear layer of a ``Transformer`` already in memory, in place; returns it.
-    ``Llama.build`` instead quantizes tensor by tensor while loading (``llama.placement``)."""
+    ``Llama.build`` instead quantizes tensor by tensor while loading (``llama.checkpoints.placement``)."""
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     layers = quantizable_weights(model)
     if quantization.bits == 4:

@@ -1,0 +1,2 @@
+"""Evaluation: lm-evaluation-harness's model API on this package (``harness``) and the scoring of
+token sequences it and the commands use (``scoring``)."""
