@@ -8,8 +8,13 @@ sleep): a training step's many operations each wake sleeping threads, which made
 LoRA steps 1.7x slower (docs/finetuning.md). OpenMP reads the variable once, when torch loads it: this
 runs before the package imports torch, and has no effect in a program that imported torch first (set
 the variable in its environment instead).
+
+Meta's public names (``Llama``, ``Dialog``, ``ModelArgs``, ``Transformer``, ``Tokenizer``) are imported
+when first used: ``import llama.model`` loads torch and the model's math, not the engine, the server's
+grammars or the chat templates.
 """
 
+import importlib
 import os
 import sys
 
@@ -26,8 +31,16 @@ def runs_a_training_command() -> bool:
 if not runs_a_training_command():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from llama.generation import Dialog, Llama  # noqa: E402 (after the wait policy, which torch reads when it loads)
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+PUBLIC_NAMES = {"Dialog": "llama.generation", "Llama": "llama.generation", "ModelArgs": "llama.model",
+                "Tokenizer": "llama.tokenizer", "Transformer": "llama.model"}
+__all__ = sorted(PUBLIC_NAMES)
 
-__all__ = ["Dialog", "Llama", "ModelArgs", "Tokenizer", "Transformer"]
+
+def __getattr__(name: str):
+    if name in PUBLIC_NAMES:
+        return getattr(importlib.import_module(PUBLIC_NAMES[name]), name)
+    raise AttributeError(f"module 'llama' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *PUBLIC_NAMES])

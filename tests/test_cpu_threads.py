@@ -153,3 +153,13 @@ def test_the_training_command_is_recognised_from_the_interpreters_arguments(monk
     assert not llama.runs_a_training_command()
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "example_text_completion.py", "-m", "x"], raising=False)
     assert not llama.runs_a_training_command()
+
+
+def test_importing_the_model_loads_its_math_and_not_the_engine():
+    """``import llama.model`` (torch and the layers) leaves the engine, the grammars and the chat templates
+    unloaded; Meta's names still come from the package when asked for."""
+    command = ("import sys, llama.model; print(sorted(m for m in ('llama.engine', 'llama.generation', 'llguidance', "
+               "'jinja2', 'llama.checkpoints') if m in sys.modules)); from llama import Llama, Dialog, ModelArgs, "
+               "Tokenizer, Transformer; print(Llama.__module__, Tokenizer.__module__)")
+    printed = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    assert printed == ["[]", "llama.generation llama.tokenizer"]
