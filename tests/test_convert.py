@@ -188,7 +188,7 @@ def llama2_hf_folder(make_checkpoint, tmp_path_factory):
 def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_here(llama2_hf_folder):
     from transformers import AutoTokenizer
 
-    from llama.chat.format import encode_dialog
+    from llama.chat.format import chat_format_for
     from llama.tokenizer import Tokenizer
 
     source, out = llama2_hf_folder
@@ -197,7 +197,7 @@ def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_h
     assert [theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) for text in SAMPLE_TEXTS] == [
         ours.decode(ours.encode(text, bos=True, eos=False)) for text in SAMPLE_TEXTS]
     expected = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
-    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == encode_dialog(ours, CHAT)
+    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == chat_format_for(ours).encode_dialog(CHAT)
 
 
 def test_transformers_generates_from_a_converted_llama2_folder_the_greedy_tokens_of_here(llama2_hf_folder):

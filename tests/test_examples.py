@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.chat.format import encode_dialog
+from llama.chat.format import chat_format_for
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_the_default_command_compiled_generates_to_the_end_of_a_small_context(sc
     example = example_script(script)
     tokenizer = Tokenizer(str(ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"))
     if script == "example_chat.py":
-        prompt_lens = [len(encode_dialog(tokenizer, dialog)) for dialog in example.DIALOGS]
+        prompt_lens = [len(chat_format_for(tokenizer).encode_dialog(dialog)) for dialog in example.DIALOGS]
     else:
         prompt_lens = [len(tokenizer.encode(prompt, bos=True, eos=False)) for prompt in example.CODE_PROMPTS]
     result = run([sys.executable, script, "--compile", "--max_seq_len", str(max_seq_len), "--max_gen_len", str(max_seq_len)], timeout=420)

@@ -256,13 +256,3 @@ def chat_format_for(tokenizer: Tokenizer, template: Optional[ChatTemplate] = Non
     if template is None or FORMAT_MARKERS[tokenizer.chat_format] in template["source"]:
         return FORMATS[tokenizer.chat_format](tokenizer)
     return TemplateChatFormat(tokenizer, template)
-
-
-def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> List[int]:
-    """The tokens of a dialog in the tokenizer's chat format (Llama 2's or Llama 3's)."""
-    return chat_format_for(tokenizer).encode_dialog(dialog)
-
-
-def encode_dialogs(tokenizer: Tokenizer, dialogs: Sequence[Dialog]) -> Tuple[List[List[int]], List[bool]]:
-    """Each dialog's tokens in the tokenizer's chat format, and whether it is refused."""
-    return chat_format_for(tokenizer).encode_dialogs(dialogs)
