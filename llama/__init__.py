@@ -2,10 +2,9 @@
 
 Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: OpenMP threads
 that wait for each other then sleep instead of spinning, so decoding degrades gracefully when another
-process keeps a core busy (measured in docs/performance.md: 10x faster beside other jobs on 2 cores).
-A process that runs ``python -m llama.finetune`` keeps OpenMP's own default (spin a while, then
-sleep): a training step's many operations each wake sleeping threads, which made the bundled model's
-LoRA steps 1.7x slower (docs/finetuning.md). OpenMP reads the variable once, when torch loads it: this
+process keeps a core busy (docs/performance.md). A process that runs ``python -m llama.finetune``
+keeps OpenMP's own default (spin a while, then sleep): each of a training step's many operations
+would wake sleeping threads (docs/finetuning.md). OpenMP reads the variable once, when torch loads it: this
 runs before the package imports torch, and has no effect in a program that imported torch first (set
 the variable in its environment instead).
 

@@ -221,9 +221,8 @@ class CacheIndex(NamedTuple):
         blocks = block_table.gather(1, positions // block_size)
         gather = torch.arange(heads, device=block_table.device)[None, :, None] * n_blocks + block_table[:, None, :kv_blocks]
         # one buffer per pass, which the layers gather into in turn: megabytes allocated anew twice a layer
-        # came as fresh pages from the OS (glibc maps large blocks until freed ones raise its threshold),
-        # and a server's first requests on the bundled model ran at 0.65x the speed of later ones;
-        # compiled, inductor plans its own buffers
+        # come as fresh pages from the OS (glibc maps large blocks until freed ones raise its threshold),
+        # which slowed a server's first requests (docs/performance.md); compiled, inductor plans its own buffers
         gathered = pool.new_empty(2, gather.numel(), block_size, head_dim) if gathers and not torch.compiler.is_compiling() else None
         return CacheIndex(blocks, positions % block_size, gather, gathered)
 

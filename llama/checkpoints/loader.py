@@ -350,8 +350,8 @@ def log_kv_cache(model: Transformer) -> None:
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype, in which cached attention computes: the model's, but float32 for a
-    bfloat16 or float16 model on a CPU, where torch's attention kernel runs 4-6x slower in half
-    precision than in float32 (measured on AVX2; the cache then takes twice the memory)."""
+    bfloat16 or float16 model on a CPU, where torch's attention kernel runs several times slower in
+    half precision than in float32 (docs/performance.md; the cache then takes twice the memory)."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 

@@ -2,14 +2,14 @@
 
 torch's ``F.linear`` in float32 calls its BLAS (MKL in the pip builds); oneDNN, which torch also
 carries, has its own float32 kernel. Which one reads a weight faster depends on the CPU and on the
-weight's shape: on a 2-core AMD EPYC (AVX2), MKL's single-token product streamed 7-10 GB/s where
-oneDNN's streamed 12-16 GB/s for the large matrices, while oneDNN's fixed cost per call (~50 us) made
-it 2x slower for small ones (docs/performance.md). So ``choose_float32_kernels`` times both kernels at
+weight's shape: oneDNN can stream a large matrix faster than MKL, while its fixed cost per call makes
+it slower for small ones (docs/performance.md has the figures). So ``choose_float32_kernels`` times both kernels at
 load over the model's own weights, one shape at a time, and lets each layer use the faster one.
 
 The two kernels differ only in the order of the float32 sums (logits agree to ~1e-5); the choice is
 made once per weight shape and thread count on a machine, so every model a process loads computes
-alike, and a later run reads it (``llama.layers.timed_choices``) and compiles as the first did. Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
+alike, and a later run reads it (``llama.layers.timed_choices``) and compiles as the first did.
+Autograd, which oneDNN's kernel lacks, always takes ``F.linear``. The timing draws its input
 from a generator of its own: torch's global generator, which ``Llama.build`` seeds, is left as seeded,
 whatever shapes are timed (they differ with the world size) or whether a choice was cached.
 """

@@ -2,9 +2,9 @@
 
 torch computes with one thread per core. For a small model that costs more than it shares: each
 operation of a decode step is a few microseconds of work, after which the threads wait for each
-other (and, waiting passively, must be woken for the next one). On a 2-core AMD EPYC the bundled model
-decoded at 860-1080 tokens/s on 1 thread and 589-665 on 2 (docs/performance.md); a large model's
-products are long, and limited by the memory bandwidth that each core adds to.
+other (and, waiting passively, must be woken for the next one): the bundled model decodes faster on
+one thread than on two (docs/performance.md). A large model's products are long, and limited by the
+memory bandwidth that each core adds to.
 
 So a command given no ``--threads`` (``set_threads(None)``), in an environment that sets no
 ``OMP_NUM_THREADS`` (torchrun sets 1 for each process), has the model it loads choose

@@ -61,8 +61,8 @@ def parse_quantize(value: Optional[str]) -> Optional[Quantization]:
 
 def quantized_cpu_dtype() -> torch.dtype:
     """The activations' dtype for quantized weights on this CPU, from what it reports: bfloat16
-    where torch's CPU kernels are vectorised (AVX2 or AVX-512; measured on an AVX2 machine, the int8
-    and int4 matmuls run 10x faster in bfloat16 than in float32 or float16), float32 elsewhere."""
+    where torch's CPU kernels are vectorised (AVX2 or AVX-512: their int8 and int4 matmuls are written
+    for bfloat16 activations, docs/quantization.md), float32 elsewhere."""
     return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else torch.float32
 
 
