@@ -188,12 +188,12 @@ def unpack_int4_as(packed: torch.Tensor, in_features: int, rows: int, halves: bo
 def unpacks_on_cpu(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int) -> bool:
     """Whether ``weight`` is an int4 CPU weight whose packing ``unpack_int4`` reads: training multiplies
     by it dequantized (``Int4Matmul``)."""
-    return scales is not None and scales.dim() == 3 and weight.device.type == "cpu" and unpack_int4(weight, in_features) is not None
+    return scales is not None and scales.dim() == 3 and weight.device.type == "cpu" and int4_cpu_layout(weight, in_features) is not None
 
 
-def unpack_int4(packed: torch.Tensor, in_features: int) -> Optional[torch.Tensor]:
-    """q (out, in) in [0, 15], uint8, from the CPU kernel's packing, or None where its layout is none of
-    ``INT4_CPU_LAYOUTS``. The layout of each shape is found once, by packing random values of it."""
+def int4_cpu_layout(packed: torch.Tensor, in_features: int) -> Optional[Tuple[int, bool]]:
+    """The layout (one of ``INT4_CPU_LAYOUTS``) of the CPU kernel's packing of this shape of weight, or None
+    where it is none of them; found once a shape, by packing random values of it."""
     out_features = packed.shape[0]
     shape = (out_features, in_features)
     if shape not in _int4_cpu_layouts:
@@ -201,7 +201,13 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> Optional[torch.Tensor
         packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
         fits = [(rows, halves) for rows, halves in INT4_CPU_LAYOUTS if out_features % rows == 0 and packed_probe.shape == packed.shape]
         _int4_cpu_layouts[shape] = next((layout for layout in fits if torch.equal(unpack_int4_as(packed_probe, in_features, *layout), probe)), None)
-    layout = _int4_cpu_layouts[shape]
+    return _int4_cpu_layouts[shape]
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> Optional[torch.Tensor]:
+    """q (out, in) in [0, 15], uint8, from the CPU kernel's packing, or None where its layout is unknown
+    (``int4_cpu_layout``)."""
+    layout = int4_cpu_layout(packed, in_features)
     return None if layout is None else unpack_int4_as(packed, in_features, *layout)
 
 
