@@ -328,8 +328,8 @@ def load_model(
         return model
     log_kv_cache(model)
     if quantization is not None and quantization.bits == 4 and device.type == "cpu" and not int4_outpaces_int8_on_cpu():
-        logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound by its own "
-                       "arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
+        logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
+                       "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
                        torch.backends.cpu.get_cpu_capability())
     choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)

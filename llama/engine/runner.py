@@ -17,9 +17,10 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   counts. The host waits once a step, to read the tokens. The compiled step holds the whole sampler
   (penalties, sampling, logprobs, ``top_logprobs`` up to the most warmed), the rows' settings as
   tensors: one graph per width and length serves every mix of options (on a CPU, two: a step whose
-  rows are all greedy and unpenalised skips the sampler's sort and the penalties), and ``warm_up`` compiles them all before the first
-  request (a server's start). Each graph is one the compiler's cache can store: a later run on the
-  same machine loads it rather than compiling it again. With ``compiled_attention="flex"`` (a CPU's default)
+  rows are all greedy and unpenalised skips the sampler's sort and the penalties), and ``warm_up``
+  compiles them all before the first request (a server's start). Each graph is one the compiler's
+  cache can store: a later run on the same machine loads it rather than compiling it again. With
+  ``compiled_attention="flex"`` (a CPU's default)
   the compiled step's attention reads the rows' blocks where they lie in the pool, with FlexAttention,
   instead of gathering them, and one graph per width serves every length.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): its allowed
@@ -337,7 +338,7 @@ class Runner:
             for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
                 for sampler in variants:  # flex: one graph for both lengths
-                    features = Features(sampler, sampler, logprobs=True, alternatives=self.warmed_alternatives, constrained=True)
+                    features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
                     noise = torch.ones(width, params.vocab_size if sampler else 1, device=self.device)
                     self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()
                 for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block

@@ -80,7 +80,8 @@ def timed_layers(layers: List[nn.Module]) -> List[nn.Module]:
 def onednn_is_faster(layers: List[nn.Module]) -> bool:
     """Whether oneDNN multiplies one token by the weights of ``layers`` (all of one shape) faster than
     BLAS, by ``MARGIN``, in alternating rounds."""
-    x, timed = torch.randn(1, layers[0].weight.shape[1], generator=torch.Generator().manual_seed(0)), timed_layers(layers)
+    x = torch.randn(1, layers[0].weight.shape[1], generator=torch.Generator().manual_seed(0))
+    timed = timed_layers(layers)
     onednn_linear(x, layers[0].weight)  # oneDNN prepares its kernel for the shape on first use
     seconds = {False: [], True: []}
     for _ in range(ROUNDS):

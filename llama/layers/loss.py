@@ -82,7 +82,8 @@ def linear_cross_entropy(
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
     # the weight the rows' gradient multiplies by, in the product's dtype, made at the first chunk; an int4
     # weight that a CPU unpacks is made first, and multiplies the chunks too (``Int4Matmul``'s reason)
-    dense = dequantized_weight(weight, scales, rows.shape[-1], rows.dtype) if unpacks_on_cpu(weight, scales, rows.shape[-1]) else None
+    unpacked = unpacks_on_cpu(weight, scales, rows.shape[-1])
+    dense = dequantized_weight(weight, scales, rows.shape[-1], rows.dtype) if unpacked else None
     for start in range(0, rows.shape[0], chunk_tokens):
         chunk, target = rows[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # (chunk, dim), (chunk,)
         product = linear(chunk, weight, scales) if dense is None else chunk @ dense.T  # (chunk, vocab_size), in the compute dtype

@@ -105,14 +105,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if scales.dim() == 1:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
-    elif wants_autograd(x, weight) or (torch.is_grad_enabled() and x2.shape[0] >= TRAINING_ROWS and unpacks_on_cpu(weight, scales, x.shape[-1])):
-        y = Int4Matmul.apply(x2.contiguous(), weight, scales)  # training, a block's first product included
+    elif wants_autograd(x, weight) or training_product(x2, weight, scales):
+        y = Int4Matmul.apply(x2.contiguous(), weight, scales)
     else:
         y = int4_matmul(x2.contiguous(), weight, scales)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 TRAINING_ROWS = 16  # tokens over which dequantizing a weight costs little beside the product (Int4Matmul)
+
+
+def training_product(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """A product of training's that needs no gradient (a block's first, whose input is the frozen
+    embedding's) by an int4 weight a CPU unpacks: dequantized too, as ``Int4Matmul`` says why."""
+    return torch.is_grad_enabled() and x2.shape[0] >= TRAINING_ROWS and unpacks_on_cpu(weight, scales, x2.shape[-1])
 
 
 def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -188,7 +194,8 @@ def unpack_int4_as(packed: torch.Tensor, in_features: int, rows: int, halves: bo
 def unpacks_on_cpu(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int) -> bool:
     """Whether ``weight`` is an int4 CPU weight whose packing ``unpack_int4`` reads: training multiplies
     by it dequantized (``Int4Matmul``)."""
-    return scales is not None and scales.dim() == 3 and weight.device.type == "cpu" and int4_cpu_layout(weight, in_features) is not None
+    int4 = scales is not None and scales.dim() == 3 and weight.device.type == "cpu"
+    return int4 and int4_cpu_layout(weight, in_features) is not None
 
 
 def int4_cpu_layout(packed: torch.Tensor, in_features: int) -> Optional[Tuple[int, bool]]:
@@ -199,8 +206,9 @@ def int4_cpu_layout(packed: torch.Tensor, in_features: int) -> Optional[Tuple[in
     if shape not in _int4_cpu_layouts:
         probe = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
-        fits = [(rows, halves) for rows, halves in INT4_CPU_LAYOUTS if out_features % rows == 0 and packed_probe.shape == packed.shape]
-        _int4_cpu_layouts[shape] = next((layout for layout in fits if torch.equal(unpack_int4_as(packed_probe, in_features, *layout), probe)), None)
+        fits = [layout for layout in INT4_CPU_LAYOUTS if out_features % layout[0] == 0 and packed_probe.shape == packed.shape]
+        reads = [layout for layout in fits if torch.equal(unpack_int4_as(packed_probe, in_features, *layout), probe)]
+        _int4_cpu_layouts[shape] = reads[0] if reads else None
     return _int4_cpu_layouts[shape]
 
 
