@@ -1,11 +1,14 @@
-"""The options of a generation call, checked once, and the checks of its prompts: what ``Llama``'s
-calls, the streams and the server hand to the decoding engine (``llama.engine``)."""
+"""The options of a generation call and of the engine, each checked once, and the checks of prompts:
+what ``Llama``'s calls, the streams and the server hand to the decoding engine (``llama.engine``)."""
 
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 
 SPECULATE_CHOICES = (None, "lookup", "draft")
+ADMISSIONS = ("continuous", "static")
+ATTENTIONS = ("gather", "flex")  # how a cached pass reads the KV cache pool: a gathered copy, or FlexAttention in place
+DEFAULT_BLOCK_SIZE = 16
 MAX_SPECULATE_K = 16
 
 
@@ -132,6 +135,81 @@ class GenerationOptions:
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {sorted(self.logit_bias)[:5]!r}")
         if self.top_logprobs > vocab_size:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab_size}], got {self.top_logprobs!r}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine's sizes and policies, checked once: how many rows decode together, how long a row may
+    grow, the KV cache pool they share in blocks, and how a step runs.
+
+    max_batch_size: the most rows (prompts, dialogs, samples) decoded together: the engine's slots.
+    max_seq_len: the longest row, prompt and generation together.
+    kv_cache_tokens: the pool's size in tokens, shared by the rows in blocks; None: ``max_batch_size *
+        max_seq_len`` (a contiguous cache's memory). When the running rows fill a smaller pool, the
+        newest gives its blocks back and is computed again later.
+    kv_block_size: tokens per block of the pool; None: 16, or ``max_seq_len`` if shorter.
+    compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (a CUDA
+        graph on CUDA).
+    compiled_attention: how the compiled step reads the rows' blocks: "gather" copies them for
+        scaled_dot_product_attention, "flex" has FlexAttention read them in the pool; None: the device's
+        default (``llama.engine.runner.default_compiled_attention``).
+    prefix_cache: a row reuses the cached blocks of a prompt prefix an earlier row computed.
+    admission: "continuous" (rows join free slots between steps) or "static" (only an empty batch).
+    prefill_chunk: the most prompt tokens prefilled per step while rows decode.
+    heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
+    """
+
+    max_batch_size: int = 8
+    max_seq_len: int = 512
+    kv_cache_tokens: Optional[int] = None
+    kv_block_size: Optional[int] = None
+    compile: bool = False
+    compiled_attention: Optional[str] = None
+    prefix_cache: bool = True
+    admission: str = "continuous"
+    prefill_chunk: int = 256
+    heartbeat_seconds: float = 10.0
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_seq_len", "kv_cache_tokens", "kv_block_size", "prefill_chunk"):
+            value = getattr(self, name)
+            if (value is not None or name in ("max_batch_size", "max_seq_len", "prefill_chunk")) and not (
+                is_int(value) and value >= 1
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("compile", "prefix_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compiled_attention not in (None, *ATTENTIONS):
+            raise ValueError(f"compiled_attention must be one of {ATTENTIONS} or None, got {self.compiled_attention!r}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        seconds = self.heartbeat_seconds
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 600:
+            raise ValueError(f"heartbeat_seconds must be a number in (0, 600), well below the process group's "
+                             f"timeout; got {seconds!r}")
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block of the pool."""
+        return self.kv_block_size or min(DEFAULT_BLOCK_SIZE, self.max_seq_len)
+
+    @property
+    def blocks_per_row(self) -> int:
+        """The most blocks one row holds: its block table's length."""
+        return -(-self.max_seq_len // self.block_size)
+
+    @property
+    def pool_tokens(self) -> int:
+        """The pool's tokens: ``kv_cache_tokens``, or every row's whole context, in whole blocks."""
+        tokens = self.kv_cache_tokens or self.max_batch_size * self.blocks_per_row * self.block_size
+        return -(-tokens // self.block_size) * self.block_size
+
+    @property
+    def kv_cache_blocks(self) -> int:
+        """The pool's blocks: ``pool_tokens`` in blocks, and the scratch block (block 0), which positions
+        nobody reads are written to."""
+        return self.pool_tokens // self.block_size + 1
 
 
 def check_prompts(prompt_tokens, max_seq_len: int, vocab_size: int, what: str = "prompt_tokens") -> None:
