@@ -32,12 +32,12 @@ def step_seconds(engine: Engine, width: int, features: Features, steps: int) -> 
     vocab = engine.model.params.vocab_size
     live = torch.zeros(width, dtype=torch.bool)
     noise = torch.ones(width, vocab if features.sampling else 1)
-    kv_slots = engine.runner.decode_slots(64)
+    tables = engine.runner.decode_tables(width, 64)
     engine.runner.positions[:width] = 63
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
-        engine.runner.compiled_step(width, kv_slots, live, noise, features).tolist()
+        engine.runner.compiled_step(tables, live, noise, features).tolist()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

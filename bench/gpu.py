@@ -40,6 +40,7 @@ from common import bytes_per_token, print_table, read_bandwidth
 from compare import Ours, cuda_bandwidth, mode_settings, timed
 
 from llama.checkpoints.loader import layout_of, load_model, save_checkpoint
+from llama.layers.kv_cache import BlockTables, attended_tables, contiguous_tables
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +159,9 @@ def decode_tok_s(decoder: Ours, prompt: torch.Tensor, n_tokens: int, device: tor
 @torch.no_grad()
 def prefill_tok_s(model, prompt: torch.Tensor, device: torch.device) -> float:
     positions = torch.arange(prompt.shape[1], device=device)[None]
-    return prompt.shape[1] / timed(lambda: model.forward_at(prompt, positions, logits_at=-1, kv_len=prompt.shape[1]), device)
+    block_size = model.layers[0].attention.kv_cache.block_size
+    cache = BlockTables(attended_tables(contiguous_tables(1, -(-model.params.max_seq_len // block_size), device), prompt.shape[1], block_size))
+    return prompt.shape[1] / timed(lambda: model(prompt, positions=positions, cache=cache, logits_at=-1), device)
 
 
 def device_memory(device: torch.device) -> Optional[int]:
@@ -218,7 +221,7 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype.itemsize
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model.params.kv_cache_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
-    model.setup_caches(cache_dtype)
+    model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size, cache_dtype)
     engine = Engine(model, None, prefix_cache=False)  # the same prompts again: computed each time
     prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
 

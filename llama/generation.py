@@ -188,7 +188,7 @@ class Llama:
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype, in which cached attention computes: ``dtype``, except float32 for a
         half-precision model on a CPU (``llama.checkpoints.loader.kv_cache_dtype``)."""
-        return self.model.layers[0].attention.cache_k.dtype
+        return self.model.layers[0].attention.kv_cache.cache_k.dtype
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:

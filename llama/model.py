@@ -7,12 +7,11 @@ classes of ``llama.layers.parallel``; with one process they are plain linear and
 
 import math
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss
 from llama.layers.parallel import (
@@ -25,9 +24,7 @@ from llama.layers.parallel import (
     model_parallel_world_size,
     split_size,
 )
-from llama.layers.pool_attention import pool_attention, pool_block_mask
-
-ATTENTIONS = ("gather", "flex")  # how forward_at reads the cache pool: a gathered copy, or FlexAttention in place
+from llama.layers.kv_cache import BlockTables, CachePass, KVCache, contiguous_tables
 
 
 @dataclass(frozen=True)
@@ -203,30 +200,6 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-class CacheIndex(NamedTuple):
-    """Where a pass writes and reads the KV cache pool, computed once for every layer."""
-
-    blocks: torch.Tensor  # (bsz, seqlen): the block of each token's position
-    offsets: torch.Tensor  # (bsz, seqlen): its place in the block
-    gather: torch.Tensor  # (bsz, n_local_kv_heads, kv_blocks): each row's attended blocks, per head, in the pool seen as (heads * blocks, ...)
-    gathered: Optional[torch.Tensor]  # eager: (2, bsz * n_local_kv_heads * kv_blocks, block_size, head_dim), where each layer gathers its keys and values
-
-    @staticmethod
-    def of(block_table: torch.Tensor, positions: torch.Tensor, kv_blocks: int, pool: torch.Tensor, gathers: bool) -> "CacheIndex":
-        """For rows with blocks ``block_table`` (bsz, blocks_per_row) of pools shaped and typed as ``pool``
-        (n_local_kv_heads, n_blocks, block_size, head_dim), tokens at ``positions`` (bsz, seqlen),
-        attending over their first ``kv_blocks`` blocks; ``gathers``: the layers copy those blocks
-        (else FlexAttention reads them in the pool)."""
-        heads, n_blocks, block_size, head_dim = pool.shape
-        blocks = block_table.gather(1, positions // block_size)
-        gather = torch.arange(heads, device=block_table.device)[None, :, None] * n_blocks + block_table[:, None, :kv_blocks]
-        # one buffer per pass, which the layers gather into in turn: megabytes allocated anew twice a layer
-        # come as fresh pages from the OS (glibc maps large blocks until freed ones raise its threshold),
-        # which slowed a server's first requests (docs/performance.md); compiled, inductor plans its own buffers
-        gathered = pool.new_empty(2, gather.numel(), block_size, head_dim) if gathers and not torch.compiler.is_compiling() else None
-        return CacheIndex(blocks, positions % block_size, gather, gathered)
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, rotary positions and an in-place KV cache.
 
@@ -244,62 +217,27 @@ class Attention(nn.Module):
         kv_features = args.n_kv_heads * self.head_dim
         self.wqkv = FusedColumnParallelLinear(args.dim, {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features})
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
-
-    def setup_cache(self, n_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-        # a pool of blocks per head, (n_local_kv_heads, n_blocks, block_size, head_dim): a row's gathered
-        # keys are each head's positions in a row, as the attention kernel reads them, and each head's
-        # blocks end to end are one sequence, which FlexAttention reads in place
-        shape = (self.n_local_kv_heads, n_blocks, block_size, self.head_dim)
-        self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def write_cache(self, xk: torch.Tensor, xv: torch.Tensor, cache_index: "CacheIndex"):
-        """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) where ``cache_index``
-        says, in place."""
-        self.cache_k[:, cache_index.blocks, cache_index.offsets] = xk.permute(2, 0, 1, 3).to(self.cache_k.dtype)  # (heads, bsz, seqlen, head_dim)
-        self.cache_v[:, cache_index.blocks, cache_index.offsets] = xv.permute(2, 0, 1, 3).to(self.cache_v.dtype)
-
-    def gather_cache(self, cache_index: "CacheIndex"):
-        """Each row's attended blocks gathered in order, (bsz, n_local_kv_heads, kv_len, head_dim) keys and values."""
-        pool_k, pool_v = self.cache_k.flatten(0, 1), self.cache_v.flatten(0, 1)  # (heads * blocks, block_size, head_dim)
-        if torch.compiler.is_compiling():  # indexing: plain loops for inductor (its index_select over the symbolic length was 8x slower)
-            return pool_k[cache_index.gather].flatten(2, 3), pool_v[cache_index.gather].flatten(2, 3)
-        bsz, heads, _ = cache_index.gather.shape
-        shape = (bsz, heads, -1, self.head_dim)
-        gather = cache_index.gather.flatten()  # eager, index_select: a third of the time of indexing on a CPU
-        keys, values = cache_index.gathered
-        return torch.index_select(pool_k, 0, gather, out=keys).view(shape), torch.index_select(pool_v, 0, gather, out=values).view(shape)
+        self.kv_cache: Optional[KVCache] = None  # set by Transformer.setup_cache
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: Optional[torch.Tensor],
-        mask: Union[torch.Tensor, BlockMask, None],
-        cache_index: Optional["CacheIndex"] = None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], cache: Optional[CachePass]
     ) -> torch.Tensor:
-        """``positions`` None: no cache (training, scoring), the sequence attends to itself, causally
-        or as ``mask`` (bsz, 1, seqlen, seqlen) allows (packed rows). Otherwise the chunk is written into
-        the cache where ``cache_index`` says and attends to the cached entries that ``mask`` (bsz, 1,
-        seqlen, kv_len) allows, gathered; or, ``mask`` a ``BlockMask`` (``llama.layers.pool_attention``), to
-        those it allows where they lie in the pool."""
+        """Without ``cache`` the sequence attends to itself: causally (``mask`` None) or as ``mask`` (bsz, 1,
+        seqlen, seqlen) allows. With it, the chunk's keys and values are written into this layer's
+        ``kv_cache`` and the chunk attends to its rows' cached ones."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-        if positions is not None:
-            self.write_cache(xk, xv, cache_index)
         xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
-        if not isinstance(mask, BlockMask):
-            # (bsz, n_local_kv_heads, seqlen or kv_len, head_dim): the chunk's own, or its rows' blocks gathered
-            keys, values = (xk.transpose(1, 2), xv.transpose(1, 2)) if positions is None else self.gather_cache(cache_index)
-            # (bsz, n_heads, seqlen, head_dim) in the cache's dtype; enable_gqa lets each kv head serve its group of query heads
-            output = F.scaled_dot_product_attention(xq.to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        else:  # FlexAttention reads the rows' blocks in the pool, no copy
-            output = pool_attention(xq.to(self.cache_k.dtype), self.cache_k, self.cache_v, mask)
+        if cache is None:  # enable_gqa: each kv head serves its group of query heads
+            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:
+            self.kv_cache.update(cache, xk, xv)
+            output = self.kv_cache.attend(xq, cache)  # (bsz, n_local_heads, seqlen, head_dim), in the cache's dtype
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
@@ -325,8 +263,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, cache_index=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache_index)
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -345,145 +283,106 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
         self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
-        self.setup_caches()
+        self.setup_rope()
+        self.setup_cache(params.kv_cache_blocks, params.kv_block_size)
 
-    def setup_caches(self, cache_dtype: Optional[torch.dtype] = None):
-        """(Re)allocate the KV cache pools (``params.kv_cache_blocks`` blocks of ``kv_block_size``
-        positions per layer; block 0 is scratch, written by positions nobody reads) and the rotary
-        tables, on the weights' device, the pools in ``cache_dtype`` (None: the embedding's dtype), the
-        rotary tables in float32. Cached attention computes in the cache's dtype."""
+    def setup_rope(self):
+        """(Re)compute the rotary tables, cos and sin (max_seq_len, head_dim/2) in float32, on the weights' device."""
         device = self.tok_embeddings.weight.device
-        cache_dtype = cache_dtype or self.tok_embeddings.weight.dtype
-        for layer in self.layers:
-            layer.attention.setup_cache(self.params.kv_cache_blocks, self.params.kv_block_size, device, cache_dtype)
         cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 
+    def setup_cache(self, n_blocks: int, block_size: int, dtype: Optional[torch.dtype] = None):
+        """(Re)allocate every layer's KV cache pool (``llama.layers.kv_cache``): ``n_blocks`` blocks of
+        ``block_size`` positions, block 0 the scratch block, on the weights' device, in ``dtype`` (None:
+        the embedding's). Cached attention computes in the cache's dtype."""
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            attention = layer.attention
+            with torch.device(weight.device):
+                attention.kv_cache = KVCache(attention.n_local_kv_heads, attention.head_dim, n_blocks, block_size, dtype or weight.dtype)
+
+    def drop_cache(self):
+        """Free every layer's KV cache pool: a model that is only trained or scored never reads one."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
     def forward(
         self,
         tokens: torch.Tensor,
-        start_pos: Union[int, torch.Tensor, None] = None,
+        start_pos: Optional[int] = None,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        cache: Optional[BlockTables] = None,
         logits_at: Union[int, torch.Tensor, None] = None,
     ) -> torch.Tensor:
-        """Float32 logits (bsz, seqlen, vocab_size) for ``tokens`` (bsz, seqlen): Meta's call.
+        """Float32 logits (bsz, seqlen, vocab_size) of ``tokens`` (bsz, seqlen), the token ``tokens[b, i]``
+        at position ``positions[b, i]``.
 
-        With ``start_pos`` the tokens sit at positions ``start_pos .. start_pos+seqlen-1`` (an int, or
-        a (bsz,) tensor of one start per row), are written into the KV cache and attend to everything
-        cached before them, without autograd: ``forward_at`` with those positions. Without it the
-        sequence attends only to itself, no cache is touched, and gradients flow (training, scoring).
-        ``logits_at``: see ``forward_at``.
-        """
-        bsz, seqlen = tokens.shape
-        if start_pos is None:
-            return self.logits(self.hidden_states(tokens, None, None), logits_at)
-        offsets = torch.arange(seqlen, device=tokens.device)
-        with torch.inference_mode():
-            if isinstance(start_pos, torch.Tensor):
-                return self.forward_at(tokens, start_pos[:, None] + offsets, logits_at)
-            return self.forward_at(tokens, (start_pos + offsets).expand(bsz, seqlen), logits_at, kv_len=start_pos + seqlen)
+        - ``cache`` (``llama.layers.kv_cache.BlockTables``): the rows' blocks of the KV cache pool. The
+          tokens are written there at their positions and attend to their rows' cached positions up to
+          their own. Rows of a ragged batch each sit at their own positions. Call it without autograd.
+        - no ``cache``: the sequence attends only to itself and gradients flow (training, scoring).
+          ``positions`` None: 0 .. seqlen-1. Given, positions restarting at 0 start a new document, and
+          a token attends to its own document's earlier tokens only (packed rows).
+        - ``start_pos``, Meta's call: the tokens sit at ``start_pos`` onwards (the same for every row), in
+          the model's own cache, row b in the blocks a contiguous cache would give it; under
+          ``torch.inference_mode``.
 
-    def forward_at(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        logits_at: Union[int, torch.Tensor, None] = None,
-        kv_len: Optional[int] = None,
-        block_table: Optional[torch.Tensor] = None,
-        attention: str = "gather",
-        block_starts: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """The cached inference step: token ``tokens[b, i]`` sits at position ``positions[b, i]``, is
-        written into row b's blocks ``block_table[b]`` there (position p in block ``block_table[b, p //
-        kv_block_size]``), and attends to that row's cached positions up to its own. ``block_table``
-        (bsz, blocks_per_row) None: row b owns blocks 1 + b * blocks_per_row onwards, as a contiguous
-        cache would (the pool must hold bsz whole rows). Rows of a ragged batch each decode at their own
-        positions; a right-padded prompt's padding entries are overwritten before any row reads them, or
-        land in the scratch block 0 where the table points there. Call it without autograd.
-
-        Shapes are static: the mask compares every key position 0 .. kv_len-1 (rounded up to whole
-        blocks) with each query's position, so one compiled decode step serves every position.
-        ``kv_len`` (default ``max_seq_len``) may be lowered by a caller that knows no position reaches
-        it, to skip attending over empty cache entries.
-
-        ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the
-        logits of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
+        ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the logits
+        of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
         position's, and the vocabulary projection is the model's largest matmul.
-
-        ``attention``: how the cached entries are read. "gather" copies each row's blocks in order for
-        ``scaled_dot_product_attention``, on any device. "flex", for one token per row (a decode step),
-        has FlexAttention read them where they lie in the pool, each row only its own blocks up to its
-        position (``kv_len`` then changes nothing), where ``block_starts`` (bsz, kv_cache_blocks), the
-        caller's ``llama.layers.pool_attention.block_starts`` of the block tables, says each block sits in
-        its row; fast only under ``torch.compile``, which generates its kernel.
         """
-        params = self.params
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if attention == "flex" and tokens.shape[1] != 1:
-            raise ValueError(f'attention="flex" reads the pool for one token per row, got {tokens.shape[1]} per row')
-        if attention == "flex" and (block_table is None or block_starts is None):
-            missing = [name for name, value in (("block_table", block_table), ("block_starts", block_starts)) if value is None]
-            raise ValueError(f'attention="flex" needs block_table and block_starts (llama.layers.pool_attention.block_starts of the table), got no {" and no ".join(missing)}')
-        kv_len = params.max_seq_len if kv_len is None else kv_len
-        if block_table is None:
-            block_table = self.contiguous_block_table(tokens.shape[0], tokens.device)
-        kv_blocks = -(-kv_len // params.kv_block_size)
-        cache_index = CacheIndex.of(block_table, positions, kv_blocks, self.layers[0].attention.cache_k, gathers=attention == "gather")
-        if attention == "gather":
-            key_positions = torch.arange(kv_blocks * params.kv_block_size, device=tokens.device)
-            mask = (key_positions <= positions[..., None]).unsqueeze(1)  # (bsz, 1, seqlen, kv_len), broadcast over heads
-        else:
-            mask = pool_block_mask(block_table, positions, block_starts, params.kv_block_size)
-        return self.logits(self.hidden_states(tokens, positions, mask, cache_index), logits_at)
+        if start_pos is not None:
+            return self.forward_from(tokens, start_pos)
+        if cache is not None:
+            if positions is None:
+                raise ValueError("a cached pass needs positions: (bsz, seqlen), where each token sits in its row")
+            cache_pass = CachePass.of(cache, positions, self.layers[0].attention.kv_cache.cache_k)
+            return self.logits(self.hidden_states(tokens, positions, None, cache_pass), logits_at)
+        return self.logits(self.hidden_states(tokens, positions, document_mask(positions), None), logits_at)
 
-    def contiguous_block_table(self, bsz: int, device: torch.device) -> torch.Tensor:
-        """(bsz, blocks_per_row): row b's blocks 1 + b * blocks_per_row onwards, a contiguous cache's
-        layout, for callers that keep no block tables (Meta's ``forward(tokens, start_pos)``)."""
-        params = self.params
-        if 1 + bsz * params.blocks_per_row > params.kv_cache_blocks:
+    def forward_from(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Meta's ``forward(tokens, start_pos)``: row b of the model's own cache holds positions ``0 ..
+        start_pos + seqlen - 1`` in the blocks a contiguous cache would give it."""
+        bsz, seqlen = tokens.shape
+        pool = self.layers[0].attention.kv_cache.cache_k  # (n_local_kv_heads, n_blocks, block_size, head_dim)
+        block_size = pool.shape[2]
+        blocks_per_row = -(-self.params.max_seq_len // block_size)
+        if 1 + bsz * blocks_per_row > pool.shape[1]:
             raise ValueError(
-                f"a batch of {bsz} row(s) without block tables needs {bsz} x {params.blocks_per_row} blocks of {params.kv_block_size} tokens "
-                f"(max_seq_len={params.max_seq_len} each), but the pool holds {params.kv_cache_blocks - 1} (kv_cache_tokens={params.kv_cache_tokens}): "
-                "pass block tables, or build with more kv_cache_tokens"
+                f"a batch of {bsz} row(s) without block tables needs {bsz} x {blocks_per_row} blocks of {block_size} "
+                f"tokens (max_seq_len={self.params.max_seq_len} each), but the pool holds {pool.shape[1] - 1}: "
+                "pass block tables, or set up a larger cache (Transformer.setup_cache)"
             )
-        return 1 + torch.arange(bsz * params.blocks_per_row, device=device).view(bsz, params.blocks_per_row)
+        tables = contiguous_tables(bsz, blocks_per_row, tokens.device)[:, : -(-(start_pos + seqlen) // block_size)]
+        positions = (start_pos + torch.arange(seqlen, device=tokens.device)).expand(bsz, seqlen)
+        with torch.inference_mode():
+            return self(tokens, positions=positions, cache=BlockTables(tables))
 
-    def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training on packed rows, several documents each: float32 logits (bsz, seqlen, vocab_size).
-        No cache is touched and gradients flow. ``positions`` (bsz, seqlen) restart at 0 with each
-        document; ``mask`` (bsz, 1, seqlen, seqlen) lets a token attend to its own document's earlier
-        tokens only (block-diagonal and causal)."""
-        return self.logits(self.hidden_states(tokens, positions, mask), None)
-
-    def forward_loss(
-        self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Training's loss: the summed ``causal_lm_loss`` of ``labels`` (bsz, seqlen) under the logits
-        of ``forward(tokens)``, or of ``forward_packed(tokens, positions, mask)`` for packed rows,
-        computed chunk by chunk of tokens from the last hidden states without the logits of the whole
-        batch (``chunked_causal_lm_loss``; an int8 or int4 output weight included). Through the logits
-        where the output layer is not whole here: a slice of the vocabulary per rank (tensor
-        parallelism), or a module other than the plain linear (an adapter beside it)."""
-        h = self.norm(self.hidden_states(tokens, positions, mask))  # (bsz, seqlen, dim)
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training's loss: the summed ``causal_lm_loss`` of ``labels`` (bsz, seqlen) under the logits of
+        ``forward(tokens, positions=positions)``, computed chunk by chunk of tokens from the last hidden
+        states without the logits of the whole batch (``chunked_causal_lm_loss``; an int8 or int4 output
+        weight included). Through the logits where the output layer is not whole here: a slice of the
+        vocabulary per rank (tensor parallelism), or a module other than the plain linear (an adapter beside it)."""
+        h = self.norm(self.hidden_states(tokens, positions, document_mask(positions), None))  # (bsz, seqlen, dim)
         if isinstance(self.output, ColumnParallelLinear) and model_parallel_world_size() == 1:
             return chunked_causal_lm_loss(h, self.output.weight, labels, self.output.scales)
         return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Union[torch.Tensor, BlockMask, None], cache_index: Optional["CacheIndex"] = None
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache: Optional[CachePass]
     ) -> torch.Tensor:
-        """The last layer's output (bsz, seqlen, dim). ``positions`` None: the sequence alone, from 0.
-        With ``cache_index`` the tokens are written into the cache and attend to it (``forward_at``);
-        without, to each other as ``mask`` allows (packed rows, whose ``positions`` restart)."""
+        """The last layer's output (bsz, seqlen, dim)."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if positions is None:  # (1, seqlen, head_dim/2), broadcast over rows
             cos, sin = self.freqs_cos[None, : tokens.shape[1]], self.freqs_sin[None, : tokens.shape[1]]
         else:  # (bsz, seqlen, head_dim/2): each token's own angle, shared by every layer
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
-        cached_positions = None if cache_index is None else positions  # None: the layers touch no cache
         for layer in self.layers:
-            h = layer(h, cos, sin, cached_positions, mask, cache_index)
+            h = layer(h, cos, sin, mask, cache)
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:
@@ -491,3 +390,14 @@ class Transformer(nn.Module):
             rows = torch.arange(h.shape[0], device=h.device)
             h = h[rows, torch.as_tensor(logits_at, device=h.device)].unsqueeze(1)
         return self.output(self.norm(h)).float()
+
+
+def document_mask(positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """What each token of packed rows may attend to, (bsz, 1, seqlen, seqlen): its own document's earlier
+    tokens, a document starting where the positions restart at 0. None (causal over the whole row)
+    without positions."""
+    if positions is None:
+        return None
+    documents = (positions == 0).cumsum(-1)  # (bsz, seqlen)
+    causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool, device=positions.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal).unsqueeze(1)

@@ -83,8 +83,8 @@ def test_generation_stops_at_eos_per_row_and_loop_ends_when_all_rows_end(llama, 
         pytest.skip("random weights repeat a token early")
     monkeypatch.setattr(llama.tokenizer, "eos_id", stop_token)
     calls = []
-    forward_at = llama.model.forward_at
-    monkeypatch.setattr(llama.model, "forward_at", lambda *a, **kw: calls.append(1) or forward_at(*a, **kw))
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     stopped, _ = llama.generate(prompts, max_gen_len=12, temperature=0)
     assert stopped[0] == free[0][:3]
     expected_row1 = free[1][: free[1].index(stop_token)] if stop_token in free[1] else free[1]
@@ -165,8 +165,8 @@ def test_ragged_batch_is_prefilled_in_one_pass_and_each_row_continues_as_alone(m
     long = [1] + torch.randint(3, 512, (499,), generator=generator).tolist()
     alone = [llama.generate([p], max_gen_len=12, temperature=0)[0][0] for p in (short, long)]
     calls = []
-    forward_at = llama.model.forward_at
-    monkeypatch.setattr(llama.model, "forward_at", lambda *a, **kw: calls.append(a[0].shape) or forward_at(*a, **kw))
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(a[0].shape) or forward(*a, **kw))
     batch, _ = llama.generate([short, long], max_gen_len=12, temperature=0)
     assert batch == alone
     assert calls[0] == (2, 500)  # both prompts in one pass

@@ -12,7 +12,7 @@ import torch
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
 from llama.options import GenerationOptions
-from llama.layers.pool_attention import NOT_HELD, block_starts
+from llama.layers.kv_cache import NOT_HELD, BlockTables, block_starts
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
 
@@ -99,14 +99,14 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
 def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
     runner = Engine(llama.model, llama.tokenizer, compile=True).runner
     assert runner.attention == "flex" and Engine(llama.model, llama.tokenizer).runner.attention == "gather"
-    assert {runner.decode_slots(kv_len).shape[0] for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {MAX_SEQ_LEN}  # every length: one graph
+    assert {runner.decode_tables(2, kv_len).shape for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {(2, 4)}  # every length: one graph
     gather = Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="gather").runner
-    assert [gather.decode_slots(kv_len).shape[0] for kv_len in (1, 40)] == [32, MAX_SEQ_LEN]  # a bucket of blocks, the whole row
+    assert [gather.decode_tables(2, kv_len).shape[1] for kv_len in (1, 40)] == [2, 4]  # a bucket of blocks, the whole row
     with pytest.raises(ValueError, match=r"compiled_attention must be one of \('gather', 'flex'\), got 'paged'"):
         Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="paged")
 
 
-def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attention_needs_them(llama):
+def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attention_reads_one_token_per_row(llama):
     tables = torch.tensor([[3, 5, 0, 0], [0, 0, 0, 0], [6, 1, 2, 4]])  # a row of two blocks, an idle slot, a full row
     never = NOT_HELD
     assert block_starts(tables, n_blocks=7, block_size=16).tolist() == [
@@ -114,9 +114,10 @@ def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attent
         [0, never, never, never, never, never, never],
         [never, 16, 32, never, 48, never, 0],
     ]
-    tokens, positions = torch.tensor([[5]]), torch.tensor([[3]])
-    with pytest.raises(ValueError, match=r'attention="flex" needs block_table and block_starts .*, got no block_starts$'):
-        llama.model.forward_at(tokens, positions, block_table=tables[:1], attention="flex")
+    tokens, positions = torch.tensor([[5, 6]]), torch.tensor([[3, 4]])
+    cache = BlockTables(tables[:1], block_starts(tables[:1], n_blocks=7, block_size=16))
+    with pytest.raises(ValueError, match=r"reading the pool in place \(BlockTables.starts given\) takes one token per row, got 2$"):
+        llama.model(tokens, positions=positions, cache=cache)
 
 
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):

@@ -69,7 +69,7 @@ def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama
 
 def test_kv_cache_is_a_pool_of_blocks_preallocated_in_model_dtype(llama_and_state):
     llama, _ = llama_and_state
-    cache = llama.model.layers[0].attention.cache_k
+    cache = llama.model.layers[0].attention.kv_cache.cache_k
     # per head: 4 rows x 128 positions by default, in blocks of 16, and the scratch block
     assert cache.shape == (SMALL_PARAMS["n_kv_heads"], 1 + 4 * 128 // 16, 16, 8)
     assert cache.dtype == torch.float32

@@ -13,7 +13,7 @@ def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> T
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
     model = Transformer(args)
     model.load_state_dict(random_state(args))
-    model.to(dtype).setup_caches()
+    model.to(dtype).setup_cache(args.kv_cache_blocks, args.kv_block_size)
     return model
 
 
@@ -92,8 +92,8 @@ def test_int8_model_decodes_like_the_bfloat16_model_holding_the_dequantized_weig
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
     model = quantize_int8(small_model(16, 1, dtype))
-    model.setup_caches()
-    assert model.layers[0].attention.cache_k.dtype == dtype
+    model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size)
+    assert model.layers[0].attention.kv_cache.cache_k.dtype == dtype
 
 
 def test_a_bfloat16_model_on_a_cpu_caches_and_attends_in_float32(make_checkpoint, tokenizer_path):
@@ -101,7 +101,7 @@ def test_a_bfloat16_model_on_a_cpu_caches_and_attends_in_float32(make_checkpoint
 
     ckpt_dir, state = make_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
-    assert llama.model.layers[0].attention.cache_k.dtype == torch.float32
+    assert llama.model.layers[0].attention.kv_cache.cache_k.dtype == torch.float32
     assert llama.model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(7))
     hf = to_transformers({k: v.float() for k, v in state.items()}, SMALL_PARAMS, 512)

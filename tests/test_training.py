@@ -183,7 +183,7 @@ def test_the_models_training_loss_and_gradients_equal_cross_entropy_over_its_log
     tokens, labels = torch.randint(0, 64, (3, 16)), masked_labels(3, 16, 64)
     packed = packed_batch([Example(row[:n].tolist(), row[:n].tolist()) for row, n in zip(tokens, (5, 9, 7))], max_seq_len=16)
     for arguments, logits_of in [((tokens, labels), lambda: model(tokens)),
-                                 (packed, lambda: model.forward_packed(packed.tokens, packed.positions, packed.mask))]:
+                                 (packed, lambda: model(packed.tokens, positions=packed.positions))]:
         chunked = model.forward_loss(*arguments)
         ours = torch.autograd.grad(chunked, list(model.parameters()))
         reference = causal_lm_loss(logits_of(), arguments[1], reduction="sum")

@@ -323,9 +323,11 @@ def load_model(
     if adapter is not None:
         tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
     place_tensors(model, tensors, device, dtype, quantization)
-    model.setup_caches(kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
+    model.setup_rope()
     if training:
+        model.drop_cache()
         return model
+    model.setup_cache(args.kv_cache_blocks, args.kv_block_size, kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
     log_kv_cache(model)
     if quantization is not None and quantization.bits == 4 and device.type == "cpu" and not int4_outpaces_int8_on_cpu():
         logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "

@@ -42,14 +42,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.engine.block_manager import SCRATCH_BLOCK
 from llama.engine.requests import Row
-from llama.model import ATTENTIONS, Transformer
-from llama.options import GenerationOptions
-from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
-from llama.layers.pool_attention import block_starts
 from llama.engine.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
-from llama.engine.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
+from llama.engine.speculative import ChunkForward, NgramIndex, exponentials, penalised_per_position, step_keys, verify
+from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
+from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.model import Transformer
+from llama.options import ATTENTIONS, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +98,8 @@ class Runner:
             CUDA, replayed as CUDA graphs).
         draft: a smaller model with the same vocabulary and cache sizes, for ``speculate="draft"``;
             its pool's blocks are the model's, in the same block tables.
-        compiled_attention: how the compiled decode step reads the rows' blocks (``Transformer.forward_at``'s
-            ``attention``): "gather" copies them for scaled_dot_product_attention, "flex" has
+        compiled_attention: how the compiled decode step reads the rows' blocks (``llama.layers.kv_cache``):
+            "gather" copies them for scaled_dot_product_attention, "flex" has
             FlexAttention read them in the pool; None: ``default_compiled_attention``. Every other
             pass gathers.
     """
@@ -116,6 +115,7 @@ class Runner:
             compiled_attention = default_compiled_attention(device)
         check_compiled_attention(compiled_attention, device)
         self.attention = compiled_attention if compile else "gather"  # FlexAttention's fast kernel exists only compiled
+        self.block_size = params.kv_block_size
         vocab = params.vocab_size
         # the slots' state on the device: each row's last token and its position (the next decode
         # step's input), what it has seen (prompt and output) and how often it generated each token
@@ -211,17 +211,17 @@ class Runner:
         slots = torch.tensor([row.slot for row, _ in batch], device=self.device)
         tables = self.block_tables[slots]
         ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
-        kv_len = max(row.prefilled + n for row, n in batch)
+        cache = BlockTables(attended_tables(tables, max(row.prefilled + n for row, n in batch), self.block_size))
         scored = [i for i, (row, _) in enumerate(batch) if row.options.echo and row.options.logprobs and not row.tokens]
         tokens = tokens.to(self.device)
         if scored:  # every position's logits: position j predicts the prompt's token j + 1
-            logits = self.model.forward_at(tokens, positions, kv_len=kv_len, block_table=tables)
+            logits = self.model(tokens, positions=positions, cache=cache)
             self.score_prompts(batch, scored, logits)
             last = logits[torch.arange(len(batch), device=self.device), ends]
         else:
-            last = self.model.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)[:, 0]
+            last = self.model(tokens, positions=positions, cache=cache, logits_at=ends)[:, 0]
         if self.draft is not None:  # the draft's cache holds the prompts too
-            self.draft.forward_at(tokens, positions, logits_at=ends, kv_len=kv_len, block_table=tables)
+            self.draft(tokens, positions=positions, cache=cache, logits_at=ends)
         self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
         return last
 
@@ -257,37 +257,37 @@ class Runner:
         by_slot = {row.slot: row for row in rows}
         live = torch.zeros(width, dtype=torch.bool)
         live[list(by_slot)] = True
-        kv_slots = self.decode_slots(max(row.position for row in rows) + 1)  # no position reaches it
+        tables = self.decode_tables(width, max(row.position for row in rows) + 1)  # no position reaches past them
         features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([by_slot.get(slot) for slot in range(width)], features)
         live = live.to(self.device)
         if self.compiled is None:
-            message = self.decode_step(width, kv_slots, live, noise, features)
+            message = self.decode_step(tables, live, noise, features)
         else:
             start = time.perf_counter()
-            message = self.compiled_step(width, kv_slots, live, noise, features)
+            message = self.compiled_step(tables, live, noise, features)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - start
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
         return [values[row.slot] for row in rows], features
 
-    def decode_slots(self, kv_len: int) -> torch.Tensor:
-        """The decode step's attended length, as an empty (length, 0) tensor: ``kv_len`` eagerly; compiled,
-        a power-of-two bucket of the cache (one graph for many lengths), or, with FlexAttention, which
-        reads each row's own blocks whatever the length, the whole row (one graph per width)."""
-        params = self.model.params
-        if self.compiled is None:
-            return torch.empty(kv_len, 0)
-        return attended_slots(params.max_seq_len if self.attention == "flex" else kv_len, params.max_seq_len, params.kv_block_size)
+    def decode_tables(self, width: int, kv_len: int) -> torch.Tensor:
+        """The decode step's block tables of the first ``width`` slots, over the blocks it attends: those
+        below ``kv_len`` eagerly; compiled, a power-of-two bucket of them (one graph for many lengths),
+        or, with FlexAttention, which reads each row's own blocks whatever the length, the whole row (one
+        graph per width)."""
+        if self.attention == "flex":
+            return self.block_tables[:width]
+        return attended_tables(self.block_tables[:width], kv_len, self.block_size, bucketed=self.compiled is not None)
 
-    def compiled_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+    def compiled_step(self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
         """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
         choice and the writes."""
         if not self.distributed:
-            return self.compiled(width, kv_slots, live, noise, features)
-        logits, chosen = self.compiled(width, kv_slots, noise, features)
-        return self.commit(width, logits, chosen, live, features)
+            return self.compiled(tables, live, noise, features)
+        logits, chosen = self.compiled(tables, noise, features)
+        return self.commit(logits, chosen, live, features)
 
     def compiled_features(self, rows: List[Row]) -> Features:
         """The compiled step's features: all of them, the rows' settings choosing in the graph (``choose``),
@@ -325,7 +325,9 @@ class Runner:
         params, widths, start = self.model.params, self.compiled_widths(), time.perf_counter()
         k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
-        lengths = sorted({attended_slots(1, params.max_seq_len, params.kv_block_size).shape[0], params.max_seq_len})
+        # in blocks: a bucket and the whole row (with FlexAttention the decode step has one graph for both)
+        lengths = sorted({attended_tables(self.block_tables[:1], kv_len, self.block_size, bucketed=True).shape[1]
+                          for kv_len in (1, params.max_seq_len)})
         chunks = [] if speculate_k is None else [(self.verify_forward, speculate_k + 1)]
         if speculate_k is not None and self.draft_forward is not None:
             chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
@@ -335,45 +337,44 @@ class Runner:
             torch._dynamo.config.recompile_limit = graphs
         calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
         with torch.no_grad():
-            for width, kv_len, _ in itertools.product(widths, lengths, range(calls)):
+            for width, blocks, _ in itertools.product(widths, lengths, range(calls)):
                 live = torch.zeros(width, dtype=torch.bool, device=self.device)
                 for sampler in variants:  # flex: one graph for both lengths
                     features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
                     noise = torch.ones(width, params.vocab_size if sampler else 1, device=self.device)
-                    self.compiled_step(width, self.decode_slots(kv_len), live, noise, features).tolist()
+                    self.compiled_step(self.decode_tables(width, blocks * self.block_size), live, noise, features).tolist()
                 for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block
                     tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
-                    forward(tokens, positions, self.block_tables[:width], kv_len).sum().item()
+                    forward(tokens, positions, self.block_tables[:width], blocks * self.block_size).sum().item()
         seconds = time.perf_counter() - start
         self.compile_seconds = seconds if self.compile_seconds is None else self.compile_seconds
         passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if chunks else "")
-        logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
+        logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, [b * self.block_size for b in lengths], seconds)
         return seconds
 
-    def decode_step(self, width: int, kv_slots: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
-        """The whole decode step, compiled as one graph with ``compile``: the model on every slot's
-        last token, each row's choice, the writes. ``kv_slots``: an empty (kv_len, 0) tensor, whose
-        length the compiler may treat as dynamic (an int argument it would specialise on)."""
-        logits, chosen = self.forward_and_choose(width, kv_slots, noise, features)
-        return self.commit(width, logits, chosen, live, features)
+    def decode_step(self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+        """The whole decode step, compiled as one graph with ``compile``: the model on the last token of
+        each of the first ``width`` slots (``tables``: their blocks, ``decode_tables``), each row's
+        choice, the writes."""
+        logits, chosen = self.forward_and_choose(tables, noise, features)
+        return self.commit(logits, chosen, live, features)
 
-    def forward_and_choose(self, width: int, kv_slots: torch.Tensor, noise: torch.Tensor, features: Features):
+    def forward_and_choose(self, tables: torch.Tensor, noise: torch.Tensor, features: Features):
         """(logits (width, vocab), chosen tokens (width,)) of the first ``width`` slots, among the
         tokens their grammars allow (``allowed``) when a row has one."""
+        width = tables.shape[0]
         tokens, positions = self.tokens[:width], self.positions[:width]
-        starts = None if self.block_starts is None else self.block_starts[:width]
-        logits = self.model.forward_at(
-            tokens[:, None], positions[:, None], kv_len=kv_slots.shape[0], block_table=self.block_tables[:width], attention=self.attention,
-            block_starts=starts,
-        )[:, 0]
+        cache = BlockTables(tables, None if self.block_starts is None else self.block_starts[:width])
+        logits = self.model(tokens[:, None], positions=positions[:, None], cache=cache)[:, 0]
         rows = slice(0, width)
         allowed = self.allowed[rows] if features.constrained else None
         chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
         return logits, chosen
 
-    def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
+    def commit(self, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
         """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
         further; the rest keep theirs. Returns the step's message (``pack``)."""
+        width = chosen.shape[0]
         chosen = broadcast_from_rank0(chosen)
         tokens = torch.where(live, chosen, self.tokens[:width])
         self.write(torch.arange(width, device=chosen.device), tokens, live)

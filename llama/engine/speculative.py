@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.engine.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
+from llama.layers.kv_cache import BlockTables, attended_tables
 
 logger = logging.getLogger(__name__)
 
@@ -197,22 +198,10 @@ def verify(
     return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
 
 
-def attended_slots(kv_len: int, max_seq_len: int, block_size: int) -> torch.Tensor:
-    """The attended length of a compiled pass, as an empty (bucket, 0) tensor: ``kv_len`` rounded up to
-    a power of two (at least two blocks of ``block_size`` and 16, at most the cache) and marked
-    dynamic, so one graph serves every bucket. Sizes 0 and 1 are always specialised (a bucket of one
-    block would be), and the whole cache gets a graph of its own: gathering every block of a row is
-    slicing the whole block table, which the compiler specialises on."""
-    kv_slots = torch.empty(min(max(16, 2 * block_size, 1 << (kv_len - 1).bit_length()), max_seq_len), 0)
-    if 2 * block_size <= kv_slots.shape[0] < max_seq_len:
-        torch._dynamo.mark_dynamic(kv_slots, 0)
-    return kv_slots
-
-
 class ChunkForward:
     """The model's cached forward over (width, n) tokens at their positions, attending over a
     power-of-two bucket of the cache: a verification pass (n = k+1) or a draft's step. With
-    ``compile``, one graph per width and n serves every length (``attended_slots``)."""
+    ``compile``, one graph per width and n serves every length (``attended_tables``)."""
 
     def __init__(self, model, compile: bool = False, name: str = "verification pass"):
         self.model = model
@@ -223,17 +212,18 @@ class ChunkForward:
             mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
             self.compiled = torch.compile(self.forward, mode=mode, dynamic=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_slots: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_at(tokens, positions, kv_len=kv_slots.shape[0], block_table=block_table)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, positions=positions, cache=BlockTables(tables))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits (width, n, vocab); ``block_table``: the rows' blocks (width, blocks_per_row);
         ``kv_len``: more than every position."""
-        max_seq_len = self.model.params.max_seq_len
+        block_size = self.model.layers[0].attention.kv_cache.cache_k.shape[2]
+        tables = attended_tables(block_table, kv_len, block_size, bucketed=self.compiled is not None)
         if self.compiled is None:
-            return self.model.forward_at(tokens, positions, kv_len=min(kv_len, max_seq_len), block_table=block_table)
+            return self.forward(tokens, positions, tables)
         start = time.perf_counter()
-        logits = self.compiled(tokens, positions, block_table, attended_slots(kv_len, max_seq_len, self.model.params.kv_block_size))
+        logits = self.compiled(tokens, positions, tables)
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
             logger.info("compiled the %s in %.1f s", self.name, self.compile_seconds)

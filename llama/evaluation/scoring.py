@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from llama.layers.kv_cache import BlockTables, attended_tables, contiguous_tables
 from llama.model import Transformer
 
 TokenPair = Tuple[List[int], List[int]]
@@ -56,9 +57,12 @@ def scored_logits(model: Transformer, chunks: Sequence[Sequence[int]], starts: S
     device = model.output.weight.device
     tokens, positions = padded_chunks(chunks, starts, device)
     kv_len = max(start + len(chunk) for chunk, start in zip(chunks, starts))
-    rows = model.contiguous_block_table(max(slots) + 1, device)[torch.tensor(list(slots), device=device)]  # (rows, blocks_per_row)
+    block_size = model.layers[0].attention.kv_cache.block_size
+    blocks_per_row = -(-model.params.max_seq_len // block_size)
+    tables = contiguous_tables(max(slots) + 1, blocks_per_row, device)[torch.tensor(list(slots), device=device)]
     logits_at = torch.tensor([len(chunk) - 1 for chunk in chunks], device=device) if last_only else None
-    logits = model.forward_at(tokens, positions, logits_at=logits_at, kv_len=kv_len, block_table=rows)
+    cache = BlockTables(attended_tables(tables, kv_len, block_size))
+    logits = model(tokens, positions=positions, cache=cache, logits_at=logits_at)
     logits = torch.log_softmax(logits, dim=-1)
     return logits[:, 0] if last_only else logits
 

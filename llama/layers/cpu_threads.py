@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables
 from llama.layers.parallel import model_parallel_world_size
 from llama.layers.timed_choices import cache_file, recall, remember
 
@@ -60,9 +61,10 @@ def thread_counts(threads: int) -> List[int]:
 def step_seconds(model: nn.Module, repeats: int) -> float:
     """Seconds of one decode step of a full batch at position 0, over ``repeats`` steps."""
     tokens = torch.zeros((model.params.max_batch_size, 1), dtype=torch.long)  # (max_batch_size, 1)
+    cache = BlockTables(torch.full_like(tokens, SCRATCH_BLOCK))  # every row in the scratch block
     start = time.perf_counter()
     for _ in range(repeats):
-        model.forward_at(tokens, tokens, kv_len=1)
+        model(tokens, positions=tokens, cache=cache)
     return (time.perf_counter() - start) / repeats
 
 

@@ -43,12 +43,11 @@ class Example(NamedTuple):
 
 class Batch(NamedTuple):
     """One forward pass: ``tokens`` and ``labels`` (rows, seqlen); for packed rows also each token's
-    ``positions`` in its example and the ``mask`` (rows, 1, seqlen, seqlen) of what it may attend to."""
+    ``positions`` in its example, restarting at 0 with each (the model attends within an example only)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     positions: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
 
     @property
     def scored_tokens(self) -> int:
@@ -235,7 +234,7 @@ def padded_batch(examples: Sequence[Example]) -> Batch:
 
 def packed_batch(examples: Sequence[Example], max_seq_len: int) -> Batch:
     """The examples, in order, packed into rows of ``max_seq_len`` (a new row when the next does not
-    fit): positions restart at 0 with each example, and the mask is block-diagonal and causal."""
+    fit): positions restart at 0 with each example, and with the padding at a row's end."""
     rows: List[List[Example]] = [[]]
     for example in examples:
         if sum(len(e.tokens) for e in rows[-1]) + len(example.tokens) > max_seq_len:
@@ -244,20 +243,16 @@ def packed_batch(examples: Sequence[Example], max_seq_len: int) -> Batch:
     tokens = torch.zeros(len(rows), max_seq_len, dtype=torch.long)
     labels = torch.full((len(rows), max_seq_len), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros(len(rows), max_seq_len, dtype=torch.long)
-    documents = torch.full((len(rows), max_seq_len), -1, dtype=torch.long)  # padding: a document of its own
     for row, packed in enumerate(rows):
         start = 0
-        for document, example in enumerate(packed):
+        for example in packed:
             end = start + len(example.tokens)
             tokens[row, start:end] = torch.tensor(example.tokens)
             labels[row, start:end] = torch.tensor(example.labels)
             positions[row, start:end] = torch.arange(len(example.tokens))
-            documents[row, start:end] = document
             start = end
         positions[row, start:] = torch.arange(max_seq_len - start)
-    causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool).tril()
-    mask = (documents[:, :, None] == documents[:, None, :]) & causal  # (rows, seqlen, seqlen)
-    return Batch(tokens, labels, positions, mask.unsqueeze(1))
+    return Batch(tokens, labels, positions)
 
 
 def micro_batches(examples: Sequence[Example], micro_batch_size: int, pack: bool, max_seq_len: int) -> List[Batch]:

@@ -79,9 +79,7 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     """The loss summed over the batch's scored labels, chunk by chunk of tokens (``Transformer.forward_loss``)."""
     tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-    if batch.positions is None:
-        return model.forward_loss(tokens, labels)
-    return model.forward_loss(tokens, labels, batch.positions.to(device), batch.mask.to(device))
+    return model.forward_loss(tokens, labels, None if batch.positions is None else batch.positions.to(device))
 
 
 @torch.no_grad()

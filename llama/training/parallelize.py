@@ -33,8 +33,7 @@ def apply_fsdp(model: nn.Module, param_dtype: Optional[torch.dtype]) -> None:
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    for method in ("forward_loss", "forward_packed"):  # the output weight is whole only inside the root's registered methods
-        register_fsdp_forward_method(model, method)
+    register_fsdp_forward_method(model, "forward_loss")  # the output weight is whole only inside the root's registered methods
 
 
 def wrap_for_training(model: nn.Module, activation_checkpointing: bool, compile: bool, fsdp: bool,
