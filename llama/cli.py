@@ -301,9 +301,9 @@ def compile_line(engine) -> Optional[str]:
     Args:
         engine: the ``llama.engine.Engine`` that generated.
     """
-    runner = engine.runner
-    steps = [runner.verify_forward] + ([runner.draft_forward] if runner.draft_forward is not None else [])
-    times = [("the decode step", runner.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
+    speculator = engine.speculator
+    steps = [speculator.verify_forward] + ([speculator.draft_forward] if speculator.draft_forward is not None else [])
+    times = [("the decode step", engine.runner.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
     compiled = [f"{name} in {seconds:.1f} s" for name, seconds in times if seconds is not None]
     return f"Compiled {', '.join(compiled)} (on first use, counted above)" if compiled else None
 

@@ -311,7 +311,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start_pos: Optional[int] = None,
+        start_pos: Union[int, torch.Tensor, None] = None,
         *,
         positions: Optional[torch.Tensor] = None,
         cache: Optional[BlockTables] = None,
@@ -326,16 +326,16 @@ class Transformer(nn.Module):
         - no ``cache``: the sequence attends only to itself and gradients flow (training, scoring).
           ``positions`` None: 0 .. seqlen-1. Given, positions restarting at 0 start a new document, and
           a token attends to its own document's earlier tokens only (packed rows).
-        - ``start_pos``, Meta's call: the tokens sit at ``start_pos`` onwards (the same for every row), in
-          the model's own cache, row b in the blocks a contiguous cache would give it; under
-          ``torch.inference_mode``.
+        - ``start_pos``, Meta's call: the tokens sit at ``start_pos`` onwards (an int, or a (bsz,) tensor of
+          one start per row), in the model's own cache, row b in the blocks a contiguous cache would give
+          it; under ``torch.inference_mode``.
 
         ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the logits
         of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
         position's, and the vocabulary projection is the model's largest matmul.
         """
         if start_pos is not None:
-            return self.forward_from(tokens, start_pos)
+            return self.forward_from(tokens, start_pos, logits_at)
         if cache is not None:
             if positions is None:
                 raise ValueError("a cached pass needs positions: (bsz, seqlen), where each token sits in its row")
@@ -343,9 +343,11 @@ class Transformer(nn.Module):
             return self.logits(self.hidden_states(tokens, positions, None, cache_pass), logits_at)
         return self.logits(self.hidden_states(tokens, positions, document_mask(positions), None), logits_at)
 
-    def forward_from(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Meta's ``forward(tokens, start_pos)``: row b of the model's own cache holds positions ``0 ..
-        start_pos + seqlen - 1`` in the blocks a contiguous cache would give it."""
+    def forward_from(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], logits_at: Union[int, torch.Tensor, None] = None
+    ) -> torch.Tensor:
+        """Meta's ``forward(tokens, start_pos)``: row b of the model's own cache holds its positions up to
+        ``start_pos + seqlen - 1`` in the blocks a contiguous cache would give it."""
         bsz, seqlen = tokens.shape
         pool = self.layers[0].attention.kv_cache.cache_k  # (n_local_kv_heads, n_blocks, block_size, head_dim)
         block_size = pool.shape[2]
@@ -356,10 +358,14 @@ class Transformer(nn.Module):
                 f"tokens (max_seq_len={self.params.max_seq_len} each), but the pool holds {pool.shape[1] - 1}: "
                 "pass block tables, or set up a larger cache (Transformer.setup_cache)"
             )
-        tables = contiguous_tables(bsz, blocks_per_row, tokens.device)[:, : -(-(start_pos + seqlen) // block_size)]
-        positions = (start_pos + torch.arange(seqlen, device=tokens.device)).expand(bsz, seqlen)
+        offsets = torch.arange(seqlen, device=tokens.device)
+        if isinstance(start_pos, torch.Tensor):  # (bsz,): one start per row
+            positions, end = start_pos.to(tokens.device)[:, None] + offsets, int(start_pos.max()) + seqlen
+        else:
+            positions, end = (start_pos + offsets).expand(bsz, seqlen), start_pos + seqlen
+        tables = contiguous_tables(bsz, blocks_per_row, tokens.device)[:, : -(-end // block_size)]
         with torch.inference_mode():
-            return self(tokens, positions=positions, cache=BlockTables(tables))
+            return self(tokens, positions=positions, cache=BlockTables(tables), logits_at=logits_at)
 
     def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Training's loss: the summed ``causal_lm_loss`` of ``labels`` (bsz, seqlen) under the logits of

@@ -304,9 +304,10 @@ def test_the_compile_line_names_every_step_that_was_compiled_and_none_when_nothi
     def step(name, seconds):
         return types.SimpleNamespace(name=name, compile_seconds=seconds)
 
-    runner = types.SimpleNamespace(compile_seconds=None, verify_forward=step("verification pass", None), draft_forward=None)
-    engine = types.SimpleNamespace(runner=runner)
+    runner = types.SimpleNamespace(compile_seconds=None)
+    speculator = types.SimpleNamespace(verify_forward=step("verification pass", None), draft_forward=None)
+    engine = types.SimpleNamespace(runner=runner, speculator=speculator)
     assert compile_line(engine) is None
-    runner.compile_seconds, runner.verify_forward.compile_seconds = 12.34, 5.0
-    runner.draft_forward = step("draft's step", 3.06)
+    runner.compile_seconds, speculator.verify_forward.compile_seconds = 12.34, 5.0
+    speculator.draft_forward = step("draft's step", 3.06)
     assert compile_line(engine) == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, the draft's step in 3.1 s (on first use, counted above)"

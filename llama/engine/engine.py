@@ -49,6 +49,7 @@ from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row, RowDelta  # noqa: F401 (the engine's public names)
 from llama.engine.runner import Features, Runner
 from llama.engine.scheduler import Scheduler, StepPlan
+from llama.engine.speculative import Speculator
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
 from llama.layers.parallel import model_parallel_world_size
@@ -99,6 +100,7 @@ class Engine:
         blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
         self.scheduler = Scheduler(params.max_batch_size, params.max_seq_len, blocks, admission)
         self.runner = Runner(model, params.max_batch_size, compile, draft, compiled_attention)
+        self.speculator = Speculator(self.runner, compile)
         self.constraints = Constraints(tokenizer, params.vocab_size)  # the grammars of rows with json_schema / json_object
         self.model, self.draft, self.tokenizer = model, draft, tokenizer
         self.prefill_chunk, self.heartbeat_seconds = prefill_chunk, heartbeat_seconds
@@ -179,9 +181,26 @@ class Engine:
                     hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
 
     def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
-        """Compile every graph the compiled steps can need (``Runner.warm_up``), so that no request
-        waits for a compile; the seconds it took (0 when not compiled)."""
-        return self.runner.warm_up(max_top_logprobs, speculate_k)
+        """Compile every graph the compiled steps can need, so that no request waits for a compile: the
+        decode step's (``Runner.warm_up``) with up to ``max_top_logprobs`` alternatives and, with
+        ``speculate_k``, speculative decoding's passes with that many proposals (``Speculator.warm_up``).
+        Returns the seconds it took (0 when not compiled)."""
+        runner = self.runner
+        if runner.compiled is None:
+            return 0.0
+        start, widths, lengths = time.perf_counter(), runner.compiled_widths(), runner.warmed_lengths()
+        graphs = len(widths) * len(lengths) * 3  # the most of one function's: two sampler variants, three speculative passes
+        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
+            torch._dynamo.config.recompile_limit = graphs
+        with torch.no_grad():
+            runner.warm_up(max_top_logprobs)
+            if speculate_k is not None:
+                self.speculator.warm_up(widths, lengths, speculate_k)
+        seconds = time.perf_counter() - start
+        runner.compile_seconds = seconds if runner.compile_seconds is None else runner.compile_seconds
+        passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if speculate_k is not None else "")
+        logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
+        return seconds
 
     def forget_cached_prefixes(self) -> None:
         """Forget the prefix cache's blocks no row holds, after a caller wrote the pool directly (the
@@ -395,7 +414,7 @@ class Engine:
         """One token for each decoding row, or a speculative step when a row speculates (and none
         follows a grammar, which takes one token a step)."""
         if any(row.options.speculate for row in rows) and not any(row.options.constrained for row in rows):
-            values, n, features = self.runner.speculate(rows)
+            values, n, features = self.speculator.speculate(rows)
             return self.record_speculation(rows, values, n, features, touched)
         self.fill_allowed(rows)
         values, features = self.runner.decode(rows)
@@ -447,7 +466,7 @@ class Engine:
                 if self.record_token(row, value, features, touched):
                     break
             lasts.append((slot, emitted[-1][1], row.position))
-        self.runner.advance(emitted, lasts)
+        self.speculator.advance(emitted, lasts)
 
 
 def broadcast_plan(plan: StepPlan) -> None:

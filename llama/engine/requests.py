@@ -9,13 +9,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
 from llama.options import GenerationOptions
-from llama.engine.speculative import NgramIndex
 from llama.engine.streaming import TextStream, cut_at_stop
 from llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # a row keeps prompt lookup's index, which speculative decoding builds
+    from llama.engine.speculative import NgramIndex
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Row:
         self.finish_reason: Optional[str] = None
         self.sent = 0  # tokens already in a delta
         self.closed = False  # its last delta, with its finish reason, is out
-        self.lookup: Optional[NgramIndex] = None  # prompt lookup's index of its tokens
+        self.lookup: Optional["NgramIndex"] = None  # prompt lookup's index of its tokens
         self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
         self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
 

@@ -40,11 +40,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from llama.engine.requests import Row
-from llama.engine.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
-from llama.engine.speculative import ChunkForward, NgramIndex, exponentials, penalised_per_position, step_keys, verify
+from llama.engine.sampling import RowSettings, apply_penalties, global_exponentials, sample, seed_key
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
 from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
 from llama.model import Transformer
@@ -133,8 +131,6 @@ class Runner:
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
         self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
-        self.verify_forward = ChunkForward(model, compile)  # speculative steps: k+1 tokens per row
-        self.draft_forward = ChunkForward(draft, compile, "draft's step") if draft is not None else None
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
             # inductor's FlexAttention kernel for a CPU cannot take the next operation fused into it (a
@@ -312,45 +308,32 @@ class Runner:
         """The widths a compiled step runs on: the powers of two below the slots, and all the slots."""
         return sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
 
-    def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
-        """Compile every graph the compiled steps can need, so that no request waits for a compile:
-        each width (``compiled_widths``) on a bucket of the rows' blocks and on a whole row, the decode
-        step with up to ``max_top_logprobs`` alternatives and, with ``speculate_k``, the passes of
-        speculative decoding with that many proposals (the model's over k + 1 tokens, the draft's over
-        2 and 1). Run on idle slots (they write into the scratch block); draws nothing from the global
-        RNG. Under torchrun every rank calls it, at the same point. Returns the seconds it took (0 when
-        not compiled)."""
-        if self.compiled is None:
-            return 0.0
-        params, widths, start = self.model.params, self.compiled_widths(), time.perf_counter()
-        k = min(power_of_two_at_least(max_top_logprobs), params.vocab_size) if max_top_logprobs else 0
+    def warmed_lengths(self) -> List[int]:
+        """The attended lengths, in tokens, that compiled passes have graphs for: a bucket of blocks and
+        the whole row (``attended_tables``; with FlexAttention the decode step has one graph for both)."""
+        max_seq_len = self.model.params.max_seq_len
+        tables = self.block_tables[:1]
+        return sorted({attended_tables(tables, kv_len, self.block_size, bucketed=True).shape[1] * self.block_size
+                       for kv_len in (1, max_seq_len)})
+
+    def graph_calls(self) -> int:
+        """How often warming up calls each compiled graph: CUDA graphs are recorded on a later call than the compile."""
+        return 3 if self.device.type == "cuda" else 1
+
+    def warm_up(self, max_top_logprobs: int = 0) -> None:
+        """Compile every graph the compiled decode step can need, so that no request waits for a compile:
+        each width (``compiled_widths``) and attended length (``warmed_lengths``), each sampler variant,
+        with up to ``max_top_logprobs`` alternatives. Run on idle slots (they write into the scratch
+        block); draws nothing from the global RNG. Under torchrun every rank calls it, at the same point."""
+        vocab = self.model.params.vocab_size
+        k = min(power_of_two_at_least(max_top_logprobs), vocab) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
-        # in blocks: a bucket and the whole row (with FlexAttention the decode step has one graph for both)
-        lengths = sorted({attended_tables(self.block_tables[:1], kv_len, self.block_size, bucketed=True).shape[1]
-                          for kv_len in (1, params.max_seq_len)})
-        chunks = [] if speculate_k is None else [(self.verify_forward, speculate_k + 1)]
-        if speculate_k is not None and self.draft_forward is not None:
-            chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
-        variants = self.sampler_variants()
-        graphs = len(widths) * len(lengths) * max(len(variants), len(chunks))  # the most of one function's graphs
-        if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
-            torch._dynamo.config.recompile_limit = graphs
-        calls = 3 if self.device.type == "cuda" else 1  # CUDA graphs are recorded on a later call than the compile
-        with torch.no_grad():
-            for width, blocks, _ in itertools.product(widths, lengths, range(calls)):
-                live = torch.zeros(width, dtype=torch.bool, device=self.device)
-                for sampler in variants:  # flex: one graph for both lengths
-                    features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
-                    noise = torch.ones(width, params.vocab_size if sampler else 1, device=self.device)
-                    self.compiled_step(self.decode_tables(width, blocks * self.block_size), live, noise, features).tolist()
-                for forward, n in chunks:  # tokens 0 at position 0, in the idle slots' scratch block
-                    tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.device) for _ in range(2))
-                    forward(tokens, positions, self.block_tables[:width], blocks * self.block_size).sum().item()
-        seconds = time.perf_counter() - start
-        self.compile_seconds = seconds if self.compile_seconds is None else self.compile_seconds
-        passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if chunks else "")
-        logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, [b * self.block_size for b in lengths], seconds)
-        return seconds
+        for width, kv_len, _ in itertools.product(self.compiled_widths(), self.warmed_lengths(), range(self.graph_calls())):
+            live = torch.zeros(width, dtype=torch.bool, device=self.device)
+            for sampler in self.sampler_variants():
+                features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
+                noise = torch.ones(width, vocab if sampler else 1, device=self.device)
+                self.compiled_step(self.decode_tables(width, kv_len), live, noise, features).tolist()
 
     def decode_step(self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
         """The whole decode step, compiled as one graph with ``compile``: the model on the last token of
@@ -411,121 +394,6 @@ class Runner:
         if not any(needs):  # nothing to draw or copy from the host (compiled, every step samples)
             return self.no_noise[: len(rows)]
         return global_exponentials(needs, vocab).to(self.device)
-
-    # --- speculative decoding (``llama.engine.speculative``) ----------------------------------------------
-
-    def speculate(self, rows: List[Row]) -> Tuple[List[List[float]], int, Features]:
-        """One speculative step for the decoding rows: each speculating row's k proposals (prompt
-        lookup or the draft) are verified with its last token in one pass over the first ``width``
-        slots at their own positions. A row that does not speculate accepts nothing and takes the
-        token ``sample`` chooses, as in a plain step. Returns, per slot, the accepted count and then
-        ``pack``'s columns for each of the n = k + 1 verified positions; n; the step's features. The
-        rows emit their accepted proposals and one token of the model's, stopping exactly where
-        decoding one token per step would, and ``advance`` the slots."""
-        params = self.model.params
-        width = max(row.slot for row in rows) + 1
-        if self.compiled is not None:  # as the decode step: a power of two of slots
-            width = min(power_of_two_at_least(width), self.max_slots)
-        options = {row.slot: row.options for row in rows}
-        k = max(o.speculate_k for o in options.values() if o.speculate)
-        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
-        needs = [False] * width  # the rows that draw from the global RNG
-        for row in rows:
-            o = options[row.slot]
-            limits[row.slot] = o.speculate_k if o.speculate else 0
-            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
-            needs[row.slot] = o.temperature > 0 and o.seed is None
-        limits, steps = limits.to(self.device), steps.to(self.device)
-        features, settings, last = self.features(rows), self.settings.rows(slice(0, width)), self.positions[:width]
-        proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
-        positions = (last[:, None] + torch.arange(k + 1, device=self.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
-        chunk = torch.cat([self.tokens[:width, None], proposals], dim=1)
-        logits = self.verify_forward(chunk, positions, self.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
-        penalised = penalised_per_position(logits, settings, self.seen[:width], self.counts[:width], proposals) if features.penalties else logits
-        uniforms = noise = None
-        if features.sampling:
-            uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
-            noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
-        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
-        if features.sampling:  # a row that does not speculate draws as in a plain step
-            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.device))
-            chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
-        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
-        accepted, chosen = chosen[:, -1], chosen[:, :-1]
-        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
-        values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
-        return values, k + 1, features
-
-    def advance(self, emitted: List[Tuple[int, int]], lasts: List[Tuple[int, int, int]]) -> None:
-        """After a speculative step: the (slot, token) pairs the rows emitted are seen and counted,
-        and each slot's (slot, last token, position) becomes its next input."""
-        slots, tokens = (torch.tensor(column, device=self.device) for column in zip(*emitted))
-        self.seen[slots, tokens] = True
-        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
-        index, last_tokens, positions = (torch.tensor(column, device=self.device) for column in zip(*lasts))
-        self.tokens[index], self.positions[index] = last_tokens, positions
-
-    def propose(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
-    ):
-        """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
-        samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
-        prompt lookup rows."""
-        proposals = torch.zeros(width, k, dtype=torch.long)
-        drafting = torch.zeros(width, dtype=torch.bool)
-        for row in rows:
-            speculate = row.options.speculate
-            drafting[row.slot] = speculate == "draft"
-            if speculate == "lookup":
-                sequence = row.sequence
-                if row.lookup is None:
-                    row.lookup = NgramIndex(sequence)
-                row.lookup.extend(sequence[len(row.lookup.tokens) :])
-                proposals[row.slot] = torch.tensor(row.lookup.propose(k) or sequence[-1:] * k)
-        proposals = proposals.to(self.device)
-        if not drafting.any():
-            return proposals, None
-        drafted, draft_probs = self.draft_proposals(rows, width, k, settings, steps, needs, features)
-        drafting = drafting.to(self.device)
-        proposals = torch.where(drafting[:, None], drafted, proposals)
-        if draft_probs is not None:
-            point_masses = F.one_hot(proposals, self.model.params.vocab_size).to(draft_probs.dtype)
-            draft_probs = torch.where(drafting[:, None, None], draft_probs, point_masses)
-        return proposals, draft_probs
-
-    def draft_proposals(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
-    ):
-        """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
-        from the draft's distribution under the row's settings. The draft's cache holds a row's
-        tokens up to the one before its last: the first step feeds the last two (the previous
-        step's last proposal may have been accepted without being fed), then one proposal a step.
-        Under torchrun every rank continues with rank 0's draws."""
-        max_seq_len, vocab = self.model.params.max_seq_len, self.model.params.vocab_size
-        last = self.positions[:width]
-        previous = torch.zeros(width, dtype=torch.long)
-        decoding = torch.zeros(width, dtype=torch.long)  # idle slots write twice where an idle step may write
-        for row in rows:
-            previous[row.slot], decoding[row.slot] = row.sequence[-2], 1
-        tokens = torch.stack([previous.to(self.device), self.tokens[:width]], dim=1)  # (width, 2)
-        positions = torch.stack([last - decoding.to(self.device), last], dim=1)
-        max_position = max(row.position for row in rows)
-        tables = self.block_tables[:width]
-        logits = self.draft_forward(tokens, positions, tables, kv_len=max_position + 1)[:, -1]
-        proposals, draft_probs = [], []
-        for i in range(k):
-            if i > 0:
-                position = (last + i).clamp(max=max_seq_len - 1)
-                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
-            if features.penalties:
-                logits = apply_penalties(logits, settings, self.seen[:width], self.counts[:width])
-            proposal = logits.argmax(dim=-1)
-            if features.sampling:
-                draft_probs.append(distribution(logits, settings))
-                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
-                proposal = torch.where(settings.temperature > 0, drawn, proposal)
-            proposals.append(broadcast_from_rank0(proposal))
-        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
 
 
 def choose(

@@ -23,6 +23,7 @@ The acceptance rule keeps the output the model's own:
   plain sampling's. For prompt lookup q is a point mass on the proposed token.
 """
 
+import itertools
 import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -30,8 +31,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.engine.sampling import RowSettings, WORD, apply_penalties, distribution, global_exponentials, mix, seeded_exponentials
+from llama.engine.sampling import (
+    WORD,
+    RowSettings,
+    apply_penalties,
+    distribution,
+    global_exponentials,
+    mix,
+    sample,
+    seeded_exponentials,
+)
+from llama.engine.requests import Row
+from llama.engine.runner import Features, Runner, pack, power_of_two_at_least
 from llama.layers.kv_cache import BlockTables, attended_tables
+from llama.layers.parallel import broadcast_from_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +241,145 @@ class ChunkForward:
             self.compile_seconds = time.perf_counter() - start
             logger.info("compiled the %s in %.1f s", self.name, self.compile_seconds)
         return logits
+
+
+class Speculator:
+    """Speculative decoding's steps on the runner's slots: each speculating row's k proposals (prompt
+    lookup or the draft) verified in one pass of the model, and the slots advanced by what the rows
+    accepted. The draft's cache is filled by the runner's prefill, in the same block tables.
+
+    Args:
+        runner: the slots' state on the device, and the model (and the draft).
+        compile: compile the verification pass and the draft's step (``ChunkForward``).
+    """
+
+    def __init__(self, runner: Runner, compile: bool = False):
+        self.runner = runner
+        self.verify_forward = ChunkForward(runner.model, compile)  # k+1 tokens per row
+        self.draft_forward = ChunkForward(runner.draft, compile, "draft's step") if runner.draft is not None else None
+
+    def warm_up(self, widths: List[int], lengths: List[int], speculate_k: int) -> None:
+        """Compile the passes for ``speculate_k`` proposals (the model's over k + 1 tokens, the draft's
+        over 2 and 1) for each width and attended length, on idle slots (tokens 0 at position 0, in
+        their scratch block)."""
+        chunks = [(self.verify_forward, speculate_k + 1)]
+        if self.draft_forward is not None:
+            chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
+        for width, kv_len, _ in itertools.product(widths, lengths, range(self.runner.graph_calls())):
+            for forward, n in chunks:
+                tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.runner.device) for _ in range(2))
+                forward(tokens, positions, self.runner.block_tables[:width], kv_len).sum().item()
+
+    def speculate(self, rows: List[Row]) -> Tuple[List[List[float]], int, Features]:
+        """One speculative step for the decoding rows: each speculating row's k proposals (prompt
+        lookup or the draft) are verified with its last token in one pass over the first ``width``
+        slots at their own positions. A row that does not speculate accepts nothing and takes the
+        token ``sample`` chooses, as in a plain step. Returns, per slot, the accepted count and then
+        ``pack``'s columns for each of the n = k + 1 verified positions; n; the step's features. The
+        rows emit their accepted proposals and one token of the model's, stopping exactly where
+        decoding one token per step would, and ``advance`` the slots."""
+        params = self.runner.model.params
+        width = max(row.slot for row in rows) + 1
+        if self.runner.compiled is not None:  # as the decode step: a power of two of slots
+            width = min(power_of_two_at_least(width), self.runner.max_slots)
+        options = {row.slot: row.options for row in rows}
+        k = max(o.speculate_k for o in options.values() if o.speculate)
+        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
+        needs = [False] * width  # the rows that draw from the global RNG
+        for row in rows:
+            o = options[row.slot]
+            limits[row.slot] = o.speculate_k if o.speculate else 0
+            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
+            needs[row.slot] = o.temperature > 0 and o.seed is None
+        limits, steps = limits.to(self.runner.device), steps.to(self.runner.device)
+        features, settings, last = self.runner.features(rows), self.runner.settings.rows(slice(0, width)), self.runner.positions[:width]
+        proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
+        positions = (last[:, None] + torch.arange(k + 1, device=self.runner.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
+        chunk = torch.cat([self.runner.tokens[:width, None], proposals], dim=1)
+        logits = self.verify_forward(chunk, positions, self.runner.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
+        penalised = penalised_per_position(logits, settings, self.runner.seen[:width], self.runner.counts[:width], proposals) if features.penalties else logits
+        uniforms = noise = None
+        if features.sampling:
+            uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
+            noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
+        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
+        if features.sampling:  # a row that does not speculate draws as in a plain step
+            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.runner.device))
+            chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
+        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
+        accepted, chosen = chosen[:, -1], chosen[:, :-1]
+        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
+        values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
+        return values, k + 1, features
+
+    def advance(self, emitted: List[Tuple[int, int]], lasts: List[Tuple[int, int, int]]) -> None:
+        """After a speculative step: the (slot, token) pairs the rows emitted are seen and counted,
+        and each slot's (slot, last token, position) becomes its next input."""
+        slots, tokens = (torch.tensor(column, device=self.runner.device) for column in zip(*emitted))
+        self.runner.seen[slots, tokens] = True
+        self.runner.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.runner.counts.dtype), accumulate=True)
+        index, last_tokens, positions = (torch.tensor(column, device=self.runner.device) for column in zip(*lasts))
+        self.runner.tokens[index], self.runner.positions[index] = last_tokens, positions
+
+    def propose(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
+        samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
+        prompt lookup rows."""
+        proposals = torch.zeros(width, k, dtype=torch.long)
+        drafting = torch.zeros(width, dtype=torch.bool)
+        for row in rows:
+            speculate = row.options.speculate
+            drafting[row.slot] = speculate == "draft"
+            if speculate == "lookup":
+                sequence = row.sequence
+                if row.lookup is None:
+                    row.lookup = NgramIndex(sequence)
+                row.lookup.extend(sequence[len(row.lookup.tokens) :])
+                proposals[row.slot] = torch.tensor(row.lookup.propose(k) or sequence[-1:] * k)
+        proposals = proposals.to(self.runner.device)
+        if not drafting.any():
+            return proposals, None
+        drafted, draft_probs = self.draft_proposals(rows, width, k, settings, steps, needs, features)
+        drafting = drafting.to(self.runner.device)
+        proposals = torch.where(drafting[:, None], drafted, proposals)
+        if draft_probs is not None:
+            point_masses = F.one_hot(proposals, self.runner.model.params.vocab_size).to(draft_probs.dtype)
+            draft_probs = torch.where(drafting[:, None, None], draft_probs, point_masses)
+        return proposals, draft_probs
+
+    def draft_proposals(
+        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+    ):
+        """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
+        from the draft's distribution under the row's settings. The draft's cache holds a row's
+        tokens up to the one before its last: the first step feeds the last two (the previous
+        step's last proposal may have been accepted without being fed), then one proposal a step.
+        Under torchrun every rank continues with rank 0's draws."""
+        max_seq_len, vocab = self.runner.model.params.max_seq_len, self.runner.model.params.vocab_size
+        last = self.runner.positions[:width]
+        previous = torch.zeros(width, dtype=torch.long)
+        decoding = torch.zeros(width, dtype=torch.long)  # idle slots write twice where an idle step may write
+        for row in rows:
+            previous[row.slot], decoding[row.slot] = row.sequence[-2], 1
+        tokens = torch.stack([previous.to(self.runner.device), self.runner.tokens[:width]], dim=1)  # (width, 2)
+        positions = torch.stack([last - decoding.to(self.runner.device), last], dim=1)
+        max_position = max(row.position for row in rows)
+        tables = self.runner.block_tables[:width]
+        logits = self.draft_forward(tokens, positions, tables, kv_len=max_position + 1)[:, -1]
+        proposals, draft_probs = [], []
+        for i in range(k):
+            if i > 0:
+                position = (last + i).clamp(max=max_seq_len - 1)
+                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
+            if features.penalties:
+                logits = apply_penalties(logits, settings, self.runner.seen[:width], self.runner.counts[:width])
+            proposal = logits.argmax(dim=-1)
+            if features.sampling:
+                draft_probs.append(distribution(logits, settings))
+                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
+                proposal = torch.where(settings.temperature > 0, drawn, proposal)
+            proposals.append(broadcast_from_rank0(proposal))
+        return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
+
