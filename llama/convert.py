@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from llama.checkpoints.bpe_files import write_tiktoken_file
 from llama.checkpoints.loader import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
 from llama.cli import run_parser
-from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
+from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, to_hf_order
 from llama.checkpoints.hf_tokenizer_files import write_hf_tokenizer_files
 from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
@@ -133,15 +133,6 @@ def hf_file_names(n_files: int) -> List[str]:
     return [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
 
 
-def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """A full tensor in transformers' row order (only wq and wk differ)."""
-    if key.endswith("attention.wq.weight"):
-        return rotary_to_hf(tensor, args.n_heads)
-    if key.endswith("attention.wk.weight"):
-        return rotary_to_hf(tensor, args.n_kv_heads)
-    return tensor
-
-
 def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
     """The context length the checkpoint was trained for: params.json's max_seq_len where it states one
     (train.py writes its windows' length there); otherwise the one a Meta checkpoint was released with,
@@ -186,7 +177,7 @@ def write_safetensors(
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
     weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
     for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
-        tensor = owned(hf_tensor(key, tensor, args), dtype)
+        tensor = owned(to_hf_order(key, tensor, args), dtype)
         tensors[names[key]], out_dtype = tensor, tensor.dtype
         total_size += tensor.nbytes
         if key in last_keys:  # this file is complete: write it and let its tensors go

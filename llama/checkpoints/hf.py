@@ -87,6 +87,30 @@ def rotary_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotary_heads(key: str, args: ModelArgs) -> int:
+    """How many heads' rows of ``key`` (a weight's key, or its module's: ``layers.0.attention.wq``)
+    differ between Meta's and transformers' order: wq's and wk's, else none (0)."""
+    module = key.removesuffix(".weight")
+    if module.endswith("attention.wq"):
+        return args.n_heads
+    if module.endswith("attention.wk"):
+        return args.n_kv_heads
+    return 0
+
+
+def to_hf_order(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """``key``'s whole ``tensor`` (or a tensor with its rows, as a LoRA B) in transformers' row order."""
+    heads = rotary_heads(key, args)
+    return rotary_to_hf(tensor, heads) if heads else tensor
+
+
+def to_meta_order(key: str, tensor: torch.Tensor, args: ModelArgs, world_size: int = 1) -> torch.Tensor:
+    """``key``'s ``tensor`` from transformers' row order back to Meta's; a rank's slice of ``world_size``
+    holds whole heads, so it is undone on the slice alone."""
+    heads = rotary_heads(key, args) // world_size
+    return rotary_from_hf(tensor, heads) if heads else tensor
+
+
 # ---- config.json <-> Meta's params ----------------------------------------------------------------
 
 
@@ -352,11 +376,7 @@ def rank_tensors(
     for key, (full_shape, dim) in layout.items():
         size = full_shape[dim] // world_size if dim is not None else 0
         tensor = files.read(names[key], full_shape, dim, rank * size, (rank + 1) * size)
-        if key.endswith("attention.wq.weight"):
-            tensor = rotary_from_hf(tensor, args.n_heads // world_size)
-        elif key.endswith("attention.wk.weight"):
-            tensor = rotary_from_hf(tensor, args.n_kv_heads // world_size)
-        yield key, tensor
+        yield key, to_meta_order(key, tensor, args, world_size)
 
 
 def embedding_rows(ckpt_dir: str) -> int:

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 from llama.checkpoints import hf
 from llama.checkpoints.loader import read_params, save_checkpoint
-from llama.convert import hf_tensor
-from llama.checkpoints.hf import hf_names, is_hf_checkpoint
+from llama.checkpoints.hf import hf_names, is_hf_checkpoint, to_hf_order
 from llama.model import ModelArgs
 
 # files of a Hugging Face folder that are not weights: tokenization, generation, the chat template
@@ -33,7 +32,7 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
     state: Dict[str, torch.Tensor] = {key: tensor.to(dtype).contiguous() for key, tensor in tensors}
     if is_hf_checkpoint(ckpt_dir):
         names = hf_names(args.n_layers, tied=False)
-        save_file({names[key]: hf_tensor(key, tensor, args).contiguous() for key, tensor in state.items()},
+        save_file({names[key]: to_hf_order(key, tensor, args).contiguous() for key, tensor in state.items()},
                   str(out_dir / hf.SAFETENSORS), metadata={"format": "pt"})
         config = {**hf.read_config(ckpt_dir), "tie_word_embeddings": False,
                   "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
