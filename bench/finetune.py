@@ -122,13 +122,13 @@ def run_reference(options, device: torch.device):
     from peft import LoraConfig, get_peft_model
 
     from bench.transformers_llama import to_transformers
-    from llama.checkpoints.loader import read_params
+    from llama.checkpoints.loader import checkpoint_folder
     from llama.checkpoints.files import load_tensor_dict
 
     if options.worker_method == "qlora":
         raise SystemExit("the reference has no int4 base for QLoRA here")
     state = {k: v for k, v in load_tensor_dict(Path(options.ckpt_dir) / "consolidated.00.pth", "checkpoint shard").items() if k != "rope.freqs"}
-    params = read_params(options.ckpt_dir)
+    params = checkpoint_folder(options.ckpt_dir).params()
     vocab_size = state["tok_embeddings.weight"].shape[0]
     model = to_transformers(state, params, vocab_size, options.seq_len, dtype=torch.float32).to(device).train()
     del state

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama.checkpoints.bpe_files import write_tiktoken_file
-from llama.checkpoints.loader import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
+from llama.checkpoints.loader import CheckpointFolder, TensorLayout, checkpoint_folder, layout_of, meta_layout
 from llama.cli import run_parser
 from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, to_hf_order
 from llama.checkpoints.hf_tokenizer_files import write_hf_tokenizer_files
@@ -48,9 +48,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
     """The source's params (Meta's keys) and its full hyper-parameters, vocabulary size included."""
-    params = read_params(ckpt_dir)
-    rows, _ = embedding_rows(ckpt_dir, params)
-    return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
+    folder = checkpoint_folder(ckpt_dir)
+    params = folder.params()
+    rows, _ = folder.embedding_rows(params)
+    return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(folder.params_path))
 
 
 @contextlib.contextmanager
@@ -92,7 +93,7 @@ def owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def to_meta(
-    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
+    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
     tokenizer: Tokenizer, tokenizer_path: str,
 ) -> None:
     """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads in Meta's
@@ -103,7 +104,7 @@ def to_meta(
         write_meta_tokenizer(out, tokenizer, tokenizer_path)
         (out / "params.json").write_text(json.dumps(params, indent=2))
         for shard in range(n_shards):
-            state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
+            state = {key: owned(tensor, dtype) for key, tensor in source.rank_tensors(args, layout, shard, n_shards)}
             path = out / f"consolidated.{shard:02d}.pth"
             torch.save(state, path)
             logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
@@ -148,7 +149,7 @@ def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
 
 
 def to_hf(
-    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
+    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
     tokenizer: Tokenizer, tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
@@ -163,20 +164,21 @@ def to_hf(
         if not isinstance(tokenizer, TiktokenTokenizer):
             shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
         write_hf_tokenizer_files(tokenizer, out, max_position_embeddings)
-        out_dtype = write_safetensors(ckpt_dir, args, layout, groups, dtype, out)
+        out_dtype = write_safetensors(source, args, layout, groups, dtype, out)
         config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_safetensors(
-    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], groups: List[List[str]], dtype: Optional[torch.dtype], out: Path,
+    source: CheckpointFolder, args: ModelArgs, layout: Dict[str, TensorLayout], groups: List[List[str]],
+    dtype: Optional[torch.dtype], out: Path,
 ) -> torch.dtype:
     """The tensors in transformers' names as one safetensors file per group of keys (with their index
     when more than one), each file assembled and written in turn; returns the dtype written."""
     names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(len(groups))
     last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
     weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
-    for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
+    for key, tensor in source.rank_tensors(args, layout, 0, 1):
         tensor = owned(to_hf_order(key, tensor, args), dtype)
         tensors[names[key]], out_dtype = tensor, tensor.dtype
         total_size += tensor.nbytes
@@ -227,9 +229,9 @@ def convert(
             f"{args.vocab_size} rows: this tokenizer is not the checkpoint's"
         )
     if format == "meta":
-        to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
+        to_meta(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
     else:
-        to_hf(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
+        to_hf(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
               max_position_embeddings)
 
 

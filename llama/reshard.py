@@ -20,11 +20,11 @@ from typing import List, Optional
 import torch
 
 from llama.checkpoints.loader import (
-    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_vocab_size, layout_of, load_shard, meta_layout, rank_slices, read_params,
-    shard_paths, split_dims,
+    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_folder, checkpoint_vocab_size, layout_of,
+    load_shard, meta_layout, rank_slices, shard_paths, split_dims,
 )
 from llama.cli import run_parser
-from llama.checkpoints.hf import is_hf_checkpoint
+from llama.checkpoints.hf import HfFolder
 from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
 from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path, tokenizer_kind
@@ -44,19 +44,20 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
     """
     if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
         raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
-    if is_hf_checkpoint(ckpt_dir):
+    folder = checkpoint_folder(ckpt_dir)
+    if isinstance(folder, HfFolder):
         raise ValueError(
             f"{ckpt_dir} is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: "
             f"python -m llama.convert --ckpt_dir {ckpt_dir} --out {out_dir} --format meta --shards {n_shards}"
         )
-    params = read_params(ckpt_dir)
+    params = folder.params()
     paths = shard_paths(ckpt_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
 
     vocab_size = checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim))
-    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
+    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(folder.params_path))
     check_world_size(args.split_sizes, n_shards)
     layout = layout_of(args)  # from params.json, in this single process
     for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)

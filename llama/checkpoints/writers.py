@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from llama.checkpoints import hf
-from llama.checkpoints.loader import read_params, save_checkpoint
-from llama.checkpoints.hf import hf_names, is_hf_checkpoint, to_hf_order
+from llama.checkpoints.loader import checkpoint_folder, save_checkpoint
+from llama.checkpoints.hf import HfFolder, hf_names, to_hf_order
 from llama.model import ModelArgs
 
 # files of a Hugging Face folder that are not weights: tokenization, generation, the chat template
@@ -30,7 +30,8 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     state: Dict[str, torch.Tensor] = {key: tensor.to(dtype).contiguous() for key, tensor in tensors}
-    if is_hf_checkpoint(ckpt_dir):
+    source = checkpoint_folder(ckpt_dir)
+    if isinstance(source, HfFolder):
         names = hf_names(args.n_layers, tied=False)
         save_file({names[key]: to_hf_order(key, tensor, args).contiguous() for key, tensor in state.items()},
                   str(out_dir / hf.SAFETENSORS), metadata={"format": "pt"})
@@ -41,7 +42,7 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
             if (Path(ckpt_dir) / name).is_file():
                 shutil.copyfile(Path(ckpt_dir) / name, out_dir / name)
     else:
-        save_checkpoint(str(out_dir), read_params(ckpt_dir), state, n_shards=1, dtype=dtype)
+        save_checkpoint(str(out_dir), source.params(), state, n_shards=1, dtype=dtype)
     if not any((out_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         shutil.copyfile(tokenizer_path, out_dir / Path(tokenizer_path).name)
     if final.exists():
