@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from llama.checkpoints.loader import checkpoint_folder, save_checkpoint, shard_paths
+from llama.checkpoints.loader import checkpoint_folder, shard_paths
+from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 
 # stories110M's shapes with an untied output: 134M parameters

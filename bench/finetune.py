@@ -53,7 +53,8 @@ PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def random_checkpoint(params: dict, ckpt_dir: str, device: str) -> str:
     """A checkpoint of ``params``' shape in Meta's layout (bfloat16, N(0, 0.02), unit norms), drawn on
     ``device`` (fast on a GPU) tensor by tensor."""
-    from llama.checkpoints.loader import layout_of, save_checkpoint
+    from llama.checkpoints.loader import layout_of
+    from llama.checkpoints.writers import save_checkpoint
     from llama.model import ModelArgs
 
     generator = torch.Generator(device).manual_seed(0)

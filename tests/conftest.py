@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 

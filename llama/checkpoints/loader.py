@@ -14,7 +14,6 @@ into the same keys and slices: ``checkpoint_folder`` chooses the layout once, an
 it gives (``MetaFolder``, ``HfFolder``). ``python -m llama.convert`` converts between the two layouts.
 """
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -29,7 +28,7 @@ from llama.layers.cpu_threads import choose_threads
 from llama.checkpoints.files import load_tensor_dict, read_json_object
 from llama.checkpoints.mapped_pages import release_copied
 from llama.checkpoints.hf import is_hf_checkpoint
-from llama.model import ModelArgs, Transformer, rope_frequencies
+from llama.model import ModelArgs, Transformer
 from llama.layers.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
 from llama.checkpoints.placement import place_tensors
 from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
@@ -373,25 +372,3 @@ def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
     """The layout of the model ``args`` describes, split over this process's world size."""
     with torch.device("meta"):
         return model_layout(Transformer(args), model_parallel_world_size())
-
-
-def shard_slice(tensor: torch.Tensor, dim: Optional[int], n_shards: int, shard: int) -> torch.Tensor:
-    """Shard ``shard`` of ``n_shards`` of the full ``tensor``, split on ``dim``, as its own copy."""
-    if dim is None:
-        return tensor.clone()
-    return tensor.chunk(n_shards, dim=dim)[shard].clone()  # a view would save the whole storage
-
-
-def save_checkpoint(
-    ckpt_dir: str, params: dict, state: Dict[str, torch.Tensor], n_shards: int = 1, dtype: torch.dtype = torch.bfloat16
-) -> None:
-    """Write full (unsharded) tensors as ``n_shards`` shards in Meta's layout, with ``params.json``."""
-    args = ModelArgs.from_dict({**params, "vocab_size": state["tok_embeddings.weight"].shape[0]})
-    out = Path(ckpt_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(params))
-    layout = layout_of(args)
-    for shard in range(n_shards):
-        tensors = {key: shard_slice(t.to(dtype), layout[key].split_dim, n_shards, shard) for key, t in state.items()}
-        tensors["rope.freqs"] = rope_frequencies(args.head_dim, args.rope_theta).to(dtype)
-        torch.save(tensors, out / f"consolidated.{shard:02d}.pth")
