@@ -361,13 +361,6 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of this rank's tensors for ``args``, computed on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {key: tuple(p.shape) for key, p in model.state_dict().items()}
-
-
 def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
     """The layout of the model ``args`` describes, split over this process's world size."""
     with torch.device("meta"):

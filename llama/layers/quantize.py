@@ -327,22 +327,3 @@ def quantizable_weights(model: nn.Module) -> Dict[str, nn.Module]:
 def set_quantized_weight(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor) -> None:
     module.weight = nn.Parameter(weight, requires_grad=False)
     module.scales = scales
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
-    """Quantize every linear layer of a ``Transformer`` already in memory, in place; returns it.
-    ``Llama.build`` instead quantizes tensor by tensor while loading (``llama.checkpoints.placement``)."""
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    layers = quantizable_weights(model)
-    if quantization.bits == 4:
-        check_int4_shapes({name: tuple(m.weight.shape) for name, m in layers.items()}, quantization)
-    for module in layers.values():
-        weight, scales = quantize_linear_weight(module.weight.cpu(), quantization, device.type)
-        set_quantized_weight(module, tile_on_device(weight.to(device)), scales.to(device, dtype))
-    return model
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """``quantize_model(model, int8)``. The model's dtype should be bfloat16 or float16 on GPU."""
-    return quantize_model(model, Quantization(8))
