@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
+from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.placement import place_tensors
 from llama.checkpoints.writers import save_checkpoint
 from llama.layers.quantize import Quantization, quantizable_weights
@@ -21,6 +22,7 @@ from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_TOKENIZER = BUNDLED / "tokenizer.model"  # the tests import both from here
 
 @pytest.fixture(scope="session", autouse=True)
 def timed_choices_folder(tmp_path_factory):
