@@ -123,7 +123,7 @@ def rope_settings(config: dict, source: str) -> dict:
     (``use_scaled_rope`` and ``ROPE_SCALING_KEYS``, each only when it differs from Meta's constant).
 
     transformers 5 keeps everything under ``rope_parameters``; 4 kept rope_theta at the top level and
-    the scaling under ``rope_scaling`` (whose type was once called "type"). Other scalings (linear,
+    the scaling under ``rope_scaling`` (whose type older files name "type"). Other scalings (linear,
     dynamic, yarn, longrope, ...) change the angles differently and are not implemented here.
     """
     parameters = config.get("rope_parameters") or {}
