@@ -196,10 +196,10 @@ class Llama3ChatFormat(ChatFormat):
     def encode_finished(self, dialog: Sequence[Message]) -> Tuple[List[int], List[bool]]:
         tokens, assistant = [self.tokenizer.bos_id], [False]
         for message in dialog:
-            encoded = self.encode_message(message)
-            header = len(self.encode_header(message["role"])) if message["role"] == "assistant" else len(encoded)
+            encoded = self.encode_message(message)  # an assistant's content and <|eot_id|> after its header are its own
+            theirs = len(encoded) - len(self.encode_header("assistant")) if message["role"] == "assistant" else 0
             tokens += encoded
-            assistant += [False] * header + [True] * (len(encoded) - header)
+            assistant += [False] * (len(encoded) - theirs) + [True] * theirs
         return tokens, assistant
 
     def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
