@@ -29,7 +29,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from llama.training import loop
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
 from llama.tokenizer import Tokenizer, train_tokenizer

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from llama.checkpoints.loader import embedding_rows, read_params, save_checkpoint, shard_paths
+from llama.checkpoints.loader import checkpoint_folder, shard_paths
+from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 
 # stories110M's shapes with an untied output: 134M parameters
@@ -37,9 +38,10 @@ def random_checkpoint(args: argparse.Namespace, ckpt_dir: str, seed: int = 0) ->
 
 def checkpoint_args(ckpt_dir: str, max_seq_len: int, max_batch_size: int) -> ModelArgs:
     """ModelArgs of a checkpoint, the vocabulary taken from its params.json or its embedding."""
-    params = read_params(ckpt_dir)
+    folder = checkpoint_folder(ckpt_dir)
+    params = folder.params()
     if params.get("vocab_size", -1) < 1:
-        params["vocab_size"] = embedding_rows(ckpt_dir, params)[0]
+        params["vocab_size"] = folder.embedding_rows(params)[0]
     return ModelArgs.from_dict({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
 
 

@@ -12,17 +12,15 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 
+from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.engine.runner import Features
-
-BUNDLED = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib")
 MAX_TOP_LOGPROBS = 20  # the server's limit
 
 
@@ -45,7 +43,7 @@ def step_seconds(engine: Engine, width: int, features: Features, steps: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.set_defaults(ckpt_dir=BUNDLED)
+    parser.set_defaults(ckpt_dir=str(BUNDLED))
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="steps timed per round")

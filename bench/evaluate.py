@@ -23,13 +23,13 @@ import torch
 from common import DTYPES, add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from transformers_llama import to_transformers
 
+from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.evaluation.harness import LlamaLM
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"  # only BOS and EOS are read: the requests are tokens
+TOKENIZER = BUNDLED / "tokenizer.model"  # only BOS and EOS are read: the requests are tokens
 
 
 def make_requests(questions: int, choices: int, vocab_size: int, seed: int = 0) -> list:

@@ -53,7 +53,8 @@ PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def random_checkpoint(params: dict, ckpt_dir: str, device: str) -> str:
     """A checkpoint of ``params``' shape in Meta's layout (bfloat16, N(0, 0.02), unit norms), drawn on
     ``device`` (fast on a GPU) tensor by tensor."""
-    from llama.checkpoints.loader import layout_of, save_checkpoint
+    from llama.checkpoints.loader import layout_of
+    from llama.checkpoints.writers import save_checkpoint
     from llama.model import ModelArgs
 
     generator = torch.Generator(device).manual_seed(0)
@@ -122,13 +123,13 @@ def run_reference(options, device: torch.device):
     from peft import LoraConfig, get_peft_model
 
     from bench.transformers_llama import to_transformers
-    from llama.checkpoints.loader import read_params
+    from llama.checkpoints.loader import checkpoint_folder
     from llama.checkpoints.files import load_tensor_dict
 
     if options.worker_method == "qlora":
         raise SystemExit("the reference has no int4 base for QLoRA here")
     state = {k: v for k, v in load_tensor_dict(Path(options.ckpt_dir) / "consolidated.00.pth", "checkpoint shard").items() if k != "rope.freqs"}
-    params = read_params(options.ckpt_dir)
+    params = checkpoint_folder(options.ckpt_dir).params()
     vocab_size = state["tok_embeddings.weight"].shape[0]
     model = to_transformers(state, params, vocab_size, options.seq_len, dtype=torch.float32).to(device).train()
     del state

@@ -13,13 +13,11 @@ PYTHONPATH pointing at another checkout to compare versions).
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from llama.checkpoints.files import BUNDLED
 from llama.generation import Llama
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed_generate(llama: Llama, prompts, n_tokens: int) -> float:
@@ -36,7 +34,7 @@ def decode_tokens_per_second(llama: Llama, prompts, n_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", default=str(ROOT / "checkpoints" / "tiny-stdlib"))
+    parser.add_argument("--ckpt_dir", default=str(BUNDLED))
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--gen_tokens", type=int, default=200)

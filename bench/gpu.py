@@ -39,7 +39,8 @@ import torch
 from common import bytes_per_token, print_table, read_bandwidth
 from compare import Ours, cuda_bandwidth, mode_settings, timed
 
-from llama.checkpoints.loader import layout_of, load_model, save_checkpoint
+from llama.checkpoints.loader import layout_of, load_model
+from llama.checkpoints.writers import save_checkpoint
 from llama.layers.kv_cache import BlockTables, attended_tables, contiguous_tables
 from llama.model import ModelArgs
 

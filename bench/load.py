@@ -40,7 +40,7 @@ from torch import nn
 
 from common import DTYPES, add_checkpoint_args, checkpoint_args, checkpoint_bytes, print_table, random_checkpoint
 
-from llama.checkpoints.loader import load_model, read_params, shard_paths
+from llama.checkpoints.loader import checkpoint_folder, load_model, shard_paths
 from llama.layers.quantize import parse_quantize
 
 
@@ -82,7 +82,7 @@ def load_meta(ckpt_dir: str, meta_llama: str, dtype: torch.dtype, max_seq_len: i
     meta = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(meta)
     checkpoint = torch.load(shard_paths(ckpt_dir)[0], map_location="cpu")
-    params = read_params(ckpt_dir)
+    params = checkpoint_folder(ckpt_dir).params()
     known = {f.name for f in fields(meta.ModelArgs)}
     model_args = meta.ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **{k: v for k, v in params.items() if k in known})
     model_args.vocab_size = checkpoint["tok_embeddings.weight"].shape[0]  # Meta takes the tokenizer's

@@ -48,9 +48,9 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama.tokenizer import Tokenizer  # noqa: E402  (after the path: the repository's llama)
+from llama.checkpoints.files import BUNDLED  # noqa: E402  (after the path: the repository's llama)
+from llama.tokenizer import Tokenizer  # noqa: E402
 
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 POLICIES = ("continuous", "static")
 
 

@@ -22,19 +22,17 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from common import DEFAULT_SHAPE, DTYPES, checkpoint_args, random_checkpoint
 
+from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine
 from llama.options import GenerationOptions
 from llama.layers.quantize import parse_quantize
 from llama.tokenizer import Tokenizer
-
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"
 CONTINUING = {
     "main": "import os\nimport sys\n\n\ndef main():\n",
     "class": "class Stack:\n    def __init__(self):\n",

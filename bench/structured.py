@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402  (after the path: the repository's llama)
+from llama.checkpoints.files import BUNDLED  # noqa: E402
 from llama.options import GenerationOptions  # noqa: E402
 from llama.engine.structured import COMPACT, special_ids  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
                                            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4}},
           "required": ["name", "age", "tags"], "additionalProperties": False}

@@ -25,10 +25,10 @@ import torch  # before llama, whose import sets OMP_WAIT_POLICY=PASSIVE if unset
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from compare import Ours, timed
 
+from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.distributed import set_threads
 
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"
 PROMPT_LEN = 16
 
 

@@ -22,24 +22,22 @@ what it wrote.
 """
 
 import argparse
-import contextlib
 import json
 import logging
-import shutil
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-from safetensors.torch import save_file
 
-from llama.checkpoints.bpe_files import write_tiktoken_file
-from llama.checkpoints.loader import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
+from llama.checkpoints.hf import params_to_config
+from llama.checkpoints.loader import CheckpointFolder, checkpoint_folder, layout_of, meta_layout
+from llama.checkpoints.writers import (
+    file_groups, meta_shard_path, output_folder, write_hf_tokenizer, write_hf_weights, write_meta_shard,
+    write_meta_tokenizer,
+)
 from llama.cli import run_parser
-from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
-from llama.checkpoints.hf_tokenizer_files import write_hf_tokenizer_files
-from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
-from llama.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
+from llama.model import ModelArgs
+from llama.tokenizer import TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,51 +46,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
     """The source's params (Meta's keys) and its full hyper-parameters, vocabulary size included."""
-    params = read_params(ckpt_dir)
-    rows, _ = embedding_rows(ckpt_dir, params)
-    return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(params_path(ckpt_dir)))
-
-
-@contextlib.contextmanager
-def output_folder(out_dir: str) -> Iterator[Path]:
-    """The output folder, absent or empty, created; if the block fails (a refused tokenizer, a full
-    disk, Ctrl-C), what it wrote is removed, with the folders it created for it."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
-    created = None if out.exists() else out  # the outermost folder this creates
-    while created is not None and not created.parent.exists():
-        created = created.parent
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        yield out
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created)
-        else:
-            for path in out.iterdir():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        raise
-
-
-def write_meta_tokenizer(out: Path, tokenizer: Tokenizer, tokenizer_path: str) -> None:
-    """The tokenizer in Meta's form: a sentencepiece model copied, Llama 3's as Meta's tiktoken
-    ``tokenizer.model`` (refused for a vocabulary Meta's file cannot hold)."""
-    if isinstance(tokenizer, TiktokenTokenizer):
-        write_tiktoken_file(tokenizer.vocabulary, out / TOKENIZER_FILE)
-    else:
-        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
-
-
-def owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """``tensor`` in ``dtype`` (None: as it is), as a tensor owning its storage: savers write a
-    view's whole storage (torch.save) or refuse shared memory (safetensors)."""
-    tensor = tensor.to(dtype or tensor.dtype)
-    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+    folder = checkpoint_folder(ckpt_dir)
+    params = folder.params()
+    rows, _ = folder.embedding_rows(params)
+    return params, ModelArgs.from_dict({**params, "vocab_size": rows}, source=str(folder.params_path))
 
 
 def to_meta(
-    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
+    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
     tokenizer: Tokenizer, tokenizer_path: str,
 ) -> None:
     """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads in Meta's
@@ -103,43 +64,9 @@ def to_meta(
         write_meta_tokenizer(out, tokenizer, tokenizer_path)
         (out / "params.json").write_text(json.dumps(params, indent=2))
         for shard in range(n_shards):
-            state = {key: owned(tensor, dtype) for key, tensor in rank_tensors(ckpt_dir, args, layout, shard, n_shards)}
-            path = out / f"consolidated.{shard:02d}.pth"
-            torch.save(state, path)
+            path = meta_shard_path(out, shard)
+            write_meta_shard(path, source.rank_tensors(args, layout, shard, n_shards), dtype)
             logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
-
-
-def file_groups(layout: Dict[str, TensorLayout], n_files: int) -> List[List[str]]:
-    """The keys, in order, cut into ``n_files`` non-empty runs of about equal size."""
-    keys = list(layout)
-    if not 1 <= n_files <= len(keys):
-        raise ValueError(f"--shards for the hf format must be between 1 and the number of tensors ({len(keys)}), got {n_files}")
-    sizes = [shape.numel() for shape, _ in layout.values()]
-    total, cuts, seen = sum(sizes), [0], 0
-    for i, size in enumerate(sizes):  # cut before key i when the files begun so far hold their share
-        n_begun = len(cuts)
-        share_held = seen * n_files >= n_begun * total
-        keys_just_suffice = len(keys) - i == n_files - n_begun  # one key left for each file not begun
-        if i > cuts[-1] and n_begun < n_files and (share_held or keys_just_suffice):
-            cuts.append(i)
-        seen += size
-    cuts.append(len(keys))
-    return [keys[begin:end] for begin, end in zip(cuts, cuts[1:])]
-
-
-def hf_file_names(n_files: int) -> List[str]:
-    if n_files == 1:
-        return [SAFETENSORS]
-    return [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
-
-
-def hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """A full tensor in transformers' row order (only wq and wk differ)."""
-    if key.endswith("attention.wq.weight"):
-        return rotary_to_hf(tensor, args.n_heads)
-    if key.endswith("attention.wk.weight"):
-        return rotary_to_hf(tensor, args.n_kv_heads)
-    return tensor
 
 
 def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
@@ -157,7 +84,7 @@ def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
 
 
 def to_hf(
-    ckpt_dir: str, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
+    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
     tokenizer: Tokenizer, tokenizer_path: str, max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
@@ -169,35 +96,10 @@ def to_hf(
         logger.info("max_position_embeddings: %d (the model's trained context; --max_position_embeddings sets another)",
                     max_position_embeddings)
     with output_folder(out_dir) as out:
-        if not isinstance(tokenizer, TiktokenTokenizer):
-            shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
-        write_hf_tokenizer_files(tokenizer, out, max_position_embeddings)
-        out_dtype = write_safetensors(ckpt_dir, args, layout, groups, dtype, out)
+        write_hf_tokenizer(out, tokenizer, tokenizer_path, max_position_embeddings)
+        out_dtype = write_hf_weights(out, source.rank_tensors(args, layout, 0, 1), args, groups, dtype)
         config = params_to_config(args, out_dtype, tokenizer.bos_id, tokenizer.eos_id, max_position_embeddings)
         (out / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def write_safetensors(
-    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], groups: List[List[str]], dtype: Optional[torch.dtype], out: Path,
-) -> torch.dtype:
-    """The tensors in transformers' names as one safetensors file per group of keys (with their index
-    when more than one), each file assembled and written in turn; returns the dtype written."""
-    names, file_names = hf_names(args.n_layers, tied=False), hf_file_names(len(groups))
-    last_keys = {group[-1]: file_name for group, file_name in zip(groups, file_names)}
-    weight_map, total_size, tensors, out_dtype = {}, 0, {}, None
-    for key, tensor in rank_tensors(ckpt_dir, args, layout, 0, 1):
-        tensor = owned(hf_tensor(key, tensor, args), dtype)
-        tensors[names[key]], out_dtype = tensor, tensor.dtype
-        total_size += tensor.nbytes
-        if key in last_keys:  # this file is complete: write it and let its tensors go
-            save_file(tensors, out / last_keys[key], metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, last_keys[key]))
-            logger.info("wrote %s", out / last_keys[key])
-            tensors = {}
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-    return out_dtype
 
 
 def convert(
@@ -236,9 +138,9 @@ def convert(
             f"{args.vocab_size} rows: this tokenizer is not the checkpoint's"
         )
     if format == "meta":
-        to_meta(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
+        to_meta(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
     else:
-        to_hf(ckpt_dir, params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
+        to_hf(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
               max_position_embeddings)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
 from llama.chat.format import chat_format_for
-from llama.checkpoints.loader import layout_of, load_model, rank_tensors, read_model_args
+from llama.checkpoints.loader import checkpoint_folder, layout_of, load_model, read_model_args
 from llama.cli import run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
 from llama.checkpoints.writers import write_checkpoint
@@ -220,7 +220,7 @@ def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Opt
 
 def source_dtype(ckpt_dir: str, args) -> torch.dtype:
     """The dtype the checkpoint stores its weights in (its embedding's)."""
-    return next(iter(rank_tensors(ckpt_dir, args, layout_of(args), 0, 1)))[1].dtype
+    return next(iter(checkpoint_folder(ckpt_dir).rank_tensors(args, layout_of(args), 0, 1)))[1].dtype
 
 
 def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None:
@@ -228,7 +228,7 @@ def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None
     the source (a QLoRA base in memory is only its int4 rounding)."""
     layout = layout_of(args)
     adapter = read_adapter(options.out, args)
-    tensors = merge_adapter(rank_tensors(options.ckpt_dir, args, layout, 0, 1), adapter,
+    tensors = merge_adapter(checkpoint_folder(options.ckpt_dir).rank_tensors(args, layout, 0, 1), adapter,
                             {key: entry.split_dim for key, entry in layout.items()}, 0, 1)
     write_checkpoint(Path(options.out) / "checkpoint", options.ckpt_dir, tokenizer_path, args, tensors, source_dtype(options.ckpt_dir, args))
 

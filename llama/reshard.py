@@ -7,24 +7,24 @@ saved with as many shards as processes loads fastest: each rank memory-maps one 
 holds ``consolidated.00.pth`` ... in Meta's layout, every tensor in its original dtype, the source's
 ``rope.freqs``, and copies of ``params.json`` and the tokenizer. The token embedding is split as Meta's
 code for the model splits it: Llama 2's on the features, Llama 3's on the vocabulary (as the source's
-shards are, or, from one shard, when the tokenizer is Llama 3's). Target shards are written one at a time, each assembled
-from memory-mapped sources, so the tool needs memory for one target shard, not the model.
+shards are, or, from one shard, when the tokenizer is Llama 3's). Target shards are written one at a time,
+each assembled from memory-mapped sources, so the tool needs memory for one target shard, not the model.
 """
 
 import argparse
 import logging
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from llama.checkpoints.loader import (
-    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_vocab_size, layout_of, load_shard, meta_layout, rank_slices, read_params,
-    shard_paths, split_dims,
+    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_folder, checkpoint_vocab_size, layout_of,
+    load_shard, meta_layout, rank_slices, shard_paths, split_dims,
 )
+from llama.checkpoints.writers import meta_shard_path, write_meta_shard
 from llama.cli import run_parser
-from llama.checkpoints.hf import is_hf_checkpoint
+from llama.checkpoints.hf import HfFolder
 from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
 from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path, tokenizer_kind
@@ -44,19 +44,20 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
     """
     if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
         raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
-    if is_hf_checkpoint(ckpt_dir):
+    folder = checkpoint_folder(ckpt_dir)
+    if isinstance(folder, HfFolder):
         raise ValueError(
             f"{ckpt_dir} is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: "
             f"python -m llama.convert --ckpt_dir {ckpt_dir} --out {out_dir} --format meta --shards {n_shards}"
         )
-    params = read_params(ckpt_dir)
+    params = folder.params()
     paths = shard_paths(ckpt_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out_dir} already exists and is not an empty directory")
 
     vocab_size = checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim))
-    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(Path(ckpt_dir) / "params.json"))
+    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size}, source=str(folder.params_path))
     check_world_size(args.split_sizes, n_shards)
     layout = layout_of(args)  # from params.json, in this single process
     for path in paths:  # every source shard checked before anything is written (memory-mapped: headers only)
@@ -71,9 +72,9 @@ def reshard(ckpt_dir: str, out_dir: str, n_shards: int, tokenizer_path: Optional
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
         logger.info("copied %s", tokenizer)
-    for shard in range(n_shards):
-        path = out / f"consolidated.{shard:02d}.pth"
-        write_shard(path, paths, out_layout, extras, shard, n_shards)
+    for shard in range(n_shards):  # one shard assembled at a time, from memory-mapped views in the source's dtypes
+        path = meta_shard_path(out, shard)
+        write_meta_shard(path, chain(rank_slices(paths, out_layout, shard, n_shards), extras.items()))
         logger.info("wrote %s (%d of %d)", path, shard + 1, n_shards)
 
 
@@ -98,16 +99,6 @@ def splits_vocabulary(paths: List[Path], first: dict, layout: dict, tokenizer: O
         logger.info("no tokenizer: the embedding is split as Llama 2's code splits it")
         return False
     return tokenizer_kind(tokenizer) != "sentencepiece"
-
-
-def write_shard(path: Path, paths: List[Path], layout: dict, extras: dict, shard: int, n_shards: int) -> None:
-    """Assemble and save one target shard; its tensors are freed on return, before the next is built."""
-    state = dict(rank_slices(paths, layout, shard, n_shards))  # memory-mapped views, in the source's dtypes
-    state.update(extras)
-    for key, tensor in state.items():  # torch.save writes a view's whole storage: copy the views of a larger one
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            state[key] = tensor.clone()
-    torch.save(state, path)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

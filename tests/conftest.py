@@ -14,11 +14,15 @@ import torch
 import torch.distributed as dist
 
 from bench.transformers_llama import to_transformers  # noqa: F401 (the tests import it from here)
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.files import BUNDLED
+from llama.checkpoints.placement import place_tensors
+from llama.checkpoints.writers import save_checkpoint
+from llama.layers.quantize import Quantization, quantizable_weights
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_TOKENIZER = BUNDLED / "tokenizer.model"  # the tests import both from here
 
 @pytest.fixture(scope="session", autouse=True)
 def timed_choices_folder(tmp_path_factory):
@@ -96,6 +100,15 @@ def random_state(args: ModelArgs, seed: int = 0) -> dict:
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def quantize_linears(model: Transformer, quantization: Quantization) -> Transformer:
+    """``model`` with its linear weights quantized in place by the loader's own step
+    (``placement.place_tensors``), as ``Llama.build(quantize=...)`` quantizes a checkpoint's; returns it."""
+    embedding = model.tok_embeddings.weight
+    linears = [(f"{name}.weight", module.weight.detach()) for name, module in quantizable_weights(model).items()]
+    place_tensors(model, linears, embedding.device, embedding.dtype, quantization)
+    return model
 
 
 @pytest.fixture(scope="session")

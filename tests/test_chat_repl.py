@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import SMALL_PARAMS, random_state
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.writers import save_checkpoint
 from llama.generation import Llama
 from llama.model import ModelArgs
 

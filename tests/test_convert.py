@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_PARAMS, to_transformers
+from conftest import BUNDLED, SMALL_PARAMS, to_transformers
 from distributed_worker import TOKENS
 from llama.convert import convert, main
 from llama.generation import Llama
@@ -16,7 +16,6 @@ from llama.generation import Llama
 # The fields of Meta's ModelArgs (meta-llama/llama, llama/model.py); Code Llama's adds rope_theta.
 LLAMA2_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "max_batch_size", "max_seq_len"}
 CODE_LLAMA_FIELDS = LLAMA2_FIELDS | {"rope_theta"}
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 
 HF_MODELS = {  # LlamaConfig keys; 64 dims and intermediate sizes Meta's rule gives only with a multiplier
     "gqa, theta 1e6, FFN 100, 3 files": ({"num_key_value_heads": 4, "intermediate_size": 100, "rope_theta": 1e6}, "40KB"),

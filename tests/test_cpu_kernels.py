@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_PARAMS, random_state
+from conftest import SMALL_PARAMS, quantize_linears, random_state
 from llama.layers import cpu_kernels
 from llama.layers.cpu_kernels import choose_float32_kernels
 from llama.model import ModelArgs, Transformer
-from llama.layers.quantize import linear, quantize_int8
+from llama.layers.quantize import Quantization, linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -64,7 +64,7 @@ def test_a_tie_keeps_torchs_default(fresh_choices, monkeypatch):
 
 
 def test_quantized_and_half_precision_layers_are_not_timed(fresh_choices):
-    model = quantize_int8(small_model().to(torch.bfloat16))
+    model = quantize_linears(small_model().to(torch.bfloat16), Quantization(8))
     assert choose_float32_kernels(model) == {}
     assert choose_float32_kernels(small_model().to(torch.bfloat16)) == {}
 

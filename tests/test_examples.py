@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BUNDLED_TOKENIZER
 from llama.chat.format import chat_format_for
 from llama.tokenizer import Tokenizer
 
@@ -113,7 +114,7 @@ def test_the_default_command_compiled_generates_to_the_end_of_a_small_context(sc
     """The bundled model's default prompts or dialogs, sampled as by default, with --compile: every row
     decodes to the context's last position (the bundled model emits no EOS on them)."""
     example = example_script(script)
-    tokenizer = Tokenizer(str(ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"))
+    tokenizer = Tokenizer(str(BUNDLED_TOKENIZER))
     if script == "example_chat.py":
         prompt_lens = [len(chat_format_for(tokenizer).encode_dialog(dialog)) for dialog in example.DIALOGS]
     else:

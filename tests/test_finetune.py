@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMALL_PARAMS, to_transformers
+from conftest import BUNDLED, SMALL_PARAMS, to_transformers
 from llama import Llama
 from llama.checkpoints.peft import read_adapter, write_adapter
 from llama.checkpoints.loader import load_model
@@ -26,7 +26,6 @@ from llama.layers.loss import causal_lm_loss
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
           {"role": "assistant", "content": "4"}, {"role": "user", "content": "and times three?"}, {"role": "assistant", "content": "12"}]
 

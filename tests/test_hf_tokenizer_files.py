@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from conftest import ROOT, stdlib_lines
+from conftest import BUNDLED_TOKENIZER, stdlib_lines
 from llama.checkpoints.hf_tokenizer_files import NormalizerSpec, write_hf_tokenizer_files
 from llama.tokenizer import Tokenizer
 
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib" / "tokenizer.model"
 # what the settings act on: spaces at the ends and in runs, tabs and newlines, characters NFKC maps,
 # characters only bytes encode, and the empty text
 TEXTS = ["import os\n", "def f(x):  return x", "  héllo\nwörld", " a leading space", "", "   ", "x\n\n  y ", "\n  x",
@@ -68,7 +67,7 @@ def model():
             if name == UNESCAPED:
                 made[name] = unescaped(train(SETTINGS["Llama 2: a dummy prefix"]))
             else:
-                made[name] = BUNDLED.read_bytes() if SETTINGS[name] is None else train(SETTINGS[name])
+                made[name] = BUNDLED_TOKENIZER.read_bytes() if SETTINGS[name] is None else train(SETTINGS[name])
         return made[name]
 
     return make
@@ -130,7 +129,7 @@ def test_normalizer_settings_are_read_as_protobuf_reads_them(model, name, tmp_pa
 
 
 def test_the_bundled_model_reads_as_adding_no_dummy_prefix(tmp_path):
-    spec = NormalizerSpec.of(write_folder(BUNDLED.read_bytes(), tmp_path))
+    spec = NormalizerSpec.of(write_folder(BUNDLED_TOKENIZER.read_bytes(), tmp_path))
     assert (spec.add_dummy_prefix, spec.remove_extra_whitespaces, spec.precompiled_charsmap) == (False, False, b"")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

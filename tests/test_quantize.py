@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_PARAMS
+from conftest import ROOT, SMALL_PARAMS, quantize_linears
 from llama.checkpoints import placement
 from llama.checkpoints.loader import load_model
 from llama.generation import Llama
@@ -23,7 +23,6 @@ from llama.layers.quantize import (
     linear,
     parse_quantize,
     quantize_linear_weight,
-    quantize_model,
     training_cpu_dtype,
 )
 from test_speed_paths import greedy_alone, small_model
@@ -119,7 +118,7 @@ def test_int4_on_a_cpu_whose_kernel_cannot_outpace_int8_is_said_at_load(make_che
 
 
 def test_int4_model_decodes_like_the_model_holding_the_dequantized_weights():
-    quantized = quantize_model(small_model(64, 1), Quantization(4, 32))
+    quantized = quantize_linears(small_model(64, 1), Quantization(4, 32))
     dequantized = small_model(64, 1)
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -198,7 +197,7 @@ def test_build_with_int4_generates_as_the_bfloat16_model_quantized_after_loading
     ckpt_dir, _ = make_checkpoint()
     quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
     by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
-    quantize_model(by_hand.model, Quantization(4, 32))
+    quantize_linears(by_hand.model, Quantization(4, 32))
     prompts = [[1, 5, 9, 200], [1, 7]]
     assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
 

@@ -23,12 +23,11 @@ import openai
 import pytest
 import torch
 
-from conftest import SMALL_PARAMS
+from conftest import BUNDLED, SMALL_PARAMS
 from llama import Llama
 from server_worker import PG_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 API_KEY = "test-key"
 MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 4  # room for two tools described in JSON
 SERVER_ARGS = ["--max_seq_len", str(MAX_SEQ_LEN), "--max_batch_size", str(MAX_BATCH_SIZE), "--port", "0", "--dtype", "float32", "--device", "cpu"]

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BUNDLED, BUNDLED_TOKENIZER
 from llama import Llama, Tokenizer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
 
 ROOT = Path(__file__).resolve().parent.parent
-CKPT_DIR = ROOT / "checkpoints" / "tiny-stdlib"
-TOKENIZER_PATH = CKPT_DIR / "tokenizer.model"
 spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
 train = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train)
@@ -28,7 +27,8 @@ HELDOUT_FILES = 3
 
 @pytest.fixture(scope="module")
 def generator():
-    return Llama.build(str(CKPT_DIR), str(TOKENIZER_PATH), max_seq_len=256, max_batch_size=8, device="cpu", dtype="float32")
+    return Llama.build(str(BUNDLED), str(BUNDLED_TOKENIZER), max_seq_len=256, max_batch_size=8, device="cpu",
+                       dtype="float32")
 
 
 def heldout_texts():
@@ -36,14 +36,14 @@ def heldout_texts():
 
 
 def test_shipped_checkpoint_is_small_bfloat16_in_metas_layout():
-    assert sorted(p.name for p in CKPT_DIR.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
-    assert sum(p.stat().st_size for p in CKPT_DIR.iterdir()) <= 25e6
-    state = torch.load(CKPT_DIR / "consolidated.00.pth", weights_only=True, mmap=True)
+    assert sorted(p.name for p in BUNDLED.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) <= 25e6
+    state = torch.load(BUNDLED / "consolidated.00.pth", weights_only=True, mmap=True)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
 
 
 def test_shipped_tokenizer_has_llamas_special_ids_and_round_trips_any_text():
-    tokenizer = Tokenizer(str(TOKENIZER_PATH))
+    tokenizer = Tokenizer(str(BUNDLED_TOKENIZER))
     assert (tokenizer.sp_model.unk_id(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, -1)
     assert 2048 <= tokenizer.n_words <= 8192
     text = "    def f(x):\n\treturn 'héllo wörld ✓ 中文'  # trailing  \n\n"
@@ -72,7 +72,7 @@ def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(gen
     text_file = tmp_path / "heldout.py"
     text_file.write_text(heldout_texts()[0])
     result = subprocess.run(  # no --tokenizer_path: the checkpoint folder's own tokenizer.model
-        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(CKPT_DIR),
+        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(BUNDLED),
          "--text_file", str(text_file), "--device", "cpu", "--dtype", "float32"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -85,8 +85,8 @@ def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(gen
 def test_perplexity_command_names_a_missing_text_file_in_one_line_and_exits_2(tmp_path):
     missing = tmp_path / "missing.txt"
     result = subprocess.run(
-        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(CKPT_DIR), "--tokenizer_path", str(TOKENIZER_PATH),
-         "--text_file", str(missing)],
+        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(BUNDLED),
+         "--tokenizer_path", str(BUNDLED_TOKENIZER), "--text_file", str(missing)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoints.loader import save_checkpoint
+from llama.checkpoints.writers import save_checkpoint
 from llama.cli import check_speculation_flags, compile_line
 from llama.engine import Engine
 from llama.generation import Llama

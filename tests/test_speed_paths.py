@@ -4,9 +4,9 @@ batch prefilled in one pass with per-row positions, and int8 weight-only matmuls
 import pytest
 import torch
 
-from conftest import SMALL_PARAMS, random_state, to_transformers
+from conftest import SMALL_PARAMS, quantize_linears, random_state, to_transformers
 from llama.model import ModelArgs, Transformer
-from llama.layers.quantize import linear, quantize_int8, quantize_weight, quantized_cpu_dtype
+from llama.layers.quantize import Quantization, linear, quantize_weight, quantized_cpu_dtype
 
 
 def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> Transformer:
@@ -78,7 +78,7 @@ def test_int8_matmul_equals_the_matmul_with_the_dequantized_weight():
 
 
 def test_int8_model_decodes_like_the_bfloat16_model_holding_the_dequantized_weights():
-    quantized = quantize_int8(small_model(64, 1, torch.bfloat16))
+    quantized = quantize_linears(small_model(64, 1, torch.bfloat16), Quantization(8))
     dequantized = small_model(64, 1, torch.bfloat16)
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -91,7 +91,7 @@ def test_int8_model_decodes_like_the_bfloat16_model_holding_the_dequantized_weig
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
-    model = quantize_int8(small_model(16, 1, dtype))
+    model = quantize_linears(small_model(16, 1, dtype), Quantization(8))
     model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size)
     assert model.layers[0].attention.kv_cache.cache_k.dtype == dtype
 
@@ -121,7 +121,7 @@ def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantiz
     assert quantized.model.output.weight.dtype == torch.int8
     assert quantized.model.tok_embeddings.weight.dtype == quantized_cpu_dtype()  # bfloat16 on x86
     by_hand = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype=quantized_cpu_dtype())
-    quantize_int8(by_hand.model)
+    quantize_linears(by_hand.model, Quantization(8))
     prompts = [[1, 5, 9, 200], [1, 7]]
     assert quantized.generate(prompts, 12, temperature=0) == by_hand.generate(prompts, 12, temperature=0)
 

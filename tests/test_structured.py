@@ -5,18 +5,17 @@ greedy or sampled, and rows with and without a grammar share a batch."""
 import json
 import random
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 
+from conftest import BUNDLED
 from llama import Llama
 from llama.options import GenerationOptions
 from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
 
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-stdlib"
 PROMPTS = ["import os\n", "def main():\n", "class Stack:\n"]
 SCHEMAS = [  # bounded strings, numbers and arrays: the answer ends within the token budget
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import BUNDLED
 from llama import Llama
 from llama.layers.lora import LoRA, LoRALinear, LoraConfig
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
@@ -312,6 +313,6 @@ def test_training_script_rejects_bad_arguments_with_a_message(tmp_path):
 
 
 def test_training_script_never_overwrites_the_bundled_model_by_default_and_describes_every_flag():
-    assert Path(train.parse_args([]).out_dir).resolve() != (ROOT / "checkpoints" / "tiny-stdlib").resolve()
+    assert Path(train.parse_args([]).out_dir).resolve() != BUNDLED.resolve()
     undescribed = [action.dest for action in train.build_parser()._actions if not action.help]
     assert undescribed == []

@@ -85,6 +85,12 @@ class ChatFormat:
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
         raise NotImplementedError
 
+    def encode_finished(self, dialog: Sequence[Message]) -> Tuple[List[int], List[bool]]:
+        """A finished dialog (ending with the assistant's reply) as the tokens a model learns it from,
+        and which of them are the assistant's: each reply and the token that ends it. A reply's tokens
+        follow the exact tokens ``encode_dialog`` sends before it."""
+        raise NotImplementedError
+
     def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The dialog as text, special tokens written as their texts, as transformers'
         ``apply_chat_template`` renders it: ending with the assistant's header if
@@ -104,32 +110,66 @@ class ChatFormat:
         return [self.encode_dialog(dialog) for dialog in dialogs], [self.is_unsafe(dialog) for dialog in dialogs]
 
 
+def fold_system(dialog: Sequence[Message]) -> List[Message]:
+    """Llama 2's dialog with a leading system message folded into the first user message between
+    <<SYS>> tags, as Meta's reference sends it."""
+    if not dialog or dialog[0]["role"] != "system":
+        return list(dialog)
+    first_user = dialog[1]["content"] if len(dialog) > 1 else ""
+    return [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + first_user}] + list(dialog[2:])
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 class Llama2ChatFormat(ChatFormat):
     """``[INST]`` turns, the system message between <<SYS>> tags (see the module's docstring)."""
 
     special_tags = SPECIAL_TAGS
 
+    @staticmethod
+    def prompt_text(user: str) -> str:
+        return f"{B_INST} {user.strip()} {E_INST}"
+
+    @staticmethod
+    def answer_text(answer: str) -> str:
+        return f" {answer.strip()} "
+
+    def encode_turn(self, user: str, answer: Optional[str] = None) -> List[int]:
+        """``BOS [INST] user [/INST]``, then ``answer EOS`` when the answer is given."""
+        if answer is None:
+            return self.tokenizer.encode(self.prompt_text(user), bos=True, eos=False)
+        return self.tokenizer.encode(self.prompt_text(user) + self.answer_text(answer), bos=True, eos=True)
+
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
-        if dialog[0]["role"] == "system":
-            first_user = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-            dialog = [first_user] + list(dialog[2:])
+        dialog = fold_system(dialog)
         tokens: List[int] = []
         for prompt, answer in zip(dialog[::2], dialog[1::2]):
-            tokens += self.tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
-        return tokens + self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+            tokens += self.encode_turn(prompt["content"], answer["content"])
+        return tokens + self.encode_turn(dialog[-1]["content"])
+
+    def encode_finished(self, dialog: Sequence[Message]) -> Tuple[List[int], List[bool]]:
+        tokens: List[int] = []
+        assistant: List[bool] = []
+        dialog = fold_system(dialog)
+        for prompt, answer in zip(dialog[::2], dialog[1::2]):
+            turn = self.encode_turn(prompt["content"], answer["content"])
+            shared = shared_prefix(self.encode_turn(prompt["content"]), turn)
+            tokens += turn
+            assistant += [False] * shared + [True] * (len(turn) - shared)
+        return tokens, assistant
 
     def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
         bos, eos = (self.tokenizer.sp_model.id_to_piece(i) for i in (self.tokenizer.bos_id, self.tokenizer.eos_id))
-        if dialog and dialog[0]["role"] == "system":
-            rest = list(dialog[2:]) if len(dialog) > 1 else []
-            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + (dialog[1]["content"] if len(dialog) > 1 else "")}
-            dialog = [first] + rest
+        dialog = fold_system(dialog)
         text = ""
         for message in dialog:
             if message["role"] == "user":
-                text += f"{bos}{B_INST} {message['content'].strip()} {E_INST}"
+                text += bos + self.prompt_text(message["content"])
             else:
-                text += f" {message['content'].strip()} {eos}"
+                text += self.answer_text(message["content"]) + eos
         if not add_generation_prompt and dialog[-1]["role"] == "assistant":
             text = text[: -len(f" {eos}")]
         return text
@@ -152,6 +192,15 @@ class Llama3ChatFormat(ChatFormat):
         for message in dialog:
             tokens += self.encode_message(message)
         return tokens + self.encode_header("assistant")  # the model writes the answer
+
+    def encode_finished(self, dialog: Sequence[Message]) -> Tuple[List[int], List[bool]]:
+        tokens, assistant = [self.tokenizer.bos_id], [False]
+        for message in dialog:
+            encoded = self.encode_message(message)  # an assistant's content and <|eot_id|> after its header are its own
+            theirs = len(encoded) - len(self.encode_header("assistant")) if message["role"] == "assistant" else 0
+            tokens += encoded
+            assistant += [False] * (len(encoded) - theirs) + [True] * theirs
+        return tokens, assistant
 
     def render(self, dialog: Sequence[Message], add_generation_prompt: bool = True) -> str:
         def header(role: str) -> str:
@@ -230,6 +279,22 @@ class TemplateChatFormat(ChatFormat):
 
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
         return self.tokenizer.encode_with_special_tokens(self.render(dialog), self.template["legacy"])
+
+    def encode_finished(self, dialog: Sequence[Message]) -> Tuple[List[int], List[bool]]:
+        """The finished dialog rendered and tokenized as transformers does; the assistant's, each reply
+        from where the template's prompt for it ends (the tokens ``encode_dialog`` sends) to where the
+        template ends the reply (its end-of-turn text included)."""
+        def encode(text: str) -> List[int]:
+            return self.tokenizer.encode_with_special_tokens(text, self.template["legacy"])
+
+        tokens = encode(self.render_finished(dialog, add_generation_prompt=False))
+        assistant = [False] * len(tokens)
+        for i, message in enumerate(dialog):
+            if message["role"] == "assistant":
+                start = shared_prefix(encode(self.render(dialog[:i])), tokens)
+                end = shared_prefix(encode(self.render_finished(dialog[: i + 1], add_generation_prompt=False)), tokens)
+                assistant[start:end] = [True] * (end - start)
+        return tokens, assistant
 
     @property
     def renders_tools(self) -> bool:

@@ -8,6 +8,10 @@ from typing import Dict
 
 import torch
 
+# The small model that ships with the repository (``train.py`` makes it): what the examples, the server and
+# the benchmarks load when given no checkpoint.
+BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-stdlib"
+
 
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object."""

@@ -8,9 +8,9 @@ so the rows of wq and wk are permuted within each head. The permutation never cr
 model parallelism splits wq and wk by whole heads, so each rank undoes it on its own slice.
 
 Each tensor is read on its own, and only this rank's slice of it: safetensors' ``get_slice`` copies
-just those bytes out of the memory-mapped file. ``rank_tensors`` yields (Meta's key, this rank's CPU
-slice) pairs, the same pairs ``llama.checkpoints.loader`` makes from Meta's shards, so that placing a tensor
-on its device (and converting or quantizing it) is one step for both formats.
+just those bytes out of the memory-mapped file. ``HfFolder.rank_tensors`` yields (Meta's key, this rank's
+CPU slice) pairs, the same pairs ``llama.checkpoints.loader.MetaFolder`` makes from Meta's shards, so that
+placing a tensor on its device (and converting or quantizing it) is one step for both formats.
 """
 
 import dataclasses
@@ -87,6 +87,30 @@ def rotary_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotary_heads(key: str, args: ModelArgs) -> int:
+    """How many heads' rows of ``key`` (a weight's key, or its module's: ``layers.0.attention.wq``)
+    differ between Meta's and transformers' order: wq's and wk's, else none (0)."""
+    module = key.removesuffix(".weight")
+    if module.endswith("attention.wq"):
+        return args.n_heads
+    if module.endswith("attention.wk"):
+        return args.n_kv_heads
+    return 0
+
+
+def to_hf_order(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """``key``'s whole ``tensor`` (or a tensor with its rows, as a LoRA B) in transformers' row order."""
+    heads = rotary_heads(key, args)
+    return rotary_to_hf(tensor, heads) if heads else tensor
+
+
+def to_meta_order(key: str, tensor: torch.Tensor, args: ModelArgs, world_size: int = 1) -> torch.Tensor:
+    """``key``'s ``tensor`` from transformers' row order back to Meta's; a rank's slice of ``world_size``
+    holds whole heads, so it is undone on the slice alone."""
+    heads = rotary_heads(key, args) // world_size
+    return rotary_from_hf(tensor, heads) if heads else tensor
+
+
 # ---- config.json <-> Meta's params ----------------------------------------------------------------
 
 
@@ -99,7 +123,7 @@ def rope_settings(config: dict, source: str) -> dict:
     (``use_scaled_rope`` and ``ROPE_SCALING_KEYS``, each only when it differs from Meta's constant).
 
     transformers 5 keeps everything under ``rope_parameters``; 4 kept rope_theta at the top level and
-    the scaling under ``rope_scaling`` (whose type was once called "type"). Other scalings (linear,
+    the scaling under ``rope_scaling`` (whose type older files name "type"). Other scalings (linear,
     dynamic, yarn, longrope, ...) change the angles differently and are not implemented here.
     """
     parameters = config.get("rope_parameters") or {}
@@ -219,11 +243,6 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: i
     }
 
 
-def read_params(ckpt_dir: str) -> dict:
-    """``config.json`` as Meta's params.json keys."""
-    return config_to_params(read_config(ckpt_dir), str(Path(ckpt_dir) / CONFIG))
-
-
 def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
     """The folder's chat template, if it has one: ``chat_template.jinja`` (transformers 5 saves it
     there), else the ``chat_template`` of ``tokenizer_config.json`` (a string, or a list of named
@@ -340,29 +359,36 @@ def check_keys(files: WeightFiles, names: Dict[str, str], ckpt_dir: str) -> None
         raise ValueError(f"{ckpt_dir}: unexpected weight(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
 
 
-def rank_tensors(
-    ckpt_dir: str, args: ModelArgs, layout: Dict[str, Tuple[torch.Size, Optional[int]]], rank: int, world_size: int
-) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Meta's key, rank ``rank`` of ``world_size``'s slice on the CPU) for every key of ``layout``
-    (``llama.checkpoints.loader.TensorLayout``: the whole shape and the split dimension, None if replicated),
-    one tensor read at a time, with wq/wk's rows back in Meta's order."""
-    names = hf_names(args.n_layers, is_tied(ckpt_dir))
-    files = WeightFiles(ckpt_dir)
-    check_keys(files, names, ckpt_dir)
-    for key, (full_shape, dim) in layout.items():
-        size = full_shape[dim] // world_size if dim is not None else 0
-        tensor = files.read(names[key], full_shape, dim, rank * size, (rank + 1) * size)
-        if key.endswith("attention.wq.weight"):
-            tensor = rotary_from_hf(tensor, args.n_heads // world_size)
-        elif key.endswith("attention.wk.weight"):
-            tensor = rotary_from_hf(tensor, args.n_kv_heads // world_size)
-        yield key, tensor
+class HfFolder:
+    """A Hugging Face transformers folder read as Meta's checkpoint: the same questions as
+    ``llama.checkpoints.loader.MetaFolder`` answers for Meta's, from config.json and the weight files."""
 
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
+        self.params_path = Path(ckpt_dir) / CONFIG  # where the hyper-parameters come from
 
-def embedding_rows(ckpt_dir: str) -> int:
-    """Rows of the token embedding, from the file's header."""
-    files = WeightFiles(ckpt_dir)
-    key = GLOBAL_NAMES["tok_embeddings.weight"]
-    if key not in files.files:
-        raise ValueError(f"{ckpt_dir}: missing weight {key!r}")
-    return files.shape(key)[0]
+    def params(self) -> dict:
+        """``config.json`` as Meta's params.json keys."""
+        return config_to_params(read_config(self.ckpt_dir), str(self.params_path))
+
+    def embedding_rows(self, params: dict) -> Tuple[int, Path]:
+        """Rows of the token embedding, from the file's header, and the folder read for them."""
+        files = WeightFiles(self.ckpt_dir)
+        key = GLOBAL_NAMES["tok_embeddings.weight"]
+        if key not in files.files:
+            raise ValueError(f"{self.ckpt_dir}: missing weight {key!r}")
+        return files.shape(key)[0], Path(self.ckpt_dir)
+
+    def rank_tensors(
+        self, args: ModelArgs, layout: Dict[str, Tuple[torch.Size, Optional[int]]], rank: int, world_size: int
+    ) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(Meta's key, rank ``rank`` of ``world_size``'s slice on the CPU) for every key of ``layout``
+        (``llama.checkpoints.loader.TensorLayout``: the whole shape and the split dimension, None if
+        replicated), one tensor read at a time, with wq/wk's rows back in Meta's order."""
+        names = hf_names(args.n_layers, is_tied(self.ckpt_dir))
+        files = WeightFiles(self.ckpt_dir)
+        check_keys(files, names, self.ckpt_dir)
+        for key, (full_shape, dim) in layout.items():
+            size = full_shape[dim] // world_size if dim is not None else 0
+            tensor = files.read(names[key], full_shape, dim, rank * size, (rank + 1) * size)
+            yield key, to_meta_order(key, tensor, args, world_size)

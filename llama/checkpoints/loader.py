@@ -10,14 +10,14 @@ the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that ov
 a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
 
 A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.checkpoints.hf`` instead,
-into the same keys and slices; ``python -m llama.convert`` converts between the two layouts.
+into the same keys and slices: ``checkpoint_folder`` chooses the layout once, and the loader asks the folder
+it gives (``MetaFolder``, ``HfFolder``). ``python -m llama.convert`` converts between the two layouts.
 """
 
-import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -28,7 +28,7 @@ from llama.layers.cpu_threads import choose_threads
 from llama.checkpoints.files import load_tensor_dict, read_json_object
 from llama.checkpoints.mapped_pages import release_copied
 from llama.checkpoints.hf import is_hf_checkpoint
-from llama.model import ModelArgs, Transformer, rope_frequencies
+from llama.model import ModelArgs, Transformer
 from llama.layers.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
 from llama.checkpoints.placement import place_tensors
 from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
@@ -59,18 +59,6 @@ def model_layout(model: Transformer, world_size: int) -> Dict[str, TensorLayout]
             shape[split_dim] *= world_size
         layout[key] = TensorLayout(torch.Size(shape), split_dim)
     return layout
-
-
-def read_params(ckpt_dir: str) -> dict:
-    """``params.json``, or a Hugging Face ``config.json`` expressed in params.json's keys."""
-    path = Path(ckpt_dir) / "params.json"
-    if not Path(ckpt_dir).is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if is_hf_checkpoint(ckpt_dir):
-        return hf.read_params(ckpt_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir}")
-    return read_json_object(path)
 
 
 def shard_paths(ckpt_dir: str) -> List[Path]:
@@ -225,14 +213,43 @@ def rank_part(tensor: torch.Tensor, dim: Optional[int], rank: int, world_size: i
     return tensor if dim is None else tensor.chunk(world_size, dim=dim)[rank]
 
 
-def rank_tensors(
-    ckpt_dir: str, args: ModelArgs, layout: Dict[str, TensorLayout], rank: int, world_size: int
-) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Meta's key, this rank's CPU slice) for every key of ``layout``, one tensor at a time, from
-    either layout on disk: the one step that places a tensor on its device applies to both."""
-    if is_hf_checkpoint(ckpt_dir):
-        return hf.rank_tensors(ckpt_dir, args, layout, rank, world_size)
-    return rank_slices(shard_paths(ckpt_dir), layout, rank, world_size)
+class MetaFolder:
+    """A checkpoint in Meta's layout: ``params.json`` and ``consolidated.NN.pth`` shards. It answers the
+    questions ``llama.checkpoints.hf.HfFolder`` answers for a Hugging Face folder, with the same methods."""
+
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
+        self.params_path = Path(ckpt_dir) / "params.json"  # where the hyper-parameters come from
+
+    def params(self) -> dict:
+        if not self.params_path.is_file():
+            raise FileNotFoundError(f"params.json not found in checkpoint directory {self.ckpt_dir}")
+        return read_json_object(self.params_path)
+
+    def embedding_rows(self, params: dict) -> Tuple[int, Path]:
+        """Rows of the token embedding and the shard read for them (headers only); ``params``: the
+        checkpoint's (``params()``), which also say how many shards there must be."""
+        paths = shard_paths(self.ckpt_dir)
+        check_shard_count(self.ckpt_dir, paths, params)
+        return checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim)), paths[0]
+
+    def rank_tensors(
+        self, args: ModelArgs, layout: Dict[str, TensorLayout], rank: int, world_size: int
+    ) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(Meta's key, this rank's CPU slice) for every key of ``layout``, one tensor at a time."""
+        return rank_slices(shard_paths(self.ckpt_dir), layout, rank, world_size)
+
+
+CheckpointFolder = Union[MetaFolder, hf.HfFolder]
+
+
+def checkpoint_folder(ckpt_dir: str) -> CheckpointFolder:
+    """The checkpoint in ``ckpt_dir``, in the layout found there: a Hugging Face folder (``config.json``,
+    no ``params.json``) or Meta's. Both yield Meta's keys and slices, so that placing a tensor on its
+    device is one step for both."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    return hf.HfFolder(ckpt_dir) if is_hf_checkpoint(ckpt_dir) else MetaFolder(ckpt_dir)
 
 
 def read_model_args(
@@ -240,8 +257,9 @@ def read_model_args(
 ) -> ModelArgs:
     """``params.json`` with the cache sizes (``kv_cache_tokens`` None: ``max_batch_size * max_seq_len``), checked against the tokenizer and the shards: the vocabulary
     is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
-    params = read_params(ckpt_dir)
-    rows, rows_file = embedding_rows(ckpt_dir, params)
+    folder = checkpoint_folder(ckpt_dir)
+    params = folder.params()
+    rows, rows_file = folder.embedding_rows(params)
     if rows != tokenizer.n_words:
         raise ValueError(
             f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's "
@@ -249,17 +267,20 @@ def read_model_args(
         )
     vocab_size = params.get("vocab_size", -1)
     if vocab_size not in (-1, tokenizer.n_words):
-        raise ValueError(f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
+        raise ValueError(
+            f"{folder.params_path} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
+        )
     return ModelArgs.from_dict(
         {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens},
-        source=str(params_path(ckpt_dir)),
+        source=str(folder.params_path),
     )
 
 
 def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str) -> None:
     """A draft model proposes token ids of the model's vocabulary: its embedding must have the
     tokenizer's rows, and a ``tokenizer.model`` in its folder must give each id the same bytes."""
-    rows, rows_file = embedding_rows(draft_ckpt_dir, read_params(draft_ckpt_dir))
+    draft = checkpoint_folder(draft_ckpt_dir)
+    rows, rows_file = draft.embedding_rows(draft.params())
     if rows != tokenizer.n_words:
         raise ValueError(
             f"draft checkpoint {draft_ckpt_dir} has a vocabulary of {rows} tokens ({rows_file}) but the model's "
@@ -273,21 +294,6 @@ def check_draft_vocabulary(draft_ckpt_dir: str, tokenizer: Tokenizer, tokenizer_
                 f"draft tokenizer {own} and the model's tokenizer {tokenizer_path} both have {rows} tokens but "
                 "different pieces: a draft must share the model's vocabulary"
             )
-
-
-def params_path(ckpt_dir: str) -> Path:
-    """The file the model's hyper-parameters come from: params.json, or a Hugging Face config.json."""
-    return Path(ckpt_dir) / (hf.CONFIG if is_hf_checkpoint(ckpt_dir) else "params.json")
-
-
-def embedding_rows(ckpt_dir: str, params: dict) -> Tuple[int, Path]:
-    """Rows of the token embedding and the file read for them (headers only); ``params``: the
-    checkpoint's (``read_params``)."""
-    if is_hf_checkpoint(ckpt_dir):
-        return hf.embedding_rows(ckpt_dir), Path(ckpt_dir)
-    paths = shard_paths(ckpt_dir)
-    check_shard_count(ckpt_dir, paths, params)
-    return checkpoint_vocab_size(paths, params.get("dim", ModelArgs.dim)), paths[0]
 
 
 def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
@@ -319,7 +325,7 @@ def load_model(
         check_int4_shapes(shapes, quantization, world_size)
     logger.info("rank %d/%d: loading %s", rank, world_size, ckpt_dir)
     layout = model_layout(model, world_size)
-    tensors = rank_tensors(ckpt_dir, args, layout, rank, world_size)  # Meta's keys and row order
+    tensors = checkpoint_folder(ckpt_dir).rank_tensors(args, layout, rank, world_size)  # Meta's keys and row order
     if adapter is not None:
         tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
     place_tensors(model, tensors, device, dtype, quantization)
@@ -357,36 +363,7 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def model_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of this rank's tensors for ``args``, computed on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {key: tuple(p.shape) for key, p in model.state_dict().items()}
-
-
 def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
     """The layout of the model ``args`` describes, split over this process's world size."""
     with torch.device("meta"):
         return model_layout(Transformer(args), model_parallel_world_size())
-
-
-def shard_slice(tensor: torch.Tensor, dim: Optional[int], n_shards: int, shard: int) -> torch.Tensor:
-    """Shard ``shard`` of ``n_shards`` of the full ``tensor``, split on ``dim``, as its own copy."""
-    if dim is None:
-        return tensor.clone()
-    return tensor.chunk(n_shards, dim=dim)[shard].clone()  # a view would save the whole storage
-
-
-def save_checkpoint(
-    ckpt_dir: str, params: dict, state: Dict[str, torch.Tensor], n_shards: int = 1, dtype: torch.dtype = torch.bfloat16
-) -> None:
-    """Write full (unsharded) tensors as ``n_shards`` shards in Meta's layout, with ``params.json``."""
-    args = ModelArgs.from_dict({**params, "vocab_size": state["tok_embeddings.weight"].shape[0]})
-    out = Path(ckpt_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(params))
-    layout = layout_of(args)
-    for shard in range(n_shards):
-        tensors = {key: shard_slice(t.to(dtype), layout[key].split_dim, n_shards, shard) for key, t in state.items()}
-        tensors["rope.freqs"] = rope_frequencies(args.head_dim, args.rope_theta).to(dtype)
-        torch.save(tensors, out / f"consolidated.{shard:02d}.pth")

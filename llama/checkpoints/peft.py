@@ -6,7 +6,7 @@
   (rank, in_features) and ``...lora_B.weight`` (out_features, rank), transformers' key names.
 
 The adapters are those of transformers' model of the checkpoint, so the q and k adapters are in its
-row order: Meta's interleaved rotary pairs become halves (``llama.checkpoints.hf.rotary_to_hf``), which
+row order: Meta's interleaved rotary pairs become halves (``llama.checkpoints.hf.to_hf_order``), which
 permutes the rows of B and leaves A alone (P (B A) = (P B) A). ``read_adapter`` undoes it.
 
 A model built with an adapter (``Llama.build(adapter_dir=...)``) merges it into the weights as they are
@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llama.checkpoints.files import read_json_object
-from llama.checkpoints.hf import rotary_from_hf, rotary_to_hf
+from llama.checkpoints.hf import to_hf_order, to_meta_order
 from llama.layers.lora import TARGETS, LoraConfig
 from llama.model import ModelArgs
 
@@ -40,11 +40,6 @@ PLAIN_SETTINGS = {"use_dora": (False,), "use_rslora": (False,), "fan_in_fan_out"
                   "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
 
 
-def rotary_heads(name: str, args: ModelArgs) -> int:
-    """Heads whose rotary rows differ between Meta's and transformers' order (wq, wk), else 0."""
-    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(name, 0)
-
-
 def write_adapter(out_dir: str, state: Dict[str, Tuple[torch.Tensor, torch.Tensor]], config: LoraConfig, args: ModelArgs,
                   base_model: str) -> None:
     """Write ``state`` (Meta's module name, e.g. ``layers.0.attention.wq`` -> (A, B), full tensors)
@@ -52,10 +47,9 @@ def write_adapter(out_dir: str, state: Dict[str, Tuple[torch.Tensor, torch.Tenso
     tensors = {}
     for module, (lora_a, lora_b) in state.items():
         layer, name = module.split(".")[1], module.rpartition(".")[2]
-        heads = rotary_heads(name, args)
         key = f"{PEFT_PREFIX}{layer}.{TARGETS[name][1]}"
         tensors[f"{key}.lora_A.weight"] = lora_a.detach().float().cpu().contiguous()
-        tensors[f"{key}.lora_B.weight"] = (rotary_to_hf(lora_b.detach().float().cpu(), heads) if heads else lora_b.detach().float().cpu()).contiguous()
+        tensors[f"{key}.lora_B.weight"] = to_hf_order(module, lora_b.detach().float().cpu(), args).contiguous()
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -136,8 +130,7 @@ def check_pair(module: str, parts: Dict[str, torch.Tensor], rank: int, args: Mod
             raise ValueError(f"{path}: lora_{part} of {module} is missing")
         if tuple(parts[part].shape) != shape:
             raise ValueError(f"{path}: lora_{part} of {module} has shape {tuple(parts[part].shape)}, expected {shape} (r={rank})")
-    heads = rotary_heads(name, args)
-    return parts["A"], rotary_from_hf(parts["B"], heads) if heads else parts["B"]
+    return parts["A"], to_meta_order(module, parts["B"], args)
 
 
 def merge_adapter(tensors: Iterable[Tuple[str, torch.Tensor]], adapter: Adapter, split_dims: Dict[str, object], rank: int,

@@ -27,7 +27,8 @@ from torch import nn
 from llama.layers.cpu_kernels import float32_on_cpu, onednn_linear, wants_autograd
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT4_DEFAULT_GROUP_SIZE = 64  # the README's perplexity table: 32's quality nearly, 10% fewer bytes; divides every Llama 2 layer
+# groups of 64: nearly the perplexity of 32's in fewer bytes (docs/quantization.md), and whole in every Llama 2 layer
+INT4_DEFAULT_GROUP_SIZE = 64
 QUANTIZE_PATTERN = re.compile(r"int8|int4(?:-g(\d+))?")
 QUANTIZE_CHOICES = "None, 'int8', 'int4' or 'int4-gN' with N one of " + ", ".join(map(str, INT4_GROUP_SIZES))
 
@@ -68,8 +69,8 @@ def quantized_cpu_dtype() -> torch.dtype:
 
 def int4_outpaces_int8_on_cpu() -> bool:
     """Whether torch's int4 CPU kernel decodes faster than its int8 one here: with its AVX-512 code, not
-    with its AVX2 code, which streams int4 weights at about half int8's bytes per second, or without
-    vector code (``bench/quantized_matmul.py``, docs/quantization.md)."""
+    with its AVX2 code, which is bound by its own arithmetic (unpacking and scaling each group) rather than
+    by the bytes it reads, or without vector code (``bench/quantized_matmul.py``, docs/quantization.md)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -327,22 +328,3 @@ def quantizable_weights(model: nn.Module) -> Dict[str, nn.Module]:
 def set_quantized_weight(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor) -> None:
     module.weight = nn.Parameter(weight, requires_grad=False)
     module.scales = scales
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
-    """Quantize every linear layer of a ``Transformer`` already in memory, in place; returns it.
-    ``Llama.build`` instead quantizes tensor by tensor while loading (``llama.checkpoints.placement``)."""
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    layers = quantizable_weights(model)
-    if quantization.bits == 4:
-        check_int4_shapes({name: tuple(m.weight.shape) for name, m in layers.items()}, quantization)
-    for module in layers.values():
-        weight, scales = quantize_linear_weight(module.weight.cpu(), quantization, device.type)
-        set_quantized_weight(module, tile_on_device(weight.to(device)), scales.to(device, dtype))
-    return model
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """``quantize_model(model, int8)``. The model's dtype should be bfloat16 or float16 on GPU."""
-    return quantize_model(model, Quantization(8))

@@ -18,11 +18,11 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from llama.checkpoints.loader import kv_cache_dtype, params_path
+from llama.checkpoints.loader import checkpoint_folder, kv_cache_dtype
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, resolve_dtype
 from llama.generation import positive_int
-from llama.checkpoints.hf import is_hf_checkpoint, read_config
+from llama.checkpoints.hf import HfFolder, read_config
 from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
 from llama.tokenizer import Tokenizer
@@ -97,8 +97,9 @@ def fitting_context(
 
 def checkpoint_context(ckpt_dir: str, tokenizer: Tokenizer) -> Tuple[int, str]:
     """The context the checkpoint was trained for, and where that comes from."""
-    source = params_path(ckpt_dir)
-    if is_hf_checkpoint(ckpt_dir):
+    folder = checkpoint_folder(ckpt_dir)
+    source = folder.params_path
+    if isinstance(folder, HfFolder):
         stated = read_config(ckpt_dir).get("max_position_embeddings")
         if stated is not None:
             if not isinstance(stated, int) or isinstance(stated, bool) or stated < 1:

@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from llama.chat.format import B_INST, B_SYS, E_INST, E_SYS, ChatFormat, Llama2ChatFormat, Llama3ChatFormat, TemplateChatFormat
+from llama.chat.format import ChatFormat
 from llama.layers.loss import IGNORE_INDEX
 from llama.tokenizer import Tokenizer
 
@@ -82,57 +82,6 @@ def check_messages(messages, where: str) -> list:
     return messages
 
 
-def shared_prefix(a: List[int], b: List[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` have in common."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def encode_llama2_dialog(chat_format: Llama2ChatFormat, messages: list) -> Example:
-    """Meta's Llama 2 turns, each ``BOS [INST] user [/INST] answer EOS``; the answer and EOS learnt.
-    The prompt part is the exact tokens ``chat_completion`` sends before the answer."""
-    tokenizer = chat_format.tokenizer
-    if messages[0]["role"] == "system":
-        first = {"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}
-        messages = [first] + messages[2:]
-    tokens, labels = [], []
-    for user, answer in zip(messages[::2], messages[1::2]):
-        prompt = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST}", bos=True, eos=False)
-        turn = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True)
-        shared = shared_prefix(prompt, turn)
-        tokens += turn
-        labels += masked(turn[:shared]) + learnt(turn[shared:])
-    return Example(tokens, labels)
-
-
-def encode_llama3_dialog(chat_format: Llama3ChatFormat, messages: list) -> Example:
-    """Meta's Llama 3 format: BOS, then each message's header, content and ``<|eot_id|>``; each
-    assistant content and its ``<|eot_id|>`` learnt."""
-    tokens, labels = [chat_format.tokenizer.bos_id], [IGNORE_INDEX]
-    for message in messages:
-        encoded = chat_format.encode_message(message)
-        header = len(chat_format.encode_header(message["role"]))
-        tokens += encoded
-        labels += masked(encoded) if message["role"] != "assistant" else masked(encoded[:header]) + learnt(encoded[header:])
-    return Example(tokens, labels)
-
-
-def encode_template_dialog(chat_format: TemplateChatFormat, messages: list) -> Example:
-    """A folder's own chat template: the finished dialog rendered and tokenized as transformers does;
-    learnt, each reply from where the template's prompt for it ends (the tokens ``chat_completion``
-    sends) to where the template ends the reply (its end-of-turn text included)."""
-    def encode(text: str) -> List[int]:
-        return chat_format.tokenizer.encode_with_special_tokens(text, chat_format.template["legacy"])
-
-    tokens = encode(chat_format.render_finished(messages, add_generation_prompt=False))
-    labels = masked(tokens)
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = shared_prefix(encode(chat_format.render(messages[:i])), tokens)
-            end = shared_prefix(encode(chat_format.render_finished(messages[: i + 1], add_generation_prompt=False)), tokens)
-            labels[start:end] = tokens[start:end]
-    return Example(tokens, labels)
-
-
 def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat, where: str) -> Example:
     """One JSONL record as tokens and labels (the module's docstring); ``where`` names it in errors."""
     if not isinstance(record, dict):
@@ -146,12 +95,8 @@ def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat
         if chat_format.is_unsafe(messages):
             raise ValueError(f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
                              "which chat_completion refuses")
-        if isinstance(chat_format, Llama2ChatFormat):
-            example = encode_llama2_dialog(chat_format, messages)
-        elif isinstance(chat_format, Llama3ChatFormat):
-            example = encode_llama3_dialog(chat_format, messages)
-        else:
-            example = encode_template_dialog(chat_format, messages)
+        tokens, assistant = chat_format.encode_finished(messages)
+        example = Example(tokens, [token if learn else IGNORE_INDEX for token, learn in zip(tokens, assistant)])
     else:
         for key in forms[form]:
             if not isinstance(record[key], str):
