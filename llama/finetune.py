@@ -28,6 +28,7 @@ from llama.checkpoints.writers import write_checkpoint
 from llama.checkpoints.hf import read_chat_template
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
+from llama.options import EngineOptions
 from llama.layers.parallel import fused_layers, set_model_parallel_group
 from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -152,7 +153,7 @@ def finetune(options: argparse.Namespace) -> None:
 
     tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
     tokenizer = Tokenizer(tokenizer_path)
-    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, options.max_seq_len, 1)
+    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, EngineOptions(max_batch_size=1, max_seq_len=options.max_seq_len))
     quantization = check_qlora(args, device, dtype) if options.method == "qlora" else None
     chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
     examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
