@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -34,8 +35,8 @@ import uvicorn
 
 from llama.cli import check_speculation_flags, load_line, run
 from llama.distributed import init_distributed, is_main_process, launched_as_rank0, resolve_device, set_threads
-from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
+from llama.options import EngineOptions, LoadOptions
 from llama.server.app import make_app
 from llama.server.context import default_context
 from llama.server.admission import Scheduler
@@ -102,12 +103,6 @@ def main(
     The other flags are described in llama.cli.FLAG_HELP.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
-        raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
-    if admission not in ADMISSIONS:
-        raise ValueError(f"--admission must be one of {ADMISSIONS}, got {admission!r}")
-    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-        raise ValueError(f"--prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"--max_queue must be a non-negative integer, got {max_queue!r}")
     origins = parse_origins(allowed_origins)
@@ -117,24 +112,26 @@ def main(
     check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
     if not isinstance(shutdown_timeout, (int, float)) or isinstance(shutdown_timeout, bool) or not 0 <= shutdown_timeout <= 3600:
         raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {shutdown_timeout!r}")
+    load = LoadOptions(str(BUNDLED) if ckpt_dir is None else ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir,
+                       draft_ckpt_dir, draft_quantize)
+    # checked before anything loads; without --max_seq_len, the context is chosen below, once the checkpoint is read
+    engine = EngineOptions(max_batch_size, 512 if max_seq_len is None else max_seq_len, kv_cache_tokens, compile=compile,
+                           prefix_cache=not no_prefix_cache, admission=admission, prefill_chunk=prefill_chunk,
+                           heartbeat_seconds=heartbeat_seconds)
     listener = listen(host, port) if launched_as_rank0() else None  # before the model: a port in use fails fast
     set_threads(threads)
-    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
-    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
-    device = resolve_device(device)
+    load = replace(load, tokenizer_path=resolve_tokenizer_path(load.ckpt_dir, load.tokenizer_path))
+    device = resolve_device(load.device)
     init_distributed(device)  # before the context is chosen: the ranks agree on it
     if max_seq_len is None:
-        max_seq_len, why = default_context(ckpt_dir, tokenizer_path, max_batch_size, kv_cache_tokens, device, dtype,
+        max_seq_len, why = default_context(load.ckpt_dir, load.tokenizer_path, max_batch_size, kv_cache_tokens, device, dtype,
                                            quantize, draft_ckpt_dir, draft_quantize)
         logger.info("max_seq_len %d: %s", max_seq_len, why)
+        engine = replace(engine, max_seq_len=max_seq_len)
     start = time.perf_counter()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir, kv_cache_tokens=kv_cache_tokens)
-    llama.engine = engine = Engine(  # the server's policy
-        llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft,
-        prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize} {llama.adapter_id}",
-    )
-    logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
+    llama = Llama.from_options(replace(load, device=device), engine)  # the engine decodes with the server's policy
+    engine = llama.engine
+    logger.info(load_line(load.ckpt_dir, load.tokenizer_path, llama, time.perf_counter() - start, quantize))
     engine.warm_up(MAX_TOP_LOGPROBS, speculate_k if speculate else None)  # on every rank: no request waits for a compile
     engine.constraints.check(None, json_object=True)  # the vocabulary grammars read, built before the first JSON request
     if not is_main_process():
@@ -148,8 +145,9 @@ def main(
         speculation = dict(speculate=speculate, speculate_k=speculate_k)
         logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", speculate, speculate_k)
     scheduler = Scheduler(engine, max_queue, speculation)
-    app = make_app(llama, scheduler, served_model_name or Path(ckpt_dir).name, api_key, origins, quantize)
-    serve(app, scheduler, listener, served_model_name or Path(ckpt_dir).name, shutdown_timeout)
+    model_name = served_model_name or Path(load.ckpt_dir).name
+    app = make_app(llama, scheduler, model_name, api_key, origins, quantize)
+    serve(app, scheduler, listener, model_name, shutdown_timeout)
 
 
 def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
