@@ -219,7 +219,7 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model.params.kv_cache_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
     model.setup_caches(cache_dtype)
-    engine = Engine(model, None, engine_options_for(model, prefix_cache=False))  # the same prompts again: computed each time
+    engine = Engine(model, None, engine_options_for(model, prefix_cache=False))  # the same prompts again: computed anew
     prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
 
     def seconds(bsz: int, n_tokens: int) -> float:

@@ -282,8 +282,8 @@ def flex(args) -> None:
             model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, max_seq_len, rows), torch.device("cpu"), torch.float32, None)
             vocab = model.params.vocab_size
             # no prefix cache: the two engines share the model's pool, one after the other
-            policies = dict(compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False)
-            engines = {attention: Engine(model, None, engine_options_for(model, compiled_attention=attention, **policies))
+            policy = dict(compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False)
+            engines = {attention: Engine(model, None, engine_options_for(model, compiled_attention=attention, **policy))
                        for attention in ("gather", "flex")}
             for bsz in (1, rows):
                 prompts = [torch.randint(3, vocab, (args.flex_prompt,), generator=generator).tolist() for _ in range(bsz)]

@@ -92,7 +92,8 @@ def lookup_setup(args) -> None:
     tokenizer = Tokenizer(str(BUNDLED / "tokenizer.model"))
     model_args = checkpoint_args(str(BUNDLED), args.gen_tokens + 256, 1)
     model = load_model(str(BUNDLED), model_args, torch.device(args.device), torch.float32)
-    engines = {"plain": Engine(model, None, engine_options_for(model)), "speculative": Engine(model, None, engine_options_for(model))}
+    options = engine_options_for(model)
+    engines = {"plain": Engine(model, None, options), "speculative": Engine(model, None, options)}
     prompts = {name: tokenizer.encode(text, bos=True, eos=False) for name, text in {**CONTINUING, **REPEATING}.items()}
     compare(engines, prompts, args, "lookup", f"prompt lookup, {BUNDLED.name}, float32")
 
@@ -105,7 +106,8 @@ def draft_setup(args) -> None:
         device = torch.device(args.device)
         model = load_model(ckpt_dir, model_args, device, DTYPES[args.dtype])
         draft = load_model(ckpt_dir, model_args, device, torch.bfloat16, parse_quantize(args.draft_quantize))
-    engines = {"plain": Engine(model, None, engine_options_for(model)), "speculative": Engine(model, None, engine_options_for(model), draft)}
+    options = engine_options_for(model)
+    engines = {"plain": Engine(model, None, options), "speculative": Engine(model, None, options, draft)}
     generator = torch.Generator().manual_seed(0)
     prompts = {f"random{i}": torch.randint(3, model_args.vocab_size, (args.prompt_len,), generator=generator).tolist() for i in range(args.prompts)}
     name = args.ckpt_dir or f"random {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"

@@ -39,8 +39,8 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
-def load_draft(load: LoadOptions, engine: EngineOptions, tokenizer: Tokenizer, tokenizer_path: str, device: torch.device,
-               dtype: torch.dtype) -> Transformer:
+def load_draft(load: LoadOptions, engine: EngineOptions, tokenizer: Tokenizer, tokenizer_path: str,
+               device: torch.device, dtype: torch.dtype) -> Transformer:
     """``load``'s draft, with the model's vocabulary and cache sizes: quantized, in the dtype its kernels are
     fastest in (``resolve_dtype``'s pick for quantized weights); else in the model's ``dtype``."""
     quantization = load.draft_quantization
@@ -86,8 +86,8 @@ class Llama:
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
-        load = LoadOptions(ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir, draft_ckpt_dir, draft_quantize,
-                           backend, seed, model_parallel_size, quiet_ranks)
+        load = LoadOptions(ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir, draft_ckpt_dir,
+                           draft_quantize, backend, seed, model_parallel_size, quiet_ranks)
         engine = EngineOptions(max_batch_size, max_seq_len, kv_cache_tokens, compile=compile, prefix_cache=prefix_cache)
         return Llama.from_options(load, engine)
 
@@ -118,7 +118,7 @@ class Llama:
             args = read_model_args(load.ckpt_dir, tokenizer, tokenizer_path, engine)
             chat_format = chat_format_for(tokenizer, read_chat_template(load.ckpt_dir))
             adapter = read_adapter(load.adapter_dir, args) if load.adapter_dir is not None else None
-            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter)  # quantized tensor by tensor
+            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter)  # quantized as read
             logger.info("loaded %s on %s in %s", load.ckpt_dir, device, dtype)
             draft = load_draft(load, engine, tokenizer, tokenizer_path, device, dtype) if load.draft_ckpt_dir else None
         adapter_id = adapter.identity if adapter else None

@@ -103,7 +103,8 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
 
 def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
     runner = Engine(llama.model, llama.tokenizer, compiled(llama)).runner
-    assert runner.attention == "flex" and Engine(llama.model, llama.tokenizer, llama.engine.options).runner.attention == "gather"
+    assert runner.attention == "flex"
+    assert Engine(llama.model, llama.tokenizer, llama.engine.options).runner.attention == "gather"
     assert {runner.decode_slots(kv_len).shape[0] for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {MAX_SEQ_LEN}  # every length: one graph
     gather = Engine(llama.model, llama.tokenizer, compiled(llama, compiled_attention="gather")).runner
     assert [gather.decode_slots(kv_len).shape[0] for kv_len in (1, 40)] == [32, MAX_SEQ_LEN]  # a bucket of blocks, the whole row

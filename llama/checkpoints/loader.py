@@ -251,8 +251,9 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, si
     if vocab_size not in (-1, tokenizer.n_words):
         raise ValueError(f"{params_path(ckpt_dir)} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens")
     return ModelArgs.from_dict(
-        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len, "max_batch_size": sizes.max_batch_size,
-         "kv_cache_tokens": sizes.kv_cache_tokens, "kv_block_size": sizes.kv_block_size},
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len,
+         "max_batch_size": sizes.max_batch_size, "kv_cache_tokens": sizes.kv_cache_tokens,
+         "kv_block_size": sizes.kv_block_size},
         source=str(params_path(ckpt_dir)),
     )
 

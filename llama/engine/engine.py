@@ -105,10 +105,10 @@ class Engine:
         if not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
         check_pool_sizes(model, options)
-        blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # on rank 0
+        blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # rank 0's
         self.scheduler = Scheduler(options.max_batch_size, options.max_seq_len, blocks, options.admission)
         self.runner = Runner(model, options.max_batch_size, options.compile, draft, options.compiled_attention)
-        self.constraints = Constraints(tokenizer, model.params.vocab_size)  # the grammars of rows with json_schema / json_object
+        self.constraints = Constraints(tokenizer, model.params.vocab_size)  # grammars of json_schema/json_object rows
         self.model, self.draft, self.tokenizer, self.options = model, draft, tokenizer, options
         self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
         self.ids = itertools.count()
@@ -151,7 +151,7 @@ class Engine:
 
     @property
     def kv_cache_tokens(self) -> int:
-        """The pool's size in tokens as asked for (``EngineOptions.kv_cache_tokens``, else every row's whole context)."""
+        """The pool's size in tokens as asked for (``EngineOptions.kv_cache_tokens``), else every row's context."""
         return self.options.kv_cache_tokens or self.options.pool_tokens
 
     @property
@@ -323,7 +323,8 @@ class Engine:
             row.prefilled = plan.cached.get(slot, 0)
             scheduler.take_slot(request, row, slot)
         for request_id, prompts, options, stream_text, slots in plan.admissions:
-            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.options.max_seq_len, stream_text)
+            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer,
+                                                         self.options.max_seq_len, stream_text)
             self.admit(request, slots, plan)
             touched.add(request)
         for slot, blocks in plan.tables.items():
