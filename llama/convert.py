@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from llama.checkpoints.bpe_files import write_tiktoken_file
 from llama.checkpoints.loader import TensorLayout, embedding_rows, layout_of, meta_layout, params_path, rank_tensors, read_params
-from llama.cli import run_parser
+from llama.cli import add_flags, run_parser
 from llama.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, hf_names, params_to_config, rotary_to_hf
 from llama.checkpoints.hf_tokenizer_files import write_hf_tokenizer_files
 from llama.model import ModelArgs
@@ -244,12 +244,13 @@ def convert(
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_dir", required=True, help="source: Meta's params.json + consolidated.NN.pth, or a folder with config.json")
+    add_flags(parser, "ckpt_dir", ckpt_dir={"required": True, "help": (
+        "the source: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder (config.json)")})
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
     parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
-    parser.add_argument("--tokenizer_path", default=None, help="the source's tokenizer.model or tokenizer.json; default: the one in --ckpt_dir, else beside it")
+    add_flags(parser, "tokenizer_path")
     parser.add_argument("--max_position_embeddings", type=int, default=None,
                         help="written to config.json (hf); default: params.json's max_seq_len, else the model's "
                              "released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")
