@@ -5,14 +5,18 @@
     python example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive --system "Be brief."
 """
 
+import argparse
 import os
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from llama import Dialog, Llama
-from llama.cli import check_speculation_flags, compile_line, load_line, run
+from llama.cli import (EXAMPLE_FLAGS, add_flags, check_speculation_flags, compile_line, load_line, options_from,
+                       program_name, run_parser)
 from llama.distributed import is_main_process, set_threads
+from llama.options import EngineOptions, GenerationOptions, LoadOptions
 from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
@@ -45,94 +49,78 @@ DIALOGS: List[Dialog] = [
 ]
 
 
-def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
-    max_gen_len: Optional[int] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
-    compile: bool = False,
-    speculate: Optional[str] = None,
-    speculate_k: int = 4,
-    draft_ckpt_dir: Optional[str] = None,
-    draft_quantize: Optional[str] = None,
-    adapter_dir: Optional[str] = None,
-    kv_cache_tokens: Optional[int] = None,
-    no_prefix_cache: bool = False,
-    interactive: bool = False,
-    system: Optional[str] = None,
-    verbose: bool = False,
-    threads: Optional[int] = None,
-):
-    """Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal
-    (--interactive). Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows
-    the mechanics, not good answers.
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program_name(), description=(
+        "Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal (--interactive). "
+        "Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows the mechanics, not good "
+        "answers."))
+    add_flags(parser, *EXAMPLE_FLAGS, max_seq_len={"default": 512}, max_batch_size={"default": 4}, ckpt_dir={"help": (
+        "the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
+        "checkpoints/tiny-stdlib")}, max_gen_len={"help": (
+            f"the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's "
+            f"example, {REPLY_TOKENS} in --interactive")})
+    parser.add_argument("--interactive", action="store_true", help=(
+        "chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands"))
+    parser.add_argument("--system", default=None, help="the system prompt of an --interactive chat")
+    return parser
 
-    Args:
-        ckpt_dir: the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
-        max_gen_len: the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's example, 256 in --interactive
-        interactive: chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands
-        system: the system prompt of an --interactive chat
-    The other flags are described in llama.cli.FLAG_HELP.
-    """
-    set_threads(threads)
-    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
-    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
-    if system is not None and not interactive:
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_parser(parser(), answer, argv)
+
+
+def answer(args: argparse.Namespace) -> None:
+    """Answer the example dialogs and print them with their answers, or chat (``--interactive``)."""
+    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED))
+    engine, generation = options_from(EngineOptions, args), options_from(GenerationOptions, args)
+    if args.system is not None and not args.interactive:
         raise ValueError("--system is the system prompt of an --interactive chat; the example dialogs bring their own")
-    if interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.interactive and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--interactive reads the terminal in a single process; run it with python, not torchrun")
-
-    check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
+    check_speculation_flags(generation.speculate, generation.speculate_k, load.draft_ckpt_dir)
+    set_threads(args.threads)
+    load = replace(load, tokenizer_path=resolve_tokenizer_path(load.ckpt_dir, load.tokenizer_path))
 
     start = time.perf_counter()
-    generator = Llama.build(
-        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile,
-        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir,
-        kv_cache_tokens=kv_cache_tokens, prefix_cache=not no_prefix_cache,
-    )
-    speculation = dict(speculate=speculate, speculate_k=speculate_k)
+    generator = Llama.from_options(load, engine)
     load_seconds = time.perf_counter() - start
-    if interactive:
-        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
-        chat(generator, system, temperature, top_p, REPLY_TOKENS if max_gen_len is None else max_gen_len, verbose, **speculation)
+    if args.interactive:
+        print(load_line(load.ckpt_dir, load.tokenizer_path, generator, load_seconds, load.quantize))
+        if generation.max_gen_len is None:
+            generation = replace(generation, max_gen_len=REPLY_TOKENS)
+        chat(generator, args.system, generation, args.verbose)
         return
 
     start = time.perf_counter()
-    if verbose:
-        stream = generator.chat_completion_stream(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **speculation)
+    if args.verbose:
+        stream = generator.chat_completion_stream(DIALOGS, **asdict(generation))
         results = [{"generation": {"role": "assistant", "content": "".join(pieces)}} for pieces in zip(*stream)]
         n_tokens = sum(len(tokens) for tokens in stream.tokens)
     else:
-        results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=True, **speculation)
+        results = generator.chat_completion(DIALOGS, **{**asdict(generation), "logprobs": True})
         n_tokens = sum(len(result["tokens"]) for result in results)
     seconds = time.perf_counter() - start
 
     if is_main_process():
-        print(load_line(ckpt_dir, tokenizer_path, generator, load_seconds, quantize))
+        print(load_line(load.ckpt_dir, load.tokenizer_path, generator, load_seconds, load.quantize))
         for dialog, result in zip(DIALOGS, results):
             for msg in dialog:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")
             print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
             print("\n==================================\n")
         print(f"Generated {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s)")
-        if verbose:
+        if args.verbose:
             print(stream.timing())
         if (compiled := compile_line(generator.engine)) is not None:
             print(compiled)
 
 
-def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int, verbose: bool, **options):
-    """A terminal chat that keeps the dialog and streams each reply of at most ``max_gen_len``
-    tokens (``options``: more generation options, e.g. speculate). When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
+def chat(generator: Llama, system: Optional[str], generation: GenerationOptions, verbose: bool):
+    """A terminal chat that keeps the dialog and streams each reply, of at most ``generation.max_gen_len``
+    tokens. When the dialog outgrows max_seq_len, its oldest exchanges are dropped (the system
     prompt stays) for a message that is then answered; a message too long for the context even alone
     is refused and leaves the dialog as it was."""
-    max_seq_len = generator.model.params.max_seq_len
+    max_seq_len, max_gen_len = generator.engine.options.max_seq_len, generation.max_gen_len
     opening: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(opening)
     print("Type a message. /help lists the commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
@@ -170,7 +158,8 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
             print(f"(context full: dropped the {n_dropped} oldest exchange(s))")
         dialog = asked
         room = max_seq_len - n_prompt
-        stream = generator.chat_completion_stream([dialog], temperature, top_p, min(room, max_gen_len), **options)
+        reply_options = {**asdict(generation), "max_gen_len": min(room, max_gen_len)}
+        stream = generator.chat_completion_stream([dialog], **reply_options)
         print("Assistant: ", end="", flush=True)
         reply = ""
         try:
@@ -208,4 +197,4 @@ def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int)
     return kept, n_prompt, n_dropped
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -27,7 +27,7 @@ from common import random_checkpoint, read_bandwidth
 from transformers_llama import to_transformers
 
 from llama.checkpoints.loader import load_model
-from llama.engine import Engine
+from llama.engine import Engine, engine_options_for
 from llama.options import GenerationOptions
 from llama.layers.quantize import parse_quantize
 
@@ -54,7 +54,7 @@ class Ours:
 
     def __init__(self, model, compile: bool = False):
         self.model = model
-        self.engine = Engine(model, None, compile)
+        self.engine = Engine(model, None, engine_options_for(model, compile=compile))
 
     def generate(self, prompt, n_tokens):
         options = GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[])

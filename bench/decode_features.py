@@ -19,7 +19,7 @@ from common import add_checkpoint_args, checkpoint_args, print_table, random_che
 
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
-from llama.engine import Engine
+from llama.engine import Engine, engine_options_for
 from llama.engine.runner import Features
 MAX_TOP_LOGPROBS = 20  # the server's limit
 
@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = args.ckpt_dir or random_checkpoint(args, tmp)
         model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, 256, args.batch_size), torch.device("cpu"), torch.float32)
-    engine = Engine(model, None, compile=True)
+    engine = Engine(model, None, engine_options_for(model, compile=True))
     alternatives = min(1 << (MAX_TOP_LOGPROBS - 1).bit_length(), model.params.vocab_size)
     variants = {
         "greedy only": Features(False, False, True, 0),

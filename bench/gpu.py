@@ -212,7 +212,7 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     """The bf16 model with ``max(POOL_BATCHES)`` slots over a pool of 80% of the memory left after
     loading (dry run: every slot's whole context); per batch, decode tokens/s of that many rows."""
     from llama.checkpoints.loader import kv_cache_dtype
-    from llama.engine import Engine
+    from llama.engine import Engine, engine_options_for
     from llama.options import GenerationOptions
 
     slots = max(POOL_BATCHES)
@@ -223,7 +223,7 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model.params.kv_cache_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
     model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size, cache_dtype)
-    engine = Engine(model, None, prefix_cache=False)  # the same prompts again: computed each time
+    engine = Engine(model, None, engine_options_for(model, prefix_cache=False))  # the same prompts again: computed anew
     prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
 
     def seconds(bsz: int, n_tokens: int) -> float:

@@ -69,13 +69,14 @@ def load(ckpt_dir: str, max_seq_len: int, max_batch_size: int, compile: bool = F
 
     from bench.common import checkpoint_args
     from llama.checkpoints.loader import load_model
-    from llama.engine import Engine
+    from llama.engine import Engine, engine_options_for
     from llama.model import ModelArgs
 
     args = checkpoint_args(ckpt_dir, max_seq_len, max_batch_size)
     if pool:
         args = ModelArgs(**{**args.__dict__, **pool})
-    return Engine(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32, None), None, compile)
+    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.float32, None)
+    return Engine(model, None, engine_options_for(model, compile=compile))
 
 
 def generate(engine, prompts, n_tokens: int):
@@ -122,12 +123,15 @@ QUESTIONS = ["How do I list a folder?", "And only the .py files?", "Sorted by si
 
 
 def prefix(args) -> None:
+    from dataclasses import replace
+
     from llama.engine import Engine
     from llama.generation import Llama
     from llama.options import GenerationOptions
 
     llama = Llama.build(str(BUNDLED), max_seq_len=2048, max_batch_size=1, device="cpu", dtype="float32")
-    engines = {"prefix cache": Engine(llama.model, llama.tokenizer), "none": Engine(llama.model, llama.tokenizer, prefix_cache=False)}
+    engines = {"prefix cache": Engine(llama.model, llama.tokenizer, llama.engine.options),
+               "none": Engine(llama.model, llama.tokenizer, replace(llama.engine.options, prefix_cache=False))}
     options = GenerationOptions(max_gen_len=24, temperature=0)
     ttft = {name: [] for name in engines}
     agree = True
@@ -267,7 +271,7 @@ def flex(args) -> None:
 
     from bench.common import checkpoint_args
     from llama.checkpoints.loader import load_model
-    from llama.engine import Engine
+    from llama.engine import Engine, engine_options_for
 
     torch._dynamo.config.recompile_limit = 64  # every engine's graphs are the one decode step's, by its code
     rows, steps, max_seq_len = 8, args.decode_tokens, 512
@@ -278,7 +282,8 @@ def flex(args) -> None:
             model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, max_seq_len, rows), torch.device("cpu"), torch.float32, None)
             vocab = model.params.vocab_size
             # no prefix cache: the two engines share the model's pool, one after the other
-            engines = {attention: Engine(model, None, compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False, compiled_attention=attention)
+            policy = dict(compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False)
+            engines = {attention: Engine(model, None, engine_options_for(model, compiled_attention=attention, **policy))
                        for attention in ("gather", "flex")}
             for bsz in (1, rows):
                 prompts = [torch.randint(3, vocab, (args.flex_prompt,), generator=generator).tolist() for _ in range(bsz)]

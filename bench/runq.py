@@ -31,7 +31,7 @@ from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import mode_settings
 
 from llama.checkpoints.loader import load_model
-from llama.engine import Engine
+from llama.engine import Engine, engine_options_for
 from llama.options import GenerationOptions
 from llama.model import Transformer
 
@@ -137,9 +137,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     export_runq_model(load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32), model_path, args.steps)
     export_runq_tokenizer(tokenizer_path, numbered_pieces(model_args.vocab_size), [0.0] * model_args.vocab_size)
     models = {mode: load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)) for mode in args.modes.split(",")}
-    steps = {mode: Engine(model, None) for mode, model in models.items()}
+    steps = {mode: Engine(model, None, engine_options_for(model)) for mode, model in models.items()}
     for mode in filter(None, args.compiled_modes.split(",")):  # the same model, its step compiled
-        steps[f"{mode} compiled"] = Engine(models[mode], None, compile=True)
+        steps[f"{mode} compiled"] = Engine(models[mode], None, engine_options_for(models[mode], compile=True))
     print(f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run")
 
     speeds = {name: [] for name in ["runq"] + list(steps)}

@@ -29,7 +29,7 @@ from common import DEFAULT_SHAPE, DTYPES, checkpoint_args, random_checkpoint
 
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
-from llama.engine import Engine
+from llama.engine import Engine, engine_options_for
 from llama.options import GenerationOptions
 from llama.layers.quantize import parse_quantize
 from llama.tokenizer import Tokenizer
@@ -90,7 +90,8 @@ def lookup_setup(args) -> None:
     tokenizer = Tokenizer(str(BUNDLED / "tokenizer.model"))
     model_args = checkpoint_args(str(BUNDLED), args.gen_tokens + 256, 1)
     model = load_model(str(BUNDLED), model_args, torch.device(args.device), torch.float32)
-    engines = {"plain": Engine(model, None), "speculative": Engine(model, None)}
+    options = engine_options_for(model)
+    engines = {"plain": Engine(model, None, options), "speculative": Engine(model, None, options)}
     prompts = {name: tokenizer.encode(text, bos=True, eos=False) for name, text in {**CONTINUING, **REPEATING}.items()}
     compare(engines, prompts, args, "lookup", f"prompt lookup, {BUNDLED.name}, float32")
 
@@ -103,7 +104,8 @@ def draft_setup(args) -> None:
         device = torch.device(args.device)
         model = load_model(ckpt_dir, model_args, device, DTYPES[args.dtype])
         draft = load_model(ckpt_dir, model_args, device, torch.bfloat16, parse_quantize(args.draft_quantize))
-    engines = {"plain": Engine(model, None), "speculative": Engine(model, None, draft=draft)}
+    options = engine_options_for(model)
+    engines = {"plain": Engine(model, None, options), "speculative": Engine(model, None, options, draft)}
     generator = torch.Generator().manual_seed(0)
     prompts = {f"random{i}": torch.randint(3, model_args.vocab_size, (args.prompt_len,), generator=generator).tolist() for i in range(args.prompts)}
     name = args.ckpt_dir or f"random {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"

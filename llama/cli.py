@@ -1,9 +1,16 @@
-"""How every command of this repository starts and fails: flags checked before anything loads, and a
-user error printed as one line, once per job, with exit status 2.
+"""How every command of this repository starts and fails: its flags, declared once, parsed by argparse and
+checked before anything loads, and a user error printed as one line, once per job, with exit status 2.
 
-    if __name__ == "__main__":
-        run(main)                       # a function whose keyword arguments are the flags (fire)
-        run_parser(parser, main)        # an argparse command: main(parsed_namespace)
+    parser = argparse.ArgumentParser(prog="python -m llama.x", description="...")
+    add_flags(parser, "ckpt_dir", "max_seq_len", max_seq_len={"default": 128})  # the flags declared in llama.options
+    parser.add_argument("--out", ...)                                           # the command's own
+    run_parser(parser, command, argv)                                           # command(parsed namespace)
+
+A flag shared by commands is a field of ``LoadOptions``, ``EngineOptions`` or ``GenerationOptions``
+(``llama.options.flag``: its help in the field's metadata, its default the field's) or an entry of
+``COMMAND_FLAGS``; a command gives each its own default or help where it differs, and turns the parsed
+flags back into the options (``options_from``). Flags may be written with hyphens (``--max-seq-len``) and
+as ``--flag=value``; an unknown flag is named with the likely intended one and every known flag.
 
 A user error is an exception of ``USER_ERRORS``: a bad flag value, a missing file, a rank that failed
 (``RankFailedError`` names it). It prints ``error: <message>`` on stderr, on rank 0 only under
@@ -17,80 +24,107 @@ the traceback of user errors and Ctrl-C too.
 import argparse
 import ast
 import contextlib
+import dataclasses
 import difflib
-import inspect
 import os
 import re
 import sys
 import typing
-from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
-import fire
 import torch
 
 from llama.distributed import RankFailedError, launched_as_rank0
-from llama.options import GenerationOptions
+from llama.options import EngineOptions, GenerationOptions, LoadOptions
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
-FLAG_HELP = {  # the flags several commands share, described once; a command's own docstring may say more
-    "ckpt_dir": "the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder",
-    "tokenizer_path": "the tokenizer: a sentencepiece or tiktoken tokenizer.model, or a Hugging Face tokenizer.json; default: the one in the checkpoint folder, else beside it",
-    "max_seq_len": "the context length in tokens: prompt and generation together",
-    "max_batch_size": "the most rows (prompts, dialogs, samples) decoded together",
-    "temperature": "sampling temperature; 0 is greedy",
-    "top_p": "nucleus sampling: sample among the most probable tokens whose probabilities add up to top_p",
-    "device": "cpu, cuda or mps; default: the GPU if there is one, else the CPU",
-    "dtype": "float32, bfloat16 or float16; default: per device (float32 on CPU, bfloat16 there for quantized weights)",
-    "quantize": "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized",
-    "compile": "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it",
-    "verbose": "also print the prompt and decoding speeds",
-    "speculate": "speculative decoding: lookup (n-grams of the prompt and output) or draft (needs --draft_ckpt_dir); same output, faster when proposals are accepted",
-    "speculate_k": "tokens proposed and verified per step with --speculate",
-    "draft_ckpt_dir": "a smaller checkpoint with the same vocabulary, for --speculate draft; --ckpt_dir itself with --draft_quantize for a quantized self-draft",
-    "draft_quantize": "int8, int4, ... weights for the draft (as --quantize)",
-    "adapter_dir": "a LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors, as python -m llama.finetune writes it), merged into the weights as they load",
-    "kv_cache_tokens": "the KV cache pool's size in tokens, shared by the rows in blocks; default: max_batch_size x max_seq_len",
-    "no_prefix_cache": "compute every prompt in full instead of reusing the cached blocks of a prefix an earlier request computed",
-    "threads": "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per core or fewer, whichever decodes the model fastest, timed at load",
+OPTION_FLAGS = {  # the options' fields that commands take as flags (llama.options.flag)
+    field.name: field for options in (LoadOptions, EngineOptions, GenerationOptions)
+    for field in dataclasses.fields(options) if "help" in field.metadata
 }
+COMMAND_FLAGS = {  # the flags several commands share that are no option of loading, the engine or a generation
+    "threads": dict(type=int, default=None, help=(
+        "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
+        "core or fewer, whichever decodes the loaded model fastest, timed at load (a model over 1 GiB keeps one per "
+        "core)")),
+    "verbose": dict(action="store_true", help="also print the prompt and decoding speeds"),
+}
+EXAMPLE_FLAGS = (  # the flags both example scripts take: Meta's seven first, in Meta's order
+    "ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_gen_len", "max_batch_size",
+    "device", "dtype", "quantize", "compile", "speculate", "speculate_k", "draft_ckpt_dir", "draft_quantize",
+    "adapter_dir", "kv_cache_tokens", "prefix_cache", "verbose", "threads",
+)
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
-EXIT_USER_ERROR = 2  # the status argparse and fire use for a bad command line
+EXIT_USER_ERROR = 2  # the status argparse uses for a bad command line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
-def run(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
-    """Run ``main`` as a command whose flags are its parameters, parsed by fire.
-
-    Unknown flags are rejected before ``main`` is called: fire would call ``main`` with the flags it
-    knows (loading the model, generating) and only then complain about the others.
+def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],
+               argv: Optional[Sequence[str]] = None) -> None:
+    """Run a command: ``main(parser.parse_args(argv))``, its errors, the parser's own included (an unknown
+    flag, a missing one, a value of the wrong type), printed as one line, once per job.
 
     Args:
-        main: the command; ``--name value`` sets parameter ``name``. A ``**kwargs`` parameter turns
-            the flag check off.
+        parser: the command's flags; ``--traceback`` is added to them, and a flag is its whole name (no
+            abbreviations: ``--temp`` is not ``--temperature``).
+        main: the command, given the parsed flags.
         argv: the arguments after the program name; None reads ``sys.argv``.
-    """
-    argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
-    with user_errors_exit(show_traceback):
-        if any(name in ("help", "h") for _, name in flags(argv)):
-            help_parser(main).print_help()
-            return
-        check_flags(main, argv)
-        fire.decorators.SetParseFns(**text_parsers(main))(main)
-        fire.Fire(main, command=argv, name=program_name())
-
-
-def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None], argv: Optional[Sequence[str]] = None) -> None:
-    """Run an argparse command with ``run``'s error behaviour: ``main(parser.parse_args(argv))``.
-
-    The parser's own errors (an unknown flag, a missing one) are printed the same way, once per job.
     """
     argv, show_traceback = split_traceback_flag(sys.argv[1:] if argv is None else argv)
     with user_errors_exit(show_traceback):
         parser.error = fail  # argparse reports a bad command line through error(message)
         parser.formatter_class = HelpFormatter
+        parser.allow_abbrev = False
         add_traceback_flag(parser)
-        main(parser.parse_args(argv))
+        args, unknown = parser.parse_known_args(underscored(argv))
+        if unknown:
+            raise ValueError(unknown_arguments(parser, unknown))
+        main(args)
+
+
+def declared_flag(name: str) -> Tuple[str, dict]:
+    """The flag ``name`` as declared (an options' field or ``COMMAND_FLAGS``): how it is written and
+    ``add_argument``'s keywords. A boolean field is a switch: ``--compile`` sets it; a field True by default
+    is turned off by its flag (``--no_prefix_cache``)."""
+    if name in COMMAND_FLAGS:
+        return f"--{name}", dict(COMMAND_FLAGS[name], dest=name)
+    field = OPTION_FLAGS[name]
+    flag = field.metadata["flag"] or f"--{name}"
+    default = None if field.default is dataclasses.MISSING else field.default
+    if field.type is bool:
+        return flag, dict(dest=flag.lstrip("-"), action="store_true", default=False, help=field.metadata["help"])
+    kinds = typing.get_args(field.type) or (field.type,)
+    kind = next(kind for kind in kinds if kind in (int, float, str))
+    return flag, dict(dest=name, type=kind, default=default, help=field.metadata["help"])
+
+
+def add_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict) -> None:
+    """Add the flags ``names`` to ``parser``, in that order, as declared (``declared_flag``).
+
+    Args:
+        names: fields of the options (``OPTION_FLAGS``) or ``COMMAND_FLAGS``.
+        changes: a command's own ``add_argument`` keywords for some of them, e.g.
+            ``max_seq_len={"default": 128}``, ``ckpt_dir={"required": True}``.
+    """
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise TypeError(f"add_flags: changes to flags not added: {unknown}")
+    for name in names:
+        flag, keywords = declared_flag(name)
+        parser.add_argument(flag, **{**keywords, **changes.get(name, {})})
+
+
+def options_from(options: type, args: argparse.Namespace, **given):
+    """An ``options`` (``LoadOptions``, ``EngineOptions``, ``GenerationOptions``) of the flags in ``args``
+    declared by its fields, and ``given``; checked as it is made."""
+    values = {}
+    for field in dataclasses.fields(options):
+        flag = field.metadata.get("flag") or f"--{field.name}"
+        if "help" in field.metadata and field.name not in given and hasattr(args, flag.lstrip("-")):
+            value = getattr(args, flag.lstrip("-"))
+            values[field.name] = not value if flag != f"--{field.name}" else value  # --no_prefix_cache: prefix_cache
+    return options(**values, **given)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -105,69 +139,37 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def add_traceback_flag(parser: argparse.ArgumentParser) -> None:
     """``--traceback`` in the help; ``split_traceback_flag`` takes it out of the arguments before parsing."""
-    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=f"show the full traceback of an error instead of one line; {TRACEBACK_ENV}=1 does the same")
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=(
+        f"show the full traceback of an error instead of one line; {TRACEBACK_ENV}=1 does the same"))
 
 
-def help_parser(main: Callable) -> argparse.ArgumentParser:
-    """A parser that prints the help of a command run by ``run`` in argparse's style, as the argparse
-    commands print theirs: each parameter of ``main`` as a flag, with its default and its description
-    from the ``Args:`` section of ``main``'s docstring, else from ``FLAG_HELP``. Only its help is used:
-    fire reads the flags."""
-    summary, own = docstring_parts(main)
-    descriptions = {**FLAG_HELP, **own}
-    parser = argparse.ArgumentParser(prog=program_name(), description=summary, formatter_class=HelpFormatter)
-    for name, parameter in inspect.signature(main).parameters.items():
-        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            continue
-        required = parameter.default is inspect.Parameter.empty
-        default = None if required else parameter.default
-        if parameter.annotation is bool or isinstance(default, bool):
-            parser.add_argument(f"--{name}", action="store_true", default=default, help=descriptions.get(name))
-        else:
-            parser.add_argument(f"--{name}", required=required, default=default, help=descriptions.get(name))
-    add_traceback_flag(parser)
-    return parser
+def underscored(argv: Sequence[str]) -> List[str]:
+    """The arguments with each flag's name written with underscores: ``--max-seq-len 8`` is
+    ``--max_seq_len 8``. A lone ``--`` ends the flags."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    for index, argument in enumerate(argv[:end]):
+        if re.match(r"^--[A-Za-z][\w-]*(=|$)", argument):
+            name, equals, value = argument.partition("=")
+            argv[index] = "--" + name[2:].replace("-", "_") + equals + value
+    return argv
 
 
-def docstring_parts(main: Callable) -> Tuple[str, Dict[str, str]]:
-    """``main``'s docstring before ``Args:``, and each parameter's description in ``Args:``
-    (``name: description``, continued on more deeply indented lines), joined into one line."""
-    summary, _, section = (inspect.getdoc(main) or "").partition("\nArgs:\n")
-    descriptions: Dict[str, str] = {}
-    name = None
-    for line in section.split("\n"):
-        entry = re.match(r"^    (\w+): (.*)$", line)
-        if entry:
-            name, descriptions[entry.group(1)] = entry.group(1), entry.group(2)
-        elif name is not None and line.startswith("        "):
-            descriptions[name] += " " + line.strip()
-        else:
-            name = None
-    return summary.strip(), descriptions
-
-
-def text_parsers(main: Callable) -> Dict[str, Callable[[str], object]]:
-    """How fire reads the flags ``main`` declares as text: as the text typed.
-
-    Fire reads every value as a Python literal where it can: ``--prompts "hello, world"`` would be two
-    prompts, ``--system 42`` a number, ``--ckpt_dir True`` a boolean. A parameter annotated ``str``
-    (or ``Optional[str]``) keeps the text; one that may also be a list of strings
-    (``Union[str, List[str], None]``) is a list only when the text is a Python list or tuple literal.
-
-    Returns:
-        ``{parameter name: parse function}`` for ``fire.decorators.SetParseFns``.
-    """
-    parsers = {}
-    for name, parameter in inspect.signature(main).parameters.items():
-        annotation = parameter.annotation
-        options = typing.get_args(annotation) or (annotation,)
-        if str in options:
-            parsers[name] = text_or_list if any(typing.get_origin(option) in (list, List) for option in options) else str
-    return parsers
+def unknown_arguments(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """What is wrong with the arguments ``parser`` did not recognise: the first unknown flag, with the
+    likely intended one and every known flag; else argparse's own words for stray values."""
+    flag = next((argument.split("=", 1)[0] for argument in unknown if re.match(r"^--?[A-Za-z]", argument)), None)
+    if flag is None:
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    known = [option for action in parser._actions if action.dest not in ("help", "traceback")
+             for option in action.option_strings]
+    close = [option for option in known if option.startswith(flag)] or difflib.get_close_matches(flag, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown flag {flag}{hint}; known flags: {', '.join(known)}"
 
 
 def text_or_list(text: str) -> Union[str, list]:
-    """``text`` itself, unless it is a Python list or tuple literal: then that list."""
+    """``text`` itself, unless it is a Python list or tuple literal: then that list (``--prompts``)."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -176,7 +178,7 @@ def text_or_list(text: str) -> Union[str, list]:
 
 
 def check_speculation_flags(speculate: Optional[str], speculate_k: int, draft_ckpt_dir: Optional[str]) -> None:
-    """The examples' speculation flags, before anything loads: valid values, and a draft only with
+    """The speculation flags, before anything loads: valid values, and a draft only with
     ``--speculate draft`` (a draft loaded for nothing would be a flag silently ignored)."""
     GenerationOptions(speculate=speculate, speculate_k=speculate_k).check_draft(draft_ckpt_dir is not None)
     if draft_ckpt_dir is not None and speculate != "draft":
@@ -217,56 +219,6 @@ def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr (rank 0 only under torchrun) and exit with status 2."""
     say_once(f"error: {message}")
     sys.exit(EXIT_USER_ERROR)
-
-
-def check_flags(main: Callable, argv: Sequence[str]) -> None:
-    """Raise ValueError naming the first flag in ``argv`` that is not a parameter of ``main``, with
-    the likely intended one and every known flag."""
-    parameters = inspect.signature(main).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    known = [name for name, p in parameters.items() if p.kind != inspect.Parameter.VAR_POSITIONAL]
-    for typed, name in flags(argv):
-        candidates = flag_candidates(name, known)
-        if len(candidates) == 1:
-            continue
-        if candidates:  # fire expands a one-letter flag only when a single parameter starts with it
-            raise ValueError(f"flag {typed} is ambiguous: it could be {', '.join('--' + c for c in candidates)}")
-        close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
-        raise ValueError(f"unknown flag {typed}{hint}; known flags: {', '.join('--' + k for k in known)}")
-
-
-def flags(argv: Sequence[str]) -> Iterator[Tuple[str, str]]:
-    """Each flag in ``argv`` as typed and as fire names it: ``--max-seq-len 8`` and
-    ``--max_seq_len=8`` are ``max_seq_len``. A flag's value is skipped (a flag followed by another
-    flag, or last, is a boolean); a lone ``-`` or ``--`` ends the function's flags (what follows is
-    fire's own)."""
-    index = 0
-    while index < len(argv) and argv[index] not in ("-", "--"):
-        argument = argv[index]
-        index += 1
-        if not is_flag(argument):
-            continue
-        typed = argument.split("=", 1)[0]
-        yield typed, typed.lstrip("-").replace("-", "_")
-        if "=" not in argument and index < len(argv) and not is_flag(argv[index]):
-            index += 1  # the flag's value
-
-
-def is_flag(argument: str) -> bool:
-    """Fire's rule: a leading hyphen, except a negative number."""
-    return argument.startswith("--") or re.match(r"^-[a-zA-Z]", argument) is not None
-
-
-def flag_candidates(name: str, known: List[str]) -> List[str]:
-    """The parameters fire could read flag ``name`` as: itself, ``no<parameter>`` (a boolean set
-    False), fire's help, or, for one letter, every parameter starting with it."""
-    if name in known or name in ("help", "h"):
-        return [name]
-    if name.startswith("no") and name[2:] in known:
-        return [name[2:]]
-    return [k for k in known if k.startswith(name)] if len(name) == 1 else []
 
 
 def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, quantize: Optional[str] = None) -> str:

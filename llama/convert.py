@@ -34,7 +34,7 @@ from llama.checkpoints.writers import (
     file_groups, meta_shard_path, output_folder, write_hf_tokenizer, write_hf_weights, write_meta_shard,
     write_meta_tokenizer,
 )
-from llama.cli import run_parser
+from llama.cli import add_flags, run_parser
 from llama.layers.parallel import check_world_size
 from llama.model import ModelArgs
 from llama.tokenizer import TiktokenTokenizer, Tokenizer, resolve_tokenizer_path
@@ -146,12 +146,13 @@ def convert(
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_dir", required=True, help="source: Meta's params.json + consolidated.NN.pth, or a folder with config.json")
+    add_flags(parser, "ckpt_dir", ckpt_dir={"required": True, "help": (
+        "the source: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder (config.json)")})
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
     parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
-    parser.add_argument("--tokenizer_path", default=None, help="the source's tokenizer.model or tokenizer.json; default: the one in --ckpt_dir, else beside it")
+    add_flags(parser, "tokenizer_path")
     parser.add_argument("--max_position_embeddings", type=int, default=None,
                         help="written to config.json (hf); default: params.json's max_seq_len, else the model's "
                              "released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")

@@ -17,32 +17,30 @@ import json
 import os
 import time
 
-from llama.cli import FLAG_HELP, fail, load_line, run_parser
+from llama.cli import add_flags, fail, load_line, options_from, run_parser
 from llama.distributed import set_threads
+from llama.options import EngineOptions, LoadOptions
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed: pip install -e ".[eval]"'
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama.evaluate", description="Evaluate a checkpoint on lm-evaluation-harness tasks.")
-    parser.add_argument("--ckpt_dir", required=True, help=FLAG_HELP["ckpt_dir"])
-    parser.add_argument("--tokenizer_path", default=None, help=FLAG_HELP["tokenizer_path"])
+    add_flags(parser, "ckpt_dir", "tokenizer_path", ckpt_dir={"required": True})
     parser.add_argument("--tasks", required=True, help="comma-separated task (or group) names, lm-eval's or --include_path's")
     parser.add_argument("--include_path", default=None, help="a folder of task YAML files to add to lm-eval's tasks")
     parser.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt; default: each task's own (0 if it has none)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction below 1); default: all. For testing only")
     parser.add_argument("--batch_size", type=int, default=8, help="contexts scored together, and rows generated together (the KV cache's rows)")
-    parser.add_argument("--max_seq_len", type=int, default=2048, help="the context in tokens (lm-eval's max_length); longer inputs lose their oldest tokens")
+    add_flags(parser, "max_seq_len", max_seq_len={"default": 2048, "help": (
+        "the context in tokens (lm-eval's max_length); longer inputs lose their oldest tokens")})
     parser.add_argument("--output_path", default=None, help="a folder to write results_<date>.json (and the samples) into, under the checkpoint's name")
     parser.add_argument("--log_samples", action="store_true", help="also write each document's prompt, answers and scores (needs --output_path)")
     parser.add_argument("--apply_chat_template", action="store_true", help="write each prompt in the model's chat format")
     parser.add_argument("--fewshot_as_multiturn", action="store_true", help="with --apply_chat_template: each few-shot example as a turn of the dialog")
     parser.add_argument("--system_instruction", default=None, help="a system message (or prefix) for every prompt")
     parser.add_argument("--seed", type=int, default=0, help="lm-eval's seed for Python's random module (its other seeds stay at their defaults)")
-    parser.add_argument("--quantize", default=None, help=FLAG_HELP["quantize"])
-    parser.add_argument("--device", default=None, help=FLAG_HELP["device"])
-    parser.add_argument("--dtype", default=None, help=FLAG_HELP["dtype"])
-    parser.add_argument("--threads", type=int, default=None, help=FLAG_HELP["threads"])
+    add_flags(parser, "quantize", "device", "dtype", "threads")
     run_parser(parser, evaluate, argv)
 
 
@@ -104,13 +102,11 @@ def evaluate(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_threads(args.threads)
     manager = task_manager(args.include_path, tasks)
-    tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
+    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path))
     start = time.perf_counter()
-    generator = Llama.build(
-        args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, quantize=args.quantize,
-    )
-    print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize), flush=True)
+    generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
+    seconds = time.perf_counter() - start
+    print(load_line(load.ckpt_dir, load.tokenizer_path, generator, seconds, load.quantize), flush=True)
     model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype).removeprefix("torch."), "quantize": args.quantize, "max_seq_len": args.max_seq_len}
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = lm_eval.simple_evaluate(

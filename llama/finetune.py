@@ -22,12 +22,13 @@ import torch.distributed as dist
 from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
 from llama.chat.format import chat_format_for
 from llama.checkpoints.loader import checkpoint_folder, layout_of, load_model, read_model_args
-from llama.cli import run_parser
+from llama.cli import add_flags, run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
 from llama.checkpoints.writers import write_checkpoint
 from llama.checkpoints.hf import read_chat_template
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
+from llama.options import EngineOptions
 from llama.layers.parallel import fused_layers, set_model_parallel_group
 from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -152,7 +153,8 @@ def finetune(options: argparse.Namespace) -> None:
 
     tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
     tokenizer = Tokenizer(tokenizer_path)
-    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, options.max_seq_len, 1)
+    sizes = EngineOptions(max_batch_size=1, max_seq_len=options.max_seq_len)  # the cache training does not use
+    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, sizes)
     quantization = check_qlora(args, device, dtype) if options.method == "qlora" else None
     chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
     examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
@@ -235,11 +237,12 @@ def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama.finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_dir", required=True, help="the checkpoint to fine-tune: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")
+    add_flags(p, "ckpt_dir", ckpt_dir={"required": True, "help": (
+        "the checkpoint to fine-tune: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")})
     p.add_argument("--data", required=True, help="JSONL training examples: {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"} per line")
     p.add_argument("--out", required=True, help="the run's folder (new, or empty; with --resume, the run to continue)")
     p.add_argument("--method", default="lora", choices=METHODS, help="lora: adapters beside the frozen weights; qlora: the same beside an int4 base; full: every weight")
-    p.add_argument("--tokenizer_path", default=None, help="the checkpoint's tokenizer; default: the one in --ckpt_dir, else beside it")
+    add_flags(p, "tokenizer_path")
     p.add_argument("--lora_rank", type=int, default=8, help="the rank r of each adapter B A")
     p.add_argument("--lora_alpha", type=float, default=16.0, help="adapters are scaled by alpha / r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the adapters' input")
@@ -263,8 +266,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block's activations in the backward pass: less memory, more time")
     p.add_argument("--compile", action="store_true", help="compile each block with torch.compile")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32")
-    p.add_argument("--device", default=None, help="cpu, cuda or mps; default: this rank's GPU if there is one, else the CPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's choice (1 per process under torchrun)")
+    add_flags(p, "device")
+    p.add_argument("--threads", type=int, default=None, help=(
+        "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
+        "core (training times no thread count)"))
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
     return p
 

@@ -16,11 +16,10 @@ from llama.checkpoints.peft import read_adapter
 from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
 from llama.checkpoints.hf import read_chat_template
 from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
-from llama.engine import Engine, Request
+from llama.engine import Engine, Request, engine_options_for
 from llama.model import Transformer
-from llama.options import GenerationOptions, check_batch_size, check_prompts
+from llama.options import EngineOptions, GenerationOptions, LoadOptions, check_batch_size, check_prompts
 from llama.layers.parallel import model_parallel_world_size
-from llama.layers.quantize import parse_quantize
 from llama.engine.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.engine.streaming import CompletionStream
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -40,10 +39,17 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
-def positive_int(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def load_draft(load: LoadOptions, engine: EngineOptions, tokenizer: Tokenizer, tokenizer_path: str,
+               device: torch.device, dtype: torch.dtype) -> Transformer:
+    """``load``'s draft, with the model's vocabulary and cache sizes: quantized, in the dtype its kernels are
+    fastest in (``resolve_dtype``'s pick for quantized weights); else in the model's ``dtype``."""
+    quantization = load.draft_quantization
+    draft_dtype = resolve_dtype(None, device, quantization) if quantization else dtype
+    check_draft_vocabulary(load.draft_ckpt_dir, tokenizer, tokenizer_path)
+    args = read_model_args(load.draft_ckpt_dir, tokenizer, tokenizer_path, engine)
+    draft = load_model(load.draft_ckpt_dir, args, device, draft_dtype, quantization)
+    logger.info("loaded the draft %s on %s in %s", load.draft_ckpt_dir, device, draft_dtype)
+    return draft
 
 
 class Llama:
@@ -67,104 +73,61 @@ class Llama:
         kv_cache_tokens: Optional[int] = None,
         prefix_cache: bool = True,
     ) -> "Llama":
-        """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
+        """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer (Meta's call):
+        ``from_options`` with the arguments as one ``LoadOptions`` and one ``EngineOptions``.
 
         Args:
-            ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them,
-                whatever the number of processes), or a Hugging Face transformers Llama folder
-                (``config.json`` with ``*.safetensors`` or ``pytorch_model*.bin``).
-            tokenizer_path: ``tokenizer.model`` (Llama 2's sentencepiece or Llama 3's tiktoken file) or a
-                Hugging Face ``tokenizer.json``; None: the folder's own (``resolve_tokenizer_path``).
-            max_seq_len: longest prompt + generation (a row's most positions).
-            max_batch_size: most sequences decoded together (per ``generate`` call).
-            model_parallel_size: must equal the number of processes if given (Meta's argument).
-            seed: seeds torch's random generators. Under model parallelism rank 0's draws choose every
-                rank's tokens, so the ranks return the same tokens whatever their seeds.
-            device: "cpu", "cuda", "mps", ...; None picks this rank's GPU, else MPS, else CPU.
-            dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device.
-            backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL
-                on CUDA and gloo elsewhere.
-            quantize: "int8" stores every linear weight as int8 with one scale per output row: a
-                quarter of float32's bytes to read per token, the fastest decoding on a CPU, at a
-                small accuracy cost. "int4" (groups of 64 input features) or "int4-g32" / "-g64" /
-                "-g128" / "-g256": grouped 4-bit, an eighth of float32's bytes, for a model that
-                must fit. Each weight is quantized on the CPU as it is read (``llama.layers.quantize``).
-                None keeps the checkpoint's weights.
-            compile: run the decode step (the model, every row's sampling, the step's writes) as one
-                ``torch.compile`` graph (a CUDA graph on CUDA): the first generation compiles it
-                (seconds to a minute), later ones run faster.
-            quiet_ranks: send stdout to /dev/null on local ranks > 0 (``quiet_local_ranks``), as
-                Meta's build does, so scripts that print on every rank print once; False keeps it.
-            draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for
-                ``speculate="draft"`` (``llama.engine.speculative``); ``ckpt_dir`` itself with
-                ``draft_quantize`` for a quantized copy of the model as its own draft. Split over the
-                processes like the model, with the same cache sizes.
-            draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its
-                kernels are fastest in (bfloat16 on an AVX2 CPU, as ``dtype=None`` would pick),
-                whatever ``dtype``; an unquantized one in the model's dtype.
-            adapter_dir: a LoRA adapter in peft's format (``adapter_config.json``,
-                ``adapter_model.safetensors``, as ``python -m llama.finetune`` writes it), merged into
-                the weights as they are read, before ``quantize``: decoding costs what the model alone
-                costs. ``Llama.adapter_id`` then names it (a hash of its files), ``Llama.adapter_dir`` its folder.
-            kv_cache_tokens: the KV cache pool's size in tokens, shared by the rows in blocks of 16
-                (``llama.engine.block_manager``); None: ``max_batch_size * max_seq_len``, the memory
-                of a contiguous cache, on every device. Smaller pools hold fewer tokens at once: when
-                the running rows fill it, the newest gives its blocks back and is recomputed later.
-            prefix_cache: a row reuses the cached keys and values of a prompt prefix an earlier row
-                computed (whole blocks); False computes every prompt in full.
+            ckpt_dir, tokenizer_path, model_parallel_size, seed, device, dtype, backend, quantize,
+                quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir: what loading needs
+                (``llama.options.LoadOptions`` describes each).
+            max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache: the engine's sizes and
+                policies (``llama.options.EngineOptions`` describes each).
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
-        device = resolve_device(device)
-        init_distributed(device, backend)
-        if quiet_ranks:
+        load = LoadOptions(ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir, draft_ckpt_dir,
+                           draft_quantize, backend, seed, model_parallel_size, quiet_ranks)
+        engine = EngineOptions(max_batch_size, max_seq_len, kv_cache_tokens, compile=compile, prefix_cache=prefix_cache)
+        return Llama.from_options(load, engine)
+
+    @classmethod
+    def from_options(cls, load: LoadOptions, engine: EngineOptions = EngineOptions()) -> "Llama":
+        """Load ``load``'s checkpoint with its tokenizer and chat format (and its adapter, and its draft), with
+        a KV cache pool of ``engine``'s sizes, and decode on an engine of ``engine``'s policies. Under torchrun,
+        every process loads its part of each weight; if one fails, every one raises.
+
+        Returns:
+            A ``Llama`` holding the model and tokenizer.
+        """
+        device = resolve_device(load.device)
+        init_distributed(device, load.backend)
+        if load.quiet_ranks:
             quiet_local_ranks()
         with fail_together():  # each rank reads its own files: if one fails, all do
-            positive_int(max_seq_len, "max_seq_len")
-            positive_int(max_batch_size, "max_batch_size")
-            if kv_cache_tokens is not None:
-                positive_int(kv_cache_tokens, "kv_cache_tokens")
-            if not isinstance(prefix_cache, bool):
-                raise TypeError(f"prefix_cache must be True or False, got {prefix_cache!r}")
-            if not isinstance(compile, bool):
-                raise TypeError(f"compile must be True or False, got {compile!r}")
-            quantization = parse_quantize(quantize)
-            if draft_quantize is not None and draft_ckpt_dir is None:
-                raise ValueError(
-                    f"draft_quantize={draft_quantize!r} needs draft_ckpt_dir: pass draft_ckpt_dir=ckpt_dir for a "
-                    "quantized copy of the model as its own draft"
-                )
-            dtype = resolve_dtype(dtype, device, quantization)
+            dtype = resolve_dtype(load.dtype, device, load.quantization)
             world_size = model_parallel_world_size()
-            if model_parallel_size is not None and model_parallel_size != world_size:
+            if load.model_parallel_size is not None and load.model_parallel_size != world_size:
                 raise ValueError(
-                    f"model_parallel_size={model_parallel_size} but this job has {world_size} process(es); "
+                    f"model_parallel_size={load.model_parallel_size} but this job has {world_size} process(es); "
                     "leave it None to use every process (any number of processes can load any checkpoint)"
                 )
-            torch.manual_seed(seed)
-            tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+            torch.manual_seed(load.seed)
+            tokenizer_path = resolve_tokenizer_path(load.ckpt_dir, load.tokenizer_path)
             tokenizer = Tokenizer(tokenizer_path)
-            args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
-            chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
-            adapter = read_adapter(adapter_dir, args) if adapter_dir is not None else None
-            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter)  # quantized tensor by tensor
-            logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
-            draft = None
-            if draft_ckpt_dir is not None:
-                draft_quantization = parse_quantize(draft_quantize)
-                draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
-                check_draft_vocabulary(draft_ckpt_dir, tokenizer, tokenizer_path)
-                draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
-                draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
-                logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
-        return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None, prefix_cache,
-                     cache_salt=f"{ckpt_dir} {quantize} {adapter.identity if adapter else None}",
-                     adapter_dir=adapter_dir)
+            args = read_model_args(load.ckpt_dir, tokenizer, tokenizer_path, engine)
+            chat_format = chat_format_for(tokenizer, read_chat_template(load.ckpt_dir))
+            adapter = read_adapter(load.adapter_dir, args) if load.adapter_dir is not None else None
+            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter)  # quantized as read
+            logger.info("loaded %s on %s in %s", load.ckpt_dir, device, dtype)
+            draft = load_draft(load, engine, tokenizer, tokenizer_path, device, dtype) if load.draft_ckpt_dir else None
+        adapter_id = adapter.identity if adapter else None
+        return cls(model, tokenizer, engine, chat_format, draft, adapter_id, adapter_dir=load.adapter_dir,
+                   cache_salt=f"{load.ckpt_dir} {load.quantize} {adapter_id}")
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, chat_format: Optional[ChatFormat] = None,
-                 draft: Optional[Transformer] = None, adapter_id: Optional[str] = None, prefix_cache: bool = True,
-                 cache_salt: str = "", adapter_dir: Optional[str] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine_options: Optional[EngineOptions] = None,
+                 chat_format: Optional[ChatFormat] = None, draft: Optional[Transformer] = None,
+                 adapter_id: Optional[str] = None, cache_salt: str = "", adapter_dir: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
         # what the weights hold besides the checkpoint: the sha256 of the merged adapter's files, or None.
@@ -172,8 +135,10 @@ class Llama:
         self.adapter_id = adapter_id
         self.adapter_dir = adapter_dir  # the folder it was read from, as given: what a command says it loaded
         self.chat_format = chat_format or chat_format_for(tokenizer)  # how dialogs become tokens
-        # every call below decodes here; cache_salt names the weights in the prefix cache's keys
-        self.engine = Engine(model, tokenizer, compile, draft=draft, prefix_cache=prefix_cache, cache_salt=cache_salt)
+        # every call below decodes here (engine_options None: the sizes of the model's pool, the default policies);
+        # cache_salt names the weights in the prefix cache's keys
+        options = engine_options or engine_options_for(model)
+        self.engine = Engine(model, tokenizer, options, draft, cache_salt)
 
     @property
     def device(self) -> torch.device:
@@ -194,14 +159,14 @@ class Llama:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:
         each prompt ``num_return_sequences`` times. ``what`` names the prompts in errors
         ("prompt_tokens", "prompt", "dialog"); ``streams``: assemble each row's text as it comes."""
-        params = self.model.params
+        vocab_size, sizes = self.model.params.vocab_size, self.engine.options
         with fail_together(same_on_every_rank=(prompt_tokens, options)):  # ranks must agree before the first collective
             options = GenerationOptions(**options)
             if streams and options.echo:
                 raise ValueError("echo is not supported when streaming: the stream yields generated text only")
-            options.check_vocabulary(params.vocab_size)
-            check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
-            check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
+            options.check_vocabulary(vocab_size)
+            check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
+            check_batch_size(len(prompt_tokens), options.num_return_sequences, sizes.max_batch_size, what)
         return self.engine.submit(prompt_tokens, options, what, stream_text=streams)
 
     def generate(

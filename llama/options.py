@@ -1,8 +1,18 @@
-"""The options of a generation call and of the engine, each checked once, and the checks of prompts:
-what ``Llama``'s calls, the streams and the server hand to the decoding engine (``llama.engine``)."""
+"""The options of loading a model, of the engine and of a generation call, each one frozen value checked
+once, and the checks of prompts: what ``Llama.build`` hands to the loader and the engine, and what
+``Llama``'s calls, the streams and the server hand to the decoding engine (``llama.engine``).
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+A field that a command takes as a flag declares the flag here, once (``flag``): its help text in the
+field's metadata, its default the field's; ``llama.cli.add_flags`` builds every command's parser from it.
+"""
+
+import os
+from dataclasses import MISSING, dataclass, field
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from llama.layers.quantize import Quantization, parse_quantize
 
 
 SPECULATE_CHOICES = (None, "lookup", "draft")
@@ -14,6 +24,12 @@ MAX_SPECULATE_K = 16
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def flag(default=MISSING, help: str = "", name: Optional[str] = None):
+    """A field that commands take as the flag ``--<field>`` (``name``: another flag, e.g. ``--no_prefix_cache``
+    for a field that is True by default), described by ``help``; ``default``: the field's and the flag's."""
+    return field(default=default, metadata={"help": help, "flag": name})
 
 
 @dataclass(frozen=True)
@@ -43,9 +59,11 @@ class GenerationOptions:
     json_object: each row's text is a compact JSON object (any keys and values).
     """
 
-    max_gen_len: Optional[int] = None
-    temperature: float = 0.6
-    top_p: float = 0.9
+    max_gen_len: Optional[int] = flag(None, "the most tokens generated for each prompt; default: up to the end of the "
+                                            "context")
+    temperature: float = flag(0.6, "sampling temperature; 0 is greedy")
+    top_p: float = flag(0.9, "nucleus sampling: sample among the most probable tokens whose probabilities add up to "
+                             "top_p")
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -59,8 +77,9 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
-    speculate: Optional[str] = None
-    speculate_k: int = 4
+    speculate: Optional[str] = flag(None, "speculative decoding: lookup (n-grams of the prompt and output) or draft "
+                                          "(needs --draft_ckpt_dir); same output, faster when proposals are accepted")
+    speculate_k: int = flag(4, "tokens proposed and verified per step with --speculate")
     json_schema: Optional[dict] = None
     json_object: bool = False
 
@@ -159,16 +178,23 @@ class EngineOptions:
     heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
     """
 
-    max_batch_size: int = 8
-    max_seq_len: int = 512
-    kv_cache_tokens: Optional[int] = None
+    max_batch_size: int = flag(8, "the most rows (prompts, dialogs, samples) decoded together: the engine's slots")
+    max_seq_len: int = flag(512, "the context length in tokens: prompt and generation together")
+    kv_cache_tokens: Optional[int] = flag(None, "the KV cache pool's size in tokens, shared by the rows in blocks; "
+                                                "default: max_batch_size x max_seq_len")
     kv_block_size: Optional[int] = None
-    compile: bool = False
+    compile: bool = flag(False, "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation "
+                                "compiles it")
     compiled_attention: Optional[str] = None
-    prefix_cache: bool = True
-    admission: str = "continuous"
-    prefill_chunk: int = 256
-    heartbeat_seconds: float = 10.0
+    prefix_cache: bool = flag(True, "compute every prompt in full instead of reusing the cached blocks of a prefix an "
+                                    "earlier request computed", name="--no_prefix_cache")
+    admission: str = flag("continuous", "continuous (a request starts at the next step in free slots) or static (only "
+                                        "into an empty batch, as a server without continuous batching; kept to measure "
+                                        "the difference)")
+    prefill_chunk: int = flag(256, "the most prompt tokens prefilled in one step while other rows decode: a long "
+                                   "prompt delays them by one chunk's time per step")
+    heartbeat_seconds: float = flag(10.0, "under torchrun, how often an idle rank 0 tells the others it is alive (well "
+                                          "below the process group's 30-minute timeout)")
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "kv_cache_tokens", "kv_block_size", "prefill_chunk"):
@@ -181,7 +207,7 @@ class EngineOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compiled_attention not in (None, *ATTENTIONS):
-            raise ValueError(f"compiled_attention must be one of {ATTENTIONS} or None, got {self.compiled_attention!r}")
+            raise ValueError(f"compiled_attention must be one of {ATTENTIONS}, got {self.compiled_attention!r}")
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
         seconds = self.heartbeat_seconds
@@ -210,6 +236,96 @@ class EngineOptions:
         """The pool's blocks: ``pool_tokens`` in blocks, and the scratch block (block 0), which positions
         nobody reads are written to."""
         return self.pool_tokens // self.block_size + 1
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading a model needs, checked once: the checkpoint and its tokenizer, where and in what dtype it
+    computes, how its weights are stored, an adapter merged into them, a draft for speculative decoding, and
+    the processes it is split over. ``Llama.from_options`` loads it; ``Llama.build`` takes the same names.
+
+    ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` shards (any number of them, whatever
+        the number of processes), or a Hugging Face transformers Llama folder (``config.json`` with
+        ``*.safetensors`` or ``pytorch_model*.bin``).
+    tokenizer_path: ``tokenizer.model`` (Llama 2's sentencepiece or Llama 3's tiktoken file) or a Hugging
+        Face ``tokenizer.json``; None: the folder's own (``llama.tokenizer.resolve_tokenizer_path``).
+    device: "cpu", "cuda", "mps", ... or a torch.device; None picks this rank's GPU, else MPS, else CPU.
+    dtype: "float32", "bfloat16", "float16" or a torch.dtype; None picks per device
+        (``llama.distributed.resolve_dtype``).
+    quantize: "int8" stores every linear weight as int8 with one scale per output row: a quarter of
+        float32's bytes to read per token, the fastest decoding on a CPU, at a small accuracy cost. "int4"
+        (groups of 64 input features) or "int4-g32" / "-g64" / "-g128" / "-g256": grouped 4-bit, an eighth
+        of float32's bytes, for a model that must fit. Each weight is quantized on the CPU as it is read
+        (``llama.layers.quantize``). None keeps the checkpoint's weights.
+    adapter_dir: a LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``, as
+        ``python -m llama.finetune`` writes it), merged into the weights as they are read, before
+        ``quantize``: decoding costs what the model alone costs.
+    draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for ``speculate="draft"``
+        (``llama.engine.speculative``); ``ckpt_dir`` itself with ``draft_quantize`` for a quantized copy of
+        the model as its own draft. Split over the processes like the model, with the same cache sizes.
+    draft_quantize: ``quantize`` for the draft. A quantized draft computes in the dtype its kernels are
+        fastest in (bfloat16 on an AVX2 CPU, as ``dtype=None`` would pick), whatever ``dtype``; an
+        unquantized one in the model's dtype.
+    backend: torch.distributed backend under torchrun; None: $LLAMA_DIST_BACKEND, else NCCL on CUDA and
+        gloo elsewhere.
+    seed: seeds torch's random generators. Under model parallelism rank 0's draws choose every rank's
+        tokens, so the ranks return the same tokens whatever their seeds.
+    model_parallel_size: must equal the number of processes if given (Meta's argument).
+    quiet_ranks: send stdout to /dev/null on local ranks > 0 (``llama.distributed.quiet_local_ranks``), as
+        Meta's build does, so scripts that print on every rank print once; False keeps it.
+    """
+
+    ckpt_dir: str = flag(help="the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face "
+                              "folder")
+    tokenizer_path: Optional[str] = flag(None, "the tokenizer: a sentencepiece or tiktoken tokenizer.model, or a "
+                                               "Hugging Face tokenizer.json; default: the one in the checkpoint "
+                                               "folder, else beside it")
+    device: Union[str, torch.device, None] = flag(None, "cpu, cuda or mps; default: this rank's GPU if there is one, "
+                                                        "else MPS, else the CPU")
+    dtype: Union[str, torch.dtype, None] = flag(None, "float32, bfloat16 or float16; default: bfloat16 on CUDA "
+                                                      "(float16 where unsupported), float16 on MPS, float32 on a CPU "
+                                                      "(with quantized weights, bfloat16 on a CPU with AVX2 or "
+                                                      "AVX-512)")
+    quantize: Optional[str] = flag(None, "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized")
+    adapter_dir: Optional[str] = flag(None, "a LoRA adapter in peft's format (adapter_config.json, "
+                                            "adapter_model.safetensors, as python -m llama.finetune writes it), merged "
+                                            "into the weights as they load")
+    draft_ckpt_dir: Optional[str] = flag(None, "a smaller checkpoint with the same vocabulary, for --speculate draft; "
+                                               "--ckpt_dir itself with --draft_quantize for a quantized self-draft")
+    draft_quantize: Optional[str] = flag(None, "int8, int4, ... weights for the draft (as --quantize)")
+    backend: Optional[str] = None
+    seed: int = 1
+    model_parallel_size: Optional[int] = None
+    quiet_ranks: bool = True
+
+    def __post_init__(self):
+        for name in ("ckpt_dir", "tokenizer_path", "adapter_dir", "draft_ckpt_dir"):
+            value = getattr(self, name)
+            if (value is not None or name == "ckpt_dir") and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path, got {value!r:.80}")
+        parse_quantize(self.quantize)  # raises for a value it cannot read
+        parse_quantize(self.draft_quantize)
+        if self.draft_quantize is not None and self.draft_ckpt_dir is None:
+            raise ValueError(
+                f"draft_quantize={self.draft_quantize!r} needs draft_ckpt_dir: pass draft_ckpt_dir=ckpt_dir for a "
+                "quantized copy of the model as its own draft"
+            )
+        if not is_int(self.seed):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        size = self.model_parallel_size
+        if size is not None and not (is_int(size) and size >= 1):
+            raise ValueError(f"model_parallel_size must be a positive integer or None, got {size!r}")
+        if not isinstance(self.quiet_ranks, bool):
+            raise TypeError(f"quiet_ranks must be True or False, got {self.quiet_ranks!r}")
+
+    @property
+    def quantization(self) -> Optional[Quantization]:
+        """``quantize`` parsed (``llama.layers.quantize.parse_quantize``)."""
+        return parse_quantize(self.quantize)
+
+    @property
+    def draft_quantization(self) -> Optional[Quantization]:
+        return parse_quantize(self.draft_quantize)
 
 
 def check_prompts(prompt_tokens, max_seq_len: int, vocab_size: int, what: str = "prompt_tokens") -> None:

@@ -18,10 +18,11 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from llama.cli import FLAG_HELP, load_line, run_parser
+from llama.cli import add_flags, load_line, options_from, run_parser
 from llama.distributed import set_threads
 from llama.layers.loss import IGNORE_INDEX, scored_token_count
 from llama.model import Transformer
+from llama.options import EngineOptions, LoadOptions
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 
@@ -89,16 +90,14 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
-    parser.add_argument("--ckpt_dir", required=True, help=FLAG_HELP["ckpt_dir"])
-    parser.add_argument("--tokenizer_path", default=None, help=FLAG_HELP["tokenizer_path"])
+    add_flags(parser, "ckpt_dir", "tokenizer_path", ckpt_dir={"required": True})
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
-    parser.add_argument("--max_seq_len", type=int, default=256, help="window length in tokens (the bundled model was trained on 256)")
+    add_flags(parser, "max_seq_len", max_seq_len={
+        "default": 256, "help": "window length in tokens (the bundled model was trained on 256)"})
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default=None, help=FLAG_HELP["device"])
-    parser.add_argument("--dtype", default=None, help=FLAG_HELP["dtype"])
-    parser.add_argument("--quantize", default=None, help=FLAG_HELP["quantize"])
+    add_flags(parser, "device", "dtype", "quantize")
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
-    parser.add_argument("--threads", type=int, default=None, help=FLAG_HELP["threads"])
+    add_flags(parser, "threads")
     run_parser(parser, score_files, argv)
 
 
@@ -111,11 +110,11 @@ def score_files(args: argparse.Namespace) -> None:
     if args.max_seq_len < 2:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     set_threads(args.threads)
-    tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
+    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path))
     texts = read_texts(args.text_file)
     start = time.perf_counter()
-    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize))
+    generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
+    print(load_line(load.ckpt_dir, load.tokenizer_path, generator, time.perf_counter() - start, load.quantize))
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size, compile=args.compile)
     print(f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}")

@@ -23,7 +23,7 @@ from llama.checkpoints.loader import (
     load_shard, meta_layout, rank_slices, shard_paths, split_dims,
 )
 from llama.checkpoints.writers import meta_shard_path, write_meta_shard
-from llama.cli import run_parser
+from llama.cli import add_flags, run_parser
 from llama.checkpoints.hf import HfFolder
 from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
@@ -103,7 +103,8 @@ def splits_vocabulary(paths: List[Path], first: dict, layout: dict, tokenizer: O
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_dir", required=True, help="checkpoint directory: params.json and consolidated.NN.pth")
+    add_flags(parser, "ckpt_dir", ckpt_dir={
+        "required": True, "help": "the checkpoint folder: params.json and consolidated.NN.pth"})
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
     parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in or beside --ckpt_dir")

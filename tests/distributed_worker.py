@@ -26,6 +26,7 @@ Scenarios:
                  model's own int8 weights as the draft, saved as for generate.
 """
 
+import dataclasses
 import os
 import sys
 import threading
@@ -128,7 +129,7 @@ def engine(tokenizer_path: str, ckpt_dirs) -> dict:
         second = engine.submit([PROMPTS[0]], greedy)
         while not (first.done and second.done):
             engine.step()
-        engine.heartbeat_seconds = 0.2
+        engine.options = dataclasses.replace(engine.options, heartbeat_seconds=0.2)
         threading.Timer(1.0, engine.stop).start()
         engine.run()  # idle: heartbeats for a second, then tells the followers to shut down
         results["served"] = [first.tokens[0], second.tokens[0]]

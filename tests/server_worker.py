@@ -11,7 +11,6 @@ import datetime
 
 import torch.distributed as dist
 
-from llama.cli import run
 from llama.server.__main__ import main
 
 PG_TIMEOUT_SECONDS = 3
@@ -19,4 +18,4 @@ PG_TIMEOUT_SECONDS = 3
 if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=PG_TIMEOUT_SECONDS))
     atexit.register(dist.destroy_process_group)  # an application's own group is its to destroy
-    run(main)
+    main()

@@ -1,9 +1,8 @@
-"""The command-line runner: flags are checked against the command's parameters before it runs, and a
+"""The command-line runner: flags, declared once, are parsed and checked before the command runs, and a
 user error is one line on stderr with exit status 2 (on rank 0 only), unless a traceback is asked for."""
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import re
@@ -11,24 +10,34 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import List, Optional, Union
 
 import pytest
 import torch
 
-from llama.cli import check_flags, compile_line, load_line, run, run_parser
+from llama.cli import add_flags, compile_line, load_line, options_from, run_parser, text_or_list
 from llama.layers.cpu_threads import measure_threads_at_load
 from llama.distributed import RankFailedError, set_threads
+from llama.options import EngineOptions, GenerationOptions, LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def command(ckpt_dir: str = "", temperature: float = 0.6, top_p: float = 0.9, verbose: bool = False):
-    """Stands for an example's main: records what it was called with."""
-    calls.append({"ckpt_dir": ckpt_dir, "temperature": temperature, "top_p": top_p, "verbose": verbose})
+def command_parser() -> argparse.ArgumentParser:
+    """Stands for an example's flags: a text, two numbers and a switch."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt_dir", default="")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--verbose", action="store_true")
+    return parser
 
 
 calls = []
+
+
+def command(args: argparse.Namespace):
+    """Stands for an example's command: records what it was called with."""
+    calls.append(vars(args))
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +48,14 @@ def fresh(monkeypatch):
 
 
 def failing(error: Exception):
-    def main(flag: int = 0):
+    def main(args):
         raise error
 
     return main
+
+
+def run(main, argv):
+    run_parser(command_parser(), main, argv)
 
 
 def exit_status(main, argv) -> int:
@@ -51,40 +64,34 @@ def exit_status(main, argv) -> int:
     return exited.value.code
 
 
-@pytest.mark.parametrize("argv", [
-    ["--ckpt_dir", "x", "--temperature", "0"],
-    ["--ckpt_dir=x", "--temperature=0"],
-    ["--top-p", "0.5"],  # fire reads hyphens as underscores
-    ["--verbose", "--temperature", "-1"],  # a boolean flag, then a negative number as a value
-    ["--noverbose"],
-    ["-c", "x"],  # fire's one-letter shortcut for the only parameter starting with c
-    ["x", "0.1"],  # positional arguments
-    ["--ckpt_dir", "--", "--help"],  # after a lone --, fire's own flags
+@pytest.mark.parametrize("argv, expected", [
+    (["--ckpt_dir", "x", "--temperature", "0"], {"ckpt_dir": "x", "temperature": 0}),
+    (["--ckpt_dir=x", "--temperature=0"], {"ckpt_dir": "x", "temperature": 0}),
+    (["--top-p", "0.5"], {"top_p": 0.5}),  # hyphens read as underscores
+    (["--verbose", "--temperature", "-1"], {"verbose": True, "temperature": -1}),  # a switch, then a negative number
 ])
-def test_flags_fire_reads_as_parameters_pass_the_check(argv):
-    check_flags(command, argv)
+def test_flags_reach_the_command_as_written_with_underscores_hyphens_or_an_equals_sign(argv, expected):
+    run(command, argv)
+    defaults = {"ckpt_dir": "", "temperature": 0.6, "top_p": 0.9, "verbose": False, "traceback": False}
+    assert calls == [{**defaults, **expected}]
 
 
-def test_an_unknown_flag_names_the_close_match_and_every_known_flag():
-    with pytest.raises(ValueError) as error:
-        check_flags(command, ["--ckpt_dir", "x", "--temp", "0.2"])
-    assert str(error.value) == (
-        "unknown flag --temp (did you mean --temperature?); known flags: --ckpt_dir, --temperature, --top_p, --verbose"
+def test_an_unknown_flag_names_the_close_match_and_every_known_flag(capsys):
+    assert exit_status(command, ["--ckpt_dir", "x", "--temp", "0.2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: unknown flag --temp (did you mean --temperature?); known flags: --ckpt_dir, --temperature, --top_p, "
+        "--verbose\n"
     )
 
 
-def test_a_misspelt_flag_names_the_close_match():
-    with pytest.raises(ValueError, match=r"unknown flag --tempreture \(did you mean --temperature\?\)"):
-        check_flags(command, ["--tempreture", "0.2"])
+def test_a_misspelt_flag_names_the_close_match(capsys):
+    assert exit_status(command, ["--tempreture", "0.2"]) == 2
+    assert re.match(r"error: unknown flag --tempreture \(did you mean --temperature\?\)", capsys.readouterr().err)
 
 
-def test_a_one_letter_flag_shared_by_two_parameters_is_ambiguous():
-    with pytest.raises(ValueError, match="flag -t is ambiguous: it could be --temperature, --top_p"):
-        check_flags(command, ["-t", "0"])
-
-
-def test_a_command_taking_any_keyword_accepts_any_flag():
-    check_flags(lambda **options: None, ["--anything", "1"])
+def test_a_flag_is_its_whole_name_not_an_abbreviation(capsys):
+    assert exit_status(command, ["--verb"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown flag --verb (did you mean --verbose?)")
 
 
 def test_an_unknown_flag_stops_the_command_before_it_runs(capsys):
@@ -93,26 +100,35 @@ def test_an_unknown_flag_stops_the_command_before_it_runs(capsys):
     assert capsys.readouterr().err.startswith("error: unknown flag --temp")
 
 
-def texts(prompts: Union[str, List[str], None] = None, system: Optional[str] = None, max_gen_len: Optional[int] = None):
-    """Stands for an example's main with text flags."""
-    calls.append({"prompts": prompts, "system": system, "max_gen_len": max_gen_len})
-
-
 @pytest.mark.parametrize("typed", ["hello, world", "True", "42", "None", "'quoted'", "1e3", "{'a': 1}"])
 def test_a_text_flag_is_the_text_typed_whatever_python_would_read_it_as(typed):
-    run(texts, ["--prompts", typed, "--system", typed])
-    assert calls == [{"prompts": typed, "system": typed, "max_gen_len": None}]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=text_or_list)
+    parser.add_argument("--system")
+    run_parser(parser, calls.append, ["--prompts", typed, "--system", typed])
+    assert (calls[0].prompts, calls[0].system) == (typed, typed)
 
 
 @pytest.mark.parametrize("typed", ["['import os', 'def f(']", "('import os', 'def f(')"])
 def test_a_python_list_given_to_a_flag_that_takes_a_list_is_a_list(typed):
-    run(texts, [f"--prompts={typed}", "--max_gen_len", "8"])
-    assert calls == [{"prompts": ["import os", "def f("], "system": None, "max_gen_len": 8}]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=text_or_list)
+    run_parser(parser, calls.append, [f"--prompts={typed}"])
+    assert calls[0].prompts == ["import os", "def f("]
 
 
-def test_known_flags_reach_the_command_parsed_by_fire():
-    run(command, ["--ckpt_dir", "x", "--temperature", "0", "--verbose"])
-    assert calls == [{"ckpt_dir": "x", "temperature": 0, "top_p": 0.9, "verbose": True}]
+def test_declared_flags_take_their_options_type_default_and_help_and_come_back_as_the_options():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "ckpt_dir", "max_seq_len", "prefix_cache", "compile", "kv_cache_tokens", "temperature",
+              ckpt_dir={"required": True}, max_seq_len={"default": 128})
+    args = parser.parse_args(["--ckpt_dir", "x", "--no_prefix_cache", "--compile", "--temperature", "0"])
+    assert options_from(EngineOptions, args) == EngineOptions(max_seq_len=128, prefix_cache=False, compile=True)
+    assert options_from(LoadOptions, args, dtype="float32") == LoadOptions("x", dtype="float32")
+    assert options_from(GenerationOptions, args) == GenerationOptions(temperature=0.0)
+    with pytest.raises(ValueError, match="kv_cache_tokens must be a positive integer, got 0"):
+        options_from(EngineOptions, parser.parse_args(["--ckpt_dir", "x", "--kv_cache_tokens", "0"]))
+    help_of = {action.dest: action.help for action in parser._actions}
+    assert help_of["max_seq_len"] == "the context length in tokens: prompt and generation together"
 
 
 @pytest.mark.parametrize("error", [ValueError("bad value"), TypeError("bad type"), FileNotFoundError("no file"),
@@ -161,11 +177,17 @@ def argparse_command():
     return parser
 
 
-def test_an_argparse_command_reports_its_parse_errors_in_one_line(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--shards", "2", "--extra"], "unknown flag --extra; known flags: --shards"),
+    (["--shards", "2", "stray"], "unrecognized arguments: stray"),
+    (["--shards", "two"], "argument --shards: invalid int value: 'two'"),
+    ([], "the following arguments are required: --shards"),
+])
+def test_an_argparse_command_reports_its_parse_errors_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
-        run_parser(argparse_command(), calls.append, ["--shard", "2", "--extra"])
+        run_parser(argparse_command(), calls.append, argv)
     assert exited.value.code == 2
-    assert capsys.readouterr() == ("", "error: unrecognized arguments: --extra\n")
+    assert capsys.readouterr() == ("", f"error: {message}\n")
     assert calls == []
 
 
@@ -180,17 +202,14 @@ def test_an_argparse_command_reports_its_user_errors_in_one_line(capsys):
 
 
 def help_text(command: str, capsys, example_script) -> str:
-    """What ``--help`` prints for a command; fire's commands through ``run``, argparse's through their main."""
+    """What ``--help`` prints for a command, through its main."""
     if command.endswith(".py"):
-        run(example_script(command).main, ["--help"])
-    elif command == "llama.server":
-        from llama.server.__main__ import main
-
-        run(main, ["--help"])
+        main = example_script(command).main
     else:
-        with pytest.raises(SystemExit) as exited:
-            importlib.import_module(command).main(["--help"])
-        assert exited.value.code == 0
+        main = importlib.import_module("llama.server.__main__" if command == "llama.server" else command).main
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
     return capsys.readouterr().out
 
 
@@ -222,12 +241,12 @@ def test_help_describes_every_flag_in_one_style(command, capsys, example_script)
 
 @pytest.mark.parametrize("command", ["example_text_completion.py", "example_chat.py"])
 def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, capsys, example_script):
-    main = example_script(command).main
+    parser = example_script(command).parser()
     entries = option_entries(help_text(command, capsys, example_script))
     assert set(META_FLAGS) <= set(entries)
-    for name, parameter in inspect.signature(main).parameters.items():
-        if parameter.default is not None:
-            assert entries[f"--{name}"].endswith(f"(default: {parameter.default})"), name
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            assert entries[action.option_strings[-1]].endswith(f"(default: {action.default})"), action.dest
 
 
 def test_the_servers_help_is_titled_with_how_it_is_started():

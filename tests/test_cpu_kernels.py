@@ -96,6 +96,8 @@ def test_the_onednn_flag_runs_onednns_kernel_within_float32_rounding_of_f_linear
 def test_a_compiled_step_on_onednn_layers_gives_the_eager_tokens_and_logprobs_to_the_end_of_the_context(make_llama):
     """A full batch of two, one row decoding to the context's last position, every layer on oneDNN:
     the compiled step (the kernel as a custom op) against the eager engine on the same weights."""
+    from dataclasses import replace
+
     from llama.engine import Engine
 
     llama = make_llama(max_seq_len=16, max_batch_size=2, compile=True)
@@ -105,7 +107,7 @@ def test_a_compiled_step_on_onednn_layers_gives_the_eager_tokens_and_logprobs_to
     prompts = [[1, 17, 300], [1, 250, 7, 99, 42]]
     options = dict(max_gen_len=13, temperature=0, logprobs=True, stop_tokens=[])
     compiled_tokens, compiled_logprobs = llama.generate(prompts, **options)
-    llama.engine = Engine(llama.model, llama.tokenizer)
+    llama.engine = Engine(llama.model, llama.tokenizer, replace(llama.engine.options, compile=False))
     eager_tokens, eager_logprobs = llama.generate(prompts, **options)
     assert [len(tokens) for tokens in eager_tokens] == [13, 11]  # row 0 reaches position 15, the last
     assert compiled_tokens == eager_tokens

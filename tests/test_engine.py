@@ -3,6 +3,7 @@ the moment they end; every row gives what its prompt gives alone. Compiled, the 
 graph that rows coming and going do not recompile."""
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_cancelling_a_row_frees_its_slot_for_a_waiting_request(llama):
 
 
 def test_static_admission_waits_for_an_empty_batch(llama):
-    engine = Engine(llama.model, llama.tokenizer, admission="static")
+    engine = Engine(llama.model, llama.tokenizer, replace(llama.engine.options, admission="static"))
     first = engine.submit([encode(llama, PROMPTS[1])], GenerationOptions(max_gen_len=6, temperature=0, stop_tokens=[]))
     engine.step()
     second = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=3, temperature=0, stop_tokens=[]))
@@ -161,7 +162,7 @@ def test_a_seeded_row_does_not_depend_on_its_company(llama):
 def test_updates_deliver_each_rows_tokens_text_and_finish_reason_to_another_thread(llama):
     import threading
 
-    engine = Engine(llama.model, llama.tokenizer)
+    engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
     request = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True, num_return_sequences=2))
     seen = []
     reader = threading.Thread(target=lambda: seen.extend(delta for step in request.updates(timeout=60) for delta in step))
@@ -179,7 +180,7 @@ def test_updates_deliver_each_rows_tokens_text_and_finish_reason_to_another_thre
 
 def test_bad_engine_arguments_are_clear_errors(llama):
     with pytest.raises(ValueError, match="admission must be one of"):
-        Engine(llama.model, llama.tokenizer, admission="greedy")
+        replace(llama.engine.options, admission="greedy")
     with pytest.raises(TypeError, match="options must be a GenerationOptions"):
         llama.engine.submit([[1, 2]], {"temperature": 0})
     with pytest.raises(ValueError, match="5 prompts exceed max_batch_size=4"):
@@ -225,7 +226,7 @@ def test_after_warm_up_no_mix_of_options_or_rows_coming_and_going_compiles_and_t
 def test_a_failed_step_ends_its_requests_with_error_and_the_serving_loop_goes_on(llama, monkeypatch):
     import threading
 
-    engine = Engine(llama.model, llama.tokenizer)
+    engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
     real_decode, failures = engine.decode, []
 
     def decode_failing_once(rows, touched):

@@ -46,6 +46,11 @@ def assert_uncached(model, prompt, tokens, logprobs):
 GREEDY = dict(temperature=0, stop_tokens=[], logprobs=True)
 
 
+def compiled(llama, **policies):
+    """The options of ``llama``'s engine, compiled: an engine of the same sizes for its model, or a copy."""
+    return dataclasses.replace(llama.engine.options, compile=True, **policies)
+
+
 def run(engine, requests):
     while not all(request.done for request in requests):
         engine.step()
@@ -67,7 +72,7 @@ def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_dec
     prompts = [random_prompt(n, 50 + i) for i, n in enumerate([40, 17, 3])]
     eager = llama.generate(prompts, max_gen_len=None, **GREEDY)
     torch._dynamo.reset()  # no graph of an earlier test's engine of the same shapes serves this one
-    engine = Engine(copy.deepcopy(llama.model), llama.tokenizer, compile=True, compiled_attention=attention)
+    engine = Engine(copy.deepcopy(llama.model), llama.tokenizer, compiled(llama, compiled_attention=attention))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     request = engine.submit(prompts, GenerationOptions(**GREEDY))
     run(engine, [request])
@@ -84,7 +89,7 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
     token is checked against the float32 model without a cache, on the same sequence: within bfloat16's
     error of its best token, and its logprob as the float32 model gives it."""
     prompts = [random_prompt(n, 60 + i) for i, n in enumerate([20, 5])]
-    engine = Engine(copy.deepcopy(llama.model).to(torch.bfloat16), llama.tokenizer, compile=True)
+    engine = Engine(copy.deepcopy(llama.model).to(torch.bfloat16), llama.tokenizer, compiled(llama))
     request = engine.submit(prompts, GenerationOptions(max_gen_len=12, **GREEDY))
     run(engine, [request])
     assert engine.runner.attention == "flex"
@@ -97,13 +102,14 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
 
 
 def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
-    runner = Engine(llama.model, llama.tokenizer, compile=True).runner
-    assert runner.attention == "flex" and Engine(llama.model, llama.tokenizer).runner.attention == "gather"
+    runner = Engine(llama.model, llama.tokenizer, compiled(llama)).runner
+    assert runner.attention == "flex"
+    assert Engine(llama.model, llama.tokenizer, llama.engine.options).runner.attention == "gather"
     assert {runner.decode_tables(2, kv_len).shape for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {(2, 4)}  # every length: one graph
-    gather = Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="gather").runner
+    gather = Engine(llama.model, llama.tokenizer, compiled(llama, compiled_attention="gather")).runner
     assert [gather.decode_tables(2, kv_len).shape[1] for kv_len in (1, 40)] == [2, 4]  # a bucket of blocks, the whole row
     with pytest.raises(ValueError, match=r"compiled_attention must be one of \('gather', 'flex'\), got 'paged'"):
-        Engine(llama.model, llama.tokenizer, compile=True, compiled_attention="paged")
+        compiled(llama, compiled_attention="paged")
 
 
 def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attention_reads_one_token_per_row(llama):
@@ -121,7 +127,7 @@ def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attent
 
 
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):
-    engine = Engine(llama.model, llama.tokenizer, prefill_chunk=8)
+    engine = Engine(llama.model, llama.tokenizer, dataclasses.replace(llama.engine.options, prefill_chunk=8))
     short, long = random_prompt(5, 10), random_prompt(50, 11)
     first = engine.submit([short], GenerationOptions(max_gen_len=20, **GREEDY))
     engine.step()
@@ -134,7 +140,7 @@ def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_mo
 
 
 def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_uncached_answer(llama):
-    engine = Engine(llama.model, llama.tokenizer)
+    engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
     prompt = random_prompt(40, 20)
     first = engine.submit([prompt], GenerationOptions(max_gen_len=10, **GREEDY))
     run(engine, [first])

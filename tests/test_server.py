@@ -389,11 +389,11 @@ def test_a_bad_port_or_one_in_use_is_refused_before_the_model_loads(server, monk
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(Llama, "build", load)
+    monkeypatch.setattr(Llama, "from_options", load)
     with pytest.raises(ValueError, match=r"^--port must be an integer in \[0, 65535\] \(0 picks a free one\), got 99999$"):
-        main(port=99999)
+        main(["--port", "99999", "--traceback"])
     with pytest.raises(ValueError, match=f"^--port {server.port}: 127.0.0.1:{server.port} is already in use"):
-        main(port=int(server.port))
+        main(["--port", str(server.port), "--traceback"])
 
 
 def test_openai_client_sees_bad_request_error(client):

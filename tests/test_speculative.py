@@ -15,7 +15,7 @@ import torch
 
 from llama.checkpoints.writers import save_checkpoint
 from llama.cli import check_speculation_flags, compile_line
-from llama.engine import Engine
+from llama.engine import Engine, engine_options_for
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.options import GenerationOptions
@@ -260,7 +260,7 @@ def test_speculative_sampling_follows_the_models_distribution(speculate):
     rows, n, temperature = 3000, 3, 0.9
     prompt = [3, 5, 3]  # lookup proposes 5, 3, ... after the last 3
     model, draft = tiny_model(0, rows), tiny_model(7, rows, sharpness=4.0)  # a useless draft, accepted now and then
-    engine = Engine(model, tokenizer=None, draft=draft)
+    engine = Engine(model, None, engine_options_for(model), draft)
     options = GenerationOptions(temperature=temperature, top_p=1.0, max_gen_len=n, stop_tokens=[], num_return_sequences=rows,
                                 speculate=speculate, speculate_k=2)
     torch.manual_seed(1)

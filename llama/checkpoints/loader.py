@@ -29,6 +29,7 @@ from llama.checkpoints.files import load_tensor_dict, read_json_object
 from llama.checkpoints.mapped_pages import release_copied
 from llama.checkpoints.hf import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer
+from llama.options import EngineOptions
 from llama.layers.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
 from llama.checkpoints.placement import place_tensors
 from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
@@ -252,11 +253,10 @@ def checkpoint_folder(ckpt_dir: str) -> CheckpointFolder:
     return hf.HfFolder(ckpt_dir) if is_hf_checkpoint(ckpt_dir) else MetaFolder(ckpt_dir)
 
 
-def read_model_args(
-    ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, max_seq_len: int, max_batch_size: int, kv_cache_tokens: Optional[int] = None
-) -> ModelArgs:
-    """``params.json`` with the cache sizes (``kv_cache_tokens`` None: ``max_batch_size * max_seq_len``), checked against the tokenizer and the shards: the vocabulary
-    is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
+def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, sizes: EngineOptions) -> ModelArgs:
+    """``params.json`` with the cache sizes of ``sizes`` (rows, context, the pool and its blocks), checked against
+    the tokenizer and the shards: the vocabulary is the tokenizer's, and must be the embedding's and params.json's
+    (when it gives one)."""
     folder = checkpoint_folder(ckpt_dir)
     params = folder.params()
     rows, rows_file = folder.embedding_rows(params)
@@ -271,7 +271,9 @@ def read_model_args(
             f"{folder.params_path} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
         )
     return ModelArgs.from_dict(
-        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens},
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len,
+         "max_batch_size": sizes.max_batch_size, "kv_cache_tokens": sizes.kv_cache_tokens,
+         "kv_block_size": sizes.kv_block_size},
         source=str(folder.params_path),
     )
 

@@ -8,6 +8,6 @@
 - ``engine.py``: the loop that ties them: ``submit``, ``step``, ``run``, ``follow``.
 """
 
-from llama.engine.engine import Engine  # noqa: F401
+from llama.engine.engine import Engine, engine_options_for  # noqa: F401
 from llama.engine.requests import Request, RowDelta  # noqa: F401
 from llama.engine.scheduler import ADMISSIONS  # noqa: F401

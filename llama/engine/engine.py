@@ -51,7 +51,7 @@ from llama.engine.runner import Features, Runner
 from llama.engine.scheduler import Scheduler, StepPlan
 from llama.engine.speculative import Speculator
 from llama.model import Transformer
-from llama.options import GenerationOptions, check_batch_size, check_prompts
+from llama.options import EngineOptions, GenerationOptions, check_batch_size, check_prompts
 from llama.layers.parallel import model_parallel_world_size
 from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
@@ -59,51 +59,59 @@ from llama.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+def engine_options_for(model: Transformer, **policies) -> EngineOptions:
+    """``EngineOptions`` with the sizes ``model``'s KV cache pool was set up with (``model.params``), and
+    ``policies`` (compile, admission, ...): for a model loaded without ``Llama.from_options``."""
+    params = model.params
+    return EngineOptions(params.max_batch_size, params.max_seq_len, params.kv_cache_tokens, params.kv_block_size,
+                         **policies)
+
+
+def check_pool_sizes(model: Transformer, options: EngineOptions) -> None:
+    """The engine's sizes must be those the model's KV cache pool was set up with: its blocks hold every row."""
+    params = model.params
+    engine = (options.max_batch_size, options.max_seq_len, options.block_size, options.kv_cache_blocks)
+    pool = (params.max_batch_size, params.max_seq_len, params.kv_block_size, params.kv_cache_blocks)
+    if engine != pool:
+        names = "(max_batch_size, max_seq_len, block size, blocks)"
+        raise ValueError(f"the engine's sizes {names} = {engine} are not those the model's KV cache pool was set up "
+                         f"with, {pool}: load the model with the same EngineOptions (Llama.from_options), or size "
+                         "the engine with engine_options_for(model)")
+
+
 class Engine:
     """The slots of one model and the loop that fills and decodes them. See the module docstring.
 
     Args:
-        model: the model; ``params.max_batch_size`` slots of at most ``params.max_seq_len``
-            positions each, in a pool of ``params.kv_cache_tokens``.
+        model: the model; its KV cache pool must have the sizes of ``options`` (``Llama.from_options``
+            loads it so; ``engine_options_for`` reads them from a model loaded otherwise).
         tokenizer: for EOS, stop strings and the text of each row; None for an engine whose requests
             all give ``stop_tokens`` and ask for no text (benchmarks).
-        compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (on
-            CUDA, replayed as CUDA graphs).
-        admission: "continuous" (admit into free slots between steps) or "static" (admit only into
-            an empty batch).
-        prefill_chunk: most prompt tokens prefilled per step while rows decode.
-        heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
+        options: the slots (``max_batch_size``) of at most ``max_seq_len`` positions each, the pool's
+            blocks, and how a step runs (compile, compiled_attention, prefix_cache, admission,
+            prefill_chunk, heartbeat_seconds): ``llama.options.EngineOptions``.
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
-        prefix_cache: rows reuse the cached blocks of a prefix they share with earlier rows.
         cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
-        compiled_attention: how the compiled decode step reads the rows' blocks: "gather", "flex", or
-            None, the device's default (``Runner``: FlexAttention on a CPU).
     """
 
     def __init__(
         self,
         model: Transformer,
         tokenizer: Optional[Tokenizer],
-        compile: bool = False,
-        admission: str = "continuous",
-        prefill_chunk: int = 256,
-        heartbeat_seconds: float = 10.0,
+        options: EngineOptions = EngineOptions(),
         draft: Optional[Transformer] = None,
-        prefix_cache: bool = True,
         cache_salt: str = "",
-        compiled_attention: Optional[str] = None,
     ):
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        params = model.params
-        blocks = BlockManager(params.kv_cache_blocks, params.kv_block_size, cache_salt, prefix_cache)  # used on rank 0
-        self.scheduler = Scheduler(params.max_batch_size, params.max_seq_len, blocks, admission)
-        self.runner = Runner(model, params.max_batch_size, compile, draft, compiled_attention)
-        self.speculator = Speculator(self.runner, compile)
-        self.constraints = Constraints(tokenizer, params.vocab_size)  # the grammars of rows with json_schema / json_object
-        self.model, self.draft, self.tokenizer = model, draft, tokenizer
-        self.prefill_chunk, self.heartbeat_seconds = prefill_chunk, heartbeat_seconds
+        if not isinstance(options, EngineOptions):
+            raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
+        check_pool_sizes(model, options)
+        blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # rank 0's
+        self.scheduler = Scheduler(options.max_batch_size, options.max_seq_len, blocks, options.admission)
+        self.runner = Runner(model, options.max_batch_size, options.compile, draft, options.compiled_attention)
+        self.speculator = Speculator(self.runner, options.compile)
+        self.constraints = Constraints(tokenizer, model.params.vocab_size)  # grammars of json_schema/json_object rows
+        self.model, self.draft, self.tokenizer, self.options = model, draft, tokenizer, options
         self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
         self.ids = itertools.count()
         self.stopping = threading.Event()
@@ -125,23 +133,28 @@ class Engine:
             ValueError, TypeError: a prompt or an option the model cannot take, or the engine is
                 shutting down.
         """
-        params = self.model.params
+        vocab_size, sizes = self.model.params.vocab_size, self.options
         if not isinstance(options, GenerationOptions):
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
-        options.check_vocabulary(params.vocab_size)
+        options.check_vocabulary(vocab_size)
         options.check_draft(self.draft is not None)
         self.constraints.check(options.json_schema, options.json_object)
-        check_prompts(prompt_tokens, params.max_seq_len, params.vocab_size, what)
-        check_batch_size(len(prompt_tokens), options.num_return_sequences, params.max_batch_size, what)
-        self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, params.kv_cache_tokens)
+        check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
+        check_batch_size(len(prompt_tokens), options.num_return_sequences, sizes.max_batch_size, what)
+        self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, self.kv_cache_tokens)
         if self.stopping.is_set():
             raise ValueError("the engine is shutting down: it takes no new requests")
         rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
         with self.scheduler.arrived:
-            request = Request(next(self.ids), rows, options, self.tokenizer, params.max_seq_len, stream_text)
+            request = Request(next(self.ids), rows, options, self.tokenizer, sizes.max_seq_len, stream_text)
             self.scheduler.waiting.append(request)
             self.scheduler.arrived.notify()
         return request
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """The pool's size in tokens as asked for (``EngineOptions.kv_cache_tokens``), else every row's context."""
+        return self.options.kv_cache_tokens or self.options.pool_tokens
 
     @property
     def arrived(self) -> threading.Condition:
@@ -258,8 +271,8 @@ class Engine:
                 last_broadcast = time.monotonic()
                 continue
             with scheduler.arrived:
-                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.heartbeat_seconds))
-            if self.distributed and time.monotonic() - last_broadcast >= self.heartbeat_seconds:
+                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.options.heartbeat_seconds))
+            if self.distributed and time.monotonic() - last_broadcast >= self.options.heartbeat_seconds:
                 broadcast_plan(StepPlan("heartbeat"))
                 last_broadcast = time.monotonic()
         with scheduler.arrived:
@@ -311,7 +324,8 @@ class Engine:
         for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
             request = scheduler.owners[slot]
             if reason == "length":
-                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
+                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends",
+                               request.id, self.kv_cache_tokens)
             self.end(request, scheduler.slots[slot], reason)
             touched.add(request)
         for request, row in scheduler.drop(plan.dropped):
@@ -328,7 +342,8 @@ class Engine:
             row.prefilled = plan.cached.get(slot, 0)
             scheduler.take_slot(request, row, slot)
         for request_id, prompts, options, stream_text, slots in plan.admissions:
-            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
+            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer,
+                                                         self.options.max_seq_len, stream_text)
             self.admit(request, slots, plan)
             touched.add(request)
         for slot, blocks in plan.tables.items():
@@ -379,8 +394,8 @@ class Engine:
         for row in self.scheduler.prefilling:
             n = len(row.target) - row.prefilled
             if busy:
-                n = min(n, self.prefill_chunk)
-                if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+                n = min(n, self.options.prefill_chunk)
+                if batch and (len(batch) + 1) * max(width, n) > self.options.prefill_chunk:
                     break
             batch.append((row, n))
             width = max(width, n)

@@ -18,6 +18,7 @@ lets running requests finish for up to ``--shutdown_timeout`` seconds, cancels w
 or an error chunk), and every rank exits.
 """
 
+import argparse
 import errno
 import logging
 import os
@@ -26,16 +27,17 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 import uvicorn
 
-from llama.cli import check_speculation_flags, load_line, run
+from llama.cli import add_flags, check_speculation_flags, load_line, options_from, run_parser
 from llama.distributed import init_distributed, is_main_process, launched_as_rank0, resolve_device, set_threads
-from llama.engine import ADMISSIONS, Engine
 from llama.generation import Llama
+from llama.options import EngineOptions, LoadOptions
 from llama.server.app import make_app
 from llama.server.context import default_context
 from llama.server.admission import Scheduler
@@ -49,115 +51,114 @@ API_KEY_ENV = "LLAMA_API_KEY"
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as a browser's Origin header writes it
 
 
-def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    max_seq_len: Optional[int] = None,
-    max_batch_size: int = 8,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
-    compile: bool = False,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: Optional[str] = None,
-    served_model_name: Optional[str] = None,
-    allowed_origins: Optional[str] = None,
-    max_queue: int = 64,
-    admission: str = "continuous",
-    prefill_chunk: int = 256,
-    heartbeat_seconds: float = 10.0,
-    threads: Optional[int] = None,
-    speculate: Optional[str] = None,
-    speculate_k: int = 4,
-    draft_ckpt_dir: Optional[str] = None,
-    draft_quantize: Optional[str] = None,
-    adapter_dir: Optional[str] = None,
-    shutdown_timeout: float = 10.0,
-    kv_cache_tokens: Optional[int] = None,
-    no_prefix_cache: bool = False,
-):
-    """Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
-    /health), on one process or under torchrun.
-
-    Args:
-        ckpt_dir: the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib
-        max_seq_len: the context length in tokens, prompt and answer together; default: the checkpoint's
-            (config.json's max_position_embeddings or params.json's max_seq_len, else what Meta released such a
-            checkpoint with) and at least 512, capped so that --max_batch_size rows of KV cache fit in half the
-            memory the weights leave, or to --kv_cache_tokens; logged at start
-        max_batch_size: the engine's slots: the most rows decoded together; a request for n samples of p prompts takes n * p rows
-        compile: compile the engine's decode step (torch.compile), every graph a request can need, before /health answers (logged: seconds to a minute for each batch width)
-        host: the address to listen on
-        port: the port to listen on; 0 picks a free one, logged at start
-        api_key: if given, every /v1 request needs the header "Authorization: Bearer <api_key>"; default: the environment variable LLAMA_API_KEY (a flag is visible to every user in ps)
-        served_model_name: the model's id in /v1/models and in requests; default: the checkpoint folder's name
-        allowed_origins: web origins whose pages may call the server (CORS), comma-separated (https://app.example.com,http://localhost:3000) or * for any; default: none
-        max_queue: the most requests waiting while every slot is taken; beyond it a request is answered 503
-        admission: continuous (a request starts at the next step in free slots) or static (only into an empty batch, as a server without continuous batching; kept to measure the difference)
-        prefill_chunk: the most prompt tokens prefilled in one step while other rows decode: a long prompt delays them by one chunk's time per step
-        heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive
-            (well below the process group's 30-minute timeout)
-        shutdown_timeout: after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled
-    The other flags are described in llama.cli.FLAG_HELP.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not isinstance(heartbeat_seconds, (int, float)) or not 0 < heartbeat_seconds < 600:
-        raise ValueError(f"--heartbeat_seconds must be a number in (0, 600), well below the process group's timeout; got {heartbeat_seconds!r}")
-    if admission not in ADMISSIONS:
-        raise ValueError(f"--admission must be one of {ADMISSIONS}, got {admission!r}")
-    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-        raise ValueError(f"--prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
-        raise ValueError(f"--max_queue must be a non-negative integer, got {max_queue!r}")
-    origins = parse_origins(allowed_origins)
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if served_model_name is not None and (not isinstance(served_model_name, str) or not served_model_name.strip()):
-        raise ValueError(f"--served_model_name must be a non-empty name, got {served_model_name!r}")
-    check_speculation_flags(speculate, speculate_k, draft_ckpt_dir)
-    if not isinstance(shutdown_timeout, (int, float)) or isinstance(shutdown_timeout, bool) or not 0 <= shutdown_timeout <= 3600:
-        raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {shutdown_timeout!r}")
-    listener = listen(host, port) if launched_as_rank0() else None  # before the model: a port in use fails fast
-    set_threads(threads)
-    ckpt_dir = str(BUNDLED) if ckpt_dir is None else ckpt_dir
-    tokenizer_path = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
-    device = resolve_device(device)
-    init_distributed(device)  # before the context is chosen: the ranks agree on it
-    if max_seq_len is None:
-        max_seq_len, why = default_context(ckpt_dir, tokenizer_path, max_batch_size, kv_cache_tokens, device, dtype,
-                                           quantize, draft_ckpt_dir, draft_quantize)
-        logger.info("max_seq_len %d: %s", max_seq_len, why)
-    start = time.perf_counter()
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir, kv_cache_tokens=kv_cache_tokens)
-    llama.engine = engine = Engine(  # the server's policy
-        llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft,
-        prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize} {llama.adapter_id}",
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llama.server", description=(
+        "Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health), on "
+        "one process or under torchrun."))
+    add_flags(
+        parser, "ckpt_dir", "tokenizer_path", "device", "dtype", "quantize", "adapter_dir", "max_seq_len",
+        "max_batch_size", "kv_cache_tokens", "prefix_cache", "compile", "admission", "prefill_chunk",
+        "heartbeat_seconds", "speculate", "speculate_k", "draft_ckpt_dir", "draft_quantize", "threads",
+        ckpt_dir={"help": "the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
+                          "checkpoints/tiny-stdlib"},
+        max_seq_len={"default": None, "help": (
+            "the context length in tokens, prompt and answer together; default: the checkpoint's (config.json's "
+            "max_position_embeddings or params.json's max_seq_len, else what Meta released such a checkpoint with) "
+            "and at least 512, capped so that --max_batch_size rows of KV cache fit in half the memory the weights "
+            "leave, or to --kv_cache_tokens; logged at start")},
+        max_batch_size={"help": "the engine's slots: the most rows decoded together; a request for n samples of p "
+                                "prompts takes n * p rows"},
+        compile={"help": "compile the engine's decode step (torch.compile), every graph a request can need, before "
+                         "/health answers (logged: seconds to a minute for each batch width)"},
     )
-    logger.info(load_line(ckpt_dir, tokenizer_path, llama, time.perf_counter() - start, quantize))
-    engine.warm_up(MAX_TOP_LOGPROBS, speculate_k if speculate else None)  # on every rank: no request waits for a compile
-    engine.constraints.check(None, json_object=True)  # the vocabulary grammars read, built before the first JSON request
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help=(
+        "the port to listen on; 0 picks a free one, logged at start"))
+    parser.add_argument("--api_key", default=None, help=(
+        f"if given, every /v1 request needs the header \"Authorization: Bearer <api_key>\"; default: the environment "
+        f"variable {API_KEY_ENV} (a flag is visible to every user in ps)"))
+    parser.add_argument("--served_model_name", default=None, help=(
+        "the model's id in /v1/models and in requests; default: the checkpoint folder's name"))
+    parser.add_argument("--allowed_origins", default=None, help=(
+        "web origins whose pages may call the server (CORS), comma-separated "
+        "(https://app.example.com,http://localhost:3000) or * for any; default: none"))
+    parser.add_argument("--max_queue", type=int, default=64, help=(
+        "the most requests waiting while every slot is taken; beyond it a request is answered 503"))
+    parser.add_argument("--shutdown_timeout", type=float, default=10.0, help=(
+        "after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled"))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_parser(parser(), serve_checkpoint, argv)
+
+
+def serve_checkpoint(args: argparse.Namespace) -> None:
+    """The command, on every rank: check the flags, bind the port (rank 0), load the checkpoint on an engine
+    of the server's options, and serve (rank 0) or follow rank 0's engine (the others) until stopped."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED))
+    # checked before anything loads; without --max_seq_len, the context is chosen once the checkpoint is read
+    chosen = args.max_seq_len is None
+    engine = options_from(EngineOptions, args, max_seq_len=EngineOptions.max_seq_len if chosen else args.max_seq_len)
+    check_speculation_flags(args.speculate, args.speculate_k, load.draft_ckpt_dir)
+    origins = parse_origins(args.allowed_origins)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    check_serving_flags(args)
+    listener = listen(args.host, args.port) if launched_as_rank0() else None  # before loading: a port in use fails fast
+    set_threads(args.threads)
+    llama = load_checkpoint(load, engine, choose_context=chosen)
+    llama.engine.warm_up(MAX_TOP_LOGPROBS, args.speculate_k if args.speculate else None)  # every rank: no request waits
+    llama.engine.constraints.check(None, json_object=True)  # the vocabulary grammars read before the first JSON request
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)
-        engine.follow()
+        llama.engine.follow()
         logger.info("rank %d: the server shut down", dist.get_rank())
         return
     speculation = None
-    if speculate is not None:
-        speculation = dict(speculate=speculate, speculate_k=speculate_k)
-        logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", speculate, speculate_k)
-    scheduler = Scheduler(engine, max_queue, speculation)
-    app = make_app(llama, scheduler, served_model_name or Path(ckpt_dir).name, api_key, origins, quantize)
-    serve(app, scheduler, listener, served_model_name or Path(ckpt_dir).name, shutdown_timeout)
+    if args.speculate is not None:
+        speculation = dict(speculate=args.speculate, speculate_k=args.speculate_k)
+        logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", args.speculate,
+                    args.speculate_k)
+    scheduler = Scheduler(llama.engine, args.max_queue, speculation)
+    model_name = args.served_model_name or Path(load.ckpt_dir).name
+    app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize)
+    serve(app, scheduler, listener, model_name, args.shutdown_timeout)
+
+
+def check_serving_flags(args: argparse.Namespace) -> None:
+    """The flags of serving itself (the queue, the model's name, the shutdown), before anything loads."""
+    if args.max_queue < 0:
+        raise ValueError(f"--max_queue must be a non-negative integer, got {args.max_queue!r}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError(f"--served_model_name must be a non-empty name, got {args.served_model_name!r}")
+    if not 0 <= args.shutdown_timeout <= 3600:
+        raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {args.shutdown_timeout!r}")
+
+
+def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bool) -> Llama:
+    """The model, on an engine of ``engine``'s options; ``choose_context``: its ``max_seq_len`` is the
+    checkpoint's, fitted to memory (``llama.server.context``), the same on every rank."""
+    load = replace(load, tokenizer_path=resolve_tokenizer_path(load.ckpt_dir, load.tokenizer_path))
+    device = resolve_device(load.device)
+    init_distributed(device)  # before the context is chosen: the ranks agree on it
+    if choose_context:
+        max_seq_len, why = default_context(load.ckpt_dir, load.tokenizer_path, engine.max_batch_size,
+                                           engine.kv_cache_tokens, device, load.dtype, load.quantize,
+                                           load.draft_ckpt_dir, load.draft_quantize)
+        logger.info("max_seq_len %d: %s", max_seq_len, why)
+        engine = replace(engine, max_seq_len=max_seq_len)
+    start = time.perf_counter()
+    llama = Llama.from_options(replace(load, device=device), engine)
+    logger.info(load_line(load.ckpt_dir, load.tokenizer_path, llama, time.perf_counter() - start, load.quantize))
+    return llama
 
 
 def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
     """--allowed_origins as a tuple of origins, each checked."""
     if allowed_origins is None:
         return ()
-    if not isinstance(allowed_origins, str):
-        raise ValueError(f"--allowed_origins must be origins separated by commas, or '*', got {allowed_origins!r}")
     origins = tuple(origin.strip() for origin in allowed_origins.split(","))
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
@@ -171,10 +172,8 @@ def listen(host: str, port: int) -> socket.socket:
     Raises:
         ValueError: the port is not in [0, 65535], the host is unknown, or the address is taken.
     """
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+    if not 0 <= port <= 65535:
         raise ValueError(f"--port must be an integer in [0, 65535] (0 picks a free one), got {port!r}")
-    if not isinstance(host, str):
-        raise ValueError(f"--host must be an address or a host name, got {host!r}")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as error:
@@ -228,4 +227,4 @@ def serve(app, scheduler: Scheduler, listener: socket.socket, model_name: str, s
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

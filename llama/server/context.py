@@ -21,10 +21,10 @@ import torch.distributed as dist
 from llama.checkpoints.loader import checkpoint_folder, kv_cache_dtype
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, resolve_dtype
-from llama.generation import positive_int
 from llama.checkpoints.hf import HfFolder, read_config
 from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
+from llama.options import is_int
 from llama.tokenizer import Tokenizer
 
 # the most of the memory left beside the weights the KV cache takes by default: the rest is for the
@@ -35,6 +35,12 @@ KV_SHARE = 0.5
 # read less well)
 MIN_CONTEXT = 512
 BLOCK = 16  # the pool's block size: a context in whole blocks wastes none of it
+
+
+def positive_int(value, name: str) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def default_context(
