@@ -171,12 +171,3 @@ class BlockManager:
                 else:
                     self.free.append(block)
         table.blocks, table.hashed, table.key = [], 0, None
-
-    def forget(self) -> None:
-        """Drop every cached block no row holds (their keys and values were overwritten outside the
-        engine: ``llama.evaluation.scoring`` writes the pool as a contiguous cache)."""
-        for block in self.cached:
-            key, _ = self.contents.pop(block)
-            del self.keys[key]
-            self.free.append(block)
-        self.cached.clear()

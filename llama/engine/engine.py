@@ -233,11 +233,6 @@ class Engine:
         logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
         return seconds
 
-    def forget_cached_prefixes(self) -> None:
-        """Forget the prefix cache's blocks no row holds, after a caller wrote the pool directly (the
-        log-likelihoods of ``llama.evaluation.scoring``, run while no row decodes)."""
-        self.scheduler.blocks.forget()
-
     def stop(self) -> None:
         """Ask ``run`` to return after the current step: every request, running or waiting, is
         cancelled (finish reason "cancelled"), and followers are told to shut down. Safe in a signal
