@@ -72,7 +72,7 @@ def main() -> None:
     max_seq_len = 256
     model_args = checkpoint_args(ckpt_dir, max_seq_len, args.batch_size)
     model = load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32)
-    ours = LlamaLM(Llama(model, Tokenizer(str(TOKENIZER))), args.batch_size)
+    ours = LlamaLM(Llama(model, Tokenizer(str(TOKENIZER))))
     params = {k: v for k, v in vars(model_args).items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")}
     state = {k: v.float() for k, v in model.state_dict().items()}
     theirs = hf_backend(to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES["float32"]), args.batch_size)

@@ -31,7 +31,8 @@ def main(argv=None):
     parser.add_argument("--include_path", default=None, help="a folder of task YAML files to add to lm-eval's tasks")
     parser.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt; default: each task's own (0 if it has none)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction below 1); default: all. For testing only")
-    parser.add_argument("--batch_size", type=int, default=8, help="contexts scored together, and rows generated together (the KV cache's rows)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="rows scored or generated together (the engine's slots)")
     add_flags(parser, "max_seq_len", max_seq_len={"default": 2048, "help": (
         "the context in tokens (lm-eval's max_length); longer inputs lose their oldest tokens")})
     parser.add_argument("--output_path", default=None, help="a folder to write results_<date>.json (and the samples) into, under the checkpoint's name")
@@ -110,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype).removeprefix("torch."), "quantize": args.quantize, "max_seq_len": args.max_seq_len}
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = lm_eval.simple_evaluate(
-        model=LlamaLM(generator, args.batch_size), model_args=model_args, tasks=tasks, num_fewshot=args.num_fewshot,
+        model=LlamaLM(generator), model_args=model_args, tasks=tasks, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, device=str(generator.device), limit=args.limit, log_samples=args.log_samples,
         evaluation_tracker=tracker, system_instruction=args.system_instruction, apply_chat_template=args.apply_chat_template,
         fewshot_as_multiturn=args.fewshot_as_multiturn, task_manager=manager, random_seed=args.seed,

@@ -330,9 +330,10 @@ class Transformer(nn.Module):
           one start per row), in the model's own cache, row b in the blocks a contiguous cache would give
           it; under ``torch.inference_mode``.
 
-        ``logits_at`` (an index into seqlen, or a (bsz,) tensor of one index per row) asks for the logits
-        of that one position per row only, (bsz, 1, vocab_size): a prefill needs just the last
-        position's, and the vocabulary projection is the model's largest matmul.
+        ``logits_at`` (an index into seqlen, a (bsz,) tensor of one index per row, or a (bsz, k) tensor of k
+        per row) asks for the logits of those positions only, (bsz, 1 or k, vocab_size): a prefill needs
+        just the last position's, scoring those of the tokens scored, and the vocabulary projection is
+        the model's largest matmul.
         """
         if start_pos is not None:
             return self.forward_from(tokens, start_pos, logits_at)
@@ -392,9 +393,9 @@ class Transformer(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor, logits_at: Union[int, torch.Tensor, None]) -> torch.Tensor:
-        if logits_at is not None:  # keep one position per row: (bsz, 1, dim)
-            rows = torch.arange(h.shape[0], device=h.device)
-            h = h[rows, torch.as_tensor(logits_at, device=h.device)].unsqueeze(1)
+        if logits_at is not None:  # keep the positions asked for: (bsz, 1 or k, dim)
+            rows, index = torch.arange(h.shape[0], device=h.device), torch.as_tensor(logits_at, device=h.device)
+            h = h[rows[:, None], index] if index.dim() == 2 else h[rows, index].unsqueeze(1)
         return self.output(self.norm(h)).float()
 
 

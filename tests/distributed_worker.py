@@ -19,9 +19,10 @@ Scenarios:
                  the first of llama3_inputs, greedy tokens of the second, saved as for generate.
     engine       the decoding engine, its KV cache pool 3 blocks of 16: a request admitted while another
                  decodes, then two rows outgrowing the pool together (one is preempted) and a prompt
-                 whose first block is cached: first every rank submits the same requests (generate's
-                 way), then rank 0 alone submits and runs them while the others follow its plans (a
-                 server's way) until it shuts down; the tokens saved to OUT_DIR/rank<R>.pt.
+                 whose first block is cached, then SCORED_PAIRS scored (a context's block shared): first
+                 every rank submits the same requests (generate's way), then rank 0 alone submits and
+                 runs them while the others follow its plans (a server's way) until it shuts down; the
+                 tokens and scores saved to OUT_DIR/rank<R>.pt.
     speculate    greedy tokens and logprobs of REPEATING_PROMPTS with prompt lookup and with the
                  model's own int8 weights as the draft, saved as for generate.
 """
@@ -43,6 +44,7 @@ TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(
 PROMPTS = [[1, 17, 300, 42, 99], [1, 250, 7]]
 SAMPLE_SEED = 123
 POOLED_PROMPTS = [PROMPTS[0] + [5, 6, 7], PROMPTS[1]]
+SCORED_PAIRS = [([1] + list(range(100, 119)), [5, 6]), (PROMPTS[1], [9, 10]), ([1] + list(range(100, 119)), [7])]
 
 
 LLAMA3_MAX_SEQ_LEN = 96
@@ -123,6 +125,9 @@ def engine(tokenizer_path: str, ckpt_dirs) -> dict:
         engine.step()
     results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None, "pooled": [r.results() for r in pooled + [cached]],
                "preemptions": engine.preemptions, "cached_tokens": cached.cached_tokens}
+    hits = engine.pool_use()["hit_tokens"]
+    results["scores"] = engine.score(SCORED_PAIRS)
+    results["scored_hit_tokens"] = engine.pool_use()["hit_tokens"] - hits  # rank 0's block manager
     if rank == 0:
         first = engine.submit([PROMPTS[1]], greedy)
         engine.step()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
-from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, TOKENS, sample_after_build
+from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, SCORED_PAIRS, TOKENS, sample_after_build
 from llama.layers import cpu_kernels
 from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
@@ -183,6 +183,11 @@ def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_fol
         for (their_tokens, their_logprobs) in theirs:
             assert their_tokens == tokens
             assert torch.allclose(torch.tensor(their_logprobs), torch.tensor(logprobs), atol=1e-4)
+    # scoring: every rank the single process's scores, the shared context's block computed once
+    assert ranks[0]["scores"] == ranks[1]["scores"] and ranks[0]["scored_hit_tokens"] == 16
+    alone = llama.engine.score(SCORED_PAIRS)
+    for (logprobs, greedy), (expected, expected_greedy) in zip(ranks[0]["scores"], alone, strict=True):
+        assert logprobs == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
 
 
 def test_speculative_decoding_under_torchrun_gives_every_rank_plain_greedy_tokens(checkpoints, tokenizer_path, tmp_path):

@@ -1,7 +1,8 @@
-"""llama.evaluation.scoring: the log-likelihood of continuations, scored through the KV cache with shared contexts
+"""llama.evaluation.scoring: the log-likelihood of continuations, scored by the engine with shared contexts
 computed once, equals a plain forward pass over each whole sequence (lm-eval's hf backend's
 computation), at the edges: a context shared by several continuations, one-token continuations, a
-pair cut to the context, a batch of one and a full batch; is_greedy is true exactly for greedy text."""
+pair cut to the context, a batch of one and a full batch, more pairs than slots; is_greedy is true
+exactly for greedy text."""
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ def reference(model, context, continuation):
 
 
 @pytest.fixture(scope="module")
+def engines(make_llama):
+    """batch size -> an engine of that many slots, on the same weights."""
+    return {size: make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=size).engine for size in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
 def scored(make_llama):
     """(model, requests): shared contexts, one-token continuations, a long pair, a greedy continuation."""
     generator = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=3)
@@ -33,20 +40,59 @@ def scored(make_llama):
     return generator.model, requests
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_loglikelihoods_equal_a_plain_forward_pass(scored, batch_size):
-    model, requests = scored
-    answers = loglikelihoods(model, requests, batch_size)
-    for (context, continuation), (logprob, greedy) in zip(requests, answers):
+def assert_equal_to_the_reference(model, requests, answers):
+    for (context, continuation), (logprob, greedy) in zip(requests, answers, strict=True):
         expected_logprob, expected_greedy = reference(model, context, continuation)
         assert logprob == pytest.approx(expected_logprob, rel=1e-5, abs=1e-5)
         assert greedy == expected_greedy
 
 
-def test_greedy_is_true_for_the_models_own_greedy_tokens_only(scored):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_loglikelihoods_equal_a_plain_forward_pass(engines, scored, batch_size):
     model, requests = scored
-    flags = [greedy for _, greedy in loglikelihoods(model, requests, 3)]
+    assert_equal_to_the_reference(model, requests, loglikelihoods(engines[batch_size], requests))
+
+
+def test_greedy_is_true_for_the_models_own_greedy_tokens_only(engines, scored):
+    _, requests = scored
+    flags = [greedy for _, greedy in loglikelihoods(engines[3], requests)]
     assert flags[4] and sum(flags) == 1
+
+
+def test_continuations_of_a_shared_context_take_its_whole_blocks_from_the_prefix_cache(make_llama):
+    engine = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=3).engine
+    context = [1] + list(range(300, 319))  # 20 tokens: a whole block of 16, the rest computed by each row
+    requests = [(context, [5, 6]), ([1, 2, 3], [4]), (context, [7]), (context, [8, 9, 10])]
+    answers = loglikelihoods(engine, requests)
+    assert engine.pool_use()["hit_tokens"] == 2 * 16  # the first of the three computes it, the others take it
+    assert_equal_to_the_reference(engine.model, requests, answers)
+
+
+def test_more_pairs_than_slots_queue_and_are_answered_in_order(engines):
+    engine = engines[2]
+    requests = [([1] + list(range(10 + i, 14 + 2 * i)), list(range(400 + i, 401 + i + i % 3))) for i in range(7)]
+    assert_equal_to_the_reference(engine.model, requests, loglikelihoods(engine, requests))
+    assert engine.running_slots == 0 and engine.queue_length == 0
+
+
+def test_the_engine_scores_each_continuation_token(engines, scored):
+    model, _ = scored
+    context, continuation = [1, 40, 41], [42, 43, 44]
+    ((logprobs, greedy),) = engines[3].score([(context, continuation)])
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([context + continuation[:-1]])), dim=-1)[0, len(context) - 1 :]
+    assert logprobs == pytest.approx(expected.gather(1, torch.tensor(continuation)[:, None])[:, 0].tolist(), abs=1e-5)
+    assert greedy == (expected.argmax(-1) == torch.tensor(continuation)).tolist()
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([([1], [])], "pair 0 needs a non-empty context and continuation"),
+    ([([1], [2]), ([1] * 20, [2] * 6)], f"pair 1 has 26 tokens, more than max_seq_len \\+ 1 = {MAX_SEQ_LEN + 1}"),
+    ([([1], [512])], "pair 0 has token id\\(s\\) \\[512\\] outside the vocabulary"),
+])
+def test_the_engine_refuses_pairs_it_cannot_score(engines, pairs, message):
+    with pytest.raises(ValueError, match=message):
+        engines[1].score(pairs)
 
 
 def test_a_long_pair_loses_its_oldest_context_tokens():

@@ -1,11 +1,11 @@
-"""The decoding engine every generation runs on, in rooms:
+"""The decoding engine every generation and every scoring runs on, in rooms:
 
 - ``requests.py``: a request and its rows, what they generated, the deltas they publish;
 - ``scheduler.py``: the slots and the queues, and each step's plan: admissions, cancellations,
   preemptions, the rows' blocks;
 - ``block_manager.py``: the KV cache pool's blocks: allocation, prefix keys, reference counts, eviction;
 - ``runner.py``: one step on the model (prefill, decode, speculation) over the device's state;
-- ``engine.py``: the loop that ties them: ``submit``, ``step``, ``run``, ``follow``.
+- ``engine.py``: the loop that ties them: ``submit``, ``score``, ``step``, ``run``, ``follow``.
 """
 
 from llama.engine.engine import Engine, engine_options_for  # noqa: F401

@@ -15,9 +15,11 @@ evicted, least recently used first, only when a fresh block is needed.
 """
 
 import hashlib
+import itertools
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 SCRATCH_BLOCK = 0
 
@@ -73,22 +75,35 @@ class BlockManager:
 
     def key(self, previous: bytes, tokens: Sequence[int]) -> bytes:
         """A full block's key: the previous block's key (``root`` for the first) and its tokens."""
-        return hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+        return hashlib.blake2b(previous + struct.pack(f"<{len(tokens)}I", *tokens), digest_size=16).digest()
 
-    def cached_prefix(self, tokens: Sequence[int]) -> List[int]:
-        """The cached blocks holding the longest run of leading full blocks of ``tokens`` but its last
-        token (so that one is computed), without taking them."""
-        if not self.prefix_cache:
-            return []
-        found, key = [], self.root
-        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
+    def full_blocks(self, tokens: Sequence[int]) -> Iterator[Tuple[bytes, Tuple[int, ...]]]:
+        """The key and the tokens of each leading full block of ``tokens`` but its last token (which a
+        row always computes): the blocks a row could take from the prefix cache."""
+        key = self.root
+        for start in range(0, len(tokens) - self.block_size, self.block_size):
             chunk = tuple(tokens[start : start + self.block_size])
             key = self.key(key, chunk)
+            yield key, chunk
+
+    def cached_prefix(self, tokens: Sequence[int]) -> List[int]:
+        """The cached blocks holding the longest run of ``full_blocks`` of ``tokens``, without taking them."""
+        if not self.prefix_cache:
+            return []
+        found = []
+        for key, chunk in self.full_blocks(tokens):
             block = self.keys.get(key)
             if block is None or self.contents[block][1] != chunk:
                 break
             found.append(block)
         return found
+
+    def computed_keys(self, tokens: Sequence[int]) -> List[bytes]:
+        """The keys of the ``full_blocks`` of ``tokens`` past its cached prefix: those a row computes
+        (none without the prefix cache)."""
+        if not self.prefix_cache:
+            return []
+        return [key for key, _ in itertools.islice(self.full_blocks(tokens), len(self.cached_prefix(tokens)), None)]
 
     def needed(self, tokens: Sequence[int], n_tokens: int) -> int:
         """Fresh blocks a new row whose first ``n_tokens`` positions are ``tokens`` needs now."""
@@ -156,12 +171,3 @@ class BlockManager:
                 else:
                     self.free.append(block)
         table.blocks, table.hashed, table.key = [], 0, None
-
-    def forget(self) -> None:
-        """Drop every cached block no row holds (their keys and values were overwritten outside the
-        engine: ``llama.evaluation.scoring`` writes the pool as a contiguous cache)."""
-        for block in self.cached:
-            key, _ = self.contents.pop(block)
-            del self.keys[key]
-            self.free.append(block)
-        self.cached.clear()

@@ -1,6 +1,7 @@
 """The decoding engine: slots (the most rows decoded at once) that requests come into and leave between
 steps, over a KV cache pool of blocks the rows share. Every generation in this project runs here:
-``Llama.generate``, the text and chat calls, the streams and the server. Its rooms:
+``Llama.generate``, the text and chat calls, the streams and the server; and every scoring of
+continuations (``score``: lm-evaluation-harness's log-likelihoods). Its rooms:
 
 - ``llama.engine.requests``: a request is one or more rows (a prompt repeated
   ``num_return_sequences`` times), each with the request's ``GenerationOptions``; row j of a prompt
@@ -40,13 +41,13 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row, RowDelta  # noqa: F401 (the engine's public names)
+from llama.engine.requests import Request, Row, RowDelta, check_pairs  # noqa: F401 (the engine's public names)
 from llama.engine.runner import Features, Runner
 from llama.engine.scheduler import Scheduler, StepPlan
 from llama.engine.speculative import Speculator
@@ -151,6 +152,36 @@ class Engine:
             self.scheduler.arrived.notify()
         return request
 
+    def score(self, pairs: Sequence[Tuple[List[int], List[int]]]) -> List[Tuple[List[float], List[bool]]]:
+        """Score each (context, continuation) pair of token lists: per continuation token, its logprob
+        after the tokens before it and whether it is the model's most likely token there; in the pairs'
+        order. A pair is one row (``Request.scoring``), fed all but its last token, that queues for a
+        slot as a generation does and ends after its prefill. Pairs sharing a context share the cached
+        blocks of it (``Scheduler.shares_computing``). Runs steps on the thread that owns the model
+        until every pair is scored; under torchrun every rank scores the same pairs.
+
+        Raises:
+            ValueError, TypeError: a pair with an empty side, more than ``max_seq_len + 1`` tokens, a
+                token outside the vocabulary, or more than the KV cache pool holds.
+        """
+        params = self.model.params
+        check_pairs(pairs, params.max_seq_len, params.vocab_size)
+        for i, (context, continuation) in enumerate(pairs):
+            self.scheduler.check_pool([[*context, *continuation][:-1]], 1, f"pair {i}", params.kv_cache_tokens)
+        if self.stopping.is_set():
+            raise ValueError("the engine is shutting down: it scores nothing")
+        with self.scheduler.arrived:
+            requests = [Request.scoring(next(self.ids), context, continuation) for context, continuation in pairs]
+            self.scheduler.waiting.extend(requests)
+        for request in requests:
+            while not request.done:
+                self.step()
+        rows = [request.rows[0] for request in requests]
+        for i, row in enumerate(rows):
+            if row.finish_reason != "length":
+                raise RuntimeError(f"pair {i} was not scored: its row ended with finish reason {row.finish_reason!r}")
+        return [(row.prompt_logprobs, row.prompt_greedy) for row in rows]
+
     @property
     def kv_cache_tokens(self) -> int:
         """The pool's size in tokens as asked for (``EngineOptions.kv_cache_tokens``), else every row's context."""
@@ -214,11 +245,6 @@ class Engine:
         passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if speculate_k is not None else "")
         logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
         return seconds
-
-    def forget_cached_prefixes(self) -> None:
-        """Forget the prefix cache's blocks no row holds, after a caller wrote the pool directly (the
-        log-likelihoods of ``llama.evaluation.scoring``, run while no row decodes)."""
-        self.scheduler.blocks.forget()
 
     def stop(self) -> None:
         """Ask ``run`` to return after the current step: every request, running or waiting, is
@@ -365,10 +391,9 @@ class Engine:
         """Give each row of ``request`` its slot and the slot its settings; a row with no room to
         generate ends at once (unless its prompt is to be scored)."""
         request.admitted_at = time.monotonic()
-        scored = request.options.echo and request.options.logprobs
         self.runner.set_rows(request.options, slots, request.rows)
         for row, slot in zip(request.rows, slots):
-            if len(row.prompt) >= row.limit and not scored:
+            if len(row.prompt) >= row.limit and row.scored_from is None:
                 request.finish(row, "length")
                 self.scheduler.blocks.release(row.table)
                 continue

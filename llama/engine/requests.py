@@ -44,6 +44,29 @@ class RowDelta:
     finish_reason: Optional[str]
 
 
+SCORING = GenerationOptions(max_gen_len=0, temperature=0.0, stop_tokens=[])  # a scored pair's: it generates nothing
+
+
+def check_pairs(pairs, max_seq_len: int, vocab_size: int) -> None:
+    """Each (context, continuation) pair two non-empty lists of token ids in the vocabulary, at most
+    ``max_seq_len + 1`` tokens together (the last is scored, never fed)."""
+    if not isinstance(pairs, (list, tuple)):
+        raise TypeError(f"pairs must be a list of (context, continuation) token lists, got {type(pairs).__name__}")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, (list, tuple)) for s in pair)):
+            raise TypeError(f"pair {i} must be (context, continuation), two lists of token ids, got {pair!r:.80}")
+        context, continuation = pair
+        if not context or not continuation:
+            raise ValueError(f"pair {i} needs a non-empty context and continuation, got {len(context)} and "
+                             f"{len(continuation)} token(s)")
+        if len(context) + len(continuation) > max_seq_len + 1:
+            raise ValueError(f"pair {i} has {len(context) + len(continuation)} tokens, more than max_seq_len + 1 = "
+                             f"{max_seq_len + 1}")
+        bad = [t for t in (*context, *continuation) if not (type(t) is int and 0 <= t < vocab_size)]  # not a bool
+        if bad:
+            raise ValueError(f"pair {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
 class Row:
     """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
 
@@ -55,7 +78,9 @@ class Row:
         self.stream = stream
         self.slot: Optional[int] = None
         self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
-        self.target = prompt  # the tokens its prefill puts in the cache: the prompt, or after a preemption all but the last
+        # the tokens its prefill puts in the cache: the prompt; all but the last of a scored pair's
+        # (``Request.scoring``) or, after a preemption, of what it generated
+        self.target = prompt
         self.cached = 0  # prompt tokens found in the prefix cache at admission
         self.prefilled = 0  # target tokens in the cache
         self.decoding = False  # its prompt is in the cache and it has a token to decode from
@@ -64,7 +89,9 @@ class Row:
         self.kept: Optional[int] = None  # after a stop string: how many of them spell the text
         self.logprobs: List[float] = []
         self.top_logprobs: List[List[Tuple[int, float]]] = []
-        self.prompt_logprobs: List[float] = [0.0]  # with echo and logprobs; nothing predicts BOS
+        self.scored_from = 1 if options.echo and options.logprobs else None  # the first prompt token its prefill scores
+        self.prompt_logprobs: List[float] = []  # those of prompt[scored_from:]
+        self.prompt_greedy: List[bool] = []  # whether each of them is the model's most likely token
         self.finish_reason: Optional[str] = None
         self.sent = 0  # tokens already in a delta
         self.closed = False  # its last delta, with its finish reason, is out
@@ -76,6 +103,14 @@ class Row:
     def sequence(self) -> List[int]:
         """Its prompt and its generated tokens (all of them: the row ends at a stop)."""
         return self.prompt + self.tokens
+
+    @property
+    def cacheable(self) -> List[int]:
+        """The leading tokens whose keys and values it may take from the prefix cache: its target's, but
+        those before the first token it scores only (their logits are not computed again)."""
+        if self.scored_from is None or self.tokens:
+            return self.target
+        return self.prompt[: self.scored_from]
 
     @property
     def written(self) -> int:
@@ -116,6 +151,17 @@ class Request:
         self.submitted_at = time.monotonic()
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None
+
+    @classmethod
+    def scoring(cls, id: int, context: List[int], continuation: List[int]) -> "Request":
+        """A request that scores ``continuation`` after ``context`` (``Engine.score``): one row, whose prefill
+        feeds every token but the last, scores each continuation token (``Row.prompt_logprobs``,
+        ``Row.prompt_greedy``), and ends ("length")."""
+        prompt = list(context) + list(continuation)
+        request = cls(id, [prompt], SCORING, None, len(prompt), stream_text=False)
+        row = request.rows[0]
+        row.target, row.scored_from = prompt[:-1], len(context)
+        return request
 
     @property
     def n_rows(self) -> int:
@@ -205,7 +251,8 @@ class Request:
         tokens = [(row.prompt if echo else []) + generated for row, generated in zip(self.rows, tokens)]
         logprobs = None
         if self.options.logprobs:
-            logprobs = [(row.prompt_logprobs if echo else []) + generated for row, generated in zip(self.rows, self.logprobs)]
+            prompts = [[0.0] + row.prompt_logprobs if echo else [] for row in self.rows]  # nothing predicts BOS: 0
+            logprobs = [prompt + generated for prompt, generated in zip(prompts, self.logprobs)]
         if not self.options.top_logprobs:
             return tokens, logprobs
         return tokens, logprobs, self.top_logprobs

@@ -195,8 +195,8 @@ class Runner:
 
     def prefill(self, batch: List[Tuple[Row, int]]) -> torch.Tensor:
         """The next n tokens of each row's prefill (``batch``: (row, n)) into its blocks, in one
-        forward pass (scored rows' prompt logprobs appended to them). Returns each row's last
-        logits (rows, vocab)."""
+        forward pass (the prompt tokens it predicts that a row scores appended to its scores, with
+        logits at those positions only). Returns each row's last logits (rows, vocab)."""
         max_seq_len = self.model.params.max_seq_len
         width = max(n for _, n in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
@@ -208,12 +208,14 @@ class Runner:
         tables = self.block_tables[slots]
         ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
         cache = BlockTables(attended_tables(tables, max(row.prefilled + n for row, n in batch), self.block_size))
-        scored = [i for i, (row, _) in enumerate(batch) if row.options.echo and row.options.logprobs and not row.tokens]
+        scored = [scored_indices(row, n) for row, n in batch]
         tokens = tokens.to(self.device)
-        if scored:  # every position's logits: position j predicts the prompt's token j + 1
-            logits = self.model(tokens, positions=positions, cache=cache)
-            self.score_prompts(batch, scored, logits)
-            last = logits[torch.arange(len(batch), device=self.device), ends]
+        if any(scored):  # the scored positions' logits, then the last's: (rows, most scored + 1, vocab)
+            k = max(len(indices) for indices in scored) + 1
+            at = torch.tensor([indices + [n - 1] * (k - len(indices)) for indices, (_, n) in zip(scored, batch)])
+            logits = self.model(tokens, positions=positions, cache=cache, logits_at=at.to(self.device))
+            self.score_prompts(batch, scored, logits[:, :-1])
+            last = logits[:, -1]
         else:
             last = self.model(tokens, positions=positions, cache=cache, logits_at=ends)[:, 0]
         if self.draft is not None:  # the draft's cache holds the prompts too
@@ -221,13 +223,20 @@ class Runner:
         self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
         return last
 
-    def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[int], logits: torch.Tensor) -> None:
-        """Each scored row's prompt logprobs of the chunk: logits (rows, chunk, vocab)."""
-        for i in scored:
-            row, n = batch[i]
-            targets = row.prompt[row.prefilled + 1 : row.prefilled + n + 1]  # the last chunk predicts one fewer
-            logprobs = torch.log_softmax(logits[i, : len(targets)], dim=-1)
-            row.prompt_logprobs += logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+    def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[List[int]], logits: torch.Tensor) -> None:
+        """Each row's scores of the prompt tokens its chunk predicts: their logprobs and whether each is
+        the most likely token, from the logits (rows, k, vocab) at the chunk's indices ``scored`` (per
+        row, at most k; the index j predicts the prompt's token prefilled + j + 1)."""
+        k = logits.shape[1]
+        targets = [[row.prompt[row.prefilled + j + 1] for j in indices] + [0] * (k - len(indices))
+                   for indices, (row, _) in zip(scored, batch)]
+        targets = torch.tensor(targets, device=self.device)  # (rows, k)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(2, targets[..., None])[..., 0].tolist()
+        greedy = (logprobs.argmax(dim=-1) == targets).tolist()
+        for i, (indices, (row, _)) in enumerate(zip(scored, batch)):
+            row.prompt_logprobs += chosen[i][: len(indices)]
+            row.prompt_greedy += greedy[i][: len(indices)]
 
     def first_tokens(self, rows: List[Row], logits: torch.Tensor) -> Tuple[List[List[float]], Features]:
         """Sample each row's first token from its prompt's last logits (rows, vocab), eagerly; write
@@ -394,6 +403,15 @@ class Runner:
         if not any(needs):  # nothing to draw or copy from the host (compiled, every step samples)
             return self.no_noise[: len(rows)]
         return global_exponentials(needs, vocab).to(self.device)
+
+
+def scored_indices(row: Row, n: int) -> List[int]:
+    """The indices in the row's next prefill chunk of n tokens whose logits score a prompt token: position p
+    predicts the prompt's token p + 1, scored from ``row.scored_from`` on (none once the row generated)."""
+    if row.scored_from is None or row.tokens:
+        return []
+    first, end = max(row.prefilled, row.scored_from - 1), min(row.prefilled + n, len(row.prompt) - 1)
+    return [p - row.prefilled for p in range(first, end)]
 
 
 def choose(

@@ -10,7 +10,9 @@ The plan (``StepPlan``, broadcast under torchrun so that every rank runs the sam
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
   request's rows are admitted together; "static" admission admits only into an empty batch). A new
-  row takes the blocks of the longest cached prefix of its prompt and computes the rest.
+  row takes the blocks of the longest cached prefix of its prompt and computes the rest; a request
+  that would compute again a full block a row admitted in the same step computes waits a step, and
+  takes it from the cache then.
 
 Rank 0 alone keeps the block manager: the plan carries each changed slot's blocks to every rank.
 """
@@ -18,7 +20,7 @@ Rank 0 alone keeps the block manager: the plan carries each changed slot's block
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row
@@ -141,8 +143,11 @@ class Scheduler:
             if not free or not self.allocate(row, free[0], plan):
                 return
             plan.resumptions.append((request.id, row.index, free.pop(0)))
+        computing: Set[bytes] = set()  # the keys of the full blocks the rows admitted so far compute in this step
         for request in self.waiting:
-            if request.id in plan.withdrawn:
+            if not free:
+                return
+            if request.id in plan.withdrawn or self.shares_computing(request, computing):
                 continue
             if request.n_rows > len(free):
                 return
@@ -153,13 +158,21 @@ class Scheduler:
                     plan.tables.pop(slot, None)
                 return
             free = free[request.n_rows :]
+            computing.update(key for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
             plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
 
+    def shares_computing(self, request: Request, computing: Set[bytes]) -> bool:
+        """Whether a row of ``request`` would compute again a full block a row admitted in this step computes
+        (continuous admission): it waits a step, and takes the block from the prefix cache then (a context
+        shared by several continuations, a system prompt shared by requests that came together)."""
+        if self.admission != "continuous" or not computing:
+            return False
+        return any(key in computing for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
+
     def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
-        """The row's blocks for its prefill (its cached prefix taken: none for a prompt to be scored,
-        which needs every position's logits), into ``plan``; False if the pool cannot give them."""
-        scored = row.options.echo and row.options.logprobs and not row.tokens
-        taken = self.blocks.allocate([] if scored else row.target, len(row.target))
+        """The row's blocks for its prefill (its cached prefix taken, short of the tokens it scores, whose
+        logits it computes), into ``plan``; False if the pool cannot give them."""
+        taken = self.blocks.allocate(row.cacheable, len(row.target))
         if taken is None:
             return False
         row.table, plan.cached[slot] = taken
@@ -207,8 +220,8 @@ class Scheduler:
         self.free_slot(row)
         if row.tokens:
             row.target = row.sequence[: row.position]
-        else:
-            row.prompt_logprobs = [0.0]  # scored again from the start
+        else:  # scored again from the start
+            row.prompt_logprobs, row.prompt_greedy = [], []
         row.prefilled = 0
         self.preempted.appendleft((request, row))
 

@@ -13,9 +13,10 @@ folder, so that the same weights give the same numbers:
 - generation stops at the ``until`` strings (the text cut before the first) or EOS, after at most
   ``max_gen_toks`` tokens, from a context left-truncated to leave room for them.
 
-Log-likelihoods are scored by ``llama.evaluation.scoring`` (a context shared by several continuations computed
-once); generations run on the decoding engine, every request submitted at once so that the engine's
-slots stay full while rows finish at different lengths. Under torchrun every rank runs the same
+Log-likelihoods and generations both run on the decoding engine: pairs are scored by
+``llama.evaluation.scoring`` (a context shared by several continuations computed once, for its whole
+blocks), generation requests all submitted at once so that the engine's slots stay full while rows
+finish at different lengths. Under torchrun every rank runs the same
 requests (the model is split across them) and gets the same answers.
 """
 
@@ -96,17 +97,13 @@ class LlamaLM(TemplateLM):
 
     Args:
         generator: the loaded model and tokenizer (``Llama.build``); its ``max_seq_len`` is the
-            context lm-eval sees (``max_length``) and its ``max_batch_size`` the most rows per pass.
-        batch_size: contexts scored per pass (at most ``max_batch_size``).
+            context lm-eval sees (``max_length``) and its ``max_batch_size`` the most rows scored or
+            generated together (the engine's slots).
     """
 
-    def __init__(self, generator: Llama, batch_size: int):
+    def __init__(self, generator: Llama):
         super().__init__()
-        params = generator.model.params
-        if not 1 <= batch_size <= params.max_batch_size:
-            raise ValueError(f"batch_size must be in [1, max_batch_size={params.max_batch_size}], got {batch_size}")
         self.generator = generator
-        self.batch_size = batch_size
         self.tokenizer_ = generator.tokenizer
         template = getattr(generator.chat_format, "template", None)
         self.legacy = bool(template and template["legacy"])  # transformers 5's default: False
@@ -147,8 +144,8 @@ class LlamaLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         """(logprob, is_greedy) per ((context, continuation) strings, context tokens, continuation tokens)."""
-        answers = loglikelihoods(self.generator.model, [(context, continuation) for _, context, continuation in requests], self.batch_size)
-        self.generator.engine.forget_cached_prefixes()  # their blocks now hold the scored rows
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        answers = loglikelihoods(self.generator.engine, pairs)
         for (strings, _, _), answer in zip(requests, answers):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
