@@ -156,6 +156,12 @@ def init_distributed(device: torch.device, backend: Optional[str] = None) -> Non
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), world_size, backend)
 
 
+def job_group() -> Optional[dist.ProcessGroup]:
+    """The processes inference splits each layer of the model over: every process of the job (the
+    default process group, under torchrun), or None for a single process."""
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
 def leave_process_group() -> None:
     """Destroy the group while the interpreter is still whole: a gloo group left to be torn down
     with the interpreter sometimes aborts the process ("terminate called without an active

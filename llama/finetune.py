@@ -28,7 +28,7 @@ from llama.checkpoints.writers import write_checkpoint
 from llama.checkpoints.hf import read_chat_template
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
-from llama.layers.parallel import fused_layers, set_model_parallel_group
+from llama.layers.parallel import fused_layers
 from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training.loop import Schedule, evaluate, make_optimizer, train
@@ -144,8 +144,6 @@ def finetune(options: argparse.Namespace) -> None:
     init_distributed(device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world_size > 1:
-        set_model_parallel_group(dist.new_subgroups(group_size=1)[0])  # every rank holds whole layers; FSDP shards them
     check_options(options, world_size)
     lora = lora_config(options)
     dtype = compute_dtype(options.dtype, device, options.method)

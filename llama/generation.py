@@ -15,11 +15,18 @@ from llama.chat.format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Me
 from llama.checkpoints.peft import read_adapter
 from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
 from llama.checkpoints.hf import read_chat_template
-from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
+from llama.distributed import (
+    fail_together,
+    init_distributed,
+    job_group,
+    quiet_local_ranks,
+    resolve_device,
+    resolve_dtype,
+)
 from llama.engine import Engine, Request
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
-from llama.layers.parallel import model_parallel_world_size
+from llama.layers.parallel import group_size
 from llama.layers.quantize import parse_quantize
 from llama.engine.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.engine.streaming import CompletionStream
@@ -136,7 +143,8 @@ class Llama:
                     "quantized copy of the model as its own draft"
                 )
             dtype = resolve_dtype(dtype, device, quantization)
-            world_size = model_parallel_world_size()
+            group = job_group()  # every process of a torchrun job splits the model; None: one process
+            world_size = group_size(group)
             if model_parallel_size is not None and model_parallel_size != world_size:
                 raise ValueError(
                     f"model_parallel_size={model_parallel_size} but this job has {world_size} process(es); "
@@ -148,7 +156,8 @@ class Llama:
             args = read_model_args(ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
             chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             adapter = read_adapter(adapter_dir, args) if adapter_dir is not None else None
-            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter)  # quantized tensor by tensor
+            # quantized tensor by tensor
+            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter, group)
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
             draft = None
             if draft_ckpt_dir is not None:
@@ -156,7 +165,7 @@ class Llama:
                 draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
                 check_draft_vocabulary(draft_ckpt_dir, tokenizer, tokenizer_path)
                 draft_args = read_model_args(draft_ckpt_dir, tokenizer, tokenizer_path, max_seq_len, max_batch_size, kv_cache_tokens)
-                draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization)
+                draft = load_model(draft_ckpt_dir, draft_args, device, draft_dtype, draft_quantization, group=group)
                 logger.info("loaded the draft %s on %s in %s", draft_ckpt_dir, device, draft_dtype)
         return Llama(model, tokenizer, compile, chat_format, draft, adapter.identity if adapter else None, prefix_cache,
                      cache_salt=f"{ckpt_dir} {quantize} {adapter.identity if adapter else None}",

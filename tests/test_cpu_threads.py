@@ -32,6 +32,7 @@ def timed(monkeypatch, tmp_path):
         monkeypatch.setattr(cpu_threads, "step_seconds", lambda model, repeats: ms[threads[0]] / 1e3)
         model = nn.Module()
         model.output = nn.Linear(2, 2)
+        model.group = None  # whole in this process
         return model
 
     yield make

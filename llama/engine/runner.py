@@ -46,7 +46,7 @@ from llama.engine.block_manager import SCRATCH_BLOCK
 from llama.engine.requests import Row
 from llama.model import ATTENTIONS, Transformer
 from llama.options import GenerationOptions
-from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.layers.parallel import broadcast_from_rank0, group_size
 from llama.layers.pool_attention import block_starts
 from llama.engine.sampling import RowSettings, apply_penalties, distribution, global_exponentials, sample, seed_key
 from llama.engine.speculative import ChunkForward, NgramIndex, attended_slots, exponentials, penalised_per_position, step_keys, verify
@@ -129,7 +129,8 @@ class Runner:
         self.block_starts = block_starts(self.block_tables, params.kv_cache_blocks, params.kv_block_size) if self.attention == "flex" else None
         self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
-        self.distributed = model_parallel_world_size() > 1
+        self.group = model.group  # the ranks that split the model: each takes rank 0's tokens
+        self.distributed = group_size(self.group) > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
         self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
@@ -242,7 +243,8 @@ class Runner:
         positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
         noise = self.noise(rows, features)
         allowed = self.allowed[slots] if features.constrained else None
-        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
+        chosen = choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed)
+        chosen = broadcast_from_rank0(chosen, self.group)
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
         return pack(logits, chosen, features).tolist(), features
@@ -374,7 +376,7 @@ class Runner:
     def commit(self, width: int, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
         """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
         further; the rest keep theirs. Returns the step's message (``pack``)."""
-        chosen = broadcast_from_rank0(chosen)
+        chosen = broadcast_from_rank0(chosen, self.group)
         tokens = torch.where(live, chosen, self.tokens[:width])
         self.write(torch.arange(width, device=chosen.device), tokens, live)
         self.positions[:width] += live
@@ -449,7 +451,7 @@ class Runner:
         if features.sampling:  # a row that does not speculate draws as in a plain step
             plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.device))
             chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
-        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
+        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1), self.group)
         accepted, chosen = chosen[:, -1], chosen[:, :-1]
         packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
         values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
@@ -523,7 +525,7 @@ class Runner:
                 draft_probs.append(distribution(logits, settings))
                 drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
                 proposal = torch.where(settings.temperature > 0, drawn, proposal)
-            proposals.append(broadcast_from_rank0(proposal))
+            proposals.append(broadcast_from_rank0(proposal, self.group))
         return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
 
 

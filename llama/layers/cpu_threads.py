@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from llama.layers.parallel import model_parallel_world_size
+from llama.layers.parallel import group_size
 from llama.layers.timed_choices import cache_file, recall, remember
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
     """
     global _measure_next_model
     measure, _measure_next_model = _measure_next_model, False
-    if not measure or model.output.weight.device.type != "cpu" or model_parallel_world_size() > 1:
+    if not measure or model.output.weight.device.type != "cpu" or group_size(model.group) > 1:
         return None
     counts = thread_counts(torch.get_num_threads())
     if len(counts) == 1 or weight_bytes(model) > MEASURED_BYTES:
