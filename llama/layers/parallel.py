@@ -13,8 +13,15 @@ Tensor parallelism (Megatron-style, the layout of Meta's published shards):
 
 So one attention block and one feed-forward block each cost exactly one all-reduce; generation adds
 one broadcast per step, so that every rank continues with rank 0's sampled token. Each layer is given
-the group of ranks that split it (a ``torch.distributed`` process group: the job's under torchrun);
-with None, or a group of one, they are plain ``F.linear`` / ``F.embedding`` and no collective runs.
+the group of ranks that split it (a ``torch.distributed`` process group: the job's under torchrun, the
+tensor-parallel dimension of a training mesh); with None, or a group of one, they are plain
+``F.linear`` / ``F.embedding`` and no collective runs.
+
+Training differentiates through the collectives as Megatron-LM does: the sum of a row-parallel layer
+passes its gradient through unchanged, the input of a column-parallel layer (whole on every rank) sums
+its gradient over the ranks, and a gather hands each rank its slice of the gradient back. A parameter
+that training lays out on a device mesh (``llama.training.parallelize``) is a ``DTensor``; the layers
+compute with this rank's slice of it (``local``).
 """
 
 import math
@@ -65,15 +72,87 @@ def split_size(total: int, what: str, group: Optional[ProcessGroup]) -> int:
     return total // world_size
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a parameter that training laid out on a device mesh (a ``DTensor``); any
+    other tensor as it is. (``torch.distributed.tensor`` is imported only where there can be one: it
+    takes a second to import.)"""
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def needs_gradient(x: torch.Tensor, group: Optional[ProcessGroup]) -> bool:
+    return group_size(group) > 1 and torch.is_grad_enabled() and x.requires_grad
+
+
+class SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of every rank's ``x``; backward: the gradient as it is (each rank's partial
+    product contributed to the sum once)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class CopyToRanks(torch.autograd.Function):
+    """Forward: ``x`` as it is (every rank holds it whole); backward: the sum of the ranks' gradients,
+    each of which is that of this rank's slice of the layer's output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class GatherLastDim(torch.autograd.Function):
+    """Forward: every rank's ``x`` concatenated along the last dimension, in rank order; backward:
+    this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(group_size(ctx.group), dim=-1)[group_rank(ctx.group)].contiguous(), None
+
+
 def all_reduce(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Sum ``x`` over ``group``'s ranks (in place)."""
+    """Sum ``x`` over ``group``'s ranks (in place, unless a gradient flows through it)."""
+    if needs_gradient(x, group):
+        return SumOverRanks.apply(x, group)
     if group_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
 
 
+def copy_to_ranks(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """``x``, whole on every rank, as the input of a layer split over ``group``: its gradient is summed
+    over the ranks."""
+    return CopyToRanks.apply(x, group) if needs_gradient(x, group) else x
+
+
 def all_gather_last_dim(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Concatenate every rank's ``x`` along the last dimension, in rank order."""
+    if needs_gradient(x, group):
+        return GatherLastDim.apply(x, group)
     world_size = group_size(group)
     if world_size == 1:
         return x
@@ -114,7 +193,8 @@ class ColumnParallelLinear(nn.Module):
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.scales, self.onednn)  # (..., out_features / world_size)
+        x = copy_to_ranks(x, self.group)
+        y = linear(x, local(self.weight), self.scales, self.onednn)  # (..., out_features / world_size)
         return all_gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -188,7 +268,7 @@ class RowParallelLinear(nn.Module):
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight, self.scales, self.onednn), self.group)
+        return all_reduce(linear(x, local(self.weight), self.scales, self.onednn), self.group)
 
 
 class ParallelEmbedding(nn.Module):
@@ -203,4 +283,4 @@ class ParallelEmbedding(nn.Module):
         init_weight(self.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.embedding(tokens, self.weight), self.group)
+        return all_gather_last_dim(F.embedding(tokens, local(self.weight)), self.group)
