@@ -94,7 +94,7 @@ def main(
     generator = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize, compile=compile,
         draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir,
-        kv_cache_tokens=kv_cache_tokens, prefix_cache=not no_prefix_cache,
+        kv_cache_tokens=kv_cache_tokens, prefix_cache=not no_prefix_cache, time_threads=threads is None,
     )
     speculation = dict(speculate=speculate, speculate_k=speculate_k)
     load_seconds = time.perf_counter() - start

@@ -108,7 +108,7 @@ def evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     generator = Llama.build(
         args.ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, quantize=args.quantize,
+        device=args.device, dtype=args.dtype, quantize=args.quantize, time_threads=args.threads is None,
     )
     print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize), flush=True)
     model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype).removeprefix("torch."), "quantize": args.quantize, "max_seq_len": args.max_seq_len}

@@ -159,8 +159,7 @@ def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
 
 def finetune(options: argparse.Namespace) -> None:
     """The command, on every rank: check, read, load, wrap, train, write."""
-    if options.threads is not None:  # else torch's count: set_threads(None) would time a decode step, not training's
-        set_threads(options.threads)
+    set_threads(options.threads)
     device = resolve_device(options.device)
     init_distributed(device)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -73,6 +73,7 @@ class Llama:
         adapter_dir: Optional[str] = None,
         kv_cache_tokens: Optional[int] = None,
         prefix_cache: bool = True,
+        time_threads: bool = False,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer.
 
@@ -119,6 +120,11 @@ class Llama:
                 the running rows fill it, the newest gives its blocks back and is recomputed later.
             prefix_cache: a row reuses the cached keys and values of a prompt prefix an earlier row
                 computed (whole blocks); False computes every prompt in full.
+            time_threads: on a CPU, once the model is loaded, time its decode step at torch's thread
+                count and each half of it down to 1 and keep the fastest
+                (``llama.layers.cpu_threads.choose_threads``; not where ``OMP_NUM_THREADS`` says how
+                many, nor under torchrun): what the commands do when given no ``--threads``. False
+                keeps the process's count.
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -157,7 +163,7 @@ class Llama:
             chat_format = chat_format_for(tokenizer, read_chat_template(ckpt_dir))
             adapter = read_adapter(adapter_dir, args) if adapter_dir is not None else None
             # quantized tensor by tensor
-            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter, group)
+            model = load_model(ckpt_dir, args, device, dtype, quantization, adapter, group, time_threads=time_threads)
             logger.info("loaded %s on %s in %s", ckpt_dir, device, dtype)
             draft = None
             if draft_ckpt_dir is not None:

@@ -114,7 +114,8 @@ def score_files(args: argparse.Namespace) -> None:
     tokenizer_path = resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path)
     texts = read_texts(args.text_file)
     start = time.perf_counter()
-    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    generator = Llama.build(args.ckpt_dir, tokenizer_path, args.max_seq_len, args.batch_size, device=args.device,
+                            dtype=args.dtype, quantize=args.quantize, time_threads=args.threads is None)
     print(load_line(args.ckpt_dir, tokenizer_path, generator, time.perf_counter() - start, args.quantize))
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size, compile=args.compile)

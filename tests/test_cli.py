@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from llama.cli import check_flags, compile_line, load_line, run, run_parser
-from llama.layers.cpu_threads import measure_threads_at_load
 from llama.distributed import RankFailedError, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,7 +283,6 @@ def test_threads_sets_torchs_thread_count_and_none_keeps_it_until_a_model_is_loa
         assert set_threads(1) == 1 == torch.get_num_threads()
         assert set_threads(None) == 1
     finally:
-        measure_threads_at_load(False)
         torch.set_num_threads(before)
 
 

@@ -2,8 +2,10 @@
 fewer, timed on the model loaded, unless OMP_NUM_THREADS says or a count was given."""
 
 import json
+import runpy
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -13,8 +15,7 @@ import llama
 from conftest import ROOT
 from llama.checkpoints import loader
 from llama.layers import cpu_threads
-from llama.layers.cpu_threads import choose_threads, measure_threads_at_load, thread_counts
-from llama.distributed import set_threads
+from llama.layers.cpu_threads import choose_threads, thread_counts
 
 
 @pytest.fixture
@@ -35,8 +36,7 @@ def timed(monkeypatch, tmp_path):
         model.group = None  # whole in this process
         return model
 
-    yield make
-    measure_threads_at_load(False)
+    return make
 
 
 def test_the_counts_timed_are_one_per_core_and_each_half_down_to_one():
@@ -47,37 +47,53 @@ def test_the_counts_timed_are_one_per_core_and_each_half_down_to_one():
 
 def test_a_command_without_threads_decodes_with_the_fastest_count(timed):
     model = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    set_threads(None)
     assert choose_threads(model) == {4: 2e-3, 2: 1.5e-3, 1: 1e-3}
     assert torch.get_num_threads() == 1
 
 
 def test_one_per_core_stays_unless_another_count_is_more_than_10_percent_faster(timed):
     model = timed({4: 1.0, 2: 0.95, 1: 0.92})
-    set_threads(None)
     choose_threads(model)
     assert torch.get_num_threads() == 4
 
 
-@pytest.mark.parametrize("told", ["--threads", "OMP_NUM_THREADS"])
-def test_a_count_given_is_kept_untimed(timed, monkeypatch, told):
+def test_a_count_the_environment_gives_is_kept_untimed(timed, monkeypatch):
     model = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    if told == "--threads":
-        set_threads(4)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", "4")
-        set_threads(None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert choose_threads(model) is None
     assert torch.get_num_threads() == 4
 
 
-def test_only_the_first_model_loaded_chooses(timed):
-    model = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    set_threads(None)
-    choose_threads(model)
-    torch.set_num_threads(4)
-    assert choose_threads(model) is None  # a draft loaded next keeps the count
-    assert torch.get_num_threads() == 4
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat.py"])
+@pytest.mark.parametrize("threads", [None, 4])
+def test_a_command_times_the_threads_only_when_not_given_a_count(script, threads, monkeypatch):
+    """--threads N sets N before loading and keeps it; without it the model loaded chooses."""
+    built = {}
+
+    def build(*args, **options):
+        built.update(options, threads=torch.get_num_threads())
+        raise SystemExit(0)  # the command goes no further
+
+    command = runpy.run_path(str(ROOT / script))
+    monkeypatch.setitem(command["main"].__globals__, "Llama", types.SimpleNamespace(build=build))
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            command["main"](threads=threads)
+    finally:
+        torch.set_num_threads(before)
+    assert built["time_threads"] is (threads is None)
+    assert built["threads"] == (threads or before)
+
+
+def test_only_the_model_loaded_chooses_and_its_draft_decodes_with_that_count(make_llama, checkpoint, monkeypatch):
+    chose = []
+    monkeypatch.setattr(loader, "choose_threads", chose.append)
+    llama = make_llama(draft_ckpt_dir=checkpoint[0], time_threads=True)
+    assert chose == [llama.model]  # not the draft, loaded next
+    chose.clear()
+    make_llama()
+    assert chose == []  # a build not asked to (Meta's scripts, --threads) keeps the process's count
 
 
 def test_a_model_timed_at_load_generates_as_one_that_was_not(make_llama, monkeypatch):
@@ -88,10 +104,8 @@ def test_a_model_timed_at_load_generates_as_one_that_was_not(make_llama, monkeyp
     prompts = [[1, 5, 9, 2], [1, 7], [1, 3, 3, 3, 8]]
     try:
         plain = make_llama().generate(prompts, max_gen_len=8, temperature=0, logprobs=True)
-        set_threads(None)
-        timed = make_llama()
+        timed = make_llama(time_threads=True)
     finally:
-        measure_threads_at_load(False)
         torch.set_num_threads(before)
     assert timed.generate(prompts, max_gen_len=8, temperature=0, logprobs=True) == plain
 
@@ -100,21 +114,18 @@ def test_a_later_run_on_the_machine_decodes_with_the_count_timed_first(timed, tm
     """The choice is remembered in the cache folder: a later process reads it instead of timing again
     (a timing on a busy machine could choose otherwise, and a compiled step would compile again)."""
     first = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    set_threads(None)
     medians = choose_threads(first)
     assert torch.get_num_threads() == 1
     assert list(tmp_path.iterdir()) == [tmp_path / "timed_choices.json"]
 
     torch.set_num_threads(4)  # a new process
     later = timed({4: 1.0, 2: 2.0, 1: 3.0})  # the same shapes, timed otherwise now: not timed
-    set_threads(None)
     assert choose_threads(later) == medians
     assert torch.get_num_threads() == 1
 
     torch.set_num_threads(4)
     other = timed({4: 1.0, 2: 2.0, 1: 3.0})
     other.output = nn.Linear(3, 2)  # another model: timed
-    set_threads(None)
     assert choose_threads(other) == {4: 1e-3, 2: 2e-3, 1: 3e-3}
     assert torch.get_num_threads() == 4
 
@@ -122,7 +133,6 @@ def test_a_later_run_on_the_machine_decodes_with_the_count_timed_first(timed, tm
 def test_a_cache_file_that_cannot_be_read_is_timed_over(timed, tmp_path, caplog):
     (tmp_path / "timed_choices.json").write_text("{not json")
     model = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    set_threads(None)
     assert choose_threads(model) == {4: 2e-3, 2: 1.5e-3, 1: 1e-3}
     assert "timed_choices.json cannot be read" in caplog.text
     assert json.loads((tmp_path / "timed_choices.json").read_text())  # written anew, whole
@@ -132,7 +142,6 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_run_goes_on(timed
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path / "file" / "llama"))  # under a file: no folder there
     model = timed({4: 2.0, 2: 1.5, 1: 1.0})
-    set_threads(None)
     choose_threads(model)
     assert torch.get_num_threads() == 1
     assert "could not be remembered" in caplog.text

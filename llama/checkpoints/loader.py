@@ -306,6 +306,7 @@ def load_model(
     adapter: Optional[Adapter] = None,
     group: Optional[ProcessGroup] = None,
     training: bool = False,
+    time_threads: bool = False,
 ) -> Transformer:
     """Build the model on the meta device (no memory), then place this rank's tensors in it one by
     one (``llama.checkpoints.placement``), each linear weight quantized on the CPU first when ``quantization``
@@ -314,8 +315,10 @@ def load_model(
 
     ``group``: the processes that split each layer (``Transformer``'s); this process reads its rank's
     slice; None: the whole model. ``training``: the model is for training, which makes none of decoding's
-    choices (threads, float32 kernels, both timed on a decode step) and does not say what the KV cache it
-    does not use takes."""
+    choices (float32 kernels, timed on a decode step) and does not say what the KV cache it does not use
+    takes. ``time_threads``: first choose the thread count the model decodes fastest with
+    (``llama.layers.cpu_threads.choose_threads``), for which the kernels are then chosen: what an
+    inference command given no ``--threads`` asks for."""
     rank, world_size = group_rank(group), group_size(group)
     with torch.device("meta"):
         model = Transformer(args, group)
@@ -336,7 +339,8 @@ def load_model(
         logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
                        "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
                        torch.backends.cpu.get_cpu_capability())
-    choose_threads(model)  # before the kernels, which are chosen for the thread count
+    if time_threads:
+        choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)
     if kernels:
         logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})

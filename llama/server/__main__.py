@@ -129,7 +129,8 @@ def main(
         logger.info("max_seq_len %d: %s", max_seq_len, why)
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir, kv_cache_tokens=kv_cache_tokens)
+                        draft_ckpt_dir=draft_ckpt_dir, draft_quantize=draft_quantize, adapter_dir=adapter_dir,
+                        kv_cache_tokens=kv_cache_tokens, time_threads=threads is None)
     llama.engine = engine = Engine(  # the server's policy
         llama.model, llama.tokenizer, compile, admission, prefill_chunk, heartbeat_seconds, llama.engine.draft,
         prefix_cache=not no_prefix_cache, cache_salt=f"{ckpt_dir} {quantize} {llama.adapter_id}",
