@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from llama import Dialog, Llama
 from llama.cli import check_speculation_flags, compile_line, load_line, run
 from llama.distributed import is_main_process, set_threads

@@ -5,9 +5,13 @@
     python example_text_completion.py --ckpt_dir checkpoints/tiny-stdlib --prompts "import sys"
 """
 
+import os
 import time
 from pathlib import Path
 from typing import List, Optional, Union
+
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama import Llama
 from llama.cli import check_speculation_flags, compile_line, load_line, run

@@ -17,6 +17,9 @@ import json
 import os
 import time
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from llama.cli import FLAG_HELP, fail, load_line, run_parser
 from llama.distributed import set_threads
 

@@ -12,9 +12,13 @@ for 8 windows of 256 tokens).
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
+
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

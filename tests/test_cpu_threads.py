@@ -2,6 +2,7 @@
 fewer, timed on the model loaded, unless OMP_NUM_THREADS says or a count was given."""
 
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import llama
 from conftest import ROOT
 from llama.checkpoints import loader
 from llama.layers import cpu_threads
@@ -147,22 +147,52 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_run_goes_on(timed
     assert "could not be remembered" in caplog.text
 
 
-def test_a_process_that_imports_the_package_waits_passively(monkeypatch):
-    """OpenMP's waiting threads sleep (decoding beside a busy neighbour), unless the environment says otherwise."""
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    command = "import llama, os; print(os.environ['OMP_WAIT_POLICY'])"
-    assert subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "PASSIVE"
+INFERENCE_COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.evaluate", "llama.perplexity"]
+PROBE = """
+import builtins, os, runpy, sys
+class TorchLoads(Exception):
+    pass
+load = builtins.__import__
+def spy(name, *args, **kwargs):  # the command stops where it would load torch: OpenMP reads the policy then, once
+    if name.partition(".")[0] == "torch":
+        raise TorchLoads(os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return load(name, *args, **kwargs)
+builtins.__import__ = spy
+for command in sys.argv[1:]:
+    for name in [name for name in sys.modules if name.partition(".")[0] == "llama"]:
+        del sys.modules[name]
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        runpy.run_path(command) if command.endswith(".py") else runpy.run_module(command, run_name="probe")
+        print(os.environ.get("OMP_WAIT_POLICY", "unset"))
+    except TorchLoads as loading:
+        print(loading.args[0])
+"""
 
 
-def test_the_training_command_is_recognised_from_the_interpreters_arguments(monkeypatch):
-    """... and a ``python -m llama.finetune`` process (torchrun's workers alike) keeps OpenMP's default: a
-    training step's many small operations would each wake sleeping threads."""
-    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-u", "-m", "llama.finetune", "--data", "x.jsonl"], raising=False)
-    assert llama.runs_a_training_command()
-    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "llama.server"], raising=False)
-    assert not llama.runs_a_training_command()
-    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "example_text_completion.py", "-m", "x"], raising=False)
-    assert not llama.runs_a_training_command()
+@pytest.fixture(scope="module")
+def wait_policy_when_torch_loads():
+    """The OMP_WAIT_POLICY each command (and the package alone) has set when it first imports torch, in
+    an environment that sets none."""
+    commands = [*INFERENCE_COMMANDS, "llama.finetune", "llama/__init__.py"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", PROBE, *commands], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return dict(zip(commands, done.stdout.split()))
+
+
+@pytest.mark.parametrize("command", INFERENCE_COMMANDS)
+def test_an_inference_command_waits_passively(wait_policy_when_torch_loads, command):
+    """OpenMP's waiting threads sleep (decoding beside a busy neighbour), set where the command starts."""
+    assert wait_policy_when_torch_loads[command] == "PASSIVE"
+
+
+@pytest.mark.parametrize("module", ["llama.finetune", "llama/__init__.py"])
+def test_the_training_command_and_the_package_alone_keep_openmps_default(wait_policy_when_torch_loads, module):
+    """A ``python -m llama.finetune`` process (torchrun's workers alike) keeps OpenMP's default: a training
+    step's many small operations would each wake sleeping threads. Importing the package sets nothing."""
+    assert wait_policy_when_torch_loads[module] == "unset"
 
 
 def test_importing_the_model_loads_its_math_and_not_the_engine():

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch.distributed as dist
 import uvicorn
 
