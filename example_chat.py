@@ -12,6 +12,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from llama import Dialog, Llama
 from llama.cli import (EXAMPLE_FLAGS, add_flags, check_speculation_flags, compile_line, load_line, options_from,
                        program_name, run_parser)
@@ -71,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def answer(args: argparse.Namespace) -> None:
     """Answer the example dialogs and print them with their answers, or chat (``--interactive``)."""
-    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED))
+    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED), time_threads=args.threads is None)
     engine, generation = options_from(EngineOptions, args), options_from(GenerationOptions, args)
     if args.system is not None and not args.interactive:
         raise ValueError("--system is the system prompt of an --interactive chat; the example dialogs bring their own")

@@ -6,10 +6,14 @@
 """
 
 import argparse
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import List, Optional
+
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama import Llama
 from llama.cli import (EXAMPLE_FLAGS, add_flags, check_speculation_flags, compile_line, load_line, options_from,
@@ -63,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def complete(args: argparse.Namespace) -> None:
     """Complete the prompts of ``--prompts`` (or the default ones) and print them with their completions."""
-    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED))
+    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED), time_threads=args.threads is None)
     engine, generation = options_from(EngineOptions, args), options_from(GenerationOptions, args)
     prompts = args.prompts
     if prompts is None:

@@ -104,7 +104,7 @@ def run_ours(options, device: torch.device):
     if method != "full":
         torch.manual_seed(0)
         apply_lora(model, LoraConfig(rank=options.lora_rank, alpha=2.0 * options.lora_rank))
-    wrap_for_training(model, options.activation_checkpointing, options.compile, False, None)
+    wrap_for_training(model, options.activation_checkpointing, options.compile, None, None)
     optimizer = make_optimizer(trainable_parameters(model).values(), 1e-5, 0.0)
     batch = fixed_batch(options, args.vocab_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch  # before llama, whose import sets OMP_WAIT_POLICY=PASSIVE if unset: here each run's environment decides
+import torch  # each run's environment decides OMP_WAIT_POLICY: only the commands set it, where it is unset
 
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from compare import Ours, timed

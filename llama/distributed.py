@@ -27,7 +27,6 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-from llama.layers.cpu_threads import measure_threads_at_load
 from llama.layers.quantize import Quantization, check_activation_dtype, quantized_cpu_dtype
 
 logger = logging.getLogger(__name__)
@@ -66,9 +65,10 @@ def set_threads(threads: Optional[int]) -> int:
     """The number of CPU threads torch computes with in this process (``--threads``).
 
     Args:
-        threads: a positive count; None: ``OMP_NUM_THREADS`` if set (torchrun sets it to 1 for each
-            process), else the count the next model loaded on a CPU decodes fastest with, of one per
-            core and fewer (``llama.layers.cpu_threads``; torch's one per core until then).
+        threads: a positive count; None keeps torch's: ``OMP_NUM_THREADS`` if set (torchrun sets it to 1
+            for each process), else one per core, until an inference command has the model it loads
+            choose the count it decodes fastest with (``Llama.build(time_threads=True)``,
+            ``llama.layers.cpu_threads.choose_threads``).
 
     Returns:
         the number of threads torch now uses.
@@ -77,7 +77,6 @@ def set_threads(threads: Optional[int]) -> int:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
-    measure_threads_at_load(threads is None)
     return torch.get_num_threads()
 
 
@@ -154,6 +153,12 @@ def init_distributed(device: torch.device, backend: Optional[str] = None) -> Non
     dist.init_process_group(backend=backend)
     atexit.register(leave_process_group)
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), world_size, backend)
+
+
+def job_group() -> Optional[dist.ProcessGroup]:
+    """The processes inference splits each layer of the model over: every process of the job (the
+    default process group, under torchrun), or None for a single process."""
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def leave_process_group() -> None:

@@ -17,6 +17,9 @@ import json
 import os
 import time
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from llama.cli import add_flags, fail, load_line, options_from, run_parser
 from llama.distributed import set_threads
 from llama.options import EngineOptions, LoadOptions
@@ -103,7 +106,8 @@ def evaluate(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_threads(args.threads)
     manager = task_manager(args.include_path, tasks)
-    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path))
+    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
+                        time_threads=args.threads is None)
     start = time.perf_counter()
     generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
     seconds = time.perf_counter() - start

@@ -7,7 +7,9 @@ OUT receives ``metrics.jsonl`` (one line per optimizer step), ``loss.png``, for 
 in peft's format (``adapter_config.json``, ``adapter_model.safetensors``), and for full fine-tuning or
 ``--merge`` a checkpoint in the source's layout in ``OUT/checkpoint``. ``--save_every`` keeps the training
 state in ``OUT/state`` and ``--resume`` continues it. Under torchrun the model is sharded with FSDP2 and
-the examples of each step are split over the ranks: any number of processes computes one process's losses.
+the examples of each step are split over the ranks; with ``--tensor_parallel N`` each layer is also split
+within groups of N ranks, FSDP2 sharding across the groups (``llama.training.parallelize``): any number
+of processes computes one process's losses.
 """
 
 import argparse
@@ -29,14 +31,22 @@ from llama.checkpoints.hf import read_chat_template
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.model import Transformer
 from llama.options import EngineOptions
-from llama.layers.parallel import fused_layers, set_model_parallel_group
+from llama.layers.parallel import fused_layers, group_rank, group_size
 from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training.loop import Schedule, evaluate, make_optimizer, train
 from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
 from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
 from llama.training.state import check_resumable, load_state, read_settings, save_state
-from llama.training.parallelize import clean_name, full_tensor, trainable_parameters, wrap_for_training
+from llama.training.parallelize import (
+    clean_name,
+    data_parallel_group,
+    full_tensor,
+    tensor_parallel_group,
+    trainable_parameters,
+    training_mesh,
+    wrap_for_training,
+)
 
 logger = logging.getLogger("llama.finetune")
 
@@ -56,14 +66,21 @@ def compute_dtype(name: Optional[str], device: torch.device, method: str) -> tor
 
 
 def run_settings(options: argparse.Namespace) -> dict:
-    """What a resumed run must share with the run it continues."""
-    return {"method": options.method, "ckpt_dir": str(Path(options.ckpt_dir).resolve()), "data": str(Path(options.data).resolve()),
-            "lora_rank": options.lora_rank, "lora_alpha": options.lora_alpha, "lora_targets": options.lora_targets,
-            "batch_size": options.batch_size, "max_seq_len": options.max_seq_len, "pack": options.pack, "seed": options.seed}
+    """What a resumed run must share with the run it continues: for full fine-tuning also the tensor
+    parallelism, which the saved fused weights (wq, wk, wv; w1, w3) are laid out by, slice after slice."""
+    settings = {"method": options.method, "ckpt_dir": str(Path(options.ckpt_dir).resolve()),
+                "data": str(Path(options.data).resolve()), "lora_rank": options.lora_rank,
+                "lora_alpha": options.lora_alpha, "lora_targets": options.lora_targets,
+                "batch_size": options.batch_size, "max_seq_len": options.max_seq_len, "pack": options.pack,
+                "seed": options.seed}
+    if options.method == "full":
+        settings["tensor_parallel"] = options.tensor_parallel
+    return settings
 
 
 def check_options(options: argparse.Namespace, world_size: int) -> None:
-    """Every flag that can be checked before anything is read."""
+    """Every flag that can be checked before anything is read; ``world_size``: the data-parallel ranks,
+    which share each step's examples."""
     if options.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.max_steps is not None and options.epochs is not None:
@@ -95,13 +112,15 @@ def lora_config(options: argparse.Namespace) -> Optional[LoraConfig]:
     return LoraConfig(options.lora_rank, options.lora_alpha, options.lora_dropout, parse_targets(options.lora_targets))
 
 
-def check_qlora(model_args, device: torch.device, dtype: torch.dtype) -> Quantization:
-    """The int4 quantization of QLoRA's base, where int4 can run: the device's kernel, its dtype, the shapes."""
+def check_qlora(model_args, device: torch.device, dtype: torch.dtype, group) -> Quantization:
+    """The int4 quantization of QLoRA's base, where int4 can run: the device's kernel, its dtype, the
+    shapes of this rank's slices (split over ``group``)."""
     quantization = Quantization(4, QLORA_GROUP_SIZE)
     try:
         check_activation_dtype(quantization, device, dtype)
         with torch.device("meta"):
-            shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(Transformer(model_args)).items()}
+            model = Transformer(model_args, group)
+        shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
         check_int4_shapes(shapes, quantization)
     except ValueError as error:
         raise ValueError(f"--method qlora: the int4 base cannot run here: {error}") from None
@@ -110,7 +129,8 @@ def check_qlora(model_args, device: torch.device, dtype: torch.dtype) -> Quantiz
 
 def meta_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Every weight of a fully fine-tuned model, whole, on the CPU, under Meta's keys (a collective
-    under FSDP): each fused weight split into its parts (wq, wk, wv; w1, w3)."""
+    under FSDP): each fused weight split into its parts (wq, wk, wv; w1, w3), which tensor parallelism
+    interleaves (each rank's slice of every part, rank after rank)."""
     fused = {}  # a fused weight's name -> (its parts' Meta keys, their sizes)
     for part_module, (layer_key, layer) in fused_layers(model).items():
         keys, _ = fused.setdefault(clean_name(layer_key), ([], list(layer.parts.values())))
@@ -119,8 +139,9 @@ def meta_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     for name, parameter in model.named_parameters():
         name, tensor = clean_name(name), full_tensor(parameter)
         if name in fused:
-            keys, sizes = fused[name]
-            state.update(zip(keys, tensor.split(sizes)))
+            keys, sizes = fused[name]  # each part's rows on one rank
+            by_rank = [part.split(sizes) for part in tensor.split(sum(sizes))]
+            state.update(zip(keys, (torch.cat(parts) for parts in zip(*by_rank))))
         else:
             state[name] = tensor
     return state
@@ -139,15 +160,14 @@ def adapter_tensors(model: torch.nn.Module) -> Dict[str, tuple]:
 
 def finetune(options: argparse.Namespace) -> None:
     """The command, on every rank: check, read, load, wrap, train, write."""
-    if options.threads is not None:  # else torch's count: set_threads(None) would time a decode step, not training's
-        set_threads(options.threads)
+    set_threads(options.threads)
     device = resolve_device(options.device)
     init_distributed(device)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world_size > 1:
-        set_model_parallel_group(dist.new_subgroups(group_size=1)[0])  # every rank holds whole layers; FSDP shards them
-    check_options(options, world_size)
+    mesh = training_mesh(device, options.tensor_parallel)
+    data_group = data_parallel_group(mesh)  # the ranks that share each step's examples
+    data_rank, data_ranks = group_rank(data_group), group_size(data_group)
+    check_options(options, data_ranks)
     lora = lora_config(options)
     dtype = compute_dtype(options.dtype, device, options.method)
 
@@ -155,7 +175,7 @@ def finetune(options: argparse.Namespace) -> None:
     tokenizer = Tokenizer(tokenizer_path)
     sizes = EngineOptions(max_batch_size=1, max_seq_len=options.max_seq_len)  # the cache training does not use
     args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, sizes)
-    quantization = check_qlora(args, device, dtype) if options.method == "qlora" else None
+    quantization = check_qlora(args, device, dtype, tensor_parallel_group(mesh)) if options.method == "qlora" else None
     chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
     examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
     val_examples = read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
@@ -163,17 +183,13 @@ def finetune(options: argparse.Namespace) -> None:
     warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
     schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
 
-    # the base in the compute dtype when frozen (LoRA), float32 when it trains (full: autocast computes in dtype)
-    base_dtype = torch.float32 if options.method == "full" else dtype
-    model = load_model(options.ckpt_dir, args, device, base_dtype, quantization, training=True)
-    if lora is not None:
-        torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
-        apply_lora(model, lora)
-    model = wrap_for_training(model, options.activation_checkpointing, options.compile, world_size > 1,
-                              dtype if dtype != torch.float32 else None)
+    model = training_model(options, args, device, dtype, quantization, lora, mesh)
     parameters = trainable_parameters(model)
     optimizer = make_optimizer(parameters.values(), schedule.lr, options.weight_decay)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and world_size == 1 else contextlib.nullcontext()
+    # one process computes in dtype under autocast; FSDP2 casts the weights itself
+    autocast = contextlib.nullcontext()
+    if dtype != torch.float32 and mesh is None:
+        autocast = torch.autocast(device.type, dtype=dtype)
 
     out = Path(options.out)
     start_step = load_state(out, parameters, optimizer) if options.resume else 0
@@ -182,21 +198,38 @@ def finetune(options: argparse.Namespace) -> None:
     settings = run_settings(options)
 
     def step_batches(step: int):
-        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), rank, world_size)
+        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), data_rank, data_ranks)
         return micro_batches([examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len)
 
-    val_batches = evaluation_batches(val_examples, options.micro_batch_size, options.pack, options.max_seq_len, rank, world_size)
+    val_batches = evaluation_batches(val_examples, options.micro_batch_size, options.pack, options.max_seq_len,
+                                     data_rank, data_ranks)
     n_trainable = sum(p.numel() for p in parameters.values())
     if rank == 0:
         logger.info("%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
                     options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}", "adapters" if lora else "all",
-                    str(dtype).removeprefix("torch."), world_size)
+                    str(dtype).removeprefix("torch."), mesh.size() if mesh is not None else 1)
+    evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if val_examples else None
+    save_at = (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None
     train(model, optimizer, step_batches, schedule, MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
-          device, autocast, options.grad_clip, start_step, options.eval_every,
-          (lambda: evaluate(model, val_batches, device, autocast)) if val_examples else None,
-          options.save_every, (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None)
+          device, autocast, options.grad_clip, start_step, options.eval_every, evaluate_at, options.save_every, save_at,
+          data_group)
     write_outputs(options, model, lora, args, tokenizer_path, rank)
     logger.info("peak memory: %s", peak_memory(device))
+
+
+def training_model(options: argparse.Namespace, args, device: torch.device, dtype: torch.dtype,
+                   quantization: Optional[Quantization], lora: Optional[LoraConfig], mesh) -> torch.nn.Module:
+    """The model as it trains: this rank's slices of the layers its "tp" row of ``mesh`` splits, loaded
+    (the base in the compute dtype when frozen, float32 when it trains: autocast or FSDP2 compute in
+    ``dtype``), adapted (LoRA) and wrapped (``llama.training.parallelize``)."""
+    base_dtype = torch.float32 if options.method == "full" else dtype
+    model = load_model(options.ckpt_dir, args, device, base_dtype, quantization, group=tensor_parallel_group(mesh),
+                       training=True)
+    if lora is not None:
+        torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
+        apply_lora(model, lora)
+    return wrap_for_training(model, options.activation_checkpointing, options.compile, mesh,
+                             dtype if dtype != torch.float32 else None)
 
 
 def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Optional[LoraConfig], args, tokenizer_path: str,
@@ -267,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="compile each block with torch.compile")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32")
     add_flags(p, "device")
+    p.add_argument("--tensor_parallel", type=int, default=1, help="under torchrun, the ranks that split each layer "
+                   "between them (tensor parallelism); FSDP2 shards across the groups of that many ranks")
     p.add_argument("--threads", type=int, default=None, help=(
         "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
         "core (training times no thread count)"))
@@ -280,6 +315,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     level = logging.INFO if launched_as_rank0() else logging.ERROR
     logging.basicConfig(level=max(level, logging.WARNING), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("llama").setLevel(level)
+    # DTensor's hint that it reduces a gradient's norm or gathers an adapter in two collectives is not the run's
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     run_parser(parser(), finetune, argv)
 
 

@@ -10,16 +10,17 @@ import logging
 from typing import List, Optional, Tuple, TypedDict, Union
 
 import torch
+from torch.distributed import ProcessGroup
 
 from llama.chat.format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
 from llama.checkpoints.peft import read_adapter
 from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
 from llama.checkpoints.hf import read_chat_template
-from llama.distributed import fail_together, init_distributed, quiet_local_ranks, resolve_device, resolve_dtype
+from llama.distributed import fail_together, init_distributed, job_group, quiet_local_ranks, resolve_device, resolve_dtype
 from llama.engine import Engine, Request, engine_options_for
 from llama.model import Transformer
 from llama.options import EngineOptions, GenerationOptions, LoadOptions, check_batch_size, check_prompts
-from llama.layers.parallel import model_parallel_world_size
+from llama.layers.parallel import group_size
 from llama.engine.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.engine.streaming import CompletionStream
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
@@ -40,14 +41,14 @@ class ChatPrediction(TypedDict, total=False):
 
 
 def load_draft(load: LoadOptions, engine: EngineOptions, tokenizer: Tokenizer, tokenizer_path: str,
-               device: torch.device, dtype: torch.dtype) -> Transformer:
+               device: torch.device, dtype: torch.dtype, group: Optional[ProcessGroup]) -> Transformer:
     """``load``'s draft, with the model's vocabulary and cache sizes: quantized, in the dtype its kernels are
     fastest in (``resolve_dtype``'s pick for quantized weights); else in the model's ``dtype``."""
     quantization = load.draft_quantization
     draft_dtype = resolve_dtype(None, device, quantization) if quantization else dtype
     check_draft_vocabulary(load.draft_ckpt_dir, tokenizer, tokenizer_path)
     args = read_model_args(load.draft_ckpt_dir, tokenizer, tokenizer_path, engine)
-    draft = load_model(load.draft_ckpt_dir, args, device, draft_dtype, quantization)
+    draft = load_model(load.draft_ckpt_dir, args, device, draft_dtype, quantization, group=group)
     logger.info("loaded the draft %s on %s in %s", load.draft_ckpt_dir, device, draft_dtype)
     return draft
 
@@ -72,13 +73,14 @@ class Llama:
         adapter_dir: Optional[str] = None,
         kv_cache_tokens: Optional[int] = None,
         prefix_cache: bool = True,
+        time_threads: bool = False,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer (Meta's call):
         ``from_options`` with the arguments as one ``LoadOptions`` and one ``EngineOptions``.
 
         Args:
             ckpt_dir, tokenizer_path, model_parallel_size, seed, device, dtype, backend, quantize,
-                quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir: what loading needs
+                quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir, time_threads: what loading needs
                 (``llama.options.LoadOptions`` describes each).
             max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache: the engine's sizes and
                 policies (``llama.options.EngineOptions`` describes each).
@@ -87,7 +89,7 @@ class Llama:
             A ``Llama`` holding the model and tokenizer.
         """
         load = LoadOptions(ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir, draft_ckpt_dir,
-                           draft_quantize, backend, seed, model_parallel_size, quiet_ranks)
+                           draft_quantize, backend, seed, model_parallel_size, quiet_ranks, time_threads)
         engine = EngineOptions(max_batch_size, max_seq_len, kv_cache_tokens, compile=compile, prefix_cache=prefix_cache)
         return Llama.from_options(load, engine)
 
@@ -106,7 +108,8 @@ class Llama:
             quiet_local_ranks()
         with fail_together():  # each rank reads its own files: if one fails, all do
             dtype = resolve_dtype(load.dtype, device, load.quantization)
-            world_size = model_parallel_world_size()
+            group = job_group()  # every process of a torchrun job splits the model; None: one process
+            world_size = group_size(group)
             if load.model_parallel_size is not None and load.model_parallel_size != world_size:
                 raise ValueError(
                     f"model_parallel_size={load.model_parallel_size} but this job has {world_size} process(es); "
@@ -118,9 +121,10 @@ class Llama:
             args = read_model_args(load.ckpt_dir, tokenizer, tokenizer_path, engine)
             chat_format = chat_format_for(tokenizer, read_chat_template(load.ckpt_dir))
             adapter = read_adapter(load.adapter_dir, args) if load.adapter_dir is not None else None
-            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter)  # quantized as read
+            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter, group,
+                               time_threads=load.time_threads)  # quantized as read
             logger.info("loaded %s on %s in %s", load.ckpt_dir, device, dtype)
-            draft = load_draft(load, engine, tokenizer, tokenizer_path, device, dtype) if load.draft_ckpt_dir else None
+            draft = load_draft(load, engine, tokenizer, tokenizer_path, device, dtype, group) if load.draft_ckpt_dir else None
         adapter_id = adapter.identity if adapter else None
         return cls(model, tokenizer, engine, chat_format, draft, adapter_id, adapter_dir=load.adapter_dir,
                    cache_salt=f"{load.ckpt_dir} {load.quantize} {adapter_id}")

@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss
 from llama.layers.parallel import (
@@ -21,7 +22,7 @@ from llama.layers.parallel import (
     RowParallelLinear,
     check_world_size,
     fuse_parts,
-    model_parallel_world_size,
+    group_size,
     split_size,
 )
 from llama.layers.kv_cache import BlockTables, CachePass, KVCache, contiguous_tables
@@ -208,15 +209,16 @@ class Attention(nn.Module):
     key/value heads; ``wo`` sums the heads' contributions over ranks.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, group: Optional[ProcessGroup] = None):
         super().__init__()
-        self.n_local_heads = split_size(args.n_heads, "n_heads")
-        self.n_local_kv_heads = split_size(args.n_kv_heads, "n_kv_heads")
+        self.n_local_heads = split_size(args.n_heads, "n_heads", group)
+        self.n_local_kv_heads = split_size(args.n_kv_heads, "n_kv_heads", group)
         self.head_dim = args.head_dim
         # wq, wk, wv as one weight: one matmul instead of three small ones (checkpoints keep Meta's three)
         kv_features = args.n_kv_heads * self.head_dim
-        self.wqkv = FusedColumnParallelLinear(args.dim, {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features})
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        parts = {"wq": args.n_heads * self.head_dim, "wk": kv_features, "wv": kv_features}
+        self.wqkv = FusedColumnParallelLinear(args.dim, parts, group)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, group)
         self.kv_cache: Optional[KVCache] = None  # set by Transformer.setup_cache
 
     def forward(
@@ -244,10 +246,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, group: Optional[ProcessGroup] = None):
         super().__init__()
-        self.w13 = FusedColumnParallelLinear(dim, {"w1": hidden_dim, "w3": hidden_dim})  # w1 and w3 as one matmul
-        self.w2 = RowParallelLinear(hidden_dim, dim)
+        # w1 and w3 as one matmul
+        self.w13 = FusedColumnParallelLinear(dim, {"w1": hidden_dim, "w3": hidden_dim}, group)
+        self.w2 = RowParallelLinear(hidden_dim, dim, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x)  # w1 x, w3 x
@@ -255,11 +258,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, group: Optional[ProcessGroup] = None):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, group)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, group)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -269,19 +272,23 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, group: Optional[ProcessGroup] = None):
+        """``group``: the processes that split every layer between them (tensor parallelism: a
+        ``torch.distributed`` process group, or a device mesh's tensor-parallel group); None: the
+        model is whole in this process."""
         super().__init__()
         if params.vocab_size < 1:
             raise ValueError(
                 f"ModelArgs.vocab_size must be set (got {params.vocab_size}); -1 means 'take it from the "
                 "tokenizer', which Llama.build does"
             )
-        check_world_size(params.split_sizes, model_parallel_world_size())  # one error naming every misfit
+        check_world_size(params.split_sizes, group_size(group))  # one error naming every misfit
         self.params = params
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.group = group
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, group)
+        self.layers = nn.ModuleList(TransformerBlock(i, params, group) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, group, gather_output=True)
         self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
         self.setup_rope()
         self.setup_cache(params.kv_cache_blocks, params.kv_block_size)
@@ -375,7 +382,7 @@ class Transformer(nn.Module):
         weight included). Through the logits where the output layer is not whole here: a slice of the
         vocabulary per rank (tensor parallelism), or a module other than the plain linear (an adapter beside it)."""
         h = self.norm(self.hidden_states(tokens, positions, document_mask(positions), None))  # (bsz, seqlen, dim)
-        if isinstance(self.output, ColumnParallelLinear) and model_parallel_world_size() == 1:
+        if isinstance(self.output, ColumnParallelLinear) and group_size(self.group) == 1:
             return chunked_causal_lm_loss(h, self.output.weight, labels, self.output.scales)
         return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
 

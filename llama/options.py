@@ -273,6 +273,10 @@ class LoadOptions:
     model_parallel_size: must equal the number of processes if given (Meta's argument).
     quiet_ranks: send stdout to /dev/null on local ranks > 0 (``llama.distributed.quiet_local_ranks``), as
         Meta's build does, so scripts that print on every rank print once; False keeps it.
+    time_threads: on a CPU, once the model is loaded, time its decode step at torch's thread count and each
+        half of it down to 1 and keep the fastest (``llama.layers.cpu_threads.choose_threads``; not where
+        ``OMP_NUM_THREADS`` says how many, nor under torchrun): what the commands ask for when given no
+        ``--threads``. False keeps the process's count.
     """
 
     ckpt_dir: str = flag(help="the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face "
@@ -297,6 +301,7 @@ class LoadOptions:
     seed: int = 1
     model_parallel_size: Optional[int] = None
     quiet_ranks: bool = True
+    time_threads: bool = False
 
     def __post_init__(self):
         for name in ("ckpt_dir", "tokenizer_path", "adapter_dir", "draft_ckpt_dir"):
@@ -310,13 +315,14 @@ class LoadOptions:
                 f"draft_quantize={self.draft_quantize!r} needs draft_ckpt_dir: pass draft_ckpt_dir=ckpt_dir for a "
                 "quantized copy of the model as its own draft"
             )
+        for name in ("quiet_ranks", "time_threads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.seed):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         size = self.model_parallel_size
         if size is not None and not (is_int(size) and size >= 1):
             raise ValueError(f"model_parallel_size must be a positive integer or None, got {size!r}")
-        if not isinstance(self.quiet_ranks, bool):
-            raise TypeError(f"quiet_ranks must be True or False, got {self.quiet_ranks!r}")
 
     @property
     def quantization(self) -> Optional[Quantization]:

@@ -12,9 +12,13 @@ for 8 windows of 256 tokens).
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
+
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -110,7 +114,8 @@ def score_files(args: argparse.Namespace) -> None:
     if args.max_seq_len < 2:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     set_threads(args.threads)
-    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path))
+    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
+                        time_threads=args.threads is None)
     texts = read_texts(args.text_file)
     start = time.perf_counter()
     generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))

@@ -280,16 +280,16 @@ def published_args(name: str) -> ModelArgs:
     return ModelArgs.from_dict({**params, "vocab_size": 32000})
 
 
-def rank_shapes(args: ModelArgs) -> dict:
-    """The shapes of this rank's tensors, in the model the loader builds on the meta device to fill."""
+def rank_shapes(args: ModelArgs, group) -> dict:
+    """The shapes of this rank's tensors split over ``group``, in the model the loader builds on the meta device to fill."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, group)
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
 def test_llama_2_70b_shard_shapes_at_world_size_8(fake_world):
     fake_world(8)
-    shapes = rank_shapes(published_args("llama-2-70b"))
+    shapes = rank_shapes(published_args("llama-2-70b"), dist.group.WORLD)
     expected = {
         "tok_embeddings.weight": (32000, 1024),
         "output.weight": (4000, 8192),
@@ -310,7 +310,7 @@ def test_llama_2_70b_shard_shapes_at_world_size_8(fake_world):
 
 def test_llama_2_13b_shard_shapes_at_world_size_2(fake_world):
     fake_world(2)
-    shapes = rank_shapes(published_args("llama-2-13b"))
+    shapes = rank_shapes(published_args("llama-2-13b"), dist.group.WORLD)
     expected = {
         "tok_embeddings.weight": (32000, 2560),
         "output.weight": (16000, 5120),
@@ -331,7 +331,7 @@ def test_world_size_not_dividing_kv_heads_names_them_and_what_would_work(fake_wo
     fake_world(16)
     with pytest.raises(ValueError, match=r"over 16 model-parallel ranks or shards: n_kv_heads = 8 is not divisible by 16; "
                                          r".* would work: 1, 2, 4, 8$"):
-        rank_shapes(published_args("llama-2-70b"))
+        rank_shapes(published_args("llama-2-70b"), dist.group.WORLD)
 
 
 def test_world_size_not_dividing_several_sizes_names_each():

@@ -24,6 +24,7 @@ from llama.layers.lora import LoraConfig, apply_lora
 from llama.model import ModelArgs
 from llama.layers.loss import causal_lm_loss
 from llama.tokenizer import Tokenizer
+from llama.training.state import check_resumable
 
 ROOT = Path(__file__).resolve().parent.parent
 DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
@@ -251,6 +252,34 @@ def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_proc
     assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-5  # float32 rounding (entries ~1e-2)
 
 
+def test_four_processes_splitting_each_layer_in_pairs_give_one_process_losses_and_adapter(checkpoint, tokenizer_path,
+                                                                                          varied_data, tmp_path):
+    """--tensor_parallel 2 on 4 ranks: each layer split within a pair of ranks, FSDP2 across the pairs (a 2-D mesh)."""
+    ckpt_dir, _ = checkpoint
+    validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])
+    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2",
+             "--lr_schedule", "constant", "--val_data", validation, "--eval_every", "2"]
+    single = run(ckpt_dir, varied_data, tmp_path / "one", *flags, tokenizer_path=tokenizer_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "llama.finetune",
+               "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--out", str(tmp_path / "four"),
+               "--tensor_parallel", "2", *flags]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    four = metrics(tmp_path / "four")
+    assert [r["loss"] for r in four] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    assert [r["val_loss"] for r in four if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
+    ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "four"))
+    assert ours.keys() == theirs.keys() and all(ours[key].shape == theirs[key].shape for key in ours)
+    # float32 rounding (entries ~1e-2), which Adam's division by a second moment near zero magnifies for a few entries
+    assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-4
+
+
+def test_a_full_run_resumes_only_at_the_tensor_parallelism_its_fused_weights_were_saved_by(tmp_path):
+    check_resumable({"method": "full"}, {"method": "full", "tensor_parallel": 1}, tmp_path)  # a run that did not record it: 1
+    with pytest.raises(ValueError, match="tensor_parallel was 2, now 1"):
+        check_resumable({"method": "full", "tensor_parallel": 2}, {"method": "full", "tensor_parallel": 1}, tmp_path)
+
+
 @pytest.mark.parametrize("lines, flags, error", [
     (['{"text": "a"}', '{"text": '], [], r"data.jsonl, line 2: not valid JSON"),
     ([json.dumps({"messages": [{"role": "user", "content": "hi"}]})], [], r"data.jsonl, line 1: the dialog has no assistant reply"),
@@ -260,6 +289,7 @@ def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_proc
     (['{"text": "a"}'], ["--lora_targets", "wq,q_gate"], r"--lora_targets: unknown name\(s\) \['q_gate'\]"),
     (['{"text": "a"}'], ["--batch_size", "6", "--micro_batch_size", "4"], r"--batch_size 6 must be divisible by the 1 rank\(s\) x --micro_batch_size 4"),
     (['{"text": "a"}'], ["--resume"], r"--resume: .*state/run.json not found"),
+    (['{"text": "a"}'], ["--tensor_parallel", "2"], r"--tensor_parallel 2 must divide the 1 process\(es\) of the job"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(checkpoint, tokenizer_path, tmp_path, capsys, lines, flags, error):
     data = tmp_path / "data.jsonl"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import ROOT, SMALL_PARAMS, quantize_linears
 from llama.checkpoints import placement
@@ -207,7 +208,7 @@ def test_under_tensor_parallelism_each_rank_quantizes_its_own_slice(make_checkpo
     ckpt_dir, state = make_checkpoint(n_shards=1, params=params)
     fake_world(2)
     args = ModelArgs.from_dict({**params, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
-    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
+    model = load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32), group=dist.group.WORLD)
     w2 = model.layers[0].feed_forward.w2  # row-parallel: rank 0 holds input features 0 .. 95
     packed, scales_and_zeros = quantize_linear_weight(state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu")
     assert torch.equal(w2.weight, packed) and torch.equal(w2.scales, scales_and_zeros.bfloat16())
@@ -242,4 +243,4 @@ def test_int4_groups_that_would_straddle_two_ranks_are_an_error(make_checkpoint,
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
     message = r"split over 2 ranks: layers.0.feed_forward.w2: its 112 input features are not a multiple of the group size 32.*use quantize='int8'"
     with pytest.raises(ValueError, match=message):
-        load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
+        load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32), group=dist.group.WORLD)

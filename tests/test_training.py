@@ -18,7 +18,7 @@ from llama.layers.lora import LoRA, LoRALinear, LoraConfig
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
 from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import dequantize_int4, int4_groups, pack_int4
-from llama.training.loop import Schedule
+from llama.training.loop import Schedule, clip_grad_norm
 from llama.training.data import Example, packed_batch
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
 
@@ -75,6 +75,17 @@ def test_loss_rejects_float_labels_and_unknown_reduction():
         causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="reduction must be one of"):
         causal_lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), reduction="none")
+
+
+def test_one_process_clips_its_gradients_as_torch_does():
+    torch.manual_seed(0)
+    weights, grads = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    ours, theirs = ([torch.nn.Parameter(w.clone()) for w in weights] for _ in range(2))
+    for parameters in (ours, theirs):
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad.clone()
+    assert torch.equal(clip_grad_norm(ours, 0.5), torch.nn.utils.clip_grad_norm_(theirs, 0.5))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
 
 
 def test_one_optimizer_step_lowers_the_loss_on_a_tiny_batch():

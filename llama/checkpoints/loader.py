@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch.distributed import ProcessGroup
 
 from llama.checkpoints import hf
 from llama.checkpoints.peft import Adapter, merge_adapter
@@ -30,7 +31,7 @@ from llama.checkpoints.mapped_pages import release_copied
 from llama.checkpoints.hf import is_hf_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.options import EngineOptions
-from llama.layers.parallel import fused_layers, model_parallel_rank, model_parallel_world_size
+from llama.layers.parallel import fused_layers, group_rank, group_size
 from llama.checkpoints.placement import place_tensors
 from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
 from llama.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -311,17 +312,24 @@ def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
 def load_model(
     ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None,
     adapter: Optional[Adapter] = None,
+    group: Optional[ProcessGroup] = None,
     training: bool = False,
+    time_threads: bool = False,
 ) -> Transformer:
     """Build the model on the meta device (no memory), then place this rank's tensors in it one by
     one (``llama.checkpoints.placement``), each linear weight quantized on the CPU first when ``quantization``
     is given: the device never holds a full-precision copy of the model. A LoRA ``adapter``
-    (``llama.checkpoints.peft``) is merged into each weight it adapts as the weight is read. ``training``: the
-    model is for training, which makes none of decoding's choices (threads, float32 kernels, both
-    timed on a decode step) and does not say what the KV cache it does not use takes."""
-    rank, world_size = model_parallel_rank(), model_parallel_world_size()
+    (``llama.checkpoints.peft``) is merged into each weight it adapts as the weight is read.
+
+    ``group``: the processes that split each layer (``Transformer``'s); this process reads its rank's
+    slice; None: the whole model. ``training``: the model is for training, which makes none of decoding's
+    choices (float32 kernels, timed on a decode step) and does not say what the KV cache it does not use
+    takes. ``time_threads``: first choose the thread count the model decodes fastest with
+    (``llama.layers.cpu_threads.choose_threads``), for which the kernels are then chosen: what an
+    inference command given no ``--threads`` asks for."""
+    rank, world_size = group_rank(group), group_size(group)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, group)
     if quantization is not None and quantization.bits == 4:  # before reading anything
         shapes = {name: tuple(m.weight.shape) for name, m in quantizable_weights(model).items()}
         check_int4_shapes(shapes, quantization, world_size)
@@ -341,7 +349,8 @@ def load_model(
         logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
                        "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
                        torch.backends.cpu.get_cpu_capability())
-    choose_threads(model)  # before the kernels, which are chosen for the thread count
+    if time_threads:
+        choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)
     if kernels:
         logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})
@@ -365,7 +374,7 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def layout_of(args: ModelArgs) -> Dict[str, TensorLayout]:
-    """The layout of the model ``args`` describes, split over this process's world size."""
+def layout_of(args: ModelArgs, group: Optional[ProcessGroup] = None) -> Dict[str, TensorLayout]:
+    """The layout of the model ``args`` describes, split over ``group`` (None: whole, in one process)."""
     with torch.device("meta"):
-        return model_layout(Transformer(args), model_parallel_world_size())
+        return model_layout(Transformer(args, group), group_size(group))

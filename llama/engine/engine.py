@@ -45,6 +45,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row, RowDelta, check_pairs  # noqa: F401 (the engine's public names)
@@ -53,7 +54,7 @@ from llama.engine.scheduler import Scheduler, StepPlan
 from llama.engine.speculative import Speculator
 from llama.model import Transformer
 from llama.options import EngineOptions, GenerationOptions, check_batch_size, check_prompts
-from llama.layers.parallel import model_parallel_world_size
+from llama.layers.parallel import group_rank, group_size
 from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
 
@@ -116,7 +117,7 @@ class Engine:
         self.in_step: Set[Request] = set()  # the requests a step took from the queue, while it runs
         self.ids = itertools.count()
         self.stopping = threading.Event()
-        self.distributed = model_parallel_world_size() > 1
+        self.distributed = group_size(model.group) > 1  # the ranks that split the model run every step together
 
     # --- any thread -------------------------------------------------------------------------------
 
@@ -258,11 +259,11 @@ class Engine:
         """One step: plan, prefill one chunk, decode one token per running row, publish each
         request's deltas. Under torchrun rank 0 broadcasts the step's plan first and the other ranks
         run it. Returns whether there was anything to do."""
-        if self.distributed and dist.get_rank() != 0:
-            return self.execute(receive_plan())
+        if self.distributed and group_rank(self.model.group) != 0:
+            return self.execute(receive_plan(self.model.group))
         plan = self.scheduler.plan()
         if self.distributed:
-            broadcast_plan(plan)
+            broadcast_plan(plan, self.model.group)
         return self.execute(plan)
 
     def run_until_done(self, request: Request) -> Iterator[List[RowDelta]]:
@@ -299,14 +300,14 @@ class Engine:
             with scheduler.arrived:
                 scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.options.heartbeat_seconds))
             if self.distributed and time.monotonic() - last_broadcast >= self.options.heartbeat_seconds:
-                broadcast_plan(StepPlan("heartbeat"))
+                broadcast_plan(StepPlan("heartbeat"), self.model.group)
                 last_broadcast = time.monotonic()
         with scheduler.arrived:
             for request in set(scheduler.waiting) | scheduler.requests():
                 request.cancel()
         self.step()  # cancels what runs and what was preempted, withdraws what waits
         if self.distributed:
-            broadcast_plan(StepPlan("shutdown"))
+            broadcast_plan(StepPlan("shutdown"), self.model.group)
 
     def fail_step(self) -> None:
         """After a step raised: every request it held (running, preempted, or taken from the queue)
@@ -327,9 +328,9 @@ class Engine:
         """A rank > 0's serving loop: runs each step rank 0 plans, until rank 0 shuts down. It waits
         in the broadcast, which rank 0's heartbeats keep from timing out."""
         while True:
-            plan = receive_plan()
+            plan = receive_plan(self.model.group)
             if plan.kind == "shutdown":
-                logger.info("rank %d: rank 0 shut down", dist.get_rank())
+                logger.info("rank %d: rank 0 shut down", group_rank(self.model.group))
                 return
             self.execute(plan)
 
@@ -509,11 +510,11 @@ class Engine:
         self.speculator.advance(emitted, lasts)
 
 
-def broadcast_plan(plan: StepPlan) -> None:
-    dist.broadcast_object_list([plan], src=0)
+def broadcast_plan(plan: StepPlan, group: ProcessGroup) -> None:
+    dist.broadcast_object_list([plan], src=dist.get_global_rank(group, 0), group=group)
 
 
-def receive_plan() -> StepPlan:
+def receive_plan(group: ProcessGroup) -> StepPlan:
     box = [None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]

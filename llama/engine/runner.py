@@ -44,7 +44,7 @@ import torch
 from llama.engine.requests import Row
 from llama.engine.sampling import RowSettings, apply_penalties, global_exponentials, sample, seed_key
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
-from llama.layers.parallel import broadcast_from_rank0, model_parallel_world_size
+from llama.layers.parallel import broadcast_from_rank0, group_size
 from llama.model import Transformer
 from llama.options import ATTENTIONS, GenerationOptions
 
@@ -127,7 +127,8 @@ class Runner:
         self.block_starts = block_starts(self.block_tables, params.kv_cache_blocks, params.kv_block_size) if self.attention == "flex" else None
         self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
-        self.distributed = model_parallel_world_size() > 1
+        self.group = model.group  # the ranks that split the model: each takes rank 0's tokens
+        self.distributed = group_size(self.group) > 1
         self.compiled = None
         self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
         self.warmed_alternatives = 0  # top logprobs every compiled step computes (``warm_up``)
@@ -247,7 +248,8 @@ class Runner:
         positions = torch.tensor([len(row.prompt) for row in rows], device=self.device)
         noise = self.noise(rows, features)
         allowed = self.allowed[slots] if features.constrained else None
-        chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
+        chosen = choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed)
+        chosen = broadcast_from_rank0(chosen, self.group)
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
         return pack(logits, chosen, features).tolist(), features
@@ -367,7 +369,7 @@ class Runner:
         """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
         further; the rest keep theirs. Returns the step's message (``pack``)."""
         width = chosen.shape[0]
-        chosen = broadcast_from_rank0(chosen)
+        chosen = broadcast_from_rank0(chosen, self.group)
         tokens = torch.where(live, chosen, self.tokens[:width])
         self.write(torch.arange(width, device=chosen.device), tokens, live)
         self.positions[:width] += live

@@ -306,7 +306,7 @@ class Speculator:
         if features.sampling:  # a row that does not speculate draws as in a plain step
             plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.runner.device))
             chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
-        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1))
+        chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1), self.runner.group)
         accepted, chosen = chosen[:, -1], chosen[:, :-1]
         packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
         values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
@@ -380,6 +380,6 @@ class Speculator:
                 draft_probs.append(distribution(logits, settings))
                 drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
                 proposal = torch.where(settings.temperature > 0, drawn, proposal)
-            proposals.append(broadcast_from_rank0(proposal))
+            proposals.append(broadcast_from_rank0(proposal, self.runner.group))
         return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
 

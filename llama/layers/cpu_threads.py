@@ -6,17 +6,19 @@ other (and, waiting passively, must be woken for the next one): the bundled mode
 one thread than on two (docs/performance.md). A large model's products are long, and limited by the
 memory bandwidth that each core adds to.
 
-So a command given no ``--threads`` (``set_threads(None)``), in an environment that sets no
-``OMP_NUM_THREADS`` (torchrun sets 1 for each process), has the model it loads choose
-(``choose_threads``): a full batch's decode step of that model, timed at torch's thread count and at
+So an inference command given no ``--threads``, in an environment that sets no ``OMP_NUM_THREADS``
+(torchrun sets 1 for each process), has the model it loads choose (``choose_threads``, which
+``Llama.build(time_threads=True)`` calls after loading the model, before the float32 kernels are chosen
+for that count): a full batch's decode step of that model, timed at torch's thread count and at
 each half of it down to 1, alternating, decides; torch's count stays unless another is more than 10%
 faster. The step writes position 0 of each cache row, which a prompt's prefill overwrites before
 anything reads it. The choice is remembered for the machine and the model's shapes
 (``llama.layers.timed_choices``): a later run reads it rather than timing again, so that it decodes, and
 compiles, as the first did. A model of more than ``MEASURED_BYTES`` keeps torch's count unmeasured: its step
-takes long to time, and its products are the long ones. The choice is made once, for the first model
-a process loads (a draft loaded after it decodes with the same threads). Thread counts change only the
-split of the work, not the results (greedy tokens and sampled text are the same at 1 and 2 threads).
+takes long to time, and its products are the long ones. The choice is made for the model a command
+loads (a draft loaded after it decodes with the same threads); training never makes it. Thread counts
+change only the split of the work, not the results (greedy tokens and sampled text are the same at 1
+and 2 threads).
 """
 
 import hashlib
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables
-from llama.layers.parallel import model_parallel_world_size
+from llama.layers.parallel import group_size
 from llama.layers.timed_choices import cache_file, recall, remember
 
 logger = logging.getLogger(__name__)
@@ -39,15 +41,6 @@ ROUNDS = 5  # alternating timings of each thread count; the median decides
 MARGIN = 0.9  # another count must take under 90% of torch's count's time
 TIMING_SECONDS = 0.005  # a timing repeats the step to last at least this long
 MEASURED_BYTES = 1 << 30  # the largest model (weights of this process) whose step is timed
-
-_measure_next_model = False
-
-
-def measure_threads_at_load(measure: bool) -> None:
-    """Whether the next model loaded on a CPU chooses the thread count (``choose_threads``): what a
-    command given no ``--threads`` asks for, unless ``OMP_NUM_THREADS`` says how many."""
-    global _measure_next_model
-    _measure_next_model = measure and "OMP_NUM_THREADS" not in os.environ
 
 
 def thread_counts(threads: int) -> List[int]:
@@ -98,16 +91,14 @@ def time_threads(model: nn.Module, counts: List[int]) -> Dict[int, float]:
 
 @torch.inference_mode()
 def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
-    """Set torch's thread count to the fastest for ``model``'s decode step, if the command asked for it
-    (``measure_threads_at_load``) and the model is on the CPU of a single process.
+    """Set torch's thread count to the fastest for ``model``'s decode step, where the model is on the
+    CPU of a single process and ``OMP_NUM_THREADS`` does not say how many.
 
     Returns:
         the median seconds of a step at each thread count timed (in this run, or in the run that
         timed this model on this machine first), or None when nothing was timed.
     """
-    global _measure_next_model
-    measure, _measure_next_model = _measure_next_model, False
-    if not measure or model.output.weight.device.type != "cpu" or model_parallel_world_size() > 1:
+    if "OMP_NUM_THREADS" in os.environ or model.output.weight.device.type != "cpu" or group_size(model.group) > 1:
         return None
     counts = thread_counts(torch.get_num_threads())
     if len(counts) == 1 or weight_bytes(model) > MEASURED_BYTES:

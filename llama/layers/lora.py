@@ -7,15 +7,23 @@ The adapters sit beside the layers of ``llama.layers.parallel`` they adapt, whic
 as ``wqkv``; w1, w3 as ``w13``) gets an adapter per part that is a target, added to that part's output.
 The parameter names are those ``peft`` writes (``lora_A.weight``, ``lora_B.weight``), and
 ``llama.checkpoints.peft`` writes them under transformers' module names in peft's files.
+
+Beside a layer split over several ranks (tensor parallelism) the adapter is split as its layer is:
+beside a column-parallel layer B holds this rank's rows of the output and A is whole; beside a
+row-parallel one A holds this rank's columns of the input, and ``A x`` is summed over the ranks before
+B, which is whole. Each rank keeps its slice of the adapter one process would initialise, so that any
+number of ranks trains the same adapter.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from llama.layers.parallel import FusedColumnParallelLinear
+from llama.layers.parallel import FusedColumnParallelLinear, all_reduce, copy_to_ranks, group_rank, group_size, local
 
 # Meta's name of each linear LoRA can adapt -> the module of a block that computes it, and peft's
 # (transformers') name for it
@@ -75,18 +83,29 @@ class LoraConfig:
 
 
 class LoRA(nn.Module):
-    """``scale * B A dropout(x)``: A (rank, in_features), B (out_features, rank), B zero at first."""
+    """``scale * B A dropout(x)``: A (rank, in_features), B (out_features, rank), B zero at first.
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, device=None):
+    ``group``, ``split_dim``: the ranks the adapted layer is split over and the dimension of its weight
+    they split (0: its output, B's rows; 1: its input, A's columns); this rank keeps its slice."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, device=None,
+                 group: Optional[ProcessGroup] = None, split_dim: Optional[int] = None):
         super().__init__()
         self.scale = config.scale
+        self.group, self.split_dim = group, split_dim
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
+        if group_size(group) > 1:  # initialised whole, as one process does, then sliced
+            split = (self.lora_B, self.lora_A)[split_dim]
+            split.weight = nn.Parameter(split.weight.chunk(group_size(group), dim=split_dim)[group_rank(group)].clone())
+            split.split_dim = split_dim  # read by llama.training.parallelize, as the parallel layers' own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x)) * self.scale)  # scaled at the rank's width: fewer products
+        h = F.linear(self.dropout(x), local(self.lora_A.weight)) * self.scale  # scaled at the rank's width: fewer ops
+        h = all_reduce(h, self.group) if self.split_dim == 1 else copy_to_ranks(h, self.group)
+        return F.linear(h, local(self.lora_B.weight))
 
 
 class LoRALinear(nn.Module):
@@ -108,18 +127,22 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Freeze every parameter of ``model`` (a ``Transformer`` whose layers are whole: one process, or
-    data parallelism) and put adapters beside the target linears of every block, on the weights'
-    device; returns the model."""
+    """Freeze every parameter of ``model`` (a ``Transformer``, its layers whole or split over its
+    ``group``) and put adapters beside the target linears of every block, on the weights' device;
+    returns the model."""
     model.requires_grad_(False)
     device = model.tok_embeddings.weight.device
+    ranks = group_size(model.group)
     for block in model.layers:
         for module_name in dict.fromkeys(TARGETS[name][0] for name in config.targets):
             parent_name, _, attribute = module_name.rpartition(".")
             parent = block.get_submodule(parent_name)
             base = getattr(parent, attribute)
-            sizes = base.parts if isinstance(base, FusedColumnParallelLinear) else {attribute: model.params.dim}  # out_features
-            in_features = model.params.ffn_hidden_dim if attribute == "w2" else model.params.dim  # (an int4 weight's shape is packed)
-            adapters = {name: LoRA(in_features, out, config, device) for name, out in sizes.items() if name in config.targets}
+            # whole out_features and in_features (an int4 weight's shape is packed)
+            fused = isinstance(base, FusedColumnParallelLinear)
+            sizes = {name: n * ranks for name, n in base.parts.items()} if fused else {attribute: model.params.dim}
+            in_features = model.params.ffn_hidden_dim if attribute == "w2" else model.params.dim
+            adapters = {name: LoRA(in_features, out, config, device, model.group, base.split_dim)
+                        for name, out in sizes.items() if name in config.targets}
             setattr(parent, attribute, LoRALinear(base, adapters))
     return model

@@ -12,39 +12,38 @@ Tensor parallelism (Megatron-style, the layout of Meta's published shards):
 - The output projection is a column-parallel linear over the vocabulary, gathered.
 
 So one attention block and one feed-forward block each cost exactly one all-reduce; generation adds
-one broadcast per step, so that every rank continues with rank 0's sampled token. The layers
-use the model-parallel group: the default process group, unless training set another (fully-sharded data
-parallelism gives each rank a group of its own, ``set_model_parallel_group``); when none is initialised
-(or its size is 1) they are plain ``F.linear`` / ``F.embedding`` and no collective runs.
+one broadcast per step, so that every rank continues with rank 0's sampled token. Each layer is given
+the group of ranks that split it (a ``torch.distributed`` process group: the job's under torchrun, the
+tensor-parallel dimension of a training mesh); with None, or a group of one, they are plain
+``F.linear`` / ``F.embedding`` and no collective runs.
+
+Training differentiates through the collectives as Megatron-LM does: the sum of a row-parallel layer
+passes its gradient through unchanged, the input of a column-parallel layer (whole on every rank) sums
+its gradient over the ranks, and a gather hands each rank its slice of the gradient back. A parameter
+that training lays out on a device mesh (``llama.training.parallelize``) is a ``DTensor``; the layers
+compute with this rank's slice of it (``local``).
 """
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from llama.layers.quantize import linear
 
 
-_model_parallel_group = None  # None: the default process group
+def group_size(group: Optional[ProcessGroup]) -> int:
+    """The number of ranks that split a layer (1 for None: the layer is whole)."""
+    return 1 if group is None else dist.get_world_size(group)
 
 
-def set_model_parallel_group(group) -> None:
-    """The ranks that split each layer between them from now on (None: every process of the job).
-    Data-parallel training gives each rank a group of one: every rank builds and reads the whole model."""
-    global _model_parallel_group
-    _model_parallel_group = group
-
-
-def model_parallel_world_size() -> int:
-    return dist.get_world_size(_model_parallel_group) if dist.is_initialized() else 1
-
-
-def model_parallel_rank() -> int:
-    return dist.get_rank(_model_parallel_group) if dist.is_initialized() else 0
+def group_rank(group: Optional[ProcessGroup]) -> int:
+    """This process's rank within ``group`` (0 for None)."""
+    return 0 if group is None else dist.get_rank(group)
 
 
 def world_sizes_dividing(sizes: Dict[str, int]) -> List[int]:
@@ -66,34 +65,106 @@ def check_world_size(sizes: Dict[str, int], world_size: int) -> None:
         )
 
 
-def split_size(total: int, what: str) -> int:
-    """The size of this rank's slice of a dimension that must divide evenly over the ranks."""
-    world_size = model_parallel_world_size()
+def split_size(total: int, what: str, group: Optional[ProcessGroup]) -> int:
+    """The size of this rank's slice of a dimension that must divide evenly over ``group``'s ranks."""
+    world_size = group_size(group)
     check_world_size({what: total}, world_size)
     return total // world_size
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the ranks (in place)."""
-    if model_parallel_world_size() > 1:
-        dist.all_reduce(x, group=_model_parallel_group)
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a parameter that training laid out on a device mesh (a ``DTensor``); any
+    other tensor as it is. (``torch.distributed.tensor`` is imported only where there can be one: it
+    takes a second to import.)"""
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def needs_gradient(x: torch.Tensor, group: Optional[ProcessGroup]) -> bool:
+    return group_size(group) > 1 and torch.is_grad_enabled() and x.requires_grad
+
+
+class SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of every rank's ``x``; backward: the gradient as it is (each rank's partial
+    product contributed to the sum once)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class CopyToRanks(torch.autograd.Function):
+    """Forward: ``x`` as it is (every rank holds it whole); backward: the sum of the ranks' gradients,
+    each of which is that of this rank's slice of the layer's output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class GatherLastDim(torch.autograd.Function):
+    """Forward: every rank's ``x`` concatenated along the last dimension, in rank order; backward:
+    this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(group_size(ctx.group), dim=-1)[group_rank(ctx.group)].contiguous(), None
+
+
+def all_reduce(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Sum ``x`` over ``group``'s ranks (in place, unless a gradient flows through it)."""
+    if needs_gradient(x, group):
+        return SumOverRanks.apply(x, group)
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+def copy_to_ranks(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """``x``, whole on every rank, as the input of a layer split over ``group``: its gradient is summed
+    over the ranks."""
+    return CopyToRanks.apply(x, group) if needs_gradient(x, group) else x
+
+
+def all_gather_last_dim(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Concatenate every rank's ``x`` along the last dimension, in rank order."""
-    world_size = model_parallel_world_size()
+    if needs_gradient(x, group):
+        return GatherLastDim.apply(x, group)
+    world_size = group_size(group)
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous(), group=_model_parallel_group)
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
 
 
-def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
-    """Overwrite ``x`` on every rank with rank 0's ``x`` (in place)."""
-    if model_parallel_world_size() > 1:
-        dist.broadcast(x, src=0)
+def broadcast_from_rank0(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Overwrite ``x`` on every rank of ``group`` with its rank 0's ``x`` (in place)."""
+    if group_size(group) > 1:
+        dist.broadcast(x, src=dist.get_global_rank(group, 0), group=group)
     return x
 
 
@@ -106,21 +177,25 @@ def init_weight(weight: nn.Parameter) -> None:
 
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T`` with ``W`` (out_features, in_features) split by rows: this rank holds
-    ``out_features / world_size`` of them and computes that slice of ``y``."""
+    ``out_features / world_size`` of them and computes that slice of ``y``; ``gather_output``: every
+    rank gets the whole ``y``."""
 
     split_dim = 0  # of the weight: the dimension each rank holds a slice of (read by llama.checkpoints.loader)
 
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
+    def __init__(self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None,
+                 gather_output: bool = False):
         super().__init__()
+        self.group = group  # the ranks that split the weight; None: whole here
         self.gather_output = gather_output
-        self.weight = nn.Parameter(torch.empty(split_size(out_features, "out_features"), in_features))
+        self.weight = nn.Parameter(torch.empty(split_size(out_features, "out_features", group), in_features))
         self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.layers.quantize)
         self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.layers.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.scales, self.onednn)  # (..., out_features / world_size)
-        return all_gather_last_dim(y) if self.gather_output else y
+        x = copy_to_ranks(x, self.group)
+        y = linear(x, local(self.weight), self.scales, self.onednn)  # (..., out_features / world_size)
+        return all_gather_last_dim(y, self.group) if self.gather_output else y
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -133,10 +208,10 @@ class FusedColumnParallelLinear(ColumnParallelLinear):
     checkpoint readers (``llama.checkpoints.placement``) concatenate the parts.
     """
 
-    def __init__(self, in_features: int, parts: Dict[str, int]):
+    def __init__(self, in_features: int, parts: Dict[str, int], group: Optional[ProcessGroup] = None):
         """``parts``: each part's name, a sibling of this layer in Meta's keys, and its out_features."""
-        super().__init__(in_features, sum(parts.values()))
-        self.parts = {name: split_size(out_features, name) for name, out_features in parts.items()}  # local sizes
+        super().__init__(in_features, sum(parts.values()), group)
+        self.parts = {name: split_size(size, name, group) for name, size in parts.items()}  # local out_features
         self.register_state_dict_post_hook(split_parts)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -184,15 +259,16 @@ class RowParallelLinear(nn.Module):
 
     split_dim = 1
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features")))
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features, "in_features", group)))
         self.register_buffer("scales", None, persistent=False)  # set when the weight is int8 (llama.layers.quantize)
         self.onednn = False  # set at load where oneDNN's float32 kernel is measured faster (llama.layers.cpu_kernels)
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight, self.scales, self.onednn))
+        return all_reduce(linear(x, local(self.weight), self.scales, self.onednn), self.group)
 
 
 class ParallelEmbedding(nn.Module):
@@ -200,10 +276,11 @@ class ParallelEmbedding(nn.Module):
 
     split_dim = 1
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Optional[ProcessGroup] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, split_size(embedding_dim, "dim")))
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(num_embeddings, split_size(embedding_dim, "dim", group)))
         init_weight(self.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.embedding(tokens, self.weight))
+        return all_gather_last_dim(F.embedding(tokens, local(self.weight)), self.group)

@@ -31,6 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+# OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch.distributed as dist
 import uvicorn
 
@@ -97,7 +100,7 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
     """The command, on every rank: check the flags, bind the port (rank 0), load the checkpoint on an engine
     of the server's options, and serve (rank 0) or follow rank 0's engine (the others) until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED))
+    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED), time_threads=args.threads is None)
     # checked before anything loads; without --max_seq_len, the context is chosen once the checkpoint is read
     chosen = args.max_seq_len is None
     engine = options_from(EngineOptions, args, max_seq_len=EngineOptions.max_seq_len if chosen else args.max_seq_len)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from llama.checkpoints.loader import checkpoint_folder, kv_cache_dtype
 from llama.convert import source_model, trained_context
-from llama.distributed import fail_together, resolve_dtype
+from llama.distributed import fail_together, job_group, resolve_dtype
 from llama.checkpoints.hf import HfFolder, read_config
 from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
@@ -122,9 +122,10 @@ def checkpoint_context(ckpt_dir: str, tokenizer: Tokenizer) -> Tuple[int, str]:
 def model_bytes(args: ModelArgs, device: torch.device, dtype: torch.dtype,
                 quantization: Optional[Quantization]) -> Tuple[int, int]:
     """This rank's weights in bytes, and its KV cache's bytes per token, for the model ``args``
-    describes loaded on ``device`` in ``dtype`` (its linear weights quantized with ``quantization``)."""
+    describes loaded on ``device`` in ``dtype`` (its linear weights quantized with ``quantization``),
+    split over the job's processes as ``Llama.build`` splits it."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, job_group())
     weights = sum(parameter.numel() for parameter in model.parameters()) * dtype.itemsize
     if quantization is not None:  # the linear weights take quantization.bits each instead (their scales left out)
         quantized = sum(module.weight.numel() for module in quantizable_weights(model).values())

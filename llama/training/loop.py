@@ -5,7 +5,8 @@ The loss of a step is the mean over every scored label of the step, over its mic
 alike: each micro-batch's summed loss is divided by the step's total count of scored labels (known
 before the first forward), not averaged per micro-batch (a mean of means weighs a short micro-batch
 as much as a long one). Data-parallel ranks average their gradients, so each rank's loss is scaled by
-the number of ranks to make that average the step's sum.
+the number of ranks to make that average the step's sum. The ranks that split each layer (tensor
+parallelism) see the same examples: the sums are over the data-parallel group only.
 """
 
 import math
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from llama.training.data import Batch
 from llama.training.log import MetricsLog
@@ -66,14 +68,26 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def data_parallel_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    if data_parallel_size() > 1:
-        dist.all_reduce(value)
+def sum_over_ranks(value: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """``value`` summed over the data-parallel ranks of ``group`` (None: this process alone), in place."""
+    if group is not None:
+        dist.all_reduce(value, group=group)
     return value
+
+
+def clip_grad_norm(parameters: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients laid out on several device meshes (FSDP's
+    shards of a replicated weight, tensor parallelism's slices): the norm of each mesh's gradients, whole,
+    then of them all, which every rank computes alike."""
+    by_mesh = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            by_mesh.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]))
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -83,8 +97,10 @@ def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autocast) -> dict:
-    """Mean loss and perplexity over every scored label of ``batches`` (this rank's share), over ranks."""
+def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autocast,
+             data_group: Optional[ProcessGroup] = None) -> dict:
+    """Mean loss and perplexity over every scored label of ``batches`` (this rank's share), over the
+    ranks of ``data_group``."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # summed loss, scored labels
@@ -93,7 +109,7 @@ def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autoc
             total[0] += summed_loss(model, batch, device).to(total.dtype)
         total[1] += batch.scored_tokens
     model.train(was_training)
-    loss = (sum_over_ranks(total)[0] / total[1]).item()
+    loss = (sum_over_ranks(total, data_group)[0] / total[1]).item()
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700))}
 
 
@@ -111,6 +127,7 @@ def train(
     evaluate_at: Optional[Callable[[], dict]] = None,
     save_every: int = 0,
     save_at: Optional[Callable[[int], None]] = None,
+    data_group: Optional[ProcessGroup] = None,
 ) -> None:
     """Train ``model`` from ``start_step`` to ``schedule.max_steps``.
 
@@ -126,16 +143,18 @@ def train(
         grad_clip: the largest norm of the gradient; None: not clipped.
         evaluate_every, evaluate_at: every so many steps (and after the last), the metrics ``evaluate_at()`` returns.
         save_every, save_at: every so many steps (and after the last), ``save_at(steps done)``.
+        data_group: the data-parallel ranks, each with its share of every step's examples (None: one process).
     """
     model.train()
-    world_size = data_parallel_size()
+    world_size = dist.get_world_size(data_group) if data_group is not None else 1
     for step in range(start_step, schedule.max_steps):
         started = time.perf_counter()
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = step_batches(step)
-        scored = sum_over_ranks(torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=device))
+        scored = torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=device)
+        scored = sum_over_ranks(scored, data_group)
         step_loss = torch.zeros((), dtype=accumulator_dtype(device), device=device)
         for batch in batches:
             with autocast:
@@ -143,14 +162,15 @@ def train(
             (loss * world_size / scored).backward()
             step_loss += loss.detach().to(step_loss.dtype)
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+            clip_grad_norm([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        tokens = sum_over_ranks(torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=device)).item()
-        record = {"step": done, "loss": (sum_over_ranks(step_loss) / scored).item(), "lr": lr, "tokens": int(tokens),
-                  "tokens_per_s": tokens / (time.perf_counter() - started)}
+        tokens = torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=device)
+        tokens = sum_over_ranks(tokens, data_group).item()
+        record = {"step": done, "loss": (sum_over_ranks(step_loss, data_group) / scored).item(), "lr": lr,
+                  "tokens": int(tokens), "tokens_per_s": tokens / (time.perf_counter() - started)}
         last = done == schedule.max_steps
         if evaluate_at is not None and ((evaluate_every and done % evaluate_every == 0) or last):
             record.update(evaluate_at())

@@ -1,16 +1,56 @@
 """How a model is wrapped for training, in one place and in torchtitan's order: adapters first (LoRA,
-``llama.layers.lora``), then activation checkpointing, then compilation, then fully-sharded data parallelism
-(FSDP2). Each is a small function of the model; the training loop knows none of them.
+``llama.layers.lora``), then tensor parallelism, activation checkpointing, compilation, and fully-sharded
+data parallelism (FSDP2). Each is a small function of the model; the training loop knows none of them.
+
+The processes of a job form a 2-D device mesh ("dp", "tp"): the ranks of a "tp" row split each layer
+between them (the model is built and loaded with that row's group, ``llama.layers.parallel``), and the
+rows shard what each holds with FSDP2 over "dp", each row training on its own share of the examples.
 """
 
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
 
 WRAPPER_NAMES = ("._checkpoint_wrapped_module", "._orig_mod")  # what checkpointing and compiling add to names
+
+
+def training_mesh(device: torch.device, tensor_parallel: int) -> Optional[DeviceMesh]:
+    """The job's processes as a ("dp", "tp") mesh of ``tensor_parallel`` ranks a row; None for one process."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"--tensor_parallel must be a positive integer, got {tensor_parallel!r}")
+    if world_size % tensor_parallel:
+        raise ValueError(f"--tensor_parallel {tensor_parallel} must divide the {world_size} process(es) of the job")
+    if world_size == 1:
+        return None
+    return init_device_mesh(device.type, (world_size // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp"))
+
+
+def tensor_parallel_group(mesh: Optional[DeviceMesh]) -> Optional[ProcessGroup]:
+    """The ranks that split each layer of the model: the mesh's "tp" row; None where layers are whole."""
+    return mesh["tp"].get_group() if mesh is not None and mesh["tp"].size() > 1 else None
+
+
+def data_parallel_group(mesh: Optional[DeviceMesh]) -> Optional[ProcessGroup]:
+    """The ranks that train on different examples: the mesh's "dp" column; None for one process."""
+    return mesh["dp"].get_group() if mesh is not None else None
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Each trainable weight that a layer holds a slice of (its ``split_dim``: the parallel layers', an
+    adapter's split half) becomes a ``DTensor`` of the mesh, sharded on that dimension: the optimizer,
+    FSDP2, the gradient's norm and the saved state then see whole tensors, split over the ranks."""
+    for module in model.modules():
+        weight, dim = getattr(module, "weight", None), getattr(module, "split_dim", None)
+        if dim is not None and isinstance(weight, nn.Parameter) and weight.requires_grad:
+            module.weight = nn.Parameter(DTensor.from_local(weight.detach(), tp_mesh, [Shard(dim)], run_check=False))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -25,26 +65,29 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp(model: nn.Module, param_dtype: Optional[torch.dtype]) -> None:
-    """Shard every block's parameters, gradients and optimizer state over the ranks (``fully_shard``),
-    then the rest (embedding, norm, output). Blocks compute in ``param_dtype`` (None: the parameters'
-    own) and gradients are reduced in float32."""
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Optional[torch.dtype]) -> None:
+    """Shard every block's parameters, gradients and optimizer state over the ranks of ``dp_mesh``
+    (``fully_shard``), then the rest (embedding, norm, output). Blocks compute in ``param_dtype`` (None:
+    the parameters' own) and gradients are reduced in float32."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "forward_loss")  # the output weight is whole only inside the root's registered methods
 
 
-def wrap_for_training(model: nn.Module, activation_checkpointing: bool, compile: bool, fsdp: bool,
+def wrap_for_training(model: nn.Module, activation_checkpointing: bool, compile: bool, mesh: Optional[DeviceMesh],
                       param_dtype: Optional[torch.dtype]) -> nn.Module:
-    """``model`` (adapters already in place) wrapped in torchtitan's order: AC, compile, FSDP."""
+    """``model`` (adapters already in place, its layers split over ``mesh``'s "tp" rows) wrapped in
+    torchtitan's order: TP, AC, compile, FSDP (over ``mesh``'s "dp" columns; None: one process)."""
+    if tensor_parallel_group(mesh) is not None:
+        apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if fsdp:
-        apply_fsdp(model, param_dtype)
+    if mesh is not None:
+        apply_fsdp(model, mesh["dp"], param_dtype)
     return model
 
 
@@ -60,7 +103,8 @@ def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU, gathered from every rank when FSDP shards it (a collective)."""
+    """The whole tensor on the CPU, gathered from every rank when FSDP or tensor parallelism splits it
+    (a collective)."""
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
     return tensor.detach().cpu()

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 STATE_DIR, SETTINGS_FILE = "state", "run.json"
+UNRECORDED = {"tensor_parallel": 1}  # a setting a saved run may lack, and its value there
 
 
 def rank() -> int:
@@ -76,7 +77,8 @@ def read_settings(out_dir: Path) -> dict:
 
 def check_resumable(saved: dict, settings: dict, out_dir: Path) -> None:
     """The run in ``out_dir`` must be resumed with the settings it was started with."""
-    differences = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in settings.items() if saved.get(key) != value]
+    was = {key: saved.get(key, UNRECORDED.get(key)) for key in settings}
+    differences = [f"{key} was {was[key]!r}, now {value!r}" for key, value in settings.items() if was[key] != value]
     if differences:
         raise ValueError(f"--resume: {out_dir} was written by another run: {'; '.join(differences)}")
 
