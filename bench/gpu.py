@@ -211,19 +211,17 @@ POOL_BATCHES = (1, 8, 32, 64)
 def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.device) -> List[list]:
     """The bf16 model with ``max(POOL_BATCHES)`` slots over a pool of 80% of the memory left after
     loading (dry run: every slot's whole context); per batch, decode tokens/s of that many rows."""
-    from llama.checkpoints.loader import kv_cache_dtype
     from llama.engine import Engine, engine_options_for
+    from llama.layers.kv_cache import cache_dtype
     from llama.options import GenerationOptions
 
     slots = max(POOL_BATCHES)
-    args = ModelArgs(**{**args.__dict__, "max_batch_size": slots, "kv_cache_tokens": args.kv_block_size})  # the pool comes after the weights
+    args = ModelArgs(**{**args.__dict__, "max_batch_size": slots})
     model = load_model(ckpt_dir, args, device, *mode_settings("bf16"))
-    cache_dtype = kv_cache_dtype(model.tok_embeddings.weight.dtype, device)
-    token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype.itemsize
+    token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype(model.tok_embeddings.weight.dtype, device).itemsize
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    model.params.kv_cache_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
-    model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size, cache_dtype)
-    engine = Engine(model, None, engine_options_for(model, prefix_cache=False))  # the same prompts again: computed anew
+    pool_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len  # the pool comes after the weights
+    engine = Engine(model, None, engine_options_for(model, kv_cache_tokens=pool_tokens, prefix_cache=False))  # computed anew
     prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
 
     def seconds(bsz: int, n_tokens: int) -> float:
@@ -235,8 +233,7 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
         seconds(bsz, 2)  # warm-up
         tok_s = statistics.median(bsz * (sizes.decode_tokens - 1) / max(seconds(bsz, sizes.decode_tokens) - seconds(bsz, 1), 1e-9)
                                   for _ in range(sizes.rounds))
-        rows.append([str(bsz), f"{tok_s:.1f}", f"{model.params.kv_cache_tokens}", f"{engine.preemptions}"])
-    del engine, model
+        rows.append([str(bsz), f"{tok_s:.1f}", f"{pool_tokens}", f"{engine.preemptions}"])
     return rows
 
 

@@ -156,7 +156,7 @@ class Llama:
     @property
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype, in which cached attention computes: ``dtype``, except float32 for a
-        half-precision model on a CPU (``llama.checkpoints.loader.kv_cache_dtype``)."""
+        half-precision model on a CPU (``llama.layers.kv_cache.cache_dtype``)."""
         return self.model.layers[0].attention.kv_cache.cache_k.dtype
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:

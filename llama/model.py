@@ -25,7 +25,7 @@ from llama.layers.parallel import (
     group_size,
     split_size,
 )
-from llama.layers.kv_cache import BlockTables, CachePass, KVCache, contiguous_tables
+from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE, BlockTables, CachePass, KVCache, contiguous_tables
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ ROPE_SCALING_KEYS = {
 
 @dataclass
 class ModelArgs:
-    """Every key of Meta's ``params.json`` plus the sizes of the inference cache."""
+    """Every key of Meta's ``params.json``, and Meta's two sizes: ``max_batch_size`` rows of
+    ``max_seq_len`` positions."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -72,10 +73,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Code Llama uses 1e6, Llama 3 5e5
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1+: params.json's use_scaled_rope
-    max_batch_size: int = 32  # the most rows decoded together
-    max_seq_len: int = 2048  # the longest row
-    kv_cache_tokens: Optional[int] = None  # the KV cache pool's size in tokens; None: max_batch_size * max_seq_len (in whole blocks)
-    kv_block_size: Optional[int] = None  # tokens per block of the pool; None: 16, or max_seq_len if shorter
+    max_batch_size: int = 32  # Meta's: the rows of the model's own cache (an engine sizes its pool itself)
+    max_seq_len: int = 2048  # the longest row: the rotary table's positions
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "params") -> "ModelArgs":
@@ -99,11 +98,7 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len", "kv_block_size", "kv_cache_tokens"):
-            if name == "kv_block_size" and self.kv_block_size is None:
-                self.kv_block_size = min(16, self.max_seq_len)
-            if name == "kv_cache_tokens" and self.kv_cache_tokens is None:
-                self.kv_cache_tokens = self.max_batch_size * -(-self.max_seq_len // (self.kv_block_size or 16)) * (self.kv_block_size or 16)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
@@ -119,16 +114,6 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    @property
-    def blocks_per_row(self) -> int:
-        """The most blocks one row holds: its block table's length."""
-        return -(-self.max_seq_len // self.kv_block_size)
-
-    @property
-    def kv_cache_blocks(self) -> int:
-        """The pool's blocks: ``kv_cache_tokens`` rounded up to whole blocks, and the scratch block."""
-        return -(-self.kv_cache_tokens // self.kv_block_size) + 1
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -291,7 +276,8 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, group, gather_output=True)
         self.register_load_state_dict_pre_hook(fuse_parts)  # state dicts in Meta's keys: wq, wk, wv apart
         self.setup_rope()
-        self.setup_cache(params.kv_cache_blocks, params.kv_block_size)
+        block_size = min(DEFAULT_BLOCK_SIZE, params.max_seq_len)  # Meta's cache: a contiguous row for each of its rows
+        self.setup_cache(1 + params.max_batch_size * -(-params.max_seq_len // block_size), block_size)
 
     def setup_rope(self):
         """(Re)compute the rotary tables, cos and sin (max_seq_len, head_dim/2) in float32, on the weights' device."""

@@ -12,13 +12,13 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE
 from llama.layers.quantize import Quantization, parse_quantize
 
 
 SPECULATE_CHOICES = (None, "lookup", "draft")
 ADMISSIONS = ("continuous", "static")
 ATTENTIONS = ("gather", "flex")  # how a cached pass reads the KV cache pool: a gathered copy, or FlexAttention in place
-DEFAULT_BLOCK_SIZE = 16
 MAX_SPECULATE_K = 16
 
 

@@ -19,7 +19,6 @@ def small_model(max_seq_len: int = 32, max_batch_size: int = 2) -> Transformer:
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
     model = Transformer(args)
     model.load_state_dict(random_state(args))
-    model.setup_cache(args.kv_cache_blocks, args.kv_block_size)
     return model
 
 

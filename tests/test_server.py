@@ -748,9 +748,8 @@ def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(make_c
     weights, token_bytes = model_bytes(args, torch.device("cpu"), llama.dtype, parse_quantize(quantize))
     parameters = llama.model.parameters()
     assert weights == sum(parameter.numel() * parameter.element_size() for parameter in parameters)  # scales aside
-    params = llama.model.params
     caches = [buffer for name, buffer in llama.model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
-    pool = params.kv_cache_blocks * params.kv_block_size
+    pool = llama.engine.options.kv_cache_blocks * llama.engine.options.block_size
     assert token_bytes * pool == sum(buffer.numel() * buffer.element_size() for buffer in caches)
 
 

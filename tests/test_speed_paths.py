@@ -13,7 +13,7 @@ def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> T
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
     model = Transformer(args)
     model.load_state_dict(random_state(args))
-    model.to(dtype).setup_cache(args.kv_cache_blocks, args.kv_block_size)
+    model.to(dtype)  # the cache too: Meta's forward(tokens, start_pos) attends in the model's dtype
     return model
 
 
@@ -92,7 +92,7 @@ def test_int8_model_decodes_like_the_bfloat16_model_holding_the_dequantized_weig
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_takes_the_embedding_dtype_after_int8_quantization(dtype):
     model = quantize_linears(small_model(16, 1, dtype), Quantization(8))
-    model.setup_cache(model.params.kv_cache_blocks, model.params.kv_block_size)
+    model.setup_cache(3, 16)
     assert model.layers[0].attention.kv_cache.cache_k.dtype == dtype
 
 

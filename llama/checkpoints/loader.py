@@ -255,9 +255,8 @@ def checkpoint_folder(ckpt_dir: str) -> CheckpointFolder:
 
 
 def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, sizes: EngineOptions) -> ModelArgs:
-    """``params.json`` with the cache sizes of ``sizes`` (rows, context, the pool and its blocks), checked against
-    the tokenizer and the shards: the vocabulary is the tokenizer's, and must be the embedding's and params.json's
-    (when it gives one)."""
+    """``params.json`` with the engine's rows and context (``sizes``), checked against the tokenizer and the
+    shards: the vocabulary is the tokenizer's, and must be the embedding's and params.json's (when it gives one)."""
     folder = checkpoint_folder(ckpt_dir)
     params = folder.params()
     rows, rows_file = folder.embedding_rows(params)
@@ -272,9 +271,7 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, si
             f"{folder.params_path} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
         )
     return ModelArgs.from_dict(
-        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len,
-         "max_batch_size": sizes.max_batch_size, "kv_cache_tokens": sizes.kv_cache_tokens,
-         "kv_block_size": sizes.kv_block_size},
+        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len, "max_batch_size": sizes.max_batch_size},
         source=str(folder.params_path),
     )
 
@@ -322,9 +319,9 @@ def load_model(
     (``llama.checkpoints.peft``) is merged into each weight it adapts as the weight is read.
 
     ``group``: the processes that split each layer (``Transformer``'s); this process reads its rank's
-    slice; None: the whole model. ``training``: the model is for training, which makes none of decoding's
-    choices (float32 kernels, timed on a decode step) and does not say what the KV cache it does not use
-    takes. ``time_threads``: first choose the thread count the model decodes fastest with
+    slice; None: the whole model. The model has no KV cache pool: an engine sets up the one it decodes with.
+    ``training``: the model is for training, which makes none of decoding's choices (float32 kernels, timed
+    on a decode step). ``time_threads``: first choose the thread count the model decodes fastest with
     (``llama.layers.cpu_threads.choose_threads``), for which the kernels are then chosen: what an
     inference command given no ``--threads`` asks for."""
     rank, world_size = group_rank(group), group_size(group)
@@ -340,11 +337,9 @@ def load_model(
         tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_rope()
+    model.drop_cache()  # built on the meta device: an engine sets up the pool it decodes with (Engine)
     if training:
-        model.drop_cache()
         return model
-    model.setup_cache(args.kv_cache_blocks, args.kv_block_size, kv_cache_dtype(model.tok_embeddings.weight.dtype, device))
-    log_kv_cache(model)
     if quantization is not None and quantization.bits == 4 and device.type == "cpu" and not int4_outpaces_int8_on_cpu():
         logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
                        "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
@@ -355,23 +350,6 @@ def load_model(
     if kernels:
         logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})
     return model
-
-
-def log_kv_cache(model: Transformer) -> None:
-    """Say what the KV cache takes: it is allocated (and zeroed, so resident) at load, beside the weights."""
-    caches = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
-    cache_dtype, weights_dtype = caches[0].dtype, model.tok_embeddings.weight.dtype
-    why = f" (the model computes in {weights_dtype}: attention on a CPU is faster in float32)" if cache_dtype != weights_dtype else ""
-    params = model.params
-    logger.info("KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB", params.kv_cache_tokens, params.kv_block_size,
-                cache_dtype, why, sum(b.numel() * b.element_size() for b in caches) / 2**20)
-
-
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype, in which cached attention computes: the model's, but float32 for a
-    bfloat16 or float16 model on a CPU, where torch's attention kernel runs several times slower in
-    half precision than in float32 (docs/performance.md; the cache then takes twice the memory)."""
-    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def layout_of(args: ModelArgs, group: Optional[ProcessGroup] = None) -> Dict[str, TensorLayout]:

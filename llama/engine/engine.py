@@ -52,6 +52,7 @@ from llama.engine.requests import Request, Row, RowDelta, check_pairs  # noqa: F
 from llama.engine.runner import Features, Runner
 from llama.engine.scheduler import Scheduler, StepPlan
 from llama.engine.speculative import Speculator
+from llama.layers.kv_cache import cache_dtype
 from llama.model import Transformer
 from llama.options import EngineOptions, GenerationOptions, check_batch_size, check_prompts
 from llama.layers.parallel import group_rank, group_size
@@ -61,32 +62,33 @@ from llama.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
-def engine_options_for(model: Transformer, **policies) -> EngineOptions:
-    """``EngineOptions`` with the sizes ``model``'s KV cache pool was set up with (``model.params``), and
-    ``policies`` (compile, admission, ...): for a model loaded without ``Llama.from_options``."""
-    params = model.params
-    return EngineOptions(params.max_batch_size, params.max_seq_len, params.kv_cache_tokens, params.kv_block_size,
-                         **policies)
+def engine_options_for(model: Transformer, **options) -> EngineOptions:
+    """``EngineOptions`` of ``model``'s own rows and context (``model.params``' ``max_batch_size`` and
+    ``max_seq_len``), and ``options`` (the pool's size, compile, admission, ...)."""
+    return EngineOptions(**{"max_batch_size": model.params.max_batch_size, "max_seq_len": model.params.max_seq_len,
+                            **options})
 
 
-def check_pool_sizes(model: Transformer, options: EngineOptions) -> None:
-    """The engine's sizes must be those the model's KV cache pool was set up with: its blocks hold every row."""
-    params = model.params
-    engine = (options.max_batch_size, options.max_seq_len, options.block_size, options.kv_cache_blocks)
-    pool = (params.max_batch_size, params.max_seq_len, params.kv_block_size, params.kv_cache_blocks)
-    if engine != pool:
-        names = "(max_batch_size, max_seq_len, block size, blocks)"
-        raise ValueError(f"the engine's sizes {names} = {engine} are not those the model's KV cache pool was set up "
-                         f"with, {pool}: load the model with the same EngineOptions (Llama.from_options), or size "
-                         "the engine with engine_options_for(model)")
+def setup_pool(model: Transformer, options: EngineOptions) -> None:
+    """Set up ``model``'s KV cache pool of ``options``' blocks (``cache_dtype``: float32 for a half-precision
+    model on a CPU) and say what it takes: allocated and zeroed, so resident, beside the weights."""
+    if options.max_seq_len > model.params.max_seq_len:
+        raise ValueError(f"max_seq_len={options.max_seq_len} is longer than the model's rotary table "
+                         f"({model.params.max_seq_len} positions): load the model with this max_seq_len")
+    weight = model.tok_embeddings.weight
+    dtype = cache_dtype(weight.dtype, weight.device)
+    model.setup_cache(options.kv_cache_blocks, options.block_size, dtype)
+    why = f" (the model computes in {weight.dtype}: attention on a CPU is faster in float32)" if dtype != weight.dtype else ""
+    pool = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
+    logger.info("KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB", options.pool_tokens, options.block_size,
+                dtype, why, sum(b.numel() * b.element_size() for b in pool) / 2**20)
 
 
 class Engine:
     """The slots of one model and the loop that fills and decodes them. See the module docstring.
 
     Args:
-        model: the model; its KV cache pool must have the sizes of ``options`` (``Llama.from_options``
-            loads it so; ``engine_options_for`` reads them from a model loaded otherwise).
+        model: the model; the engine sets up its KV cache pool, of ``options``' blocks.
         tokenizer: for EOS, stop strings and the text of each row; None for an engine whose requests
             all give ``stop_tokens`` and ask for no text (benchmarks).
         options: the slots (``max_batch_size``) of at most ``max_seq_len`` positions each, the pool's
@@ -107,10 +109,11 @@ class Engine:
     ):
         if not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
-        check_pool_sizes(model, options)
+        for pooled in [model] + ([draft] if draft is not None else []):  # the draft's pool: the same blocks
+            setup_pool(pooled, options)
         blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # rank 0's
         self.scheduler = Scheduler(options.max_batch_size, options.max_seq_len, blocks, options.admission)
-        self.runner = Runner(model, options.max_batch_size, options.compile, draft, options.compiled_attention)
+        self.runner = Runner(model, options, draft)
         self.speculator = Speculator(self.runner, options.compile)
         self.constraints = Constraints(tokenizer, model.params.vocab_size)  # grammars of json_schema/json_object rows
         self.model, self.draft, self.tokenizer, self.options = model, draft, tokenizer, options
@@ -168,7 +171,7 @@ class Engine:
         params = self.model.params
         check_pairs(pairs, params.max_seq_len, params.vocab_size)
         for i, (context, continuation) in enumerate(pairs):
-            self.scheduler.check_pool([[*context, *continuation][:-1]], 1, f"pair {i}", params.kv_cache_tokens)
+            self.scheduler.check_pool([[*context, *continuation][:-1]], 1, f"pair {i}", self.kv_cache_tokens)
         if self.stopping.is_set():
             raise ValueError("the engine is shutting down: it scores nothing")
         with self.scheduler.arrived:

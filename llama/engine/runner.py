@@ -46,7 +46,7 @@ from llama.engine.sampling import RowSettings, apply_penalties, global_exponenti
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
 from llama.layers.parallel import broadcast_from_rank0, group_size
 from llama.model import Transformer
-from llama.options import ATTENTIONS, GenerationOptions
+from llama.options import ATTENTIONS, EngineOptions, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -91,29 +91,24 @@ class Runner:
 
     Args:
         model: the model; its pool's blocks hold every slot's positions.
-        max_slots: the slots (``max_batch_size``).
-        compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (on
-            CUDA, replayed as CUDA graphs).
-        draft: a smaller model with the same vocabulary and cache sizes, for ``speculate="draft"``;
-            its pool's blocks are the model's, in the same block tables.
-        compiled_attention: how the compiled decode step reads the rows' blocks (``llama.layers.kv_cache``):
-            "gather" copies them for scaled_dot_product_attention, "flex" has
-            FlexAttention read them in the pool; None: ``default_compiled_attention``. Every other
-            pass gathers.
+        options: the slots (``max_batch_size``), their context, the pool's blocks; ``compile``: run the
+            decode step (model, sampler and writes) as one ``torch.compile`` graph (on CUDA, replayed as
+            CUDA graphs), reading the rows' blocks as ``compiled_attention`` says (``llama.layers.kv_cache``):
+            "gather" copies them for scaled_dot_product_attention, "flex" has FlexAttention read them in
+            the pool; None: ``default_compiled_attention``. Every other pass gathers.
+        draft: a smaller model with the same vocabulary, for ``speculate="draft"``; its pool's blocks are
+            the model's, in the same block tables.
     """
 
-    def __init__(
-        self, model: Transformer, max_slots: int, compile: bool = False, draft: Optional[Transformer] = None,
-        compiled_attention: Optional[str] = None,
-    ):
-        self.model, self.draft, self.max_slots = model, draft, max_slots
+    def __init__(self, model: Transformer, options: EngineOptions, draft: Optional[Transformer] = None):
+        max_slots, compile = options.max_batch_size, options.compile
+        self.model, self.draft, self.max_slots, self.options = model, draft, max_slots, options
         params = model.params
         self.device = device = model.output.weight.device
-        if compiled_attention is None:
-            compiled_attention = default_compiled_attention(device)
+        compiled_attention = options.compiled_attention or default_compiled_attention(device)
         check_compiled_attention(compiled_attention, device)
         self.attention = compiled_attention if compile else "gather"  # FlexAttention's fast kernel exists only compiled
-        self.block_size = params.kv_block_size
+        self.block_size = options.block_size
         vocab = params.vocab_size
         # the slots' state on the device: each row's last token and its position (the next decode
         # step's input), what it has seen (prompt and output) and how often it generated each token
@@ -122,9 +117,10 @@ class Runner:
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(max_slots, vocab, device)
-        self.block_tables = torch.full((max_slots, params.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.block_tables = torch.full((max_slots, options.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
         # FlexAttention's mask reads where each pool block sits in each row, kept beside the tables (``pool_block_mask``)
-        self.block_starts = block_starts(self.block_tables, params.kv_cache_blocks, params.kv_block_size) if self.attention == "flex" else None
+        flex = self.attention == "flex"
+        self.block_starts = block_starts(self.block_tables, options.kv_cache_blocks, self.block_size) if flex else None
         self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
         self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
         self.group = model.group  # the ranks that split the model: each takes rank 0's tokens
@@ -176,8 +172,8 @@ class Runner:
         self.block_tables[slot] = SCRATCH_BLOCK
         self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, device=self.device)
         if self.block_starts is not None:
-            params = self.model.params
-            self.block_starts[slot] = block_starts(self.block_tables[slot : slot + 1], params.kv_cache_blocks, params.kv_block_size)[0]
+            table = self.block_tables[slot : slot + 1]
+            self.block_starts[slot] = block_starts(table, self.options.kv_cache_blocks, self.block_size)[0]
 
     def free(self, slot: int) -> None:
         """The slot's row left it (ended or preempted): no blocks, every token allowed."""
@@ -198,7 +194,7 @@ class Runner:
         """The next n tokens of each row's prefill (``batch``: (row, n)) into its blocks, in one
         forward pass (the prompt tokens it predicts that a row scores appended to its scores, with
         logits at those positions only). Returns each row's last logits (rows, vocab)."""
-        max_seq_len = self.model.params.max_seq_len
+        max_seq_len = self.options.max_seq_len
         width = max(n for _, n in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         for i, (row, n) in enumerate(batch):
@@ -322,7 +318,7 @@ class Runner:
     def warmed_lengths(self) -> List[int]:
         """The attended lengths, in tokens, that compiled passes have graphs for: a bucket of blocks and
         the whole row (``attended_tables``; with FlexAttention the decode step has one graph for both)."""
-        max_seq_len = self.model.params.max_seq_len
+        max_seq_len = self.options.max_seq_len
         tables = self.block_tables[:1]
         return sorted({attended_tables(tables, kv_len, self.block_size, bucketed=True).shape[1] * self.block_size
                        for kv_len in (1, max_seq_len)})

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 SCRATCH_BLOCK = 0  # the block written by positions nobody reads
+DEFAULT_BLOCK_SIZE = 16  # tokens per block, unless the context is shorter
 QUERY_TILE = 128  # torch's default tile of queries; a decode step's one query per row sits in one
 NOT_HELD = 1 << 30  # ``block_starts`` of a block a row does not hold: past every position
 
@@ -41,6 +42,13 @@ class BlockTables(NamedTuple):
 
     tables: torch.Tensor
     starts: Optional[torch.Tensor] = None
+
+
+def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype, in which cached attention computes: the model's, but float32 for a bfloat16 or
+    float16 model on a CPU, where torch's attention kernel runs several times slower in half precision than
+    in float32 (docs/performance.md; the cache then takes twice the memory)."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def contiguous_tables(bsz: int, blocks_per_row: int, device: torch.device) -> torch.Tensor:

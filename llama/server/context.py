@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from llama.checkpoints.loader import checkpoint_folder, kv_cache_dtype
+from llama.checkpoints.loader import checkpoint_folder
+from llama.layers.kv_cache import cache_dtype
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, job_group, resolve_dtype
 from llama.checkpoints.hf import HfFolder, read_config
@@ -131,7 +132,7 @@ def model_bytes(args: ModelArgs, device: torch.device, dtype: torch.dtype,
         quantized = sum(module.weight.numel() for module in quantizable_weights(model).values())
         weights -= quantized * dtype.itemsize - quantized * quantization.bits // 8
     heads = sum(layer.attention.n_local_kv_heads for layer in model.layers)
-    return weights, 2 * heads * args.head_dim * kv_cache_dtype(dtype, device).itemsize  # keys and values
+    return weights, 2 * heads * args.head_dim * cache_dtype(dtype, device).itemsize  # keys and values
 
 
 def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:
