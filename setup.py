@@ -18,7 +18,11 @@ setup(
         "eval": ["lm_eval[api]>=0.4.13"],
         # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
         # models with it; peft: the reference for LoRA adapters; lm_eval[hf]: the evaluation tests compare with
-        # lm-eval's own hf backend; jsonschema: structured answers are validated with it
-        "test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "peft", "matplotlib", "lm_eval[hf]>=0.4.13", "jsonschema"],
+        # lm-eval's own hf backend; jsonschema: structured answers are validated with it; ruff: the suite runs its
+        # check with ruff.toml
+        "test": [
+            "pytest", "transformers>=5", "openai>=1", "protobuf", "peft", "matplotlib", "lm_eval[hf]>=0.4.13",
+            "jsonschema", "ruff",
+        ],
     },
 )
