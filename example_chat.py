@@ -1,8 +1,8 @@
 """Chat with a Llama 2-Chat or Llama 3 Instruct checkpoint (Meta's layout or a Hugging Face folder) in its chat format.
 
-    python example_chat.py                                 # the small model that ships in checkpoints/
-    torchrun --nproc_per_node 1 example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
-    python example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive --system "Be brief."
+python example_chat.py                                 # the small model that ships in checkpoints/
+torchrun --nproc_per_node 1 example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+python example_chat.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive --system "Be brief."
 """
 
 import argparse
@@ -16,8 +16,16 @@ from typing import List, Optional, Tuple
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama import Dialog, Llama
-from llama.cli import (EXAMPLE_FLAGS, add_flags, check_speculation_flags, compile_line, load_line, options_from,
-                       program_name, run_parser)
+from llama.cli import (
+    EXAMPLE_FLAGS,
+    add_flags,
+    check_speculation_flags,
+    compile_line,
+    load_line,
+    options_from,
+    program_name,
+    run_parser,
+)
 from llama.distributed import is_main_process, set_threads
 from llama.options import EngineOptions, GenerationOptions, LoadOptions
 from llama.tokenizer import resolve_tokenizer_path
@@ -53,17 +61,37 @@ DIALOGS: List[Dialog] = [
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program_name(), description=(
-        "Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal (--interactive). "
-        "Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows the mechanics, not good "
-        "answers."))
-    add_flags(parser, *EXAMPLE_FLAGS, max_seq_len={"default": 512}, max_batch_size={"default": 4}, ckpt_dir={"help": (
-        "the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
-        "checkpoints/tiny-stdlib")}, max_gen_len={"help": (
-            f"the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's "
-            f"example, {REPLY_TOKENS} in --interactive")})
-    parser.add_argument("--interactive", action="store_true", help=(
-        "chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands"))
+    parser = argparse.ArgumentParser(
+        prog=program_name(),
+        description=(
+            "Answer Meta's four example dialogs in the Llama 2 chat format, or chat in the terminal (--interactive). "
+            "Without --ckpt_dir, the small bundled model (trained on code, not on chat) shows the mechanics, not good "
+            "answers."
+        ),
+    )
+    add_flags(
+        parser,
+        *EXAMPLE_FLAGS,
+        max_seq_len={"default": 512},
+        max_batch_size={"default": 4},
+        ckpt_dir={
+            "help": (
+                "the chat checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
+                "checkpoints/tiny-stdlib"
+            )
+        },
+        max_gen_len={
+            "help": (
+                f"the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's "
+                f"example, {REPLY_TOKENS} in --interactive"
+            )
+        },
+    )
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help=("chat in the terminal; the reply streams in, the conversation is kept, /help lists the commands"),
+    )
     parser.add_argument("--system", default=None, help="the system prompt of an --interactive chat")
     return parser
 
@@ -153,9 +181,13 @@ def chat(generator: Llama, system: Optional[str], generation: GenerationOptions,
             continue
         if not line:
             continue
-        asked, n_prompt, n_dropped = fit_context(generator, dialog + [{"role": "user", "content": line}], len(opening), max_seq_len)
+        asked, n_prompt, n_dropped = fit_context(
+            generator, dialog + [{"role": "user", "content": line}], len(opening), max_seq_len
+        )
         if n_prompt >= max_seq_len:  # refused: the conversation stays as it was
-            print(f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)")
+            print(
+                f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)"
+            )
             continue
         if n_dropped:
             print(f"(context full: dropped the {n_dropped} oldest exchange(s))")
@@ -177,7 +209,9 @@ def chat(generator: Llama, system: Optional[str], generation: GenerationOptions,
         if n_reply >= room:
             print(f"(the reply filled the {max_seq_len}-token context)")
         elif n_reply >= max_gen_len:
-            print(f"(the reply reached --max_gen_len={max_gen_len} tokens; restart with a larger one for longer replies)")
+            print(
+                f"(the reply reached --max_gen_len={max_gen_len} tokens; restart with a larger one for longer replies)"
+            )
         if verbose:
             print(f"({stream.timing()})")
 
@@ -198,6 +232,7 @@ def fit_context(generator: Llama, dialog: Dialog, n_kept: int, max_seq_len: int)
         n_dropped += 1
         n_prompt = len(generator.encode_dialog(kept))
     return kept, n_prompt, n_dropped
+
 
 if __name__ == "__main__":
     main()

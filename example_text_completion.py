@@ -1,8 +1,8 @@
 """Complete text prompts with a Llama 2, Code Llama or Llama 3 checkpoint, in Meta's layout or a Hugging Face folder.
 
-    python example_text_completion.py                      # the small model that ships in checkpoints/
-    torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
-    python example_text_completion.py --ckpt_dir checkpoints/tiny-stdlib --prompts "import sys"
+python example_text_completion.py                      # the small model that ships in checkpoints/
+torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+python example_text_completion.py --ckpt_dir checkpoints/tiny-stdlib --prompts "import sys"
 """
 
 import argparse
@@ -16,15 +16,25 @@ from typing import List, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama import Llama
-from llama.cli import (EXAMPLE_FLAGS, add_flags, check_speculation_flags, compile_line, load_line, options_from,
-                       program_name, run_parser, text_or_list)
+from llama.cli import (
+    EXAMPLE_FLAGS,
+    add_flags,
+    check_speculation_flags,
+    compile_line,
+    load_line,
+    options_from,
+    program_name,
+    run_parser,
+    text_or_list,
+)
 from llama.distributed import is_main_process, set_threads
 from llama.options import EngineOptions, GenerationOptions, LoadOptions
 from llama.tokenizer import resolve_tokenizer_path
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints" / "tiny-stdlib"
-BUNDLED_HELP = ("the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
-                "checkpoints/tiny-stdlib")
+BUNDLED_HELP = (
+    "the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled checkpoints/tiny-stdlib"
+)
 
 CODE_PROMPTS = [  # the bundled model was trained on Python source
     "import os\n",
@@ -49,15 +59,31 @@ TEXT_PROMPTS = [  # Meta's prompts, for Meta's checkpoints
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program_name(), description=(
-        "Complete text prompts with a Llama checkpoint (Meta's layout or a Hugging Face folder) and print the "
-        "completions. Without --ckpt_dir, the small model bundled in checkpoints/tiny-stdlib completes code."))
+    parser = argparse.ArgumentParser(
+        prog=program_name(),
+        description=(
+            "Complete text prompts with a Llama checkpoint (Meta's layout or a Hugging Face folder) and print the "
+            "completions. Without --ckpt_dir, the small model bundled in checkpoints/tiny-stdlib completes code."
+        ),
+    )
     max_gen_len = {"default": 64, "help": "the most tokens generated for each prompt"}
-    add_flags(parser, *EXAMPLE_FLAGS, ckpt_dir={"help": BUNDLED_HELP}, max_seq_len={"default": 128},
-              max_batch_size={"default": 4}, max_gen_len=max_gen_len)
-    parser.add_argument("--prompts", type=text_or_list, default=None, help=(
-        "one prompt, exactly as typed, or a Python list (\"['import os', 'def f(']\"); default: code prompts for the "
-        "bundled model, else Meta's four"))
+    add_flags(
+        parser,
+        *EXAMPLE_FLAGS,
+        ckpt_dir={"help": BUNDLED_HELP},
+        max_seq_len={"default": 128},
+        max_batch_size={"default": 4},
+        max_gen_len=max_gen_len,
+    )
+    parser.add_argument(
+        "--prompts",
+        type=text_or_list,
+        default=None,
+        help=(
+            "one prompt, exactly as typed, or a Python list (\"['import os', 'def f(']\"); default: code prompts for the "
+            "bundled model, else Meta's four"
+        ),
+    )
     return parser
 
 
@@ -110,7 +136,9 @@ def prompt_list(prompts: object) -> List[str]:
         return [prompts]
     if isinstance(prompts, (list, tuple)) and all(isinstance(prompt, str) for prompt in prompts):
         return list(prompts)
-    raise TypeError(f"--prompts must be one prompt or a list of prompts, e.g. --prompts \"['import os', 'def f(']\", got {prompts!r}")
+    raise TypeError(
+        f"--prompts must be one prompt or a list of prompts, e.g. --prompts \"['import os', 'def f(']\", got {prompts!r}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,17 @@ setup(
         # models with it; peft: the reference for LoRA adapters; lm_eval[hf]: the evaluation tests compare with
         # lm-eval's own hf backend; jsonschema: structured answers are validated with it; fire: Meta's own example
         # scripts (tests/meta_style) read their flags with it; ruff: the suite runs its check with ruff.toml
-        "test": ["pytest", "transformers>=5", "openai>=1", "protobuf", "peft", "matplotlib", "lm_eval[hf]>=0.4.13",
-                 "jsonschema", "fire", "ruff"],
+        "test": [
+            "pytest",
+            "transformers>=5",
+            "openai>=1",
+            "protobuf",
+            "peft",
+            "matplotlib",
+            "lm_eval[hf]>=0.4.13",
+            "jsonschema",
+            "fire",
+            "ruff",
+        ],
     },
 )

@@ -28,11 +28,11 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from llama.training import loop
 from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import text_windows, unigram_log_probs, unigram_loss, window_loss
 from llama.tokenizer import Tokenizer, train_tokenizer
+from llama.training import loop
 from llama.training.data import Batch
 from llama.training.log import MetricsLog
 
@@ -92,20 +92,34 @@ def train(args: argparse.Namespace) -> None:
         train_files = train_files[: args.max_train_files]
     train_texts, heldout_texts = read_texts(train_files), read_texts(heldout_files)
     logger.info(
-        "%s: %d training files (%.1f MB), %d held-out files (%.1f MB)", STDLIB, len(train_files),
-        sum(map(len, train_texts)) / 1e6, len(heldout_files), sum(map(len, heldout_texts)) / 1e6,
+        "%s: %d training files (%.1f MB), %d held-out files (%.1f MB)",
+        STDLIB,
+        len(train_files),
+        sum(map(len, train_texts)) / 1e6,
+        len(heldout_files),
+        sum(map(len, heldout_texts)) / 1e6,
     )
 
     lines = [line for text in train_texts for line in text.splitlines() if line.strip()]
     (out_dir / "tokenizer.model").write_bytes(train_tokenizer(lines, args.vocab_size))
     tokenizer = Tokenizer(str(out_dir / "tokenizer.model"))
     stream = token_stream(tokenizer, train_texts)
-    logger.info("tokenizer: %d pieces; %d training tokens (%.2f characters per token)", tokenizer.n_words,
-                len(stream), sum(map(len, train_texts)) / len(stream))
+    logger.info(
+        "tokenizer: %d pieces; %d training tokens (%.2f characters per token)",
+        tokenizer.n_words,
+        len(stream),
+        sum(map(len, train_texts)) / len(stream),
+    )
 
     params = {
-        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-        "multiple_of": args.multiple_of, "norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": tokenizer.n_words,
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "multiple_of": args.multiple_of,
+        "norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": tokenizer.n_words,
         "max_seq_len": args.seq_len,  # the context it is trained for, which the checkpoint's readers cannot guess
     }
     model_args = ModelArgs.from_dict({**params, "max_batch_size": 1})
@@ -130,10 +144,16 @@ def train(args: argparse.Namespace) -> None:
         return {"val_loss": heldout["loss"], "val_perplexity": heldout["perplexity"]}
 
     loop.train(
-        model, loop.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)), step_batches,
+        model,
+        loop.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)),
+        step_batches,
         loop.Schedule(args.lr, args.steps, warmup_steps, "cosine", args.lr * args.min_lr_ratio),
-        MetricsLog(None, args.steps, every=args.log_interval), device, autocast, args.grad_clip,
-        evaluate_every=args.eval_interval, evaluate_at=heldout_loss,
+        MetricsLog(None, args.steps, every=args.log_interval),
+        device,
+        autocast,
+        args.grad_clip,
+        evaluate_every=args.eval_interval,
+        evaluate_at=heldout_loss,
     )
 
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
@@ -145,49 +165,101 @@ def train(args: argparse.Namespace) -> None:
     scored_windows = heldout_windows[: args.eval_windows]
     heldout = window_loss(model, scored_windows, args.batch_size)
     unigram = unigram_loss(unigram_log_probs(stream, tokenizer.n_words), scored_windows)
-    logger.info("held-out: loss %.3f, perplexity %.2f over %d tokens; unigram baseline: loss %.3f, perplexity %.2f",
-                heldout["loss"], heldout["perplexity"], heldout["tokens"], unigram["loss"], unigram["perplexity"])
+    logger.info(
+        "held-out: loss %.3f, perplexity %.2f over %d tokens; unigram baseline: loss %.3f, perplexity %.2f",
+        heldout["loss"],
+        heldout["perplexity"],
+        heldout["tokens"],
+        unigram["loss"],
+        unigram["perplexity"],
+    )
     logger.info("done in %.1f minutes", (time.perf_counter() - started) / 60)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
-                        help="where params.json, consolidated.00.pth and tokenizer.model go; the bundled model is remade with --out_dir checkpoints/tiny-stdlib")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--out_dir",
+        default=DEFAULT_OUT_DIR,
+        help="where params.json, consolidated.00.pth and tokenizer.model go; the bundled model is remade with --out_dir checkpoints/tiny-stdlib",
+    )
     parser.add_argument("--print_heldout", action="store_true", help="print the held-out files, one per line, and exit")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the training windows")
     parser.add_argument("--heldout_percent", type=int, default=5, help="percent of the files held out for evaluation")
-    parser.add_argument("--max_train_files", type=int, default=None, help="train on only the first N training files (quick tries); default: all")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="sentencepiece pieces, 259 of them special or bytes")
+    parser.add_argument(
+        "--max_train_files",
+        type=int,
+        default=None,
+        help="train on only the first N training files (quick tries); default: all",
+    )
+    parser.add_argument(
+        "--vocab_size", type=int, default=4096, help="sentencepiece pieces, 259 of them special or bytes"
+    )
     parser.add_argument("--dim", type=int, default=192, help="the model's width (params.json's dim)")
     parser.add_argument("--n_layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--n_heads", type=int, default=6, help="attention heads (dim must be divisible by it)")
-    parser.add_argument("--n_kv_heads", type=int, default=None, help="key/value heads for grouped-query attention; default: n_heads")
-    parser.add_argument("--multiple_of", type=int, default=32, help="the SwiGLU hidden size is rounded up to a multiple of this")
+    parser.add_argument(
+        "--n_kv_heads", type=int, default=None, help="key/value heads for grouped-query attention; default: n_heads"
+    )
+    parser.add_argument(
+        "--multiple_of", type=int, default=32, help="the SwiGLU hidden size is rounded up to a multiple of this"
+    )
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per step")
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
-    parser.add_argument("--warmup_steps", type=int, default=None, help="steps of linear learning-rate warmup; default: 5%% of --steps")
+    parser.add_argument(
+        "--warmup_steps", type=int, default=None, help="steps of linear learning-rate warmup; default: 5%% of --steps"
+    )
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW's decoupled weight decay (matrices only)")
+    parser.add_argument(
+        "--weight_decay", type=float, default=0.1, help="AdamW's decoupled weight decay (matrices only)"
+    )
     parser.add_argument("--grad_clip", type=float, default=1.0, help="maximum gradient norm")
-    parser.add_argument("--bf16_autocast", action=argparse.BooleanOptionalAction, default=True,
-                        help="compute in bfloat16 (weights and optimizer stay float32)")
+    parser.add_argument(
+        "--bf16_autocast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute in bfloat16 (weights and optimizer stay float32)",
+    )
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, mps")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads; with one the result does not depend on the core count, "
-                        "and on cores shared with other work it is the fastest")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads; with one the result does not depend on the core count, "
+        "and on cores shared with other work it is the fastest",
+    )
     parser.add_argument("--log_interval", type=int, default=10, help="steps between progress lines")
-    parser.add_argument("--eval_interval", type=int, default=100, help="steps between held-out losses (on --eval_windows windows)")
-    parser.add_argument("--eval_windows", type=int, default=64, help="held-out windows scored during and after training")
+    parser.add_argument(
+        "--eval_interval", type=int, default=100, help="steps between held-out losses (on --eval_windows windows)"
+    )
+    parser.add_argument(
+        "--eval_windows", type=int, default=64, help="held-out windows scored during and after training"
+    )
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ["heldout_percent", "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "seq_len", "batch_size",
-                "steps", "threads", "log_interval", "eval_interval", "eval_windows"]
+    positive = [
+        "heldout_percent",
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "multiple_of",
+        "seq_len",
+        "batch_size",
+        "steps",
+        "threads",
+        "log_interval",
+        "eval_interval",
+        "eval_windows",
+    ]
     for name in positive + ["max_train_files", "n_kv_heads"]:
         value = getattr(args, name)
         if value is not None and value < 1:

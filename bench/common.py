@@ -22,7 +22,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_heads", type=int, default=DEFAULT_SHAPE["n_heads"])
     parser.add_argument("--n_kv_heads", type=int, default=None)
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_SHAPE["vocab_size"])
-    parser.add_argument("--ckpt_dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the random checkpoint's tensors")
+    parser.add_argument(
+        "--ckpt_dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the random checkpoint's tensors"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -31,8 +33,12 @@ def random_checkpoint(args: argparse.Namespace, ckpt_dir: str, seed: int = 0) ->
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads}
     params = {k: v for k, v in params.items() if v is not None}
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_dict({**params, "vocab_size": args.vocab_size, "max_seq_len": 1, "max_batch_size": 1}))
-    save_checkpoint(ckpt_dir, {**params, "vocab_size": args.vocab_size}, model.state_dict(), dtype=DTYPES[args.ckpt_dtype])
+    model = Transformer(
+        ModelArgs.from_dict({**params, "vocab_size": args.vocab_size, "max_seq_len": 1, "max_batch_size": 1})
+    )
+    save_checkpoint(
+        ckpt_dir, {**params, "vocab_size": args.vocab_size}, model.state_dict(), dtype=DTYPES[args.ckpt_dtype]
+    )
     return ckpt_dir
 
 

@@ -22,14 +22,21 @@ from pathlib import Path
 
 import torch
 
-from common import DTYPES, add_checkpoint_args, bytes_per_token, checkpoint_args, checkpoint_bytes, print_table
-from common import random_checkpoint, read_bandwidth
-from transformers_llama import to_transformers
-
+from common import (
+    DTYPES,
+    add_checkpoint_args,
+    bytes_per_token,
+    checkpoint_args,
+    checkpoint_bytes,
+    print_table,
+    random_checkpoint,
+    read_bandwidth,
+)
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine, engine_options_for
-from llama.options import GenerationOptions
 from llama.layers.quantize import parse_quantize
+from llama.options import GenerationOptions
+from transformers_llama import to_transformers
 
 ACCURACY_TOKENS = 64
 DENSE_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,7 +137,9 @@ def accuracy(reference, candidate, vocab_size, n_tokens, device) -> dict:
 def measure_load(script_args: list, rounds: int) -> dict:
     runs = []
     for _ in range(rounds):
-        result = subprocess.run([sys.executable, str(Path(__file__).with_name("load.py"))] + script_args, capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("load.py"))] + script_args, capture_output=True, text=True
+        )
         if result.returncode:
             raise RuntimeError(f"load.py {' '.join(script_args)} failed:\n{result.stderr}")
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -145,8 +154,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", default="fp32,bf16,int8,int4", help="this project's modes: fp32, bf16, int8, int4, int4-g32 ...")
-    parser.add_argument("--compiled_modes", default="fp32", help="modes also measured with the decode step compiled ('' for none)")
+    parser.add_argument(
+        "--modes", default="fp32,bf16,int8,int4", help="this project's modes: fp32, bf16, int8, int4, int4-g32 ..."
+    )
+    parser.add_argument(
+        "--compiled_modes", default="fp32", help="modes also measured with the decode step compiled ('' for none)"
+    )
     parser.add_argument("--transformers_dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--no_transformers", action="store_true", help="skip transformers (e.g. a 7B model on GPU)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -162,7 +175,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    scratch = tempfile.TemporaryDirectory(prefix="llama-bench-")  # the random checkpoint, transformers' copy: removed at exit
+    scratch = tempfile.TemporaryDirectory(
+        prefix="llama-bench-"
+    )  # the random checkpoint, transformers' copy: removed at exit
     ckpt_dir = args.ckpt_dir or random_checkpoint(args, str(Path(scratch.name) / "llama"))
     max_seq_len = max(args.prefill_len, args.prompt_len + args.gen_tokens, 16 + ACCURACY_TOKENS) + 1
     model_args = checkpoint_args(ckpt_dir, max_seq_len, max(args.batch_sizes))
@@ -180,7 +195,9 @@ def main() -> None:
             impls[f"llama {mode} compiled"] = Ours(model, compile=True)
     if not args.no_transformers:
         state = {k: v.float().cpu() for k, v in reference.state_dict().items()}
-        hf = to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES[args.transformers_dtype]).to(device)
+        hf = to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES[args.transformers_dtype]).to(
+            device
+        )
         impls[f"transformers {args.transformers_dtype}"] = Transformers(hf)
         del state
     n_params = sum(p.numel() for p in reference.parameters())
@@ -189,27 +206,47 @@ def main() -> None:
     bandwidth = read_bandwidth() if device.type == "cpu" else cuda_bandwidth(device)
     rounds = {name: [] for name in impls}
     for name, impl in impls.items():  # warm-up
-        speed_round(impl, argparse.Namespace(**{**vars(args), "gen_tokens": 2, "prefill_len": 32}), model_args.vocab_size, device)
+        speed_round(
+            impl,
+            argparse.Namespace(**{**vars(args), "gen_tokens": 2, "prefill_len": 32}),
+            model_args.vocab_size,
+            device,
+        )
     for r in range(args.rounds):
         for name, impl in impls.items():
             rounds[name].append(speed_round(impl, args, model_args.vocab_size, device))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     results = {name: median_rounds(rs) for name, rs in rounds.items()}
 
-    metrics = ["decode_b1_tok_s"] + [f"decode_b{b}_tok_s" for b in args.batch_sizes if b != 1] + ["prefill_tok_s", "ttft_ms"]
+    metrics = (
+        ["decode_b1_tok_s"] + [f"decode_b{b}_tok_s" for b in args.batch_sizes if b != 1] + ["prefill_tok_s", "ttft_ms"]
+    )
     header = ["implementation"] + metrics + ["MB/token", "bandwidth %"]
     rows = []
     for name, impl in impls.items():
         per_token = bytes_per_token(impl.model)
         achieved = per_token * results[name].get("decode_b1_tok_s", 0)
-        rows.append([name] + [f"{results[name][m]:.1f}" for m in metrics] + [f"{per_token / 1e6:.0f}", f"{100 * achieved / bandwidth:.0f}"])
-    print_table(f"speed (median of {args.rounds} alternating rounds; measured read bandwidth {bandwidth / 1e9:.1f} GB/s)", header, rows)
+        rows.append(
+            [name]
+            + [f"{results[name][m]:.1f}" for m in metrics]
+            + [f"{per_token / 1e6:.0f}", f"{100 * achieved / bandwidth:.0f}"]
+        )
+    print_table(
+        f"speed (median of {args.rounds} alternating rounds; measured read bandwidth {bandwidth / 1e9:.1f} GB/s)",
+        header,
+        rows,
+    )
     if not args.no_transformers:
         base = results[f"transformers {args.transformers_dtype}"]
         print_table(
             f"ratio to transformers {args.transformers_dtype}",
             ["implementation"] + metrics[:-1] + ["ttft"],
-            [[name] + [f"{results[name][m] / base[m]:.2f}x" for m in metrics[:-1]] + [f"{base['ttft_ms'] / results[name]['ttft_ms']:.2f}x faster"] for name in impls],
+            [
+                [name]
+                + [f"{results[name][m] / base[m]:.2f}x" for m in metrics[:-1]]
+                + [f"{base['ttft_ms'] / results[name]['ttft_ms']:.2f}x faster"]
+                for name in impls
+            ],
         )
 
     compiled = [(name, name[: -len(" compiled")]) for name in impls if name.endswith(" compiled")]
@@ -217,14 +254,29 @@ def main() -> None:
         print_table(
             "compiled decode step against eager (same weights, same run)",
             ["implementation"] + metrics[:-1],
-            [[name] + [f"{results[name][m] / results[eager][m]:.2f}x" for m in metrics[:-1]] for name, eager in compiled],
+            [
+                [name] + [f"{results[name][m] / results[eager][m]:.2f}x" for m in metrics[:-1]]
+                for name, eager in compiled
+            ],
         )
 
     acc_rows = []
     for name, impl in impls.items():
-        a = accuracy(reference, impl.model if name.startswith("llama") else (lambda t, m=impl.model: m(t).logits.float()), model_args.vocab_size, ACCURACY_TOKENS, device)
-        acc_rows.append([name, f"{100 * a['greedy_agreement']:.1f}%", f"{a['max_logit_error']:.4f}", f"{a['logit_std']:.3f}"])
-    print_table(f"accuracy against llama fp32 ({ACCURACY_TOKENS} greedy positions, teacher-forced)", ["implementation", "greedy agreement", "max |logit error|", "logit std"], acc_rows)
+        a = accuracy(
+            reference,
+            impl.model if name.startswith("llama") else (lambda t, m=impl.model: m(t).logits.float()),
+            model_args.vocab_size,
+            ACCURACY_TOKENS,
+            device,
+        )
+        acc_rows.append(
+            [name, f"{100 * a['greedy_agreement']:.1f}%", f"{a['max_logit_error']:.4f}", f"{a['logit_std']:.3f}"]
+        )
+    print_table(
+        f"accuracy against llama fp32 ({ACCURACY_TOKENS} greedy positions, teacher-forced)",
+        ["implementation", "greedy agreement", "max |logit error|", "logit std"],
+        acc_rows,
+    )
 
     if args.load_rounds and device.type == "cpu":
         load_rows = []
@@ -245,7 +297,16 @@ def main() -> None:
                     measured[name].append(measure_load(script_args, 1))
             for name, ms in measured.items():
                 m = median_rounds(ms)
-                load_rows.append([name, dtype, f"{m['load_s']:.2f}", f"{m['peak_added_bytes'] / 1e6:.0f}", f"{m['kv_cache_bytes'] / 1e6:.0f}", f"{m['peak_added_bytes'] / disk:.2f}x"])
+                load_rows.append(
+                    [
+                        name,
+                        dtype,
+                        f"{m['load_s']:.2f}",
+                        f"{m['peak_added_bytes'] / 1e6:.0f}",
+                        f"{m['kv_cache_bytes'] / 1e6:.0f}",
+                        f"{m['peak_added_bytes'] / disk:.2f}x",
+                    ]
+                )
         print_table(
             f"loading, each in a fresh process ({args.ckpt_dtype} checkpoint, {disk / 1e6:.0f} MB on disk; llama's KV cache: batch 1 x 512 positions)",
             ["implementation", "dtype", "load s", "peak RSS added MB", "KV cache MB", "added / on disk"],

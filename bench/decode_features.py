@@ -16,11 +16,11 @@ import time
 import torch
 
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
-
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine, engine_options_for
 from llama.engine.runner import Features
+
 MAX_TOP_LOGPROBS = 20  # the server's limit
 
 
@@ -52,7 +52,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = args.ckpt_dir or random_checkpoint(args, tmp)
-        model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, 256, args.batch_size), torch.device("cpu"), torch.float32)
+        model = load_model(
+            ckpt_dir, checkpoint_args(ckpt_dir, 256, args.batch_size), torch.device("cpu"), torch.float32
+        )
     engine = Engine(model, None, engine_options_for(model, compile=True))
     alternatives = min(1 << (MAX_TOP_LOGPROBS - 1).bit_length(), model.params.vocab_size)
     variants = {
@@ -74,10 +76,14 @@ def main() -> None:
     rows = []
     for width in widths:
         greedy, *others = (statistics.median(timings[name, width]) for name in variants)
-        rows.append([width, f"{greedy * 1e3:.3f}", *(f"{seconds * 1e3:.3f} ({seconds / greedy:.2f}x)" for seconds in others)])
+        rows.append(
+            [width, f"{greedy * 1e3:.3f}", *(f"{seconds * 1e3:.3f} ({seconds / greedy:.2f}x)" for seconds in others)]
+        )
     params = model.params
-    title = (f"compiled decode step, ms (median of {args.rounds} rounds x {args.steps} steps); dim {params.dim}, "
-             f"{params.n_layers} layers, vocab {params.vocab_size}, {torch.get_num_threads()} threads")
+    title = (
+        f"compiled decode step, ms (median of {args.rounds} rounds x {args.steps} steps); dim {params.dim}, "
+        f"{params.n_layers} layers, vocab {params.vocab_size}, {torch.get_num_threads()} threads"
+    )
     print_table(title, ["width", "greedy only", f"greedy rows' graph (top {alternatives})", "whole sampler"], rows)
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from common import DTYPES, add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
-from transformers_llama import to_transformers
-
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.evaluation.harness import LlamaLM
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer
+from transformers_llama import to_transformers
 
 TOKENIZER = BUNDLED / "tokenizer.model"  # only BOS and EOS are read: the requests are tokens
 
@@ -73,13 +72,22 @@ def main() -> None:
     model_args = checkpoint_args(ckpt_dir, max_seq_len, args.batch_size)
     model = load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32)
     ours = LlamaLM(Llama(model, Tokenizer(str(TOKENIZER))))
-    params = {k: v for k, v in vars(model_args).items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+    params = {
+        k: v
+        for k, v in vars(model_args).items()
+        if k
+        in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+    }
     state = {k: v.float() for k, v in model.state_dict().items()}
-    theirs = hf_backend(to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES["float32"]), args.batch_size)
+    theirs = hf_backend(
+        to_transformers(state, params, model_args.vocab_size, max_seq_len, DTYPES["float32"]), args.batch_size
+    )
     del state
     requests = make_requests(args.questions, args.choices, model_args.vocab_size)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(requests)} requests "
-          f"({args.questions} contexts x {args.choices}), batch size {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(requests)} requests "
+        f"({args.questions} contexts x {args.choices}), batch size {args.batch_size}, {torch.get_num_threads()} threads"
+    )
 
     backends = {"llama LlamaLM": ours, "lm-eval hf": theirs}
     timed(ours, requests[: args.choices * 2]), timed(theirs, requests[: args.choices * 2])  # warm-up
@@ -89,15 +97,28 @@ def main() -> None:
         for name, backend in backends.items():
             elapsed, answers[name] = timed(backend, requests)
             seconds[name].append(elapsed)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{name} {s[-1]:.2f} s" for name, s in seconds.items()), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{name} {s[-1]:.2f} s" for name, s in seconds.items()),
+            flush=True,
+        )
     difference = max(abs(a[0] - b[0]) for a, b in zip(answers["llama LlamaLM"], answers["lm-eval hf"]))
     same_greedy = all(a[1] == b[1] for a, b in zip(answers["llama LlamaLM"], answers["lm-eval hf"]))
     reference = statistics.median(seconds["lm-eval hf"])
     rows = []
     for name, s in seconds.items():
         median = statistics.median(s)
-        rows.append([name, f"{median:.2f}", f"{min(s):.2f}-{max(s):.2f}", f"{len(requests) / median:.1f}", f"{reference / median:.2f}x"])
-    print_table("log-likelihood requests, median of rounds", ["backend", "seconds", "range", "requests/s", "speed vs hf"], rows)
+        rows.append(
+            [
+                name,
+                f"{median:.2f}",
+                f"{min(s):.2f}-{max(s):.2f}",
+                f"{len(requests) / median:.1f}",
+                f"{reference / median:.2f}x",
+            ]
+        )
+    print_table(
+        "log-likelihood requests, median of rounds", ["backend", "seconds", "range", "requests/s", "speed vs hf"], rows
+    )
     print(f"largest |logprob difference| {difference:.2e}; is_greedy equal on every request: {same_greedy}")
 
 

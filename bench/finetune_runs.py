@@ -41,7 +41,9 @@ def reference_run(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=targets))
+    model = get_peft_model(
+        model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=targets)
+    )
     examples = []
     for line in Path(args.data).read_text().splitlines():
         record = json.loads(line)
@@ -76,12 +78,16 @@ def timed(command, env) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", default=str(BUNDLED), help='a checkpoint in Meta\'s layout; "": a random one of the shape below')
+    parser.add_argument(
+        "--ckpt_dir", default=str(BUNDLED), help='a checkpoint in Meta\'s layout; "": a random one of the shape below'
+    )
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--n_layers", type=int, default=12)
     parser.add_argument("--n_heads", type=int, default=12)
     parser.add_argument("--n_kv_heads", type=int, default=None)
-    parser.add_argument("--vocab_size", type=int, default=4096, help="the bundled tokenizer's, which a random checkpoint takes")
+    parser.add_argument(
+        "--vocab_size", type=int, default=4096, help="the bundled tokenizer's, which a random checkpoint takes"
+    )
     parser.add_argument("--data", default=str(EXAMPLES), help="prompt/completion JSONL")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -109,40 +115,98 @@ def main() -> None:
             ckpt_dir = random_checkpoint(argparse.Namespace(**vars(args), ckpt_dtype="bfloat16"), f"{tmp}/ckpt")
             shutil.copy(BUNDLED / "tokenizer.model", ckpt_dir)
         hf_dir = f"{tmp}/hf"
-        subprocess.run([sys.executable, "-m", "llama.convert", "--ckpt_dir", ckpt_dir, "--out", hf_dir, "--format", "hf"],
-                       check=True, env=env, cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "llama.convert", "--ckpt_dir", ckpt_dir, "--out", hf_dir, "--format", "hf"],
+            check=True,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+        )
         threads = ["--threads", str(args.threads)] if args.threads else []
-        ours = [sys.executable, "-m", "llama.finetune", "--ckpt_dir", ckpt_dir, "--data", args.data, "--max_steps", str(args.steps),
-                "--batch_size", str(args.batch_size), "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank),
-                "--lora_targets", "all", "--lr", str(args.lr), "--seed", str(args.seed), *threads]
-        reference = [sys.executable, str(Path(__file__).resolve()), "--reference_worker", "--hf_dir", hf_dir, "--data", args.data,
-                     "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--lora_rank", str(args.lora_rank),
-                     "--lr", str(args.lr), "--seed", str(args.seed), *threads]
+        ours = [
+            sys.executable,
+            "-m",
+            "llama.finetune",
+            "--ckpt_dir",
+            ckpt_dir,
+            "--data",
+            args.data,
+            "--max_steps",
+            str(args.steps),
+            "--batch_size",
+            str(args.batch_size),
+            "--lora_rank",
+            str(args.lora_rank),
+            "--lora_alpha",
+            str(2 * args.lora_rank),
+            "--lora_targets",
+            "all",
+            "--lr",
+            str(args.lr),
+            "--seed",
+            str(args.seed),
+            *threads,
+        ]
+        reference = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--reference_worker",
+            "--hf_dir",
+            hf_dir,
+            "--data",
+            args.data,
+            "--steps",
+            str(args.steps),
+            "--batch_size",
+            str(args.batch_size),
+            "--lora_rank",
+            str(args.lora_rank),
+            "--lr",
+            str(args.lr),
+            "--seed",
+            str(args.seed),
+            *threads,
+        ]
         results = {"ours": [], "transformers + peft": []}
         for round_ in range(args.rounds):
             out = f"{tmp}/ours{round_}"
             seconds = timed(ours + ["--out", out], env)
             metrics = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-            results["ours"].append((seconds, sum(m["tokens"] / m["tokens_per_s"] for m in metrics if "tokens_per_s" in m)))
+            results["ours"].append(
+                (seconds, sum(m["tokens"] / m["tokens_per_s"] for m in metrics if "tokens_per_s" in m))
+            )
             report = f"{tmp}/reference{round_}.json"
             start = time.perf_counter()
-            done = subprocess.run(reference + ["--out", f"{tmp}/ref{round_}"], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(
+                reference + ["--out", f"{tmp}/ref{round_}"],
+                check=True,
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             seconds = time.perf_counter() - start
             Path(report).write_text(done.stdout)
-            results["transformers + peft"].append((seconds, json.loads(done.stdout.strip().splitlines()[-1])["steps_seconds"]))
+            results["transformers + peft"].append(
+                (seconds, json.loads(done.stdout.strip().splitlines()[-1])["steps_seconds"])
+            )
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
     import torch
 
-    print(f"\n{Path(ckpt_dir).name if args.ckpt_dir else f'random dim {args.dim}, {args.n_layers} layers'}: {args.steps} LoRA steps "
-          f"of {args.batch_size} (rank {args.lora_rank}, every linear), {args.threads or torch.get_num_threads()} thread(s), "
-          f"{torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} alternating rounds, seconds")
+    print(
+        f"\n{Path(ckpt_dir).name if args.ckpt_dir else f'random dim {args.dim}, {args.n_layers} layers'}: {args.steps} LoRA steps "
+        f"of {args.batch_size} (rank {args.lora_rank}, every linear), {args.threads or torch.get_num_threads()} thread(s), "
+        f"{torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} alternating rounds, seconds"
+    )
     whole = {name: statistics.median(r[0] for r in runs) for name, runs in results.items()}
     steps = {name: statistics.median(r[1] for r in runs) for name, runs in results.items()}
     print(f"{'':22}{'whole run':>12}{'steps':>10}")
     for name in results:
         print(f"{name:22}{whole[name]:12.2f}{steps[name]:10.2f}")
     reference = "transformers + peft"
-    print(f"{'speed ours / theirs':22}{whole[reference] / whole['ours']:11.2f}x{steps[reference] / steps['ours']:9.2f}x")
+    print(
+        f"{'speed ours / theirs':22}{whole[reference] / whole['ours']:11.2f}x{steps[reference] / steps['ours']:9.2f}x"
+    )
 
 
 if __name__ == "__main__":

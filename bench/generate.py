@@ -45,12 +45,24 @@ def main() -> None:
 
     max_seq_len = args.prompt_len + args.gen_tokens
     builds = {
-        "eager": Llama.build(args.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(args.batch_sizes), device="cpu", dtype="float32"),
-        "compiled": Llama.build(args.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(args.batch_sizes), device="cpu", dtype="float32", compile=True),
+        "eager": Llama.build(
+            args.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max(args.batch_sizes), device="cpu", dtype="float32"
+        ),
+        "compiled": Llama.build(
+            args.ckpt_dir,
+            max_seq_len=max_seq_len,
+            max_batch_size=max(args.batch_sizes),
+            device="cpu",
+            dtype="float32",
+            compile=True,
+        ),
     }
     vocab_size = builds["eager"].model.params.vocab_size
     generator = torch.Generator().manual_seed(0)
-    prompts = [[1] + torch.randint(3, vocab_size, (args.prompt_len - 1,), generator=generator).tolist() for _ in range(max(args.batch_sizes))]
+    prompts = [
+        [1] + torch.randint(3, vocab_size, (args.prompt_len - 1,), generator=generator).tolist()
+        for _ in range(max(args.batch_sizes))
+    ]
     for llama in builds.values():  # warm-up: compiles every graph the rounds use
         for bsz in args.batch_sizes:
             timed_generate(llama, prompts[:bsz], args.gen_tokens)
@@ -62,7 +74,9 @@ def main() -> None:
     print(f"{args.ckpt_dir}, {args.threads} threads, {args.gen_tokens} tokens, median of {args.rounds} rounds")
     for bsz in args.batch_sizes:
         eager, compiled = (statistics.median(results[name, bsz]) for name in builds)
-        print(f"batch {bsz}: eager {eager:.1f} tok/s, compiled {compiled:.1f} tok/s, compiled/eager {compiled / eager:.2f}x")
+        print(
+            f"batch {bsz}: eager {eager:.1f} tok/s, compiled {compiled:.1f} tok/s, compiled/eager {compiled / eager:.2f}x"
+        )
 
 
 if __name__ == "__main__":

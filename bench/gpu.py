@@ -38,7 +38,6 @@ import torch
 
 from common import bytes_per_token, print_table, read_bandwidth
 from compare import Ours, cuda_bandwidth, mode_settings, timed
-
 from llama.checkpoints.loader import layout_of, load_model
 from llama.checkpoints.writers import save_checkpoint
 from llama.layers.kv_cache import BlockTables, attended_tables, contiguous_tables
@@ -46,7 +45,14 @@ from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED_TOKENS = 4  # greedy tokens compared between the compiled and the eager engine
-DEVICE_TESTS = ["test_model.py", "test_generation.py", "test_decoding.py", "test_sampling.py", "test_scores.py", "test_streaming.py"]
+DEVICE_TESTS = [
+    "test_model.py",
+    "test_generation.py",
+    "test_decoding.py",
+    "test_sampling.py",
+    "test_scores.py",
+    "test_streaming.py",
+]
 DRY_RUN_TESTS = "logits_match_transformers"  # one test of the list, for the dry run
 SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
 DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "norm_eps": 1e-5}
@@ -55,17 +61,87 @@ MODES = ["bf16", "int8", "int4"]
 # name -> (script under bench/, its arguments on the GPU, its arguments in the dry run); run when the
 # script exists and takes --device, for at most OPTIONAL_LIMIT_S seconds each (fine-tuning: FINETUNE_LIMIT_S)
 OPTIONAL_BENCHMARKS = {
-    "speculative decoding": ("speculative.py", ["--gen_tokens", "64", "--rounds", "2", "--prompts", "2"],
-                             ["--gen_tokens", "12", "--rounds", "1", "--prompts", "1", "--k", "3", "--threads", "1",
-                              "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--vocab_size", "4096"]),
-    "server, mixed workload": ("server.py", ["--sections", "mixed", "--clients", "8", "--requests_per_client", "2", "--rounds", "1"],
-                               ["--sections", "mixed", "--clients", "2", "--requests_per_client", "1", "--rounds", "1", "--slots", "2", "--threads", "1"]),
+    "speculative decoding": (
+        "speculative.py",
+        ["--gen_tokens", "64", "--rounds", "2", "--prompts", "2"],
+        [
+            "--gen_tokens",
+            "12",
+            "--rounds",
+            "1",
+            "--prompts",
+            "1",
+            "--k",
+            "3",
+            "--threads",
+            "1",
+            "--dim",
+            "64",
+            "--n_layers",
+            "2",
+            "--n_heads",
+            "4",
+            "--vocab_size",
+            "4096",
+        ],
+    ),
+    "server, mixed workload": (
+        "server.py",
+        ["--sections", "mixed", "--clients", "8", "--requests_per_client", "2", "--rounds", "1"],
+        [
+            "--sections",
+            "mixed",
+            "--clients",
+            "2",
+            "--requests_per_client",
+            "1",
+            "--rounds",
+            "1",
+            "--slots",
+            "2",
+            "--threads",
+            "1",
+        ],
+    ),
     # torchtune's published A100 figures for this setup: LoRA 8,210 tokens/s at 8.5 GiB, QLoRA 8,035 at 4.6 GiB
     "fine-tuning LoRA and QLoRA, Llama 3.2 3B shapes, batch 2 x 4096 packed, compiled": (
-        "finetune.py", ["--shape", "llama-3.2-3b", "--methods", "lora,qlora", "--batch_size", "2", "--seq_len", "4096", "--pack",
-                        "--compile", "--activation_checkpointing", "--reference", "none", "--rounds", "1", "--steps", "3"],
-        ["--methods", "lora,qlora", "--batch_size", "1", "--seq_len", "32", "--reference", "none", "--rounds", "1",
-         "--steps", "1", "--threads", "1"]),
+        "finetune.py",
+        [
+            "--shape",
+            "llama-3.2-3b",
+            "--methods",
+            "lora,qlora",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "4096",
+            "--pack",
+            "--compile",
+            "--activation_checkpointing",
+            "--reference",
+            "none",
+            "--rounds",
+            "1",
+            "--steps",
+            "3",
+        ],
+        [
+            "--methods",
+            "lora,qlora",
+            "--batch_size",
+            "1",
+            "--seq_len",
+            "32",
+            "--reference",
+            "none",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ],
+    ),
 }
 OPTIONAL_LIMIT_S = 120  # seconds each may run
 FINETUNE_LIMIT_S = 300  # two compiled 3B models
@@ -101,7 +177,9 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
-def run_command(name: str, command: List[str], budget: Budget, limit_s: float, env: Optional[dict] = None, show_output: bool = False) -> Check:
+def run_command(
+    name: str, command: List[str], budget: Budget, limit_s: float, env: Optional[dict] = None, show_output: bool = False
+) -> Check:
     """Run ``command`` from the repository root for at most ``limit_s`` (and the budget); a check.
     ``show_output``: print what it printed (a benchmark's table)."""
     timeout = min(limit_s, budget.left())
@@ -128,8 +206,23 @@ def device_tests(device: str, dry_run: bool, budget: Budget) -> Check:
 def torchrun_example(device: str, budget: Budget) -> Check:
     """The example on the bundled model in a one-process torchrun job, over NCCL on CUDA (gloo on CPU)."""
     backend = "nccl" if device == "cuda" else "gloo"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "example_text_completion.py", "--device", device, "--temperature", "0", "--max_gen_len", "8", "--prompts", "import os"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "example_text_completion.py",
+        "--device",
+        device,
+        "--temperature",
+        "0",
+        "--max_gen_len",
+        "8",
+        "--prompts",
+        "import os",
+    ]
     env = {**os.environ, "LLAMA_DIST_BACKEND": backend}
     return run_command(f"torchrun --nproc_per_node 1 ({backend})", command, budget, limit_s=120, env=env)
 
@@ -161,7 +254,11 @@ def decode_tok_s(decoder: Ours, prompt: torch.Tensor, n_tokens: int, device: tor
 def prefill_tok_s(model, prompt: torch.Tensor, device: torch.device) -> float:
     positions = torch.arange(prompt.shape[1], device=device)[None]
     block_size = model.layers[0].attention.kv_cache.block_size
-    cache = BlockTables(attended_tables(contiguous_tables(1, -(-model.params.max_seq_len // block_size), device), prompt.shape[1], block_size))
+    cache = BlockTables(
+        attended_tables(
+            contiguous_tables(1, -(-model.params.max_seq_len // block_size), device), prompt.shape[1], block_size
+        )
+    )
     return prompt.shape[1] / timed(lambda: model(prompt, positions=positions, cache=cache, logits_at=-1), device)
 
 
@@ -182,8 +279,13 @@ def measure_mode(
     peak, resident = device_memory(device), torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     checks = []
     if peak is not None:
-        checks.append(Check(f"{mode}: loading peaks at the finished model's memory", peak <= resident + LOAD_MEMORY_SLACK,
-                            f"peak {peak / 2**30:.2f} GiB, finished {resident / 2**30:.2f} GiB"))
+        checks.append(
+            Check(
+                f"{mode}: loading peaks at the finished model's memory",
+                peak <= resident + LOAD_MEMORY_SLACK,
+                f"peak {peak / 2**30:.2f} GiB, finished {resident / 2**30:.2f} GiB",
+            )
+        )
     prompt = torch.randint(3, VOCAB_SIZE, (1, sizes.prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
     prefill_tok_s(model, prompt[:, :8], device)  # warm-up
     prefill = statistics.median(prefill_tok_s(model, prompt, device) for _ in range(sizes.rounds))
@@ -193,14 +295,30 @@ def measure_mode(
         decoder = Ours(model, compile=compiled)
         greedy[compiled] = decoder.decode(prompt[:, :8], CHECKED_TOKENS)[0][:CHECKED_TOKENS]  # compiles, the first time
         decode_tok_s(decoder, prompt, 4, device)  # warm-up (CUDA graphs are recorded per length bucket)
-        tok_s = statistics.median(decode_tok_s(decoder, prompt, sizes.decode_tokens, device) for _ in range(sizes.rounds))
+        tok_s = statistics.median(
+            decode_tok_s(decoder, prompt, sizes.decode_tokens, device) for _ in range(sizes.rounds)
+        )
         step = decoder.engine
-        rows.append([mode + (" compiled" if compiled else ""), f"{tok_s:.1f}", f"{100 * per_token * tok_s / bandwidth:.0f}",
-                     f"{prefill:.0f}", f"{per_token / 2**30:.2f}", f"{load_s:.1f}",
-                     "-" if peak is None else f"{peak / 2**30:.2f}", "-" if not compiled else f"{step.compile_seconds:.1f}"])
+        rows.append(
+            [
+                mode + (" compiled" if compiled else ""),
+                f"{tok_s:.1f}",
+                f"{100 * per_token * tok_s / bandwidth:.0f}",
+                f"{prefill:.0f}",
+                f"{per_token / 2**30:.2f}",
+                f"{load_s:.1f}",
+                "-" if peak is None else f"{peak / 2**30:.2f}",
+                "-" if not compiled else f"{step.compile_seconds:.1f}",
+            ]
+        )
     if compiled_too:  # a random model's logits are nearly flat: later tokens may part ways on rounding alone
-        checks.append(Check(f"{mode}: compiled greedy tokens equal the eager ones", greedy[True] == greedy[False],
-                            f"first {CHECKED_TOKENS}: eager {greedy[False]}, compiled {greedy[True]}"))
+        checks.append(
+            Check(
+                f"{mode}: compiled greedy tokens equal the eager ones",
+                greedy[True] == greedy[False],
+                f"first {CHECKED_TOKENS}: eager {greedy[False]}, compiled {greedy[True]}",
+            )
+        )
     return rows, checks
 
 
@@ -218,21 +336,37 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     slots = max(POOL_BATCHES)
     args = ModelArgs(**{**args.__dict__, "max_batch_size": slots})
     model = load_model(ckpt_dir, args, device, *mode_settings("bf16"))
-    token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype(model.tok_embeddings.weight.dtype, device).itemsize
+    token_bytes = (
+        2
+        * args.n_layers
+        * args.n_kv_heads
+        * args.head_dim
+        * cache_dtype(model.tok_embeddings.weight.dtype, device).itemsize
+    )
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    pool_tokens = int(0.8 * free / token_bytes) if free else slots * args.max_seq_len  # the pool comes after the weights
-    engine = Engine(model, None, engine_options_for(model, kv_cache_tokens=pool_tokens, prefix_cache=False))  # computed anew
-    prompts = torch.randint(3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)).tolist()
+    pool_tokens = (
+        int(0.8 * free / token_bytes) if free else slots * args.max_seq_len
+    )  # the pool comes after the weights
+    engine = Engine(
+        model, None, engine_options_for(model, kv_cache_tokens=pool_tokens, prefix_cache=False)
+    )  # computed anew
+    prompts = torch.randint(
+        3, VOCAB_SIZE, (slots, sizes.prefill_len), generator=torch.Generator().manual_seed(1)
+    ).tolist()
 
     def seconds(bsz: int, n_tokens: int) -> float:
-        request = engine.submit(prompts[:bsz], GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[]), stream_text=False)
+        request = engine.submit(
+            prompts[:bsz], GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[]), stream_text=False
+        )
         return timed(lambda: [None for _ in engine.run_until_done(request)], device)
 
     rows = []
     for bsz in POOL_BATCHES:
         seconds(bsz, 2)  # warm-up
-        tok_s = statistics.median(bsz * (sizes.decode_tokens - 1) / max(seconds(bsz, sizes.decode_tokens) - seconds(bsz, 1), 1e-9)
-                                  for _ in range(sizes.rounds))
+        tok_s = statistics.median(
+            bsz * (sizes.decode_tokens - 1) / max(seconds(bsz, sizes.decode_tokens) - seconds(bsz, 1), 1e-9)
+            for _ in range(sizes.rounds)
+        )
         rows.append([str(bsz), f"{tok_s:.1f}", f"{pool_tokens}", f"{engine.preemptions}"])
     return rows
 
@@ -245,7 +379,9 @@ def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Chec
         path = ROOT / "bench" / script
         if not path.is_file():
             continue
-        usage = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        usage = subprocess.run(
+            [sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         if usage.returncode or "--device" not in usage.stdout:
             checks.append(Check(name, True, f"skipped: bench/{script} does not take --device"))
         else:
@@ -259,20 +395,32 @@ def goals(results: Dict[str, float], fractions: Dict[str, float]) -> List[str]:
     """The goals for a GPU, from the decode tokens/s and bandwidth fractions measured."""
     lines = []
     if "bf16 compiled" in fractions:
-        lines.append(f"compiled bf16 reads at {100 * fractions['bf16 compiled']:.0f}% of the measured bandwidth (goal >= 80%)")
+        lines.append(
+            f"compiled bf16 reads at {100 * fractions['bf16 compiled']:.0f}% of the measured bandwidth (goal >= 80%)"
+        )
     if "bf16 compiled" in results and "bf16" in results:
-        lines.append(f"compiled bf16 against eager bf16: {results['bf16 compiled'] / results['bf16']:.2f}x (goal >= 3x)")
+        lines.append(
+            f"compiled bf16 against eager bf16: {results['bf16 compiled'] / results['bf16']:.2f}x (goal >= 3x)"
+        )
     if "int4 compiled" in results and "bf16 compiled" in results:
-        lines.append(f"int4 against bf16, compiled: {results['int4 compiled'] / results['bf16 compiled']:.2f}x (goal >= 1.8x)")
+        lines.append(
+            f"int4 against bf16, compiled: {results['int4 compiled'] / results['bf16 compiled']:.2f}x (goal >= 1.8x)"
+        )
     return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry_run", action="store_true", help="on the CPU, tiny shapes, one device test: checks the script itself")
-    parser.add_argument("--ckpt_dir", help="a checkpoint to measure instead of a random one of params/llama-2-7b.json's shape")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="on the CPU, tiny shapes, one device test: checks the script itself"
+    )
+    parser.add_argument(
+        "--ckpt_dir", help="a checkpoint to measure instead of a random one of params/llama-2-7b.json's shape"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="modes to measure (see bench/compare.py)")
-    parser.add_argument("--compiled_modes", default=None, help="modes also measured compiled (default: every mode; dry run: int8)")
+    parser.add_argument(
+        "--compiled_modes", default=None, help="modes also measured compiled (default: every mode; dry run: int8)"
+    )
     parser.add_argument("--budget_s", type=float, default=540, help="every stage must start within this many seconds")
     parser.add_argument("--skip_tests", action="store_true", help="skip pytest and torchrun")
     options = parser.parse_args(argv)
@@ -284,7 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     else:
         sizes = Sizes(json.loads(SHAPE_7B.read_text()), prefill_len=512, decode_tokens=64, rounds=3)
-    compiled_modes = (options.compiled_modes if options.compiled_modes is not None else "int8" if options.dry_run else options.modes).split(",")
+    compiled_modes = (
+        options.compiled_modes if options.compiled_modes is not None else "int8" if options.dry_run else options.modes
+    ).split(",")
     budget = Budget(options.budget_s)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print(f"{name}, torch {torch.__version__}", flush=True)
@@ -301,8 +451,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         start = time.perf_counter()
         write_random_checkpoint(sizes.params, ckpt_dir, device)
         print(f"wrote a random checkpoint of {sizes.params} in {time.perf_counter() - start:.0f} s", flush=True)
-    args = ModelArgs.from_dict({**sizes.params, "vocab_size": VOCAB_SIZE, "max_seq_len": sizes.prefill_len + sizes.decode_tokens + 8,
-                                "max_batch_size": 1})
+    args = ModelArgs.from_dict(
+        {
+            **sizes.params,
+            "vocab_size": VOCAB_SIZE,
+            "max_seq_len": sizes.prefill_len + sizes.decode_tokens + 8,
+            "max_batch_size": 1,
+        }
+    )
     bandwidth = cuda_bandwidth(device) if device.type == "cuda" else read_bandwidth(1 << 26)
     rows, speeds, fractions = [], {}, {}
     for mode in options.modes.split(","):
@@ -321,12 +477,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"measured the block pool ({budget.left():.0f} s of the budget left)", flush=True)
     checks += optional_benchmarks(device.type, options.dry_run, budget)
 
-    header = ["mode", "decode tok/s (b1)", "% of bandwidth", "prefill tok/s", "GiB read/token", "load s", "peak GiB loading", "compile s"]
-    print_table(f"{name}: {sizes.params}, prompt {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens, median of "
-                f"{sizes.rounds}; measured bandwidth {bandwidth / 1e9:.0f} GB/s", header, rows)
+    header = [
+        "mode",
+        "decode tok/s (b1)",
+        "% of bandwidth",
+        "prefill tok/s",
+        "GiB read/token",
+        "load s",
+        "peak GiB loading",
+        "compile s",
+    ]
+    print_table(
+        f"{name}: {sizes.params}, prompt {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens, median of "
+        f"{sizes.rounds}; measured bandwidth {bandwidth / 1e9:.0f} GB/s",
+        header,
+        rows,
+    )
     if pool_rows:
-        print_table(f"the KV cache pool: bf16, {max(POOL_BATCHES)} slots, prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
-                    ["rows", "decode tok/s", "pool tokens", "preemptions"], pool_rows)
+        print_table(
+            f"the KV cache pool: bf16, {max(POOL_BATCHES)} slots, prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
+            ["rows", "decode tok/s", "pool tokens", "preemptions"],
+            pool_rows,
+        )
     for line in goals(speeds, fractions):
         print(line)
     for check in checks:

@@ -38,8 +38,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
-DECODES = {"bundled-eager": ("bundled", False), "bundled-compiled": ("bundled", True),
-           "134M-eager": ("134M", False), "134M-compiled": ("134M", True)}
+DECODES = {
+    "bundled-eager": ("bundled", False),
+    "bundled-compiled": ("bundled", True),
+    "134M-eager": ("134M", False),
+    "134M-compiled": ("134M", True),
+}
 MEASUREMENTS = [*DECODES, "server"]
 PROMPT_LEN = 16
 
@@ -53,8 +57,14 @@ def decode_worker(args) -> None:
     from llama.generation import Llama
 
     torch.set_num_threads(args.threads)
-    llama = Llama.build(args.decode_worker, max_seq_len=PROMPT_LEN + args.gen_tokens, max_batch_size=1, device="cpu",
-                        dtype="float32", compile=args.compile)
+    llama = Llama.build(
+        args.decode_worker,
+        max_seq_len=PROMPT_LEN + args.gen_tokens,
+        max_batch_size=1,
+        device="cpu",
+        dtype="float32",
+        compile=args.compile,
+    )
     generator = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, llama.tokenizer.n_words, (PROMPT_LEN - 1,), generator=generator).tolist()]
     decode_tokens_per_second(llama, prompts, args.gen_tokens)  # warm-up: compiles both calls' graphs
@@ -63,8 +73,18 @@ def decode_worker(args) -> None:
 
 
 def measure_decode(tree: Path, ckpt_dir: str, compile: bool, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--decode_worker", ckpt_dir,
-               "--threads", str(args.threads), "--gen_tokens", str(args.gen_tokens), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--decode_worker",
+        ckpt_dir,
+        "--threads",
+        str(args.threads),
+        "--gen_tokens",
+        str(args.gen_tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
     command += ["--compile"] if compile else []
     environment = {**os.environ, "PYTHONPATH": str(tree)}
     result = subprocess.run(command, cwd=tree, env=environment, capture_output=True, text=True)
@@ -77,8 +97,9 @@ def measure_server(label: str, tree: Path, bodies: list, args, log_dir: str) -> 
     """One mixed-workload round on a fresh server started from ``tree``."""
     from server import Server, post, run_mixed
 
-    settings = argparse.Namespace(slots=args.slots, max_seq_len=1024, device="cpu", prefill_chunk=256,
-                                  threads=args.threads)
+    settings = argparse.Namespace(
+        slots=args.slots, max_seq_len=1024, device="cpu", prefill_chunk=256, threads=args.threads
+    )
     server = Server(label, settings, Path(log_dir) / f"server-{label}.log", tree)
     try:
         post(server.port, {**bodies[0], "max_tokens": 2})  # warm-up
@@ -147,8 +168,11 @@ def run_rounds(trees: dict, args, scratch: Path) -> dict:
                     result = measure_decode(trees[label], checkpoints[model], compile, args)
                 results[measurement, label].append(result)
                 figures = ", ".join(f"{k} {v:.3g}" for k, v in result.items())
-                print(f"round {round_ + 1}/{args.rounds} {measurement} {label}: {figures} "
-                      f"({time.perf_counter() - start:.0f} s, load {load_average()})", flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {measurement} {label}: {figures} "
+                    f"({time.perf_counter() - start:.0f} s, load {load_average()})",
+                    flush=True,
+                )
     return results
 
 
@@ -161,11 +185,21 @@ def report(results: dict, args) -> None:
         for metric in new[0]:
             new_median, old_median = (statistics.median(r[metric] for r in rs) for rs in (new, old))
             ratios = [n[metric] / o[metric] for n, o in zip(new, old)]
-            rows.append([f"{measurement} {metric}", f"{old_median:.4g}", f"{new_median:.4g}",
-                         f"{new_median / old_median:.3f}", f"{statistics.median(ratios):.3f}",
-                         f"{min(ratios):.2f}-{max(ratios):.2f}"])
-    print_table(f"median of {args.rounds} alternating rounds (TTFT: lower is better)",
-                ["measurement", "old", "new", "new/old", "median of rounds' new/old", "rounds' range"], rows)
+            rows.append(
+                [
+                    f"{measurement} {metric}",
+                    f"{old_median:.4g}",
+                    f"{new_median:.4g}",
+                    f"{new_median / old_median:.3f}",
+                    f"{statistics.median(ratios):.3f}",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
+                ]
+            )
+    print_table(
+        f"median of {args.rounds} alternating rounds (TTFT: lower is better)",
+        ["measurement", "old", "new", "new/old", "median of rounds' new/old", "rounds' range"],
+        rows,
+    )
 
 
 def main() -> None:
@@ -192,8 +226,11 @@ def main() -> None:
     revision = git("rev-parse", "--short", args.baseline)
     changed = " with uncommitted changes" if git("status", "--porcelain", "llama") else ""
     print(f"old: {args.baseline} ({revision}); new: {ROOT} at {git('rev-parse', '--short', 'HEAD')}{changed}")
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {args.threads} torch thread(s) per process; "
-          f"python {platform.python_version()}, torch {version('torch')}; load average {load_average()}", flush=True)
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {args.threads} torch thread(s) per process; "
+        f"python {platform.python_version()}, torch {version('torch')}; load average {load_average()}",
+        flush=True,
+    )
     scratch = Path(tempfile.mkdtemp(prefix="llama-house-"))
     baseline = scratch / "old"
     try:

@@ -83,13 +83,16 @@ def generate(engine, prompts, n_tokens: int):
     """Greedy, no early stop: each row's tokens."""
     from llama.options import GenerationOptions
 
-    request = engine.submit(prompts, GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[]), stream_text=False)
+    request = engine.submit(
+        prompts, GenerationOptions(max_gen_len=n_tokens, temperature=0, stop_tokens=[]), stream_text=False
+    )
     for _ in engine.run_until_done(request):
         pass
     return request.tokens
 
 
 # --- memory -----------------------------------------------------------------------------------------
+
 
 def memory(args) -> None:
     import torch
@@ -109,17 +112,31 @@ def memory(args) -> None:
         start = time.perf_counter()
         tokens = generate(engine, prompts, 200)
         seconds = time.perf_counter() - start
-        print(f"\nmemory ({load_average()}): 134M, max_batch_size={rows}, max_seq_len={positions}, kv_cache_tokens=8192")
-        print(f"  weights {weights / 1e9:.2f} GB, pool {pool / 1e9:.3f} GB, a contiguous cache would be {contiguous / 1e9:.2f} GB")
-        print(f"  resident: {before / 1e9:.2f} GB before, {loaded / 1e9:.2f} GB loaded, {resident_bytes() / 1e9:.2f} GB after decoding")
-        print(f"  decoded {rows} rows x {len(tokens[0])} tokens together in {seconds:.1f} s, {engine.preemptions} preemption(s)")
+        print(
+            f"\nmemory ({load_average()}): 134M, max_batch_size={rows}, max_seq_len={positions}, kv_cache_tokens=8192"
+        )
+        print(
+            f"  weights {weights / 1e9:.2f} GB, pool {pool / 1e9:.3f} GB, a contiguous cache would be {contiguous / 1e9:.2f} GB"
+        )
+        print(
+            f"  resident: {before / 1e9:.2f} GB before, {loaded / 1e9:.2f} GB loaded, {resident_bytes() / 1e9:.2f} GB after decoding"
+        )
+        print(
+            f"  decoded {rows} rows x {len(tokens[0])} tokens together in {seconds:.1f} s, {engine.preemptions} preemption(s)"
+        )
 
 
 # --- prefix -----------------------------------------------------------------------------------------
 
 SYSTEM_LINE = "You answer questions about Python's standard library with short, exact code. "
-QUESTIONS = ["How do I list a folder?", "And only the .py files?", "Sorted by size?", "Now recursively.",
-             "Print their total size.", "Write it as a function."]
+QUESTIONS = [
+    "How do I list a folder?",
+    "And only the .py files?",
+    "Sorted by size?",
+    "Now recursively.",
+    "Print their total size.",
+    "Write it as a function.",
+]
 
 
 def prefix(args) -> None:
@@ -130,8 +147,10 @@ def prefix(args) -> None:
     from llama.options import GenerationOptions
 
     llama = Llama.build(str(BUNDLED), max_seq_len=2048, max_batch_size=1, device="cpu", dtype="float32")
-    engines = {"prefix cache": Engine(llama.model, llama.tokenizer, llama.engine.options),
-               "none": Engine(llama.model, llama.tokenizer, replace(llama.engine.options, prefix_cache=False))}
+    engines = {
+        "prefix cache": Engine(llama.model, llama.tokenizer, llama.engine.options),
+        "none": Engine(llama.model, llama.tokenizer, replace(llama.engine.options, prefix_cache=False)),
+    }
     options = GenerationOptions(max_gen_len=24, temperature=0)
     ttft = {name: [] for name in engines}
     agree = True
@@ -152,13 +171,18 @@ def prefix(args) -> None:
             agree &= len(set(answers.values())) == 1
     prompt_tokens = len(prompt)
     means = {name: statistics.mean(values) for name, values in ttft.items()}
-    print(f"\nprefix ({load_average()}): bundled model, 6 turns x {args.rounds} round(s), last prompt {prompt_tokens} tokens")
+    print(
+        f"\nprefix ({load_average()}): bundled model, 6 turns x {args.rounds} round(s), last prompt {prompt_tokens} tokens"
+    )
     for name, values in ttft.items():
-        print(f"  {name:12s} mean time to first token {means[name] * 1e3:7.1f} ms (per turn, last round: {', '.join(f'{v * 1e3:.0f}' for v in values[-6:])} ms)")
+        print(
+            f"  {name:12s} mean time to first token {means[name] * 1e3:7.1f} ms (per turn, last round: {', '.join(f'{v * 1e3:.0f}' for v in values[-6:])} ms)"
+        )
     print(f"  ratio {means['prefix cache'] / means['none']:.3f}; same answers: {agree}")
 
 
 # --- decode -----------------------------------------------------------------------------------------
+
 
 def worker() -> None:
     """A decoding worker on stdin/stdout: "build <ckpt_dir> <compile>" then "round <n>" lines."""
@@ -190,7 +214,14 @@ def worker() -> None:
 class Worker:
     def __init__(self, pythonpath: str, threads: int):
         env = {**os.environ, "PYTHONPATH": pythonpath, "BENCH_THREADS": str(threads)}
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=pythonpath)
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=pythonpath,
+        )
 
     def ask(self, line: str) -> float:
         self.process.stdin.write(line + "\n")
@@ -218,18 +249,27 @@ def decode(args) -> None:
         for round_ in range(args.rounds):
             for case in cases:
                 for name in sorted(workers, reverse=round_ % 2 == 1):
-                    results[name, case].append(workers[name].ask(f"round {models[case[0]]} {case[1]} {args.decode_tokens}"))
+                    results[name, case].append(
+                        workers[name].ask(f"round {models[case[0]]} {case[1]} {args.decode_tokens}")
+                    )
         for w in workers.values():
             w.close()
-    print(f"\ndecode ({load_average()}): batch 1, {args.decode_tokens} tokens, {args.threads} threads, median of {args.rounds} rounds; reference {args.reference}")
+    print(
+        f"\ndecode ({load_average()}): batch 1, {args.decode_tokens} tokens, {args.threads} threads, median of {args.rounds} rounds; reference {args.reference}"
+    )
     for model, compile in cases:
         ours, theirs = (statistics.median(results[name, (model, compile)]) for name in ("blocks", "reference"))
-        per_round = statistics.median(a / b for a, b in zip(results["blocks", (model, compile)], results["reference", (model, compile)]))
-        print(f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, reference {theirs:7.1f} tok/s, "
-              f"ratio {ours / theirs:.3f} (median of the rounds' ratios {per_round:.3f})")
+        per_round = statistics.median(
+            a / b for a, b in zip(results["blocks", (model, compile)], results["reference", (model, compile)])
+        )
+        print(
+            f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, reference {theirs:7.1f} tok/s, "
+            f"ratio {ours / theirs:.3f} (median of the rounds' ratios {per_round:.3f})"
+        )
 
 
 # --- concurrency ------------------------------------------------------------------------------------
+
 
 def concurrency(args) -> None:
     import torch
@@ -237,12 +277,17 @@ def concurrency(args) -> None:
     from llama.options import GenerationOptions
 
     tokens = 8 * 2048
-    print(f"\nconcurrency ({load_average()}): the bundled model, KV memory of 8 x 2048 = {tokens} tokens, 300-token conversations")
+    print(
+        f"\nconcurrency ({load_average()}): the bundled model, KV memory of 8 x 2048 = {tokens} tokens, 300-token conversations"
+    )
     for name, rows in [("contiguous (8 slots)", 8), ("pool (48 slots)", 48)]:
         engine = load(str(BUNDLED), 2048, rows, kv_cache_tokens=tokens)
         generator = torch.Generator().manual_seed(0)
         options = GenerationOptions(max_gen_len=200, temperature=0, stop_tokens=[])
-        requests = [engine.submit([torch.randint(3, 4096, (100,), generator=generator).tolist()], options, stream_text=False) for _ in range(48)]
+        requests = [
+            engine.submit([torch.randint(3, 4096, (100,), generator=generator).tolist()], options, stream_text=False)
+            for _ in range(48)
+        ]
         most = 0
         while not all(request.done for request in requests):
             engine.step()
@@ -252,12 +297,15 @@ def concurrency(args) -> None:
 
 # --- flex -------------------------------------------------------------------------------------------
 
+
 def decode_seconds(engine, prompts, n_steps: int) -> float:
     """Seconds per decode step of all rows together, after their prefill (one pass: the engine's
     prefill_chunk holds every prompt) and first token."""
     from llama.options import GenerationOptions
 
-    request = engine.submit(prompts, GenerationOptions(max_gen_len=n_steps + 1, temperature=0, stop_tokens=[]), stream_text=False)
+    request = engine.submit(
+        prompts, GenerationOptions(max_gen_len=n_steps + 1, temperature=0, stop_tokens=[]), stream_text=False
+    )
     while not request.tokens[0]:
         engine.step()
     start = time.perf_counter()
@@ -279,36 +327,55 @@ def flex(args) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, ckpt_dir in {"bundled": str(BUNDLED), "134M": random_134m(folder)}.items():
-            model = load_model(ckpt_dir, checkpoint_args(ckpt_dir, max_seq_len, rows), torch.device("cpu"), torch.float32, None)
+            model = load_model(
+                ckpt_dir, checkpoint_args(ckpt_dir, max_seq_len, rows), torch.device("cpu"), torch.float32, None
+            )
             vocab = model.params.vocab_size
             # no prefix cache: the two engines share the model's pool, one after the other
             policy = dict(compile=True, prefill_chunk=rows * args.flex_prompt, prefix_cache=False)
-            engines = {attention: Engine(model, None, engine_options_for(model, compiled_attention=attention, **policy))
-                       for attention in ("gather", "flex")}
+            engines = {
+                attention: Engine(model, None, engine_options_for(model, compiled_attention=attention, **policy))
+                for attention in ("gather", "flex")
+            }
             for bsz in (1, rows):
-                prompts = [torch.randint(3, vocab, (args.flex_prompt,), generator=generator).tolist() for _ in range(bsz)]
+                prompts = [
+                    torch.randint(3, vocab, (args.flex_prompt,), generator=generator).tolist() for _ in range(bsz)
+                ]
                 for engine in engines.values():
                     decode_seconds(engine, prompts, steps)  # compiles this width's steps
                 for round_ in range(args.rounds):
                     for attention in sorted(engines, reverse=round_ % 2 == 1):
-                        results.setdefault((name, bsz, attention), []).append(decode_seconds(engines[attention], prompts, steps))
-    print(f"\nflex ({load_average()}): the compiled decode step, max_seq_len {max_seq_len}, {args.flex_prompt}-token prompts, "
-          f"{steps} steps, {args.threads} thread(s), median of {args.rounds} rounds")
+                        results.setdefault((name, bsz, attention), []).append(
+                            decode_seconds(engines[attention], prompts, steps)
+                        )
+    print(
+        f"\nflex ({load_average()}): the compiled decode step, max_seq_len {max_seq_len}, {args.flex_prompt}-token prompts, "
+        f"{steps} steps, {args.threads} thread(s), median of {args.rounds} rounds"
+    )
     for name, bsz in dict.fromkeys((name, bsz) for name, bsz, _ in results):
         times = {attention: [t * 1e3 for t in results[name, bsz, attention]] for attention in ("gather", "flex")}
         medians = {attention: statistics.median(t) for attention, t in times.items()}
         spread = {attention: f"{min(t):.2f}-{max(t):.2f}" for attention, t in times.items()}
-        print(f"  {name:8s} batch {bsz}: gather {medians['gather']:7.2f} ms/step ({spread['gather']}), "
-              f"flex {medians['flex']:7.2f} ms/step ({spread['flex']}), flex/gather {medians['flex'] / medians['gather']:.3f}")
+        print(
+            f"  {name:8s} batch {bsz}: gather {medians['gather']:7.2f} ms/step ({spread['gather']}), "
+            f"flex {medians['flex']:7.2f} ms/step ({spread['flex']}), flex/gather {medians['flex'] / medians['gather']:.3f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["memory", "prefix", "concurrency"], choices=["memory", "prefix", "decode", "concurrency", "flex"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["memory", "prefix", "concurrency"],
+        choices=["memory", "prefix", "decode", "concurrency", "flex"],
+    )
     parser.add_argument("--reference", help="another checkout of this project, for the decode section")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode_tokens", type=int, default=100)
-    parser.add_argument("--flex_prompt", type=int, default=200, help="prompt tokens per row before the flex section's decode steps")
+    parser.add_argument(
+        "--flex_prompt", type=int, default=200, help="prompt tokens per row before the flex section's decode steps"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

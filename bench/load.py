@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from common import DTYPES, add_checkpoint_args, checkpoint_args, checkpoint_bytes, print_table, random_checkpoint
-
 from llama.checkpoints.loader import checkpoint_folder, load_model, shard_paths
 from llama.layers.quantize import parse_quantize
 
@@ -62,8 +61,12 @@ def stand_in_fairscale() -> None:
     initialize = types.ModuleType("fairscale.nn.model_parallel.initialize")
     initialize.get_model_parallel_world_size = lambda: 1
     layers = types.ModuleType("fairscale.nn.model_parallel.layers")
-    layers.ColumnParallelLinear = lambda in_features, out_features, bias=True, **_: nn.Linear(in_features, out_features, bias=bias)
-    layers.RowParallelLinear = lambda in_features, out_features, bias=True, **_: nn.Linear(in_features, out_features, bias=bias)
+    layers.ColumnParallelLinear = lambda in_features, out_features, bias=True, **_: nn.Linear(
+        in_features, out_features, bias=bias
+    )
+    layers.RowParallelLinear = lambda in_features, out_features, bias=True, **_: nn.Linear(
+        in_features, out_features, bias=bias
+    )
     layers.ParallelEmbedding = lambda num_embeddings, embedding_dim, **_: nn.Embedding(num_embeddings, embedding_dim)
     model_parallel = types.ModuleType("fairscale.nn.model_parallel")
     model_parallel.initialize, model_parallel.layers = initialize, layers
@@ -71,8 +74,15 @@ def stand_in_fairscale() -> None:
     fairscale_nn.model_parallel = model_parallel
     fairscale = types.ModuleType("fairscale")
     fairscale.nn = fairscale_nn
-    sys.modules.update({"fairscale": fairscale, "fairscale.nn": fairscale_nn, "fairscale.nn.model_parallel": model_parallel,
-                        "fairscale.nn.model_parallel.initialize": initialize, "fairscale.nn.model_parallel.layers": layers})
+    sys.modules.update(
+        {
+            "fairscale": fairscale,
+            "fairscale.nn": fairscale_nn,
+            "fairscale.nn.model_parallel": model_parallel,
+            "fairscale.nn.model_parallel.initialize": initialize,
+            "fairscale.nn.model_parallel.layers": layers,
+        }
+    )
 
 
 def load_meta(ckpt_dir: str, meta_llama: str, dtype: torch.dtype, max_seq_len: int, max_batch_size: int) -> nn.Module:
@@ -84,7 +94,9 @@ def load_meta(ckpt_dir: str, meta_llama: str, dtype: torch.dtype, max_seq_len: i
     checkpoint = torch.load(shard_paths(ckpt_dir)[0], map_location="cpu")
     params = checkpoint_folder(ckpt_dir).params()
     known = {f.name for f in fields(meta.ModelArgs)}
-    model_args = meta.ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **{k: v for k, v in params.items() if k in known})
+    model_args = meta.ModelArgs(
+        max_seq_len=max_seq_len, max_batch_size=max_batch_size, **{k: v for k, v in params.items() if k in known}
+    )
     model_args.vocab_size = checkpoint["tok_embeddings.weight"].shape[0]  # Meta takes the tokenizer's
     cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda self, *args, **kwargs: self
     torch.set_default_dtype(dtype)
@@ -123,13 +135,22 @@ def measure(args: argparse.Namespace) -> dict:
             model.forward(torch.ones(1, 1, dtype=torch.long), 0)
     first_token_seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
-    caches = [getattr(m, name, None) for m in model.modules() for name in ("cache_k", "cache_v")]  # buffers, or Meta's attributes
+    caches = [
+        getattr(m, name, None) for m in model.modules() for name in ("cache_k", "cache_v")
+    ]  # buffers, or Meta's attributes
     cache = sum(t.numel() * t.element_size() for t in caches if isinstance(t, torch.Tensor))
     tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     disk = sum(p.stat().st_size for p in Path(args.ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors", ".bin"))
-    return {"load_s": seconds, "first_token_s": first_token_seconds, "peak_added_at_load_bytes": peak_at_load - before,
-            "peak_added_bytes": peak - before, "kv_cache_bytes": cache, "model_bytes": tensors, "checkpoint_bytes": disk,
-            "peak_added_ratio": (peak - before) / disk}
+    return {
+        "load_s": seconds,
+        "first_token_s": first_token_seconds,
+        "peak_added_at_load_bytes": peak_at_load - before,
+        "peak_added_bytes": peak - before,
+        "kv_cache_bytes": cache,
+        "model_bytes": tensors,
+        "checkpoint_bytes": disk,
+        "peak_added_ratio": (peak - before) / disk,
+    }
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -140,8 +161,20 @@ def compare(args: argparse.Namespace) -> None:
         runs = {impl: [] for impl in impls}
         for _ in range(args.rounds):
             for impl in impls:
-                command = [sys.executable, __file__, "--impl", impl, "--ckpt_dir", ckpt_dir, "--dtype", args.dtype,
-                           "--max_seq_len", str(args.max_seq_len), "--max_batch_size", str(args.max_batch_size)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--impl",
+                    impl,
+                    "--ckpt_dir",
+                    ckpt_dir,
+                    "--dtype",
+                    args.dtype,
+                    "--max_seq_len",
+                    str(args.max_seq_len),
+                    "--max_batch_size",
+                    str(args.max_batch_size),
+                ]
                 command += ["--meta_llama", args.meta_llama] if impl == "meta" else []
                 command += ["--quantize", args.quantize] if args.quantize and impl == "llama" else []
                 result = subprocess.run(command, capture_output=True, text=True)
@@ -151,26 +184,54 @@ def compare(args: argparse.Namespace) -> None:
         disk = checkpoint_bytes(ckpt_dir)
     rows = []
     for impl, measured in runs.items():
+
         def median(key):
             return statistics.median(m[key] for m in measured)
-        rows.append([impl, f"{median('load_s'):.2f}", f"{median('peak_added_at_load_bytes') / 2**20:.0f}", f"{median('peak_added_bytes') / 2**20:.0f}",
-                     f"{median('kv_cache_bytes') / 2**20:.0f}", f"{median('peak_added_bytes') / disk:.2f}x",
-                     f"{(median('peak_added_bytes') - median('kv_cache_bytes')) / disk:.2f}x"])
-    print_table(f"loading {disk / 2**20:.0f} MiB of checkpoint as {args.dtype} on the CPU, {args.max_batch_size} x {args.max_seq_len} cache, "
-                f"median of {args.rounds} fresh processes each",
-                ["impl", "load s", "peak added at load MiB", "peak added after 1 token MiB", "of which KV cache MiB", "/ checkpoint", "less the cache / checkpoint"],
-                rows)
+
+        rows.append(
+            [
+                impl,
+                f"{median('load_s'):.2f}",
+                f"{median('peak_added_at_load_bytes') / 2**20:.0f}",
+                f"{median('peak_added_bytes') / 2**20:.0f}",
+                f"{median('kv_cache_bytes') / 2**20:.0f}",
+                f"{median('peak_added_bytes') / disk:.2f}x",
+                f"{(median('peak_added_bytes') - median('kv_cache_bytes')) / disk:.2f}x",
+            ]
+        )
+    print_table(
+        f"loading {disk / 2**20:.0f} MiB of checkpoint as {args.dtype} on the CPU, {args.max_batch_size} x {args.max_seq_len} cache, "
+        f"median of {args.rounds} fresh processes each",
+        [
+            "impl",
+            "load s",
+            "peak added at load MiB",
+            "peak added after 1 token MiB",
+            "of which KV cache MiB",
+            "/ checkpoint",
+            "less the cache / checkpoint",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.add_argument("--impl", choices=["llama", "transformers", "meta"], help="one measurement in this process (JSON); none: the comparison")
+    parser.add_argument(
+        "--impl",
+        choices=["llama", "transformers", "meta"],
+        help="one measurement in this process (JSON); none: the comparison",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--max_seq_len", type=int, default=512, help="KV cache length (llama allocates it at load)")
     parser.add_argument("--max_batch_size", type=int, default=1)
-    parser.add_argument("--quantize", default=None, help="llama only: int8, int4, int4-g32 ... (quantized while loading)")
-    parser.add_argument("--meta_llama", help="a clone of github.com/meta-llama/llama, for --impl meta and the comparison")
+    parser.add_argument(
+        "--quantize", default=None, help="llama only: int8, int4, int4-g32 ... (quantized while loading)"
+    )
+    parser.add_argument(
+        "--meta_llama", help="a clone of github.com/meta-llama/llama, for --impl meta and the comparison"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="the comparison's rounds")
     args = parser.parse_args()
     if args.impl is None:

@@ -16,7 +16,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import Ours, mode_settings
-
 from llama.checkpoints.loader import load_model
 
 PROMPT = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
@@ -33,7 +32,9 @@ def decode(decoder: Ours, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.add_argument("--modes", default="int8,int4", help="fp32, bf16, int8, int4, int4-g32 ... (see bench/compare.py)")
+    parser.add_argument(
+        "--modes", default="int8,int4", help="fp32, bf16, int8, int4, int4-g32 ... (see bench/compare.py)"
+    )
     parser.add_argument("--compile", action="store_true", help="compile the decode step")
     parser.add_argument("--steps", type=int, default=64, help="positions decoded, timed and profiled")
     parser.add_argument("--rows", type=int, default=15, help="operators listed per mode")
@@ -44,12 +45,16 @@ def main() -> None:
     ckpt_dir = args.ckpt_dir or random_checkpoint(args, str(Path(scratch.name) / "llama"))
     model_args = checkpoint_args(ckpt_dir, PROMPT.shape[1] + args.steps, 1)
     for mode in args.modes.split(","):
-        decoder = Ours(load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)), compile=args.compile)
+        decoder = Ours(
+            load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)), compile=args.compile
+        )
         decode(decoder, args.steps)  # warm-up (and compilation)
         tok_s = decode(decoder, args.steps)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             decode(decoder, args.steps)
-        print(f"\n== {mode}{' compiled' if args.compile else ''}: {tok_s:.1f} tok/s, {1e3 / tok_s:.2f} ms a token ({torch.get_num_threads()} threads)")
+        print(
+            f"\n== {mode}{' compiled' if args.compile else ''}: {tok_s:.1f} tok/s, {1e3 / tok_s:.2f} ms a token ({torch.get_num_threads()} threads)"
+        )
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--hidden_dim", type=int, default=5632)
     parser.add_argument("--n_heads", type=int, default=32)
     parser.add_argument("--n_kv_heads", type=int, default=4)
-    parser.add_argument("--blocks", type=int, default=4, help="copies of the block's weights, read in turn (more than the caches hold)")
+    parser.add_argument(
+        "--blocks", type=int, default=4, help="copies of the block's weights, read in turn (more than the caches hold)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20, help="passes over the blocks per round")
     parser.add_argument("--threads", type=int, default=None)
@@ -56,12 +58,16 @@ def main() -> None:
                     linear(inputs[packed.shape[1] * (2 if name.startswith("int4") else 1)], packed, scales)
             seconds[name].append((time.perf_counter() - start) / (args.repeats * args.blocks))
     elements = sum(out * k for out, k in shapes)
-    print(f"one token's products over a block of dim {args.dim}, hidden {args.hidden_dim} ({elements / 1e6:.1f}M weights), "
-          f"{torch.get_num_threads()} thread(s), torch's {torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} rounds")
+    print(
+        f"one token's products over a block of dim {args.dim}, hidden {args.hidden_dim} ({elements / 1e6:.1f}M weights), "
+        f"{torch.get_num_threads()} thread(s), torch's {torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} rounds"
+    )
     base = statistics.median(seconds["int8"])
     for name, bits in (("int8", 8), ("int4-g64", 4)):
         median = statistics.median(seconds[name])
-        print(f"{name:10} {median * 1e3:7.3f} ms  {elements * bits / 8 / median / 1e9:5.1f} GB/s of weights  {base / median:5.2f}x int8's speed")
+        print(
+            f"{name:10} {median * 1e3:7.3f} ms  {elements * bits / 8 / median / 1e9:5.1f} GB/s of weights  {base / median:5.2f}x int8's speed"
+        )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ def run_command(flags: list) -> dict:
     1-minute load average just before it started."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     load = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "example_text_completion.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "example_text_completion.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if done.returncode:
         raise RuntimeError(f"example_text_completion.py {' '.join(flags)} failed:\n{done.stderr}")
-    return {"tok_s": float(SPEED.search(done.stdout).group(3)), "threads": int(THREADS.search(done.stdout).group(1)), "load": load}
+    return {
+        "tok_s": float(SPEED.search(done.stdout).group(3)),
+        "threads": int(THREADS.search(done.stdout).group(1)),
+        "load": load,
+    }
 
 
 def main() -> None:
@@ -53,9 +59,23 @@ def main() -> None:
     checkpoints = {"bundled": []}
     if not args.no_large:
         large = random_checkpoint(args, str(Path(scratch.name) / "large"))
-        checkpoints[f"random dim {args.dim} x {args.n_layers} layers"] = ["--ckpt_dir", large, "--tokenizer_path", str(BUNDLED_TOKENIZER), "--max_gen_len", "16"]
-    configs = {"default (measured)": [], "--threads 1": ["--threads", "1"], f"--threads {cores}": ["--threads", str(cores)]}
-    print(f"torch {torch.__version__}, {cores} threads by default; {args.rounds} rounds of {len(checkpoints) * len(configs)} runs", flush=True)
+        checkpoints[f"random dim {args.dim} x {args.n_layers} layers"] = [
+            "--ckpt_dir",
+            large,
+            "--tokenizer_path",
+            str(BUNDLED_TOKENIZER),
+            "--max_gen_len",
+            "16",
+        ]
+    configs = {
+        "default (measured)": [],
+        "--threads 1": ["--threads", "1"],
+        f"--threads {cores}": ["--threads", str(cores)],
+    }
+    print(
+        f"torch {torch.__version__}, {cores} threads by default; {args.rounds} rounds of {len(checkpoints) * len(configs)} runs",
+        flush=True,
+    )
     results = {(name, config): [] for name in checkpoints for config in configs}
     for r in range(args.rounds):
         for name, checkpoint_flags in checkpoints.items():
@@ -66,10 +86,24 @@ def main() -> None:
     rows = []
     for (name, config), runs in results.items():
         speeds, loads = [m["tok_s"] for m in runs], [m["load"] for m in runs]
-        chosen = ", ".join(f"{threads}: {count}x" for threads, count in sorted(Counter(m["threads"] for m in runs).items()))
-        rows.append([name, config, f"{statistics.median(speeds):.1f}", f"{min(speeds):.1f}-{max(speeds):.1f}", chosen, f"{min(loads):.1f}-{max(loads):.1f}"])
-    print_table(f"example_text_completion.py tokens/s, median and range of {args.rounds} alternating rounds",
-                ["checkpoint", "threads", "median", "range", "threads used", "load"], rows)
+        chosen = ", ".join(
+            f"{threads}: {count}x" for threads, count in sorted(Counter(m["threads"] for m in runs).items())
+        )
+        rows.append(
+            [
+                name,
+                config,
+                f"{statistics.median(speeds):.1f}",
+                f"{min(speeds):.1f}-{max(speeds):.1f}",
+                chosen,
+                f"{min(loads):.1f}-{max(loads):.1f}",
+            ]
+        )
+    print_table(
+        f"example_text_completion.py tokens/s, median and range of {args.rounds} alternating rounds",
+        ["checkpoint", "threads", "median", "range", "threads used", "load"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

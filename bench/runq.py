@@ -29,11 +29,10 @@ import torch
 
 from common import add_checkpoint_args, checkpoint_args, random_checkpoint
 from compare import mode_settings
-
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine, engine_options_for
-from llama.options import GenerationOptions
 from llama.model import Transformer
+from llama.options import GenerationOptions
 
 MAGIC = 0x616B3432  # "ak42"
 HEADER_BYTES = 256
@@ -60,14 +59,28 @@ def export_runq_model(model: Transformer, path: str, max_seq_len: int, group_siz
             raise ValueError(f"runq's group size {group_size} must divide {name} = {size}")
     with open(path, "wb") as file:
         file.write(struct.pack("<Ii", MAGIC, 2))
-        file.write(struct.pack("<7i", p.dim, hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, max_seq_len))
+        file.write(
+            struct.pack("<7i", p.dim, hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, max_seq_len)
+        )
         file.write(struct.pack("<Bi", 0, group_size))  # 0: the output projection is its own matrix
         file.write(b"\0" * (HEADER_BYTES - file.tell()))
-        norms = [state[l + "attention_norm.weight"] for l in layers] + [state[l + "ffn_norm.weight"] for l in layers] + [state["norm.weight"]]
+        norms = (
+            [state[l + "attention_norm.weight"] for l in layers]
+            + [state[l + "ffn_norm.weight"] for l in layers]
+            + [state["norm.weight"]]
+        )
         for norm in norms:
             file.write(norm.float().numpy().astype("<f4").tobytes())
         matrices = [state["tok_embeddings.weight"]]
-        for kind in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        for kind in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        ):
             matrices += [state[f"{l}{kind}.weight"] for l in layers]
         for matrix in matrices + [state["output.weight"]]:
             write_q80(file, matrix, group_size)
@@ -91,8 +104,12 @@ def numbered_pieces(vocab_size: int) -> List[str]:
 def run_runq(runq: str, model_path: str, tokenizer_path: str, steps: int, threads: int):
     """(tokens/s, generated ids) of one greedy runq run from BOS."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run([runq, model_path, "-z", tokenizer_path, "-t", "0", "-n", str(steps), "-i", ""],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [runq, model_path, "-z", tokenizer_path, "-t", "0", "-n", str(steps), "-i", ""],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     match = re.search(r"achieved tok/s: ([0-9.]+)", result.stderr)
     if result.returncode or not match:
         raise RuntimeError(f"{runq} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
@@ -102,7 +119,9 @@ def run_runq(runq: str, model_path: str, tokenizer_path: str, steps: int, thread
 def run_ours(engine: Engine, steps: int):
     """(tokens/s, generated ids) of greedy decoding from BOS on the engine of ``Llama.generate``,
     timed as runq times itself: from the first token on."""
-    request = engine.submit([[1]], GenerationOptions(max_gen_len=steps, temperature=0, stop_tokens=[]), stream_text=False)
+    request = engine.submit(
+        [[1]], GenerationOptions(max_gen_len=steps, temperature=0, stop_tokens=[]), stream_text=False
+    )
     start = None
     for _ in engine.run_until_done(request):
         if start is None:
@@ -121,7 +140,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_checkpoint_args(parser)
     parser.add_argument("--runq", required=True, help="path to the runq binary built from llama2.c's runq.c")
     parser.add_argument("--modes", default="int8,int4", help="this project's modes to time (see bench/compare.py)")
-    parser.add_argument("--compiled_modes", default="", help="modes also timed with the decode step compiled, e.g. int8,int4")
+    parser.add_argument(
+        "--compiled_modes", default="", help="modes also timed with the decode step compiled, e.g. int8,int4"
+    )
     parser.add_argument("--steps", type=int, default=128, help="positions decoded per run, BOS included")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
@@ -136,11 +157,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     model_path, tokenizer_path = str(Path(scratch.name) / "model.bin"), str(Path(scratch.name) / "tokenizer.bin")
     export_runq_model(load_model(ckpt_dir, model_args, torch.device("cpu"), torch.float32), model_path, args.steps)
     export_runq_tokenizer(tokenizer_path, numbered_pieces(model_args.vocab_size), [0.0] * model_args.vocab_size)
-    models = {mode: load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode)) for mode in args.modes.split(",")}
+    models = {
+        mode: load_model(ckpt_dir, model_args, torch.device("cpu"), *mode_settings(mode))
+        for mode in args.modes.split(",")
+    }
     steps = {mode: Engine(model, None, engine_options_for(model)) for mode, model in models.items()}
     for mode in filter(None, args.compiled_modes.split(",")):  # the same model, its step compiled
         steps[f"{mode} compiled"] = Engine(models[mode], None, engine_options_for(models[mode], compile=True))
-    print(f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run")
+    print(
+        f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run"
+    )
 
     speeds = {name: [] for name in ["runq"] + list(steps)}
     continuations = {}
@@ -156,11 +182,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s[-1]:.1f}" for n, s in speeds.items()), flush=True)
 
     base = statistics.median(speeds["runq"])
-    print(f"\n{'implementation':<16}{'tok/s (median)':>16}{'min-max':>16}{'vs runq':>10}{'same greedy tokens as runq':>30}")
+    print(
+        f"\n{'implementation':<16}{'tok/s (median)':>16}{'min-max':>16}{'vs runq':>10}{'same greedy tokens as runq':>30}"
+    )
     for name, s in speeds.items():
         same = agreement(continuations[name], continuations["runq"])
-        print(f"{name:<16}{statistics.median(s):>16.1f}{f'{min(s):.1f}-{max(s):.1f}':>16}{statistics.median(s) / base:>9.2f}x"
-              f"{f'{same}/{len(continuations[name])}':>30}")
+        print(
+            f"{name:<16}{statistics.median(s):>16.1f}{f'{min(s):.1f}-{max(s):.1f}':>16}{statistics.median(s) / base:>9.2f}x"
+            f"{f'{same}/{len(continuations[name])}':>30}"
+        )
 
 
 if __name__ == "__main__":

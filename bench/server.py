@@ -58,15 +58,49 @@ class Server:
     """A server process on a free loopback port, started in its own process group, from the code in
     ``root``; ``label`` names it in the tables."""
 
-    def __init__(self, label: str, args, log_path: Path, root: Path = ROOT, admission: str = "continuous", max_queue: int = 1000,
-                 slots: Optional[int] = None):
-        command = [sys.executable, "-m", "llama.server", "--port", "0", "--max_batch_size", str(slots or args.slots),
-                   "--max_seq_len", str(args.max_seq_len), "--device", args.device, "--admission", admission, "--max_queue", str(max_queue),
-                   "--prefill_chunk", str(args.prefill_chunk), "--threads", str(args.threads), "--ckpt_dir", str(BUNDLED)]
+    def __init__(
+        self,
+        label: str,
+        args,
+        log_path: Path,
+        root: Path = ROOT,
+        admission: str = "continuous",
+        max_queue: int = 1000,
+        slots: Optional[int] = None,
+    ):
+        command = [
+            sys.executable,
+            "-m",
+            "llama.server",
+            "--port",
+            "0",
+            "--max_batch_size",
+            str(slots or args.slots),
+            "--max_seq_len",
+            str(args.max_seq_len),
+            "--device",
+            args.device,
+            "--admission",
+            admission,
+            "--max_queue",
+            str(max_queue),
+            "--prefill_chunk",
+            str(args.prefill_chunk),
+            "--threads",
+            str(args.threads),
+            "--ckpt_dir",
+            str(BUNDLED),
+        ]
         self.label, self.admission, self.log_path = label, admission, log_path
         with open(log_path, "w") as log:
-            self.process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "PYTHONPATH": str(root)})
+            self.process = subprocess.Popen(
+                command,
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(root)},
+            )
         self.port = self.wait_for_port()
 
     def wait_for_port(self, timeout: float = 120) -> int:
@@ -167,7 +201,9 @@ def mixed_requests(tokenizer: Tokenizer, n: int, seed: int) -> List[dict]:
     for i in range(n):
         length = round(5 * 100 ** rng.random())  # 5 .. 500
         start = rng.randrange(len(corpus) - length)
-        prompt = tokenizer.decode(corpus[start : start + length - 1])  # BOS makes it `length` (about: decoding may merge)
+        prompt = tokenizer.decode(
+            corpus[start : start + length - 1]
+        )  # BOS makes it `length` (about: decoding may merge)
         settings = {"temperature": 0} if i % 2 == 0 else {**rng.choice(samplers), "seed": i}
         max_tokens = round(8 * 32 ** rng.random())  # 8 .. 256
         bodies.append({"prompt": prompt, "max_tokens": max_tokens, "logit_bias": no_eos, **settings})
@@ -197,8 +233,12 @@ def run_mixed(port: int, bodies: List[dict], clients: int) -> dict:
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": sum(s.tokens for s in streams),
-            "ttft": [s.time_to_first_token for s in streams], "gaps": [g for s in streams for g in s.gaps]}
+    return {
+        "seconds": seconds,
+        "tokens": sum(s.tokens for s in streams),
+        "ttft": [s.time_to_first_token for s in streams],
+        "gaps": [g for s in streams for g in s.gaps],
+    }
 
 
 def section_mixed(servers, tokenizer, args) -> None:
@@ -206,35 +246,46 @@ def section_mixed(servers, tokenizer, args) -> None:
     post(servers[0].port, {**bodies[0], "max_tokens": 2})  # warm up
     post(servers[1].port, {**bodies[0], "max_tokens": 2})
     totals = {server.label: {"seconds": 0.0, "tokens": 0, "ttft": [], "gaps": []} for server in servers}
-    print(f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per server, "
-          f"{args.slots} slots, {args.threads} thread(s) per server; load average {load()}")
+    print(
+        f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per server, "
+        f"{args.slots} slots, {args.threads} thread(s) per server; load average {load()}"
+    )
     for round_ in range(args.rounds):
         for server in servers:
             r = run_mixed(server.port, bodies, args.clients)
             for key in r:
                 totals[server.label][key] += r[key]
-            print(f"round {round_ + 1} {server.label}: {r['tokens'] / r['seconds']:.0f} tokens/s, mean TTFT "
-                  f"{statistics.mean(r['ttft']):.2f} s ({r['seconds']:.1f} s, load {load()})", flush=True)
+            print(
+                f"round {round_ + 1} {server.label}: {r['tokens'] / r['seconds']:.0f} tokens/s, mean TTFT "
+                f"{statistics.mean(r['ttft']):.2f} s ({r['seconds']:.1f} s, load {load()})",
+                flush=True,
+            )
     print("\n| server | tokens/s | TTFT mean | TTFT p50 | TTFT p99 | ITL mean | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|---|")
     for policy, t in totals.items():
         ttft, gaps = t["ttft"], t["gaps"]
-        print(f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | {percentile(ttft, 0.5):.3f} s | "
-              f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | {1000 * percentile(gaps, 0.5):.1f} ms | "
-              f"{1000 * percentile(gaps, 0.99):.1f} ms |")
+        print(
+            f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | {percentile(ttft, 0.5):.3f} s | "
+            f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | {1000 * percentile(gaps, 0.5):.1f} ms | "
+            f"{1000 * percentile(gaps, 0.99):.1f} ms |"
+        )
     (first, c), (second, s) = totals.items()
     goals = "(goal >= 1.5)", "(goal <= 0.25)"
     if args.baseline_root:
         goals = "(goal >= 1: no worse)", "(goal <= 1: no worse)"
-    print(f"\n{first} / {second}: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s {goals[0]}, "
-          f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT {goals[1]}")
+    print(
+        f"\n{first} / {second}: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s {goals[0]}, "
+        f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT {goals[1]}"
+    )
 
 
 def section_short(servers, tokenizer, args) -> None:
     """A 4-token request alone, then beside a running 600-token one; alternating, per policy."""
     short = {"prompt": "import os\n", "max_tokens": 4, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
     long = {**short, "prompt": "def main():\n", "max_tokens": 600}
-    print(f"\n## short: a 4-token request alone and beside a running 600-token one, {args.rounds * 3} of each; load average {load()}")
+    print(
+        f"\n## short: a 4-token request alone and beside a running 600-token one, {args.rounds * 3} of each; load average {load()}"
+    )
     print("| server | alone (median) | beside (median) | ratio |")
     print("|---|---|---|---|")
     results = {server.label: {"alone": [], "beside": []} for server in servers}
@@ -262,8 +313,10 @@ def section_prefill(servers, tokenizer, args) -> None:
     no_eos = {str(tokenizer.eos_id): -100}
     long_prompt = {"prompt": tokenizer.decode(corpus[:999]), "max_tokens": 4, "temperature": 0}
     running_body = {"prompt": "class Stack:\n", "max_tokens": 300, "temperature": 0, "logit_bias": no_eos}
-    print(f"\n## prefill: a running row while a {len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
-          f"is admitted ({server.label}, --prefill_chunk {args.prefill_chunk}); load average {load()}")
+    print(
+        f"\n## prefill: a running row while a {len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
+        f"is admitted ({server.label}, --prefill_chunk {args.prefill_chunk}); load average {load()}"
+    )
     print("| run | median gap | longest gap while admitting | ratio | longest gap overall |")
     print("|---|---|---|---|---|")
     ratios = []
@@ -276,10 +329,14 @@ def section_prefill(servers, tokenizer, args) -> None:
         first_token = long_request.arrivals[0] if long_request.arrivals else time.perf_counter()
         reader.join()
         gaps = running.gaps
-        window = [b - a for a, b in zip(running.arrivals, running.arrivals[1:]) if b >= admitted_at and a <= first_token]
+        window = [
+            b - a for a, b in zip(running.arrivals, running.arrivals[1:]) if b >= admitted_at and a <= first_token
+        ]
         median, worst = statistics.median(gaps), max(window)
         ratios.append(worst / median)
-        print(f"| {run + 1} | {1000 * median:.1f} ms | {1000 * worst:.1f} ms | {worst / median:.2f}x | {1000 * max(gaps):.1f} ms |")
+        print(
+            f"| {run + 1} | {1000 * median:.1f} ms | {1000 * worst:.1f} ms | {worst / median:.2f}x | {1000 * max(gaps):.1f} ms |"
+        )
     print(f"median ratio {statistics.median(ratios):.2f}x (goal <= 3x)")
 
 
@@ -304,7 +361,9 @@ def burst_client(port: int, body: dict, outcomes: dict, lock: threading.Lock, st
     start.wait()
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         if response.status == 503:
             outcome = "503" if "error" in json.loads(response.read()) else "503 (not JSON)"
@@ -322,23 +381,38 @@ def burst_client(port: int, body: dict, outcomes: dict, lock: threading.Lock, st
 def section_burst(servers, tokenizer, args) -> None:
     """``--burst_clients`` streaming clients started at once against 32 slots, per --max_queue."""
     body = {"prompt": "import os\n", "max_tokens": 16, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
-    print(f"\n## burst: {args.burst_clients} streaming clients at once, 32 slots, 16 tokens each; load average {load()}")
+    print(
+        f"\n## burst: {args.burst_clients} streaming clients at once, 32 slots, 16 tokens each; load average {load()}"
+    )
     print("| server | --max_queue | outcomes | seconds |")
     print("|---|---|---|---|")
     for label, root in roots(args):
         for max_queue in (1024, 16):
-            server = Server(label, args, Path(args.log_dir) / f"llama-bench-burst-{label}-{max_queue}.log", root, max_queue=max_queue, slots=32)
+            server = Server(
+                label,
+                args,
+                Path(args.log_dir) / f"llama-bench-burst-{label}-{max_queue}.log",
+                root,
+                max_queue=max_queue,
+                slots=32,
+            )
             try:
                 post(server.port, {**body, "max_tokens": 2})  # warm up
                 outcomes, lock = {}, threading.Lock()
                 barrier = threading.Barrier(args.burst_clients)
-                threads = [threading.Thread(target=burst_client, args=(server.port, body, outcomes, lock, barrier)) for _ in range(args.burst_clients)]
+                threads = [
+                    threading.Thread(target=burst_client, args=(server.port, body, outcomes, lock, barrier))
+                    for _ in range(args.burst_clients)
+                ]
                 start = time.perf_counter()
                 for thread in threads:
                     thread.start()
                 for thread in threads:
                     thread.join()
-                print(f"| {label} | {max_queue} | {dict(sorted(outcomes.items()))} | {time.perf_counter() - start:.1f} |", flush=True)
+                print(
+                    f"| {label} | {max_queue} | {dict(sorted(outcomes.items()))} | {time.perf_counter() - start:.1f} |",
+                    flush=True,
+                )
             finally:
                 server.stop()
     print("goal (this tree): all complete with 1024; complete or 503 with 16")
@@ -347,9 +421,13 @@ def section_burst(servers, tokenizer, args) -> None:
 def section_stalled(servers, tokenizer, args) -> None:
     """A real request's latency beside ``--stalled`` connections that sent half a request."""
     body = json.dumps({"prompt": "import os\n", "max_tokens": 4, "temperature": 0})
-    half = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            + body[: len(body) // 2]).encode()
-    print(f"\n## stalled: a 4-token request alone and beside {args.stalled} connections that sent half a request; load average {load()}")
+    half = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        + body[: len(body) // 2]
+    ).encode()
+    print(
+        f"\n## stalled: a 4-token request alone and beside {args.stalled} connections that sent half a request; load average {load()}"
+    )
     print("| server | alone (median) | beside (median, max) |")
     print("|---|---|---|")
     for server in servers[:1] if not args.baseline_root else servers:
@@ -367,9 +445,13 @@ def section_stalled(servers, tokenizer, args) -> None:
                 start = time.perf_counter()
                 post(server.port, json.loads(body))
                 beside.append(time.perf_counter() - start)
-            print(f"| {server.label} | {1000 * statistics.median(alone):.1f} ms | {1000 * statistics.median(beside):.1f} ms, {1000 * max(beside):.1f} ms |")
+            print(
+                f"| {server.label} | {1000 * statistics.median(alone):.1f} ms | {1000 * statistics.median(beside):.1f} ms, {1000 * max(beside):.1f} ms |"
+            )
         except (ConnectionError, OSError, RuntimeError) as error:
-            print(f"| {server.label} | {1000 * statistics.median(alone) if alone else float('nan'):.1f} ms | failed: {error!r:.80} |")
+            print(
+                f"| {server.label} | {1000 * statistics.median(alone) if alone else float('nan'):.1f} ms | failed: {error!r:.80} |"
+            )
         finally:
             for connection in stalled:
                 connection.close()
@@ -385,7 +467,13 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-SECTIONS = {"mixed": section_mixed, "short": section_short, "prefill": section_prefill, "burst": section_burst, "stalled": section_stalled}
+SECTIONS = {
+    "mixed": section_mixed,
+    "short": section_short,
+    "prefill": section_prefill,
+    "burst": section_burst,
+    "stalled": section_stalled,
+}
 
 
 def main():
@@ -401,7 +489,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="of the mixed workload")
     parser.add_argument("--log_dir", default="/tmp")
     parser.add_argument("--device", default="cpu", help="the servers' --device")
-    parser.add_argument("--baseline_root", default=None, help="another tree (an export of main) whose server is compared with this one's, both continuous")
+    parser.add_argument(
+        "--baseline_root",
+        default=None,
+        help="another tree (an export of main) whose server is compared with this one's, both continuous",
+    )
     parser.add_argument("--burst_clients", type=int, default=512)
     parser.add_argument("--stalled", type=int, default=300, help="half-sent requests of the stalled section")
     args = parser.parse_args()
@@ -415,10 +507,14 @@ def main():
     try:
         if args.baseline_root:
             for label, root in roots(args):
-                servers.append(Server(label, args, Path(args.log_dir) / f"llama-bench-server-{label.replace(' ', '-')}.log", root))
+                servers.append(
+                    Server(label, args, Path(args.log_dir) / f"llama-bench-server-{label.replace(' ', '-')}.log", root)
+                )
         else:
             for policy in POLICIES:
-                servers.append(Server(policy, args, Path(args.log_dir) / f"llama-bench-server-{policy}.log", admission=policy))
+                servers.append(
+                    Server(policy, args, Path(args.log_dir) / f"llama-bench-server-{policy}.log", admission=policy)
+                )
         print(f"load average at start {load()}; {os.cpu_count()} CPUs")
         for name in sections:
             SECTIONS[name](servers, tokenizer, args)

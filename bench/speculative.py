@@ -26,13 +26,13 @@ import time
 import torch
 
 from common import DEFAULT_SHAPE, DTYPES, checkpoint_args, random_checkpoint
-
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.engine import Engine, engine_options_for
-from llama.options import GenerationOptions
 from llama.layers.quantize import parse_quantize
+from llama.options import GenerationOptions
 from llama.tokenizer import Tokenizer
+
 CONTINUING = {
     "main": "import os\nimport sys\n\n\ndef main():\n",
     "class": "class Stack:\n    def __init__(self):\n",
@@ -70,18 +70,24 @@ def compare(engines, prompts, args, speculate: str, title: str) -> None:
     ratios = {k: [] for k in args.k}
     for name, prompt in prompts.items():
         for k in args.k:
-            fast = GenerationOptions(max_gen_len=args.gen_tokens, temperature=0, stop_tokens=[], speculate=speculate, speculate_k=k)
+            fast = GenerationOptions(
+                max_gen_len=args.gen_tokens, temperature=0, stop_tokens=[], speculate=speculate, speculate_k=k
+            )
             generate(engines["plain"], prompt, plain), generate(engines["speculative"], prompt, fast)  # warm-up
             times = {"plain": [], "speculative": []}
             for _ in range(args.rounds):
                 times["plain"].append(generate(engines["plain"], prompt, plain)[0])
                 seconds, row = generate(engines["speculative"], prompt, fast)
                 times["speculative"].append(seconds)
-            plain_rate, fast_rate = (len(row.tokens) / statistics.median(times[name]) for name in ("plain", "speculative"))
+            plain_rate, fast_rate = (
+                len(row.tokens) / statistics.median(times[name]) for name in ("plain", "speculative")
+            )
             acceptance = row.accepted / (row.speculative_steps * k)
             per_step = (len(row.tokens) - 1) / row.speculative_steps  # the first token comes from the prefill
             ratios[k].append(fast_rate / plain_rate)
-            print(f"{name:<10} {k:>2} {plain_rate:>11.1f} {fast_rate:>10.1f} {fast_rate / plain_rate:>5.2f}x {acceptance:>7.2f} {per_step:>8.2f}")
+            print(
+                f"{name:<10} {k:>2} {plain_rate:>11.1f} {fast_rate:>10.1f} {fast_rate / plain_rate:>5.2f}x {acceptance:>7.2f} {per_step:>8.2f}"
+            )
     for k, values in ratios.items():
         print(f"k={k}: median speed-up over the prompts {statistics.median(values):.2f}x")
 
@@ -99,7 +105,9 @@ def lookup_setup(args) -> None:
 def draft_setup(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         shape = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size)
-        ckpt_dir = args.ckpt_dir or random_checkpoint(argparse.Namespace(**shape, n_kv_heads=None, ckpt_dtype="float32"), folder)
+        ckpt_dir = args.ckpt_dir or random_checkpoint(
+            argparse.Namespace(**shape, n_kv_heads=None, ckpt_dtype="float32"), folder
+        )
         model_args = checkpoint_args(ckpt_dir, args.prompt_len + args.gen_tokens + 16, 1)
         device = torch.device(args.device)
         model = load_model(ckpt_dir, model_args, device, DTYPES[args.dtype])
@@ -107,15 +115,26 @@ def draft_setup(args) -> None:
     options = engine_options_for(model)
     engines = {"plain": Engine(model, None, options), "speculative": Engine(model, None, options, draft)}
     generator = torch.Generator().manual_seed(0)
-    prompts = {f"random{i}": torch.randint(3, model_args.vocab_size, (args.prompt_len,), generator=generator).tolist() for i in range(args.prompts)}
+    prompts = {
+        f"random{i}": torch.randint(3, model_args.vocab_size, (args.prompt_len,), generator=generator).tolist()
+        for i in range(args.prompts)
+    }
     name = args.ckpt_dir or f"random {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    compare(engines, prompts, args, "draft", f"draft model, {name} in {args.dtype}, its {args.draft_quantize} copy as the draft")
+    compare(
+        engines,
+        prompts,
+        args,
+        "draft",
+        f"draft model, {name} in {args.dtype}, its {args.draft_quantize} copy as the draft",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", choices=["lookup", "draft"], default=["lookup", "draft"])
-    parser.add_argument("--k", type=int, nargs="+", default=None, help="speculate_k values (default: 6 for lookup, 3 for draft)")
+    parser.add_argument(
+        "--k", type=int, nargs="+", default=None, help="speculate_k values (default: 6 for lookup, 3 for draft)"
+    )
     parser.add_argument("--gen_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -126,7 +145,9 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="where both setups run: cpu, cuda, ...")
     for name in ("dim", "n_layers", "n_heads", "vocab_size"):
-        parser.add_argument(f"--{name}", type=int, default=DEFAULT_SHAPE[name], help="the draft setup's random checkpoint's shape")
+        parser.add_argument(
+            f"--{name}", type=int, default=DEFAULT_SHAPE[name], help="the draft setup's random checkpoint's shape"
+        )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for setup in args.setups:

@@ -32,13 +32,20 @@ sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402  (after the path: the repository's llama)
 from llama.checkpoints.files import BUNDLED  # noqa: E402
-from llama.options import GenerationOptions  # noqa: E402
 from llama.engine.structured import COMPACT, special_ids  # noqa: E402
+from llama.options import GenerationOptions  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                           "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4}},
-          "required": ["name", "age", "tags"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 UNSUPPORTED = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
 DIGITS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 240}
 ROWS = 8
@@ -57,6 +64,7 @@ class LLGuidance:
         import llguidance.torch
 
         from llama.engine.structured import TokenizerFunctions
+
         self.lib, self.torch = llguidance, llguidance.torch
         wrapper = llguidance.TokenizerWrapper(TokenizerFunctions(tokenizer, tokens, specials))
         self.lltokenizer = llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=list(tokenizer.stop_tokens))
@@ -90,8 +98,11 @@ class XGrammar:
 
     def __init__(self, tokenizer, tokens, specials):
         import xgrammar
+
         self.lib = xgrammar
-        info = xgrammar.TokenizerInfo(tokens, xgrammar.VocabType.RAW, vocab_size=len(tokens), stop_token_ids=list(tokenizer.stop_tokens))
+        info = xgrammar.TokenizerInfo(
+            tokens, xgrammar.VocabType.RAW, vocab_size=len(tokens), stop_token_ids=list(tokenizer.stop_tokens)
+        )
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.n = len(tokens)
 
@@ -152,8 +163,10 @@ def section_libraries(args) -> None:
                 except (ValueError, RuntimeError) as error:
                     results[cls.name]["refuses"] = f"yes: {str(error).splitlines()[0][-60:]}"
         for name, result in results.items():
-            print(f"  {name:10s} vocabulary {1e3 * statistics.median(result['vocabulary']):8.1f} ms   grammar {1e3 * statistics.median(result['grammar']):7.2f} ms"
-                  f"   8-row masks per step {1e3 * statistics.median(result['masks']):6.3f} ms   refuses 'not': {result['refuses']}")
+            print(
+                f"  {name:10s} vocabulary {1e3 * statistics.median(result['vocabulary']):8.1f} ms   grammar {1e3 * statistics.median(result['grammar']):7.2f} ms"
+                f"   8-row masks per step {1e3 * statistics.median(result['masks']):6.3f} ms   refuses 'not': {result['refuses']}"
+            )
 
 
 def section_decode(args) -> None:
@@ -165,7 +178,11 @@ def section_decode(args) -> None:
     rates = {"free": [], "constrained": []}
     llama.generate(prompts, max_gen_len=8, temperature=0)  # warm
     for i in range(args.rounds):
-        for name, options in (("free", free), ("constrained", constrained)) if i % 2 == 0 else (("constrained", constrained), ("free", free)):
+        for name, options in (
+            (("free", free), ("constrained", constrained))
+            if i % 2 == 0
+            else (("constrained", constrained), ("free", free))
+        ):
             start = time.perf_counter()
             request = llama.engine.submit(prompts, options)
             for _ in llama.engine.run_until_done(request):
@@ -173,7 +190,9 @@ def section_decode(args) -> None:
             seconds = time.perf_counter() - start
             rates[name].append(sum(map(len, request.tokens)) / seconds)
     free_rate, constrained_rate = statistics.median(rates["free"]), statistics.median(rates["constrained"])
-    print(f"\ndecode, bundled model, {ROWS} rows x {args.tokens} tokens, {args.threads} thread(s), {args.rounds} rounds (load {os.getloadavg()[0]:.1f}):")
+    print(
+        f"\ndecode, bundled model, {ROWS} rows x {args.tokens} tokens, {args.threads} thread(s), {args.rounds} rounds (load {os.getloadavg()[0]:.1f}):"
+    )
     print(f"  free        {free_rate:8.0f} tok/s   {[round(r) for r in rates['free']]}")
     print(f"  constrained {constrained_rate:8.0f} tok/s   {[round(r) for r in rates['constrained']]}")
     print(f"  cost of the grammar: {100 * (1 - constrained_rate / free_rate):.1f}% of decode tokens/s")
@@ -185,7 +204,9 @@ SECTIONS = {"libraries": section_libraries, "decode": section_decode}
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="libraries,decode", help=f"comma-separated, of {list(SECTIONS)}")
-    parser.add_argument("--tokenizer_path", default=None, help="another tokenizer (Llama 3's tokenizer.model) for the libraries section")
+    parser.add_argument(
+        "--tokenizer_path", default=None, help="another tokenizer (Llama 3's tokenizer.model) for the libraries section"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40, help="mask steps per walk")
     parser.add_argument("--tokens", type=int, default=480, help="decode: tokens per row")

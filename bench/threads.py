@@ -24,7 +24,6 @@ import torch  # each run's environment decides OMP_WAIT_POLICY: only the command
 
 from common import add_checkpoint_args, checkpoint_args, print_table, random_checkpoint
 from compare import Ours, timed
-
 from llama.checkpoints.files import BUNDLED
 from llama.checkpoints.loader import load_model
 from llama.distributed import set_threads
@@ -52,7 +51,17 @@ def run_worker(ckpt_dir: str, threads: int, n_tokens: int, policy: str) -> dict:
     if policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     load = os.getloadavg()[0]
-    command = [sys.executable, __file__, "--worker", "--ckpt_dir", ckpt_dir, "--threads", str(threads), "--tokens", str(n_tokens)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--threads",
+        str(threads),
+        "--tokens",
+        str(n_tokens),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
@@ -63,9 +72,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)  # --ckpt_dir: one checkpoint instead of the two; the shape: the random one's
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=None, help="tokens decoded per measurement; default: 64 for the bundled model, 32 otherwise")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="tokens decoded per measurement; default: 64 for the bundled model, 32 otherwise",
+    )
     parser.add_argument("--thread_counts", default="1,2")
-    parser.add_argument("--policies", default="default,PASSIVE", help="OMP_WAIT_POLICY values; 'default' leaves it unset")
+    parser.add_argument(
+        "--policies", default="default,PASSIVE", help="OMP_WAIT_POLICY values; 'default' leaves it unset"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -77,9 +93,16 @@ def main() -> None:
         checkpoints = {Path(args.ckpt_dir).name: args.ckpt_dir}
     else:
         checkpoints = {"bundled": str(BUNDLED), "134M": random_checkpoint(args, str(Path(scratch.name) / "134M"))}
-    tokens = {name: args.tokens or (64 if Path(path).resolve() == BUNDLED else 32) for name, path in checkpoints.items()}
-    configs = list(itertools.product(checkpoints, [int(t) for t in args.thread_counts.split(",")], args.policies.split(",")))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; {args.rounds} rounds of {len(configs)} configurations x (quiet, neighbour)", flush=True)
+    tokens = {
+        name: args.tokens or (64 if Path(path).resolve() == BUNDLED else 32) for name, path in checkpoints.items()
+    }
+    configs = list(
+        itertools.product(checkpoints, [int(t) for t in args.thread_counts.split(",")], args.policies.split(","))
+    )
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; {args.rounds} rounds of {len(configs)} configurations x (quiet, neighbour)",
+        flush=True,
+    )
 
     results = {(neighbour, *config): [] for neighbour in ("quiet", "neighbour") for config in configs}
     for r in range(args.rounds):
@@ -87,7 +110,9 @@ def main() -> None:
             busy = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if neighbour == "neighbour" else None
             try:
                 for name, threads, policy in configs:
-                    results[(neighbour, name, threads, policy)].append(run_worker(checkpoints[name], threads, tokens[name], policy))
+                    results[(neighbour, name, threads, policy)].append(
+                        run_worker(checkpoints[name], threads, tokens[name], policy)
+                    )
             finally:
                 if busy is not None:
                     busy.kill()
@@ -95,13 +120,40 @@ def main() -> None:
             time.sleep(2)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    header = ["checkpoint", "threads", "OMP_WAIT_POLICY", "quiet tok/s", "load", "with neighbour tok/s", "load", "ratio"]
+    header = [
+        "checkpoint",
+        "threads",
+        "OMP_WAIT_POLICY",
+        "quiet tok/s",
+        "load",
+        "with neighbour tok/s",
+        "load",
+        "ratio",
+    ]
     rows = []
     for name, threads, policy in configs:
         quiet, busy = results[("quiet", name, threads, policy)], results[("neighbour", name, threads, policy)]
-        quiet_tok_s, busy_tok_s = statistics.median(m["tok_s"] for m in quiet), statistics.median(m["tok_s"] for m in busy)
-        rows.append([name, threads, policy, f"{quiet_tok_s:.1f}", load_range(quiet), f"{busy_tok_s:.1f}", load_range(busy), f"{busy_tok_s / quiet_tok_s:.2f}"])
-    print_table(f"greedy batch-1 decode tokens/s, median of {args.rounds} rounds (load: 1-minute load average before each run)", header, rows)
+        quiet_tok_s, busy_tok_s = (
+            statistics.median(m["tok_s"] for m in quiet),
+            statistics.median(m["tok_s"] for m in busy),
+        )
+        rows.append(
+            [
+                name,
+                threads,
+                policy,
+                f"{quiet_tok_s:.1f}",
+                load_range(quiet),
+                f"{busy_tok_s:.1f}",
+                load_range(busy),
+                f"{busy_tok_s / quiet_tok_s:.2f}",
+            ]
+        )
+    print_table(
+        f"greedy batch-1 decode tokens/s, median of {args.rounds} rounds (load: 1-minute load average before each run)",
+        header,
+        rows,
+    )
 
 
 def load_range(measurements: list) -> str:

@@ -14,8 +14,13 @@ grammars or the chat templates.
 
 import importlib
 
-PUBLIC_NAMES = {"Dialog": "llama.generation", "Llama": "llama.generation", "ModelArgs": "llama.model",
-                "Tokenizer": "llama.tokenizer", "Transformer": "llama.model"}
+PUBLIC_NAMES = {
+    "Dialog": "llama.generation",
+    "Llama": "llama.generation",
+    "ModelArgs": "llama.model",
+    "Tokenizer": "llama.tokenizer",
+    "Transformer": "llama.model",
+}
 __all__ = sorted(PUBLIC_NAMES)
 
 

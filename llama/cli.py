@@ -39,20 +39,44 @@ from llama.options import EngineOptions, GenerationOptions, LoadOptions
 
 USER_ERRORS = (ValueError, TypeError, OSError, RankFailedError)
 OPTION_FLAGS = {  # the options' fields that commands take as flags (llama.options.flag)
-    field.name: field for options in (LoadOptions, EngineOptions, GenerationOptions)
-    for field in dataclasses.fields(options) if "help" in field.metadata
+    field.name: field
+    for options in (LoadOptions, EngineOptions, GenerationOptions)
+    for field in dataclasses.fields(options)
+    if "help" in field.metadata
 }
 COMMAND_FLAGS = {  # the flags several commands share that are no option of loading, the engine or a generation
-    "threads": dict(type=int, default=None, help=(
-        "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
-        "core or fewer, whichever decodes the loaded model fastest, timed at load (a model over 1 GiB keeps one per "
-        "core)")),
+    "threads": dict(
+        type=int,
+        default=None,
+        help=(
+            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
+            "core or fewer, whichever decodes the loaded model fastest, timed at load (a model over 1 GiB keeps one per "
+            "core)"
+        ),
+    ),
     "verbose": dict(action="store_true", help="also print the prompt and decoding speeds"),
 }
 EXAMPLE_FLAGS = (  # the flags both example scripts take: Meta's seven first, in Meta's order
-    "ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_gen_len", "max_batch_size",
-    "device", "dtype", "quantize", "compile", "speculate", "speculate_k", "draft_ckpt_dir", "draft_quantize",
-    "adapter_dir", "kv_cache_tokens", "prefix_cache", "verbose", "threads",
+    "ckpt_dir",
+    "tokenizer_path",
+    "temperature",
+    "top_p",
+    "max_seq_len",
+    "max_gen_len",
+    "max_batch_size",
+    "device",
+    "dtype",
+    "quantize",
+    "compile",
+    "speculate",
+    "speculate_k",
+    "draft_ckpt_dir",
+    "draft_quantize",
+    "adapter_dir",
+    "kv_cache_tokens",
+    "prefix_cache",
+    "verbose",
+    "threads",
 )
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LLAMA_TRACEBACK"
@@ -60,8 +84,9 @@ EXIT_USER_ERROR = 2  # the status argparse uses for a bad command line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
-def run_parser(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],
-               argv: Optional[Sequence[str]] = None) -> None:
+def run_parser(
+    parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None], argv: Optional[Sequence[str]] = None
+) -> None:
     """Run a command: ``main(parser.parse_args(argv))``, its errors, the parser's own included (an unknown
     flag, a missing one, a value of the wrong type), printed as one line, once per job.
 
@@ -139,8 +164,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def add_traceback_flag(parser: argparse.ArgumentParser) -> None:
     """``--traceback`` in the help; ``split_traceback_flag`` takes it out of the arguments before parsing."""
-    parser.add_argument(TRACEBACK_FLAG, action="store_true", help=(
-        f"show the full traceback of an error instead of one line; {TRACEBACK_ENV}=1 does the same"))
+    parser.add_argument(
+        TRACEBACK_FLAG,
+        action="store_true",
+        help=(f"show the full traceback of an error instead of one line; {TRACEBACK_ENV}=1 does the same"),
+    )
 
 
 def underscored(argv: Sequence[str]) -> List[str]:
@@ -161,8 +189,12 @@ def unknown_arguments(parser: argparse.ArgumentParser, unknown: Sequence[str]) -
     flag = next((argument.split("=", 1)[0] for argument in unknown if re.match(r"^--?[A-Za-z]", argument)), None)
     if flag is None:
         return f"unrecognized arguments: {' '.join(unknown)}"
-    known = [option for action in parser._actions if action.dest not in ("help", "traceback")
-             for option in action.option_strings]
+    known = [
+        option
+        for action in parser._actions
+        if action.dest not in ("help", "traceback")
+        for option in action.option_strings
+    ]
     close = [option for option in known if option.startswith(flag)] or difflib.get_close_matches(flag, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown flag {flag}{hint}; known flags: {', '.join(known)}"
@@ -241,7 +273,9 @@ def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, qua
     if generator.kv_cache_dtype != generator.dtype:
         dtype += f", {generator.kv_cache_dtype} KV cache"
     adapter = f" with the adapter {generator.adapter_dir}" if generator.adapter_dir is not None else ""
-    device = f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)
+    device = (
+        f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)
+    )
     return f"Loaded {ckpt_dir}{adapter} (tokenizer: {tokenizer_path}) on {device} ({dtype}) in {seconds:.2f} s"
 
 
@@ -255,7 +289,9 @@ def compile_line(engine) -> Optional[str]:
     """
     speculator = engine.speculator
     steps = [speculator.verify_forward] + ([speculator.draft_forward] if speculator.draft_forward is not None else [])
-    times = [("the decode step", engine.runner.compile_seconds)] + [(f"the {step.name}", step.compile_seconds) for step in steps]
+    times = [("the decode step", engine.runner.compile_seconds)] + [
+        (f"the {step.name}", step.compile_seconds) for step in steps
+    ]
     compiled = [f"{name} in {seconds:.1f} s" for name, seconds in times if seconds is not None]
     return f"Compiled {', '.join(compiled)} (on first use, counted above)" if compiled else None
 

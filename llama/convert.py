@@ -31,7 +31,12 @@ import torch
 from llama.checkpoints.hf import params_to_config
 from llama.checkpoints.loader import CheckpointFolder, checkpoint_folder, layout_of, meta_layout
 from llama.checkpoints.writers import (
-    file_groups, meta_shard_path, output_folder, write_hf_tokenizer, write_hf_weights, write_meta_shard,
+    file_groups,
+    meta_shard_path,
+    output_folder,
+    write_hf_tokenizer,
+    write_hf_weights,
+    write_meta_shard,
     write_meta_tokenizer,
 )
 from llama.cli import add_flags, run_parser
@@ -53,8 +58,14 @@ def source_model(ckpt_dir: str) -> Tuple[dict, ModelArgs]:
 
 
 def to_meta(
-    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_shards: int, dtype: Optional[torch.dtype],
-    tokenizer: Tokenizer, tokenizer_path: str,
+    source: CheckpointFolder,
+    params: dict,
+    args: ModelArgs,
+    out_dir: str,
+    n_shards: int,
+    dtype: Optional[torch.dtype],
+    tokenizer: Tokenizer,
+    tokenizer_path: str,
 ) -> None:
     """Write ``n_shards`` consolidated.NN.pth files: shard s is what rank s of n_shards loads in Meta's
     code for the model (Llama 3's splits the embedding on the vocabulary)."""
@@ -84,8 +95,15 @@ def trained_context(params: dict, args: ModelArgs, tokenizer: Tokenizer) -> int:
 
 
 def to_hf(
-    source: CheckpointFolder, params: dict, args: ModelArgs, out_dir: str, n_files: int, dtype: Optional[torch.dtype],
-    tokenizer: Tokenizer, tokenizer_path: str, max_position_embeddings: Optional[int],
+    source: CheckpointFolder,
+    params: dict,
+    args: ModelArgs,
+    out_dir: str,
+    n_files: int,
+    dtype: Optional[torch.dtype],
+    tokenizer: Tokenizer,
+    tokenizer_path: str,
+    max_position_embeddings: Optional[int],
 ) -> None:
     """Write config.json and ``n_files`` safetensors files (with their index when more than one), and
     the tokenizer with the files transformers reads its settings from (``llama.checkpoints.hf_tokenizer_files``)."""
@@ -93,8 +111,10 @@ def to_hf(
     groups = file_groups(layout, n_files)
     if max_position_embeddings is None:
         max_position_embeddings = trained_context(params, args, tokenizer)
-        logger.info("max_position_embeddings: %d (the model's trained context; --max_position_embeddings sets another)",
-                    max_position_embeddings)
+        logger.info(
+            "max_position_embeddings: %d (the model's trained context; --max_position_embeddings sets another)",
+            max_position_embeddings,
+        )
     with output_folder(out_dir) as out:
         write_hf_tokenizer(out, tokenizer, tokenizer_path, max_position_embeddings)
         out_dtype = write_hf_weights(out, source.rank_tensors(args, layout, 0, 1), args, groups, dtype)
@@ -140,27 +160,57 @@ def convert(
     if format == "meta":
         to_meta(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path)
     else:
-        to_hf(checkpoint_folder(ckpt_dir), params, args, out_dir, shards, DTYPES[dtype], tokenizer, tokenizer_path,
-              max_position_embeddings)
+        to_hf(
+            checkpoint_folder(ckpt_dir),
+            params,
+            args,
+            out_dir,
+            shards,
+            DTYPES[dtype],
+            tokenizer,
+            tokenizer_path,
+            max_position_embeddings,
+        )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    add_flags(parser, "ckpt_dir", ckpt_dir={"required": True, "help": (
-        "the source: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder (config.json)")})
+    add_flags(
+        parser,
+        "ckpt_dir",
+        ckpt_dir={
+            "required": True,
+            "help": ("the source: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder (config.json)"),
+        },
+    )
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--format", required=True, choices=["meta", "hf"], help="the layout to write")
-    parser.add_argument("--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="output files: consolidated.NN.pth (meta) or safetensors (hf)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
     add_flags(parser, "tokenizer_path")
-    parser.add_argument("--max_position_embeddings", type=int, default=None,
-                        help="written to config.json (hf); default: params.json's max_seq_len, else the model's "
-                             "released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)")
+    parser.add_argument(
+        "--max_position_embeddings",
+        type=int,
+        default=None,
+        help="written to config.json (hf); default: params.json's max_seq_len, else the model's "
+        "released context (Llama 2 4096, Code Llama 16384, Llama 3.0 8192, 3.1/3.2 131072)",
+    )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_parser(parser, lambda options: convert(
-        options.ckpt_dir, options.out, options.format, options.shards, options.dtype, options.tokenizer_path,
-        options.max_position_embeddings,
-    ), argv)
+    run_parser(
+        parser,
+        lambda options: convert(
+            options.ckpt_dir,
+            options.out,
+            options.format,
+            options.shards,
+            options.dtype,
+            options.tokenizer_path,
+            options.max_position_embeddings,
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantization: Optional[Quantization] = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: Union[str, torch.dtype, None], device: torch.device, quantization: Optional[Quantization] = None
+) -> torch.dtype:
     """None picks per device: bf16 on CUDA where supported (else fp16), fp16 on MPS, and fp32 on CPU,
     where single-token (decode) matmuls measure no faster in bf16 and fp32 is exact; with quantized
     weights, the CPU's default is ``quantized_cpu_dtype()`` (``llama.layers.quantize``)."""

@@ -28,22 +28,62 @@ INSTALL_HINT = 'lm-evaluation-harness is not installed: pip install -e ".[eval]"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llama.evaluate", description="Evaluate a checkpoint on lm-evaluation-harness tasks.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.evaluate", description="Evaluate a checkpoint on lm-evaluation-harness tasks."
+    )
     add_flags(parser, "ckpt_dir", "tokenizer_path", ckpt_dir={"required": True})
-    parser.add_argument("--tasks", required=True, help="comma-separated task (or group) names, lm-eval's or --include_path's")
+    parser.add_argument(
+        "--tasks", required=True, help="comma-separated task (or group) names, lm-eval's or --include_path's"
+    )
     parser.add_argument("--include_path", default=None, help="a folder of task YAML files to add to lm-eval's tasks")
-    parser.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt; default: each task's own (0 if it has none)")
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction below 1); default: all. For testing only")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="rows scored or generated together (the engine's slots)")
-    add_flags(parser, "max_seq_len", max_seq_len={"default": 2048, "help": (
-        "the context in tokens (lm-eval's max_length); longer inputs lose their oldest tokens")})
-    parser.add_argument("--output_path", default=None, help="a folder to write results_<date>.json (and the samples) into, under the checkpoint's name")
-    parser.add_argument("--log_samples", action="store_true", help="also write each document's prompt, answers and scores (needs --output_path)")
-    parser.add_argument("--apply_chat_template", action="store_true", help="write each prompt in the model's chat format")
-    parser.add_argument("--fewshot_as_multiturn", action="store_true", help="with --apply_chat_template: each few-shot example as a turn of the dialog")
+    parser.add_argument(
+        "--num_fewshot",
+        type=int,
+        default=None,
+        help="examples in each prompt; default: each task's own (0 if it has none)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="documents per task (a fraction below 1); default: all. For testing only",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="rows scored or generated together (the engine's slots)"
+    )
+    add_flags(
+        parser,
+        "max_seq_len",
+        max_seq_len={
+            "default": 2048,
+            "help": ("the context in tokens (lm-eval's max_length); longer inputs lose their oldest tokens"),
+        },
+    )
+    parser.add_argument(
+        "--output_path",
+        default=None,
+        help="a folder to write results_<date>.json (and the samples) into, under the checkpoint's name",
+    )
+    parser.add_argument(
+        "--log_samples",
+        action="store_true",
+        help="also write each document's prompt, answers and scores (needs --output_path)",
+    )
+    parser.add_argument(
+        "--apply_chat_template", action="store_true", help="write each prompt in the model's chat format"
+    )
+    parser.add_argument(
+        "--fewshot_as_multiturn",
+        action="store_true",
+        help="with --apply_chat_template: each few-shot example as a turn of the dialog",
+    )
     parser.add_argument("--system_instruction", default=None, help="a system message (or prefix) for every prompt")
-    parser.add_argument("--seed", type=int, default=0, help="lm-eval's seed for Python's random module (its other seeds stay at their defaults)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="lm-eval's seed for Python's random module (its other seeds stay at their defaults)",
+    )
     add_flags(parser, "quantize", "device", "dtype", "threads")
     run_parser(parser, evaluate, argv)
 
@@ -83,7 +123,11 @@ def task_manager(include_path, tasks: list):
     manager = TaskManager(include_path=include_path)
     unknown = [name for name in tasks if not manager.match_tasks([name])]
     if unknown:
-        where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks (a folder of your own: --include_path)"
+        where = (
+            f"lm-eval's tasks or {include_path}"
+            if include_path
+            else "lm-eval's tasks (a folder of your own: --include_path)"
+        )
         raise ValueError(f"unknown task(s) {', '.join(unknown)}: not in {where}")
     return manager
 
@@ -106,19 +150,38 @@ def evaluate(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_threads(args.threads)
     manager = task_manager(args.include_path, tasks)
-    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
-                        time_threads=args.threads is None)
+    load = options_from(
+        LoadOptions,
+        args,
+        tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
+        time_threads=args.threads is None,
+    )
     start = time.perf_counter()
     generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
     seconds = time.perf_counter() - start
     print(load_line(load.ckpt_dir, load.tokenizer_path, generator, seconds, load.quantize), flush=True)
-    model_args = {"pretrained": args.ckpt_dir, "dtype": str(generator.dtype).removeprefix("torch."), "quantize": args.quantize, "max_seq_len": args.max_seq_len}
+    model_args = {
+        "pretrained": args.ckpt_dir,
+        "dtype": str(generator.dtype).removeprefix("torch."),
+        "quantize": args.quantize,
+        "max_seq_len": args.max_seq_len,
+    }
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = lm_eval.simple_evaluate(
-        model=LlamaLM(generator), model_args=model_args, tasks=tasks, num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size, device=str(generator.device), limit=args.limit, log_samples=args.log_samples,
-        evaluation_tracker=tracker, system_instruction=args.system_instruction, apply_chat_template=args.apply_chat_template,
-        fewshot_as_multiturn=args.fewshot_as_multiturn, task_manager=manager, random_seed=args.seed,
+        model=LlamaLM(generator),
+        model_args=model_args,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=str(generator.device),
+        limit=args.limit,
+        log_samples=args.log_samples,
+        evaluation_tracker=tracker,
+        system_instruction=args.system_instruction,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=args.fewshot_as_multiturn,
+        task_manager=manager,
+        random_seed=args.seed,
     )
     if results is None or (dist.is_initialized() and dist.get_rank() != 0):
         return  # another rank prints and writes
@@ -127,7 +190,9 @@ def evaluate(args: argparse.Namespace) -> None:
         tracker.save_results_aggregated(results=results, samples=samples)
         for task_name in results["configs"] if samples else []:
             tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    print(f"llama ({json.dumps(model_args)}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}")
+    print(
+        f"llama ({json.dumps(model_args)}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}"
+    )
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))

@@ -21,23 +21,28 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
 from llama.chat.format import chat_format_for
+from llama.checkpoints.hf import read_chat_template
 from llama.checkpoints.loader import checkpoint_folder, layout_of, load_model, read_model_args
+from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
+from llama.checkpoints.writers import write_checkpoint
 from llama.cli import add_flags, run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
-from llama.checkpoints.writers import write_checkpoint
-from llama.checkpoints.hf import read_chat_template
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
+from llama.layers.parallel import fused_layers, group_rank, group_size
+from llama.layers.quantize import (
+    Quantization,
+    check_activation_dtype,
+    check_int4_shapes,
+    quantizable_weights,
+    training_cpu_dtype,
+)
 from llama.model import Transformer
 from llama.options import EngineOptions
-from llama.layers.parallel import fused_layers, group_rank, group_size
-from llama.layers.quantize import Quantization, check_activation_dtype, check_int4_shapes, quantizable_weights, training_cpu_dtype
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
-from llama.training.loop import Schedule, evaluate, make_optimizer, train
 from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
 from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
-from llama.training.state import check_resumable, load_state, read_settings, save_state
+from llama.training.loop import Schedule, evaluate, make_optimizer, train
 from llama.training.parallelize import (
     clean_name,
     data_parallel_group,
@@ -47,6 +52,7 @@ from llama.training.parallelize import (
     training_mesh,
     wrap_for_training,
 )
+from llama.training.state import check_resumable, load_state, read_settings, save_state
 
 logger = logging.getLogger("llama.finetune")
 
@@ -68,11 +74,18 @@ def compute_dtype(name: Optional[str], device: torch.device, method: str) -> tor
 def run_settings(options: argparse.Namespace) -> dict:
     """What a resumed run must share with the run it continues: for full fine-tuning also the tensor
     parallelism, which the saved fused weights (wq, wk, wv; w1, w3) are laid out by, slice after slice."""
-    settings = {"method": options.method, "ckpt_dir": str(Path(options.ckpt_dir).resolve()),
-                "data": str(Path(options.data).resolve()), "lora_rank": options.lora_rank,
-                "lora_alpha": options.lora_alpha, "lora_targets": options.lora_targets,
-                "batch_size": options.batch_size, "max_seq_len": options.max_seq_len, "pack": options.pack,
-                "seed": options.seed}
+    settings = {
+        "method": options.method,
+        "ckpt_dir": str(Path(options.ckpt_dir).resolve()),
+        "data": str(Path(options.data).resolve()),
+        "lora_rank": options.lora_rank,
+        "lora_alpha": options.lora_alpha,
+        "lora_targets": options.lora_targets,
+        "batch_size": options.batch_size,
+        "max_seq_len": options.max_seq_len,
+        "pack": options.pack,
+        "seed": options.seed,
+    }
     if options.method == "full":
         settings["tensor_parallel"] = options.tensor_parallel
     return settings
@@ -91,8 +104,10 @@ def check_options(options: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
     micro = options.micro_batch_size or options.batch_size // world_size
     if options.batch_size % world_size or micro < 1 or (options.batch_size // world_size) % micro:
-        raise ValueError(f"--batch_size {options.batch_size} must be divisible by the {world_size} rank(s) x --micro_batch_size "
-                         f"{options.micro_batch_size or '(default: --batch_size / ranks)'}")
+        raise ValueError(
+            f"--batch_size {options.batch_size} must be divisible by the {world_size} rank(s) x --micro_batch_size "
+            f"{options.micro_batch_size or '(default: --batch_size / ranks)'}"
+        )
     options.micro_batch_size = micro
     if options.dtype is not None and options.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {options.dtype!r}")
@@ -103,7 +118,9 @@ def check_options(options: argparse.Namespace, world_size: int) -> None:
     if options.resume:
         check_resumable(read_settings(out), run_settings(options), out)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {options.out} already exists and is not empty: choose another, or --resume the run in it")
+        raise FileExistsError(
+            f"--out {options.out} already exists and is not empty: choose another, or --resume the run in it"
+        )
 
 
 def lora_config(options: argparse.Namespace) -> Optional[LoraConfig]:
@@ -178,7 +195,9 @@ def finetune(options: argparse.Namespace) -> None:
     quantization = check_qlora(args, device, dtype, tensor_parallel_group(mesh)) if options.method == "qlora" else None
     chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
     examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
-    val_examples = read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    val_examples = (
+        read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    )
     max_steps = options.max_steps or max(1, (options.epochs or 1) * len(examples) // options.batch_size)
     warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
     schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
@@ -199,41 +218,80 @@ def finetune(options: argparse.Namespace) -> None:
 
     def step_batches(step: int):
         indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), data_rank, data_ranks)
-        return micro_batches([examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len)
+        return micro_batches(
+            [examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len
+        )
 
-    val_batches = evaluation_batches(val_examples, options.micro_batch_size, options.pack, options.max_seq_len,
-                                     data_rank, data_ranks)
+    val_batches = evaluation_batches(
+        val_examples, options.micro_batch_size, options.pack, options.max_seq_len, data_rank, data_ranks
+    )
     n_trainable = sum(p.numel() for p in parameters.values())
     if rank == 0:
-        logger.info("%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
-                    options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}", "adapters" if lora else "all",
-                    str(dtype).removeprefix("torch."), mesh.size() if mesh is not None else 1)
+        logger.info(
+            "%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
+            options.method,
+            len(examples),
+            max_steps,
+            options.batch_size,
+            f"{n_trainable:,}",
+            "adapters" if lora else "all",
+            str(dtype).removeprefix("torch."),
+            mesh.size() if mesh is not None else 1,
+        )
     evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if val_examples else None
     save_at = (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None
-    train(model, optimizer, step_batches, schedule, MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
-          device, autocast, options.grad_clip, start_step, options.eval_every, evaluate_at, options.save_every, save_at,
-          data_group)
+    train(
+        model,
+        optimizer,
+        step_batches,
+        schedule,
+        MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
+        device,
+        autocast,
+        options.grad_clip,
+        start_step,
+        options.eval_every,
+        evaluate_at,
+        options.save_every,
+        save_at,
+        data_group,
+    )
     write_outputs(options, model, lora, args, tokenizer_path, rank)
     logger.info("peak memory: %s", peak_memory(device))
 
 
-def training_model(options: argparse.Namespace, args, device: torch.device, dtype: torch.dtype,
-                   quantization: Optional[Quantization], lora: Optional[LoraConfig], mesh) -> torch.nn.Module:
+def training_model(
+    options: argparse.Namespace,
+    args,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Optional[Quantization],
+    lora: Optional[LoraConfig],
+    mesh,
+) -> torch.nn.Module:
     """The model as it trains: this rank's slices of the layers its "tp" row of ``mesh`` splits, loaded
     (the base in the compute dtype when frozen, float32 when it trains: autocast or FSDP2 compute in
     ``dtype``), adapted (LoRA) and wrapped (``llama.training.parallelize``)."""
     base_dtype = torch.float32 if options.method == "full" else dtype
-    model = load_model(options.ckpt_dir, args, device, base_dtype, quantization, group=tensor_parallel_group(mesh),
-                       training=True)
+    model = load_model(
+        options.ckpt_dir, args, device, base_dtype, quantization, group=tensor_parallel_group(mesh), training=True
+    )
     if lora is not None:
         torch.manual_seed(options.seed)  # A's initial values depend on the seed alone (loading may draw numbers)
         apply_lora(model, lora)
-    return wrap_for_training(model, options.activation_checkpointing, options.compile, mesh,
-                             dtype if dtype != torch.float32 else None)
+    return wrap_for_training(
+        model, options.activation_checkpointing, options.compile, mesh, dtype if dtype != torch.float32 else None
+    )
 
 
-def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Optional[LoraConfig], args, tokenizer_path: str,
-                  rank: int) -> None:
+def write_outputs(
+    options: argparse.Namespace,
+    model: torch.nn.Module,
+    lora: Optional[LoraConfig],
+    args,
+    tokenizer_path: str,
+    rank: int,
+) -> None:
     """The adapter (LoRA, QLoRA), the checkpoint (full, --merge) and the loss curve, in OUT."""
     out = Path(options.out)
     if lora is not None:
@@ -246,7 +304,14 @@ def write_outputs(options: argparse.Namespace, model: torch.nn.Module, lora: Opt
     else:
         state = meta_state(model)
         if rank == 0:
-            write_checkpoint(out / "checkpoint", options.ckpt_dir, tokenizer_path, args, state.items(), source_dtype(options.ckpt_dir, args))
+            write_checkpoint(
+                out / "checkpoint",
+                options.ckpt_dir,
+                tokenizer_path,
+                args,
+                state.items(),
+                source_dtype(options.ckpt_dir, args),
+            )
     if rank == 0:
         if options.merge or lora is None:
             logger.info("wrote %s", out / "checkpoint")
@@ -263,48 +328,134 @@ def write_merged(options: argparse.Namespace, args, tokenizer_path: str) -> None
     the source (a QLoRA base in memory is only its int4 rounding)."""
     layout = layout_of(args)
     adapter = read_adapter(options.out, args)
-    tensors = merge_adapter(checkpoint_folder(options.ckpt_dir).rank_tensors(args, layout, 0, 1), adapter,
-                            {key: entry.split_dim for key, entry in layout.items()}, 0, 1)
-    write_checkpoint(Path(options.out) / "checkpoint", options.ckpt_dir, tokenizer_path, args, tensors, source_dtype(options.ckpt_dir, args))
+    tensors = merge_adapter(
+        checkpoint_folder(options.ckpt_dir).rank_tensors(args, layout, 0, 1),
+        adapter,
+        {key: entry.split_dim for key, entry in layout.items()},
+        0,
+        1,
+    )
+    write_checkpoint(
+        Path(options.out) / "checkpoint",
+        options.ckpt_dir,
+        tokenizer_path,
+        args,
+        tensors,
+        source_dtype(options.ckpt_dir, args),
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama.finetune", description=__doc__.split("\n\n")[0])
-    add_flags(p, "ckpt_dir", ckpt_dir={"required": True, "help": (
-        "the checkpoint to fine-tune: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder")})
-    p.add_argument("--data", required=True, help="JSONL training examples: {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"} per line")
+    add_flags(
+        p,
+        "ckpt_dir",
+        ckpt_dir={
+            "required": True,
+            "help": ("the checkpoint to fine-tune: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder"),
+        },
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL training examples: {"messages": [...]}, {"prompt", "completion"} or {"text"} per line',
+    )
     p.add_argument("--out", required=True, help="the run's folder (new, or empty; with --resume, the run to continue)")
-    p.add_argument("--method", default="lora", choices=METHODS, help="lora: adapters beside the frozen weights; qlora: the same beside an int4 base; full: every weight")
+    p.add_argument(
+        "--method",
+        default="lora",
+        choices=METHODS,
+        help="lora: adapters beside the frozen weights; qlora: the same beside an int4 base; full: every weight",
+    )
     add_flags(p, "tokenizer_path")
     p.add_argument("--lora_rank", type=int, default=8, help="the rank r of each adapter B A")
     p.add_argument("--lora_alpha", type=float, default=16.0, help="adapters are scaled by alpha / r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the adapters' input")
-    p.add_argument("--lora_targets", default="all", help="the linears adapted in every block: all, attention, or a list as wq,wv (or q_proj,v_proj)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate; default: 2e-4 for lora and qlora, 2e-5 for full")
-    p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"], help="after the warmup: constant, or cosine decay to 0")
+    p.add_argument(
+        "--lora_targets",
+        default="all",
+        help="the linears adapted in every block: all, attention, or a list as wq,wv (or q_proj,v_proj)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate; default: 2e-4 for lora and qlora, 2e-5 for full"
+    )
+    p.add_argument(
+        "--lr_schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="after the warmup: constant, or cosine decay to 0",
+    )
     p.add_argument("--warmup_steps", type=int, default=None, help="steps of linear warmup; default: 5%% of the steps")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay (matrices only)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="largest gradient norm")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; default: one epoch (--epochs)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data, instead of --max_steps; default: 1")
     p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step, over all ranks")
-    p.add_argument("--micro_batch_size", type=int, default=None, help="examples per forward pass on a rank (gradients accumulate); default: --batch_size / ranks")
-    p.add_argument("--max_seq_len", type=int, default=512, help="the longest example in tokens (longer ones are dropped, and counted); the row length with --pack")
-    p.add_argument("--pack", action="store_true", help="pack each micro-batch's examples into rows of --max_seq_len that cannot see each other")
-    p.add_argument("--val_data", default=None, help="JSONL validation examples: loss and perplexity every --eval_every steps and at the end")
+    p.add_argument(
+        "--micro_batch_size",
+        type=int,
+        default=None,
+        help="examples per forward pass on a rank (gradients accumulate); default: --batch_size / ranks",
+    )
+    p.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=512,
+        help="the longest example in tokens (longer ones are dropped, and counted); the row length with --pack",
+    )
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="pack each micro-batch's examples into rows of --max_seq_len that cannot see each other",
+    )
+    p.add_argument(
+        "--val_data",
+        default=None,
+        help="JSONL validation examples: loss and perplexity every --eval_every steps and at the end",
+    )
     p.add_argument("--eval_every", type=int, default=0, help="steps between validations; 0: at the end only")
-    p.add_argument("--save_every", type=int, default=0, help="steps between saves of the training state in OUT/state (for --resume); 0: never")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to --max_steps, with the same settings")
-    p.add_argument("--merge", action="store_true", help="also write the checkpoint with the adapter merged into OUT/checkpoint (always for full)")
-    p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block's activations in the backward pass: less memory, more time")
+    p.add_argument(
+        "--save_every",
+        type=int,
+        default=0,
+        help="steps between saves of the training state in OUT/state (for --resume); 0: never",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out to --max_steps, with the same settings"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="also write the checkpoint with the adapter merged into OUT/checkpoint (always for full)",
+    )
+    p.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass: less memory, more time",
+    )
     p.add_argument("--compile", action="store_true", help="compile each block with torch.compile")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32",
+    )
     add_flags(p, "device")
-    p.add_argument("--tensor_parallel", type=int, default=1, help="under torchrun, the ranks that split each layer "
-                   "between them (tensor parallelism); FSDP2 shards across the groups of that many ranks")
-    p.add_argument("--threads", type=int, default=None, help=(
-        "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
-        "core (training times no thread count)"))
+    p.add_argument(
+        "--tensor_parallel",
+        type=int,
+        default=1,
+        help="under torchrun, the ranks that split each layer "
+        "between them (tensor parallelism); FSDP2 shards across the groups of that many ranks",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=(
+            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
+            "core (training times no thread count)"
+        ),
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
     return p
 

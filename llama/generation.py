@@ -13,16 +13,23 @@ import torch
 from torch.distributed import ProcessGroup
 
 from llama.chat.format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
-from llama.checkpoints.peft import read_adapter
-from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
 from llama.checkpoints.hf import read_chat_template
-from llama.distributed import fail_together, init_distributed, job_group, quiet_local_ranks, resolve_device, resolve_dtype
+from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
+from llama.checkpoints.peft import read_adapter
+from llama.distributed import (
+    fail_together,
+    init_distributed,
+    job_group,
+    quiet_local_ranks,
+    resolve_device,
+    resolve_dtype,
+)
 from llama.engine import Engine, Request, engine_options_for
-from llama.model import Transformer
-from llama.options import EngineOptions, GenerationOptions, LoadOptions, check_batch_size, check_prompts
-from llama.layers.parallel import group_size
 from llama.engine.sampling import sample_top_p  # noqa: F401 (Meta's import path)
 from llama.engine.streaming import CompletionStream
+from llama.layers.parallel import group_size
+from llama.model import Transformer
+from llama.options import EngineOptions, GenerationOptions, LoadOptions, check_batch_size, check_prompts
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -40,8 +47,15 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
-def load_draft(load: LoadOptions, engine: EngineOptions, tokenizer: Tokenizer, tokenizer_path: str,
-               device: torch.device, dtype: torch.dtype, group: Optional[ProcessGroup]) -> Transformer:
+def load_draft(
+    load: LoadOptions,
+    engine: EngineOptions,
+    tokenizer: Tokenizer,
+    tokenizer_path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    group: Optional[ProcessGroup],
+) -> Transformer:
     """``load``'s draft, with the model's vocabulary and cache sizes: quantized, in the dtype its kernels are
     fastest in (``resolve_dtype``'s pick for quantized weights); else in the model's ``dtype``."""
     quantization = load.draft_quantization
@@ -88,8 +102,21 @@ class Llama:
         Returns:
             A ``Llama`` holding the model and tokenizer.
         """
-        load = LoadOptions(ckpt_dir, tokenizer_path, device, dtype, quantize, adapter_dir, draft_ckpt_dir,
-                           draft_quantize, backend, seed, model_parallel_size, quiet_ranks, time_threads)
+        load = LoadOptions(
+            ckpt_dir,
+            tokenizer_path,
+            device,
+            dtype,
+            quantize,
+            adapter_dir,
+            draft_ckpt_dir,
+            draft_quantize,
+            backend,
+            seed,
+            model_parallel_size,
+            quiet_ranks,
+            time_threads,
+        )
         engine = EngineOptions(max_batch_size, max_seq_len, kv_cache_tokens, compile=compile, prefix_cache=prefix_cache)
         return Llama.from_options(load, engine)
 
@@ -121,17 +148,38 @@ class Llama:
             args = read_model_args(load.ckpt_dir, tokenizer, tokenizer_path, engine)
             chat_format = chat_format_for(tokenizer, read_chat_template(load.ckpt_dir))
             adapter = read_adapter(load.adapter_dir, args) if load.adapter_dir is not None else None
-            model = load_model(load.ckpt_dir, args, device, dtype, load.quantization, adapter, group,
-                               time_threads=load.time_threads)  # quantized as read
+            model = load_model(
+                load.ckpt_dir, args, device, dtype, load.quantization, adapter, group, time_threads=load.time_threads
+            )  # quantized as read
             logger.info("loaded %s on %s in %s", load.ckpt_dir, device, dtype)
-            draft = load_draft(load, engine, tokenizer, tokenizer_path, device, dtype, group) if load.draft_ckpt_dir else None
+            draft = (
+                load_draft(load, engine, tokenizer, tokenizer_path, device, dtype, group)
+                if load.draft_ckpt_dir
+                else None
+            )
         adapter_id = adapter.identity if adapter else None
-        return cls(model, tokenizer, engine, chat_format, draft, adapter_id, adapter_dir=load.adapter_dir,
-                   cache_salt=f"{load.ckpt_dir} {load.quantize} {adapter_id}")
+        return cls(
+            model,
+            tokenizer,
+            engine,
+            chat_format,
+            draft,
+            adapter_id,
+            adapter_dir=load.adapter_dir,
+            cache_salt=f"{load.ckpt_dir} {load.quantize} {adapter_id}",
+        )
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine_options: Optional[EngineOptions] = None,
-                 chat_format: Optional[ChatFormat] = None, draft: Optional[Transformer] = None,
-                 adapter_id: Optional[str] = None, cache_salt: str = "", adapter_dir: Optional[str] = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        engine_options: Optional[EngineOptions] = None,
+        chat_format: Optional[ChatFormat] = None,
+        draft: Optional[Transformer] = None,
+        adapter_id: Optional[str] = None,
+        cache_salt: str = "",
+        adapter_dir: Optional[str] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         # what the weights hold besides the checkpoint: the sha256 of the merged adapter's files, or None.
@@ -207,7 +255,9 @@ class Llama:
             of (token id, logprob) pairs per token. After a stop string a row's tokens end with the
             one holding the text's last character before it.
         """
-        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
+        options = dict(
+            max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options
+        )
         return self.decode(prompt_tokens, "prompt_tokens", **options).results()
 
     def decode(self, prompt_tokens: List[List[int]], what: str, **options) -> Request:
@@ -240,7 +290,9 @@ class Llama:
             cut before the first stop string, plus "tokens" (each token's text) and "logprobs" when
             ``logprobs``, and "top_logprobs" (per token, (text, logprob) pairs) when asked.
         """
-        options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options)
+        options = dict(
+            max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options
+        )
         request = self.decode(self.encode_prompts(prompts), "prompt", **options)
         generated = request.results()
         return [{"generation": text, **self.token_details(i, *generated)} for i, text in enumerate(request.texts())]
@@ -276,11 +328,18 @@ class Llama:
         results: List[ChatPrediction] = []
         for i, text in enumerate(request.texts()):
             content = UNSAFE_ERROR if unsafe[i // request.options.num_return_sequences] else text
-            results.append({"generation": {"role": "assistant", "content": content}, **self.token_details(i, *generated)})
+            results.append(
+                {"generation": {"role": "assistant", "content": content}, **self.token_details(i, *generated)}
+            )
         return results
 
     def text_completion_stream(
-        self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None, **options
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        **options,
     ) -> CompletionStream:
         """``text_completion`` as it is generated: yields, after each decoding step, one string per row (n per prompt, as ``text_completion``) holding the text that
         became final, "" for none. A row's strings, joined, equal its "generation". Text that may
@@ -294,7 +353,12 @@ class Llama:
         return self.start_stream(self.encode_prompts(prompts), "prompt", **options)
 
     def chat_completion_stream(
-        self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None, **options
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        **options,
     ) -> CompletionStream:
         """``chat_completion`` as it is generated, one string per row per step, like
         ``text_completion_stream``: joined, a row's strings equal its answer's "content"."""
@@ -309,7 +373,9 @@ class Llama:
         options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, **options)
         return self.start_stream(prompt_tokens, "prompt_tokens", **options)
 
-    def start_stream(self, prompt_tokens: List[List[int]], what: str, unsafe: Optional[List[bool]] = None, **options) -> CompletionStream:
+    def start_stream(
+        self, prompt_tokens: List[List[int]], what: str, unsafe: Optional[List[bool]] = None, **options
+    ) -> CompletionStream:
         """A stream of the batch; ``unsafe``: per prompt, answered with UNSAFE_ERROR instead."""
         request = self.start(prompt_tokens, what, streams=True, **options)
         n = request.options.num_return_sequences

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE, BlockTables, CachePass, KVCache, contiguous_tables
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss
 from llama.layers.parallel import (
     ColumnParallelLinear,
@@ -25,7 +26,6 @@ from llama.layers.parallel import (
     group_size,
     split_size,
 )
-from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE, BlockTables, CachePass, KVCache, contiguous_tables
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class RopeScaling:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"RopeScaling.{name} must be a positive number, got {value!r}")
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"RopeScaling.high_freq_factor = {self.high_freq_factor} must exceed low_freq_factor = {self.low_freq_factor}")
+            raise ValueError(
+                f"RopeScaling.high_freq_factor = {self.high_freq_factor} must exceed low_freq_factor = {self.low_freq_factor}"
+            )
 
 
 # params.json's keys for the scaling: use_scaled_rope (Meta's, Llama 3.1+) turns it on with Meta's
@@ -86,11 +88,15 @@ class ModelArgs:
         if not isinstance(use_scaled_rope, bool):
             raise ValueError(f"{source}: use_scaled_rope must be true or false, got {use_scaled_rope!r}")
         if scaling and not use_scaled_rope:
-            raise ValueError(f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} need use_scaled_rope: true")
+            raise ValueError(
+                f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} need use_scaled_rope: true"
+            )
         known = [f.name for f in fields(cls) if f.name != "rope_scaling"]
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {known + ['use_scaled_rope', *ROPE_SCALING_KEYS]}")
+            raise ValueError(
+                f"{source}: unknown key(s) {unknown}; known keys are {known + ['use_scaled_rope', *ROPE_SCALING_KEYS]}"
+            )
         if use_scaled_rope:
             params["rope_scaling"] = RopeScaling(**scaling)
         return cls(**params)
@@ -105,11 +111,11 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs.dim = {self.dim} is not divisible by n_heads = {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelArgs.n_heads = {self.n_heads} is not divisible by n_kv_heads = {self.n_kv_heads}"
-            )
+            raise ValueError(f"ModelArgs.n_heads = {self.n_heads} is not divisible by n_kv_heads = {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary embeddings")
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary embeddings"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -126,8 +132,13 @@ class ModelArgs:
     @property
     def split_sizes(self) -> dict:
         """The sizes that model parallelism divides over the ranks (heads, hidden units, vocabulary)."""
-        return {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "dim": self.dim,
-                "ffn_hidden_dim": self.ffn_hidden_dim, "vocab_size": self.vocab_size}
+        return {
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "dim": self.dim,
+            "ffn_hidden_dim": self.ffn_hidden_dim,
+            "vocab_size": self.vocab_size,
+        }
 
 
 class RMSNorm(nn.Module):
@@ -163,7 +174,9 @@ def llama3_rope_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tens
     return torch.where(wavelengths < original / scaling.high_freq_factor, freqs, stretched)
 
 
-def precompute_rope(head_dim: int, end: int, theta: float, scaling: Optional[RopeScaling] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def precompute_rope(
+    head_dim: int, end: int, theta: float, scaling: Optional[RopeScaling] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angle ``position * theta^(-2i/head_dim)`` (with ``scaling``: the
     frequencies of ``llama3_rope_scaling``), each (end, head_dim/2), computed on the CPU even inside
     ``torch.device("meta")``, where the loader builds the model."""
@@ -207,7 +220,12 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None  # set by Transformer.setup_cache
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], cache: Optional[CachePass]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: Optional[CachePass],
     ) -> torch.Tensor:
         """Without ``cache`` the sequence attends to itself: causally (``mask`` None) or as ``mask`` (bsz, 1,
         seqlen, seqlen) allows. With it, the chunk's keys and values are written into this layer's
@@ -221,7 +239,9 @@ class Attention(nn.Module):
         xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
         if cache is None:  # enable_gqa: each kv head serves its group of query heads
             keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_local_kv_heads, seqlen, head_dim)
-            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            output = F.scaled_dot_product_attention(
+                xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         else:
             self.kv_cache.update(cache, xk, xv)
             output = self.kv_cache.attend(xq, cache)  # (bsz, n_local_heads, seqlen, head_dim), in the cache's dtype
@@ -282,7 +302,9 @@ class Transformer(nn.Module):
     def setup_rope(self):
         """(Re)compute the rotary tables, cos and sin (max_seq_len, head_dim/2) in float32, on the weights' device."""
         device = self.tok_embeddings.weight.device
-        cos, sin = precompute_rope(self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling)
+        cos, sin = precompute_rope(
+            self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, self.params.rope_scaling
+        )
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 
@@ -294,7 +316,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attention = layer.attention
             with torch.device(weight.device):
-                attention.kv_cache = KVCache(attention.n_local_kv_heads, attention.head_dim, n_blocks, block_size, dtype or weight.dtype)
+                attention.kv_cache = KVCache(
+                    attention.n_local_kv_heads, attention.head_dim, n_blocks, block_size, dtype or weight.dtype
+                )
 
     def drop_cache(self):
         """Free every layer's KV cache pool: a model that is only trained or scored never reads one."""
@@ -338,7 +362,10 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(tokens, positions, document_mask(positions), None), logits_at)
 
     def forward_from(
-        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], logits_at: Union[int, torch.Tensor, None] = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        logits_at: Union[int, torch.Tensor, None] = None,
     ) -> torch.Tensor:
         """Meta's ``forward(tokens, start_pos)``: row b of the model's own cache holds its positions up to
         ``start_pos + seqlen - 1`` in the blocks a contiguous cache would give it."""
@@ -361,7 +388,9 @@ class Transformer(nn.Module):
         with torch.inference_mode():
             return self(tokens, positions=positions, cache=BlockTables(tables), logits_at=logits_at)
 
-    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_loss(
+        self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Training's loss: the summed ``causal_lm_loss`` of ``labels`` (bsz, seqlen) under the logits of
         ``forward(tokens, positions=positions)``, computed chunk by chunk of tokens from the last hidden
         states without the logits of the whole batch (``chunked_causal_lm_loss``; an int8 or int4 output
@@ -373,7 +402,11 @@ class Transformer(nn.Module):
         return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor], cache: Optional[CachePass]
+        self,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        cache: Optional[CachePass],
     ) -> torch.Tensor:
         """The last layer's output (bsz, seqlen, dim)."""
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)

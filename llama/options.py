@@ -15,7 +15,6 @@ import torch
 from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE
 from llama.layers.quantize import Quantization, parse_quantize
 
-
 SPECULATE_CHOICES = (None, "lookup", "draft")
 ADMISSIONS = ("continuous", "static")
 ATTENTIONS = ("gather", "flex")  # how a cached pass reads the KV cache pool: a gathered copy, or FlexAttention in place
@@ -59,11 +58,13 @@ class GenerationOptions:
     json_object: each row's text is a compact JSON object (any keys and values).
     """
 
-    max_gen_len: Optional[int] = flag(None, "the most tokens generated for each prompt; default: up to the end of the "
-                                            "context")
+    max_gen_len: Optional[int] = flag(
+        None, "the most tokens generated for each prompt; default: up to the end of the context"
+    )
     temperature: float = flag(0.6, "sampling temperature; 0 is greedy")
-    top_p: float = flag(0.9, "nucleus sampling: sample among the most probable tokens whose probabilities add up to "
-                             "top_p")
+    top_p: float = flag(
+        0.9, "nucleus sampling: sample among the most probable tokens whose probabilities add up to top_p"
+    )
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -77,8 +78,11 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
-    speculate: Optional[str] = flag(None, "speculative decoding: lookup (n-grams of the prompt and output) or draft "
-                                          "(needs --draft_ckpt_dir); same output, faster when proposals are accepted")
+    speculate: Optional[str] = flag(
+        None,
+        "speculative decoding: lookup (n-grams of the prompt and output) or draft "
+        "(needs --draft_ckpt_dir); same output, faster when proposals are accepted",
+    )
     speculate_k: int = flag(4, "tokens proposed and verified per step with --speculate")
     json_schema: Optional[dict] = None
     json_object: bool = False
@@ -109,7 +113,9 @@ class GenerationOptions:
             not isinstance(self.stop_tokens, (list, tuple)) or not all(is_int(t) for t in self.stop_tokens)
         ):
             raise ValueError(f"stop_tokens must be a list of token ids, got {self.stop_tokens!r:.80}")
-        if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
+        if not isinstance(self.stop_strings, (list, tuple)) or not all(
+            isinstance(s, str) and s for s in self.stop_strings
+        ):
             raise TypeError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r:.80}")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
@@ -129,9 +135,13 @@ class GenerationOptions:
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise TypeError(f"json_schema must be a JSON Schema as a dict, got {self.json_schema!r:.80}")
         if self.json_schema is not None and self.json_object:
-            raise ValueError("give json_schema or json_object=True, not both (a schema of {'type': 'object'} is json_object)")
+            raise ValueError(
+                "give json_schema or json_object=True, not both (a schema of {'type': 'object'} is json_object)"
+            )
         if self.constrained and self.speculate:
-            raise ValueError("speculate cannot be combined with json_schema or json_object: the proposals are not constrained")
+            raise ValueError(
+                "speculate cannot be combined with json_schema or json_object: the proposals are not constrained"
+            )
 
     @property
     def constrained(self) -> bool:
@@ -149,9 +159,13 @@ class GenerationOptions:
     def check_vocabulary(self, vocab_size: int) -> None:
         """The checks that need the model's vocabulary size."""
         if self.stop_tokens is not None and not all(0 <= t < vocab_size for t in self.stop_tokens):
-            raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab_size}), got {self.stop_tokens!r:.80}")
+            raise ValueError(
+                f"stop_tokens must be a list of token ids in [0, {vocab_size}), got {self.stop_tokens!r:.80}"
+            )
         if not all(0 <= t < vocab_size for t in self.logit_bias):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {sorted(self.logit_bias)[:5]!r}")
+            raise ValueError(
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {sorted(self.logit_bias)[:5]!r}"
+            )
         if self.top_logprobs > vocab_size:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab_size}], got {self.top_logprobs!r}")
 
@@ -180,21 +194,35 @@ class EngineOptions:
 
     max_batch_size: int = flag(8, "the most rows (prompts, dialogs, samples) decoded together: the engine's slots")
     max_seq_len: int = flag(512, "the context length in tokens: prompt and generation together")
-    kv_cache_tokens: Optional[int] = flag(None, "the KV cache pool's size in tokens, shared by the rows in blocks; "
-                                                "default: max_batch_size x max_seq_len")
+    kv_cache_tokens: Optional[int] = flag(
+        None, "the KV cache pool's size in tokens, shared by the rows in blocks; default: max_batch_size x max_seq_len"
+    )
     kv_block_size: Optional[int] = None
-    compile: bool = flag(False, "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation "
-                                "compiles it")
+    compile: bool = flag(
+        False, "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it"
+    )
     compiled_attention: Optional[str] = None
-    prefix_cache: bool = flag(True, "compute every prompt in full instead of reusing the cached blocks of a prefix an "
-                                    "earlier request computed", name="--no_prefix_cache")
-    admission: str = flag("continuous", "continuous (a request starts at the next step in free slots) or static (only "
-                                        "into an empty batch, as a server without continuous batching; kept to measure "
-                                        "the difference)")
-    prefill_chunk: int = flag(256, "the most prompt tokens prefilled in one step while other rows decode: a long "
-                                   "prompt delays them by one chunk's time per step")
-    heartbeat_seconds: float = flag(10.0, "under torchrun, how often an idle rank 0 tells the others it is alive (well "
-                                          "below the process group's 30-minute timeout)")
+    prefix_cache: bool = flag(
+        True,
+        "compute every prompt in full instead of reusing the cached blocks of a prefix an earlier request computed",
+        name="--no_prefix_cache",
+    )
+    admission: str = flag(
+        "continuous",
+        "continuous (a request starts at the next step in free slots) or static (only "
+        "into an empty batch, as a server without continuous batching; kept to measure "
+        "the difference)",
+    )
+    prefill_chunk: int = flag(
+        256,
+        "the most prompt tokens prefilled in one step while other rows decode: a long "
+        "prompt delays them by one chunk's time per step",
+    )
+    heartbeat_seconds: float = flag(
+        10.0,
+        "under torchrun, how often an idle rank 0 tells the others it is alive (well "
+        "below the process group's 30-minute timeout)",
+    )
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "kv_cache_tokens", "kv_block_size", "prefill_chunk"):
@@ -212,8 +240,10 @@ class EngineOptions:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
         seconds = self.heartbeat_seconds
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 600:
-            raise ValueError(f"heartbeat_seconds must be a number in (0, 600), well below the process group's "
-                             f"timeout; got {seconds!r}")
+            raise ValueError(
+                f"heartbeat_seconds must be a number in (0, 600), well below the process group's "
+                f"timeout; got {seconds!r}"
+            )
 
     @property
     def block_size(self) -> int:
@@ -279,23 +309,37 @@ class LoadOptions:
         ``--threads``. False keeps the process's count.
     """
 
-    ckpt_dir: str = flag(help="the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face "
-                              "folder")
-    tokenizer_path: Optional[str] = flag(None, "the tokenizer: a sentencepiece or tiktoken tokenizer.model, or a "
-                                               "Hugging Face tokenizer.json; default: the one in the checkpoint "
-                                               "folder, else beside it")
-    device: Union[str, torch.device, None] = flag(None, "cpu, cuda or mps; default: this rank's GPU if there is one, "
-                                                        "else MPS, else the CPU")
-    dtype: Union[str, torch.dtype, None] = flag(None, "float32, bfloat16 or float16; default: bfloat16 on CUDA "
-                                                      "(float16 where unsupported), float16 on MPS, float32 on a CPU "
-                                                      "(with quantized weights, bfloat16 on a CPU with AVX2 or "
-                                                      "AVX-512)")
+    ckpt_dir: str = flag(
+        help="the checkpoint folder: Meta's params.json + consolidated.NN.pth, or a Hugging Face folder"
+    )
+    tokenizer_path: Optional[str] = flag(
+        None,
+        "the tokenizer: a sentencepiece or tiktoken tokenizer.model, or a "
+        "Hugging Face tokenizer.json; default: the one in the checkpoint "
+        "folder, else beside it",
+    )
+    device: Union[str, torch.device, None] = flag(
+        None, "cpu, cuda or mps; default: this rank's GPU if there is one, else MPS, else the CPU"
+    )
+    dtype: Union[str, torch.dtype, None] = flag(
+        None,
+        "float32, bfloat16 or float16; default: bfloat16 on CUDA "
+        "(float16 where unsupported), float16 on MPS, float32 on a CPU "
+        "(with quantized weights, bfloat16 on a CPU with AVX2 or "
+        "AVX-512)",
+    )
     quantize: Optional[str] = flag(None, "int8, int4, or int4-g32/-g64/-g128/-g256 weights; default: not quantized")
-    adapter_dir: Optional[str] = flag(None, "a LoRA adapter in peft's format (adapter_config.json, "
-                                            "adapter_model.safetensors, as python -m llama.finetune writes it), merged "
-                                            "into the weights as they load")
-    draft_ckpt_dir: Optional[str] = flag(None, "a smaller checkpoint with the same vocabulary, for --speculate draft; "
-                                               "--ckpt_dir itself with --draft_quantize for a quantized self-draft")
+    adapter_dir: Optional[str] = flag(
+        None,
+        "a LoRA adapter in peft's format (adapter_config.json, "
+        "adapter_model.safetensors, as python -m llama.finetune writes it), merged "
+        "into the weights as they load",
+    )
+    draft_ckpt_dir: Optional[str] = flag(
+        None,
+        "a smaller checkpoint with the same vocabulary, for --speculate draft; "
+        "--ckpt_dir itself with --draft_quantize for a quantized self-draft",
+    )
     draft_quantize: Optional[str] = flag(None, "int8, int4, ... weights for the draft (as --quantize)")
     backend: Optional[str] = None
     seed: int = 1
@@ -352,7 +396,9 @@ def check_prompts(prompt_tokens, max_seq_len: int, vocab_size: int, what: str = 
             raise ValueError(f"{name} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
-def check_batch_size(n_prompts: int, num_return_sequences: int, max_batch_size: int, what: str = "prompt_tokens") -> None:
+def check_batch_size(
+    n_prompts: int, num_return_sequences: int, max_batch_size: int, what: str = "prompt_tokens"
+) -> None:
     """Every prompt's ``num_return_sequences`` rows must fit the cache's ``max_batch_size`` rows."""
     if n_prompts * num_return_sequences > max_batch_size:
         samples = f" x num_return_sequences={num_return_sequences}" if num_return_sequences > 1 else ""

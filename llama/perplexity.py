@@ -44,7 +44,9 @@ def text_windows(tokenizer: Tokenizer, texts: Sequence[str], max_seq_len: int) -
 
 
 @torch.no_grad()
-def window_loss(model: Transformer, windows: Sequence[Sequence[int]], batch_size: int, compile: bool = False) -> Dict[str, float]:
+def window_loss(
+    model: Transformer, windows: Sequence[Sequence[int]], batch_size: int, compile: bool = False
+) -> Dict[str, float]:
     """Mean loss (nats per scored token), perplexity and scored-token count of ``model`` on ``windows``;
     ``compile``: the loss under ``torch.compile`` (one graph per batch shape)."""
     device = model.output.weight.device
@@ -93,11 +95,16 @@ def read_texts(paths: Sequence[str]) -> List[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.perplexity", description="Mean loss and perplexity of a checkpoint on text files."
+    )
     add_flags(parser, "ckpt_dir", "tokenizer_path", ckpt_dir={"required": True})
     parser.add_argument("--text_file", required=True, nargs="+", help="one or more files, each scored as a document")
-    add_flags(parser, "max_seq_len", max_seq_len={
-        "default": 256, "help": "window length in tokens (the bundled model was trained on 256)"})
+    add_flags(
+        parser,
+        "max_seq_len",
+        max_seq_len={"default": 256, "help": "window length in tokens (the bundled model was trained on 256)"},
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     add_flags(parser, "device", "dtype", "quantize")
     parser.add_argument("--compile", action="store_true", help="score with the model under torch.compile")
@@ -114,15 +121,21 @@ def score_files(args: argparse.Namespace) -> None:
     if args.max_seq_len < 2:
         raise ValueError(f"--max_seq_len must be at least 2, got {args.max_seq_len}")
     set_threads(args.threads)
-    load = options_from(LoadOptions, args, tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
-                        time_threads=args.threads is None)
+    load = options_from(
+        LoadOptions,
+        args,
+        tokenizer_path=resolve_tokenizer_path(args.ckpt_dir, args.tokenizer_path),
+        time_threads=args.threads is None,
+    )
     texts = read_texts(args.text_file)
     start = time.perf_counter()
     generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
     print(load_line(load.ckpt_dir, load.tokenizer_path, generator, time.perf_counter() - start, load.quantize))
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size, compile=args.compile)
-    print(f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}")
+    print(
+        f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}"
+    )
     print(f"mean loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}")
 
 

@@ -18,15 +18,25 @@ from itertools import chain
 from pathlib import Path
 from typing import List, Optional
 
+from llama.checkpoints.hf import HfFolder
 from llama.checkpoints.loader import (
-    EMBEDDING_KEY, IGNORED_KEYS, VOCABULARY_DIM, check_shard, checkpoint_folder, checkpoint_vocab_size, layout_of,
-    load_shard, meta_layout, rank_slices, shard_paths, split_dims,
+    EMBEDDING_KEY,
+    IGNORED_KEYS,
+    VOCABULARY_DIM,
+    check_shard,
+    checkpoint_folder,
+    checkpoint_vocab_size,
+    layout_of,
+    load_shard,
+    meta_layout,
+    rank_slices,
+    shard_paths,
+    split_dims,
 )
 from llama.checkpoints.writers import meta_shard_path, write_meta_shard
 from llama.cli import add_flags, run_parser
-from llama.checkpoints.hf import HfFolder
-from llama.model import ModelArgs
 from llama.layers.parallel import check_world_size
+from llama.model import ModelArgs
 from llama.tokenizer import TOKENIZER_FILE, resolve_tokenizer_path, tokenizer_kind
 
 logger = logging.getLogger(__name__)
@@ -103,13 +113,20 @@ def splits_vocabulary(paths: List[Path], first: dict, layout: dict, tokenizer: O
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
-    add_flags(parser, "ckpt_dir", ckpt_dir={
-        "required": True, "help": "the checkpoint folder: params.json and consolidated.NN.pth"})
+    add_flags(
+        parser,
+        "ckpt_dir",
+        ckpt_dir={"required": True, "help": "the checkpoint folder: params.json and consolidated.NN.pth"},
+    )
     parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     parser.add_argument("--shards", required=True, type=int, help="number of shards to write")
-    parser.add_argument("--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in or beside --ckpt_dir")
+    parser.add_argument(
+        "--tokenizer_path", default=None, help="tokenizer.model to copy; default: the one in or beside --ckpt_dir"
+    )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_parser(parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards, options.tokenizer_path), argv)
+    run_parser(
+        parser, lambda options: reshard(options.ckpt_dir, options.out, options.shards, options.tokenizer_path), argv
+    )
 
 
 if __name__ == "__main__":

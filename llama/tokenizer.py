@@ -52,12 +52,14 @@ def resolve_tokenizer_path(ckpt_dir: str, tokenizer_path: Optional[str] = None) 
 
 
 def tokenizer_kind(model_path: str) -> str:
-    """"sentencepiece", "tiktoken" or "tokenizer.json", from the file's content (all three are met
+    """ "sentencepiece", "tiktoken" or "tokenizer.json", from the file's content (all three are met
     under the name tokenizer.model or beside it)."""
     if os.path.isdir(model_path):
         inside = [str(Path(model_path) / place) for place in TOKENIZER_PLACES if (Path(model_path) / place).is_file()]
         hint = f": pass {inside[0]}" if inside else ""
-        raise IsADirectoryError(f"tokenizer path {model_path} is a directory; a {TOKENIZER_FILE} or {HF_TOKENIZER_FILE} file is expected{hint}")
+        raise IsADirectoryError(
+            f"tokenizer path {model_path} is a directory; a {TOKENIZER_FILE} or {HF_TOKENIZER_FILE} file is expected{hint}"
+        )
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"tokenizer model not found: {model_path}")
     with open(model_path, "rb") as file:
@@ -130,7 +132,9 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp_model.Load(str(model_path))
         except (OSError, RuntimeError) as error:
-            raise ValueError(f"{model_path} is neither a sentencepiece model nor a tiktoken BPE file: {error}") from None
+            raise ValueError(
+                f"{model_path} is neither a sentencepiece model nor a tiktoken BPE file: {error}"
+            ) from None
         logger.info("loaded sentencepiece model from %s", model_path)
 
         self.n_words: int = self.sp_model.vocab_size()
@@ -204,14 +208,18 @@ class TiktokenTokenizer(Tokenizer):
 
     def __init__(self, model_path: str):
         kind = tokenizer_kind(model_path)
-        self.vocabulary = read_tokenizer_json(Path(model_path)) if kind == "tokenizer.json" else read_tiktoken_file(Path(model_path))
+        self.vocabulary = (
+            read_tokenizer_json(Path(model_path)) if kind == "tokenizer.json" else read_tiktoken_file(Path(model_path))
+        )
         missing = [t for t in USED_SPECIAL_TOKENS if t not in self.vocabulary.special_tokens]
         if missing:
             raise ValueError(f"{model_path}: special token(s) {missing} missing; Llama 3's tokenizer has them")
         self.special_tokens: Dict[str, int] = self.vocabulary.special_tokens
         self.model = tiktoken.Encoding(
-            name=Path(model_path).name, pat_str=self.vocabulary.pattern,
-            mergeable_ranks=self.vocabulary.ranks, special_tokens=self.special_tokens,
+            name=Path(model_path).name,
+            pat_str=self.vocabulary.pattern,
+            mergeable_ranks=self.vocabulary.ranks,
+            special_tokens=self.special_tokens,
         )
         logger.info("loaded %s from %s", "tokenizer.json" if kind == "tokenizer.json" else "tiktoken model", model_path)
 
@@ -226,7 +234,11 @@ class TiktokenTokenizer(Tokenizer):
         return [self.eos_id, self.special_tokens["<|eom_id|>"], self.special_tokens["<|eot_id|>"]]
 
     def encode_text(self, s: str) -> List[int]:
-        return [t for piece in text_pieces(s) for t in self.model.encode(piece, allowed_special=set(), disallowed_special=())]
+        return [
+            t
+            for piece in text_pieces(s)
+            for t in self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        ]
 
     def decode(self, t: List[int]) -> str:
         return self.model.decode(list(t))
@@ -238,7 +250,9 @@ class TiktokenTokenizer(Tokenizer):
         return list(self.special_tokens)
 
     def encode_with_special_tokens(self, text: str, legacy: bool = False) -> List[int]:
-        return self.model.encode(text, allowed_special="all")  # byte-level BPE adds no leading space: legacy changes nothing
+        return self.model.encode(
+            text, allowed_special="all"
+        )  # byte-level BPE adds no leading space: legacy changes nothing
 
 
 def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool = True) -> bytes:

@@ -24,6 +24,7 @@ from llama.tokenizer import train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TOKENIZER = BUNDLED / "tokenizer.model"  # the tests import both from here
 
+
 @pytest.fixture(scope="session", autouse=True)
 def timed_choices_folder(tmp_path_factory):
     """The choices timed on this machine (``llama.layers.timed_choices``) go to a folder of the session's own, in
@@ -33,8 +34,12 @@ def timed_choices_folder(tmp_path_factory):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="device of the models built by make_llama (e.g. cuda): "
-                     "runs the model, generation, streaming and decoding tests there")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the models built by make_llama (e.g. cuda): "
+        "runs the model, generation, streaming and decoding tests there",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +92,9 @@ def tokenizer_path(tmp_path_factory) -> str:
     """A 512-piece BPE tokenizer with Llama's special ids (unk 0, BOS 1, EOS 2, no pad) and byte fallback."""
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     lines = stdlib_lines(20000) + ["[INST] <<SYS>> <</SYS>> [/INST] héllo wörld ✓"]
-    path.write_bytes(train_tokenizer(lines, vocab_size=512, keep_whitespace=False))  # sentencepiece's defaults, as Llama's
+    path.write_bytes(
+        train_tokenizer(lines, vocab_size=512, keep_whitespace=False)
+    )  # sentencepiece's defaults, as Llama's
     return str(path)
 
 
@@ -140,12 +147,21 @@ def make_llama(checkpoint, tokenizer_path, device):
     ckpt_dir, _ = checkpoint
 
     def make(max_seq_len: int = 96, max_batch_size: int = 4, **build_options):
-        return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype="float32", **build_options)
+        return Llama.build(
+            ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype="float32", **build_options
+        )
 
     return make
 
 
-HF_CONFIG = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "bos_token_id": 1, "eos_token_id": 2}
+HF_CONFIG = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 @pytest.fixture(scope="session")
@@ -190,9 +206,18 @@ def fake_world():
 # Meta's split pattern and special tokens, as Meta's llama3 / llama-models tokenizer.py write them.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 LLAMA3_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-    "<|python_tag|>", "<|image|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
 
 
@@ -203,7 +228,9 @@ def train_byte_bpe(lines, n_merges: int) -> dict:
 
     import regex
 
-    words = collections.Counter(tuple(bytes([b]) for b in piece.encode()) for line in lines for piece in regex.findall(LLAMA3_PATTERN, line))
+    words = collections.Counter(
+        tuple(bytes([b]) for b in piece.encode()) for line in lines for piece in regex.findall(LLAMA3_PATTERN, line)
+    )
     ranks = {bytes([b]): b for b in range(256)}
     while len(ranks) < 256 + n_merges:
         pairs = collections.Counter()
@@ -241,11 +268,16 @@ def llama3_tokenizer(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("llama3_tokenizer")
     ranks = train_byte_bpe(stdlib_lines(1000) + ["héllo wörld ✓ 日本語 <|eot_id|> 12345"], 300)
-    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
+    lines = [
+        base64.b64encode(token) + b" " + str(rank).encode()
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1])
+    ]
     (folder / "tokenizer.model").write_bytes(b"\n".join(lines) + b"\n")
     specials = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIALS)}
     encoding = tiktoken.Encoding("test", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):  # tiktoken would cache the file by its path
-        converter = TikTokenConverter(vocab_file=str(folder / "tokenizer.model"), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIALS)
+        converter = TikTokenConverter(
+            vocab_file=str(folder / "tokenizer.model"), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIALS
+        )
         converter.converted().save(str(folder / "tokenizer.json"))
     return str(folder / "tokenizer.model"), str(folder / "tokenizer.json"), encoding

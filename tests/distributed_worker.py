@@ -51,7 +51,9 @@ LLAMA3_MAX_SEQ_LEN = 96
 
 
 def build(ckpt_dir: str, tokenizer_path: str, **options) -> Llama:
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **options)
+    return Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **options
+    )
 
 
 def sample_after_build(llama: Llama):
@@ -93,7 +95,12 @@ def generate(tokenizer_path: str, ckpt_dirs) -> dict:
         greedy, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=0)
         torch.manual_seed(SAMPLE_SEED + dist.get_rank())
         sampled, _ = llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, top_p=0.95)
-        results[ckpt_dir] = {"logits": llama.model.forward(TOKENS), "greedy": greedy, "sampled": sampled, "after_build": after_build}
+        results[ckpt_dir] = {
+            "logits": llama.model.forward(TOKENS),
+            "greedy": greedy,
+            "sampled": sampled,
+            "after_build": after_build,
+        }
     return results
 
 
@@ -123,8 +130,13 @@ def engine(tokenizer_path: str, ckpt_dirs) -> dict:
     cached = engine.submit([POOLED_PROMPTS[0] + pooled[0].tokens[0][:15]], longer)  # its first block is cached
     while not cached.done:
         engine.step()
-    results = {"every_rank": [first.tokens[0], second.tokens[0]], "served": None, "pooled": [r.results() for r in pooled + [cached]],
-               "preemptions": engine.preemptions, "cached_tokens": cached.cached_tokens}
+    results = {
+        "every_rank": [first.tokens[0], second.tokens[0]],
+        "served": None,
+        "pooled": [r.results() for r in pooled + [cached]],
+        "preemptions": engine.preemptions,
+        "cached_tokens": cached.cached_tokens,
+    }
     hits = engine.pool_use()["hit_tokens"]
     results["scores"] = engine.score(SCORED_PAIRS)
     results["scored_hit_tokens"] = engine.pool_use()["hit_tokens"] - hits  # rank 0's block manager
@@ -149,8 +161,18 @@ REPEATING_PROMPTS = [[1] + [17, 300, 42, 99] * 3, [1, 250, 7, 250, 7]]  # someth
 def speculate(tokenizer_path: str, ckpt_dirs) -> dict:
     results = {}
     for kind, extra in (("lookup", {}), ("draft", {"draft_ckpt_dir": ckpt_dirs[0], "draft_quantize": "int8"})):
-        llama = Llama.build(ckpt_dirs[0], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **extra)
-        results[kind] = llama.generate(REPEATING_PROMPTS, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[], speculate=kind, speculate_k=3)
+        llama = Llama.build(
+            ckpt_dirs[0], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", **extra
+        )
+        results[kind] = llama.generate(
+            REPEATING_PROMPTS,
+            max_gen_len=12,
+            temperature=0,
+            logprobs=True,
+            stop_tokens=[],
+            speculate=kind,
+            speculate_k=3,
+        )
     return results
 
 
@@ -162,7 +184,13 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
     elif scenario == "build":
         build(ckpt_dirs[int(os.environ["RANK"]) % len(ckpt_dirs)], tokenizer_path)
     else:
-        results = {"generate": generate, "bad_args": bad_args, "llama3": llama3, "engine": engine, "speculate": speculate}[scenario](tokenizer_path, ckpt_dirs)
+        results = {
+            "generate": generate,
+            "bad_args": bad_args,
+            "llama3": llama3,
+            "engine": engine,
+            "speculate": speculate,
+        }[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 

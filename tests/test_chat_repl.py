@@ -82,8 +82,18 @@ def terminal():
     terminals = []
 
     def start(ckpt_dir, tokenizer_path, *options):
-        args = [sys.executable, "example_chat.py", "--interactive", "--ckpt_dir", ckpt_dir,
-                "--tokenizer_path", tokenizer_path, "--device", "cpu", *options]
+        args = [
+            sys.executable,
+            "example_chat.py",
+            "--interactive",
+            "--ckpt_dir",
+            ckpt_dir,
+            "--tokenizer_path",
+            tokenizer_path,
+            "--device",
+            "cpu",
+            *options,
+        ]
         terminals.append(Terminal(args))
         return terminals[-1]
 
@@ -97,7 +107,9 @@ def reply(seen: str) -> str:
     the note that it reached --max_gen_len and the --verbose timing."""
     shown = seen.split("Assistant: ", 1)[1].rsplit("\n\nYou: ", 1)[0]
     shown = re.sub(r"\n\(prompt: .*\)$", "", shown)
-    return re.sub(r"\n\(the reply reached --max_gen_len=\d+ tokens; restart with a larger one for longer replies\)$", "", shown)
+    return re.sub(
+        r"\n\(the reply reached --max_gen_len=\d+ tokens; restart with a larger one for longer replies\)$", "", shown
+    )
 
 
 def test_two_turn_conversation_and_reset(make_checkpoint, tokenizer_path, terminal):
@@ -135,7 +147,9 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_quits(tmp_path, tokenizer_path, termina
     state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies run to the context limit
     save_checkpoint(str(tmp_path), SMALL_PARAMS, state, n_shards=1, dtype=torch.bfloat16)
 
-    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0", "--max_seq_len", "4096", "--max_gen_len", "4000")
+    chat = terminal(
+        str(tmp_path), tokenizer_path, "--temperature", "0", "--max_seq_len", "4096", "--max_gen_len", "4000"
+    )
     chat.expect("You: ")
     chat.type("tell me everything\n")
     chat.expect("Assistant: ")
@@ -150,8 +164,18 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_quits(tmp_path, tokenizer_path, termina
 
 def test_context_limit_refuses_a_too_long_message_and_drops_old_exchanges(make_checkpoint, tokenizer_path, terminal):
     ckpt_dir, _ = make_checkpoint()
-    chat = terminal(ckpt_dir, tokenizer_path, "--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "48",
-                    "--system", "be brief")
+    chat = terminal(
+        ckpt_dir,
+        tokenizer_path,
+        "--temperature",
+        "0",
+        "--max_gen_len",
+        "6",
+        "--max_seq_len",
+        "48",
+        "--system",
+        "be brief",
+    )
     chat.expect("You: ")
     chat.type("word " * 60 + "\n")
     assert "more than max_seq_len=48 allows" in chat.expect("\n\nYou: ")
@@ -166,8 +190,14 @@ def test_context_limit_refuses_a_too_long_message_and_drops_old_exchanges(make_c
 def test_a_refused_message_leaves_the_conversation_as_it_was(make_checkpoint, tokenizer_path, terminal):
     ckpt_dir, _ = make_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=1, device="cpu", dtype="float32")
-    first = llama.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0, max_gen_len=6)[0]["generation"]["content"]
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    first = llama.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0, max_gen_len=6)[0]["generation"][
+        "content"
+    ]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "and then?"},
+    ]
     (second,) = llama.chat_completion([history], temperature=0, max_gen_len=6)
 
     chat = terminal(ckpt_dir, tokenizer_path, "--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "96")
@@ -183,15 +213,21 @@ def test_a_refused_message_leaves_the_conversation_as_it_was(make_checkpoint, to
     assert chat.exit_code() == 0
 
 
-def test_a_reply_stops_at_256_tokens_by_default_says_how_to_get_longer_ones_and_counts_alike(tmp_path, tokenizer_path, terminal):
+def test_a_reply_stops_at_256_tokens_by_default_says_how_to_get_longer_ones_and_counts_alike(
+    tmp_path, tokenizer_path, terminal
+):
     state = random_state(ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512}))
     state["output.weight"][2] = 0  # EOS's logit is 0, below the largest: greedy replies never end by themselves
     save_checkpoint(str(tmp_path), SMALL_PARAMS, state, n_shards=1, dtype=torch.bfloat16)
     llama = Llama.build(str(tmp_path), tokenizer_path, max_seq_len=512, max_batch_size=1, device="cpu", dtype="float32")
-    (expected,) = llama.chat_completion([[{"role": "user", "content": "hello"}]], temperature=0, max_gen_len=256, logprobs=True)
+    (expected,) = llama.chat_completion(
+        [[{"role": "user", "content": "hello"}]], temperature=0, max_gen_len=256, logprobs=True
+    )
     assert len(expected["tokens"]) == 256
 
-    chat = terminal(str(tmp_path), tokenizer_path, "--temperature", "0", "--verbose")  # default max_seq_len 512: room for more than 256
+    chat = terminal(
+        str(tmp_path), tokenizer_path, "--temperature", "0", "--verbose"
+    )  # default max_seq_len 512: room for more than 256
     chat.expect("You: ")
     chat.type("hello\n")
     seen = chat.expect("\n\nYou: ")

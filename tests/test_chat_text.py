@@ -27,5 +27,11 @@ def test_llama3_text_reads_back_as_its_tokens(llama3_tokenizer):
 
 def test_without_the_generation_prompt_the_text_ends_inside_the_last_answer(tokenizer_path, llama3_tokenizer):
     answered = DIALOG[:3]
-    assert Llama2ChatFormat(Tokenizer(tokenizer_path)).render(answered, add_generation_prompt=False).endswith("[/INST] 4.")
-    assert Llama3ChatFormat(Tokenizer(llama3_tokenizer[0])).render(answered, add_generation_prompt=False).endswith("<|end_header_id|>\n\n4.")
+    assert (
+        Llama2ChatFormat(Tokenizer(tokenizer_path)).render(answered, add_generation_prompt=False).endswith("[/INST] 4.")
+    )
+    assert (
+        Llama3ChatFormat(Tokenizer(llama3_tokenizer[0]))
+        .render(answered, add_generation_prompt=False)
+        .endswith("<|end_header_id|>\n\n4.")
+    )

@@ -63,12 +63,18 @@ def exit_status(main, argv) -> int:
     return exited.value.code
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--ckpt_dir", "x", "--temperature", "0"], {"ckpt_dir": "x", "temperature": 0}),
-    (["--ckpt_dir=x", "--temperature=0"], {"ckpt_dir": "x", "temperature": 0}),
-    (["--top-p", "0.5"], {"top_p": 0.5}),  # hyphens read as underscores
-    (["--verbose", "--temperature", "-1"], {"verbose": True, "temperature": -1}),  # a switch, then a negative number
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--ckpt_dir", "x", "--temperature", "0"], {"ckpt_dir": "x", "temperature": 0}),
+        (["--ckpt_dir=x", "--temperature=0"], {"ckpt_dir": "x", "temperature": 0}),
+        (["--top-p", "0.5"], {"top_p": 0.5}),  # hyphens read as underscores
+        (
+            ["--verbose", "--temperature", "-1"],
+            {"verbose": True, "temperature": -1},
+        ),  # a switch, then a negative number
+    ],
+)
 def test_flags_reach_the_command_as_written_with_underscores_hyphens_or_an_equals_sign(argv, expected):
     run(command, argv)
     defaults = {"ckpt_dir": "", "temperature": 0.6, "top_p": 0.9, "verbose": False, "traceback": False}
@@ -118,8 +124,17 @@ def test_a_python_list_given_to_a_flag_that_takes_a_list_is_a_list(typed):
 
 def test_declared_flags_take_their_options_type_default_and_help_and_come_back_as_the_options():
     parser = argparse.ArgumentParser()
-    add_flags(parser, "ckpt_dir", "max_seq_len", "prefix_cache", "compile", "kv_cache_tokens", "temperature",
-              ckpt_dir={"required": True}, max_seq_len={"default": 128})
+    add_flags(
+        parser,
+        "ckpt_dir",
+        "max_seq_len",
+        "prefix_cache",
+        "compile",
+        "kv_cache_tokens",
+        "temperature",
+        ckpt_dir={"required": True},
+        max_seq_len={"default": 128},
+    )
     args = parser.parse_args(["--ckpt_dir", "x", "--no_prefix_cache", "--compile", "--temperature", "0"])
     assert options_from(EngineOptions, args) == EngineOptions(max_seq_len=128, prefix_cache=False, compile=True)
     assert options_from(LoadOptions, args, dtype="float32") == LoadOptions("x", dtype="float32")
@@ -130,8 +145,15 @@ def test_declared_flags_take_their_options_type_default_and_help_and_come_back_a
     assert help_of["max_seq_len"] == "the context length in tokens: prompt and generation together"
 
 
-@pytest.mark.parametrize("error", [ValueError("bad value"), TypeError("bad type"), FileNotFoundError("no file"),
-                                   RankFailedError("rank 1 failed with ValueError: bad")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad value"),
+        TypeError("bad type"),
+        FileNotFoundError("no file"),
+        RankFailedError("rank 1 failed with ValueError: bad"),
+    ],
+)
 def test_a_user_error_is_one_line_and_exit_status_2(error, capsys):
     assert exit_status(failing(error), []) == 2
     assert capsys.readouterr() == ("", f"error: {error}\n")
@@ -176,12 +198,15 @@ def argparse_command():
     return parser
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shards", "2", "--extra"], "unknown flag --extra; known flags: --shards"),
-    (["--shards", "2", "stray"], "unrecognized arguments: stray"),
-    (["--shards", "two"], "argument --shards: invalid int value: 'two'"),
-    ([], "the following arguments are required: --shards"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shards", "2", "--extra"], "unknown flag --extra; known flags: --shards"),
+        (["--shards", "2", "stray"], "unrecognized arguments: stray"),
+        (["--shards", "two"], "argument --shards: invalid int value: 'two'"),
+        ([], "the following arguments are required: --shards"),
+    ],
+)
 def test_an_argparse_command_reports_its_parse_errors_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
         run_parser(argparse_command(), calls.append, argv)
@@ -225,8 +250,24 @@ def option_entries(text: str) -> dict:
     return entries
 
 
-META_FLAGS = ["--ckpt_dir", "--tokenizer_path", "--temperature", "--top_p", "--max_seq_len", "--max_gen_len", "--max_batch_size"]
-COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.perplexity", "llama.convert", "llama.reshard", "llama.finetune"]
+META_FLAGS = [
+    "--ckpt_dir",
+    "--tokenizer_path",
+    "--temperature",
+    "--top_p",
+    "--max_seq_len",
+    "--max_gen_len",
+    "--max_batch_size",
+]
+COMMANDS = [
+    "example_text_completion.py",
+    "example_chat.py",
+    "llama.server",
+    "llama.perplexity",
+    "llama.convert",
+    "llama.reshard",
+    "llama.finetune",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -249,7 +290,9 @@ def test_the_examples_help_keeps_metas_flags_and_shows_every_default(command, ca
 
 
 def test_the_servers_help_is_titled_with_how_it_is_started():
-    done = subprocess.run([sys.executable, "-m", "llama.server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "llama.server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m llama.server [-h]")
     assert "--heartbeat_seconds HEARTBEAT_SECONDS" in done.stdout
@@ -327,4 +370,7 @@ def test_the_compile_line_names_every_step_that_was_compiled_and_none_when_nothi
     assert compile_line(engine) is None
     runner.compile_seconds, speculator.verify_forward.compile_seconds = 12.34, 5.0
     speculator.draft_forward = step("draft's step", 3.06)
-    assert compile_line(engine) == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, the draft's step in 3.1 s (on first use, counted above)"
+    assert (
+        compile_line(engine)
+        == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, the draft's step in 3.1 s (on first use, counted above)"
+    )

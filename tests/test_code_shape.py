@@ -26,13 +26,13 @@ def test_no_function_in_the_package_is_over_60_lines_of_code():
 
 def test_the_line_count_leaves_out_blank_lines_comments_and_docstrings(tmp_path):
     (tmp_path / "shape.py").write_text(
-        'class Shape:\n'
+        "class Shape:\n"
         '    """A docstring\n    of two lines."""\n'
-        '\n'
-        '    # a comment\n'
-        '    def area(self):\n'
+        "\n"
+        "    # a comment\n"
+        "    def area(self):\n"
         '        text = """a string\n        that is code"""\n'
-        '        return len(text)  # a trailing comment\n'
+        "        return len(text)  # a trailing comment\n"
     )
     found = {d.name.split(":")[1]: d.lines for d in definitions(tmp_path)}
     assert found == {"Shape": 5, "Shape.area": 4}

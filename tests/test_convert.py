@@ -14,11 +14,25 @@ from llama.convert import convert, main
 from llama.generation import Llama
 
 # The fields of Meta's ModelArgs (meta-llama/llama, llama/model.py); Code Llama's adds rope_theta.
-LLAMA2_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "max_batch_size", "max_seq_len"}
+LLAMA2_FIELDS = {
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "max_batch_size",
+    "max_seq_len",
+}
 CODE_LLAMA_FIELDS = LLAMA2_FIELDS | {"rope_theta"}
 
 HF_MODELS = {  # LlamaConfig keys; 64 dims and intermediate sizes Meta's rule gives only with a multiplier
-    "gqa, theta 1e6, FFN 100, 3 files": ({"num_key_value_heads": 4, "intermediate_size": 100, "rope_theta": 1e6}, "40KB"),
+    "gqa, theta 1e6, FFN 100, 3 files": (
+        {"num_key_value_heads": 4, "intermediate_size": 100, "rope_theta": 1e6},
+        "40KB",
+    ),
     "tied embeddings, theta 10000, FFN 172": ({"intermediate_size": 172, "tie_word_embeddings": True}, None),
 }
 
@@ -31,7 +45,9 @@ def transformers_logits(folder) -> torch.Tensor:
 
 
 def our_logits(folder) -> torch.Tensor:
-    return Llama.build(str(folder), max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32").model.forward(TOKENS)
+    return Llama.build(str(folder), max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32").model.forward(
+        TOKENS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +88,19 @@ def test_meta_shards_hold_only_meta_s_keys_in_bf16_by_default(round_trips, tmp_p
     convert(source, str(tmp_path / "meta"), "meta")
     shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
-        f"layers.{i}.{name}.weight" for i in range(2) for name in (
-            "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
-            "feed_forward.w3", "attention_norm", "ffn_norm")
+        f"layers.{i}.{name}.weight"
+        for i in range(2)
+        for name in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+            "attention_norm",
+            "ffn_norm",
+        )
     }
     assert set(shard) == expected
     assert {t.dtype for t in shard.values()} == {torch.bfloat16}
@@ -84,7 +110,9 @@ def test_hf_output_has_index_naming_every_file(round_trips):
     _, _, back = round_trips[next(iter(HF_MODELS))]
     index = json.loads((back / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert (back / "tokenizer.model").read_bytes() == (Path(round_trips[next(iter(HF_MODELS))][0]) / "tokenizer.model").read_bytes()
+    assert (back / "tokenizer.model").read_bytes() == (
+        Path(round_trips[next(iter(HF_MODELS))][0]) / "tokenizer.model"
+    ).read_bytes()
 
 
 def test_meta_two_shards_to_hf_read_by_transformers(make_checkpoint, tokenizer_path, tmp_path):
@@ -94,12 +122,27 @@ def test_meta_two_shards_to_hf_read_by_transformers(make_checkpoint, tokenizer_p
         expected = to_transformers(state, SMALL_PARAMS, vocab_size=512)(TOKENS).logits
     torch.testing.assert_close(transformers_logits(tmp_path / "hf"), expected, atol=1e-4, rtol=0)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["max_position_embeddings"] == 4096  # Llama 2's context: a sentencepiece model, no rope scaling, rope_theta not 1e6
+    assert (
+        config["max_position_embeddings"] == 4096
+    )  # Llama 2's context: a sentencepiece model, no rope scaling, rope_theta not 1e6
 
 
 def test_meta_to_hf_writes_the_context_it_is_given(make_checkpoint, tokenizer_path, tmp_path):
     ckpt_dir, _ = make_checkpoint()
-    main(["--ckpt_dir", ckpt_dir, "--out", str(tmp_path / "hf"), "--format", "hf", "--tokenizer_path", tokenizer_path, "--max_position_embeddings", "2048"])
+    main(
+        [
+            "--ckpt_dir",
+            ckpt_dir,
+            "--out",
+            str(tmp_path / "hf"),
+            "--format",
+            "hf",
+            "--tokenizer_path",
+            tokenizer_path,
+            "--max_position_embeddings",
+            "2048",
+        ]
+    )
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 2048
 
 
@@ -119,7 +162,9 @@ def test_shard_count_must_divide_the_model(round_trips, tmp_path):
 
 def test_tokenizer_of_another_vocabulary_is_refused(round_trips, tmp_path):
     source = round_trips[next(iter(HF_MODELS))][0]
-    with pytest.raises(ValueError, match="tokenizer .* has 4096 tokens but the checkpoint's token embedding has 512 rows"):
+    with pytest.raises(
+        ValueError, match="tokenizer .* has 4096 tokens but the checkpoint's token embedding has 512 rows"
+    ):
         convert(source, str(tmp_path / "out"), "hf", tokenizer_path=str(BUNDLED / "tokenizer.model"))
 
 
@@ -148,8 +193,12 @@ def test_cli_reports_a_usage_mistake_naming_the_flag(tmp_path, capsys):
 # ---- what transformers reads besides the weights: the tokenizer, the chat template, the stop tokens ----
 
 SAMPLE_TEXTS = ["import os\n", "def f(x):  return x", "  héllo\nwörld", " a leading space", "", "x\n\n  y "]
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):  return x"},
-        {"role": "assistant", "content": " ok "}, {"role": "user", "content": "  héllo\nwörld"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "def f(x):  return x"},
+    {"role": "assistant", "content": " ok "},
+    {"role": "user", "content": "  héllo\nwörld"},
+]
 
 
 def llama_style_tokenizer(path: Path) -> str:
@@ -162,9 +211,21 @@ def llama_style_tokenizer(path: Path) -> str:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]), model_writer=model, vocab_size=512, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]),
+        model_writer=model,
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
     )
     path.write_bytes(model.getvalue())
     return str(path)
@@ -192,11 +253,16 @@ def test_transformers_tokenizes_text_and_chats_of_a_converted_llama2_folder_as_h
 
     source, out = llama2_hf_folder
     ours, theirs = Tokenizer(str(Path(source) / "tokenizer.model")), AutoTokenizer.from_pretrained(out)
-    assert [theirs(text)["input_ids"] for text in SAMPLE_TEXTS] == [ours.encode(text, bos=True, eos=False) for text in SAMPLE_TEXTS]
+    assert [theirs(text)["input_ids"] for text in SAMPLE_TEXTS] == [
+        ours.encode(text, bos=True, eos=False) for text in SAMPLE_TEXTS
+    ]
     assert [theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) for text in SAMPLE_TEXTS] == [
-        ours.decode(ours.encode(text, bos=True, eos=False)) for text in SAMPLE_TEXTS]
+        ours.decode(ours.encode(text, bos=True, eos=False)) for text in SAMPLE_TEXTS
+    ]
     expected = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
-    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == chat_format_for(ours).encode_dialog(CHAT)
+    assert list(expected["input_ids"] if hasattr(expected, "keys") else expected) == chat_format_for(
+        ours
+    ).encode_dialog(CHAT)
 
 
 def test_transformers_generates_from_a_converted_llama2_folder_the_greedy_tokens_of_here(llama2_hf_folder):
@@ -205,10 +271,13 @@ def test_transformers_generates_from_a_converted_llama2_folder_the_greedy_tokens
     source, out = llama2_hf_folder
     llama = Llama.build(source, max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
     assert GenerationConfig.from_pretrained(out).eos_token_id == llama.tokenizer.stop_tokens[0]
-    model, tokenizer = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+    model, tokenizer = (
+        LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(out),
+    )
     for text in SAMPLE_TEXTS[:2]:
         prompt = tokenizer(text, return_tensors="pt")["input_ids"]
-        generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+        generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :].tolist()
         (expected,), _ = llama.generate([prompt[0].tolist()], max_gen_len=8, temperature=0)
         assert [t for t in generated if t not in llama.tokenizer.stop_tokens] == expected
 
@@ -232,7 +301,7 @@ def test_transformers_tokenizes_and_generates_on_the_converted_bundled_model_as_
         prompt = tokenizer(text, return_tensors="pt")["input_ids"]
         assert prompt[0].tolist() == llama.tokenizer.encode(text, bos=True, eos=False)
         assert tokenizer.decode(prompt[0], skip_special_tokens=True) == text
-        generated = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]
+        generated = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :]
         (expected,) = llama.text_completion([text], max_gen_len=16, temperature=0)
         assert tokenizer.decode(generated, skip_special_tokens=True) == expected["generation"]
 

@@ -9,14 +9,16 @@ import torch.nn.functional as F
 from conftest import SMALL_PARAMS, quantize_linears, random_state
 from llama.layers import cpu_kernels
 from llama.layers.cpu_kernels import choose_float32_kernels
-from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import Quantization, linear
+from llama.model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
 def small_model(max_seq_len: int = 32, max_batch_size: int = 2) -> Transformer:
-    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+    args = ModelArgs.from_dict(
+        {**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size}
+    )
     model = Transformer(args)
     model.load_state_dict(random_state(args))
     return model
@@ -44,7 +46,9 @@ def test_each_shape_takes_the_kernel_its_timings_favour_and_is_timed_once(fresh_
     choices = choose_float32_kernels(model)
     shapes = {tuple(m.weight.shape) for m in model.modules() if hasattr(m, "onednn")}
     assert set(choices) == shapes and choices[output_shape] and sum(choices.values()) == 1
-    assert model.output.onednn and not model.layers[0].attention.wqkv.onednn and not model.layers[1].feed_forward.w2.onednn
+    assert (
+        model.output.onednn and not model.layers[0].attention.wqkv.onednn and not model.layers[1].feed_forward.w2.onednn
+    )
     assert len(timed) == len(shapes) * 2 * cpu_kernels.ROUNDS
 
     again = small_model()  # a second model of the same shapes in this process: the same choice, no timing

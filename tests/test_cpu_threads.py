@@ -147,7 +147,13 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_run_goes_on(timed
     assert "could not be remembered" in caplog.text
 
 
-INFERENCE_COMMANDS = ["example_text_completion.py", "example_chat.py", "llama.server", "llama.evaluate", "llama.perplexity"]
+INFERENCE_COMMANDS = [
+    "example_text_completion.py",
+    "example_chat.py",
+    "llama.server",
+    "llama.evaluate",
+    "llama.perplexity",
+]
 PROBE = """
 import builtins, os, runpy, sys
 class TorchLoads(Exception):
@@ -176,8 +182,9 @@ def wait_policy_when_torch_loads():
     an environment that sets none."""
     commands = [*INFERENCE_COMMANDS, "llama.finetune", "llama/__init__.py"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", PROBE, *commands], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *commands], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return dict(zip(commands, done.stdout.split()))
 
@@ -198,8 +205,12 @@ def test_the_training_command_and_the_package_alone_keep_openmps_default(wait_po
 def test_importing_the_model_loads_its_math_and_not_the_engine():
     """``import llama.model`` (torch and the layers) leaves the engine, the grammars and the chat templates
     unloaded; Meta's names still come from the package when asked for."""
-    command = ("import sys, llama.model; print(sorted(m for m in ('llama.engine', 'llama.generation', 'llguidance', "
-               "'jinja2', 'llama.checkpoints') if m in sys.modules)); from llama import Llama, Dialog, ModelArgs, "
-               "Tokenizer, Transformer; print(Llama.__module__, Tokenizer.__module__)")
-    printed = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    command = (
+        "import sys, llama.model; print(sorted(m for m in ('llama.engine', 'llama.generation', 'llguidance', "
+        "'jinja2', 'llama.checkpoints') if m in sys.modules)); from llama import Llama, Dialog, ModelArgs, "
+        "Tokenizer, Transformer; print(Llama.__module__, Tokenizer.__module__)"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", command], capture_output=True, text=True, cwd=ROOT
+    ).stdout.splitlines()
     assert printed == ["[]", "llama.generation llama.tokenizer"]

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from llama.options import GenerationOptions
 from llama.generation import Llama
+from llama.options import GenerationOptions
 
 PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
 
@@ -30,13 +30,17 @@ def test_options_are_frozen_and_checked_when_made():
 def test_stream_tells_each_rows_finish_reason(llama, monkeypatch):
     free = llama.text_completion(PROMPTS[:2], max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True)
     stop_string = free[1]["generation"][2:4]
-    stream = llama.text_completion_stream(PROMPTS[:2], max_gen_len=8, temperature=0, stop_tokens=[], stop_strings=[stop_string])
+    stream = llama.text_completion_stream(
+        PROMPTS[:2], max_gen_len=8, temperature=0, stop_tokens=[], stop_strings=[stop_string]
+    )
     assert stream.finish_reasons == [None, None]
     texts = ["".join(pieces) for pieces in zip(*stream)]
     assert stream.finish_reasons[1] == "stop" and texts[1] == free[1]["generation"][:2]
     assert stream.finish_reasons[0] == ("stop" if stop_string in free[0]["generation"] else "length")
 
-    (tokens,), _ = llama.generate([llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 8, temperature=0, stop_tokens=[])
+    (tokens,), _ = llama.generate(
+        [llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 8, temperature=0, stop_tokens=[]
+    )
     monkeypatch.setattr(llama.tokenizer, "eos_id", tokens[3])  # the 4th token generated ends the row
     stream = llama.text_completion_stream(PROMPTS[:1], max_gen_len=8, temperature=0)
     list(stream)
@@ -92,9 +96,14 @@ def test_compiled_greedy_tokens_and_logprobs_equal_eager_and_compile_once(llama,
     assert fast[0] == eager[0]
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(fast[1], eager[1]))
 
-    graphs = unique_graphs()  # new prompt lengths, positions and contents, 3 or 4 rows (padded to 4): nothing new to compile
+    graphs = (
+        unique_graphs()
+    )  # new prompt lengths, positions and contents, 3 or 4 rows (padded to 4): nothing new to compile
     for other in ([prompts[2] + prompts[0], prompts[1][:3], prompts[0]], prompts + [prompts[1][:2]]):
-        assert compiled.generate(other, max_gen_len=20, temperature=0)[0] == llama.generate(other, max_gen_len=20, temperature=0)[0]
+        assert (
+            compiled.generate(other, max_gen_len=20, temperature=0)[0]
+            == llama.generate(other, max_gen_len=20, temperature=0)[0]
+        )
     assert unique_graphs() == graphs
 
 
@@ -110,7 +119,15 @@ def test_compiled_ragged_batch_decodes_to_the_end_of_the_context_as_eager(llama,
 
 
 def test_compiled_sampling_penalties_streaming_and_stop_strings_equal_eager(llama, compiled):
-    options = dict(max_gen_len=16, temperature=0.8, top_p=0.95, seed=3, num_return_sequences=2, stop_strings=["\n"], repetition_penalty=1.3)
+    options = dict(
+        max_gen_len=16,
+        temperature=0.8,
+        top_p=0.95,
+        seed=3,
+        num_return_sequences=2,
+        stop_strings=["\n"],
+        repetition_penalty=1.3,
+    )
     assert compiled.text_completion(PROMPTS[:2], **options) == llama.text_completion(PROMPTS[:2], **options)
     streamed = ["".join(pieces) for pieces in zip(*compiled.text_completion_stream(PROMPTS[:2], **options))]
     assert streamed == [r["generation"] for r in llama.text_completion(PROMPTS[:2], **options)]

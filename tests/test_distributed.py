@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from conftest import SMALL_PARAMS, to_transformers
 from distributed_worker import POOLED_PROMPTS, PROMPTS, SAMPLE_SEED, SCORED_PAIRS, TOKENS, sample_after_build
-from llama.layers import cpu_kernels
 from llama.distributed import BACKEND_ENV, resolve_backend
 from llama.generation import Llama
-from llama.model import ModelArgs, Transformer
+from llama.layers import cpu_kernels
 from llama.layers.parallel import check_world_size
+from llama.model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "distributed_worker.py")
@@ -92,9 +92,18 @@ def run_plain_processes(args, world_size=2, timeout=TIMEOUT):
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outcomes = []
     try:
         for process in processes:
@@ -135,7 +144,9 @@ def test_ranks_with_different_random_generators_return_rank_0s_samples(two_ranks
 @pytest.mark.parametrize("n_shards", SHARD_COUNTS)
 def test_the_same_seed_samples_the_same_text_on_two_ranks_as_in_one_process(two_ranks, single_process, n_shards):
     # each rank's weights have other shapes than the single process's: loading draws nothing from the generator
-    assert two_ranks[0][n_shards]["after_build"] == two_ranks[1][n_shards]["after_build"] == single_process["after_build"]
+    assert (
+        two_ranks[0][n_shards]["after_build"] == two_ranks[1][n_shards]["after_build"] == single_process["after_build"]
+    )
 
 
 def seconds_favouring(onednn: bool):
@@ -151,7 +162,9 @@ def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_kernel_each_la
     monkeypatch.setenv("LLAMA_CACHE_DIR", str(tmp_path))  # (nor read from a choice an earlier test's run remembered)
     monkeypatch.setattr(cpu_kernels, "_pass_seconds", seconds_favouring(kernel == "onednn"))
     dirs, _ = checkpoints
-    llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", seed=7)
+    llama = Llama.build(
+        dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32", seed=7
+    )
     assert all(m.onednn == (kernel == "onednn") for m in llama.model.modules() if hasattr(m, "onednn"))
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
     torch.manual_seed(1)  # the seed the single process was built with
@@ -165,7 +178,9 @@ def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_the_weights(ch
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
 
 
-def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_follow_rank_0(checkpoints, tokenizer_path, tmp_path):
+def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_follow_rank_0(
+    checkpoints, tokenizer_path, tmp_path
+):
     dirs, _ = checkpoints
     result = run(TORCHRUN + [WORKER, "engine", str(tmp_path), tokenizer_path, dirs[2]])
     assert result.returncode == 0, result.stderr
@@ -176,11 +191,14 @@ def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_fol
     assert ranks[0]["every_rank"][0] == alone[0]
     assert ranks[0]["served"] == [alone[1], alone[0]]
     # the pool of 3 blocks: a row was preempted and recomputed, then a prompt took a cached block, on both ranks alike
-    assert ranks[0]["preemptions"] == ranks[1]["preemptions"] > 0 and ranks[0]["cached_tokens"] == ranks[1]["cached_tokens"] == 16
+    assert (
+        ranks[0]["preemptions"] == ranks[1]["preemptions"] > 0
+        and ranks[0]["cached_tokens"] == ranks[1]["cached_tokens"] == 16
+    )
     prompts = POOLED_PROMPTS + [POOLED_PROMPTS[0] + ranks[0]["pooled"][0][0][0][:15]]
     for prompt, *theirs in zip(prompts, ranks[0]["pooled"], ranks[1]["pooled"]):
         tokens, logprobs = llama.generate([prompt], max_gen_len=20, temperature=0, stop_tokens=[], logprobs=True)
-        for (their_tokens, their_logprobs) in theirs:
+        for their_tokens, their_logprobs in theirs:
             assert their_tokens == tokens
             assert torch.allclose(torch.tensor(their_logprobs), torch.tensor(logprobs), atol=1e-4)
     # scoring: every rank the single process's scores, the shared context's block computed once
@@ -190,7 +208,9 @@ def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_fol
         assert logprobs == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
 
 
-def test_speculative_decoding_under_torchrun_gives_every_rank_plain_greedy_tokens(checkpoints, tokenizer_path, tmp_path):
+def test_speculative_decoding_under_torchrun_gives_every_rank_plain_greedy_tokens(
+    checkpoints, tokenizer_path, tmp_path
+):
     """Prompt lookup and an int8 self-draft, on a two-shard checkpoint split over two ranks: each rank
     accepts the same drafts and ends with the single process's plain greedy tokens and logprobs."""
     from distributed_worker import REPEATING_PROMPTS
@@ -247,7 +267,9 @@ def test_nccl_without_cuda_is_a_clear_error(checkpoints, tokenizer_path):
         Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", backend="nccl")
 
 
-def test_a_group_the_application_created_is_used_and_left_alone(checkpoints, tokenizer_path, single_process, monkeypatch):
+def test_a_group_the_application_created_is_used_and_left_alone(
+    checkpoints, tokenizer_path, single_process, monkeypatch
+):
     # torchrun's variables say 2 processes, but the application's own group (of 1) is the one to use
     dirs, _ = checkpoints
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -329,15 +351,21 @@ def test_llama_2_13b_shard_shapes_at_world_size_2(fake_world):
 
 def test_world_size_not_dividing_kv_heads_names_them_and_what_would_work(fake_world):
     fake_world(16)
-    with pytest.raises(ValueError, match=r"over 16 model-parallel ranks or shards: n_kv_heads = 8 is not divisible by 16; "
-                                         r".* would work: 1, 2, 4, 8$"):
+    with pytest.raises(
+        ValueError,
+        match=r"over 16 model-parallel ranks or shards: n_kv_heads = 8 is not divisible by 16; "
+        r".* would work: 1, 2, 4, 8$",
+    ):
         rank_shapes(published_args("llama-2-70b"), dist.group.WORLD)
 
 
 def test_world_size_not_dividing_several_sizes_names_each():
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512})
-    with pytest.raises(ValueError, match=r"n_heads = 8, n_kv_heads = 4, dim = 64, ffn_hidden_dim = 224, vocab_size = 512 "
-                                         r"are not divisible by 3; .* would work: 1, 2, 4$"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_heads = 8, n_kv_heads = 4, dim = 64, ffn_hidden_dim = 224, vocab_size = 512 "
+        r"are not divisible by 3; .* would work: 1, 2, 4$",
+    ):
         check_world_size(args.split_sizes, 3)
 
 
@@ -356,7 +384,9 @@ def corrupt_second_shard(checkpoints, tmp_path):
 
 
 def test_corrupt_shard_on_one_rank_fails_every_rank_with_its_error(corrupt_second_shard, tokenizer_path, tmp_path):
-    (rc0, err0), (rc1, err1) = run_plain_processes([sys.executable, WORKER, "build", str(tmp_path), tokenizer_path, str(corrupt_second_shard)])
+    (rc0, err0), (rc1, err1) = run_plain_processes(
+        [sys.executable, WORKER, "build", str(tmp_path), tokenizer_path, str(corrupt_second_shard)]
+    )
     message = f"cannot load checkpoint shard {corrupt_second_shard / 'consolidated.01.pth'}"
     assert rc1 != 0 and f"ValueError: {message}" in err1
     assert rc0 != 0 and f"RankFailedError: rank 1 failed with ValueError: {message}" in err0
@@ -368,7 +398,9 @@ def test_missing_shard_on_one_rank_fails_every_rank_with_its_error(checkpoints, 
     shutil.copytree(dirs[2], incomplete)
     (incomplete / "consolidated.00.pth").unlink()
     # rank 0 is given the good checkpoint, rank 1 a copy that lacks a shard
-    (rc0, err0), (rc1, err1) = run_plain_processes([sys.executable, WORKER, "build", str(tmp_path), tokenizer_path, dirs[2], str(incomplete)])
+    (rc0, err0), (rc1, err1) = run_plain_processes(
+        [sys.executable, WORKER, "build", str(tmp_path), tokenizer_path, dirs[2], str(incomplete)]
+    )
     message = f"checkpoint directory {incomplete} has 1 shard but lacks consolidated.00.pth"
     assert rc1 != 0 and f"FileNotFoundError: {message}" in err1
     assert rc0 != 0 and f"RankFailedError: rank 1 failed with FileNotFoundError: {message}" in err0
@@ -398,15 +430,28 @@ def test_torchrun_ends_the_job_when_one_rank_raises_outside_llama(tmp_path, toke
 
 
 def example_args(ckpt_dir, tokenizer_path):
-    return ["example_text_completion.py", "--ckpt_dir", str(ckpt_dir), "--tokenizer_path", tokenizer_path,
-            "--max_gen_len", "4", "--prompts", "['import sys']", "--device", "cpu"]
+    return [
+        "example_text_completion.py",
+        "--ckpt_dir",
+        str(ckpt_dir),
+        "--tokenizer_path",
+        tokenizer_path,
+        "--max_gen_len",
+        "4",
+        "--prompts",
+        "['import sys']",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_example_under_torchrun_on_two_processes_prints_once(checkpoints, tokenizer_path):
     dirs, _ = checkpoints
     result = run(TORCHRUN + example_args(dirs[2], tokenizer_path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count(f"Loaded {dirs[2]} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s)") == 1  # torchrun's OMP_NUM_THREADS=1
+    assert (
+        result.stdout.count(f"Loaded {dirs[2]} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s)") == 1
+    )  # torchrun's OMP_NUM_THREADS=1
     assert result.stdout.count("import sys\n> ") == 1
 
 

@@ -76,7 +76,10 @@ def test_rows_with_different_settings_in_one_batch_each_equal_their_setting_alon
 def test_more_requests_than_slots_reuse_the_slots_as_rows_end(llama):
     engine = llama.engine
     lengths = [3, 9, 5, 2, 7, 4, 6]
-    requests = [engine.submit([encode(llama, PROMPTS[i % 4])], GenerationOptions(max_gen_len=n, temperature=0, stop_tokens=[])) for i, n in enumerate(lengths)]
+    requests = [
+        engine.submit([encode(llama, PROMPTS[i % 4])], GenerationOptions(max_gen_len=n, temperature=0, stop_tokens=[]))
+        for i, n in enumerate(lengths)
+    ]
     most_running = 0
     while not all(request.done for request in requests):
         engine.step()
@@ -91,7 +94,9 @@ def test_cancelling_a_row_frees_its_slot_for_a_waiting_request(llama):
     engine = llama.engine
     options = GenerationOptions(max_gen_len=40, temperature=0, stop_tokens=[])
     running = [engine.submit([encode(llama, PROMPTS[i])], options) for i in range(4)]
-    waiting = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=6, temperature=0, stop_tokens=[]))
+    waiting = engine.submit(
+        [encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=6, temperature=0, stop_tokens=[])
+    )
     engine.step()
     engine.step()
     assert engine.queue_length == 1 and engine.running_slots == 4
@@ -135,7 +140,9 @@ def test_penalties_and_logit_bias_follow_the_hand_computation(llama):
         generated.append(max(range(len(logits)), key=logits.__getitem__))
         tokens.append(generated[-1])
     assert ours == generated
-    assert ours != alone(llama, PROMPTS[1], max_gen_len=12, temperature=0, stop_tokens=[])  # the options changed the path
+    assert ours != alone(
+        llama, PROMPTS[1], max_gen_len=12, temperature=0, stop_tokens=[]
+    )  # the options changed the path
 
 
 def test_a_logit_bias_of_integers_forces_and_bans_tokens_as_floats_do(llama):
@@ -153,7 +160,12 @@ def test_a_seeded_row_does_not_depend_on_its_company(llama):
     lone = llama.engine.submit([encode(llama, PROMPTS[2])], options)
     run(llama.engine, [lone])
     torch.manual_seed(0)
-    company = [llama.engine.submit([encode(llama, PROMPTS[i])], GenerationOptions(max_gen_len=10, temperature=1.0, stop_tokens=[])) for i in (0, 1)]
+    company = [
+        llama.engine.submit(
+            [encode(llama, PROMPTS[i])], GenerationOptions(max_gen_len=10, temperature=1.0, stop_tokens=[])
+        )
+        for i in (0, 1)
+    ]
     crowded = llama.engine.submit([encode(llama, PROMPTS[2])], options)
     run(llama.engine, company + [crowded])
     assert crowded.tokens == lone.tokens
@@ -163,9 +175,14 @@ def test_updates_deliver_each_rows_tokens_text_and_finish_reason_to_another_thre
     import threading
 
     engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
-    request = engine.submit([encode(llama, PROMPTS[0])], GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True, num_return_sequences=2))
+    request = engine.submit(
+        [encode(llama, PROMPTS[0])],
+        GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True, num_return_sequences=2),
+    )
     seen = []
-    reader = threading.Thread(target=lambda: seen.extend(delta for step in request.updates(timeout=60) for delta in step))
+    reader = threading.Thread(
+        target=lambda: seen.extend(delta for step in request.updates(timeout=60) for delta in step)
+    )
     reader.start()
     run(engine, [request])
     reader.join(timeout=60)
@@ -194,7 +211,9 @@ def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_after_warm_up_no_mix_of_options_or_rows_coming_and_going_compiles_and_tokens_equal_eager(llama, make_llama, monkeypatch):
+def test_after_warm_up_no_mix_of_options_or_rows_coming_and_going_compiles_and_tokens_equal_eager(
+    llama, make_llama, monkeypatch
+):
     """Traced by dynamo's eager backend: the graphs inductor would compile, counted the same, in a
     fraction of the time (test_decoding compares inductor's code with the eager engine)."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))

@@ -32,7 +32,9 @@ def llama(ckpt, tokenizer_path):
 
 
 def build(ckpt_dir, tokenizer_path, **kwargs):
-    return Llama.build(str(ckpt_dir), tokenizer_path, **{"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", **kwargs})
+    return Llama.build(
+        str(ckpt_dir), tokenizer_path, **{"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", **kwargs}
+    )
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -117,7 +119,12 @@ def test_no_tokenizer_in_or_beside_the_folder_names_both_places_and_the_flag(tmp
     (tmp_path / "llama-2-7b").mkdir()
     folder, beside = tmp_path / "llama-2-7b", tmp_path / "tokenizer.model"
     own = f"{folder / 'tokenizer.model'}, {folder / 'tokenizer.json'}, {folder / 'original' / 'tokenizer.model'}"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"none of {own} or {beside} exists; pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path")):
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
+            f"none of {own} or {beside} exists; pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path"
+        ),
+    ):
         resolve_tokenizer_path(str(tmp_path / "llama-2-7b"))
 
 
@@ -146,7 +153,9 @@ def test_missing_key_names_key_and_file(broken, tokenizer_path):
     state = torch.load(broken / "consolidated.01.pth", weights_only=True)
     del state["layers.1.feed_forward.w3.weight"]
     torch.save(state, broken / "consolidated.01.pth")
-    with pytest.raises(ValueError, match=r"consolidated.01.pth: missing key\(s\) \['layers.1.feed_forward.w3.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"consolidated.01.pth: missing key\(s\) \['layers.1.feed_forward.w3.weight'\]"
+    ):
         build(broken, tokenizer_path)
 
 
@@ -154,7 +163,9 @@ def test_unexpected_key_names_key_and_file(broken, tokenizer_path):
     state = torch.load(broken / "consolidated.00.pth", weights_only=True)
     state["layers.9.attention.wq.weight"] = torch.zeros(2, 2)
     torch.save(state, broken / "consolidated.00.pth")
-    with pytest.raises(ValueError, match=r"consolidated.00.pth: unexpected key\(s\) \['layers.9.attention.wq.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"consolidated.00.pth: unexpected key\(s\) \['layers.9.attention.wq.weight'\]"
+    ):
         build(broken, tokenizer_path)
 
 
@@ -173,7 +184,9 @@ def test_tokenizer_that_does_not_match_the_checkpoint(broken, tokenizer_path):
         state["tok_embeddings.weight"] = state["tok_embeddings.weight"][:500]
         state["output.weight"] = state["output.weight"][:250]
         torch.save(state, path)
-    with pytest.raises(ValueError, match="tokenizer .* has 512 tokens but the checkpoint's tok_embeddings.weight has 500 rows"):
+    with pytest.raises(
+        ValueError, match="tokenizer .* has 512 tokens but the checkpoint's tok_embeddings.weight has 500 rows"
+    ):
         build(broken, tokenizer_path)
 
 
@@ -243,7 +256,9 @@ def test_prompt_longer_than_max_seq_len(llama):
 
 
 def test_token_id_outside_vocabulary(llama):
-    with pytest.raises(ValueError, match=r"prompt_tokens\[0\] has token id\(s\) \[512, -3\] outside the vocabulary \[0, 512\)"):
+    with pytest.raises(
+        ValueError, match=r"prompt_tokens\[0\] has token id\(s\) \[512, -3\] outside the vocabulary \[0, 512\)"
+    ):
         llama.generate([[1, 512, -3]], max_gen_len=4)
 
 
@@ -292,7 +307,10 @@ def test_non_string_prompts(llama, prompts):
         ([{"role": "user"}], "str 'content'"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"alternating .*got \['user', 'user'\]"),
         ([{"role": "assistant", "content": "a"}], r"alternating .*got \['assistant'\]"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "the last message must be from the user, got 'assistant'"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "the last message must be from the user, got 'assistant'",
+        ),
         ([{"role": "system", "content": "a"}], "a dialog with a system message needs a user message"),
         ([], "a dialog must be a non-empty list"),
     ],
@@ -306,7 +324,9 @@ def test_a_missing_last_shard_is_named(make_checkpoint, tokenizer_path, tmp_path
     ckpt_dir, _ = make_checkpoint(n_shards=2)
     broken = Path(shutil.copytree(ckpt_dir, tmp_path / "two_shards"))
     (broken / "consolidated.01.pth").unlink()
-    message = (f"checkpoint directory {broken} lacks consolidated.01.pth: consolidated.00.pth's layers.0.attention.wq.weight "
-               "has 32 of the 64 rows params.json's dim gives: it is 1 of 2 shards, and 1 is there")
+    message = (
+        f"checkpoint directory {broken} lacks consolidated.01.pth: consolidated.00.pth's layers.0.attention.wq.weight "
+        "has 32 of the 64 rows params.json's dim gives: it is 1 of 2 shards, and 1 is there"
+    )
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
         build(str(broken), tokenizer_path)

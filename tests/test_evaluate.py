@@ -23,14 +23,27 @@ CHOICE_DOCS = [
     {"question": "import os\nimport", "choices": [" sys", " re", " json", " os.path"], "answer": 0},
     {"question": "def main():\n    return", "choices": [" None", " 0", " self"], "answer": 1},
     {"question": "for key, value in", "choices": [" items", " self.items()", " d.items():"], "answer": 2},
-    {"question": "class Stack:\n    def __init__(self", "choices": ["):", ", items):", ", *args, **kwargs):"], "answer": 0},
+    {
+        "question": "class Stack:\n    def __init__(self",
+        "choices": ["):", ", items):", ", *args, **kwargs):"],
+        "answer": 0,
+    },
     # a context longer than the window, cut from the left as the hf backend cuts it
-    {"question": "if x is None:\n    raise ValueError('x must be given')\n" * 3 + "elif", "choices": [" y", " x is None:"], "answer": 1},
+    {
+        "question": "if x is None:\n    raise ValueError('x must be given')\n" * 3 + "elif",
+        "choices": [" y", " x is None:"],
+        "answer": 1,
+    },
 ]
 TEXT_DOCS = [  # scored in rolling windows of MAX_SEQ_LEN tokens: one window, then several
     {"text": "import os"},
-    {"text": "def read(path):\n    with open(path) as f:\n        return f.read()\n\n\nclass Reader:\n    def __init__(self, path):\n        self.path = path\n"},
-    {"text": "x = [i * i for i in range(10) if i % 2]\nprint(sum(x), len(x), max(x), min(x), sorted(x, reverse=True))\n" * 2},
+    {
+        "text": "def read(path):\n    with open(path) as f:\n        return f.read()\n\n\nclass Reader:\n    def __init__(self, path):\n        self.path = path\n"
+    },
+    {
+        "text": "x = [i * i for i in range(10) if i % 2]\nprint(sum(x), len(x), max(x), min(x), sorted(x, reverse=True))\n"
+        * 2
+    },
 ]
 GENERATION_DOCS = [
     {"prompt": "def add(a, b):\n    return", "answer": " a + b"},
@@ -38,19 +51,38 @@ GENERATION_DOCS = [
     {"prompt": "class Node:\n    def __init__(self, value):\n        self.value =", "answer": " value"},
 ]
 TASKS = {
-    "tiny_choice": ("choice.jsonl", CHOICE_DOCS, {
-        "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-    }),
-    "tiny_text": ("text.jsonl", TEXT_DOCS, {
-        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
-    }),
-    "tiny_generation": ("generation.jsonl", GENERATION_DOCS, {
-        "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
-        "metric_list": [{"metric": "exact_match"}],
-    }),
+    "tiny_choice": (
+        "choice.jsonl",
+        CHOICE_DOCS,
+        {
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{question}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}",
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+        },
+    ),
+    "tiny_text": (
+        "text.jsonl",
+        TEXT_DOCS,
+        {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+        },
+    ),
+    "tiny_generation": (
+        "generation.jsonl",
+        GENERATION_DOCS,
+        {
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+            "metric_list": [{"metric": "exact_match"}],
+        },
+    ),
 }
 
 
@@ -64,9 +96,21 @@ def llama2_style_tokenizer(path: Path) -> None:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000)), model_writer=model, vocab_size=512, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+        sentence_iterator=iter(stdlib_lines(5000)),
+        model_writer=model,
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
     )
     path.write_bytes(model.getvalue())
 
@@ -75,7 +119,11 @@ def write_tasks(folder: Path) -> Path:
     """Each task as a YAML file (JSON is YAML) beside its JSON Lines dataset."""
     for name, (data_file, docs, config) in TASKS.items():
         (folder / data_file).write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-        dataset = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(folder / data_file)}}, "test_split": "test"}
+        dataset = {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(folder / data_file)}},
+            "test_split": "test",
+        }
         (folder / f"{name}.yaml").write_text(json.dumps({"task": name, **dataset, **config}))
     return folder
 
@@ -96,14 +144,41 @@ def evaluations(make_checkpoint, tmp_path_factory):
         tasks = write_tasks(tmp_path_factory.mktemp("tasks"))
         out = tmp_path_factory.mktemp("out")
         names = ",".join(TASKS)
-        main(["--ckpt_dir", ckpt_dir, "--tasks", names, "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
-              "--batch_size", "3", "--output_path", str(out), "--log_samples", "--dtype", "float32", "--device", "cpu"])
+        main(
+            [
+                "--ckpt_dir",
+                ckpt_dir,
+                "--tasks",
+                names,
+                "--include_path",
+                str(tasks),
+                "--max_seq_len",
+                str(MAX_SEQ_LEN),
+                "--batch_size",
+                "3",
+                "--output_path",
+                str(out),
+                "--log_samples",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ]
+        )
         (results_file,) = out.glob("*/results_*.json")
         ours = json.loads(results_file.read_text())
-        our_samples = {name: [json.loads(line) for line in next(out.glob(f"*/samples_{name}_*.jsonl")).read_text().splitlines()] for name in TASKS}
+        our_samples = {
+            name: [json.loads(line) for line in next(out.glob(f"*/samples_{name}_*.jsonl")).read_text().splitlines()]
+            for name in TASKS
+        }
         theirs = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(TASKS), task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-            batch_size=2, device="cpu", log_samples=True,
+            model="hf",
+            model_args=f"pretrained={hf_dir},dtype=float32",
+            tasks=list(TASKS),
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            batch_size=2,
+            device="cpu",
+            log_samples=True,
         )
     return ours, our_samples, theirs, theirs["samples"]
 
@@ -135,7 +210,9 @@ def test_rolling_perplexities_equal_the_hf_backend(evaluations):
 
 def test_greedy_generations_equal_the_hf_backend(evaluations):
     ours, our_samples, theirs, their_samples = evaluations
-    assert [s["resps"][0][0] for s in our_samples["tiny_generation"]] == [s["resps"][0][0] for s in their_samples["tiny_generation"]]
+    assert [s["resps"][0][0] for s in our_samples["tiny_generation"]] == [
+        s["resps"][0][0] for s in their_samples["tiny_generation"]
+    ]
     assert metrics(ours, "tiny_generation") == metrics(theirs, "tiny_generation")
 
 
@@ -147,7 +224,6 @@ def test_without_lm_eval_the_command_names_the_extra_to_install(monkeypatch, cap
     assert capsys.readouterr().err == 'error: lm-evaluation-harness is not installed: pip install -e ".[eval]"\n'
 
 
-
 def test_two_processes_on_a_sharded_checkpoint_write_one_process_results_once(evaluations, make_checkpoint, tmp_path):
     """torchrun on a 2-shard checkpoint of the same weights: rank 0 alone prints the table and writes one
     results file, whose metrics are the single process's."""
@@ -156,9 +232,34 @@ def test_two_processes_on_a_sharded_checkpoint_write_one_process_results_once(ev
     llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
     (tmp_path / "tasks").mkdir()
     tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.evaluate"]
-    args = ["--ckpt_dir", ckpt_dir, "--tasks", ",".join(TASKS), "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
-            "--batch_size", "3", "--output_path", str(out), "--dtype", "float32", "--device", "cpu"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "llama.evaluate",
+    ]
+    args = [
+        "--ckpt_dir",
+        ckpt_dir,
+        "--tasks",
+        ",".join(TASKS),
+        "--include_path",
+        str(tasks),
+        "--max_seq_len",
+        str(MAX_SEQ_LEN),
+        "--batch_size",
+        "3",
+        "--output_path",
+        str(out),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     result = subprocess.run(torchrun + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -180,8 +281,29 @@ def test_an_int8_model_scores_within_int8_rounding_of_the_float_model(evaluation
     tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_DATASETS_OFFLINE", "1")
-        main(["--ckpt_dir", ckpt_dir, "--tasks", "tiny_choice", "--include_path", str(tasks), "--max_seq_len", str(MAX_SEQ_LEN),
-              "--batch_size", "3", "--output_path", str(out), "--log_samples", "--dtype", "float32", "--device", "cpu", "--quantize", "int8"])
+        main(
+            [
+                "--ckpt_dir",
+                ckpt_dir,
+                "--tasks",
+                "tiny_choice",
+                "--include_path",
+                str(tasks),
+                "--max_seq_len",
+                str(MAX_SEQ_LEN),
+                "--batch_size",
+                "3",
+                "--output_path",
+                str(out),
+                "--log_samples",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--quantize",
+                "int8",
+            ]
+        )
     quantized = [json.loads(line) for line in next(out.glob("*/samples_tiny_choice_*.jsonl")).read_text().splitlines()]
     exact = [float(r[0][0]) for s in our_samples["tiny_choice"] for r in s["resps"]]
     int8 = [float(r[0][0]) for s in quantized for r in s["resps"]]

@@ -17,18 +17,23 @@ from safetensors.torch import load_file
 
 from conftest import BUNDLED, SMALL_PARAMS, to_transformers
 from llama import Llama
-from llama.checkpoints.peft import read_adapter, write_adapter
 from llama.checkpoints.loader import load_model
+from llama.checkpoints.peft import read_adapter, write_adapter
 from llama.finetune import adapter_tensors, main as finetune
 from llama.layers.lora import LoraConfig, apply_lora
-from llama.model import ModelArgs
 from llama.layers.loss import causal_lm_loss
+from llama.model import ModelArgs
 from llama.tokenizer import Tokenizer
 from llama.training.state import check_resumable
 
 ROOT = Path(__file__).resolve().parent.parent
-DIALOG = [{"role": "system", "content": "Answer in digits."}, {"role": "user", "content": "two plus two?"},
-          {"role": "assistant", "content": "4"}, {"role": "user", "content": "and times three?"}, {"role": "assistant", "content": "12"}]
+DIALOG = [
+    {"role": "system", "content": "Answer in digits."},
+    {"role": "user", "content": "two plus two?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "and times three?"},
+    {"role": "assistant", "content": "12"},
+]
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -57,15 +62,25 @@ def hand_llama2_labels(sp, dialog):
         turn = [1] + sp.encode(f"[INST] {user} [/INST] {answer} ") + [2]
         assert turn[: len(prompt)] == prompt
         tokens += turn
-        labels += [-100] * len(prompt) + turn[len(prompt):]
+        labels += [-100] * len(prompt) + turn[len(prompt) :]
     return tokens, labels
 
 
 def test_step0_loss_of_a_chat_equals_transformers_with_labels_built_by_hand(make_checkpoint, tokenizer_path, tmp_path):
     ckpt_dir, state = make_checkpoint(n_shards=2)  # Meta's layout in two shards
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": DIALOG}])
-    first = run(ckpt_dir, data, tmp_path / "out", "--batch_size", "1", "--max_steps", "1", "--max_seq_len", "96",
-                tokenizer_path=tokenizer_path)[0]
+    first = run(
+        ckpt_dir,
+        data,
+        tmp_path / "out",
+        "--batch_size",
+        "1",
+        "--max_steps",
+        "1",
+        "--max_seq_len",
+        "96",
+        tokenizer_path=tokenizer_path,
+    )[0]
     tokens, labels = hand_llama2_labels(Tokenizer(tokenizer_path).sp_model, DIALOG)
     reference = to_transformers(state, SMALL_PARAMS, 512)
     with torch.no_grad():
@@ -118,7 +133,10 @@ def test_lora_logits_and_gradients_equal_peft_on_transformers_and_peft_reads_the
         assert torch.allclose(ours[key], theirs[key], atol=1e-5, rtol=1e-4), key
 
 
-MEMORY = [{"prompt": f"def scale_{i}(x):\n", "completion": f"    return x * {a} + {b}\n"} for i, (a, b) in enumerate([(3, 21), (5, 2), (7, 9), (2, 8)])]
+MEMORY = [
+    {"prompt": f"def scale_{i}(x):\n", "completion": f"    return x * {a} + {b}\n"}
+    for i, (a, b) in enumerate([(3, 21), (5, 2), (7, 9), (2, 8)])
+]
 LEARNING_RATES = {"lora": "1e-2", "qlora": "1e-2", "full": "2e-3"}
 
 
@@ -130,8 +148,27 @@ def memorised(tmp_path_factory):
     runs = {}
     for method, lr in LEARNING_RATES.items():
         merge = ["--merge"] if method == "lora" else []
-        runs[method] = run(BUNDLED, data, folder / method, "--method", method, "--lr", lr, "--max_steps", "16", "--batch_size", "4",
-                           "--warmup_steps", "0", "--lr_schedule", "constant", *merge), folder / method
+        runs[method] = (
+            run(
+                BUNDLED,
+                data,
+                folder / method,
+                "--method",
+                method,
+                "--lr",
+                lr,
+                "--max_steps",
+                "16",
+                "--batch_size",
+                "4",
+                "--warmup_steps",
+                "0",
+                "--lr_schedule",
+                "constant",
+                *merge,
+            ),
+            folder / method,
+        )
     return runs
 
 
@@ -142,12 +179,19 @@ def test_the_bundled_model_learns_to_complete_four_pairs_with_each_method(memori
     if method == "full":
         generator = Llama.build(str(out / "checkpoint"), max_seq_len=64, max_batch_size=4)  # alone: its own tokenizer
     else:
-        generator = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=4, adapter_dir=str(out),
-                                quantize="int4" if method == "qlora" else None)
+        generator = Llama.build(
+            str(BUNDLED),
+            max_seq_len=64,
+            max_batch_size=4,
+            adapter_dir=str(out),
+            quantize="int4" if method == "qlora" else None,
+        )
     completions = generator.text_completion([pair["prompt"] for pair in MEMORY], temperature=0, max_gen_len=12)
     assert sum(c["generation"].startswith(pair["completion"]) for c, pair in zip(completions, MEMORY)) >= 3
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r["step"] for r in losses] == list(range(1, 17)) and all({"lr", "tokens", "tokens_per_s"} <= set(r) for r in losses)
+    assert [r["step"] for r in losses] == list(range(1, 17)) and all(
+        {"lr", "tokens", "tokens_per_s"} <= set(r) for r in losses
+    )
 
 
 def readme_fine_tuning_commands():
@@ -163,8 +207,9 @@ def test_the_readmes_fine_tuning_command_teaches_the_bundled_model_prompts_it_he
     assert completion_command[:2] == ["python", "example_text_completion.py"]
     monkeypatch.chdir(ROOT)  # the commands' paths are the repository's
     flags = dict(zip(train_command[3::2], train_command[4::2]))
-    train, held_out = ([json.loads(line) for line in Path(flags[flag]).read_text().splitlines()]
-                       for flag in ("--data", "--val_data"))
+    train, held_out = (
+        [json.loads(line) for line in Path(flags[flag]).read_text().splitlines()] for flag in ("--data", "--val_data")
+    )
     seen = [pair["prompt"].split() for pair in train]  # "# VERB NAME"
     for pair in held_out:  # a verb and a name training saw, never together
         _, verb, name = pair["prompt"].split()
@@ -189,7 +234,9 @@ def test_the_readmes_fine_tuning_command_teaches_the_bundled_model_prompts_it_he
 def test_an_adapter_merged_on_load_equals_the_merged_checkpoint_and_has_an_identity(memorised):
     _, out = memorised["lora"]
     with_adapter = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=1, adapter_dir=str(out))
-    tokens = torch.tensor([with_adapter.tokenizer.encode(MEMORY[0]["prompt"] + MEMORY[0]["completion"], bos=True, eos=True)])
+    tokens = torch.tensor(
+        [with_adapter.tokenizer.encode(MEMORY[0]["prompt"] + MEMORY[0]["completion"], bos=True, eos=True)]
+    )
     merged = Llama.build(str(out / "checkpoint"), max_seq_len=64, max_batch_size=1)
     base = Llama.build(str(BUNDLED), max_seq_len=64, max_batch_size=1)
     with torch.no_grad():
@@ -217,57 +264,174 @@ def test_packed_rows_give_the_losses_of_padded_rows(checkpoint, tokenizer_path, 
     assert all(r["tokens"] % 96 == 0 for r in packed)  # whole rows of --max_seq_len
 
 
-def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(checkpoint, tokenizer_path, varied_data, tmp_path, capsys):
+def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(
+    checkpoint, tokenizer_path, varied_data, tmp_path, capsys
+):
     ckpt_dir, _ = checkpoint
-    flags = ["--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--lora_dropout", "0.2", "--lr_schedule", "constant"]
+    flags = [
+        "--batch_size",
+        "4",
+        "--max_seq_len",
+        "96",
+        "--lr",
+        "1e-2",
+        "--lora_dropout",
+        "0.2",
+        "--lr_schedule",
+        "constant",
+    ]
     whole = run(ckpt_dir, varied_data, tmp_path / "whole", "--max_steps", "4", *flags, tokenizer_path=tokenizer_path)
-    run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "2", "--save_every", "2", *flags, tokenizer_path=tokenizer_path)
-    resumed = run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "4", "--resume", *flags, tokenizer_path=tokenizer_path)
+    run(
+        ckpt_dir,
+        varied_data,
+        tmp_path / "parts",
+        "--max_steps",
+        "2",
+        "--save_every",
+        "2",
+        *flags,
+        tokenizer_path=tokenizer_path,
+    )
+    resumed = run(
+        ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "4", "--resume", *flags, tokenizer_path=tokenizer_path
+    )
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
     with pytest.raises(SystemExit):
-        run(ckpt_dir, varied_data, tmp_path / "parts", "--max_steps", "6", "--resume", "--method", "full", *flags, tokenizer_path=tokenizer_path)
+        run(
+            ckpt_dir,
+            varied_data,
+            tmp_path / "parts",
+            "--max_steps",
+            "6",
+            "--resume",
+            "--method",
+            "full",
+            *flags,
+            tokenizer_path=tokenizer_path,
+        )
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("error: --resume: ") and "method was 'lora', now 'full'" in error
 
 
-def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_process_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_two_processes_under_torchrun_give_one_process_losses_and_state_one_process_resumes(
+    checkpoint, tokenizer_path, varied_data, tmp_path
+):
     ckpt_dir, _ = checkpoint
     validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])  # 3 micro-batches: one rank scores an empty one
-    flags = ["--batch_size", "4", "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2", "--lr_schedule", "constant",
-             "--val_data", validation, "--eval_every", "2"]  # constant: the schedule of 2 steps is that of 3
+    flags = [
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "1",
+        "--max_seq_len",
+        "96",
+        "--lr",
+        "1e-2",
+        "--lr_schedule",
+        "constant",
+        "--val_data",
+        validation,
+        "--eval_every",
+        "2",
+    ]  # constant: the schedule of 2 steps is that of 3
     single = run(ckpt_dir, varied_data, tmp_path / "one", "--max_steps", "3", *flags, tokenizer_path=tokenizer_path)
     assert [r["step"] for r in single if "val_loss" in r] == [2, 3]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama.finetune",
-               "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--out", str(tmp_path / "two"),
-               "--max_steps", "2", "--save_every", "2", *flags]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "llama.finetune",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--tokenizer_path",
+        tokenizer_path,
+        "--data",
+        varied_data,
+        "--out",
+        str(tmp_path / "two"),
+        "--max_steps",
+        "2",
+        "--save_every",
+        "2",
+        *flags,
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("peak memory:") == 1 and result.stderr.count("loading") == 1  # rank 0 speaks for both
     # the two ranks' sharded state, resumed by one process for the last step
-    two = run(ckpt_dir, varied_data, tmp_path / "two", "--max_steps", "3", "--resume", *flags, tokenizer_path=tokenizer_path)
+    two = run(
+        ckpt_dir, varied_data, tmp_path / "two", "--max_steps", "3", "--resume", *flags, tokenizer_path=tokenizer_path
+    )
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], rel=1e-5)
-    assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
+    assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in single if "val_loss" in r], rel=1e-5
+    )
     ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
     assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-5  # float32 rounding (entries ~1e-2)
 
 
-def test_four_processes_splitting_each_layer_in_pairs_give_one_process_losses_and_adapter(checkpoint, tokenizer_path,
-                                                                                          varied_data, tmp_path):
+def test_four_processes_splitting_each_layer_in_pairs_give_one_process_losses_and_adapter(
+    checkpoint, tokenizer_path, varied_data, tmp_path
+):
     """--tensor_parallel 2 on 4 ranks: each layer split within a pair of ranks, FSDP2 across the pairs (a 2-D mesh)."""
     ckpt_dir, _ = checkpoint
     validation = write_jsonl(tmp_path / "validation.jsonl", VARIED[:3])
-    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "1", "--max_seq_len", "96", "--lr", "1e-2",
-             "--lr_schedule", "constant", "--val_data", validation, "--eval_every", "2"]
+    flags = [
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "1",
+        "--max_seq_len",
+        "96",
+        "--lr",
+        "1e-2",
+        "--lr_schedule",
+        "constant",
+        "--val_data",
+        validation,
+        "--eval_every",
+        "2",
+    ]
     single = run(ckpt_dir, varied_data, tmp_path / "one", *flags, tokenizer_path=tokenizer_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "llama.finetune",
-               "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--data", varied_data, "--out", str(tmp_path / "four"),
-               "--tensor_parallel", "2", *flags]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        "-m",
+        "llama.finetune",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--tokenizer_path",
+        tokenizer_path,
+        "--data",
+        varied_data,
+        "--out",
+        str(tmp_path / "four"),
+        "--tensor_parallel",
+        "2",
+        *flags,
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     four = metrics(tmp_path / "four")
     assert [r["loss"] for r in four] == pytest.approx([r["loss"] for r in single], rel=1e-5)
-    assert [r["val_loss"] for r in four if "val_loss" in r] == pytest.approx([r["val_loss"] for r in single if "val_loss" in r], rel=1e-5)
+    assert [r["val_loss"] for r in four if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in single if "val_loss" in r], rel=1e-5
+    )
     ours, theirs = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "four"))
     assert ours.keys() == theirs.keys() and all(ours[key].shape == theirs[key].shape for key in ours)
     # float32 rounding (entries ~1e-2), which Adam's division by a second moment near zero magnifies for a few entries
@@ -275,23 +439,50 @@ def test_four_processes_splitting_each_layer_in_pairs_give_one_process_losses_an
 
 
 def test_a_full_run_resumes_only_at_the_tensor_parallelism_its_fused_weights_were_saved_by(tmp_path):
-    check_resumable({"method": "full"}, {"method": "full", "tensor_parallel": 1}, tmp_path)  # a run that did not record it: 1
+    check_resumable(
+        {"method": "full"}, {"method": "full", "tensor_parallel": 1}, tmp_path
+    )  # a run that did not record it: 1
     with pytest.raises(ValueError, match="tensor_parallel was 2, now 1"):
         check_resumable({"method": "full", "tensor_parallel": 2}, {"method": "full", "tensor_parallel": 1}, tmp_path)
 
 
-@pytest.mark.parametrize("lines, flags, error", [
-    (['{"text": "a"}', '{"text": '], [], r"data.jsonl, line 2: not valid JSON"),
-    ([json.dumps({"messages": [{"role": "user", "content": "hi"}]})], [], r"data.jsonl, line 1: the dialog has no assistant reply"),
-    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], [], r"line 1: message 0 has an unknown role 'robot'"),
-    ([], [], r"data.jsonl: no examples \(the file is empty\)"),
-    (['{"text": "' + "import os " * 80 + '"}'], ["--max_seq_len", "16"], r"every one of its 1 examples is longer than --max_seq_len 16"),
-    (['{"text": "a"}'], ["--lora_targets", "wq,q_gate"], r"--lora_targets: unknown name\(s\) \['q_gate'\]"),
-    (['{"text": "a"}'], ["--batch_size", "6", "--micro_batch_size", "4"], r"--batch_size 6 must be divisible by the 1 rank\(s\) x --micro_batch_size 4"),
-    (['{"text": "a"}'], ["--resume"], r"--resume: .*state/run.json not found"),
-    (['{"text": "a"}'], ["--tensor_parallel", "2"], r"--tensor_parallel 2 must divide the 1 process\(es\) of the job"),
-])
-def test_bad_input_is_one_line_before_anything_is_written(checkpoint, tokenizer_path, tmp_path, capsys, lines, flags, error):
+@pytest.mark.parametrize(
+    "lines, flags, error",
+    [
+        (['{"text": "a"}', '{"text": '], [], r"data.jsonl, line 2: not valid JSON"),
+        (
+            [json.dumps({"messages": [{"role": "user", "content": "hi"}]})],
+            [],
+            r"data.jsonl, line 1: the dialog has no assistant reply",
+        ),
+        (
+            [json.dumps({"messages": [{"role": "robot", "content": "hi"}]})],
+            [],
+            r"line 1: message 0 has an unknown role 'robot'",
+        ),
+        ([], [], r"data.jsonl: no examples \(the file is empty\)"),
+        (
+            ['{"text": "' + "import os " * 80 + '"}'],
+            ["--max_seq_len", "16"],
+            r"every one of its 1 examples is longer than --max_seq_len 16",
+        ),
+        (['{"text": "a"}'], ["--lora_targets", "wq,q_gate"], r"--lora_targets: unknown name\(s\) \['q_gate'\]"),
+        (
+            ['{"text": "a"}'],
+            ["--batch_size", "6", "--micro_batch_size", "4"],
+            r"--batch_size 6 must be divisible by the 1 rank\(s\) x --micro_batch_size 4",
+        ),
+        (['{"text": "a"}'], ["--resume"], r"--resume: .*state/run.json not found"),
+        (
+            ['{"text": "a"}'],
+            ["--tensor_parallel", "2"],
+            r"--tensor_parallel 2 must divide the 1 process\(es\) of the job",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_before_anything_is_written(
+    checkpoint, tokenizer_path, tmp_path, capsys, lines, flags, error
+):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(SystemExit) as exit:
@@ -306,13 +497,33 @@ def test_the_log_says_what_a_trainer_needs_and_nothing_of_decoding_or_of_other_l
     data = write_jsonl(tmp_path / "pairs.jsonl", MEMORY)
     env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}  # decoding times threads
     env.update(PYTHONPATH=str(ROOT), MPLCONFIGDIR=str(tmp_path / "mpl"))  # no font cache: matplotlib says it makes one
-    command = [sys.executable, "-m", "llama.finetune", "--ckpt_dir", str(BUNDLED), "--data", data,
-               "--out", str(tmp_path / "out"), "--max_steps", "2", "--batch_size", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama.finetune",
+        "--ckpt_dir",
+        str(BUNDLED),
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     messages = [line.split(" ", 1)[1] for line in result.stderr.splitlines()]  # without the time
-    expected = ["loaded sentencepiece model from", "rank 0/1: loading", "lora: 4 examples, 2 steps of 4,", "step 1/2 ",
-                "step 2/2 ", "wrote the adapter:", "peak memory:"]
+    expected = [
+        "loaded sentencepiece model from",
+        "rank 0/1: loading",
+        "lora: 4 examples, 2 steps of 4,",
+        "step 1/2 ",
+        "step 2/2 ",
+        "wrote the adapter:",
+        "peak memory:",
+    ]
     assert len(messages) == len(expected) and all(m.startswith(e) for m, e in zip(messages, expected)), result.stderr
 
 
@@ -322,7 +533,10 @@ def test_qlora_where_int4_cannot_hold_the_weights_is_refused(make_checkpoint, to
     with pytest.raises(SystemExit):
         run(ckpt_dir, data, tmp_path / "out", "--method", "qlora", tokenizer_path=tokenizer_path)
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--method qlora: the int4 base cannot run here: " in message and "not a multiple of the group size 64" in message
+    assert (
+        "--method qlora: the int4 base cannot run here: " in message
+        and "not a multiple of the group size 64" in message
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -336,10 +550,16 @@ def test_examples_longer_than_max_seq_len_are_dropped_and_counted(tmp_path, toke
     assert len(examples) == 2 and "dropped 1 of 3 examples longer than --max_seq_len 16 tokens" in caplog.text
 
 
-@pytest.mark.parametrize("bad_line, column", [  # a line without its ]}, a line with a comma missing
-    ('{"messages": [{"role": "user", "content": "hi"}', "Expecting ',' delimiter at column 48, the end of the line)"),
-    ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14)"),
-])
+@pytest.mark.parametrize(
+    "bad_line, column",
+    [  # a line without its ]}, a line with a comma missing
+        (
+            '{"messages": [{"role": "user", "content": "hi"}',
+            "Expecting ',' delimiter at column 48, the end of the line)",
+        ),
+        ('{"text": "a" "b"}', "Expecting ',' delimiter at column 14)"),
+    ],
+)
 def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path, tokenizer_path, bad_line, column):
     from llama.chat.format import chat_format_for
     from llama.training.data import read_examples
@@ -353,7 +573,9 @@ def test_a_line_that_is_not_json_is_named_with_the_column_in_that_line(tmp_path,
 
 
 @pytest.mark.parametrize("format", ["llama2", "llama3"])
-def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_reply_with_its_end(format, tokenizer_path, llama3_tokenizer):
+def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_reply_with_its_end(
+    format, tokenizer_path, llama3_tokenizer
+):
     from llama.chat.format import chat_format_for
     from llama.training.data import encode_example
 
@@ -363,16 +585,24 @@ def test_a_dialog_trains_on_the_tokens_chat_completion_sends_and_learns_each_rep
     end = tokenizer.eos_id if format == "llama2" else tokenizer.special_tokens["<|eot_id|>"]
     previous_end = 0
     for reply in (3, 5):  # the prompt chat_completion sends for each reply, then the reply and its end
-        prompt = chat_format.encode_dialog(DIALOG[:reply - 1])
+        prompt = chat_format.encode_dialog(DIALOG[: reply - 1])
         answer = tokenizer.encode(DIALOG[reply - 1]["content"], bos=False, eos=False)
         assert example.tokens[: len(prompt)] == prompt
-        assert all(label == -100 for label in example.labels[previous_end : len(prompt)])  # since the last reply: the prompt
+        assert all(
+            label == -100 for label in example.labels[previous_end : len(prompt)]
+        )  # since the last reply: the prompt
         previous_end = len(prompt) + len(answer) + 1
-        assert example.tokens[len(prompt) : previous_end] == example.labels[len(prompt) : previous_end] == answer + [end]
-    assert sum(label != -100 for label in example.labels) == sum(len(tokenizer.encode(m["content"], bos=False, eos=False)) + 1 for m in DIALOG[2::2])
+        assert (
+            example.tokens[len(prompt) : previous_end] == example.labels[len(prompt) : previous_end] == answer + [end]
+        )
+    assert sum(label != -100 for label in example.labels) == sum(
+        len(tokenizer.encode(m["content"], bos=False, eos=False)) + 1 for m in DIALOG[2::2]
+    )
 
 
-def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folder_transformers_reads(make_hf_checkpoint, tmp_path):
+def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folder_transformers_reads(
+    make_hf_checkpoint, tmp_path
+):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -390,15 +620,50 @@ def test_a_hugging_face_folder_fine_tunes_into_an_adapter_peft_reads_and_a_folde
         assert not torch.allclose(logits, LlamaForCausalLM.from_pretrained(folder)(input_ids=tokens).logits, atol=1e-2)
 
 
-def test_activation_checkpointing_changes_no_loss_and_a_finished_full_run_resumes(checkpoint, tokenizer_path, varied_data, tmp_path):
+def test_activation_checkpointing_changes_no_loss_and_a_finished_full_run_resumes(
+    checkpoint, tokenizer_path, varied_data, tmp_path
+):
     ckpt_dir, _ = checkpoint
-    flags = ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "96", "--lr", "1e-2", "--pack", "--method", "full"]
-    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags[:1], "1", *flags[2:], "--save_every", "1", tokenizer_path=tokenizer_path)
-    plain = run(ckpt_dir, varied_data, tmp_path / "plain", *flags, "--resume", tokenizer_path=tokenizer_path)  # over its checkpoint
-    checkpointed = run(ckpt_dir, varied_data, tmp_path / "checkpointed", *flags, "--activation_checkpointing", tokenizer_path=tokenizer_path)
+    flags = [
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_seq_len",
+        "96",
+        "--lr",
+        "1e-2",
+        "--pack",
+        "--method",
+        "full",
+    ]
+    plain = run(
+        ckpt_dir,
+        varied_data,
+        tmp_path / "plain",
+        *flags[:1],
+        "1",
+        *flags[2:],
+        "--save_every",
+        "1",
+        tokenizer_path=tokenizer_path,
+    )
+    plain = run(
+        ckpt_dir, varied_data, tmp_path / "plain", *flags, "--resume", tokenizer_path=tokenizer_path
+    )  # over its checkpoint
+    checkpointed = run(
+        ckpt_dir,
+        varied_data,
+        tmp_path / "checkpointed",
+        *flags,
+        "--activation_checkpointing",
+        tokenizer_path=tokenizer_path,
+    )
     assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
-    assert torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys() == \
-        torch.load(tmp_path / "plain" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys()
+    assert (
+        torch.load(tmp_path / "checkpointed" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys()
+        == torch.load(tmp_path / "plain" / "checkpoint" / "consolidated.00.pth", weights_only=True).keys()
+    )
 
 
 ZEPHYR_TEMPLATE = (
@@ -409,13 +674,21 @@ ZEPHYR_TEMPLATE = (
 )
 
 
-def test_a_dialog_in_a_folders_own_template_learns_each_reply_after_the_prompt_chat_completion_sends(make_hf_checkpoint):
+def test_a_dialog_in_a_folders_own_template_learns_each_reply_after_the_prompt_chat_completion_sends(
+    make_hf_checkpoint,
+):
     from llama.chat.format import TemplateChatFormat, chat_format_for
     from llama.checkpoints.hf import read_chat_template
     from llama.training.data import encode_example
 
     folder = Path(make_hf_checkpoint())
-    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "chat_template": ZEPHYR_TEMPLATE}
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": False,
+        "chat_template": ZEPHYR_TEMPLATE,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = Tokenizer(str(folder / "tokenizer.model"))
     chat_format = chat_format_for(tokenizer, read_chat_template(str(folder)))
@@ -430,6 +703,9 @@ def test_a_dialog_in_a_folders_own_template_learns_each_reply_after_the_prompt_c
             start = None
     assert len(spans) == 2
     for (start, end), reply in zip(spans, (3, 5)):
-        assert example.tokens[:start] == chat_format.encode_dialog(DIALOG[:reply - 1])  # what chat_completion sends
+        assert example.tokens[:start] == chat_format.encode_dialog(DIALOG[: reply - 1])  # what chat_completion sends
         learnt = example.tokens[start:end]
-        assert tokenizer.eos_id in learnt and tokenizer.decode(learnt[: learnt.index(tokenizer.eos_id)]).strip() == DIALOG[reply - 1]["content"]
+        assert (
+            tokenizer.eos_id in learnt
+            and tokenizer.decode(learnt[: learnt.index(tokenizer.eos_id)]).strip() == DIALOG[reply - 1]["content"]
+        )

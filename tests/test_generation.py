@@ -24,7 +24,7 @@ def greedy_by_recompute(llama, prompt, n):
     for _ in range(n):
         logits = llama.model.forward(torch.tensor([tokens], device=llama.device))
         tokens.append(int(logits[0, -1].argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def test_kv_cache_decoding_equals_full_recompute(llama):
@@ -123,7 +123,9 @@ def test_chat_tokens_for_multi_turn_dialog(llama):
         {"role": "assistant", "content": " hello"},
         {"role": "user", "content": "how?"},
     ]
-    expected = tok.encode("[INST] hi [/INST] hello ", bos=True, eos=True) + tok.encode("[INST] how? [/INST]", bos=True, eos=False)
+    expected = tok.encode("[INST] hi [/INST] hello ", bos=True, eos=True) + tok.encode(
+        "[INST] how? [/INST]", bos=True, eos=False
+    )
     assert llama.encode_dialog(dialog) == expected
 
 

@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_bench_dry_run_passes_every_check_prints_each_mode_and_skips_nothing():
-    result = subprocess.run([sys.executable, "bench/gpu.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=420)  # mostly compiling one step; minutes when the machine is loaded
+    result = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=420
+    )  # mostly compiling one step; minutes when the machine is loaded
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     for mode in ("bf16", "int8", "int4"):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distributed_worker import PROMPTS, TOKENS
-from llama.generation import Llama
 from llama.checkpoints.hf import meta_ffn_params, rotary_from_hf, rotary_to_hf
+from llama.generation import Llama
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +22,17 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # name -> (dtype, max_shard_size, LlamaConfig keys). 64 dims: Meta's rule gives 192 with multiple_of 32.
 CONFIGS = {
     "gqa, Code Llama's theta, odd FFN size, 8 safetensors files": (
-        torch.float32, "40KB",
-        {"num_key_value_heads": 4, "intermediate_size": 100, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+        torch.float32,
+        "40KB",
+        {
+            "num_key_value_heads": 4,
+            "intermediate_size": 100,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        },
     ),
     "tied embeddings, bf16, one file": (
-        torch.bfloat16, None,
+        torch.bfloat16,
+        None,
         {"intermediate_size": 172, "tie_word_embeddings": True, "rms_norm_eps": 1e-5},
     ),
 }
@@ -34,7 +40,9 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def hf_folders(make_hf_checkpoint):
-    return {name: make_hf_checkpoint(dtype, shard_size, **config) for name, (dtype, shard_size, config) in CONFIGS.items()}
+    return {
+        name: make_hf_checkpoint(dtype, shard_size, **config) for name, (dtype, shard_size, config) in CONFIGS.items()
+    }
 
 
 def transformers_model(folder: str):
@@ -47,7 +55,9 @@ def transformers_greedy(model, prompts, max_gen_len: int):
     """transformers' greedy continuation of each prompt, cut before EOS as Llama.generate cuts it."""
     results = []
     for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_gen_len, do_sample=False)[0, len(prompt):].tolist()
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_gen_len, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
         results.append(out[: out.index(2)] if 2 in out else out)
     return results
 
@@ -75,7 +85,11 @@ def test_two_processes_match_transformers(hf_folders, tokenizer_path, tmp_path):
     folders = list(hf_folders.values())
     worker = str(ROOT / "tests" / "distributed_worker.py")
     result = subprocess.run(
-        TORCHRUN + [worker, "generate", str(tmp_path), tokenizer_path] + folders, cwd=ROOT, capture_output=True, text=True, timeout=120
+        TORCHRUN + [worker, "generate", str(tmp_path), tokenizer_path] + folders,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     for rank in (0, 1):
@@ -106,11 +120,14 @@ def test_rotary_permutation_inverts():
     torch.testing.assert_close(rotary_from_hf(rotary_to_hf(weight, 4), 4), weight, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dim, hidden_dim, expected", [
-    (4096, 11008, {"multiple_of": 256}),  # Llama 2 7B: Meta's own params
-    (5120, 13824, {"multiple_of": 512}),  # Llama 2 13B: Meta writes 256, which gives the same size
-    (8192, 28672, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3}),  # Llama 2 70B: Meta's own params
-])
+@pytest.mark.parametrize(
+    "dim, hidden_dim, expected",
+    [
+        (4096, 11008, {"multiple_of": 256}),  # Llama 2 7B: Meta's own params
+        (5120, 13824, {"multiple_of": 512}),  # Llama 2 13B: Meta writes 256, which gives the same size
+        (8192, 28672, {"multiple_of": 4096, "ffn_dim_multiplier": 1.3}),  # Llama 2 70B: Meta's own params
+    ],
+)
 def test_meta_ffn_params_of_published_models(dim, hidden_dim, expected):
     assert meta_ffn_params(dim, hidden_dim) == expected
     assert ModelArgs(dim=dim, n_heads=dim // 128, **expected).ffn_hidden_dim == hidden_dim
@@ -119,7 +136,10 @@ def test_meta_ffn_params_of_published_models(dim, hidden_dim, expected):
 def test_meta_ffn_params_express_any_size():
     for hidden_dim in list(range(1, 400)) + [28672, 14336, 5632, 11007]:
         params = meta_ffn_params(64 if hidden_dim < 400 else 4096, hidden_dim)
-        assert ModelArgs(dim=64 if hidden_dim < 400 else 4096, n_heads=8, **params).ffn_hidden_dim == hidden_dim, (hidden_dim, params)
+        assert ModelArgs(dim=64 if hidden_dim < 400 else 4096, n_heads=8, **params).ffn_hidden_dim == hidden_dim, (
+            hidden_dim,
+            params,
+        )
 
 
 def edit_config(folder: str, **changes) -> str:
@@ -136,16 +156,25 @@ def hf_copy(hf_folders, tmp_path):
     return str(shutil.copytree(hf_folders[next(iter(CONFIGS))], tmp_path / "copy"))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "mistral", "sliding_window": 4096}, "model_type = 'mistral' is not supported"),
-    ({"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
-    ({"attention_bias": True}, "attention_bias = True is not supported"),
-    ({"mlp_bias": True}, "mlp_bias = True is not supported"),
-    ({"head_dim": 16}, "head_dim = 16 is not supported; this model needs hidden_size / num_attention_heads = 8"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters has rope_type 'linear', which is not supported"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling has rope_type 'dynamic', which is not supported"),
-    ({"intermediate_size": None}, "intermediate_size must be a positive integer, found None"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "mistral", "sliding_window": 4096}, "model_type = 'mistral' is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+        ({"attention_bias": True}, "attention_bias = True is not supported"),
+        ({"mlp_bias": True}, "mlp_bias = True is not supported"),
+        ({"head_dim": 16}, "head_dim = 16 is not supported; this model needs hidden_size / num_attention_heads = 8"),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_parameters has rope_type 'linear', which is not supported",
+        ),
+        (
+            {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            "rope_scaling has rope_type 'dynamic', which is not supported",
+        ),
+        ({"intermediate_size": None}, "intermediate_size must be a positive integer, found None"),
+    ],
+)
 def test_unsupported_config_is_an_error_naming_the_key(hf_copy, changes, message):
     with pytest.raises(ValueError, match=message):
         build(edit_config(hf_copy, **changes))
@@ -177,12 +206,18 @@ def test_wrong_weight_shape_names_key_and_shapes(hf_copy):
 
 
 def test_tokenizer_defaults_to_the_folder_s_own(hf_copy, tokenizer_path):
-    assert build(hf_copy).tokenizer.sp_model.serialized_model_proto() == Llama.build(hf_copy, tokenizer_path, 32, 2, device="cpu").tokenizer.sp_model.serialized_model_proto()
+    assert (
+        build(hf_copy).tokenizer.sp_model.serialized_model_proto()
+        == Llama.build(hf_copy, tokenizer_path, 32, 2, device="cpu").tokenizer.sp_model.serialized_model_proto()
+    )
 
 
 def test_missing_default_tokenizer_names_where_it_looked(hf_copy):
     (Path(hf_copy) / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="no --tokenizer_path given, and none of .*copy.tokenizer.model, .*copy.tokenizer.json, .*copy.original.tokenizer.model or .*tokenizer.model exists"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="no --tokenizer_path given, and none of .*copy.tokenizer.model, .*copy.tokenizer.json, .*copy.original.tokenizer.model or .*tokenizer.model exists",
+    ):
         build(hf_copy)
 
 
@@ -204,8 +239,22 @@ def test_perplexity_of_an_hf_folder_is_transformers_loss(hf_folders, tmp_path, c
 def test_example_runs_an_hf_folder_with_one_command(hf_folders):
     folder = hf_folders[next(iter(CONFIGS))]
     result = subprocess.run(
-        [sys.executable, "example_text_completion.py", "--ckpt_dir", folder, "--max_gen_len", "4", "--prompts", "['import os']", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "example_text_completion.py",
+            "--ckpt_dir",
+            folder,
+            "--max_gen_len",
+            "4",
+            "--prompts",
+            "['import os']",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert f"Loaded {folder} (tokenizer: {Path(folder) / 'tokenizer.model'}) on cpu with " in result.stdout
@@ -224,5 +273,7 @@ def test_missing_weight_is_an_error_naming_it(hf_folders, tmp_path):
 def test_folder_without_weights_names_the_files_looked_for(hf_copy):
     for path in Path(hf_copy).glob("model*"):
         path.unlink()
-    with pytest.raises(FileNotFoundError, match="no weights in .*: expected model.safetensors.index.json, model.safetensors, "):
+    with pytest.raises(
+        FileNotFoundError, match="no weights in .*: expected model.safetensors.index.json, model.safetensors, "
+    ):
         build(hf_copy)

@@ -15,8 +15,20 @@ from llama.tokenizer import Tokenizer
 
 # what the settings act on: spaces at the ends and in runs, tabs and newlines, characters NFKC maps,
 # characters only bytes encode, and the empty text
-TEXTS = ["import os\n", "def f(x):  return x", "  héllo\nwörld", " a leading space", "", "   ", "x\n\n  y ", "\n  x",
-         "a\tb  \t c", "ｆｕｌｌ ﬁne ①② ™ \u00a0a\u3000b", "e\u0301 café 中文 ✓ 🙂", "trailing   "]
+TEXTS = [
+    "import os\n",
+    "def f(x):  return x",
+    "  héllo\nwörld",
+    " a leading space",
+    "",
+    "   ",
+    "x\n\n  y ",
+    "\n  x",
+    "a\tb  \t c",
+    "ｆｕｌｌ ﬁne ①② ™ \u00a0a\u3000b",
+    "e\u0301 café 中文 ✓ 🙂",
+    "trailing   ",
+]
 IDENTITY = {"normalization_rule_name": "identity"}
 SETTINGS = {  # name -> sentencepiece trainer options (sentencepiece's defaults otherwise), or None: the bundled model
     "the bundled model: nothing added or removed": None,
@@ -31,8 +43,18 @@ NAMES = [*SETTINGS, UNESCAPED]
 def train(options: dict) -> bytes:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(3000) + TEXTS), model_writer=model, vocab_size=400, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, **options,
+        sentence_iterator=iter(stdlib_lines(3000) + TEXTS),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        **options,
     )
     return model.getvalue()
 
@@ -121,8 +143,10 @@ def test_normalizer_settings_are_read_as_protobuf_reads_them(model, name, tmp_pa
     spec = NormalizerSpec.of(write_folder(model(name), tmp_path))
     normalizer = proto.normalizer_spec
     assert spec == NormalizerSpec(
-        precompiled_charsmap=normalizer.precompiled_charsmap, add_dummy_prefix=normalizer.add_dummy_prefix,
-        remove_extra_whitespaces=normalizer.remove_extra_whitespaces, escape_whitespaces=normalizer.escape_whitespaces,
+        precompiled_charsmap=normalizer.precompiled_charsmap,
+        add_dummy_prefix=normalizer.add_dummy_prefix,
+        remove_extra_whitespaces=normalizer.remove_extra_whitespaces,
+        escape_whitespaces=normalizer.escape_whitespaces,
         treat_whitespace_as_suffix=proto.trainer_spec.treat_whitespace_as_suffix,
         denormalizer_charsmap=proto.denormalizer_spec.precompiled_charsmap,
     )

@@ -11,8 +11,8 @@ import torch
 
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
-from llama.options import GenerationOptions
 from llama.layers.kv_cache import NOT_HELD, BlockTables, block_starts
+from llama.options import GenerationOptions
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
 
@@ -34,7 +34,7 @@ def uncached(model, prompt, n_tokens: int):
             scores = torch.log_softmax(model(torch.tensor([tokens], device=model.output.weight.device))[0, -1], dim=-1)
             tokens.append(int(scores.argmax()))
             logprobs.append(float(scores[tokens[-1]]))
-    return tokens[len(prompt):], logprobs
+    return tokens[len(prompt) :], logprobs
 
 
 def assert_uncached(model, prompt, tokens, logprobs):
@@ -65,7 +65,9 @@ def test_a_ragged_batch_across_block_boundaries_and_a_prompt_filling_the_context
 
 
 @pytest.mark.parametrize("attention", ["gather", "flex"])
-def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_decodes_to_the_end_of_the_context_as_eager(llama, attention):
+def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_decodes_to_the_end_of_the_context_as_eager(
+    llama, attention
+):
     """Three rows in four slots (the fourth idle, on the scratch block) across every block boundary up
     to the context's last position; the longest prompt in the first slot, so that the width stays 4.
     The compiled engine has a copy of the model: a pool of its own, not the one ``llama`` caches prefixes in."""
@@ -95,7 +97,9 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
     assert engine.runner.attention == "flex"
     for prompt, tokens, logprobs in zip(prompts, request.tokens, request.logprobs):
         with torch.no_grad():
-            scores = torch.log_softmax(llama.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1], dim=-1)  # (12, vocab)
+            scores = torch.log_softmax(
+                llama.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1], dim=-1
+            )  # (12, vocab)
         chosen = scores.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert (scores.max(dim=-1).values - chosen).max() < 0.02
         assert torch.allclose(torch.tensor(logprobs), chosen, atol=0.02)
@@ -105,9 +109,14 @@ def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_defaul
     runner = Engine(llama.model, llama.tokenizer, compiled(llama)).runner
     assert runner.attention == "flex"
     assert Engine(llama.model, llama.tokenizer, llama.engine.options).runner.attention == "gather"
-    assert {runner.decode_tables(2, kv_len).shape for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {(2, 4)}  # every length: one graph
+    assert {runner.decode_tables(2, kv_len).shape for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {
+        (2, 4)
+    }  # every length: one graph
     gather = Engine(llama.model, llama.tokenizer, compiled(llama, compiled_attention="gather")).runner
-    assert [gather.decode_tables(2, kv_len).shape[1] for kv_len in (1, 40)] == [2, 4]  # a bucket of blocks, the whole row
+    assert [gather.decode_tables(2, kv_len).shape[1] for kv_len in (1, 40)] == [
+        2,
+        4,
+    ]  # a bucket of blocks, the whole row
     with pytest.raises(ValueError, match=r"compiled_attention must be one of \('gather', 'flex'\), got 'paged'"):
         compiled(llama, compiled_attention="paged")
 
@@ -122,7 +131,9 @@ def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attent
     ]
     tokens, positions = torch.tensor([[5, 6]]), torch.tensor([[3, 4]])
     cache = BlockTables(tables[:1], block_starts(tables[:1], n_blocks=7, block_size=16))
-    with pytest.raises(ValueError, match=r"reading the pool in place \(BlockTables.starts given\) takes one token per row, got 2$"):
+    with pytest.raises(
+        ValueError, match=r"reading the pool in place \(BlockTables.starts given\) takes one token per row, got 2$"
+    ):
         llama.model(tokens, positions=positions, cache=cache)
 
 
@@ -154,11 +165,16 @@ def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_un
         assert_uncached(llama.model, tokens, request.tokens[0], request.logprobs[0])
 
 
-def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(make_llama, llama):
+def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(
+    make_llama, llama
+):
     """A greedy, a seeded and a speculating row in a pool that holds little more than one of them."""
     small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
-    options = [GenerationOptions(max_gen_len=30, **GREEDY), GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[]),
-               GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[], speculate="lookup", speculate_k=3)]
+    options = [
+        GenerationOptions(max_gen_len=30, **GREEDY),
+        GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[]),
+        GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[], speculate="lookup", speculate_k=3),
+    ]
     prompts = [random_prompt(10, 30 + i) for i in range(3)]
     requests = [small.engine.submit([prompt], options[i]) for i, prompt in enumerate(prompts)]
     streamed = [[] for _ in requests]
@@ -171,14 +187,18 @@ def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with
     assert small.engine.preemptions > 0
     for i, (prompt, request) in enumerate(zip(prompts, requests)):
         assert streamed[i] == request.tokens[0] and len(request.tokens[0]) == 30
-        (alone,), _ = llama.generate([prompt], **{**dataclasses.asdict(options[i]), "logprobs": False, "speculate": None})
+        (alone,), _ = llama.generate(
+            [prompt], **{**dataclasses.asdict(options[i]), "logprobs": False, "speculate": None}
+        )
         assert request.tokens[0] == alone
     assert_uncached(small.model, prompts[0], requests[0].tokens[0], requests[0].logprobs[0])
 
 
 def test_a_prompt_larger_than_the_pool_is_refused_and_a_lone_row_ends_where_the_pool_does(make_llama):
     small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=2, kv_cache_tokens=32)
-    with pytest.raises(ValueError, match=r"need 3 blocks of 16 tokens, but the KV cache pool holds 2 \(kv_cache_tokens=32\)"):
+    with pytest.raises(
+        ValueError, match=r"need 3 blocks of 16 tokens, but the KV cache pool holds 2 \(kv_cache_tokens=32\)"
+    ):
         small.generate([random_prompt(40, 40)], max_gen_len=4, temperature=0)
     (tokens,), _ = small.generate([random_prompt(10, 41)], max_gen_len=40, temperature=0, stop_tokens=[])
     assert len(tokens) == 32 - 10 + 1  # until the pool has no block for the last token's keys

@@ -33,8 +33,14 @@ TEXTS = [
     "",
 ]
 ROPES = {  # name -> (rope_parameters of transformers' config beyond rope_type and theta, tied)
-    "3.1: Meta's constants, factor 8": ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, False),
-    "3.2: factor 32, 32-token original context, tied": ({"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, True),
+    "3.1: Meta's constants, factor 8": (
+        {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        False,
+    ),
+    "3.2: factor 32, 32-token original context, tied": (
+        {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        True,
+    ),
 }
 # 64 dims in 4 heads of 16 (8 rotary frequencies, some in the blended band), 2 key/value heads.
 DIM, N_HEADS, N_KV_HEADS, FFN, N_LAYERS, THETA = 64, 4, 2, 192, 2, 500000.0
@@ -52,8 +58,13 @@ def test_tokenizer_ids_equal_tiktoken(llama3_tokenizer, which):
     model_path, json_path, encoding = llama3_tokenizer
     tokenizer = Tokenizer(model_path if which == "tokenizer.model" else json_path)
     assert tokenizer.n_words == encoding.n_vocab == 556 + 256
-    assert (tokenizer.bos_id, tokenizer.eos_id) == (special("<|begin_of_text|>", encoding), special("<|end_of_text|>", encoding))
-    assert tokenizer.stop_tokens == [special(name, encoding) for name in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (
+        special("<|begin_of_text|>", encoding),
+        special("<|end_of_text|>", encoding),
+    )
+    assert tokenizer.stop_tokens == [
+        special(name, encoding) for name in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+    ]
     for text in TEXTS:
         expected = encoding.encode(text, allowed_special=set(), disallowed_special=())  # specials as plain text
         assert tokenizer.encode(text, bos=True, eos=True) == [tokenizer.bos_id] + expected + [tokenizer.eos_id]
@@ -72,7 +83,9 @@ def test_tokenizer_json_equals_transformers(llama3_tokenizer):
     _, json_path, _ = llama3_tokenizer
     reference = PreTrainedTokenizerFast(tokenizer_file=json_path)
     for text in TEXTS[:2]:
-        assert Tokenizer(json_path).encode(text, bos=False, eos=False) == reference.encode(text, add_special_tokens=False)
+        assert Tokenizer(json_path).encode(text, bos=False, eos=False) == reference.encode(
+            text, add_special_tokens=False
+        )
 
 
 def test_long_runs_are_cut_as_metas_tokenizer_cuts_them():
@@ -87,7 +100,9 @@ def test_long_runs_are_cut_as_metas_tokenizer_cuts_them():
 def test_file_that_is_neither_tokenizer_is_a_one_line_error(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_text("hello world\n")
-    with pytest.raises(ValueError, match=r"^\S*tokenizer.model is neither a sentencepiece model nor a tiktoken BPE file: [^\n]*$"):
+    with pytest.raises(
+        ValueError, match=r"^\S*tokenizer.model is neither a sentencepiece model nor a tiktoken BPE file: [^\n]*$"
+    ):
         Tokenizer(str(path))
 
 
@@ -117,8 +132,12 @@ def test_rope_scaling_equals_transformers(name):
     from llama.model import RopeScaling, llama3_rope_scaling, rope_frequencies
 
     scaling, _ = ROPES[name]
-    config = LlamaConfig(hidden_size=DIM, num_attention_heads=N_HEADS, max_position_embeddings=1 << 17,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": THETA, **scaling})
+    config = LlamaConfig(
+        hidden_size=DIM,
+        num_attention_heads=N_HEADS,
+        max_position_embeddings=1 << 17,
+        rope_parameters={"rope_type": "llama3", "rope_theta": THETA, **scaling},
+    )
     expected, _ = _compute_llama3_parameters(config, "cpu")
     ours = llama3_rope_scaling(rope_frequencies(DIM // N_HEADS, THETA), RopeScaling(**scaling))
     torch.testing.assert_close(ours, expected, atol=0, rtol=0)
@@ -129,18 +148,35 @@ def test_rope_scaling_equals_transformers(name):
 def test_other_rope_types_are_errors_naming_the_type(rope_type):
     from llama.checkpoints.hf import config_to_params
 
-    config = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
-              "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
-    with pytest.raises(ValueError, match=f"^config.json: rope_scaling has rope_type '{rope_type}', which is not supported"):
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "vocab_size": 8,
+        "rope_scaling": {"rope_type": rope_type, "factor": 2.0},
+    }
+    with pytest.raises(
+        ValueError, match=f"^config.json: rope_scaling has rope_type '{rope_type}', which is not supported"
+    ):
         config_to_params(config, "config.json")
 
 
 def test_llama3_rope_without_its_keys_names_them():
     from llama.checkpoints.hf import config_to_params
 
-    config = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
-              "rope_parameters": {"rope_type": "llama3", "rope_theta": THETA, "factor": 8.0}}
-    with pytest.raises(ValueError, match=r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'\]"):
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "vocab_size": 8,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": THETA, "factor": 8.0},
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'\]",
+    ):
         config_to_params(config, "config.json")
 
 
@@ -162,8 +198,15 @@ def hf_model(scaling: dict, tied: bool, vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-        num_key_value_heads=N_KV_HEADS, rms_norm_eps=1e-5, max_position_embeddings=1 << 17, tie_word_embeddings=tied,
+        vocab_size=vocab_size,
+        hidden_size=DIM,
+        intermediate_size=FFN,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=1 << 17,
+        tie_word_embeddings=tied,
         rope_parameters={"rope_type": "llama3", "rope_theta": THETA, **scaling},
     )
     model = LlamaForCausalLM(config)
@@ -184,21 +227,26 @@ def meta_state(model) -> dict:
         return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
     hf = model.state_dict()
-    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-             "output.weight": hf["lm_head.weight"]}  # a tied model's too: Meta's 3.2 shards carry output.weight
+    state = {
+        "tok_embeddings.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+        "output.weight": hf["lm_head.weight"],
+    }  # a tied model's too: Meta's 3.2 shards carry output.weight
     for i in range(N_LAYERS):
         p = f"model.layers.{i}."
-        state.update({
-            f"layers.{i}.attention.wq.weight": interleave(hf[p + "self_attn.q_proj.weight"], N_HEADS),
-            f"layers.{i}.attention.wk.weight": interleave(hf[p + "self_attn.k_proj.weight"], N_KV_HEADS),
-            f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
-            f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
-        })
+        state.update(
+            {
+                f"layers.{i}.attention.wq.weight": interleave(hf[p + "self_attn.q_proj.weight"], N_HEADS),
+                f"layers.{i}.attention.wk.weight": interleave(hf[p + "self_attn.k_proj.weight"], N_KV_HEADS),
+                f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
+                f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
+                f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
+                f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
+                f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
+                f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
+                f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
+            }
+        )
     return state
 
 
@@ -226,8 +274,17 @@ def write_meta_checkpoint(folder: Path, state: dict, params: dict, n_shards: int
 def meta_params(scaling: dict, vocab_size: int) -> dict:
     """params.json as Meta writes it for Llama 3.1 (use_scaled_rope), plus the scaling keys for values
     other than Meta's constants."""
-    params = {"dim": DIM, "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": N_KV_HEADS, "vocab_size": vocab_size,
-              "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": THETA, "use_scaled_rope": True}
+    params = {
+        "dim": DIM,
+        "n_layers": N_LAYERS,
+        "n_heads": N_HEADS,
+        "n_kv_heads": N_KV_HEADS,
+        "vocab_size": vocab_size,
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": THETA,
+        "use_scaled_rope": True,
+    }
     if scaling["factor"] != 8.0:
         params["rope_scaling_factor"] = scaling["factor"]
     if scaling["original_max_position_embeddings"] != 8192:
@@ -245,8 +302,13 @@ def llama3_folders(llama3_tokenizer, tmp_path_factory):
         hf_folder = tmp_path_factory.mktemp("llama3_hf")
         model.save_pretrained(hf_folder)
         shutil.copyfile(json_path, hf_folder / "tokenizer.json")
-        meta_folder = write_meta_checkpoint(tmp_path_factory.mktemp("llama3_meta") / "meta", meta_state(model),
-                                            meta_params(scaling, encoding.n_vocab), 2, model_path)
+        meta_folder = write_meta_checkpoint(
+            tmp_path_factory.mktemp("llama3_meta") / "meta",
+            meta_state(model),
+            meta_params(scaling, encoding.n_vocab),
+            2,
+            model_path,
+        )
         folders[name] = (model, str(hf_folder), meta_folder)
     return folders
 
@@ -254,14 +316,18 @@ def llama3_folders(llama3_tokenizer, tmp_path_factory):
 def transformers_greedy(model, prompt_tokens, max_gen_len: int, stop_tokens):
     results = []
     for prompt in prompt_tokens:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_gen_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-        out = out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_gen_len, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        out = out[0, len(prompt) :].tolist()
         results.append(out[: min([out.index(t) for t in stop_tokens if t in out], default=len(out))])
     return results
 
 
 def build(folder: str, **options) -> Llama:
-    return Llama.build(folder, max_seq_len=LLAMA3_MAX_SEQ_LEN, max_batch_size=2, device="cpu", dtype="float32", **options)
+    return Llama.build(
+        folder, max_seq_len=LLAMA3_MAX_SEQ_LEN, max_batch_size=2, device="cpu", dtype="float32", **options
+    )
 
 
 @pytest.mark.parametrize("layout", ["hf", "meta"])
@@ -299,12 +365,17 @@ def test_folder_tokenizers_found_in_place(llama3_folders, llama3_tokenizer, tmp_
     (folder / "original").mkdir()
     shutil.copyfile(llama3_tokenizer[0], folder / "original" / "tokenizer.model")
     text = TEXTS[1]
-    assert build(str(folder)).tokenizer.encode(text, bos=True, eos=False) == build(hf_folder).tokenizer.encode(text, bos=True, eos=False)
+    assert build(str(folder)).tokenizer.encode(text, bos=True, eos=False) == build(hf_folder).tokenizer.encode(
+        text, bos=True, eos=False
+    )
 
 
 def test_vocabulary_that_does_not_match_the_embedding_is_an_error(llama3_folders, tokenizer_path):
     _, _, meta_folder = llama3_folders["3.1: Meta's constants, factor 8"]
-    with pytest.raises(ValueError, match=r"^tokenizer \S+ has 512 tokens but the checkpoint's tok_embeddings.weight has 812 rows \(\S+consolidated.00.pth\): this tokenizer is not the checkpoint's$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^tokenizer \S+ has 512 tokens but the checkpoint's tok_embeddings.weight has 812 rows \(\S+consolidated.00.pth\): this tokenizer is not the checkpoint's$",
+    ):
         build(meta_folder, tokenizer_path=tokenizer_path)
 
 
@@ -329,7 +400,13 @@ def test_two_processes_equal_transformers(llama3_folders, llama3_tokenizer, tmp_
     tokens, prompts = llama3_inputs(tokenizer)
     folders = [folder for _, hf_folder, meta_folder in llama3_folders.values() for folder in (hf_folder, meta_folder)]
     worker = str(ROOT / "tests" / "distributed_worker.py")
-    result = subprocess.run(TORCHRUN + [worker, "llama3", str(tmp_path), "-"] + folders, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        TORCHRUN + [worker, "llama3", str(tmp_path), "-"] + folders,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for model, hf_folder, meta_folder in llama3_folders.values():
@@ -355,8 +432,14 @@ DIALOG = [
 def metas_chat_tokens(dialog, encoding) -> list:
     """Meta's ChatFormat.encode_dialog_prompt, written out: BOS; per message the header (special start,
     the role's text, special end, "\\n\\n"), the stripped content, end of turn; an open assistant header."""
+
     def header(role):
-        return [special("<|start_header_id|>", encoding)] + encoding.encode(role) + [special("<|end_header_id|>", encoding)] + encoding.encode("\n\n")
+        return (
+            [special("<|start_header_id|>", encoding)]
+            + encoding.encode(role)
+            + [special("<|end_header_id|>", encoding)]
+            + encoding.encode("\n\n")
+        )
 
     tokens = [special("<|begin_of_text|>", encoding)]
     for message in dialog:
@@ -387,7 +470,9 @@ def test_chat_reply_ends_at_each_stop_token(llama3_folders, llama3_tokenizer):
         with torch.no_grad():
             model.output.weight[stop] = 10 * model.output.weight[common]
         llama = Llama(model, llama.tokenizer)
-        unstopped, _ = llama.generate([llama.encode_dialog(d) for d in dialogs], max_gen_len=12, temperature=0, stop_tokens=[])
+        unstopped, _ = llama.generate(
+            [llama.encode_dialog(d) for d in dialogs], max_gen_len=12, temperature=0, stop_tokens=[]
+        )
         assert stop in unstopped[0]
         results = llama.chat_completion(dialogs, temperature=0, max_gen_len=12, logprobs=True)
         for result, tokens in zip(results, unstopped):
@@ -409,7 +494,12 @@ def template_folder(llama3_folders, tmp_path):
     """The 3.1-like Hugging Face folder, fine-tuned to a Zephyr-style chat template."""
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     folder = Path(shutil.copytree(hf_folder, tmp_path / "zephyr"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": ZEPHYR_TEMPLATE}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        "chat_template": ZEPHYR_TEMPLATE,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -418,7 +508,9 @@ def test_chat_template_renders_as_apply_chat_template(template_folder):
     from transformers import AutoTokenizer
 
     dialog = [dict(message, content=message["content"].replace("<|eot_id|>", "eot")) for message in DIALOG]
-    expected = AutoTokenizer.from_pretrained(template_folder).apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    expected = AutoTokenizer.from_pretrained(template_folder).apply_chat_template(
+        dialog, add_generation_prompt=True, tokenize=True
+    )
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert build(template_folder).encode_dialog(dialog) == list(expected)
 
@@ -432,7 +524,9 @@ def test_chat_template_of_the_header_format_is_metas_chat_format(template_folder
     """Llama 3.1 Instruct's own template (which writes the headers) gives way to Meta's format."""
     config_path = Path(template_folder) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    )
     config_path.write_text(json.dumps(config))
     assert build(template_folder).encode_dialog(DIALOG) == metas_chat_tokens(DIALOG, llama3_tokenizer[2])
 
@@ -460,7 +554,9 @@ def test_convert_meta_to_hf_and_back(llama3_folders, llama3_tokenizer, tmp_path)
         torch.testing.assert_close(converted, model(tokens).logits, atol=1e-4, rtol=0)
     hf_tokenizer = Tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
     for text in TEXTS:
-        assert hf_tokenizer.encode(text, bos=True, eos=False) == [hf_tokenizer.bos_id] + encoding.encode(text, disallowed_special=())
+        assert hf_tokenizer.encode(text, bos=True, eos=False) == [hf_tokenizer.bos_id] + encoding.encode(
+            text, disallowed_special=()
+        )
 
     convert(str(tmp_path / "hf"), str(tmp_path / "meta"), "meta", shards=2, dtype="float32")
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
@@ -469,7 +565,9 @@ def test_convert_meta_to_hf_and_back(llama3_folders, llama3_tokenizer, tmp_path)
     shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
     assert tuple(shard["tok_embeddings.weight"].shape) == (encoding.n_vocab // 2, DIM)
     with torch.no_grad():
-        torch.testing.assert_close(build(str(tmp_path / "meta")).model.forward(tokens), model(tokens).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            build(str(tmp_path / "meta")).model.forward(tokens), model(tokens).logits, atol=1e-4, rtol=0
+        )
 
 
 def test_reshard_writes_llama3_shards_as_meta_splits_them(llama3_folders, llama3_tokenizer, tmp_path):
@@ -500,7 +598,9 @@ def test_chat_stream_and_server_request_use_metas_chat_format(llama3_folders, ll
     job = parse_chat(ChatRequest.model_validate({"messages": DIALOG, "max_tokens": 4}), llama, "test")
     assert job.prompt_tokens == [metas_chat_tokens(DIALOG, encoding)]
     token = encoding.encode(" héllo")[0]
-    assert llama.tokenizer.token_bytes(token) == encoding.decode_single_token_bytes(token)  # what the server's logprobs show
+    assert llama.tokenizer.token_bytes(token) == encoding.decode_single_token_bytes(
+        token
+    )  # what the server's logprobs show
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -517,18 +617,42 @@ def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_temp
 
     model = io.BytesIO()  # Llama's settings: no normalization, whitespace kept, a leading space added
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]), model_writer=model, vocab_size=400, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
     )
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     template = "{{ bos_token }}" + ZEPHYR_TEMPLATE + "{{ ' ' + eos_token + '  x' }}"
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "chat_template": template, "legacy": legacy}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": template,
+        "legacy": legacy,
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):  return x"},
-              {"role": "assistant", "content": " ok "}, {"role": "user", "content": "  héllo\nwörld"}]
-    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "def f(x):  return x"},
+        {"role": "assistant", "content": " ok "},
+        {"role": "user", "content": "  héllo\nwörld"},
+    ]
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        dialog, add_generation_prompt=True, tokenize=True
+    )
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
 
     from llama.chat.format import chat_format_for
@@ -538,7 +662,9 @@ def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_temp
     assert chat_format.encode_dialog(dialog) == list(expected)
 
 
-def test_transformers_tokenizes_chats_and_generates_from_a_converted_folder_as_here(llama3_folders, llama3_tokenizer, tmp_path):
+def test_transformers_tokenizes_chats_and_generates_from_a_converted_folder_as_here(
+    llama3_folders, llama3_tokenizer, tmp_path
+):
     """Meta's 3.x folder -> Hugging Face: AutoTokenizer adds BOS and encodes text and chats (the header
     template) as tiktoken and Meta's ChatFormat; generate stops at the stop tokens and, greedy, writes
     this package's tokens."""
@@ -561,7 +687,7 @@ def test_transformers_tokenizes_chats_and_generates_from_a_converted_folder_as_h
     llama = build(meta_folder)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     prompt = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
-    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :].tolist()
     (ours,), _ = llama.generate([prompt[0].tolist()], max_gen_len=8, temperature=0)
     assert [t for t in generated if t not in stops] == ours
 
@@ -580,7 +706,12 @@ def test_a_refused_conversion_leaves_no_output_folder(llama3_folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"], "additionalProperties": False}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 
 
 def test_tool_calls_are_written_in_metas_llama31_format_and_a_forced_call_is_valid(llama3_folders, llama3_tokenizer):
@@ -589,34 +720,54 @@ def test_tool_calls_are_written_in_metas_llama31_format_and_a_forced_call_is_val
     forced call from random weights is still a valid call."""
     from datetime import datetime
 
+    from llama.chat.tool_calls import parse_calls
     from llama.server.protocol import parse_chat
     from llama.server.schemas import ChatRequest
-    from llama.chat.tool_calls import parse_calls
 
     _, hf_folder, _ = llama3_folders["3.1: Meta's constants, factor 8"]
     encoding = llama3_tokenizer[2]
     llama = Llama.build(hf_folder, max_seq_len=640, max_batch_size=2, device="cpu", dtype="float32")
-    tool = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": WEATHER}}
+    tool = {
+        "type": "function",
+        "function": {"name": "weather", "description": "The weather in a city", "parameters": WEATHER},
+    }
     call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
-                {"role": "user", "content": "And in Rome?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+        {"role": "user", "content": "And in Rome?"},
+    ]
     body = {"messages": messages, "tools": [tool], "tool_choice": "required", "max_tokens": 60, "temperature": 0}
     job = parse_chat(ChatRequest.model_validate(body), llama, "test")
 
     def header(role):
-        return [special("<|start_header_id|>", encoding)] + encoding.encode(role) + [special("<|end_header_id|>", encoding)] + encoding.encode("\n\n")
+        return (
+            [special("<|start_header_id|>", encoding)]
+            + encoding.encode(role)
+            + [special("<|end_header_id|>", encoding)]
+            + encoding.encode("\n\n")
+        )
 
-    instruction = ("Answer the user's question by making use of the following functions if needed.\nIf none of the function can be used, please say so.\n"
-                   f"Here is a list of functions in JSON format:\n{json.dumps(tool, indent=4)}\n\nReturn function calls in JSON format.")
+    instruction = (
+        "Answer the user's question by making use of the following functions if needed.\nIf none of the function can be used, please say so.\n"
+        f"Here is a list of functions in JSON format:\n{json.dumps(tool, indent=4)}\n\nReturn function calls in JSON format."
+    )
     system = f"Environment: ipython\n\nCutting Knowledge Date: December 2023\nToday Date: {datetime.now().strftime('%d %B %Y')}\n\nBe brief."
-    expected = metas_chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": instruction}, messages[1]], encoding)
-    expected += encoding.encode('{"type": "function", "name": "weather", "parameters": {"city": "Paris"}}') + [special("<|eom_id|>", encoding)]
+    expected = metas_chat_tokens(
+        [{"role": "system", "content": system}, {"role": "user", "content": instruction}, messages[1]], encoding
+    )
+    expected += encoding.encode('{"type": "function", "name": "weather", "parameters": {"city": "Paris"}}') + [
+        special("<|eom_id|>", encoding)
+    ]
     expected += header("ipython") + encoding.encode("22 C") + [special("<|eot_id|>", encoding)]
-    expected += header("user") + encoding.encode("And in Rome?") + [special("<|eot_id|>", encoding)] + header("assistant")
+    expected += (
+        header("user") + encoding.encode("And in Rome?") + [special("<|eot_id|>", encoding)] + header("assistant")
+    )
     assert job.prompt_tokens == [expected]
     request = llama.engine.submit(job.prompt_tokens, job.options, "dialog")
     list(llama.engine.run_until_done(request))
-    (name, arguments), = parse_calls(request.texts()[0], ["weather"])
+    ((name, arguments),) = parse_calls(request.texts()[0], ["weather"])
     assert name == "weather" and json.loads(request.texts()[0])["type"] == "function"
     jsonschema.validate(arguments, WEATHER)

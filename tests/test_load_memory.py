@@ -13,7 +13,12 @@ from llama.checkpoints.writers import save_checkpoint
 from llama.model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
-PARAMS = {"dim": 512, "n_layers": 4, "n_heads": 8, "vocab_size": 16000}  # 60 MB in bfloat16: well above the process's noise
+PARAMS = {
+    "dim": 512,
+    "n_layers": 4,
+    "n_heads": 8,
+    "vocab_size": 16000,
+}  # 60 MB in bfloat16: well above the process's noise
 
 
 def test_loading_a_bfloat16_checkpoint_adds_at_most_1_2_times_its_size_to_the_peak_resident_memory(tmp_path):
@@ -22,7 +27,18 @@ def test_loading_a_bfloat16_checkpoint_adds_at_most_1_2_times_its_size_to_the_pe
         shapes = Transformer(ModelArgs.from_dict({**PARAMS, "max_seq_len": 1, "max_batch_size": 1})).state_dict()
     state = {key: torch.randn(tensor.shape, dtype=torch.bfloat16) * 0.02 for key, tensor in shapes.items()}
     save_checkpoint(str(tmp_path), PARAMS, state)
-    command = [sys.executable, str(ROOT / "bench" / "load.py"), "--impl", "llama", "--ckpt_dir", str(tmp_path), "--dtype", "bfloat16", "--max_seq_len", "64"]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "load.py"),
+        "--impl",
+        "llama",
+        "--ckpt_dir",
+        str(tmp_path),
+        "--dtype",
+        "bfloat16",
+        "--max_seq_len",
+        "64",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.splitlines()[-1])

@@ -23,12 +23,15 @@ def ckpt(make_checkpoint):
 
 def run_meta_script(script: str, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # this package, on CPU + gloo
-    return subprocess.run(TORCHRUN + [str(META / script), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        TORCHRUN + [str(META / script), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 def test_metas_text_completion_script_prints_each_result_once_under_torchrun(ckpt, tokenizer_path):
-    result = run_meta_script("text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-                             "--max_gen_len", "4")
+    result = run_meta_script(
+        "text_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "4"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("I believe the meaning of life is\n> ") == 1
     assert result.stdout.count("Simply put, the theory of relativity states that \n> ") == 1
@@ -36,7 +39,9 @@ def test_metas_text_completion_script_prints_each_result_once_under_torchrun(ckp
 
 
 def test_metas_chat_completion_script_prints_each_dialog_once_under_torchrun(ckpt, tokenizer_path):
-    result = run_meta_script("chat_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "4")
+    result = run_meta_script(
+        "chat_completion.py", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--max_gen_len", "4"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("User: what is the recipe of mayonnaise?\n") == 1
     assert result.stdout.count("> Assistant: ") == 3

@@ -30,7 +30,7 @@ def test_greedy_generation_matches_transformers(llama_and_state):
     ours, _ = llama.generate([prompt], max_gen_len=30, temperature=0)
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=2, pad_token_id=2)
-    theirs = theirs[0, len(prompt):].tolist()
+    theirs = theirs[0, len(prompt) :].tolist()
     if 2 in theirs:
         theirs = theirs[: theirs.index(2)]
     assert ours[0] == theirs
@@ -63,8 +63,12 @@ def test_state_dict_keeps_meta_s_keys_and_loads_them_into_the_fused_layers(llama
     model = Transformer(llama.model.params)
     model.load_state_dict(state)
     attention, feed_forward = model.layers[1].attention, model.layers[1].feed_forward
-    assert torch.equal(attention.wqkv.weight, torch.cat([state[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]).float())
-    assert torch.equal(feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float())
+    assert torch.equal(
+        attention.wqkv.weight, torch.cat([state[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]).float()
+    )
+    assert torch.equal(
+        feed_forward.w13.weight, torch.cat([state[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]).float()
+    )
 
 
 def test_kv_cache_is_a_pool_of_blocks_preallocated_in_model_dtype(llama_and_state):
@@ -81,7 +85,15 @@ def test_kv_cache_is_a_pool_of_blocks_preallocated_in_model_dtype(llama_and_stat
         ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05}, 6_738_415_616),
         ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-05}, 13_015_864_320),
         (
-            {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05},
+            {
+                "dim": 8192,
+                "multiple_of": 4096,
+                "ffn_dim_multiplier": 1.3,
+                "n_heads": 64,
+                "n_kv_heads": 8,
+                "n_layers": 80,
+                "norm_eps": 1e-05,
+            },
             68_976_648_192,
         ),
     ],

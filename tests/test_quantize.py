@@ -14,7 +14,6 @@ from conftest import ROOT, SMALL_PARAMS, quantize_linears
 from llama.checkpoints import placement
 from llama.checkpoints.loader import load_model
 from llama.generation import Llama
-from llama.model import ModelArgs
 from llama.layers.quantize import (
     INT4_GROUP_SIZES,
     Quantization,
@@ -26,6 +25,7 @@ from llama.layers.quantize import (
     quantize_linear_weight,
     training_cpu_dtype,
 )
+from llama.model import ModelArgs
 from test_speed_paths import greedy_alone, small_model
 
 
@@ -80,9 +80,15 @@ def test_the_cpu_kernels_int4_packing_is_unpacked_to_the_values_packed(capabilit
     assert capability is None or done.stdout.strip() == capability.upper()
 
 
-@pytest.mark.parametrize("out_features", [128, 48])  # 48: rows the packing's blocks do not divide, dequantized by the kernel
-@pytest.mark.parametrize("requires_grad", [True, False])  # False: a block's first product, on an input that needs no gradient
-def test_training_beside_int4_weights_multiplies_and_differentiates_by_the_dequantized_weight(out_features, requires_grad):
+@pytest.mark.parametrize(
+    "out_features", [128, 48]
+)  # 48: rows the packing's blocks do not divide, dequantized by the kernel
+@pytest.mark.parametrize(
+    "requires_grad", [True, False]
+)  # False: a block's first product, on an input that needs no gradient
+def test_training_beside_int4_weights_multiplies_and_differentiates_by_the_dequantized_weight(
+    out_features, requires_grad
+):
     """Training (gradients on) multiplies by the dequantized int4 weight in float32: the product and the
     input's gradient are those of the weight ``int4_groups`` stands for, by hand."""
     weight = torch.randn(out_features, 256)
@@ -109,10 +115,14 @@ def test_training_beside_int4_weights_computes_in_float32_on_a_cpu_without_bfloa
 
 
 @pytest.mark.parametrize("capability, warned", [("AVX2", True), ("AVX512", False)])
-def test_int4_on_a_cpu_whose_kernel_cannot_outpace_int8_is_said_at_load(make_checkpoint, monkeypatch, caplog, capability, warned):
+def test_int4_on_a_cpu_whose_kernel_cannot_outpace_int8_is_said_at_load(
+    make_checkpoint, monkeypatch, caplog, capability, warned
+):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "multiple_of": 64})  # a hidden size of whole groups
-    args = ModelArgs.from_dict({**SMALL_PARAMS, "multiple_of": 64, "vocab_size": 512, "max_seq_len": 32, "max_batch_size": 1})
+    args = ModelArgs.from_dict(
+        {**SMALL_PARAMS, "multiple_of": 64, "vocab_size": 512, "max_seq_len": 32, "max_batch_size": 1}
+    )
     with caplog.at_level("WARNING", logger="llama.checkpoints.loader"):
         load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32))
     assert ("int4 weights decode about as fast as int8 on this CPU (torch's AVX2 int4 kernel" in caplog.text) == warned
@@ -132,7 +142,13 @@ def test_int4_model_decodes_like_the_model_holding_the_dequantized_weights():
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(None, None), ("int8", Quantization(8)), ("int4", Quantization(4, 64)), ("int4-g32", Quantization(4, 32)), ("int4-g256", Quantization(4, 256))],
+    [
+        (None, None),
+        ("int8", Quantization(8)),
+        ("int4", Quantization(4, 64)),
+        ("int4-g32", Quantization(4, 32)),
+        ("int4-g256", Quantization(4, 256)),
+    ],
 )
 def test_quantize_values(value, expected):
     assert parse_quantize(value) == expected
@@ -162,7 +178,9 @@ def test_a_group_may_not_straddle_two_ranks_of_a_row_parallel_layer():
     # w2 of a 2048-wide feed-forward over 8 ranks: each rank holds 256 input features
     shapes = {"w2": (4096, 2048 // 8)}
     check_int4_shapes(shapes, Quantization(4, 256), world_size=8)
-    with pytest.raises(ValueError, match=r"split over 16 ranks: w2: its 128 input features .* group size 256.*'int4-g128' would work"):
+    with pytest.raises(
+        ValueError, match=r"split over 16 ranks: w2: its 128 input features .* group size 256.*'int4-g128' would work"
+    ):
         check_int4_shapes({"w2": (4096, 2048 // 16)}, Quantization(4, 256), world_size=16)
 
 
@@ -181,12 +199,16 @@ def test_activation_dtypes_no_kernel_takes_are_errors(quantize, dtype, device, m
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
-def test_loading_places_only_quantized_linear_weights_on_the_device(make_checkpoint, tokenizer_path, monkeypatch, quantize):
+def test_loading_places_only_quantized_linear_weights_on_the_device(
+    make_checkpoint, tokenizer_path, monkeypatch, quantize
+):
     ckpt_dir, state = make_checkpoint()
     placed = []
     monkeypatch.setattr(placement, "to_device", lambda tensor, device: placed.append(tensor) or tensor.to(device))
     llama = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize=quantize)
-    linear_weights = [key for key in state if key.endswith("weight") and state[key].dim() == 2 and "embeddings" not in key]
+    linear_weights = [
+        key for key in state if key.endswith("weight") and state[key].dim() == 2 and "embeddings" not in key
+    ]
     float_matrices = [t for t in placed if t.is_floating_point() and t.dim() == 2]
     assert len(float_matrices) == 1  # the token embedding, never a linear weight
     quantized_bytes = sum(t.nbytes for t in placed if not t.is_floating_point())
@@ -210,11 +232,15 @@ def test_under_tensor_parallelism_each_rank_quantizes_its_own_slice(make_checkpo
     args = ModelArgs.from_dict({**params, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
     model = load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32), group=dist.group.WORLD)
     w2 = model.layers[0].feed_forward.w2  # row-parallel: rank 0 holds input features 0 .. 95
-    packed, scales_and_zeros = quantize_linear_weight(state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu")
+    packed, scales_and_zeros = quantize_linear_weight(
+        state["layers.0.feed_forward.w2.weight"][:, :96], Quantization(4, 32), "cpu"
+    )
     assert torch.equal(w2.weight, packed) and torch.equal(w2.scales, scales_and_zeros.bfloat16())
     # fused column-parallel: rank 0 holds rows 0 .. 31 of wq (heads 0-3), 0 .. 15 of wk and of wv (kv heads 0-1)
     wqkv = model.layers[0].attention.wqkv
-    own_rows = torch.cat([state[f"layers.0.attention.{name}.weight"][:rows] for name, rows in (("wq", 32), ("wk", 16), ("wv", 16))])
+    own_rows = torch.cat(
+        [state[f"layers.0.attention.{name}.weight"][:rows] for name, rows in (("wq", 32), ("wk", 16), ("wv", 16))]
+    )
     packed, scales_and_zeros = quantize_linear_weight(own_rows, Quantization(4, 32), "cpu")
     assert torch.equal(wqkv.weight, packed) and torch.equal(wqkv.scales, scales_and_zeros.bfloat16())
 

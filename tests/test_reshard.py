@@ -114,7 +114,17 @@ def test_corrupt_source_shard_is_named(make_checkpoint, tmp_path):
 
 def test_command_line_reshards_and_reports_errors_without_a_traceback(one_shard, tmp_path):
     ckpt_dir, _ = one_shard
-    command = [sys.executable, "-m", "llama.reshard", "--ckpt_dir", ckpt_dir, "--out", str(tmp_path / "two"), "--shards", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama.reshard",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--out",
+        str(tmp_path / "two"),
+        "--shards",
+        "2",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(shard_files(tmp_path / "two")) == 2
@@ -146,5 +156,10 @@ def test_a_hugging_face_folder_is_pointed_to_convert(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')  # what marks the layout
     command = f"python -m llama.convert --ckpt_dir {folder} --out {tmp_path / 'out'} --format meta --shards 2"
-    with pytest.raises(ValueError, match=re.escape(f"is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: {command}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"is a Hugging Face folder (config.json); reshard rewrites Meta's layout. Convert it instead: {command}"
+        ),
+    ):
         reshard(str(folder), str(tmp_path / "out"), 2)

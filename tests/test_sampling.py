@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import SMALL_PARAMS, to_transformers
-from llama.generation import Llama
 from llama.engine.sampling import RowSettings, apply_penalties, sample
+from llama.generation import Llama
 
 PROMPTS = ["import os\n", "def f(x):\n    return x + 1", "class A:"]
 
@@ -32,7 +32,9 @@ def settings(rows: int = 1, vocab: int = 6, **values) -> RowSettings:
 
 def draws(row_settings: RowSettings, logits: torch.Tensor, n: int = 2000) -> set:
     """The set of tokens sampled from one row of logits at n positions of a seeded row."""
-    rows = settings(n, logits.shape[-1], **{name: value[0] for name, value in vars(row_settings).items() if name != "logit_bias"})
+    rows = settings(
+        n, logits.shape[-1], **{name: value[0] for name, value in vars(row_settings).items() if name != "logit_bias"}
+    )
     tokens = sample(logits[None].expand(n, -1), rows, torch.arange(n), torch.ones(n, logits.shape[-1]))
     return set(tokens.tolist())
 
@@ -61,7 +63,7 @@ def test_default_options_sample_exactly_as_metas_algorithm(llama):
         probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > 0.9] = 0.0
         probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
         tokens.append(int(probs_idx[0, torch.multinomial(probs_sort, 1)[0, 0]]))
-    assert ours == tokens[len(prompt):]
+    assert ours == tokens[len(prompt) :]
 
 
 def test_top_k_1_equals_greedy(llama):
@@ -105,7 +107,9 @@ def test_repetition_penalty_lowers_a_repeated_tokens_probability_by_the_formula(
 def test_presence_and_frequency_penalties_subtract_as_openai_defines_them():
     logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
     # token 1 generated three times, token 2 once, token 3 only in the prompt (seen, never generated)
-    out = penalised(logits, seen_tokens=[1, 2, 3], generated_tokens=[1, 2, 1, 1], presence_penalty=0.5, frequency_penalty=0.25)
+    out = penalised(
+        logits, seen_tokens=[1, 2, 3], generated_tokens=[1, 2, 1, 1], presence_penalty=0.5, frequency_penalty=0.25
+    )
     # by hand: logit - 0.5 * [count > 0] - 0.25 * count
     assert out.tolist() == pytest.approx([1.0, 2.0 - 0.5 - 0.75, 3.0 - 0.5 - 0.25, 4.0])
 
@@ -114,9 +118,15 @@ def test_greedy_with_repetition_penalty_matches_transformers(llama, checkpoint):
     hf = to_transformers(checkpoint[1], SMALL_PARAMS, llama.tokenizer.n_words)
     prompt = encode(llama, PROMPTS[1])
     (ours,), _ = llama.generate([prompt], max_gen_len=24, temperature=0, repetition_penalty=1.5, stop_tokens=[])
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, repetition_penalty=1.5,
-                         eos_token_id=None, pad_token_id=2)
-    assert ours == theirs[0, len(prompt):].tolist()
+    theirs = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=24,
+        do_sample=False,
+        repetition_penalty=1.5,
+        eos_token_id=None,
+        pad_token_id=2,
+    )
+    assert ours == theirs[0, len(prompt) :].tolist()
     (plain,), _ = llama.generate([prompt], max_gen_len=24, temperature=0, stop_tokens=[])
     assert plain != ours  # the penalty changed the greedy path
 
@@ -154,7 +164,9 @@ def test_after_a_stop_string_tokens_and_logprobs_end_with_the_last_token_of_the_
     text = llama.tokenizer.decode(free)
     stop = text[12:14]
     before = text[: text.index(stop)]
-    (tokens,), (logprobs,) = llama.generate([prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop], logprobs=True)
+    (tokens,), (logprobs,) = llama.generate(
+        [prompt], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop], logprobs=True
+    )
     assert tokens == free[: len(tokens)] and len(logprobs) == len(tokens)
     assert llama.tokenizer.decode(tokens).startswith(before)
     assert bool(tokens) == bool(before)  # no token at all when the text starts with the stop string
@@ -168,7 +180,15 @@ def test_a_stop_string_at_a_token_boundary_leaves_exactly_the_tokens_of_the_gene
     stop = text[boundary : boundary + 2]
     if text.index(stop) != boundary:
         pytest.skip("the stop string occurs earlier in this random text")
-    (result,) = llama.text_completion([llama.tokenizer.decode(prompt)], max_gen_len=30, temperature=1.0, seed=2, stop_tokens=[], stop_strings=[stop], logprobs=True)
+    (result,) = llama.text_completion(
+        [llama.tokenizer.decode(prompt)],
+        max_gen_len=30,
+        temperature=1.0,
+        seed=2,
+        stop_tokens=[],
+        stop_strings=[stop],
+        logprobs=True,
+    )
     assert result["generation"] == text[:boundary]
     assert len(result["tokens"]) == len(result["logprobs"]) == 8
 

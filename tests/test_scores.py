@@ -21,7 +21,9 @@ def encode(llama, text):
 
 def test_top_logprobs_are_the_top_k_of_log_softmax_of_a_full_forward(llama):
     prompts = [encode(llama, p) for p in PROMPTS]
-    tokens, logprobs, alternatives = llama.generate(prompts, max_gen_len=10, temperature=1.0, seed=0, logprobs=True, top_logprobs=5)
+    tokens, logprobs, alternatives = llama.generate(
+        prompts, max_gen_len=10, temperature=1.0, seed=0, logprobs=True, top_logprobs=5
+    )
     for prompt, gen, lps, alts in zip(prompts, tokens, logprobs, alternatives):
         expected = F.log_softmax(llama.model.forward(torch.tensor([prompt + gen]))[0], dim=-1)
         assert len(alts) == len(gen)
@@ -37,9 +39,16 @@ def test_top_logprobs_match_transformers_output_logits(llama, checkpoint):
     hf = to_transformers(checkpoint[1], SMALL_PARAMS, llama.tokenizer.n_words)
     prompt = encode(llama, PROMPTS[1])
     (gen,), _, (alts,) = llama.generate([prompt], max_gen_len=8, temperature=0, stop_tokens=[], top_logprobs=3)
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2,
-                      output_logits=True, return_dict_in_generate=True)
-    assert gen == out.sequences[0, len(prompt):].tolist()
+    out = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=2,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert gen == out.sequences[0, len(prompt) :].tolist()
     for pairs, logits in zip(alts, out.logits):
         top = F.log_softmax(logits[0].float(), dim=-1).topk(3)
         assert [t for t, _ in pairs] == top.indices.tolist()
@@ -62,4 +71,6 @@ def test_scoring_ragged_texts_without_generating(llama):
         expected = F.log_softmax(llama.model.forward(torch.tensor([prompt]))[0], dim=-1)
         assert result["generation"] == text
         assert result["logprobs"][0] == 0.0  # nothing predicts BOS
-        assert result["logprobs"][1:] == pytest.approx([expected[j - 1, prompt[j]].item() for j in range(1, len(prompt))], abs=1e-4)
+        assert result["logprobs"][1:] == pytest.approx(
+            [expected[j - 1, prompt[j]].item() for j in range(1, len(prompt))], abs=1e-4
+        )

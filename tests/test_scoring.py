@@ -34,8 +34,13 @@ def scored(make_llama):
     shared = [1, 40, 41, 42, 43]
     greedy, _ = generator.generate([shared], max_gen_len=4, temperature=0, stop_tokens=[])
     requests = [
-        (shared, [50, 51, 52]), ([1, 7], [9]), (shared, [60]), ([1, 8, 9, 10], [11, 12]),
-        (shared, greedy[0]), ([1] + list(range(100, 130)), [200, 201, 202]), ([1, 7], [9, 10, 11, 12]),
+        (shared, [50, 51, 52]),
+        ([1, 7], [9]),
+        (shared, [60]),
+        ([1, 8, 9, 10], [11, 12]),
+        (shared, greedy[0]),
+        ([1] + list(range(100, 130)), [200, 201, 202]),
+        ([1, 7], [9, 10, 11, 12]),
     ]
     return generator.model, requests
 
@@ -85,11 +90,14 @@ def test_the_engine_scores_each_continuation_token(engines, scored):
     assert greedy == (expected.argmax(-1) == torch.tensor(continuation)).tolist()
 
 
-@pytest.mark.parametrize("pairs, message", [
-    ([([1], [])], "pair 0 needs a non-empty context and continuation"),
-    ([([1], [2]), ([1] * 20, [2] * 6)], f"pair 1 has 26 tokens, more than max_seq_len \\+ 1 = {MAX_SEQ_LEN + 1}"),
-    ([([1], [512])], "pair 0 has token id\\(s\\) \\[512\\] outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([([1], [])], "pair 0 needs a non-empty context and continuation"),
+        ([([1], [2]), ([1] * 20, [2] * 6)], f"pair 1 has 26 tokens, more than max_seq_len \\+ 1 = {MAX_SEQ_LEN + 1}"),
+        ([([1], [512])], "pair 0 has token id\\(s\\) \\[512\\] outside the vocabulary"),
+    ],
+)
 def test_the_engine_refuses_pairs_it_cannot_score(engines, pairs, message):
     with pytest.raises(ValueError, match=message):
         engines[1].score(pairs)

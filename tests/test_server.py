@@ -30,7 +30,18 @@ from server_worker import PG_TIMEOUT_SECONDS
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
 MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 4  # room for two tools described in JSON
-SERVER_ARGS = ["--max_seq_len", str(MAX_SEQ_LEN), "--max_batch_size", str(MAX_BATCH_SIZE), "--port", "0", "--dtype", "float32", "--device", "cpu"]
+SERVER_ARGS = [
+    "--max_seq_len",
+    str(MAX_SEQ_LEN),
+    "--max_batch_size",
+    str(MAX_BATCH_SIZE),
+    "--port",
+    "0",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the server and this process share the machine: on 2 busy cores, torch's
 # thread pools contending with each other make a step 10x slower than one thread each
 START_TIMEOUT = 60  # seconds for a server to load and listen
@@ -41,11 +52,18 @@ DIALOG = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "
 class Server:
     """A server process: its port (read from its log), its log, and a clean stop."""
 
-    def __init__(self, command, log_path: Path, env=None, name: str = "tiny-stdlib", start_timeout: float = START_TIMEOUT):
+    def __init__(
+        self, command, log_path: Path, env=None, name: str = "tiny-stdlib", start_timeout: float = START_TIMEOUT
+    ):
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ONE_THREAD, **(env or {})}
+                command,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **ONE_THREAD, **(env or {})},
             )
         self.port = self.wait_for_log(f"serving {name} on http://127.0.0.1:", start_timeout)
 
@@ -81,7 +99,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Server([sys.executable, "-m", "llama.server", "--api_key", API_KEY] + SERVER_ARGS, tmp_path_factory.mktemp("server") / "log")
+    running = Server(
+        [sys.executable, "-m", "llama.server", "--api_key", API_KEY] + SERVER_ARGS,
+        tmp_path_factory.mktemp("server") / "log",
+    )
     yield running
     running.kill()
 
@@ -96,7 +117,9 @@ def llama():
     """The bundled model in this process, the reference for the server's answers (on one thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Llama.build(str(BUNDLED), str(BUNDLED / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH_SIZE, device="cpu", dtype="float32")
+    yield Llama.build(
+        str(BUNDLED), str(BUNDLED / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH_SIZE, device="cpu", dtype="float32"
+    )
     torch.set_num_threads(threads)
 
 
@@ -110,7 +133,9 @@ def raw_answer(server, method: str, path: str, body: bytes = b"", headers=None, 
     """(status, headers, body bytes) of one request sent by hand."""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     json_body = {"Content-Type": "application/json"} if method == "POST" else {}
-    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {key}", **json_body, **(headers or {})})
+    connection.request(
+        method, path, body=body, headers={"Authorization": f"Bearer {key}", **json_body, **(headers or {})}
+    )
     response = connection.getresponse()
     answer = response.status, response.headers, response.read()  # headers: case-insensitive
     connection.close()
@@ -122,7 +147,12 @@ def open_stream(server, body: dict, key: str = API_KEY) -> http.client.HTTPRespo
     ends or ``close()`` hangs up. (With "Connection: close" the response owns the socket.)"""
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=60)
     body = {"temperature": 0, **body, "stream": True}
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.status == 200, response.read()
     response.first_line = response.readline()
@@ -158,10 +188,19 @@ def test_health_and_models(server, client):
     assert raw_request(server, "GET", "/health", headers={"Authorization": ""}) == (200, {"status": "ok"})
     assert [model.id for model in client.models.list().data] == ["tiny-stdlib"]
     status, listed = raw_request(server, "GET", "/v1/models")
-    assert status == 200 and listed["data"] == [{
-        "id": "tiny-stdlib", "object": "model", "created": 0, "owned_by": "llama", "max_model_len": MAX_SEQ_LEN,
-        "dtype": "float32", "quantization": None, "kv_cache_dtype": "float32", "adapter": None,
-    }]
+    assert status == 200 and listed["data"] == [
+        {
+            "id": "tiny-stdlib",
+            "object": "model",
+            "created": 0,
+            "owned_by": "llama",
+            "max_model_len": MAX_SEQ_LEN,
+            "dtype": "float32",
+            "quantization": None,
+            "kv_cache_dtype": "float32",
+            "adapter": None,
+        }
+    ]
 
 
 def test_the_openapi_page_declares_the_request_bodies(server):
@@ -169,7 +208,9 @@ def test_the_openapi_page_declares_the_request_bodies(server):
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     status, spec = raw_request(server, "GET", "/openapi.json", key="")
     schemas = spec["components"]["schemas"]
-    assert {"CompletionRequest", "ChatRequest"} <= set(schemas) and "response_format" in schemas["ChatRequest"]["properties"]
+    assert {"CompletionRequest", "ChatRequest"} <= set(schemas) and "response_format" in schemas["ChatRequest"][
+        "properties"
+    ]
     assert set(spec["paths"]) >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
 
@@ -192,7 +233,9 @@ def test_greedy_chat_equals_chat_completion(client, llama):
 
 
 def test_stop_string_ends_the_text_before_it(client, llama):
-    answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=["sys"])
+    answer = client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=["sys"]
+    )
     expected = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=24, stop_strings=["sys"])[0]["generation"]
     assert (answer.choices[0].text, answer.choices[0].finish_reason) == (expected, "stop")
     assert answer.choices[0].text == "import "  # the greedy answer is "import sys\nimport sys..."
@@ -207,7 +250,9 @@ def test_echo_prepends_the_prompt(client):
 def test_streamed_completion_deltas_join_to_the_whole(client):
     whole = client.completions.create(model="tiny-stdlib", prompt=PROMPTS, max_tokens=30, temperature=0)
     texts, reasons = ["", "", ""], [None] * 3
-    for chunk in client.completions.create(model="tiny-stdlib", prompt=PROMPTS, max_tokens=30, temperature=0, stream=True):
+    for chunk in client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS, max_tokens=30, temperature=0, stream=True
+    ):
         for choice in chunk.choices:
             texts[choice.index] += choice.text
             reasons[choice.index] = choice.finish_reason or reasons[choice.index]
@@ -217,9 +262,16 @@ def test_streamed_completion_deltas_join_to_the_whole(client):
 
 def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
     whole = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=25, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model="tiny-stdlib", messages=DIALOG, max_tokens=25, temperature=0, stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-stdlib",
+            messages=DIALOG,
+            max_tokens=25,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
@@ -228,7 +280,12 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
 def test_stream_ends_with_done(server):
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     body = json.dumps({"prompt": "x", "max_tokens": 3, "stream": True})
-    connection.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=body,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.getheader("Content-Type").startswith("text/event-stream")
     events = [e for e in response.read().decode().split("\n\n") if e]
@@ -256,21 +313,30 @@ def test_chat_logprobs_with_top_logprobs(client, llama):
     content = answer.choices[0].logprobs.content
     assert [entry.logprob for entry in content] == pytest.approx(expected["logprobs"], abs=1e-5)
     assert b"".join(bytes(entry.bytes) for entry in content).decode() == answer.choices[0].message.content
-    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5) for entry in content)
+    assert all(
+        len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
+        for entry in content
+    )
 
 
 def test_streamed_logprobs_equal_the_whole(client):
     whole = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[2], max_tokens=12, temperature=0, logprobs=1)
     streamed = []
-    for chunk in client.completions.create(model="tiny-stdlib", prompt=PROMPTS[2], max_tokens=12, temperature=0, logprobs=1, stream=True):
+    for chunk in client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[2], max_tokens=12, temperature=0, logprobs=1, stream=True
+    ):
         if chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.token_logprobs
     assert streamed == whole.choices[0].logprobs.token_logprobs
 
 
 def test_n_seeded_samples_equal_the_python_apis(client, llama):
-    answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=1.0, n=3, seed=7)
-    expected = llama.text_completion(PROMPTS[1:2], temperature=1.0, top_p=1.0, max_gen_len=16, num_return_sequences=3, seed=7)
+    answer = client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=1.0, n=3, seed=7
+    )
+    expected = llama.text_completion(
+        PROMPTS[1:2], temperature=1.0, top_p=1.0, max_gen_len=16, num_return_sequences=3, seed=7
+    )
     assert [choice.text for choice in answer.choices] == [e["generation"] for e in expected]
     assert len({choice.text for choice in answer.choices}) > 1  # three samples, not one repeated
 
@@ -300,25 +366,64 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "user": 5}, "user"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
-    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, "response_format"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0]"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+        "response_format",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format",
+    ),
+    (
+        "/v1/completions",
+        {
+            "prompt": "x",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+        },
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0]",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0]"),
     ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        "messages",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "[INST] hi [/INST]"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}]}, "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}]},
+        "messages",
+    ),
 ]
 
 
-@pytest.mark.parametrize("path, body, param", BAD_REQUESTS, ids=[f"{p.split('/')[-1]}-{param}-{i}" for i, (p, _, param) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path, body, param",
+    BAD_REQUESTS,
+    ids=[f"{p.split('/')[-1]}-{param}-{i}" for i, (p, _, param) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_request_gets_400_naming_the_field(server, path, body, param):
     status, answer = raw_request(server, "POST", path, json.dumps({"model": "tiny-stdlib", **body}).encode())
     assert status == 400
@@ -360,17 +465,27 @@ def test_a_body_not_sent_as_json_gets_415(server):
 def test_a_chunked_body_is_read(server):
     connection = http.client.HTTPConnection("127.0.0.1", int(server.port), timeout=30)
     parts = iter([b'{"prompt": "import os\\n", ', b'"max_tokens": 3, "temperature": 0}'])
-    connection.request("POST", "/v1/completions", body=parts, encode_chunked=True,
-                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=parts,
+        encode_chunked=True,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 3
     connection.close()
 
 
 def test_model_may_be_left_out_and_means_the_served_one(server, llama):
-    status, answer = raw_request(server, "POST", "/v1/completions", b'{"prompt": "import os\\n", "max_tokens": 6, "temperature": 0}')
+    status, answer = raw_request(
+        server, "POST", "/v1/completions", b'{"prompt": "import os\\n", "max_tokens": 6, "temperature": 0}'
+    )
     assert (status, answer["model"]) == (200, "tiny-stdlib")
-    assert answer["choices"][0]["text"] == llama.text_completion(["import os\n"], temperature=0, max_gen_len=6)[0]["generation"]
+    assert (
+        answer["choices"][0]["text"]
+        == llama.text_completion(["import os\n"], temperature=0, max_gen_len=6)[0]["generation"]
+    )
 
 
 def test_prompts_as_token_ids_are_decoded_from_as_given(client, llama):
@@ -390,7 +505,9 @@ def test_a_bad_port_or_one_in_use_is_refused_before_the_model_loads(server, monk
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(Llama, "from_options", load)
-    with pytest.raises(ValueError, match=r"^--port must be an integer in \[0, 65535\] \(0 picks a free one\), got 99999$"):
+    with pytest.raises(
+        ValueError, match=r"^--port must be an integer in \[0, 65535\] \(0 picks a free one\), got 99999$"
+    ):
         main(["--port", "99999", "--traceback"])
     with pytest.raises(ValueError, match=f"^--port {server.port}: 127.0.0.1:{server.port} is already in use"):
         main(["--port", str(server.port), "--traceback"])
@@ -416,40 +533,93 @@ def test_a_refused_request_closes_its_connection_so_its_unread_body_is_not_read_
     connection.close()
 
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-          "required": ["name", "age"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
 
 def test_json_schema_answers_validate_on_both_routes_whole_or_streamed(client, llama):
-    expected = llama.chat_completion([DIALOG], temperature=0, max_gen_len=90, json_schema=PERSON)[0]["generation"]["content"]
-    chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT)
+    expected = llama.chat_completion([DIALOG], temperature=0, max_gen_len=90, json_schema=PERSON)[0]["generation"][
+        "content"
+    ]
+    chat = client.chat.completions.create(
+        model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT
+    )
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (expected, "stop")
     jsonschema.validate(json.loads(expected), PERSON)
-    streamed = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT, stream=True)
+    streamed = client.chat.completions.create(
+        model="tiny-stdlib", messages=DIALOG, max_tokens=90, temperature=0, response_format=PERSON_FORMAT, stream=True
+    )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected
-    sampled = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=90, temperature=1.0, n=3, seed=2,
-                                        extra_body={"response_format": PERSON_FORMAT})
+    sampled = client.completions.create(
+        model="tiny-stdlib",
+        prompt=PROMPTS[0],
+        max_tokens=90,
+        temperature=1.0,
+        n=3,
+        seed=2,
+        extra_body={"response_format": PERSON_FORMAT},
+    )
     for choice in sampled.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.text), PERSON)
 
 
 def test_json_object_answer_is_an_object_and_a_bad_schema_names_its_part(server, client):
-    answer = client.chat.completions.create(model="tiny-stdlib", messages=[{"role": "user", "content": "hi"}], max_tokens=90, temperature=0,
-                                            response_format={"type": "json_object"})
+    answer = client.chat.completions.create(
+        model="tiny-stdlib",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=90,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
-    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"not": {}}}}}}
-    status, answer = raw_request(server, "POST", "/v1/chat/completions", json.dumps({"messages": DIALOG, "response_format": bad}).encode())
+    bad = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"not": {}}}}},
+    }
+    status, answer = raw_request(
+        server, "POST", "/v1/chat/completions", json.dumps({"messages": DIALOG, "response_format": bad}).encode()
+    )
     assert (status, answer["error"]["param"]) == (400, "response_format")
     assert "#/properties/a/not" in answer["error"]["message"] and "Unimplemented" in answer["error"]["message"]
 
 
-WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"], "additionalProperties": False}}}
-ADD = {"type": "function", "function": {"name": "add", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["a", "b"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "integer", "minimum": 0, "maximum": 99},
+                "b": {"type": "integer", "minimum": 0, "maximum": 99},
+            },
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
 QUESTION = [{"role": "user", "content": "Is it warm in Paris?"}]
 
 
@@ -457,9 +627,28 @@ def test_forced_tool_calls_are_valid_calls_of_their_tool(client):
     """The bundled model never saw tools; "required" and a named function still give valid calls
     (greedy and sampled), with finish reason "tool_calls"."""
     tools = {"weather": WEATHER, "add": ADD}
-    answers = [client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", max_tokens=60, temperature=0)]
-    answers.append(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER, ADD], max_tokens=60, temperature=1.0, n=3, seed=4,
-                                                  tool_choice={"type": "function", "function": {"name": "weather"}}))
+    answers = [
+        client.chat.completions.create(
+            model="tiny-stdlib",
+            messages=QUESTION,
+            tools=[WEATHER, ADD],
+            tool_choice="required",
+            max_tokens=60,
+            temperature=0,
+        )
+    ]
+    answers.append(
+        client.chat.completions.create(
+            model="tiny-stdlib",
+            messages=QUESTION,
+            tools=[WEATHER, ADD],
+            max_tokens=60,
+            temperature=1.0,
+            n=3,
+            seed=4,
+            tool_choice={"type": "function", "function": {"name": "weather"}},
+        )
+    )
     choices = [choice for answer in answers for choice in answer.choices]
     for choice in choices:
         (call,) = choice.message.tool_calls
@@ -470,24 +659,49 @@ def test_forced_tool_calls_are_valid_calls_of_their_tool(client):
 
 
 def test_a_streamed_call_comes_as_delta_tool_calls_and_its_result_goes_back_as_a_tool_message(client, llama):
-    chunks = list(client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-stdlib",
+            messages=QUESTION,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+        )
+    )
     (call,) = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()]
     assert (call.index, call.function.name, chunks[-1].choices[0].finish_reason) == (0, "weather", "tool_calls")
-    whole = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    whole = client.chat.completions.create(
+        model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+    )
     assert whole.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
-    messages = QUESTION + [whole.choices[0].message, {"role": "tool", "tool_call_id": whole.choices[0].message.tool_calls[0].id, "content": "22 C"}]
-    answer = client.chat.completions.create(model="tiny-stdlib", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
+    messages = QUESTION + [
+        whole.choices[0].message,
+        {"role": "tool", "tool_call_id": whole.choices[0].message.tool_calls[0].id, "content": "22 C"},
+    ]
+    answer = client.chat.completions.create(
+        model="tiny-stdlib", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
+    )
     arguments = json.loads(call.function.arguments)
     convention = [  # the documented JSON convention of a format without tool calls (Llama 2's); "none": no functions described
-        QUESTION[0], {"role": "assistant", "content": json.dumps({"name": "weather", "parameters": arguments})}, {"role": "user", "content": "weather returned: 22 C"},
+        QUESTION[0],
+        {"role": "assistant", "content": json.dumps({"name": "weather", "parameters": arguments})},
+        {"role": "user", "content": "weather returned: 22 C"},
     ]
-    assert answer.usage.prompt_tokens == len(llama.encode_dialog(convention)) and answer.choices[0].finish_reason == "length"
+    assert (
+        answer.usage.prompt_tokens == len(llama.encode_dialog(convention))
+        and answer.choices[0].finish_reason == "length"
+    )
 
 
 def test_auto_reads_calls_only_from_an_answer_that_is_one(client):
-    answer = client.chat.completions.create(model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], max_tokens=12, temperature=0)
-    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content  # this model answers in words
+    answer = client.chat.completions.create(
+        model="tiny-stdlib", messages=QUESTION, tools=[WEATHER], max_tokens=12, temperature=0
+    )
+    assert (
+        answer.choices[0].message.tool_calls is None and answer.choices[0].message.content
+    )  # this model answers in words
 
 
 def test_concurrent_clients_get_their_own_greedy_answers(client, llama):
@@ -495,14 +709,20 @@ def test_concurrent_clients_get_their_own_greedy_answers(client, llama):
     answers = [None] * len(prompts)
 
     def ask(i):
-        answers[i] = client.completions.create(model="tiny-stdlib", prompt=prompts[i], max_tokens=12 + i, temperature=0).choices[0].text
+        answers[i] = (
+            client.completions.create(model="tiny-stdlib", prompt=prompts[i], max_tokens=12 + i, temperature=0)
+            .choices[0]
+            .text
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert answers == [llama.text_completion([p], temperature=0, max_gen_len=12 + i)[0]["generation"] for i, p in enumerate(prompts)]
+    assert answers == [
+        llama.text_completion([p], temperature=0, max_gen_len=12 + i)[0]["generation"] for i, p in enumerate(prompts)
+    ]
 
 
 def test_requests_with_different_settings_share_the_batch_and_get_their_alone_answers(server, llama):
@@ -510,16 +730,29 @@ def test_requests_with_different_settings_share_the_batch_and_get_their_alone_an
     once, /metrics shows), each giving what it gives alone."""
     no_eos = {llama.tokenizer.eos_id: -100.0}
     greedy = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "logit_bias": no_eos}
-    sampled = {"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 1.0, "top_p": 1.0, "top_k": 40, "presence_penalty": 0.5, "seed": 3}
+    sampled = {
+        "prompt": PROMPTS[2],
+        "max_tokens": 40,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 40,
+        "presence_penalty": 0.5,
+        "seed": 3,
+    }
     streams = [open_stream(server, greedy), open_stream(server, sampled)]
     assert metrics(server)["llama_running_slots"] == 2
     texts = [stream_text(stream) for stream in streams]
-    assert texts == [llama.text_completion([body.pop("prompt")], max_gen_len=body.pop("max_tokens"), **body)[0]["generation"] for body in (greedy, sampled)]
+    assert texts == [
+        llama.text_completion([body.pop("prompt")], max_gen_len=body.pop("max_tokens"), **body)[0]["generation"]
+        for body in (greedy, sampled)
+    ]
 
 
 def test_a_short_request_finishes_while_a_long_one_runs(server, client):
     long = open_stream(server, {"prompt": PROMPTS[1], "max_tokens": 100, "logit_bias": {"2": -100}})
-    short = client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=4, temperature=0, logit_bias={"2": -100})
+    short = client.completions.create(
+        model="tiny-stdlib", prompt="x", max_tokens=4, temperature=0, logit_bias={"2": -100}
+    )
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
     assert metrics(server)["llama_running_slots"] == 1  # the long one still decodes
     long.close()
@@ -529,10 +762,16 @@ def test_a_short_request_finishes_while_a_long_one_runs(server, client):
 def test_client_hanging_up_frees_its_slot(server, client, stream):
     hang_ups = server.log().count("the client hung up")
     connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
-    body = json.dumps({"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": stream, "logit_bias": {"2": -100}}).encode()
+    body = json.dumps(
+        {"prompt": "import os\n", "max_tokens": 120, "temperature": 0, "stream": stream, "logit_bias": {"2": -100}}
+    ).encode()
     connection.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-        + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + API_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
     if stream:
         received = b""
@@ -564,7 +803,11 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     requests = 'llama_requests_total{code="%d",endpoint="/v1/completions",method="POST"}'  # labels in prometheus_client's order
     assert after[requests % 200] - before.get(requests % 200, 0) == 1
     assert after[requests % 400] - before.get(requests % 400, 0) == 1
-    assert after["llama_generation_tokens_total"] - before["llama_generation_tokens_total"] == answer.usage.completion_tokens == 5
+    assert (
+        after["llama_generation_tokens_total"] - before["llama_generation_tokens_total"]
+        == answer.usage.completion_tokens
+        == 5
+    )
     assert after["llama_prompt_tokens_total"] - before["llama_prompt_tokens_total"] == answer.usage.prompt_tokens
     assert (after["llama_slots"], after["llama_queue_length"], after["llama_running_slots"]) == (MAX_BATCH_SIZE, 0, 0)
     ttft = "llama_time_to_first_token_seconds"
@@ -576,9 +819,13 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
 
 def test_a_repeated_prompt_reports_its_cached_tokens_and_metrics_the_pool_and_hit_rate(server, client):
     prompt = PROMPTS[1] * 4
-    first, second = (client.completions.create(model="tiny-stdlib", prompt=prompt, max_tokens=2, temperature=0) for _ in range(2))
+    first, second = (
+        client.completions.create(model="tiny-stdlib", prompt=prompt, max_tokens=2, temperature=0) for _ in range(2)
+    )
     n = second.usage.prompt_tokens
-    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0  # whole blocks, its last token computed
+    assert (
+        second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    )  # whole blocks, its last token computed
     assert second.choices[0].text == first.choices[0].text
     pool = metrics(server)
     assert pool["llama_prefix_cache_hit_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
@@ -593,12 +840,22 @@ def test_what_common_clients_send_is_accepted(client, llama):
         {"role": "user", "content": [{"type": "text", "text": "How do I"}, {"type": "text", "text": "read a file?"}]},
     ]
     answer = client.chat.completions.create(
-        model="tiny-stdlib", messages=messages, max_tokens=12, temperature=0, presence_penalty=0, frequency_penalty=0,
-        logit_bias={}, response_format={"type": "text"}, user="someone",
+        model="tiny-stdlib",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        response_format={"type": "text"},
+        user="someone",
         extra_body={"top_k": -1, "min_p": 0, "repetition_penalty": 1},  # vLLM's "off"
     )
     dialog = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "How do I\nread a file?"}]
-    assert answer.choices[0].message.content == llama.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+    assert (
+        answer.choices[0].message.content
+        == llama.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+    )
 
 
 def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama):
@@ -616,11 +873,15 @@ def test_penalties_bias_and_vllm_sampling_fields_reach_the_sampler(client, llama
         openai_fields = {k: v for k, v in options.items() if k not in vllm_fields}
         if "logit_bias" in openai_fields:
             openai_fields["logit_bias"] = {str(k): v for k, v in openai_fields["logit_bias"].items()}
-        answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, extra_body=vllm_fields, **openai_fields)
+        answer = client.completions.create(
+            model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, extra_body=vllm_fields, **openai_fields
+        )
         expected = llama.text_completion([PROMPTS[0]], max_gen_len=12, **options)[0]["generation"]
         assert answer.choices[0].text == expected, options
         assert answer.choices[0].text != plain.choices[0].text, options
-    biased = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0, logit_bias={str(first): -100})
+    biased = client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0, logit_bias={str(first): -100}
+    )
     assert first not in llama.tokenizer.encode(biased.choices[0].text, bos=False, eos=False)
 
 
@@ -633,9 +894,13 @@ def write_adapter_for(ckpt_dir: str, out: Path) -> str:
 
     args = source_model(ckpt_dir)[1]
     generator = torch.Generator().manual_seed(0)
-    state = {f"layers.{i}.attention.wq": (0.01 * torch.randn(2, args.dim, generator=generator),
-                                          0.01 * torch.randn(args.dim, 2, generator=generator))
-             for i in range(args.n_layers)}
+    state = {
+        f"layers.{i}.attention.wq": (
+            0.01 * torch.randn(2, args.dim, generator=generator),
+            0.01 * torch.randn(args.dim, 2, generator=generator),
+        )
+        for i in range(args.n_layers)
+    }
     out.mkdir()
     write_adapter(str(out), state, LoraConfig(rank=2, alpha=4.0, targets=("wq",)), args, ckpt_dir)
     return read_adapter(str(out), args).identity
@@ -651,20 +916,41 @@ def test_a_server_without_max_seq_len_serves_the_checkpoints_context_and_says_wh
     adapter = tmp_path / "adapter"
     sha256 = write_adapter_for(ckpt_dir, adapter)
     name = Path(ckpt_dir).name
-    command = [sys.executable, "-m", "llama.server", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path,
-               "--adapter_dir", str(adapter), "--quantize", "int8", "--max_batch_size", "2", "--port", "0",
-               "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama.server",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--tokenizer_path",
+        tokenizer_path,
+        "--adapter_dir",
+        str(adapter),
+        "--quantize",
+        "int8",
+        "--max_batch_size",
+        "2",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+    ]
     server = Server(command, tmp_path / "log", name=name)
     try:
         log = server.log()
         context = f"the checkpoint's context is 768 ({Path(ckpt_dir) / 'params.json'}'s max_seq_len)"
         assert f"max_seq_len 768: {context}; 2 row(s) of KV cache (" in log
-        assert (f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
-                "(torch.bfloat16 activations, int8 weights, torch.float32 KV cache) in") in log
+        assert (
+            f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
+            "(torch.bfloat16 activations, int8 weights, torch.float32 KV cache) in"
+        ) in log
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=60, max_retries=0)
         [model] = client.models.list().data
         assert model.id == name and model.model_extra == {
-            "max_model_len": 768, "dtype": "bfloat16", "quantization": "int8", "kv_cache_dtype": "float32",
+            "max_model_len": 768,
+            "dtype": "bfloat16",
+            "quantization": "int8",
+            "kv_cache_dtype": "float32",
             "adapter": {"name": "adapter", "sha256": sha256},
         }
         prompt = [3 + i % 500 for i in range(600)]
@@ -692,8 +978,10 @@ def test_the_default_context_is_the_checkpoints_at_least_512_and_at_most_the_poo
     assert context(stated, kv_cache_tokens=1000) == (768, why)
     short, _ = make_checkpoint(params={**SMALL_PARAMS, "max_seq_len": 256})
     tokens, said = context(short)
-    assert tokens == 512 and said.startswith(f"the checkpoint's context is 256 ({Path(short) / 'params.json'}'s "
-                                             "max_seq_len), raised to 512, the least this server defaults to; ")
+    assert tokens == 512 and said.startswith(
+        f"the checkpoint's context is 256 ({Path(short) / 'params.json'}'s "
+        "max_seq_len), raised to 512, the least this server defaults to; "
+    )
     unstated, _ = make_checkpoint()  # Llama 2's tokenizer and rope_theta: released with 4096
     tokens, said = context(unstated)
     assert tokens == 4096
@@ -736,8 +1024,9 @@ def test_the_default_context_is_capped_so_that_the_kv_cache_fits_in_half_the_mem
 
 
 @pytest.mark.parametrize("quantize, dtype", [(None, "float32"), ("int8", "bfloat16"), ("int4-g32", "bfloat16")])
-def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(make_checkpoint, tokenizer_path, quantize,
-                                                                          dtype):
+def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(
+    make_checkpoint, tokenizer_path, quantize, dtype
+):
     from llama.convert import source_model
     from llama.layers.quantize import parse_quantize
     from llama.server.context import model_bytes
@@ -757,9 +1046,30 @@ def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(make_c
 def small_server(tmp_path_factory):
     """One slot, no queue, a served name, the key from the environment, one allowed web origin, prompt
     lookup for every request."""
-    command = [sys.executable, "-m", "llama.server", "--served_model_name", "tiny", "--allowed_origins", ORIGIN,
-               "--speculate", "lookup", "--max_queue", "0", "--max_batch_size", "1", "--max_seq_len", str(MAX_SEQ_LEN), "--port", "0", "--device", "cpu"]
-    running = Server(command, tmp_path_factory.mktemp("small_server") / "log", env={"LLAMA_API_KEY": "env-key"}, name="tiny")
+    command = [
+        sys.executable,
+        "-m",
+        "llama.server",
+        "--served_model_name",
+        "tiny",
+        "--allowed_origins",
+        ORIGIN,
+        "--speculate",
+        "lookup",
+        "--max_queue",
+        "0",
+        "--max_batch_size",
+        "1",
+        "--max_seq_len",
+        str(MAX_SEQ_LEN),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    running = Server(
+        command, tmp_path_factory.mktemp("small_server") / "log", env={"LLAMA_API_KEY": "env-key"}, name="tiny"
+    )
     yield running
     running.kill()
 
@@ -786,7 +1096,11 @@ def test_speculating_server_answers_as_plain_greedy_decoding(small_server, llama
 
 
 def test_cors_preflight_and_headers_on_every_answer(small_server):
-    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     status, headers, _ = raw_answer(small_server, "OPTIONS", "/v1/chat/completions", headers=preflight, key="")
     assert status == 204
     assert headers["Access-Control-Allow-Origin"] == ORIGIN and "POST" in headers["Access-Control-Allow-Methods"]
@@ -794,17 +1108,23 @@ def test_cors_preflight_and_headers_on_every_answer(small_server):
     for path, key in (("/v1/models", "env-key"), ("/v1/models", "wrong"), ("/nowhere", "env-key"), ("/metrics", "")):
         status, headers, _ = raw_answer(small_server, "GET", path, headers={"Origin": ORIGIN}, key=key)
         assert headers.get("Access-Control-Allow-Origin") == ORIGIN, (path, status)
-    status, headers, _ = raw_answer(small_server, "OPTIONS", "/v1/models", headers={**preflight, "Origin": "http://elsewhere.example"}, key="")
+    status, headers, _ = raw_answer(
+        small_server, "OPTIONS", "/v1/models", headers={**preflight, "Origin": "http://elsewhere.example"}, key=""
+    )
     assert status == 204 and "Access-Control-Allow-Origin" not in headers  # the browser blocks that page
 
 
 def test_a_full_queue_answers_503_and_a_hang_up_frees_the_slot(small_server):
     running = open_stream(small_server, {"prompt": "x", "max_tokens": 100, "logit_bias": {"2": -100}}, key="env-key")
-    status, answer = raw_request(small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key")
+    status, answer = raw_request(
+        small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key"
+    )
     assert status == 503 and answer["error"]["type"] == "server_error" and "--max_queue" in answer["error"]["message"]
     running.close()  # the client hangs up: its slot is free at the next step
     wait_until(lambda: metrics(small_server)["llama_running_slots"] == 0)
-    status, answer = raw_request(small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key")
+    status, answer = raw_request(
+        small_server, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key="env-key"
+    )
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
 
 
@@ -814,12 +1134,26 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
     (one pair to the last position of the cache), with a grammar or not, adds no graph, and a
     grammar's greedy answer is the eager one's. SIGTERM lets a running stream end."""
     max_seq_len = 16  # one cache length to compile: the smallest bucket (two blocks) is the whole row
-    command = [sys.executable, "-m", "llama.server", "--compile", "--max_seq_len", str(max_seq_len), "--max_batch_size", "2",
-               "--port", "0", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama.server",
+        "--compile",
+        "--max_seq_len",
+        str(max_seq_len),
+        "--max_batch_size",
+        "2",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+    ]
     server = Server(command, tmp_path / "log", start_timeout=600)
     try:
         log = server.log()
-        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [16] in") < log.index("serving tiny-stdlib")
+        assert log.index("compiled the decode step for widths [1, 2] x cache lengths [16] in") < log.index(
+            "serving tiny-stdlib"
+        )
         graphs = metrics(server)["llama_compiled_graphs"]
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=600, max_retries=0)
         prompt_len = len(llama.tokenizer.encode("import os\n", bos=True, eos=False))
@@ -827,21 +1161,43 @@ def test_a_compiled_server_compiles_before_it_serves_and_no_mix_of_options_compi
             model="tiny-stdlib", prompt="import os\n", n=2, max_tokens=max_seq_len - prompt_len, temperature=0
         )
         assert [c.finish_reason for c in answer.choices] == ["length", "length"]
-        assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (max_seq_len - prompt_len)
-        mixes = itertools.product([{"temperature": 0}, {"temperature": 0.8}], [{}, {"presence_penalty": 1.0, "logit_bias": {"13": 5}}],
-                                  [{}, {"logprobs": 0}, {"logprobs": 20}])
+        assert answer.usage.prompt_tokens == prompt_len and answer.usage.completion_tokens == 2 * (
+            max_seq_len - prompt_len
+        )
+        mixes = itertools.product(
+            [{"temperature": 0}, {"temperature": 0.8}],
+            [{}, {"presence_penalty": 1.0, "logit_bias": {"13": 5}}],
+            [{}, {"logprobs": 0}, {"logprobs": 20}],
+        )
         for i, (sampling, penalties, logprobs) in enumerate(mixes):
-            answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs)
+            answer = client.completions.create(
+                model="tiny-stdlib", prompt="x = ", n=1 + i % 2, max_tokens=3, **sampling, **penalties, **logprobs
+            )
             assert [c.finish_reason in ("stop", "length") for c in answer.choices] == [True] * (1 + i % 2)
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
-        answer = client.completions.create(model="tiny-stdlib", prompt="x = ", n=2, max_tokens=12, temperature=0,
-                                           extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}})
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
+        answer = client.completions.create(
+            model="tiny-stdlib",
+            prompt="x = ",
+            n=2,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}},
+        )
         expected = llama.text_completion(["x = "], max_gen_len=12, temperature=0, json_schema=schema)[0]["generation"]
         assert [c.text for c in answer.choices] == [expected] * 2 and answer.choices[0].finish_reason == "stop"
         assert metrics(server)["llama_compiled_graphs"] == graphs
 
-        stream = open_stream(server, {"prompt": "import os\n", "n": 2, "max_tokens": max_seq_len - prompt_len}, key="unused")  # the same graph
-        server.process.send_signal(signal.SIGTERM)  # a running answer finishes within --shutdown_timeout; no new one starts
+        stream = open_stream(
+            server, {"prompt": "import os\n", "n": 2, "max_tokens": max_seq_len - prompt_len}, key="unused"
+        )  # the same graph
+        server.process.send_signal(
+            signal.SIGTERM
+        )  # a running answer finishes within --shutdown_timeout; no new one starts
         events = [stream.first_line] + list(stream)
         assert events[-2:] == [b"data: [DONE]\n", b"\n"] and sum(b'"finish_reason": "length"' in e for e in events) == 2
         assert server.process.wait(timeout=30) == 0 and "server stopped" in server.log()
@@ -856,7 +1212,10 @@ def test_under_torchrun_rank0_serves_the_followers_keep_up_and_sigterm_stops_eve
     (rank 0's heartbeats), answers as one process does, refuses a bad request and loses a client
     without leaving a rank behind, and SIGTERM to torchrun ends every process."""
     worker = [str(ROOT / "tests" / "server_worker.py")] + SERVER_ARGS + ["--heartbeat_seconds", "0.5"]
-    server = Server([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + worker, tmp_path / "log")
+    server = Server(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + worker,
+        tmp_path / "log",
+    )
     ranks = child_pids(server.process.pid)
     try:
         assert len(ranks) == 2
@@ -865,15 +1224,26 @@ def test_under_torchrun_rank0_serves_the_followers_keep_up_and_sigterm_stops_eve
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny-stdlib", prompt="x", max_tokens=0)
         answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS, max_tokens=16, temperature=0)
-        assert [c.text for c in answer.choices] == [e["generation"] for e in llama.text_completion(PROMPTS, temperature=0, max_gen_len=16)]
-        stream = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=100, temperature=0, stream=True)
+        assert [c.text for c in answer.choices] == [
+            e["generation"] for e in llama.text_completion(PROMPTS, temperature=0, max_gen_len=16)
+        ]
+        stream = client.completions.create(
+            model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=100, temperature=0, stream=True
+        )
         next(iter(stream))
-        short = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=6, temperature=0)  # admitted mid-decode
-        assert short.choices[0].text == llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=6)[0]["generation"]
+        short = client.completions.create(
+            model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=6, temperature=0
+        )  # admitted mid-decode
+        assert (
+            short.choices[0].text == llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=6)[0]["generation"]
+        )
         stream.close()  # the client hangs up after the first chunk
         server.wait_for_log("the client hung up; rows cancelled after", timeout=30)
         chat = client.chat.completions.create(model="tiny-stdlib", messages=DIALOG, max_tokens=8, temperature=0)
-        assert chat.choices[0].message.content == llama.chat_completion([DIALOG], temperature=0, max_gen_len=8)[0]["generation"]["content"]
+        assert (
+            chat.choices[0].message.content
+            == llama.chat_completion([DIALOG], temperature=0, max_gen_len=8)[0]["generation"]["content"]
+        )
 
         server.process.send_signal(signal.SIGTERM)  # to torchrun only, as a job scheduler sends it
         server.process.wait(timeout=40)

@@ -27,12 +27,15 @@ HELDOUT_FILES = 3
 
 @pytest.fixture(scope="module")
 def generator():
-    return Llama.build(str(BUNDLED), str(BUNDLED_TOKENIZER), max_seq_len=256, max_batch_size=8, device="cpu",
-                       dtype="float32")
+    return Llama.build(
+        str(BUNDLED), str(BUNDLED_TOKENIZER), max_seq_len=256, max_batch_size=8, device="cpu", dtype="float32"
+    )
 
 
 def heldout_texts():
-    return [p.read_text(encoding="utf-8")[:HELDOUT_CHARS] for p in train.split_files(heldout_percent=5)[1][:HELDOUT_FILES]]
+    return [
+        p.read_text(encoding="utf-8")[:HELDOUT_CHARS] for p in train.split_files(heldout_percent=5)[1][:HELDOUT_FILES]
+    ]
 
 
 def test_shipped_checkpoint_is_small_bfloat16_in_metas_layout():
@@ -72,12 +75,28 @@ def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(gen
     text_file = tmp_path / "heldout.py"
     text_file.write_text(heldout_texts()[0])
     result = subprocess.run(  # no --tokenizer_path: the checkpoint folder's own tokenizer.model
-        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(BUNDLED),
-         "--text_file", str(text_file), "--device", "cpu", "--dtype", "float32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llama.perplexity",
+            "--ckpt_dir",
+            str(BUNDLED),
+            "--text_file",
+            str(text_file),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    expected = window_loss(generator.model, text_windows(generator.tokenizer, [text_file.read_text()], 256), batch_size=8)
+    expected = window_loss(
+        generator.model, text_windows(generator.tokenizer, [text_file.read_text()], 256), batch_size=8
+    )
     assert f"1 file(s), {expected['tokens']} tokens scored" in result.stdout
     assert f"mean loss {expected['loss']:.4f} nats/token, perplexity {expected['perplexity']:.2f}" in result.stdout
 
@@ -85,9 +104,21 @@ def test_perplexity_command_reports_loss_and_perplexity_of_the_shipped_model(gen
 def test_perplexity_command_names_a_missing_text_file_in_one_line_and_exits_2(tmp_path):
     missing = tmp_path / "missing.txt"
     result = subprocess.run(
-        [sys.executable, "-m", "llama.perplexity", "--ckpt_dir", str(BUNDLED),
-         "--tokenizer_path", str(BUNDLED_TOKENIZER), "--text_file", str(missing)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llama.perplexity",
+            "--ckpt_dir",
+            str(BUNDLED),
+            "--tokenizer_path",
+            str(BUNDLED_TOKENIZER),
+            "--text_file",
+            str(missing),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr == f"error: text file not found: {missing}\n"

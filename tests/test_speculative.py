@@ -16,10 +16,10 @@ import torch
 from llama.checkpoints.writers import save_checkpoint
 from llama.cli import check_speculation_flags, compile_line
 from llama.engine import Engine, engine_options_for
+from llama.engine.speculative import NgramIndex, accept_greedy, accept_sampled
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.options import GenerationOptions
-from llama.engine.speculative import NgramIndex, accept_greedy, accept_sampled
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [  # ragged, and repetitive enough for prompt lookup to be accepted now and then
@@ -94,7 +94,9 @@ def test_sampled_acceptance_emits_the_models_distribution(draft):
         proposals = torch.multinomial(q, bsz, replacement=True).T  # (bsz, k), each column from its q
         q = q.expand(bsz, k, vocab)
     limits = torch.full((bsz,), k)
-    accepted, tokens = accept_sampled(p, proposals, q, limits, torch.rand(bsz, k), lambda probs: torch.multinomial(probs, 1)[:, 0])
+    accepted, tokens = accept_sampled(
+        p, proposals, q, limits, torch.rand(bsz, k), lambda probs: torch.multinomial(probs, 1)[:, 0]
+    )
     assert chi_square_p_value(torch.bincount(tokens[:, 0], minlength=vocab), p[0, 0]) > 1e-3
     second = tokens[accepted >= 1, 1]
     assert chi_square_p_value(torch.bincount(second, minlength=vocab), p[0, 1]) > 1e-3
@@ -119,26 +121,45 @@ def assert_same(plain, fast):
 
 def run_speculation(llama, prompts, **options):
     """The finished request, whose rows count their speculative steps and accepted proposals."""
-    return llama.decode([llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], "prompt", temperature=0, logprobs=True, **options)
+    return llama.decode(
+        [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts],
+        "prompt",
+        temperature=0,
+        logprobs=True,
+        **options,
+    )
 
 
 def test_greedy_lookup_returns_plain_greedy_tokens_in_a_ragged_batch(llama):
-    plain = llama.generate([llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS], 40, temperature=0, logprobs=True, stop_tokens=[])
+    plain = llama.generate(
+        [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS],
+        40,
+        temperature=0,
+        logprobs=True,
+        stop_tokens=[],
+    )
     request = run_speculation(llama, PROMPTS, max_gen_len=40, stop_tokens=[], speculate="lookup")
     tokens, logprobs = request.results()
     assert tokens == plain[0]
     for got, expected in zip(logprobs, plain[1]):
         assert got == pytest.approx(expected, abs=1e-4)
     rows = request.rows
-    assert len({(row.speculative_steps, row.accepted) for row in rows}) == 3 and max(row.accepted for row in rows) > 0  # ragged
+    assert (
+        len({(row.speculative_steps, row.accepted) for row in rows}) == 3 and max(row.accepted for row in rows) > 0
+    )  # ragged
     # 39 tokens after the first: each step gives its accepted proposals and one token (the last step may give more than are left)
-    assert all(row.speculative_steps + row.accepted >= 39 for row in rows) and sum(row.speculative_steps for row in rows) < 3 * 39
+    assert (
+        all(row.speculative_steps + row.accepted >= 39 for row in rows)
+        and sum(row.speculative_steps for row in rows) < 3 * 39
+    )
 
 
 def test_a_speculating_request_and_a_plain_one_share_the_steps(llama):
     prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:2]]
     alone = [llama.generate([prompt], 20, temperature=0, stop_tokens=[])[0][0] for prompt in prompts]
-    fast = llama.engine.submit(prompts[:1], GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[], speculate="lookup"))
+    fast = llama.engine.submit(
+        prompts[:1], GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[], speculate="lookup")
+    )
     plain = llama.engine.submit(prompts[1:], GenerationOptions(max_gen_len=20, temperature=0, stop_tokens=[]))
     while not (fast.done and plain.done):
         llama.engine.step()
@@ -153,7 +174,9 @@ def test_greedy_lookup_equals_plain_for_each_k(llama, k):
 
 def test_greedy_lookup_stops_exactly_where_plain_decoding_stops(llama):
     free = llama.text_completion(PROMPTS, temperature=0, max_gen_len=24, stop_tokens=[])
-    (ids,), _ = llama.generate([llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)], 24, temperature=0, stop_tokens=[])
+    (ids,), _ = llama.generate(
+        [llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)], 24, temperature=0, stop_tokens=[]
+    )
     stop_token = ids[7]  # ends row 1 at its 8th token, or before
     stop_string = free[0]["generation"][12:15]
     plain, fast = generate_both(llama, PROMPTS, max_gen_len=24, stop_tokens=[stop_token], stop_strings=[stop_string])
@@ -197,15 +220,23 @@ def other_draft(make_checkpoint, tokenizer_path):
 @pytest.mark.parametrize("draft", ["other model", "int8 self"])
 def test_greedy_draft_returns_plain_greedy_tokens(checkpoint, tokenizer_path, other_draft, draft):
     ckpt_dir, _ = checkpoint
-    build = dict(draft_ckpt_dir=other_draft) if draft == "other model" else dict(draft_ckpt_dir=ckpt_dir, draft_quantize="int8")
+    build = (
+        dict(draft_ckpt_dir=other_draft)
+        if draft == "other model"
+        else dict(draft_ckpt_dir=ckpt_dir, draft_quantize="int8")
+    )
     llama = Llama.build(ckpt_dir, tokenizer_path, 96, 4, device="cpu", dtype="float32", **build)
     plain, fast = generate_both(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate="draft", speculate_k=3)
     assert_same(plain, fast)
     if draft == "other model":  # it rarely agrees: exactness is all there is to check
         return
     request = run_speculation(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate="draft", speculate_k=3)
-    assert min(row.accepted / row.speculative_steps for row in request.rows) > 2  # the quantized copy nearly always agrees
-    (ids,), _ = llama.generate([llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 20, temperature=0, stop_tokens=[])
+    assert (
+        min(row.accepted / row.speculative_steps for row in request.rows) > 2
+    )  # the quantized copy nearly always agrees
+    (ids,), _ = llama.generate(
+        [llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)], 20, temperature=0, stop_tokens=[]
+    )
     stops = dict(stop_tokens=[ids[5]], stop_strings=[plain[2]["generation"][6:9]])
     assert_same(*generate_both(llama, PROMPTS, max_gen_len=20, speculate="draft", **stops))
 
@@ -214,7 +245,10 @@ def test_a_draft_with_another_vocabulary_is_refused(checkpoint, tokenizer_path, 
     ckpt_dir, _ = checkpoint
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=300)
     save_checkpoint(str(tmp_path), {"dim": 32, "n_layers": 1, "n_heads": 4}, Transformer(args).state_dict())
-    with pytest.raises(ValueError, match=rf"draft checkpoint {tmp_path} has a vocabulary of 300 tokens .*consolidated.00.pth.* {tokenizer_path} has 512"):
+    with pytest.raises(
+        ValueError,
+        match=rf"draft checkpoint {tmp_path} has a vocabulary of 300 tokens .*consolidated.00.pth.* {tokenizer_path} has 512",
+    ):
         Llama.build(ckpt_dir, tokenizer_path, 32, 1, device="cpu", draft_ckpt_dir=str(tmp_path))
 
 
@@ -240,7 +274,9 @@ VOCAB = 16
 def tiny_model(seed: int, max_batch_size: int, sharpness: float = 40.0) -> Transformer:
     """A random model of 16 tokens; ``sharpness`` scales its logits (40: far from uniform)."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=VOCAB, max_batch_size=max_batch_size, max_seq_len=8))
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=VOCAB, max_batch_size=max_batch_size, max_seq_len=8)
+    )
     with torch.no_grad():
         model.output.weight.mul_(sharpness)
     return model
@@ -261,8 +297,15 @@ def test_speculative_sampling_follows_the_models_distribution(speculate):
     prompt = [3, 5, 3]  # lookup proposes 5, 3, ... after the last 3
     model, draft = tiny_model(0, rows), tiny_model(7, rows, sharpness=4.0)  # a useless draft, accepted now and then
     engine = Engine(model, None, engine_options_for(model), draft)
-    options = GenerationOptions(temperature=temperature, top_p=1.0, max_gen_len=n, stop_tokens=[], num_return_sequences=rows,
-                                speculate=speculate, speculate_k=2)
+    options = GenerationOptions(
+        temperature=temperature,
+        top_p=1.0,
+        max_gen_len=n,
+        stop_tokens=[],
+        num_return_sequences=rows,
+        speculate=speculate,
+        speculate_k=2,
+    )
     torch.manual_seed(1)
     request = engine.submit([prompt], options, stream_text=False)
     while not request.done:
@@ -288,8 +331,12 @@ def test_seeded_speculative_sampling_is_reproducible_and_row_independent(llama):
 def test_compiled_speculative_decoding_equals_eager(make_llama, llama):
     compiled = make_llama(max_seq_len=96, max_batch_size=4, compile=True)
     options = dict(temperature=0, max_gen_len=20, stop_tokens=[], logprobs=True, speculate="lookup", speculate_k=3)
-    assert_same(llama.text_completion(PROMPTS, **{**options, "speculate": None}), compiled.text_completion(PROMPTS, **options))
-    assert re.fullmatch(r"Compiled the verification pass in \d+\.\d s \(on first use, counted above\)", compile_line(compiled.engine))
+    assert_same(
+        llama.text_completion(PROMPTS, **{**options, "speculate": None}), compiled.text_completion(PROMPTS, **options)
+    )
+    assert re.fullmatch(
+        r"Compiled the verification pass in \d+\.\d s \(on first use, counted above\)", compile_line(compiled.engine)
+    )
 
 
 def test_after_warm_up_speculative_decoding_adds_no_graph(make_llama, checkpoint, monkeypatch):
@@ -302,7 +349,9 @@ def test_after_warm_up_speculative_decoding_adds_no_graph(make_llama, checkpoint
     fast.engine.warm_up(speculate_k=3)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     prompt = fast.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
-    for speculate, sampling in itertools.product(["lookup", "draft"], [dict(temperature=0), dict(temperature=0.8, seed=1)]):
+    for speculate, sampling in itertools.product(
+        ["lookup", "draft"], [dict(temperature=0), dict(temperature=0.8, seed=1)]
+    ):
         options = dict(stop_tokens=[], speculate=speculate, speculate_k=3, **sampling)
         fast.text_completion(PROMPTS[:2], max_gen_len=8, **options)
         (tokens,), _ = fast.generate([prompt], max_gen_len=32, **options)
@@ -315,9 +364,26 @@ def test_after_warm_up_speculative_decoding_adds_no_graph(make_llama, checkpoint
 
 def test_the_example_with_speculate_lookup_prints_the_plain_greedy_text(checkpoint, tokenizer_path):
     ckpt_dir, _ = checkpoint
-    command = [sys.executable, "example_text_completion.py", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path,
-               "--max_gen_len", "12", "--temperature", "0", "--prompts", PROMPTS[1], "--device", "cpu"]
-    plain, fast = (subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=120) for extra in ([], ["--speculate", "lookup"]))
+    command = [
+        sys.executable,
+        "example_text_completion.py",
+        "--ckpt_dir",
+        ckpt_dir,
+        "--tokenizer_path",
+        tokenizer_path,
+        "--max_gen_len",
+        "12",
+        "--temperature",
+        "0",
+        "--prompts",
+        PROMPTS[1],
+        "--device",
+        "cpu",
+    ]
+    plain, fast = (
+        subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        for extra in ([], ["--speculate", "lookup"])
+    )
     assert fast.returncode == 0, fast.stderr
     assert fast.stdout.split("> ", 1)[1].split("=====")[0] == plain.stdout.split("> ", 1)[1].split("=====")[0]
 

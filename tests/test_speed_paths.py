@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from conftest import SMALL_PARAMS, quantize_linears, random_state, to_transformers
-from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import Quantization, linear, quantize_weight, quantized_cpu_dtype
+from llama.model import ModelArgs, Transformer
 
 
 def small_model(max_seq_len: int, max_batch_size: int, dtype=torch.float32) -> Transformer:
-    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+    args = ModelArgs.from_dict(
+        {**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size}
+    )
     model = Transformer(args)
     model.load_state_dict(random_state(args))
     model.to(dtype)  # the cache too: Meta's forward(tokens, start_pos) attends in the model's dtype
@@ -112,7 +114,9 @@ def test_a_bfloat16_model_on_a_cpu_caches_and_attends_in_float32(make_checkpoint
     assert (cached - theirs).abs().max() <= 0.05 * theirs.abs().max()  # bfloat16 weights and activations
 
 
-def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantized_dtype(make_checkpoint, tokenizer_path):
+def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantized_dtype(
+    make_checkpoint, tokenizer_path
+):
     from llama.generation import Llama
 
     ckpt_dir, _ = make_checkpoint()
@@ -129,8 +133,14 @@ def test_build_with_int8_quantizes_every_linear_and_computes_in_the_cpus_quantiz
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"quantize": "int3"}, r"quantize must be None, 'int8', 'int4' or 'int4-gN' with N one of 32, 64, 128, 256, got 'int3'"),
-        ({"quantize": "int4-g64"}, r"layers.0.feed_forward.w2: its 224 input features are not a multiple of the group size 64"),
+        (
+            {"quantize": "int3"},
+            r"quantize must be None, 'int8', 'int4' or 'int4-gN' with N one of 32, 64, 128, 256, got 'int3'",
+        ),
+        (
+            {"quantize": "int4-g64"},
+            r"layers.0.feed_forward.w2: its 224 input features are not a multiple of the group size 64",
+        ),
     ],
 )
 def test_bad_quantize_arguments(make_checkpoint, tokenizer_path, kwargs, message):

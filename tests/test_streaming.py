@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from llama.generation import UNSAFE_ERROR, Llama
 from llama.engine.streaming import REPLACEMENT_CHAR, TextStream
+from llama.generation import UNSAFE_ERROR, Llama
 from llama.tokenizer import Tokenizer
 
 NON_ASCII = "héllo wörld ✓ 日本 x = 1"
@@ -154,17 +154,24 @@ def test_stream_timing_counts_the_prompts_and_every_token_after_each_rows_first(
     n_decoded = n_generated - len(prompts)
     assert n_decoded > 0
     assert stream.timing().startswith(f"prompt: {n_prompt} tokens in ")
-    assert f", generated: {n_generated} tokens, the first of each row with the prompt, then decode: {n_decoded} tokens in " in stream.timing()
+    assert (
+        f", generated: {n_generated} tokens, the first of each row with the prompt, then decode: {n_decoded} tokens in "
+        in stream.timing()
+    )
 
 
 def test_a_rows_text_is_complete_at_the_step_it_finishes(llama, tokenizer):
     """Text a row holds back (here: a tail that may begin a stop string) is released at the step
     the row finishes, not when the whole batch does."""
     k = 4
-    first_tokens = llama.generate([tokenizer.encode(PROMPTS[0], bos=True, eos=False)], max_gen_len=k, temperature=0, stop_tokens=[])[0][0]
+    first_tokens = llama.generate(
+        [tokenizer.encode(PROMPTS[0], bos=True, eos=False)], max_gen_len=k, temperature=0, stop_tokens=[]
+    )[0][0]
     text = tokenizer.decode(first_tokens)
     stop = text[-1] + "\x00"  # never generated, and begun by the text's last character: that character waits
-    stream = llama.text_completion_stream(PROMPTS[:2], temperature=0, max_gen_len=12, stop_tokens=[], stop_strings=[stop])
+    stream = llama.text_completion_stream(
+        PROMPTS[:2], temperature=0, max_gen_len=12, stop_tokens=[], stop_strings=[stop]
+    )
     received = ""
     for pieces in stream:
         received += pieces[0]

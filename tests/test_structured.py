@@ -12,17 +12,33 @@ import torch
 
 from conftest import BUNDLED
 from llama import Llama
-from llama.options import GenerationOptions
 from llama.engine.structured import Constraints
+from llama.options import GenerationOptions
 from llama.tokenizer import Tokenizer
 
 PROMPTS = ["import os\n", "def main():\n", "class Stack:\n"]
 SCHEMAS = [  # bounded strings, numbers and arrays: the answer ends within the token budget
-    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                      "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3}},
-     "required": ["name", "age", "tags"], "additionalProperties": False},
-    {"type": "array", "items": {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 5}},
-                                "required": ["ok"], "additionalProperties": False}, "minItems": 1, "maxItems": 2},
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 5}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        },
+        "minItems": 1,
+        "maxItems": 2,
+    },
 ]
 
 
@@ -37,18 +53,26 @@ def llama():
 @pytest.mark.parametrize("schema", SCHEMAS, ids=["object", "array"])
 def test_every_answer_follows_the_schema_greedy_and_sampled(llama, schema):
     greedy = llama.text_completion(PROMPTS, temperature=0, max_gen_len=160, json_schema=schema)
-    sampled = llama.text_completion(PROMPTS[:1], temperature=1.0, top_p=1.0, max_gen_len=160, json_schema=schema, num_return_sequences=6, seed=5)
+    sampled = llama.text_completion(
+        PROMPTS[:1], temperature=1.0, top_p=1.0, max_gen_len=160, json_schema=schema, num_return_sequences=6, seed=5
+    )
     for answer in greedy + sampled:
         jsonschema.validate(json.loads(answer["generation"]), schema)
-        assert not re.search(r"\s", re.sub(r'"(\\.|[^"\\])*"', '""', answer["generation"]))  # compact: no whitespace outside strings
+        assert not re.search(
+            r"\s", re.sub(r'"(\\.|[^"\\])*"', '""', answer["generation"])
+        )  # compact: no whitespace outside strings
     assert len({answer["generation"] for answer in sampled}) > 1
 
 
 def test_json_object_answers_are_objects_and_chat_takes_a_schema(llama):
     dialog = [{"role": "user", "content": "hi"}]
-    answer = llama.chat_completion([dialog], temperature=0, max_gen_len=120, json_object=True)[0]["generation"]["content"]
+    answer = llama.chat_completion([dialog], temperature=0, max_gen_len=120, json_object=True)[0]["generation"][
+        "content"
+    ]
     assert isinstance(json.loads(answer), dict)  # any object: its strings are unbounded, this one ends
-    answer = llama.chat_completion([dialog], temperature=0, max_gen_len=160, json_schema=SCHEMAS[0])[0]["generation"]["content"]
+    answer = llama.chat_completion([dialog], temperature=0, max_gen_len=160, json_schema=SCHEMAS[0])[0]["generation"][
+        "content"
+    ]
     jsonschema.validate(json.loads(answer), SCHEMAS[0])
 
 
@@ -56,7 +80,9 @@ def test_constrained_and_free_rows_share_a_batch_and_the_free_ones_decode_as_alo
     free = GenerationOptions(max_gen_len=30, temperature=0)
     alone = llama.text_completion(PROMPTS[1:], temperature=0, max_gen_len=30)
     engine = llama.engine
-    constrained = engine.submit(llama.encode_prompts(PROMPTS[:1]), GenerationOptions(max_gen_len=160, temperature=0, json_schema=SCHEMAS[0]))
+    constrained = engine.submit(
+        llama.encode_prompts(PROMPTS[:1]), GenerationOptions(max_gen_len=160, temperature=0, json_schema=SCHEMAS[0])
+    )
     unconstrained = engine.submit(llama.encode_prompts(PROMPTS[1:]), free)
     steps = 0
     while not (constrained.done and unconstrained.done):

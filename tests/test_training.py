@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from conftest import BUNDLED
 from llama import Llama
-from llama.layers.lora import LoRA, LoRALinear, LoraConfig
+from llama.layers.lora import LoRA, LoraConfig, LoRALinear
 from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
-from llama.model import ModelArgs, Transformer
 from llama.layers.quantize import dequantize_int4, int4_groups, pack_int4
-from llama.training.loop import Schedule, clip_grad_norm
-from llama.training.data import Example, packed_batch
+from llama.model import ModelArgs, Transformer
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
+from llama.training.data import Example, packed_batch
+from llama.training.loop import Schedule, clip_grad_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -55,7 +55,9 @@ def test_loss_of_a_right_padded_sequence_equals_the_loss_of_the_sequence_alone()
     padded = torch.cat([tokens, torch.zeros(1, 6, dtype=torch.long)], dim=1)
     labels = torch.cat([tokens, torch.full((1, 6), -100)], dim=1)
     with torch.no_grad():
-        assert causal_lm_loss(model(padded), labels).item() == pytest.approx(causal_lm_loss(model(tokens), tokens).item(), rel=1e-5)
+        assert causal_lm_loss(model(padded), labels).item() == pytest.approx(
+            causal_lm_loss(model(tokens), tokens).item(), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -117,14 +119,18 @@ def masked_labels(bsz: int, seqlen: int, vocab_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen weight"])
-@pytest.mark.parametrize("chunk_tokens", [1, 5, 7, None], ids=lambda n: f"chunk {n}")  # 12 scored tokens: neither 5 nor 7 divides them
+@pytest.mark.parametrize(
+    "chunk_tokens", [1, 5, 7, None], ids=lambda n: f"chunk {n}"
+)  # 12 scored tokens: neither 5 nor 7 divides them
 def test_chunked_loss_and_its_gradients_equal_cross_entropy_over_the_whole_logits(chunk_tokens, weight_trains):
     torch.manual_seed(0)
     hidden = torch.randn(3, 8, 16, requires_grad=True)
     weight = torch.randn(40, 16, requires_grad=weight_trains)
     labels = masked_labels(3, 8, 40)
     assert scored_token_count(labels) == 12
-    chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens), hidden, weight)
+    chunked = loss_and_gradients(
+        lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens), hidden, weight
+    )
     reference = loss_and_gradients(lambda h, w: causal_lm_loss(h @ w.T, labels, reduction="sum"), hidden, weight)
     assert len(chunked) == len(reference) == (3 if weight_trains else 2)
     for ours, theirs in zip(chunked, reference):
@@ -145,7 +151,9 @@ def test_chunked_loss_under_bfloat16_autocast_equals_cross_entropy_over_the_auto
     labels = masked_labels(3, 8, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk_tokens=5), hidden, weight)
-        reference = loss_and_gradients(lambda h, w: causal_lm_loss(F.linear(h, w).float(), labels, reduction="sum"), hidden, weight)
+        reference = loss_and_gradients(
+            lambda h, w: causal_lm_loss(F.linear(h, w).float(), labels, reduction="sum"), hidden, weight
+        )
     assert chunked[0].item() == pytest.approx(reference[0].item(), rel=1e-5)  # the same bfloat16 logits, in float32
     for ours, theirs in zip(chunked[1:], reference[1:]):  # bfloat16 products: within their rounding
         assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
@@ -155,8 +163,12 @@ def test_chunked_loss_of_an_int4_weight_equals_cross_entropy_under_the_weight_it
     torch.manual_seed(0)
     hidden, labels = torch.randn(3, 8, 64, requires_grad=True), masked_labels(3, 8, 48)
     q, scales = int4_groups(torch.randn(48, 64), group_size=32)
-    chunked = loss_and_gradients(lambda h, w: chunked_causal_lm_loss(h, w, labels, scales, chunk_tokens=5), hidden, pack_int4(q, "cpu"))
-    reference = loss_and_gradients(lambda h, w: causal_lm_loss(h @ w.T, labels, reduction="sum"), hidden, dequantize_int4(q, scales))
+    chunked = loss_and_gradients(
+        lambda h, w: chunked_causal_lm_loss(h, w, labels, scales, chunk_tokens=5), hidden, pack_int4(q, "cpu")
+    )
+    reference = loss_and_gradients(
+        lambda h, w: causal_lm_loss(h @ w.T, labels, reduction="sum"), hidden, dequantize_int4(q, scales)
+    )
     for ours, theirs in zip(chunked, reference):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
@@ -167,23 +179,35 @@ def peak_allocated_bytes(step) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
-    allocations = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]")
+    allocations = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     return max(itertools.accumulate(nbytes for _, nbytes in allocations))
 
 
 def test_chunked_loss_holds_one_chunk_of_logits_not_the_batchs():
     hidden, weight = torch.randn(1, 1024, 16, requires_grad=True), torch.randn(4096, 16, requires_grad=True)
     labels = torch.randint(0, 4096, (1, 1024))
-    logits_bytes, chunk_bytes = 1024 * 4096 * 4, 64 * 4096 * 4  # float32: 16 MiB for the batch, 1 MiB for a chunk of 64 tokens
+    logits_bytes, chunk_bytes = (
+        1024 * 4096 * 4,
+        64 * 4096 * 4,
+    )  # float32: 16 MiB for the batch, 1 MiB for a chunk of 64 tokens
     whole = peak_allocated_bytes(lambda: causal_lm_loss(hidden @ weight.T, labels, reduction="sum").backward())
     chunked = peak_allocated_bytes(lambda: chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=64).backward())
-    assert whole > 2 * logits_bytes and chunked < 2 * chunk_bytes  # beside one chunk: the weight's gradient (0.25 MiB), and such
+    assert (
+        whole > 2 * logits_bytes and chunked < 2 * chunk_bytes
+    )  # beside one chunk: the weight's gradient (0.25 MiB), and such
 
 
 def test_the_gradients_the_chunked_loss_keeps_are_freed_by_its_backward_not_with_the_loss():
     hidden, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
     loss = chunked_causal_lm_loss(hidden, weight, torch.randint(0, 50, (2, 9)), chunk_tokens=4)
-    assert [tuple(t.shape) for t in loss.grad_fn.saved_tensors] == [(16, 16), (50, 16)]  # the scored rows', the weight's
+    assert [tuple(t.shape) for t in loss.grad_fn.saved_tensors] == [
+        (16, 16),
+        (50, 16),
+    ]  # the scored rows', the weight's
     loss.backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.grad_fn.saved_tensors  # the training loop holds the loss until the next micro-batch
@@ -193,9 +217,13 @@ def test_the_models_training_loss_and_gradients_equal_cross_entropy_over_its_log
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**TINY_ARGS))
     tokens, labels = torch.randint(0, 64, (3, 16)), masked_labels(3, 16, 64)
-    packed = packed_batch([Example(row[:n].tolist(), row[:n].tolist()) for row, n in zip(tokens, (5, 9, 7))], max_seq_len=16)
-    for arguments, logits_of in [((tokens, labels), lambda: model(tokens)),
-                                 (packed, lambda: model(packed.tokens, positions=packed.positions))]:
+    packed = packed_batch(
+        [Example(row[:n].tolist(), row[:n].tolist()) for row, n in zip(tokens, (5, 9, 7))], max_seq_len=16
+    )
+    for arguments, logits_of in [
+        ((tokens, labels), lambda: model(tokens)),
+        (packed, lambda: model(packed.tokens, positions=packed.positions)),
+    ]:
         chunked = model.forward_loss(*arguments)
         ours = torch.autograd.grad(chunked, list(model.parameters()))
         reference = causal_lm_loss(logits_of(), arguments[1], reduction="sum")
@@ -244,7 +272,9 @@ def test_window_loss_holds_one_chunk_of_logits_at_a_time_not_the_batchs(monkeypa
 
     monkeypatch.setattr(llama.layers.loss, "CHUNK_LOGITS", 16 * 4096)  # chunks of 16 tokens at a vocabulary of 4,096
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=128, max_batch_size=1))
+    model = Transformer(
+        ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=128, max_batch_size=1)
+    )
     windows = torch.randint(0, 4096, (2, 128)).tolist()
     logits_bytes = 2 * 128 * 4096 * 4  # float32: 4 MiB for the batch, 0.25 MiB for a chunk
     assert peak_allocated_bytes(lambda: window_loss(model, windows, batch_size=2)) < logits_bytes / 4
@@ -273,13 +303,36 @@ def test_heldout_files_are_a_small_disjoint_part_of_the_library():
     assert all(p.suffix == ".py" and "test" not in p.relative_to(train.STDLIB).parts for p in training + heldout)
 
 
-TINY_RUN = ["--max_train_files", "10", "--vocab_size", "512", "--dim", "32", "--n_layers", "1", "--n_heads", "2",
-            "--seq_len", "32", "--batch_size", "4", "--steps", "3", "--eval_windows", "2"]  # the default warmup fits 3 steps
+TINY_RUN = [
+    "--max_train_files",
+    "10",
+    "--vocab_size",
+    "512",
+    "--dim",
+    "32",
+    "--n_layers",
+    "1",
+    "--n_heads",
+    "2",
+    "--seq_len",
+    "32",
+    "--batch_size",
+    "4",
+    "--steps",
+    "3",
+    "--eval_windows",
+    "2",
+]  # the default warmup fits 3 steps
 
 
 def run_train(out_dir, *extra):
-    return subprocess.run([sys.executable, "train.py", "--out_dir", str(out_dir), *TINY_RUN, *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "train.py", "--out_dir", str(out_dir), *TINY_RUN, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +355,9 @@ def test_training_script_logs_the_loss_and_writes_metas_layout(tiny_run):
 
 def test_training_script_output_loads_and_generates(tiny_run):
     out_dir, _ = tiny_run
-    generator = Llama.build(str(out_dir), str(out_dir / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu")
+    generator = Llama.build(
+        str(out_dir), str(out_dir / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu"
+    )
     assert generator.tokenizer.bos_id == 1 and generator.tokenizer.eos_id == 2
     result = generator.text_completion(["import "], temperature=0.0, max_gen_len=4)
     assert isinstance(result[0]["generation"], str)

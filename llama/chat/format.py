@@ -46,7 +46,11 @@ def check_dialog(dialog: Sequence[Message]) -> None:
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise ValueError(f"a dialog must be a non-empty list of messages, got {dialog!r:.80}")
     for j, msg in enumerate(dialog):
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or msg.get("role") not in ("system", "user", "assistant"):
+        if (
+            not isinstance(msg, dict)
+            or not isinstance(msg.get("content"), str)
+            or msg.get("role") not in ("system", "user", "assistant")
+        ):
             raise ValueError(
                 f"message {j} must be a dict with 'role' in ('system', 'user', 'assistant') and a str 'content', got {msg!r:.80}"
             )
@@ -181,7 +185,12 @@ class Llama3ChatFormat(ChatFormat):
     def encode_header(self, role: str) -> List[int]:
         special = self.tokenizer.special_tokens
         role_tokens = self.tokenizer.encode(role, bos=False, eos=False)
-        return [special["<|start_header_id|>"], *role_tokens, special["<|end_header_id|>"], *self.tokenizer.encode("\n\n", bos=False, eos=False)]
+        return [
+            special["<|start_header_id|>"],
+            *role_tokens,
+            special["<|end_header_id|>"],
+            *self.tokenizer.encode("\n\n", bos=False, eos=False),
+        ]
 
     def encode_message(self, message: Message) -> List[int]:
         content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
@@ -260,8 +269,13 @@ class TemplateChatFormat(ChatFormat):
         ``add_generation_prompt``) a finished dialog with the template's end of every turn, to train on."""
         messages = [{"role": msg["role"], "content": msg["content"]} for msg in dialog]
         try:
-            return self.compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                                        **self.template["tokens"])
+            return self.compiled.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.template["tokens"],
+            )
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
 
@@ -274,7 +288,9 @@ class TemplateChatFormat(ChatFormat):
         final = dialog[-1]["content"]  # transformers' continue_final_message: cut after it
         final = final if final in text else final.strip()
         if final not in text:
-            raise ValueError(f"{self.template['path']}: the chat_template does not write the last message's content as given, so a reply cannot continue it")
+            raise ValueError(
+                f"{self.template['path']}: the chat_template does not write the last message's content as given, so a reply cannot continue it"
+            )
         return text[: text.rindex(final) + len(final)]
 
     def encode_checked(self, dialog: Sequence[Message]) -> List[int]:
@@ -284,6 +300,7 @@ class TemplateChatFormat(ChatFormat):
         """The finished dialog rendered and tokenized as transformers does; the assistant's, each reply
         from where the template's prompt for it ends (the tokens ``encode_dialog`` sends) to where the
         template ends the reply (its end-of-turn text included)."""
+
         def encode(text: str) -> List[int]:
             return self.tokenizer.encode_with_special_tokens(text, self.template["legacy"])
 
@@ -305,7 +322,9 @@ class TemplateChatFormat(ChatFormat):
         """Messages with tool calls and results (Hugging Face's form) and the ``tools``, rendered and read
         as ``encode_checked`` does."""
         try:
-            text = self.compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=True, **self.template["tokens"])
+            text = self.compiled.render(
+                messages=messages, tools=tools, documents=None, add_generation_prompt=True, **self.template["tokens"]
+            )
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"{self.template['path']}: the chat_template refused the dialog: {error}") from None
         return self.tokenizer.encode_with_special_tokens(text, self.template["legacy"])

@@ -86,10 +86,14 @@ def check_tool_dialog(messages: List[dict]) -> None:
     pending = set()
     for i, message in enumerate(messages):
         if message["role"] not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{i}] has the role {message['role']!r}; a dialog with tools takes 'system', 'user', 'assistant' and 'tool'")
+            raise ValueError(
+                f"messages[{i}] has the role {message['role']!r}; a dialog with tools takes 'system', 'user', 'assistant' and 'tool'"
+            )
         if message["role"] == "tool":
             if message.get("tool_call_id") not in pending:
-                raise ValueError(f"messages[{i}] is a tool result whose tool_call_id {message.get('tool_call_id')!r} is no call of the assistant's message before it")
+                raise ValueError(
+                    f"messages[{i}] is a tool result whose tool_call_id {message.get('tool_call_id')!r} is no call of the assistant's message before it"
+                )
         else:
             pending = {call.id for call in message.get("tool_calls") or ()}
     if messages[-1]["role"] not in ("user", "tool"):
@@ -109,7 +113,11 @@ def encode_llama3(chat_format: Llama3ChatFormat, messages: List[dict], tools: Se
     for message in dialog + rest:
         if message.get("tool_calls"):
             text = (message["content"] or "") + "".join(meta_call(call) for call in message["tool_calls"])
-            tokens += chat_format.encode_header("assistant") + chat_format.tokenizer.encode(text, bos=False, eos=False) + [special["<|eom_id|>"]]
+            tokens += (
+                chat_format.encode_header("assistant")
+                + chat_format.tokenizer.encode(text, bos=False, eos=False)
+                + [special["<|eom_id|>"]]
+            )
         else:
             role = "ipython" if message["role"] == "tool" else message["role"]
             tokens += chat_format.encode_message({"role": role, "content": message["content"]})
@@ -122,7 +130,10 @@ def template_messages(messages: List[dict]) -> List[dict]:
     for message in messages:
         message = dict(message)
         if message.get("tool_calls"):
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in message["tool_calls"]]
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in message["tool_calls"]
+            ]
         rendered.append(message)
     return rendered
 
@@ -156,10 +167,15 @@ def call_schema(chat_format: ChatFormat, tools: Sequence[dict]) -> dict:
     calls = []
     for tool in tools:
         function = tool["function"]
-        properties = {"name": {"const": function["name"]}, "parameters": function.get("parameters") or {"type": "object"}}
+        properties = {
+            "name": {"const": function["name"]},
+            "parameters": function.get("parameters") or {"type": "object"},
+        }
         if meta:
             properties = {"type": {"const": "function"}, **properties}
-        calls.append({"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False})
+        calls.append(
+            {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+        )
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
@@ -170,7 +186,7 @@ def parse_calls(text: str, names: Sequence[str]) -> Optional[List[Tuple[str, Dic
     ``<|python_tag|>``); else None: the text is the answer."""
     text = text.strip()
     if text.startswith(PYTHON_TAG):
-        text = text[len(PYTHON_TAG):].strip()
+        text = text[len(PYTHON_TAG) :].strip()
     try:
         objects = json.loads(text)
     except json.JSONDecodeError:

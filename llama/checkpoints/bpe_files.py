@@ -23,9 +23,7 @@ from llama.checkpoints.files import read_json_object
 
 # Meta's split pattern (llama3 and llama-models' tokenizer.py): contractions, words with one leading
 # non-letter, numbers of up to three digits, punctuation runs, newlines, other whitespace.
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 N_SPECIAL_TOKENS = 256
 # The Llama 3.1 list (llama-models); Llama 3.0 named ids +4, +5, +8 and +10 reserved, the rest alike.
 NAMED_SPECIAL_TOKENS = [
@@ -46,7 +44,14 @@ LLAMA3_SPECIAL_TOKENS = NAMED_SPECIAL_TOKENS + [
     f"<|reserved_special_token_{2 + i}|>" for i in range(N_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
 ]
 # The special tokens the tokenizer and the chat format use; a vocabulary must have them at Meta's ids.
-USED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
+USED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+]
 TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?")
 
 
@@ -97,14 +102,20 @@ def write_tiktoken_file(vocabulary: BpeVocabulary, path: Path) -> None:
     at Meta's ids (their names are not stored: Meta's code numbers them itself)."""
     expected = llama3_special_tokens(len(vocabulary.ranks))
     if vocabulary.pattern != LLAMA3_PATTERN:
-        raise ValueError(f"cannot write {path}: Meta's tokenizer.model implies Meta's split pattern, and this vocabulary splits with {vocabulary.pattern!r:.80}")
+        raise ValueError(
+            f"cannot write {path}: Meta's tokenizer.model implies Meta's split pattern, and this vocabulary splits with {vocabulary.pattern!r:.80}"
+        )
     moved = [t for t in USED_SPECIAL_TOKENS if vocabulary.special_tokens.get(t) != expected[t]]
     if moved or len(vocabulary.special_tokens) != N_SPECIAL_TOKENS:
         raise ValueError(
             f"cannot write {path}: Meta's tokenizer.model implies {N_SPECIAL_TOKENS} special tokens from id {len(vocabulary.ranks)} "
-            f"in Meta's order; this vocabulary has {len(vocabulary.special_tokens)}" + (f" and {moved} elsewhere" if moved else "")
+            f"in Meta's order; this vocabulary has {len(vocabulary.special_tokens)}"
+            + (f" and {moved} elsewhere" if moved else "")
         )
-    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(vocabulary.ranks.items(), key=lambda item: item[1])]
+    lines = [
+        base64.b64encode(token) + b" " + str(rank).encode()
+        for token, rank in sorted(vocabulary.ranks.items(), key=lambda item: item[1])
+    ]
     Path(path).write_bytes(b"\n".join(lines) + b"\n")
 
 
@@ -137,30 +148,48 @@ def read_tokenizer_json(path: Path) -> BpeVocabulary:
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path}: model.type must be 'BPE' with a 'vocab' object, found {str(model.get('type'))!r}")
     if data.get("normalizer") is not None:
-        raise ValueError(f"{path}: a normalizer ({data['normalizer'].get('type')}) is not supported; byte-level BPE as Llama 3's has none")
+        raise ValueError(
+            f"{path}: a normalizer ({data['normalizer'].get('type')}) is not supported; byte-level BPE as Llama 3's has none"
+        )
     pattern = byte_level_pattern(data.get("pre_tokenizer"), path)
     chars = {char: byte for byte, char in byte_to_char().items()}
     added = {entry["content"]: entry["id"] for entry in data.get("added_tokens") or []}
     try:
-        ranks = {bytes(chars[c] for c in text): token_id for text, token_id in model["vocab"].items() if text not in added}
+        ranks = {
+            bytes(chars[c] for c in text): token_id for text, token_id in model["vocab"].items() if text not in added
+        }
     except KeyError as error:
-        raise ValueError(f"{path}: vocabulary entry with character {error} is not byte-level BPE (GPT-2's byte characters)") from None
+        raise ValueError(
+            f"{path}: vocabulary entry with character {error} is not byte-level BPE (GPT-2's byte characters)"
+        ) from None
     check_ranks(ranks, path)
     check_merge_order(model.get("merges") or [], model["vocab"], path)
     clashes = sorted(t for t, token_id in added.items() if token_id < len(ranks))
     if clashes:
-        raise ValueError(f"{path}: added token(s) {clashes[:5]} take ids of base tokens; special tokens must come after them")
+        raise ValueError(
+            f"{path}: added token(s) {clashes[:5]} take ids of base tokens; special tokens must come after them"
+        )
     return BpeVocabulary(ranks, pattern, added)
 
 
 def byte_level_pattern(pre_tokenizer, path: Path) -> str:
     """The split regex of a ``Sequence[Split(regex, isolated), ByteLevel(no prefix space, no regex)]``."""
-    steps = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence" else None
+    steps = (
+        pre_tokenizer.get("pretokenizers")
+        if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence"
+        else None
+    )
     if (
-        not isinstance(steps, list) or len(steps) != 2
-        or steps[0].get("type") != "Split" or not isinstance(steps[0].get("pattern"), dict) or "Regex" not in steps[0]["pattern"]
-        or steps[0].get("behavior") != "Isolated" or steps[0].get("invert")
-        or steps[1].get("type") != "ByteLevel" or steps[1].get("add_prefix_space") or steps[1].get("use_regex")
+        not isinstance(steps, list)
+        or len(steps) != 2
+        or steps[0].get("type") != "Split"
+        or not isinstance(steps[0].get("pattern"), dict)
+        or "Regex" not in steps[0]["pattern"]
+        or steps[0].get("behavior") != "Isolated"
+        or steps[0].get("invert")
+        or steps[1].get("type") != "ByteLevel"
+        or steps[1].get("add_prefix_space")
+        or steps[1].get("use_regex")
     ):
         raise ValueError(
             f"{path}: pre_tokenizer {json.dumps(pre_tokenizer)[:120]} is not supported; Llama 3's is a Sequence of a "
@@ -178,7 +207,9 @@ def check_merge_order(merges: list, vocab: Dict[str, int], path: Path) -> None:
         made = vocab.get(left + right)
         if made is None or made < previous:
             found = "is not a token" if made is None else f"has id {made}, after a merge that made id {previous}"
-            raise ValueError(f"{path}: merge {number} ({left!r}, {right!r}) {found}; merges must follow the ids (ranks = ids), as in Llama 3's")
+            raise ValueError(
+                f"{path}: merge {number} ({left!r}, {right!r}) {found}; merges must follow the ids (ranks = ids), as in Llama 3's"
+            )
         previous = made
 
 
@@ -201,7 +232,15 @@ def write_tokenizer_json(vocabulary: BpeVocabulary, path: Path) -> None:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": token_id,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for text, token_id in sorted(vocabulary.special_tokens.items(), key=lambda item: item[1])
         ],
         "normalizer": None,
@@ -223,8 +262,13 @@ def write_tokenizer_json(vocabulary: BpeVocabulary, path: Path) -> None:
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": True,
-            "vocab": {token_text(token, table): rank for token, rank in sorted(vocabulary.ranks.items(), key=lambda item: item[1])},
-            "merges": [[token_text(left, table), token_text(right, table)] for left, right in merges_of(vocabulary.ranks)],
+            "vocab": {
+                token_text(token, table): rank
+                for token, rank in sorted(vocabulary.ranks.items(), key=lambda item: item[1])
+            },
+            "merges": [
+                [token_text(left, table), token_text(right, table)] for left, right in merges_of(vocabulary.ranks)
+            ],
         },
     }
     Path(path).write_text(json.dumps(data, ensure_ascii=False))

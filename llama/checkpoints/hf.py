@@ -131,12 +131,19 @@ def rope_settings(config: dict, source: str) -> dict:
     for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
             raise ValueError(f"{source}: {key} must be an object, found {value!r}")
-    kinds = {key: value.get("rope_type", value.get("type", "default")) for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling))}
+    kinds = {
+        key: value.get("rope_type", value.get("type", "default"))
+        for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling))
+    }
     for key, kind in kinds.items():
         if kind not in ("default", "llama3"):
-            raise ValueError(f"{source}: {key} has rope_type {kind!r}, which is not supported; only 'default' and 'llama3' are")
+            raise ValueError(
+                f"{source}: {key} has rope_type {kind!r}, which is not supported; only 'default' and 'llama3' are"
+            )
     params = {"rope_theta": float(parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))}
-    llama3 = parameters if kinds["rope_parameters"] == "llama3" else scaling if kinds["rope_scaling"] == "llama3" else None
+    llama3 = (
+        parameters if kinds["rope_parameters"] == "llama3" else scaling if kinds["rope_scaling"] == "llama3" else None
+    )
     if llama3 is not None:
         key = "rope_parameters" if llama3 is parameters else "rope_scaling"
         missing = [name for name in ROPE_SCALING_KEYS.values() if name not in llama3]
@@ -151,7 +158,12 @@ def rope_settings(config: dict, source: str) -> dict:
 
 def check_supported(config: dict, source: str) -> None:
     """Every setting of transformers' Llama that this model does not compute is an error naming it."""
-    expected = {"model_type": ("llama",), "hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,)}
+    expected = {
+        "model_type": ("llama",),
+        "hidden_act": ("silu", "swish"),
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+    }
     for key, values in expected.items():
         if config.get(key, values[0]) not in values:
             needed = " or ".join(repr(value) for value in values)
@@ -210,7 +222,9 @@ def config_to_params(config: dict, source: str) -> dict:
     return {**params, **rope}
 
 
-def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
+def params_to_config(
+    args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int
+) -> dict:
     """transformers' ``config.json`` for a LlamaForCausalLM with Meta's hyper-parameters ``args``.
 
     rope_theta (and llama3 rope scaling) is written both where transformers 5 reads it
@@ -261,14 +275,24 @@ def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
     if not isinstance(legacy, bool):
         raise ValueError(f"{folder / TOKENIZER_CONFIG}: legacy must be true or false, found {legacy!r}")
     if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return ChatTemplate(source=(folder / CHAT_TEMPLATE_FILE).read_text(), path=str(folder / CHAT_TEMPLATE_FILE), tokens=tokens, legacy=legacy)
+        return ChatTemplate(
+            source=(folder / CHAT_TEMPLATE_FILE).read_text(),
+            path=str(folder / CHAT_TEMPLATE_FILE),
+            tokens=tokens,
+            legacy=legacy,
+        )
     source = config.get("chat_template")
     if isinstance(source, list):
-        source = next((entry.get("template") for entry in source if isinstance(entry, dict) and entry.get("name") == "default"), None)
+        source = next(
+            (entry.get("template") for entry in source if isinstance(entry, dict) and entry.get("name") == "default"),
+            None,
+        )
     if source is None:
         return None
     if not isinstance(source, str):
-        raise ValueError(f"{folder / TOKENIZER_CONFIG}: chat_template must be a string or a list of named templates with a 'default' one")
+        raise ValueError(
+            f"{folder / TOKENIZER_CONFIG}: chat_template must be a string or a list of named templates with a 'default' one"
+        )
     return ChatTemplate(source=source, path=str(folder / TOKENIZER_CONFIG), tokens=tokens, legacy=legacy)
 
 
@@ -341,7 +365,9 @@ class WeightFiles:
         ``expected_shape`` in full."""
         shape = self.shape(key)
         if shape != tuple(expected_shape):
-            raise ValueError(f"{self.files[key]}: {key} has shape {shape}, expected {tuple(expected_shape)} from {CONFIG}")
+            raise ValueError(
+                f"{self.files[key]}: {key} has shape {shape}, expected {tuple(expected_shape)} from {CONFIG}"
+            )
         index = [slice(None)] * len(shape)
         if dim is not None:
             index[dim] = slice(begin, end)

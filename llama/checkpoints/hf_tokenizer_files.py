@@ -80,8 +80,12 @@ def bos_template(bos: str, bos_id: int) -> dict:
     return {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
     }
 
@@ -122,8 +126,10 @@ def protobuf_fields(data: bytes) -> Dict[int, list]:
             size, at = read_varint(data, at) if wire_type == 2 else (FIXED_SIZES[wire_type], at)
             value, at = data[at : at + size], at + size
         else:
-            raise ValueError(f"sentencepiece model: field {number} has protobuf wire type {wire_type}, "
-                             "which a sentencepiece model does not use")
+            raise ValueError(
+                f"sentencepiece model: field {number} has protobuf wire type {wire_type}, "
+                "which a sentencepiece model does not use"
+            )
         fields.setdefault(number, []).append(value)
     return fields
 
@@ -150,10 +156,12 @@ class NormalizerSpec:
 
         specs = (NORMALIZER_SPEC, TRAINER_SPEC, DENORMALIZER_SPEC)
         normalizer, trainer, denormalizer = (message(model, number) for number in specs)
-        flags = {name: bool(normalizer[number][-1]) for name, number in NORMALIZER_FLAGS.items()
-                 if number in normalizer}
+        flags = {
+            name: bool(normalizer[number][-1]) for name, number in NORMALIZER_FLAGS.items() if number in normalizer
+        }
         return cls(
-            precompiled_charsmap=normalizer.get(PRECOMPILED_CHARSMAP, [b""])[-1], **flags,
+            precompiled_charsmap=normalizer.get(PRECOMPILED_CHARSMAP, [b""])[-1],
+            **flags,
             treat_whitespace_as_suffix=bool(trainer.get(TREAT_WHITESPACE_AS_SUFFIX, [0])[-1]),
             denormalizer_charsmap=denormalizer.get(PRECOMPILED_CHARSMAP, [b""])[-1],
         )
@@ -161,8 +169,10 @@ class NormalizerSpec:
     def unwritable(self) -> List[str]:
         """The settings tokenizer.json cannot hold."""
         settings = (
-            ("treat_whitespace_as_suffix (spaces end pieces instead of starting them)",
-             self.treat_whitespace_as_suffix),
+            (
+                "treat_whitespace_as_suffix (spaces end pieces instead of starting them)",
+                self.treat_whitespace_as_suffix,
+            ),
             ("a denormalizer (a character map applied to decoded text)", bool(self.denormalizer_charsmap)),
         )
         return [setting for setting, present in settings if present]
@@ -210,15 +220,27 @@ def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: 
     special = [i for i in range(sp.get_piece_size()) if sp.IsControl(i) or sp.IsUnknown(i)]
     spec = NormalizerSpec.of(tokenizer)
     for setting in spec.unwritable():
-        logger.warning("%s: the sentencepiece model's %s cannot be written in tokenizer.json: transformers will "
-                       "encode or decode some texts otherwise than sentencepiece", path, setting)
+        logger.warning(
+            "%s: the sentencepiece model's %s cannot be written in tokenizer.json: transformers will "
+            "encode or decode some texts otherwise than sentencepiece",
+            path,
+            setting,
+        )
     bos = sp.id_to_piece(tokenizer.bos_id)
     data = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": i,
+                "content": sp.id_to_piece(i),
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i in special
         ],
         "normalizer": sentencepiece_normalizer(spec),
@@ -226,9 +248,16 @@ def write_sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, path: 
         "post_processor": bos_template(bos, tokenizer.bos_id),
         "decoder": sentencepiece_decoder(spec),
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()), "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-            "vocab": vocab, "merges": sentencepiece_merges(vocab),
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": sp.id_to_piece(sp.unk_id()),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": sentencepiece_merges(vocab),
         },
     }
     path.write_text(json.dumps(data, ensure_ascii=False))
@@ -239,7 +268,10 @@ def write_llama3_tokenizer_json(tokenizer: Tokenizer, path: Path) -> None:
     write_tokenizer_json(tokenizer.vocabulary, path)
     data = json.loads(path.read_text())
     bos = token_text(tokenizer, tokenizer.bos_id)
-    data["post_processor"] = {"type": "Sequence", "processors": [data["post_processor"], bos_template(bos, tokenizer.bos_id)]}
+    data["post_processor"] = {
+        "type": "Sequence",
+        "processors": [data["post_processor"], bos_template(bos, tokenizer.bos_id)],
+    }
     path.write_text(json.dumps(data, ensure_ascii=False))
 
 
@@ -258,16 +290,23 @@ def write_hf_tokenizer_files(tokenizer: Tokenizer, out: Path, max_position_embed
         write_llama3_tokenizer_json(tokenizer, out / HF_TOKENIZER_FILE)
     tokens = special_tokens(tokenizer)
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **tokens, "add_bos_token": True, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tokens,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_position_embeddings,
         "chat_template": CHAT_TEMPLATES[tokenizer.chat_format],
     }
     (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(tokens, indent=2, ensure_ascii=False))
     stops = tokenizer.stop_tokens
     generation = {
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
         **({"pad_token_id": tokenizer.pad_id} if tokenizer.pad_id >= 0 else {}),
-        "do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P,
+        "do_sample": True,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
     }
     (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))

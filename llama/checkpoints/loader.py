@@ -23,17 +23,17 @@ import torch
 from torch.distributed import ProcessGroup
 
 from llama.checkpoints import hf
+from llama.checkpoints.files import load_tensor_dict, read_json_object
+from llama.checkpoints.hf import is_hf_checkpoint
+from llama.checkpoints.mapped_pages import release_copied
 from llama.checkpoints.peft import Adapter, merge_adapter
+from llama.checkpoints.placement import place_tensors
 from llama.layers.cpu_kernels import choose_float32_kernels
 from llama.layers.cpu_threads import choose_threads
-from llama.checkpoints.files import load_tensor_dict, read_json_object
-from llama.checkpoints.mapped_pages import release_copied
-from llama.checkpoints.hf import is_hf_checkpoint
+from llama.layers.parallel import fused_layers, group_rank, group_size
+from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
 from llama.model import ModelArgs, Transformer
 from llama.options import EngineOptions
-from llama.layers.parallel import fused_layers, group_rank, group_size
-from llama.checkpoints.placement import place_tensors
-from llama.layers.quantize import Quantization, check_int4_shapes, int4_outpaces_int8_on_cpu, quantizable_weights
 from llama.tokenizer import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,16 @@ def check_shard_count(ckpt_dir: str, paths: List[Path], params: dict) -> None:
     n_shards = rows // shape[0]
     if n_shards == len(paths):
         return
-    split = (f"{paths[0].name}'s {COUNTED_KEY} has {shape[0]} of the {rows} rows params.json's dim gives: "
-             f"it is 1 of {shard_count(n_shards)}")
+    split = (
+        f"{paths[0].name}'s {COUNTED_KEY} has {shape[0]} of the {rows} rows params.json's dim gives: "
+        f"it is 1 of {shard_count(n_shards)}"
+    )
     if n_shards < len(paths):
         raise ValueError(f"checkpoint directory {ckpt_dir} has {shard_count(len(paths))}, but {split}")
     missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(paths), n_shards))
-    raise FileNotFoundError(f"checkpoint directory {ckpt_dir} lacks {missing}: {split}, and {len(paths)} {'is' if len(paths) == 1 else 'are'} there")
+    raise FileNotFoundError(
+        f"checkpoint directory {ckpt_dir} lacks {missing}: {split}, and {len(paths)} {'is' if len(paths) == 1 else 'are'} there"
+    )
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
@@ -113,7 +117,9 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
 
 def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
     """Indices of the shards whose fraction [i/M, (i+1)/M) overlaps rank's [r/W, (r+1)/W)."""
-    return [i for i in range(n_shards) if i * world_size < (rank + 1) * n_shards and (i + 1) * world_size > rank * n_shards]
+    return [
+        i for i in range(n_shards) if i * world_size < (rank + 1) * n_shards and (i + 1) * world_size > rank * n_shards
+    ]
 
 
 # Meta's Llama 3 code splits the token embedding on the vocabulary (dim 0, fairscale's
@@ -122,7 +128,9 @@ def shards_for_rank(n_shards: int, rank: int, world_size: int) -> List[int]:
 EMBEDDING_KEY, VOCABULARY_DIM, FEATURES_DIM = "tok_embeddings.weight", 0, 1
 
 
-def split_dims(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int) -> Dict[str, Optional[int]]:
+def split_dims(
+    path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, TensorLayout], n_shards: int
+) -> Dict[str, Optional[int]]:
     """The dimension the shards split each tensor on, seen from this shard's shapes: the layer type's
     (``layout``), or for the embedding Meta's other one; None when one shard holds everything. Every
     expected key present with the shape of its 1/n_shards slice; nothing unexpected."""
@@ -134,7 +142,11 @@ def split_dims(path: Path, shard: Dict[str, torch.Tensor], layout: Dict[str, Ten
         raise ValueError(f"{path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     dims = {}
     for key, (full_shape, dim) in layout.items():
-        candidates = [None] if n_shards == 1 else [dim] + [d for d in (VOCABULARY_DIM, FEATURES_DIM) if key == EMBEDDING_KEY and d != dim]
+        candidates = (
+            [None]
+            if n_shards == 1
+            else [dim] + [d for d in (VOCABULARY_DIM, FEATURES_DIM) if key == EMBEDDING_KEY and d != dim]
+        )
         shapes = {candidate: split_shape(full_shape, candidate, n_shards) for candidate in candidates}
         found = [candidate for candidate, shape in shapes.items() if list(shard[key].shape) == shape]
         if not found:
@@ -271,7 +283,12 @@ def read_model_args(ckpt_dir: str, tokenizer: Tokenizer, tokenizer_path: str, si
             f"{folder.params_path} says vocab_size={vocab_size} but the tokenizer has {tokenizer.n_words} tokens"
         )
     return ModelArgs.from_dict(
-        {**params, "vocab_size": tokenizer.n_words, "max_seq_len": sizes.max_seq_len, "max_batch_size": sizes.max_batch_size},
+        {
+            **params,
+            "vocab_size": tokenizer.n_words,
+            "max_seq_len": sizes.max_seq_len,
+            "max_batch_size": sizes.max_batch_size,
+        },
         source=str(folder.params_path),
     )
 
@@ -307,7 +324,11 @@ def checkpoint_vocab_size(paths: List[Path], dim: int) -> int:
 
 
 def load_model(
-    ckpt_dir: str, args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization] = None,
+    ckpt_dir: str,
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Optional[Quantization] = None,
     adapter: Optional[Adapter] = None,
     group: Optional[ProcessGroup] = None,
     training: bool = False,
@@ -334,21 +355,28 @@ def load_model(
     layout = model_layout(model, world_size)
     tensors = checkpoint_folder(ckpt_dir).rank_tensors(args, layout, rank, world_size)  # Meta's keys and row order
     if adapter is not None:
-        tensors = merge_adapter(tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size)
+        tensors = merge_adapter(
+            tensors, adapter, {key: entry.split_dim for key, entry in layout.items()}, rank, world_size
+        )
     place_tensors(model, tensors, device, dtype, quantization)
     model.setup_rope()
     model.drop_cache()  # built on the meta device: an engine sets up the pool it decodes with (Engine)
     if training:
         return model
     if quantization is not None and quantization.bits == 4 and device.type == "cpu" and not int4_outpaces_int8_on_cpu():
-        logger.warning("int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
-                       "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
-                       torch.backends.cpu.get_cpu_capability())
+        logger.warning(
+            "int4 weights decode about as fast as int8 on this CPU (torch's %s int4 kernel is bound "
+            "by its own arithmetic, not by memory): int4 saves memory here, not time (docs/quantization.md)",
+            torch.backends.cpu.get_cpu_capability(),
+        )
     if time_threads:
         choose_threads(model)  # before the kernels, which are chosen for the thread count
     kernels = choose_float32_kernels(model)
     if kernels:
-        logger.info("float32 kernel per weight shape, timed: %s", {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()})
+        logger.info(
+            "float32 kernel per weight shape, timed: %s",
+            {shape: "oneDNN" if onednn else "BLAS" for shape, onednn in kernels.items()},
+        )
     return model
 
 

@@ -39,7 +39,13 @@ def mapped_file(begin: int, end: int) -> bool:
             fields = line.split()
             low, high = (int(address, 16) for address in fields[0].split("-"))
             if low <= begin < high:
-                return end <= high and fields[1].endswith("p") and fields[4] != "0" and len(fields) > 5 and fields[5].startswith("/")
+                return (
+                    end <= high
+                    and fields[1].endswith("p")
+                    and fields[4] != "0"
+                    and len(fields) > 5
+                    and fields[5].startswith("/")
+                )
     return False
 
 

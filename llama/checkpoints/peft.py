@@ -33,15 +33,34 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model.model.layers."
 KEY_PATTERN = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])\.weight")
 PEFT_NAMES = {peft: meta for meta, (_, peft) in TARGETS.items()}  # self_attn.q_proj -> wq
-META_MODULES = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-                "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+META_MODULES = {
+    "wq": "attention.wq",
+    "wk": "attention.wk",
+    "wv": "attention.wv",
+    "wo": "attention.wo",
+    "w1": "feed_forward.w1",
+    "w2": "feed_forward.w2",
+    "w3": "feed_forward.w3",
+}
 # settings of peft's LoRA this project does not compute: each must be absent or one of its plain values
-PLAIN_SETTINGS = {"use_dora": (False,), "use_rslora": (False,), "fan_in_fan_out": (False,), "bias": ("none",),
-                  "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
+PLAIN_SETTINGS = {
+    "use_dora": (False,),
+    "use_rslora": (False,),
+    "fan_in_fan_out": (False,),
+    "bias": ("none",),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+}
 
 
-def write_adapter(out_dir: str, state: Dict[str, Tuple[torch.Tensor, torch.Tensor]], config: LoraConfig, args: ModelArgs,
-                  base_model: str) -> None:
+def write_adapter(
+    out_dir: str,
+    state: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+    config: LoraConfig,
+    args: ModelArgs,
+    base_model: str,
+) -> None:
     """Write ``state`` (Meta's module name, e.g. ``layers.0.attention.wq`` -> (A, B), full tensors)
     as peft's two files in ``out_dir``."""
     tensors = {}
@@ -51,10 +70,16 @@ def write_adapter(out_dir: str, state: Dict[str, Tuple[torch.Tensor, torch.Tenso
         tensors[f"{key}.lora_A.weight"] = lora_a.detach().float().cpu().contiguous()
         tensors[f"{key}.lora_B.weight"] = to_hf_order(module, lora_b.detach().float().cpu(), args).contiguous()
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
         "target_modules": sorted(TARGETS[name][1].rpartition(".")[2] for name in config.targets),
-        "inference_mode": True, "init_lora_weights": True, **{key: values[0] for key, values in PLAIN_SETTINGS.items()},
+        "inference_mode": True,
+        "init_lora_weights": True,
+        **{key: values[0] for key, values in PLAIN_SETTINGS.items()},
     }
     out = Path(out_dir)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -91,7 +116,9 @@ def read_adapter(adapter_dir: str, args: ModelArgs) -> Adapter:
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"adapter {adapter_dir}: {path.name} not found (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+            raise FileNotFoundError(
+                f"adapter {adapter_dir}: {path.name} not found (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+            )
     peft_config = read_json_object(config_path)
     if peft_config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type must be 'LORA', got {peft_config.get('peft_type')!r}")
@@ -106,35 +133,53 @@ def read_adapter(adapter_dir: str, args: ModelArgs) -> Adapter:
     for key, tensor in tensors.items():
         match = KEY_PATTERN.fullmatch(key)
         if not match or match.group(2) not in PEFT_NAMES or int(match.group(1)) >= args.n_layers:
-            raise ValueError(f"{weights_path}: unexpected key {key!r}; expected {PEFT_PREFIX}<layer below {args.n_layers}>."
-                             f"<{'|'.join(PEFT_NAMES)}>.lora_<A|B>.weight")
+            raise ValueError(
+                f"{weights_path}: unexpected key {key!r}; expected {PEFT_PREFIX}<layer below {args.n_layers}>."
+                f"<{'|'.join(PEFT_NAMES)}>.lora_<A|B>.weight"
+            )
         name = PEFT_NAMES[match.group(2)]
         pairs.setdefault(f"layers.{match.group(1)}.{META_MODULES[name]}", {})[match.group(3)] = tensor
-    config = LoraConfig(rank=peft_config.get("r", 8), alpha=float(peft_config.get("lora_alpha", 8)),
-                        dropout=float(peft_config.get("lora_dropout", 0.0)),
-                        targets=tuple(sorted({module.rpartition(".")[2] for module in pairs}, key=list(TARGETS).index)) or ("wq",))
+    config = LoraConfig(
+        rank=peft_config.get("r", 8),
+        alpha=float(peft_config.get("lora_alpha", 8)),
+        dropout=float(peft_config.get("lora_dropout", 0.0)),
+        targets=tuple(sorted({module.rpartition(".")[2] for module in pairs}, key=list(TARGETS).index)) or ("wq",),
+    )
     checked = {module: check_pair(module, parts, config.rank, args, weights_path) for module, parts in pairs.items()}
     digest = hashlib.sha256(config_path.read_bytes() + weights_path.read_bytes()).hexdigest()
     return Adapter(str(folder), config, checked, digest)
 
 
-def check_pair(module: str, parts: Dict[str, torch.Tensor], rank: int, args: ModelArgs, path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+def check_pair(
+    module: str, parts: Dict[str, torch.Tensor], rank: int, args: ModelArgs, path: Path
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of ``module`` in Meta's row order, checked against the model's shapes."""
     name = module.rpartition(".")[2]
-    out_features = {"wk": args.n_kv_heads * args.head_dim, "wv": args.n_kv_heads * args.head_dim, "w1": args.ffn_hidden_dim,
-                    "w3": args.ffn_hidden_dim}.get(name, args.dim)
+    out_features = {
+        "wk": args.n_kv_heads * args.head_dim,
+        "wv": args.n_kv_heads * args.head_dim,
+        "w1": args.ffn_hidden_dim,
+        "w3": args.ffn_hidden_dim,
+    }.get(name, args.dim)
     in_features = args.ffn_hidden_dim if name == "w2" else args.dim
     expected = {"A": (rank, in_features), "B": (out_features, rank)}
     for part, shape in expected.items():
         if part not in parts:
             raise ValueError(f"{path}: lora_{part} of {module} is missing")
         if tuple(parts[part].shape) != shape:
-            raise ValueError(f"{path}: lora_{part} of {module} has shape {tuple(parts[part].shape)}, expected {shape} (r={rank})")
+            raise ValueError(
+                f"{path}: lora_{part} of {module} has shape {tuple(parts[part].shape)}, expected {shape} (r={rank})"
+            )
     return parts["A"], to_meta_order(module, parts["B"], args)
 
 
-def merge_adapter(tensors: Iterable[Tuple[str, torch.Tensor]], adapter: Adapter, split_dims: Dict[str, object], rank: int,
-                  world_size: int) -> Iterator[Tuple[str, torch.Tensor]]:
+def merge_adapter(
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    adapter: Adapter,
+    split_dims: Dict[str, object],
+    rank: int,
+    world_size: int,
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """``tensors`` (Meta's key, this rank's slice) with each adapted weight plus its ``delta`` (its
     slice of it, on the dimension ``split_dims[key]`` the layer splits), in float32."""
     for key, tensor in tensors:

@@ -17,7 +17,13 @@ from torch import nn
 
 from llama.checkpoints.mapped_pages import release_copied
 from llama.layers.parallel import fused_layers
-from llama.layers.quantize import Quantization, quantizable_weights, quantize_linear_weight, set_quantized_weight, tile_on_device
+from llama.layers.quantize import (
+    Quantization,
+    quantizable_weights,
+    quantize_linear_weight,
+    set_quantized_weight,
+    tile_on_device,
+)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -55,7 +61,9 @@ def place_tensor(
     old = getattr(module, name)
     placed = to_device(tensor.to(dtype), device)
     release_copied(tensor, placed)
-    setattr(module, name, nn.Parameter(placed, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else placed)
+    setattr(
+        module, name, nn.Parameter(placed, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else placed
+    )
 
 
 def fuse(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:

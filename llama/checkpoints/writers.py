@@ -34,8 +34,14 @@ from llama.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 # files of a Hugging Face folder that are not weights: tokenization, generation, the chat template
-HF_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json", "chat_template.jinja")
+HF_SIDE_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 @contextlib.contextmanager
@@ -136,7 +142,10 @@ def hf_file_names(n_files: int) -> List[str]:
 
 
 def write_hf_weights(
-    out: Path, tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, groups: List[List[str]],
+    out: Path,
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    groups: List[List[str]],
     dtype: Optional[torch.dtype] = None,
 ) -> torch.dtype:
     """``tensors`` (Meta's keys, whole tensors, in the order of ``groups``) in transformers' names and
@@ -171,8 +180,14 @@ def write_hf_tokenizer(out: Path, tokenizer: Tokenizer, tokenizer_path: str, max
 # ---- a fine-tuned model -----------------------------------------------------------------------------
 
 
-def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: ModelArgs,
-                     tensors: Iterable[Tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+def write_checkpoint(
+    out_dir: Path,
+    ckpt_dir: str,
+    tokenizer_path: str,
+    args: ModelArgs,
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+) -> None:
     """Write ``tensors`` (Meta's keys, whole tensors) in ``dtype`` as a checkpoint in ``ckpt_dir``'s
     layout, into ``out_dir`` (replaced if it exists, as a resumed run's): written beside it, then renamed,
     so that ``Llama.build`` and the examples load it alone. A Hugging Face folder keeps its source's
@@ -185,8 +200,12 @@ def write_checkpoint(out_dir: Path, ckpt_dir: str, tokenizer_path: str, args: Mo
     source = checkpoint_folder(ckpt_dir)
     if isinstance(source, HfFolder):
         write_hf_weights(out_dir, state.items(), args, [list(state)])
-        config = {**hf.read_config(ckpt_dir), "tie_word_embeddings": False,
-                  "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
+        config = {
+            **hf.read_config(ckpt_dir),
+            "tie_word_embeddings": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         (out_dir / hf.CONFIG).write_text(json.dumps(config, indent=2))
         for name in HF_SIDE_FILES:
             if (Path(ckpt_dir) / name).is_file():

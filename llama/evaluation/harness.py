@@ -30,8 +30,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from llama.chat.format import Dialog
-from llama.generation import Llama
 from llama.evaluation.scoring import loglikelihoods
+from llama.generation import Llama
 from llama.tokenizer import SentencePieceTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,19 @@ def sampling_options(gen_kwargs: dict) -> Tuple[List[str], int, dict]:
     max_gen_toks = kwargs.pop("max_gen_toks")
     do_sample = kwargs.pop("do_sample", None)
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-    options = {name: kwargs.pop(name) for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed") if name in kwargs}
+    options = {
+        name: kwargs.pop(name) for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed") if name in kwargs
+    }
     if kwargs:
-        raise ValueError(f"generation_kwargs {sorted(kwargs)} are not supported; supported: until, max_gen_toks, do_sample, temperature, top_p, top_k, min_p, repetition_penalty, seed")
+        raise ValueError(
+            f"generation_kwargs {sorted(kwargs)} are not supported; supported: until, max_gen_toks, do_sample, temperature, top_p, top_k, min_p, repetition_penalty, seed"
+        )
     if not do_sample:
         return until, max_gen_toks, {"temperature": 0.0, "top_p": 1.0}
     if temperature == 0:
-        raise ValueError("generation_kwargs: do_sample is true but temperature is 0; set a temperature > 0, or do_sample: false for greedy decoding")
+        raise ValueError(
+            "generation_kwargs: do_sample is true but temperature is 0; set a temperature > 0, or do_sample: false for greedy decoding"
+        )
     return until, max_gen_toks, {"temperature": temperature, "top_p": 1.0, **options}
 
 
@@ -107,7 +113,11 @@ class LlamaLM(TemplateLM):
         self.tokenizer_ = generator.tokenizer
         template = getattr(generator.chat_format, "template", None)
         self.legacy = bool(template and template["legacy"])  # transformers 5's default: False
-        bos = [text for text in self.tokenizer_.special_token_texts() if self.tokenizer_.encode_with_special_tokens(text) == [self.prefix_token_id]]
+        bos = [
+            text
+            for text in self.tokenizer_.special_token_texts()
+            if self.tokenizer_.encode_with_special_tokens(text) == [self.prefix_token_id]
+        ]
         self.bos_text = bos[0] if bos else None  # as a chat template writes it: "<s>", "<|begin_of_text|>"
 
     # --- tokens ---------------------------------------------------------------------------------
@@ -128,13 +138,17 @@ class LlamaLM(TemplateLM):
     def device(self):
         return self.generator.device
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len: Optional[int] = None, **kwargs) -> List[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len: Optional[int] = None, **kwargs
+    ) -> List[int]:
         """The text's tokens as transformers' Llama tokenizer gives them: BOS first if
         ``add_special_tokens`` (None: unless the text begins with BOS's text); the last
         ``left_truncate_len`` only, if given."""
         if add_special_tokens is None:
             add_special_tokens = not (self.bos_text and string.startswith(self.bos_text))
-        tokens = [self.prefix_token_id] * add_special_tokens + self.tokenizer_.encode_with_special_tokens(string, self.legacy)
+        tokens = [self.prefix_token_id] * add_special_tokens + self.tokenizer_.encode_with_special_tokens(
+            string, self.legacy
+        )
         return tokens[-left_truncate_len:] if left_truncate_len else tokens
 
     def tok_decode(self, tokens: List[int]) -> str:
@@ -156,7 +170,9 @@ class LlamaLM(TemplateLM):
         windows, owners = [], []
         for index, (string,) in enumerate(request.args for request in requests):
             tokens = self.tok_encode(string)
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)):
+            for context, continuation in map(
+                make_disjoint_window, get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
+            ):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -175,12 +191,18 @@ class LlamaLM(TemplateLM):
         for context, gen_kwargs in (request.args for request in requests):
             until, max_gen_toks, options = sampling_options(gen_kwargs)
             if max_gen_toks >= self.max_length:
-                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in max_seq_len={self.max_length}")
+                raise ValueError(
+                    f"max_gen_toks={max_gen_toks} leaves no room for a context in max_seq_len={self.max_length}"
+                )
             prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks)
             stops.append([s for s in until if s])
-            started.append(self.generator.start([prompt], "prompt", max_gen_len=max_gen_toks, stop_strings=stops[-1], **options))
+            started.append(
+                self.generator.start([prompt], "prompt", max_gen_len=max_gen_toks, stop_strings=stops[-1], **options)
+            )
         texts = []
-        for request, until, (context, gen_kwargs) in tqdm(zip(started, stops, (r.args for r in requests)), total=len(started), disable=disable_tqdm):
+        for request, until, (context, gen_kwargs) in tqdm(
+            zip(started, stops, (r.args for r in requests)), total=len(started), disable=disable_tqdm
+        ):
             for _ in self.generator.engine.run_until_done(request):
                 pass
             texts.append(postprocess_generated_text(self.tok_decode(request.tokens[0]), until, None))
@@ -209,4 +231,7 @@ class LlamaLM(TemplateLM):
     def get_model_info(self) -> Dict[str, object]:
         """What lm-eval records of the model in results_*.json."""
         model = self.generator.model
-        return {"model_num_parameters": sum(p.numel() for p in model.parameters()), "model_dtype": str(self.generator.dtype)}
+        return {
+            "model_num_parameters": sum(p.numel() for p in model.parameters()),
+            "model_dtype": str(self.generator.dtype),
+        }

@@ -28,7 +28,9 @@ def fit_to_context(context: Sequence[int], continuation: Sequence[int], max_seq_
         ValueError: the context or continuation is empty, or the continuation alone does not fit.
     """
     if not context or not continuation:
-        raise ValueError(f"a request needs a non-empty context and continuation, got {len(context)} and {len(continuation)} token(s)")
+        raise ValueError(
+            f"a request needs a non-empty context and continuation, got {len(context)} and {len(continuation)} token(s)"
+        )
     if len(continuation) > max_seq_len:
         raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_seq_len={max_seq_len}")
     whole = (list(context) + list(continuation))[-(max_seq_len + 1) :]

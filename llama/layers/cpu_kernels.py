@@ -27,7 +27,9 @@ from llama.layers.timed_choices import recall, remember
 ROUNDS = 5  # alternating timings of each kernel per shape; the median decides
 MARGIN = 0.95  # oneDNN must take under 95% of BLAS's time: a tie keeps torch's default
 TIMED_BYTES = 32 << 20  # weight bytes read per timing: a few layers of a large model, more than the caches hold
-SMALL_MODEL_PASSES = 4  # a small model's layers of a shape, cached however often they are read, are timed this many times over
+SMALL_MODEL_PASSES = (
+    4  # a small model's layers of a shape, cached however often they are read, are timed this many times over
+)
 
 _chosen: Dict[Tuple[int, int, int], bool] = {}  # (out_features, in_features, threads) -> use oneDNN
 

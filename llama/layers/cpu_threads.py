@@ -72,8 +72,11 @@ def weight_bytes(model: nn.Module) -> int:
 def timed_model(model: nn.Module, threads: int) -> str:
     """What a thread choice was timed on: the model's tensors (their shapes and dtypes, the KV cache's
     aside), its batch, and the thread count it started from."""
-    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in [*model.named_parameters(), *model.named_buffers()]
-               if not name.endswith(("cache_k", "cache_v"))]
+    tensors = [
+        (name, tuple(t.shape), str(t.dtype))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if not name.endswith(("cache_k", "cache_v"))
+    ]
     digest = hashlib.sha256(repr(tensors).encode()).hexdigest()[:16]
     batch = getattr(getattr(model, "params", None), "max_batch_size", None)
     return f"threads for the decode step of model {digest} ({weight_bytes(model)} bytes), batch {batch}, from {threads} threads"
@@ -119,5 +122,7 @@ def choose_threads(model: nn.Module) -> Optional[Dict[int, float]]:
         remember(what, {"threads": chosen, "seconds": medians})
         how = "timed"
     torch.set_num_threads(chosen)
-    logger.info("CPU threads: %d, %s (ms per decode step: %s)", chosen, how, {t: round(s * 1e3, 3) for t, s in medians.items()})
+    logger.info(
+        "CPU threads: %d, %s (ms per decode step: %s)", chosen, how, {t: round(s * 1e3, 3) for t, s in medians.items()}
+    )
     return medians

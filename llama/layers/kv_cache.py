@@ -84,7 +84,9 @@ def block_starts(block_table: torch.Tensor, n_blocks: int, block_size: int) -> t
     return starts.scatter_reduce(1, block_table, index.expand(block_table.shape), "amin")
 
 
-def pool_block_mask(block_table: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, block_size: int) -> BlockMask:
+def pool_block_mask(
+    block_table: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, block_size: int
+) -> BlockMask:
     """Which keys of the pool each row's one query attends to: those of its blocks ``block_table``
     (bsz, blocks_per_row) at logical positions up to the query's, ``positions`` (bsz, 1). The row's
     blocks before the query's own are full (FlexAttention skips the mask there), its own is partial."""
@@ -100,8 +102,14 @@ def pool_block_mask(block_table: torch.Tensor, positions: torch.Tensor, starts: 
     partial = F.pad(block_table.gather(1, own), (0, n_blocks - 1)).int()[:, None, None]
     counts = own.int()[:, None]  # (bsz, 1, 1)
     return BlockMask.from_kv_blocks(
-        torch.ones_like(counts), partial, counts, full, BLOCK_SIZE=(QUERY_TILE, block_size), mask_mod=visible,
-        seq_lengths=(1, n_blocks * block_size), compute_q_blocks=False,
+        torch.ones_like(counts),
+        partial,
+        counts,
+        full,
+        BLOCK_SIZE=(QUERY_TILE, block_size),
+        mask_mod=visible,
+        seq_lengths=(1, n_blocks * block_size),
+        compute_q_blocks=False,
     )
 
 
@@ -123,10 +131,14 @@ class CachePass(NamedTuple):
         heads, n_blocks, block_size, head_dim = pool.shape
         tables = cache.tables
         index = positions // block_size  # a position past the table's blocks (padding, an idle slot) writes to scratch
-        blocks = torch.where(index < tables.shape[1], tables.gather(1, index.clamp(max=tables.shape[1] - 1)), SCRATCH_BLOCK)
+        blocks = torch.where(
+            index < tables.shape[1], tables.gather(1, index.clamp(max=tables.shape[1] - 1)), SCRATCH_BLOCK
+        )
         if cache.starts is not None:
             if positions.shape[1] != 1:
-                raise ValueError(f"reading the pool in place (BlockTables.starts given) takes one token per row, got {positions.shape[1]}")
+                raise ValueError(
+                    f"reading the pool in place (BlockTables.starts given) takes one token per row, got {positions.shape[1]}"
+                )
             mask = pool_block_mask(tables, positions, cache.starts, block_size)
             return CachePass(blocks, positions % block_size, None, None, mask)
         gather = torch.arange(heads, device=tables.device)[None, :, None] * n_blocks + tables[:, None, :]
@@ -154,7 +166,9 @@ class KVCache(nn.Module):
 
     def update(self, where: CachePass, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at their positions, in place."""
-        self.cache_k[:, where.blocks, where.offsets] = xk.permute(2, 0, 1, 3).to(self.cache_k.dtype)  # (heads, bsz, seqlen, head_dim)
+        self.cache_k[:, where.blocks, where.offsets] = xk.permute(2, 0, 1, 3).to(
+            self.cache_k.dtype
+        )  # (heads, bsz, seqlen, head_dim)
         self.cache_v[:, where.blocks, where.offsets] = xv.permute(2, 0, 1, 3).to(self.cache_v.dtype)
 
     def attend(self, xq: torch.Tensor, where: CachePass) -> torch.Tensor:
@@ -169,19 +183,28 @@ class KVCache(nn.Module):
 
     def gather(self, where: CachePass) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each row's blocks gathered in order, (bsz, n_local_kv_heads, blocks * block_size, head_dim) keys and values."""
-        pool_k, pool_v = self.cache_k.flatten(0, 1), self.cache_v.flatten(0, 1)  # (heads * blocks, block_size, head_dim)
+        pool_k, pool_v = (
+            self.cache_k.flatten(0, 1),
+            self.cache_v.flatten(0, 1),
+        )  # (heads * blocks, block_size, head_dim)
         if where.gathered is None:  # compiled: indexing, which inductor turns into plain loops
             return pool_k[where.gather].flatten(2, 3), pool_v[where.gather].flatten(2, 3)
         bsz, heads, _ = where.gather.shape
         shape = (bsz, heads, -1, self.cache_k.shape[-1])
-        gather = where.gather.flatten()  # eager, index_select into the pass's buffer: a third of indexing's time on a CPU
+        gather = (
+            where.gather.flatten()
+        )  # eager, index_select into the pass's buffer: a third of indexing's time on a CPU
         keys, values = where.gathered
-        return torch.index_select(pool_k, 0, gather, out=keys).view(shape), torch.index_select(pool_v, 0, gather, out=values).view(shape)
+        return torch.index_select(pool_k, 0, gather, out=keys).view(shape), torch.index_select(
+            pool_v, 0, gather, out=values
+        ).view(shape)
 
     def attend_in_place(self, xq: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
         """FlexAttention of one query per row over the blocks ``block_mask`` lists, where they lie in the pool."""
         heads, n_blocks, block_size, head_dim = self.cache_k.shape
-        keys = self.cache_k.view(1, heads, n_blocks * block_size, head_dim)  # one batch row, broadcast over the query rows
+        keys = self.cache_k.view(
+            1, heads, n_blocks * block_size, head_dim
+        )  # one batch row, broadcast over the query rows
         values = self.cache_v.view(1, heads, n_blocks * block_size, head_dim)
         # the query scaled here, a tensor of its own shape: inductor's CPU kernel takes the query's shape
         # from the tensor a view reads (torch 2.13), here the rotary embedding's (..., head_dim / 2, 2)

@@ -88,8 +88,15 @@ class LoRA(nn.Module):
     ``group``, ``split_dim``: the ranks the adapted layer is split over and the dimension of its weight
     they split (0: its output, B's rows; 1: its input, A's columns); this rank keeps its slice."""
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, device=None,
-                 group: Optional[ProcessGroup] = None, split_dim: Optional[int] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LoraConfig,
+        device=None,
+        group: Optional[ProcessGroup] = None,
+        split_dim: Optional[int] = None,
+    ):
         super().__init__()
         self.scale = config.scale
         self.group, self.split_dim = group, split_dim
@@ -120,8 +127,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor):
         y = self.base(x)
         if isinstance(self.base, FusedColumnParallelLinear):  # one output per part: (..., part's out_features) each
-            return tuple(part + self.adapters[name](x).to(part.dtype) if name in self.adapters else part
-                         for name, part in zip(self.base.parts, y))
+            return tuple(
+                part + self.adapters[name](x).to(part.dtype) if name in self.adapters else part
+                for name, part in zip(self.base.parts, y)
+            )
         (adapter,) = self.adapters.values()
         return y + adapter(x).to(y.dtype)
 
@@ -142,7 +151,10 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             fused = isinstance(base, FusedColumnParallelLinear)
             sizes = {name: n * ranks for name, n in base.parts.items()} if fused else {attribute: model.params.dim}
             in_features = model.params.ffn_hidden_dim if attribute == "w2" else model.params.dim
-            adapters = {name: LoRA(in_features, out, config, device, model.group, base.split_dim)
-                        for name, out in sizes.items() if name in config.targets}
+            adapters = {
+                name: LoRA(in_features, out, config, device, model.group, base.split_dim)
+                for name, out in sizes.items()
+                if name in config.targets
+            }
             setattr(parent, attribute, LoRALinear(base, adapters))
     return model

@@ -28,7 +28,9 @@ CHUNK_LOGITS = 1 << 26
 def check_labels(labels: torch.Tensor, shape: Tuple[int, ...], of: str) -> None:
     """``labels`` must be integer token ids of ``shape`` (bsz, seqlen), that of ``of``."""
     if labels.shape != shape:
-        raise ValueError(f"labels must be (bsz, seqlen) = {tuple(shape)} to match {of}, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be (bsz, seqlen) = {tuple(shape)} to match {of}, got shape {tuple(labels.shape)}"
+        )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must hold integer token ids (int64 or int32), got {labels.dtype}")
 
@@ -56,7 +58,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     check_labels(labels, logits.shape[:2], "logits")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted_labels(labels), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        shifted_labels(labels),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
 
 
 def scored_token_count(labels: torch.Tensor) -> int:
@@ -85,8 +92,13 @@ def linear_cross_entropy(
     unpacked = unpacks_on_cpu(weight, scales, rows.shape[-1])
     dense = dequantized_weight(weight, scales, rows.shape[-1], rows.dtype) if unpacked else None
     for start in range(0, rows.shape[0], chunk_tokens):
-        chunk, target = rows[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # (chunk, dim), (chunk,)
-        product = linear(chunk, weight, scales) if dense is None else chunk @ dense.T  # (chunk, vocab_size), in the compute dtype
+        chunk, target = (
+            rows[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+        )  # (chunk, dim), (chunk,)
+        product = (
+            linear(chunk, weight, scales) if dense is None else chunk @ dense.T
+        )  # (chunk, vocab_size), in the compute dtype
         compute_dtype = product.dtype
         logits = product.float()
         del product
@@ -117,8 +129,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, scales, targets, chunk_tokens):
         wants_rows, wants_weight = ctx.needs_input_grad[:2]
-        total, grad_rows, grad_weight = linear_cross_entropy(rows, weight, scales, targets, chunk_tokens, wants_rows, wants_weight)
-        ctx.save_for_backward(grad_rows, grad_weight)  # saved, not kept on ctx: freed by the backward, not with the loss
+        total, grad_rows, grad_weight = linear_cross_entropy(
+            rows, weight, scales, targets, chunk_tokens, wants_rows, wants_weight
+        )
+        ctx.save_for_backward(
+            grad_rows, grad_weight
+        )  # saved, not kept on ctx: freed by the backward, not with the loss
         ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
         return total
 
@@ -168,7 +184,9 @@ def chunked_causal_lm_loss(
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     targets = shifted_labels(labels)  # (bsz * seqlen,)
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (scored,)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)  # (scored, dim); autograd scatters its gradient back
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(
+        0, scored
+    )  # (scored, dim); autograd scatters its gradient back
     targets = targets.index_select(0, scored)
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(rows, weight, scales, targets, chunk_tokens)

@@ -182,8 +182,9 @@ class ColumnParallelLinear(nn.Module):
 
     split_dim = 0  # of the weight: the dimension each rank holds a slice of (read by llama.checkpoints.loader)
 
-    def __init__(self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None,
-                 gather_output: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None, gather_output: bool = False
+    ):
         super().__init__()
         self.group = group  # the ranks that split the weight; None: whole here
         self.gather_output = gather_output
@@ -215,7 +216,9 @@ class FusedColumnParallelLinear(ColumnParallelLinear):
         self.register_state_dict_post_hook(split_parts)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return super().forward(x).split(list(self.parts.values()), dim=-1)  # each (..., part's out_features / world_size)
+        return (
+            super().forward(x).split(list(self.parts.values()), dim=-1)
+        )  # each (..., part's out_features / world_size)
 
 
 def part_keys(layer_key: str, layer: FusedColumnParallelLinear) -> List[str]:

@@ -88,11 +88,17 @@ def check_activation_dtype(quantization: Quantization, device: torch.device, dty
     """The dtypes each kernel computes in: on CPU float32, bfloat16 and float16 (fast in
     ``quantized_cpu_dtype()``); on CUDA int8 takes bfloat16 and float16, int4 (tinygemm) bfloat16 only."""
     if quantization.bits == 4 and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"quantize='{quantization}' is packed for 'cpu' and 'cuda' only, not {device.type!r}: use quantize='int8'")
+        raise ValueError(
+            f"quantize='{quantization}' is packed for 'cpu' and 'cuda' only, not {device.type!r}: use quantize='int8'"
+        )
     if device.type == "cuda" and quantization.bits == 4 and dtype != torch.bfloat16:
-        raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), got {dtype}: pass dtype='bfloat16'")
+        raise ValueError(
+            f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), got {dtype}: pass dtype='bfloat16'"
+        )
     if device.type == "cuda" and dtype == torch.float32:
-        raise ValueError(f"quantize='{quantization}' on CUDA computes in bfloat16 or float16, not float32: pass dtype='bfloat16'")
+        raise ValueError(
+            f"quantize='{quantization}' on CUDA computes in bfloat16 or float16, not float32: pass dtype='bfloat16'"
+        )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], onednn: bool = False) -> torch.Tensor:
@@ -129,7 +135,9 @@ def int4_matmul(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     return int4_mm(x2, weight, group_size, scales)
 
 
-def dequantized_weight(weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantized_weight(
+    weight: torch.Tensor, scales: Optional[torch.Tensor], in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The (out, in) weight in ``dtype`` that ``linear(x, weight, scales)`` multiplies by: a float weight
     itself, an int8 one times its row scales, a packed int4 one unpacked from the CPU kernel's layout
     (``unpack_int4``), else as its kernel reads it (the kernel's product with the identity, which costs
@@ -207,7 +215,11 @@ def int4_cpu_layout(packed: torch.Tensor, in_features: int) -> Optional[Tuple[in
     if shape not in _int4_cpu_layouts:
         probe = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
-        fits = [layout for layout in INT4_CPU_LAYOUTS if out_features % layout[0] == 0 and packed_probe.shape == packed.shape]
+        fits = [
+            layout
+            for layout in INT4_CPU_LAYOUTS
+            if out_features % layout[0] == 0 and packed_probe.shape == packed.shape
+        ]
         reads = [layout for layout in fits if torch.equal(unpack_int4_as(packed_probe, in_features, *layout), probe)]
         _int4_cpu_layouts[shape] = reads[0] if reads else None
     return _int4_cpu_layouts[shape]
@@ -247,7 +259,9 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, to
     return q.view(out_features, in_features), scales_and_zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The weight (out, in) in ``dtype`` that int4 groups stand for, computed in place in that dtype (one
     weight's worth of memory beside ``q``)."""
     out_features, in_features = q.shape
@@ -310,7 +324,9 @@ def check_int4_shapes(shapes: Dict[str, Tuple[int, int]], quantization: Quantiza
 # both
 
 
-def quantize_linear_weight(weight: torch.Tensor, quantization: Quantization, device_type: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_linear_weight(
+    weight: torch.Tensor, quantization: Quantization, device_type: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The quantized form of ``weight`` (out, in) that travels to a ``device_type`` device, and its
     float32 scales, both computed on the CPU: int8 (out, in) and (out,); int4 packed (out, in / 2)
     and (in / group_size, out, 2)."""

@@ -30,7 +30,9 @@ FILE_NAME = "timed_choices.json"
 
 
 def cache_file() -> Path:
-    folder = os.environ.get("LLAMA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama"
+    folder = (
+        os.environ.get("LLAMA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama"
+    )
     return Path(folder) / FILE_NAME
 
 

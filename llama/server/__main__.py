@@ -41,9 +41,9 @@ from llama.cli import add_flags, check_speculation_flags, load_line, options_fro
 from llama.distributed import init_distributed, is_main_process, launched_as_rank0, resolve_device, set_threads
 from llama.generation import Llama
 from llama.options import EngineOptions, LoadOptions
+from llama.server.admission import Scheduler
 from llama.server.app import make_app
 from llama.server.context import default_context
-from llama.server.admission import Scheduler
 from llama.server.schemas import MAX_TOP_LOGPROBS
 from llama.tokenizer import resolve_tokenizer_path
 
@@ -55,40 +55,95 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as 
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama.server", description=(
-        "Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health), on "
-        "one process or under torchrun."))
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.server",
+        description=(
+            "Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health), on "
+            "one process or under torchrun."
+        ),
+    )
     add_flags(
-        parser, "ckpt_dir", "tokenizer_path", "device", "dtype", "quantize", "adapter_dir", "max_seq_len",
-        "max_batch_size", "kv_cache_tokens", "prefix_cache", "compile", "admission", "prefill_chunk",
-        "heartbeat_seconds", "speculate", "speculate_k", "draft_ckpt_dir", "draft_quantize", "threads",
-        ckpt_dir={"help": "the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
-                          "checkpoints/tiny-stdlib"},
-        max_seq_len={"default": None, "help": (
-            "the context length in tokens, prompt and answer together; default: the checkpoint's (config.json's "
-            "max_position_embeddings or params.json's max_seq_len, else what Meta released such a checkpoint with) "
-            "and at least 512, capped so that --max_batch_size rows of KV cache fit in half the memory the weights "
-            "leave, or to --kv_cache_tokens; logged at start")},
-        max_batch_size={"help": "the engine's slots: the most rows decoded together; a request for n samples of p "
-                                "prompts takes n * p rows"},
-        compile={"help": "compile the engine's decode step (torch.compile), every graph a request can need, before "
-                         "/health answers (logged: seconds to a minute for each batch width)"},
+        parser,
+        "ckpt_dir",
+        "tokenizer_path",
+        "device",
+        "dtype",
+        "quantize",
+        "adapter_dir",
+        "max_seq_len",
+        "max_batch_size",
+        "kv_cache_tokens",
+        "prefix_cache",
+        "compile",
+        "admission",
+        "prefill_chunk",
+        "heartbeat_seconds",
+        "speculate",
+        "speculate_k",
+        "draft_ckpt_dir",
+        "draft_quantize",
+        "threads",
+        ckpt_dir={
+            "help": "the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
+            "checkpoints/tiny-stdlib"
+        },
+        max_seq_len={
+            "default": None,
+            "help": (
+                "the context length in tokens, prompt and answer together; default: the checkpoint's (config.json's "
+                "max_position_embeddings or params.json's max_seq_len, else what Meta released such a checkpoint with) "
+                "and at least 512, capped so that --max_batch_size rows of KV cache fit in half the memory the weights "
+                "leave, or to --kv_cache_tokens; logged at start"
+            ),
+        },
+        max_batch_size={
+            "help": "the engine's slots: the most rows decoded together; a request for n samples of p "
+            "prompts takes n * p rows"
+        },
+        compile={
+            "help": "compile the engine's decode step (torch.compile), every graph a request can need, before "
+            "/health answers (logged: seconds to a minute for each batch width)"
+        },
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help=(
-        "the port to listen on; 0 picks a free one, logged at start"))
-    parser.add_argument("--api_key", default=None, help=(
-        f"if given, every /v1 request needs the header \"Authorization: Bearer <api_key>\"; default: the environment "
-        f"variable {API_KEY_ENV} (a flag is visible to every user in ps)"))
-    parser.add_argument("--served_model_name", default=None, help=(
-        "the model's id in /v1/models and in requests; default: the checkpoint folder's name"))
-    parser.add_argument("--allowed_origins", default=None, help=(
-        "web origins whose pages may call the server (CORS), comma-separated "
-        "(https://app.example.com,http://localhost:3000) or * for any; default: none"))
-    parser.add_argument("--max_queue", type=int, default=64, help=(
-        "the most requests waiting while every slot is taken; beyond it a request is answered 503"))
-    parser.add_argument("--shutdown_timeout", type=float, default=10.0, help=(
-        "after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled"))
+    parser.add_argument(
+        "--port", type=int, default=8000, help=("the port to listen on; 0 picks a free one, logged at start")
+    )
+    parser.add_argument(
+        "--api_key",
+        default=None,
+        help=(
+            f'if given, every /v1 request needs the header "Authorization: Bearer <api_key>"; default: the environment '
+            f"variable {API_KEY_ENV} (a flag is visible to every user in ps)"
+        ),
+    )
+    parser.add_argument(
+        "--served_model_name",
+        default=None,
+        help=("the model's id in /v1/models and in requests; default: the checkpoint folder's name"),
+    )
+    parser.add_argument(
+        "--allowed_origins",
+        default=None,
+        help=(
+            "web origins whose pages may call the server (CORS), comma-separated "
+            "(https://app.example.com,http://localhost:3000) or * for any; default: none"
+        ),
+    )
+    parser.add_argument(
+        "--max_queue",
+        type=int,
+        default=64,
+        help=("the most requests waiting while every slot is taken; beyond it a request is answered 503"),
+    )
+    parser.add_argument(
+        "--shutdown_timeout",
+        type=float,
+        default=10.0,
+        help=(
+            "after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled"
+        ),
+    )
     return parser
 
 
@@ -122,8 +177,11 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
     speculation = None
     if args.speculate is not None:
         speculation = dict(speculate=args.speculate, speculate_k=args.speculate_k)
-        logger.info("speculative decoding for every request: %s, %d token(s) proposed per step", args.speculate,
-                    args.speculate_k)
+        logger.info(
+            "speculative decoding for every request: %s, %d token(s) proposed per step",
+            args.speculate,
+            args.speculate_k,
+        )
     scheduler = Scheduler(llama.engine, args.max_queue, speculation)
     model_name = args.served_model_name or Path(load.ckpt_dir).name
     app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize)
@@ -147,9 +205,17 @@ def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bo
     device = resolve_device(load.device)
     init_distributed(device)  # before the context is chosen: the ranks agree on it
     if choose_context:
-        max_seq_len, why = default_context(load.ckpt_dir, load.tokenizer_path, engine.max_batch_size,
-                                           engine.kv_cache_tokens, device, load.dtype, load.quantize,
-                                           load.draft_ckpt_dir, load.draft_quantize)
+        max_seq_len, why = default_context(
+            load.ckpt_dir,
+            load.tokenizer_path,
+            engine.max_batch_size,
+            engine.kv_cache_tokens,
+            device,
+            load.dtype,
+            load.quantize,
+            load.draft_ckpt_dir,
+            load.draft_quantize,
+        )
         logger.info("max_seq_len %d: %s", max_seq_len, why)
         engine = replace(engine, max_seq_len=max_seq_len)
     start = time.perf_counter()
@@ -165,7 +231,9 @@ def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
     origins = tuple(origin.strip() for origin in allowed_origins.split(","))
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
-            raise ValueError(f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], e.g. http://localhost:3000, with no path")
+            raise ValueError(
+                f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], e.g. http://localhost:3000, with no path"
+            )
     return origins
 
 
@@ -188,7 +256,9 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            raise ValueError(f"--port {port}: {host}:{port} is already in use (another server?); choose another --port, or 0 for a free one") from None
+            raise ValueError(
+                f"--port {port}: {host}:{port} is already in use (another server?); choose another --port, or 0 for a free one"
+            ) from None
         raise ValueError(f"--host {host} --port {port}: cannot listen there: {error.strerror}") from None
     return sock
 
@@ -197,7 +267,9 @@ def serve(app, scheduler: Scheduler, listener: socket.socket, model_name: str, s
     """HTTP on a background thread (uvicorn's event loop); decoding on this one, which owns the
     model and the signals. A signal stops uvicorn (it stops accepting, waits up to
     ``shutdown_timeout`` for running answers, then cancels them), and then the engine."""
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout, backlog=2048, lifespan="off")
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout, backlog=2048, lifespan="off"
+    )
     server = uvicorn.Server(config)
 
     def stop(*_):

@@ -18,13 +18,13 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from llama.checkpoints.hf import HfFolder, read_config
 from llama.checkpoints.loader import checkpoint_folder
-from llama.layers.kv_cache import cache_dtype
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, job_group, resolve_dtype
-from llama.checkpoints.hf import HfFolder, read_config
-from llama.model import ModelArgs, Transformer
+from llama.layers.kv_cache import cache_dtype
 from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
+from llama.model import ModelArgs, Transformer
 from llama.options import is_int
 from llama.tokenizer import Tokenizer
 
@@ -45,8 +45,14 @@ def positive_int(value, name: str) -> int:
 
 
 def default_context(
-    ckpt_dir: str, tokenizer_path: str, max_batch_size: int, kv_cache_tokens: Optional[int], device: torch.device,
-    dtype: Optional[str], quantize: Optional[str], draft_ckpt_dir: Optional[str] = None,
+    ckpt_dir: str,
+    tokenizer_path: str,
+    max_batch_size: int,
+    kv_cache_tokens: Optional[int],
+    device: torch.device,
+    dtype: Optional[str],
+    quantize: Optional[str],
+    draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
 ) -> Tuple[int, str]:
     """The ``max_seq_len`` a server loading this checkpoint so uses, and why (a phrase for its log).
@@ -61,8 +67,9 @@ def default_context(
         if context < MIN_CONTEXT:
             context, why = MIN_CONTEXT, f"{why}, raised to {MIN_CONTEXT}, the least this server defaults to"
         if kv_cache_tokens is None:
-            choice = fitting_context(context, why, ckpt_dir, max_batch_size, device, dtype, quantize, draft_ckpt_dir,
-                                     draft_quantize)
+            choice = fitting_context(
+                context, why, ckpt_dir, max_batch_size, device, dtype, quantize, draft_ckpt_dir, draft_quantize
+            )
         elif positive_int(kv_cache_tokens, "kv_cache_tokens") < context:
             choice = kv_cache_tokens, f"{why}, more than the pool's --kv_cache_tokens {kv_cache_tokens}"
         else:
@@ -75,8 +82,15 @@ def default_context(
 
 
 def fitting_context(
-    context: int, why: str, ckpt_dir: str, max_batch_size: int, device: torch.device, dtype: Optional[str],
-    quantize: Optional[str], draft_ckpt_dir: Optional[str], draft_quantize: Optional[str],
+    context: int,
+    why: str,
+    ckpt_dir: str,
+    max_batch_size: int,
+    device: torch.device,
+    dtype: Optional[str],
+    quantize: Optional[str],
+    draft_ckpt_dir: Optional[str],
+    draft_quantize: Optional[str],
 ) -> Tuple[int, str]:
     """``context``, or fewer tokens if ``max_batch_size`` rows of it would not fit in ``KV_SHARE`` of
     the memory the weights leave (never fewer than ``MIN_CONTEXT``), and ``why`` so."""
@@ -86,8 +100,9 @@ def fitting_context(
     if draft_ckpt_dir is not None:  # its weights, and a cache as long as the model's
         draft_quantization = parse_quantize(draft_quantize)
         draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
-        draft_weights, draft_token_bytes = model_bytes(source_model(draft_ckpt_dir)[1], device, draft_dtype,
-                                                       draft_quantization)
+        draft_weights, draft_token_bytes = model_bytes(
+            source_model(draft_ckpt_dir)[1], device, draft_dtype, draft_quantization
+        )
         weights, token_bytes = weights + draft_weights, token_bytes + draft_token_bytes
     memory = available_memory(device)
     if memory is None:
@@ -98,8 +113,10 @@ def fitting_context(
     room = f"{KV_SHARE:.0%} of what {gib(weights)} of weights leave of the {gib(free)} {where}"
     if fits >= context:
         return context, f"{why}; {cache} fit in {room}"
-    return max(fits, MIN_CONTEXT), (f"{why}, but {cache} would take more than {room} (never under {MIN_CONTEXT}); "
-                                    "--max_seq_len, --kv_cache_tokens or a smaller --max_batch_size choose another")
+    return max(fits, MIN_CONTEXT), (
+        f"{why}, but {cache} would take more than {room} (never under {MIN_CONTEXT}); "
+        "--max_seq_len, --kv_cache_tokens or a smaller --max_batch_size choose another"
+    )
 
 
 def checkpoint_context(ckpt_dir: str, tokenizer: Tokenizer) -> Tuple[int, str]:
@@ -116,12 +133,15 @@ def checkpoint_context(ckpt_dir: str, tokenizer: Tokenizer) -> Tuple[int, str]:
     context = trained_context(params, args, tokenizer)
     if "max_seq_len" in params:
         return context, f"{source}'s max_seq_len"
-    return context, (f"{source} states none: the released context of Meta's checkpoints of its kind, Llama 2 4096, "
-                     "Code Llama 16384, Llama 3.0 8192, 3.1 and 3.2 131072")
+    return context, (
+        f"{source} states none: the released context of Meta's checkpoints of its kind, Llama 2 4096, "
+        "Code Llama 16384, Llama 3.0 8192, 3.1 and 3.2 131072"
+    )
 
 
-def model_bytes(args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                quantization: Optional[Quantization]) -> Tuple[int, int]:
+def model_bytes(
+    args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization]
+) -> Tuple[int, int]:
     """This rank's weights in bytes, and its KV cache's bytes per token, for the model ``args``
     describes loaded on ``device`` in ``dtype`` (its linear weights quantized with ``quantization``),
     split over the job's processes as ``Llama.build`` splits it."""

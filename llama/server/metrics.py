@@ -39,17 +39,34 @@ class Metrics:
 
     def __init__(self, scheduler):
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("llama_requests", "Answers sent, by route and HTTP status.", ["method", "endpoint", "code"], registry=registry)
-        self.prompt_tokens = Counter("llama_prompt_tokens", "Prompt tokens of the answered requests.", registry=registry)
-        self.generation_tokens = Counter("llama_generation_tokens", "Tokens generated for the answered requests.", registry=registry)
-        Gauge("llama_queue_length", "Requests waiting for a slot.", registry=registry).set_function(scheduler.queue_length)
-        Gauge("llama_running_slots", "Slots (rows of the KV cache) decoding now.", registry=registry).set_function(scheduler.running_slots)
+        self.requests = Counter(
+            "llama_requests",
+            "Answers sent, by route and HTTP status.",
+            ["method", "endpoint", "code"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "llama_prompt_tokens", "Prompt tokens of the answered requests.", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "llama_generation_tokens", "Tokens generated for the answered requests.", registry=registry
+        )
+        Gauge("llama_queue_length", "Requests waiting for a slot.", registry=registry).set_function(
+            scheduler.queue_length
+        )
+        Gauge("llama_running_slots", "Slots (rows of the KV cache) decoding now.", registry=registry).set_function(
+            scheduler.running_slots
+        )
         Gauge("llama_slots", "Slots in all.", registry=registry).set_function(lambda: scheduler.slots)
-        Gauge("llama_compiled_graphs", "Graphs torch.compile made in this process.", registry=registry).set_function(scheduler.compiled_graphs)
+        Gauge("llama_compiled_graphs", "Graphs torch.compile made in this process.", registry=registry).set_function(
+            scheduler.compiled_graphs
+        )
         registry.register(PoolCollector(scheduler.engine))
         self.time_to_first_token = Histogram(
-            "llama_time_to_first_token_seconds", "Seconds from a request's acceptance to its first generated token.",
-            buckets=TTFT_BUCKETS, registry=registry,
+            "llama_time_to_first_token_seconds",
+            "Seconds from a request's acceptance to its first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
         )
 
     def count_request(self, method: str, endpoint: str, code: int) -> None:
@@ -76,9 +93,15 @@ class PoolCollector:
     def collect(self) -> Iterator[Metric]:
         pool = self.engine.pool_use()
         yield GaugeMetricFamily("llama_kv_cache_blocks", "Blocks of the KV cache pool.", pool["blocks"])
-        yield GaugeMetricFamily("llama_kv_cache_blocks_used", "Blocks of the pool held by rows now.", pool["used_blocks"])
-        yield CounterMetricFamily("llama_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", pool["queried_tokens"])
-        yield CounterMetricFamily("llama_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", pool["hit_tokens"])
+        yield GaugeMetricFamily(
+            "llama_kv_cache_blocks_used", "Blocks of the pool held by rows now.", pool["used_blocks"]
+        )
+        yield CounterMetricFamily(
+            "llama_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", pool["queried_tokens"]
+        )
+        yield CounterMetricFamily(
+            "llama_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", pool["hit_tokens"]
+        )
         rate = pool["hit_tokens"] / pool["queried_tokens"] if pool["queried_tokens"] else 0.0
         yield GaugeMetricFamily("llama_prefix_cache_hit_rate", "Hit tokens / queried tokens since the start.", rate)
         yield CounterMetricFamily("llama_preemptions", "Rows preempted from a full pool.", pool["preemptions"])

@@ -33,8 +33,12 @@ class StreamOptions(Body):
 class JSONSchemaFormat(Body):
     name: str = Field(..., pattern=NAME_PATTERN, description="the schema's name: letters, digits, _ and -, up to 64")
     description: Optional[str] = None
-    schema_: Dict[str, Any] = Field(..., alias="schema", description="a JSON Schema (draft 2020-12) the answer must follow")
-    strict: Optional[bool] = Field(None, description="accepted for OpenAI's clients: the answer always follows the schema")
+    schema_: Dict[str, Any] = Field(
+        ..., alias="schema", description="a JSON Schema (draft 2020-12) the answer must follow"
+    )
+    strict: Optional[bool] = Field(
+        None, description="accepted for OpenAI's clients: the answer always follows the schema"
+    )
 
 
 class TextFormat(Body):
@@ -56,7 +60,9 @@ ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaRespons
 class SamplingFields(Body):
     """The fields both endpoints take."""
 
-    model: Optional[str] = Field(None, description="the served model's id (GET /v1/models); optional: this server serves one model")
+    model: Optional[str] = Field(
+        None, description="the served model's id (GET /v1/models); optional: this server serves one model"
+    )
     max_tokens: Optional[int] = Field(None, ge=1, description="an integer >= 1: the most tokens to generate")
     temperature: Optional[float] = number("a number >= 0 (0 is greedy)", ge=0)
     top_p: Optional[float] = number("a number in (0, 1]", gt=0, le=1)
@@ -66,10 +72,13 @@ class SamplingFields(Body):
     )
     seed: Optional[int] = Field(None, ge=0, description="an integer >= 0: the same seed, the same samples")
     stream: Optional[bool] = Field(None, description="true or false: server-sent events")
-    stream_options: Optional[StreamOptions] = Field(None, description="{'include_usage': true or false}, with 'stream': true")
+    stream_options: Optional[StreamOptions] = Field(
+        None, description="{'include_usage': true or false}, with 'stream': true"
+    )
     user: Optional[str] = Field(None, description="a string (an id of the end user)")
     response_format: Optional[ResponseFormat] = Field(
-        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}"
+        None,
+        description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}",
     )
     presence_penalty: Optional[float] = number("a number in [-2, 2] (0 is off)", ge=-2, le=2)
     frequency_penalty: Optional[float] = number("a number in [-2, 2] (0 is off)", ge=-2, le=2)
@@ -87,7 +96,12 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, List[str], List[int], List[List[int]]] = Field(
         ..., description="a string, a list of strings, a list of token ids, or a list of lists of token ids"
     )
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=f"an integer in [0, {MAX_TOP_LOGPROBS}]: the likeliest tokens' logprobs per token")
+    logprobs: Optional[int] = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"an integer in [0, {MAX_TOP_LOGPROBS}]: the likeliest tokens' logprobs per token",
+    )
     echo: Optional[bool] = Field(None, description="true or false: the prompt before the text")
 
 
@@ -146,9 +160,13 @@ class NamedToolChoice(Body):
 class ChatRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: Annotated[List[ChatMessage], Field(min_length=1)] = Field(..., description="a non-empty list of {'role', 'content'} messages")
+    messages: Annotated[List[ChatMessage], Field(min_length=1)] = Field(
+        ..., description="a non-empty list of {'role', 'content'} messages"
+    )
     logprobs: Optional[bool] = Field(None, description="true or false: each token's logprob")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=f"an integer in [0, {MAX_TOP_LOGPROBS}], with 'logprobs': true")
+    top_logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description=f"an integer in [0, {MAX_TOP_LOGPROBS}], with 'logprobs': true"
+    )
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="an integer >= 1: max_tokens' newer name")
     tools: Optional[List[Tool]] = Field(None, description="the functions the model may call")
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(

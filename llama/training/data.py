@@ -71,14 +71,20 @@ def check_messages(messages, where: str) -> list:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: message {j} must be an object with a string 'content', got {message!r:.80}")
         if message.get("role") not in ROLES:
-            raise ValueError(f"{where}: message {j} has an unknown role {message.get('role')!r}; roles are {', '.join(ROLES)}")
+            raise ValueError(
+                f"{where}: message {j} has an unknown role {message.get('role')!r}; roles are {', '.join(ROLES)}"
+            )
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     expected = ["user" if j % 2 == 0 else "assistant" for j in range(len(turns))]
     if [m["role"] for m in turns] != expected:
-        raise ValueError(f"{where}: after an optional system message, user and assistant must alternate starting with user, "
-                         f"got {[m['role'] for m in messages]}")
+        raise ValueError(
+            f"{where}: after an optional system message, user and assistant must alternate starting with user, "
+            f"got {[m['role'] for m in messages]}"
+        )
     if not turns or turns[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the dialog has no assistant reply to learn (it must end with the assistant's message)")
+        raise ValueError(
+            f"{where}: the dialog has no assistant reply to learn (it must end with the assistant's message)"
+        )
     return messages
 
 
@@ -89,12 +95,16 @@ def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat
     forms = {"messages": ("messages",), "prompt": ("prompt", "completion"), "text": ("text",)}
     form = next((name for name, keys in forms.items() if set(record) == set(keys)), None)
     if form is None:
-        raise ValueError(f"{where}: expected the keys messages, or prompt and completion, or text; got {sorted(record)}")
+        raise ValueError(
+            f"{where}: expected the keys messages, or prompt and completion, or text; got {sorted(record)}"
+        )
     if form == "messages":
         messages = check_messages(record["messages"], where)
         if chat_format.is_unsafe(messages):
-            raise ValueError(f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
-                             "which chat_completion refuses")
+            raise ValueError(
+                f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
+                "which chat_completion refuses"
+            )
         tokens, assistant = chat_format.encode_finished(messages)
         example = Example(tokens, [token if learn else IGNORE_INDEX for token, learn in zip(tokens, assistant)])
     else:
@@ -135,10 +145,18 @@ def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_
     if len(kept) < len(examples):
         longest = max(len(example.tokens) for example in examples)
         if not kept:
-            raise ValueError(f"{path}: every one of its {len(examples)} examples is longer than --max_seq_len {max_seq_len} tokens "
-                             f"(the longest has {longest}); raise --max_seq_len")
-        logger.warning("%s: dropped %d of %d examples longer than --max_seq_len %d tokens (the longest has %d)",
-                       path, len(examples) - len(kept), len(examples), max_seq_len, longest)
+            raise ValueError(
+                f"{path}: every one of its {len(examples)} examples is longer than --max_seq_len {max_seq_len} tokens "
+                f"(the longest has {longest}); raise --max_seq_len"
+            )
+        logger.warning(
+            "%s: dropped %d of %d examples longer than --max_seq_len %d tokens (the longest has %d)",
+            path,
+            len(examples) - len(kept),
+            len(examples),
+            max_seq_len,
+            longest,
+        )
     if not any(label != IGNORE_INDEX for example in kept for label in example.labels):
         raise ValueError(f"{path}: no example has a token to learn")
     return kept
@@ -206,8 +224,9 @@ def micro_batches(examples: Sequence[Example], micro_batch_size: int, pack: bool
     return [packed_batch(group, max_seq_len) if pack else padded_batch(group) for group in groups]
 
 
-def evaluation_batches(examples: Sequence[Example], micro_batch_size: int, pack: bool, max_seq_len: int, rank: int,
-                       world_size: int) -> List[Batch]:
+def evaluation_batches(
+    examples: Sequence[Example], micro_batch_size: int, pack: bool, max_seq_len: int, rank: int, world_size: int
+) -> List[Batch]:
     """Rank ``rank``'s share of the validation micro-batches. Every rank makes the same number of
     forward passes (sharded layers gather their weights in each): a rank short of one scores an
     example with nothing to learn."""

@@ -36,11 +36,16 @@ class MetricsLog:
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as file:
                 file.write(json.dumps(record) + "\n")
-        line = (f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"{record['tokens_per_s']:.0f} tokens/s" + (f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
+        line = (
+            f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['tokens_per_s']:.0f} tokens/s"
+            + (f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else "")
+        )
         if self.interactive:
             filled = round(30 * record["step"] / self.max_steps)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}" + ("\n" if record["step"] == self.max_steps else ""))
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}" + ("\n" if record["step"] == self.max_steps else "")
+            )
             sys.stderr.flush()
         elif record["step"] % self.every == 0 or record["step"] in (1, self.max_steps) or "val_loss" in record:
             logger.info(line)

@@ -44,7 +44,9 @@ class Schedule:
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"the number of steps must be a positive integer, got {self.max_steps!r}")
         if not 0 <= self.warmup_steps < self.max_steps:
-            raise ValueError(f"--warmup_steps must be in [0, {self.max_steps}) for {self.max_steps} steps, got {self.warmup_steps}")
+            raise ValueError(
+                f"--warmup_steps must be in [0, {self.max_steps}) for {self.max_steps} steps, got {self.warmup_steps}"
+            )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -55,11 +57,15 @@ class Schedule:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.999)
+) -> torch.optim.AdamW:
     """AdamW over ``parameters``: matrices are decayed, vectors (norm weights) are not."""
     parameters = list(parameters)
-    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas)
 
 
@@ -97,8 +103,9 @@ def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: List[Batch], device: torch.device, autocast,
-             data_group: Optional[ProcessGroup] = None) -> dict:
+def evaluate(
+    model: nn.Module, batches: List[Batch], device: torch.device, autocast, data_group: Optional[ProcessGroup] = None
+) -> dict:
     """Mean loss and perplexity over every scored label of ``batches`` (this rank's share), over the
     ranks of ``data_group``."""
     was_training = model.training
@@ -169,8 +176,13 @@ def train(
         done = step + 1
         tokens = torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=device)
         tokens = sum_over_ranks(tokens, data_group).item()
-        record = {"step": done, "loss": (sum_over_ranks(step_loss, data_group) / scored).item(), "lr": lr,
-                  "tokens": int(tokens), "tokens_per_s": tokens / (time.perf_counter() - started)}
+        record = {
+            "step": done,
+            "loss": (sum_over_ranks(step_loss, data_group) / scored).item(),
+            "lr": lr,
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
         last = done == schedule.max_steps
         if evaluate_at is not None and ((evaluate_every and done % evaluate_every == 0) or last):
             record.update(evaluate_at())

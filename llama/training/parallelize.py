@@ -73,11 +73,18 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Optional[torc
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    register_fsdp_forward_method(model, "forward_loss")  # the output weight is whole only inside the root's registered methods
+    register_fsdp_forward_method(
+        model, "forward_loss"
+    )  # the output weight is whole only inside the root's registered methods
 
 
-def wrap_for_training(model: nn.Module, activation_checkpointing: bool, compile: bool, mesh: Optional[DeviceMesh],
-                      param_dtype: Optional[torch.dtype]) -> nn.Module:
+def wrap_for_training(
+    model: nn.Module,
+    activation_checkpointing: bool,
+    compile: bool,
+    mesh: Optional[DeviceMesh],
+    param_dtype: Optional[torch.dtype],
+) -> nn.Module:
     """``model`` (adapters already in place, its layers split over ``mesh``'s "tp" rows) wrapped in
     torchtitan's order: TP, AC, compile, FSDP (over ``mesh``'s "dp" columns; None: one process)."""
     if tensor_parallel_group(mesh) is not None:

@@ -39,13 +39,20 @@ def optimizer_tensors(parameters: Dict[str, nn.Parameter], optimizer: torch.opti
     for name, parameter in parameters.items():
         moments = optimizer.state[parameter]
         if not moments:  # before the first step: AdamW's state as it creates it, to load into
-            moments.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter), exp_avg_sq=torch.zeros_like(parameter))
+            moments.update(
+                step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter), exp_avg_sq=torch.zeros_like(parameter)
+            )
         state[name] = {"parameter": parameter, **moments}
     return state
 
 
-def save_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, steps_done: int,
-               settings: dict) -> None:
+def save_state(
+    out_dir: Path,
+    parameters: Dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    steps_done: int,
+    settings: dict,
+) -> None:
     """Write the run's state after ``steps_done`` steps (every rank calls it)."""
     final, partial = out_dir / STATE_DIR, out_dir / (STATE_DIR + ".partial")
     if rank() == 0 and partial.exists():
@@ -71,7 +78,9 @@ def save_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: to
 def read_settings(out_dir: Path) -> dict:
     path = out_dir / STATE_DIR / SETTINGS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} not found; {out_dir} holds no saved training state (save it with --save_every)")
+        raise FileNotFoundError(
+            f"--resume: {path} not found; {out_dir} holds no saved training state (save it with --save_every)"
+        )
     return json.loads(path.read_text())
 
 
