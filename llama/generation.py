@@ -34,6 +34,8 @@ from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_ENGINE = EngineOptions()
+
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -121,7 +123,7 @@ class Llama:
         return Llama.from_options(load, engine)
 
     @classmethod
-    def from_options(cls, load: LoadOptions, engine: EngineOptions = EngineOptions()) -> "Llama":
+    def from_options(cls, load: LoadOptions, engine: EngineOptions = DEFAULT_ENGINE) -> "Llama":
         """Load ``load``'s checkpoint with its tokenizer and chat format (and its adapter, and its draft), with
         a KV cache pool of ``engine``'s sizes, and decode on an engine of ``engine``'s policies. Under torchrun,
         every process loads its part of each weight; if one fails, every one raises.
@@ -341,11 +343,11 @@ class Llama:
         max_gen_len: Optional[int] = None,
         **options,
     ) -> CompletionStream:
-        """``text_completion`` as it is generated: yields, after each decoding step, one string per row (n per prompt, as ``text_completion``) holding the text that
-        became final, "" for none. A row's strings, joined, equal its "generation". Text that may
-        still turn into a stop string, or the first bytes of a multi-byte character, wait. The
-        stream also tells each row's tokens, logprobs and finish reason as they come
-        (``CompletionStream``). Arguments are checked here, before the first step.
+        """``text_completion`` as it is generated: yields, after each decoding step, one string per row
+        (n per prompt, as ``text_completion``) holding the text that became final, "" for none. A row's
+        strings, joined, equal its "generation". Text that may still turn into a stop string, or the first
+        bytes of a multi-byte character, wait. The stream also tells each row's tokens, logprobs and finish
+        reason as they come (``CompletionStream``). Arguments are checked here, before the first step.
 
         Args: as ``text_completion``, less echo.
         """
