@@ -82,8 +82,8 @@ def parser() -> argparse.ArgumentParser:
         },
         max_gen_len={
             "help": (
-                f"the most tokens of each reply; default: the rest of the context for the example dialogs, as in Meta's "
-                f"example, {REPLY_TOKENS} in --interactive"
+                "the most tokens of each reply; default: the rest of the context for the example dialogs, as in "
+                f"Meta's example, {REPLY_TOKENS} in --interactive"
             )
         },
     )
@@ -186,7 +186,8 @@ def chat(generator: Llama, system: Optional[str], generation: GenerationOptions,
         )
         if n_prompt >= max_seq_len:  # refused: the conversation stays as it was
             print(
-                f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; write less or restart with a larger --max_seq_len)"
+                f"(that message makes a {n_prompt}-token prompt, more than max_seq_len={max_seq_len} allows; "
+                "write less or restart with a larger --max_seq_len)"
             )
             continue
         if n_dropped:

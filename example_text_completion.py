@@ -80,8 +80,8 @@ def parser() -> argparse.ArgumentParser:
         type=text_or_list,
         default=None,
         help=(
-            "one prompt, exactly as typed, or a Python list (\"['import os', 'def f(']\"); default: code prompts for the "
-            "bundled model, else Meta's four"
+            "one prompt, exactly as typed, or a Python list (\"['import os', 'def f(']\"); default: code prompts "
+            "for the bundled model, else Meta's four"
         ),
     )
     return parser
@@ -137,7 +137,8 @@ def prompt_list(prompts: object) -> List[str]:
     if isinstance(prompts, (list, tuple)) and all(isinstance(prompt, str) for prompt in prompts):
         return list(prompts)
     raise TypeError(
-        f"--prompts must be one prompt or a list of prompts, e.g. --prompts \"['import os', 'def f(']\", got {prompts!r}"
+        "--prompts must be one prompt or a list of prompts, e.g. --prompts \"['import os', 'def f(']\", "
+        f"got {prompts!r}"
     )
 
 

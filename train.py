@@ -183,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out_dir",
         default=DEFAULT_OUT_DIR,
-        help="where params.json, consolidated.00.pth and tokenizer.model go; the bundled model is remade with --out_dir checkpoints/tiny-stdlib",
+        help=(
+            "where params.json, consolidated.00.pth and tokenizer.model go; "
+            "the bundled model is remade with --out_dir checkpoints/tiny-stdlib"
+        ),
     )
     parser.add_argument("--print_heldout", action="store_true", help="print the held-out files, one per line, and exit")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the training windows")

@@ -49,9 +49,9 @@ COMMAND_FLAGS = {  # the flags several commands share that are no option of load
         type=int,
         default=None,
         help=(
-            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
-            "core or fewer, whichever decodes the loaded model fastest, timed at load (a model over 1 GiB keeps one per "
-            "core)"
+            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), "
+            "else one per core or fewer, whichever decodes the loaded model fastest, timed at load "
+            "(a model over 1 GiB keeps one per core)"
         ),
     ),
     "verbose": dict(action="store_true", help="also print the prompt and decoding speeds"),

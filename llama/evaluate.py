@@ -1,7 +1,8 @@
 """Evaluate a checkpoint with EleutherAI's lm-evaluation-harness (``pip install -e ".[eval]"``).
 
     python -m llama.evaluate --ckpt_dir llama-2-7b/ --tasks hellaswag,arc_easy --batch_size 8
-    python -m llama.evaluate --ckpt_dir checkpoints/tiny-stdlib --tasks my_task --include_path my_tasks/ --output_path out/ --log_samples
+    python -m llama.evaluate --ckpt_dir checkpoints/tiny-stdlib --tasks my_task --include_path my_tasks/ \\
+        --output_path out/ --log_samples
 
 Any checkpoint ``Llama.build`` loads (Meta's shards or a Hugging Face folder, quantized or not, split
 over the processes of a torchrun job) runs as lm-eval's model (``llama.evaluation.harness.LlamaLM``). The
@@ -191,7 +192,8 @@ def evaluate(args: argparse.Namespace) -> None:
         for task_name in results["configs"] if samples else []:
             tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
     print(
-        f"llama ({json.dumps(model_args)}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}"
+        f"llama ({json.dumps(model_args)}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, "
+        f"batch_size: {args.batch_size}"
     )
     print(make_table(results))
     if "groups" in results:

@@ -437,7 +437,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        help="float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it (and for qlora on a CPU with bfloat16 instructions), else float32",
+        help=(
+            "float32, bfloat16 or float16 compute; default: bfloat16 on a GPU that has it "
+            "(and for qlora on a CPU with bfloat16 instructions), else float32"
+        ),
     )
     add_flags(p, "device")
     p.add_argument(
@@ -452,8 +455,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=(
-            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), else one per "
-            "core (training times no thread count)"
+            "CPU threads torch computes with; default: OMP_NUM_THREADS if set (1 per process under torchrun), "
+            "else one per core (training times no thread count)"
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")

@@ -45,7 +45,8 @@ class RopeScaling:
                 raise ValueError(f"RopeScaling.{name} must be a positive number, got {value!r}")
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(
-                f"RopeScaling.high_freq_factor = {self.high_freq_factor} must exceed low_freq_factor = {self.low_freq_factor}"
+                f"RopeScaling.high_freq_factor = {self.high_freq_factor} "
+                f"must exceed low_freq_factor = {self.low_freq_factor}"
             )
 
 
@@ -89,7 +90,8 @@ class ModelArgs:
             raise ValueError(f"{source}: use_scaled_rope must be true or false, got {use_scaled_rope!r}")
         if scaling and not use_scaled_rope:
             raise ValueError(
-                f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} need use_scaled_rope: true"
+                f"{source}: {sorted(k for k in ROPE_SCALING_KEYS if ROPE_SCALING_KEYS[k] in scaling)} "
+                "need use_scaled_rope: true"
             )
         known = [f.name for f in fields(cls) if f.name != "rope_scaling"]
         unknown = sorted(set(params) - set(known))

@@ -134,7 +134,8 @@ def score_files(args: argparse.Namespace) -> None:
     windows = text_windows(generator.tokenizer, texts, args.max_seq_len)
     result = window_loss(generator.model, windows, args.batch_size, compile=args.compile)
     print(
-        f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) of up to {args.max_seq_len}"
+        f"{len(texts)} file(s), {result['tokens']} tokens scored in {len(windows)} window(s) "
+        f"of up to {args.max_seq_len}"
     )
     print(f"mean loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}")
 

@@ -58,7 +58,8 @@ def tokenizer_kind(model_path: str) -> str:
         inside = [str(Path(model_path) / place) for place in TOKENIZER_PLACES if (Path(model_path) / place).is_file()]
         hint = f": pass {inside[0]}" if inside else ""
         raise IsADirectoryError(
-            f"tokenizer path {model_path} is a directory; a {TOKENIZER_FILE} or {HF_TOKENIZER_FILE} file is expected{hint}"
+            f"tokenizer path {model_path} is a directory; "
+            f"a {TOKENIZER_FILE} or {HF_TOKENIZER_FILE} file is expected{hint}"
         )
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"tokenizer model not found: {model_path}")

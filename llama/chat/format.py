@@ -52,7 +52,8 @@ def check_dialog(dialog: Sequence[Message]) -> None:
             or msg.get("role") not in ("system", "user", "assistant")
         ):
             raise ValueError(
-                f"message {j} must be a dict with 'role' in ('system', 'user', 'assistant') and a str 'content', got {msg!r:.80}"
+                f"message {j} must be a dict with 'role' in ('system', 'user', 'assistant') and a str 'content', "
+                f"got {msg!r:.80}"
             )
     if dialog[0]["role"] == "system" and len(dialog) < 2:
         raise ValueError("a dialog with a system message needs a user message after it")
@@ -289,7 +290,8 @@ class TemplateChatFormat(ChatFormat):
         final = final if final in text else final.strip()
         if final not in text:
             raise ValueError(
-                f"{self.template['path']}: the chat_template does not write the last message's content as given, so a reply cannot continue it"
+                f"{self.template['path']}: the chat_template does not write the last message's content as given, "
+                "so a reply cannot continue it"
             )
         return text[: text.rindex(final) + len(final)]
 

@@ -34,7 +34,8 @@ TOOLS_INSTRUCTION = (  # Meta's JsonCustomToolGenerator (llama-models, llama3 pr
 )
 JSON_CONVENTION = (
     "You can call these functions, described in JSON:\n{tools}\n\n"
-    'To call one, answer with only a JSON object {{"name": the function\'s name, "parameters": an object of its arguments}}, '
+    'To call one, answer with only a JSON object {{"name": the function\'s name, '
+    '"parameters": an object of its arguments}}, '
     "and nothing else. Otherwise answer in words."
 )
 PYTHON_TAG = "<|python_tag|>"
@@ -87,12 +88,14 @@ def check_tool_dialog(messages: List[dict]) -> None:
     for i, message in enumerate(messages):
         if message["role"] not in ("system", "user", "assistant", "tool"):
             raise ValueError(
-                f"messages[{i}] has the role {message['role']!r}; a dialog with tools takes 'system', 'user', 'assistant' and 'tool'"
+                f"messages[{i}] has the role {message['role']!r}; "
+                "a dialog with tools takes 'system', 'user', 'assistant' and 'tool'"
             )
         if message["role"] == "tool":
             if message.get("tool_call_id") not in pending:
                 raise ValueError(
-                    f"messages[{i}] is a tool result whose tool_call_id {message.get('tool_call_id')!r} is no call of the assistant's message before it"
+                    f"messages[{i}] is a tool result whose tool_call_id {message.get('tool_call_id')!r} "
+                    "is no call of the assistant's message before it"
                 )
         else:
             pending = {call.id for call in message.get("tool_calls") or ()}

@@ -23,7 +23,10 @@ from llama.checkpoints.files import read_json_object
 
 # Meta's split pattern (llama3 and llama-models' tokenizer.py): contractions, words with one leading
 # non-letter, numbers of up to three digits, punctuation runs, newlines, other whitespace.
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 N_SPECIAL_TOKENS = 256
 # The Llama 3.1 list (llama-models); Llama 3.0 named ids +4, +5, +8 and +10 reserved, the rest alike.
 NAMED_SPECIAL_TOKENS = [
@@ -103,13 +106,14 @@ def write_tiktoken_file(vocabulary: BpeVocabulary, path: Path) -> None:
     expected = llama3_special_tokens(len(vocabulary.ranks))
     if vocabulary.pattern != LLAMA3_PATTERN:
         raise ValueError(
-            f"cannot write {path}: Meta's tokenizer.model implies Meta's split pattern, and this vocabulary splits with {vocabulary.pattern!r:.80}"
+            f"cannot write {path}: Meta's tokenizer.model implies Meta's split pattern, "
+            f"and this vocabulary splits with {vocabulary.pattern!r:.80}"
         )
     moved = [t for t in USED_SPECIAL_TOKENS if vocabulary.special_tokens.get(t) != expected[t]]
     if moved or len(vocabulary.special_tokens) != N_SPECIAL_TOKENS:
         raise ValueError(
-            f"cannot write {path}: Meta's tokenizer.model implies {N_SPECIAL_TOKENS} special tokens from id {len(vocabulary.ranks)} "
-            f"in Meta's order; this vocabulary has {len(vocabulary.special_tokens)}"
+            f"cannot write {path}: Meta's tokenizer.model implies {N_SPECIAL_TOKENS} special tokens "
+            f"from id {len(vocabulary.ranks)} in Meta's order; this vocabulary has {len(vocabulary.special_tokens)}"
             + (f" and {moved} elsewhere" if moved else "")
         )
     lines = [
@@ -149,7 +153,8 @@ def read_tokenizer_json(path: Path) -> BpeVocabulary:
         raise ValueError(f"{path}: model.type must be 'BPE' with a 'vocab' object, found {str(model.get('type'))!r}")
     if data.get("normalizer") is not None:
         raise ValueError(
-            f"{path}: a normalizer ({data['normalizer'].get('type')}) is not supported; byte-level BPE as Llama 3's has none"
+            f"{path}: a normalizer ({data['normalizer'].get('type')}) is not supported; "
+            "byte-level BPE as Llama 3's has none"
         )
     pattern = byte_level_pattern(data.get("pre_tokenizer"), path)
     chars = {char: byte for byte, char in byte_to_char().items()}
@@ -208,7 +213,8 @@ def check_merge_order(merges: list, vocab: Dict[str, int], path: Path) -> None:
         if made is None or made < previous:
             found = "is not a token" if made is None else f"has id {made}, after a merge that made id {previous}"
             raise ValueError(
-                f"{path}: merge {number} ({left!r}, {right!r}) {found}; merges must follow the ids (ranks = ids), as in Llama 3's"
+                f"{path}: merge {number} ({left!r}, {right!r}) {found}; "
+                "merges must follow the ids (ranks = ids), as in Llama 3's"
             )
         previous = made
 

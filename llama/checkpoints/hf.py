@@ -291,7 +291,8 @@ def read_chat_template(ckpt_dir: str) -> Optional[ChatTemplate]:
         return None
     if not isinstance(source, str):
         raise ValueError(
-            f"{folder / TOKENIZER_CONFIG}: chat_template must be a string or a list of named templates with a 'default' one"
+            f"{folder / TOKENIZER_CONFIG}: chat_template must be a string "
+            "or a list of named templates with a 'default' one"
         )
     return ChatTemplate(source=source, path=str(folder / TOKENIZER_CONFIG), tokens=tokens, legacy=legacy)
 

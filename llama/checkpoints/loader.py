@@ -6,8 +6,9 @@ dim 0, row-parallel weights and the token embedding on dim 1, norms replicated (
 split the embedding on dim 0, the vocabulary, which the reader sees from their shapes). Because every
 split is even, the shards concatenated along that dimension give the full tensor, and rank r of W needs
 the fraction [r/W, (r+1)/W) of it. Each rank memory-maps only the shards that overlap its fraction
-(all of them for an embedding split the other way) and copies only the bytes of its slice, converting dtype tensor by tensor, so loading never holds
-a second copy of the model. ``python -m llama.reshard`` rewrites a checkpoint with another shard count.
+(all of them for an embedding split the other way) and copies only the bytes of its slice, converting
+dtype tensor by tensor, so loading never holds a second copy of the model. ``python -m llama.reshard``
+rewrites a checkpoint with another shard count.
 
 A Hugging Face folder (``config.json``, no ``params.json``) is read by ``llama.checkpoints.hf`` instead,
 into the same keys and slices: ``checkpoint_folder`` chooses the layout once, and the loader asks the folder
@@ -106,7 +107,8 @@ def check_shard_count(ckpt_dir: str, paths: List[Path], params: dict) -> None:
         raise ValueError(f"checkpoint directory {ckpt_dir} has {shard_count(len(paths))}, but {split}")
     missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(paths), n_shards))
     raise FileNotFoundError(
-        f"checkpoint directory {ckpt_dir} lacks {missing}: {split}, and {len(paths)} {'is' if len(paths) == 1 else 'are'} there"
+        f"checkpoint directory {ckpt_dir} lacks {missing}: {split}, "
+        f"and {len(paths)} {'is' if len(paths) == 1 else 'are'} there"
     )
 
 
@@ -151,7 +153,8 @@ def split_dims(
         found = [candidate for candidate, shape in shapes.items() if list(shard[key].shape) == shape]
         if not found:
             raise ValueError(
-                f"{path}: {key} has shape {tuple(shard[key].shape)}, expected {' or '.join(str(tuple(s)) for s in shapes.values())} "
+                f"{path}: {key} has shape {tuple(shard[key].shape)}, "
+                f"expected {' or '.join(str(tuple(s)) for s in shapes.values())} "
                 f"(a {tuple(full_shape)} tensor split over {n_shards} shard(s))"
             )
         dims[key] = found[0]

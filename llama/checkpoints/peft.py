@@ -117,7 +117,8 @@ def read_adapter(adapter_dir: str, args: ModelArgs) -> Adapter:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(
-                f"adapter {adapter_dir}: {path.name} not found (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+                f"adapter {adapter_dir}: {path.name} not found "
+                f"(an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
             )
     peft_config = read_json_object(config_path)
     if peft_config.get("peft_type") != "LORA":

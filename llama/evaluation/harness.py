@@ -87,13 +87,15 @@ def sampling_options(gen_kwargs: dict) -> Tuple[List[str], int, dict]:
     }
     if kwargs:
         raise ValueError(
-            f"generation_kwargs {sorted(kwargs)} are not supported; supported: until, max_gen_toks, do_sample, temperature, top_p, top_k, min_p, repetition_penalty, seed"
+            f"generation_kwargs {sorted(kwargs)} are not supported; supported: until, max_gen_toks, do_sample, "
+            "temperature, top_p, top_k, min_p, repetition_penalty, seed"
         )
     if not do_sample:
         return until, max_gen_toks, {"temperature": 0.0, "top_p": 1.0}
     if temperature == 0:
         raise ValueError(
-            "generation_kwargs: do_sample is true but temperature is 0; set a temperature > 0, or do_sample: false for greedy decoding"
+            "generation_kwargs: do_sample is true but temperature is 0; set a temperature > 0, "
+            "or do_sample: false for greedy decoding"
         )
     return until, max_gen_toks, {"temperature": temperature, "top_p": 1.0, **options}
 

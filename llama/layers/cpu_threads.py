@@ -79,7 +79,10 @@ def timed_model(model: nn.Module, threads: int) -> str:
     ]
     digest = hashlib.sha256(repr(tensors).encode()).hexdigest()[:16]
     batch = getattr(getattr(model, "params", None), "max_batch_size", None)
-    return f"threads for the decode step of model {digest} ({weight_bytes(model)} bytes), batch {batch}, from {threads} threads"
+    return (
+        f"threads for the decode step of model {digest} ({weight_bytes(model)} bytes), batch {batch}, "
+        f"from {threads} threads"
+    )
 
 
 def time_threads(model: nn.Module, counts: List[int]) -> Dict[int, float]:

@@ -137,7 +137,8 @@ class CachePass(NamedTuple):
         if cache.starts is not None:
             if positions.shape[1] != 1:
                 raise ValueError(
-                    f"reading the pool in place (BlockTables.starts given) takes one token per row, got {positions.shape[1]}"
+                    "reading the pool in place (BlockTables.starts given) takes one token per row, "
+                    f"got {positions.shape[1]}"
                 )
             mask = pool_block_mask(tables, positions, cache.starts, block_size)
             return CachePass(blocks, positions % block_size, None, None, mask)
@@ -182,7 +183,8 @@ class KVCache(nn.Module):
         return F.scaled_dot_product_attention(xq, keys, values, attn_mask=where.mask, enable_gqa=True)
 
     def gather(self, where: CachePass) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each row's blocks gathered in order, (bsz, n_local_kv_heads, blocks * block_size, head_dim) keys and values."""
+        """Each row's blocks gathered in order, (bsz, n_local_kv_heads, blocks * block_size, head_dim) keys and
+        values."""
         pool_k, pool_v = (
             self.cache_k.flatten(0, 1),
             self.cache_v.flatten(0, 1),

@@ -93,7 +93,8 @@ def check_activation_dtype(quantization: Quantization, device: torch.device, dty
         )
     if device.type == "cuda" and quantization.bits == 4 and dtype != torch.bfloat16:
         raise ValueError(
-            f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), got {dtype}: pass dtype='bfloat16'"
+            f"quantize='{quantization}' on CUDA computes in bfloat16 only (torch's tinygemm kernel), "
+            f"got {dtype}: pass dtype='bfloat16'"
         )
     if device.type == "cuda" and dtype == torch.float32:
         raise ValueError(

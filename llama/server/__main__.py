@@ -58,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama.server",
         description=(
-            "Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health), on "
-            "one process or under torchrun."
+            "Serve a checkpoint with OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+            "/health), on one process or under torchrun."
         ),
     )
     add_flags(
@@ -232,7 +232,8 @@ def parse_origins(allowed_origins: Optional[str]) -> Tuple[str, ...]:
     for origin in origins:
         if origin != "*" and not ORIGIN.fullmatch(origin):
             raise ValueError(
-                f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], e.g. http://localhost:3000, with no path"
+                f"--allowed_origins: {origin!r} is not an origin: expected '*' or scheme://host[:port], "
+                "e.g. http://localhost:3000, with no path"
             )
     return origins
 
@@ -257,7 +258,8 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         if error.errno == errno.EADDRINUSE:
             raise ValueError(
-                f"--port {port}: {host}:{port} is already in use (another server?); choose another --port, or 0 for a free one"
+                f"--port {port}: {host}:{port} is already in use (another server?); "
+                "choose another --port, or 0 for a free one"
             ) from None
         raise ValueError(f"--host {host} --port {port}: cannot listen there: {error.strerror}") from None
     return sock

@@ -78,7 +78,9 @@ class SamplingFields(Body):
     user: Optional[str] = Field(None, description="a string (an id of the end user)")
     response_format: Optional[ResponseFormat] = Field(
         None,
-        description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}",
+        description=(
+            "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}"
+        ),
     )
     presence_penalty: Optional[float] = number("a number in [-2, 2] (0 is off)", ge=-2, le=2)
     frequency_penalty: Optional[float] = number("a number in [-2, 2] (0 is off)", ge=-2, le=2)
