@@ -112,8 +112,8 @@ def speed_round(impl, args, vocab_size, device) -> dict:
     out["prefill_tok_s"] = args.prefill_len / timed(lambda: impl.prefill(long), device)
     for bsz in args.batch_sizes:
         prompt = short[:bsz]
-        total = timed(lambda: impl.decode(prompt, args.gen_tokens), device)
-        first = timed(lambda: impl.prefill(prompt), device)
+        total = timed(lambda prompt=prompt: impl.decode(prompt, args.gen_tokens), device)
+        first = timed(lambda prompt=prompt: impl.prefill(prompt), device)
         out[f"decode_b{bsz}_tok_s"] = bsz * args.gen_tokens / max(total - first, 1e-9)
     return out
 
@@ -205,7 +205,7 @@ def main() -> None:
 
     bandwidth = read_bandwidth() if device.type == "cpu" else cuda_bandwidth(device)
     rounds = {name: [] for name in impls}
-    for name, impl in impls.items():  # warm-up
+    for _name, impl in impls.items():  # warm-up
         speed_round(
             impl,
             argparse.Namespace(**{**vars(args), "gen_tokens": 2, "prefill_len": 32}),
@@ -308,7 +308,8 @@ def main() -> None:
                     ]
                 )
         print_table(
-            f"loading, each in a fresh process ({args.ckpt_dtype} checkpoint, {disk / 1e6:.0f} MB on disk; llama's KV cache: batch 1 x 512 positions)",
+            f"loading, each in a fresh process ({args.ckpt_dtype} checkpoint, "
+            f"{disk / 1e6:.0f} MB on disk; llama's KV cache: batch 1 x 512 positions)",
             ["implementation", "dtype", "load s", "peak RSS added MB", "KV cache MB", "added / on disk"],
             load_rows,
         )

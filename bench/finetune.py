@@ -371,7 +371,8 @@ def main(argv=None) -> None:
     )
     print_table(
         f"{cpu}; {options.shape if not options.ckpt_dir else ckpt_dir}, batch {options.batch_size} x {options.seq_len}"
-        f"{', packed' if options.pack else ''}{', compiled' if options.compile else ''}, {options.steps} steps, median of "
+        f"{', packed' if options.pack else ''}{', compiled' if options.compile else ''}, "
+        f"{options.steps} steps, median of "
         f"{options.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}",
         [
             "method",
@@ -393,7 +394,8 @@ def main(argv=None) -> None:
             lora_peak = statistics.median(r[key] for r in results["ours", "lora"])
             qlora_peak = statistics.median(r[key] for r in results["ours", "qlora"])
             print(
-                f"QLoRA's {'peak memory' if key == 'peak_gib' else 'peak of tensors'} / LoRA's: {qlora_peak / lora_peak:.2f}"
+                f"QLoRA's {'peak memory' if key == 'peak_gib' else 'peak of tensors'} / LoRA's: "
+                f"{qlora_peak / lora_peak:.2f}"
             )
     for (impl, method), error in errors.items():
         print(f"FAILED: {impl} {method}: {error}")

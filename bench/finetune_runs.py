@@ -194,8 +194,10 @@ def main() -> None:
     import torch
 
     print(
-        f"\n{Path(ckpt_dir).name if args.ckpt_dir else f'random dim {args.dim}, {args.n_layers} layers'}: {args.steps} LoRA steps "
-        f"of {args.batch_size} (rank {args.lora_rank}, every linear), {args.threads or torch.get_num_threads()} thread(s), "
+        f"\n{Path(ckpt_dir).name if args.ckpt_dir else f'random dim {args.dim}, {args.n_layers} layers'}: "
+        f"{args.steps} LoRA steps "
+        f"of {args.batch_size} (rank {args.lora_rank}, every linear), "
+        f"{args.threads or torch.get_num_threads()} thread(s), "
         f"{torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} alternating rounds, seconds"
     )
     whole = {name: statistics.median(r[0] for r in runs) for name, runs in results.items()}

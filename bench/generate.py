@@ -75,7 +75,8 @@ def main() -> None:
     for bsz in args.batch_sizes:
         eager, compiled = (statistics.median(results[name, bsz]) for name in builds)
         print(
-            f"batch {bsz}: eager {eager:.1f} tok/s, compiled {compiled:.1f} tok/s, compiled/eager {compiled / eager:.2f}x"
+            f"batch {bsz}: eager {eager:.1f} tok/s, compiled {compiled:.1f} tok/s, "
+            f"compiled/eager {compiled / eager:.2f}x"
         )
 
 

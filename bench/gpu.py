@@ -9,9 +9,10 @@ In order, within ``--budget_s`` seconds:
    generation, decoding, sampling, scores, streaming);
 2. ``torchrun --nproc_per_node 1`` running the text-completion example on the bundled model over NCCL;
 3. a random checkpoint of ``params/llama-2-7b.json``'s shape, loaded in bfloat16, int8 and int4, each
-   measured eager and compiled (``--dry_run``: int8 only): batch-1 decode tokens/s, the fraction of the GPU's memory bandwidth
-   that reaches (bytes of weights read per token x tokens/s, against a large device-to-device copy
-   measured here), prefill tokens/s of one prompt, and the peak device memory while loading;
+   measured eager and compiled (``--dry_run``: int8 only): batch-1 decode tokens/s, the fraction of
+   the GPU's memory bandwidth that reaches (bytes of weights read per token x tokens/s, against a
+   large device-to-device copy measured here), prefill tokens/s of one prompt, and the peak device
+   memory while loading;
 4. the KV cache pool: the bf16 model with 64 slots in a pool sized to 80% of the memory left after
    loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together;
 5. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload,
@@ -495,7 +496,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     if pool_rows:
         print_table(
-            f"the KV cache pool: bf16, {max(POOL_BATCHES)} slots, prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
+            f"the KV cache pool: bf16, {max(POOL_BATCHES)} slots, "
+            f"prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
             ["rows", "decode tok/s", "pool tokens", "preemptions"],
             pool_rows,
         )

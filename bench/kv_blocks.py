@@ -116,13 +116,16 @@ def memory(args) -> None:
             f"\nmemory ({load_average()}): 134M, max_batch_size={rows}, max_seq_len={positions}, kv_cache_tokens=8192"
         )
         print(
-            f"  weights {weights / 1e9:.2f} GB, pool {pool / 1e9:.3f} GB, a contiguous cache would be {contiguous / 1e9:.2f} GB"
+            f"  weights {weights / 1e9:.2f} GB, pool {pool / 1e9:.3f} GB, "
+            f"a contiguous cache would be {contiguous / 1e9:.2f} GB"
         )
         print(
-            f"  resident: {before / 1e9:.2f} GB before, {loaded / 1e9:.2f} GB loaded, {resident_bytes() / 1e9:.2f} GB after decoding"
+            f"  resident: {before / 1e9:.2f} GB before, {loaded / 1e9:.2f} GB loaded, "
+            f"{resident_bytes() / 1e9:.2f} GB after decoding"
         )
         print(
-            f"  decoded {rows} rows x {len(tokens[0])} tokens together in {seconds:.1f} s, {engine.preemptions} preemption(s)"
+            f"  decoded {rows} rows x {len(tokens[0])} tokens together in {seconds:.1f} s, "
+            f"{engine.preemptions} preemption(s)"
         )
 
 
@@ -172,11 +175,13 @@ def prefix(args) -> None:
     prompt_tokens = len(prompt)
     means = {name: statistics.mean(values) for name, values in ttft.items()}
     print(
-        f"\nprefix ({load_average()}): bundled model, 6 turns x {args.rounds} round(s), last prompt {prompt_tokens} tokens"
+        f"\nprefix ({load_average()}): bundled model, 6 turns x {args.rounds} round(s), "
+        f"last prompt {prompt_tokens} tokens"
     )
     for name, values in ttft.items():
         print(
-            f"  {name:12s} mean time to first token {means[name] * 1e3:7.1f} ms (per turn, last round: {', '.join(f'{v * 1e3:.0f}' for v in values[-6:])} ms)"
+            f"  {name:12s} mean time to first token {means[name] * 1e3:7.1f} ms "
+            f"(per turn, last round: {', '.join(f'{v * 1e3:.0f}' for v in values[-6:])} ms)"
         )
     print(f"  ratio {means['prefix cache'] / means['none']:.3f}; same answers: {agree}")
 
@@ -202,7 +207,7 @@ def worker() -> None:
             engine = engines[ckpt_dir, compile]
             prompt = [[1] + list(range(3, 18))]
 
-            def timed(n):
+            def timed(n, engine=engine, prompt=prompt):
                 start = time.perf_counter()
                 generate(engine, prompt, n)
                 return time.perf_counter() - start
@@ -255,7 +260,8 @@ def decode(args) -> None:
         for w in workers.values():
             w.close()
     print(
-        f"\ndecode ({load_average()}): batch 1, {args.decode_tokens} tokens, {args.threads} threads, median of {args.rounds} rounds; reference {args.reference}"
+        f"\ndecode ({load_average()}): batch 1, {args.decode_tokens} tokens, {args.threads} threads, "
+        f"median of {args.rounds} rounds; reference {args.reference}"
     )
     for model, compile in cases:
         ours, theirs = (statistics.median(results[name, (model, compile)]) for name in ("blocks", "reference"))
@@ -263,7 +269,8 @@ def decode(args) -> None:
             a / b for a, b in zip(results["blocks", (model, compile)], results["reference", (model, compile)])
         )
         print(
-            f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, reference {theirs:7.1f} tok/s, "
+            f"  {model:8s} {'compiled' if compile == '1' else 'eager':8s} blocks {ours:7.1f} tok/s, "
+            f"reference {theirs:7.1f} tok/s, "
             f"ratio {ours / theirs:.3f} (median of the rounds' ratios {per_round:.3f})"
         )
 
@@ -278,7 +285,8 @@ def concurrency(args) -> None:
 
     tokens = 8 * 2048
     print(
-        f"\nconcurrency ({load_average()}): the bundled model, KV memory of 8 x 2048 = {tokens} tokens, 300-token conversations"
+        f"\nconcurrency ({load_average()}): the bundled model, "
+        f"KV memory of 8 x 2048 = {tokens} tokens, 300-token conversations"
     )
     for name, rows in [("contiguous (8 slots)", 8), ("pool (48 slots)", 48)]:
         engine = load(str(BUNDLED), 2048, rows, kv_cache_tokens=tokens)
@@ -349,7 +357,8 @@ def flex(args) -> None:
                             decode_seconds(engines[attention], prompts, steps)
                         )
     print(
-        f"\nflex ({load_average()}): the compiled decode step, max_seq_len {max_seq_len}, {args.flex_prompt}-token prompts, "
+        f"\nflex ({load_average()}): the compiled decode step, max_seq_len {max_seq_len}, "
+        f"{args.flex_prompt}-token prompts, "
         f"{steps} steps, {args.threads} thread(s), median of {args.rounds} rounds"
     )
     for name, bsz in dict.fromkeys((name, bsz) for name, bsz, _ in results):
@@ -358,7 +367,8 @@ def flex(args) -> None:
         spread = {attention: f"{min(t):.2f}-{max(t):.2f}" for attention, t in times.items()}
         print(
             f"  {name:8s} batch {bsz}: gather {medians['gather']:7.2f} ms/step ({spread['gather']}), "
-            f"flex {medians['flex']:7.2f} ms/step ({spread['flex']}), flex/gather {medians['flex'] / medians['gather']:.3f}"
+            f"flex {medians['flex']:7.2f} ms/step ({spread['flex']}), "
+            f"flex/gather {medians['flex'] / medians['gather']:.3f}"
         )
 
 

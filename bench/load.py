@@ -185,7 +185,7 @@ def compare(args: argparse.Namespace) -> None:
     rows = []
     for impl, measured in runs.items():
 
-        def median(key):
+        def median(key, measured=measured):
             return statistics.median(m[key] for m in measured)
 
         rows.append(
@@ -200,7 +200,8 @@ def compare(args: argparse.Namespace) -> None:
             ]
         )
     print_table(
-        f"loading {disk / 2**20:.0f} MiB of checkpoint as {args.dtype} on the CPU, {args.max_batch_size} x {args.max_seq_len} cache, "
+        f"loading {disk / 2**20:.0f} MiB of checkpoint as {args.dtype} on the CPU, "
+        f"{args.max_batch_size} x {args.max_seq_len} cache, "
         f"median of {args.rounds} fresh processes each",
         [
             "impl",

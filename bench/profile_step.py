@@ -53,7 +53,8 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             decode(decoder, args.steps)
         print(
-            f"\n== {mode}{' compiled' if args.compile else ''}: {tok_s:.1f} tok/s, {1e3 / tok_s:.2f} ms a token ({torch.get_num_threads()} threads)"
+            f"\n== {mode}{' compiled' if args.compile else ''}: {tok_s:.1f} tok/s, "
+            f"{1e3 / tok_s:.2f} ms a token ({torch.get_num_threads()} threads)"
         )
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 

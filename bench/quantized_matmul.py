@@ -59,14 +59,17 @@ def main() -> None:
             seconds[name].append((time.perf_counter() - start) / (args.repeats * args.blocks))
     elements = sum(out * k for out, k in shapes)
     print(
-        f"one token's products over a block of dim {args.dim}, hidden {args.hidden_dim} ({elements / 1e6:.1f}M weights), "
-        f"{torch.get_num_threads()} thread(s), torch's {torch.backends.cpu.get_cpu_capability()} kernels; median of {args.rounds} rounds"
+        f"one token's products over a block of dim {args.dim}, hidden {args.hidden_dim} "
+        f"({elements / 1e6:.1f}M weights), "
+        f"{torch.get_num_threads()} thread(s), torch's {torch.backends.cpu.get_cpu_capability()} kernels; "
+        f"median of {args.rounds} rounds"
     )
     base = statistics.median(seconds["int8"])
     for name, bits in (("int8", 8), ("int4-g64", 4)):
         median = statistics.median(seconds[name])
         print(
-            f"{name:10} {median * 1e3:7.3f} ms  {elements * bits / 8 / median / 1e9:5.1f} GB/s of weights  {base / median:5.2f}x int8's speed"
+            f"{name:10} {median * 1e3:7.3f} ms  {elements * bits / 8 / median / 1e9:5.1f} GB/s of weights  "
+            f"{base / median:5.2f}x int8's speed"
         )
 
 

@@ -73,7 +73,8 @@ def main() -> None:
         f"--threads {cores}": ["--threads", str(cores)],
     }
     print(
-        f"torch {torch.__version__}, {cores} threads by default; {args.rounds} rounds of {len(checkpoints) * len(configs)} runs",
+        f"torch {torch.__version__}, {cores} threads by default; "
+        f"{args.rounds} rounds of {len(checkpoints) * len(configs)} runs",
         flush=True,
     )
     results = {(name, config): [] for name in checkpoints for config in configs}

@@ -65,8 +65,8 @@ def export_runq_model(model: Transformer, path: str, max_seq_len: int, group_siz
         file.write(struct.pack("<Bi", 0, group_size))  # 0: the output projection is its own matrix
         file.write(b"\0" * (HEADER_BYTES - file.tell()))
         norms = (
-            [state[l + "attention_norm.weight"] for l in layers]
-            + [state[l + "ffn_norm.weight"] for l in layers]
+            [state[layer + "attention_norm.weight"] for layer in layers]
+            + [state[layer + "ffn_norm.weight"] for layer in layers]
             + [state["norm.weight"]]
         )
         for norm in norms:
@@ -81,7 +81,7 @@ def export_runq_model(model: Transformer, path: str, max_seq_len: int, group_siz
             "feed_forward.w2",
             "feed_forward.w3",
         ):
-            matrices += [state[f"{l}{kind}.weight"] for l in layers]
+            matrices += [state[f"{layer}{kind}.weight"] for layer in layers]
         for matrix in matrices + [state["output.weight"]]:
             write_q80(file, matrix, group_size)
 
@@ -165,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for mode in filter(None, args.compiled_modes.split(",")):  # the same model, its step compiled
         steps[f"{mode} compiled"] = Engine(models[mode], None, engine_options_for(models[mode], compile=True))
     print(
-        f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; {threads} threads; {args.steps} positions per run"
+        f"checkpoint {ckpt_dir}, {model_args.dim} dim, {model_args.n_layers} layers; "
+        f"{threads} threads; {args.steps} positions per run"
     )
 
     speeds = {name: [] for name in ["runq"] + list(steps)}
@@ -183,12 +184,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     base = statistics.median(speeds["runq"])
     print(
-        f"\n{'implementation':<16}{'tok/s (median)':>16}{'min-max':>16}{'vs runq':>10}{'same greedy tokens as runq':>30}"
+        f"\n{'implementation':<16}{'tok/s (median)':>16}{'min-max':>16}{'vs runq':>10}"
+        f"{'same greedy tokens as runq':>30}"
     )
     for name, s in speeds.items():
         same = agreement(continuations[name], continuations["runq"])
         print(
-            f"{name:<16}{statistics.median(s):>16.1f}{f'{min(s):.1f}-{max(s):.1f}':>16}{statistics.median(s) / base:>9.2f}x"
+            f"{name:<16}{statistics.median(s):>16.1f}{f'{min(s):.1f}-{max(s):.1f}':>16}"
+            f"{statistics.median(s) / base:>9.2f}x"
             f"{f'{same}/{len(continuations[name])}':>30}"
         )
 

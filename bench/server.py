@@ -247,7 +247,8 @@ def section_mixed(servers, tokenizer, args) -> None:
     post(servers[1].port, {**bodies[0], "max_tokens": 2})
     totals = {server.label: {"seconds": 0.0, "tokens": 0, "ttft": [], "gaps": []} for server in servers}
     print(
-        f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, {args.rounds} round(s) per server, "
+        f"\n## mixed: {args.clients} clients x {args.requests_per_client} streamed requests, "
+        f"{args.rounds} round(s) per server, "
         f"{args.slots} slots, {args.threads} thread(s) per server; load average {load()}"
     )
     for round_ in range(args.rounds):
@@ -265,8 +266,10 @@ def section_mixed(servers, tokenizer, args) -> None:
     for policy, t in totals.items():
         ttft, gaps = t["ttft"], t["gaps"]
         print(
-            f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | {percentile(ttft, 0.5):.3f} s | "
-            f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | {1000 * percentile(gaps, 0.5):.1f} ms | "
+            f"| {policy} | {t['tokens'] / t['seconds']:.0f} | {statistics.mean(ttft):.3f} s | "
+            f"{percentile(ttft, 0.5):.3f} s | "
+            f"{percentile(ttft, 0.99):.3f} s | {1000 * statistics.mean(gaps):.1f} ms | "
+            f"{1000 * percentile(gaps, 0.5):.1f} ms | "
             f"{1000 * percentile(gaps, 0.99):.1f} ms |"
         )
     (first, c), (second, s) = totals.items()
@@ -274,7 +277,8 @@ def section_mixed(servers, tokenizer, args) -> None:
     if args.baseline_root:
         goals = "(goal >= 1: no worse)", "(goal <= 1: no worse)"
     print(
-        f"\n{first} / {second}: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s {goals[0]}, "
+        f"\n{first} / {second}: {(c['tokens'] / c['seconds']) / (s['tokens'] / s['seconds']):.2f}x tokens/s "
+        f"{goals[0]}, "
         f"{statistics.mean(c['ttft']) / statistics.mean(s['ttft']):.2f}x mean TTFT {goals[1]}"
     )
 
@@ -284,7 +288,8 @@ def section_short(servers, tokenizer, args) -> None:
     short = {"prompt": "import os\n", "max_tokens": 4, "temperature": 0, "logit_bias": {str(tokenizer.eos_id): -100}}
     long = {**short, "prompt": "def main():\n", "max_tokens": 600}
     print(
-        f"\n## short: a 4-token request alone and beside a running 600-token one, {args.rounds * 3} of each; load average {load()}"
+        "\n## short: a 4-token request alone and beside a running 600-token one, "
+        f"{args.rounds * 3} of each; load average {load()}"
     )
     print("| server | alone (median) | beside (median) | ratio |")
     print("|---|---|---|---|")
@@ -314,7 +319,8 @@ def section_prefill(servers, tokenizer, args) -> None:
     long_prompt = {"prompt": tokenizer.decode(corpus[:999]), "max_tokens": 4, "temperature": 0}
     running_body = {"prompt": "class Stack:\n", "max_tokens": 300, "temperature": 0, "logit_bias": no_eos}
     print(
-        f"\n## prefill: a running row while a {len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
+        "\n## prefill: a running row while a "
+        f"{len(tokenizer.encode(long_prompt['prompt'], bos=True, eos=False))}-token prompt "
         f"is admitted ({server.label}, --prefill_chunk {args.prefill_chunk}); load average {load()}"
     )
     print("| run | median gap | longest gap while admitting | ratio | longest gap overall |")
@@ -335,7 +341,8 @@ def section_prefill(servers, tokenizer, args) -> None:
         median, worst = statistics.median(gaps), max(window)
         ratios.append(worst / median)
         print(
-            f"| {run + 1} | {1000 * median:.1f} ms | {1000 * worst:.1f} ms | {worst / median:.2f}x | {1000 * max(gaps):.1f} ms |"
+            f"| {run + 1} | {1000 * median:.1f} ms | {1000 * worst:.1f} ms | "
+            f"{worst / median:.2f}x | {1000 * max(gaps):.1f} ms |"
         )
     print(f"median ratio {statistics.median(ratios):.2f}x (goal <= 3x)")
 
@@ -422,11 +429,12 @@ def section_stalled(servers, tokenizer, args) -> None:
     """A real request's latency beside ``--stalled`` connections that sent half a request."""
     body = json.dumps({"prompt": "import os\n", "max_tokens": 4, "temperature": 0})
     half = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        + body[: len(body) // 2]
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n" + body[: len(body) // 2]
     ).encode()
     print(
-        f"\n## stalled: a 4-token request alone and beside {args.stalled} connections that sent half a request; load average {load()}"
+        f"\n## stalled: a 4-token request alone and beside {args.stalled} connections "
+        f"that sent half a request; load average {load()}"
     )
     print("| server | alone (median) | beside (median, max) |")
     print("|---|---|---|")
@@ -446,11 +454,13 @@ def section_stalled(servers, tokenizer, args) -> None:
                 post(server.port, json.loads(body))
                 beside.append(time.perf_counter() - start)
             print(
-                f"| {server.label} | {1000 * statistics.median(alone):.1f} ms | {1000 * statistics.median(beside):.1f} ms, {1000 * max(beside):.1f} ms |"
+                f"| {server.label} | {1000 * statistics.median(alone):.1f} ms | "
+                f"{1000 * statistics.median(beside):.1f} ms, {1000 * max(beside):.1f} ms |"
             )
         except (ConnectionError, OSError, RuntimeError) as error:
             print(
-                f"| {server.label} | {1000 * statistics.median(alone) if alone else float('nan'):.1f} ms | failed: {error!r:.80} |"
+                f"| {server.label} | {1000 * statistics.median(alone) if alone else float('nan'):.1f} ms | "
+                f"failed: {error!r:.80} |"
             )
         finally:
             for connection in stalled:

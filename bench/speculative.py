@@ -48,7 +48,8 @@ REPEATING = {
         "def read_file(path):\n    with open(path) as f:\n        data = f.read()\n    return data.splitlines()\n\n\n"
         "# the same function, for bytes\ndef read_bytes(path):\n    with open(path"
     ),
-    "table": "COLORS = {\n    'red': (255, 0, 0),\n    'green': (0, 255, 0),\n    'blue': (0, 0, 255),\n    'black': (0, 0, 0),\n",
+    "table": "COLORS = {\n    'red': (255, 0, 0),\n    'green': (0, 255, 0),\n"
+    "    'blue': (0, 0, 255),\n    'black': (0, 0, 0),\n",
 }
 
 
@@ -86,7 +87,8 @@ def compare(engines, prompts, args, speculate: str, title: str) -> None:
             per_step = (len(row.tokens) - 1) / row.speculative_steps  # the first token comes from the prefill
             ratios[k].append(fast_rate / plain_rate)
             print(
-                f"{name:<10} {k:>2} {plain_rate:>11.1f} {fast_rate:>10.1f} {fast_rate / plain_rate:>5.2f}x {acceptance:>7.2f} {per_step:>8.2f}"
+                f"{name:<10} {k:>2} {plain_rate:>11.1f} {fast_rate:>10.1f} "
+                f"{fast_rate / plain_rate:>5.2f}x {acceptance:>7.2f} {per_step:>8.2f}"
             )
     for k, values in ratios.items():
         print(f"k={k}: median speed-up over the prompts {statistics.median(values):.2f}x")

@@ -164,8 +164,10 @@ def section_libraries(args) -> None:
                     results[cls.name]["refuses"] = f"yes: {str(error).splitlines()[0][-60:]}"
         for name, result in results.items():
             print(
-                f"  {name:10s} vocabulary {1e3 * statistics.median(result['vocabulary']):8.1f} ms   grammar {1e3 * statistics.median(result['grammar']):7.2f} ms"
-                f"   8-row masks per step {1e3 * statistics.median(result['masks']):6.3f} ms   refuses 'not': {result['refuses']}"
+                f"  {name:10s} vocabulary {1e3 * statistics.median(result['vocabulary']):8.1f} ms   "
+                f"grammar {1e3 * statistics.median(result['grammar']):7.2f} ms"
+                f"   8-row masks per step {1e3 * statistics.median(result['masks']):6.3f} ms   "
+                f"refuses 'not': {result['refuses']}"
             )
 
 
@@ -191,7 +193,8 @@ def section_decode(args) -> None:
             rates[name].append(sum(map(len, request.tokens)) / seconds)
     free_rate, constrained_rate = statistics.median(rates["free"]), statistics.median(rates["constrained"])
     print(
-        f"\ndecode, bundled model, {ROWS} rows x {args.tokens} tokens, {args.threads} thread(s), {args.rounds} rounds (load {os.getloadavg()[0]:.1f}):"
+        f"\ndecode, bundled model, {ROWS} rows x {args.tokens} tokens, {args.threads} thread(s), "
+        f"{args.rounds} rounds (load {os.getloadavg()[0]:.1f}):"
     )
     print(f"  free        {free_rate:8.0f} tok/s   {[round(r) for r in rates['free']]}")
     print(f"  constrained {constrained_rate:8.0f} tok/s   {[round(r) for r in rates['constrained']]}")

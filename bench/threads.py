@@ -100,7 +100,8 @@ def main() -> None:
         itertools.product(checkpoints, [int(t) for t in args.thread_counts.split(",")], args.policies.split(","))
     )
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs; {args.rounds} rounds of {len(configs)} configurations x (quiet, neighbour)",
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; {args.rounds} rounds of "
+        f"{len(configs)} configurations x (quiet, neighbour)",
         flush=True,
     )
 

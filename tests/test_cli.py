@@ -371,6 +371,6 @@ def test_the_compile_line_names_every_step_that_was_compiled_and_none_when_nothi
     runner.compile_seconds, speculator.verify_forward.compile_seconds = 12.34, 5.0
     speculator.draft_forward = step("draft's step", 3.06)
     assert (
-        compile_line(engine)
-        == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, the draft's step in 3.1 s (on first use, counted above)"
+        compile_line(engine) == "Compiled the decode step in 12.3 s, the verification pass in 5.0 s, "
+        "the draft's step in 3.1 s (on first use, counted above)"
     )

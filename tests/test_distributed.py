@@ -303,7 +303,8 @@ def published_args(name: str) -> ModelArgs:
 
 
 def rank_shapes(args: ModelArgs, group) -> dict:
-    """The shapes of this rank's tensors split over ``group``, in the model the loader builds on the meta device to fill."""
+    """The shapes of this rank's tensors split over ``group``, in the model the loader builds on the
+    meta device to fill."""
     with torch.device("meta"):
         model = Transformer(args, group)
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}

@@ -91,7 +91,10 @@ def test_file_that_is_not_a_tokenizer(ckpt, tmp_path):
 
 def test_tokenizer_path_that_is_a_directory_says_so_and_names_the_file_in_it(ckpt, tokenizer_path, tmp_path):
     shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
-    message = f"tokenizer path {tmp_path} is a directory; a tokenizer.model or tokenizer.json file is expected: pass {tmp_path / 'tokenizer.model'}"
+    message = (
+        f"tokenizer path {tmp_path} is a directory; a tokenizer.model or tokenizer.json file is expected: "
+        f"pass {tmp_path / 'tokenizer.model'}"
+    )
     with pytest.raises(IsADirectoryError, match=f"^{re.escape(message)}$"):
         build(ckpt, str(tmp_path))
 
@@ -122,7 +125,8 @@ def test_no_tokenizer_in_or_beside_the_folder_names_both_places_and_the_flag(tmp
     with pytest.raises(
         FileNotFoundError,
         match=re.escape(
-            f"none of {own} or {beside} exists; pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path"
+            f"none of {own} or {beside} exists; "
+            "pass the checkpoint's tokenizer.model or tokenizer.json with --tokenizer_path"
         ),
     ):
         resolve_tokenizer_path(str(tmp_path / "llama-2-7b"))
@@ -173,7 +177,10 @@ def test_shape_mismatch_names_key_file_and_both_shapes(broken, tokenizer_path):
     state = torch.load(broken / "consolidated.00.pth", weights_only=True)
     state["layers.0.attention.wk.weight"] = torch.zeros(12, 64, dtype=torch.bfloat16)
     torch.save(state, broken / "consolidated.00.pth")
-    expected = r"consolidated.00.pth: layers.0.attention.wk.weight has shape \(12, 64\), expected \(16, 64\) \(a \(32, 64\) tensor split over 2 shard"
+    expected = (
+        r"consolidated.00.pth: layers.0.attention.wk.weight has shape \(12, 64\), expected \(16, 64\) "
+        r"\(a \(32, 64\) tensor split over 2 shard"
+    )
     with pytest.raises(ValueError, match=expected):
         build(broken, tokenizer_path)
 

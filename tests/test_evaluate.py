@@ -38,11 +38,12 @@ CHOICE_DOCS = [
 TEXT_DOCS = [  # scored in rolling windows of MAX_SEQ_LEN tokens: one window, then several
     {"text": "import os"},
     {
-        "text": "def read(path):\n    with open(path) as f:\n        return f.read()\n\n\nclass Reader:\n    def __init__(self, path):\n        self.path = path\n"
+        "text": "def read(path):\n    with open(path) as f:\n        return f.read()\n\n\n"
+        "class Reader:\n    def __init__(self, path):\n        self.path = path\n"
     },
     {
-        "text": "x = [i * i for i in range(10) if i % 2]\nprint(sum(x), len(x), max(x), min(x), sorted(x, reverse=True))\n"
-        * 2
+        "text": "x = [i * i for i in range(10) if i % 2]\n"
+        "print(sum(x), len(x), max(x), min(x), sorted(x, reverse=True))\n" * 2
     },
 ]
 GENERATION_DOCS = [

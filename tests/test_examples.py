@@ -187,7 +187,8 @@ def test_verbose_text_completion_prints_the_same_text_and_prompt_and_decode_spee
     texts = plain.stdout.split("Generated")[0].split("\n", 1)[1]  # after the "Loaded ..." line
     assert texts in verbose.stdout
     assert re.search(
-        r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), generated: \d+ tokens, the first of each row with the prompt, "
+        r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), generated: \d+ tokens, "
+        r"the first of each row with the prompt, "
         r"then decode: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)",
         verbose.stdout,
     )

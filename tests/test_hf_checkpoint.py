@@ -216,7 +216,8 @@ def test_missing_default_tokenizer_names_where_it_looked(hf_copy):
     (Path(hf_copy) / "tokenizer.model").unlink()
     with pytest.raises(
         FileNotFoundError,
-        match="no --tokenizer_path given, and none of .*copy.tokenizer.model, .*copy.tokenizer.json, .*copy.original.tokenizer.model or .*tokenizer.model exists",
+        match="no --tokenizer_path given, and none of .*copy.tokenizer.model, .*copy.tokenizer.json, "
+        ".*copy.original.tokenizer.model or .*tokenizer.model exists",
     ):
         build(hf_copy)
 

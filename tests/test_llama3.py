@@ -175,7 +175,8 @@ def test_llama3_rope_without_its_keys_names_them():
     }
     with pytest.raises(
         ValueError,
-        match=r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'\]",
+        match=r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor', "
+        r"'high_freq_factor', 'original_max_position_embeddings'\]",
     ):
         config_to_params(config, "config.json")
 
@@ -374,7 +375,8 @@ def test_vocabulary_that_does_not_match_the_embedding_is_an_error(llama3_folders
     _, _, meta_folder = llama3_folders["3.1: Meta's constants, factor 8"]
     with pytest.raises(
         ValueError,
-        match=r"^tokenizer \S+ has 512 tokens but the checkpoint's tok_embeddings.weight has 812 rows \(\S+consolidated.00.pth\): this tokenizer is not the checkpoint's$",
+        match=r"^tokenizer \S+ has 512 tokens but the checkpoint's tok_embeddings.weight has 812 rows "
+        r"\(\S+consolidated.00.pth\): this tokenizer is not the checkpoint's$",
     ):
         build(meta_folder, tokenizer_path=tokenizer_path)
 
@@ -482,9 +484,11 @@ def test_chat_reply_ends_at_each_stop_token(llama3_folders, llama3_tokenizer):
 
 
 ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
     "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 
@@ -525,7 +529,8 @@ def test_chat_template_of_the_header_format_is_metas_chat_format(template_folder
     config_path = Path(template_folder) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["chat_template"] = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     )
     config_path.write_text(json.dumps(config))
     assert build(template_folder).encode_dialog(DIALOG) == metas_chat_tokens(DIALOG, llama3_tokenizer[2])
@@ -751,10 +756,15 @@ def test_tool_calls_are_written_in_metas_llama31_format_and_a_forced_call_is_val
         )
 
     instruction = (
-        "Answer the user's question by making use of the following functions if needed.\nIf none of the function can be used, please say so.\n"
-        f"Here is a list of functions in JSON format:\n{json.dumps(tool, indent=4)}\n\nReturn function calls in JSON format."
+        "Answer the user's question by making use of the following functions if needed.\n"
+        "If none of the function can be used, please say so.\n"
+        f"Here is a list of functions in JSON format:\n{json.dumps(tool, indent=4)}\n\n"
+        "Return function calls in JSON format."
     )
-    system = f"Environment: ipython\n\nCutting Knowledge Date: December 2023\nToday Date: {datetime.now().strftime('%d %B %Y')}\n\nBe brief."
+    system = (
+        "Environment: ipython\n\nCutting Knowledge Date: December 2023\n"
+        f"Today Date: {datetime.now().strftime('%d %B %Y')}\n\nBe brief."
+    )
     expected = metas_chat_tokens(
         [{"role": "system", "content": system}, {"role": "user", "content": instruction}, messages[1]], encoding
     )

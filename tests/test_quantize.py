@@ -169,7 +169,10 @@ def test_bad_quantize_values_name_the_ones_that_work(value, message):
 
 def test_group_size_not_dividing_a_layer_names_the_layer_and_a_group_size_that_works(make_checkpoint, tokenizer_path):
     ckpt_dir, _ = make_checkpoint()  # the feed-forward's hidden size is 224 = 7 * 32
-    message = r"quantize='int4-g64' cannot hold .*layers.0.feed_forward.w2: its 224 input features are not a multiple of the group size 64.*quantize='int4-g32' would work"
+    message = (
+        r"quantize='int4-g64' cannot hold .*layers.0.feed_forward.w2: its 224 input features "
+        r"are not a multiple of the group size 64.*quantize='int4-g32' would work"
+    )
     with pytest.raises(ValueError, match=message):
         Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", quantize="int4-g64")
 
@@ -267,6 +270,9 @@ def test_int4_groups_that_would_straddle_two_ranks_are_an_error(make_checkpoint,
     ckpt_dir, _ = make_checkpoint(n_shards=2)  # hidden 224: 112 input features of w2 per rank
     fake_world(2)
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512, "max_seq_len": 16, "max_batch_size": 1})
-    message = r"split over 2 ranks: layers.0.feed_forward.w2: its 112 input features are not a multiple of the group size 32.*use quantize='int8'"
+    message = (
+        r"split over 2 ranks: layers.0.feed_forward.w2: its 112 input features "
+        r"are not a multiple of the group size 32.*use quantize='int8'"
+    )
     with pytest.raises(ValueError, match=message):
         load_model(ckpt_dir, args, torch.device("cpu"), torch.bfloat16, Quantization(4, 32), group=dist.group.WORLD)

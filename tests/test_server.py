@@ -446,7 +446,8 @@ def test_malformed_json_gets_400(server):
 def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
     connection = socket.create_connection(("127.0.0.1", int(server.port)), timeout=30)
     connection.sendall(  # the headers announce 2 MiB; the body never comes, the answer does
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n".encode()
     )
     response = b""
     while chunk := connection.recv(4096):
@@ -684,7 +685,8 @@ def test_a_streamed_call_comes_as_delta_tool_calls_and_its_result_goes_back_as_a
         model="tiny-stdlib", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
     )
     arguments = json.loads(call.function.arguments)
-    convention = [  # the documented JSON convention of a format without tool calls (Llama 2's); "none": no functions described
+    # the documented JSON convention of a format without tool calls (Llama 2's); "none": no functions described
+    convention = [
         QUESTION[0],
         {"role": "assistant", "content": json.dumps({"name": "weather", "parameters": arguments})},
         {"role": "user", "content": "weather returned: 22 C"},
@@ -800,7 +802,8 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     answer = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[0], max_tokens=5, temperature=0)
     raw_request(server, "POST", "/v1/completions", b'{"prompt": "x", "top_p": 7}')
     after = metrics(server)
-    requests = 'llama_requests_total{code="%d",endpoint="/v1/completions",method="POST"}'  # labels in prometheus_client's order
+    # labels in prometheus_client's order
+    requests = 'llama_requests_total{code="%d",endpoint="/v1/completions",method="POST"}'
     assert after[requests % 200] - before.get(requests % 200, 0) == 1
     assert after[requests % 400] - before.get(requests % 400, 0) == 1
     assert (
@@ -1012,7 +1015,7 @@ def test_the_default_context_is_capped_so_that_the_kv_cache_fits_in_half_the_mem
     assert token_bytes == 2 * 2 * 4 * 8 * 4  # keys and values, of 2 layers, of 4 heads of 8 features, in float32
     for rows_of, expected in ((800, 768), (700, 688), (300, 512)):  # 688: whole blocks of 16; 512: the least
         free = weights + 2 * 8 * rows_of * token_bytes  # twice what 8 rows of that length take
-        monkeypatch.setattr(chosen, "available_memory", lambda device: (free, "of memory available"))
+        monkeypatch.setattr(chosen, "available_memory", lambda device, free=free: (free, "of memory available"))
         tokens, said = chosen.default_context(ckpt_dir, tokenizer_path, 8, None, torch.device("cpu"), "float32", None)
         assert tokens == expected, rows_of
         if expected < 768:

@@ -147,7 +147,8 @@ def test_greedy_lookup_returns_plain_greedy_tokens_in_a_ragged_batch(llama):
     assert (
         len({(row.speculative_steps, row.accepted) for row in rows}) == 3 and max(row.accepted for row in rows) > 0
     )  # ragged
-    # 39 tokens after the first: each step gives its accepted proposals and one token (the last step may give more than are left)
+    # 39 tokens after the first: each step gives its accepted proposals and one token (the last step
+    # may give more than are left)
     assert (
         all(row.speculative_steps + row.accepted >= 39 for row in rows)
         and sum(row.speculative_steps for row in rows) < 3 * 39
@@ -247,7 +248,8 @@ def test_a_draft_with_another_vocabulary_is_refused(checkpoint, tokenizer_path, 
     save_checkpoint(str(tmp_path), {"dim": 32, "n_layers": 1, "n_heads": 4}, Transformer(args).state_dict())
     with pytest.raises(
         ValueError,
-        match=rf"draft checkpoint {tmp_path} has a vocabulary of 300 tokens .*consolidated.00.pth.* {tokenizer_path} has 512",
+        match=rf"draft checkpoint {tmp_path} has a vocabulary of 300 tokens "
+        rf".*consolidated.00.pth.* {tokenizer_path} has 512",
     ):
         Llama.build(ckpt_dir, tokenizer_path, 32, 1, device="cpu", draft_ckpt_dir=str(tmp_path))
 

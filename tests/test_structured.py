@@ -108,7 +108,7 @@ def test_a_llama3_vocabulary_spells_valid_json_under_the_mask(llama3_tokenizer):
     tokenizer = Tokenizer(llama3_tokenizer[0])
     constraints = Constraints(tokenizer, tokenizer.n_words)
     rng, stops = random.Random(0), set(tokenizer.stop_tokens)
-    for walk in range(4):
+    for _walk in range(4):
         constraints.end(0)
         constraints.start(0, SCHEMAS[0], False)
         tokens = []

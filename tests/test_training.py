@@ -210,7 +210,7 @@ def test_the_gradients_the_chunked_loss_keeps_are_freed_by_its_backward_not_with
     ]  # the scored rows', the weight's
     loss.backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        loss.grad_fn.saved_tensors  # the training loop holds the loss until the next micro-batch
+        _ = loss.grad_fn.saved_tensors  # the training loop holds the loss until the next micro-batch
 
 
 def test_the_models_training_loss_and_gradients_equal_cross_entropy_over_its_logits_padded_and_packed():
