@@ -41,6 +41,7 @@ from common import bytes_per_token, print_table, read_bandwidth
 from compare import Ours, cuda_bandwidth, mode_settings, timed
 from llama.checkpoints.loader import layout_of, load_model
 from llama.checkpoints.writers import save_checkpoint
+from llama.engine.engine import engine_options_for, setup_pool
 from llama.layers.kv_cache import BlockTables, attended_tables, contiguous_tables
 from llama.model import ModelArgs
 
@@ -288,6 +289,7 @@ def measure_mode(
             )
         )
     prompt = torch.randint(3, VOCAB_SIZE, (1, sizes.prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
+    setup_pool(model, engine_options_for(model))  # the pool an engine sets up, which the prefill writes
     prefill_tok_s(model, prompt[:, :8], device)  # warm-up
     prefill = statistics.median(prefill_tok_s(model, prompt, device) for _ in range(sizes.rounds))
     per_token = bytes_per_token(model)
@@ -330,7 +332,7 @@ POOL_BATCHES = (1, 8, 32, 64)
 def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.device) -> List[list]:
     """The bf16 model with ``max(POOL_BATCHES)`` slots over a pool of 80% of the memory left after
     loading (dry run: every slot's whole context); per batch, decode tokens/s of that many rows."""
-    from llama.engine import Engine, engine_options_for
+    from llama.engine import Engine
     from llama.layers.kv_cache import cache_dtype
     from llama.options import GenerationOptions
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from common import DTYPES, add_checkpoint_args, checkpoint_args, checkpoint_bytes, print_table, random_checkpoint
 from llama.checkpoints.loader import checkpoint_folder, load_model, shard_paths
+from llama.engine.engine import engine_options_for, setup_pool
 from llama.layers.quantize import parse_quantize
 
 
@@ -120,6 +121,7 @@ def measure(args: argparse.Namespace) -> dict:
     if args.impl == "llama":  # Llama.build minus the tokenizer: read params, map the shards, build the model
         model_args = checkpoint_args(args.ckpt_dir, args.max_seq_len, args.max_batch_size)
         model = load_model(args.ckpt_dir, model_args, torch.device("cpu"), dtype, parse_quantize(args.quantize))
+        setup_pool(model, engine_options_for(model))  # the pool Llama.build's engine sets up
     elif args.impl == "meta":
         model = load_meta(args.ckpt_dir, args.meta_llama, dtype, args.max_seq_len, args.max_batch_size)
     else:

@@ -372,6 +372,11 @@ class Transformer(nn.Module):
         """Meta's ``forward(tokens, start_pos)``: row b of the model's own cache holds its positions up to
         ``start_pos + seqlen - 1`` in the blocks a contiguous cache would give it."""
         bsz, seqlen = tokens.shape
+        if self.layers[0].attention.kv_cache is None:
+            raise ValueError(
+                "the model has no KV cache pool (load_model leaves it to the engine): set one up with "
+                "Transformer.setup_cache, or decode through Llama.build / llama.engine.Engine"
+            )
         pool = self.layers[0].attention.kv_cache.cache_k  # (n_local_kv_heads, n_blocks, block_size, head_dim)
         block_size = pool.shape[2]
         blocks_per_row = -(-self.params.max_seq_len // block_size)
