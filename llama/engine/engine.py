@@ -151,7 +151,7 @@ class Engine:
     @property
     def max_slots(self) -> int:
         """The number of slots: ``max_batch_size``."""
-        return len(self.scheduler.slots)
+        return self.scheduler.max_slots
 
     @property
     def queue_length(self) -> int:
@@ -308,33 +308,35 @@ class Engine:
                 for row in waiting[request_id].rows:
                     waiting[request_id].finish(row, "cancelled")
                 touched.add(waiting[request_id])
+        held = scheduler.held()
         for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
-            request = scheduler.owners[slot]
+            request = held[slot].request
             if reason == "length":
                 logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
-            self.end(request, scheduler.slots[slot], reason)
+            self.end(request, held[slot], reason)
             touched.add(request)
-        for request, row in scheduler.drop(plan.dropped):
-            request.finish(row, "cancelled")
+        for row in scheduler.drop(plan.dropped):
+            row.request.finish(row, "cancelled")
             self.constraints.end(row)
-            touched.add(request)
+            touched.add(row.request)
         for slot in plan.preemptions:
-            logger.info("a row is preempted at position %d: the KV cache pool is full", scheduler.slots[slot].position)
+            logger.info("a row is preempted at position %d: the KV cache pool is full", held[slot].position)
             self.runner.free(slot)
-            scheduler.preempt(scheduler.slots[slot])
+            scheduler.preempt(held[slot])
         for request_id, index, slot in plan.resumptions:
-            request, row = scheduler.resume(request_id, index)
-            self.runner.set_rows(request.options, [slot], [row])
+            row = scheduler.resume(request_id, index)
+            self.runner.set_rows(row.options, [slot], [row])
             row.prefilled = plan.cached.get(slot, 0)
-            scheduler.take_slot(request, row, slot)
+            scheduler.take_slot(row, slot)
         for request_id, prompts, options, stream_text, slots in plan.admissions:
             request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
             self.admit(request, slots, plan)
             touched.add(request)
+        held = scheduler.held()
         for slot, blocks in plan.tables.items():
-            if scheduler.slots[slot] is not None:
+            if slot in held:
                 self.runner.set_table(slot, blocks)
-        decoding = [row for row in scheduler.running if row.decoding]
+        decoding = scheduler.decoding
         with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
             self.prefill(touched)
             if decoding:
@@ -359,7 +361,7 @@ class Engine:
                 continue
             row.cached = row.prefilled = plan.cached.get(slot, 0)
             self.constraints.start(row, request.options.json_schema, request.options.json_object)
-            self.scheduler.take_slot(request, row, slot)
+            self.scheduler.take_slot(row, slot)
 
     def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
         """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
@@ -392,11 +394,9 @@ class Engine:
             row.prefilled += n
             if row.prefilled < len(row.target):
                 continue
-            self.scheduler.prefilling.remove(row)
-            request = self.scheduler.owners[row.slot]
+            request = row.request
             if row.tokens:  # resumed after a preemption
                 self.runner.resume(row)
-                row.decoding = True
             elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
                 self.end(request, row, "length")
                 touched.add(request)
@@ -407,8 +407,6 @@ class Engine:
             self.fill_allowed(rows)
             values, features = self.runner.first_tokens(rows, last[first])
             self.record(rows, values, features, touched)
-            for row in rows:
-                row.decoding = row.slot is not None
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
         """One token for each decoding row, or a speculative step when a row speculates (and none
@@ -436,7 +434,7 @@ class Engine:
         """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
         k = features.alternatives
         token, *rest = value
-        request = self.scheduler.owners[row.slot]
+        request = row.request
         options = request.options
         logprob = rest[0] if options.logprobs else None
         alternatives = None

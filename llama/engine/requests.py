@@ -45,23 +45,22 @@ class RowDelta:
 
 
 class Row:
-    """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
+    """One row of a request, on the host: its slot, where it is, what it generated, why it ended. What
+    follows from these (its options, whether it decodes, the tokens it returns) is derived, not kept."""
 
-    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream], options: GenerationOptions):
+    def __init__(self, request: "Request", index: int, prompt: List[int], limit: int, stream: Optional[TextStream]):
+        self.request = request
         self.index = index
-        self.options = options
         self.prompt = prompt
         self.limit = limit  # its output ends by this position
         self.stream = stream
-        self.slot: Optional[int] = None
+        self.slot: Optional[int] = None  # the slot it holds (``Scheduler`` alone sets it)
         self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
         self.target = prompt  # the tokens its prefill puts in the cache: the prompt, or after a preemption all but the last
         self.cached = 0  # prompt tokens found in the prefix cache at admission
         self.prefilled = 0  # target tokens in the cache
-        self.decoding = False  # its prompt is in the cache and it has a token to decode from
         self.position = len(prompt) - 1  # where its last token sits: the next decode step's input
         self.tokens: List[int] = []  # generated, up to the one that completed a stop string
-        self.kept: Optional[int] = None  # after a stop string: how many of them spell the text
         self.logprobs: List[float] = []
         self.top_logprobs: List[List[Tuple[int, float]]] = []
         self.prompt_logprobs: List[float] = [0.0]  # with echo and logprobs; nothing predicts BOS
@@ -71,6 +70,15 @@ class Row:
         self.lookup: Optional["NgramIndex"] = None  # prompt lookup's index of its tokens
         self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
         self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
+
+    @property
+    def options(self) -> GenerationOptions:
+        return self.request.options
+
+    @property
+    def decoding(self) -> bool:
+        """It holds a slot and its prefill is in the cache: it has a token to decode from."""
+        return self.slot is not None and self.prefilled >= len(self.target)
 
     @property
     def sequence(self) -> List[int]:
@@ -84,8 +92,8 @@ class Row:
 
     @property
     def returned(self) -> int:
-        """How many generated tokens it returns."""
-        return len(self.tokens) if self.kept is None else self.kept
+        """How many generated tokens it returns: after a stop string, those that spell the text."""
+        return self.stream.kept if self.stream is not None and self.stream.stopped else len(self.tokens)
 
 
 class Request:
@@ -107,7 +115,8 @@ class Request:
         max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
         streams = stream_text or bool(options.stop_strings)
         self.rows = [
-            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None, options)
+            Row(self, i, prompt, min(len(prompt) + max_gen_len, max_seq_len),
+                TextStream(tokenizer, options.stop_strings) if streams else None)
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
@@ -229,7 +238,7 @@ class Request:
             if row.stream is not None:
                 row.stream.push(token)
                 if row.stream.stopped:
-                    row.kept, row.finish_reason = row.stream.covering_tokens(), "stop"
+                    row.finish_reason = "stop"
                     return
             if row.position + 1 >= row.limit:
                 row.finish_reason = "length"

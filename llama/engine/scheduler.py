@@ -65,15 +65,26 @@ class Scheduler:
     def __init__(self, max_slots: int, max_seq_len: int, blocks: BlockManager, admission: str = "continuous"):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
-        self.max_seq_len, self.blocks, self.admission = max_seq_len, blocks, admission
-        self.slots: List[Optional[Row]] = [None] * max_slots
-        self.owners: Dict[int, Request] = {}  # slot -> its row's request
-        self.running: List[Row] = []  # rows holding a slot, in the order they were admitted
-        self.prefilling: List[Row] = []  # admitted rows whose prefill is not all in the cache, oldest first
+        self.max_slots, self.max_seq_len, self.blocks, self.admission = max_slots, max_seq_len, blocks, admission
+        self.running: List[Row] = []  # the rows holding a slot (``Row.slot``), in the order they were admitted
         self.waiting: Deque[Request] = deque()
-        self.preempted: Deque[Tuple[Request, Row]] = deque()  # rows that gave their blocks back, first to resume first
+        self.preempted: Deque[Row] = deque()  # rows that gave their blocks back, first to resume first
         self.arrived = threading.Condition()  # guards ``waiting``; notified by each submission
         self.preemptions = 0  # rows preempted since the start
+
+    @property
+    def decoding(self) -> List[Row]:
+        """The running rows whose prefill is in the cache, oldest first."""
+        return [row for row in self.running if row.decoding]
+
+    @property
+    def prefilling(self) -> List[Row]:
+        """The running rows whose prefill is not all in the cache yet, oldest first."""
+        return [row for row in self.running if not row.decoding]
+
+    def held(self) -> Dict[int, Row]:
+        """Each held slot's row."""
+        return {row.slot: row for row in self.running}
 
     def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str, kv_cache_tokens: int) -> None:
         """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
@@ -91,17 +102,18 @@ class Scheduler:
         blocks the decoding rows write into (preempting when the pool has none), the admissions."""
         plan = StepPlan("step")
         with self.arrived:
-            for slot, row in enumerate(self.slots):
-                if row is not None and row.index in self.owners[slot].cancelled:
-                    plan.cancellations.append(slot)
+            for row in self.running:
+                if row.index in row.request.cancelled:
+                    plan.cancellations.append(row.slot)
                     self.release(row)
             for request in self.waiting:
                 if len(request.cancelled) == request.n_rows:
                     plan.withdrawn.append(request.id)
-            plan.dropped = [(request.id, row.index) for request, row in self.preempted if row.index in request.cancelled]
+            plan.dropped = [(row.request.id, row.index) for row in self.preempted if row.index in row.request.cancelled]
             self.plan_growth(plan)
-            free = [slot for slot, row in enumerate(self.slots) if row is None or slot in plan.cancellations]
-            if not plan.preemptions and (self.admission == "continuous" or len(free) == len(self.slots)):
+            held = {row.slot for row in self.running} - set(plan.cancellations)
+            free = [slot for slot in range(self.max_slots) if slot not in held]
+            if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
                 self.plan_admissions(plan, free)
         return plan
 
@@ -110,7 +122,7 @@ class Scheduler:
         has none, the newest running row gives its blocks back (``preemptions``), or, alone, the row
         ends (``exhausted``)."""
         gone = set(plan.cancellations)
-        decoding = [row for row in self.running if row.decoding and row.slot not in gone]
+        decoding = [row for row in self.decoding if row.slot not in gone]
         k = max((row.options.speculate_k for row in decoding if row.options.speculate), default=0)
         for row in decoding:
             if row.slot in gone:
@@ -135,12 +147,12 @@ class Scheduler:
     def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
-        for request, row in self.preempted:
-            if (request.id, row.index) in plan.dropped:
+        for row in self.preempted:
+            if (row.request.id, row.index) in plan.dropped:
                 continue
             if not free or not self.allocate(row, free[0], plan):
                 return
-            plan.resumptions.append((request.id, row.index, free.pop(0)))
+            plan.resumptions.append((row.request.id, row.index, free.pop(0)))
         for request in self.waiting:
             if request.id in plan.withdrawn:
                 continue
@@ -185,50 +197,44 @@ class Scheduler:
             self.waiting = deque(request for request in self.waiting if request.id not in taken)
         return waiting
 
-    def take_slot(self, request: Request, row: Row, slot: int) -> None:
+    def take_slot(self, row: Row, slot: int) -> None:
         row.slot = slot
-        self.slots[slot], self.owners[slot] = row, request
         self.running.append(row)
-        self.prefilling.append(row)
 
     def free_slot(self, row: Row) -> None:
-        if row in self.prefilling:
-            self.prefilling.remove(row)
         self.running.remove(row)
-        self.slots[row.slot] = None
-        del self.owners[row.slot]
-        row.slot, row.decoding = None, False
+        row.slot = None
 
     def preempt(self, row: Row) -> None:
         """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
         prompt and what it generated but the last token, the next decode step's input."""
         self.preemptions += 1
-        request = self.owners[row.slot]
         self.free_slot(row)
         if row.tokens:
             row.target = row.sequence[: row.position]
         else:
             row.prompt_logprobs = [0.0]  # scored again from the start
         row.prefilled = 0
-        self.preempted.appendleft((request, row))
+        self.preempted.appendleft(row)
 
-    def resume(self, request_id: int, index: int) -> Tuple[Request, Row]:
+    def resume(self, request_id: int, index: int) -> Row:
         """The first preempted row, which the plan names."""
-        request, row = self.preempted.popleft()
-        if (request.id, row.index) != (request_id, index):
-            raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request {request.id} row {row.index}")
-        return request, row
+        row = self.preempted.popleft()
+        if (row.request.id, row.index) != (request_id, index):
+            raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request "
+                               f"{row.request.id} row {row.index}")
+        return row
 
-    def drop(self, dropped: List[Tuple[int, int]]) -> List[Tuple[Request, Row]]:
+    def drop(self, dropped: List[Tuple[int, int]]) -> List[Row]:
         """The preempted rows ``dropped`` names, out of the queue."""
-        rows = [(request, row) for request, row in self.preempted if (request.id, row.index) in dropped]
-        self.preempted = deque(pair for pair in self.preempted if pair not in rows)
+        rows = [row for row in self.preempted if (row.request.id, row.index) in dropped]
+        self.preempted = deque(row for row in self.preempted if row not in rows)
         return rows
 
     def forget_ended(self) -> None:
         """Preempted rows that ended meanwhile (a failed step) leave the queue."""
-        self.preempted = deque((request, row) for request, row in self.preempted if row.finish_reason is None)
+        self.preempted = deque(row for row in self.preempted if row.finish_reason is None)
 
     def requests(self) -> set:
         """Every request holding a slot or a preempted row."""
-        return set(self.owners.values()) | {request for request, _ in self.preempted}
+        return {row.request for row in self.running} | {row.request for row in self.preempted}
