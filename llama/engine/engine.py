@@ -46,9 +46,9 @@ import torch
 import torch.distributed as dist
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row, RowDelta  # noqa: F401 (the engine's public names)
-from llama.engine.runner import Features, Runner
-from llama.engine.scheduler import Scheduler, StepPlan
+from llama.engine.requests import Request, Row, RowDelta, Sampled  # noqa: F401 (the engine's public names)
+from llama.engine.runner import Runner
+from llama.engine.scheduler import Moves, Scheduler, StepPlan
 from llama.engine.speculative import Speculator
 from llama.model import Transformer
 from llama.options import GenerationOptions, check_batch_size, check_prompts
@@ -275,13 +275,9 @@ class Engine:
         are untouched."""
         for request in self.scheduler.requests() | self.in_step:
             for row in request.rows:
-                if row.slot is not None:
-                    self.end(request, row, "error")
-                elif row.finish_reason is None:
-                    request.finish(row, "error")
-                    self.constraints.end(row)
+                if row.slot is not None or row.finish_reason is None:
+                    self.end(row, "error", set())
             request.publish()
-        self.scheduler.forget_ended()
         self.in_step = set()
 
     def follow(self) -> None:
@@ -313,16 +309,12 @@ class Engine:
             request = held[slot].request
             if reason == "length":
                 logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
-            self.end(request, held[slot], reason)
-            touched.add(request)
+            self.end(held[slot], reason, touched)
         for row in scheduler.drop(plan.dropped):
-            row.request.finish(row, "cancelled")
-            self.constraints.end(row)
-            touched.add(row.request)
+            self.end(row, "cancelled", touched)
         for slot in plan.preemptions:
             logger.info("a row is preempted at position %d: the KV cache pool is full", held[slot].position)
-            self.runner.free(slot)
-            scheduler.preempt(held[slot])
+            self.sync(scheduler.preempt(held[slot]), touched)
         for request_id, index, slot in plan.resumptions:
             row = scheduler.resume(request_id, index)
             self.runner.set_rows(row.options, [slot], [row])
@@ -344,7 +336,6 @@ class Engine:
         scheduler.register_written()
         for request in touched:
             request.publish()
-        scheduler.forget_ended()
         self.in_step = set()
         return bool(touched)
 
@@ -363,14 +354,20 @@ class Engine:
             self.constraints.start(row, request.options.json_schema, request.options.json_object)
             self.scheduler.take_slot(row, slot)
 
-    def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
-        """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
-        if reason is not None:
-            request.finish(row, reason)
-        self.scheduler.release(row)
-        self.constraints.end(row)
-        self.runner.free(row.slot)
-        self.scheduler.free_slot(row)
+    def end(self, row: Row, reason: Optional[str], touched: Set[Request]) -> None:
+        """The row ends (``reason``: why, if it does not know yet), freeing its slot and its blocks."""
+        self.sync(self.scheduler.end(row, reason), touched)
+
+    def sync(self, moves: Moves, touched: Set[Request]) -> None:
+        """The device's slots and the grammars follow what the scheduler changed."""
+        for row, _, tokens in moves.taken:
+            for token in tokens:
+                self.constraints.advance(row, token)
+        for row in moves.ended:
+            self.constraints.end(row)
+        for slot in moves.vacated:
+            self.runner.free(slot)
+        touched |= moves.touched
 
     def prefill(self, touched: Set[Request]) -> None:
         """The next chunk of the oldest admitted rows' prefills, in one pass; the rows whose prompt is
@@ -394,29 +391,25 @@ class Engine:
             row.prefilled += n
             if row.prefilled < len(row.target):
                 continue
-            request = row.request
             if row.tokens:  # resumed after a preemption
                 self.runner.resume(row)
             elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
-                self.end(request, row, "length")
-                touched.add(request)
+                self.end(row, "length", touched)
             else:
                 first.append(i)
         if first:
             rows = [batch[i][0] for i in first]
             self.fill_allowed(rows)
-            values, features = self.runner.first_tokens(rows, last[first])
-            self.record(rows, values, features, touched)
+            self.record([(row, [token]) for row, token in zip(rows, self.runner.first_tokens(rows, last[first]))], touched)
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
         """One token for each decoding row, or a speculative step when a row speculates (and none
         follows a grammar, which takes one token a step)."""
         if any(row.options.speculate for row in rows) and not any(row.options.constrained for row in rows):
-            values, n, features = self.speculator.speculate(rows)
-            return self.record_speculation(rows, values, n, features, touched)
+            self.speculator.advance(self.record(list(zip(rows, self.speculator.speculate(rows))), touched))
+            return
         self.fill_allowed(rows)
-        values, features = self.runner.decode(rows)
-        self.record(rows, values, features, touched)
+        self.record([(row, [token]) for row, token in zip(rows, self.runner.decode(rows))], touched)
 
     def fill_allowed(self, rows: List[Row]) -> None:
         """Each constrained row's next allowed tokens into the runner's mask (the others allow all)."""
@@ -425,46 +418,13 @@ class Engine:
             indices, allowed = masks
             self.runner.set_allowed([rows[i].slot for i in indices], allowed)
 
-    def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
-        """Each row learns its token (``pack``'s columns), and ends if it must."""
-        for row, value in zip(rows, values):
-            self.record_token(row, value, features, touched)
-
-    def record_token(self, row: Row, value: List[float], features: Features, touched: Set[Request]) -> bool:
-        """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
-        k = features.alternatives
-        token, *rest = value
-        request = row.request
-        options = request.options
-        logprob = rest[0] if options.logprobs else None
-        alternatives = None
-        if options.top_logprobs:
-            ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
-            alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
-        self.constraints.advance(row, int(token))
-        request.record(row, int(token), logprob, alternatives)
-        touched.add(request)
-        if row.finish_reason is None:
-            return False
-        self.end(request, row)
-        return True
-
-    def record_speculation(self, rows: List[Row], values: List[List[float]], n: int, features: Features, touched: Set[Request]) -> None:
-        """Each row learns its accepted proposals and the token after them, one by one, until it ends;
-        the slots' last tokens, positions, seen tokens and counts follow. values: per slot, the
-        accepted count, then ``pack``'s columns for each of the n verified positions."""
-        emitted, lasts = [], []
-        for row in rows:
-            slot, (accepted, *columns) = row.slot, values[row.slot]
-            row.accepted += int(accepted)
-            size = len(columns) // n
-            for i in range(int(accepted) + 1):
-                value = columns[i * size : (i + 1) * size]
-                emitted.append((slot, int(value[0])))
-                if self.record_token(row, value, features, touched):
-                    break
-            lasts.append((slot, emitted[-1][1], row.position))
-        self.speculator.advance(emitted, lasts)
+    def record(self, sampled: List[Tuple[Row, List[Sampled]]], touched: Set[Request]) -> List[Tuple[Row, int, List[int]]]:
+        """The one way a sampled token reaches the host: each row records its tokens in order until it
+        ends (``Scheduler.postprocess``), its grammar follows, and a row that ended leaves its slot.
+        Returns what each row took: (the row, its slot, its tokens)."""
+        moves = self.scheduler.postprocess(sampled)
+        self.sync(moves, touched)
+        return moves.taken
 
 
 def broadcast_plan(plan: StepPlan) -> None:

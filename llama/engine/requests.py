@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
 from llama.options import GenerationOptions
@@ -42,6 +42,15 @@ class RowDelta:
     logprobs: List[float]
     top_logprobs: List[List[Tuple[int, float]]]
     finish_reason: Optional[str]
+
+
+class Sampled(NamedTuple):
+    """A token a row sampled, as the device's step reads it back: its id, its logprob (None unless the
+    request asked for logprobs) and the most likely (token id, logprob) pairs (None unless it asked)."""
+
+    token: int
+    logprob: Optional[float]
+    alternatives: Optional[List[Tuple[int, float]]]
 
 
 class Row:
@@ -221,27 +230,29 @@ class Request:
 
     # --- the engine's side ------------------------------------------------------------------------
 
-    def record(self, row: Row, token: int, logprob: Optional[float], alternatives: Optional[list]) -> None:
-        """Learn the token the row just sampled, at ``row.position + 1``; end the row if it must."""
+    def record(self, row: Row, sampled: Sampled) -> bool:
+        """The row learns a token it sampled, at ``row.position + 1``, and ends if it must (a stop token,
+        a stop string, its limit). Returns whether it ended."""
         with self.lock:
             row.position += 1
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            if token in self.stop_tokens:
+            if sampled.token in self.stop_tokens:
                 row.finish_reason = "stop"
-                return
-            row.tokens.append(token)
-            if logprob is not None:
-                row.logprobs.append(logprob)
-            if alternatives is not None:
-                row.top_logprobs.append(alternatives)
+                return True
+            row.tokens.append(sampled.token)
+            if sampled.logprob is not None:
+                row.logprobs.append(sampled.logprob)
+            if sampled.alternatives is not None:
+                row.top_logprobs.append(sampled.alternatives)
             if row.stream is not None:
-                row.stream.push(token)
+                row.stream.push(sampled.token)
                 if row.stream.stopped:
                     row.finish_reason = "stop"
-                    return
+                    return True
             if row.position + 1 >= row.limit:
                 row.finish_reason = "length"
+            return row.finish_reason is not None
 
     def finish(self, row: Row, reason: str) -> None:
         with self.lock:

@@ -18,10 +18,10 @@ Rank 0 alone keeps the block manager: the plan carries each changed slot's block
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row
+from llama.engine.requests import Request, Row, Sampled
 from llama.options import GenerationOptions
 
 ADMISSIONS = ("continuous", "static")
@@ -49,6 +49,17 @@ class StepPlan:
     dropped: List[Tuple[int, int]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
     cached: Dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Moves:
+    """What the scheduler changed in rows' places, for the device's slots and the grammars to follow
+    (``Engine.sync``)."""
+
+    vacated: List[int] = field(default_factory=list)  # slots a row left (it ended or was preempted)
+    ended: List[Row] = field(default_factory=list)  # rows that ended
+    taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # per row that sampled: its slot, its tokens
+    touched: Set[Request] = field(default_factory=set)  # requests with news to publish
 
 
 class Scheduler:
@@ -201,21 +212,56 @@ class Scheduler:
         row.slot = slot
         self.running.append(row)
 
-    def free_slot(self, row: Row) -> None:
+    def vacate(self, row: Row, moves: Moves) -> None:
+        """The row leaves its slot and gives its blocks back (rank 0's written full ones join the prefix cache)."""
+        self.release(row)
+        moves.vacated.append(row.slot)
         self.running.remove(row)
         row.slot = None
 
-    def preempt(self, row: Row) -> None:
+    def end(self, row: Row, reason: Optional[str] = None, moves: Optional[Moves] = None) -> Moves:
+        """The row ends (``reason``: why, if it does not know yet): it leaves its slot, or the queue of
+        preempted rows."""
+        moves = Moves() if moves is None else moves
+        if reason is not None:
+            row.request.finish(row, reason)
+        if row.slot is not None:
+            self.vacate(row, moves)
+        elif row in self.preempted:
+            self.preempted.remove(row)
+        moves.ended.append(row)
+        moves.touched.add(row.request)
+        return moves
+
+    def postprocess(self, sampled: List[Tuple[Row, List[Sampled]]]) -> Moves:
+        """After a pass: each row records the tokens it sampled, in order, until it ends
+        (``Request.record``); a row that ended leaves its slot."""
+        moves = Moves()
+        for row, tokens in sampled:
+            slot, taken = row.slot, []
+            for token in tokens:
+                taken.append(token.token)
+                if row.request.record(row, token):
+                    break
+            moves.taken.append((row, slot, taken))
+            moves.touched.add(row.request)
+            if row.finish_reason is not None:
+                self.end(row, moves=moves)
+        return moves
+
+    def preempt(self, row: Row) -> Moves:
         """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
         prompt and what it generated but the last token, the next decode step's input."""
         self.preemptions += 1
-        self.free_slot(row)
+        moves = Moves()
+        self.vacate(row, moves)
         if row.tokens:
             row.target = row.sequence[: row.position]
         else:
             row.prompt_logprobs = [0.0]  # scored again from the start
         row.prefilled = 0
         self.preempted.appendleft(row)
+        return moves
 
     def resume(self, request_id: int, index: int) -> Row:
         """The first preempted row, which the plan names."""
@@ -226,14 +272,8 @@ class Scheduler:
         return row
 
     def drop(self, dropped: List[Tuple[int, int]]) -> List[Row]:
-        """The preempted rows ``dropped`` names, out of the queue."""
-        rows = [row for row in self.preempted if (row.request.id, row.index) in dropped]
-        self.preempted = deque(row for row in self.preempted if row not in rows)
-        return rows
-
-    def forget_ended(self) -> None:
-        """Preempted rows that ended meanwhile (a failed step) leave the queue."""
-        self.preempted = deque(row for row in self.preempted if row.finish_reason is None)
+        """The preempted rows ``dropped`` names."""
+        return [row for row in self.preempted if (row.request.id, row.index) in dropped]
 
     def requests(self) -> set:
         """Every request holding a slot or a preempted row."""
