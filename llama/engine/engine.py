@@ -293,104 +293,72 @@ class Engine:
     # --- a step -----------------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> bool:
-        """Run one step as ``plan`` says; publish what changed. Returns whether anything ran."""
+        """Run one step as ``plan`` says, in three calls: the rows move (``Scheduler.apply``: ends,
+        preemptions, admissions) and the device's slots and the grammars follow; the model runs (a chunk
+        of prefill, then a token for each decoding row); each row records what it sampled (``record``).
+        Then every request with news publishes it. Returns whether anything ran."""
         if plan.kind != "step":
             return False
-        scheduler, touched = self.scheduler, set()
-        waiting = scheduler.take(set(plan.withdrawn) | {admission[0] for admission in plan.admissions})
-        self.in_step = set(waiting.values())
-        for request_id in plan.withdrawn:
-            if request_id in waiting:
-                for row in waiting[request_id].rows:
-                    waiting[request_id].finish(row, "cancelled")
-                touched.add(waiting[request_id])
-        held = scheduler.held()
-        for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
-            request = held[slot].request
-            if reason == "length":
-                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends", request.id, self.model.params.kv_cache_tokens)
-            self.end(held[slot], reason, touched)
-        for row in scheduler.drop(plan.dropped):
-            self.end(row, "cancelled", touched)
-        for slot in plan.preemptions:
-            logger.info("a row is preempted at position %d: the KV cache pool is full", held[slot].position)
-            self.sync(scheduler.preempt(held[slot]), touched)
-        for request_id, index, slot in plan.resumptions:
-            row = scheduler.resume(request_id, index)
-            self.runner.set_rows(row.options, [slot], [row])
-            row.prefilled = plan.cached.get(slot, 0)
-            scheduler.take_slot(row, slot)
-        for request_id, prompts, options, stream_text, slots in plan.admissions:
-            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer, self.model.params.max_seq_len, stream_text)
-            self.admit(request, slots, plan)
-            touched.add(request)
-        held = scheduler.held()
-        for slot, blocks in plan.tables.items():
-            if slot in held:
-                self.runner.set_table(slot, blocks)
-        decoding = scheduler.decoding
+        self.arrive(plan.arrivals)
+        self.in_step = self.scheduler.named(plan)
+        touched: Set[Request] = set()
+        self.sync(self.scheduler.apply(plan), touched)
+        decoding = self.scheduler.decoding
         with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
             self.prefill(touched)
             if decoding:
                 self.decode(decoding, touched)
-        scheduler.register_written()
+        self.scheduler.register_written()
         for request in touched:
             request.publish()
         self.in_step = set()
         return bool(touched)
 
-    def admit(self, request: Request, slots: List[int], plan: StepPlan) -> None:
-        """Give each row of ``request`` its slot and the slot its settings; a row with no room to
-        generate ends at once (unless its prompt is to be scored)."""
-        request.admitted_at = time.monotonic()
-        scored = request.options.echo and request.options.logprobs
-        self.runner.set_rows(request.options, slots, request.rows)
-        for row, slot in zip(request.rows, slots):
-            if len(row.prompt) >= row.limit and not scored:
-                request.finish(row, "length")
-                self.scheduler.blocks.release(row.table)
-                continue
-            row.cached = row.prefilled = plan.cached.get(slot, 0)
-            self.constraints.start(row, request.options.json_schema, request.options.json_object)
-            self.scheduler.take_slot(row, slot)
-
-    def end(self, row: Row, reason: Optional[str], touched: Set[Request]) -> None:
-        """The row ends (``reason``: why, if it does not know yet), freeing its slot and its blocks."""
-        self.sync(self.scheduler.end(row, reason), touched)
+    def arrive(self, arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]]) -> None:
+        """The new requests a plan admits that this rank was not given (a server's followers), made
+        from rank 0's and queued."""
+        given = {request.id for request in self.scheduler.requests(waiting=True)}
+        for request_id, prompts, options, stream_text in arrivals:
+            if request_id not in given:
+                max_seq_len = self.model.params.max_seq_len
+                request = Request(request_id, prompts, options, self.tokenizer, max_seq_len, stream_text)
+                with self.scheduler.arrived:
+                    self.scheduler.waiting.append(request)
 
     def sync(self, moves: Moves, touched: Set[Request]) -> None:
-        """The device's slots and the grammars follow what the scheduler changed."""
+        """The device's slots and the grammars follow what the scheduler changed: the slots rows left are
+        freed, the rows that took one get its settings and their blocks, a grammar starts with its row,
+        advances with its tokens and ends with it."""
+        for slot in moves.vacated:
+            self.runner.free(slot)
+        for request, rows in itertools.groupby(moves.resumed + moves.admitted, key=lambda row: row.request):
+            rows = list(rows)
+            self.runner.set_rows(request.options, [row.slot for row in rows], rows)
+        for slot, blocks in moves.tables.items():
+            self.runner.set_table(slot, blocks)
+        for row in moves.admitted:
+            self.constraints.start(row, row.options.json_schema, row.options.json_object)
         for row, _, tokens in moves.taken:
             for token in tokens:
                 self.constraints.advance(row, token)
         for row in moves.ended:
             self.constraints.end(row)
-        for slot in moves.vacated:
-            self.runner.free(slot)
         touched |= moves.touched
 
+    def end(self, row: Row, reason: Optional[str], touched: Set[Request]) -> None:
+        """The row ends (``reason``: why, if it does not know yet), freeing its slot and its blocks."""
+        self.sync(self.scheduler.end(row, reason), touched)
+
     def prefill(self, touched: Set[Request]) -> None:
-        """The next chunk of the oldest admitted rows' prefills, in one pass; the rows whose prompt is
-        complete sample their first token (a resumed row decodes on from its last)."""
-        busy = any(row.decoding for row in self.scheduler.running)  # else no one waits: one pass
-        batch: List[Tuple[Row, int]] = []  # (row, its chunk's length)
-        width = 0
-        for row in self.scheduler.prefilling:
-            n = len(row.target) - row.prefilled
-            if busy:
-                n = min(n, self.prefill_chunk)
-                if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
-                    break
-            batch.append((row, n))
-            width = max(width, n)
+        """The next chunk of the oldest admitted rows' prefills, in one pass (``Scheduler.prefill_batch``);
+        the rows whose prompt is complete sample their first token (a resumed row decodes on from its last)."""
+        batch = self.scheduler.prefill_batch(self.prefill_chunk)
         if not batch:
             return
         last = self.runner.prefill(batch)
         first = []
-        for i, (row, n) in enumerate(batch):
-            row.prefilled += n
-            if row.prefilled < len(row.target):
-                continue
+        for i in self.scheduler.prefilled(batch):
+            row = batch[i][0]
             if row.tokens:  # resumed after a preemption
                 self.runner.resume(row)
             elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
@@ -400,7 +368,8 @@ class Engine:
         if first:
             rows = [batch[i][0] for i in first]
             self.fill_allowed(rows)
-            self.record([(row, [token]) for row, token in zip(rows, self.runner.first_tokens(rows, last[first]))], touched)
+            tokens = self.runner.first_tokens(rows, last[first])
+            self.record([(row, [token]) for row, token in zip(rows, tokens)], touched)
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
         """One token for each decoding row, or a speculative step when a row speculates (and none
@@ -418,7 +387,9 @@ class Engine:
             indices, allowed = masks
             self.runner.set_allowed([rows[i].slot for i in indices], allowed)
 
-    def record(self, sampled: List[Tuple[Row, List[Sampled]]], touched: Set[Request]) -> List[Tuple[Row, int, List[int]]]:
+    def record(
+        self, sampled: List[Tuple[Row, List[Sampled]]], touched: Set[Request]
+    ) -> List[Tuple[Row, int, List[int]]]:
         """The one way a sampled token reaches the host: each row records its tokens in order until it
         ends (``Scheduler.postprocess``), its grammar follows, and a row that ended leaves its slot.
         Returns what each row took: (the row, its slot, its tokens)."""

@@ -241,7 +241,8 @@ class Runner:
         chosen = broadcast_from_rank0(choose(logits, settings, self.seen[slots], self.counts[slots], positions, noise, features, allowed))
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
-        return [unpack(value, features, row.options) for row, value in zip(rows, pack(logits, chosen, features).tolist())]
+        values = pack(logits, chosen, features).tolist()
+        return [unpack(value, features, row.options) for row, value in zip(rows, values)]
 
     def decode(self, rows: List[Row]) -> List[Sampled]:
         """One token for each decoding row: the decode step over the first ``width`` slots, which

@@ -1,21 +1,29 @@
 """Who runs in each step, on the host: the slots (the most rows decoded at once) and the rows in them,
-the queue of waiting requests and of preempted rows, and rank 0's plan of each step.
+the queue of waiting requests and of preempted rows, and rank 0's plan of each step. The scheduler alone
+moves rows and records what they sample; the engine's device state and grammars follow (``Moves``).
 
-The plan (``StepPlan``, broadcast under torchrun so that every rank runs the same step):
-- cancellations: rows asked to end; their blocks go back to the pool (``llama.engine.block_manager``);
-- growth: each decoding row gets the blocks of the positions it writes this step (k + 1 of them in a
-  speculative step). When the pool has none, the newest running row is preempted: it gives its blocks
-  back and waits at the front of the queue, to be prefilled again later, its prompt and what it
-  generated, and to go on where it was; a row that alone outgrows the pool ends ("length");
+A step is planned on rank 0 (``plan``) and applied on every rank (``apply``), in phases:
+- ends: rows asked to end (cancelled: running, preempted, or every row of a waiting request), whose
+  blocks go back to the pool (``llama.engine.block_manager``), and a row that alone outgrows the pool
+  ("length");
+- preemptions: each decoding row gets the blocks of the positions it writes this step (k + 1 of them
+  in a speculative step). When the pool has none, the newest running row is preempted: it gives its
+  blocks back and waits at the front of the queue, to be prefilled again later, its prompt and what it
+  generated, and to go on where it was;
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
   request's rows are admitted together; "static" admission admits only into an empty batch). A new
-  row takes the blocks of the longest cached prefix of its prompt and computes the rest.
+  row takes the blocks of the longest cached prefix of its prompt and computes the rest;
+- tables: each slot's blocks, where they changed.
 
-Rank 0 alone keeps the block manager: the plan carries each changed slot's blocks to every rank.
+Then the step runs (``prefill_batch``: which prompts, and how much of each), and each row records what
+it sampled (``postprocess``). Rank 0 alone keeps the block manager: the plan (``StepPlan``, broadcast
+under torchrun) carries each changed slot's blocks to every rank.
 """
 
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Set, Tuple
@@ -24,47 +32,42 @@ from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row, Sampled
 from llama.options import GenerationOptions
 
+logger = logging.getLogger(__name__)
+
 ADMISSIONS = ("continuous", "static")
 
 
 @dataclass
 class StepPlan:
-    """What rank 0 decided for one step, broadcast to every rank before it. ``kind``: "step",
-    "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return). ``admissions``: per
-    request admitted, (id, rows' prompts, options, stream_text, the slot of each row);
-    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled;
-    ``preemptions``: slots whose rows give their blocks back and wait at the queue's front;
-    ``resumptions``: preempted rows admitted again, (request id, row index, slot); ``exhausted``:
-    slots whose row alone outgrew the pool (it ends, "length"); ``dropped``: preempted rows
-    cancelled, (request id, row index); ``tables``: each slot's blocks, where they changed;
-    ``cached``: per admitted slot, its prompt tokens found in the prefix cache."""
+    """What rank 0 decided for one step, broadcast to every rank before it, in the order a step applies
+    it. ``kind``: "step", "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return)."""
 
     kind: str
-    admissions: List[Tuple[int, List[List[int]], GenerationOptions, bool, List[int]]] = field(default_factory=list)
-    cancellations: List[int] = field(default_factory=list)
-    withdrawn: List[int] = field(default_factory=list)
-    preemptions: List[int] = field(default_factory=list)
-    resumptions: List[Tuple[int, int, int]] = field(default_factory=list)
-    exhausted: List[int] = field(default_factory=list)
-    dropped: List[Tuple[int, int]] = field(default_factory=list)
-    tables: Dict[int, List[int]] = field(default_factory=dict)
-    cached: Dict[int, int] = field(default_factory=dict)
+    ends: List[Tuple[int, int, str]] = field(default_factory=list)  # (request id, row index, finish reason)
+    preemptions: List[int] = field(default_factory=list)  # slots whose rows wait at the queue's front
+    admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)  # (request id, row index, slot,
+    # prompt tokens found in the prefix cache): the preempted rows, then the new requests' rows
+    arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)  # the new
+    # requests admitted, (id, prompts, options, stream_text): for a rank that was not given them (a server's)
+    tables: Dict[int, List[int]] = field(default_factory=dict)  # each slot's blocks, where they changed
 
 
 @dataclass
 class Moves:
-    """What the scheduler changed in rows' places, for the device's slots and the grammars to follow
-    (``Engine.sync``)."""
+    """What the scheduler changed, for the device's slots and the grammars to follow (``Engine.sync``)."""
 
     vacated: List[int] = field(default_factory=list)  # slots a row left (it ended or was preempted)
-    ended: List[Row] = field(default_factory=list)  # rows that ended
-    taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # per row that sampled: its slot, its tokens
+    ended: List[Row] = field(default_factory=list)
+    admitted: List[Row] = field(default_factory=list)  # new rows that took a slot
+    resumed: List[Row] = field(default_factory=list)  # preempted rows that took a slot again
+    tables: Dict[int, List[int]] = field(default_factory=dict)  # held slots' blocks, where they changed
+    taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # (a row that sampled, its slot, its tokens)
     touched: Set[Request] = field(default_factory=set)  # requests with news to publish
 
 
 class Scheduler:
-    """The slots, the queues and the block manager; ``plan`` decides a step, the other methods move
-    rows between slots and queues as a plan says (on every rank).
+    """The slots, the queues and the block manager; ``plan`` decides a step on rank 0, ``apply`` moves
+    the rows as a plan says on every rank, ``postprocess`` records what they sampled.
 
     Args:
         max_slots: the most rows decoded at once (``max_batch_size``).
@@ -83,6 +86,8 @@ class Scheduler:
         self.arrived = threading.Condition()  # guards ``waiting``; notified by each submission
         self.preemptions = 0  # rows preempted since the start
 
+    # --- what it holds ----------------------------------------------------------------------------
+
     @property
     def decoding(self) -> List[Row]:
         """The running rows whose prefill is in the cache, oldest first."""
@@ -97,6 +102,12 @@ class Scheduler:
         """Each held slot's row."""
         return {row.slot: row for row in self.running}
 
+    def requests(self, waiting: bool = False) -> Set[Request]:
+        """Every request holding a slot or a preempted row; with ``waiting``, the waiting ones too."""
+        held = {row.request for row in self.running} | {row.request for row in self.preempted}
+        with self.arrived:
+            return held | set(self.waiting) if waiting else held
+
     def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str, kv_cache_tokens: int) -> None:
         """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
         blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
@@ -109,30 +120,39 @@ class Scheduler:
     # --- rank 0's plan ----------------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        """Rank 0's decisions for this step: the rows cancelled, the waiting requests withdrawn, the
-        blocks the decoding rows write into (preempting when the pool has none), the admissions."""
+        """Rank 0's decisions for this step: the rows that end, the blocks the decoding rows write into
+        (preempting when the pool has none), the admissions."""
         plan = StepPlan("step")
         with self.arrived:
-            for row in self.running:
-                if row.index in row.request.cancelled:
-                    plan.cancellations.append(row.slot)
-                    self.release(row)
-            for request in self.waiting:
-                if len(request.cancelled) == request.n_rows:
-                    plan.withdrawn.append(request.id)
-            plan.dropped = [(row.request.id, row.index) for row in self.preempted if row.index in row.request.cancelled]
-            self.plan_growth(plan)
-            held = {row.slot for row in self.running} - set(plan.cancellations)
+            cancelled = self.plan_cancellations(plan)
+            self.plan_growth(plan, set(cancelled))
+            held = {row.slot for row in self.running} - cancelled
             free = [slot for slot in range(self.max_slots) if slot not in held]
             if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
                 self.plan_admissions(plan, free)
         return plan
 
-    def plan_growth(self, plan: StepPlan) -> None:
+    def plan_cancellations(self, plan: StepPlan) -> Set[int]:
+        """The cancelled rows end: running ones (their blocks go back now, for this step's admissions),
+        preempted ones, and a waiting request's when all of them are. Returns the running ones' slots."""
+        slots = set()
+        for row in self.running:
+            if row.index in row.request.cancelled:
+                plan.ends.append((row.request.id, row.index, "cancelled"))
+                self.release(row)
+                slots.add(row.slot)
+        for row in self.preempted:
+            if row.index in row.request.cancelled:
+                plan.ends.append((row.request.id, row.index, "cancelled"))
+        for request in self.waiting:
+            if len(request.cancelled) == request.n_rows:
+                plan.ends += [(request.id, row.index, "cancelled") for row in request.rows]
+        return slots
+
+    def plan_growth(self, plan: StepPlan, gone: Set[int]) -> None:
         """Blocks for every position the decoding rows write this step, oldest row first; when the pool
         has none, the newest running row gives its blocks back (``preemptions``), or, alone, the row
-        ends (``exhausted``)."""
-        gone = set(plan.cancellations)
+        ends. ``gone``: the slots whose rows leave."""
         decoding = [row for row in self.decoding if row.slot not in gone]
         k = max((row.options.speculate_k for row in decoding if row.options.speculate), default=0)
         for row in decoding:
@@ -142,7 +162,7 @@ class Scheduler:
             while not self.blocks.grow(row.table, min(row.position + 1 + k, self.max_seq_len)):
                 victims = [other for other in self.running if other.slot not in gone]
                 if victims == [row]:
-                    plan.exhausted.append(row.slot)
+                    plan.ends.append((row.request.id, row.index, "length"))
                     gone.add(row.slot)
                     break
                 victim = victims[-1]
@@ -158,36 +178,43 @@ class Scheduler:
     def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
+        ending = {(request_id, index) for request_id, index, _ in plan.ends}
         for row in self.preempted:
-            if (row.request.id, row.index) in plan.dropped:
+            if (row.request.id, row.index) in ending:
                 continue
-            if not free or not self.allocate(row, free[0], plan):
+            cached = self.allocate(row, free[0], plan) if free else None
+            if cached is None:
                 return
-            plan.resumptions.append((row.request.id, row.index, free.pop(0)))
+            plan.admissions.append((row.request.id, row.index, free.pop(0), cached))
         for request in self.waiting:
-            if request.id in plan.withdrawn:
+            if (request.id, 0) in ending:  # withdrawn: every row ends
                 continue
             if request.n_rows > len(free):
                 return
-            slots = free[: request.n_rows]
-            if not all(self.allocate(row, slot, plan) for row, slot in zip(request.rows, slots)):
-                for row, slot in zip(request.rows, slots):
-                    self.blocks.release(row.table)
-                    plan.tables.pop(slot, None)
-                return
+            admissions = []
+            for row, slot in zip(request.rows, free):
+                cached = self.allocate(row, slot, plan)
+                if cached is None:  # the request waits: what its first rows took goes back
+                    for taken, its_slot in zip(request.rows, free):
+                        self.blocks.release(taken.table)
+                        plan.tables.pop(its_slot, None)
+                    return
+                admissions.append((request.id, row.index, slot, cached))
             free = free[request.n_rows :]
-            plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
+            plan.admissions += admissions
+            plan.arrivals.append((request.id, request.prompt_tokens, request.options, request.stream_text))
 
-    def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
+    def allocate(self, row: Row, slot: int, plan: StepPlan) -> Optional[int]:
         """The row's blocks for its prefill (its cached prefix taken: none for a prompt to be scored,
-        which needs every position's logits), into ``plan``; False if the pool cannot give them."""
+        which needs every position's logits), into ``plan``. Returns its prefill's tokens found in the
+        prefix cache, or None if the pool cannot give the blocks."""
         scored = row.options.echo and row.options.logprobs and not row.tokens
         taken = self.blocks.allocate([] if scored else row.target, len(row.target))
         if taken is None:
-            return False
-        row.table, plan.cached[slot] = taken
+            return None
+        row.table, cached = taken
         plan.tables[slot] = list(row.table.blocks)
-        return True
+        return cached
 
     def release(self, row: Row) -> None:
         """Rank 0: the row's written full blocks join the prefix cache, and all its blocks go back."""
@@ -201,15 +228,57 @@ class Scheduler:
 
     # --- every rank, as the plan says -------------------------------------------------------------
 
-    def take(self, taken: set) -> Dict[int, Request]:
-        """The waiting requests whose ids are in ``taken`` (admitted or withdrawn), out of the queue."""
+    def named(self, plan: StepPlan) -> Set[Request]:
+        """The waiting requests ``plan`` admits or ends: the step takes them out of the queue."""
+        ids = {request_id for request_id, *_ in plan.ends + plan.arrivals}
         with self.arrived:
-            waiting = {request.id: request for request in self.waiting if request.id in taken}
-            self.waiting = deque(request for request in self.waiting if request.id not in taken)
-        return waiting
+            return {request for request in self.waiting if request.id in ids}
 
-    def take_slot(self, row: Row, slot: int) -> None:
-        row.slot = slot
+    def apply(self, plan: StepPlan) -> Moves:
+        """The rows move as ``plan`` says, phase by phase: the ended rows leave their slots or queues, the
+        preempted ones go to the queue's front, the admitted ones take their slots. Run on every rank."""
+        moves = Moves()
+        with self.arrived:
+            known = {request.id: request for request in self.requests(waiting=True)}
+            taken = self.named(plan)
+            self.waiting = deque(request for request in self.waiting if request not in taken)
+        for request_id, index, reason in plan.ends:
+            row = known[request_id].rows[index]
+            if reason == "length":
+                logger.warning("request %d: a row outgrew the KV cache pool alone (%d blocks of %d tokens): it ends",
+                               request_id, self.blocks.capacity, self.blocks.block_size)
+            self.end(row, reason, moves)
+        held = self.held()
+        for slot in plan.preemptions:
+            self.preempt(held[slot], moves)
+        for request_id, *_ in plan.arrivals:
+            known[request_id].admitted_at = time.monotonic()
+            moves.touched.add(known[request_id])
+        for request_id, index, slot, cached in plan.admissions:
+            self.place(known[request_id].rows[index], slot, cached, moves)
+        held = self.held()
+        moves.tables = {slot: blocks for slot, blocks in plan.tables.items() if slot in held}
+        return moves
+
+    def place(self, row: Row, slot: int, cached: int, moves: Moves) -> None:
+        """The row takes ``slot`` with ``cached`` tokens of its prefill in the prefix cache: a preempted
+        row resumes (the first of the queue), a new one starts; a new row with no room to generate ends
+        at once (unless its prompt is to be scored)."""
+        request = row.request
+        if row in self.preempted:
+            first = self.preempted.popleft()
+            if first is not row:
+                raise RuntimeError(f"rank 0 resumes request {request.id} row {row.index}, this rank's queue has "
+                                   f"request {first.request.id} row {first.index} first")
+            moves.resumed.append(row)
+        else:
+            if len(row.prompt) >= row.limit and not (row.options.echo and row.options.logprobs):
+                request.finish(row, "length")
+                self.blocks.release(row.table)
+                return
+            row.cached = cached
+            moves.admitted.append(row)
+        row.slot, row.prefilled = slot, cached
         self.running.append(row)
 
     def vacate(self, row: Row, moves: Moves) -> None:
@@ -233,6 +302,48 @@ class Scheduler:
         moves.touched.add(row.request)
         return moves
 
+    def preempt(self, row: Row, moves: Moves) -> None:
+        """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
+        prompt and what it generated but the last token, the next decode step's input."""
+        logger.info("a row is preempted at position %d: the KV cache pool is full", row.position)
+        self.preemptions += 1
+        self.vacate(row, moves)
+        if row.tokens:
+            row.target = row.sequence[: row.position]
+        else:
+            row.prompt_logprobs = [0.0]  # scored again from the start
+        row.prefilled = 0
+        self.preempted.appendleft(row)
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def prefill_batch(self, chunk: int) -> List[Tuple[Row, int]]:
+        """The next chunk of the oldest admitted rows' prefills, (row, tokens) each: while rows decode,
+        at most ``chunk`` tokens in all (each row's padded to the longest), so that a long prompt delays
+        them by at most one chunk a step; into an idle engine, every prompt whole, in one pass."""
+        busy = bool(self.decoding)  # else no one waits: one pass
+        batch: List[Tuple[Row, int]] = []
+        width = 0
+        for row in self.prefilling:
+            n = len(row.target) - row.prefilled
+            if busy:
+                n = min(n, chunk)
+                if batch and (len(batch) + 1) * max(width, n) > chunk:
+                    break
+            batch.append((row, n))
+            width = max(width, n)
+        return batch
+
+    def prefilled(self, batch: List[Tuple[Row, int]]) -> List[int]:
+        """After a prefill pass: each row's prefill advanced by its chunk. Returns the indices, in
+        ``batch``, of the rows whose prefill is complete."""
+        complete = []
+        for i, (row, n) in enumerate(batch):
+            row.prefilled += n
+            if row.prefilled == len(row.target):
+                complete.append(i)
+        return complete
+
     def postprocess(self, sampled: List[Tuple[Row, List[Sampled]]]) -> Moves:
         """After a pass: each row records the tokens it sampled, in order, until it ends
         (``Request.record``); a row that ended leaves its slot."""
@@ -248,33 +359,3 @@ class Scheduler:
             if row.finish_reason is not None:
                 self.end(row, moves=moves)
         return moves
-
-    def preempt(self, row: Row) -> Moves:
-        """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
-        prompt and what it generated but the last token, the next decode step's input."""
-        self.preemptions += 1
-        moves = Moves()
-        self.vacate(row, moves)
-        if row.tokens:
-            row.target = row.sequence[: row.position]
-        else:
-            row.prompt_logprobs = [0.0]  # scored again from the start
-        row.prefilled = 0
-        self.preempted.appendleft(row)
-        return moves
-
-    def resume(self, request_id: int, index: int) -> Row:
-        """The first preempted row, which the plan names."""
-        row = self.preempted.popleft()
-        if (row.request.id, row.index) != (request_id, index):
-            raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request "
-                               f"{row.request.id} row {row.index}")
-        return row
-
-    def drop(self, dropped: List[Tuple[int, int]]) -> List[Row]:
-        """The preempted rows ``dropped`` names."""
-        return [row for row in self.preempted if (row.request.id, row.index) in dropped]
-
-    def requests(self) -> set:
-        """Every request holding a slot or a preempted row."""
-        return {row.request for row in self.running} | {row.request for row in self.preempted}

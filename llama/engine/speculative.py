@@ -314,7 +314,8 @@ class Speculator:
             accepted, *columns = values[row.slot]
             size = len(columns) // (k + 1)
             row.accepted += int(accepted)
-            sampled.append([unpack(columns[i * size : (i + 1) * size], features, row.options) for i in range(int(accepted) + 1)])
+            emitted = [columns[i * size : (i + 1) * size] for i in range(int(accepted) + 1)]
+            sampled.append([unpack(value, features, row.options) for value in emitted])
         return sampled
 
     def advance(self, taken: List[Tuple[Row, int, List[int]]]) -> None:
