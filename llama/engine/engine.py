@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row, RowDelta, Sampled  # noqa: F401 (the engine's public names)
+from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled  # noqa: F401 (the engine's public names)
 from llama.engine.runner import Runner
 from llama.engine.scheduler import Moves, Scheduler, StepPlan
 from llama.engine.speculative import Speculator
@@ -111,12 +111,17 @@ class Engine:
 
     # --- any thread -------------------------------------------------------------------------------
 
-    def submit(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens", stream_text: bool = True) -> Request:
+    def submit(
+        self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens",
+        stream_text: bool = True, deltas: Optional[DeltaSink] = None,
+    ) -> Request:
         """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
         prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
         rows fit ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in
         errors ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it
-        comes (``RowDelta.text``); without it only stop strings need it. Thread-safe; wakes ``run``.
+        comes (``RowDelta.text``); without it only stop strings need it. ``deltas``: where the
+        request's deltas go (``Request.deltas``), in place before a step can admit it; None: a queue
+        that ``Request.updates`` reads. Thread-safe; wakes ``run``.
 
         Returns:
             The ``Request``, waiting for slots.
@@ -138,15 +143,19 @@ class Engine:
             raise ValueError("the engine is shutting down: it takes no new requests")
         rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
         with self.scheduler.arrived:
-            request = Request(next(self.ids), rows, options, self.tokenizer, params.max_seq_len, stream_text)
+            request = Request(next(self.ids), rows, options, self.tokenizer, params.max_seq_len, stream_text, deltas)
             self.scheduler.waiting.append(request)
             self.scheduler.arrived.notify()
         return request
 
-    @property
-    def arrived(self) -> threading.Condition:
-        """The queue's lock and condition: while a caller holds it, no step admits a request."""
-        return self.scheduler.arrived
+    def check_grammar(self, json_schema: Optional[dict], json_object: bool = False) -> None:
+        """Build (or find cached) the grammar of ``json_schema`` (or, with ``json_object``, of any JSON
+        object), as ``submit`` would: a caller checks a schema, and pays for its grammar, before submitting.
+
+        Raises:
+            ValueError: the engine has no tokenizer, or the schema cannot be used (naming the part).
+        """
+        self.constraints.check(json_schema, json_object)
 
     @property
     def max_slots(self) -> int:

@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Protocol, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
 from llama.options import GenerationOptions
@@ -42,6 +42,13 @@ class RowDelta:
     logprobs: List[float]
     top_logprobs: List[List[Tuple[int, float]]]
     finish_reason: Optional[str]
+
+
+class DeltaSink(Protocol):
+    """Where a request's deltas go, a list per step and None at the end: ``queue.Queue`` (the default,
+    which ``Request.updates`` reads), or a caller's own (the server's, which wakes its event loop)."""
+
+    def put(self, item: Optional[List[RowDelta]]) -> None: ...
 
 
 class Sampled(NamedTuple):
@@ -114,7 +121,10 @@ class Request:
     ``admitted_at`` and ``first_token_at`` are ``time.monotonic()`` readings (None until then).
     """
 
-    def __init__(self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer, max_seq_len: int, stream_text: bool):
+    def __init__(
+        self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer,
+        max_seq_len: int, stream_text: bool, deltas: Optional[DeltaSink] = None,
+    ):
         self.id = id
         self.prompt_tokens = prompt_tokens  # one list per row
         self.options = options
@@ -130,7 +140,7 @@ class Request:
         ]
         self.lock = threading.Lock()
         self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
-        self.deltas: "queue.Queue[Optional[List[RowDelta]]]" = queue.Queue()  # None: the end
+        self.deltas: DeltaSink = queue.Queue() if deltas is None else deltas  # a list per step, None: the end
         self.submitted_at = time.monotonic()
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None
