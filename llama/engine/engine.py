@@ -1,34 +1,39 @@
 """The decoding engine: slots (the most rows decoded at once) that requests come into and leave between
 steps, over a KV cache pool of blocks the rows share. Every generation in this project runs here:
-``Llama.generate``, the text and chat calls, the streams and the server. Its rooms:
+``Llama.generate``, the text and chat calls, the streams and the server. A step is three calls, as
+nano-vllm's: the scheduler plans and moves the rows, the runner runs the model, and the rows record
+what they sampled. Its rooms:
 
 - ``llama.engine.requests``: a request is one or more rows (a prompt repeated
   ``num_return_sequences`` times), each with the request's ``GenerationOptions``; row j of a prompt
   with a seed draws from seed + j.
-- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans: the
-  cancellations, the blocks each decoding row writes into (preempting the newest rows when the pool
-  is full), and the admissions, while rows fit the free slots and the pool ("continuous"), or only
-  when every slot is free ("static": one batch at a time, the policy of a server without continuous
-  batching, kept so the gain can be measured).
+- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans, in
+  phases: the rows that end (cancelled), the blocks each decoding row writes into (preempting the
+  newest rows when the pool is full), and the admissions, while rows fit the free slots and the pool
+  ("continuous"), or only when every slot is free ("static": one batch at a time, the policy of a
+  server without continuous batching, kept so the gain can be measured). The scheduler alone moves
+  rows between the queues and the slots and records their tokens; the device's slots and the
+  grammars follow what it moved (``sync``).
 - ``llama.engine.block_manager``: the pool's blocks, and the prefix cache: a new row takes the blocks
   of the longest prefix of its prompt an earlier row computed.
 - ``llama.engine.runner``: a step prefills the admitted rows (while other rows decode, in chunks of at
   most ``prefill_chunk`` tokens in all, so a long prompt delays the running rows by at most one
   chunk per step; into an idle engine, every prompt in one pass: ``generate``'s batch). A row whose
   prompt is complete samples its first token, and decodes from the next step on. Then every running
-  row decodes one token (or speculates). A row leaves the moment it ends (stop token, stop string,
-  its ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+  row decodes one token (or speculates: ``llama.engine.speculative``). Every sampled token reaches the
+  host one way (``record``); a row leaves the moment it ends (stop token, stop string, its
+  ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): it gets a
   matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
   before each step, and each token it takes advances its matcher.
 - Each row's position lives on the device (``Runner.positions``) and on the host (``Row.position``),
   so a step could advance a row by any number of tokens.
-- Under torchrun every rank runs an engine. Rank 0 plans each step (admissions, cancellations,
-  preemptions and every changed block table) and broadcasts the plan (``StepPlan``) before the step;
-  the sampled tokens are broadcast from rank 0 inside the step, so every rank writes the same tokens
-  into the same blocks (its heads of them). In-process callers (``generate`` under torchrun) submit
-  the same requests on every rank, in the same order; a server submits on rank 0 only and the other
-  ranks ``follow``.
+- Under torchrun every rank runs an engine. Rank 0 plans each step and broadcasts the plan
+  (``StepPlan``: the ends, preemptions, admissions and every changed block table) before the step;
+  every rank applies it; the sampled tokens are broadcast from rank 0 inside the step, so every rank
+  writes the same tokens into the same blocks (its heads of them). In-process callers (``generate``
+  under torchrun) submit the same requests on every rank, in the same order; a server submits on
+  rank 0 only and the other ranks ``follow``, making each new request from the plan.
 
 Threads: ``submit``, ``Request.cancel``, ``Request.updates`` and the metrics properties may be
 called from any thread; ``step``, ``run``, ``follow`` and ``run_until_done`` from the one thread
