@@ -39,17 +39,25 @@ ADMISSIONS = ("continuous", "static")
 
 @dataclass
 class StepPlan:
-    """What rank 0 decided for one step, broadcast to every rank before it, in the order a step applies
-    it. ``kind``: "step", "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return)."""
+    """What rank 0 decided for one step, broadcast to every rank before it; its phases in the order a
+    step applies them. ``kind``: "step", "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers
+    return).
+
+    - ``ends``: the rows that end, (request id, row index, finish reason);
+    - ``preemptions``: the slots whose rows give their blocks back and wait at the queue's front;
+    - ``admissions``: the rows that take a slot, (request id, row index, slot, prompt tokens found in the
+      prefix cache): the preempted rows first, then the new requests' rows; ``arrivals``: those new
+      requests, (id, prompts, options, stream_text), which a rank that was not given them (a server's
+      follower) makes;
+    - ``tables``: each slot's blocks, where they changed.
+    """
 
     kind: str
-    ends: List[Tuple[int, int, str]] = field(default_factory=list)  # (request id, row index, finish reason)
-    preemptions: List[int] = field(default_factory=list)  # slots whose rows wait at the queue's front
-    admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)  # (request id, row index, slot,
-    # prompt tokens found in the prefix cache): the preempted rows, then the new requests' rows
-    arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)  # the new
-    # requests admitted, (id, prompts, options, stream_text): for a rank that was not given them (a server's)
-    tables: Dict[int, List[int]] = field(default_factory=dict)  # each slot's blocks, where they changed
+    ends: List[Tuple[int, int, str]] = field(default_factory=list)
+    preemptions: List[int] = field(default_factory=list)
+    admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
+    tables: Dict[int, List[int]] = field(default_factory=dict)
 
 
 @dataclass
