@@ -195,6 +195,34 @@ def test_updates_deliver_each_rows_tokens_text_and_finish_reason_to_another_thre
         assert mine[-1].finish_reason == "length" and all(delta.finish_reason is None for delta in mine[:-1])
 
 
+def test_an_engine_following_the_pickled_plans_of_another_gives_its_tokens(make_llama):
+    """A server's follower in one process: a second engine on the same model, given no request of its own,
+    runs each step as the first plans it, the plan pickled as the broadcast sends it: through admissions
+    mid-decode, a cancellation and preemptions in a pool that holds little more than one row, its rows end
+    with the planner's tokens and finish reasons."""
+    import pickle
+
+    small = make_llama(max_seq_len=64, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
+    leader, follower = Engine(small.model, small.tokenizer), Engine(small.model, small.tokenizer)
+    options = GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[])
+    requests, followed, steps = [leader.submit([encode(small, PROMPTS[0])], options)], {}, 0
+    while not all(request.done for request in requests):
+        if steps == 2:
+            requests += [leader.submit([encode(small, prompt)], options) for prompt in PROMPTS[1:]]
+        if steps == 6:
+            requests[3].cancel()
+        plan = leader.scheduler.plan()
+        leader.execute(plan)
+        follower.execute(pickle.loads(pickle.dumps(plan)))
+        followed.update({request.id: request for request in follower.scheduler.requests()})
+        steps += 1
+    assert leader.preemptions == follower.preemptions > 0 and follower.running_slots == 0
+    assert [request.finish_reasons for request in requests] == [["length"]] * 3 + [["cancelled"]]
+    for request in requests:
+        assert followed[request.id].tokens == request.tokens
+        assert followed[request.id].finish_reasons == request.finish_reasons
+
+
 def test_bad_engine_arguments_are_clear_errors(llama):
     with pytest.raises(ValueError, match="admission must be one of"):
         replace(llama.engine.options, admission="greedy")

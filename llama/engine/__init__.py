@@ -1,10 +1,11 @@
 """The decoding engine every generation and every scoring runs on, in rooms:
 
 - ``requests.py``: a request and its rows, what they generated, the deltas they publish;
-- ``scheduler.py``: the slots and the queues, and each step's plan: admissions, cancellations,
-  preemptions, the rows' blocks;
+- ``scheduler.py``: the slots and the queues; each step's plan (the rows that end, preemptions,
+  admissions, the rows' blocks), the rows moved as it says, and the tokens they record;
 - ``block_manager.py``: the KV cache pool's blocks: allocation, prefix keys, reference counts, eviction;
-- ``runner.py``: one step on the model (prefill, decode, speculation) over the device's state;
+- ``runner.py``: one step on the model (prefill, decode) over the device's state; ``speculative.py``:
+  speculative decoding's steps beside it;
 - ``engine.py``: the loop that ties them: ``submit``, ``score``, ``step``, ``run``, ``follow``.
 """
 

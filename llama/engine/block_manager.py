@@ -1,7 +1,7 @@
 """The KV cache pool's blocks, on the host: which row holds which block, and which full blocks hold a
 known prefix (prefix caching).
 
-Each layer's cache is a pool of ``n_blocks`` blocks of ``block_size`` positions (``llama.model``);
+Each layer's cache is a pool of ``n_blocks`` blocks of ``block_size`` positions (``llama.layers.kv_cache``);
 block 0 is scratch (positions nobody reads land there) and is never handed out. A row's
 ``BlockTable`` lists its blocks in order: position p lives in block ``blocks[p // block_size]``.
 
@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
-SCRATCH_BLOCK = 0
+from llama.layers.kv_cache import SCRATCH_BLOCK
 
 
 @dataclass
@@ -47,7 +47,7 @@ class BlockManager:
         self.block_size = block_size
         self.prefix_cache = prefix_cache
         self.root = hashlib.blake2b(salt.encode(), digest_size=16).digest()
-        self.free: Deque[int] = deque(range(1, n_blocks))  # never keyed, or evicted
+        self.free: Deque[int] = deque(b for b in range(n_blocks) if b != SCRATCH_BLOCK)  # never keyed, or evicted
         self.references = [0] * n_blocks
         self.keys: Dict[bytes, int] = {}  # key -> its block
         self.contents: Dict[int, Tuple[bytes, Tuple[int, ...]]] = {}  # keyed block -> (key, tokens)

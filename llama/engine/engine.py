@@ -1,35 +1,40 @@
 """The decoding engine: slots (the most rows decoded at once) that requests come into and leave between
 steps, over a KV cache pool of blocks the rows share. Every generation in this project runs here:
 ``Llama.generate``, the text and chat calls, the streams and the server; and every scoring of
-continuations (``score``: lm-evaluation-harness's log-likelihoods). Its rooms:
+continuations (``score``: lm-evaluation-harness's log-likelihoods). A step is three calls, as
+nano-vllm's: the scheduler plans and moves the rows, the runner runs the model, and the rows record
+what they sampled. Its rooms:
 
 - ``llama.engine.requests``: a request is one or more rows (a prompt repeated
   ``num_return_sequences`` times), each with the request's ``GenerationOptions``; row j of a prompt
   with a seed draws from seed + j.
-- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans: the
-  cancellations, the blocks each decoding row writes into (preempting the newest rows when the pool
-  is full), and the admissions, while rows fit the free slots and the pool ("continuous"), or only
-  when every slot is free ("static": one batch at a time, the policy of a server without continuous
-  batching, kept so the gain can be measured).
+- ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans, in
+  phases: the rows that end (cancelled), the blocks each decoding row writes into (preempting the
+  newest rows when the pool is full), and the admissions, while rows fit the free slots and the pool
+  ("continuous"), or only when every slot is free ("static": one batch at a time, the policy of a
+  server without continuous batching, kept so the gain can be measured). The scheduler alone moves
+  rows between the queues and the slots and records their tokens; the device's slots and the
+  grammars follow what it moved (``sync``).
 - ``llama.engine.block_manager``: the pool's blocks, and the prefix cache: a new row takes the blocks
   of the longest prefix of its prompt an earlier row computed.
 - ``llama.engine.runner``: a step prefills the admitted rows (while other rows decode, in chunks of at
   most ``prefill_chunk`` tokens in all, so a long prompt delays the running rows by at most one
   chunk per step; into an idle engine, every prompt in one pass: ``generate``'s batch). A row whose
   prompt is complete samples its first token, and decodes from the next step on. Then every running
-  row decodes one token (or speculates). A row leaves the moment it ends (stop token, stop string,
-  its ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+  row decodes one token (or speculates: ``llama.engine.speculative``). Every sampled token reaches the
+  host one way (``record``); a row leaves the moment it ends (stop token, stop string, its
+  ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): it gets a
   matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
   before each step, and each token it takes advances its matcher.
 - Each row's position lives on the device (``Runner.positions``) and on the host (``Row.position``),
   so a step could advance a row by any number of tokens.
-- Under torchrun every rank runs an engine. Rank 0 plans each step (admissions, cancellations,
-  preemptions and every changed block table) and broadcasts the plan (``StepPlan``) before the step;
-  the sampled tokens are broadcast from rank 0 inside the step, so every rank writes the same tokens
-  into the same blocks (its heads of them). In-process callers (``generate`` under torchrun) submit
-  the same requests on every rank, in the same order; a server submits on rank 0 only and the other
-  ranks ``follow``.
+- Under torchrun every rank runs an engine. Rank 0 plans each step and broadcasts the plan
+  (``StepPlan``: the ends, preemptions, admissions and every changed block table) before the step;
+  every rank applies it; the sampled tokens are broadcast from rank 0 inside the step, so every rank
+  writes the same tokens into the same blocks (its heads of them). In-process callers (``generate``
+  under torchrun) submit the same requests on every rank, in the same order; a server submits on
+  rank 0 only and the other ranks ``follow``, making each new request from the plan.
 
 Threads: ``submit``, ``Request.cancel``, ``Request.updates`` and the metrics properties may be
 called from any thread; ``step``, ``run``, ``follow`` and ``run_until_done`` from the one thread
@@ -48,9 +53,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row, RowDelta, check_pairs  # noqa: F401 (the engine's public names)
-from llama.engine.runner import Features, Runner
-from llama.engine.scheduler import Scheduler, StepPlan
+from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled, check_pairs  # noqa: F401 (public names)
+from llama.engine.runner import Runner
+from llama.engine.scheduler import Moves, Scheduler, StepPlan
 from llama.engine.speculative import Speculator
 from llama.layers.kv_cache import cache_dtype
 from llama.model import Transformer
@@ -124,12 +129,17 @@ class Engine:
 
     # --- any thread -------------------------------------------------------------------------------
 
-    def submit(self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens", stream_text: bool = True) -> Request:
+    def submit(
+        self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens",
+        stream_text: bool = True, deltas: Optional[DeltaSink] = None,
+    ) -> Request:
         """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
         prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
         rows fit ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in
         errors ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it
-        comes (``RowDelta.text``); without it only stop strings need it. Thread-safe; wakes ``run``.
+        comes (``RowDelta.text``); without it only stop strings need it. ``deltas``: where the
+        request's deltas go (``Request.deltas``), in place before a step can admit it; None: a queue
+        that ``Request.updates`` reads. Thread-safe; wakes ``run``.
 
         Returns:
             The ``Request``, waiting for slots.
@@ -151,7 +161,7 @@ class Engine:
             raise ValueError("the engine is shutting down: it takes no new requests")
         rows = [list(tokens) for tokens in prompt_tokens for _ in range(options.num_return_sequences)]
         with self.scheduler.arrived:
-            request = Request(next(self.ids), rows, options, self.tokenizer, sizes.max_seq_len, stream_text)
+            request = Request(next(self.ids), rows, options, self.tokenizer, sizes.max_seq_len, stream_text, deltas)
             self.scheduler.waiting.append(request)
             self.scheduler.arrived.notify()
         return request
@@ -191,15 +201,19 @@ class Engine:
         """The pool's size in tokens as asked for (``EngineOptions.kv_cache_tokens``), else every row's context."""
         return self.options.kv_cache_tokens or self.options.pool_tokens
 
-    @property
-    def arrived(self) -> threading.Condition:
-        """The queue's lock and condition: while a caller holds it, no step admits a request."""
-        return self.scheduler.arrived
+    def check_grammar(self, json_schema: Optional[dict], json_object: bool = False) -> None:
+        """Build (or find cached) the grammar of ``json_schema`` (or, with ``json_object``, of any JSON
+        object), as ``submit`` would: a caller checks a schema, and pays for its grammar, before submitting.
+
+        Raises:
+            ValueError: the engine has no tokenizer, or the schema cannot be used (naming the part).
+        """
+        self.constraints.check(json_schema, json_object)
 
     @property
     def max_slots(self) -> int:
         """The number of slots: ``max_batch_size``."""
-        return len(self.scheduler.slots)
+        return self.scheduler.max_slots
 
     @property
     def queue_length(self) -> int:
@@ -318,13 +332,9 @@ class Engine:
         are untouched."""
         for request in self.scheduler.requests() | self.in_step:
             for row in request.rows:
-                if row.slot is not None:
-                    self.end(request, row, "error")
-                elif row.finish_reason is None:
-                    request.finish(row, "error")
-                    self.constraints.end(row)
+                if row.slot is not None or row.finish_reason is None:
+                    self.end(row, "error", set())
             request.publish()
-        self.scheduler.forget_ended()
         self.in_step = set()
 
     def follow(self) -> None:
@@ -340,129 +350,91 @@ class Engine:
     # --- a step -----------------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> bool:
-        """Run one step as ``plan`` says; publish what changed. Returns whether anything ran."""
+        """Run one step as ``plan`` says, in three calls: the rows move (``Scheduler.apply``: ends,
+        preemptions, admissions) and the device's slots and the grammars follow; the model runs (a chunk
+        of prefill, then a token for each decoding row); each row records what it sampled (``record``).
+        Then every request with news publishes it. Returns whether anything ran."""
         if plan.kind != "step":
             return False
-        scheduler, touched = self.scheduler, set()
-        waiting = scheduler.take(set(plan.withdrawn) | {admission[0] for admission in plan.admissions})
-        self.in_step = set(waiting.values())
-        for request_id in plan.withdrawn:
-            if request_id in waiting:
-                for row in waiting[request_id].rows:
-                    waiting[request_id].finish(row, "cancelled")
-                touched.add(waiting[request_id])
-        for slot, reason in [(slot, "cancelled") for slot in plan.cancellations] + [(slot, "length") for slot in plan.exhausted]:
-            request = scheduler.owners[slot]
-            if reason == "length":
-                logger.warning("request %d: a row outgrew the KV cache pool alone (kv_cache_tokens=%d): it ends",
-                               request.id, self.kv_cache_tokens)
-            self.end(request, scheduler.slots[slot], reason)
-            touched.add(request)
-        for request, row in scheduler.drop(plan.dropped):
-            request.finish(row, "cancelled")
-            self.constraints.end(row)
-            touched.add(request)
-        for slot in plan.preemptions:
-            logger.info("a row is preempted at position %d: the KV cache pool is full", scheduler.slots[slot].position)
-            self.runner.free(slot)
-            scheduler.preempt(scheduler.slots[slot])
-        for request_id, index, slot in plan.resumptions:
-            request, row = scheduler.resume(request_id, index)
-            self.runner.set_rows(request.options, [slot], [row])
-            row.prefilled = plan.cached.get(slot, 0)
-            scheduler.take_slot(request, row, slot)
-        for request_id, prompts, options, stream_text, slots in plan.admissions:
-            request = waiting.get(request_id) or Request(request_id, prompts, options, self.tokenizer,
-                                                         self.options.max_seq_len, stream_text)
-            self.admit(request, slots, plan)
-            touched.add(request)
-        for slot, blocks in plan.tables.items():
-            if scheduler.slots[slot] is not None:
-                self.runner.set_table(slot, blocks)
-        decoding = [row for row in scheduler.running if row.decoding]
+        self.arrive(plan.arrivals)
+        self.in_step = self.scheduler.named(plan)
+        touched: Set[Request] = set()
+        self.sync(self.scheduler.apply(plan), touched)
+        decoding = self.scheduler.decoding
         with torch.no_grad():  # not inference_mode: torch.compile cannot take inference tensors as inputs
             self.prefill(touched)
             if decoding:
                 self.decode(decoding, touched)
-        scheduler.register_written()
+        self.scheduler.register_written()
         for request in touched:
             request.publish()
-        scheduler.forget_ended()
         self.in_step = set()
         return bool(touched)
 
-    def admit(self, request: Request, slots: List[int], plan: StepPlan) -> None:
-        """Give each row of ``request`` its slot and the slot its settings; a row with no room to
-        generate ends at once (unless its prompt is to be scored)."""
-        request.admitted_at = time.monotonic()
-        self.runner.set_rows(request.options, slots, request.rows)
-        for row, slot in zip(request.rows, slots):
-            if len(row.prompt) >= row.limit and row.scored_from is None:
-                request.finish(row, "length")
-                self.scheduler.blocks.release(row.table)
-                continue
-            row.cached = row.prefilled = plan.cached.get(slot, 0)
-            self.constraints.start(row, request.options.json_schema, request.options.json_object)
-            self.scheduler.take_slot(request, row, slot)
+    def arrive(self, arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]]) -> None:
+        """The new requests a plan admits that this rank was not given (a server's followers), made
+        from rank 0's and queued."""
+        given = {request.id for request in self.scheduler.requests(waiting=True)}
+        for request_id, prompts, options, stream_text in arrivals:
+            if request_id not in given:
+                request = Request(request_id, prompts, options, self.tokenizer, self.options.max_seq_len, stream_text)
+                with self.scheduler.arrived:
+                    self.scheduler.waiting.append(request)
 
-    def end(self, request: Request, row: Row, reason: Optional[str] = None) -> None:
-        """Free the row's slot and its blocks; ``reason``: why it ends, if the row does not know yet."""
-        if reason is not None:
-            request.finish(row, reason)
-        self.scheduler.release(row)
-        self.constraints.end(row)
-        self.runner.free(row.slot)
-        self.scheduler.free_slot(row)
+    def sync(self, moves: Moves, touched: Set[Request]) -> None:
+        """The device's slots and the grammars follow what the scheduler changed: the slots rows left are
+        freed, the rows that took one get its settings and their blocks, a grammar starts with its row,
+        advances with its tokens and ends with it."""
+        for slot in moves.vacated:
+            self.runner.free(slot)
+        for request, rows in itertools.groupby(moves.resumed + moves.admitted, key=lambda row: row.request):
+            rows = list(rows)
+            self.runner.set_rows(request.options, [row.slot for row in rows], rows)
+        for slot, blocks in moves.tables.items():
+            self.runner.set_table(slot, blocks)
+        for row in moves.admitted:
+            self.constraints.start(row, row.options.json_schema, row.options.json_object)
+        for row, _, tokens in moves.taken:
+            for token in tokens:
+                self.constraints.advance(row, token)
+        for row in moves.ended:
+            self.constraints.end(row)
+        touched |= moves.touched
+
+    def end(self, row: Row, reason: Optional[str], touched: Set[Request]) -> None:
+        """The row ends (``reason``: why, if it does not know yet), freeing its slot and its blocks."""
+        self.sync(self.scheduler.end(row, reason), touched)
 
     def prefill(self, touched: Set[Request]) -> None:
-        """The next chunk of the oldest admitted rows' prefills, in one pass; the rows whose prompt is
-        complete sample their first token (a resumed row decodes on from its last)."""
-        busy = any(row.decoding for row in self.scheduler.running)  # else no one waits: one pass
-        batch: List[Tuple[Row, int]] = []  # (row, its chunk's length)
-        width = 0
-        for row in self.scheduler.prefilling:
-            n = len(row.target) - row.prefilled
-            if busy:
-                n = min(n, self.options.prefill_chunk)
-                if batch and (len(batch) + 1) * max(width, n) > self.options.prefill_chunk:
-                    break
-            batch.append((row, n))
-            width = max(width, n)
+        """The next chunk of the oldest admitted rows' prefills, in one pass (``Scheduler.prefill_batch``);
+        the rows whose prompt is complete sample their first token (a resumed row decodes on from its last)."""
+        batch = self.scheduler.prefill_batch(self.options.prefill_chunk)
         if not batch:
             return
         last = self.runner.prefill(batch)
         first = []
-        for i, (row, n) in enumerate(batch):
-            row.prefilled += n
-            if row.prefilled < len(row.target):
-                continue
-            self.scheduler.prefilling.remove(row)
-            request = self.scheduler.owners[row.slot]
+        for i in self.scheduler.prefilled(batch):
+            row = batch[i][0]
             if row.tokens:  # resumed after a preemption
                 self.runner.resume(row)
-                row.decoding = True
             elif len(row.prompt) >= row.limit:  # scored only: nothing to generate
-                self.end(request, row, "length")
-                touched.add(request)
+                self.end(row, "length", touched)
             else:
                 first.append(i)
         if first:
             rows = [batch[i][0] for i in first]
             self.fill_allowed(rows)
-            values, features = self.runner.first_tokens(rows, last[first])
-            self.record(rows, values, features, touched)
-            for row in rows:
-                row.decoding = row.slot is not None
+            tokens = self.runner.first_tokens(rows, last[first])
+            self.record([(row, [token]) for row, token in zip(rows, tokens)], touched)
 
     def decode(self, rows: List[Row], touched: Set[Request]) -> None:
         """One token for each decoding row, or a speculative step when a row speculates (and none
         follows a grammar, which takes one token a step)."""
         if any(row.options.speculate for row in rows) and not any(row.options.constrained for row in rows):
-            values, n, features = self.speculator.speculate(rows)
-            return self.record_speculation(rows, values, n, features, touched)
+            self.speculator.advance(self.record(list(zip(rows, self.speculator.speculate(rows))), touched))
+            return
         self.fill_allowed(rows)
-        values, features = self.runner.decode(rows)
-        self.record(rows, values, features, touched)
+        self.record([(row, [token]) for row, token in zip(rows, self.runner.decode(rows))], touched)
 
     def fill_allowed(self, rows: List[Row]) -> None:
         """Each constrained row's next allowed tokens into the runner's mask (the others allow all)."""
@@ -471,46 +443,15 @@ class Engine:
             indices, allowed = masks
             self.runner.set_allowed([rows[i].slot for i in indices], allowed)
 
-    def record(self, rows: List[Row], values: List[List[float]], features: Features, touched: Set[Request]) -> None:
-        """Each row learns its token (``pack``'s columns), and ends if it must."""
-        for row, value in zip(rows, values):
-            self.record_token(row, value, features, touched)
-
-    def record_token(self, row: Row, value: List[float], features: Features, touched: Set[Request]) -> bool:
-        """The row learns one token (``pack``'s columns), and ends if it must; True if it ended."""
-        k = features.alternatives
-        token, *rest = value
-        request = self.scheduler.owners[row.slot]
-        options = request.options
-        logprob = rest[0] if options.logprobs else None
-        alternatives = None
-        if options.top_logprobs:
-            ids, logprobs = rest[1 : 1 + k], rest[1 + k :]
-            alternatives = [(int(i), lp) for i, lp in zip(ids[: options.top_logprobs], logprobs[: options.top_logprobs])]
-        self.constraints.advance(row, int(token))
-        request.record(row, int(token), logprob, alternatives)
-        touched.add(request)
-        if row.finish_reason is None:
-            return False
-        self.end(request, row)
-        return True
-
-    def record_speculation(self, rows: List[Row], values: List[List[float]], n: int, features: Features, touched: Set[Request]) -> None:
-        """Each row learns its accepted proposals and the token after them, one by one, until it ends;
-        the slots' last tokens, positions, seen tokens and counts follow. values: per slot, the
-        accepted count, then ``pack``'s columns for each of the n verified positions."""
-        emitted, lasts = [], []
-        for row in rows:
-            slot, (accepted, *columns) = row.slot, values[row.slot]
-            row.accepted += int(accepted)
-            size = len(columns) // n
-            for i in range(int(accepted) + 1):
-                value = columns[i * size : (i + 1) * size]
-                emitted.append((slot, int(value[0])))
-                if self.record_token(row, value, features, touched):
-                    break
-            lasts.append((slot, emitted[-1][1], row.position))
-        self.speculator.advance(emitted, lasts)
+    def record(
+        self, sampled: List[Tuple[Row, List[Sampled]]], touched: Set[Request]
+    ) -> List[Tuple[Row, int, List[int]]]:
+        """The one way a sampled token reaches the host: each row records its tokens in order until it
+        ends (``Scheduler.postprocess``), its grammar follows, and a row that ended leaves its slot.
+        Returns what each row took: (the row, its slot, its tokens)."""
+        moves = self.scheduler.postprocess(sampled)
+        self.sync(moves, touched)
+        return moves.taken
 
 
 def broadcast_plan(plan: StepPlan, group: ProcessGroup) -> None:

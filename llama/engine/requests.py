@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Protocol, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
 from llama.options import GenerationOptions
@@ -67,28 +67,44 @@ def check_pairs(pairs, max_seq_len: int, vocab_size: int) -> None:
             raise ValueError(f"pair {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
-class Row:
-    """One row of a request, on the host: its slot, where it is, what it generated, why it ended."""
+class DeltaSink(Protocol):
+    """Where a request's deltas go, a list per step and None at the end: ``queue.Queue`` (the default,
+    which ``Request.updates`` reads), or a caller's own (the server's, which wakes its event loop)."""
 
-    def __init__(self, index: int, prompt: List[int], limit: int, stream: Optional[TextStream], options: GenerationOptions):
+    def put(self, item: Optional[List[RowDelta]]) -> None: ...
+
+
+class Sampled(NamedTuple):
+    """A token a row sampled, as the device's step reads it back: its id, its logprob (None unless the
+    request asked for logprobs) and the most likely (token id, logprob) pairs (None unless it asked)."""
+
+    token: int
+    logprob: Optional[float]
+    alternatives: Optional[List[Tuple[int, float]]]
+
+
+class Row:
+    """One row of a request, on the host: its slot, where it is, what it generated, why it ended. What
+    follows from these (its options, whether it decodes, the tokens it returns) is derived, not kept."""
+
+    def __init__(self, request: "Request", index: int, prompt: List[int], limit: int, stream: Optional[TextStream]):
+        self.request = request
         self.index = index
-        self.options = options
         self.prompt = prompt
         self.limit = limit  # its output ends by this position
         self.stream = stream
-        self.slot: Optional[int] = None
+        self.slot: Optional[int] = None  # the slot it holds (``Scheduler`` alone sets it)
         self.table = BlockTable()  # its blocks of the KV cache pool (rank 0's, under torchrun)
         # the tokens its prefill puts in the cache: the prompt; all but the last of a scored pair's
         # (``Request.scoring``) or, after a preemption, of what it generated
         self.target = prompt
         self.cached = 0  # prompt tokens found in the prefix cache at admission
         self.prefilled = 0  # target tokens in the cache
-        self.decoding = False  # its prompt is in the cache and it has a token to decode from
         self.position = len(prompt) - 1  # where its last token sits: the next decode step's input
         self.tokens: List[int] = []  # generated, up to the one that completed a stop string
-        self.kept: Optional[int] = None  # after a stop string: how many of them spell the text
         self.logprobs: List[float] = []
         self.top_logprobs: List[List[Tuple[int, float]]] = []
+        options = request.options
         self.scored_from = 1 if options.echo and options.logprobs else None  # the first prompt token its prefill scores
         self.prompt_logprobs: List[float] = []  # those of prompt[scored_from:]
         self.prompt_greedy: List[bool] = []  # whether each of them is the model's most likely token
@@ -98,6 +114,15 @@ class Row:
         self.lookup: Optional["NgramIndex"] = None  # prompt lookup's index of its tokens
         self.speculative_steps = 0  # speculative steps taken: seeds its draws in the next one
         self.accepted = 0  # proposals accepted in all (the benchmarks' acceptance rate)
+
+    @property
+    def options(self) -> GenerationOptions:
+        return self.request.options
+
+    @property
+    def decoding(self) -> bool:
+        """It holds a slot and its prefill is in the cache: it has a token to decode from."""
+        return self.slot is not None and self.prefilled >= len(self.target)
 
     @property
     def sequence(self) -> List[int]:
@@ -119,8 +144,8 @@ class Row:
 
     @property
     def returned(self) -> int:
-        """How many generated tokens it returns."""
-        return len(self.tokens) if self.kept is None else self.kept
+        """How many generated tokens it returns: after a stop string, those that spell the text."""
+        return self.stream.kept if self.stream is not None and self.stream.stopped else len(self.tokens)
 
 
 class Request:
@@ -132,7 +157,10 @@ class Request:
     ``admitted_at`` and ``first_token_at`` are ``time.monotonic()`` readings (None until then).
     """
 
-    def __init__(self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer, max_seq_len: int, stream_text: bool):
+    def __init__(
+        self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer,
+        max_seq_len: int, stream_text: bool, deltas: Optional[DeltaSink] = None,
+    ):
         self.id = id
         self.prompt_tokens = prompt_tokens  # one list per row
         self.options = options
@@ -142,12 +170,13 @@ class Request:
         max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
         streams = stream_text or bool(options.stop_strings)
         self.rows = [
-            Row(i, prompt, min(len(prompt) + max_gen_len, max_seq_len), TextStream(tokenizer, options.stop_strings) if streams else None, options)
+            Row(self, i, prompt, min(len(prompt) + max_gen_len, max_seq_len),
+                TextStream(tokenizer, options.stop_strings) if streams else None)
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
         self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
-        self.deltas: "queue.Queue[Optional[List[RowDelta]]]" = queue.Queue()  # None: the end
+        self.deltas: DeltaSink = queue.Queue() if deltas is None else deltas  # a list per step, None: the end
         self.submitted_at = time.monotonic()
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None
@@ -259,27 +288,29 @@ class Request:
 
     # --- the engine's side ------------------------------------------------------------------------
 
-    def record(self, row: Row, token: int, logprob: Optional[float], alternatives: Optional[list]) -> None:
-        """Learn the token the row just sampled, at ``row.position + 1``; end the row if it must."""
+    def record(self, row: Row, sampled: Sampled) -> bool:
+        """The row learns a token it sampled, at ``row.position + 1``, and ends if it must (a stop token,
+        a stop string, its limit). Returns whether it ended."""
         with self.lock:
             row.position += 1
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            if token in self.stop_tokens:
+            if sampled.token in self.stop_tokens:
                 row.finish_reason = "stop"
-                return
-            row.tokens.append(token)
-            if logprob is not None:
-                row.logprobs.append(logprob)
-            if alternatives is not None:
-                row.top_logprobs.append(alternatives)
+                return True
+            row.tokens.append(sampled.token)
+            if sampled.logprob is not None:
+                row.logprobs.append(sampled.logprob)
+            if sampled.alternatives is not None:
+                row.top_logprobs.append(sampled.alternatives)
             if row.stream is not None:
-                row.stream.push(token)
+                row.stream.push(sampled.token)
                 if row.stream.stopped:
-                    row.kept, row.finish_reason = row.stream.covering_tokens(), "stop"
-                    return
+                    row.finish_reason = "stop"
+                    return True
             if row.position + 1 >= row.limit:
                 row.finish_reason = "length"
+            return row.finish_reason is not None
 
     def finish(self, row: Row, reason: str) -> None:
         with self.lock:

@@ -41,7 +41,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from llama.engine.requests import Row
+from llama.engine.requests import Row, Sampled
 from llama.engine.sampling import RowSettings, apply_penalties, global_exponentials, sample, seed_key
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
 from llama.layers.parallel import broadcast_from_rank0, group_size
@@ -235,9 +235,9 @@ class Runner:
             row.prompt_logprobs += chosen[i][: len(indices)]
             row.prompt_greedy += greedy[i][: len(indices)]
 
-    def first_tokens(self, rows: List[Row], logits: torch.Tensor) -> Tuple[List[List[float]], Features]:
+    def first_tokens(self, rows: List[Row], logits: torch.Tensor) -> List[Sampled]:
         """Sample each row's first token from its prompt's last logits (rows, vocab), eagerly; write
-        it as the slot's next input. Returns ``pack``'s columns per row, and the features."""
+        it as the slot's next input. Returns each row's token."""
         slots = torch.tensor([row.slot for row in rows], device=self.device)
         features = self.features(rows)
         settings = self.settings.rows(slots)
@@ -248,12 +248,13 @@ class Runner:
         chosen = broadcast_from_rank0(chosen, self.group)
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
-        return pack(logits, chosen, features).tolist(), features
+        values = pack(logits, chosen, features).tolist()
+        return [unpack(value, features, row.options) for row, value in zip(rows, values)]
 
-    def decode(self, rows: List[Row]) -> Tuple[List[List[float]], Features]:
+    def decode(self, rows: List[Row]) -> List[Sampled]:
         """One token for each decoding row: the decode step over the first ``width`` slots, which
         cover them (compiled: a power of two of them, and a power-of-two bucket of the rows' blocks).
-        Returns ``pack``'s columns per row, and the features."""
+        Returns each row's token."""
         width = max(row.slot for row in rows) + 1
         if self.compiled is not None:
             width = min(power_of_two_at_least(width), self.max_slots)
@@ -273,7 +274,7 @@ class Runner:
                 self.compile_seconds = time.perf_counter() - start
                 logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         values = message.tolist()  # the step's one wait on the device
-        return [values[row.slot] for row in rows], features
+        return [unpack(values[row.slot], features, row.options) for row in rows]
 
     def decode_tables(self, width: int, kv_len: int) -> torch.Tensor:
         """The decode step's block tables of the first ``width`` slots, over the blocks it attends: those
@@ -439,3 +440,13 @@ def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torc
             top = logits.topk(features.alternatives, dim=-1)
             columns += [top.indices.double(), (top.values - normaliser).double()]
     return torch.cat(columns, dim=1)
+
+
+def unpack(columns: List[float], features: Features, options: GenerationOptions) -> Sampled:
+    """One row's token from its ``pack`` columns, with the logprob and the alternatives its request asked for."""
+    token, *rest = columns
+    alternatives = None
+    if options.top_logprobs:
+        k, n = features.alternatives, options.top_logprobs
+        alternatives = [(int(i), logprob) for i, logprob in zip(rest[1 : 1 + k][:n], rest[1 + k :][:n])]
+    return Sampled(int(token), rest[0] if options.logprobs else None, alternatives)

@@ -1,61 +1,83 @@
 """Who runs in each step, on the host: the slots (the most rows decoded at once) and the rows in them,
-the queue of waiting requests and of preempted rows, and rank 0's plan of each step.
+the queue of waiting requests and of preempted rows, and rank 0's plan of each step. The scheduler alone
+moves rows and records what they sample; the engine's device state and grammars follow (``Moves``).
 
-The plan (``StepPlan``, broadcast under torchrun so that every rank runs the same step):
-- cancellations: rows asked to end; their blocks go back to the pool (``llama.engine.block_manager``);
-- growth: each decoding row gets the blocks of the positions it writes this step (k + 1 of them in a
-  speculative step). When the pool has none, the newest running row is preempted: it gives its blocks
-  back and waits at the front of the queue, to be prefilled again later, its prompt and what it
-  generated, and to go on where it was; a row that alone outgrows the pool ends ("length");
+A step is planned on rank 0 (``plan``) and applied on every rank (``apply``), in phases:
+- ends: rows asked to end (cancelled: running, preempted, or every row of a waiting request), whose
+  blocks go back to the pool (``llama.engine.block_manager``), and a row that alone outgrows the pool
+  ("length");
+- preemptions: each decoding row gets the blocks of the positions it writes this step (k + 1 of them
+  in a speculative step). When the pool has none, the newest running row is preempted: it gives its
+  blocks back and waits at the front of the queue, to be prefilled again later, its prompt and what it
+  generated, and to go on where it was;
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
   request's rows are admitted together; "static" admission admits only into an empty batch). A new
   row takes the blocks of the longest cached prefix of its prompt and computes the rest; a request
   that would compute again a full block a row admitted in the same step computes waits a step, and
-  takes it from the cache then.
+  takes it from the cache then;
+- tables: each slot's blocks, where they changed.
 
-Rank 0 alone keeps the block manager: the plan carries each changed slot's blocks to every rank.
+Then the step runs (``prefill_batch``: which prompts, and how much of each), and each row records what
+it sampled (``postprocess``). Rank 0 alone keeps the block manager: the plan (``StepPlan``, broadcast
+under torchrun) carries each changed slot's blocks to every rank.
 """
 
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from llama.engine.block_manager import BlockManager
-from llama.engine.requests import Request, Row
+from llama.engine.requests import Request, Row, Sampled
 from llama.options import GenerationOptions
+
+logger = logging.getLogger(__name__)
 
 ADMISSIONS = ("continuous", "static")
 
 
 @dataclass
 class StepPlan:
-    """What rank 0 decided for one step, broadcast to every rank before it. ``kind``: "step",
-    "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers return). ``admissions``: per
-    request admitted, (id, rows' prompts, options, stream_text, the slot of each row);
-    ``cancellations``: slots whose rows end; ``withdrawn``: ids of waiting requests cancelled;
-    ``preemptions``: slots whose rows give their blocks back and wait at the queue's front;
-    ``resumptions``: preempted rows admitted again, (request id, row index, slot); ``exhausted``:
-    slots whose row alone outgrew the pool (it ends, "length"); ``dropped``: preempted rows
-    cancelled, (request id, row index); ``tables``: each slot's blocks, where they changed;
-    ``cached``: per admitted slot, its prompt tokens found in the prefix cache."""
+    """What rank 0 decided for one step, broadcast to every rank before it; its phases in the order a
+    step applies them. ``kind``: "step", "heartbeat" (an idle rank 0 is alive) or "shutdown" (followers
+    return).
+
+    - ``ends``: the rows that end, (request id, row index, finish reason);
+    - ``preemptions``: the slots whose rows give their blocks back and wait at the queue's front;
+    - ``admissions``: the rows that take a slot, (request id, row index, slot, prompt tokens found in the
+      prefix cache): the preempted rows first, then the new requests' rows; ``arrivals``: those new
+      requests, (id, prompts, options, stream_text), which a rank that was not given them (a server's
+      follower) makes;
+    - ``tables``: each slot's blocks, where they changed.
+    """
 
     kind: str
-    admissions: List[Tuple[int, List[List[int]], GenerationOptions, bool, List[int]]] = field(default_factory=list)
-    cancellations: List[int] = field(default_factory=list)
-    withdrawn: List[int] = field(default_factory=list)
+    ends: List[Tuple[int, int, str]] = field(default_factory=list)
     preemptions: List[int] = field(default_factory=list)
-    resumptions: List[Tuple[int, int, int]] = field(default_factory=list)
-    exhausted: List[int] = field(default_factory=list)
-    dropped: List[Tuple[int, int]] = field(default_factory=list)
+    admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
-    cached: Dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Moves:
+    """What the scheduler changed, for the device's slots and the grammars to follow (``Engine.sync``)."""
+
+    vacated: List[int] = field(default_factory=list)  # slots a row left (it ended or was preempted)
+    ended: List[Row] = field(default_factory=list)
+    admitted: List[Row] = field(default_factory=list)  # new rows that took a slot
+    resumed: List[Row] = field(default_factory=list)  # preempted rows that took a slot again
+    tables: Dict[int, List[int]] = field(default_factory=dict)  # held slots' blocks, where they changed
+    taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # (a row that sampled, its slot, its tokens)
+    touched: Set[Request] = field(default_factory=set)  # requests with news to publish
 
 
 class Scheduler:
-    """The slots, the queues and the block manager; ``plan`` decides a step, the other methods move
-    rows between slots and queues as a plan says (on every rank).
+    """The slots, the queues and the block manager; ``plan`` decides a step on rank 0, ``apply`` moves
+    the rows as a plan says on every rank, ``postprocess`` records what they sampled.
 
     Args:
         max_slots: the most rows decoded at once (``max_batch_size``).
@@ -67,15 +89,34 @@ class Scheduler:
     def __init__(self, max_slots: int, max_seq_len: int, blocks: BlockManager, admission: str = "continuous"):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
-        self.max_seq_len, self.blocks, self.admission = max_seq_len, blocks, admission
-        self.slots: List[Optional[Row]] = [None] * max_slots
-        self.owners: Dict[int, Request] = {}  # slot -> its row's request
-        self.running: List[Row] = []  # rows holding a slot, in the order they were admitted
-        self.prefilling: List[Row] = []  # admitted rows whose prefill is not all in the cache, oldest first
+        self.max_slots, self.max_seq_len, self.blocks, self.admission = max_slots, max_seq_len, blocks, admission
+        self.running: List[Row] = []  # the rows holding a slot (``Row.slot``), in the order they were admitted
         self.waiting: Deque[Request] = deque()
-        self.preempted: Deque[Tuple[Request, Row]] = deque()  # rows that gave their blocks back, first to resume first
+        self.preempted: Deque[Row] = deque()  # rows that gave their blocks back, first to resume first
         self.arrived = threading.Condition()  # guards ``waiting``; notified by each submission
         self.preemptions = 0  # rows preempted since the start
+
+    # --- what it holds ----------------------------------------------------------------------------
+
+    @property
+    def decoding(self) -> List[Row]:
+        """The running rows whose prefill is in the cache, oldest first."""
+        return [row for row in self.running if row.decoding]
+
+    @property
+    def prefilling(self) -> List[Row]:
+        """The running rows whose prefill is not all in the cache yet, oldest first."""
+        return [row for row in self.running if not row.decoding]
+
+    def held(self) -> Dict[int, Row]:
+        """Each held slot's row."""
+        return {row.slot: row for row in self.running}
+
+    def requests(self, waiting: bool = False) -> Set[Request]:
+        """Every request holding a slot or a preempted row; with ``waiting``, the waiting ones too."""
+        held = {row.request for row in self.running} | {row.request for row in self.preempted}
+        with self.arrived:
+            return held | set(self.waiting) if waiting else held
 
     def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str, kv_cache_tokens: int) -> None:
         """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
@@ -89,30 +130,40 @@ class Scheduler:
     # --- rank 0's plan ----------------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        """Rank 0's decisions for this step: the rows cancelled, the waiting requests withdrawn, the
-        blocks the decoding rows write into (preempting when the pool has none), the admissions."""
+        """Rank 0's decisions for this step: the rows that end, the blocks the decoding rows write into
+        (preempting when the pool has none), the admissions."""
         plan = StepPlan("step")
         with self.arrived:
-            for slot, row in enumerate(self.slots):
-                if row is not None and row.index in self.owners[slot].cancelled:
-                    plan.cancellations.append(slot)
-                    self.release(row)
-            for request in self.waiting:
-                if len(request.cancelled) == request.n_rows:
-                    plan.withdrawn.append(request.id)
-            plan.dropped = [(request.id, row.index) for request, row in self.preempted if row.index in request.cancelled]
-            self.plan_growth(plan)
-            free = [slot for slot, row in enumerate(self.slots) if row is None or slot in plan.cancellations]
-            if not plan.preemptions and (self.admission == "continuous" or len(free) == len(self.slots)):
+            cancelled = self.plan_cancellations(plan)
+            self.plan_growth(plan, set(cancelled))
+            held = {row.slot for row in self.running} - cancelled
+            free = [slot for slot in range(self.max_slots) if slot not in held]
+            if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
                 self.plan_admissions(plan, free)
         return plan
 
-    def plan_growth(self, plan: StepPlan) -> None:
+    def plan_cancellations(self, plan: StepPlan) -> Set[int]:
+        """The cancelled rows end: running ones (their blocks go back now, for this step's admissions),
+        preempted ones, and a waiting request's when all of them are. Returns the running ones' slots."""
+        slots = set()
+        for row in self.running:
+            if row.index in row.request.cancelled:
+                plan.ends.append((row.request.id, row.index, "cancelled"))
+                self.release(row)
+                slots.add(row.slot)
+        for row in self.preempted:
+            if row.index in row.request.cancelled:
+                plan.ends.append((row.request.id, row.index, "cancelled"))
+        for request in self.waiting:
+            if len(request.cancelled) == request.n_rows:
+                plan.ends += [(request.id, row.index, "cancelled") for row in request.rows]
+        return slots
+
+    def plan_growth(self, plan: StepPlan, gone: Set[int]) -> None:
         """Blocks for every position the decoding rows write this step, oldest row first; when the pool
         has none, the newest running row gives its blocks back (``preemptions``), or, alone, the row
-        ends (``exhausted``)."""
-        gone = set(plan.cancellations)
-        decoding = [row for row in self.running if row.decoding and row.slot not in gone]
+        ends. ``gone``: the slots whose rows leave."""
+        decoding = [row for row in self.decoding if row.slot not in gone]
         k = max((row.options.speculate_k for row in decoding if row.options.speculate), default=0)
         for row in decoding:
             if row.slot in gone:
@@ -121,7 +172,7 @@ class Scheduler:
             while not self.blocks.grow(row.table, min(row.position + 1 + k, self.max_seq_len)):
                 victims = [other for other in self.running if other.slot not in gone]
                 if victims == [row]:
-                    plan.exhausted.append(row.slot)
+                    plan.ends.append((row.request.id, row.index, "length"))
                     gone.add(row.slot)
                     break
                 victim = victims[-1]
@@ -137,29 +188,33 @@ class Scheduler:
     def plan_admissions(self, plan: StepPlan, free: List[int]) -> None:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
-        for request, row in self.preempted:
-            if (request.id, row.index) in plan.dropped:
+        ending = {(request_id, index) for request_id, index, _ in plan.ends}
+        for row in self.preempted:
+            if (row.request.id, row.index) in ending:
                 continue
-            if not free or not self.allocate(row, free[0], plan):
+            cached = self.allocate(row, free[0], plan) if free else None
+            if cached is None:
                 return
-            plan.resumptions.append((request.id, row.index, free.pop(0)))
+            plan.admissions.append((row.request.id, row.index, free.pop(0), cached))
         computing: Set[bytes] = set()  # the keys of the full blocks the rows admitted so far compute in this step
         for request in self.waiting:
-            if not free:
-                return
-            if request.id in plan.withdrawn or self.shares_computing(request, computing):
+            if (request.id, 0) in ending or self.shares_computing(request, computing):  # withdrawn, or waits a step
                 continue
             if request.n_rows > len(free):
                 return
-            slots = free[: request.n_rows]
-            if not all(self.allocate(row, slot, plan) for row, slot in zip(request.rows, slots)):
-                for row, slot in zip(request.rows, slots):
-                    self.blocks.release(row.table)
-                    plan.tables.pop(slot, None)
-                return
+            admissions = []
+            for row, slot in zip(request.rows, free):
+                cached = self.allocate(row, slot, plan)
+                if cached is None:  # the request waits: what its first rows took goes back
+                    for taken, its_slot in zip(request.rows, free):
+                        self.blocks.release(taken.table)
+                        plan.tables.pop(its_slot, None)
+                    return
+                admissions.append((request.id, row.index, slot, cached))
             free = free[request.n_rows :]
             computing.update(key for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
-            plan.admissions.append((request.id, request.prompt_tokens, request.options, request.stream_text, slots))
+            plan.admissions += admissions
+            plan.arrivals.append((request.id, request.prompt_tokens, request.options, request.stream_text))
 
     def shares_computing(self, request: Request, computing: Set[bytes]) -> bool:
         """Whether a row of ``request`` would compute again a full block a row admitted in this step computes
@@ -169,15 +224,16 @@ class Scheduler:
             return False
         return any(key in computing for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
 
-    def allocate(self, row: Row, slot: int, plan: StepPlan) -> bool:
+    def allocate(self, row: Row, slot: int, plan: StepPlan) -> Optional[int]:
         """The row's blocks for its prefill (its cached prefix taken, short of the tokens it scores, whose
-        logits it computes), into ``plan``; False if the pool cannot give them."""
+        logits it computes), into ``plan``. Returns its prefill's tokens found in the prefix cache, or None if
+        the pool cannot give the blocks."""
         taken = self.blocks.allocate(row.cacheable, len(row.target))
         if taken is None:
-            return False
-        row.table, plan.cached[slot] = taken
+            return None
+        row.table, cached = taken
         plan.tables[slot] = list(row.table.blocks)
-        return True
+        return cached
 
     def release(self, row: Row) -> None:
         """Rank 0: the row's written full blocks join the prefix cache, and all its blocks go back."""
@@ -191,57 +247,134 @@ class Scheduler:
 
     # --- every rank, as the plan says -------------------------------------------------------------
 
-    def take(self, taken: set) -> Dict[int, Request]:
-        """The waiting requests whose ids are in ``taken`` (admitted or withdrawn), out of the queue."""
+    def named(self, plan: StepPlan) -> Set[Request]:
+        """The waiting requests ``plan`` admits or ends: the step takes them out of the queue."""
+        ids = {request_id for request_id, *_ in plan.ends + plan.arrivals}
         with self.arrived:
-            waiting = {request.id: request for request in self.waiting if request.id in taken}
-            self.waiting = deque(request for request in self.waiting if request.id not in taken)
-        return waiting
+            return {request for request in self.waiting if request.id in ids}
 
-    def take_slot(self, request: Request, row: Row, slot: int) -> None:
-        row.slot = slot
-        self.slots[slot], self.owners[slot] = row, request
+    def apply(self, plan: StepPlan) -> Moves:
+        """The rows move as ``plan`` says, phase by phase: the ended rows leave their slots or queues, the
+        preempted ones go to the queue's front, the admitted ones take their slots. Run on every rank."""
+        moves = Moves()
+        with self.arrived:
+            known = {request.id: request for request in self.requests(waiting=True)}
+            taken = self.named(plan)
+            self.waiting = deque(request for request in self.waiting if request not in taken)
+        for request_id, index, reason in plan.ends:
+            row = known[request_id].rows[index]
+            if reason == "length":
+                logger.warning("request %d: a row outgrew the KV cache pool alone (%d blocks of %d tokens): it ends",
+                               request_id, self.blocks.capacity, self.blocks.block_size)
+            self.end(row, reason, moves)
+        held = self.held()
+        for slot in plan.preemptions:
+            self.preempt(held[slot], moves)
+        for request_id, *_ in plan.arrivals:
+            known[request_id].admitted_at = time.monotonic()
+            moves.touched.add(known[request_id])
+        for request_id, index, slot, cached in plan.admissions:
+            self.place(known[request_id].rows[index], slot, cached, moves)
+        held = self.held()
+        moves.tables = {slot: blocks for slot, blocks in plan.tables.items() if slot in held}
+        return moves
+
+    def place(self, row: Row, slot: int, cached: int, moves: Moves) -> None:
+        """The row takes ``slot`` with ``cached`` tokens of its prefill in the prefix cache: a preempted
+        row resumes (the first of the queue), a new one starts; a new row with no room to generate ends
+        at once (unless its prompt is to be scored)."""
+        request = row.request
+        if row in self.preempted:
+            first = self.preempted.popleft()
+            if first is not row:
+                raise RuntimeError(f"rank 0 resumes request {request.id} row {row.index}, this rank's queue has "
+                                   f"request {first.request.id} row {first.index} first")
+            moves.resumed.append(row)
+        else:
+            if len(row.prompt) >= row.limit and row.scored_from is None:
+                request.finish(row, "length")
+                self.blocks.release(row.table)
+                return
+            row.cached = cached
+            moves.admitted.append(row)
+        row.slot, row.prefilled = slot, cached
         self.running.append(row)
-        self.prefilling.append(row)
 
-    def free_slot(self, row: Row) -> None:
-        if row in self.prefilling:
-            self.prefilling.remove(row)
+    def vacate(self, row: Row, moves: Moves) -> None:
+        """The row leaves its slot and gives its blocks back (rank 0's written full ones join the prefix cache)."""
+        self.release(row)
+        moves.vacated.append(row.slot)
         self.running.remove(row)
-        self.slots[row.slot] = None
-        del self.owners[row.slot]
-        row.slot, row.decoding = None, False
+        row.slot = None
 
-    def preempt(self, row: Row) -> None:
+    def end(self, row: Row, reason: Optional[str] = None, moves: Optional[Moves] = None) -> Moves:
+        """The row ends (``reason``: why, if it does not know yet): it leaves its slot, or the queue of
+        preempted rows."""
+        moves = Moves() if moves is None else moves
+        if reason is not None:
+            row.request.finish(row, reason)
+        if row.slot is not None:
+            self.vacate(row, moves)
+        elif row in self.preempted:
+            self.preempted.remove(row)
+        moves.ended.append(row)
+        moves.touched.add(row.request)
+        return moves
+
+    def preempt(self, row: Row, moves: Moves) -> None:
         """The row leaves its slot for the front of the queue; when it resumes, its prefill is its
         prompt and what it generated but the last token, the next decode step's input."""
+        logger.info("a row is preempted at position %d: the KV cache pool is full", row.position)
         self.preemptions += 1
-        request = self.owners[row.slot]
-        self.free_slot(row)
+        self.vacate(row, moves)
         if row.tokens:
             row.target = row.sequence[: row.position]
         else:  # scored again from the start
             row.prompt_logprobs, row.prompt_greedy = [], []
         row.prefilled = 0
-        self.preempted.appendleft((request, row))
+        self.preempted.appendleft(row)
 
-    def resume(self, request_id: int, index: int) -> Tuple[Request, Row]:
-        """The first preempted row, which the plan names."""
-        request, row = self.preempted.popleft()
-        if (request.id, row.index) != (request_id, index):
-            raise RuntimeError(f"rank 0 resumes request {request_id} row {index}, this rank's queue has request {request.id} row {row.index}")
-        return request, row
+    # --- the step ---------------------------------------------------------------------------------
 
-    def drop(self, dropped: List[Tuple[int, int]]) -> List[Tuple[Request, Row]]:
-        """The preempted rows ``dropped`` names, out of the queue."""
-        rows = [(request, row) for request, row in self.preempted if (request.id, row.index) in dropped]
-        self.preempted = deque(pair for pair in self.preempted if pair not in rows)
-        return rows
+    def prefill_batch(self, chunk: int) -> List[Tuple[Row, int]]:
+        """The next chunk of the oldest admitted rows' prefills, (row, tokens) each: while rows decode,
+        at most ``chunk`` tokens in all (each row's padded to the longest), so that a long prompt delays
+        them by at most one chunk a step; into an idle engine, every prompt whole, in one pass."""
+        busy = bool(self.decoding)  # else no one waits: one pass
+        batch: List[Tuple[Row, int]] = []
+        width = 0
+        for row in self.prefilling:
+            n = len(row.target) - row.prefilled
+            if busy:
+                n = min(n, chunk)
+                if batch and (len(batch) + 1) * max(width, n) > chunk:
+                    break
+            batch.append((row, n))
+            width = max(width, n)
+        return batch
 
-    def forget_ended(self) -> None:
-        """Preempted rows that ended meanwhile (a failed step) leave the queue."""
-        self.preempted = deque((request, row) for request, row in self.preempted if row.finish_reason is None)
+    def prefilled(self, batch: List[Tuple[Row, int]]) -> List[int]:
+        """After a prefill pass: each row's prefill advanced by its chunk. Returns the indices, in
+        ``batch``, of the rows whose prefill is complete."""
+        complete = []
+        for i, (row, n) in enumerate(batch):
+            row.prefilled += n
+            if row.prefilled == len(row.target):
+                complete.append(i)
+        return complete
 
-    def requests(self) -> set:
-        """Every request holding a slot or a preempted row."""
-        return set(self.owners.values()) | {request for request, _ in self.preempted}
+    def postprocess(self, sampled: List[Tuple[Row, List[Sampled]]]) -> Moves:
+        """After a pass: each row records the tokens it sampled, in order, until it ends
+        (``Request.record``); a row that ended leaves its slot."""
+        moves = Moves()
+        for row, tokens in sampled:
+            slot, taken = row.slot, []
+            for token in tokens:
+                taken.append(token.token)
+                if row.request.record(row, token):
+                    break
+            moves.taken.append((row, slot, taken))
+            moves.touched.add(row.request)
+            if row.finish_reason is not None:
+                self.end(row, moves=moves)
+        return moves

@@ -41,8 +41,8 @@ from llama.engine.sampling import (
     sample,
     seeded_exponentials,
 )
-from llama.engine.requests import Row
-from llama.engine.runner import Features, Runner, pack, power_of_two_at_least
+from llama.engine.requests import Row, Sampled
+from llama.engine.runner import Features, Runner, pack, power_of_two_at_least, unpack
 from llama.layers.kv_cache import BlockTables, attended_tables
 from llama.layers.parallel import broadcast_from_rank0
 
@@ -270,14 +270,13 @@ class Speculator:
                 tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.runner.device) for _ in range(2))
                 forward(tokens, positions, self.runner.block_tables[:width], kv_len).sum().item()
 
-    def speculate(self, rows: List[Row]) -> Tuple[List[List[float]], int, Features]:
+    def speculate(self, rows: List[Row]) -> List[List[Sampled]]:
         """One speculative step for the decoding rows: each speculating row's k proposals (prompt
         lookup or the draft) are verified with its last token in one pass over the first ``width``
         slots at their own positions. A row that does not speculate accepts nothing and takes the
-        token ``sample`` chooses, as in a plain step. Returns, per slot, the accepted count and then
-        ``pack``'s columns for each of the n = k + 1 verified positions; n; the step's features. The
-        rows emit their accepted proposals and one token of the model's, stopping exactly where
-        decoding one token per step would, and ``advance`` the slots."""
+        token ``sample`` chooses, as in a plain step. Returns each row's accepted proposals and one
+        token of the model's, which it records one by one, stopping exactly where decoding one token
+        per step would; then ``advance`` the slots by what the rows took."""
         params = self.runner.model.params
         width = max(row.slot for row in rows) + 1
         if self.runner.compiled is not None:  # as the decode step: a power of two of slots
@@ -310,11 +309,20 @@ class Speculator:
         accepted, chosen = chosen[:, -1], chosen[:, :-1]
         packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
         values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
-        return values, k + 1, features
+        sampled = []
+        for row in rows:  # per slot: the accepted count, then ``pack``'s columns for each verified position
+            accepted, *columns = values[row.slot]
+            size = len(columns) // (k + 1)
+            row.accepted += int(accepted)
+            emitted = [columns[i * size : (i + 1) * size] for i in range(int(accepted) + 1)]
+            sampled.append([unpack(value, features, row.options) for value in emitted])
+        return sampled
 
-    def advance(self, emitted: List[Tuple[int, int]], lasts: List[Tuple[int, int, int]]) -> None:
-        """After a speculative step: the (slot, token) pairs the rows emitted are seen and counted,
-        and each slot's (slot, last token, position) becomes its next input."""
+    def advance(self, taken: List[Tuple[Row, int, List[int]]]) -> None:
+        """After a speculative step, from what each row took (the row, its slot, the tokens it recorded):
+        the tokens are seen and counted, and the last becomes the slot's next input, at the row's position."""
+        emitted = [(slot, token) for _, slot, tokens in taken for token in tokens]
+        lasts = [(slot, tokens[-1], row.position) for row, slot, tokens in taken]
         slots, tokens = (torch.tensor(column, device=self.runner.device) for column in zip(*emitted))
         self.runner.seen[slots, tokens] = True
         self.runner.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.runner.counts.dtype), accumulate=True)

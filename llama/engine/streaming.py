@@ -33,6 +33,7 @@ class TextStream:
         self.decoded_end = 0
         self.released = 0  # characters of self.text already returned by read()
         self.stopped = False  # a stop string appeared: the text is final
+        self.kept = 0  # once stopped: how many tokens spell the text (``covering_tokens``)
         self.closed = False
 
     def push(self, token: int) -> None:
@@ -58,6 +59,7 @@ class TextStream:
         if stop_at is not None:
             self.text = self.text[:stop_at]
             self.stopped = True
+            self.kept = self.covering_tokens()
 
     def read(self) -> str:
         """The text that became final since the last read: complete characters, and not a tail that

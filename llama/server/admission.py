@@ -79,12 +79,11 @@ class Scheduler:
                 )
             speculation = {} if job.options.constrained else self.speculation  # a grammar's rows decode a token a step
             options = dataclasses.replace(job.options, **speculation)
-            with self.engine.arrived:  # the engine admits it only after its deltas go to the loop
-                try:
-                    request = self.engine.submit(job.prompt_tokens, options, "prompt" if job.kind == "completion" else "dialog")
-                except (ValueError, TypeError) as error:
-                    raise RequestError(str(error)) from None
-                request.deltas = LoopDeltas(loop, every_step=job.stream)
+            what, deltas = "prompt" if job.kind == "completion" else "dialog", LoopDeltas(loop, every_step=job.stream)
+            try:
+                request = self.engine.submit(job.prompt_tokens, options, what, deltas=deltas)
+            except (ValueError, TypeError) as error:
+                raise RequestError(str(error)) from None
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
         return request
 

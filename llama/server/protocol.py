@@ -189,7 +189,7 @@ def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, l
             raise RequestError("'response_format' JSON cannot be combined with a forced tool call: the answer is the call", "response_format")
         json_schema = forced_call_schema
         try:
-            llama.engine.constraints.check(json_schema, False)
+            llama.engine.check_grammar(json_schema)
         except ValueError as error:
             raise RequestError(f"tools: a function's parameters: {error}", "tools") from None
     try:  # what the declared checks miss is refused in the generation options' own words
@@ -218,7 +218,7 @@ def parse_response_format(body: SamplingFields, llama) -> Tuple[Optional[dict], 
         return None, False
     json_schema = response_format.json_schema.schema_ if response_format.type == "json_schema" else None
     try:
-        llama.engine.constraints.check(json_schema, json_schema is None)
+        llama.engine.check_grammar(json_schema, json_schema is None)
     except ValueError as error:
         raise RequestError(f"response_format.json_schema.schema: {error}" if json_schema is not None else str(error), "response_format") from None
     return json_schema, json_schema is None
