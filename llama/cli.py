@@ -287,12 +287,7 @@ def compile_line(engine) -> Optional[str]:
     Args:
         engine: the ``llama.engine.Engine`` that generated.
     """
-    speculator = engine.speculator
-    steps = [speculator.verify_forward] + ([speculator.draft_forward] if speculator.draft_forward is not None else [])
-    times = [("the decode step", engine.runner.compile_seconds)] + [
-        (f"the {step.name}", step.compile_seconds) for step in steps
-    ]
-    compiled = [f"{name} in {seconds:.1f} s" for name, seconds in times if seconds is not None]
+    compiled = [f"{name} in {seconds:.1f} s" for name, seconds in engine.compile_times() if seconds is not None]
     return f"Compiled {', '.join(compiled)} (on first use, counted above)" if compiled else None
 
 

@@ -186,6 +186,11 @@ def evaluate(args: argparse.Namespace) -> None:
     )
     if results is None or (dist.is_initialized() and dist.get_rank() != 0):
         return  # another rank prints and writes
+    report(results, tracker, model_args, args, make_table)
+
+
+def report(results: dict, tracker, model_args: dict, args: argparse.Namespace, make_table) -> None:
+    """Write the results (and the samples) where ``--output_path`` says; print lm-eval's table."""
     samples = results.pop("samples", None)
     if tracker is not None:
         tracker.save_results_aggregated(results=results, samples=samples)

@@ -188,19 +188,10 @@ def finetune(options: argparse.Namespace) -> None:
     lora = lora_config(options)
     dtype = compute_dtype(options.dtype, device, options.method)
 
-    tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
-    tokenizer = Tokenizer(tokenizer_path)
-    sizes = EngineOptions(max_batch_size=1, max_seq_len=options.max_seq_len)  # the cache training does not use
-    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, sizes)
+    tokenizer_path, args, examples, val_examples = read_inputs(options)
     quantization = check_qlora(args, device, dtype, tensor_parallel_group(mesh)) if options.method == "qlora" else None
-    chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
-    examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
-    val_examples = (
-        read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
-    )
-    max_steps = options.max_steps or max(1, (options.epochs or 1) * len(examples) // options.batch_size)
-    warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
-    schedule = Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
+    schedule = schedule_of(options, len(examples))
+    max_steps = schedule.max_steps
 
     model = training_model(options, args, device, dtype, quantization, lora, mesh)
     parameters = trainable_parameters(model)
@@ -216,27 +207,13 @@ def finetune(options: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(options)
 
-    def step_batches(step: int):
-        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), data_rank, data_ranks)
-        return micro_batches(
-            [examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len
-        )
-
-    val_batches = evaluation_batches(
-        val_examples, options.micro_batch_size, options.pack, options.max_seq_len, data_rank, data_ranks
-    )
-    n_trainable = sum(p.numel() for p in parameters.values())
+    step_batches, val_batches = batches(options, examples, val_examples, data_rank, data_ranks)
     if rank == 0:
+        n_trainable = sum(p.numel() for p in parameters.values())
         logger.info(
             "%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
-            options.method,
-            len(examples),
-            max_steps,
-            options.batch_size,
-            f"{n_trainable:,}",
-            "adapters" if lora else "all",
-            str(dtype).removeprefix("torch."),
-            mesh.size() if mesh is not None else 1,
+            *(options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}"),
+            *("adapters" if lora else "all", str(dtype).removeprefix("torch."), mesh.size() if mesh else 1),
         )
     evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if val_examples else None
     save_at = (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None
@@ -258,6 +235,42 @@ def finetune(options: argparse.Namespace) -> None:
     )
     write_outputs(options, model, lora, args, tokenizer_path, rank)
     logger.info("peak memory: %s", peak_memory(device))
+
+
+def read_inputs(options: argparse.Namespace):
+    """The tokenizer's path, the model's hyper-parameters, and the training and validation examples."""
+    tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, EngineOptions(1, options.max_seq_len))
+    chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
+    examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
+    val_examples = (
+        read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    )
+    return tokenizer_path, args, examples, val_examples
+
+
+def schedule_of(options: argparse.Namespace, n_examples: int) -> Schedule:
+    """The learning rate's schedule: ``--max_steps`` (default: ``--epochs`` over the examples), the warmup
+    (default: 5% of the steps), the peak (default: the method's)."""
+    max_steps = options.max_steps or max(1, (options.epochs or 1) * n_examples // options.batch_size)
+    warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
+    return Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
+
+
+def batches(options: argparse.Namespace, examples: list, val_examples: list, data_rank: int, data_ranks: int):
+    """This rank's micro-batches of a step (a function of the step) and of the validation examples."""
+
+    def step_batches(step: int):
+        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), data_rank, data_ranks)
+        return micro_batches(
+            [examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len
+        )
+
+    val_batches = evaluation_batches(
+        val_examples, options.micro_batch_size, options.pack, options.max_seq_len, data_rank, data_ranks
+    )
+    return step_batches, val_batches
 
 
 def training_model(
@@ -368,6 +381,14 @@ def parser() -> argparse.ArgumentParser:
         help="lora: adapters beside the frozen weights; qlora: the same beside an int4 base; full: every weight",
     )
     add_flags(p, "tokenizer_path")
+    add_method_flags(p)
+    add_data_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """What is trained and how fast: the adapters, the optimizer and its schedule."""
     p.add_argument("--lora_rank", type=int, default=8, help="the rank r of each adapter B A")
     p.add_argument("--lora_alpha", type=float, default=16.0, help="adapters are scaled by alpha / r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the adapters' input")
@@ -390,6 +411,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_clip", type=float, default=1.0, help="largest gradient norm")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; default: one epoch (--epochs)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data, instead of --max_steps; default: 1")
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """How the examples are batched, validated, saved and written."""
     p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step, over all ranks")
     p.add_argument(
         "--micro_batch_size",
@@ -428,6 +453,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the checkpoint with the adapter merged into OUT/checkpoint (always for full)",
     )
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the steps run: memory, compile, dtype, device, processes, threads, seed."""
     p.add_argument(
         "--activation_checkpointing",
         action="store_true",
@@ -460,7 +489,6 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
-    return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:

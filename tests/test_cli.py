@@ -16,6 +16,7 @@ import torch
 
 from llama.cli import add_flags, compile_line, load_line, options_from, run_parser, text_or_list
 from llama.distributed import RankFailedError, set_threads
+from llama.engine import Engine
 from llama.options import EngineOptions, GenerationOptions, LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -367,6 +368,7 @@ def test_the_compile_line_names_every_step_that_was_compiled_and_none_when_nothi
     runner = types.SimpleNamespace(compile_seconds=None)
     speculator = types.SimpleNamespace(verify_forward=step("verification pass", None), draft_forward=None)
     engine = types.SimpleNamespace(runner=runner, speculator=speculator)
+    engine.compile_times = lambda: Engine.compile_times(engine)  # the engine's own, over these passes
     assert compile_line(engine) is None
     runner.compile_seconds, speculator.verify_forward.compile_seconds = 12.34, 5.0
     speculator.draft_forward = step("draft's step", 3.06)

@@ -203,7 +203,7 @@ def test_an_engine_following_the_pickled_plans_of_another_gives_its_tokens(make_
     import pickle
 
     small = make_llama(max_seq_len=64, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
-    leader, follower = Engine(small.model, small.tokenizer), Engine(small.model, small.tokenizer)
+    leader, follower = (Engine(small.model, small.tokenizer, small.engine.options) for _ in range(2))
     options = GenerationOptions(max_gen_len=30, temperature=0, stop_tokens=[])
     requests, followed, steps = [leader.submit([encode(small, PROMPTS[0])], options)], {}, 0
     while not all(request.done for request in requests):

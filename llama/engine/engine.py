@@ -57,11 +57,11 @@ from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled, ch
 from llama.engine.runner import Runner
 from llama.engine.scheduler import Moves, Scheduler, StepPlan
 from llama.engine.speculative import Speculator
+from llama.engine.structured import Constraints
 from llama.layers.kv_cache import cache_dtype
+from llama.layers.parallel import group_rank, group_size
 from llama.model import Transformer
 from llama.options import EngineOptions, GenerationOptions, check_batch_size, check_prompts
-from llama.layers.parallel import group_rank, group_size
-from llama.engine.structured import Constraints
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,23 +70,36 @@ logger = logging.getLogger(__name__)
 def engine_options_for(model: Transformer, **options) -> EngineOptions:
     """``EngineOptions`` of ``model``'s own rows and context (``model.params``' ``max_batch_size`` and
     ``max_seq_len``), and ``options`` (the pool's size, compile, admission, ...)."""
-    return EngineOptions(**{"max_batch_size": model.params.max_batch_size, "max_seq_len": model.params.max_seq_len,
-                            **options})
+    return EngineOptions(
+        **{"max_batch_size": model.params.max_batch_size, "max_seq_len": model.params.max_seq_len, **options}
+    )
 
 
 def setup_pool(model: Transformer, options: EngineOptions) -> None:
     """Set up ``model``'s KV cache pool of ``options``' blocks (``cache_dtype``: float32 for a half-precision
     model on a CPU) and say what it takes: allocated and zeroed, so resident, beside the weights."""
     if options.max_seq_len > model.params.max_seq_len:
-        raise ValueError(f"max_seq_len={options.max_seq_len} is longer than the model's rotary table "
-                         f"({model.params.max_seq_len} positions): load the model with this max_seq_len")
+        raise ValueError(
+            f"max_seq_len={options.max_seq_len} is longer than the model's rotary table "
+            f"({model.params.max_seq_len} positions): load the model with this max_seq_len"
+        )
     weight = model.tok_embeddings.weight
     dtype = cache_dtype(weight.dtype, weight.device)
     model.setup_cache(options.kv_cache_blocks, options.block_size, dtype)
-    why = f" (the model computes in {weight.dtype}: attention on a CPU is faster in float32)" if dtype != weight.dtype else ""
+    why = (
+        f" (the model computes in {weight.dtype}: attention on a CPU is faster in float32)"
+        if dtype != weight.dtype
+        else ""
+    )
     pool = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
-    logger.info("KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB", options.pool_tokens, options.block_size,
-                dtype, why, sum(b.numel() * b.element_size() for b in pool) / 2**20)
+    logger.info(
+        "KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB",
+        options.pool_tokens,
+        options.block_size,
+        dtype,
+        why,
+        sum(b.numel() * b.element_size() for b in pool) / 2**20,
+    )
 
 
 class Engine:
@@ -98,7 +111,8 @@ class Engine:
             all give ``stop_tokens`` and ask for no text (benchmarks).
         options: the slots (``max_batch_size``) of at most ``max_seq_len`` positions each, the pool's
             blocks, and how a step runs (compile, compiled_attention, prefix_cache, admission,
-            prefill_chunk, heartbeat_seconds): ``llama.options.EngineOptions``.
+            prefill_chunk, heartbeat_seconds): ``llama.options.EngineOptions``; None: the model's own rows
+            and context (``engine_options_for``).
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
         cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
@@ -108,10 +122,11 @@ class Engine:
         self,
         model: Transformer,
         tokenizer: Optional[Tokenizer],
-        options: EngineOptions = EngineOptions(),
+        options: Optional[EngineOptions] = None,
         draft: Optional[Transformer] = None,
         cache_salt: str = "",
     ):
+        options = engine_options_for(model) if options is None else options
         if not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
         for pooled in [model] + ([draft] if draft is not None else []):  # the draft's pool: the same blocks
@@ -130,8 +145,12 @@ class Engine:
     # --- any thread -------------------------------------------------------------------------------
 
     def submit(
-        self, prompt_tokens: List[List[int]], options: GenerationOptions, what: str = "prompt_tokens",
-        stream_text: bool = True, deltas: Optional[DeltaSink] = None,
+        self,
+        prompt_tokens: List[List[int]],
+        options: GenerationOptions,
+        what: str = "prompt_tokens",
+        stream_text: bool = True,
+        deltas: Optional[DeltaSink] = None,
     ) -> Request:
         """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
         prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
@@ -230,6 +249,15 @@ class Engine:
         """Rows preempted since the start."""
         return self.scheduler.preemptions
 
+    def compile_times(self) -> List[Tuple[str, Optional[float]]]:
+        """Each compiled pass's name and its first use's seconds, compilation included (None before it): the
+        decode step's, and speculative decoding's verification pass and the draft's step."""
+        speculator = self.speculator
+        steps = [speculator.verify_forward] + ([speculator.draft_forward] if speculator.draft_forward else [])
+        return [("the decode step", self.runner.compile_seconds)] + [
+            (f"the {s.name}", s.compile_seconds) for s in steps
+        ]
+
     @property
     def compile_seconds(self) -> Optional[float]:
         """The first compiled decode step's time, compilation included (None before it)."""
@@ -239,8 +267,13 @@ class Engine:
         """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
         and found there, and the preemptions, since the start (rank 0's)."""
         blocks = self.scheduler.blocks
-        return dict(blocks=blocks.capacity, used_blocks=blocks.used, queried_tokens=blocks.queried_tokens,
-                    hit_tokens=blocks.hit_tokens, preemptions=self.preemptions)
+        return dict(
+            blocks=blocks.capacity,
+            used_blocks=blocks.used,
+            queried_tokens=blocks.queried_tokens,
+            hit_tokens=blocks.hit_tokens,
+            preemptions=self.preemptions,
+        )
 
     def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
         """Compile every graph the compiled steps can need, so that no request waits for a compile: the
@@ -251,7 +284,9 @@ class Engine:
         if runner.compiled is None:
             return 0.0
         start, widths, lengths = time.perf_counter(), runner.compiled_widths(), runner.warmed_lengths()
-        graphs = len(widths) * len(lengths) * 3  # the most of one function's: two sampler variants, three speculative passes
+        graphs = (
+            len(widths) * len(lengths) * 3
+        )  # the most of one function's: two sampler variants, three speculative passes
         if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
             torch._dynamo.config.recompile_limit = graphs
         with torch.no_grad():
@@ -260,7 +295,9 @@ class Engine:
                 self.speculator.warm_up(widths, lengths, speculate_k)
         seconds = time.perf_counter() - start
         runner.compile_seconds = seconds if runner.compile_seconds is None else runner.compile_seconds
-        passes = "the decode step" + (f" and speculative decoding's passes (k={speculate_k})" if speculate_k is not None else "")
+        passes = "the decode step" + (
+            f" and speculative decoding's passes (k={speculate_k})" if speculate_k is not None else ""
+        )
         logger.info("compiled %s for widths %s x cache lengths %s in %.1f s", passes, widths, lengths, seconds)
         return seconds
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, List, NamedTuple, Optional, Protocol, Set, Tuple
 
 from llama.engine.block_manager import BlockTable
-from llama.options import GenerationOptions
 from llama.engine.streaming import TextStream, cut_at_stop
+from llama.options import GenerationOptions
 from llama.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # a row keeps prompt lookup's index, which speculative decoding builds
@@ -57,11 +57,14 @@ def check_pairs(pairs, max_seq_len: int, vocab_size: int) -> None:
             raise TypeError(f"pair {i} must be (context, continuation), two lists of token ids, got {pair!r:.80}")
         context, continuation = pair
         if not context or not continuation:
-            raise ValueError(f"pair {i} needs a non-empty context and continuation, got {len(context)} and "
-                             f"{len(continuation)} token(s)")
+            raise ValueError(
+                f"pair {i} needs a non-empty context and continuation, got {len(context)} and "
+                f"{len(continuation)} token(s)"
+            )
         if len(context) + len(continuation) > max_seq_len + 1:
-            raise ValueError(f"pair {i} has {len(context) + len(continuation)} tokens, more than max_seq_len + 1 = "
-                             f"{max_seq_len + 1}")
+            raise ValueError(
+                f"pair {i} has {len(context) + len(continuation)} tokens, more than max_seq_len + 1 = {max_seq_len + 1}"
+            )
         bad = [t for t in (*context, *continuation) if not (type(t) is int and 0 <= t < vocab_size)]  # not a bool
         if bad:
             raise ValueError(f"pair {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
@@ -158,8 +161,14 @@ class Request:
     """
 
     def __init__(
-        self, id: int, prompt_tokens: List[List[int]], options: GenerationOptions, tokenizer: Tokenizer,
-        max_seq_len: int, stream_text: bool, deltas: Optional[DeltaSink] = None,
+        self,
+        id: int,
+        prompt_tokens: List[List[int]],
+        options: GenerationOptions,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        stream_text: bool,
+        deltas: Optional[DeltaSink] = None,
     ):
         self.id = id
         self.prompt_tokens = prompt_tokens  # one list per row
@@ -170,8 +179,13 @@ class Request:
         max_gen_len = max_seq_len if options.max_gen_len is None else options.max_gen_len
         streams = stream_text or bool(options.stop_strings)
         self.rows = [
-            Row(self, i, prompt, min(len(prompt) + max_gen_len, max_seq_len),
-                TextStream(tokenizer, options.stop_strings) if streams else None)
+            Row(
+                self,
+                i,
+                prompt,
+                min(len(prompt) + max_gen_len, max_seq_len),
+                TextStream(tokenizer, options.stop_strings) if streams else None,
+            )
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
@@ -270,7 +284,9 @@ class Request:
         for row in self.rows:
             prompt = row.prompt if self.options.echo else []
             prompt_chars = len(self.tokenizer.decode(prompt)) if prompt else 0
-            texts.append(cut_at_stop(self.tokenizer.decode(prompt + row.tokens), self.options.stop_strings, prompt_chars))
+            texts.append(
+                cut_at_stop(self.tokenizer.decode(prompt + row.tokens), self.options.stop_strings, prompt_chars)
+            )
         return texts
 
     def results(self):
@@ -324,13 +340,23 @@ class Request:
                 if row.closed:
                     continue
                 ended = row.finish_reason is not None
-                text = "" if row.stream is None or not self.stream_text else (row.stream.close() if ended else row.stream.read())
+                text = (
+                    ""
+                    if row.stream is None or not self.stream_text
+                    else (row.stream.close() if ended else row.stream.read())
+                )
                 end = row.returned
                 if text or end > row.sent or ended:
-                    deltas.append(RowDelta(
-                        row.index, text, row.tokens[row.sent : end], row.logprobs[row.sent : end],
-                        row.top_logprobs[row.sent : end], row.finish_reason,
-                    ))
+                    deltas.append(
+                        RowDelta(
+                            row.index,
+                            text,
+                            row.tokens[row.sent : end],
+                            row.logprobs[row.sent : end],
+                            row.top_logprobs[row.sent : end],
+                            row.finish_reason,
+                        )
+                    )
                 row.sent, row.closed = max(row.sent, end), ended
             ended = all(row.closed for row in self.rows)
         if deltas:

@@ -55,7 +55,10 @@ def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)  # inductor's CPU FlexAttention kernel came in 2.6
+FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (
+    2,
+    6,
+)  # inductor's CPU FlexAttention kernel came in 2.6
 
 
 def default_compiled_attention(device: torch.device) -> str:
@@ -71,7 +74,9 @@ def check_compiled_attention(attention: str, device: torch.device) -> None:
     if attention == "flex" and device.type not in ("cpu", "cuda"):
         raise ValueError(f'compiled_attention="flex" runs on "cpu" and "cuda", not {device.type!r}: use "gather"')
     if attention == "flex" and device.type == "cpu" and not FLEX_ON_CPU:
-        raise ValueError(f'compiled_attention="flex" on a CPU needs torch >= 2.6, this is {torch.__version__}: use "gather"')
+        raise ValueError(
+            f'compiled_attention="flex" on a CPU needs torch >= 2.6, this is {torch.__version__}: use "gather"'
+        )
 
 
 @dataclass(frozen=True)
@@ -117,12 +122,19 @@ class Runner:
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(max_slots, vocab, device)
-        self.block_tables = torch.full((max_slots, options.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device)
-        # FlexAttention's mask reads where each pool block sits in each row, kept beside the tables (``pool_block_mask``)
+        self.block_tables = torch.full(
+            (max_slots, options.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device
+        )
+        # FlexAttention's mask reads where each pool block sits in each row, kept beside the tables
+        # (``pool_block_mask``)
         flex = self.attention == "flex"
         self.block_starts = block_starts(self.block_tables, options.kv_cache_blocks, self.block_size) if flex else None
-        self.allowed = torch.ones(max_slots, vocab, dtype=torch.bool, device=device)  # the tokens each row's grammar allows next
-        self.no_noise = torch.ones(max_slots, vocab, device=device)  # a sampling step's noise when no row draws from the global RNG
+        self.allowed = torch.ones(
+            max_slots, vocab, dtype=torch.bool, device=device
+        )  # the tokens each row's grammar allows next
+        self.no_noise = torch.ones(
+            max_slots, vocab, device=device
+        )  # a sampling step's noise when no row draws from the global RNG
         self.group = model.group  # the ranks that split the model: each takes rank 0's tokens
         self.distributed = group_size(self.group) > 1
         self.compiled = None
@@ -144,9 +156,14 @@ class Runner:
         index = torch.tensor(slots, device=self.device)
         n = options.num_return_sequences
         values = dict(
-            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, min_p=options.min_p,
-            repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty, seeded=options.seed is not None,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            seeded=options.seed is not None,
         )
         for name, value in values.items():
             getattr(self.settings, name)[index] = value
@@ -156,7 +173,9 @@ class Runner:
         self.settings.logit_bias[index] = 0.0
         if options.logit_bias:
             ids = torch.tensor(list(options.logit_bias), device=self.device)
-            biases = torch.tensor(list(options.logit_bias.values()), dtype=self.settings.logit_bias.dtype, device=self.device)  # ints too
+            biases = torch.tensor(
+                list(options.logit_bias.values()), dtype=self.settings.logit_bias.dtype, device=self.device
+            )  # ints too
             self.settings.logit_bias[index[:, None], ids] = biases
         self.seen[index] = False
         self.counts[index] = 0
@@ -165,7 +184,9 @@ class Runner:
             self.seen[slot, torch.tensor(row.sequence, device=self.device)] = True
             if row.tokens:
                 generated = torch.tensor(row.tokens, device=self.device)
-                self.counts[slot].index_put_((generated,), torch.ones_like(generated, dtype=self.counts.dtype), accumulate=True)
+                self.counts[slot].index_put_(
+                    (generated,), torch.ones_like(generated, dtype=self.counts.dtype), accumulate=True
+                )
 
     def set_table(self, slot: int, blocks: List[int]) -> None:
         """The slot's block table: its row's blocks, then the scratch block."""
@@ -217,7 +238,9 @@ class Runner:
             last = self.model(tokens, positions=positions, cache=cache, logits_at=ends)[:, 0]
         if self.draft is not None:  # the draft's cache holds the prompts too
             self.draft(tokens, positions=positions, cache=cache, logits_at=ends)
-        self.positions[slots] = (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)  # where an idle decode may write
+        self.positions[slots] = (
+            (starts + ends.cpu() + 1).clamp(max=max_seq_len - 1).to(self.device)
+        )  # where an idle decode may write
         return last
 
     def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[List[int]], logits: torch.Tensor) -> None:
@@ -225,8 +248,10 @@ class Runner:
         the most likely token, from the logits (rows, k, vocab) at the chunk's indices ``scored`` (per
         row, at most k; the index j predicts the prompt's token prefilled + j + 1)."""
         k = logits.shape[1]
-        targets = [[row.prompt[row.prefilled + j + 1] for j in indices] + [0] * (k - len(indices))
-                   for indices, (row, _) in zip(scored, batch)]
+        targets = [
+            [row.prompt[row.prefilled + j + 1] for j in indices] + [0] * (k - len(indices))
+            for indices, (row, _) in zip(scored, batch)
+        ]
         targets = torch.tensor(targets, device=self.device)  # (rows, k)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(2, targets[..., None])[..., 0].tolist()
@@ -285,7 +310,9 @@ class Runner:
             return self.block_tables[:width]
         return attended_tables(self.block_tables[:width], kv_len, self.block_size, bucketed=self.compiled is not None)
 
-    def compiled_step(self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+    def compiled_step(
+        self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features
+    ) -> torch.Tensor:
         """``decode_step`` compiled; under torchrun the tokens are broadcast between the compiled
         choice and the writes."""
         if not self.distributed:
@@ -321,8 +348,12 @@ class Runner:
         the whole row (``attended_tables``; with FlexAttention the decode step has one graph for both)."""
         max_seq_len = self.options.max_seq_len
         tables = self.block_tables[:1]
-        return sorted({attended_tables(tables, kv_len, self.block_size, bucketed=True).shape[1] * self.block_size
-                       for kv_len in (1, max_seq_len)})
+        return sorted(
+            {
+                attended_tables(tables, kv_len, self.block_size, bucketed=True).shape[1] * self.block_size
+                for kv_len in (1, max_seq_len)
+            }
+        )
 
     def graph_calls(self) -> int:
         """How often warming up calls each compiled graph: CUDA graphs are recorded on a later call than the compile."""
@@ -336,14 +367,18 @@ class Runner:
         vocab = self.model.params.vocab_size
         k = min(power_of_two_at_least(max_top_logprobs), vocab) if max_top_logprobs else 0
         self.warmed_alternatives = max(self.warmed_alternatives, k)
-        for width, kv_len, _ in itertools.product(self.compiled_widths(), self.warmed_lengths(), range(self.graph_calls())):
+        for width, kv_len, _ in itertools.product(
+            self.compiled_widths(), self.warmed_lengths(), range(self.graph_calls())
+        ):
             live = torch.zeros(width, dtype=torch.bool, device=self.device)
             for sampler in self.sampler_variants():
                 features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
                 noise = torch.ones(width, vocab if sampler else 1, device=self.device)
                 self.compiled_step(self.decode_tables(width, kv_len), live, noise, features).tolist()
 
-    def decode_step(self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features) -> torch.Tensor:
+    def decode_step(
+        self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features
+    ) -> torch.Tensor:
         """The whole decode step, compiled as one graph with ``compile``: the model on the last token of
         each of the first ``width`` slots (``tables``: their blocks, ``decode_tables``), each row's
         choice, the writes."""
@@ -359,10 +394,21 @@ class Runner:
         logits = self.model(tokens[:, None], positions=positions[:, None], cache=cache)[:, 0]
         rows = slice(0, width)
         allowed = self.allowed[rows] if features.constrained else None
-        chosen = choose(logits, self.settings.rows(rows), self.seen[rows], self.counts[rows], positions + 1, noise, features, allowed)
+        chosen = choose(
+            logits,
+            self.settings.rows(rows),
+            self.seen[rows],
+            self.counts[rows],
+            positions + 1,
+            noise,
+            features,
+            allowed,
+        )
         return logits, chosen
 
-    def commit(self, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features) -> torch.Tensor:
+    def commit(
+        self, logits: torch.Tensor, chosen: torch.Tensor, live: torch.Tensor, features: Features
+    ) -> torch.Tensor:
         """Rank 0's tokens (broadcast under torchrun) become the live rows' next inputs, one position
         further; the rest keep theirs. Returns the step's message (``pack``)."""
         width = chosen.shape[0]
@@ -383,7 +429,9 @@ class Runner:
         k = max((o.top_logprobs for o in options), default=0)
         return Features(
             sampling=any(o.temperature > 0 for o in options),
-            penalties=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options),
+            penalties=any(
+                o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty or o.logit_bias for o in options
+            ),
             logprobs=self.compiled is not None or any(o.logprobs or o.top_logprobs for o in options),
             alternatives=min(power_of_two_at_least(k), self.model.params.vocab_size) if k else 0,
             constrained=any(o.constrained for o in options),
@@ -414,8 +462,14 @@ def scored_indices(row: Row, n: int) -> List[int]:
 
 
 def choose(
-    logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor,
-    noise: torch.Tensor, features: Features, allowed: Optional[torch.Tensor] = None,
+    logits: torch.Tensor,
+    settings: RowSettings,
+    seen: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    noise: torch.Tensor,
+    features: Features,
+    allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Each row's next token (rows,) from its logits (rows, vocab), with its own settings; only
     among the ``allowed`` tokens (rows, vocab) bool, if given (a grammar's mask)."""

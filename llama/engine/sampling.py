@@ -91,10 +91,15 @@ class RowSettings:
             return torch.full((rows,), value, dtype=dtype, device=device)
 
         return cls(
-            temperature=full(0.0, torch.float32), top_p=full(1.0, torch.float32), top_k=full(0, torch.long),
-            min_p=full(0.0, torch.float32), repetition_penalty=full(1.0, torch.float32),
-            presence_penalty=full(0.0, torch.float32), frequency_penalty=full(0.0, torch.float32),
-            logit_bias=torch.zeros(rows, vocab_size, device=device), seeded=full(False, torch.bool),
+            temperature=full(0.0, torch.float32),
+            top_p=full(1.0, torch.float32),
+            top_k=full(0, torch.long),
+            min_p=full(0.0, torch.float32),
+            repetition_penalty=full(1.0, torch.float32),
+            presence_penalty=full(0.0, torch.float32),
+            frequency_penalty=full(0.0, torch.float32),
+            logit_bias=torch.zeros(rows, vocab_size, device=device),
+            seeded=full(False, torch.bool),
             seed_key=full(0, torch.long),
         )
 
@@ -103,7 +108,9 @@ class RowSettings:
         return RowSettings(**{name: value[index] for name, value in vars(self).items()})
 
 
-def apply_penalties(logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
     """The penalised logits. logits: (rows, vocab) float32; seen: (rows, vocab) bool, the token is in
     the row's prompt or output; counts: (rows, vocab), how often the row generated it."""
     penalty = settings.repetition_penalty[:, None]
@@ -119,7 +126,9 @@ def sample(logits: torch.Tensor, settings: RowSettings, positions: torch.Tensor,
     (``global_exponentials``). Returns (rows,) int64 token ids."""
     greedy = torch.argmax(logits, dim=-1)
     probs_sort, probs_idx = sorted_distribution(logits, settings)
-    exponentials = torch.where(settings.seeded[:, None], seeded_exponentials(settings.seed_key, positions, logits.shape[-1]), noise)
+    exponentials = torch.where(
+        settings.seeded[:, None], seeded_exponentials(settings.seed_key, positions, logits.shape[-1]), noise
+    )
     choice = torch.argmax(probs_sort / exponentials, dim=-1, keepdim=True)  # torch.multinomial's draw
     sampled = torch.gather(probs_idx, -1, choice)[:, 0]
     return torch.where(settings.temperature > 0, sampled, greedy)
@@ -140,12 +149,16 @@ def sorted_distribution(logits: torch.Tensor, settings: RowSettings):
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (rows, vocab)
     vocab = probs.shape[-1]
     kth = probs_sort.gather(1, (settings.top_k.clamp(1, vocab) - 1)[:, None])  # (rows, 1)
-    keep = (probs_sort >= torch.where(settings.top_k[:, None] > 0, kth, 0.0)) & (probs_sort >= settings.min_p[:, None] * probs_sort[:, :1])
+    keep = (probs_sort >= torch.where(settings.top_k[:, None] > 0, kth, 0.0)) & (
+        probs_sort >= settings.min_p[:, None] * probs_sort[:, :1]
+    )
     kept = probs_sort * keep
     filtered = ((settings.top_k > 0) | (settings.min_p > 0))[:, None]  # only these rows renormalise before top-p
     probs_sort = torch.where(filtered, kept / kept.sum(dim=-1, keepdim=True), probs_sort)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > settings.top_p[:, None], 0.0)  # mass before it reaches top_p
+    probs_sort = probs_sort.masked_fill(
+        probs_sum - probs_sort > settings.top_p[:, None], 0.0
+    )  # mass before it reaches top_p
     return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
 
 

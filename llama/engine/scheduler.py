@@ -123,8 +123,9 @@ class Scheduler:
         blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
         if blocks > self.blocks.capacity:
             raise ValueError(
-                f"{what}: {n * len(prompt_tokens)} row(s) of {sum(len(t) for t in prompt_tokens) * n} prompt tokens in all need {blocks} blocks "
-                f"of {self.blocks.block_size} tokens, but the KV cache pool holds {self.blocks.capacity} (kv_cache_tokens={kv_cache_tokens})"
+                f"{what}: {n * len(prompt_tokens)} row(s) of {sum(len(t) for t in prompt_tokens) * n} prompt tokens "
+                f"in all need {blocks} blocks of {self.blocks.block_size} tokens, but the KV cache pool holds "
+                f"{self.blocks.capacity} (kv_cache_tokens={kv_cache_tokens})"
             )
 
     # --- rank 0's plan ----------------------------------------------------------------------------
@@ -264,8 +265,12 @@ class Scheduler:
         for request_id, index, reason in plan.ends:
             row = known[request_id].rows[index]
             if reason == "length":
-                logger.warning("request %d: a row outgrew the KV cache pool alone (%d blocks of %d tokens): it ends",
-                               request_id, self.blocks.capacity, self.blocks.block_size)
+                logger.warning(
+                    "request %d: a row outgrew the KV cache pool alone (%d blocks of %d tokens): it ends",
+                    request_id,
+                    self.blocks.capacity,
+                    self.blocks.block_size,
+                )
             self.end(row, reason, moves)
         held = self.held()
         for slot in plan.preemptions:
@@ -287,8 +292,10 @@ class Scheduler:
         if row in self.preempted:
             first = self.preempted.popleft()
             if first is not row:
-                raise RuntimeError(f"rank 0 resumes request {request.id} row {row.index}, this rank's queue has "
-                                   f"request {first.request.id} row {first.index} first")
+                raise RuntimeError(
+                    f"rank 0 resumes request {request.id} row {row.index}, this rank's queue has "
+                    f"request {first.request.id} row {first.index} first"
+                )
             moves.resumed.append(row)
         else:
             if len(row.prompt) >= row.limit and row.scored_from is None:

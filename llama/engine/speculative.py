@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from llama.engine.requests import Row, Sampled
+from llama.engine.runner import Features, Runner, pack, power_of_two_at_least, unpack
 from llama.engine.sampling import (
     WORD,
     RowSettings,
@@ -41,8 +43,6 @@ from llama.engine.sampling import (
     sample,
     seeded_exponentials,
 )
-from llama.engine.requests import Row, Sampled
-from llama.engine.runner import Features, Runner, pack, power_of_two_at_least, unpack
 from llama.layers.kv_cache import BlockTables, attended_tables
 from llama.layers.parallel import broadcast_from_rank0
 
@@ -95,7 +95,9 @@ def accepted_prefix(ok: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     return (ok & allowed).long().cumprod(dim=1).sum(dim=1)
 
 
-def accept_greedy(choices: torch.Tensor, proposals: torch.Tensor, limits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def accept_greedy(
+    choices: torch.Tensor, proposals: torch.Tensor, limits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification.
 
     Args:
@@ -150,13 +152,17 @@ def accept_sampled(
     model = probs[rows, accepted]  # (bsz, vocab)
     rejected = residual[rows, accepted.clamp(max=k - 1)] if k else model
     mass = rejected.sum(dim=-1, keepdim=True)
-    rejected = torch.where(mass > 0, rejected / mass.clamp(min=torch.finfo(mass.dtype).tiny), model)  # p == q: never rejected
+    rejected = torch.where(
+        mass > 0, rejected / mass.clamp(min=torch.finfo(mass.dtype).tiny), model
+    )  # p == q: never rejected
     chosen = torch.where((accepted < limits)[:, None], rejected, model)
     tokens = F.pad(proposals, (0, 1)).scatter(1, accepted[:, None], draw(chosen)[:, None])
     return accepted, tokens
 
 
-def history_per_position(seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def history_per_position(
+    seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """What the penalties see at each verified position: the row's history and the proposals before
     the position. seen (bsz, vocab) bool, counts (bsz, vocab); returns (bsz * (k+1), vocab) each."""
     proposed = F.one_hot(proposals, seen.shape[-1]).to(counts.dtype).cumsum(dim=1)  # (bsz, k, vocab)
@@ -171,14 +177,18 @@ def step_keys(settings: RowSettings, steps: torch.Tensor, purpose: int) -> torch
     return mix((settings.seed_key ^ mix((steps * 64 + purpose) & WORD)) & WORD)
 
 
-def exponentials(settings: RowSettings, keys: torch.Tensor, positions: torch.Tensor, needs: List[bool], n: int) -> torch.Tensor:
+def exponentials(
+    settings: RowSettings, keys: torch.Tensor, positions: torch.Tensor, needs: List[bool], n: int
+) -> torch.Tensor:
     """(rows, n) Exp(1) draws: a seeded row's from its ``keys`` and ``positions``, the others' from
     torch's global RNG (``needs``: the rows that draw)."""
     noise = global_exponentials(needs, n).to(keys.device)
     return torch.where(settings.seeded[:, None], seeded_exponentials(keys, positions, n), noise)
 
 
-def penalised_per_position(logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+def penalised_per_position(
+    logits: torch.Tensor, settings: RowSettings, seen: torch.Tensor, counts: torch.Tensor, proposals: torch.Tensor
+) -> torch.Tensor:
     """The penalised logits (bsz, k+1, vocab) of every verified position."""
     bsz, n, vocab = logits.shape
     seen_n, counts_n = history_per_position(seen, counts, proposals)
@@ -206,7 +216,9 @@ def verify(
         return accepted, tokens
     index = torch.arange(bsz, device=logits.device).repeat_interleave(n)
     probs = distribution(logits.flatten(0, 1), settings.rows(index)).view(bsz, n, vocab)
-    sampled_accepted, sampled_tokens = accept_sampled(probs, proposals, draft_probs, limits, uniforms, lambda p: torch.argmax(p / noise, dim=-1))
+    sampled_accepted, sampled_tokens = accept_sampled(
+        probs, proposals, draft_probs, limits, uniforms, lambda p: torch.argmax(p / noise, dim=-1)
+    )
     sampled = settings.temperature > 0
     return torch.where(sampled, sampled_accepted, accepted), torch.where(sampled[:, None], sampled_tokens, tokens)
 
@@ -228,7 +240,9 @@ class ChunkForward:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, positions=positions, cache=BlockTables(tables))
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
         """Logits (width, n, vocab); ``block_table``: the rows' blocks (width, blocks_per_row);
         ``kv_len``: more than every position."""
         block_size = self.model.layers[0].attention.kv_cache.cache_k.shape[2]
@@ -267,8 +281,24 @@ class Speculator:
             chunks += [(self.draft_forward, 2), (self.draft_forward, 1)]
         for width, kv_len, _ in itertools.product(widths, lengths, range(self.runner.graph_calls())):
             for forward, n in chunks:
-                tokens, positions = (torch.zeros(width, n, dtype=torch.long, device=self.runner.device) for _ in range(2))
+                tokens, positions = (
+                    torch.zeros(width, n, dtype=torch.long, device=self.runner.device) for _ in range(2)
+                )
                 forward(tokens, positions, self.runner.block_tables[:width], kv_len).sum().item()
+
+    def step_settings(self, rows: List[Row], width: int):
+        """The step's k (the most proposals a row asks for) and, per slot of the first ``width``: how many
+        proposals it verifies (0: it does not speculate), its speculative steps so far (they seed its
+        draws), and whether it draws from the global RNG. Counts the step in each row."""
+        k = max(row.options.speculate_k for row in rows if row.options.speculate)
+        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
+        needs = [False] * width
+        for row in rows:
+            o = row.options
+            limits[row.slot] = o.speculate_k if o.speculate else 0
+            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
+            needs[row.slot] = o.temperature > 0 and o.seed is None
+        return k, limits.to(self.runner.device), steps.to(self.runner.device), needs
 
     def speculate(self, rows: List[Row]) -> List[List[Sampled]]:
         """One speculative step for the decoding rows: each speculating row's k proposals (prompt
@@ -281,33 +311,45 @@ class Speculator:
         width = max(row.slot for row in rows) + 1
         if self.runner.compiled is not None:  # as the decode step: a power of two of slots
             width = min(power_of_two_at_least(width), self.runner.max_slots)
-        options = {row.slot: row.options for row in rows}
-        k = max(o.speculate_k for o in options.values() if o.speculate)
-        limits, steps = torch.zeros(width, dtype=torch.long), torch.zeros(width, dtype=torch.long)
-        needs = [False] * width  # the rows that draw from the global RNG
-        for row in rows:
-            o = options[row.slot]
-            limits[row.slot] = o.speculate_k if o.speculate else 0
-            steps[row.slot], row.speculative_steps = row.speculative_steps, row.speculative_steps + 1
-            needs[row.slot] = o.temperature > 0 and o.seed is None
-        limits, steps = limits.to(self.runner.device), steps.to(self.runner.device)
-        features, settings, last = self.runner.features(rows), self.runner.settings.rows(slice(0, width)), self.runner.positions[:width]
+        k, limits, steps, needs = self.step_settings(rows, width)
+        features, settings, last = (
+            self.runner.features(rows),
+            self.runner.settings.rows(slice(0, width)),
+            self.runner.positions[:width],
+        )
         proposals, draft_probs = self.propose(rows, width, k, settings, steps, needs, features)  # (width, k)
-        positions = (last[:, None] + torch.arange(k + 1, device=self.runner.device)).clamp(max=params.max_seq_len - 1)  # (width, k+1)
+        positions = (last[:, None] + torch.arange(k + 1, device=self.runner.device)).clamp(
+            max=params.max_seq_len - 1
+        )  # (width, k+1)
         chunk = torch.cat([self.runner.tokens[:width, None], proposals], dim=1)
-        logits = self.verify_forward(chunk, positions, self.runner.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1)  # (width, k+1, vocab)
-        penalised = penalised_per_position(logits, settings, self.runner.seen[:width], self.runner.counts[:width], proposals) if features.penalties else logits
+        logits = self.verify_forward(
+            chunk, positions, self.runner.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1
+        )  # (width, k+1, vocab)
+        penalised = (
+            penalised_per_position(logits, settings, self.runner.seen[:width], self.runner.counts[:width], proposals)
+            if features.penalties
+            else logits
+        )
         uniforms = noise = None
         if features.sampling:
             uniforms = torch.exp(-exponentials(settings, step_keys(settings, steps, 0), last, needs, k))
             noise = exponentials(settings, step_keys(settings, steps, 1), last, needs, params.vocab_size)
-        accepted, chosen = verify(penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling)
+        accepted, chosen = verify(
+            penalised, proposals, draft_probs, limits, settings, uniforms, noise, features.sampling
+        )
         if features.sampling:  # a row that does not speculate draws as in a plain step
-            plain = sample(penalised[:, 0], settings, last + 1, global_exponentials(needs, params.vocab_size).to(self.runner.device))
+            plain = sample(
+                penalised[:, 0],
+                settings,
+                last + 1,
+                global_exponentials(needs, params.vocab_size).to(self.runner.device),
+            )
             chosen[:, 0] = torch.where(limits > 0, chosen[:, 0], plain)
         chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1), self.runner.group)
         accepted, chosen = chosen[:, -1], chosen[:, :-1]
-        packed = torch.stack([pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1)  # (width, k+1, columns)
+        packed = torch.stack(
+            [pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1
+        )  # (width, k+1, columns)
         values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
         sampled = []
         for row in rows:  # per slot: the accepted count, then ``pack``'s columns for each verified position
@@ -325,12 +367,21 @@ class Speculator:
         lasts = [(slot, tokens[-1], row.position) for row, slot, tokens in taken]
         slots, tokens = (torch.tensor(column, device=self.runner.device) for column in zip(*emitted))
         self.runner.seen[slots, tokens] = True
-        self.runner.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=self.runner.counts.dtype), accumulate=True)
+        self.runner.counts.index_put_(
+            (slots, tokens), torch.ones_like(tokens, dtype=self.runner.counts.dtype), accumulate=True
+        )
         index, last_tokens, positions = (torch.tensor(column, device=self.runner.device) for column in zip(*lasts))
         self.runner.tokens[index], self.runner.positions[index] = last_tokens, positions
 
     def propose(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+        self,
+        rows: List[Row],
+        width: int,
+        k: int,
+        settings: RowSettings,
+        steps: torch.Tensor,
+        needs: List[bool],
+        features: Features,
     ):
         """(width, k) proposals for the first ``width`` slots (0 where none) and, when a draft row
         samples, the distributions q they were drawn from (width, k, vocab): a point mass for the
@@ -358,7 +409,14 @@ class Speculator:
         return proposals, draft_probs
 
     def draft_proposals(
-        self, rows: List[Row], width: int, k: int, settings: RowSettings, steps: torch.Tensor, needs: List[bool], features: Features
+        self,
+        rows: List[Row],
+        width: int,
+        k: int,
+        settings: RowSettings,
+        steps: torch.Tensor,
+        needs: List[bool],
+        features: Features,
     ):
         """k steps of the draft over the first ``width`` slots: argmax for greedy rows, else a draw
         from the draft's distribution under the row's settings. The draft's cache holds a row's
@@ -380,14 +438,18 @@ class Speculator:
         for i in range(k):
             if i > 0:
                 position = (last + i).clamp(max=max_seq_len - 1)
-                logits = self.draft_forward(proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1)[:, 0]
+                logits = self.draft_forward(
+                    proposals[-1][:, None], position[:, None], tables, kv_len=max_position + i + 1
+                )[:, 0]
             if features.penalties:
                 logits = apply_penalties(logits, settings, self.runner.seen[:width], self.runner.counts[:width])
             proposal = logits.argmax(dim=-1)
             if features.sampling:
                 draft_probs.append(distribution(logits, settings))
-                drawn = torch.argmax(draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab), dim=-1)
+                drawn = torch.argmax(
+                    draft_probs[-1] / exponentials(settings, step_keys(settings, steps, 2 + i), last, needs, vocab),
+                    dim=-1,
+                )
                 proposal = torch.where(settings.temperature > 0, drawn, proposal)
             proposals.append(broadcast_from_rank0(proposal, self.runner.group))
         return torch.stack(proposals, dim=1), torch.stack(draft_probs, dim=1) if draft_probs else None
-

@@ -107,10 +107,10 @@ def cut_at_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> str:
 class CompletionStream:
     """A request's text as it is generated. Iterating yields, after each decoding step that changed
     a row, one string per row: the text that became final since the previous yield (a row's last
-    piece comes with the step that ends it); then once more at the end, empty strings. While it runs: each row's ``tokens``, ``logprobs`` and
-    ``top_logprobs`` so far, ``finish_reasons`` (None while a row generates, then "stop", "length"
-    or "cancelled"), ``cancel(row)``, and ``timing()``. Closing the iteration early cancels the rows
-    still running.
+    piece comes with the step that ends it); then once more at the end, empty strings. While it runs:
+    each row's ``tokens``, ``logprobs`` and ``top_logprobs`` so far, ``finish_reasons`` (None while a
+    row generates, then "stop", "length" or "cancelled"), ``cancel(row)``, and ``timing()``. Closing
+    the iteration early cancels the rows still running.
 
     ``request`` is the engine's ``Request`` (``llama.engine``) and ``steps`` the iterator of its
     per-step deltas that runs the engine (``Engine.run_until_done``)."""
@@ -123,7 +123,10 @@ class CompletionStream:
 
     def __iter__(self) -> Iterator[List[str]]:
         for step, pieces in enumerate(self.pieces()):
-            yield [(UNSAFE_ERROR if step == 0 else "") if refused else piece for piece, refused in zip(pieces, self.refused)]
+            yield [
+                (UNSAFE_ERROR if step == 0 else "") if refused else piece
+                for piece, refused in zip(pieces, self.refused)
+            ]
 
     def pieces(self) -> Iterator[List[str]]:
         self.started = time.perf_counter()
@@ -152,14 +155,19 @@ class CompletionStream:
         to now if the iteration was stopped early."""
         now = time.perf_counter()
         first_step_done = self.first_step_done or now
-        prompt_seconds, decode_seconds = first_step_done - (self.started or now), (self.finished or now) - first_step_done
+        prompt_seconds, decode_seconds = (
+            first_step_done - (self.started or now),
+            (self.finished or now) - first_step_done,
+        )
         n_prompt, n_generated = self.n_prompt_tokens, sum(len(tokens) for tokens in self.tokens)
         n_decoded = sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
         first = "the first of each row" if len(self.tokens) > 1 else "the first"
         return (
-            f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s ({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
+            f"prompt: {n_prompt} tokens in {prompt_seconds:.3f} s "
+            f"({n_prompt / max(prompt_seconds, 1e-9):.1f} tokens/s), "
             f"generated: {n_generated} tokens, {first} with the prompt, then "
-            f"decode: {n_decoded} tokens in {decode_seconds:.3f} s ({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
+            f"decode: {n_decoded} tokens in {decode_seconds:.3f} s "
+            f"({n_decoded / max(decode_seconds, 1e-9):.1f} tokens/s)"
         )
 
     @property

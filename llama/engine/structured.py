@@ -30,7 +30,9 @@ from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-LIMITS = llguidance.LLParserLimits()  # llguidance's defaults: ~20 ms to build a grammar's lexer, ~15 ms per mask at most
+LIMITS = (
+    llguidance.LLParserLimits()
+)  # llguidance's defaults: ~20 ms to build a grammar's lexer, ~15 ms per mask at most
 COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens
 ANY_OBJECT = {"type": "object"}  # json_object: any JSON object
 CACHED_SCHEMAS = 256
@@ -104,7 +106,7 @@ def schema_of(json_schema: Optional[dict], json_object: bool) -> Optional[str]:
 
 
 def where(schema, error: str) -> str:
-    """" at <JSON pointer>" of the first place in ``schema`` that ``error`` names (a keyword or a
+    """ " at <JSON pointer>" of the first place in ``schema`` that ``error`` names (a keyword or a
     value it quotes), or "" if none is found."""
     names = re.findall(r'"([^"]+)"', error) + re.findall(r": (\S+)$", error)
     for name in names:
@@ -165,7 +167,9 @@ class Constraints:
 
         bitmask = llguidance_torch.allocate_token_bitmask(len(constrained), self.vocab_size)  # (n, words) int32
         matchers = [(self.matchers[rows[index]], i) for i, index in enumerate(constrained)]
-        llguidance_torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)  # the rows in parallel, the GIL released
+        llguidance_torch.fill_next_token_bitmask_par(
+            self.executor, matchers, bitmask
+        )  # the rows in parallel, the GIL released
         failed = []
         for matcher, i in matchers:
             if matcher.is_error():

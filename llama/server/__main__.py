@@ -105,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
             "/health answers (logged: seconds to a minute for each batch width)"
         },
     )
+    add_serving_flags(parser)
+    return parser
+
+
+def add_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """The server's own flags: where it listens, who may call it, its queue and its shutdown."""
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument(
         "--port", type=int, default=8000, help=("the port to listen on; 0 picks a free one, logged at start")
@@ -144,7 +150,6 @@ def parser() -> argparse.ArgumentParser:
             "after SIGTERM or Ctrl-C, how many seconds running requests may take to finish before they are cancelled"
         ),
     )
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -167,7 +172,7 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     llama = load_checkpoint(load, engine, choose_context=chosen)
     llama.engine.warm_up(MAX_TOP_LOGPROBS, args.speculate_k if args.speculate else None)  # every rank: no request waits
-    llama.engine.constraints.check(None, json_object=True)  # the vocabulary grammars read before the first JSON request
+    llama.engine.check_grammar(None, json_object=True)  # the vocabulary grammars read before the first JSON request
     if not is_main_process():
         for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 ends the followers: it broadcasts the shutdown
             signal.signal(signum, signal.SIG_IGN)

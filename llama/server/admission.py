@@ -34,7 +34,11 @@ def shutting_down() -> RequestError:
 
 
 def generation_failed() -> RequestError:
-    return RequestError("generation failed on the server (its log has the traceback); the request may be retried", status=500, kind="server_error")
+    return RequestError(
+        "generation failed on the server (its log has the traceback); the request may be retried",
+        status=500,
+        kind="server_error",
+    )
 
 
 class Scheduler:
@@ -74,8 +78,10 @@ class Scheduler:
             free_slots = self.engine.max_slots - self.engine.running_slots
             if self.engine.queue_length - free_slots >= self.max_queue:
                 raise RequestError(
-                    f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); retry later",
-                    status=503, kind="server_error",
+                    f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); "
+                    "retry later",
+                    status=503,
+                    kind="server_error",
                 )
             speculation = {} if job.options.constrained else self.speculation  # a grammar's rows decode a token a step
             options = dataclasses.replace(job.options, **speculation)

@@ -27,14 +27,24 @@ from starlette.exceptions import HTTPException
 
 from llama.engine import RowDelta
 from llama.layers.quantize import parse_quantize
-from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from llama.server.metrics import Metrics
+from llama.server.admission import Scheduler, generation_failed, shutting_down
+from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from llama.server.protocol import (
-    Job, RequestError, delta_chunk, echoed_prompt, logprobs_object, may_be_a_call, parse_chat, parse_completion, token_triples, tool_calls,
-    tool_calls_chunk, usage_chunk, whole_answer,
+    Job,
+    RequestError,
+    delta_chunk,
+    echoed_prompt,
+    logprobs_object,
+    may_be_a_call,
+    parse_chat,
+    parse_completion,
+    token_triples,
+    tool_calls,
+    tool_calls_chunk,
+    usage_chunk,
+    whole_answer,
 )
 from llama.server.schemas import ChatRequest, CompletionRequest, error_message, error_param
-from llama.server.admission import Scheduler, generation_failed, shutting_down
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +55,24 @@ MAX_BODY_BYTES = 1 << 20  # a request body above 1 MiB is refused (413)
 POLL_SECONDS = 0.1  # how often a waiting whole answer checks whether its client is still there
 
 
-def make_app(llama, scheduler: Scheduler, model_name: str, api_key: Optional[str] = None,
-             allowed_origins: Sequence[str] = (), quantize: Optional[str] = None) -> FastAPI:
+def make_app(
+    llama,
+    scheduler: Scheduler,
+    model_name: str,
+    api_key: Optional[str] = None,
+    allowed_origins: Sequence[str] = (),
+    quantize: Optional[str] = None,
+) -> FastAPI:
     """The application serving ``llama`` (tokenizer and limits) through ``scheduler`` as
     ``model_name``; ``api_key``: None for no authentication; ``allowed_origins``: the web origins
     whose pages may call it (CORS; "*" any, empty: none); ``quantize``: how the weights were
     quantized (``Llama.build``'s argument), which ``/v1/models`` says."""
-    app = FastAPI(title="llama", summary="OpenAI's completions and chat completions API for one Llama model", docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="llama",
+        summary="OpenAI's completions and chat completions API for one Llama model",
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.state.metrics = metrics = Metrics(scheduler)
     app.add_middleware(Gate, metrics=metrics, api_key=api_key, allowed_origins=frozenset(allowed_origins))
     app.add_exception_handler(RequestError, lambda request, error: error_response(error))
@@ -78,12 +99,19 @@ def make_app(llama, scheduler: Scheduler, model_name: str, api_key: Optional[str
 
     async def answer(parse: Callable, body, http: Request) -> Response:
         if body.model is not None and body.model != model_name:
-            raise RequestError(f"model {body.model!r} is not served here; this server serves {model_name!r}", "model", 404, "not_found_error")
+            raise RequestError(
+                f"model {body.model!r} is not served here; this server serves {model_name!r}",
+                "model",
+                404,
+                "not_found_error",
+            )
         job = await run_in_threadpool(parse, body, llama, model_name)  # tokenizing a long prompt does not hold the loop
         request = scheduler.submit(job, asyncio.get_running_loop())
         if job.stream:
             events = stream_events(job, request, token_bytes, metrics, scheduler)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "Connection": "close"})
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "Connection": "close"}
+            )
         return await whole(job, request, http, token_bytes, metrics, scheduler)
 
     @app.post("/v1/completions", response_model=None)
@@ -106,10 +134,15 @@ def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
     adapter's folder name and the sha256 of its files; null where there is none."""
     adapter = None if llama.adapter_dir is None else {"name": Path(llama.adapter_dir).name, "sha256": llama.adapter_id}
     return {
-        "id": model_name, "object": "model", "created": 0, "owned_by": "llama",
-        "max_model_len": llama.model.params.max_seq_len, "dtype": dtype_name(llama.dtype),
+        "id": model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llama",
+        "max_model_len": llama.model.params.max_seq_len,
+        "dtype": dtype_name(llama.dtype),
         "quantization": str(parse_quantize(quantize)) if quantize is not None else None,
-        "kv_cache_dtype": dtype_name(llama.kv_cache_dtype), "adapter": adapter,
+        "kv_cache_dtype": dtype_name(llama.kv_cache_dtype),
+        "adapter": adapter,
     }
 
 
@@ -129,7 +162,9 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
     loc = first["loc"][1:]  # after "body"
     body = error.body if isinstance(error.body, dict) else {}
     if first["type"] == "json_invalid":
-        return error_response(RequestError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"))
+        return error_response(
+            RequestError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        )
     if not loc:
         return error_response(RequestError(f"the request body must be a JSON object, got {type(error.body).__name__}"))
     model = ChatRequest if request.url.path == "/v1/chat/completions" else CompletionRequest
@@ -238,14 +273,23 @@ class StreamChunks:
             self.answering.add(delta.row)
             return self.text_chunks(delta)
         chunks = self.text_chunks(RowDelta(delta.row, "", [], [], [], None)) if delta.row not in self.started else []
-        return chunks + [tool_calls_chunk(self.job, delta.row, calls), delta_chunk(self.job, delta.row, "", None, finish_reason="tool_calls")]
+        return chunks + [
+            tool_calls_chunk(self.job, delta.row, calls),
+            delta_chunk(self.job, delta.row, "", None, finish_reason="tool_calls"),
+        ]
 
     def hold(self, delta: RowDelta) -> RowDelta:
         """The choice's held delta with ``delta`` added."""
         held = self.held.get(delta.row)
         if held is not None:
-            delta = RowDelta(delta.row, held.text + delta.text, held.tokens + delta.tokens, held.logprobs + delta.logprobs,
-                             held.top_logprobs + delta.top_logprobs, delta.finish_reason)
+            delta = RowDelta(
+                delta.row,
+                held.text + delta.text,
+                held.tokens + delta.tokens,
+                held.logprobs + delta.logprobs,
+                held.top_logprobs + delta.top_logprobs,
+                delta.finish_reason,
+            )
         self.held[delta.row] = delta
         return delta
 
@@ -286,10 +330,14 @@ class Gate:
         async def counted_send(message):
             if message["type"] == "http.response.start":
                 self.metrics.count_request(
-                    method if method in ("GET", "POST", "OPTIONS") else "other", path if path in GET_ROUTES + POST_ROUTES else "other", message["status"]
+                    method if method in ("GET", "POST", "OPTIONS") else "other",
+                    path if path in GET_ROUTES + POST_ROUTES else "other",
+                    message["status"],
                 )
                 if origin is not None:
-                    extra = [(b"access-control-allow-origin", origin.encode())] + ([(b"vary", b"Origin")] if origin != "*" else [])
+                    extra = [(b"access-control-allow-origin", origin.encode())] + (
+                        [(b"vary", b"Origin")] if origin != "*" else []
+                    )
                     message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
@@ -318,8 +366,11 @@ class Gate:
         answer = [(b"allow", b"GET, POST, OPTIONS"), (b"content-length", b"0")]
         if origin is not None:
             requested = headers.get("access-control-request-headers") or "Authorization, Content-Type"
-            answer += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"), (b"access-control-allow-headers", requested.encode("latin-1")),
-                       (b"access-control-max-age", b"600")]
+            answer += [
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", requested.encode("latin-1")),
+                (b"access-control-max-age", b"600"),
+            ]
         await send({"type": "http.response.start", "status": 204, "headers": answer})
         await send({"type": "http.response.body", "body": b""})
 
@@ -327,7 +378,9 @@ class Gate:
         if self.api_key is None or path in OPEN_ROUTES:
             return
         if not hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.api_key}".encode()):
-            raise RequestError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error")
+            raise RequestError(
+                "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error"
+            )
 
     async def read_body(self, headers: dict, receive):
         """The whole body, checked, and a ``receive`` that gives it to the route, then the client's
@@ -335,7 +388,9 @@ class Gate:
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             got = f"Content-Type {headers['content-type']!r}" if "content-type" in headers else "no Content-Type"
-            raise RequestError(f"the request body must be JSON sent with 'Content-Type: application/json'; got {got}", status=415)
+            raise RequestError(
+                f"the request body must be JSON sent with 'Content-Type: application/json'; got {got}", status=415
+            )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise RequestError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)

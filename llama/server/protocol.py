@@ -13,9 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from llama.chat.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
 from llama.options import GenerationOptions
 from llama.server.schemas import ChatRequest, CompletionRequest, SamplingFields, short
-from llama.chat.tool_calls import PYTHON_TAG, Call, call_schema, encode_tool_dialog, parse_calls
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -23,7 +23,9 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status`` with OpenAI's error body naming ``param``."""
 
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400, kind: str = "invalid_request_error"):
+    def __init__(
+        self, message: str, param: Optional[str] = None, status: int = 400, kind: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
@@ -59,8 +61,12 @@ class Job:
         """OpenAI's usage: each prompt counted once, whatever its number of samples; ``cached_tokens``
         of them were found in the prefix cache."""
         prompt_tokens = sum(len(tokens) for tokens in self.prompt_tokens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        }
 
 
 def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
@@ -82,7 +88,9 @@ def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
     echo = bool(body.echo)
     if echo and body.logprobs is not None:
         raise RequestError("'echo' with 'logprobs' is not supported: the prompt's tokens are not scored", "echo")
-    return make_job(body, llama, model, "completion", prompts, prompt_tokens, body.logprobs, echo, DEFAULT_COMPLETION_TOKENS)
+    return make_job(
+        body, llama, model, "completion", prompts, prompt_tokens, body.logprobs, echo, DEFAULT_COMPLETION_TOKENS
+    )
 
 
 def parse_chat(body: ChatRequest, llama, model: str) -> Job:
@@ -95,13 +103,17 @@ def parse_chat(body: ChatRequest, llama, model: str) -> Job:
     tools, choice = parse_tools(body)
     try:
         if tools or any(message["role"] == "tool" or message.get("tool_calls") for message in dialog):
-            prompt_tokens = encode_tool_dialog(llama.chat_format, with_function_names(dialog), tools if choice != "none" else [])
+            prompt_tokens = encode_tool_dialog(
+                llama.chat_format, with_function_names(dialog), tools if choice != "none" else []
+            )
         else:
             prompt_tokens = llama.encode_dialog(dialog)
     except ValueError as error:
         raise RequestError(str(error), "messages") from None
     if llama.chat_format.is_unsafe(dialog):  # Meta's chat_completion refuses these too
-        raise RequestError(f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages")
+        raise RequestError(
+            f"the special tags {llama.chat_format.special_tags[:8]} are not allowed in a message", "messages"
+        )
     called = [tool for tool in tools if choice == "required" or choice == tool["function"]["name"]]
     schema = call_schema(llama.chat_format, called) if called else None
     job = make_job(body, llama, model, "chat", [dialog], [prompt_tokens], logprobs, False, None, schema)
@@ -121,18 +133,26 @@ def parse_tools(body: ChatRequest) -> Tuple[List[dict], str]:
     if not isinstance(choice, str):
         choice = choice.function.name
         if choice not in names:
-            raise RequestError(f"'tool_choice' names the function {choice!r}, which is not in 'tools' {names}", "tool_choice")
+            raise RequestError(
+                f"'tool_choice' names the function {choice!r}, which is not in 'tools' {names}", "tool_choice"
+            )
     if choice != "none" and not tools:
         raise RequestError(f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
     if body.parallel_tool_calls and choice not in ("none", "auto"):
-        raise RequestError("'parallel_tool_calls' with a forced call is not supported: a forced answer is one call", "parallel_tool_calls")
+        raise RequestError(
+            "'parallel_tool_calls' with a forced call is not supported: a forced answer is one call",
+            "parallel_tool_calls",
+        )
     return tools, choice
 
 
 def with_function_names(dialog: List[dict]) -> List[dict]:
     """The dialog with each tool message's function name (from the call it answers)."""
     names = {call.id: call.name for message in dialog for call in message.get("tool_calls") or ()}
-    return [{**message, "name": names.get(message.get("tool_call_id"))} if message["role"] == "tool" else message for message in dialog]
+    return [
+        {**message, "name": names.get(message.get("tool_call_id"))} if message["role"] == "tool" else message
+        for message in dialog
+    ]
 
 
 def parse_message(i: int, message) -> dict:
@@ -143,11 +163,19 @@ def parse_message(i: int, message) -> dict:
     if isinstance(content, list):
         content = "\n".join(text_part(i, j, part) for j, part in enumerate(content))
     if message.tool_calls and message.role == "assistant":
-        return {"role": "assistant", "content": content or "", "tool_calls": [parse_call(i, call) for call in message.tool_calls]}
+        return {
+            "role": "assistant",
+            "content": content or "",
+            "tool_calls": [parse_call(i, call) for call in message.tool_calls],
+        }
     if not isinstance(content, str):
         raise RequestError(f"messages[{i}] must have a string 'content' or a list of text parts", f"messages[{i}]")
     if (message.tool_calls is not None) or (message.tool_call_id is not None) != (message.role == "tool"):
-        raise RequestError(f"messages[{i}]: 'tool_calls' belong to an assistant message, and 'tool_call_id' to every tool message only", f"messages[{i}]")
+        raise RequestError(
+            f"messages[{i}]: 'tool_calls' belong to an assistant message, and 'tool_call_id' to every tool "
+            "message only",
+            f"messages[{i}]",
+        )
     role = message.role
     parsed = {"role": "system" if role == "developer" else role, "content": content}
     return parsed if role != "tool" else {**parsed, "tool_call_id": message.tool_call_id}
@@ -160,54 +188,98 @@ def parse_call(i: int, call) -> Call:
     except json.JSONDecodeError:
         arguments = None
     if not isinstance(arguments, dict):
-        raise RequestError(f"messages[{i}]: the arguments of call {call.id!r} must be a JSON object in a string, got {short(call.function.arguments)}", f"messages[{i}]")
+        raise RequestError(
+            f"messages[{i}]: the arguments of call {call.id!r} must be a JSON object in a string, "
+            f"got {short(call.function.arguments)}",
+            f"messages[{i}]",
+        )
     return Call(call.id, call.function.name, arguments)
 
 
 def text_part(i: int, j: int, part) -> str:
     """The text of part j of messages[i]'s content."""
     if part.type != "text":
-        raise RequestError(f"messages[{i}].content[{j}] has type {part.type!r}; this model reads only 'text' parts", f"messages[{i}]")
+        raise RequestError(
+            f"messages[{i}].content[{j}] has type {part.type!r}; this model reads only 'text' parts", f"messages[{i}]"
+        )
     if part.text is None:
         raise RequestError(f"messages[{i}].content[{j}] must have a string 'text'", f"messages[{i}]")
     return part.text
 
 
-def make_job(body: SamplingFields, llama, model, kind, prompts, prompt_tokens, logprobs, echo, default_max_tokens, forced_call_schema=None) -> Job:
+def make_job(
+    body: SamplingFields,
+    llama,
+    model,
+    kind,
+    prompts,
+    prompt_tokens,
+    logprobs,
+    echo,
+    default_max_tokens,
+    forced_call_schema=None,
+) -> Job:
     """The fields both endpoints share, checked against the model's limits; ``forced_call_schema``:
     the JSON Schema of a forced tool call, which the answer follows."""
     params = llama.model.params
     n = body.n or 1
     if len(prompts) * n > params.max_batch_size:
-        raise RequestError(f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n")
+        raise RequestError(
+            f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n"
+        )
     max_tokens = parse_max_tokens(body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens)
     if body.stream_options is not None and not body.stream:
         raise RequestError("'stream_options' needs 'stream': true", "stream_options")
-    json_schema, json_object = parse_response_format(body, llama)
-    if forced_call_schema is not None:
-        if json_schema is not None or json_object:
-            raise RequestError("'response_format' JSON cannot be combined with a forced tool call: the answer is the call", "response_format")
-        json_schema = forced_call_schema
-        try:
-            llama.engine.check_grammar(json_schema)
-        except ValueError as error:
-            raise RequestError(f"tools: a function's parameters: {error}", "tools") from None
+    json_schema, json_object = answer_format(body, llama, forced_call_schema)
     try:  # what the declared checks miss is refused in the generation options' own words
         options = GenerationOptions(
-            max_gen_len=max_tokens, num_return_sequences=n, stop_strings=parse_stop(body.stop),
-            seed=body.seed, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
-            temperature=default(body.temperature, 1.0), top_p=default(body.top_p, 1.0),
+            max_gen_len=max_tokens,
+            num_return_sequences=n,
+            stop_strings=parse_stop(body.stop),
+            seed=body.seed,
+            logprobs=logprobs is not None,
+            top_logprobs=logprobs or 0,
+            temperature=default(body.temperature, 1.0),
+            top_p=default(body.top_p, 1.0),
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's: 0 or -1 keeps every token
-            min_p=default(body.min_p, 0.0), repetition_penalty=default(body.repetition_penalty, 1.0),
-            presence_penalty=default(body.presence_penalty, 0.0), frequency_penalty=default(body.frequency_penalty, 0.0),
-            logit_bias=parse_logit_bias(body.logit_bias, params.vocab_size), json_schema=json_schema, json_object=json_object,
+            min_p=default(body.min_p, 0.0),
+            repetition_penalty=default(body.repetition_penalty, 1.0),
+            presence_penalty=default(body.presence_penalty, 0.0),
+            frequency_penalty=default(body.frequency_penalty, 0.0),
+            logit_bias=parse_logit_bias(body.logit_bias, params.vocab_size),
+            json_schema=json_schema,
+            json_object=json_object,
         )
     except (ValueError, TypeError) as error:
         raise RequestError(str(error)) from None
     return Job(
-        kind=kind, model=model, prompts=prompts, prompt_tokens=prompt_tokens, options=options, stream=bool(body.stream),
-        echo=echo, include_usage=body.stream_options is not None and body.stream_options.include_usage,
+        kind=kind,
+        model=model,
+        prompts=prompts,
+        prompt_tokens=prompt_tokens,
+        options=options,
+        stream=bool(body.stream),
+        echo=echo,
+        include_usage=body.stream_options is not None and body.stream_options.include_usage,
     )
+
+
+def answer_format(body: SamplingFields, llama, forced_call_schema: Optional[dict]) -> Tuple[Optional[dict], bool]:
+    """The options' (json_schema, json_object): ``response_format``'s, or the forced tool call's schema, whose
+    grammar is built here (off the event loop)."""
+    json_schema, json_object = parse_response_format(body, llama)
+    if forced_call_schema is None:
+        return json_schema, json_object
+    if json_schema is not None or json_object:
+        raise RequestError(
+            "'response_format' JSON cannot be combined with a forced tool call: the answer is the call",
+            "response_format",
+        )
+    try:
+        llama.engine.check_grammar(forced_call_schema)
+    except ValueError as error:
+        raise RequestError(f"tools: a function's parameters: {error}", "tools") from None
+    return forced_call_schema, False
 
 
 def parse_response_format(body: SamplingFields, llama) -> Tuple[Optional[dict], bool]:
@@ -220,7 +292,9 @@ def parse_response_format(body: SamplingFields, llama) -> Tuple[Optional[dict], 
     try:
         llama.engine.check_grammar(json_schema, json_schema is None)
     except ValueError as error:
-        raise RequestError(f"response_format.json_schema.schema: {error}" if json_schema is not None else str(error), "response_format") from None
+        raise RequestError(
+            f"response_format.json_schema.schema: {error}" if json_schema is not None else str(error), "response_format"
+        ) from None
     return json_schema, json_schema is None
 
 
@@ -245,14 +319,20 @@ def parse_max_tokens(body: SamplingFields, kind: str, prompt_len: int, max_seq_l
     room = max_seq_len - prompt_len
     if room < 1:
         field = "prompt" if kind == "completion" else "messages"
-        raise RequestError(f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more", field)
+        raise RequestError(
+            f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more", field
+        )
     max_tokens = body.max_tokens
     if max_tokens is None and kind == "chat":
         max_tokens = body.max_completion_tokens
     if max_tokens is None:
         return room if default is None else min(default, room)
     if max_tokens > room:
-        raise RequestError(f"max_tokens={max_tokens} does not fit: the prompt has {prompt_len} tokens and the context {max_seq_len}; at most {room}", "max_tokens")
+        raise RequestError(
+            f"max_tokens={max_tokens} does not fit: the prompt has {prompt_len} tokens and the context "
+            f"{max_seq_len}; at most {room}",
+            "max_tokens",
+        )
     return max_tokens
 
 
@@ -263,6 +343,7 @@ def parse_stop(stop) -> Tuple[str, ...]:
 
 # The answers. A "choice" is one row: prompt i's sample j is choice i * n + j, as OpenAI numbers them.
 # A row's new tokens arrive as (token id, logprob, [(id, logprob), ...] alternatives) triples.
+
 
 def token_triples(delta) -> List[Tuple[int, float, list]]:
     """The new tokens of an engine ``RowDelta`` with their logprobs and alternatives."""
@@ -304,14 +385,24 @@ def logprobs_object(job: Job, tokens: List[Tuple[int, float, list]], token_bytes
     """The logprobs of a choice's ``tokens`` in the endpoint's shape; None if not asked for."""
     if not job.options.logprobs:
         return None
-    return chat_logprobs(tokens, token_bytes) if job.kind == "chat" else completion_logprobs(tokens, token_bytes, text_start)
+    return (
+        chat_logprobs(tokens, token_bytes)
+        if job.kind == "chat"
+        else completion_logprobs(tokens, token_bytes, text_start)
+    )
 
 
-def whole_answer(job: Job, texts: Dict[int, str], reasons: Dict[int, str], tokens: Dict[int, list], token_bytes, counts: dict) -> dict:
+def whole_answer(
+    job: Job, texts: Dict[int, str], reasons: Dict[int, str], tokens: Dict[int, list], token_bytes, counts: dict
+) -> dict:
     """The non-streamed answer, from each choice's joined text, finish reason and tokens."""
     choices = []
     for index in range(job.rows):
-        choice = {"index": index, "logprobs": logprobs_object(job, tokens[index], token_bytes, 0), "finish_reason": reasons[index]}
+        choice = {
+            "index": index,
+            "logprobs": logprobs_object(job, tokens[index], token_bytes, 0),
+            "finish_reason": reasons[index],
+        }
         if job.kind == "chat":
             calls = tool_calls(job, texts[index], reasons[index])
             choice["message"] = {"role": "assistant", "content": texts[index] if calls is None else None}
@@ -331,8 +422,14 @@ def tool_calls(job: Job, text: str, finish_reason: Optional[str]) -> Optional[Li
     calls = parse_calls(text, job.tool_names)
     if calls is None:
         return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-            for name, arguments in calls]
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        }
+        for name, arguments in calls
+    ]
 
 
 def may_be_a_call(job: Job, text: str) -> bool:
@@ -340,13 +437,21 @@ def may_be_a_call(job: Job, text: str) -> bool:
     if not job.tool_names:
         return False
     start = text.lstrip()
-    return job.forced_call or start == "" or start.startswith(("{", "[")) or PYTHON_TAG.startswith(start[: len(PYTHON_TAG)])
+    return (
+        job.forced_call
+        or start == ""
+        or start.startswith(("{", "["))
+        or PYTHON_TAG.startswith(start[: len(PYTHON_TAG)])
+    )
 
 
 def tool_calls_chunk(job: Job, index: int, calls: List[dict]) -> dict:
     """A streamed chunk with the choice's calls, each with its ``index`` as OpenAI streams them."""
     delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-    return {**header(job, chunk=True), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    return {
+        **header(job, chunk=True),
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }
 
 
 def echoed_prompt(job: Job, index: int) -> str:
@@ -356,11 +461,18 @@ def echoed_prompt(job: Job, index: int) -> str:
 
 def header(job: Job, chunk: bool) -> dict:
     if job.kind == "chat":
-        return {"id": f"chatcmpl-{job.id}", "object": "chat.completion.chunk" if chunk else "chat.completion", "created": job.created, "model": job.model}
+        return {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": job.created,
+            "model": job.model,
+        }
     return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model}
 
 
-def delta_chunk(job: Job, index: int, text: str, logprobs: Optional[dict], finish_reason: Optional[str] = None, first: bool = False) -> dict:
+def delta_chunk(
+    job: Job, index: int, text: str, logprobs: Optional[dict], finish_reason: Optional[str] = None, first: bool = False
+) -> dict:
     """One streamed chunk for one choice: new text (chat: the role in the first), or its finish reason."""
     if job.kind == "chat":
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
