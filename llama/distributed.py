@@ -17,6 +17,7 @@ others carry on leaves them waiting for it. Two things stop that:
 
 import atexit
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -164,11 +165,19 @@ def job_group() -> Optional[dist.ProcessGroup]:
 
 
 def leave_process_group() -> None:
-    """Destroy the group while the interpreter is still whole: a gloo group left to be torn down
-    with the interpreter sometimes aborts the process ("terminate called without an active
+    """Destroy the groups while the interpreter is still whole, and drop the references that objects
+    (the model's layers, the engine) keep to them, so that they are torn down now: a gloo group left to
+    be torn down with the interpreter sometimes aborts the process ("terminate called without an active
     exception"), failing a job that succeeded."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    groups = [dist.group.WORLD, *getattr(dist.distributed_c10d._world, "pg_map", {})]
+    dist.destroy_process_group()
+    for group in groups:
+        for holder in gc.get_referrers(group):
+            if isinstance(holder, dict) and "__builtins__" not in holder:  # an object's attributes, not a module's
+                for key in [key for key, value in holder.items() if value is group]:
+                    holder[key] = None
 
 
 def quiet_local_ranks() -> None:
