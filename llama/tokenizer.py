@@ -256,14 +256,15 @@ class TiktokenTokenizer(Tokenizer):
         )  # byte-level BPE adds no leading space: legacy changes nothing
 
 
-def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool = True) -> bytes:
+def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool = True, **options) -> bytes:
     """A BPE sentencepiece model (serialized) trained on ``lines``, with Llama's special ids (unk 0,
     BOS 1, EOS 2, no pad) and byte fallback, as ``train.py`` and the tests make them.
 
     ``keep_whitespace`` is for code, which needs its whitespace: no normalization, no collapsing of
     spaces, runs of spaces may be pieces (indentation), and no dummy space is prepended, so a line's
     first word is the same piece at the start of a prompt and after a newline. False keeps
-    sentencepiece's defaults, as Llama's own tokenizer does.
+    sentencepiece's defaults, as Llama's own tokenizer does. ``options``: other settings of sentencepiece's
+    trainer, over those (Llama 2's own: ``keep_whitespace`` with ``add_dummy_prefix=True``).
     """
     model = io.BytesIO()
     whitespace = dict(
@@ -285,6 +286,6 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int, keep_whitespace: bool
         pad_id=-1,
         num_threads=1,  # one thread: the same pieces on every machine
         minloglevel=2,
-        **(whitespace if keep_whitespace else {}),
+        **{**(whitespace if keep_whitespace else {}), **options},
     )
     return model.getvalue()

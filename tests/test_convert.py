@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLED, SMALL_PARAMS, to_transformers
+from conftest import BUNDLED, SMALL_PARAMS, stdlib_lines, to_transformers
 from distributed_worker import TOKENS
 from llama.convert import convert, main
 from llama.generation import Llama
+from llama.tokenizer import train_tokenizer
 
 # The fields of Meta's ModelArgs (meta-llama/llama, llama/model.py); Code Llama's adds rope_theta.
 LLAMA2_FIELDS = {
@@ -203,31 +204,8 @@ CHAT = [
 
 def llama_style_tokenizer(path: Path) -> str:
     """A 512-piece sentencepiece BPE with Llama's settings: no normalization, spaces kept, a leading space added."""
-    import io
-
-    import sentencepiece as spm
-
-    from conftest import stdlib_lines
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]),
-        model_writer=model,
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-    )
-    path.write_bytes(model.getvalue())
+    lines = stdlib_lines(5000) + ["héllo wörld"]
+    path.write_bytes(train_tokenizer(lines, 512, add_dummy_prefix=True, allow_whitespace_only_pieces=False))
     return str(path)
 
 

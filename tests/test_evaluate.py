@@ -16,6 +16,7 @@ import torch
 from conftest import stdlib_lines
 from llama.convert import convert
 from llama.evaluate import main
+from llama.tokenizer import train_tokenizer
 
 MAX_SEQ_LEN = 40  # the converted folder's max_position_embeddings: lm-eval's max_length on both sides
 
@@ -91,29 +92,7 @@ def llama2_style_tokenizer(path: Path) -> None:
     """A 512-piece sentencepiece BPE with Llama 2's settings (no normalization, whitespace kept, a dummy
     space prepended, digits split, byte fallback), which transformers' LlamaTokenizer reads with the same
     ids (the session's tokenizer keeps sentencepiece's normalization, which transformers does not apply)."""
-    import io
-
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000)),
-        model_writer=model,
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-    )
-    path.write_bytes(model.getvalue())
+    path.write_bytes(train_tokenizer(stdlib_lines(5000), 512, add_dummy_prefix=True))
 
 
 def write_tasks(folder: Path) -> Path:

@@ -2,7 +2,6 @@
 AutoTokenizer encodes and decodes as sentencepiece itself under each normalizer setting a model may
 have, the settings read from the model as the protobuf package reads them."""
 
-import io
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import sentencepiece as spm
 
 from conftest import BUNDLED_TOKENIZER, stdlib_lines
 from llama.checkpoints.hf_tokenizer_files import NormalizerSpec, write_hf_tokenizer_files
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, train_tokenizer
 
 # what the settings act on: spaces at the ends and in runs, tabs and newlines, characters NFKC maps,
 # characters only bytes encode, and the empty text
@@ -41,22 +40,7 @@ NAMES = [*SETTINGS, UNESCAPED]
 
 
 def train(options: dict) -> bytes:
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(3000) + TEXTS),
-        model_writer=model,
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        **options,
-    )
-    return model.getvalue()
+    return train_tokenizer(stdlib_lines(3000) + TEXTS, 400, keep_whitespace=False, **options)
 
 
 def unescaped(model: bytes) -> bytes:

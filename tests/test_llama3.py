@@ -21,7 +21,7 @@ import torch
 from conftest import LLAMA3_SPECIALS
 from distributed_worker import LLAMA3_MAX_SEQ_LEN, llama3_inputs
 from llama.generation import UNSAFE_ERROR, Llama
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -613,32 +613,15 @@ def test_chat_template_with_a_sentencepiece_tokenizer_renders_as_apply_chat_temp
     """A Llama 2 fine-tune (TinyLlama-Chat style) with its own template, read by transformers' Llama
     tokenizer from tokenizer.model: it needs protobuf (setup.py's test extra) to convert the model."""
     pytest.importorskip("google.protobuf")
-    import io
 
-    import sentencepiece as spm
     from transformers import AutoTokenizer
 
     from conftest import stdlib_lines
 
-    model = io.BytesIO()  # Llama's settings: no normalization, whitespace kept, a leading space added
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_lines(5000) + ["héllo wörld"]),
-        model_writer=model,
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-    )
-    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    # Llama's settings: no normalization, whitespace kept, a leading space added
+    lines = stdlib_lines(5000) + ["héllo wörld"]
+    model = train_tokenizer(lines, 400, add_dummy_prefix=True, allow_whitespace_only_pieces=False)
+    (tmp_path / "tokenizer.model").write_bytes(model)
     template = "{{ bos_token }}" + ZEPHYR_TEMPLATE + "{{ ' ' + eos_token + '  x' }}"
     config = {
         "tokenizer_class": "LlamaTokenizer",
