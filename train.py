@@ -146,11 +146,9 @@ def train(args: argparse.Namespace) -> None:
     loop.train(
         model,
         loop.make_optimizer(model.parameters(), args.lr, args.weight_decay, betas=(0.9, 0.95)),
-        step_batches,
+        loop.Supervised(model, step_batches, device, autocast),
         loop.Schedule(args.lr, args.steps, warmup_steps, "cosine", args.lr * args.min_lr_ratio),
         MetricsLog(None, args.steps, every=args.log_interval),
-        device,
-        autocast,
         args.grad_clip,
         evaluate_every=args.eval_interval,
         evaluate_at=heldout_loss,

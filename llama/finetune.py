@@ -16,12 +16,12 @@ import argparse
 import contextlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-from llama.chat.format import chat_format_for
+from llama.chat.format import ChatFormat, chat_format_for
 from llama.checkpoints.hf import read_chat_template
 from llama.checkpoints.loader import checkpoint_folder, layout_of, load_model, read_model_args
 from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
@@ -37,12 +37,12 @@ from llama.layers.quantize import (
     quantizable_weights,
     training_cpu_dtype,
 )
-from llama.model import Transformer
+from llama.model import ModelArgs, Transformer
 from llama.options import EngineOptions
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
 from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
-from llama.training.loop import Schedule, evaluate, make_optimizer, train
+from llama.training.loop import Schedule, Supervised, evaluate, make_optimizer, train
 from llama.training.parallelize import (
     clean_name,
     data_parallel_group,
@@ -75,6 +75,7 @@ def run_settings(options: argparse.Namespace) -> dict:
     """What a resumed run must share with the run it continues: for full fine-tuning also the tensor
     parallelism, which the saved fused weights (wq, wk, wv; w1, w3) are laid out by, slice after slice."""
     settings = {
+        "objective": options.objective,
         "method": options.method,
         "ckpt_dir": str(Path(options.ckpt_dir).resolve()),
         "data": str(Path(options.data).resolve()),
@@ -94,6 +95,8 @@ def run_settings(options: argparse.Namespace) -> dict:
 def check_options(options: argparse.Namespace, world_size: int) -> None:
     """Every flag that can be checked before anything is read; ``world_size``: the data-parallel ranks,
     which share each step's examples."""
+    if options.pack and options.objective != "sft":
+        raise ValueError(f"--pack packs supervised examples: --objective {options.objective} does not take it")
     if options.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.max_steps is not None and options.epochs is not None:
@@ -183,12 +186,12 @@ def finetune(options: argparse.Namespace) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     mesh = training_mesh(device, options.tensor_parallel)
     data_group = data_parallel_group(mesh)  # the ranks that share each step's examples
-    data_rank, data_ranks = group_rank(data_group), group_size(data_group)
-    check_options(options, data_ranks)
+    check_options(options, group_size(data_group))
     lora = lora_config(options)
     dtype = compute_dtype(options.dtype, device, options.method)
 
-    tokenizer_path, args, examples, val_examples = read_inputs(options)
+    inputs = read_inputs(options)
+    args, examples = inputs.args, inputs.examples
     quantization = check_qlora(args, device, dtype, tensor_parallel_group(mesh)) if options.method == "qlora" else None
     schedule = schedule_of(options, len(examples))
     max_steps = schedule.max_steps
@@ -207,47 +210,73 @@ def finetune(options: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(options)
 
-    step_batches, val_batches = batches(options, examples, val_examples, data_rank, data_ranks)
+    objective, evaluate_at = OBJECTIVES[options.objective](
+        options, model, inputs, Placement(device, autocast, data_group)
+    )
     if rank == 0:
         n_trainable = sum(p.numel() for p in parameters.values())
         logger.info(
-            "%s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
-            *(options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}"),
+            "%s %s: %d examples, %d steps of %d, %s parameters trained (%s), computing in %s on %d rank(s)",
+            *(options.objective, options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}"),
             *("adapters" if lora else "all", str(dtype).removeprefix("torch."), mesh.size() if mesh else 1),
         )
-    evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if val_examples else None
     save_at = (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None
     train(
         model,
         optimizer,
-        step_batches,
+        objective,
         schedule,
         MetricsLog(out / METRICS_FILE, max_steps, every=max(1, max_steps // 20)),
-        device,
-        autocast,
         options.grad_clip,
         start_step,
         options.eval_every,
         evaluate_at,
         options.save_every,
         save_at,
-        data_group,
     )
-    write_outputs(options, model, lora, args, tokenizer_path, rank)
+    write_outputs(options, model, lora, args, inputs.tokenizer_path, rank)
     logger.info("peak memory: %s", peak_memory(device))
 
 
-def read_inputs(options: argparse.Namespace):
-    """The tokenizer's path, the model's hyper-parameters, and the training and validation examples."""
+class Inputs(NamedTuple):
+    """What a run reads before loading the model."""
+
+    tokenizer_path: str
+    tokenizer: Tokenizer
+    chat_format: ChatFormat
+    args: ModelArgs
+    examples: list  # the objective's: supervised examples, preference pairs, prompts
+    val_examples: list
+
+
+class Placement(NamedTuple):
+    """Where a run's forward passes compute: the device, the autocast context, the data-parallel ranks."""
+
+    device: torch.device
+    autocast: Any
+    data_group: Optional[dist.ProcessGroup]
+
+
+def read_inputs(options: argparse.Namespace) -> Inputs:
+    """The tokenizer, the model's hyper-parameters, and the training and validation data of the objective."""
     tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
     tokenizer = Tokenizer(tokenizer_path)
     args = read_model_args(options.ckpt_dir, tokenizer, tokenizer_path, EngineOptions(1, options.max_seq_len))
     chat_format = chat_format_for(tokenizer, read_chat_template(options.ckpt_dir))
-    examples = read_examples(options.data, tokenizer, chat_format, options.max_seq_len)
-    val_examples = (
-        read_examples(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    read = READERS[options.objective]
+    examples = read(options.data, tokenizer, chat_format, options.max_seq_len)
+    val_examples = read(options.val_data, tokenizer, chat_format, options.max_seq_len) if options.val_data else []
+    return Inputs(tokenizer_path, tokenizer, chat_format, args, examples, val_examples)
+
+
+def supervised(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
+    """Supervised fine-tuning's objective, and its validation (loss and perplexity) where there is one."""
+    device, autocast, data_group = placement
+    step_batches, val_batches = batches(
+        options, inputs.examples, inputs.val_examples, group_rank(data_group), group_size(data_group)
     )
-    return tokenizer_path, args, examples, val_examples
+    evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if inputs.val_examples else None
+    return Supervised(model, step_batches, device, autocast, data_group), evaluate_at
 
 
 def schedule_of(options: argparse.Namespace, n_examples: int) -> Schedule:
@@ -271,6 +300,10 @@ def batches(options: argparse.Namespace, examples: list, val_examples: list, dat
         val_examples, options.micro_batch_size, options.pack, options.max_seq_len, data_rank, data_ranks
     )
     return step_batches, val_batches
+
+
+READERS = {"sft": read_examples}  # the objective's data: path, tokenizer, chat format, max_seq_len -> items
+OBJECTIVES = {"sft": supervised}  # options, model, inputs, placement -> (Objective, evaluate_at or None)
 
 
 def training_model(
@@ -371,7 +404,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help='JSONL training examples: {"messages": [...]}, {"prompt", "completion"} or {"text"} per line',
+        help='JSONL training data, per line: for sft {"messages": [...]}, {"prompt", "completion"} or {"text"}; '
+        'for dpo {"prompt", "chosen", "rejected"}; for grpo {"prompt", ...}',
+    )
+    p.add_argument(
+        "--objective",
+        default="sft",
+        choices=tuple(OBJECTIVES),
+        help="sft: learn the examples' answers; dpo: prefer the chosen completions (preference pairs); "
+        "grpo: reinforcement learning from rewards of completions the model samples",
     )
     p.add_argument("--out", required=True, help="the run's folder (new, or empty; with --resume, the run to continue)")
     p.add_argument(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE, BlockTables, CachePass, KVCache, contiguous_tables
-from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss
+from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, chunked_token_logprobs, token_logprobs
 from llama.layers.parallel import (
     ColumnParallelLinear,
     FusedColumnParallelLinear,
@@ -407,6 +407,22 @@ class Transformer(nn.Module):
         if isinstance(self.output, ColumnParallelLinear) and group_size(self.group) == 1:
             return chunked_causal_lm_loss(h, self.output.weight, labels, self.output.scales)
         return causal_lm_loss(self.output(h).float(), labels, reduction="sum")
+
+    def forward_logprobs(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Post-training's entry: each label's log-probability under ``softmax(logits / temperature)`` of
+        ``forward(tokens, positions=positions)``, (bsz, seqlen), entry [b, t] that of ``labels[b, t]`` given
+        ``tokens[b, :t]``, 0 where the label is -100 (``llama.layers.loss.token_logprobs``). Chunk by chunk
+        from the last hidden states where the output layer is whole here, as ``forward_loss``."""
+        h = self.norm(self.hidden_states(tokens, positions, document_mask(positions), None))  # (bsz, seqlen, dim)
+        if isinstance(self.output, ColumnParallelLinear) and group_size(self.group) == 1:
+            return chunked_token_logprobs(h, self.output.weight, labels, self.output.scales, temperature)
+        return token_logprobs(self.output(h).float(), labels, temperature)
 
     def hidden_states(
         self,

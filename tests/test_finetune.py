@@ -518,7 +518,7 @@ def test_the_log_says_what_a_trainer_needs_and_nothing_of_decoding_or_of_other_l
     expected = [
         "loaded sentencepiece model from",
         "rank 0/1: loading",
-        "lora: 4 examples, 2 steps of 4,",
+        "sft lora: 4 examples, 2 steps of 4,",
         "step 1/2 ",
         "step 2/2 ",
         "wrote the adapter:",

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 
 from conftest import BUNDLED
 from llama import Llama
-from llama.layers.lora import LoRA, LoraConfig, LoRALinear
-from llama.layers.loss import causal_lm_loss, chunked_causal_lm_loss, scored_token_count
+from llama.layers.lora import LoRA, LoraConfig, LoRALinear, adapters_disabled, apply_lora
+from llama.layers.loss import (
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    chunked_token_logprobs,
+    scored_token_count,
+    token_logprobs,
+)
 from llama.layers.quantize import dequantize_int4, int4_groups, pack_int4
 from llama.model import ModelArgs, Transformer
 from llama.perplexity import document_windows, unigram_log_probs, unigram_loss, window_loss
@@ -171,6 +177,58 @@ def test_chunked_loss_of_an_int4_weight_equals_cross_entropy_under_the_weight_it
     )
     for ours, theirs in zip(chunked, reference):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def hand_token_logprobs(logits, labels, temperature):
+    """Each scored label's log-probability, one position at a time."""
+    out = torch.zeros(labels.shape)
+    for b, t in itertools.product(range(labels.shape[0]), range(1, labels.shape[1])):
+        if labels[b, t] != -100:
+            out[b, t] = torch.log_softmax(logits[b, t - 1].double() / temperature, dim=-1)[labels[b, t]].float()
+    return out
+
+
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen weight"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_their_gradients_equal_log_softmax_of_the_tempered_logits(temperature, weight_trains):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=weight_trains)
+    labels = masked_labels(3, 8, 40)
+    upstream = torch.randn(3, 8)  # a loss that weighs each token differently (a policy gradient's)
+    expected = hand_token_logprobs((hidden @ weight.T).detach(), labels, temperature)
+    assert torch.allclose(token_logprobs(hidden @ weight.T, labels, temperature), expected, atol=1e-5)
+    chunked = loss_and_gradients(
+        lambda h, w: (chunked_token_logprobs(h, w, labels, temperature=temperature, chunk_tokens=5) * upstream).sum(),
+        hidden,
+        weight,
+    )
+    reference = loss_and_gradients(
+        lambda h, w: (token_logprobs(h @ w.T, labels, temperature) * upstream).sum(), hidden, weight
+    )
+    for ours, theirs in zip(chunked, reference):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(
+            chunked_token_logprobs(hidden, weight, labels, temperature=temperature), expected, atol=1e-5
+        )
+
+
+def test_the_models_token_logprobs_equal_its_logits_and_an_adapter_turns_off_for_the_reference():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY_ARGS))
+    tokens, labels = torch.randint(0, 64, (3, 16)), masked_labels(3, 16, 64)
+    base = model.forward_logprobs(tokens, labels, temperature=0.5).detach()
+    assert torch.allclose(base, hand_token_logprobs(model(tokens).detach(), labels, 0.5), atol=1e-5)
+    apply_lora(model, LoraConfig(rank=4))
+    for module in model.modules():
+        if isinstance(module, LoRA):
+            torch.nn.init.normal_(module.lora_B.weight)  # a trained adapter
+    adapted = model.forward_logprobs(tokens, labels, temperature=0.5).detach()
+    assert (adapted - base).abs().max() > 1e-2
+    with adapters_disabled(model):
+        assert torch.equal(model.forward_logprobs(tokens, labels, temperature=0.5), base)
+    assert torch.equal(model.forward_logprobs(tokens, labels, temperature=0.5), adapted)
 
 
 def peak_allocated_bytes(step) -> int:

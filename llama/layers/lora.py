@@ -15,8 +15,9 @@ B, which is whole. Each rank keeps its slice of the adapter one process would in
 number of ranks trains the same adapter.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +124,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict(adapters)
+        self.enabled = True  # off: the base alone (``adapters_disabled``)
 
     def forward(self, x: torch.Tensor):
         y = self.base(x)
+        if not self.enabled:
+            return y
         if isinstance(self.base, FusedColumnParallelLinear):  # one output per part: (..., part's out_features) each
             return tuple(
                 part + self.adapters[name](x).to(part.dtype) if name in self.adapters else part
@@ -158,3 +162,21 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             }
             setattr(parent, attribute, LoRALinear(base, adapters))
     return model
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(module, LoRALinear) for module in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as its base, every adapter off, inside the block: preference tuning's and reinforcement
+    learning's reference model, with no second copy of the weights."""
+    adapted = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for module in adapted:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in adapted:
+            module.enabled = True

@@ -191,3 +191,121 @@ def chunked_causal_lm_loss(
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(rows, weight, scales, targets, chunk_tokens)
     return linear_cross_entropy(rows, weight, scales, targets, chunk_tokens, False, False)[0]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Each label's log-probability under the logits before it, at ``temperature``: (bsz, seqlen), entry
+    [b, t] = log softmax(logits[b, t-1] / temperature)[labels[b, t]], and 0 where the label is -100 and
+    at t = 0 (nothing predicts it). Summed over a completion's labels: the sequence's log-probability
+    (preference tuning); token by token: a policy's (reinforcement learning)."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (bsz, seqlen, vocab_size), got shape {tuple(logits.shape)}")
+    check_labels(labels, logits.shape[:2], "logits")
+    targets = shifted_labels(labels)  # (bsz * seqlen,): position t scores label t+1
+    scored = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float() / temperature, dim=-1)
+    chosen = logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0] * scored
+    return F.pad(chosen.view(labels.shape)[:, :-1], (1, 0))
+
+
+def linear_token_logprobs(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    scales: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int,
+    wants_rows: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The log-probability of each of ``targets`` (rows,) under ``softmax(rows W^T / temperature)``, chunk by
+    chunk, and where asked the gradient of each with respect to its own row, (rows, dim) in float32:
+    (onehot(target) - softmax) W / temperature. A backward then only scales each row's by its upstream
+    gradient: the logits are never kept."""
+    logprobs = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device) if wants_rows else None
+    unpacked = unpacks_on_cpu(weight, scales, rows.shape[-1])
+    dense = dequantized_weight(weight, scales, rows.shape[-1], rows.dtype) if unpacked else None
+    for start in range(0, rows.shape[0], chunk_tokens):
+        chunk, target = rows[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        product = linear(chunk, weight, scales) if dense is None else chunk @ dense.T  # (chunk, vocab_size)
+        compute_dtype = product.dtype
+        logits = product.float() / temperature
+        del product
+        logits = torch.log_softmax(logits, dim=-1)  # (the float32 logits are freed)
+        logprobs[start : start + chunk_tokens] = logits.gather(1, target[:, None])[:, 0]
+        if wants_rows:
+            logits = -logits.exp_()  # -softmax, in place
+            logits[torch.arange(target.shape[0], device=logits.device), target] += 1
+            if dense is None:
+                dense = dequantized_weight(weight, scales, rows.shape[-1], compute_dtype)  # (vocab_size, dim)
+            grad_rows[start : start + chunk_tokens] = (logits.to(compute_dtype) @ dense).float() / temperature
+        del logits
+    return logprobs, grad_rows
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """``linear_token_logprobs`` with each row's gradient computed in the forward pass and kept
+    (rows, dim); the backward scales each by its log-probability's gradient. For a frozen output
+    weight (adapters, a reference model): a trained one goes through the logits' autograd."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, scales, targets, temperature, chunk_tokens):
+        logprobs, grad_rows = linear_token_logprobs(rows, weight, scales, targets, temperature, chunk_tokens, True)
+        ctx.save_for_backward(grad_rows)
+        ctx.rows_dtype = rows.dtype
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        (grad_rows,) = ctx.saved_tensors
+        return (grad_rows * grad_logprobs[:, None]).to(ctx.rows_dtype), None, None, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """``token_logprobs`` of ``logits = hidden W^T``, computed over ``chunk_tokens`` scored positions at a
+    time from the last hidden states, without the logits of the whole batch (``chunked_causal_lm_loss``'s
+    reason), differentiable with respect to ``hidden``; a ``weight`` that trains goes through each chunk's
+    logits (their autograd keeps them).
+
+    Args:
+        hidden: (bsz, seqlen, dim), the model's normed last hidden states.
+        weight: (vocab_size, dim), the output projection (int8, or int4 packed, with ``scales``).
+        labels: (bsz, seqlen) integer token ids aligned with the model's input tokens, -100 where not scored.
+        temperature: the logits are divided by it (a policy sampled at that temperature).
+        chunk_tokens: scored positions per chunk; None: as many as hold ``CHUNK_LOGITS`` float32 logits.
+
+    Returns:
+        (bsz, seqlen) float32: entry [b, t] the log-probability of ``labels[b, t]``, 0 where not scored.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (bsz, seqlen, dim), got shape {tuple(hidden.shape)}")
+    check_labels(labels, hidden.shape[:2], "hidden")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_LOGITS // out_features(weight, scales))
+    targets = shifted_labels(labels)  # (bsz * seqlen,)
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (scored,)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)  # (scored, dim)
+    targets = targets.index_select(0, scored)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        chunks = [
+            torch.log_softmax(linear(rows[i : i + chunk_tokens], weight, scales).float() / temperature, dim=-1).gather(
+                1, targets[i : i + chunk_tokens, None]
+            )[:, 0]
+            for i in range(0, rows.shape[0], chunk_tokens)
+        ]
+        chosen = torch.cat(chunks) if chunks else rows.new_zeros(0, dtype=torch.float32)
+    elif torch.is_grad_enabled() and rows.requires_grad:
+        chosen = LinearTokenLogprobs.apply(rows, weight, scales, targets, temperature, chunk_tokens)
+    else:
+        chosen = linear_token_logprobs(rows, weight, scales, targets, temperature, chunk_tokens, False)[0]
+    flat = torch.zeros(labels.numel(), dtype=torch.float32, device=hidden.device).index_put((scored,), chosen)
+    return F.pad(flat.view(labels.shape)[:, :-1], (1, 0))

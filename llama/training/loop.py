@@ -1,7 +1,9 @@
 """The training loop, shared by ``train.py`` (the bundled model, from scratch) and ``python -m
-llama.finetune``: batches -> forward -> masked loss -> backward -> step, one page.
+llama.finetune``: batches -> forward -> masked loss -> backward -> step, one page. What a step minimises is
+an ``Objective``: the masked loss of supervised fine-tuning (``Supervised``, here), or post-training's
+(``llama.training.dpo``, ``llama.training.grpo``).
 
-The loss of a step is the mean over every scored label of the step, over its micro-batches and ranks
+The supervised loss of a step is the mean over every scored label of the step, over its micro-batches and ranks
 alike: each micro-batch's summed loss is divided by the step's total count of scored labels (known
 before the first forward), not averaged per micro-batch (a mean of means weighs a short micro-batch
 as much as a long one). Data-parallel ranks average their gradients, so each rank's loss is scaled by
@@ -12,7 +14,7 @@ parallelism) see the same examples: the sums are over the data-parallel group on
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -120,69 +122,94 @@ def evaluate(
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700))}
 
 
+class Objective(Protocol):
+    """What a step minimises, and what it says: ``losses(step)`` yields each of this rank's forward passes'
+    share of the step's loss, to be differentiated one after the other (their sum over the passes and the
+    data-parallel ranks is the step's loss); ``record()`` then gives the step's metrics (its ``loss`` and
+    ``tokens`` among them), the same on every rank. Supervised fine-tuning is ``Supervised``;
+    ``llama.training.dpo`` and ``llama.training.grpo`` are the post-training ones."""
+
+    def losses(self, step: int) -> Iterator[torch.Tensor]: ...
+
+    def record(self) -> dict: ...
+
+
+class Supervised:
+    """The masked language-modelling loss of the step's examples (the module docstring), from
+    ``step_batches`` (step -> this rank's micro-batches), on the ranks of ``data_group``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step_batches: Callable[[int], List[Batch]],
+        device: torch.device,
+        autocast,
+        data_group: Optional[ProcessGroup] = None,
+    ):
+        self.model, self.step_batches, self.device, self.autocast = model, step_batches, device, autocast
+        self.data_group = data_group
+        self.ranks = dist.get_world_size(data_group) if data_group is not None else 1
+
+    def losses(self, step: int) -> Iterator[torch.Tensor]:
+        batches = self.step_batches(step)
+        scored = torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=self.device)
+        self.scored = sum_over_ranks(scored, self.data_group)
+        self.summed = torch.zeros((), dtype=accumulator_dtype(self.device), device=self.device)
+        self.tokens = torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=self.device)
+        for batch in batches:
+            with self.autocast:
+                loss = summed_loss(self.model, batch, self.device)
+            yield loss * self.ranks / self.scored
+            self.summed += loss.detach().to(self.summed.dtype)
+
+    def record(self) -> dict:
+        loss = (sum_over_ranks(self.summed, self.data_group) / self.scored).item()
+        return {"loss": loss, "tokens": int(sum_over_ranks(self.tokens, self.data_group).item())}
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    step_batches: Callable[[int], List[Batch]],
+    objective: Objective,
     schedule: Schedule,
     log: MetricsLog,
-    device: torch.device,
-    autocast,
     grad_clip: Optional[float] = 1.0,
     start_step: int = 0,
     evaluate_every: int = 0,
     evaluate_at: Optional[Callable[[], dict]] = None,
     save_every: int = 0,
     save_at: Optional[Callable[[int], None]] = None,
-    data_group: Optional[ProcessGroup] = None,
 ) -> None:
     """Train ``model`` from ``start_step`` to ``schedule.max_steps``.
 
     Args:
         model: the model as wrapped for training (``llama.training.parallelize``).
         optimizer: over its trainable parameters.
-        step_batches: step -> this rank's micro-batches of that step.
+        objective: each step's losses and metrics (``Objective``: ``Supervised``, DPO's, GRPO's).
         schedule: the learning rate of each step.
-        log: receives each step's metrics (``step``, ``loss`` before the update, ``lr``, ``tokens``,
-            ``tokens_per_s``, and ``val_loss`` / ``val_perplexity`` when evaluated).
-        device: where the batches go.
-        autocast: the context the forward passes run in (bfloat16 autocast, or a null context).
+        log: receives each step's metrics (``step``, the objective's, ``lr``, ``tokens_per_s``, and
+            ``val_loss`` / ``val_perplexity`` or the objective's evaluation when evaluated).
         grad_clip: the largest norm of the gradient; None: not clipped.
         evaluate_every, evaluate_at: every so many steps (and after the last), the metrics ``evaluate_at()`` returns.
         save_every, save_at: every so many steps (and after the last), ``save_at(steps done)``.
-        data_group: the data-parallel ranks, each with its share of every step's examples (None: one process).
     """
     model.train()
-    world_size = dist.get_world_size(data_group) if data_group is not None else 1
     for step in range(start_step, schedule.max_steps):
         started = time.perf_counter()
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = step_batches(step)
-        scored = torch.tensor(float(sum(batch.scored_tokens for batch in batches)), device=device)
-        scored = sum_over_ranks(scored, data_group)
-        step_loss = torch.zeros((), dtype=accumulator_dtype(device), device=device)
-        for batch in batches:
-            with autocast:
-                loss = summed_loss(model, batch, device)
-            (loss * world_size / scored).backward()
-            step_loss += loss.detach().to(step_loss.dtype)
+        for loss in objective.losses(step):
+            loss.backward()
         if grad_clip is not None:
             clip_grad_norm([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        tokens = torch.tensor(float(sum(batch.tokens.numel() for batch in batches)), device=device)
-        tokens = sum_over_ranks(tokens, data_group).item()
-        record = {
-            "step": done,
-            "loss": (sum_over_ranks(step_loss, data_group) / scored).item(),
-            "lr": lr,
-            "tokens": int(tokens),
-            "tokens_per_s": tokens / (time.perf_counter() - started),
-        }
+        metrics = objective.record()
+        record = {"step": done, "loss": metrics.pop("loss"), "lr": lr, "tokens": metrics.pop("tokens")}
+        record.update(tokens_per_s=record["tokens"] / (time.perf_counter() - started), **metrics)
         last = done == schedule.max_steps
         if evaluate_at is not None and ((evaluate_every and done % evaluate_every == 0) or last):
             record.update(evaluate_at())

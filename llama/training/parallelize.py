@@ -73,9 +73,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Optional[torc
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    register_fsdp_forward_method(
-        model, "forward_loss"
-    )  # the output weight is whole only inside the root's registered methods
+    for method in ("forward_loss", "forward_logprobs"):  # the output weight is whole only inside registered methods
+        register_fsdp_forward_method(model, method)
 
 
 def wrap_for_training(

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 STATE_DIR, SETTINGS_FILE = "state", "run.json"
-UNRECORDED = {"tensor_parallel": 1}  # a setting a saved run may lack, and its value there
+UNRECORDED = {"tensor_parallel": 1, "objective": "sft"}  # a setting a saved run may lack, and its value there
 
 
 def rank() -> int:
