@@ -29,8 +29,8 @@ class RowDelta:
         pending; always "" for a request submitted without ``stream_text``); after the row ends,
         the rest of its text.
     tokens: the new token ids (those that spell the text, after a stop string; never a stop token).
-    logprobs: their log-probabilities (the model's distribution, before any sampling option) when
-        the request asked for ``logprobs``, else [].
+    logprobs: their log-probabilities (the model's distribution, or with ``tempered_logprobs`` the one at
+        the row's temperature; no other sampling option) when the request asked for ``logprobs``, else [].
     top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
     finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
         loop's step failed).
