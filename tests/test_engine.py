@@ -273,6 +273,26 @@ def test_tempered_logprobs_are_the_full_forwards_at_the_rows_temperature_beside_
     assert tempered.tokens == untempered.tokens and tempered.logprobs != untempered.logprobs  # the same draws
 
 
+@pytest.mark.parametrize(
+    "options", [dict(temperature=0), dict(temperature=0.7, seed=3, tempered_logprobs=True)], ids=["greedy", "tempered"]
+)
+def test_a_row_ended_by_a_stop_token_reports_it_with_its_logprob_and_one_ended_by_its_length_none(llama, options):
+    engine, prompt = llama.engine, encode(llama, PROMPTS[0])
+    free = engine.submit([prompt], GenerationOptions(max_gen_len=12, stop_tokens=[], logprobs=True, **options))
+    run(engine, [free])
+    tokens = free.tokens[0]
+    end = tokens.index(tokens[6])  # the stop token's first place: where the row ends
+    stopped = engine.submit(
+        [prompt], GenerationOptions(max_gen_len=12, stop_tokens=[tokens[6]], logprobs=True, **options)
+    )
+    run(engine, [stopped])
+    assert stopped.finish_reasons == ["stop"] and stopped.tokens == [tokens[:end]]
+    ((token, logprob),) = stopped.stopped_by
+    expected = full_logprobs(llama.model, prompt, tokens[: end + 1], options["temperature"] or 1.0)[-1, token]
+    assert token == tokens[6] and logprob == pytest.approx(float(expected), abs=1e-4)
+    assert free.finish_reasons == ["length"] and free.stopped_by == [None]
+
+
 def test_bad_engine_arguments_are_clear_errors(llama):
     with pytest.raises(ValueError, match="admission must be one of"):
         replace(llama.engine.options, admission="greedy")
