@@ -48,6 +48,7 @@ class GenerationOptions:
         the other rows decoded beside it); None: torch's global RNG.
     logprobs: also return each returned token's log-probability.
     top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
+    tempered_logprobs: logprobs and top_logprobs of log_softmax(logits / temperature) (0: of logits), as RL scores them.
     echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
     speculate: "lookup" (prompt lookup) or "draft" (the draft model given to ``Llama.build``):
         speculative decoding (``llama.engine.speculative``), the same greedy tokens and the same sampling
@@ -77,6 +78,7 @@ class GenerationOptions:
     seed: Optional[int] = None
     logprobs: bool = False
     top_logprobs: int = 0
+    tempered_logprobs: bool = False
     echo: bool = False
     speculate: Optional[str] = flag(
         None,
@@ -121,7 +123,7 @@ class GenerationOptions:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer or None (the global RNG), got {self.seed!r}")
-        for name in ("logprobs", "echo", "json_object"):
+        for name in ("logprobs", "tempered_logprobs", "echo", "json_object"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.top_logprobs) or self.top_logprobs < 0:

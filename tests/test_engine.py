@@ -223,6 +223,76 @@ def test_an_engine_following_the_pickled_plans_of_another_gives_its_tokens(make_
         assert followed[request.id].finish_reasons == request.finish_reasons
 
 
+def full_logprobs(model, prompt, tokens, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / temperature) of the model's plain forward over the whole sequence, at the
+    positions that predict ``tokens``: (len(tokens), vocab), on the CPU."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens], device=model.output.weight.device))[0].float().cpu()
+    return torch.log_softmax(logits[len(prompt) - 1 : -1] / temperature, dim=-1)
+
+
+def assert_full_logprobs(model, prompt, request, temperature: float) -> None:
+    """The request's logprobs and top logprobs are those of ``full_logprobs`` at ``temperature``."""
+    tokens, k = request.tokens[0], request.options.top_logprobs
+    expected = full_logprobs(model, prompt, tokens, temperature)
+    assert request.logprobs[0] == pytest.approx(
+        expected.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist(), abs=1e-4
+    )
+    top = expected.topk(k, dim=-1)
+    assert [[i for i, _ in pairs] for pairs in request.top_logprobs[0]] == top.indices.tolist()
+    for pairs, values in zip(request.top_logprobs[0], top.values.tolist()):
+        assert [value for _, value in pairs] == pytest.approx(values, abs=1e-4)
+
+
+TEMPERED = dict(max_gen_len=10, stop_tokens=[], logprobs=True, top_logprobs=3, seed=5)
+# (prompt, options, the temperature of the logprobs): the same seeded row with and without tempered_logprobs,
+# a greedy one (the model's own) and a sampled one whose penalties, top_k and top_p change no logprob
+TEMPERED_ROWS = [
+    (PROMPTS[1], dict(temperature=0.7, tempered_logprobs=True), 0.7),
+    (PROMPTS[1], dict(temperature=0.7), 1.0),
+    (PROMPTS[2], dict(temperature=0, tempered_logprobs=True, repetition_penalty=1.3), 1.0),
+    (PROMPTS[3], dict(temperature=1.3, tempered_logprobs=True, top_k=20, presence_penalty=0.5), 1.3),
+]
+
+
+def tempered_requests(llama: Llama, engine: Engine):
+    """The ``TEMPERED_ROWS``, in one batch, run to their end."""
+    requests = [
+        engine.submit([encode(llama, prompt)], GenerationOptions(**TEMPERED, **options))
+        for prompt, options, _ in TEMPERED_ROWS
+    ]
+    run(engine, requests)
+    return requests
+
+
+def test_tempered_logprobs_are_the_full_forwards_at_the_rows_temperature_beside_untempered_rows(llama):
+    requests = tempered_requests(llama, llama.engine)
+    for request, (prompt, _, temperature) in zip(requests, TEMPERED_ROWS):
+        assert_full_logprobs(llama.model, encode(llama, prompt), request, temperature)
+    tempered, untempered = requests[:2]
+    assert tempered.tokens == untempered.tokens and tempered.logprobs != untempered.logprobs  # the same draws
+
+
+@pytest.mark.parametrize(
+    "options", [dict(temperature=0), dict(temperature=0.7, seed=3, tempered_logprobs=True)], ids=["greedy", "tempered"]
+)
+def test_a_row_ended_by_a_stop_token_reports_it_with_its_logprob_and_one_ended_by_its_length_none(llama, options):
+    engine, prompt = llama.engine, encode(llama, PROMPTS[0])
+    free = engine.submit([prompt], GenerationOptions(max_gen_len=12, stop_tokens=[], logprobs=True, **options))
+    run(engine, [free])
+    tokens = free.tokens[0]
+    end = tokens.index(tokens[6])  # the stop token's first place: where the row ends
+    stopped = engine.submit(
+        [prompt], GenerationOptions(max_gen_len=12, stop_tokens=[tokens[6]], logprobs=True, **options)
+    )
+    run(engine, [stopped])
+    assert stopped.finish_reasons == ["stop"] and stopped.tokens == [tokens[:end]]
+    ((token, logprob),) = stopped.stopped_by
+    expected = full_logprobs(llama.model, prompt, tokens[: end + 1], options["temperature"] or 1.0)[-1, token]
+    assert token == tokens[6] and logprob == pytest.approx(float(expected), abs=1e-4)
+    assert free.finish_reasons == ["length"] and free.stopped_by == [None]
+
+
 def test_bad_engine_arguments_are_clear_errors(llama):
     with pytest.raises(ValueError, match="admission must be one of"):
         replace(llama.engine.options, admission="greedy")
@@ -268,6 +338,20 @@ def test_after_warm_up_no_mix_of_options_or_rows_coming_and_going_compiles_and_t
     assert unique_graphs() == graphs
     eager = workload(llama.engine, other)
     assert fast == eager
+
+
+def test_the_compiled_step_gives_tempered_logprobs_beside_untempered_rows_in_the_warmed_graphs(
+    llama, make_llama, monkeypatch
+):
+    """Traced by dynamo's eager backend, as above: each row's logprob scale is one more tensor of the graph."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    compiled = make_llama(max_seq_len=64, max_batch_size=4, compile=True)
+    compiled.engine.warm_up(max_top_logprobs=3)
+    graphs = unique_graphs()
+    requests = tempered_requests(llama, compiled.engine)
+    assert unique_graphs() == graphs
+    for request, (prompt, _, temperature) in zip(requests, TEMPERED_ROWS):
+        assert_full_logprobs(compiled.model, encode(llama, prompt), request, temperature)
 
 
 def test_a_failed_step_ends_its_requests_with_error_and_the_serving_loop_goes_on(llama, monkeypatch):

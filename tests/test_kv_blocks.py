@@ -165,6 +165,46 @@ def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_un
         assert_uncached(llama.model, tokens, request.tokens[0], request.logprobs[0])
 
 
+def test_after_reset_prefix_cache_a_prompt_run_before_finds_nothing_cached_and_the_pool_is_whole(llama):
+    engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
+    prompt, options = random_prompt(40, 50), GenerationOptions(max_gen_len=4, **GREEDY)
+    first = engine.submit([prompt], options)
+    run(engine, [first])
+    again = engine.submit([prompt], options)
+    run(engine, [again])
+    available = engine.scheduler.blocks.available
+    running = engine.submit([prompt], options)
+    engine.step()
+    with pytest.raises(ValueError, match="rows are still in the engine: 1 running, 0 preempted, 0 waiting"):
+        engine.reset_prefix_cache()
+    run(engine, [running])
+    engine.reset_prefix_cache()
+    assert engine.scheduler.blocks.available == available
+    after = engine.submit([prompt], options)
+    run(engine, [after])
+    assert [request.cached_tokens for request in [first, again, after]] == [0, 32, 0]
+    assert after.tokens == first.tokens
+
+
+def test_after_the_weights_change_and_the_prefix_cache_is_reset_greedy_tokens_are_a_fresh_engines(make_llama):
+    trained = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4)  # its own weights, changed below
+    engine, prompt, options = trained.engine, random_prompt(40, 60), GenerationOptions(max_gen_len=8, **GREEDY)
+    before = engine.submit([prompt], options)
+    run(engine, [before])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a training step, in place
+        for parameter in trained.model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(parameter.device))
+    engine.reset_prefix_cache()
+    after = engine.submit([prompt], options)
+    run(engine, [after])
+    fresh = Engine(trained.model, trained.tokenizer, engine.options)
+    expected = fresh.submit([prompt], options)
+    run(fresh, [expected])
+    assert after.cached_tokens == 0 and after.tokens == expected.tokens != before.tokens
+    assert after.logprobs[0] == pytest.approx(expected.logprobs[0], abs=1e-4)
+
+
 def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(
     make_llama, llama
 ):
@@ -223,3 +263,18 @@ def test_the_block_manager_counts_references_evicts_the_least_recently_used_and_
     d, _ = manager.allocate([1, 2, 3], 3)
     manager.register(d, [1, 2, 3], written=3)
     assert manager.cached_prefix([5, 6, 7]) == []  # a colliding key with other tokens is no hit
+
+
+def test_the_block_managers_reset_frees_every_cached_block_and_waits_for_rows_to_give_theirs_back():
+    manager = BlockManager(n_blocks=5, block_size=2)  # blocks 1..4
+    a, _ = manager.allocate([1, 2, 3, 4, 5], 5)
+    manager.register(a, [1, 2, 3, 4, 5], written=5)
+    with pytest.raises(ValueError, match=r"3 block\(s\) are held by rows"):
+        manager.reset_prefix_cache()
+    keyed = a.blocks[:2]
+    manager.release(a)
+    assert manager.cached_prefix([1, 2, 3, 4, 5]) == keyed
+    manager.reset_prefix_cache()
+    assert manager.available == 4 and manager.cached_prefix([1, 2, 3, 4, 5]) == []
+    b, cached = manager.allocate([1, 2, 3, 4, 5, 6, 7], 7)
+    assert cached == 0 and sorted(b.blocks) == [1, 2, 3, 4]

@@ -327,6 +327,32 @@ def test_seeded_speculative_sampling_is_reproducible_and_row_independent(llama):
     assert llama.text_completion(PROMPTS[1:2], **options) == batch[1:2]
 
 
+@pytest.mark.parametrize("speculate", ["lookup", "draft"])
+def test_speculative_sampling_returns_tempered_logprobs_of_the_full_forward_for_accepted_tokens_too(speculate):
+    temperature, prompt = 0.7, [3, 5, 3]
+    model, draft = tiny_model(0, 8), tiny_model(7, 8, sharpness=4.0)
+    engine = Engine(model, None, engine_options_for(model), draft)
+    options = GenerationOptions(
+        temperature=temperature,
+        max_gen_len=5,
+        stop_tokens=[],
+        num_return_sequences=8,
+        seed=2,
+        logprobs=True,
+        tempered_logprobs=True,
+        speculate=speculate,
+        speculate_k=2,
+    )
+    request = engine.submit([prompt], options, stream_text=False)
+    while not request.done:
+        engine.step()
+    assert sum(row.accepted for row in request.rows) > 0
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens for tokens in request.tokens]))[:, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(request.tokens)[..., None])
+    torch.testing.assert_close(torch.tensor(request.logprobs), expected[..., 0], atol=1e-4, rtol=0)
+
+
 # --- compiled ----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ keys). A new row takes the longest run of its leading full blocks whose keys are
 stored tokens are its own, and computes the rest; it never takes the block holding its last
 prompt token, so at least one token is always computed and a shared block is never written.
 Blocks are reference-counted; one that no row holds but whose key is known stays cached, and is
-evicted, least recently used first, only when a fresh block is needed.
+evicted, least recently used first, only when a fresh block is needed. When the weights change (a
+training step), every key is forgotten (``reset_prefix_cache``).
 """
 
 import hashlib
@@ -171,3 +172,14 @@ class BlockManager:
                 else:
                     self.free.append(block)
         table.blocks, table.hashed, table.key = [], 0, None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every key (the weights changed: the keys and values of the cached blocks are stale): the
+        cached blocks become free. Only while no row holds a block, whose keys a later ``register`` would
+        chain on."""
+        if self.used:
+            raise ValueError(f"{self.used} block(s) are held by rows: the prefix cache is reset with none held")
+        self.free.extend(self.cached)
+        self.cached.clear()
+        self.keys.clear()
+        self.contents.clear()

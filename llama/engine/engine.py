@@ -275,6 +275,25 @@ class Engine:
             preemptions=self.preemptions,
         )
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every block of the prefix cache: after the model's weights changed (a training step), the
+        keys and values computed before are stale. Between steps, with no row in the engine. Under torchrun
+        call it on every rank: each checks its own rows; the blocks are rank 0's, and nothing is sent.
+
+        Raises:
+            ValueError: rows are still in the engine (running, preempted or waiting).
+        """
+        scheduler = self.scheduler
+        with scheduler.arrived:
+            waiting = sum(request.n_rows for request in scheduler.waiting)
+        if scheduler.running or scheduler.preempted or waiting:
+            raise ValueError(
+                f"reset_prefix_cache needs an engine without rows, but rows are still in the engine: "
+                f"{len(scheduler.running)} running, {len(scheduler.preempted)} preempted, {waiting} waiting; "
+                "step until their requests are done (or cancel them) first"
+            )
+        scheduler.blocks.reset_prefix_cache()
+
     def warm_up(self, max_top_logprobs: int = 0, speculate_k: Optional[int] = None) -> float:
         """Compile every graph the compiled steps can need, so that no request waits for a compile: the
         decode step's (``Runner.warm_up``) with up to ``max_top_logprobs`` alternatives and, with

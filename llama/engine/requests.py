@@ -29,8 +29,8 @@ class RowDelta:
         pending; always "" for a request submitted without ``stream_text``); after the row ends,
         the rest of its text.
     tokens: the new token ids (those that spell the text, after a stop string; never a stop token).
-    logprobs: their log-probabilities (the model's distribution, before any sampling option) when
-        the request asked for ``logprobs``, else [].
+    logprobs: their log-probabilities (the model's distribution, or with ``tempered_logprobs`` the one at
+        the row's temperature; no other sampling option) when the request asked for ``logprobs``, else [].
     top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
     finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
         loop's step failed).
@@ -112,6 +112,7 @@ class Row:
         self.prompt_logprobs: List[float] = []  # those of prompt[scored_from:]
         self.prompt_greedy: List[bool] = []  # whether each of them is the model's most likely token
         self.finish_reason: Optional[str] = None
+        self.stopped_by: Optional[Sampled] = None  # the stop token that ended it (never in ``tokens``)
         self.sent = 0  # tokens already in a delta
         self.closed = False  # its last delta, with its finish reason, is out
         self.lookup: Optional["NgramIndex"] = None  # prompt lookup's index of its tokens
@@ -155,8 +156,8 @@ class Request:
     """One submitted request: its rows and what they generated so far. Made by ``Engine.submit``.
 
     Read from any thread: ``finish_reasons``, ``done``, ``tokens``, ``logprobs``, ``top_logprobs``,
-    ``texts``; ``updates()`` yields each step's ``RowDelta``s as they come (blocking), for a thread
-    that does not run the engine; ``cancel()`` ends rows at the next step. ``submitted_at``,
+    ``stopped_by``, ``texts``; ``updates()`` yields each step's ``RowDelta``s as they come (blocking), for a
+    thread that does not run the engine; ``cancel()`` ends rows at the next step. ``submitted_at``,
     ``admitted_at`` and ``first_token_at`` are ``time.monotonic()`` readings (None until then).
     """
 
@@ -252,6 +253,15 @@ class Request:
         with self.lock:
             return [row.top_logprobs[: row.returned] for row in self.rows]
 
+    @property
+    def stopped_by(self) -> List[Optional[Tuple[int, Optional[float]]]]:
+        """Per row: (the stop token that ended it, its logprob or None without ``logprobs``), or None when no
+        stop token ended it (it runs, or ended on a stop string, its length, a cancel). The stop token is never
+        among ``tokens``; a policy-gradient step learns it too."""
+        with self.lock:
+            stops = [row.stopped_by for row in self.rows]
+        return [None if stop is None else (stop.token, stop.logprob) for stop in stops]
+
     def cancel(self, row: Optional[int] = None) -> None:
         """End ``row`` (None: every row) at the next step, keeping the tokens it has; its finish
         reason becomes "cancelled". Thread-safe. Under torchrun rank 0's cancellations count.
@@ -312,7 +322,7 @@ class Request:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             if sampled.token in self.stop_tokens:
-                row.finish_reason = "stop"
+                row.finish_reason, row.stopped_by = "stop", sampled
                 return True
             row.tokens.append(sampled.token)
             if sampled.logprob is not None:

@@ -164,6 +164,7 @@ class Runner:
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             seeded=options.seed is not None,
+            logprob_scale=1 / options.temperature if options.tempered_logprobs and options.temperature > 0 else 1.0,
         )
         for name, value in values.items():
             getattr(self.settings, name)[index] = value
@@ -273,7 +274,7 @@ class Runner:
         chosen = broadcast_from_rank0(chosen, self.group)
         self.write(slots, chosen, torch.ones_like(chosen, dtype=torch.bool))
         self.positions[slots] = positions
-        values = pack(logits, chosen, features).tolist()
+        values = pack(logits, chosen, features, settings.logprob_scale).tolist()
         return [unpack(value, features, row.options) for row, value in zip(rows, values)]
 
     def decode(self, rows: List[Row]) -> List[Sampled]:
@@ -416,7 +417,7 @@ class Runner:
         tokens = torch.where(live, chosen, self.tokens[:width])
         self.write(torch.arange(width, device=chosen.device), tokens, live)
         self.positions[:width] += live
-        return pack(logits, tokens, features)
+        return pack(logits, tokens, features, self.settings.logprob_scale[:width])
 
     def write(self, slots: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor) -> None:
         """The slots' new tokens: their next input, seen, counted (only where ``live``)."""
@@ -482,12 +483,15 @@ def choose(
     return sample(logits, settings, positions, noise)  # a greedy row among sampling ones takes its argmax
 
 
-def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features) -> torch.Tensor:
+def pack(logits: torch.Tensor, tokens: torch.Tensor, features: Features, logprob_scale: torch.Tensor) -> torch.Tensor:
     """The step's message to the host, one float64 row per slot, read in one wait: the token, then
-    with ``features.logprobs`` its logprob (of the model's own distribution, before any sampling
-    option) and the ids and logprobs of the ``features.alternatives`` most likely tokens."""
+    with ``features.logprobs`` its logprob and the ids and logprobs of the ``features.alternatives`` most
+    likely tokens, of the distribution ``softmax(logits * logprob_scale)`` (rows,): the model's own
+    (scale 1), or at a ``tempered_logprobs`` row's temperature; no penalty, top-k or top-p is applied.
+    logits: (rows, vocab) float32, as the model gives them."""
     columns = [tokens.double()[:, None]]
     if features.logprobs:
+        logits = logits * logprob_scale[:, None]  # a tensor of the rows: one compiled graph serves every mix
         normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
         columns.append((logits.gather(1, tokens[:, None]) - normaliser).double())
         if features.alternatives:

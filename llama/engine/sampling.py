@@ -84,6 +84,7 @@ class RowSettings:
     logit_bias: torch.Tensor  # float32 (rows, vocab)
     seeded: torch.Tensor  # bool
     seed_key: torch.Tensor  # int64, ``seed_key(seed + j)`` of row j of a prompt
+    logprob_scale: torch.Tensor  # float32, what the logits are scaled by for logprobs: 1 / T with tempered_logprobs
 
     @classmethod
     def empty(cls, rows: int, vocab_size: int, device: torch.device) -> "RowSettings":
@@ -101,6 +102,7 @@ class RowSettings:
             logit_bias=torch.zeros(rows, vocab_size, device=device),
             seeded=full(False, torch.bool),
             seed_key=full(0, torch.long),
+            logprob_scale=full(1.0, torch.float32),
         )
 
     def rows(self, index) -> "RowSettings":

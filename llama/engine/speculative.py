@@ -348,7 +348,7 @@ class Speculator:
         chosen = broadcast_from_rank0(torch.cat([chosen, accepted[:, None]], dim=1), self.runner.group)
         accepted, chosen = chosen[:, -1], chosen[:, :-1]
         packed = torch.stack(
-            [pack(logits[:, i], chosen[:, i], features) for i in range(k + 1)], dim=1
+            [pack(logits[:, i], chosen[:, i], features, settings.logprob_scale) for i in range(k + 1)], dim=1
         )  # (width, k+1, columns)
         values = torch.cat([accepted.double()[:, None], packed.flatten(1)], dim=1).tolist()  # the step's one wait
         sampled = []
