@@ -14,6 +14,7 @@ of processes computes one process's losses.
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
@@ -28,6 +29,7 @@ from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
 from llama.checkpoints.writers import write_checkpoint
 from llama.cli import add_flags, run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
+from llama.engine.engine import Engine
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
 from llama.layers.parallel import fused_layers, group_rank, group_size
 from llama.layers.quantize import (
@@ -41,7 +43,16 @@ from llama.model import ModelArgs, Transformer
 from llama.options import EngineOptions
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
-from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses
+from llama.training.grpo import (
+    LOSS_TYPES,
+    ROLLOUTS_FILE,
+    SCALE_REWARDS,
+    GroupRelative,
+    GRPOSettings,
+    Reference,
+    read_prompts,
+)
+from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses, trim_after
 from llama.training.loop import Schedule, Supervised, evaluate, make_optimizer, train
 from llama.training.parallelize import (
     clean_name,
@@ -52,7 +63,8 @@ from llama.training.parallelize import (
     training_mesh,
     wrap_for_training,
 )
-from llama.training.state import check_resumable, load_state, read_settings, save_state
+from llama.training.rewards import load_rewards
+from llama.training.state import check_resumable, load_objective_state, load_state, read_settings, save_state
 
 logger = logging.getLogger("llama.finetune")
 
@@ -89,6 +101,8 @@ def run_settings(options: argparse.Namespace) -> dict:
     }
     if options.method == "full":
         settings["tensor_parallel"] = options.tensor_parallel
+    if options.objective == "grpo":
+        settings.update({name: getattr(options, name) for name in GRPO_FLAGS}, reward=options.reward)
     return settings
 
 
@@ -105,13 +119,16 @@ def check_options(options: argparse.Namespace, world_size: int) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
-    micro = options.micro_batch_size or options.batch_size // world_size
-    if options.batch_size % world_size or micro < 1 or (options.batch_size // world_size) % micro:
-        raise ValueError(
-            f"--batch_size {options.batch_size} must be divisible by the {world_size} rank(s) x --micro_batch_size "
-            f"{options.micro_batch_size or '(default: --batch_size / ranks)'}"
-        )
-    options.micro_batch_size = micro
+    if options.objective == "grpo":
+        check_grpo(options, world_size)
+    else:
+        micro = options.micro_batch_size or options.batch_size // world_size
+        if options.batch_size % world_size or micro < 1 or (options.batch_size // world_size) % micro:
+            raise ValueError(
+                f"--batch_size {options.batch_size} must be divisible by the {world_size} rank(s) x "
+                f"--micro_batch_size {options.micro_batch_size or '(default: --batch_size / ranks)'}"
+            )
+        options.micro_batch_size = micro
     if options.dtype is not None and options.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {options.dtype!r}")
     for name in ("eval_every", "save_every"):
@@ -123,6 +140,28 @@ def check_options(options: argparse.Namespace, world_size: int) -> None:
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"--out {options.out} already exists and is not empty: choose another, or --resume the run in it"
+        )
+
+
+def check_grpo(options: argparse.Namespace, world_size: int) -> None:
+    """GRPO's flags, its reward functions loaded (``options.grpo``, ``options.rewards``), and its batch sizes:
+    ``--batch_size`` prompts a step, each rank sampling its share, ``--micro_batch_size`` completions a pass."""
+    if options.tensor_parallel != 1:
+        raise ValueError("--objective grpo samples on each rank's whole model: --tensor_parallel is not supported")
+    flags = {name: getattr(options, name) for name in GRPO_FLAGS}
+    options.grpo = GRPOSettings(**{**flags, "beta": 0.0 if options.beta is None else options.beta})
+    options.rewards = load_rewards(options.reward, options.reward_weights)
+    rollout = options.grpo.rollout_batch_size or options.batch_size
+    if rollout % options.batch_size:
+        raise ValueError(f"--rollout_batch_size {rollout} must be a multiple of --batch_size {options.batch_size}")
+    if options.batch_size % world_size:
+        raise ValueError(f"--batch_size {options.batch_size} prompts must be divisible by the {world_size} rank(s)")
+    completions = options.batch_size // world_size * options.grpo.num_generations  # a rank's, a step
+    options.micro_batch_size = options.micro_batch_size or completions
+    if completions % options.micro_batch_size:
+        raise ValueError(
+            f"--micro_batch_size {options.micro_batch_size} must divide each rank's {completions} completions a step "
+            f"(--batch_size {options.batch_size} / {world_size} rank(s) x --num_generations)"
         )
 
 
@@ -205,11 +244,7 @@ def finetune(options: argparse.Namespace) -> None:
         autocast = torch.autocast(device.type, dtype=dtype)
 
     out = Path(options.out)
-    start_step = load_state(out, parameters, optimizer) if options.resume else 0
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(options)
-
+    start_step = start_of(options, parameters, optimizer, rank)
     objective, evaluate_at = OBJECTIVES[options.objective](
         options, model, inputs, Placement(device, autocast, data_group)
     )
@@ -220,7 +255,7 @@ def finetune(options: argparse.Namespace) -> None:
             *(options.objective, options.method, len(examples), max_steps, options.batch_size, f"{n_trainable:,}"),
             *("adapters" if lora else "all", str(dtype).removeprefix("torch."), mesh.size() if mesh else 1),
         )
-    save_at = (lambda done: save_state(out, parameters, optimizer, done, settings)) if options.save_every else None
+    save_at = saver(options, parameters, optimizer, objective)
     train(
         model,
         optimizer,
@@ -236,6 +271,35 @@ def finetune(options: argparse.Namespace) -> None:
     )
     write_outputs(options, model, lora, args, inputs.tokenizer_path, rank)
     logger.info("peak memory: %s", peak_memory(device))
+
+
+def start_of(options: argparse.Namespace, parameters: dict, optimizer, rank: int) -> int:
+    """The steps already done: with --resume, those of the saved state, loaded in place (and the logs' lines
+    of later steps dropped: they are written again); else 0, OUT made."""
+    out = Path(options.out)
+    if not options.resume:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        return 0
+    start_step = load_state(out, parameters, optimizer)
+    if rank == 0:
+        for name in (METRICS_FILE, ROLLOUTS_FILE):
+            trim_after(out / name, start_step)
+    return start_step
+
+
+def saver(options: argparse.Namespace, parameters: dict, optimizer, objective):
+    """``train``'s save_at (None without --save_every): the training state, with the objective's where it
+    keeps one (GRPO's rollout in progress), which --resume loads here."""
+    out, keeps_state = Path(options.out), hasattr(objective, "state_dict")
+    if options.resume and keeps_state:
+        objective.load_state_dict(load_objective_state(out))
+    if not options.save_every:
+        return None
+    settings = run_settings(options)
+    return lambda done: save_state(
+        out, parameters, optimizer, done, settings, objective.state_dict() if keeps_state else None
+    )
 
 
 class Inputs(NamedTuple):
@@ -302,8 +366,44 @@ def batches(options: argparse.Namespace, examples: list, val_examples: list, dat
     return step_batches, val_batches
 
 
-READERS = {"sft": read_examples}  # the objective's data: path, tokenizer, chat format, max_seq_len -> items
-OBJECTIVES = {"sft": supervised}  # options, model, inputs, placement -> (Objective, evaluate_at or None)
+def group_relative(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
+    """GRPO's objective, sampling on an engine over the model being trained, and its validation (the mean
+    reward of greedy completions of the validation prompts)."""
+    settings, ranks = options.grpo, group_size(placement.data_group)
+    rows = (settings.rollout_batch_size or options.batch_size) // ranks * settings.num_generations
+    engine_options = EngineOptions(
+        min(rows, MAX_ROLLOUT_SLOTS), options.max_seq_len, compile=options.compile_rollouts, prefix_cache=True
+    )
+    engine = Engine(model, inputs.tokenizer, engine_options)
+    reference = None
+    if settings.beta > 0:
+        reference = Reference(model, trainable_parameters(model), adapters=options.method != "full")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    objective = GroupRelative(
+        model,
+        engine,
+        inputs.examples,
+        options.rewards,
+        settings,
+        options.batch_size,
+        options.micro_batch_size,
+        options.seed,
+        placement,
+        reference,
+        Path(options.out) / ROLLOUTS_FILE if rank0 else None,
+    )
+    evaluate_at = (lambda: objective.evaluate(inputs.val_examples)) if inputs.val_examples else None
+    return objective, evaluate_at
+
+
+READERS = {
+    "sft": read_examples,
+    "grpo": read_prompts,
+}  # the objective's data: path, tokenizer, chat format, max_seq_len -> items
+OBJECTIVES = {
+    "sft": supervised,
+    "grpo": group_relative,
+}  # options, model, inputs, placement -> (Objective, evaluate_at or None)
 
 
 def training_model(
@@ -425,6 +525,7 @@ def parser() -> argparse.ArgumentParser:
     add_method_flags(p)
     add_data_flags(p)
     add_run_flags(p)
+    add_grpo_flags(p)
     return p
 
 
@@ -530,6 +631,52 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
+
+
+GRPO_FLAGS = [field.name for field in dataclasses.fields(GRPOSettings)]
+MAX_ROLLOUT_SLOTS = 64  # rows a rank's engine decodes at once; more wait for a free slot
+
+
+def add_grpo_flags(p: argparse.ArgumentParser) -> None:
+    """--objective grpo: the rewards, the sampling, the loss (TRL's GRPOConfig's names and defaults)."""
+    g = p.add_argument_group("grpo")
+    g.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        help="a reward function, FILE.py:NAME or module:NAME; give several to add them up",
+    )
+    g.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one weight per --reward; default 1")
+    g.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="the longest completion, in tokens")
+    g.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature, and the policy's")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts")
+    g.add_argument("--epsilon", type=float, default=0.2, help="the ratio is clipped below 1 - epsilon")
+    g.add_argument("--epsilon_high", type=float, default=None, help="... and above 1 + epsilon_high; default epsilon")
+    g.add_argument("--beta", type=float, default=None, help="the KL term's weight (grpo: default 0, no reference)")
+    g.add_argument("--ref_every", type=int, default=0, help="steps between the reference becoming the policy; 0 never")
+    g.add_argument(
+        "--scale_rewards",
+        default="group",
+        choices=SCALE_REWARDS,
+        help="advantages divided by the group's reward std, the rollout's, or none",
+    )
+    g.add_argument(
+        "--loss_type",
+        default="dapo",
+        choices=LOSS_TYPES,
+        help="the loss's normalisation: by the "
+        "tokens (dapo), per completion (grpo), by completions x max_new_tokens (dr_grpo)",
+    )
+    g.add_argument("--iterations_per_rollout", type=int, default=1, help="steps taken on each rollout's completions")
+    g.add_argument(
+        "--rollout_batch_size",
+        type=int,
+        default=None,
+        help="prompts sampled per rollout, a multiple of --batch_size; default --batch_size",
+    )
+    g.add_argument("--mask_truncated", action="store_true", help="completions without an end token are not learnt")
+    g.add_argument("--compile_rollouts", action="store_true", help="compile the engine's decode step")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

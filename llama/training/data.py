@@ -23,7 +23,7 @@ their longest or packed (``--pack``) into rows of ``max_seq_len`` whose examples
 import json
 import logging
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,13 +121,11 @@ def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat
     return Example(example.tokens, [IGNORE_INDEX] + example.labels[1:])
 
 
-def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_seq_len: int) -> List[Example]:
-    """Every line of the JSONL file ``path`` as an ``Example``; examples longer than ``max_seq_len``
-    tokens are dropped, and said with their count."""
+def json_lines(path: str) -> Iterator[Tuple[str, object]]:
+    """Each non-blank line of the JSONL file ``path``, parsed, with where it is ("FILE, line N") for errors."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    examples = []
     with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -138,7 +136,13 @@ def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_
             except json.JSONDecodeError as error:
                 column = f"{error.colno}, the end of the line" if error.pos == len(text) else error.colno
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {column})") from None
-            examples.append(encode_example(record, tokenizer, chat_format, f"{path}, line {number}"))
+            yield f"{path}, line {number}", record
+
+
+def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_seq_len: int) -> List[Example]:
+    """Every line of the JSONL file ``path`` as an ``Example``; examples longer than ``max_seq_len``
+    tokens are dropped, and said with their count."""
+    examples = [encode_example(record, tokenizer, chat_format, where) for where, record in json_lines(path)]
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     kept = [example for example in examples if len(example.tokens) <= max_seq_len]

@@ -39,7 +39,9 @@ class MetricsLog:
         line = (
             f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"{record['tokens_per_s']:.0f} tokens/s"
+            + (f"  reward {record['reward']:.3f}" if "reward" in record else "")
             + (f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else "")
+            + (f"  val_reward {record['val_reward']:.3f}" if "val_reward" in record else "")
         )
         if self.interactive:
             filled = round(30 * record["step"] / self.max_steps)
@@ -47,12 +49,29 @@ class MetricsLog:
                 f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}" + ("\n" if record["step"] == self.max_steps else "")
             )
             sys.stderr.flush()
-        elif record["step"] % self.every == 0 or record["step"] in (1, self.max_steps) or "val_loss" in record:
+        elif (
+            record["step"] % self.every == 0
+            or record["step"] in (1, self.max_steps)
+            or "val_loss" in record
+            or "val_reward" in record
+        ):
             logger.info(line)
+
+
+def evaluated(record: dict) -> bool:
+    return "val_loss" in record or "val_reward" in record
 
 
 def read_metrics(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_after(path: Path, steps_done: int) -> None:
+    """Drop the lines of ``path`` (a JSONL file of records with a "step") after ``steps_done``: a resumed run
+    writes them again."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= steps_done))
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> None:
@@ -68,12 +87,25 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     records = read_metrics(metrics_path)
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="training loss")
-    evaluated = [r for r in records if "val_loss" in r]
-    if evaluated:
+    evaluated = [r for r in records if "val_loss" in r or "val_reward" in r]
+    if evaluated and "val_loss" in evaluated[0]:
         axes.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], "o-", label="validation loss")
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (nats per learnt token)")
-    axes.legend()
+    axes.set_ylabel("loss (nats per learnt token)" if "reward" not in records[0] else "loss")
+    axes.legend(loc="upper left")
+    if "reward" in records[0]:  # reinforcement learning: the reward beside the loss
+        rewards = axes.twinx()
+        rewards.plot([r["step"] for r in records], [r["reward"] for r in records], color="tab:green", label="reward")
+        if evaluated and "val_reward" in evaluated[0]:
+            rewards.plot(
+                [r["step"] for r in evaluated],
+                [r["val_reward"] for r in evaluated],
+                "o-",
+                color="tab:olive",
+                label="validation reward (greedy)",
+            )
+        rewards.set_ylabel("mean reward")
+        rewards.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)

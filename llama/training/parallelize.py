@@ -7,7 +7,8 @@ between them (the model is built and loaded with that row's group, ``llama.layer
 rows shard what each holds with FSDP2 over "dp", each row training on its own share of the examples.
 """
 
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
 
 WRAPPER_NAMES = ("._checkpoint_wrapped_module", "._orig_mod")  # what checkpointing and compiling add to names
@@ -114,3 +115,20 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
     return tensor.detach().cpu()
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every parameter FSDP2 shards is whole on each rank, and the forward passes keep it
+    so: the engine then samples on the weights being trained with no collective per step, each rank taking
+    as many steps as its own rows need. On leaving, the shards are all that is kept. One process: nothing."""
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in sharded:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)  # the root keeps its own whole

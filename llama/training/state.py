@@ -13,7 +13,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,10 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     steps_done: int,
     settings: dict,
+    objective_state: Optional[dict] = None,
 ) -> None:
-    """Write the run's state after ``steps_done`` steps (every rank calls it)."""
+    """Write the run's state after ``steps_done`` steps (every rank calls it), with this rank's
+    ``objective_state`` where the objective keeps one (GRPO's rollout in progress)."""
     final, partial = out_dir / STATE_DIR, out_dir / (STATE_DIR + ".partial")
     if rank() == 0 and partial.exists():
         shutil.rmtree(partial)
@@ -66,6 +68,8 @@ def save_state(
         generators["cuda"] = torch.cuda.get_rng_state()
     partial.mkdir(parents=True, exist_ok=True)
     torch.save(generators, partial / f"generators.{rank()}.pt")
+    if objective_state is not None:
+        torch.save(objective_state, partial / f"objective.{rank()}.pt")
     barrier()
     if rank() == 0:
         (partial / SETTINGS_FILE).write_text(json.dumps({**settings, "steps_done": steps_done}, indent=2))
@@ -103,3 +107,8 @@ def load_state(out_dir: Path, parameters: Dict[str, nn.Parameter], optimizer: to
     if "cuda" in generators:
         torch.cuda.set_rng_state(generators["cuda"])
     return read_settings(out_dir)["steps_done"]
+
+
+def load_objective_state(out_dir: Path) -> dict:
+    """This rank's objective state, saved by ``save_state``."""
+    return torch.load(out_dir / STATE_DIR / f"objective.{rank()}.pt", weights_only=True)
