@@ -2,6 +2,7 @@
 written out by hand, transformers' (and peft's) log-probabilities of the completions the engine sampled, one
 process against two, a resumed run against an uninterrupted one, and the bundled model learning a task."""
 
+import functools
 import itertools
 import json
 import math
@@ -190,7 +191,9 @@ def test_the_engines_logprobs_are_transformers_and_peft_on_the_weights_each_roll
     ckpt_dir, state = checkpoint
     flags = ["--tokenizer_path", tokenizer_path, "--lr", "5e-2", "--temperature", "0.7", "--max_steps"]
     _, rollouts = run(files, tmp_path / "two", *flags, "2", ckpt_dir=ckpt_dir, reward="first_token_even")
-    run(files, tmp_path / "one", *flags, "1", ckpt_dir=ckpt_dir, reward="first_token_even")  # its adapter: the weights step 2 sampled with
+    run(
+        files, tmp_path / "one", *flags, "1", ckpt_dir=ckpt_dir, reward="first_token_even"
+    )  # its adapter: the weights step 2 sampled with
     base = to_transformers(state, SMALL_PARAMS, 512)
     first, second = [r for r in rollouts if r["step"] == 1], [r for r in rollouts if r["step"] == 2]
     for ours, theirs in zip([r["logprobs"] for r in first], transformers_logprobs(base, first, 0.7)):
@@ -364,3 +367,15 @@ def test_rewards_get_the_lines_other_keys_and_weights_add_functions_up(files, tm
         assert r["rewards"] == {"echo_keys": float(answer == "yes"), "short": -len(r["completion_tokens"]) / 8}
         assert r["reward"] == pytest.approx(2 * r["rewards"]["echo_keys"] + 0.5 * r["rewards"]["short"])
     assert {"reward_echo_keys", "reward_short"} <= set(metrics[0])
+
+
+def test_compiled_rollouts_sample_the_eager_rollouts_after_the_weights_change(files, tmp_path, monkeypatch):
+    """Traced by dynamo's eager backend (the graphs inductor would compile, in a fraction of the time): the
+    second rollout samples on the weights the first step updated in place."""
+    flags = ["--max_steps", "2", "--lr", "1e-2"]
+    eager = run(files, tmp_path / "eager", *flags)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    compiled = run(files, tmp_path / "compiled", *flags, "--compile_rollouts")
+    assert_same_rollouts(compiled[1], eager[1])
+    assert [r["loss"] for r in compiled[0]] == pytest.approx([r["loss"] for r in eager[0]], abs=1e-6)
