@@ -321,11 +321,12 @@ def test_dpos_flags_are_refused_by_supervised_fine_tuning(checkpoint, tmp_path, 
 
 def test_pairs_longer_than_max_seq_len_on_either_side_are_dropped_and_counted(tokenizer_path, tmp_path, caplog):
     tokenizer = Tokenizer(tokenizer_path)
+    chat_format = chat_format_for(tokenizer)
     long = "import os\n" * 20
     data = write_jsonl(tmp_path / "pairs.jsonl", [TEXT_PAIR, {**TEXT_PAIR, "rejected": long}, TEXT_PAIR])
-    pairs = read_pairs(data, tokenizer, chat_format_for(tokenizer), max_seq_len=32)
+    pairs = read_pairs(data, tokenizer, chat_format, max_seq_len=32)
     assert len(pairs) == 2 and "dropped 1 of 3 pairs longer than --max_seq_len 32 tokens" in caplog.text
     with pytest.raises(ValueError, match=r"every one of its 1 pairs is longer than --max_seq_len 32"):
-        read_pairs(write_jsonl(tmp_path / "long.jsonl", [{**TEXT_PAIR, "chosen": long}]), tokenizer, None, 32)
+        read_pairs(write_jsonl(tmp_path / "long.jsonl", [{**TEXT_PAIR, "chosen": long}]), tokenizer, chat_format, 32)
     with pytest.raises(ValueError, match=r"empty.jsonl: no pairs \(the file is empty\)"):
-        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []), tokenizer, None, 32)
+        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []), tokenizer, chat_format, 32)
