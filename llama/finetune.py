@@ -43,6 +43,7 @@ from llama.model import ModelArgs, Transformer
 from llama.options import EngineOptions
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
 from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
+from llama.training.dpo import Preference, base_reference, evaluate_pairs, precomputed_reference, read_pairs
 from llama.training.grpo import (
     LOSS_TYPES,
     ROLLOUTS_FILE,
@@ -71,6 +72,7 @@ logger = logging.getLogger("llama.finetune")
 METHODS = ("lora", "qlora", "full")
 QLORA_GROUP_SIZE = 64
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.0}  # --beta of the objectives that take it
 
 
 def compute_dtype(name: Optional[str], device: torch.device, method: str) -> torch.dtype:
@@ -103,14 +105,15 @@ def run_settings(options: argparse.Namespace) -> dict:
         settings["tensor_parallel"] = options.tensor_parallel
     if options.objective == "grpo":
         settings.update({name: getattr(options, name) for name in GRPO_FLAGS}, reward=options.reward)
+    if options.objective == "dpo":
+        settings.update(beta=options.beta, precompute_ref=options.precompute_ref)
     return settings
 
 
 def check_options(options: argparse.Namespace, world_size: int) -> None:
     """Every flag that can be checked before anything is read; ``world_size``: the data-parallel ranks,
     which share each step's examples."""
-    if options.pack and options.objective != "sft":
-        raise ValueError(f"--pack packs supervised examples: --objective {options.objective} does not take it")
+    check_objective_options(options)
     if options.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {options.method!r}")
     if options.max_steps is not None and options.epochs is not None:
@@ -149,7 +152,7 @@ def check_grpo(options: argparse.Namespace, world_size: int) -> None:
     if options.tensor_parallel != 1:
         raise ValueError("--objective grpo samples on each rank's whole model: --tensor_parallel is not supported")
     flags = {name: getattr(options, name) for name in GRPO_FLAGS}
-    options.grpo = GRPOSettings(**{**flags, "beta": 0.0 if options.beta is None else options.beta})
+    options.grpo = GRPOSettings(**flags)
     options.rewards = load_rewards(options.reward, options.reward_weights)
     rollout = options.grpo.rollout_batch_size or options.batch_size
     if rollout % options.batch_size:
@@ -163,6 +166,20 @@ def check_grpo(options: argparse.Namespace, world_size: int) -> None:
             f"--micro_batch_size {options.micro_batch_size} must divide each rank's {completions} completions a step "
             f"(--batch_size {options.batch_size} / {world_size} rank(s) x --num_generations)"
         )
+
+
+def check_objective_options(options: argparse.Namespace) -> None:
+    """The flags of one objective given to another, and --beta (resolved to the objective's default)."""
+    if options.pack and options.objective != "sft":
+        raise ValueError(f"--pack packs supervised examples: --objective {options.objective} does not take it")
+    if options.precompute_ref and options.objective != "dpo":
+        raise ValueError(f"--precompute_ref is DPO's reference: --objective {options.objective} does not take it")
+    if options.beta is not None and options.objective not in DEFAULT_BETA:
+        raise ValueError(f"--beta weighs a reference model: --objective {options.objective} does not take it")
+    if options.beta is None:
+        options.beta = DEFAULT_BETA.get(options.objective)
+    if options.objective == "dpo" and not options.beta > 0:
+        raise ValueError(f"--beta must be positive for dpo (the pull toward the reference model), got {options.beta}")
 
 
 def lora_config(options: argparse.Namespace) -> Optional[LoraConfig]:
@@ -243,11 +260,12 @@ def finetune(options: argparse.Namespace) -> None:
     if dtype != torch.float32 and mesh is None:
         autocast = torch.autocast(device.type, dtype=dtype)
 
+    # before the saved state is loaded: a reference the objective computes from the model is the checkpoint's
+    objective, evaluate_at = OBJECTIVES[options.objective](
+        options, model, inputs, Placement(device, autocast, data_group, dtype, mesh)
+    )
     out = Path(options.out)
     start_step = start_of(options, parameters, optimizer, rank)
-    objective, evaluate_at = OBJECTIVES[options.objective](
-        options, model, inputs, Placement(device, autocast, data_group)
-    )
     if rank == 0:
         n_trainable = sum(p.numel() for p in parameters.values())
         logger.info(
@@ -314,11 +332,14 @@ class Inputs(NamedTuple):
 
 
 class Placement(NamedTuple):
-    """Where a run's forward passes compute: the device, the autocast context, the data-parallel ranks."""
+    """Where a run's forward passes compute: the device, the autocast context, the data-parallel ranks, the
+    compute dtype and the device mesh the model is wrapped on (None: one process)."""
 
     device: torch.device
     autocast: Any
     data_group: Optional[dist.ProcessGroup]
+    dtype: torch.dtype
+    mesh: Any
 
 
 def read_inputs(options: argparse.Namespace) -> Inputs:
@@ -335,7 +356,7 @@ def read_inputs(options: argparse.Namespace) -> Inputs:
 
 def supervised(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
     """Supervised fine-tuning's objective, and its validation (loss and perplexity) where there is one."""
-    device, autocast, data_group = placement
+    device, autocast, data_group = placement.device, placement.autocast, placement.data_group
     step_batches, val_batches = batches(
         options, inputs.examples, inputs.val_examples, group_rank(data_group), group_size(data_group)
     )
@@ -396,14 +417,39 @@ def group_relative(options: argparse.Namespace, model: torch.nn.Module, inputs: 
     return objective, evaluate_at
 
 
-READERS = {
-    "sft": read_examples,
-    "grpo": read_prompts,
-}  # the objective's data: path, tokenizer, chat format, max_seq_len -> items
-OBJECTIVES = {
-    "sft": supervised,
-    "grpo": group_relative,
-}  # options, model, inputs, placement -> (Objective, evaluate_at or None)
+def preference(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
+    """DPO's objective (``llama.training.dpo``), and its validation (loss and reward accuracy) where there is one."""
+    device, autocast, data_group = placement.device, placement.autocast, placement.data_group
+    pairs, val_pairs, micro = inputs.examples, inputs.val_examples, options.micro_batch_size
+    reference = val_reference = base_reference(reference_model(options, model, inputs, placement), device, autocast)
+    if options.precompute_ref:  # the model before its first step is the reference
+        reference = precomputed_reference(val_reference, pairs, micro, device, data_group)
+        if val_pairs:
+            val_reference = precomputed_reference(val_reference, val_pairs, micro, device, data_group)
+
+    def step_pairs(step: int):
+        indices = step_indices(len(pairs), step, options.batch_size, options.seed)
+        return rank_share(indices, group_rank(data_group), group_size(data_group))
+
+    def evaluate_at():
+        return evaluate_pairs(model, val_pairs, val_reference, options.beta, micro, device, autocast, data_group)
+
+    objective = Preference(model, pairs, step_pairs, micro, options.beta, reference, device, autocast, data_group)
+    return objective, evaluate_at if val_pairs else None
+
+
+def reference_model(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
+    """The model whose log-probabilities are DPO's reference: the policy itself, its adapters off for LoRA and
+    QLoRA or before its first step with --precompute_ref; for full fine-tuning otherwise a frozen copy of the
+    checkpoint, loaded and wrapped as the policy is."""
+    if options.method != "full" or options.precompute_ref:
+        return model
+    copy = training_model(options, inputs.args, placement.device, placement.dtype, None, None, placement.mesh)
+    return copy.requires_grad_(False).eval()
+
+
+READERS = {"sft": read_examples, "dpo": read_pairs, "grpo": read_prompts}  # path, tokenizer, chat format, max_seq_len
+OBJECTIVES = {"sft": supervised, "dpo": preference, "grpo": group_relative}  # options, model, inputs, placement
 
 
 def training_model(
@@ -523,10 +569,28 @@ def parser() -> argparse.ArgumentParser:
     )
     add_flags(p, "tokenizer_path")
     add_method_flags(p)
+    add_objective_flags(p)
     add_data_flags(p)
     add_run_flags(p)
     add_grpo_flags(p)
     return p
+
+
+def add_objective_flags(p: argparse.ArgumentParser) -> None:
+    """What post-training's objectives weigh, beside the method's."""
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="how far the policy may move from the reference model: dpo's beta (default 0.1); grpo's KL "
+        "term's weight (default 0: no reference)",
+    )
+    p.add_argument(
+        "--precompute_ref",
+        action="store_true",
+        help="dpo: compute the reference's log-probabilities of every pair once, before the first step "
+        "(for full fine-tuning: no frozen copy of the model)",
+    )
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
@@ -557,12 +621,15 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """How the examples are batched, validated, saved and written."""
-    p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step, over all ranks")
+    p.add_argument(
+        "--batch_size", type=int, default=8, help="examples (for dpo: pairs) per optimizer step, over all ranks"
+    )
     p.add_argument(
         "--micro_batch_size",
         type=int,
         default=None,
-        help="examples per forward pass on a rank (gradients accumulate); default: --batch_size / ranks",
+        help="examples per forward pass on a rank (gradients accumulate); for dpo pairs, each two rows of the pass; "
+        "default: --batch_size / ranks",
     )
     p.add_argument(
         "--max_seq_len",
@@ -653,7 +720,6 @@ def add_grpo_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts")
     g.add_argument("--epsilon", type=float, default=0.2, help="the ratio is clipped below 1 - epsilon")
     g.add_argument("--epsilon_high", type=float, default=None, help="... and above 1 + epsilon_high; default epsilon")
-    g.add_argument("--beta", type=float, default=None, help="the KL term's weight (grpo: default 0, no reference)")
     g.add_argument("--ref_every", type=int, default=0, help="steps between the reference becoming the policy; 0 never")
     g.add_argument(
         "--scale_rewards",

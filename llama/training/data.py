@@ -88,6 +88,26 @@ def check_messages(messages, where: str) -> list:
     return messages
 
 
+def encode_dialog(messages, chat_format: ChatFormat, where: str) -> Tuple[List[int], List[bool]]:
+    """A training dialog (``check_messages``) as the tokens ``chat_completion`` sends for it and which of them
+    are the assistant's (``ChatFormat.encode_finished``)."""
+    messages = check_messages(messages, where)
+    if chat_format.is_unsafe(messages):
+        raise ValueError(
+            f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
+            "which chat_completion refuses"
+        )
+    return chat_format.encode_finished(messages)
+
+
+def prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str) -> Example:
+    """BOS and the prompt, encoded alone as ``text_completion`` sends it, then the completion encoded apart
+    with EOS: the completion and EOS are learnt."""
+    prompt_tokens = tokenizer.encode(prompt, bos=True, eos=False)
+    completion_tokens = tokenizer.encode(completion, bos=False, eos=True)
+    return Example(prompt_tokens + completion_tokens, masked(prompt_tokens) + learnt(completion_tokens))
+
+
 def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat, where: str) -> Example:
     """One JSONL record as tokens and labels (the module's docstring); ``where`` names it in errors."""
     if not isinstance(record, dict):
@@ -99,30 +119,22 @@ def encode_example(record: object, tokenizer: Tokenizer, chat_format: ChatFormat
             f"{where}: expected the keys messages, or prompt and completion, or text; got {sorted(record)}"
         )
     if form == "messages":
-        messages = check_messages(record["messages"], where)
-        if chat_format.is_unsafe(messages):
-            raise ValueError(
-                f"{where}: a message contains one of the chat format's special tags {chat_format.special_tags}, "
-                "which chat_completion refuses"
-            )
-        tokens, assistant = chat_format.encode_finished(messages)
+        tokens, assistant = encode_dialog(record["messages"], chat_format, where)
         example = Example(tokens, [token if learn else IGNORE_INDEX for token, learn in zip(tokens, assistant)])
     else:
         for key in forms[form]:
             if not isinstance(record[key], str):
                 raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
         if form == "prompt":
-            prompt = tokenizer.encode(record["prompt"], bos=True, eos=False)
-            completion = tokenizer.encode(record["completion"], bos=False, eos=True)
-            example = Example(prompt + completion, masked(prompt) + learnt(completion))
+            example = prompt_completion(tokenizer, record["prompt"], record["completion"])
         else:
             tokens = tokenizer.encode(record["text"], bos=True, eos=True)
             example = Example(tokens, learnt(tokens))
     return Example(example.tokens, [IGNORE_INDEX] + example.labels[1:])
 
 
-def json_lines(path: str) -> Iterator[Tuple[str, object]]:
-    """Each non-blank line of the JSONL file ``path``, parsed, with where it is ("FILE, line N") for errors."""
+def json_records(path: str) -> Iterator[Tuple[str, object]]:
+    """Each non-blank line of the JSONL file ``path`` as (where: "PATH, line N", its JSON value)."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -139,28 +151,30 @@ def json_lines(path: str) -> Iterator[Tuple[str, object]]:
             yield f"{path}, line {number}", record
 
 
+def kept_within(items: list, lengths: List[int], path: str, max_seq_len: int, noun: str = "examples") -> list:
+    """The ``items`` of ``path`` whose length (tokens) is at most ``max_seq_len``; the others are dropped and
+    said with their count. An empty file, or one whose every item is too long, is an error."""
+    if not items:
+        raise ValueError(f"{path}: no {noun} (the file is empty)")
+    kept = [item for item, length in zip(items, lengths) if length <= max_seq_len]
+    if len(kept) < len(items):
+        if not kept:
+            raise ValueError(
+                f"{path}: every one of its {len(items)} {noun} is longer than --max_seq_len {max_seq_len} tokens "
+                f"(the longest has {max(lengths)}); raise --max_seq_len"
+            )
+        logger.warning(
+            "%s: dropped %d of %d %s longer than --max_seq_len %d tokens (the longest has %d)",
+            *(path, len(items) - len(kept), len(items), noun, max_seq_len, max(lengths)),
+        )
+    return kept
+
+
 def read_examples(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_seq_len: int) -> List[Example]:
     """Every line of the JSONL file ``path`` as an ``Example``; examples longer than ``max_seq_len``
     tokens are dropped, and said with their count."""
-    examples = [encode_example(record, tokenizer, chat_format, where) for where, record in json_lines(path)]
-    if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty)")
-    kept = [example for example in examples if len(example.tokens) <= max_seq_len]
-    if len(kept) < len(examples):
-        longest = max(len(example.tokens) for example in examples)
-        if not kept:
-            raise ValueError(
-                f"{path}: every one of its {len(examples)} examples is longer than --max_seq_len {max_seq_len} tokens "
-                f"(the longest has {longest}); raise --max_seq_len"
-            )
-        logger.warning(
-            "%s: dropped %d of %d examples longer than --max_seq_len %d tokens (the longest has %d)",
-            path,
-            len(examples) - len(kept),
-            len(examples),
-            max_seq_len,
-            longest,
-        )
+    examples = [encode_example(record, tokenizer, chat_format, where) for where, record in json_records(path)]
+    kept = kept_within(examples, [len(example.tokens) for example in examples], path, max_seq_len)
     if not any(label != IGNORE_INDEX for example in kept for label in example.labels):
         raise ValueError(f"{path}: no example has a token to learn")
     return kept

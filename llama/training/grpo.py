@@ -43,7 +43,7 @@ from llama.layers.lora import adapters_disabled
 from llama.layers.loss import IGNORE_INDEX
 from llama.options import GenerationOptions
 from llama.tokenizer import Tokenizer
-from llama.training.data import json_lines, rank_share, step_indices
+from llama.training.data import json_records, rank_share, step_indices
 from llama.training.loop import accumulator_dtype, sum_over_ranks
 from llama.training.parallelize import gathered
 from llama.training.rewards import score
@@ -112,7 +112,7 @@ def read_prompts(path: str, tokenizer: Tokenizer, chat_format: ChatFormat, max_s
     ending with the user's, sent as ``chat_completion`` sends it. Prompts with no room left in
     ``max_seq_len`` for a completion are refused."""
     prompts = []
-    for where, record in json_lines(path):
+    for where, record in json_records(path):
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f"{where}: expected a JSON object with a 'prompt' (text or messages) and any other keys")
         prompt = record["prompt"]
@@ -361,7 +361,7 @@ class GroupRelative:
     ):
         self.model, self.engine, self.prompts, self.rewards, self.settings = model, engine, prompts, rewards, settings
         self.batch_size, self.micro_batch_size, self.seed = batch_size, micro_batch_size, seed
-        self.device, self.autocast, self.data_group = placement
+        self.device, self.autocast, self.data_group = placement.device, placement.autocast, placement.data_group
         self.reference, self.rollouts_path = reference, rollouts_path
         self.rank = dist.get_rank(self.data_group) if self.data_group is not None else 0
         self.ranks = dist.get_world_size(self.data_group) if self.data_group is not None else 1
