@@ -379,3 +379,13 @@ def test_compiled_rollouts_sample_the_eager_rollouts_after_the_weights_change(fi
     compiled = run(files, tmp_path / "compiled", *flags, "--compile_rollouts")
     assert_same_rollouts(compiled[1], eager[1])
     assert [r["loss"] for r in compiled[0]] == pytest.approx([r["loss"] for r in eager[0]], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_with_beta_the_kl_to_the_reference_starts_at_zero_and_grows_and_ref_every_resets_it(files, tmp_path, method):
+    flags = ["--method", method, "--max_steps", "3", "--beta", "0.04", "--lr", "1e-2" if method == "lora" else "1e-3"]
+    metrics, _ = run(files, tmp_path / "kept", *flags)
+    kl = [r["kl"] for r in metrics]
+    assert kl[0] < 1e-6 < kl[1] < kl[2], kl  # the policy starts as its reference, then moves away
+    synced, _ = run(files, tmp_path / "synced", *flags, "--ref_every", "2")
+    assert synced[2]["kl"] < 1e-6 < synced[1]["kl"]  # after step 2 the policy is the reference again
