@@ -85,7 +85,7 @@ def main(argv=None):
         default=0,
         help="lm-eval's seed for Python's random module (its other seeds stay at their defaults)",
     )
-    add_flags(parser, "quantize", "device", "dtype", "threads")
+    add_flags(parser, "adapter_dir", "quantize", "device", "dtype", "threads")
     run_parser(parser, evaluate, argv)
 
 
@@ -163,6 +163,7 @@ def evaluate(args: argparse.Namespace) -> None:
     print(load_line(load.ckpt_dir, load.tokenizer_path, generator, seconds, load.quantize), flush=True)
     model_args = {
         "pretrained": args.ckpt_dir,
+        **({"peft": args.adapter_dir} if args.adapter_dir else {}),  # lm-eval's hf backend's name for it
         "dtype": str(generator.dtype).removeprefix("torch."),
         "quantize": args.quantize,
         "max_seq_len": args.max_seq_len,

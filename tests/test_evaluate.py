@@ -288,3 +288,58 @@ def test_an_int8_model_scores_within_int8_rounding_of_the_float_model(evaluation
     exact = [float(r[0][0]) for s in our_samples["tiny_choice"] for r in s["resps"]]
     int8 = [float(r[0][0]) for s in quantized for r in s["resps"]]
     assert int8 == pytest.approx(exact, abs=0.05) and int8 != exact
+
+
+def test_an_adapter_scores_as_the_hf_backend_scores_it_through_peft(evaluations, make_checkpoint, tmp_path):
+    """``--adapter_dir`` (a fine-tuning's or post-training's OUT): each choice's log-likelihood equals lm-eval's
+    hf backend with ``peft=`` the same adapter, and differs from the base's."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llama.checkpoints.loader import load_model, read_model_args
+    from llama.checkpoints.peft import write_adapter
+    from llama.finetune import adapter_tensors
+    from llama.layers.lora import LoraConfig, apply_lora
+    from llama.options import EngineOptions
+    from llama.tokenizer import Tokenizer
+
+    _, our_samples, _, _ = evaluations
+    ckpt_dir, _ = make_checkpoint(dtype=torch.float32, seed=3)
+    llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    tokenizer_path = str(Path(ckpt_dir) / "tokenizer.model")
+    args = read_model_args(ckpt_dir, Tokenizer(tokenizer_path), tokenizer_path, EngineOptions(1, MAX_SEQ_LEN))
+    config = LoraConfig(rank=4, alpha=8.0)
+    model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
+    torch.manual_seed(4)
+    for name, module in model.named_modules():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(module.weight, std=0.1)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    write_adapter(str(adapter), adapter_tensors(model), config, args, ckpt_dir)
+    (tmp_path / "tasks").mkdir()
+    tasks, out, hf_dir = write_tasks(tmp_path / "tasks"), tmp_path / "out", tmp_path / "hf"
+    convert(ckpt_dir, str(hf_dir), "hf", dtype="float32", max_position_embeddings=MAX_SEQ_LEN)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        main(
+            ["--ckpt_dir", ckpt_dir, "--adapter_dir", str(adapter), "--tasks", "tiny_choice", "--include_path"]
+            + [str(tasks), "--max_seq_len", str(MAX_SEQ_LEN), "--batch_size", "3", "--output_path", str(out)]
+            + ["--log_samples", "--dtype", "float32", "--device", "cpu"]
+        )
+        theirs = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={hf_dir},dtype=float32,peft={adapter}",
+            tasks=["tiny_choice"],
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            batch_size=2,
+            device="cpu",
+            log_samples=True,
+        )
+    ours = [json.loads(line) for line in next(out.glob("*/samples_tiny_choice_*.jsonl")).read_text().splitlines()]
+    adapted = [float(r[0][0]) for s in ours for r in s["resps"]]
+    reference = [float(r[0][0]) for s in theirs["samples"]["tiny_choice"] for r in s["resps"]]
+    base = [float(r[0][0]) for s in our_samples["tiny_choice"] for r in s["resps"]]
+    assert adapted == pytest.approx(reference, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(adapted, base)) > 1e-2
