@@ -1,4 +1,6 @@
-"""Fine-tune a checkpoint on JSONL examples: LoRA, QLoRA (LoRA beside an int4 base) or every weight.
+"""Fine-tune a checkpoint on JSONL examples: LoRA, QLoRA (LoRA beside an int4 base) or every weight; on
+answers (``--objective sft``, the default), on preference pairs (``dpo``) or on rewards of the model's own
+samples (``grpo``): ``llama.training.objectives`` builds each, docs/post-training.md says what they do.
 
     python -m llama.finetune --ckpt_dir llama-2-7b-chat/ --data train.jsonl --out run/ --method lora
     torchrun --nproc_per_node 4 -m llama.finetune --ckpt_dir Llama-3.2-1B-Instruct/ --data train.jsonl --out run/
@@ -14,24 +16,22 @@ of processes computes one process's losses.
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from llama.chat.format import ChatFormat, chat_format_for
+from llama.chat.format import chat_format_for
 from llama.checkpoints.hf import read_chat_template
 from llama.checkpoints.loader import checkpoint_folder, layout_of, load_model, read_model_args
 from llama.checkpoints.peft import merge_adapter, read_adapter, write_adapter
 from llama.checkpoints.writers import write_checkpoint
 from llama.cli import add_flags, run_parser
 from llama.distributed import DTYPES, init_distributed, launched_as_rank0, resolve_device, set_threads
-from llama.engine.engine import Engine
 from llama.layers.lora import LoraConfig, apply_lora, parse_targets
-from llama.layers.parallel import fused_layers, group_rank, group_size
+from llama.layers.parallel import fused_layers, group_size
 from llama.layers.quantize import (
     Quantization,
     check_activation_dtype,
@@ -39,22 +39,23 @@ from llama.layers.quantize import (
     quantizable_weights,
     training_cpu_dtype,
 )
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.options import EngineOptions
 from llama.tokenizer import Tokenizer, resolve_tokenizer_path
-from llama.training.data import evaluation_batches, micro_batches, rank_share, read_examples, step_indices
-from llama.training.dpo import Preference, base_reference, evaluate_pairs, precomputed_reference, read_pairs
-from llama.training.grpo import (
-    LOSS_TYPES,
-    ROLLOUTS_FILE,
-    SCALE_REWARDS,
-    GroupRelative,
-    GRPOSettings,
-    Reference,
-    read_prompts,
-)
+from llama.training.grpo import ROLLOUTS_FILE
 from llama.training.log import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory, plot_losses, trim_after
-from llama.training.loop import Schedule, Supervised, evaluate, make_optimizer, train
+from llama.training.loop import Schedule, make_optimizer, train
+from llama.training.objectives import (
+    OBJECTIVES,
+    READERS,
+    Inputs,
+    Placement,
+    add_grpo_flags,
+    add_objective_flags,
+    check_grpo,
+    check_objective_options,
+    objective_settings,
+)
 from llama.training.parallelize import (
     clean_name,
     data_parallel_group,
@@ -64,7 +65,6 @@ from llama.training.parallelize import (
     training_mesh,
     wrap_for_training,
 )
-from llama.training.rewards import load_rewards
 from llama.training.state import check_resumable, load_objective_state, load_state, read_settings, save_state
 
 logger = logging.getLogger("llama.finetune")
@@ -72,7 +72,6 @@ logger = logging.getLogger("llama.finetune")
 METHODS = ("lora", "qlora", "full")
 QLORA_GROUP_SIZE = 64
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
-DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.0}  # --beta of the objectives that take it
 
 
 def compute_dtype(name: Optional[str], device: torch.device, method: str) -> torch.dtype:
@@ -103,11 +102,7 @@ def run_settings(options: argparse.Namespace) -> dict:
     }
     if options.method == "full":
         settings["tensor_parallel"] = options.tensor_parallel
-    if options.objective == "grpo":
-        settings.update({name: getattr(options, name) for name in GRPO_FLAGS}, reward=options.reward)
-    if options.objective == "dpo":
-        settings.update(beta=options.beta, precompute_ref=options.precompute_ref)
-    return settings
+    return {**settings, **objective_settings(options)}
 
 
 def check_options(options: argparse.Namespace, world_size: int) -> None:
@@ -144,42 +139,6 @@ def check_options(options: argparse.Namespace, world_size: int) -> None:
         raise FileExistsError(
             f"--out {options.out} already exists and is not empty: choose another, or --resume the run in it"
         )
-
-
-def check_grpo(options: argparse.Namespace, world_size: int) -> None:
-    """GRPO's flags, its reward functions loaded (``options.grpo``, ``options.rewards``), and its batch sizes:
-    ``--batch_size`` prompts a step, each rank sampling its share, ``--micro_batch_size`` completions a pass."""
-    if options.tensor_parallel != 1:
-        raise ValueError("--objective grpo samples on each rank's whole model: --tensor_parallel is not supported")
-    flags = {name: getattr(options, name) for name in GRPO_FLAGS}
-    options.grpo = GRPOSettings(**flags)
-    options.rewards = load_rewards(options.reward, options.reward_weights)
-    rollout = options.grpo.rollout_batch_size or options.batch_size
-    if rollout % options.batch_size:
-        raise ValueError(f"--rollout_batch_size {rollout} must be a multiple of --batch_size {options.batch_size}")
-    if options.batch_size % world_size:
-        raise ValueError(f"--batch_size {options.batch_size} prompts must be divisible by the {world_size} rank(s)")
-    completions = options.batch_size // world_size * options.grpo.num_generations  # a rank's, a step
-    options.micro_batch_size = options.micro_batch_size or completions
-    if completions % options.micro_batch_size:
-        raise ValueError(
-            f"--micro_batch_size {options.micro_batch_size} must divide each rank's {completions} completions a step "
-            f"(--batch_size {options.batch_size} / {world_size} rank(s) x --num_generations)"
-        )
-
-
-def check_objective_options(options: argparse.Namespace) -> None:
-    """The flags of one objective given to another, and --beta (resolved to the objective's default)."""
-    if options.pack and options.objective != "sft":
-        raise ValueError(f"--pack packs supervised examples: --objective {options.objective} does not take it")
-    if options.precompute_ref and options.objective != "dpo":
-        raise ValueError(f"--precompute_ref is DPO's reference: --objective {options.objective} does not take it")
-    if options.beta is not None and options.objective not in DEFAULT_BETA:
-        raise ValueError(f"--beta weighs a reference model: --objective {options.objective} does not take it")
-    if options.beta is None:
-        options.beta = DEFAULT_BETA.get(options.objective)
-    if options.objective == "dpo" and not options.beta > 0:
-        raise ValueError(f"--beta must be positive for dpo (the pull toward the reference model), got {options.beta}")
 
 
 def lora_config(options: argparse.Namespace) -> Optional[LoraConfig]:
@@ -262,7 +221,10 @@ def finetune(options: argparse.Namespace) -> None:
 
     # before the saved state is loaded: a reference the objective computes from the model is the checkpoint's
     objective, evaluate_at = OBJECTIVES[options.objective](
-        options, model, inputs, Placement(device, autocast, data_group, dtype, mesh)
+        options,
+        model,
+        inputs,
+        Placement(device, autocast, data_group, lambda: training_model(options, args, device, dtype, None, None, mesh)),
     )
     out = Path(options.out)
     start_step = start_of(options, parameters, optimizer, rank)
@@ -320,28 +282,6 @@ def saver(options: argparse.Namespace, parameters: dict, optimizer, objective):
     )
 
 
-class Inputs(NamedTuple):
-    """What a run reads before loading the model."""
-
-    tokenizer_path: str
-    tokenizer: Tokenizer
-    chat_format: ChatFormat
-    args: ModelArgs
-    examples: list  # the objective's: supervised examples, preference pairs, prompts
-    val_examples: list
-
-
-class Placement(NamedTuple):
-    """Where a run's forward passes compute: the device, the autocast context, the data-parallel ranks, the
-    compute dtype and the device mesh the model is wrapped on (None: one process)."""
-
-    device: torch.device
-    autocast: Any
-    data_group: Optional[dist.ProcessGroup]
-    dtype: torch.dtype
-    mesh: Any
-
-
 def read_inputs(options: argparse.Namespace) -> Inputs:
     """The tokenizer, the model's hyper-parameters, and the training and validation data of the objective."""
     tokenizer_path = resolve_tokenizer_path(options.ckpt_dir, options.tokenizer_path)
@@ -354,102 +294,12 @@ def read_inputs(options: argparse.Namespace) -> Inputs:
     return Inputs(tokenizer_path, tokenizer, chat_format, args, examples, val_examples)
 
 
-def supervised(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
-    """Supervised fine-tuning's objective, and its validation (loss and perplexity) where there is one."""
-    device, autocast, data_group = placement.device, placement.autocast, placement.data_group
-    step_batches, val_batches = batches(
-        options, inputs.examples, inputs.val_examples, group_rank(data_group), group_size(data_group)
-    )
-    evaluate_at = (lambda: evaluate(model, val_batches, device, autocast, data_group)) if inputs.val_examples else None
-    return Supervised(model, step_batches, device, autocast, data_group), evaluate_at
-
-
 def schedule_of(options: argparse.Namespace, n_examples: int) -> Schedule:
     """The learning rate's schedule: ``--max_steps`` (default: ``--epochs`` over the examples), the warmup
     (default: 5% of the steps), the peak (default: the method's)."""
     max_steps = options.max_steps or max(1, (options.epochs or 1) * n_examples // options.batch_size)
     warmup = options.warmup_steps if options.warmup_steps is not None else max_steps // 20
     return Schedule(options.lr or DEFAULT_LR[options.method], max_steps, warmup, options.lr_schedule)
-
-
-def batches(options: argparse.Namespace, examples: list, val_examples: list, data_rank: int, data_ranks: int):
-    """This rank's micro-batches of a step (a function of the step) and of the validation examples."""
-
-    def step_batches(step: int):
-        indices = rank_share(step_indices(len(examples), step, options.batch_size, options.seed), data_rank, data_ranks)
-        return micro_batches(
-            [examples[i] for i in indices], options.micro_batch_size, options.pack, options.max_seq_len
-        )
-
-    val_batches = evaluation_batches(
-        val_examples, options.micro_batch_size, options.pack, options.max_seq_len, data_rank, data_ranks
-    )
-    return step_batches, val_batches
-
-
-def group_relative(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
-    """GRPO's objective, sampling on an engine over the model being trained, and its validation (the mean
-    reward of greedy completions of the validation prompts)."""
-    settings, ranks = options.grpo, group_size(placement.data_group)
-    rows = (settings.rollout_batch_size or options.batch_size) // ranks * settings.num_generations
-    engine_options = EngineOptions(
-        min(rows, MAX_ROLLOUT_SLOTS), options.max_seq_len, compile=options.compile_rollouts, prefix_cache=True
-    )
-    engine = Engine(model, inputs.tokenizer, engine_options)
-    reference = None
-    if settings.beta > 0:
-        reference = Reference(model, trainable_parameters(model), adapters=options.method != "full")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    objective = GroupRelative(
-        model,
-        engine,
-        inputs.examples,
-        options.rewards,
-        settings,
-        options.batch_size,
-        options.micro_batch_size,
-        options.seed,
-        placement,
-        reference,
-        Path(options.out) / ROLLOUTS_FILE if rank0 else None,
-    )
-    evaluate_at = (lambda: objective.evaluate(inputs.val_examples)) if inputs.val_examples else None
-    return objective, evaluate_at
-
-
-def preference(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
-    """DPO's objective (``llama.training.dpo``), and its validation (loss and reward accuracy) where there is one."""
-    device, autocast, data_group = placement.device, placement.autocast, placement.data_group
-    pairs, val_pairs, micro = inputs.examples, inputs.val_examples, options.micro_batch_size
-    reference = val_reference = base_reference(reference_model(options, model, inputs, placement), device, autocast)
-    if options.precompute_ref:  # the model before its first step is the reference
-        reference = precomputed_reference(val_reference, pairs, micro, device, data_group)
-        if val_pairs:
-            val_reference = precomputed_reference(val_reference, val_pairs, micro, device, data_group)
-
-    def step_pairs(step: int):
-        indices = step_indices(len(pairs), step, options.batch_size, options.seed)
-        return rank_share(indices, group_rank(data_group), group_size(data_group))
-
-    def evaluate_at():
-        return evaluate_pairs(model, val_pairs, val_reference, options.beta, micro, device, autocast, data_group)
-
-    objective = Preference(model, pairs, step_pairs, micro, options.beta, reference, device, autocast, data_group)
-    return objective, evaluate_at if val_pairs else None
-
-
-def reference_model(options: argparse.Namespace, model: torch.nn.Module, inputs: Inputs, placement: Placement):
-    """The model whose log-probabilities are DPO's reference: the policy itself, its adapters off for LoRA and
-    QLoRA or before its first step with --precompute_ref; for full fine-tuning otherwise a frozen copy of the
-    checkpoint, loaded and wrapped as the policy is."""
-    if options.method != "full" or options.precompute_ref:
-        return model
-    copy = training_model(options, inputs.args, placement.device, placement.dtype, None, None, placement.mesh)
-    return copy.requires_grad_(False).eval()
-
-
-READERS = {"sft": read_examples, "dpo": read_pairs, "grpo": read_prompts}  # path, tokenizer, chat format, max_seq_len
-OBJECTIVES = {"sft": supervised, "dpo": preference, "grpo": group_relative}  # options, model, inputs, placement
 
 
 def training_model(
@@ -576,23 +426,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_objective_flags(p: argparse.ArgumentParser) -> None:
-    """What post-training's objectives weigh, beside the method's."""
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=None,
-        help="how far the policy may move from the reference model: dpo's beta (default 0.1); grpo's KL "
-        "term's weight (default 0: no reference)",
-    )
-    p.add_argument(
-        "--precompute_ref",
-        action="store_true",
-        help="dpo: compute the reference's log-probabilities of every pair once, before the first step "
-        "(for full fine-tuning: no frozen copy of the model)",
-    )
-
-
 def add_method_flags(p: argparse.ArgumentParser) -> None:
     """What is trained and how fast: the adapters, the optimizer and its schedule."""
     p.add_argument("--lora_rank", type=int, default=8, help="the rank r of each adapter B A")
@@ -698,51 +531,6 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and dropout")
-
-
-GRPO_FLAGS = [field.name for field in dataclasses.fields(GRPOSettings)]
-MAX_ROLLOUT_SLOTS = 64  # rows a rank's engine decodes at once; more wait for a free slot
-
-
-def add_grpo_flags(p: argparse.ArgumentParser) -> None:
-    """--objective grpo: the rewards, the sampling, the loss (TRL's GRPOConfig's names and defaults)."""
-    g = p.add_argument_group("grpo")
-    g.add_argument(
-        "--reward",
-        action="append",
-        default=[],
-        help="a reward function, FILE.py:NAME or module:NAME; give several to add them up",
-    )
-    g.add_argument("--reward_weights", type=float, nargs="+", default=None, help="one weight per --reward; default 1")
-    g.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (a group)")
-    g.add_argument("--max_new_tokens", type=int, default=256, help="the longest completion, in tokens")
-    g.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature, and the policy's")
-    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts")
-    g.add_argument("--epsilon", type=float, default=0.2, help="the ratio is clipped below 1 - epsilon")
-    g.add_argument("--epsilon_high", type=float, default=None, help="... and above 1 + epsilon_high; default epsilon")
-    g.add_argument("--ref_every", type=int, default=0, help="steps between the reference becoming the policy; 0 never")
-    g.add_argument(
-        "--scale_rewards",
-        default="group",
-        choices=SCALE_REWARDS,
-        help="advantages divided by the group's reward std, the rollout's, or none",
-    )
-    g.add_argument(
-        "--loss_type",
-        default="dapo",
-        choices=LOSS_TYPES,
-        help="the loss's normalisation: by the "
-        "tokens (dapo), per completion (grpo), by completions x max_new_tokens (dr_grpo)",
-    )
-    g.add_argument("--iterations_per_rollout", type=int, default=1, help="steps taken on each rollout's completions")
-    g.add_argument(
-        "--rollout_batch_size",
-        type=int,
-        default=None,
-        help="prompts sampled per rollout, a multiple of --batch_size; default --batch_size",
-    )
-    g.add_argument("--mask_truncated", action="store_true", help="completions without an end token are not learnt")
-    g.add_argument("--compile_rollouts", action="store_true", help="compile the engine's decode step")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
