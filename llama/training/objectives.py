@@ -88,6 +88,11 @@ def check_grpo(options: argparse.Namespace, world_size: int) -> None:
     ``--batch_size`` prompts a step, each rank sampling its share, ``--micro_batch_size`` completions a pass."""
     if options.tensor_parallel != 1:
         raise ValueError("--objective grpo samples on each rank's whole model: --tensor_parallel is not supported")
+    if options.compile_rollouts and world_size > 1:
+        raise ValueError(
+            "--compile_rollouts runs on one process only: under torchrun the weights a rollout gathers are "
+            "allocated anew each time, and a compiled step (CUDA graphs) keeps the addresses it first read"
+        )
     flags = {name: getattr(options, name) for name in GRPO_FLAGS}
     options.grpo = GRPOSettings(**flags)
     options.rewards = load_rewards(options.reward, options.reward_weights)
