@@ -16,7 +16,8 @@ In order, within ``--budget_s`` seconds:
 4. the KV cache pool: the bf16 model with 64 slots in a pool sized to 80% of the memory left after
    loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together;
 5. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload,
-   fine-tuning) whose scripts exist and take ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
+   fine-tuning, GRPO's steps: tokens sampled per second and step time) whose scripts exist and take
+   ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
 
 It prints one table of measurements and one line per check, and exits 1 if a check failed: a test,
 torchrun, a compiled step whose logits differ from the eager step's, a load whose peak device memory
@@ -61,7 +62,7 @@ DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "no
 VOCAB_SIZE = 32000
 MODES = ["bf16", "int8", "int4"]
 # name -> (script under bench/, its arguments on the GPU, its arguments in the dry run); run when the
-# script exists and takes --device, for at most OPTIONAL_LIMIT_S seconds each (fine-tuning: FINETUNE_LIMIT_S)
+# script exists and takes --device, for at most OPTIONAL_LIMIT_S seconds each (or their LONGER_LIMITS_S)
 OPTIONAL_BENCHMARKS = {
     "speculative decoding": (
         "speculative.py",
@@ -144,9 +145,22 @@ OPTIONAL_BENCHMARKS = {
             "1",
         ],
     ),
+    "GRPO with LoRA, Llama 3.2 1B shapes, 8 generations x 256 tokens, eager and compiled rollouts": (
+        "post_training.py",
+        [
+            *("--shapes", "llama-3.2-1b", "--sections", "grpo", "--reference", "none", "--impls", "ours,ours compiled"),
+            *("--batch_size", "1", "--num_generations", "8", "--max_new_tokens", "256"),
+            *("--rounds", "1", "--steps", "2", "--threads", "0"),
+        ],
+        [
+            *("--shapes", "tiny", "--sections", "grpo", "--reference", "none", "--impls", "ours"),
+            *("--batch_size", "1", "--num_generations", "2", "--max_new_tokens", "8"),
+            *("--rounds", "1", "--steps", "1", "--threads", "1"),
+        ],
+    ),
 }
 OPTIONAL_LIMIT_S = 120  # seconds each may run
-FINETUNE_LIMIT_S = 300  # two compiled 3B models
+LONGER_LIMITS_S = {"finetune.py": 300, "post_training.py": 300}  # two compiled 3B models; a 1B model compiled
 # bytes a load may peak above the finished model: CUDA's int4 tiling holds one packed weight twice for a
 # moment (the 7B output projection: 66 MB), nothing like a full-precision copy (13 GB)
 LOAD_MEMORY_SLACK = 256 << 20
@@ -389,7 +403,7 @@ def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Chec
             checks.append(Check(name, True, f"skipped: bench/{script} does not take --device"))
         else:
             command = [sys.executable, str(path), "--device", device] + (dry_run_args if dry_run else script_args)
-            limit_s = FINETUNE_LIMIT_S if script == "finetune.py" and not dry_run else OPTIONAL_LIMIT_S
+            limit_s = OPTIONAL_LIMIT_S if dry_run else LONGER_LIMITS_S.get(script, OPTIONAL_LIMIT_S)
             checks.append(run_command(name, command, budget, limit_s=limit_s, show_output=True))
     return checks
 
