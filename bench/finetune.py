@@ -111,7 +111,7 @@ def run_ours(options, device: torch.device):
     from llama.layers.lora import LoraConfig, apply_lora
     from llama.layers.quantize import Quantization
     from llama.training.log import MetricsLog
-    from llama.training.loop import Schedule, make_optimizer, train
+    from llama.training.loop import Schedule, Supervised, make_optimizer, train
     from llama.training.parallelize import trainable_parameters, wrap_for_training
 
     method = options.worker_method
@@ -137,11 +137,9 @@ def run_ours(options, device: torch.device):
         train(
             model,
             optimizer,
-            lambda step: [batch],
+            Supervised(model, lambda step: [batch], device, autocast),
             Schedule(1e-5, last, 0, "constant"),
             log,
-            device,
-            autocast,
             1.0,
             first,
         )
