@@ -282,7 +282,7 @@ def alternate(options, impls: list, argv_of, n_steps: int, summarize, folder: Pa
                 results[impl].append(summarize(records))
             else:
                 errors[impl] = error or [f"{len(records)} step records, expected {n_steps}"]
-        print(f"{folder.parent.name} {folder.name}: round {round_ + 1} of {options.rounds}", file=sys.stderr)
+        print(f"{folder.parent.name} {folder.name}: round {round_ + 1} of {options.rounds} done", flush=True)
     medians = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in results.items() if rs}
     return medians, errors
 
@@ -364,7 +364,7 @@ def time_to_reward(options, folder: Path, impls: list) -> tuple:
             reached = next((i for i, r in enumerate(records) if r["reward"] >= options.reward_threshold), None)
             steps = records[: reached + 1] if reached is not None else records
             runs[impl].append((reached is not None, len(steps), sum(r["step_s"] for r in steps), seconds))
-        print(f"time to reward: round {seed + 1} of {options.reward_rounds}", file=sys.stderr)
+        print(f"time to reward: round {seed + 1} of {options.reward_rounds} done", flush=True)
     rows = []
     for impl, results in runs.items():
         if not results:
@@ -547,7 +547,7 @@ def main(argv=None) -> int:
     uncompiled = [impl for impl in impls if impl != "ours compiled"]
     sections = options.sections.split(",")
     scratch = tempfile.TemporaryDirectory(prefix="bench-post-training-")
-    errors = {}
+    errors, goals = {}, []
     where = (
         f"{processor_name(options.device)}, torch {torch.__version__}, "
         f"{options.threads or torch.get_num_threads()} thread(s)"
@@ -555,9 +555,13 @@ def main(argv=None) -> int:
     for shape in options.shapes.split(",") if {"grpo", "dpo"} & set(sections) else []:
         setup = prepare(shape, Path(scratch.name) / shape, options)
         if "grpo" in sections:
-            errors.update(grpo_section(options, shape, setup, impls, where))
+            failed, lines = grpo_section(options, shape, setup, impls, where)
+            errors.update(failed)
+            goals += lines
         if "dpo" in sections:
-            errors.update(dpo_section(options, shape, setup, uncompiled, where))
+            failed, lines = dpo_section(options, shape, setup, uncompiled, where)
+            errors.update(failed)
+            goals += lines
     if "reward" in sections:
         rows, failed = time_to_reward(options, Path(scratch.name) / "reward", uncompiled)
         errors.update({("time to reward", impl): lines for impl, lines in failed.items()})
@@ -569,12 +573,14 @@ def main(argv=None) -> int:
             ["implementation", "reached", "steps (each run)", "steps' s", "s from launch"],
             rows,
         )
+    print("\n".join(goals))
     for (where_, impl), lines in errors.items():
         print(f"FAILED: {where_}, {impl}: " + " | ".join(lines))
     return 1 if errors else 0
 
 
-def grpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> dict:
+def grpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> tuple:
+    """The GRPO table of ``shape``; (the failures, the lines that say the goal's ratios)."""
     n_steps = 1 + options.steps
     medians, failed = alternate(
         options,
@@ -592,10 +598,18 @@ def grpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> 
         GRPO_HEADER,
         grpo_rows(medians),
     )
-    return {(f"GRPO {shape}", impl): lines for impl, lines in failed.items()}
+    goals = [
+        f"GRPO {shape}: {impl} at {ratio(medians, impl, 'step_s')} TRL's steps/s (goal >= 1.5x)"
+        if "TRL" in medians
+        else f"GRPO {shape}: {impl} {m['step_s']:.2f} s a step, {m['sampled_tokens_per_s']:.0f} tokens sampled/s"
+        for impl, m in medians.items()
+        if impl != "TRL"
+    ]
+    return {(f"GRPO {shape}", impl): lines for impl, lines in failed.items()}, goals
 
 
-def dpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> dict:
+def dpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> tuple:
+    """The DPO table of ``shape``; (the failures, the lines that say the goal's ratios)."""
     n_steps = 1 + options.dpo_steps
     medians, failed = alternate(
         options,
@@ -613,7 +627,14 @@ def dpo_section(options, shape: str, setup: Setup, impls: list, where: str) -> d
         DPO_HEADER,
         dpo_rows(medians),
     )
-    return {(f"DPO {shape}", impl): lines for impl, lines in failed.items()}
+    goals = [
+        f"DPO {shape}: {impl} at {ratio(medians, impl, 'step_s')} TRL's steps/s (goal >= 1.2x)"
+        if "TRL" in medians
+        else f"DPO {shape}: {impl} {m['step_s']:.3f} s a step"
+        for impl, m in medians.items()
+        if impl != "TRL"
+    ]
+    return {(f"DPO {shape}", impl): lines for impl, lines in failed.items()}, goals
 
 
 if __name__ == "__main__":
