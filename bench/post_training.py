@@ -513,8 +513,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA's rank (alpha = 2 x rank) on every linear")
     parser.add_argument("--lr", type=float, default=2e-3, help="the constant learning rate of the timed runs")
-    parser.add_argument("--dpo_steps", type=int, default=8, help="timed DPO steps of a run, after its warm-up step")
-    parser.add_argument("--dpo_batch_size", type=int, default=8, help="DPO's pairs a step")
+    parser.add_argument("--dpo_steps", type=int, default=4, help="timed DPO steps of a run, after its warm-up step")
+    parser.add_argument("--dpo_batch_size", type=int, default=4, help="DPO's pairs a step")
     parser.add_argument("--dpo_beta", type=float, default=0.1)
     parser.add_argument("--reward_threshold", type=float, default=0.9, help="the mean reward of a step to reach")
     parser.add_argument("--reward_lr", type=float, default=3e-3, help="the learning rate of the runs to the reward")
@@ -525,8 +525,8 @@ def parse(argv=None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=1,
-        help="torch threads of each run, 0: torch's choice (default 1: on a machine shared with other work a "
-        "second thread stalls every op of the engine's decode steps)",
+        help="torch threads of each run, 0: torch's choice (default 1: fine-tuning keeps OpenMP's spinning waits, and "
+        "beside other work a second thread stalls each of the engine's many small operations)",
     )
     for hidden in ("worker", "hf_dir", "data", "out"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -566,8 +566,9 @@ def main(argv=None) -> int:
         rows, failed = time_to_reward(options, Path(scratch.name) / "reward", uncompiled)
         errors.update({("time to reward", impl): lines for impl, lines in failed.items()})
         print_table(
-            f"GRPO's time to reward, {where}; bundled, {options.batch_size} prompts x {options.num_generations} x "
-            f"{options.max_new_tokens} tokens a step, reward contains_self, lr {options.reward_lr:g}: until a step's "
+            f"GRPO's time to reward, {where}; bundled, a step: {options.batch_size} prompt(s) x "
+            f"{options.num_generations} completions x {options.max_new_tokens} tokens, reward contains_self, lr "
+            f"{options.reward_lr:g}: until a step's "
             f"mean reward >= {options.reward_threshold:g}, at most {options.reward_max_steps} steps; "
             f"medians of the runs that reached it",
             ["implementation", "reached", "steps (each run)", "steps' s", "s from launch"],
