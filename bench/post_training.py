@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "checkpoints" / "tiny-stdlib"
 PAIRS = ROOT / "examples" / "accessors" / "preferences.jsonl"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-# openings of code: the bundled model writes "self" after about one in five at temperature 1
+# openings of code, after some of which the bundled model writes "self" at temperature 1
 PROMPTS = [
     "def get(",
     "class Parser",
