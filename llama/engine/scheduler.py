@@ -337,7 +337,7 @@ class Scheduler:
         if row.tokens:
             row.target = row.sequence[: row.position]
         else:  # scored again from the start
-            row.prompt_logprobs, row.prompt_greedy = [], []
+            row.prompt_logprobs, row.prompt_greedy, row.prompt_top_logprobs = [], [], []
         row.prefilled = 0
         self.preempted.appendleft(row)
 
