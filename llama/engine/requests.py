@@ -197,6 +197,7 @@ class Request:
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
+        self.admitted = 0  # its rows [0, admitted) took a slot (the scheduler admits them in order)
         self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
         self.deltas: DeltaSink = queue.Queue() if deltas is None else deltas  # a list per step, None: the end
         self.submitted_at = time.monotonic()
@@ -218,6 +219,11 @@ class Request:
     def n_rows(self) -> int:
         """How many rows (slots) the request needs."""
         return len(self.rows)
+
+    @property
+    def waiting_rows(self) -> List[Row]:
+        """Its rows that wait for a slot: not admitted yet, not ended."""
+        return [row for row in self.rows[self.admitted :] if row.finish_reason is None]
 
     @property
     def prompt_lens(self) -> List[int]:
