@@ -330,6 +330,46 @@ def test_streamed_logprobs_equal_the_whole(client):
     assert streamed == whole.choices[0].logprobs.token_logprobs
 
 
+def test_echoed_prompt_logprobs_are_the_python_apis_and_its_alternatives_a_plain_forwards(client, llama):
+    """``echo`` with ``logprobs``: OpenAI's legacy logprobs object over the prompt and the answer (the first
+    token null: nothing predicts it), whole and streamed alike; with ``max_tokens`` 0 the prompt alone."""
+    prompt = llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
+    answer = client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=4, temperature=0, echo=True, logprobs=3
+    )
+    expected = llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=4, logprobs=True, echo=True)[0]
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(prompt) + 4 and answer.choices[0].text == expected["generation"]  # echoed
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected["logprobs"][1:], abs=1e-5)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    with torch.no_grad():
+        forward = torch.log_softmax(llama.model(torch.tensor([prompt]))[0], dim=-1)  # position j predicts j + 1
+    for j, token in enumerate(prompt[1:], 1):
+        top = forward[j - 1].topk(3)
+        alternatives = logprobs.top_logprobs[j]  # the 3 likeliest and the token itself, as OpenAI and vLLM give them
+        want = {piece(llama, i): v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+        want[piece(llama, token)] = forward[j - 1, token].item()
+        assert alternatives == pytest.approx(want, abs=1e-5)
+    streamed = [
+        chunk.choices[0].logprobs
+        for chunk in client.completions.create(
+            model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=4, temperature=0, echo=True, logprobs=3, stream=True
+        )
+        if chunk.choices[0].logprobs
+    ]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [value for chunk in streamed for value in getattr(chunk, field)] == getattr(logprobs, field)
+    scored = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    assert (choice.text, choice.finish_reason, scored.usage.completion_tokens) == (PROMPTS[1], "length", 0)
+    assert choice.logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[: len(prompt)], abs=1e-6)
+
+
+def piece(llama, token: int) -> str:
+    return llama.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
 def test_n_seeded_samples_equal_the_python_apis(client, llama):
     answer = client.completions.create(
         model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=1.0, n=3, seed=7
@@ -351,6 +391,8 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "x", "n": MAX_BATCH_SIZE + 1}, "n"),
     ("/v1/completions", {"prompt": ["x", "y"], "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 needs echo
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "x " * MAX_SEQ_LEN}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),

@@ -38,6 +38,7 @@ from llama.server.protocol import (
     may_be_a_call,
     parse_chat,
     parse_completion,
+    piece,
     token_triples,
     tool_calls,
     tool_calls_chunk,
@@ -215,7 +216,7 @@ async def whole(job: Job, request, http: Request, token_bytes, metrics: Metrics,
     try:
         async for delta in deltas(job, request, metrics, http):
             texts[delta.row] += delta.text
-            tokens[delta.row] += token_triples(delta)
+            tokens[delta.row] += token_triples(job, delta)
             if delta.finish_reason is not None:
                 reasons[delta.row] = delta.finish_reason
     except (ClientGone, asyncio.CancelledError):
@@ -258,7 +259,7 @@ class StreamChunks:
     def __init__(self, job: Job, token_bytes: Callable[[int], bytes], stopping):
         self.job, self.token_bytes, self.stopping = job, token_bytes, stopping
         self.started = set()
-        self.offsets = {i: 0 for i in range(job.rows)}  # characters of each choice's text sent so far
+        self.offsets = {i: 0 for i in range(job.rows)}  # each choice's next token's text_offset
         self.held: Dict[int, RowDelta] = {}  # per choice, what is held back while it may be calls
         self.answering = set()  # choices known to be text
 
@@ -299,8 +300,9 @@ class StreamChunks:
             first = index not in self.started
             self.started.add(index)
             text = (echoed_prompt(job, index) if first else "") + delta.text
-            logprobs = logprobs_object(job, token_triples(delta), self.token_bytes, self.offsets[index])
-            self.offsets[index] += len(text)
+            tokens = token_triples(job, delta)
+            logprobs = logprobs_object(job, tokens, self.token_bytes, self.offsets[index])
+            self.offsets[index] += sum(len(piece(self.token_bytes, token)) for token, _, _ in tokens)
             chunks.append(delta_chunk(job, index, text, logprobs, first=first))
         if delta.finish_reason == "cancelled" and self.stopping.is_set():
             chunks.append(shutting_down().body())
