@@ -198,7 +198,7 @@ def test_greedy_generations_equal_the_hf_backend(evaluations):
 
 def test_lm_evals_local_completions_on_the_server_gives_llama_evaluates_numbers(evaluations, make_checkpoint, tmp_path):
     """lm-eval's ``local-completions`` backend on ``python -m llama.server`` (prompts scored with ``echo``,
-    ``logprobs`` 1 and ``max_tokens`` 1, 3 prompts a request on 3 slots) gives ``llama.evaluate``'s numbers on
+    ``logprobs`` 1 and ``max_tokens`` 1, 8 prompts a request on 3 slots) gives ``llama.evaluate``'s numbers on
     the multiple-choice and the rolling task. lm-eval's API backends keep ``max_length - 1`` tokens of a request
     and score rolling windows of ``max_length - 2`` tokens: a server whose context is 2 longer, given as
     ``max_length``, scores what ``llama.evaluate --max_seq_len`` scores."""
@@ -227,7 +227,7 @@ def test_lm_evals_local_completions_on_the_server_gives_llama_evaluates_numbers(
                 f"tokenizer={hf_dir},add_bos_token=True,max_length={context}",
                 tasks=["tiny_choice", "tiny_text"],
                 task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                batch_size=3,
+                batch_size=8,
                 log_samples=True,
             )
     finally:

@@ -221,10 +221,6 @@ def make_job(
     the JSON Schema of a forced tool call, which the answer follows."""
     params = llama.model.params
     n = body.n or 1
-    if len(prompts) * n > params.max_batch_size:
-        raise RequestError(
-            f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n"
-        )
     max_tokens = parse_max_tokens(
         body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens, echo
     )
