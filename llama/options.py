@@ -47,9 +47,11 @@ class GenerationOptions:
     seed: row i*n + j draws from the counter-based generator of seed + j (its tokens do not depend on
         the other rows decoded beside it); None: torch's global RNG.
     logprobs: also return each returned token's log-probability.
-    top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs.
+    top_logprobs: k > 0 also returns, per generated token, the k most likely tokens and logprobs (with
+        ``echo``, per prompt token too: the prompt's first has none, nothing predicts it).
     tempered_logprobs: logprobs and top_logprobs of log_softmax(logits / temperature) (0: of logits), as RL scores them.
-    echo: also return the prompt (and its logprobs; BOS gets 0: nothing predicts it).
+    echo: also return the prompt (and its logprobs and alternatives, scored by its prefill; BOS's logprob is 0:
+        nothing predicts it).
     speculate: "lookup" (prompt lookup) or "draft" (the draft model given to ``Llama.build``):
         speculative decoding (``llama.engine.speculative``), the same greedy tokens and the same sampling
         distribution, faster where proposals are accepted; None decodes one token per step.
@@ -128,8 +130,6 @@ class GenerationOptions:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.top_logprobs) or self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
-        if self.top_logprobs and self.echo:
-            raise ValueError("top_logprobs covers generated tokens only; it cannot be combined with echo=True")
         if self.speculate not in SPECULATE_CHOICES:
             raise ValueError(f"speculate must be one of {SPECULATE_CHOICES}, got {self.speculate!r}")
         if not is_int(self.speculate_k) or not 1 <= self.speculate_k <= MAX_SPECULATE_K:

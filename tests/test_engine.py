@@ -223,6 +223,54 @@ def test_an_engine_following_the_pickled_plans_of_another_gives_its_tokens(make_
         assert followed[request.id].finish_reasons == request.finish_reasons
 
 
+def test_a_request_of_more_rows_than_slots_takes_them_as_they_free_and_a_follower_keeps_up(make_llama):
+    """10 prompts x n=2 on 4 slots, beside a request that came first: the rows go in, in order, as slots
+    free (never more than the slots), each row gives its prompt's alone tokens, and the request is done
+    when its last row ends; a second big request cancelled while partly admitted ends every row, the
+    waiting ones too. A follower given the pickled plans (a server's other ranks) ends with the same rows."""
+    import pickle
+
+    small = make_llama(max_seq_len=64, max_batch_size=4)
+    leader, follower = (Engine(small.model, small.tokenizer, small.engine.options) for _ in range(2))
+    options = GenerationOptions(max_gen_len=5, temperature=0, stop_tokens=[], num_return_sequences=2)
+    prompts = [encode(small, PROMPTS[i % 4] + "x" * (i // 4)) for i in range(10)]
+    first = leader.submit([prompts[0]], replace(options, max_gen_len=9, num_return_sequences=1))
+    big = leader.submit(prompts, options)
+    cancelled = leader.submit(prompts[:6], replace(options, max_gen_len=20))
+    followed, steps, most_running = {}, 0, 0
+    while not all(request.done for request in (first, big, cancelled)):
+        if cancelled.admitted and not cancelled.cancelled:  # partly admitted: the rest waits
+            cancelled.cancel()
+        plan = leader.scheduler.plan()
+        leader.execute(plan)
+        follower.execute(pickle.loads(pickle.dumps(plan)))
+        followed.update({request.id: request for request in follower.scheduler.requests()})
+        most_running, steps = max(most_running, leader.running_slots), steps + 1
+    assert most_running == 4 and leader.running_slots == follower.running_slots == 0
+    assert big.finish_reasons == ["length"] * 20 and cancelled.finish_reasons == ["cancelled"] * 12
+    assert 0 < cancelled.admitted < cancelled.n_rows  # some of its rows never took a slot
+    expected = small.generate(prompts[:4], max_gen_len=5, temperature=0, stop_tokens=[])[0]
+    expected += small.generate(prompts[4:8], max_gen_len=5, temperature=0, stop_tokens=[])[0]
+    expected += small.generate(prompts[8:], max_gen_len=5, temperature=0, stop_tokens=[])[0]
+    assert big.tokens == [tokens for tokens in expected for _ in range(2)]
+    for request in (first, big, cancelled):
+        assert followed[request.id].tokens == request.tokens
+        assert followed[request.id].finish_reasons == request.finish_reasons
+
+
+def test_the_python_api_keeps_metas_batch_limit_where_the_engine_queues_the_rows(llama):
+    """``generate`` decodes its prompts as one batch, as Meta's does: more than ``max_batch_size`` is an
+    error there (``llama.options.check_batch_size``), though the engine would admit them as slots free."""
+    prompts = [encode(llama, prompt) for prompt in PROMPTS] + [encode(llama, PROMPTS[0])]
+    with pytest.raises(ValueError, match="5 prompts exceed max_batch_size=4"):
+        llama.generate(prompts, max_gen_len=4, temperature=0)
+    request = llama.engine.submit(prompts, GenerationOptions(max_gen_len=4, temperature=0, stop_tokens=[]))
+    run(llama.engine, [request])
+    assert (
+        request.tokens[4] == request.tokens[0] == alone(llama, PROMPTS[0], max_gen_len=4, temperature=0, stop_tokens=[])
+    )
+
+
 def full_logprobs(model, prompt, tokens, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(logits / temperature) of the model's plain forward over the whole sequence, at the
     positions that predict ``tokens``: (len(tokens), vocab), on the CPU."""
@@ -298,8 +346,6 @@ def test_bad_engine_arguments_are_clear_errors(llama):
         replace(llama.engine.options, admission="greedy")
     with pytest.raises(TypeError, match="options must be a GenerationOptions"):
         llama.engine.submit([[1, 2]], {"temperature": 0})
-    with pytest.raises(ValueError, match="5 prompts exceed max_batch_size=4"):
-        llama.engine.submit([[1, 2]] * 5, GenerationOptions())
 
 
 # --- compiled ------------------------------------------------------------------------------------

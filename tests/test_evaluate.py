@@ -196,6 +196,51 @@ def test_greedy_generations_equal_the_hf_backend(evaluations):
     assert metrics(ours, "tiny_generation") == metrics(theirs, "tiny_generation")
 
 
+def test_lm_evals_local_completions_on_the_server_gives_llama_evaluates_numbers(evaluations, make_checkpoint, tmp_path):
+    """lm-eval's ``local-completions`` backend on ``python -m llama.server`` (prompts scored with ``echo``,
+    ``logprobs`` 1 and ``max_tokens`` 1, 8 prompts a request on 3 slots) gives ``llama.evaluate``'s numbers on
+    the multiple-choice and the rolling task. lm-eval's API backends keep ``max_length - 1`` tokens of a request
+    and score rolling windows of ``max_length - 2`` tokens: a server whose context is 2 longer, given as
+    ``max_length``, scores what ``llama.evaluate --max_seq_len`` scores."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from test_server import Server
+
+    ours, our_samples, _, _ = evaluations
+    ckpt_dir, _ = make_checkpoint(dtype=torch.float32, seed=3)
+    llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    hf_dir = tmp_path / "hf"  # its tokenizer files are lm-eval's tokenizer
+    convert(ckpt_dir, str(hf_dir), "hf", dtype="float32", max_position_embeddings=MAX_SEQ_LEN)
+    (tmp_path / "tasks").mkdir()
+    tasks, context = write_tasks(tmp_path / "tasks"), MAX_SEQ_LEN + 2
+    command = [sys.executable, "-m", "llama.server", "--ckpt_dir", ckpt_dir, "--served_model_name", "tiny"]
+    command += ["--max_seq_len", str(context), "--max_batch_size", "3", "--dtype", "float32", "--device", "cpu"]
+    server = Server(command + ["--port", "0"], tmp_path / "log", name="tiny")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HF_DATASETS_OFFLINE", "1")
+            patch.setenv("HF_HUB_OFFLINE", "1")
+            theirs = lm_eval.simple_evaluate(
+                model="local-completions",
+                model_args=f"model=tiny,base_url={server.url('/v1/completions')},tokenizer_backend=huggingface,"
+                f"tokenizer={hf_dir},add_bos_token=True,max_length={context}",
+                tasks=["tiny_choice", "tiny_text"],
+                task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                batch_size=8,
+                log_samples=True,
+            )
+    finally:
+        server.kill()
+    assert metrics(theirs, "tiny_choice") == metrics(ours, "tiny_choice")
+    assert metrics(theirs, "tiny_text") == pytest.approx(metrics(ours, "tiny_text"), rel=1e-4)
+    for mine, served in zip(our_samples["tiny_choice"], theirs["samples"]["tiny_choice"], strict=True):
+        assert [float(r[0][0]) for r in mine["resps"]] == pytest.approx([r[0][0] for r in served["resps"]], rel=1e-4)
+        assert [r[0][1] == "True" for r in mine["resps"]] == [r[0][1] for r in served["resps"]]
+    for mine, served in zip(our_samples["tiny_text"], theirs["samples"]["tiny_text"], strict=True):
+        assert float(mine["resps"][0][0]) == pytest.approx(served["resps"][0][0], rel=1e-4)
+
+
 def test_without_lm_eval_the_command_names_the_extra_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     with pytest.raises(SystemExit) as exit:

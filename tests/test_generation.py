@@ -75,6 +75,22 @@ def test_scoring_without_generating_shifts_prompt_logprobs(llama):
             assert lps[j] == pytest.approx(expected[j - 1, prompt[j]].item(), abs=1e-4)
 
 
+def test_echo_with_top_logprobs_gives_each_prompt_tokens_alternatives_of_a_full_forward(llama):
+    prompts = [encode(llama, PROMPTS[1]), encode(llama, PROMPTS[2])]
+    tokens, logprobs, top = llama.generate(
+        prompts, max_gen_len=3, temperature=0, logprobs=True, echo=True, top_logprobs=3, stop_tokens=[]
+    )
+    for row, prompt in enumerate(prompts):
+        full = torch.tensor([tokens[row]], device=llama.device)
+        expected = F.log_softmax(llama.model.forward(full)[0], dim=-1)[:-1].topk(3)  # position j predicts j + 1
+        assert top[row][0] == [] and len(top[row]) == len(tokens[row]) == len(prompt) + 3  # nothing predicts BOS
+        assert [[t for t, _ in pairs] for pairs in top[row][1:]] == expected.indices.tolist()
+        for pairs, values in zip(top[row][1:], expected.values.tolist()):
+            assert [v for _, v in pairs] == pytest.approx(values, abs=1e-4)
+    plain = llama.generate(prompts, max_gen_len=3, temperature=0, logprobs=True, echo=True, stop_tokens=[])
+    assert plain == (tokens, logprobs)  # the alternatives change nothing else
+
+
 def test_generation_stops_at_eos_per_row_and_loop_ends_when_all_rows_end(llama, monkeypatch):
     prompts = [encode(llama, PROMPTS[0]), encode(llama, PROMPTS[2])]
     free, _ = llama.generate(prompts, max_gen_len=12, temperature=0)

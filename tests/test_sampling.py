@@ -209,7 +209,6 @@ def test_a_stop_string_at_a_token_boundary_leaves_exactly_the_tokens_of_the_gene
         (dict(seed=-1), "seed must be a non-negative integer or None"),
         (dict(seed="1"), "seed must be a non-negative integer or None"),
         (dict(top_logprobs=513), r"top_logprobs must be an integer in \[0, 512\]"),
-        (dict(top_logprobs=2, echo=True), "top_logprobs covers generated tokens only"),
     ],
 )
 def test_bad_option_is_a_clear_error(llama, option, message):

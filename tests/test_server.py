@@ -30,6 +30,7 @@ from server_worker import PG_TIMEOUT_SECONDS
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
 MAX_SEQ_LEN, MAX_BATCH_SIZE = 512, 4  # room for two tools described in JSON
+MAX_QUEUE = 64  # the server's default --max_queue, in rows
 SERVER_ARGS = [
     "--max_seq_len",
     str(MAX_SEQ_LEN),
@@ -330,6 +331,81 @@ def test_streamed_logprobs_equal_the_whole(client):
     assert streamed == whole.choices[0].logprobs.token_logprobs
 
 
+def test_echoed_prompt_logprobs_are_the_python_apis_and_its_alternatives_a_plain_forwards(client, llama):
+    """``echo`` with ``logprobs``: OpenAI's legacy logprobs object over the prompt and the answer (the first
+    token null: nothing predicts it), whole and streamed alike; with ``max_tokens`` 0 the prompt alone."""
+    prompt = llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
+    answer = client.completions.create(
+        model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=4, temperature=0, echo=True, logprobs=3
+    )
+    expected = llama.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=4, logprobs=True, echo=True)[0]
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(prompt) + 4 and answer.choices[0].text == expected["generation"]  # echoed
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected["logprobs"][1:], abs=1e-5)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    with torch.no_grad():
+        forward = torch.log_softmax(llama.model(torch.tensor([prompt]))[0], dim=-1)  # position j predicts j + 1
+    for j, token in enumerate(prompt[1:], 1):
+        top = forward[j - 1].topk(3)
+        alternatives = logprobs.top_logprobs[j]  # the 3 likeliest and the token itself, as OpenAI and vLLM give them
+        want = {piece(llama, i): v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+        want[piece(llama, token)] = forward[j - 1, token].item()
+        assert alternatives == pytest.approx(want, abs=1e-5)
+    streamed = [
+        chunk.choices[0].logprobs
+        for chunk in client.completions.create(
+            model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=4, temperature=0, echo=True, logprobs=3, stream=True
+        )
+        if chunk.choices[0].logprobs
+    ]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [value for chunk in streamed for value in getattr(chunk, field)] == getattr(logprobs, field)
+    scored = client.completions.create(model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    assert (choice.text, choice.finish_reason, scored.usage.completion_tokens) == (PROMPTS[1], "length", 0)
+    assert choice.logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[: len(prompt)], abs=1e-6)
+
+
+def piece(llama, token: int) -> str:
+    return llama.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
+def test_a_request_of_more_prompts_than_slots_answers_every_choice_as_each_prompt_alone(client, llama):
+    """3 x max_batch_size prompts in one request: their rows go in as slots free; every choice in order
+    equals its prompt's greedy completion, whole, and streamed with each chunk's index."""
+    prompts = [f"{PROMPTS[i % 3]}{'x' * (i // 3)}" for i in range(3 * MAX_BATCH_SIZE)]
+    expected = []
+    for start in range(0, len(prompts), MAX_BATCH_SIZE):
+        batch = llama.text_completion(prompts[start : start + MAX_BATCH_SIZE], temperature=0, max_gen_len=8)
+        expected += [result["generation"] for result in batch]
+    answer = client.completions.create(model="tiny-stdlib", prompt=prompts, max_tokens=8, temperature=0)
+    assert [choice.index for choice in answer.choices] == list(range(len(prompts)))
+    assert [choice.text for choice in answer.choices] == expected
+    texts, reasons = [""] * len(prompts), [None] * len(prompts)
+    for chunk in client.completions.create(
+        model="tiny-stdlib", prompt=prompts, max_tokens=8, temperature=0, stream=True
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == expected and None not in reasons
+
+
+def test_a_request_whose_rows_would_wait_beyond_max_queue_gets_503(server):
+    """--max_queue counts rows: while every slot decodes, a request of max_queue + 1 rows is refused with
+    the busy error; once the slots free, its rows fit the slots and the queue and it is answered."""
+    running = open_stream(server, {"prompt": ["x"] * MAX_BATCH_SIZE, "max_tokens": 300, "logit_bias": {"2": -100}})
+    wait_until(lambda: metrics(server)["llama_running_slots"] == MAX_BATCH_SIZE)
+    body = json.dumps({"prompt": "x", "n": MAX_QUEUE + 1, "max_tokens": 1}).encode()
+    status, answer = raw_request(server, "POST", "/v1/completions", body)
+    assert status == 503 and answer["error"]["type"] == "server_error" and "--max_queue" in answer["error"]["message"]
+    running.close()
+    wait_until(lambda: metrics(server)["llama_running_slots"] == 0)
+    status, answer = raw_request(server, "POST", "/v1/completions", body)
+    assert status == 200 and len(answer["choices"]) == MAX_QUEUE + 1
+
+
 def test_n_seeded_samples_equal_the_python_apis(client, llama):
     answer = client.completions.create(
         model="tiny-stdlib", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=1.0, n=3, seed=7
@@ -349,8 +425,11 @@ BAD_REQUESTS = [  # (path, body, the field the error names)
     ("/v1/completions", {"prompt": "x", "temperature": -0.5}, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
-    ("/v1/completions", {"prompt": "x", "n": MAX_BATCH_SIZE + 1}, "n"),
-    ("/v1/completions", {"prompt": ["x", "y"], "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": MAX_BATCH_SIZE + MAX_QUEUE + 1}, "n"),  # more than slots and queue
+    ("/v1/completions", {"prompt": ["x", "y"], "n": (MAX_BATCH_SIZE + MAX_QUEUE) // 2 + 1}, "n"),
+    ("/v1/completions", {"prompt": ["x"] * (MAX_BATCH_SIZE + MAX_QUEUE + 1)}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 needs echo
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "x " * MAX_SEQ_LEN}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
@@ -454,7 +533,23 @@ def test_body_over_the_limit_is_refused_with_413_before_it_is_sent(server):
         response += chunk
     connection.close()
     head, body = response.split(b"\r\n\r\n", 1)
-    assert head.startswith(b"HTTP/1.1 413") and "limit is 1048576" in json.loads(body)["error"]["message"]
+    limit = (1 << 20) + MAX_BATCH_SIZE * MAX_SEQ_LEN * len("4095, ")  # 1 MiB, and a batch of whole-context ids
+    assert head.startswith(b"HTTP/1.1 413") and f"limit is {limit}" in json.loads(body)["error"]["message"]
+
+
+def test_the_body_limit_follows_the_context_a_batch_of_whole_context_token_ids_fits(server, llama):
+    from llama.model import ModelArgs
+    from llama.server.app import body_limit
+
+    prompts = [[4095] * MAX_SEQ_LEN] * MAX_BATCH_SIZE  # the largest id, at every position of every slot
+    body = json.dumps({"prompt": prompts, "max_tokens": 0, "echo": True}).encode()
+    status, answer = raw_request(server, "POST", "/v1/completions", body)
+    assert (
+        status == 200 and [choice["text"] for choice in answer["choices"]] == [llama.tokenizer.decode(prompts[0])] * 4
+    )
+    llama3_8b = ModelArgs(max_seq_len=131072, max_batch_size=8, vocab_size=128256)
+    whole = {"prompt": [[128255] * 131072] * 8, "max_tokens": 0, "echo": True, "logprobs": 1}
+    assert len(json.dumps(whole)) + 1000 <= body_limit(llama3_8b)
 
 
 def test_a_body_not_sent_as_json_gets_415(server):

@@ -11,7 +11,8 @@ what they sampled. Its rooms:
 - ``llama.engine.scheduler``: ``submit`` queues a request; at the start of a step rank 0 plans, in
   phases: the rows that end (cancelled), the blocks each decoding row writes into (preempting the
   newest rows when the pool is full), and the admissions, while rows fit the free slots and the pool
-  ("continuous"), or only when every slot is free ("static": one batch at a time, the policy of a
+  (a request's rows together; a request of more rows than slots, as slots free) ("continuous"), or only
+  when every slot is free ("static": one batch at a time, the policy of a
   server without continuous batching, kept so the gain can be measured). The scheduler alone moves
   rows between the queues and the slots and records their tokens; the device's slots and the
   grammars follow what it moved (``sync``).
@@ -61,7 +62,7 @@ from llama.engine.structured import Constraints
 from llama.layers.kv_cache import cache_dtype
 from llama.layers.parallel import group_rank, group_size
 from llama.model import Transformer
-from llama.options import EngineOptions, GenerationOptions, check_batch_size, check_prompts
+from llama.options import EngineOptions, GenerationOptions, check_prompts
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,9 @@ class Engine:
         deltas: Optional[DeltaSink] = None,
     ) -> Request:
         """Queue a request: each prompt ``options.num_return_sequences`` times, one row each, in
-        prompt order. Checked here (prompts fit the context, the vocabulary and the KV cache pool,
-        rows fit ``max_batch_size``, options fit the vocabulary); ``what`` names the prompts in
+        prompt order; a request of more rows than the slots (``max_batch_size``) has its rows admitted
+        in order as slots free, and is done when its last row ends. Checked here (prompts fit the
+        context, the vocabulary and the KV cache pool, options fit the vocabulary); ``what`` names the prompts in
         errors ("prompt_tokens", "prompt", "dialog"). ``stream_text``: assemble each row's text as it
         comes (``RowDelta.text``); without it only stop strings need it. ``deltas``: where the
         request's deltas go (``Request.deltas``), in place before a step can admit it; None: a queue
@@ -174,7 +176,6 @@ class Engine:
         options.check_draft(self.draft is not None)
         self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
-        check_batch_size(len(prompt_tokens), options.num_return_sequences, sizes.max_batch_size, what)
         self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, self.kv_cache_tokens)
         if self.stopping.is_set():
             raise ValueError("the engine is shutting down: it takes no new requests")
@@ -236,8 +237,14 @@ class Engine:
 
     @property
     def queue_length(self) -> int:
-        """Requests waiting for slots."""
+        """Requests waiting for slots (a request larger than the slots, until its last row is admitted)."""
         return len(self.scheduler.waiting)
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for slots."""
+        with self.scheduler.arrived:
+            return sum(len(request.waiting_rows) for request in self.scheduler.waiting)
 
     @property
     def running_slots(self) -> int:
@@ -284,8 +291,7 @@ class Engine:
             ValueError: rows are still in the engine (running, preempted or waiting).
         """
         scheduler = self.scheduler
-        with scheduler.arrived:
-            waiting = sum(request.n_rows for request in scheduler.waiting)
+        waiting = self.queued_rows
         if scheduler.running or scheduler.preempted or waiting:
             raise ValueError(
                 f"reset_prefix_cache needs an engine without rows, but rows are still in the engine: "

@@ -34,6 +34,9 @@ class RowDelta:
     top_logprobs: per new token, the ``top_logprobs`` most likely (token id, logprob) pairs, else [].
     finish_reason: None while the row runs, then "stop", "length", "cancelled", or "error" (a serving
         loop's step failed).
+    prompt_logprobs, prompt_top_logprobs: in the row's first delta, when its request scores its prompt
+        (``echo`` with ``logprobs`` or ``top_logprobs``), the scores of the prompt's tokens after the first
+        (``Row.prompt_logprobs``, ``Row.prompt_top_logprobs``); else None.
     """
 
     row: int
@@ -42,6 +45,8 @@ class RowDelta:
     logprobs: List[float]
     top_logprobs: List[List[Tuple[int, float]]]
     finish_reason: Optional[str]
+    prompt_logprobs: Optional[List[float]] = None
+    prompt_top_logprobs: Optional[List[List[Tuple[int, float]]]] = None
 
 
 SCORING = GenerationOptions(max_gen_len=0, temperature=0.0, stop_tokens=[])  # a scored pair's: it generates nothing
@@ -108,9 +113,11 @@ class Row:
         self.logprobs: List[float] = []
         self.top_logprobs: List[List[Tuple[int, float]]] = []
         options = request.options
-        self.scored_from = 1 if options.echo and options.logprobs else None  # the first prompt token its prefill scores
+        scores = options.echo and (options.logprobs or options.top_logprobs)
+        self.scored_from = 1 if scores else None  # the first prompt token its prefill scores
         self.prompt_logprobs: List[float] = []  # those of prompt[scored_from:]
         self.prompt_greedy: List[bool] = []  # whether each of them is the model's most likely token
+        self.prompt_top_logprobs: List[List[Tuple[int, float]]] = []  # with top_logprobs: the likeliest there
         self.finish_reason: Optional[str] = None
         self.stopped_by: Optional[Sampled] = None  # the stop token that ended it (never in ``tokens``)
         self.sent = 0  # tokens already in a delta
@@ -190,6 +197,7 @@ class Request:
             for i, prompt in enumerate(prompt_tokens)
         ]
         self.lock = threading.Lock()
+        self.admitted = 0  # its rows [0, admitted) took a slot (the scheduler admits them in order)
         self.cancelled: Set[int] = set()  # rows asked to end, taken by the engine at its next step
         self.deltas: DeltaSink = queue.Queue() if deltas is None else deltas  # a list per step, None: the end
         self.submitted_at = time.monotonic()
@@ -211,6 +219,11 @@ class Request:
     def n_rows(self) -> int:
         """How many rows (slots) the request needs."""
         return len(self.rows)
+
+    @property
+    def waiting_rows(self) -> List[Row]:
+        """Its rows that wait for a slot: not admitted yet, not ended."""
+        return [row for row in self.rows[self.admitted :] if row.finish_reason is None]
 
     @property
     def prompt_lens(self) -> List[int]:
@@ -301,7 +314,7 @@ class Request:
 
     def results(self):
         """(tokens, logprobs[, top_logprobs]) per row, as ``Llama.generate`` returns them: with
-        ``echo`` the prompt's tokens (and logprobs, BOS's 0) come first."""
+        ``echo`` the prompt's tokens (and logprobs, BOS's 0, and alternatives, none for BOS) come first."""
         echo, tokens = self.options.echo, self.tokens
         tokens = [(row.prompt if echo else []) + generated for row, generated in zip(self.rows, tokens)]
         logprobs = None
@@ -310,7 +323,8 @@ class Request:
             logprobs = [prompt + generated for prompt, generated in zip(prompts, self.logprobs)]
         if not self.options.top_logprobs:
             return tokens, logprobs
-        return tokens, logprobs, self.top_logprobs
+        prompts = [[[]] + row.prompt_top_logprobs if echo else [] for row in self.rows]
+        return tokens, logprobs, [prompt + generated for prompt, generated in zip(prompts, self.top_logprobs)]
 
     # --- the engine's side ------------------------------------------------------------------------
 
@@ -357,6 +371,8 @@ class Request:
                 )
                 end = row.returned
                 if text or end > row.sent or ended:
+                    # a row's first delta comes once its prefill is done: its prompt's scores are complete
+                    first = row.sent == 0 and row.scored_from is not None
                     deltas.append(
                         RowDelta(
                             row.index,
@@ -365,6 +381,8 @@ class Request:
                             row.logprobs[row.sent : end],
                             row.top_logprobs[row.sent : end],
                             row.finish_reason,
+                            list(row.prompt_logprobs) if first else None,
+                            list(row.prompt_top_logprobs) if first and self.options.top_logprobs else None,
                         )
                     )
                 row.sent, row.closed = max(row.sent, end), ended

@@ -245,9 +245,10 @@ class Runner:
         return last
 
     def score_prompts(self, batch: List[Tuple[Row, int]], scored: List[List[int]], logits: torch.Tensor) -> None:
-        """Each row's scores of the prompt tokens its chunk predicts: their logprobs and whether each is
-        the most likely token, from the logits (rows, k, vocab) at the chunk's indices ``scored`` (per
-        row, at most k; the index j predicts the prompt's token prefilled + j + 1)."""
+        """Each row's scores of the prompt tokens its chunk predicts: their logprobs, whether each is
+        the most likely token and, for a row that asks for ``top_logprobs``, the likeliest tokens there,
+        from the logits (rows, k, vocab) at the chunk's indices ``scored`` (per row, at most k; the index j
+        predicts the prompt's token prefilled + j + 1)."""
         k = logits.shape[1]
         targets = [
             [row.prompt[row.prefilled + j + 1] for j in indices] + [0] * (k - len(indices))
@@ -257,9 +258,16 @@ class Runner:
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(2, targets[..., None])[..., 0].tolist()
         greedy = (logprobs.argmax(dim=-1) == targets).tolist()
+        alternatives = max((row.options.top_logprobs for indices, (row, _) in zip(scored, batch) if indices), default=0)
+        if alternatives:  # only where asked: a scoring pass otherwise costs what it did
+            top = logprobs.topk(alternatives, dim=-1)  # (rows, k, alternatives)
+            ids, values = top.indices.tolist(), top.values.tolist()
         for i, (indices, (row, _)) in enumerate(zip(scored, batch)):
             row.prompt_logprobs += chosen[i][: len(indices)]
             row.prompt_greedy += greedy[i][: len(indices)]
+            n = row.options.top_logprobs
+            if n and indices:
+                row.prompt_top_logprobs += [list(zip(ids[i][j][:n], values[i][j][:n])) for j in range(len(indices))]
 
     def first_tokens(self, rows: List[Row], logits: torch.Tensor) -> List[Sampled]:
         """Sample each row's first token from its prompt's last logits (rows, vocab), eagerly; write

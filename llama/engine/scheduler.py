@@ -12,7 +12,8 @@ A step is planned on rank 0 (``plan``) and applied on every rank (``apply``), in
   generated, and to go on where it was;
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
-  request's rows are admitted together; "static" admission admits only into an empty batch). A new
+  request's rows are admitted together; a request of more rows than there are slots, in order, as
+  slots free; "static" admission admits only into an empty batch). A new
   row takes the blocks of the longest cached prefix of its prompt and computes the rest; a request
   that would compute again a full block a row admitted in the same step computes waits a step, and
   takes it from the cache then;
@@ -60,6 +61,11 @@ class StepPlan:
     admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
     arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
+
+
+def arrival(request: Request) -> Tuple[int, List[List[int]], GenerationOptions, bool]:
+    """What a rank that was not given ``request`` makes it from (``StepPlan.arrivals``)."""
+    return request.id, request.prompt_tokens, request.options, request.stream_text
 
 
 @dataclass
@@ -119,7 +125,10 @@ class Scheduler:
             return held | set(self.waiting) if waiting else held
 
     def check_pool(self, prompt_tokens: List[List[int]], n: int, what: str, kv_cache_tokens: int) -> None:
-        """The request's rows' prompts must fit the KV cache pool together: they are admitted at once."""
+        """The rows admitted at once must fit the KV cache pool together: every row of a request that fits
+        the slots; the longest prompt's row of a larger one, whose rows are admitted as slots and blocks free."""
+        if n * len(prompt_tokens) > self.max_slots:
+            prompt_tokens, n = [max(prompt_tokens, key=len)], 1
         blocks = n * sum(self.blocks.blocks_for(len(tokens)) for tokens in prompt_tokens)
         if blocks > self.blocks.capacity:
             raise ValueError(
@@ -145,7 +154,7 @@ class Scheduler:
 
     def plan_cancellations(self, plan: StepPlan) -> Set[int]:
         """The cancelled rows end: running ones (their blocks go back now, for this step's admissions),
-        preempted ones, and a waiting request's when all of them are. Returns the running ones' slots."""
+        preempted ones, and a waiting request's waiting rows when all of them are. Returns the running ones' slots."""
         slots = set()
         for row in self.running:
             if row.index in row.request.cancelled:
@@ -156,8 +165,9 @@ class Scheduler:
             if row.index in row.request.cancelled:
                 plan.ends.append((row.request.id, row.index, "cancelled"))
         for request in self.waiting:
-            if len(request.cancelled) == request.n_rows:
-                plan.ends += [(request.id, row.index, "cancelled") for row in request.rows]
+            rows = request.waiting_rows
+            if rows and all(row.index in request.cancelled for row in rows):
+                plan.ends += [(request.id, row.index, "cancelled") for row in rows]
         return slots
 
     def plan_growth(self, plan: StepPlan, gone: Set[int]) -> None:
@@ -199,31 +209,52 @@ class Scheduler:
             plan.admissions.append((row.request.id, row.index, free.pop(0), cached))
         computing: Set[bytes] = set()  # the keys of the full blocks the rows admitted so far compute in this step
         for request in self.waiting:
-            if (request.id, 0) in ending or self.shares_computing(request, computing):  # withdrawn, or waits a step
+            rows = request.waiting_rows
+            if not request.rows:  # nothing to admit: it ends at once
+                plan.arrivals.append(arrival(request))
                 continue
-            if request.n_rows > len(free):
+            if not rows or (request.id, rows[0].index) in ending or self.shares_computing(rows[: len(free)], computing):
+                continue  # withdrawn, or waits a step
+            together = request.n_rows <= self.max_slots  # else its rows go in as slots and blocks free
+            if together and len(rows) > len(free):
                 return
-            admissions = []
-            for row, slot in zip(request.rows, free):
-                cached = self.allocate(row, slot, plan)
-                if cached is None:  # the request waits: what its first rows took goes back
-                    for taken, its_slot in zip(request.rows, free):
+            admissions = self.allocate_rows(rows, free, plan, together)
+            if not admissions:
+                return
+            free = free[len(admissions) :]
+            admitted = rows[: len(admissions)]
+            computing.update(key for row in admitted for key in self.blocks.computed_keys(row.cacheable))
+            plan.admissions += admissions
+            if request.admitted == 0:  # its first rows: the other ranks make the request now
+                plan.arrivals.append(arrival(request))
+            if len(admitted) < len(rows):  # the rest waits for slots, and nothing overtakes it
+                return
+
+    def allocate_rows(
+        self, rows: List[Row], free: List[int], plan: StepPlan, together: bool
+    ) -> List[Tuple[int, int, int, int]]:
+        """The admissions of ``rows`` into the ``free`` slots, in order, while the pool gives their blocks
+        (``together``: all of them or none, what the first took going back)."""
+        admissions = []
+        for row, slot in zip(rows, free):
+            cached = self.allocate(row, slot, plan)
+            if cached is None:
+                if together:
+                    for taken, its_slot in zip(rows, free):
                         self.blocks.release(taken.table)
                         plan.tables.pop(its_slot, None)
-                    return
-                admissions.append((request.id, row.index, slot, cached))
-            free = free[request.n_rows :]
-            computing.update(key for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
-            plan.admissions += admissions
-            plan.arrivals.append((request.id, request.prompt_tokens, request.options, request.stream_text))
+                    return []
+                break
+            admissions.append((row.request.id, row.index, slot, cached))
+        return admissions
 
-    def shares_computing(self, request: Request, computing: Set[bytes]) -> bool:
-        """Whether a row of ``request`` would compute again a full block a row admitted in this step computes
-        (continuous admission): it waits a step, and takes the block from the prefix cache then (a context
-        shared by several continuations, a system prompt shared by requests that came together)."""
+    def shares_computing(self, rows: List[Row], computing: Set[bytes]) -> bool:
+        """Whether one of a request's waiting ``rows`` would compute again a full block a row admitted in this
+        step computes (continuous admission): it waits a step, and takes the block from the prefix cache then (a
+        context shared by several continuations, a system prompt shared by requests that came together)."""
         if self.admission != "continuous" or not computing:
             return False
-        return any(key in computing for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
+        return any(key in computing for row in rows for key in self.blocks.computed_keys(row.cacheable))
 
     def allocate(self, row: Row, slot: int, plan: StepPlan) -> Optional[int]:
         """The row's blocks for its prefill (its cached prefix taken, short of the tokens it scores, whose
@@ -260,8 +291,6 @@ class Scheduler:
         moves = Moves()
         with self.arrived:
             known = {request.id: request for request in self.requests(waiting=True)}
-            taken = self.named(plan)
-            self.waiting = deque(request for request in self.waiting if request not in taken)
         for request_id, index, reason in plan.ends:
             row = known[request_id].rows[index]
             if reason == "length":
@@ -280,6 +309,8 @@ class Scheduler:
             moves.touched.add(known[request_id])
         for request_id, index, slot, cached in plan.admissions:
             self.place(known[request_id].rows[index], slot, cached, moves)
+        with self.arrived:  # a request leaves the queue once none of its rows waits
+            self.waiting = deque(request for request in self.waiting if request.waiting_rows)
         held = self.held()
         moves.tables = {slot: blocks for slot, blocks in plan.tables.items() if slot in held}
         return moves
@@ -298,9 +329,11 @@ class Scheduler:
                 )
             moves.resumed.append(row)
         else:
+            request.admitted = row.index + 1
             if len(row.prompt) >= row.limit and row.scored_from is None:
                 request.finish(row, "length")
                 self.blocks.release(row.table)
+                moves.touched.add(request)
                 return
             row.cached = cached
             moves.admitted.append(row)
@@ -337,7 +370,7 @@ class Scheduler:
         if row.tokens:
             row.target = row.sequence[: row.position]
         else:  # scored again from the start
-            row.prompt_logprobs, row.prompt_greedy = [], []
+            row.prompt_logprobs, row.prompt_greedy, row.prompt_top_logprobs = [], [], []
         row.prefilled = 0
         self.preempted.appendleft(row)
 

@@ -140,7 +140,10 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--max_queue",
         type=int,
         default=64,
-        help=("the most requests waiting while every slot is taken; beyond it a request is answered 503"),
+        help=(
+            "the most rows (prompts x n) waiting while every slot is taken; a request whose rows would wait beyond "
+            "it is answered 503"
+        ),
     )
     parser.add_argument(
         "--shutdown_timeout",

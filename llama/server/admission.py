@@ -3,9 +3,12 @@ jobs through it, and the thread that owns the model runs the engine's loop.
 
 - A job is submitted to the engine as one request (its prompts times n rows, every row with the
   job's own settings). It starts at the engine's next step if its rows fit the free slots, beside
-  whatever is decoding there, whatever their settings; else it waits in the engine's queue.
-- The queue is bounded: a job that would find ``max_queue`` requests already waiting beyond what
-  the free slots take at the next step is refused with 503, which a client can retry.
+  whatever is decoding there, whatever their settings; else it waits in the engine's queue. A job of
+  more rows than slots has its rows admitted as slots free, in order; its answer is complete when its
+  last row ends.
+- The queue is bounded in rows: a job whose rows, with the rows already waiting, would leave more than
+  ``max_queue`` rows waiting beyond what the free slots take at the next step is refused with 503, which
+  a client can retry; one of more rows than the slots and the queue together, with 400.
 - A job's deltas reach its coroutine through ``LoopDeltas``: the engine's thread appends each step's
   deltas and wakes the event loop (a stream after each step, a whole answer at its end); it never
   waits on the loop.
@@ -69,17 +72,18 @@ class Scheduler:
         ``deltas`` are read by a coroutine on ``loop`` (``LoopDeltas``).
 
         Raises:
-            RequestError: 503 if the queue is full or the server is stopping; 400 if the engine
-                refuses the prompts or the options.
+            RequestError: 503 if the queue is full or the server is stopping; 400 if the job has more rows
+                than the slots and the queue hold, or the engine refuses the prompts or the options.
         """
+        self.check_rows(job)
         with self.submitting:
             if self.stopping.is_set():
                 raise shutting_down()
             free_slots = self.engine.max_slots - self.engine.running_slots
-            if self.engine.queue_length - free_slots >= self.max_queue:
+            if self.engine.queued_rows + job.rows - free_slots > self.max_queue:
                 raise RequestError(
-                    f"the server is busy: every slot is taken and {self.max_queue} request(s) wait (--max_queue); "
-                    "retry later",
+                    f"the server is busy: its {job.rows} row(s) would wait beyond the {self.max_queue} rows the "
+                    "queue holds (--max_queue) while every slot is taken; retry later",
                     status=503,
                     kind="server_error",
                 )
@@ -92,6 +96,18 @@ class Scheduler:
                 raise RequestError(str(error)) from None
         logger.debug("request %s: %d row(s) queued as engine request %d", job.id, job.rows, request.id)
         return request
+
+    def check_rows(self, job: Job) -> None:
+        """A job's rows (prompts x n) must fit the slots and the queue together, else no wait would help."""
+        most = self.engine.max_slots + self.max_queue
+        if job.rows > most:
+            n = job.options.num_return_sequences
+            raise RequestError(
+                f"{len(job.prompt_tokens)} prompt(s) x n={n} are {job.rows} rows, more than the server holds at "
+                f"once: {self.engine.max_slots} slots (--max_batch_size) and {self.max_queue} waiting rows "
+                "(--max_queue)",
+                "n" if n > 1 else "prompt",
+            )
 
     def refuse(self) -> None:
         """Refuse new jobs (503) from now on; what runs goes on. Safe in a signal handler."""

@@ -38,6 +38,7 @@ from llama.server.protocol import (
     may_be_a_call,
     parse_chat,
     parse_completion,
+    piece,
     token_triples,
     tool_calls,
     tool_calls_chunk,
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 GET_ROUTES = ("/health", "/metrics", "/v1/models")
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 OPEN_ROUTES = ("/health", "/metrics", "/docs", "/openapi.json")  # no API key needed
-MAX_BODY_BYTES = 1 << 20  # a request body above 1 MiB is refused (413)
+FIELDS_BODY_BYTES = 1 << 20  # a body's room for its fields and text prompts, besides prompts of token ids
 POLL_SECONDS = 0.1  # how often a waiting whole answer checks whether its client is still there
 
 
@@ -74,7 +75,13 @@ def make_app(
         redoc_url=None,
     )
     app.state.metrics = metrics = Metrics(scheduler)
-    app.add_middleware(Gate, metrics=metrics, api_key=api_key, allowed_origins=frozenset(allowed_origins))
+    app.add_middleware(
+        Gate,
+        metrics=metrics,
+        api_key=api_key,
+        allowed_origins=frozenset(allowed_origins),
+        max_body_bytes=body_limit(llama.model.params),
+    )
     app.add_exception_handler(RequestError, lambda request, error: error_response(error))
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, route_error)
@@ -125,6 +132,14 @@ def make_app(
         return await answer(parse_chat, body, http)
 
     return app
+
+
+def body_limit(params) -> int:
+    """The most bytes a request body may have (beyond it: 413): 1 MiB, and a batch of whole-context
+    prompts written as token ids beside it, ``max_batch_size`` x ``max_seq_len`` ids, each as many digits as
+    the largest id and ", " (as JSON writers separate them): what lm-eval's server backends send."""
+    id_bytes = len(str(params.vocab_size - 1)) + 2
+    return FIELDS_BODY_BYTES + params.max_batch_size * params.max_seq_len * id_bytes
 
 
 def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
@@ -215,7 +230,7 @@ async def whole(job: Job, request, http: Request, token_bytes, metrics: Metrics,
     try:
         async for delta in deltas(job, request, metrics, http):
             texts[delta.row] += delta.text
-            tokens[delta.row] += token_triples(delta)
+            tokens[delta.row] += token_triples(job, delta)
             if delta.finish_reason is not None:
                 reasons[delta.row] = delta.finish_reason
     except (ClientGone, asyncio.CancelledError):
@@ -258,7 +273,7 @@ class StreamChunks:
     def __init__(self, job: Job, token_bytes: Callable[[int], bytes], stopping):
         self.job, self.token_bytes, self.stopping = job, token_bytes, stopping
         self.started = set()
-        self.offsets = {i: 0 for i in range(job.rows)}  # characters of each choice's text sent so far
+        self.offsets = {i: 0 for i in range(job.rows)}  # each choice's next token's text_offset
         self.held: Dict[int, RowDelta] = {}  # per choice, what is held back while it may be calls
         self.answering = set()  # choices known to be text
 
@@ -299,8 +314,9 @@ class StreamChunks:
             first = index not in self.started
             self.started.add(index)
             text = (echoed_prompt(job, index) if first else "") + delta.text
-            logprobs = logprobs_object(job, token_triples(delta), self.token_bytes, self.offsets[index])
-            self.offsets[index] += len(text)
+            tokens = token_triples(job, delta)
+            logprobs = logprobs_object(job, tokens, self.token_bytes, self.offsets[index])
+            self.offsets[index] += sum(len(piece(self.token_bytes, token)) for token, _, _ in tokens)
             chunks.append(delta_chunk(job, index, text, logprobs, first=first))
         if delta.finish_reason == "cancelled" and self.stopping.is_set():
             chunks.append(shutting_down().body())
@@ -314,11 +330,12 @@ class StreamChunks:
 class Gate:
     """ASGI middleware before every route: counts each answer (``metrics``), adds the CORS headers
     for an allowed origin and answers preflights, checks the API key of /v1 routes, and reads a
-    POST's body (Content-Type application/json, at most MAX_BODY_BYTES, Content-Length or chunked)
-    before the route parses it."""
+    POST's body (Content-Type application/json, at most ``max_body_bytes``: ``body_limit``, Content-Length or
+    chunked) before the route parses it."""
 
-    def __init__(self, app, metrics: Metrics, api_key: Optional[str], allowed_origins: frozenset):
+    def __init__(self, app, metrics: Metrics, api_key: Optional[str], allowed_origins: frozenset, max_body_bytes: int):
         self.app, self.metrics, self.api_key, self.allowed_origins = app, metrics, api_key, allowed_origins
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -391,9 +408,9 @@ class Gate:
             raise RequestError(
                 f"the request body must be JSON sent with 'Content-Type: application/json'; got {got}", status=415
             )
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise RequestError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        length, limit = headers.get("content-length"), self.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestError(f"the request body has {length} bytes; the limit is {limit}", status=413)
         body, more = b"", True
         while more:
             message = await receive()
@@ -401,8 +418,8 @@ class Gate:
                 raise RequestError("the client left before sending its whole body", status=400)
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > MAX_BODY_BYTES:
-                raise RequestError(f"the request body has more than {MAX_BODY_BYTES} bytes, the limit", status=413)
+            if len(body) > limit:
+                raise RequestError(f"the request body has more than {limit} bytes, the limit", status=413)
         sent = False
 
         async def replay():

@@ -86,8 +86,6 @@ def parse_completion(body: CompletionRequest, llama, model: str) -> Job:
             raise RequestError(f"'prompt' has token ids outside the vocabulary [0, {vocab_size})", "prompt")
         prompts = [llama.tokenizer.decode(tokens) for tokens in prompt_tokens]
     echo = bool(body.echo)
-    if echo and body.logprobs is not None:
-        raise RequestError("'echo' with 'logprobs' is not supported: the prompt's tokens are not scored", "echo")
     return make_job(
         body, llama, model, "completion", prompts, prompt_tokens, body.logprobs, echo, DEFAULT_COMPLETION_TOKENS
     )
@@ -223,11 +221,9 @@ def make_job(
     the JSON Schema of a forced tool call, which the answer follows."""
     params = llama.model.params
     n = body.n or 1
-    if len(prompts) * n > params.max_batch_size:
-        raise RequestError(
-            f"{len(prompts)} prompts x n={n} exceed the server's max_batch_size={params.max_batch_size}", "n"
-        )
-    max_tokens = parse_max_tokens(body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens)
+    max_tokens = parse_max_tokens(
+        body, kind, max(map(len, prompt_tokens)), params.max_seq_len, default_max_tokens, echo
+    )
     if body.stream_options is not None and not body.stream:
         raise RequestError("'stream_options' needs 'stream': true", "stream_options")
     json_schema, json_object = answer_format(body, llama, forced_call_schema)
@@ -239,6 +235,7 @@ def make_job(
             seed=body.seed,
             logprobs=logprobs is not None,
             top_logprobs=logprobs or 0,
+            echo=echo,  # with logprobs, the prompt's tokens are scored too
             temperature=default(body.temperature, 1.0),
             top_p=default(body.top_p, 1.0),
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's: 0 or -1 keeps every token
@@ -313,18 +310,29 @@ def parse_logit_bias(logit_bias: Optional[Dict[str, float]], vocab_size: int) ->
     return biases
 
 
-def parse_max_tokens(body: SamplingFields, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int]) -> int:
+def parse_max_tokens(
+    body: SamplingFields, kind: str, prompt_len: int, max_seq_len: int, default: Optional[int], echo: bool
+) -> int:
     """``max_tokens`` (chat: or ``max_completion_tokens``), which must fit in the context after the
-    longest prompt; if absent, ``default`` where it fits (None: the rest of the context)."""
-    room = max_seq_len - prompt_len
-    if room < 1:
-        field = "prompt" if kind == "completion" else "messages"
-        raise RequestError(
-            f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more", field
-        )
+    longest prompt; if absent, ``default`` where it fits (None: the rest of the context). 0, with
+    ``echo`` only (as vLLM takes it): the prompt alone, scored with ``logprobs``, which may fill the context."""
     max_tokens = body.max_tokens
     if max_tokens is None and kind == "chat":
         max_tokens = body.max_completion_tokens
+    if max_tokens == 0 and not echo:
+        raise RequestError(
+            "max_tokens=0 returns nothing without 'echo': true (the prompt alone, scored with 'logprobs'); "
+            "give an integer >= 1, or echo",
+            "max_tokens",
+        )
+    room = max_seq_len - prompt_len
+    if room < 1 and not (max_tokens == 0 and room == 0):
+        field = "prompt" if kind == "completion" else "messages"
+        raise RequestError(
+            f"the prompt has {prompt_len} tokens; the context holds {max_seq_len} with room for one more "
+            "(or, with max_tokens=0 and echo, the prompt alone)",
+            field,
+        )
     if max_tokens is None:
         return room if default is None else min(default, room)
     if max_tokens > room:
@@ -342,30 +350,49 @@ def parse_stop(stop) -> Tuple[str, ...]:
 
 
 # The answers. A "choice" is one row: prompt i's sample j is choice i * n + j, as OpenAI numbers them.
-# A row's new tokens arrive as (token id, logprob, [(id, logprob), ...] alternatives) triples.
+# A row's tokens arrive as (token id, logprob, [(id, logprob), ...] alternatives) triples: its new
+# tokens, and with echo and logprobs first its prompt's, whose first token has neither (None, None).
 
 
-def token_triples(delta) -> List[Tuple[int, float, list]]:
-    """The new tokens of an engine ``RowDelta`` with their logprobs and alternatives."""
+def token_triples(job: Job, delta) -> List[Tuple[int, Optional[float], Optional[list]]]:
+    """The tokens of an engine ``RowDelta`` with their logprobs and alternatives: its new tokens, after
+    its prompt's scored tokens when the delta carries them (a choice's first, with echo and logprobs)."""
     alternatives = delta.top_logprobs or [[] for _ in delta.tokens]
-    return list(zip(delta.tokens, delta.logprobs, alternatives))
+    triples = list(zip(delta.tokens, delta.logprobs, alternatives))
+    if delta.prompt_logprobs is None:
+        return triples
+    prompt = job.prompt_tokens[delta.row // job.options.num_return_sequences]
+    prompt_alternatives = delta.prompt_top_logprobs or [[] for _ in delta.prompt_logprobs]
+    scored = list(zip(prompt[1:], delta.prompt_logprobs, prompt_alternatives))
+    return [(prompt[0], None, None)] + scored + triples  # nothing predicts the first token
 
 
-def completion_logprobs(tokens: List[Tuple[int, float, list]], token_bytes, text_start: int) -> dict:
-    """Completions' logprobs object for ``tokens``; ``token_bytes(id)`` is a token's UTF-8 bytes, and
-    the first token starts at character ``text_start`` of the choice's text."""
+def piece(token_bytes, token: int) -> str:
+    """A token's text as the logprobs objects spell it (a byte of a character that spans tokens: U+FFFD)."""
+    return token_bytes(token).decode("utf-8", errors="replace")
 
-    def piece(token: int) -> str:
-        return token_bytes(token).decode("utf-8", errors="replace")
 
+def completion_logprobs(
+    tokens: List[Tuple[int, Optional[float], Optional[list]]], token_bytes, text_start: int
+) -> dict:
+    """Completions' logprobs object for ``tokens``, as OpenAI's legacy API and vLLM write it: each token's
+    text, logprob and ``top_logprobs``, the likeliest tokens with the token itself (so up to logprobs + 1
+    of them), null where nothing predicts it; and ``text_offset``, where each token's text starts, the
+    first at ``text_start``, each after the texts before it. ``token_bytes(id)``: a token's UTF-8 bytes."""
     offsets, offset = [], text_start
     for token, _, _ in tokens:
         offsets.append(offset)
-        offset += len(piece(token))
+        offset += len(piece(token_bytes, token))
+    top_logprobs = [
+        None
+        if alternatives is None
+        else {piece(token_bytes, a): alp for a, alp in alternatives} | {piece(token_bytes, token): logprob}
+        for token, logprob, alternatives in tokens
+    ]
     return {
-        "tokens": [piece(t) for t, _, _ in tokens],
+        "tokens": [piece(token_bytes, t) for t, _, _ in tokens],
         "token_logprobs": [lp for _, lp, _ in tokens],
-        "top_logprobs": [{piece(a): alp for a, alp in alternatives} for _, _, alternatives in tokens],
+        "top_logprobs": top_logprobs,
         "text_offset": offsets,
     }
 

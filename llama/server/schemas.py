@@ -98,13 +98,18 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, List[str], List[int], List[List[int]]] = Field(
         ..., description="a string, a list of strings, a list of token ids, or a list of lists of token ids"
     )
+    max_tokens: Optional[int] = Field(
+        None, ge=0, description="an integer >= 0: the most tokens to generate (0, with 'echo': the prompt alone)"
+    )
     logprobs: Optional[int] = Field(
         None,
         ge=0,
         le=MAX_TOP_LOGPROBS,
         description=f"an integer in [0, {MAX_TOP_LOGPROBS}]: the likeliest tokens' logprobs per token",
     )
-    echo: Optional[bool] = Field(None, description="true or false: the prompt before the text")
+    echo: Optional[bool] = Field(
+        None, description="true or false: the prompt before the text (with 'logprobs', its tokens scored)"
+    )
 
 
 class ContentPart(BaseModel):
