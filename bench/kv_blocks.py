@@ -62,21 +62,18 @@ def random_134m(folder: str) -> str:
     return random_checkpoint(argparse.Namespace(**DEFAULT_SHAPE, n_kv_heads=None, ckpt_dtype="bfloat16"), folder)
 
 
-def load(ckpt_dir: str, max_seq_len: int, max_batch_size: int, compile: bool = False, **pool):
-    """An engine (no tokenizer: every request gives its stop tokens) on a float32 CPU model. ``pool``:
-    kv_cache_tokens, for a checkout that has it."""
+def load(ckpt_dir: str, max_seq_len: int, max_batch_size: int, compile: bool = False, **engine_options):
+    """An engine (no tokenizer: every request gives its stop tokens) on a float32 CPU model. ``engine_options``:
+    more ``EngineOptions`` (kv_cache_tokens, kv_cache_dtype, ...)."""
     import torch
 
     from bench.common import checkpoint_args
     from llama.checkpoints.loader import load_model
     from llama.engine import Engine, engine_options_for
-    from llama.model import ModelArgs
 
     args = checkpoint_args(ckpt_dir, max_seq_len, max_batch_size)
-    if pool:
-        args = ModelArgs(**{**args.__dict__, **pool})
     model = load_model(ckpt_dir, args, torch.device("cpu"), torch.float32, None)
-    return Engine(model, None, engine_options_for(model, compile=compile))
+    return Engine(model, None, engine_options_for(model, compile=compile, **engine_options))
 
 
 def generate(engine, prompts, n_tokens: int):

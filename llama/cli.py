@@ -74,6 +74,7 @@ EXAMPLE_FLAGS = (  # the flags both example scripts take: Meta's seven first, in
     "draft_quantize",
     "adapter_dir",
     "kv_cache_tokens",
+    "kv_cache_dtype",
     "prefix_cache",
     "verbose",
     "threads",
@@ -255,8 +256,8 @@ def fail(message: str) -> NoReturn:
 
 def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, quantize: Optional[str] = None) -> str:
     """What a command says once it has loaded a checkpoint: which files, where, in which dtype. A merged
-    adapter, quantized weights and a KV cache in another dtype than the model's are named only when
-    there are some, so that a plain model's line stays ``... (torch.float32) in 0.10 s``.
+    adapter, quantized weights and a KV cache in another dtype than the model's (with the pool's bytes) are
+    named only when there are some, so that a plain model's line stays ``... (torch.float32) in 0.10 s``.
 
     Args:
         ckpt_dir: the checkpoint folder, as given.
@@ -267,11 +268,11 @@ def load_line(ckpt_dir: str, tokenizer_path: str, generator, seconds: float, qua
 
     Returns:
         e.g. ``Loaded llama-2-7b/ with the adapter run/ (tokenizer: tokenizer.model) on cpu with 2 thread(s)
-        (torch.bfloat16 activations, int4 weights, torch.float32 KV cache) in 9.12 s``.
+        (torch.bfloat16 activations, int4 weights, torch.float32 KV cache of 512.0 MiB) in 9.12 s``.
     """
     dtype = f"{generator.dtype} activations, {quantize} weights" if quantize else str(generator.dtype)
     if generator.kv_cache_dtype != generator.dtype:
-        dtype += f", {generator.kv_cache_dtype} KV cache"
+        dtype += f", {generator.kv_cache_dtype} KV cache of {generator.engine.kv_cache_bytes / 2**20:.1f} MiB"
     adapter = f" with the adapter {generator.adapter_dir}" if generator.adapter_dir is not None else ""
     device = (
         f"cpu with {torch.get_num_threads()} thread(s)" if generator.device.type == "cpu" else str(generator.device)

@@ -90,6 +90,7 @@ class Llama:
         kv_cache_tokens: Optional[int] = None,
         prefix_cache: bool = True,
         time_threads: bool = False,
+        kv_cache_dtype: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer (Meta's call):
         ``from_options`` with the arguments as one ``LoadOptions`` and one ``EngineOptions``.
@@ -98,8 +99,8 @@ class Llama:
             ckpt_dir, tokenizer_path, model_parallel_size, seed, device, dtype, backend, quantize,
                 quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir, time_threads: what loading needs
                 (``llama.options.LoadOptions`` describes each).
-            max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache: the engine's sizes and
-                policies (``llama.options.EngineOptions`` describes each).
+            max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache, kv_cache_dtype: the engine's
+                sizes and policies (``llama.options.EngineOptions`` describes each).
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -119,7 +120,14 @@ class Llama:
             quiet_ranks,
             time_threads,
         )
-        engine = EngineOptions(max_batch_size, max_seq_len, kv_cache_tokens, compile=compile, prefix_cache=prefix_cache)
+        engine = EngineOptions(
+            max_batch_size,
+            max_seq_len,
+            kv_cache_tokens,
+            compile=compile,
+            prefix_cache=prefix_cache,
+            kv_cache_dtype=kv_cache_dtype,
+        )
         return Llama.from_options(load, engine)
 
     @classmethod
@@ -205,8 +213,9 @@ class Llama:
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:
-        """The KV cache's dtype, in which cached attention computes: ``dtype``, except float32 for a
-        half-precision model on a CPU (``llama.layers.kv_cache.cache_dtype``)."""
+        """The dtype the KV cache stores: ``dtype``, except float32 for a half-precision model on a CPU
+        (``llama.layers.kv_cache.cache_dtype``), or the 8 bits of ``kv_cache_dtype="int8"`` or
+        ``"float8_e4m3fn"``."""
         return self.model.layers[0].attention.kv_cache.cache_k.dtype
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:

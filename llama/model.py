@@ -310,16 +310,28 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos.to(device), persistent=False)
         self.register_buffer("freqs_sin", sin.to(device), persistent=False)
 
-    def setup_cache(self, n_blocks: int, block_size: int, dtype: Optional[torch.dtype] = None):
+    def setup_cache(
+        self,
+        n_blocks: int,
+        block_size: int,
+        dtype: Optional[torch.dtype] = None,
+        storage: Optional[torch.dtype] = None,
+    ):
         """(Re)allocate every layer's KV cache pool (``llama.layers.kv_cache``): ``n_blocks`` blocks of
         ``block_size`` positions, block 0 the scratch block, on the weights' device, in ``dtype`` (None:
-        the embedding's). Cached attention computes in the cache's dtype."""
+        the embedding's), or stored as ``storage`` (int8, float8_e4m3fn) with a scale per token and head in
+        ``dtype``. Cached attention computes in ``dtype``."""
         weight = self.tok_embeddings.weight
         for layer in self.layers:
             attention = layer.attention
             with torch.device(weight.device):
                 attention.kv_cache = KVCache(
-                    attention.n_local_kv_heads, attention.head_dim, n_blocks, block_size, dtype or weight.dtype
+                    attention.n_local_kv_heads,
+                    attention.head_dim,
+                    n_blocks,
+                    block_size,
+                    dtype or weight.dtype,
+                    storage,
                 )
 
     def drop_cache(self):
@@ -359,7 +371,7 @@ class Transformer(nn.Module):
         if cache is not None:
             if positions is None:
                 raise ValueError("a cached pass needs positions: (bsz, seqlen), where each token sits in its row")
-            cache_pass = CachePass.of(cache, positions, self.layers[0].attention.kv_cache.cache_k)
+            cache_pass = CachePass.of(cache, positions, self.layers[0].attention.kv_cache)
             return self.logits(self.hidden_states(tokens, positions, None, cache_pass), logits_at)
         return self.logits(self.hidden_states(tokens, positions, document_mask(positions), None), logits_at)
 

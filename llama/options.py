@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE
+from llama.layers.kv_cache import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES
 from llama.layers.quantize import Quantization, parse_quantize
 
 SPECULATE_CHOICES = (None, "lookup", "draft")
@@ -183,6 +183,10 @@ class EngineOptions:
         max_seq_len`` (a contiguous cache's memory). When the running rows fill a smaller pool, the
         newest gives its blocks back and is computed again later.
     kv_block_size: tokens per block of the pool; None: 16, or ``max_seq_len`` if shorter.
+    kv_cache_dtype: "int8" or "float8_e4m3fn" stores the pool's keys and values in 8 bits with a scale per
+        token and head (``llama.layers.kv_cache``): a quarter of a float32 pool's bytes, about half of a
+        bfloat16 one's, at a small accuracy cost; None: the model's dtype (float32 on a CPU for a bfloat16
+        or float16 model, ``llama.layers.kv_cache.cache_dtype``).
     compile: run the decode step (model, sampler and writes) as one ``torch.compile`` graph (a CUDA
         graph on CUDA).
     compiled_attention: how the compiled step reads the rows' blocks: "gather" copies them for
@@ -200,6 +204,12 @@ class EngineOptions:
         None, "the KV cache pool's size in tokens, shared by the rows in blocks; default: max_batch_size x max_seq_len"
     )
     kv_block_size: Optional[int] = None
+    kv_cache_dtype: Optional[str] = flag(
+        None,
+        "int8 or float8_e4m3fn: the KV cache's keys and values in 8 bits with a scale per token and head, "
+        "a quarter of a float32 cache's bytes; default: the model's dtype (float32 on a CPU for a half-precision "
+        "model)",
+    )
     compile: bool = flag(
         False, "run the decode step under torch.compile (a CUDA graph on CUDA); the first generation compiles it"
     )
@@ -236,6 +246,11 @@ class EngineOptions:
         for name in ("compile", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)} or None (the model's dtype), "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.compiled_attention not in (None, *ATTENTIONS):
             raise ValueError(f"compiled_attention must be one of {ATTENTIONS}, got {self.compiled_attention!r}")
         if self.admission not in ADMISSIONS:
@@ -251,6 +266,11 @@ class EngineOptions:
     def block_size(self) -> int:
         """Tokens per block of the pool."""
         return self.kv_block_size or min(DEFAULT_BLOCK_SIZE, self.max_seq_len)
+
+    @property
+    def kv_cache_storage(self) -> Optional[torch.dtype]:
+        """``kv_cache_dtype`` as a torch dtype; None: the pool stores the dtype attention computes in."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype)
 
     @property
     def blocks_per_row(self) -> int:

@@ -23,6 +23,7 @@ Scenarios:
                  every rank submits the same requests (generate's way), then rank 0 alone submits and
                  runs them while the others follow its plans (a server's way) until it shuts down; the
                  tokens and scores saved to OUT_DIR/rank<R>.pt.
+    engine_int8  the same, the pool stored in int8 (kv_cache_dtype="int8").
     speculate    greedy tokens and logprobs of REPEATING_PROMPTS with prompt lookup and with the
                  model's own int8 weights as the draft, saved as for generate.
 """
@@ -113,8 +114,9 @@ def bad_args(tokenizer_path: str, ckpt_dirs) -> dict:
     }
 
 
-def engine(tokenizer_path: str, ckpt_dirs) -> dict:
-    engine, rank = build(ckpt_dirs[0], tokenizer_path, kv_cache_tokens=48).engine, dist.get_rank()
+def engine(tokenizer_path: str, ckpt_dirs, kv_cache_dtype=None) -> dict:
+    engine = build(ckpt_dirs[0], tokenizer_path, kv_cache_tokens=48, kv_cache_dtype=kv_cache_dtype).engine
+    rank = dist.get_rank()
     greedy = GenerationOptions(max_gen_len=8, temperature=0, stop_tokens=[])
     torch.manual_seed(SAMPLE_SEED + rank)  # equal samples on every rank come from rank 0's broadcast
     first = engine.submit([PROMPTS[0]], greedy)
@@ -189,6 +191,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
             "bad_args": bad_args,
             "llama3": llama3,
             "engine": engine,
+            "engine_int8": lambda tokenizer_path, ckpt_dirs: engine(tokenizer_path, ckpt_dirs, "int8"),
             "speculate": speculate,
         }[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")

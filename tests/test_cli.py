@@ -313,13 +313,19 @@ def test_the_load_line_names_the_tokenizer_and_what_a_plain_model_lacks(make_che
     )
     quantized = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16", quantize="int4-g32")
     assert quantized.model.output.weight.dtype == torch.uint8  # int4's storage, which the line must not report
+    # the pool: 2 layers x (1 + 2 rows x 4 blocks) x 16 tokens x 4 heads x 8 values, keys and values, float32
     assert load_line(ckpt_dir, tokenizer_path, quantized, 1.5, "int4-g32") == (
         f"Loaded {ckpt_dir} (tokenizer: {tokenizer_path}) on {threads} "
-        "(torch.bfloat16 activations, int4-g32 weights, torch.float32 KV cache) in 1.50 s"
+        "(torch.bfloat16 activations, int4-g32 weights, torch.float32 KV cache of 0.1 MiB) in 1.50 s"
     )
     half = Llama.build(ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype="bfloat16")
     assert load_line(ckpt_dir, tokenizer_path, half, 1.0).endswith(
-        f"on {threads} (torch.bfloat16, torch.float32 KV cache) in 1.00 s"  # attention on a CPU computes in float32
+        f"on {threads} (torch.bfloat16, torch.float32 KV cache of 0.1 MiB) in 1.00 s"  # a CPU attends in float32
+    )
+    # 2 layers x (1 + 8 rows x 64 blocks) x 16 tokens x 4 heads x (8 values + a float32 scale), keys and values
+    stored = Llama.build(ckpt_dir, tokenizer_path, 1024, 8, device="cpu", dtype="float32", kv_cache_dtype="int8")
+    assert load_line(ckpt_dir, tokenizer_path, stored, 1.0).endswith(
+        f"on {threads} (torch.float32, torch.int8 KV cache of 1.5 MiB) in 1.00 s"
     )
 
     args = ModelArgs.from_dict({**json.loads((Path(ckpt_dir) / "params.json").read_text()), "vocab_size": 512})

@@ -178,14 +178,25 @@ def test_a_build_leaves_the_generator_as_its_seed_set_it_whatever_the_weights(ch
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
 def test_engine_under_torchrun_admits_mid_decode_on_every_rank_and_followers_follow_rank_0(
-    checkpoints, tokenizer_path, tmp_path
+    checkpoints, tokenizer_path, tmp_path, kv_cache_dtype
 ):
+    """Each rank holds its heads of the pool (in int8: their values and scales), as the single process."""
     dirs, _ = checkpoints
-    result = run(TORCHRUN + [WORKER, "engine", str(tmp_path), tokenizer_path, dirs[2]])
+    scenario = "engine" if kv_cache_dtype is None else f"engine_{kv_cache_dtype}"
+    result = run(TORCHRUN + [WORKER, scenario, str(tmp_path), tokenizer_path, dirs[2]])
     assert result.returncode == 0, result.stderr
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    llama = Llama.build(dirs[1], tokenizer_path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="float32")
+    llama = Llama.build(
+        dirs[1],
+        tokenizer_path,
+        max_seq_len=32,
+        max_batch_size=2,
+        device="cpu",
+        dtype="float32",
+        kv_cache_dtype=kv_cache_dtype,
+    )
     alone = [llama.generate([prompt], max_gen_len=8, temperature=0, stop_tokens=[])[0][0] for prompt in PROMPTS]
     assert ranks[0]["every_rank"] == ranks[1]["every_rank"]  # rank 1's own draws were overruled
     assert ranks[0]["every_rank"][0] == alone[0]

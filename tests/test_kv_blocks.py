@@ -1,35 +1,70 @@
 """The KV cache as a pool of blocks: every row's greedy tokens and logprobs are the uncached model's
 (the whole sequence recomputed at each step), across block boundaries, in ragged batches, with
 chunked prefill, from a cached prefix, and after a preemption; the compiled step's two ways of
-reading the pool decode as the eager one; the pool's limits are clear errors."""
+reading the pool decode as the eager one; the pool's limits are clear errors. The same for a pool
+stored in 8 bits (``kv_cache_dtype``), against the uncached model whose attention reads its keys and
+values as such a pool holds them; and what an 8-bit pool holds, takes and answers on the bundled model."""
 
+import contextlib
 import copy
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import BUNDLED
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
-from llama.layers.kv_cache import NOT_HELD, BlockTables, block_starts
-from llama.options import GenerationOptions
+from llama.generation import Llama
+from llama.layers.kv_cache import NOT_HELD, BlockTables, KVCache, block_starts, check_storage, dequantize, quantize
+from llama.options import EngineOptions, GenerationOptions
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
+CACHE_DTYPES = [None, "int8", "float8_e4m3fn"]  # the model's dtype, and the two 8-bit pools
+each_cache_dtype = pytest.mark.parametrize("llama", CACHE_DTYPES, indirect=True, ids=lambda dtype: dtype or "float")
 
 
 @pytest.fixture(scope="module")
-def llama(make_llama):
-    return make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4)
+def llama(make_llama, request):
+    """The engine of every test here; a test parametrized by ``each_cache_dtype`` gets one per pool dtype."""
+    return make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4, kv_cache_dtype=getattr(request, "param", None))
 
 
 def random_prompt(n: int, seed: int, vocab: int = 512):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def through_8_bits(x: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """``x`` (..., head_dim) as an 8-bit pool of ``storage`` holds it, written here apart from the pool's code:
+    each vector divided by its absmax over the largest value ``storage`` holds, stored, and multiplied back."""
+    scale = x.abs().amax(-1, keepdim=True) / (127 if storage == torch.int8 else 448)
+    stored = (x / scale).round() if storage == torch.int8 else (x / scale).to(storage).float()
+    return stored * scale
+
+
+@contextlib.contextmanager
+def attention_through_the_pool(model):
+    """The uncached model's attention reads its keys and values as ``model``'s pool stores them."""
+    storage = model.layers[0].attention.kv_cache.cache_k.dtype
+    if storage not in (torch.int8, torch.float8_e4m3fn):
+        yield
+        return
+    attention = F.scaled_dot_product_attention
+
+    def stored(query, key, value, **options):
+        return attention(query, through_8_bits(key, storage), through_8_bits(value, storage), **options)
+
+    with mock.patch.object(F, "scaled_dot_product_attention", stored):
+        yield
+
+
 def uncached(model, prompt, n_tokens: int):
-    """Greedy tokens and their logprobs from the model without a cache: the whole sequence each step."""
+    """Greedy tokens and their logprobs from the model without a cache: the whole sequence each step (its
+    attention reading keys and values in 8 bits where the model's pool stores them so)."""
     tokens, logprobs = list(prompt), []
-    with torch.no_grad():
+    with torch.no_grad(), attention_through_the_pool(model):
         for _ in range(n_tokens):
             scores = torch.log_softmax(model(torch.tensor([tokens], device=model.output.weight.device))[0, -1], dim=-1)
             tokens.append(int(scores.argmax()))
@@ -56,6 +91,7 @@ def run(engine, requests):
         engine.step()
 
 
+@each_cache_dtype
 def test_a_ragged_batch_across_block_boundaries_and_a_prompt_filling_the_context_equal_the_uncached_model(llama):
     prompts = [random_prompt(n, seed) for seed, n in enumerate([3, 17, 40, MAX_SEQ_LEN - 1])]
     tokens, logprobs = llama.generate(prompts, max_gen_len=20, **GREEDY)
@@ -64,7 +100,11 @@ def test_a_ragged_batch_across_block_boundaries_and_a_prompt_filling_the_context
         assert_uncached(llama.model, prompt, row_tokens, row_logprobs)
 
 
-@pytest.mark.parametrize("attention", ["gather", "flex"])
+@pytest.mark.parametrize(
+    "llama, attention",
+    [(None, "gather"), (None, "flex"), ("int8", "gather"), ("int8", "flex"), ("float8_e4m3fn", "flex")],
+    indirect=["llama"],
+)
 def test_the_compiled_step_gathering_or_reading_the_pool_with_flex_attention_decodes_to_the_end_of_the_context_as_eager(
     llama, attention
 ):
@@ -137,6 +177,7 @@ def test_block_starts_say_where_each_pool_block_sits_in_each_row_and_flex_attent
         llama.model(tokens, positions=positions, cache=cache)
 
 
+@each_cache_dtype
 def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_model(llama):
     engine = Engine(llama.model, llama.tokenizer, dataclasses.replace(llama.engine.options, prefill_chunk=8))
     short, long = random_prompt(5, 10), random_prompt(50, 11)
@@ -150,6 +191,7 @@ def test_a_prompt_prefilled_in_chunks_while_a_row_decodes_equals_the_uncached_mo
         assert_uncached(llama.model, prompt, request.tokens[0], request.logprobs[0])
 
 
+@each_cache_dtype
 def test_a_prefix_hit_ending_mid_block_reuses_whole_blocks_only_and_gives_the_uncached_answer(llama):
     engine = Engine(llama.model, llama.tokenizer, llama.engine.options)
     prompt = random_prompt(40, 20)
@@ -205,11 +247,17 @@ def test_after_the_weights_change_and_the_prefix_cache_is_reset_greedy_tokens_ar
     assert after.logprobs[0] == pytest.approx(expected.logprobs[0], abs=1e-4)
 
 
+@each_cache_dtype
 def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with_nothing_streamed_twice(
     make_llama, llama
 ):
     """A greedy, a seeded and a speculating row in a pool that holds little more than one of them."""
-    small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=4, kv_cache_tokens=64)  # 4 blocks for 3 rows of 3 blocks
+    small = make_llama(  # 4 blocks for 3 rows of 3 blocks
+        max_seq_len=MAX_SEQ_LEN,
+        max_batch_size=4,
+        kv_cache_tokens=64,
+        kv_cache_dtype=llama.engine.options.kv_cache_dtype,
+    )
     options = [
         GenerationOptions(max_gen_len=30, **GREEDY),
         GenerationOptions(max_gen_len=30, temperature=1.0, seed=3, stop_tokens=[]),
@@ -234,8 +282,9 @@ def test_rows_preempted_from_a_full_pool_are_recomputed_and_answer_as_alone_with
     assert_uncached(small.model, prompts[0], requests[0].tokens[0], requests[0].logprobs[0])
 
 
-def test_a_prompt_larger_than_the_pool_is_refused_and_a_lone_row_ends_where_the_pool_does(make_llama):
-    small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=2, kv_cache_tokens=32)
+@pytest.mark.parametrize("kv_cache_dtype", CACHE_DTYPES)
+def test_a_prompt_larger_than_the_pool_is_refused_and_a_lone_row_ends_where_the_pool_does(make_llama, kv_cache_dtype):
+    small = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=2, kv_cache_tokens=32, kv_cache_dtype=kv_cache_dtype)
     with pytest.raises(
         ValueError, match=r"need 3 blocks of 16 tokens, but the KV cache pool holds 2 \(kv_cache_tokens=32\)"
     ):
@@ -278,3 +327,91 @@ def test_the_block_managers_reset_frees_every_cached_block_and_waits_for_rows_to
     assert manager.available == 4 and manager.cached_prefix([1, 2, 3, 4, 5]) == []
     b, cached = manager.allocate([1, 2, 3, 4, 5, 6, 7], 7)
     assert cached == 0 and sorted(b.blocks) == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def bundled_float():
+    return Llama.build(str(BUNDLED), max_seq_len=128, max_batch_size=3, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "float8_e4m3fn"])
+def test_the_bundled_models_greedy_tokens_from_an_8_bit_pool_are_the_float_pools_on_the_readmes_prompts(
+    bundled_float, kv_cache_dtype, example_script
+):
+    """The README's first command, example_text_completion.py, completes these prompts on the bundled model."""
+    prompts = [
+        bundled_float.tokenizer.encode(p, bos=True, eos=False)
+        for p in example_script("example_text_completion.py").CODE_PROMPTS
+    ]
+    stored = Llama.build(
+        str(BUNDLED), max_seq_len=128, max_batch_size=3, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype
+    )
+    assert stored.kv_cache_dtype == getattr(torch, kv_cache_dtype) and bundled_float.kv_cache_dtype == torch.float32
+    expected, _ = bundled_float.generate(prompts, max_gen_len=32, temperature=0, stop_tokens=[])
+    tokens, _ = stored.generate(prompts, max_gen_len=32, temperature=0, stop_tokens=[])
+    assert tokens == expected
+
+
+@pytest.mark.parametrize("storage", [torch.int8, torch.float8_e4m3fn])
+def test_an_8_bit_pool_takes_a_byte_per_value_and_a_scale_per_token_and_head_under_0_3_of_float32(storage):
+    """At head_dim 64 (Llama 2 7B's is 128): (64 + 4) / 256 = 0.27 of a float32 pool with float32 scales on a
+    CPU, (64 + 2) / 128 = 0.52 of a bfloat16 pool with bfloat16 scales, where attention computes in bfloat16."""
+    heads, head_dim, blocks, block_size = 4, 64, 9, 16
+    for dtype, ratio in ((torch.float32, 0.3), (torch.bfloat16, 0.53)):
+        stored, full = (KVCache(heads, head_dim, blocks, block_size, dtype, s) for s in (storage, None))
+        assert stored.nbytes == 2 * heads * blocks * block_size * (head_dim + dtype.itemsize)
+        assert full.nbytes == 2 * heads * blocks * block_size * head_dim * dtype.itemsize
+        assert stored.nbytes <= ratio * full.nbytes
+
+
+def test_an_int8_built_llamas_pool_holds_its_tokens_with_their_scales(bundled_float):
+    """Every layer's pool: (blocks of the rows' contexts + the scratch block) x 16 tokens x (6 heads of
+    32 values + their float32 scales), keys and values; the engine reports it for /metrics."""
+    stored = Llama.build(str(BUNDLED), max_seq_len=128, max_batch_size=3, device="cpu", kv_cache_dtype="int8")
+    tokens = (1 + 3 * 128 // 16) * 16
+    assert stored.engine.kv_cache_bytes == 4 * tokens * 2 * 6 * (32 + 4)  # 4 layers
+    assert bundled_float.engine.kv_cache_bytes == 4 * tokens * 2 * 6 * 32 * 4
+    assert stored.engine.pool_use()["bytes"] == stored.engine.kv_cache_bytes
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantization_is_within_half_a_step_absmax_over_254_of_each_value(scale_dtype):
+    """Vectors of every magnitude and a zero one; the scale rounded to bfloat16 before the values are divided
+    by it keeps the bound but for the rounding of the dequantized value itself to bfloat16."""
+    x = torch.randn(64, 3, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 4, 64)[:, None, None]
+    x[0, 0] = 0
+    stored, scale = quantize(x, torch.int8, scale_dtype)
+    assert stored.dtype == torch.int8 and scale.dtype == scale_dtype and scale.shape == (64, 3, 1)
+    absmax = x.abs().amax(-1, keepdim=True)
+    rounding = 0 if scale_dtype == torch.float32 else absmax * 2**-8  # bfloat16's half step of the largest value
+    error = (dequantize(stored, scale).float() - x).abs()
+    assert (error <= absmax / 254 * (1 + 1e-6) + rounding).all()
+    assert (stored[0, 0] == 0).all() and (dequantize(stored, scale)[0, 0] == 0).all()
+
+
+def test_float8_quantization_keeps_each_value_to_3_bits_of_mantissa():
+    """e4m3: within 1/16 of each value, or of 2^-10 x the scale below the normal range."""
+    x = torch.randn(64, 3, 64, generator=torch.Generator().manual_seed(1)) * torch.logspace(-4, 4, 64)[:, None, None]
+    stored, scale = quantize(x, torch.float8_e4m3fn, torch.float32)
+    error = (dequantize(stored, scale) - x).abs()
+    assert (error <= torch.maximum(x.abs() / 16, scale * 2**-10) * (1 + 1e-6)).all()
+
+
+def test_an_unknown_kv_cache_dtype_and_a_device_without_float8_are_one_line_naming_what_would_work():
+    with pytest.raises(
+        ValueError,
+        match=r"kv_cache_dtype must be one of \('int8', 'float8_e4m3fn'\) or None \(the model's dtype\), "
+        "got 'int4'$",
+    ):
+        EngineOptions(kv_cache_dtype="int4")
+    check_storage(torch.float8_e4m3fn, torch.device("cpu"))  # this torch copies and casts float8 on a CPU
+    with mock.patch.object(
+        torch.Tensor, "to", side_effect=RuntimeError("\"copy_\" not implemented for 'Float8_e4m3fn'")
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"^kv_cache_dtype float8_e4m3fn needs a device where torch writes, indexes and casts "
+            r"torch.float8_e4m3fn, which it does not on cpu \(\"copy_\" not implemented for 'Float8_e4m3fn'\): "
+            "use kv_cache_dtype int8, or the default$",
+        ):
+            check_storage(torch.float8_e4m3fn, torch.device("cpu"))

@@ -928,6 +928,9 @@ def test_a_repeated_prompt_reports_its_cached_tokens_and_metrics_the_pool_and_hi
     pool = metrics(server)
     assert pool["llama_prefix_cache_hit_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
     assert 0 < pool["llama_prefix_cache_hit_rate"] <= 1 and pool["llama_kv_cache_blocks_used"] == 0
+    # the blocks and the scratch block, 16 tokens each: the bundled model's 4 layers x 6 heads x 32 float32 values,
+    # keys and values
+    assert pool["llama_kv_cache_bytes"] == (pool["llama_kv_cache_blocks"] + 1) * 16 * 4 * 2 * 6 * 32 * 4
 
 
 def test_what_common_clients_send_is_accepted(client, llama):
@@ -1038,10 +1041,13 @@ def test_a_server_without_max_seq_len_serves_the_checkpoints_context_and_says_wh
         log = server.log()
         context = f"the checkpoint's context is 768 ({Path(ckpt_dir) / 'params.json'}'s max_seq_len)"
         assert f"max_seq_len 768: {context}; 2 row(s) of KV cache (" in log
-        assert (
-            f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
-            "(torch.bfloat16 activations, int8 weights, torch.float32 KV cache) in"
-        ) in log
+        assert re.search(
+            re.escape(
+                f"Loaded {ckpt_dir} with the adapter {adapter} (tokenizer: {tokenizer_path}) on cpu with 1 thread(s) "
+            )
+            + r"\(torch\.bfloat16 activations, int8 weights, torch\.float32 KV cache of \d+\.\d MiB\) in",
+            log,
+        )
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=60, max_retries=0)
         [model] = client.models.list().data
         assert model.id == name and model.model_extra == {
@@ -1119,6 +1125,17 @@ def test_the_default_context_is_capped_so_that_the_kv_cache_fits_in_half_the_mem
                 f"leave of the {chosen.gib(free)} of memory available (never under 512); --max_seq_len, "
                 "--kv_cache_tokens or a smaller --max_batch_size choose another"
             )
+    # an int8 pool, 8 values of a byte and a float32 scale per head: 8 rows of 768 fit where float32's 300 did
+    stored_token_bytes = chosen.model_bytes(
+        source_model(ckpt_dir)[1], torch.device("cpu"), torch.float32, None, torch.int8
+    )[1]
+    assert stored_token_bytes == 2 * 2 * 4 * (8 + 4)
+    free = weights + 2 * 8 * 300 * token_bytes
+    monkeypatch.setattr(chosen, "available_memory", lambda device: (free, "of memory available"))
+    tokens, _ = chosen.default_context(
+        ckpt_dir, tokenizer_path, 8, None, torch.device("cpu"), "float32", None, kv_cache_dtype="int8"
+    )
+    assert tokens == 768
 
 
 @pytest.mark.parametrize("quantize, dtype", [(None, "float32"), ("int8", "bfloat16"), ("int4-g32", "bfloat16")])
@@ -1138,6 +1155,11 @@ def test_the_memory_a_context_is_chosen_by_is_what_the_loaded_model_takes(
     caches = [buffer for name, buffer in llama.model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
     pool = llama.engine.options.kv_cache_blocks * llama.engine.options.block_size
     assert token_bytes * pool == sum(buffer.numel() * buffer.element_size() for buffer in caches)
+    stored = Llama.build(
+        ckpt_dir, tokenizer_path, 64, 2, device="cpu", dtype=dtype, quantize=quantize, kv_cache_dtype="int8"
+    )
+    _, stored_token_bytes = model_bytes(args, torch.device("cpu"), llama.dtype, parse_quantize(quantize), torch.int8)
+    assert stored_token_bytes * pool == stored.engine.kv_cache_bytes  # the scales included
 
 
 @pytest.fixture(scope="module")

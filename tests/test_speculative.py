@@ -242,6 +242,30 @@ def test_greedy_draft_returns_plain_greedy_tokens(checkpoint, tokenizer_path, ot
     assert_same(*generate_both(llama, PROMPTS, max_gen_len=20, speculate="draft", **stops))
 
 
+@pytest.mark.parametrize("speculate", ["lookup", "draft"])
+def test_greedy_speculation_over_int8_pools_returns_their_plain_greedy_tokens(checkpoint, tokenizer_path, speculate):
+    """The model's and the int8 self-draft's pools both stored in int8, in the same block tables."""
+    ckpt_dir, _ = checkpoint
+    llama = Llama.build(
+        ckpt_dir,
+        tokenizer_path,
+        96,
+        4,
+        device="cpu",
+        dtype="float32",
+        kv_cache_dtype="int8",
+        draft_ckpt_dir=ckpt_dir,
+        draft_quantize="int8",
+    )
+    assert {model.layers[0].attention.kv_cache.cache_k.dtype for model in (llama.model, llama.engine.draft)} == {
+        torch.int8
+    }
+    plain, fast = generate_both(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate=speculate, speculate_k=3)
+    assert_same(plain, fast)
+    request = run_speculation(llama, PROMPTS, max_gen_len=20, stop_tokens=[], speculate=speculate, speculate_k=3)
+    assert max(row.accepted for row in request.rows) > 0
+
+
 def test_a_draft_with_another_vocabulary_is_refused(checkpoint, tokenizer_path, tmp_path):
     ckpt_dir, _ = checkpoint
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=300)

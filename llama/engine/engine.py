@@ -59,7 +59,7 @@ from llama.engine.runner import Runner
 from llama.engine.scheduler import Moves, Scheduler, StepPlan
 from llama.engine.speculative import Speculator
 from llama.engine.structured import Constraints
-from llama.layers.kv_cache import cache_dtype
+from llama.layers.kv_cache import cache_dtype, check_storage, pool_bytes
 from llama.layers.parallel import group_rank, group_size
 from llama.model import Transformer
 from llama.options import EngineOptions, GenerationOptions, check_prompts
@@ -78,28 +78,30 @@ def engine_options_for(model: Transformer, **options) -> EngineOptions:
 
 def setup_pool(model: Transformer, options: EngineOptions) -> None:
     """Set up ``model``'s KV cache pool of ``options``' blocks (``cache_dtype``: float32 for a half-precision
-    model on a CPU) and say what it takes: allocated and zeroed, so resident, beside the weights."""
+    model on a CPU; ``kv_cache_dtype``: stored in 8 bits with their scales) and say what it takes: allocated and
+    zeroed, so resident, beside the weights."""
     if options.max_seq_len > model.params.max_seq_len:
         raise ValueError(
             f"max_seq_len={options.max_seq_len} is longer than the model's rotary table "
             f"({model.params.max_seq_len} positions): load the model with this max_seq_len"
         )
     weight = model.tok_embeddings.weight
-    dtype = cache_dtype(weight.dtype, weight.device)
-    model.setup_cache(options.kv_cache_blocks, options.block_size, dtype)
+    dtype, storage = cache_dtype(weight.dtype, weight.device), options.kv_cache_storage
+    if storage is not None:
+        check_storage(storage, weight.device)
+    model.setup_cache(options.kv_cache_blocks, options.block_size, dtype, storage)
     why = (
         f" (the model computes in {weight.dtype}: attention on a CPU is faster in float32)"
         if dtype != weight.dtype
         else ""
     )
-    pool = [b for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v"))]
+    stored = f"{storage} with a scale per token and head in {dtype}" if storage is not None else f"{dtype}{why}"
     logger.info(
-        "KV cache pool: %d tokens in blocks of %d, in %s%s, %.1f MiB",
+        "KV cache pool: %d tokens in blocks of %d, in %s, %.1f MiB",
         options.pool_tokens,
         options.block_size,
-        dtype,
-        why,
-        sum(b.numel() * b.element_size() for b in pool) / 2**20,
+        stored,
+        pool_bytes(model) / 2**20,
     )
 
 
@@ -270,11 +272,17 @@ class Engine:
         """The first compiled decode step's time, compilation included (None before it)."""
         return self.runner.compile_seconds
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """This process's bytes of the KV cache pool, the draft's included, 8-bit pools' scales included."""
+        return sum(pool_bytes(model) for model in (self.model, self.draft) if model is not None)
+
     def pool_use(self) -> dict:
-        """The KV cache pool's blocks, those held now, the prompt tokens looked up in the prefix cache
-        and found there, and the preemptions, since the start (rank 0's)."""
+        """The KV cache pool's bytes (``kv_cache_bytes``) and blocks, those held now, the prompt tokens looked up
+        in the prefix cache and found there, and the preemptions, since the start (rank 0's)."""
         blocks = self.scheduler.blocks
         return dict(
+            bytes=self.kv_cache_bytes,
             blocks=blocks.capacity,
             used_blocks=blocks.used,
             queried_tokens=blocks.queried_tokens,

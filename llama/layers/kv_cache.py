@@ -20,6 +20,11 @@ attends over (``BlockTables``); ``CachePass`` turns both, once per pass, into wh
   blocks up to the query's position where they lie in the pool, no copy. Under ``torch.compile``
   inductor generates one kernel for it (on a CPU too, torch >= 2.6); eagerly torch evaluates the mask
   over the whole pool, which is correct but slow.
+
+A pool may store keys and values in 8 bits (``KV_CACHE_DTYPES``: int8, float8_e4m3fn) with a scale per
+token and head beside them, (n_local_kv_heads, n_blocks, block_size, 1) in the dtype attention computes
+in: ``update`` quantizes what it writes (symmetric absmax over head_dim, ``quantize``), the gather
+dequantizes the blocks it copies, and FlexAttention reads a dequantized copy of the pool.
 """
 
 from typing import NamedTuple, Optional, Tuple, Union
@@ -33,6 +38,10 @@ SCRATCH_BLOCK = 0  # the block written by positions nobody reads
 DEFAULT_BLOCK_SIZE = 16  # tokens per block, unless the context is shorter
 QUERY_TILE = 128  # torch's default tile of queries; a decode step's one query per row sits in one
 NOT_HELD = 1 << 30  # ``block_starts`` of a block a row does not hold: past every position
+# the pools stored in 8 bits with a scale per token and head (``EngineOptions.kv_cache_dtype``), and the largest
+# magnitude each holds: a vector's absmax is stored as that
+KV_CACHE_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+LARGEST = {torch.int8: 127.0, torch.float8_e4m3fn: torch.finfo(torch.float8_e4m3fn).max}
 
 
 class BlockTables(NamedTuple):
@@ -49,6 +58,57 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     float16 model on a CPU, where torch's attention kernel runs several times slower in half precision than
     in float32 (docs/performance.md; the cache then takes twice the memory)."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def quantize(x: torch.Tensor, storage: torch.dtype, scale_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., head_dim) as ``storage`` (int8 or float8_e4m3fn) values and a scale per vector (..., 1) in
+    ``scale_dtype``, symmetric: the scale is the vector's absmax over ``LARGEST[storage]``, rounded to
+    ``scale_dtype`` before the values are divided by it, so that ``dequantize`` is within half a step
+    (int8: absmax / 254) of ``x``. Computed in float32 whatever ``x``'s dtype."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / LARGEST[storage]).to(scale_dtype)
+    scaled = x / scale.float().clamp(min=torch.finfo(torch.float32).tiny)  # a zero vector stays zero
+    if storage == torch.int8:
+        return scaled.round().clamp(-127, 127).to(storage), scale
+    return scaled.clamp(-LARGEST[storage], LARGEST[storage]).to(storage), scale
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``stored`` (..., head_dim) times its ``scale`` (..., 1), in the scale's dtype; into ``out`` if given."""
+    if out is None:
+        return stored.to(scale.dtype) * scale
+    return out.copy_(stored).mul_(scale)
+
+
+def pool_token_bytes(n_kv_heads: int, head_dim: int, dtype: torch.dtype, storage: Optional[torch.dtype] = None) -> int:
+    """One token's keys and values in one layer of a pool computing in ``dtype`` and storing ``storage``
+    (None: ``dtype``), scales included: 2 x n_kv_heads x (head_dim x storage's bytes + dtype's bytes)."""
+    if storage is None:
+        return 2 * n_kv_heads * head_dim * dtype.itemsize
+    return 2 * n_kv_heads * (head_dim * storage.itemsize + dtype.itemsize)
+
+
+def check_storage(storage: torch.dtype, device: torch.device) -> None:
+    """Whether torch stores ``storage`` on ``device`` and reads it back: a write into a pool at an index and a
+    cast from it, what ``update`` and the reads do.
+
+    Raises:
+        ValueError: naming what is needed, where torch lacks a kernel for it there."""
+    try:
+        pool = torch.zeros(2, 2, dtype=storage, device=device)
+        pool[torch.tensor([1], device=device)] = torch.ones(1, 2, device=device).to(storage)
+        pool.to(torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        raise ValueError(
+            f"kv_cache_dtype {str(storage).removeprefix('torch.')} needs a device where torch writes, indexes and "
+            f"casts {storage}, which it does not on {device.type} ({str(error).splitlines()[0]}): "
+            "use kv_cache_dtype int8, or the default"
+        ) from None
+
+
+def pool_bytes(model: nn.Module) -> int:
+    """The bytes of every layer's KV cache pool in ``model`` (scales included)."""
+    return sum(module.nbytes for module in model.modules() if isinstance(module, KVCache))
 
 
 def contiguous_tables(bsz: int, blocks_per_row: int, device: torch.device) -> torch.Tensor:
@@ -120,15 +180,18 @@ class CachePass(NamedTuple):
     offsets: torch.Tensor  # (bsz, seqlen): its place in the block
     # gathered: each row's blocks per head, indices into the pool seen as (heads * blocks, ...): (bsz, heads, blocks)
     gather: Optional[torch.Tensor]
-    # eager gathered: (2, bsz * heads * blocks, block_size, head_dim), where each layer gathers in turn
+    # eager gathered: (2, bsz * heads * blocks, block_size, head_dim) keys and values in the dtype attention
+    # computes in, where each layer gathers in turn; from a quantized pool through ``stored``: the blocks as stored
+    # and their scales, (2, bsz * heads * blocks, block_size, head_dim) and (2, ..., block_size, 1)
     gathered: Optional[torch.Tensor]
+    stored: Optional[Tuple[torch.Tensor, torch.Tensor]]
     mask: Union[torch.Tensor, BlockMask]  # gathered: (bsz, 1, seqlen, blocks * block_size); in place: a BlockMask
 
     @staticmethod
-    def of(cache: BlockTables, positions: torch.Tensor, pool: torch.Tensor) -> "CachePass":
+    def of(cache: BlockTables, positions: torch.Tensor, kv_cache: "KVCache") -> "CachePass":
         """For tokens at ``positions`` (bsz, seqlen) of rows holding ``cache``'s blocks, in pools shaped and
-        typed as ``pool`` (n_local_kv_heads, n_blocks, block_size, head_dim)."""
-        heads, n_blocks, block_size, head_dim = pool.shape
+        typed as ``kv_cache``'s (n_local_kv_heads, n_blocks, block_size, head_dim)."""
+        heads, n_blocks, block_size, head_dim = kv_cache.cache_k.shape
         tables = cache.tables
         index = positions // block_size  # a position past the table's blocks (padding, an idle slot) writes to scratch
         blocks = torch.where(
@@ -141,73 +204,148 @@ class CachePass(NamedTuple):
                     f"got {positions.shape[1]}"
                 )
             mask = pool_block_mask(tables, positions, cache.starts, block_size)
-            return CachePass(blocks, positions % block_size, None, None, mask)
+            return CachePass(blocks, positions % block_size, None, None, None, mask)
         gather = torch.arange(heads, device=tables.device)[None, :, None] * n_blocks + tables[:, None, :]
         key_positions = torch.arange(tables.shape[1] * block_size, device=tables.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # broadcast over heads
         # one buffer a pass, which the layers gather into in turn: megabytes allocated anew twice a layer
         # come as fresh pages from the OS (docs/performance.md); compiled, inductor plans its own buffers
-        gathered = None if torch.compiler.is_compiling() else pool.new_empty(2, gather.numel(), block_size, head_dim)
-        return CachePass(blocks, positions % block_size, gather, gathered, mask)
+        gathered, stored = None, None
+        if not torch.compiler.is_compiling():
+            shape = (2, gather.numel(), block_size, head_dim)
+            gathered = torch.empty(shape, dtype=kv_cache.dtype, device=tables.device)
+            if kv_cache.quantized:
+                scales = torch.empty(shape[:-1] + (1,), dtype=kv_cache.dtype, device=tables.device)
+                stored = kv_cache.cache_k.new_empty(shape), scales
+        return CachePass(blocks, positions % block_size, gather, gathered, stored, mask)
 
 
 class KVCache(nn.Module):
     """One attention layer's pool of keys and values, (n_local_kv_heads, n_blocks, block_size, head_dim)
-    each, with its update (write a pass's keys and values) and its read (attend over a row's blocks)."""
+    each, with its update (write a pass's keys and values) and its read (attend over a row's blocks).
+    Attention computes in ``dtype``; ``storage`` (int8 or float8_e4m3fn) stores the pool in 8 bits with a
+    scale per token and head in ``dtype``, ``scale_k`` and ``scale_v`` (n_local_kv_heads, n_blocks,
+    block_size, 1); None stores it in ``dtype``."""
 
-    def __init__(self, n_local_kv_heads: int, head_dim: int, n_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_local_kv_heads: int,
+        head_dim: int,
+        n_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        storage: Optional[torch.dtype] = None,
+    ):
         super().__init__()
+        if storage is not None and storage not in LARGEST:
+            raise ValueError(f"a KV cache pool stores {sorted(map(str, LARGEST))} or its dtype, got {storage}")
         shape = (n_local_kv_heads, n_blocks, block_size, head_dim)
-        self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("cache_k", torch.zeros(shape, dtype=storage or dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, dtype=storage or dtype), persistent=False)
+        scales = None if storage is None else torch.zeros(shape[:-1] + (1,), dtype=dtype)
+        self.register_buffer("scale_k", scales, persistent=False)
+        self.register_buffer("scale_v", None if scales is None else scales.clone(), persistent=False)
 
     @property
     def block_size(self) -> int:
         return self.cache_k.shape[2]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the pool stores 8-bit values with their scales."""
+        return self.scale_k is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype attention computes in: the pool's, or its scales'."""
+        return self.scale_k.dtype if self.quantized else self.cache_k.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The pool's bytes, scales included."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
     def update(self, where: CachePass, xk: torch.Tensor, xv: torch.Tensor) -> None:
-        """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at their positions, in place."""
-        self.cache_k[:, where.blocks, where.offsets] = xk.permute(2, 0, 1, 3).to(
-            self.cache_k.dtype
-        )  # (heads, bsz, seqlen, head_dim)
-        self.cache_v[:, where.blocks, where.offsets] = xv.permute(2, 0, 1, 3).to(self.cache_v.dtype)
+        """Write the keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at their positions, in place
+        (quantized, with their scales, in an 8-bit pool)."""
+        for pool, scales, x in ((self.cache_k, self.scale_k, xk), (self.cache_v, self.scale_v, xv)):
+            x = x.permute(2, 0, 1, 3)  # (heads, bsz, seqlen, head_dim)
+            if scales is None:
+                pool[:, where.blocks, where.offsets] = x.to(pool.dtype)
+            else:
+                pool[:, where.blocks, where.offsets], scales[:, where.blocks, where.offsets] = quantize(
+                    x, pool.dtype, scales.dtype
+                )
 
     def attend(self, xq: torch.Tensor, where: CachePass) -> torch.Tensor:
         """Attention of the queries (bsz, n_local_heads, seqlen, head_dim) over their rows' cached keys and
-        values, in the cache's dtype: (bsz, n_local_heads, seqlen, head_dim). Each key/value head serves
+        values, in the cache's ``dtype``: (bsz, n_local_heads, seqlen, head_dim). Each key/value head serves
         its group of query heads."""
-        xq = xq.to(self.cache_k.dtype)
+        xq = xq.to(self.dtype)
         if isinstance(where.mask, BlockMask):
             return self.attend_in_place(xq, where.mask)
+        if self.quantized and xq.shape[2] == 1:
+            return self.attend_stored(xq, where)
         keys, values = self.gather(where)
         return F.scaled_dot_product_attention(xq, keys, values, attn_mask=where.mask, enable_gqa=True)
 
+    def attend_stored(self, xq: torch.Tensor, where: CachePass) -> torch.Tensor:
+        """A decode step's attention over an 8-bit pool, one query per row: the keys and values converted as
+        stored, their scales applied to the scores and to the probabilities, (bsz, heads, group, blocks *
+        block_size), rather than to every element: one pass over the gathered blocks fewer than dequantizing."""
+        bsz, n_heads, _, head_dim = xq.shape
+        (keys, key_scales), (values, value_scales) = self.read(where, 0), self.read(where, 1)
+        keys, values = self.converted(keys, where, 0), self.converted(values, where, 1)
+        heads = keys.shape[1]
+        xq = xq.view(bsz, heads, n_heads // heads, head_dim)  # each key/value head's group of query heads
+        scores = torch.matmul(xq, keys.transpose(2, 3)) * (key_scales.transpose(2, 3) * head_dim**-0.5)
+        scores = scores.masked_fill(~where.mask, float("-inf"))  # the mask (bsz, 1, 1, keys) over the groups
+        output = torch.matmul(torch.softmax(scores, dim=-1) * value_scales.transpose(2, 3), values)
+        return output.view(bsz, n_heads, 1, head_dim)
+
     def gather(self, where: CachePass) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each row's blocks gathered in order, (bsz, n_local_kv_heads, blocks * block_size, head_dim) keys and
-        values."""
-        pool_k, pool_v = (
-            self.cache_k.flatten(0, 1),
-            self.cache_v.flatten(0, 1),
-        )  # (heads * blocks, block_size, head_dim)
-        if where.gathered is None:  # compiled: indexing, which inductor turns into plain loops
-            return pool_k[where.gather].flatten(2, 3), pool_v[where.gather].flatten(2, 3)
+        values in ``dtype`` (dequantized from an 8-bit pool)."""
+        gathered = []
+        for i in range(2):
+            blocks, scales = self.read(where, i)
+            if scales is not None:
+                out = None if where.gathered is None else where.gathered[i].view(blocks.shape)
+                blocks = dequantize(blocks, scales, out)
+            gathered.append(blocks)
+        return gathered[0], gathered[1]
+
+    def read(self, where: CachePass, i: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The keys (``i`` 0) or values (1) of each row's blocks as the pool stores them, (bsz, n_local_kv_heads,
+        blocks * block_size, head_dim), and an 8-bit pool's scales (..., 1), else None. Compiled, by indexing,
+        which inductor turns into plain loops; eager, by index_select into the pass's buffers, a third of
+        indexing's time on a CPU."""
         bsz, heads, _ = where.gather.shape
-        shape = (bsz, heads, -1, self.cache_k.shape[-1])
-        gather = (
-            where.gather.flatten()
-        )  # eager, index_select into the pass's buffer: a third of indexing's time on a CPU
-        keys, values = where.gathered
-        return torch.index_select(pool_k, 0, gather, out=keys).view(shape), torch.index_select(
-            pool_v, 0, gather, out=values
-        ).view(shape)
+        pools = [(self.cache_k, self.cache_v)[i]] + ([(self.scale_k, self.scale_v)[i]] if self.quantized else [])
+        pools = [pool.flatten(0, 1) for pool in pools]  # (heads * blocks, block_size, head_dim or 1)
+        if where.gathered is None:
+            read = [pool[where.gather] for pool in pools]  # (bsz, heads, blocks, block_size, head_dim or 1)
+        else:
+            buffers = [where.gathered[i]] if not self.quantized else [where.stored[0][i], where.stored[1][i]]
+            read = [torch.index_select(pool, 0, where.gather.flatten(), out=out) for pool, out in zip(pools, buffers)]
+        read = [tensor.view(bsz, heads, -1, tensor.shape[-1]) for tensor in read]
+        return read[0], read[1] if self.quantized else None
+
+    def converted(self, stored: torch.Tensor, where: CachePass, i: int) -> torch.Tensor:
+        """Blocks ``read`` from an 8-bit pool in ``dtype``, unscaled: into the pass's buffer (eager)."""
+        if where.gathered is None:
+            return stored.to(self.dtype)
+        return where.gathered[i].view(stored.shape).copy_(stored)
 
     def attend_in_place(self, xq: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-        """FlexAttention of one query per row over the blocks ``block_mask`` lists, where they lie in the pool."""
+        """FlexAttention of one query per row over the blocks ``block_mask`` lists, where they lie in the pool
+        (a quantized pool dequantized whole)."""
         heads, n_blocks, block_size, head_dim = self.cache_k.shape
-        keys = self.cache_k.view(
-            1, heads, n_blocks * block_size, head_dim
-        )  # one batch row, broadcast over the query rows
-        values = self.cache_v.view(1, heads, n_blocks * block_size, head_dim)
+        keys, values = self.cache_k, self.cache_v
+        if self.quantized:
+            keys, values = dequantize(keys, self.scale_k), dequantize(values, self.scale_v)
+        keys = keys.view(1, heads, n_blocks * block_size, head_dim)  # one batch row, broadcast over the query rows
+        values = values.view(1, heads, n_blocks * block_size, head_dim)
         # the query scaled here, a tensor of its own shape: inductor's CPU kernel takes the query's shape
         # from the tensor a view reads (torch 2.13), here the rotary embedding's (..., head_dim / 2, 2)
         return flex_attention(xq * head_dim**-0.5, keys, values, block_mask=block_mask, scale=1.0, enable_gqa=True)

@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
         "max_seq_len",
         "max_batch_size",
         "kv_cache_tokens",
+        "kv_cache_dtype",
         "prefix_cache",
         "compile",
         "admission",
@@ -223,6 +224,7 @@ def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bo
             load.quantize,
             load.draft_ckpt_dir,
             load.draft_quantize,
+            engine.kv_cache_dtype,
         )
         logger.info("max_seq_len %d: %s", max_seq_len, why)
         engine = replace(engine, max_seq_len=max_seq_len)

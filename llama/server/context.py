@@ -22,7 +22,7 @@ from llama.checkpoints.hf import HfFolder, read_config
 from llama.checkpoints.loader import checkpoint_folder
 from llama.convert import source_model, trained_context
 from llama.distributed import fail_together, job_group, resolve_dtype
-from llama.layers.kv_cache import cache_dtype
+from llama.layers.kv_cache import KV_CACHE_DTYPES, cache_dtype, pool_token_bytes
 from llama.layers.quantize import Quantization, parse_quantize, quantizable_weights
 from llama.model import ModelArgs, Transformer
 from llama.options import is_int
@@ -54,6 +54,7 @@ def default_context(
     quantize: Optional[str],
     draft_ckpt_dir: Optional[str] = None,
     draft_quantize: Optional[str] = None,
+    kv_cache_dtype: Optional[str] = None,
 ) -> Tuple[int, str]:
     """The ``max_seq_len`` a server loading this checkpoint so uses, and why (a phrase for its log).
 
@@ -68,7 +69,16 @@ def default_context(
             context, why = MIN_CONTEXT, f"{why}, raised to {MIN_CONTEXT}, the least this server defaults to"
         if kv_cache_tokens is None:
             choice = fitting_context(
-                context, why, ckpt_dir, max_batch_size, device, dtype, quantize, draft_ckpt_dir, draft_quantize
+                context,
+                why,
+                ckpt_dir,
+                max_batch_size,
+                device,
+                dtype,
+                quantize,
+                draft_ckpt_dir,
+                draft_quantize,
+                KV_CACHE_DTYPES.get(kv_cache_dtype),
             )
         elif positive_int(kv_cache_tokens, "kv_cache_tokens") < context:
             choice = kv_cache_tokens, f"{why}, more than the pool's --kv_cache_tokens {kv_cache_tokens}"
@@ -91,17 +101,19 @@ def fitting_context(
     quantize: Optional[str],
     draft_ckpt_dir: Optional[str],
     draft_quantize: Optional[str],
+    storage: Optional[torch.dtype] = None,
 ) -> Tuple[int, str]:
     """``context``, or fewer tokens if ``max_batch_size`` rows of it would not fit in ``KV_SHARE`` of
-    the memory the weights leave (never fewer than ``MIN_CONTEXT``), and ``why`` so."""
+    the memory the weights leave (never fewer than ``MIN_CONTEXT``), and ``why`` so. ``storage``: the
+    8-bit KV cache's dtype, or None."""
     quantization = parse_quantize(quantize)
     dtype = resolve_dtype(dtype, device, quantization)
-    weights, token_bytes = model_bytes(source_model(ckpt_dir)[1], device, dtype, quantization)
+    weights, token_bytes = model_bytes(source_model(ckpt_dir)[1], device, dtype, quantization, storage)
     if draft_ckpt_dir is not None:  # its weights, and a cache as long as the model's
         draft_quantization = parse_quantize(draft_quantize)
         draft_dtype = resolve_dtype(None, device, draft_quantization) if draft_quantization else dtype
         draft_weights, draft_token_bytes = model_bytes(
-            source_model(draft_ckpt_dir)[1], device, draft_dtype, draft_quantization
+            source_model(draft_ckpt_dir)[1], device, draft_dtype, draft_quantization, storage
         )
         weights, token_bytes = weights + draft_weights, token_bytes + draft_token_bytes
     memory = available_memory(device)
@@ -140,11 +152,16 @@ def checkpoint_context(ckpt_dir: str, tokenizer: Tokenizer) -> Tuple[int, str]:
 
 
 def model_bytes(
-    args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: Optional[Quantization]
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Optional[Quantization],
+    storage: Optional[torch.dtype] = None,
 ) -> Tuple[int, int]:
     """This rank's weights in bytes, and its KV cache's bytes per token, for the model ``args``
-    describes loaded on ``device`` in ``dtype`` (its linear weights quantized with ``quantization``),
-    split over the job's processes as ``Llama.build`` splits it."""
+    describes loaded on ``device`` in ``dtype`` (its linear weights quantized with ``quantization``, its
+    KV cache stored as ``storage`` with its scales, or None: in ``cache_dtype``), split over the job's
+    processes as ``Llama.build`` splits it."""
     with torch.device("meta"):
         model = Transformer(args, job_group())
     weights = sum(parameter.numel() for parameter in model.parameters()) * dtype.itemsize
@@ -152,7 +169,7 @@ def model_bytes(
         quantized = sum(module.weight.numel() for module in quantizable_weights(model).values())
         weights -= quantized * dtype.itemsize - quantized * quantization.bits // 8
     heads = sum(layer.attention.n_local_kv_heads for layer in model.layers)
-    return weights, 2 * heads * args.head_dim * cache_dtype(dtype, device).itemsize  # keys and values
+    return weights, pool_token_bytes(heads, args.head_dim, cache_dtype(dtype, device), storage)  # keys and values
 
 
 def available_memory(device: torch.device) -> Optional[Tuple[int, str]]:

@@ -10,6 +10,7 @@ kept by ``prometheus_client`` in a registry of the server's own (no process or p
     llama_compiled_graphs                      graphs torch.compile made in this process: with --compile, all
                                                of them before /health answers; a rise means a step waited
     llama_time_to_first_token_seconds          histogram: from a request's acceptance to its first token
+    llama_kv_cache_bytes                       the KV cache pool's bytes (an 8-bit pool's scales included)
     llama_kv_cache_blocks, _used               the KV cache pool's blocks, and those rows hold now
     llama_prefix_cache_queried_tokens_total    prompt tokens looked up in the prefix cache, and
     llama_prefix_cache_hit_tokens_total        those found there (their ratio is the hit rate)
@@ -92,6 +93,9 @@ class PoolCollector:
 
     def collect(self) -> Iterator[Metric]:
         pool = self.engine.pool_use()
+        yield GaugeMetricFamily(
+            "llama_kv_cache_bytes", "Bytes of the KV cache pool, an 8-bit pool's scales included.", pool["bytes"]
+        )
         yield GaugeMetricFamily("llama_kv_cache_blocks", "Blocks of the KV cache pool.", pool["blocks"])
         yield GaugeMetricFamily(
             "llama_kv_cache_blocks_used", "Blocks of the pool held by rows now.", pool["used_blocks"]
