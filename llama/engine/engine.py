@@ -24,6 +24,9 @@ what they sampled. Its rooms:
   row decodes one token (or speculates: ``llama.engine.speculative``). Every sampled token reaches the
   host one way (``record``); a row leaves the moment it ends (stop token, stop string, its
   ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+- A request may name a LoRA adapter the engine serves (``llama.engine.adapters``): its rows compute with it
+  beside rows of other adapters and of none, in the same steps; the plan loads an adapter onto the device
+  when a row needs it, and the device follows (``sync``).
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): it gets a
   matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
   before each step, and each token it takes advances its matcher.
@@ -46,12 +49,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from llama.checkpoints.peft import Adapter
+from llama.engine.adapters import Adapters
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled, check_pairs  # noqa: F401 (public names)
 from llama.engine.runner import Runner
@@ -115,7 +120,9 @@ class Engine:
             and context (``engine_options_for``).
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
-        cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
+        cache_salt: what names the weights (and an adapter merged into them) in the prefix cache's keys.
+        adapters: LoRA adapters served per request, by name (``GenerationOptions.adapter``): the model's
+            adaptable linears get layers that hold ``options.max_loras`` of them; None: no adapters.
     """
 
     def __init__(
@@ -125,15 +132,19 @@ class Engine:
         options: Optional[EngineOptions] = None,
         draft: Optional[Transformer] = None,
         cache_salt: str = "",
+        adapters: Optional[Dict[str, Adapter]] = None,
     ):
         options = engine_options_for(model) if options is None else options
         if not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
         for pooled in [model] + ([draft] if draft is not None else []):  # the draft's pool: the same blocks
             setup_pool(pooled, options)
+        self.adapters = Adapters(model, options, adapters) if adapters is not None else None
         blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # rank 0's
-        self.scheduler = Scheduler(options.max_batch_size, options.max_seq_len, blocks, options.admission)
-        self.runner = Runner(model, options, draft)
+        self.scheduler = Scheduler(
+            options.max_batch_size, options.max_seq_len, blocks, options.admission, self.adapters
+        )
+        self.runner = Runner(model, options, draft, self.adapters)
         self.speculator = Speculator(self.runner, options.compile)
         self.constraints = Constraints(tokenizer, model.params.vocab_size)  # grammars of json_schema/json_object rows
         self.model, self.draft, self.tokenizer, self.options = model, draft, tokenizer, options
@@ -172,6 +183,7 @@ class Engine:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(vocab_size)
         options.check_draft(self.draft is not None)
+        self.check_adapter(options.adapter)
         self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, sizes.max_batch_size, what)
@@ -214,6 +226,21 @@ class Engine:
             if row.finish_reason != "length":
                 raise RuntimeError(f"pair {i} was not scored: its row ended with finish reason {row.finish_reason!r}")
         return [(row.prompt_logprobs, row.prompt_greedy) for row in rows]
+
+    def check_adapter(self, name: Optional[str]) -> None:
+        """A request's ``adapter`` must be one the engine serves (None: the base)."""
+        if name is not None and self.adapters is None:
+            raise ValueError(
+                f"adapter {name!r}: this model serves no adapters per request; build it with "
+                "Llama.build(..., adapters={name: folder})"
+            )
+        if self.adapters is not None:
+            self.adapters.check(name)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """The names of the adapters served per request."""
+        return [] if self.adapters is None else self.adapters.names
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -443,9 +470,12 @@ class Engine:
         advances with its tokens and ends with it."""
         for slot in moves.vacated:
             self.runner.free(slot)
+        if moves.adapter_loads:
+            self.adapters.write(moves.adapter_loads)
         for request, rows in itertools.groupby(moves.resumed + moves.admitted, key=lambda row: row.request):
             rows = list(rows)
-            self.runner.set_rows(request.options, [row.slot for row in rows], rows)
+            index = 0 if request.options.adapter is None else self.adapters.index_of(request.options.adapter)
+            self.runner.set_rows(request.options, [row.slot for row in rows], rows, index)
         for slot, blocks in moves.tables.items():
             self.runner.set_table(slot, blocks)
         for row in moves.admitted:

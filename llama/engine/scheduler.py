@@ -12,10 +12,11 @@ A step is planned on rank 0 (``plan``) and applied on every rank (``apply``), in
   generated, and to go on where it was;
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
-  request's rows are admitted together; "static" admission admits only into an empty batch). A new
-  row takes the blocks of the longest cached prefix of its prompt and computes the rest; a request
-  that would compute again a full block a row admitted in the same step computes waits a step, and
-  takes it from the cache then;
+  request's rows are admitted together; "static" admission admits only into an empty batch), and while
+  the adapter a request computes with, if any, has an index among the device's (``llama.engine.adapters``:
+  its own, or one it loads). A new row takes the blocks of the longest cached prefix of its prompt (computed
+  with its adapter) and computes the rest; a request that would compute again a full block a row admitted
+  in the same step computes waits a step, and takes it from the cache then;
 - tables: each slot's blocks, where they changed.
 
 Then the step runs (``prefill_batch``: which prompts, and how much of each), and each row records what
@@ -30,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
+from llama.engine.adapters import Adapters
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row, Sampled
 from llama.options import GenerationOptions
@@ -51,7 +53,9 @@ class StepPlan:
       prefix cache): the preempted rows first, then the new requests' rows; ``arrivals``: those new
       requests, (id, prompts, options, stream_text), which a rank that was not given them (a server's
       follower) makes;
-    - ``tables``: each slot's blocks, where they changed.
+    - ``tables``: each slot's blocks, where they changed;
+    - ``adapter_loads``: the adapters that the admitted rows compute with and that take a device index (index ->
+      name; ``llama.engine.adapters``).
     """
 
     kind: str
@@ -60,6 +64,7 @@ class StepPlan:
     admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
     arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
+    adapter_loads: Dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Moves:
     tables: Dict[int, List[int]] = field(default_factory=dict)  # held slots' blocks, where they changed
     taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # (a row that sampled, its slot, its tokens)
     touched: Set[Request] = field(default_factory=set)  # requests with news to publish
+    adapter_loads: Dict[int, str] = field(default_factory=dict)  # adapters that took a device index
 
 
 class Scheduler:
@@ -84,12 +90,21 @@ class Scheduler:
         max_seq_len: a row's most positions.
         blocks: the pool's block manager (used on rank 0 only).
         admission: "continuous" or "static".
+        adapters: the adapters served per request, or None.
     """
 
-    def __init__(self, max_slots: int, max_seq_len: int, blocks: BlockManager, admission: str = "continuous"):
+    def __init__(
+        self,
+        max_slots: int,
+        max_seq_len: int,
+        blocks: BlockManager,
+        admission: str = "continuous",
+        adapters: Optional[Adapters] = None,
+    ):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         self.max_slots, self.max_seq_len, self.blocks, self.admission = max_slots, max_seq_len, blocks, admission
+        self.adapters = adapters
         self.running: List[Row] = []  # the rows holding a slot (``Row.slot``), in the order they were admitted
         self.waiting: Deque[Request] = deque()
         self.preempted: Deque[Row] = deque()  # rows that gave their blocks back, first to resume first
@@ -190,10 +205,13 @@ class Scheduler:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
         ending = {(request_id, index) for request_id, index, _ in plan.ends}
+        claimed: Set[int] = set()  # the adapter indices the rows admitted so far compute with
         for row in self.preempted:
             if (row.request.id, row.index) in ending:
                 continue
-            cached = self.allocate(row, free[0], plan) if free else None
+            if not free or not self.claim_adapter(row.request, plan, claimed):
+                return
+            cached = self.allocate(row, free[0], plan)
             if cached is None:
                 return
             plan.admissions.append((row.request.id, row.index, free.pop(0), cached))
@@ -201,7 +219,7 @@ class Scheduler:
         for request in self.waiting:
             if (request.id, 0) in ending or self.shares_computing(request, computing):  # withdrawn, or waits a step
                 continue
-            if request.n_rows > len(free):
+            if request.n_rows > len(free) or not self.claim_adapter(request, plan, claimed):
                 return
             admissions = []
             for row, slot in zip(request.rows, free):
@@ -213,7 +231,7 @@ class Scheduler:
                     return
                 admissions.append((request.id, row.index, slot, cached))
             free = free[request.n_rows :]
-            computing.update(key for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
+            computing.update(key for row in request.rows for key in self.computed_keys(row))
             plan.admissions += admissions
             plan.arrivals.append((request.id, request.prompt_tokens, request.options, request.stream_text))
 
@@ -223,13 +241,27 @@ class Scheduler:
         shared by several continuations, a system prompt shared by requests that came together)."""
         if self.admission != "continuous" or not computing:
             return False
-        return any(key in computing for row in request.rows for key in self.blocks.computed_keys(row.cacheable))
+        return any(key in computing for row in request.rows for key in self.computed_keys(row))
+
+    def claim_adapter(self, request: Request, plan: StepPlan, claimed: Set[int]) -> bool:
+        """Whether the adapter ``request`` computes with, if any, has a device index for this step (its own, or
+        one the plan loads it into: ``Adapters.claim``); False: the request waits."""
+        if request.options.adapter is None:
+            return True
+        return self.adapters.claim(request.options.adapter, plan.adapter_loads, claimed) is not None
+
+    def adapter_identity(self, row: Row) -> Optional[str]:
+        """The identity of the adapter the row computes with (None: the weights alone): part of its prefix keys."""
+        return None if row.options.adapter is None else self.adapters.identity(row.options.adapter)
+
+    def computed_keys(self, row: Row) -> List[bytes]:
+        return self.blocks.computed_keys(row.cacheable, self.blocks.root_for(self.adapter_identity(row)))
 
     def allocate(self, row: Row, slot: int, plan: StepPlan) -> Optional[int]:
         """The row's blocks for its prefill (its cached prefix taken, short of the tokens it scores, whose
         logits it computes), into ``plan``. Returns its prefill's tokens found in the prefix cache, or None if
         the pool cannot give the blocks."""
-        taken = self.blocks.allocate(row.cacheable, len(row.target))
+        taken = self.blocks.allocate(row.cacheable, len(row.target), self.adapter_identity(row))
         if taken is None:
             return None
         row.table, cached = taken
@@ -278,6 +310,9 @@ class Scheduler:
         for request_id, *_ in plan.arrivals:
             known[request_id].admitted_at = time.monotonic()
             moves.touched.add(known[request_id])
+        if plan.adapter_loads:
+            self.adapters.assign(plan.adapter_loads)
+            moves.adapter_loads = plan.adapter_loads
         for request_id, index, slot, cached in plan.admissions:
             self.place(known[request_id].rows[index], slot, cached, moves)
         held = self.held()
@@ -306,6 +341,8 @@ class Scheduler:
             moves.admitted.append(row)
         row.slot, row.prefilled = slot, cached
         self.running.append(row)
+        if self.adapters is not None:
+            self.adapters.attach(row.options.adapter)
 
     def vacate(self, row: Row, moves: Moves) -> None:
         """The row leaves its slot and gives its blocks back (rank 0's written full ones join the prefix cache)."""
@@ -313,6 +350,8 @@ class Scheduler:
         moves.vacated.append(row.slot)
         self.running.remove(row)
         row.slot = None
+        if self.adapters is not None:
+            self.adapters.detach(row.options.adapter)
 
     def end(self, row: Row, reason: Optional[str] = None, moves: Optional[Moves] = None) -> Moves:
         """The row ends (``reason``: why, if it does not know yet): it leaves its slot, or the queue of

@@ -1,0 +1,180 @@
+"""The LoRA adapters an engine serves per request (``GenerationOptions.adapter``, by name): every adapter
+registered is kept on the host as read from peft's files (``llama.checkpoints.peft``), and at most
+``max_loras`` of them are resident on the device, in the model's ``MultiLoRALinear`` layers
+(``llama.layers.multi_lora``), where the rows of one step compute with each its own.
+
+- Registering checks an adapter against the engine: its shapes and targets were checked against the
+  model as it was read; its rank must be at most ``max_lora_rank``, its name new.
+- Residency: each resident adapter has an index, 1 to ``max_loras`` (0 is the base), and its columns of
+  the layers' rank axis follow the previous index's: packed, in index order. Rank 0's scheduler claims
+  an index for each request it admits (``claim``): its adapter's own if resident, else an empty one, else
+  that of the least recently used adapter no running row computes with, whose adapter leaves the device
+  (it stays registered); when every index is held by running rows, the request waits. The step's plan
+  carries the loads, and every rank follows them (``assign``, then ``write``: an adapter whose columns
+  moved is written again from the host, so the ranks' layers stay alike).
+- A pass: ``select`` turns the index of each of its rows into the layers' mask.
+"""
+
+from contextlib import nullcontext
+from typing import ContextManager, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from llama.checkpoints.peft import Adapter
+from llama.layers.multi_lora import apply_multi_lora
+from llama.options import EngineOptions
+
+MIN_COLUMNS = 8  # the smallest bucket of packed ranks a pass computes
+
+
+class Adapters:
+    """The registered adapters and the resident ones; see the module docstring.
+
+    Args:
+        model: the loaded model, whose adaptable linears get ``MultiLoRALinear`` layers of
+            ``max_loras x max_lora_rank`` columns.
+        options: ``max_loras`` (resident at once) and ``max_lora_rank`` (the largest rank registered).
+        adapters: the adapters to register, by name.
+    """
+
+    def __init__(self, model: nn.Module, options: EngineOptions, adapters: Dict[str, Adapter]):
+        self.max_loras, self.max_rank = options.max_loras, options.max_lora_rank
+        self.capacity = options.max_loras * options.max_lora_rank
+        self.rows, self.layers = apply_multi_lora(model, self.capacity)
+        weight = model.tok_embeddings.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.registered: Dict[str, Adapter] = {}
+        slots = 1 + options.max_loras  # index 0: the base
+        self.resident: List[Optional[str]] = [None] * slots
+        self.users = [0] * slots  # the running rows that compute with each index
+        self.last_used = [0] * slots  # when a row last took each index (``attach``)
+        self.attached = 0
+        self.spans: List[Tuple[int, int]] = [(0, 0)] * slots  # each index's [start, end) columns, as written
+        self.ranges = torch.zeros(slots, 2, dtype=torch.long, device=self.device)  # ``spans`` on the device
+        for name, adapter in adapters.items():
+            self.register(name, adapter)
+
+    # --- the registry -----------------------------------------------------------------------------
+
+    def register(self, name: str, adapter: Adapter) -> None:
+        """Serve ``adapter`` as ``name``.
+
+        Raises:
+            ValueError: the name is taken, or the adapter's rank is over ``max_lora_rank``.
+        """
+        if name in self.registered:
+            raise ValueError(f"an adapter named {name!r} is already loaded (from {self.registered[name].path})")
+        if adapter.config.rank > self.max_rank:
+            raise ValueError(
+                f"adapter {name!r} ({adapter.path}) has rank {adapter.config.rank}, over "
+                f"max_lora_rank={self.max_rank}: serve it with max_lora_rank >= {adapter.config.rank} (--max_lora_rank)"
+            )
+        self.registered[name] = adapter
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.registered)
+
+    def check(self, name: Optional[str]) -> None:
+        """A request's ``adapter`` must be registered (None: the base)."""
+        if name is not None and name not in self.registered:
+            loaded = ", ".join(repr(n) for n in self.registered) or "none"
+            raise ValueError(f"adapter {name!r} is not loaded; the loaded adapters: {loaded}")
+
+    def identity(self, name: Optional[str]) -> Optional[str]:
+        """What names the adapter's weights in the prefix cache's keys (None: the base)."""
+        return None if name is None else self.registered[name].identity
+
+    def index_of(self, name: Optional[str]) -> int:
+        """The resident index of ``name`` (0 for None, the base)."""
+        return 0 if name is None else self.resident.index(name, 1)
+
+    # --- rank 0's plan ----------------------------------------------------------------------------
+
+    def claim(self, name: Optional[str], loads: Dict[int, str], claimed: Set[int]) -> Optional[int]:
+        """The index a request of adapter ``name`` computes with in this step, given the plan's ``loads``
+        so far (index -> the adapter it loads) and the indices the plan's earlier admissions ``claimed``: its
+        adapter's if resident or loading, else an empty index or the least recently used one no row computes
+        with, added to ``loads``. None: every index is held; the request waits."""
+        if name is None:
+            return 0
+        names = [loads.get(i, resident) for i, resident in enumerate(self.resident)]
+        if name in names[1:]:
+            index = names.index(name, 1)
+        else:
+            idle = [i for i in range(1, len(names)) if self.users[i] == 0 and i not in claimed]
+            if not idle:
+                return None
+            index = min(idle, key=lambda i: (names[i] is not None, self.last_used[i]))  # empty first, then LRU
+            loads[index] = name
+        claimed.add(index)
+        return index
+
+    # --- every rank, as the plan says -------------------------------------------------------------
+
+    def assign(self, loads: Dict[int, str]) -> None:
+        """The plan's loads take their indices (on the host; ``write`` puts them on the device)."""
+        for index, name in loads.items():
+            if self.users[index]:
+                raise RuntimeError(f"adapter index {index} is loaded while {self.users[index]} row(s) compute with it")
+            self.resident[index] = name
+
+    def attach(self, name: Optional[str]) -> None:
+        """A row of adapter ``name`` takes a slot."""
+        if name is not None:
+            index = self.index_of(name)
+            self.attached += 1
+            self.users[index], self.last_used[index] = self.users[index] + 1, self.attached
+
+    def detach(self, name: Optional[str]) -> None:
+        """A row of adapter ``name`` leaves its slot."""
+        if name is not None:
+            self.users[self.index_of(name)] -= 1
+
+    def write(self, loads: Dict[int, str]) -> None:
+        """The device follows the resident adapters after ``loads``: packed in index order, each adapter
+        whose columns moved (or that was loaded) written from the host, the columns past the last zeroed."""
+        if not loads:
+            return
+        spans, start = [(0, 0)], 0
+        for name in self.resident[1:]:
+            rank = self.registered[name].config.rank if name is not None else 0
+            spans.append((start, start + rank))
+            start += rank
+        written_end = max(end for _, end in self.spans)
+        for index, name in enumerate(self.resident):
+            if name is not None and (spans[index] != self.spans[index] or index in loads):
+                self.write_adapter(self.registered[name], spans[index][0])
+        if written_end > start:
+            for layer in self.layers.values():
+                layer.clear(start, written_end)
+        self.spans = spans
+        self.ranges.copy_(torch.tensor(spans))
+
+    def write_adapter(self, adapter: Adapter, start: int) -> None:
+        """``adapter`` into every layer's columns from ``start`` (zeros where it adapts nothing)."""
+        for name, layer in self.layers.items():
+            parent = name.rpartition(".")[0]
+            modules = {part: f"{parent}.{part}" for part in layer.parts}  # layers.0.attention.wq, ...
+            pairs = {part: adapter.tensors[module] for part, module in modules.items() if module in adapter.tensors}
+            layer.write(start, adapter.config.rank, pairs, adapter.config.scale)
+
+    # --- a pass -----------------------------------------------------------------------------------
+
+    @property
+    def columns(self) -> int:
+        """The columns a pass computes: a power-of-two bucket of the packed ranks (0: none resident)."""
+        used = max(end for _, end in self.spans)
+        return min(self.capacity, max(MIN_COLUMNS, 1 << (used - 1).bit_length())) if used else 0
+
+    def select(self, index: torch.Tensor, needed: bool = True) -> ContextManager[None]:
+        """The passes inside the block compute row b with the adapter of resident index ``index[b]``
+        ((rows,) on the device, 0: the base); ``needed`` False (no row has an adapter): the base alone."""
+        columns = self.columns
+        if not needed or not columns:
+            return nullcontext()
+        spans = self.ranges[index]  # (rows, 2)
+        positions = torch.arange(columns, device=self.device)
+        mask = (positions >= spans[:, :1]) & (positions < spans[:, 1:])  # (rows, columns)
+        return self.rows.selected(mask.to(self.dtype)[:, None, :])
