@@ -5,7 +5,8 @@ registered is kept on the host as read from peft's files (``llama.checkpoints.pe
 
 - Registering checks an adapter against the engine: its shapes and targets were checked against the
   model as it was read; its rank must be at most ``max_lora_rank``, its name new.
-- Residency: each resident adapter has an index, 1 to ``max_loras`` (0 is the base), and its columns of
+- Residency: the first ``max_loras`` adapters registered are on the device from the start. Each resident
+  adapter has an index, 1 to ``max_loras`` (0 is the base), and its columns of
   the layers' rank axis follow the previous index's: packed, in index order. Rank 0's scheduler claims
   an index for each request it admits (``claim``): its adapter's own if resident, else an empty one, else
   that of the least recently used adapter no running row computes with, whose adapter leaves the device
@@ -54,6 +55,9 @@ class Adapters:
         self.ranges = torch.zeros(slots, 2, dtype=torch.long, device=self.device)  # ``spans`` on the device
         for name, adapter in adapters.items():
             self.register(name, adapter)
+        preloaded = {index: name for index, name in enumerate(list(self.registered)[: self.max_loras], start=1)}
+        self.assign(preloaded)  # the first on the device already: a compiled step is warmed up with their columns
+        self.write(preloaded)
 
     # --- the registry -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
@@ -94,18 +95,15 @@ def make_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        """The one model served, and what was loaded."""
-        return {"object": "list", "data": [served]}
+        """The model served, what was loaded, and the adapters served per request beside it (vLLM's cards:
+        ``parent`` the base model's id, ``root`` the adapter's folder)."""
+        return {"object": "list", "data": [served] + adapter_objects(model_name, llama)}
 
     async def answer(parse: Callable, body, http: Request) -> Response:
-        if body.model is not None and body.model != model_name:
-            raise RequestError(
-                f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                "model",
-                404,
-                "not_found_error",
-            )
+        adapter = requested_adapter(body.model, model_name, llama.engine.adapter_names)
         job = await run_in_threadpool(parse, body, llama, model_name)  # tokenizing a long prompt does not hold the loop
+        if adapter is not None:  # the rows compute with the adapter the request's model names, and answer as it
+            job.model, job.options = adapter, replace(job.options, adapter=adapter)
         request = scheduler.submit(job, asyncio.get_running_loop())
         if job.stream:
             events = stream_events(job, request, token_bytes, metrics, scheduler)
@@ -144,6 +142,42 @@ def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
         "kv_cache_dtype": dtype_name(llama.kv_cache_dtype),
         "adapter": adapter,
     }
+
+
+def requested_adapter(model: Optional[str], model_name: str, adapters: List[str]) -> Optional[str]:
+    """The adapter a request's ``model`` names (None: the base model, by its name or left out).
+
+    Raises:
+        RequestError: 404 ``model_not_found``, as OpenAI answers, for a model served neither as the base nor as
+            an adapter.
+    """
+    if model is None or model == model_name:
+        return None
+    if model not in adapters:
+        served = ", ".join(repr(name) for name in [model_name, *adapters])
+        message = f"The model {model!r} does not exist: this server serves {served}"
+        raise RequestError(message, "model", 404, "invalid_request_error", "model_not_found")
+    return model
+
+
+def adapter_objects(model_name: str, llama) -> List[dict]:
+    """A model object for each adapter served per request, in vLLM's shape: ``parent`` the base model's id,
+    ``root`` the adapter's folder; and the adapter's rank and the sha256 of its files."""
+    adapters = llama.engine.adapters
+    registered = adapters.registered.items() if adapters is not None else ()
+    return [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llama",
+            "root": adapter.path,
+            "parent": model_name,
+            "max_model_len": llama.model.params.max_seq_len,
+            "adapter": {"rank": adapter.config.rank, "sha256": adapter.identity},
+        }
+        for name, adapter in registered
+    ]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
