@@ -225,6 +225,27 @@ class Llama:
         half-precision model on a CPU (``llama.layers.kv_cache.cache_dtype``)."""
         return self.model.layers[0].attention.kv_cache.cache_k.dtype
 
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Serve the LoRA adapter in ``folder`` (peft's files) as ``name`` beside the others, chosen by a call's
+        ``adapter=name`` (a model built with ``adapters=``, ``{}`` for none yet). Under torchrun, on every rank.
+
+        Raises:
+            ValueError, OSError: the name is taken, or the adapter cannot be served (its files, shapes, targets,
+                or a rank over ``max_lora_rank``).
+        """
+        self.engine.load_adapter(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Serve the adapter ``name`` no more, once the requests computing with it end (a stream still open
+        runs to its end here). Under torchrun, on every rank.
+
+        Raises:
+            ValueError: no adapter of that name is served.
+        """
+        gone = self.engine.unload_adapter(name)
+        while not gone.is_set():
+            self.engine.step()
+
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:
         each prompt ``num_return_sequences`` times. ``what`` names the prompts in errors

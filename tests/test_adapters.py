@@ -3,6 +3,7 @@ in one batch, eager and compiled, and gives what the model with that one adapter
 gives (``adapter_dir``); peft on transformers is the independent reference for one of them."""
 
 import functools
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
@@ -197,3 +198,64 @@ def test_an_unknown_adapter_a_model_without_adapters_and_a_rank_over_max_lora_ra
         merged[None].text_completion(["x"], adapter="all", max_gen_len=1)
     with pytest.raises(ValueError, match=r"'queries' .* has rank 16, over max_lora_rank=8: .* max_lora_rank >= 16"):
         make_llama(**SIZES, adapters={"queries": adapters["queries"]}, max_lora_rank=8)
+
+
+# --- loaded and unloaded while serving ----------------------------------------------------------
+
+
+def test_adapters_loaded_at_runtime_give_their_adapter_merged_and_an_unloaded_one_lets_its_rows_finish(
+    make_llama, adapters, expected
+):
+    llama = make_llama(**SIZES, adapters={}, max_loras=2)  # none yet
+    for name in ADAPTER_SHAPES:
+        llama.load_adapter(name, adapters[name])
+    for (prompt, name), result in zip(ROWS, run_batch(llama, ROWS)):
+        assert_equal(result, expected[prompt, name], f"{name} loaded at runtime")
+    with pytest.raises(ValueError, match="an adapter named 'all' is already loaded"):
+        llama.load_adapter("all", adapters["all"])
+
+    engine, (prompt, name) = llama.engine, ROWS[1]
+    running = engine.submit([encode(llama, prompt)], GenerationOptions(**GREEDY, adapter=name))
+    engine.step()
+    gone = engine.unload_adapter(name)
+    with pytest.raises(ValueError, match="adapter 'all' is not loaded; the loaded adapters: 'attention', 'mlp'"):
+        engine.submit([encode(llama, prompt)], GenerationOptions(**GREEDY, adapter=name))
+    while not running.done:
+        assert not gone.is_set()
+        engine.step()
+    engine.step()
+    assert gone.is_set() and "all" not in engine.adapters.resident
+    assert_equal((running.tokens[0], running.logprobs[0]), expected[prompt, name], "finished while unloading")
+
+    llama.load_adapter("all", adapters["all"])  # the name is free again
+    for (prompt, name), result in zip(ROWS, run_batch(llama, ROWS)):
+        assert_equal(result, expected[prompt, name], f"{name} after an unload and a load")
+    with pytest.raises(ValueError, match="no adapter named 'nope' is loaded"):
+        llama.unload_adapter("nope")
+
+
+def test_an_adapter_of_another_model_or_with_a_target_the_model_lacks_is_refused_at_load(
+    served, make_checkpoint, adapters, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    ckpt_dir, _ = make_checkpoint(params={**SMALL_PARAMS, "dim": 128})
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "dim": 128, "vocab_size": 512})
+    config = LoraConfig(rank=2, alpha=4.0, targets=("wq",))
+    other = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
+    (tmp_path / "other").mkdir()
+    write_adapter(str(tmp_path / "other"), adapter_tensors(other), config, args, ckpt_dir)
+    with pytest.raises(ValueError, match=r"lora_A of layers.0.attention.wq has shape \(2, 128\), expected \(2, 64\)"):
+        served.load_adapter("other", str(tmp_path / "other"))
+
+    head = tmp_path / "head"
+    head.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (head / name).write_bytes((Path(adapters["mlp"]) / name).read_bytes())
+    tensors = load_file(str(head / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(2, 64)
+    save_file(tensors, str(head / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected key 'base_model.model.lm_head.lora_A.weight'"):
+        served.load_adapter("head", str(head))
+
+    assert served.engine.adapters.names == list(ADAPTER_SHAPES)  # neither was loaded

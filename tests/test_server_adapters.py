@@ -2,7 +2,10 @@
 answers are those of the model with that adapter merged; /v1/models lists the adapters under the base
 (vLLM's cards); an unknown model is OpenAI's 404 model_not_found."""
 
+import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -17,7 +20,7 @@ from llama.checkpoints.peft import write_adapter
 from llama.convert import source_model
 from llama.finetune import adapter_tensors
 from llama.layers.lora import TARGET_SETS, LoraConfig, apply_lora
-from test_server import MAX_SEQ_LEN, SERVER_ARGS, Server, raw_request
+from test_server import MAX_SEQ_LEN, SERVER_ARGS, Server, open_stream, raw_answer, raw_request, stream_text
 
 ADAPTER_SHAPES = {"one": (4, TARGET_SETS["all"]), "two": (2, ("wq", "wv"))}  # name: (rank, targets)
 GREEDY = dict(max_tokens=12, temperature=0)
@@ -121,3 +124,54 @@ def test_bad_lora_modules_are_one_line_errors(adapters, monkeypatch):
         main(["--lora_modules", f"one={adapters['one']}", "--max_lora_rank", "2", "--port", "0", "--traceback"])
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
         main(["--lora_modules", f"nowhere={Path(adapters['one']).parent / 'nowhere'}", "--port", "0", "--traceback"])
+
+
+@pytest.fixture(scope="module")
+def updating_server(tmp_path_factory):
+    """Adapters loaded and unloaded while serving, none at the start, of rank 3 at most."""
+    command = [sys.executable, "-m", "llama.server", "--allow_adapter_updates", "--max_lora_rank", "3", *SERVER_ARGS]
+    running = Server(command, tmp_path_factory.mktemp("updating") / "log")
+    yield running
+    running.kill()
+
+
+def post(server, path: str, body: dict) -> tuple:
+    """(status, body: parsed JSON, or the text of a 200) of a POST."""
+    status, _, data = raw_answer(server, "POST", path, json.dumps(body).encode(), key="")
+    return status, data.decode() if status == 200 else json.loads(data)
+
+
+def test_an_adapter_loaded_while_serving_answers_as_merged_and_unloading_it_lets_a_running_stream_finish(
+    updating_server, server, adapters
+):
+    load = {"lora_name": "two", "lora_path": adapters["two"]}
+    assert post(updating_server, "/v1/load_lora_adapter", load) == (
+        200,
+        "Success: LoRA adapter 'two' added successfully.",
+    )
+    status, answer = post(updating_server, "/v1/load_lora_adapter", load)
+    assert status == 400 and answer["error"]["message"].startswith("an adapter named 'two' is already loaded")
+    status, answer = post(updating_server, "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": adapters["one"]})
+    assert status == 400 and "has rank 4, over max_lora_rank=3" in answer["error"]["message"]
+    status, listed = raw_request(updating_server, "GET", "/v1/models", key="")
+    assert [model["id"] for model in listed["data"]] == ["tiny-stdlib", "two"]
+
+    prompt = "class Stack:\n    def __init__(self):\n"
+    expected = merged(adapters["two"]).text_completion([prompt], temperature=0, max_gen_len=48)[0]["generation"]
+    stream = open_stream(updating_server, {"model": "two", "prompt": prompt, "max_tokens": 48}, key="")
+    unloading = {}
+    unload = threading.Thread(
+        target=lambda: unloading.update(answer=post(updating_server, "/v1/unload_lora_adapter", {"lora_name": "two"}))
+    )
+    unload.start()
+    deadline = time.monotonic() + 30
+    while post(updating_server, "/v1/completions", {"model": "two", "prompt": "x"})[0] != 404:  # refused at once
+        assert time.monotonic() < deadline
+    assert unload.is_alive()  # the stream still runs with it
+    assert stream_text(stream) == expected
+    unload.join(timeout=60)
+    assert unloading["answer"] == (200, "Success: LoRA adapter 'two' removed successfully.")
+    status, answer = post(updating_server, "/v1/unload_lora_adapter", {"lora_name": "two"})
+    assert (status, answer["error"]["code"]) == (404, "model_not_found")
+    status, answer = post(server, "/v1/load_lora_adapter", load)  # a server without --allow_adapter_updates
+    assert status == 404 and "no route POST /v1/load_lora_adapter" in answer["error"]["message"]

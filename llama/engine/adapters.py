@@ -13,20 +13,30 @@ registered is kept on the host as read from peft's files (``llama.checkpoints.pe
   (it stays registered); when every index is held by running rows, the request waits. The step's plan
   carries the loads, and every rank follows them (``assign``, then ``write``: an adapter whose columns
   moved is written again from the host, so the ranks' layers stay alike).
+- Loading and unloading while serving (``load``, ``unload``, from any thread on rank 0): a loaded adapter
+  is registered at the next step, whose plan names its folder, which every other rank then reads (its slice
+  of each tensor goes to its layers); a request may name it as soon as ``load`` returns. An adapter that is
+  unloading takes no new request, and leaves once no request computes with it (the plan says so; its index
+  on the device is emptied), so that the requests already running with it finish as they would have.
 - A pass: ``select`` turns the index of each of its rows into the layers' mask.
 """
 
+import threading
 from contextlib import nullcontext
 from typing import ContextManager, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from llama.checkpoints.peft import Adapter
+from llama.checkpoints.peft import Adapter, read_adapter
 from llama.layers.multi_lora import apply_multi_lora
 from llama.options import EngineOptions
 
 MIN_COLUMNS = 8  # the smallest bucket of packed ranks a pass computes
+
+
+class UnknownAdapter(ValueError):
+    """An adapter name the engine does not serve."""
 
 
 class Adapters:
@@ -40,12 +50,15 @@ class Adapters:
     """
 
     def __init__(self, model: nn.Module, options: EngineOptions, adapters: Dict[str, Adapter]):
-        self.max_loras, self.max_rank = options.max_loras, options.max_lora_rank
+        self.max_loras, self.max_rank, self.args = options.max_loras, options.max_lora_rank, model.params
         self.capacity = options.max_loras * options.max_lora_rank
         self.rows, self.layers = apply_multi_lora(model, self.capacity)
         weight = model.tok_embeddings.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.registered: Dict[str, Adapter] = {}
+        self.lock = threading.Lock()  # guards the registry against the threads that load, unload and submit
+        self.arriving: List[Tuple[str, Adapter]] = []  # loaded, registered at the next step
+        self.leaving: Dict[str, threading.Event] = {}  # unloading: set once gone
         slots = 1 + options.max_loras  # index 0: the base
         self.resident: List[Optional[str]] = [None] * slots
         self.users = [0] * slots  # the running rows that compute with each index
@@ -62,29 +75,74 @@ class Adapters:
     # --- the registry -----------------------------------------------------------------------------
 
     def register(self, name: str, adapter: Adapter) -> None:
-        """Serve ``adapter`` as ``name``.
+        """Serve ``adapter`` as ``name`` (``check_new``)."""
+        self.check_new(name, adapter)
+        self.registered[name] = adapter
+
+    def check_new(self, name: str, adapter: Adapter) -> None:
+        """``adapter`` may be served as ``name``.
 
         Raises:
             ValueError: the name is taken, or the adapter's rank is over ``max_lora_rank``.
         """
-        if name in self.registered:
-            raise ValueError(f"an adapter named {name!r} is already loaded (from {self.registered[name].path})")
+        loaded = {**self.registered, **dict(self.arriving)}
+        if name in loaded:
+            raise ValueError(f"an adapter named {name!r} is already loaded (from {loaded[name].path})")
         if adapter.config.rank > self.max_rank:
             raise ValueError(
                 f"adapter {name!r} ({adapter.path}) has rank {adapter.config.rank}, over "
                 f"max_lora_rank={self.max_rank}: serve it with max_lora_rank >= {adapter.config.rank} (--max_lora_rank)"
             )
-        self.registered[name] = adapter
 
     @property
     def names(self) -> List[str]:
-        return list(self.registered)
+        """The adapters a request may name: registered or arriving, and not unloading."""
+        with self.lock:
+            return [name for name in self.registered if name not in self.leaving] + [name for name, _ in self.arriving]
 
     def check(self, name: Optional[str]) -> None:
-        """A request's ``adapter`` must be registered (None: the base)."""
-        if name is not None and name not in self.registered:
-            loaded = ", ".join(repr(n) for n in self.registered) or "none"
-            raise ValueError(f"adapter {name!r} is not loaded; the loaded adapters: {loaded}")
+        """A request's ``adapter`` must be one served (None: the base)."""
+        if name is None:
+            return
+        names = self.names
+        if name not in names:
+            loaded = ", ".join(repr(n) for n in names) or "none"
+            raise UnknownAdapter(f"adapter {name!r} is not loaded; the loaded adapters: {loaded}")
+
+    def load(self, name: str, folder: str) -> None:
+        """Serve the adapter in ``folder`` as ``name`` from the next step on (a request may name it at once).
+
+        Raises:
+            ValueError, OSError: the name is taken, the folder holds no adapter of this model (its files, shapes,
+                targets), or its rank is over ``max_lora_rank``.
+        """
+        adapter = read_adapter(folder, self.args)  # outside the lock: reading takes a while
+        with self.lock:
+            self.check_new(name, adapter)
+            self.arriving.append((name, adapter))
+
+    def unload(self, name: str) -> threading.Event:
+        """Serve ``name`` no more: no new request may name it, and it leaves once no request computes with it.
+        Returns an event set then.
+
+        Raises:
+            UnknownAdapter: no adapter of that name is served.
+        """
+        with self.lock:
+            arriving = [entry for entry in self.arriving if entry[0] != name]
+            if len(arriving) < len(self.arriving):  # not registered yet: it leaves at once
+                self.arriving, gone = arriving, threading.Event()
+                gone.set()
+                return gone
+            if name not in self.registered or name in self.leaving:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+            self.leaving[name] = threading.Event()
+            return self.leaving[name]
+
+    @property
+    def updates(self) -> bool:
+        """Whether adapters arrive or leave: a step applies it."""
+        return bool(self.arriving or self.leaving)
 
     def identity(self, name: Optional[str]) -> Optional[str]:
         """What names the adapter's weights in the prefix cache's keys (None: the base)."""
@@ -95,6 +153,21 @@ class Adapters:
         return 0 if name is None else self.resident.index(name, 1)
 
     # --- rank 0's plan ----------------------------------------------------------------------------
+
+    def plan_updates(
+        self, in_use: Set[str], loads: Dict[int, Optional[str]]
+    ) -> Tuple[List[Tuple[str, str]], List[str]]:
+        """The adapters that arrived since the last step (registered here now, rank 0's registry ahead of the
+        plan's), as (name, folder), and those leaving that no request of ``in_use`` names, whose indices on the
+        device empty (into ``loads``)."""
+        with self.lock:
+            arriving, self.arriving = self.arriving, []
+            self.registered.update(arriving)
+            leaving = [name for name in self.leaving if name not in in_use]
+        for name in leaving:
+            if name in self.resident:
+                loads[self.resident.index(name, 1)] = None
+        return [(name, adapter.path) for name, adapter in arriving], leaving
 
     def claim(self, name: Optional[str], loads: Dict[int, str], claimed: Set[int]) -> Optional[int]:
         """The index a request of adapter ``name`` computes with in this step, given the plan's ``loads``
@@ -117,7 +190,28 @@ class Adapters:
 
     # --- every rank, as the plan says -------------------------------------------------------------
 
-    def assign(self, loads: Dict[int, str]) -> None:
+    def arrive(self, registrations: List[Tuple[str, str]]) -> None:
+        """The plan's arrivals registered on a rank whose registry is behind rank 0's: each rank reads the
+        adapter's files (an adapter given to this rank's ``load`` too is taken as read)."""
+        with self.lock:
+            given = dict(self.arriving)
+            self.arriving = [entry for entry in self.arriving if entry[0] not in dict(registrations)]
+        for name, folder in registrations:
+            if name not in self.registered:
+                adapter = given.get(name) or read_adapter(folder, self.args)
+                with self.lock:
+                    self.registered[name] = adapter
+
+    def leave(self, names: List[str]) -> None:
+        """The plan's leaving adapters, no longer on the device, leave the registry."""
+        with self.lock:
+            for name in names:
+                del self.registered[name]
+                gone = self.leaving.pop(name, None)
+                if gone is not None:
+                    gone.set()
+
+    def assign(self, loads: Dict[int, Optional[str]]) -> None:
         """The plan's loads take their indices (on the host; ``write`` puts them on the device)."""
         for index, name in loads.items():
             if self.users[index]:
@@ -182,3 +276,19 @@ class Adapters:
         positions = torch.arange(columns, device=self.device)
         mask = (positions >= spans[:, :1]) & (positions < spans[:, 1:])  # (rows, columns)
         return self.rows.selected(mask.to(self.dtype)[:, None, :])
+
+
+def check_adapter(adapters: Optional[Adapters], name: Optional[str]) -> None:
+    """A request's ``adapter`` must be one the engine serves (None: the base); ``adapters``: the engine's, if any."""
+    if name is not None:
+        served_adapters(adapters, f"adapter {name!r}: ").check(name)
+
+
+def served_adapters(adapters: Optional[Adapters], what: str = "") -> Adapters:
+    """The engine's adapters; an engine built without any serves none and loads none."""
+    if adapters is None:
+        raise ValueError(
+            f"{what}this model serves no adapters per request; build it with Llama.build(..., adapters={{name: "
+            "folder}}) (an empty dict for none yet), or serve it with --lora_modules or --allow_adapter_updates"
+        )
+    return adapters

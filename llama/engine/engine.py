@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from llama.checkpoints.peft import Adapter
-from llama.engine.adapters import Adapters
+from llama.engine.adapters import Adapters, check_adapter, served_adapters
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled, check_pairs  # noqa: F401 (public names)
 from llama.engine.runner import Runner
@@ -183,7 +183,7 @@ class Engine:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(vocab_size)
         options.check_draft(self.draft is not None)
-        self.check_adapter(options.adapter)
+        check_adapter(self.adapters, options.adapter)
         self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
         check_batch_size(len(prompt_tokens), options.num_return_sequences, sizes.max_batch_size, what)
@@ -227,20 +227,31 @@ class Engine:
                 raise RuntimeError(f"pair {i} was not scored: its row ended with finish reason {row.finish_reason!r}")
         return [(row.prompt_logprobs, row.prompt_greedy) for row in rows]
 
-    def check_adapter(self, name: Optional[str]) -> None:
-        """A request's ``adapter`` must be one the engine serves (None: the base)."""
-        if name is not None and self.adapters is None:
-            raise ValueError(
-                f"adapter {name!r}: this model serves no adapters per request; build it with "
-                "Llama.build(..., adapters={name: folder})"
-            )
-        if self.adapters is not None:
-            self.adapters.check(name)
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Serve the LoRA adapter in ``folder`` as ``name`` from the next step on; a request may name it at once
+        (``llama.engine.adapters.Adapters.load``). Any thread; under torchrun, rank 0's (the plan carries it).
 
-    @property
-    def adapter_names(self) -> List[str]:
-        """The names of the adapters served per request."""
-        return [] if self.adapters is None else self.adapters.names
+        Raises:
+            ValueError, OSError: the engine serves no adapters, the name is taken, or the adapter cannot be served.
+        """
+        served_adapters(self.adapters).load(name, folder)
+        self.wake()
+
+    def unload_adapter(self, name: str) -> threading.Event:
+        """Serve the adapter ``name`` no more: new requests may not name it, and it leaves once the requests
+        computing with it end. Returns an event set then (a step sets it). Any thread; rank 0's under torchrun.
+
+        Raises:
+            ValueError: the engine serves no adapter of that name (``UnknownAdapter``) or none at all.
+        """
+        gone = served_adapters(self.adapters).unload(name)
+        self.wake()
+        return gone
+
+    def wake(self) -> None:
+        """``run`` looks for work now."""
+        with self.scheduler.arrived:
+            self.scheduler.arrived.notify()
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -387,7 +398,7 @@ class Engine:
         scheduler = self.scheduler
         last_broadcast = time.monotonic()
         while not self.stopping.is_set():
-            if scheduler.waiting or scheduler.running or scheduler.preempted:
+            if scheduler.has_work:
                 try:
                     self.step()
                 except Exception:
@@ -398,7 +409,7 @@ class Engine:
                 last_broadcast = time.monotonic()
                 continue
             with scheduler.arrived:
-                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.options.heartbeat_seconds))
+                scheduler.arrived.wait_for(lambda: scheduler.has_work, timeout=min(0.5, self.options.heartbeat_seconds))
             if self.distributed and time.monotonic() - last_broadcast >= self.options.heartbeat_seconds:
                 broadcast_plan(StepPlan("heartbeat"), self.model.group)
                 last_broadcast = time.monotonic()

@@ -55,7 +55,9 @@ class StepPlan:
       follower) makes;
     - ``tables``: each slot's blocks, where they changed;
     - ``adapter_loads``: the adapters that the admitted rows compute with and that take a device index (index ->
-      name; ``llama.engine.adapters``).
+      name; None: the index empties, its adapter leaving; ``llama.engine.adapters``);
+      ``adapter_registrations``: the adapters loaded since the last step, (name, folder), which every rank
+      registers before the step's admissions; ``adapter_removals``: those unloaded that no request names any more.
     """
 
     kind: str
@@ -64,7 +66,9 @@ class StepPlan:
     admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
     arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
-    adapter_loads: Dict[int, str] = field(default_factory=dict)
+    adapter_loads: Dict[int, Optional[str]] = field(default_factory=dict)
+    adapter_registrations: List[Tuple[str, str]] = field(default_factory=list)
+    adapter_removals: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Moves:
     tables: Dict[int, List[int]] = field(default_factory=dict)  # held slots' blocks, where they changed
     taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # (a row that sampled, its slot, its tokens)
     touched: Set[Request] = field(default_factory=set)  # requests with news to publish
-    adapter_loads: Dict[int, str] = field(default_factory=dict)  # adapters that took a device index
+    adapter_loads: Dict[int, Optional[str]] = field(default_factory=dict)  # device indices that changed adapter
 
 
 class Scheduler:
@@ -123,6 +127,12 @@ class Scheduler:
         """The running rows whose prefill is not all in the cache yet, oldest first."""
         return [row for row in self.running if not row.decoding]
 
+    @property
+    def has_work(self) -> bool:
+        """Rows waiting, running or preempted, or adapters arriving or leaving: a step has something to do."""
+        adapters_change = self.adapters is not None and self.adapters.updates
+        return bool(self.waiting or self.running or self.preempted or adapters_change)
+
     def held(self) -> Dict[int, Row]:
         """Each held slot's row."""
         return {row.slot: row for row in self.running}
@@ -152,6 +162,10 @@ class Scheduler:
         with self.arrived:
             cancelled = self.plan_cancellations(plan)
             self.plan_growth(plan, set(cancelled))
+            if self.adapters is not None:  # adapters loaded and unloaded since the last step
+                in_use = {request.options.adapter for request in self.requests(waiting=True)}
+                updates = self.adapters.plan_updates(in_use, plan.adapter_loads)
+                plan.adapter_registrations, plan.adapter_removals = updates
             held = {row.slot for row in self.running} - cancelled
             free = [slot for slot in range(self.max_slots) if slot not in held]
             if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
@@ -294,6 +308,8 @@ class Scheduler:
             known = {request.id: request for request in self.requests(waiting=True)}
             taken = self.named(plan)
             self.waiting = deque(request for request in self.waiting if request not in taken)
+        if plan.adapter_registrations:
+            self.adapters.arrive(plan.adapter_registrations)
         for request_id, index, reason in plan.ends:
             row = known[request_id].rows[index]
             if reason == "length":
@@ -313,6 +329,8 @@ class Scheduler:
         if plan.adapter_loads:
             self.adapters.assign(plan.adapter_loads)
             moves.adapter_loads = plan.adapter_loads
+        if plan.adapter_removals:
+            self.adapters.leave(plan.adapter_removals)
         for request_id, index, slot, cached in plan.admissions:
             self.place(known[request_id].rows[index], slot, cached, moves)
         held = self.held()

@@ -125,6 +125,12 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
             "(/v1/models lists them, with the base as their parent)"
         ),
     )
+    parser.add_argument(
+        "--allow_adapter_updates",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes): adapters loaded and "
+        "unloaded while serving",
+    )
 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +186,7 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ckpt_dir = args.ckpt_dir or str(BUNDLED)
     model_name = args.served_model_name or Path(ckpt_dir).name
-    adapters = parse_lora_modules(args.lora_modules, model_name)
+    adapters = parse_lora_modules(args.lora_modules, model_name, args.allow_adapter_updates)
     load = options_from(LoadOptions, args, ckpt_dir=ckpt_dir, time_threads=args.threads is None, adapters=adapters)
     # checked before anything loads; without --max_seq_len, the context is chosen once the checkpoint is read
     chosen = args.max_seq_len is None
@@ -209,7 +215,7 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
             args.speculate_k,
         )
     scheduler = Scheduler(llama.engine, args.max_queue, speculation)
-    app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize)
+    app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize, args.allow_adapter_updates)
     serve(app, scheduler, listener, model_name, args.shutdown_timeout)
 
 
@@ -223,10 +229,11 @@ def check_serving_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {args.shutdown_timeout!r}")
 
 
-def parse_lora_modules(modules: Optional[List[str]], model_name: str) -> Optional[Dict[str, str]]:
-    """--lora_modules NAME=DIR ... as {name: folder}, each name new and not the base model's (None: no flag)."""
+def parse_lora_modules(modules: Optional[List[str]], model_name: str, updates: bool) -> Optional[Dict[str, str]]:
+    """--lora_modules NAME=DIR ... as {name: folder}, each name new and not the base model's; None: no adapters
+    (with ``updates``, --allow_adapter_updates: {}, none yet)."""
     if modules is None:
-        return None
+        return {} if updates else None
     adapters: Dict[str, str] = {}
     for module in modules:
         name, equals, folder = module.partition("=")
