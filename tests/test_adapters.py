@@ -259,3 +259,48 @@ def test_an_adapter_of_another_model_or_with_a_target_the_model_lacks_is_refused
         served.load_adapter("head", str(head))
 
     assert served.engine.adapters.names == list(ADAPTER_SHAPES)  # neither was loaded
+
+
+def test_under_torchrun_every_rank_serves_its_slice_of_each_adapter_loaded_at_build_at_runtime_or_by_rank_0(
+    make_checkpoint, tokenizer_path, tmp_path
+):
+    """Two processes splitting a two-shard checkpoint (tests/distributed_worker.py's "adapters"): each row
+    gives the single process's tokens and logprobs with its adapter merged, on both ranks."""
+    import subprocess
+    import sys
+
+    from distributed_worker import ADAPTER_OPTIONS, ADAPTER_ROWS, PROMPTS
+
+    ckpt_dir, _ = make_checkpoint(n_shards=2)
+    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512})
+    folders = []
+    for seed, (rank, targets) in enumerate([(4, TARGET_SETS["all"]), (2, ("wk", "wo", "w2")), (8, ("w1", "w3"))]):
+        config = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+        model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
+        torch.manual_seed(seed)
+        for module_name, module in model.named_modules():
+            if module_name.endswith("lora_B"):
+                torch.nn.init.normal_(module.weight, std=0.5)
+        folders.append(str(tmp_path / f"a{seed}"))
+        Path(folders[-1]).mkdir()
+        write_adapter(folders[-1], adapter_tensors(model), config, args, ckpt_dir)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    worker = str(Path(__file__).parent / "distributed_worker.py")
+    command = [*torchrun, worker, "adapters", str(tmp_path), tokenizer_path, ckpt_dir, *folders]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+    def alone(prompt, adapter_dir) -> tuple:
+        llama = Llama.build(ckpt_dir, tokenizer_path, 32, 1, device="cpu", dtype="float32", adapter_dir=adapter_dir)
+        (tokens,), (logprobs,) = llama.generate([prompt], **ADAPTER_OPTIONS)
+        return tokens, logprobs
+
+    expected = [alone(prompt, None if name is None else folders[int(name[1])]) for prompt, name in ADAPTER_ROWS]
+    for rank in ranks:
+        for result, reference, (_, name) in zip(rank["batch"], expected, ADAPTER_ROWS):
+            assert_equal(result, reference, f"{name} under torchrun")
+        assert_equal(rank["loaded"][0], alone(PROMPTS[1], folders[2]), "loaded at runtime under torchrun")
+        assert_equal(rank["loaded"][1], expected[0], "beside it")
+        assert rank["names"] == ["a1", "a2"]
+    assert_equal(ranks[0]["followed"][0], expected[0], "loaded by rank 0 alone, the other following")
