@@ -7,7 +7,7 @@ the chat format in ``llama.chat.format``, text streaming in ``llama.engine.strea
 """
 
 import logging
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Dict, List, Optional, Tuple, TypedDict, Union
 
 import torch
 from torch.distributed import ProcessGroup
@@ -15,7 +15,7 @@ from torch.distributed import ProcessGroup
 from llama.chat.format import B_SYS, E_SYS, UNSAFE_ERROR, ChatFormat, Dialog, Message, chat_format_for  # noqa: F401 (Meta's import path)
 from llama.checkpoints.hf import read_chat_template
 from llama.checkpoints.loader import check_draft_vocabulary, load_model, read_model_args
-from llama.checkpoints.peft import read_adapter
+from llama.checkpoints.peft import Adapter, read_adapter
 from llama.distributed import (
     fail_together,
     init_distributed,
@@ -91,16 +91,20 @@ class Llama:
         prefix_cache: bool = True,
         time_threads: bool = False,
         kv_cache_dtype: Optional[str] = None,
+        adapters: Optional[Dict[str, str]] = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
     ) -> "Llama":
         """Load a checkpoint, in Meta's layout or a Hugging Face folder, and its tokenizer (Meta's call):
         ``from_options`` with the arguments as one ``LoadOptions`` and one ``EngineOptions``.
 
         Args:
             ckpt_dir, tokenizer_path, model_parallel_size, seed, device, dtype, backend, quantize,
-                quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir, time_threads: what loading needs
-                (``llama.options.LoadOptions`` describes each).
-            max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache, kv_cache_dtype: the engine's
-                sizes and policies (``llama.options.EngineOptions`` describes each).
+                quiet_ranks, draft_ckpt_dir, draft_quantize, adapter_dir, time_threads, adapters: what loading
+                needs (``llama.options.LoadOptions`` describes each); ``adapters={name: folder}``: LoRA adapters
+                served per request, chosen by a call's ``adapter=name``.
+            max_seq_len, max_batch_size, compile, kv_cache_tokens, prefix_cache, kv_cache_dtype, max_loras,
+                max_lora_rank: the engine's sizes and policies (``llama.options.EngineOptions`` describes each).
 
         Returns:
             A ``Llama`` holding the model and tokenizer.
@@ -119,6 +123,7 @@ class Llama:
             model_parallel_size,
             quiet_ranks,
             time_threads,
+            adapters,
         )
         engine = EngineOptions(
             max_batch_size,
@@ -127,6 +132,8 @@ class Llama:
             compile=compile,
             prefix_cache=prefix_cache,
             kv_cache_dtype=kv_cache_dtype,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
         )
         return Llama.from_options(load, engine)
 
@@ -158,6 +165,7 @@ class Llama:
             args = read_model_args(load.ckpt_dir, tokenizer, tokenizer_path, engine)
             chat_format = chat_format_for(tokenizer, read_chat_template(load.ckpt_dir))
             adapter = read_adapter(load.adapter_dir, args) if load.adapter_dir is not None else None
+            served = {name: read_adapter(folder, args) for name, folder in (load.adapters or {}).items()}
             model = load_model(
                 load.ckpt_dir, args, device, dtype, load.quantization, adapter, group, time_threads=load.time_threads
             )  # quantized as read
@@ -177,6 +185,7 @@ class Llama:
             adapter_id,
             adapter_dir=load.adapter_dir,
             cache_salt=f"{load.ckpt_dir} {load.quantize} {adapter_id}",
+            adapters=served if load.adapters is not None else None,
         )
 
     def __init__(
@@ -189,6 +198,7 @@ class Llama:
         adapter_id: Optional[str] = None,
         cache_salt: str = "",
         adapter_dir: Optional[str] = None,
+        adapters: Optional[Dict[str, Adapter]] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -200,7 +210,7 @@ class Llama:
         # every call below decodes here (engine_options None: the sizes of the model's pool, the default policies);
         # cache_salt names the weights in the prefix cache's keys
         options = engine_options or engine_options_for(model)
-        self.engine = Engine(model, tokenizer, options, draft, cache_salt)
+        self.engine = Engine(model, tokenizer, options, draft, cache_salt, adapters)
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +227,27 @@ class Llama:
         (``llama.layers.kv_cache.cache_dtype``), or the 8 bits of ``kv_cache_dtype="int8"`` or
         ``"float8_e4m3fn"``."""
         return self.model.layers[0].attention.kv_cache.cache_k.dtype
+
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Serve the LoRA adapter in ``folder`` (peft's files) as ``name`` beside the others, chosen by a call's
+        ``adapter=name`` (a model built with ``adapters=``, ``{}`` for none yet). Under torchrun, on every rank.
+
+        Raises:
+            ValueError, OSError: the name is taken, or the adapter cannot be served (its files, shapes, targets,
+                or a rank over ``max_lora_rank``).
+        """
+        self.engine.load_adapter(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Serve the adapter ``name`` no more, once the requests computing with it end (a stream still open
+        runs to its end here). Under torchrun, on every rank.
+
+        Raises:
+            ValueError: no adapter of that name is served.
+        """
+        gone = self.engine.unload_adapter(name)
+        while not gone.is_set():
+            self.engine.step()
 
     def start(self, prompt_tokens: List[List[int]], what: str, streams: bool = False, **options) -> Request:
         """Check a request and its ``GenerationOptions`` on every rank and submit it to the engine:
@@ -258,7 +289,8 @@ class Llama:
             echo: also return the prompt (and its logprobs). The first token's logprob is 0.
             options: the rest of ``GenerationOptions``: top_k, min_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, stop_tokens, stop_strings,
-                num_return_sequences, seed, top_logprobs.
+                num_return_sequences, seed, top_logprobs, adapter (the name of an adapter given to
+                ``Llama.build(adapters=...)`` the rows compute with; None: the base).
 
         Returns:
             (tokens, logprobs): per row the generated tokens, up to and excluding the first stop

@@ -59,6 +59,8 @@ class GenerationOptions:
     json_schema: a JSON Schema (a dict): each row's text is compact JSON that follows it, decoded
         under the grammar's token mask (``llama.engine.structured``), and ends by itself (a stop token).
     json_object: each row's text is a compact JSON object (any keys and values).
+    adapter: the name of a LoRA adapter the model serves (``Llama.build(adapters={name: folder})``) that the
+        rows compute with (``llama.engine.adapters``); None: the base model.
     """
 
     max_gen_len: Optional[int] = flag(
@@ -90,6 +92,7 @@ class GenerationOptions:
     speculate_k: int = flag(4, "tokens proposed and verified per step with --speculate")
     json_schema: Optional[dict] = None
     json_object: bool = False
+    adapter: Optional[str] = None
 
     def __post_init__(self):
         if self.max_gen_len is not None and not (is_int(self.max_gen_len) and self.max_gen_len >= 0):
@@ -140,6 +143,8 @@ class GenerationOptions:
             raise ValueError(
                 "give json_schema or json_object=True, not both (a schema of {'type': 'object'} is json_object)"
             )
+        if self.adapter is not None and not (isinstance(self.adapter, str) and self.adapter):
+            raise TypeError(f"adapter must name a loaded adapter, or be None (the base), got {self.adapter!r:.80}")
         if self.constrained and self.speculate:
             raise ValueError(
                 "speculate cannot be combined with json_schema or json_object: the proposals are not constrained"
@@ -196,6 +201,10 @@ class EngineOptions:
     admission: "continuous" (rows join free slots between steps) or "static" (only an empty batch).
     prefill_chunk: the most prompt tokens prefilled per step while rows decode.
     heartbeat_seconds: under torchrun, how often an idle rank 0 tells the others it is alive.
+    max_loras: the most LoRA adapters served per request that are on the device at once, for the rows of one
+        step (``llama.engine.adapters``); rows of another adapter wait until one of them is unused.
+    max_lora_rank: the largest rank of an adapter served per request. The device holds max_loras x
+        max_lora_rank rank columns beside each adaptable linear when the model serves adapters.
     """
 
     max_batch_size: int = flag(8, "the most rows (prompts, dialogs, samples) decoded together: the engine's slots")
@@ -235,13 +244,16 @@ class EngineOptions:
         "under torchrun, how often an idle rank 0 tells the others it is alive (well "
         "below the process group's 30-minute timeout)",
     )
+    max_loras: int = flag(
+        8, "the most LoRA adapters on the device at once, for one step's rows; rows of others wait for one to be unused"
+    )
+    max_lora_rank: int = flag(64, "the largest rank of a LoRA adapter served per request")
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "kv_cache_tokens", "kv_block_size", "prefill_chunk"):
+        required = ("max_batch_size", "max_seq_len", "prefill_chunk", "max_loras", "max_lora_rank")
+        for name in (*required, "kv_cache_tokens", "kv_block_size"):
             value = getattr(self, name)
-            if (value is not None or name in ("max_batch_size", "max_seq_len", "prefill_chunk")) and not (
-                is_int(value) and value >= 1
-            ):
+            if (value is not None or name in required) and not (is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("compile", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
@@ -312,6 +324,8 @@ class LoadOptions:
     adapter_dir: a LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``, as
         ``python -m llama.finetune`` writes it), merged into the weights as they are read, before
         ``quantize``: decoding costs what the model alone costs.
+    adapters: LoRA adapters in peft's format served per request, by name (``{name: folder}``): kept beside
+        the weights, a request's ``adapter`` names the one its rows compute with (``llama.engine.adapters``).
     draft_ckpt_dir: a smaller checkpoint with the same vocabulary, for ``speculate="draft"``
         (``llama.engine.speculative``); ``ckpt_dir`` itself with ``draft_quantize`` for a quantized copy of
         the model as its own draft. Split over the processes like the model, with the same cache sizes.
@@ -368,12 +382,21 @@ class LoadOptions:
     model_parallel_size: Optional[int] = None
     quiet_ranks: bool = True
     time_threads: bool = False
+    adapters: Optional[Dict[str, str]] = None
 
     def __post_init__(self):
         for name in ("ckpt_dir", "tokenizer_path", "adapter_dir", "draft_ckpt_dir"):
             value = getattr(self, name)
             if (value is not None or name == "ckpt_dir") and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path, got {value!r:.80}")
+        if self.adapters is not None and not (
+            isinstance(self.adapters, dict)
+            and all(
+                isinstance(name, str) and name and isinstance(folder, (str, os.PathLike))
+                for name, folder in self.adapters.items()
+            )
+        ):
+            raise TypeError(f"adapters must map names to adapter folders, got {self.adapters!r:.80}")
         parse_quantize(self.quantize)  # raises for a value it cannot read
         parse_quantize(self.draft_quantize)
         if self.draft_quantize is not None and self.draft_ckpt_dir is None:

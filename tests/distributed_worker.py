@@ -26,6 +26,11 @@ Scenarios:
     engine_int8  the same, the pool stored in int8 (kv_cache_dtype="int8").
     speculate    greedy tokens and logprobs of REPEATING_PROMPTS with prompt lookup and with the
                  model's own int8 weights as the draft, saved as for generate.
+    adapters     CKPT_DIR then three LoRA adapters' folders, served per request (at most two on the device):
+                 greedy tokens and logprobs of ADAPTER_ROWS in one batch, then of a row of the third adapter
+                 loaded at runtime beside one of the first (every rank loads it), then, the first unloaded,
+                 of a row of the first again under another name, loaded and run by rank 0 alone while the
+                 others follow its plans (a server's way); saved as for generate.
 """
 
 import dataclasses
@@ -178,6 +183,46 @@ def speculate(tokenizer_path: str, ckpt_dirs) -> dict:
     return results
 
 
+ADAPTER_ROWS = [(PROMPTS[0], "a0"), (PROMPTS[1], "a1"), (PROMPTS[0], None)]
+ADAPTER_OPTIONS = dict(max_gen_len=8, temperature=0, stop_tokens=[], logprobs=True)
+
+
+def adapter_batch(engine, rows) -> list:
+    """Each (prompt, adapter) a request of its own, in one batch: their (tokens, logprobs)."""
+    requests = [engine.submit([prompt], GenerationOptions(**ADAPTER_OPTIONS, adapter=name)) for prompt, name in rows]
+    while not all(request.done for request in requests):
+        engine.step()
+    return [(request.tokens[0], request.logprobs[0]) for request in requests]
+
+
+def adapters(tokenizer_path: str, paths) -> dict:
+    ckpt_dir, folders = paths[0], paths[1:]
+    llama = Llama.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len=32,
+        max_batch_size=3,
+        device="cpu",
+        dtype="float32",
+        adapters={"a0": folders[0], "a1": folders[1]},
+        max_loras=2,
+    )
+    engine = llama.engine
+    results = {"batch": adapter_batch(engine, ADAPTER_ROWS)}
+    llama.load_adapter("a2", folders[2])  # the device's two indices are taken: the least recently used leaves
+    results["loaded"] = adapter_batch(engine, [(PROMPTS[1], "a2"), (PROMPTS[0], "a0")])
+    llama.unload_adapter("a0")
+    results["names"] = engine.adapters.names
+    if dist.get_rank() == 0:
+        engine.load_adapter("again", folders[0])  # the followers read it when the plan says so
+        results["followed"] = adapter_batch(engine, [(PROMPTS[0], "again")])
+        engine.stop()
+        engine.run()
+    else:
+        engine.follow()
+    return results
+
+
 def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> None:
     if scenario == "rank1_raises":
         if os.environ["RANK"] == "1":
@@ -193,6 +238,7 @@ def main(scenario: str, out_dir: str, tokenizer_path: str, *ckpt_dirs: str) -> N
             "engine": engine,
             "engine_int8": lambda tokenizer_path, ckpt_dirs: engine(tokenizer_path, ckpt_dirs, "int8"),
             "speculate": speculate,
+            "adapters": adapters,
         }[scenario](tokenizer_path, ckpt_dirs)
         torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 

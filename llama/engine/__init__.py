@@ -6,6 +6,7 @@
 - ``block_manager.py``: the KV cache pool's blocks: allocation, prefix keys, reference counts, eviction;
 - ``runner.py``: one step on the model (prefill, decode) over the device's state; ``speculative.py``:
   speculative decoding's steps beside it;
+- ``adapters.py``: the LoRA adapters served per request, and those of them on the device;
 - ``engine.py``: the loop that ties them: ``submit``, ``score``, ``step``, ``run``, ``follow``.
 """
 

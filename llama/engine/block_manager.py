@@ -7,8 +7,9 @@ block 0 is scratch (positions nobody reads land there) and is never handed out. 
 
 Prefix caching: a full block is keyed by a chained hash, of the previous block's key and its own
 tokens, rooted in a ``salt`` naming the weights (two models, or two adapters of one, never share
-keys). A new row takes the longest run of its leading full blocks whose keys are known and whose
-stored tokens are its own, and computes the rest; it never takes the block holding its last
+keys), and for a row computing with an adapter served per request, in that adapter's identity too.
+A new row takes the longest run of its leading full blocks whose keys are known and whose stored
+tokens are its own, and computes the rest; it never takes the block holding its last
 prompt token, so at least one token is always computed and a shared block is never written.
 Blocks are reference-counted; one that no row holds but whose key is known stays cached, and is
 evicted, least recently used first, only when a fresh block is needed. When the weights change (a
@@ -32,6 +33,7 @@ class BlockTable:
     blocks: List[int] = field(default_factory=list)
     hashed: int = 0  # blocks[:hashed] are keyed; the last key is ``key``
     key: Optional[bytes] = None
+    root: bytes = b""  # what its first key is chained on (``BlockManager.root_for``)
 
 
 class BlockManager:
@@ -74,54 +76,67 @@ class BlockManager:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def root_for(self, adapter: Optional[str]) -> bytes:
+        """The root of a row's keys: the salt's, or with the identity of the adapter it computes with, another."""
+        if adapter is None:
+            return self.root
+        return hashlib.blake2b(self.root + adapter.encode(), digest_size=16).digest()
+
     def key(self, previous: bytes, tokens: Sequence[int]) -> bytes:
         """A full block's key: the previous block's key (``root`` for the first) and its tokens."""
         return hashlib.blake2b(previous + struct.pack(f"<{len(tokens)}I", *tokens), digest_size=16).digest()
 
-    def full_blocks(self, tokens: Sequence[int]) -> Iterator[Tuple[bytes, Tuple[int, ...]]]:
+    def full_blocks(
+        self, tokens: Sequence[int], root: Optional[bytes] = None
+    ) -> Iterator[Tuple[bytes, Tuple[int, ...]]]:
         """The key and the tokens of each leading full block of ``tokens`` but its last token (which a
-        row always computes): the blocks a row could take from the prefix cache."""
-        key = self.root
+        row always computes), chained from ``root`` (None: the salt's): the blocks a row could take from the
+        prefix cache."""
+        key = root or self.root
         for start in range(0, len(tokens) - self.block_size, self.block_size):
             chunk = tuple(tokens[start : start + self.block_size])
             key = self.key(key, chunk)
             yield key, chunk
 
-    def cached_prefix(self, tokens: Sequence[int]) -> List[int]:
+    def cached_prefix(self, tokens: Sequence[int], root: Optional[bytes] = None) -> List[int]:
         """The cached blocks holding the longest run of ``full_blocks`` of ``tokens``, without taking them."""
         if not self.prefix_cache:
             return []
         found = []
-        for key, chunk in self.full_blocks(tokens):
+        for key, chunk in self.full_blocks(tokens, root):
             block = self.keys.get(key)
             if block is None or self.contents[block][1] != chunk:
                 break
             found.append(block)
         return found
 
-    def computed_keys(self, tokens: Sequence[int]) -> List[bytes]:
+    def computed_keys(self, tokens: Sequence[int], root: Optional[bytes] = None) -> List[bytes]:
         """The keys of the ``full_blocks`` of ``tokens`` past its cached prefix: those a row computes
         (none without the prefix cache)."""
         if not self.prefix_cache:
             return []
-        return [key for key, _ in itertools.islice(self.full_blocks(tokens), len(self.cached_prefix(tokens)), None)]
+        cached = len(self.cached_prefix(tokens, root))
+        return [key for key, _ in itertools.islice(self.full_blocks(tokens, root), cached, None)]
 
-    def needed(self, tokens: Sequence[int], n_tokens: int) -> int:
+    def needed(self, tokens: Sequence[int], n_tokens: int, root: Optional[bytes] = None) -> int:
         """Fresh blocks a new row whose first ``n_tokens`` positions are ``tokens`` needs now."""
-        hits = self.cached_prefix(tokens)
+        hits = self.cached_prefix(tokens, root)
         return self.blocks_for(n_tokens) - len(hits) + sum(block in self.cached for block in hits)
 
-    def allocate(self, tokens: Sequence[int], n_tokens: int) -> Optional[Tuple[BlockTable, int]]:
-        """A new row's table for its first ``n_tokens`` positions, whose tokens are ``tokens``: the
-        cached prefix taken, fresh blocks after it. Returns (table, cached tokens), or None (nothing
-        taken) when the pool cannot give them."""
-        if self.needed(tokens, n_tokens) > self.available:
+    def allocate(
+        self, tokens: Sequence[int], n_tokens: int, adapter: Optional[str] = None
+    ) -> Optional[Tuple[BlockTable, int]]:
+        """A new row's table for its first ``n_tokens`` positions, whose tokens are ``tokens``, computed with
+        ``adapter`` (its identity; None: the weights alone): the cached prefix taken, fresh blocks after it.
+        Returns (table, cached tokens), or None (nothing taken) when the pool cannot give them."""
+        root = self.root_for(adapter)
+        if self.needed(tokens, n_tokens, root) > self.available:
             return None
-        hits = self.cached_prefix(tokens)
+        hits = self.cached_prefix(tokens, root)
         for block in hits:
             self.cached.pop(block, None)
             self.references[block] += 1
-        table = BlockTable(list(hits), len(hits), self.contents[hits[-1]][0] if hits else None)
+        table = BlockTable(list(hits), len(hits), self.contents[hits[-1]][0] if hits else None, root)
         self.grow(table, n_tokens)
         self.queried_tokens += len(tokens)
         self.hit_tokens += len(hits) * self.block_size
@@ -156,7 +171,7 @@ class BlockManager:
         while (table.hashed + 1) * self.block_size <= min(written, len(table.blocks) * self.block_size):
             start = table.hashed * self.block_size
             chunk = tuple(tokens[start : start + self.block_size])
-            key = self.key(table.key or self.root, chunk)
+            key = self.key(table.key or table.root, chunk)
             block = table.blocks[table.hashed]
             if key not in self.keys and block not in self.contents:
                 self.keys[key], self.contents[block] = block, (key, chunk)

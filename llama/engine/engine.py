@@ -25,6 +25,9 @@ what they sampled. Its rooms:
   row decodes one token (or speculates: ``llama.engine.speculative``). Every sampled token reaches the
   host one way (``record``); a row leaves the moment it ends (stop token, stop string, its
   ``max_gen_len``, the end of the context, or cancelled), freeing its slot and blocks.
+- A request may name a LoRA adapter the engine serves (``llama.engine.adapters``): its rows compute with it
+  beside rows of other adapters and of none, in the same steps; the plan loads an adapter onto the device
+  when a row needs it, and the device follows (``sync``).
 - A row with ``json_schema`` / ``json_object`` follows a grammar (``llama.engine.structured``): it gets a
   matcher when admitted (kept while it waits preempted), its allowed next tokens go to the runner
   before each step, and each token it takes advances its matcher.
@@ -47,12 +50,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from llama.checkpoints.peft import Adapter
+from llama.engine.adapters import Adapters, check_adapter, served_adapters
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import DeltaSink, Request, Row, RowDelta, Sampled, check_pairs  # noqa: F401 (public names)
 from llama.engine.runner import Runner
@@ -118,7 +123,9 @@ class Engine:
             and context (``engine_options_for``).
         draft: a smaller model with the same vocabulary and cache sizes, for requests with
             ``speculate="draft"``; its pool's blocks are the model's, in the same block tables.
-        cache_salt: what names the weights (and an adapter) in the prefix cache's keys.
+        cache_salt: what names the weights (and an adapter merged into them) in the prefix cache's keys.
+        adapters: LoRA adapters served per request, by name (``GenerationOptions.adapter``): the model's
+            adaptable linears get layers that hold ``options.max_loras`` of them; None: no adapters.
     """
 
     def __init__(
@@ -128,15 +135,19 @@ class Engine:
         options: Optional[EngineOptions] = None,
         draft: Optional[Transformer] = None,
         cache_salt: str = "",
+        adapters: Optional[Dict[str, Adapter]] = None,
     ):
         options = engine_options_for(model) if options is None else options
         if not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
         for pooled in [model] + ([draft] if draft is not None else []):  # the draft's pool: the same blocks
             setup_pool(pooled, options)
+        self.adapters = Adapters(model, options, adapters) if adapters is not None else None
         blocks = BlockManager(options.kv_cache_blocks, options.block_size, cache_salt, options.prefix_cache)  # rank 0's
-        self.scheduler = Scheduler(options.max_batch_size, options.max_seq_len, blocks, options.admission)
-        self.runner = Runner(model, options, draft)
+        self.scheduler = Scheduler(
+            options.max_batch_size, options.max_seq_len, blocks, options.admission, self.adapters
+        )
+        self.runner = Runner(model, options, draft, self.adapters)
         self.speculator = Speculator(self.runner, options.compile)
         self.constraints = Constraints(tokenizer, model.params.vocab_size)  # grammars of json_schema/json_object rows
         self.model, self.draft, self.tokenizer, self.options = model, draft, tokenizer, options
@@ -176,6 +187,7 @@ class Engine:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         options.check_vocabulary(vocab_size)
         options.check_draft(self.draft is not None)
+        check_adapter(self.adapters, options.adapter)
         self.constraints.check(options.json_schema, options.json_object)
         check_prompts(prompt_tokens, sizes.max_seq_len, vocab_size, what)
         self.scheduler.check_pool(prompt_tokens, options.num_return_sequences, what, self.kv_cache_tokens)
@@ -217,6 +229,32 @@ class Engine:
             if row.finish_reason != "length":
                 raise RuntimeError(f"pair {i} was not scored: its row ended with finish reason {row.finish_reason!r}")
         return [(row.prompt_logprobs, row.prompt_greedy) for row in rows]
+
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Serve the LoRA adapter in ``folder`` as ``name`` from the next step on; a request may name it at once
+        (``llama.engine.adapters.Adapters.load``). Any thread; under torchrun, rank 0's (the plan carries it).
+
+        Raises:
+            ValueError, OSError: the engine serves no adapters, the name is taken, or the adapter cannot be served.
+        """
+        served_adapters(self.adapters).load(name, folder)
+        self.wake()
+
+    def unload_adapter(self, name: str) -> threading.Event:
+        """Serve the adapter ``name`` no more: new requests may not name it, and it leaves once the requests
+        computing with it end. Returns an event set then (a step sets it). Any thread; rank 0's under torchrun.
+
+        Raises:
+            ValueError: the engine serves no adapter of that name (``UnknownAdapter``) or none at all.
+        """
+        gone = served_adapters(self.adapters).unload(name)
+        self.wake()
+        return gone
+
+    def wake(self) -> None:
+        """``run`` looks for work now."""
+        with self.scheduler.arrived:
+            self.scheduler.arrived.notify()
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -374,7 +412,7 @@ class Engine:
         scheduler = self.scheduler
         last_broadcast = time.monotonic()
         while not self.stopping.is_set():
-            if scheduler.waiting or scheduler.running or scheduler.preempted:
+            if scheduler.has_work:
                 try:
                     self.step()
                 except Exception:
@@ -385,7 +423,7 @@ class Engine:
                 last_broadcast = time.monotonic()
                 continue
             with scheduler.arrived:
-                scheduler.arrived.wait_for(lambda: scheduler.waiting, timeout=min(0.5, self.options.heartbeat_seconds))
+                scheduler.arrived.wait_for(lambda: scheduler.has_work, timeout=min(0.5, self.options.heartbeat_seconds))
             if self.distributed and time.monotonic() - last_broadcast >= self.options.heartbeat_seconds:
                 broadcast_plan(StepPlan("heartbeat"), self.model.group)
                 last_broadcast = time.monotonic()
@@ -457,9 +495,12 @@ class Engine:
         advances with its tokens and ends with it."""
         for slot in moves.vacated:
             self.runner.free(slot)
+        if moves.adapter_loads:
+            self.adapters.write(moves.adapter_loads)
         for request, rows in itertools.groupby(moves.resumed + moves.admitted, key=lambda row: row.request):
             rows = list(rows)
-            self.runner.set_rows(request.options, [row.slot for row in rows], rows)
+            index = 0 if request.options.adapter is None else self.adapters.index_of(request.options.adapter)
+            self.runner.set_rows(request.options, [row.slot for row in rows], rows, index)
         for slot, blocks in moves.tables.items():
             self.runner.set_table(slot, blocks)
         for row in moves.admitted:

@@ -28,19 +28,26 @@ each row is ``llama.engine.requests``; which rows run is ``llama.engine.schedule
   other rows' masks allow every token, so they share the batch (and the compiled graph) unchanged.
 - ``speculate``: k proposals per row (prompt lookup or the draft model, on the same block tables)
   verified in one pass (``llama.engine.speculative``).
+- Rows computing with LoRA adapters served per request (``llama.engine.adapters``): each slot's adapter index
+  is kept beside its settings, and before every pass of the model the pass's rows' indices become the
+  adapted layers' mask (``adapters_for``), cleared after it. An eager pass none of whose rows has an adapter
+  computes the base alone; the compiled step always takes the mask while an adapter is resident, so that one
+  graph serves every mix of rows.
 
 Under torchrun the sampled tokens are broadcast from rank 0 inside the step, so every rank writes
 the same tokens.
 """
 
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from llama.engine.adapters import Adapters
 from llama.engine.requests import Row, Sampled
 from llama.engine.sampling import RowSettings, apply_penalties, global_exponentials, sample, seed_key
 from llama.layers.kv_cache import SCRATCH_BLOCK, BlockTables, attended_tables, block_starts
@@ -103,11 +110,19 @@ class Runner:
             the pool; None: ``default_compiled_attention``. Every other pass gathers.
         draft: a smaller model with the same vocabulary, for ``speculate="draft"``; its pool's blocks are
             the model's, in the same block tables.
+        adapters: the LoRA adapters the model serves per request, or None.
     """
 
-    def __init__(self, model: Transformer, options: EngineOptions, draft: Optional[Transformer] = None):
+    def __init__(
+        self,
+        model: Transformer,
+        options: EngineOptions,
+        draft: Optional[Transformer] = None,
+        adapters: Optional[Adapters] = None,
+    ):
         max_slots, compile = options.max_batch_size, options.compile
         self.model, self.draft, self.max_slots, self.options = model, draft, max_slots, options
+        self.adapters = adapters
         params = model.params
         self.device = device = model.output.weight.device
         compiled_attention = options.compiled_attention or default_compiled_attention(device)
@@ -122,6 +137,8 @@ class Runner:
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.settings = RowSettings.empty(max_slots, vocab, device)
+        # the index of the adapter each slot's row computes with (``llama.engine.adapters``), 0: none
+        self.slot_adapters = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.block_tables = torch.full(
             (max_slots, options.blocks_per_row), SCRATCH_BLOCK, dtype=torch.long, device=device
         )
@@ -151,9 +168,11 @@ class Runner:
 
     # --- a row's state ----------------------------------------------------------------------------
 
-    def set_rows(self, options: GenerationOptions, slots: List[int], rows: List[Row]) -> None:
-        """The slots' sampling settings, and what their rows have seen and generated."""
+    def set_rows(self, options: GenerationOptions, slots: List[int], rows: List[Row], adapter_index: int = 0) -> None:
+        """The slots' sampling settings, the index of the adapter their rows compute with (0: none), and what
+        their rows have seen and generated."""
         index = torch.tensor(slots, device=self.device)
+        self.slot_adapters[index] = adapter_index
         n = options.num_return_sequences
         values = dict(
             temperature=options.temperature,
@@ -201,6 +220,7 @@ class Runner:
         """The slot's row left it (ended or preempted): no blocks, every token allowed."""
         self.set_table(slot, [])
         self.allowed[slot] = True
+        self.slot_adapters[slot] = 0
 
     def set_allowed(self, slots: List[int], allowed: torch.Tensor) -> None:
         """The slots' allowed next tokens (len(slots), vocab) bool, from their grammars."""
@@ -209,6 +229,17 @@ class Runner:
     def resume(self, row: Row) -> None:
         """A row prefilled again after a preemption decodes on from its last token."""
         self.tokens[row.slot], self.positions[row.slot] = row.tokens[-1], row.position
+
+    def adapters_for(
+        self, slots: Union[torch.Tensor, slice], rows: Sequence[Optional[Row]], compiled: bool = False
+    ) -> ContextManager[None]:
+        """The passes inside the block compute each of ``slots`` (the pass's rows, in order) with its row's adapter
+        (``rows``: the rows among them; None for a slot without one). A pass that is not ``compiled`` and none of
+        whose rows has an adapter computes the base alone."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        needed = compiled or any(row is not None and row.options.adapter is not None for row in rows)
+        return self.adapters.select(self.slot_adapters[slots], needed)
 
     # --- passes -----------------------------------------------------------------------------------
 
@@ -229,14 +260,15 @@ class Runner:
         cache = BlockTables(attended_tables(tables, max(row.prefilled + n for row, n in batch), self.block_size))
         scored = [scored_indices(row, n) for row, n in batch]
         tokens = tokens.to(self.device)
+        at = ends  # the last position's logits: (rows, 1, vocab)
         if any(scored):  # the scored positions' logits, then the last's: (rows, most scored + 1, vocab)
             k = max(len(indices) for indices in scored) + 1
             at = torch.tensor([indices + [n - 1] * (k - len(indices)) for indices, (_, n) in zip(scored, batch)])
+        with self.adapters_for(slots, [row for row, _ in batch]):
             logits = self.model(tokens, positions=positions, cache=cache, logits_at=at.to(self.device))
+        if any(scored):
             self.score_prompts(batch, scored, logits[:, :-1])
-            last = logits[:, -1]
-        else:
-            last = self.model(tokens, positions=positions, cache=cache, logits_at=ends)[:, 0]
+        last = logits[:, -1]
         if self.draft is not None:  # the draft's cache holds the prompts too
             self.draft(tokens, positions=positions, cache=cache, logits_at=ends)
         self.positions[slots] = (
@@ -299,15 +331,16 @@ class Runner:
         features = self.features(rows) if self.compiled is None else self.compiled_features(rows)
         noise = self.noise([by_slot.get(slot) for slot in range(width)], features)
         live = live.to(self.device)
-        if self.compiled is None:
-            message = self.decode_step(tables, live, noise, features)
-        else:
-            start = time.perf_counter()
-            message = self.compiled_step(tables, live, noise, features)
-            if self.compile_seconds is None:
-                self.compile_seconds = time.perf_counter() - start
-                logger.info("compiled the decode step in %.1f s", self.compile_seconds)
-        values = message.tolist()  # the step's one wait on the device
+        with self.adapters_for(slice(0, width), rows, compiled=self.compiled is not None):
+            if self.compiled is None:
+                message = self.decode_step(tables, live, noise, features)
+            else:
+                start = time.perf_counter()
+                message = self.compiled_step(tables, live, noise, features)
+                if self.compile_seconds is None:
+                    self.compile_seconds = time.perf_counter() - start
+                    logger.info("compiled the decode step in %.1f s", self.compile_seconds)
+            values = message.tolist()  # the step's one wait on the device
         return [unpack(values[row.slot], features, row.options) for row in rows]
 
     def decode_tables(self, width: int, kv_len: int) -> torch.Tensor:
@@ -383,7 +416,8 @@ class Runner:
             for sampler in self.sampler_variants():
                 features = Features(sampler, sampler, True, self.warmed_alternatives, constrained=True)
                 noise = torch.ones(width, vocab if sampler else 1, device=self.device)
-                self.compiled_step(self.decode_tables(width, kv_len), live, noise, features).tolist()
+                with self.adapters_for(slice(0, width), [], compiled=True):
+                    self.compiled_step(self.decode_tables(width, kv_len), live, noise, features).tolist()
 
     def decode_step(
         self, tables: torch.Tensor, live: torch.Tensor, noise: torch.Tensor, features: Features

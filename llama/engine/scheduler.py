@@ -13,10 +13,11 @@ A step is planned on rank 0 (``plan``) and applied on every rank (``apply``), in
 - admissions, when nothing was preempted: the preempted rows first, then the waiting requests, oldest
   first, while their rows fit the free slots and the pool holds the blocks of their prefill (a
   request's rows are admitted together; a request of more rows than there are slots, in order, as
-  slots free; "static" admission admits only into an empty batch). A new
-  row takes the blocks of the longest cached prefix of its prompt and computes the rest; a request
-  that would compute again a full block a row admitted in the same step computes waits a step, and
-  takes it from the cache then;
+  slots free; "static" admission admits only into an empty batch), and while the adapter a request
+  computes with, if any, has an index among the device's (``llama.engine.adapters``: its own, or one it
+  loads). A new row takes the blocks of the longest cached prefix of its prompt (computed with its adapter)
+  and computes the rest; a request that would compute again a full block a row admitted in the same step
+  computes waits a step, and takes it from the cache then;
 - tables: each slot's blocks, where they changed.
 
 Then the step runs (``prefill_batch``: which prompts, and how much of each), and each row records what
@@ -31,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
+from llama.engine.adapters import Adapters
 from llama.engine.block_manager import BlockManager
 from llama.engine.requests import Request, Row, Sampled
 from llama.options import GenerationOptions
@@ -52,7 +54,11 @@ class StepPlan:
       prefix cache): the preempted rows first, then the new requests' rows; ``arrivals``: those new
       requests, (id, prompts, options, stream_text), which a rank that was not given them (a server's
       follower) makes;
-    - ``tables``: each slot's blocks, where they changed.
+    - ``tables``: each slot's blocks, where they changed;
+    - ``adapter_loads``: the adapters that the admitted rows compute with and that take a device index (index ->
+      name; None: the index empties, its adapter leaving; ``llama.engine.adapters``);
+      ``adapter_registrations``: the adapters loaded since the last step, (name, folder), which every rank
+      registers before the step's admissions; ``adapter_removals``: those unloaded that no request names any more.
     """
 
     kind: str
@@ -61,6 +67,9 @@ class StepPlan:
     admissions: List[Tuple[int, int, int, int]] = field(default_factory=list)
     arrivals: List[Tuple[int, List[List[int]], GenerationOptions, bool]] = field(default_factory=list)
     tables: Dict[int, List[int]] = field(default_factory=dict)
+    adapter_loads: Dict[int, Optional[str]] = field(default_factory=dict)
+    adapter_registrations: List[Tuple[str, str]] = field(default_factory=list)
+    adapter_removals: List[str] = field(default_factory=list)
 
 
 def arrival(request: Request) -> Tuple[int, List[List[int]], GenerationOptions, bool]:
@@ -79,6 +88,7 @@ class Moves:
     tables: Dict[int, List[int]] = field(default_factory=dict)  # held slots' blocks, where they changed
     taken: List[Tuple[Row, int, List[int]]] = field(default_factory=list)  # (a row that sampled, its slot, its tokens)
     touched: Set[Request] = field(default_factory=set)  # requests with news to publish
+    adapter_loads: Dict[int, Optional[str]] = field(default_factory=dict)  # device indices that changed adapter
 
 
 class Scheduler:
@@ -90,12 +100,21 @@ class Scheduler:
         max_seq_len: a row's most positions.
         blocks: the pool's block manager (used on rank 0 only).
         admission: "continuous" or "static".
+        adapters: the adapters served per request, or None.
     """
 
-    def __init__(self, max_slots: int, max_seq_len: int, blocks: BlockManager, admission: str = "continuous"):
+    def __init__(
+        self,
+        max_slots: int,
+        max_seq_len: int,
+        blocks: BlockManager,
+        admission: str = "continuous",
+        adapters: Optional[Adapters] = None,
+    ):
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         self.max_slots, self.max_seq_len, self.blocks, self.admission = max_slots, max_seq_len, blocks, admission
+        self.adapters = adapters
         self.running: List[Row] = []  # the rows holding a slot (``Row.slot``), in the order they were admitted
         self.waiting: Deque[Request] = deque()
         self.preempted: Deque[Row] = deque()  # rows that gave their blocks back, first to resume first
@@ -113,6 +132,12 @@ class Scheduler:
     def prefilling(self) -> List[Row]:
         """The running rows whose prefill is not all in the cache yet, oldest first."""
         return [row for row in self.running if not row.decoding]
+
+    @property
+    def has_work(self) -> bool:
+        """Rows waiting, running or preempted, or adapters arriving or leaving: a step has something to do."""
+        adapters_change = self.adapters is not None and self.adapters.updates
+        return bool(self.waiting or self.running or self.preempted or adapters_change)
 
     def held(self) -> Dict[int, Row]:
         """Each held slot's row."""
@@ -146,6 +171,10 @@ class Scheduler:
         with self.arrived:
             cancelled = self.plan_cancellations(plan)
             self.plan_growth(plan, set(cancelled))
+            if self.adapters is not None:  # adapters loaded and unloaded since the last step
+                in_use = {request.options.adapter for request in self.requests(waiting=True)}
+                updates = self.adapters.plan_updates(in_use, plan.adapter_loads)
+                plan.adapter_registrations, plan.adapter_removals = updates
             held = {row.slot for row in self.running} - cancelled
             free = [slot for slot in range(self.max_slots) if slot not in held]
             if not plan.preemptions and (self.admission == "continuous" or len(free) == self.max_slots):
@@ -200,10 +229,13 @@ class Scheduler:
         """The preempted rows, then the waiting requests, each while a slot and the pool's blocks for
         its prefill are there; first come, first served: nothing overtakes the oldest."""
         ending = {(request_id, index) for request_id, index, _ in plan.ends}
+        claimed: Set[int] = set()  # the adapter indices the rows admitted so far compute with
         for row in self.preempted:
             if (row.request.id, row.index) in ending:
                 continue
-            cached = self.allocate(row, free[0], plan) if free else None
+            if not free or not self.claim_adapter(row.request, plan, claimed):
+                return
+            cached = self.allocate(row, free[0], plan)
             if cached is None:
                 return
             plan.admissions.append((row.request.id, row.index, free.pop(0), cached))
@@ -216,14 +248,14 @@ class Scheduler:
             if not rows or (request.id, rows[0].index) in ending or self.shares_computing(rows[: len(free)], computing):
                 continue  # withdrawn, or waits a step
             together = request.n_rows <= self.max_slots  # else its rows go in as slots and blocks free
-            if together and len(rows) > len(free):
+            if (together and len(rows) > len(free)) or not self.claim_adapter(request, plan, claimed):
                 return
             admissions = self.allocate_rows(rows, free, plan, together)
             if not admissions:
                 return
             free = free[len(admissions) :]
             admitted = rows[: len(admissions)]
-            computing.update(key for row in admitted for key in self.blocks.computed_keys(row.cacheable))
+            computing.update(key for row in admitted for key in self.computed_keys(row))
             plan.admissions += admissions
             if request.admitted == 0:  # its first rows: the other ranks make the request now
                 plan.arrivals.append(arrival(request))
@@ -254,13 +286,27 @@ class Scheduler:
         context shared by several continuations, a system prompt shared by requests that came together)."""
         if self.admission != "continuous" or not computing:
             return False
-        return any(key in computing for row in rows for key in self.blocks.computed_keys(row.cacheable))
+        return any(key in computing for row in rows for key in self.computed_keys(row))
+
+    def claim_adapter(self, request: Request, plan: StepPlan, claimed: Set[int]) -> bool:
+        """Whether the adapter ``request`` computes with, if any, has a device index for this step (its own, or
+        one the plan loads it into: ``Adapters.claim``); False: the request waits."""
+        if request.options.adapter is None:
+            return True
+        return self.adapters.claim(request.options.adapter, plan.adapter_loads, claimed) is not None
+
+    def adapter_identity(self, row: Row) -> Optional[str]:
+        """The identity of the adapter the row computes with (None: the weights alone): part of its prefix keys."""
+        return None if row.options.adapter is None else self.adapters.identity(row.options.adapter)
+
+    def computed_keys(self, row: Row) -> List[bytes]:
+        return self.blocks.computed_keys(row.cacheable, self.blocks.root_for(self.adapter_identity(row)))
 
     def allocate(self, row: Row, slot: int, plan: StepPlan) -> Optional[int]:
         """The row's blocks for its prefill (its cached prefix taken, short of the tokens it scores, whose
         logits it computes), into ``plan``. Returns its prefill's tokens found in the prefix cache, or None if
         the pool cannot give the blocks."""
-        taken = self.blocks.allocate(row.cacheable, len(row.target))
+        taken = self.blocks.allocate(row.cacheable, len(row.target), self.adapter_identity(row))
         if taken is None:
             return None
         row.table, cached = taken
@@ -291,6 +337,8 @@ class Scheduler:
         moves = Moves()
         with self.arrived:
             known = {request.id: request for request in self.requests(waiting=True)}
+        if plan.adapter_registrations:
+            self.adapters.arrive(plan.adapter_registrations)
         for request_id, index, reason in plan.ends:
             row = known[request_id].rows[index]
             if reason == "length":
@@ -307,6 +355,11 @@ class Scheduler:
         for request_id, *_ in plan.arrivals:
             known[request_id].admitted_at = time.monotonic()
             moves.touched.add(known[request_id])
+        if plan.adapter_loads:
+            self.adapters.assign(plan.adapter_loads)
+            moves.adapter_loads = plan.adapter_loads
+        if plan.adapter_removals:
+            self.adapters.leave(plan.adapter_removals)
         for request_id, index, slot, cached in plan.admissions:
             self.place(known[request_id].rows[index], slot, cached, moves)
         with self.arrived:  # a request leaves the queue once none of its rows waits
@@ -339,6 +392,8 @@ class Scheduler:
             moves.admitted.append(row)
         row.slot, row.prefilled = slot, cached
         self.running.append(row)
+        if self.adapters is not None:
+            self.adapters.attach(row.options.adapter)
 
     def vacate(self, row: Row, moves: Moves) -> None:
         """The row leaves its slot and gives its blocks back (rank 0's written full ones join the prefix cache)."""
@@ -346,6 +401,8 @@ class Scheduler:
         moves.vacated.append(row.slot)
         self.running.remove(row)
         row.slot = None
+        if self.adapters is not None:
+            self.adapters.detach(row.options.adapter)
 
     def end(self, row: Row, reason: Optional[str] = None, moves: Optional[Moves] = None) -> Moves:
         """The row ends (``reason``: why, if it does not know yet): it leaves its slot, or the queue of

@@ -284,7 +284,8 @@ class Speculator:
                 tokens, positions = (
                     torch.zeros(width, n, dtype=torch.long, device=self.runner.device) for _ in range(2)
                 )
-                forward(tokens, positions, self.runner.block_tables[:width], kv_len).sum().item()
+                with self.runner.adapters_for(slice(0, width), [], compiled=True):
+                    forward(tokens, positions, self.runner.block_tables[:width], kv_len).sum().item()
 
     def step_settings(self, rows: List[Row], width: int):
         """The step's k (the most proposals a row asks for) and, per slot of the first ``width``: how many
@@ -322,9 +323,10 @@ class Speculator:
             max=params.max_seq_len - 1
         )  # (width, k+1)
         chunk = torch.cat([self.runner.tokens[:width, None], proposals], dim=1)
-        logits = self.verify_forward(
-            chunk, positions, self.runner.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1
-        )  # (width, k+1, vocab)
+        with self.runner.adapters_for(slice(0, width), rows, compiled=self.verify_forward.compiled is not None):
+            logits = self.verify_forward(
+                chunk, positions, self.runner.block_tables[:width], kv_len=max(row.position for row in rows) + k + 1
+            )  # (width, k+1, vocab)
         penalised = (
             penalised_per_position(logits, settings, self.runner.seen[:width], self.runner.counts[:width], proposals)
             if features.penalties

@@ -216,9 +216,11 @@ class FusedColumnParallelLinear(ColumnParallelLinear):
         self.register_state_dict_post_hook(split_parts)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return (
-            super().forward(x).split(list(self.parts.values()), dim=-1)
-        )  # each (..., part's out_features / world_size)
+        return self.split(super().forward(x))
+
+    def split(self, y: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The parts of the layer's output (..., local out_features): each (..., part's out_features / world_size)."""
+        return y.split(list(self.parts.values()), dim=-1)
 
 
 def part_keys(layer_key: str, layer: FusedColumnParallelLinear) -> List[str]:
@@ -271,7 +273,11 @@ class RowParallelLinear(nn.Module):
         init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, local(self.weight), self.scales, self.onednn), self.group)
+        return all_reduce(self.partial(x), self.group)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's term of the sum over ranks: its slice of the input times its columns of the weight."""
+        return linear(x, local(self.weight), self.scales, self.onednn)
 
 
 class ParallelEmbedding(nn.Module):

@@ -4,6 +4,7 @@
     python -m llama.server                                   # the bundled model, http://127.0.0.1:8000
     LLAMA_API_KEY=KEY python -m llama.server --ckpt_dir llama-2-7b-chat/ --served_model_name llama-2-7b-chat
     python -m llama.server --allowed_origins http://localhost:3000   # a web page there may call it
+    python -m llama.server --lora_modules sql=out/sql poems=out/poems   # a request's model names an adapter
     torchrun --nproc_per_node 8 -m llama.server --ckpt_dir llama-2-70b-chat/ --tokenizer_path tokenizer.model
 
 Also ``GET /metrics`` (Prometheus) and CORS preflights (``OPTIONS``). Requests decode in the slots of
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # OpenMP's waiting threads sleep instead of spinning (docs/performance.md): set before torch loads OpenMP
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -83,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
         "speculate_k",
         "draft_ckpt_dir",
         "draft_quantize",
+        "max_loras",
+        "max_lora_rank",
         "threads",
         ckpt_dir={
             "help": "the checkpoint folder (Meta's layout or a Hugging Face folder); default: the bundled "
@@ -106,8 +109,29 @@ def parser() -> argparse.ArgumentParser:
             "/health answers (logged: seconds to a minute for each batch width)"
         },
     )
+    add_adapter_flags(parser)
     add_serving_flags(parser)
     return parser
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """The adapters served per request (beside ``--max_loras`` and ``--max_lora_rank``, the engine's)."""
+    parser.add_argument(
+        "--lora_modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=DIR",
+        help=(
+            "LoRA adapters in peft's format served per request beside the base model: a request's model names one "
+            "(/v1/models lists them, with the base as their parent)"
+        ),
+    )
+    parser.add_argument(
+        "--allow_adapter_updates",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes): adapters loaded and "
+        "unloaded while serving",
+    )
 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +188,10 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
     """The command, on every rank: check the flags, bind the port (rank 0), load the checkpoint on an engine
     of the server's options, and serve (rank 0) or follow rank 0's engine (the others) until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    load = options_from(LoadOptions, args, ckpt_dir=args.ckpt_dir or str(BUNDLED), time_threads=args.threads is None)
+    ckpt_dir = args.ckpt_dir or str(BUNDLED)
+    model_name = args.served_model_name or Path(ckpt_dir).name
+    adapters = parse_lora_modules(args.lora_modules, model_name, args.allow_adapter_updates)
+    load = options_from(LoadOptions, args, ckpt_dir=ckpt_dir, time_threads=args.threads is None, adapters=adapters)
     # checked before anything loads; without --max_seq_len, the context is chosen once the checkpoint is read
     chosen = args.max_seq_len is None
     engine = options_from(EngineOptions, args, max_seq_len=EngineOptions.max_seq_len if chosen else args.max_seq_len)
@@ -192,8 +219,7 @@ def serve_checkpoint(args: argparse.Namespace) -> None:
             args.speculate_k,
         )
     scheduler = Scheduler(llama.engine, args.max_queue, speculation)
-    model_name = args.served_model_name or Path(load.ckpt_dir).name
-    app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize)
+    app = make_app(llama, scheduler, model_name, api_key, origins, load.quantize, args.allow_adapter_updates)
     serve(app, scheduler, listener, model_name, args.shutdown_timeout)
 
 
@@ -205,6 +231,23 @@ def check_serving_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--served_model_name must be a non-empty name, got {args.served_model_name!r}")
     if not 0 <= args.shutdown_timeout <= 3600:
         raise ValueError(f"--shutdown_timeout must be a number of seconds in [0, 3600], got {args.shutdown_timeout!r}")
+
+
+def parse_lora_modules(modules: Optional[List[str]], model_name: str, updates: bool) -> Optional[Dict[str, str]]:
+    """--lora_modules NAME=DIR ... as {name: folder}, each name new and not the base model's; None: no adapters
+    (with ``updates``, --allow_adapter_updates: {}, none yet)."""
+    if modules is None:
+        return {} if updates else None
+    adapters: Dict[str, str] = {}
+    for module in modules:
+        name, equals, folder = module.partition("=")
+        if not equals or not name.strip() or not folder:
+            raise ValueError(f"--lora_modules: expected NAME=DIR (an adapter's name and its folder), got {module!r}")
+        if name in adapters or name == model_name:
+            taken = "the base model's" if name == model_name else "given twice"
+            raise ValueError(f"--lora_modules: the name {name!r} is {taken}; each adapter needs a name of its own")
+        adapters[name] = folder
+    return adapters
 
 
 def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bool) -> Llama:
@@ -231,6 +274,8 @@ def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bo
     start = time.perf_counter()
     llama = Llama.from_options(replace(load, device=device), engine)
     logger.info(load_line(load.ckpt_dir, load.tokenizer_path, llama, time.perf_counter() - start, load.quantize))
+    for name, adapter in llama.engine.adapters.registered.items() if llama.engine.adapters else ():
+        logger.info("serving the adapter %s per request: %s (rank %d)", name, adapter.path, adapter.config.rank)
     return llama
 
 

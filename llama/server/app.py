@@ -15,17 +15,19 @@ import asyncio
 import hmac
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llama.engine import RowDelta
+from llama.engine.adapters import UnknownAdapter
 from llama.layers.quantize import parse_quantize
 from llama.server.admission import Scheduler, generation_failed, shutting_down
 from llama.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
@@ -45,12 +47,21 @@ from llama.server.protocol import (
     usage_chunk,
     whole_answer,
 )
-from llama.server.schemas import ChatRequest, CompletionRequest, error_message, error_param
+from llama.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    error_message,
+    error_param,
+)
 
 logger = logging.getLogger(__name__)
 
 GET_ROUTES = ("/health", "/metrics", "/v1/models")
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
+ADAPTER_ROUTES = {"/v1/load_lora_adapter": LoadAdapterRequest, "/v1/unload_lora_adapter": UnloadAdapterRequest}
+BODIES = {"/v1/chat/completions": ChatRequest, **ADAPTER_ROUTES}  # by route; CompletionRequest elsewhere
 OPEN_ROUTES = ("/health", "/metrics", "/docs", "/openapi.json")  # no API key needed
 FIELDS_BODY_BYTES = 1 << 20  # a body's room for its fields and text prompts, besides prompts of token ids
 POLL_SECONDS = 0.1  # how often a waiting whole answer checks whether its client is still there
@@ -63,11 +74,13 @@ def make_app(
     api_key: Optional[str] = None,
     allowed_origins: Sequence[str] = (),
     quantize: Optional[str] = None,
+    adapter_updates: bool = False,
 ) -> FastAPI:
     """The application serving ``llama`` (tokenizer and limits) through ``scheduler`` as
     ``model_name``; ``api_key``: None for no authentication; ``allowed_origins``: the web origins
     whose pages may call it (CORS; "*" any, empty: none); ``quantize``: how the weights were
-    quantized (``Llama.build``'s argument), which ``/v1/models`` says."""
+    quantized (``Llama.build``'s argument), which ``/v1/models`` says; ``adapter_updates``: LoRA adapters may be
+    loaded and unloaded while serving (``add_adapter_routes``)."""
     app = FastAPI(
         title="llama",
         summary="OpenAI's completions and chat completions API for one Llama model",
@@ -101,18 +114,15 @@ def make_app(
 
     @app.get("/v1/models")
     async def models() -> dict:
-        """The one model served, and what was loaded."""
-        return {"object": "list", "data": [served]}
+        """The model served, what was loaded, and the adapters served per request beside it (vLLM's cards:
+        ``parent`` the base model's id, ``root`` the adapter's folder)."""
+        return {"object": "list", "data": [served] + adapter_objects(model_name, llama)}
 
     async def answer(parse: Callable, body, http: Request) -> Response:
-        if body.model is not None and body.model != model_name:
-            raise RequestError(
-                f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                "model",
-                404,
-                "not_found_error",
-            )
+        adapter = requested_adapter(body.model, model_name, adapter_names(llama))
         job = await run_in_threadpool(parse, body, llama, model_name)  # tokenizing a long prompt does not hold the loop
+        if adapter is not None:  # the rows compute with the adapter the request's model names, and answer as it
+            job.model, job.options = adapter, replace(job.options, adapter=adapter)
         request = scheduler.submit(job, asyncio.get_running_loop())
         if job.stream:
             events = stream_events(job, request, token_bytes, metrics, scheduler)
@@ -131,6 +141,8 @@ def make_app(
         """OpenAI's chat completions: the assistant's next message, in the model's chat format."""
         return await answer(parse_chat, body, http)
 
+    if adapter_updates:
+        add_adapter_routes(app, llama)
     return app
 
 
@@ -140,6 +152,38 @@ def body_limit(params) -> int:
     the largest id and ", " (as JSON writers separate them): what lm-eval's server backends send."""
     id_bytes = len(str(params.vocab_size - 1)) + 2
     return FIELDS_BODY_BYTES + params.max_batch_size * params.max_seq_len * id_bytes
+
+
+def add_adapter_routes(app: FastAPI, llama) -> None:
+    """vLLM's routes that load and unload LoRA adapters while serving, each answering 200 with vLLM's line of
+    text, or an error naming what is wrong: 400 for an adapter that cannot be served (its folder, its shapes,
+    its targets, its rank, its name taken), 404 for unloading one not loaded."""
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_adapter(body: LoadAdapterRequest) -> str:
+        """Serve the adapter in ``lora_path`` (peft's files) as the model ``lora_name`` from the next step on."""
+        try:  # off the event loop: reading an adapter's files takes a while
+            await run_in_threadpool(llama.engine.load_adapter, body.lora_name, body.lora_path)
+        except (ValueError, OSError) as error:
+            raise RequestError(str(error), "lora_path" if isinstance(error, OSError) else None) from None
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_adapter(body: UnloadAdapterRequest) -> str:
+        """Serve ``lora_name`` no more: requests naming it get 404 at once; the answer comes once the requests
+        computing with it have ended and it has left the device."""
+        try:
+            gone = llama.engine.unload_adapter(body.lora_name)
+        except UnknownAdapter as error:
+            raise RequestError(str(error), "lora_name", 404, "invalid_request_error", "model_not_found") from None
+        while not gone.is_set():
+            await asyncio.sleep(POLL_SECONDS)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+
+def adapter_names(llama) -> List[str]:
+    """The adapters served per request."""
+    return [] if llama.engine.adapters is None else llama.engine.adapters.names
 
 
 def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
@@ -159,6 +203,42 @@ def model_object(model_name: str, llama, quantize: Optional[str]) -> dict:
         "kv_cache_dtype": dtype_name(llama.kv_cache_dtype),
         "adapter": adapter,
     }
+
+
+def requested_adapter(model: Optional[str], model_name: str, adapters: List[str]) -> Optional[str]:
+    """The adapter a request's ``model`` names (None: the base model, by its name or left out).
+
+    Raises:
+        RequestError: 404 ``model_not_found``, as OpenAI answers, for a model served neither as the base nor as
+            an adapter.
+    """
+    if model is None or model == model_name:
+        return None
+    if model not in adapters:
+        served = ", ".join(repr(name) for name in [model_name, *adapters])
+        message = f"The model {model!r} does not exist: this server serves {served}"
+        raise RequestError(message, "model", 404, "invalid_request_error", "model_not_found")
+    return model
+
+
+def adapter_objects(model_name: str, llama) -> List[dict]:
+    """A model object for each adapter served per request, in vLLM's shape: ``parent`` the base model's id,
+    ``root`` the adapter's folder; and the adapter's rank and the sha256 of its files."""
+    adapters = llama.engine.adapters
+    registered = adapters.registered.items() if adapters is not None else ()
+    return [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llama",
+            "root": adapter.path,
+            "parent": model_name,
+            "max_model_len": llama.model.params.max_seq_len,
+            "adapter": {"rank": adapter.config.rank, "sha256": adapter.identity},
+        }
+        for name, adapter in registered
+    ]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -182,7 +262,7 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
         )
     if not loc:
         return error_response(RequestError(f"the request body must be a JSON object, got {type(error.body).__name__}"))
-    model = ChatRequest if request.url.path == "/v1/chat/completions" else CompletionRequest
+    model = BODIES.get(request.url.path, CompletionRequest)
     return error_response(RequestError(error_message({**first, "loc": loc}, body, model), error_param(loc)))
 
 

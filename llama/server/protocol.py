@@ -24,13 +24,18 @@ class RequestError(Exception):
     """A request the server refuses: HTTP ``status`` with OpenAI's error body naming ``param``."""
 
     def __init__(
-        self, message: str, param: Optional[str] = None, status: int = 400, kind: str = "invalid_request_error"
+        self,
+        message: str,
+        param: Optional[str] = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        code: Optional[str] = None,
     ):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass

@@ -182,6 +182,20 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: Optional[bool] = Field(None, description="true or false: more than one call per answer")
 
 
+class LoadAdapterRequest(Body):
+    """POST /v1/load_lora_adapter (vLLM's route and fields)."""
+
+    lora_name: NonEmptyText = Field(..., description="a non-empty string: the model id requests name it by")
+    lora_path: NonEmptyText = Field(..., description="a non-empty string: the adapter's folder, on the server")
+
+
+class UnloadAdapterRequest(Body):
+    """POST /v1/unload_lora_adapter (vLLM's route and fields)."""
+
+    lora_name: NonEmptyText = Field(..., description="a non-empty string: the adapter's model id")
+    lora_int_id: Optional[int] = Field(None, description="an integer, accepted for vLLM's clients and not used")
+
+
 def short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
