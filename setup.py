@@ -19,7 +19,8 @@ setup(
         # openai: the server tests drive it with the official client; protobuf: transformers reads sentencepiece
         # models with it; peft: the reference for LoRA adapters; lm_eval[hf]: the evaluation tests compare with
         # lm-eval's own hf backend; jsonschema: structured answers are validated with it; fire: Meta's own example
-        # scripts (tests/meta_style) read their flags with it; ruff: the suite runs its check with ruff.toml
+        # scripts (tests/meta_style) read their flags with it; ruff: the suite runs its check with ruff.toml; trl: the
+        # reference for DPO's loss; lm_eval[api]: its local-completions backend scores through the server
         "test": [
             "pytest",
             "transformers>=5",
@@ -27,10 +28,11 @@ setup(
             "protobuf",
             "peft",
             "matplotlib",
-            "lm_eval[hf]>=0.4.13",
+            "lm_eval[hf,api]>=0.4.13",
             "jsonschema",
             "fire",
             "ruff",
+            "trl>=1.16",
         ],
     },
 )
