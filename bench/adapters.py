@@ -2,7 +2,7 @@
 
 Workloads, each 8 rows of random 16-token prompts decoding ``--gen_tokens`` greedy tokens in one batch, timed in
 alternating rounds (base, four, one, base rows served, base, ...) so that load from other processes hits them alike;
-the median of ``--rounds`` rounds each, and its ratio to the base's:
+the median of ``--rounds`` rounds each, and the median of its ratios to the base's in the same round:
 
 - base: the model without adapters, on an engine of its own (no adapter layers);
 - four: two rows each of four adapters, on an engine serving the four (``Llama.build(adapters=...)``);
@@ -131,13 +131,15 @@ def measure(ckpt_dir: str, title: str, args: argparse.Namespace, compile: bool) 
         for name, (engine_, adapters) in workloads.items():
             times[name].append(decode(engine_, prompts, adapters, args.gen_tokens))
     rates = {name: ROWS * args.gen_tokens / statistics.median(seconds) for name, seconds in times.items()}
+    # each round's ratio to the base's time in the same round, whose median follows the neighbours' load less
+    ratios = {name: statistics.median(b / t for b, t in zip(times["base"], seconds)) for name, seconds in times.items()}
     mode = "compiled" if compile else "eager"
     print(
         f"\n{title}, {mode}: {ROWS} rows x {args.gen_tokens} tokens, rank {args.rank}, median of {args.rounds} rounds"
     )
     print(f"{'workload':<18} {'tokens/s':>9} {'x base':>7}")
     for name, rate in rates.items():
-        print(f"{name:<18} {rate:>9.1f} {rate / rates['base']:>6.2f}x")
+        print(f"{name:<18} {rate:>9.1f} {ratios[name]:>6.2f}x")
     device_bytes, own = adapter_bytes(engines["four"], args.rank)
     print(
         f"one more adapter of rank {args.rank}: {device_bytes / 2**20:.2f} MiB on the device, "

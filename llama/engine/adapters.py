@@ -263,8 +263,15 @@ class Adapters:
     @property
     def columns(self) -> int:
         """The columns a pass computes: a power-of-two bucket of the packed ranks (0: none resident)."""
-        used = max(end for _, end in self.spans)
+        return self.bucket(max(end for _, end in self.spans))
+
+    def bucket(self, used: int) -> int:
         return min(self.capacity, max(MIN_COLUMNS, 1 << (used - 1).bit_length())) if used else 0
+
+    @property
+    def buckets(self) -> int:
+        """How many widths a pass's columns can take: each a graph of the compiled step's own."""
+        return len({self.bucket(used) for used in range(self.capacity + 1)})
 
     def select(self, index: torch.Tensor, needed: bool = True) -> ContextManager[None]:
         """The passes inside the block compute row b with the adapter of resident index ``index[b]``

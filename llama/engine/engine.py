@@ -355,9 +355,8 @@ class Engine:
         if runner.compiled is None:
             return 0.0
         start, widths, lengths = time.perf_counter(), runner.compiled_widths(), runner.warmed_lengths()
-        graphs = (
-            len(widths) * len(lengths) * 3
-        )  # the most of one function's: two sampler variants, three speculative passes
+        # the most of one function's: two sampler variants, three speculative passes, for each bucket of adapters
+        graphs = len(widths) * len(lengths) * 3 * (self.adapters.buckets if self.adapters is not None else 1)
         if torch._dynamo.config.recompile_limit < graphs:  # past the limit torch would run it eagerly
             torch._dynamo.config.recompile_limit = graphs
         with torch.no_grad():

@@ -12,9 +12,9 @@ power-of-two bucket of the packed ranks (``llama.engine.adapters``), so that one
 every mix of rows and only a load that outgrows the bucket compiles another.
 
 A fused layer (wq, wk, wv as ``wqkv``; w1, w3 as ``w13``) multiplies its input by its parts' A in one
-matmul, column c of part p at c * parts + p, and adds each part's ``h_p B_p^T`` into that part's outputs in
-place (``addmm_``). A and B^T are stored column first, so that a pass reads the first ``columns`` of each
-as one matrix.
+matmul, column c of part p at c * parts + p; each part's ``h_p B_p^T`` comes from its own columns, and the
+parts' products, side by side as the layer's outputs are, are added to them at once. A and B^T are stored
+column first, so that a pass reads the first ``columns`` of each as one matrix.
 
 Which adapter each row of a pass computes with reaches the layers as the KV cache's pool does: through
 an object every adapted layer holds (``RowAdapters``), which the engine's runner sets before a pass
@@ -108,11 +108,12 @@ class MultiLoRALinear(nn.Module):
         # this rank's product (a row-parallel layer's partial one), (bsz, seqlen, local out of all parts)
         y = self.base.partial(x) if self.row_parallel else ColumnParallelLinear.forward(self.base, x)
         h = F.linear(x, self.lora_A[:columns].flatten(0, 1)) * mask  # every resident adapter's, the row's own kept
-        h = h.view(-1, columns, len(self.parts))  # (tokens, columns, parts)
-        outputs, first = y.view(-1, y.shape[-1]), 0  # (tokens, local out of all parts)
-        for p, out in enumerate(self.parts.values()):
-            outputs[:, first : first + out].addmm_(h[..., p], self.lora_B[:columns, first : first + out])
+        h = h.view(*h.shape[:-1], columns, len(self.parts))  # (bsz, seqlen, columns, parts)
+        deltas, first = [], 0
+        for p, out in enumerate(self.parts.values()):  # each part's outputs from its own columns
+            deltas.append(torch.matmul(h[..., p], self.lora_B[:columns, first : first + out]))
             first += out
+        y = y + (torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0])
         if self.row_parallel:  # the adapters' term joined this rank's partial product before the sum over ranks
             return all_reduce(y, self.group)
         return self.base.split(y) if isinstance(self.base, FusedColumnParallelLinear) else y
