@@ -14,7 +14,10 @@ In order, within ``--budget_s`` seconds:
    large device-to-device copy measured here), prefill tokens/s of one prompt, and the peak device
    memory while loading;
 4. the KV cache pool: the bf16 model with 64 slots in a pool sized to 80% of the memory left after
-   loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together;
+   loading, decode tokens/s (eager) with 1, 8, 32 and 64 rows decoding together; and Llama 3 8B's shapes
+   (random weights, bfloat16) with 32 rows of 8K context in a bfloat16 pool, an int8 one and a float8
+   one (``--kv_cache_dtype``): the pool's bytes and the decode step's time (eager) with every row's 8K
+   tokens cached (``--dry_run``: 4 rows of 64 at tiny shapes);
 5. the benchmarks of ``OPTIONAL_BENCHMARKS`` (speculative decoding, the server's mixed workload,
    fine-tuning, GRPO's steps: tokens sampled per second and step time) whose scripts exist and take
    ``--device``, on the device (``--dry_run``: on the CPU, tiny runs).
@@ -59,6 +62,18 @@ DEVICE_TESTS = [
 DRY_RUN_TESTS = "logits_match_transformers"  # one test of the list, for the dry run
 SHAPE_7B = ROOT / "params" / "llama-2-7b.json"
 DRY_RUN_SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "norm_eps": 1e-5}
+SHAPE_8B = {  # Llama 3 8B's params.json
+    "dim": 4096,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "vocab_size": 128256,
+    "multiple_of": 1024,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+}
+KV_CACHE_DTYPES = [None, "int8", "float8_e4m3fn"]  # the model's bfloat16, and the 8-bit pools
 VOCAB_SIZE = 32000
 MODES = ["bf16", "int8", "int4"]
 # name -> (script under bench/, its arguments on the GPU, its arguments in the dry run); run when the
@@ -388,6 +403,82 @@ def block_pool_rows(ckpt_dir: str, args: ModelArgs, sizes: Sizes, device: torch.
     return rows
 
 
+@dataclass
+class PoolSizes:
+    """The 8-bit pools' row: the model's shape, its rows and the tokens each has cached."""
+
+    params: dict
+    rows: int
+    context: int
+    decode_tokens: int
+    rounds: int
+
+
+def random_model(params: dict, max_seq_len: int, device: torch.device):
+    """A bfloat16 model of ``params``' shape made on ``device`` (no checkpoint): N(0, 0.02) weights, unit norms."""
+    from llama.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_dict({**params, "max_seq_len": max_seq_len, "max_batch_size": 1}))
+    model.drop_cache()
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    model.setup_rope()
+    return model
+
+
+@torch.no_grad()
+def kv_cache_dtype_rows(sizes: PoolSizes, device: torch.device) -> List[list]:
+    """Per pool dtype (the model's, int8, float8_e4m3fn): an engine of ``sizes.rows`` slots whose rows each prefill
+    ``sizes.context`` random tokens (the prefix cache keeps them for the next round), then the decode step's
+    median time over the rounds."""
+    from llama.engine import Engine
+    from llama.options import EngineOptions, GenerationOptions
+
+    max_seq_len = sizes.context + sizes.decode_tokens + 32  # room for a round's blocks beside the cached ones
+    model = random_model(sizes.params, max_seq_len, device)
+    vocab = sizes.params.get("vocab_size", VOCAB_SIZE)
+    generator = torch.Generator().manual_seed(2)
+    prompts = torch.randint(3, vocab, (sizes.rows, sizes.context), generator=generator).tolist()
+    options = GenerationOptions(max_gen_len=sizes.decode_tokens + 1, temperature=0, stop_tokens=[])
+    rows, base = [], None
+    for kv_cache_dtype in KV_CACHE_DTYPES:
+        engine_options = EngineOptions(
+            sizes.rows, max_seq_len, kv_cache_dtype=kv_cache_dtype, prefill_chunk=sizes.context
+        )
+        engine = Engine(model, None, engine_options)
+
+        def step_seconds(engine=engine) -> float:
+            request = engine.submit(prompts, options, stream_text=False)
+            while not all(request.tokens):
+                engine.step()
+            return timed(lambda: [engine.step() for _ in range(sizes.decode_tokens)], device) / sizes.decode_tokens
+
+        prefill = timed(step_seconds, device)  # every row's prefill, then the first round
+        seconds = statistics.median(step_seconds() for _ in range(sizes.rounds))
+        base = base or seconds
+        rows.append(
+            [
+                str(model.layers[0].attention.kv_cache.cache_k.dtype).removeprefix("torch."),  # float32 on a CPU
+                f"{engine.kv_cache_bytes / 2**30:.3f}",
+                f"{prefill:.1f}",
+                f"{seconds * 1e3:.1f}",
+                f"{sizes.rows / seconds:.0f}",
+                f"{base / seconds:.2f}",
+            ]
+        )
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def optional_benchmarks(device: str, dry_run: bool, budget: Budget) -> List[Check]:
     """Each of ``OPTIONAL_BENCHMARKS`` whose script exists and takes --device, with its dry-run arguments
     under ``dry_run``; the check's detail ends with the last line it printed."""
@@ -446,9 +537,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("no CUDA device: run on a GPU machine, or pass --dry_run")
     if options.dry_run:
         sizes = Sizes(DRY_RUN_SHAPE, prefill_len=32, decode_tokens=8, rounds=1)
+        pool_sizes = PoolSizes({**DRY_RUN_SHAPE, "vocab_size": 512}, rows=4, context=64, decode_tokens=4, rounds=1)
         torch.set_num_threads(min(2, torch.get_num_threads()))
     else:
         sizes = Sizes(json.loads(SHAPE_7B.read_text()), prefill_len=512, decode_tokens=64, rounds=3)
+        pool_sizes = PoolSizes(SHAPE_8B, rows=32, context=8192, decode_tokens=16, rounds=3)
     compiled_modes = (
         options.compiled_modes if options.compiled_modes is not None else "int8" if options.dry_run else options.modes
     ).split(",")
@@ -492,6 +585,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if budget.left() > 0 and "bf16" in options.modes.split(","):
         pool_rows = block_pool_rows(ckpt_dir, args, sizes, device)
         print(f"measured the block pool ({budget.left():.0f} s of the budget left)", flush=True)
+    kv_rows = []
+    if budget.left() > 0:
+        kv_rows = kv_cache_dtype_rows(pool_sizes, device)
+        print(f"measured the 8-bit KV cache pools ({budget.left():.0f} s of the budget left)", flush=True)
     checks += optional_benchmarks(device.type, options.dry_run, budget)
 
     header = [
@@ -516,6 +613,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"prompts of {sizes.prefill_len}, {sizes.decode_tokens} decoded tokens",
             ["rows", "decode tok/s", "pool tokens", "preemptions"],
             pool_rows,
+        )
+    if kv_rows:
+        print_table(
+            f"the KV cache pool stored in 8 bits: {pool_sizes.params}, bfloat16, {pool_sizes.rows} rows x "
+            f"{pool_sizes.context} cached tokens, the decode step eager, median of {pool_sizes.rounds}",
+            ["pool", "pool GiB", "prefill + first round s", "ms/step", "tok/s", "x the first's"],
+            kv_rows,
         )
     for line in goals(speeds, fractions):
         print(line)

@@ -196,7 +196,7 @@ class EngineOptions:
         graph on CUDA).
     compiled_attention: how the compiled step reads the rows' blocks: "gather" copies them for
         scaled_dot_product_attention, "flex" has FlexAttention read them in the pool; None: the device's
-        default (``llama.engine.runner.default_compiled_attention``).
+        default, and the gather for an 8-bit pool (``llama.engine.runner.default_compiled_attention``).
     prefix_cache: a row reuses the cached blocks of a prompt prefix an earlier row computed.
     admission: "continuous" (rows join free slots between steps) or "static" (only an empty batch).
     prefill_chunk: the most prompt tokens prefilled per step while rows decode.

@@ -23,4 +23,7 @@ def test_gpu_bench_dry_run_passes_every_check_prints_each_mode_and_skips_nothing
     assert "ok: speculative decoding (exit 0" in result.stdout and "ok: server, mixed workload (exit 0" in result.stdout
     assert "skipped" not in result.stdout
     assert any(line.startswith("the KV cache pool: bf16, 64 slots") for line in lines), result.stdout
+    title = next(i for i, line in enumerate(lines) if line.startswith("the KV cache pool stored in 8 bits: "))
+    pools = [line.split()[0] for line in lines[title + 2 : title + 5]]  # a bfloat16 model's is float32 on a CPU
+    assert pools == ["float32", "int8", "float8_e4m3fn"], result.stdout
     assert "FAILED" not in result.stdout

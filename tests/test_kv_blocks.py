@@ -148,6 +148,8 @@ def test_the_compiled_flex_attention_step_of_a_bfloat16_model_scores_as_the_floa
 def test_the_compiled_step_reads_the_pool_with_flex_attention_on_a_cpu_by_default_in_one_graph_per_width(llama):
     runner = Engine(llama.model, llama.tokenizer, compiled(llama)).runner
     assert runner.attention == "flex"
+    stored = Engine(copy.deepcopy(llama.model), llama.tokenizer, compiled(llama, kv_cache_dtype="int8"))
+    assert stored.runner.attention == "gather"  # FlexAttention would read an 8-bit pool dequantized whole
     assert Engine(llama.model, llama.tokenizer, llama.engine.options).runner.attention == "gather"
     assert {runner.decode_tables(2, kv_len).shape for kv_len in (1, 17, 40, MAX_SEQ_LEN)} == {
         (2, 4)

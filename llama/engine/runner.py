@@ -68,11 +68,13 @@ FLEX_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (
 )  # inductor's CPU FlexAttention kernel came in 2.6
 
 
-def default_compiled_attention(device: torch.device) -> str:
+def default_compiled_attention(device: torch.device, quantized: bool = False) -> str:
     """FlexAttention on a CPU, where it measured as fast as the gather or faster (``bench/kv_blocks.py
     --sections flex``: 0.84-1.01 of the step's time, and one graph per width instead of two); the
-    gather elsewhere, until FlexAttention is measured there."""
-    return "flex" if device.type == "cpu" and FLEX_ON_CPU else "gather"
+    gather elsewhere, until FlexAttention is measured there, and for a pool stored in 8 bits
+    (``quantized``), which FlexAttention reads dequantized whole (``bench/kv_quantized.py --sections decode
+    --compiled``: 4.8x the gather's time)."""
+    return "flex" if device.type == "cpu" and FLEX_ON_CPU and not quantized else "gather"
 
 
 def check_compiled_attention(attention: str, device: torch.device) -> None:
@@ -125,7 +127,8 @@ class Runner:
         self.adapters = adapters
         params = model.params
         self.device = device = model.output.weight.device
-        compiled_attention = options.compiled_attention or default_compiled_attention(device)
+        quantized = options.kv_cache_storage is not None
+        compiled_attention = options.compiled_attention or default_compiled_attention(device, quantized)
         check_compiled_attention(compiled_attention, device)
         self.attention = compiled_attention if compile else "gather"  # FlexAttention's fast kernel exists only compiled
         self.block_size = options.block_size

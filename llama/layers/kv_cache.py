@@ -209,9 +209,10 @@ class CachePass(NamedTuple):
         key_positions = torch.arange(tables.shape[1] * block_size, device=tables.device)
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # broadcast over heads
         # one buffer a pass, which the layers gather into in turn: megabytes allocated anew twice a layer
-        # come as fresh pages from the OS (docs/performance.md); compiled, inductor plans its own buffers
+        # come as fresh pages from the OS (docs/performance.md); compiled, inductor plans its own buffers; a
+        # decode step over an 8-bit pool reads row by row (``KVCache.attend_stored``)
         gathered, stored = None, None
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not (kv_cache.quantized and positions.shape[1] == 1):
             shape = (2, gather.numel(), block_size, head_dim)
             gathered = torch.empty(shape, dtype=kv_cache.dtype, device=tables.device)
             if kv_cache.quantized:
@@ -290,17 +291,35 @@ class KVCache(nn.Module):
         return F.scaled_dot_product_attention(xq, keys, values, attn_mask=where.mask, enable_gqa=True)
 
     def attend_stored(self, xq: torch.Tensor, where: CachePass) -> torch.Tensor:
-        """A decode step's attention over an 8-bit pool, one query per row: the keys and values converted as
-        stored, their scales applied to the scores and to the probabilities, (bsz, heads, group, blocks *
-        block_size), rather than to every element: one pass over the gathered blocks fewer than dequantizing."""
+        """A decode step's attention over an 8-bit pool, one query per row: each row's blocks read as stored and
+        converted, their scales applied to the scores and to the probabilities rather than to every value.
+        Eagerly row by row: a row's converted blocks (a few MB) stay in the CPU's caches between the two
+        products, and no buffer of every row's blocks is written (fresh pages from the OS each pass);
+        compiled, every row at once, its read and conversion one loop of inductor's."""
+        if torch.compiler.is_compiling():
+            return self.attend_rows(xq, where.gather, where.mask)
+        rows = range(xq.shape[0])
+        return torch.cat(
+            [self.attend_rows(xq[b : b + 1], where.gather[b : b + 1], where.mask[b : b + 1]) for b in rows]
+        )
+
+    def attend_rows(self, xq: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``attend_stored`` of the rows ``gather`` (bsz, heads, blocks) holds, their queries ``xq`` (bsz,
+        n_local_heads, 1, head_dim) and ``mask`` (bsz, 1, 1, blocks * block_size)."""
         bsz, n_heads, _, head_dim = xq.shape
-        (keys, key_scales), (values, value_scales) = self.read(where, 0), self.read(where, 1)
-        keys, values = self.converted(keys, where, 0), self.converted(values, where, 1)
-        heads = keys.shape[1]
+        heads = gather.shape[1]
+
+        def blocks_of(pool: torch.Tensor) -> torch.Tensor:  # (bsz, heads, blocks * block_size, head_dim or 1)
+            pool = pool.flatten(0, 1)  # (heads * blocks, block_size, head_dim or 1)
+            blocks = pool[gather] if torch.compiler.is_compiling() else torch.index_select(pool, 0, gather.flatten())
+            return blocks.view(bsz, heads, -1, pool.shape[-1])
+
+        keys, values = blocks_of(self.cache_k).to(self.dtype), blocks_of(self.cache_v).to(self.dtype)
+        key_scales, value_scales = blocks_of(self.scale_k).transpose(2, 3), blocks_of(self.scale_v).transpose(2, 3)
         xq = xq.view(bsz, heads, n_heads // heads, head_dim)  # each key/value head's group of query heads
-        scores = torch.matmul(xq, keys.transpose(2, 3)) * (key_scales.transpose(2, 3) * head_dim**-0.5)
-        scores = scores.masked_fill(~where.mask, float("-inf"))  # the mask (bsz, 1, 1, keys) over the groups
-        output = torch.matmul(torch.softmax(scores, dim=-1) * value_scales.transpose(2, 3), values)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) * (key_scales * head_dim**-0.5)  # (bsz, heads, group, keys)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        output = torch.matmul(torch.softmax(scores, dim=-1) * value_scales, values)
         return output.view(bsz, n_heads, 1, head_dim)
 
     def gather(self, where: CachePass) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -330,12 +349,6 @@ class KVCache(nn.Module):
             read = [torch.index_select(pool, 0, where.gather.flatten(), out=out) for pool, out in zip(pools, buffers)]
         read = [tensor.view(bsz, heads, -1, tensor.shape[-1]) for tensor in read]
         return read[0], read[1] if self.quantized else None
-
-    def converted(self, stored: torch.Tensor, where: CachePass, i: int) -> torch.Tensor:
-        """Blocks ``read`` from an 8-bit pool in ``dtype``, unscaled: into the pass's buffer (eager)."""
-        if where.gathered is None:
-            return stored.to(self.dtype)
-        return where.gathered[i].view(stored.shape).copy_(stored)
 
     def attend_in_place(self, xq: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
         """FlexAttention of one query per row over the blocks ``block_mask`` lists, where they lie in the pool
