@@ -85,7 +85,7 @@ def main(argv=None):
         default=0,
         help="lm-eval's seed for Python's random module (its other seeds stay at their defaults)",
     )
-    add_flags(parser, "adapter_dir", "quantize", "device", "dtype", "threads")
+    add_flags(parser, "adapter_dir", "quantize", "kv_cache_dtype", "device", "dtype", "threads")
     run_parser(parser, evaluate, argv)
 
 
@@ -158,7 +158,10 @@ def evaluate(args: argparse.Namespace) -> None:
         time_threads=args.threads is None,
     )
     start = time.perf_counter()
-    generator = Llama.from_options(load, EngineOptions(max_batch_size=args.batch_size, max_seq_len=args.max_seq_len))
+    engine = EngineOptions(
+        max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype
+    )
+    generator = Llama.from_options(load, engine)
     seconds = time.perf_counter() - start
     print(load_line(load.ckpt_dir, load.tokenizer_path, generator, seconds, load.quantize), flush=True)
     model_args = {
@@ -167,6 +170,7 @@ def evaluate(args: argparse.Namespace) -> None:
         "dtype": str(generator.dtype).removeprefix("torch."),
         "quantize": args.quantize,
         "max_seq_len": args.max_seq_len,
+        **({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {}),
     }
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = lm_eval.simple_evaluate(

@@ -296,9 +296,12 @@ def test_two_processes_on_a_sharded_checkpoint_write_one_process_results_once(ev
         assert metrics(theirs, task) == pytest.approx(metrics(ours, task), rel=1e-5)
 
 
-def test_an_int8_model_scores_within_int8_rounding_of_the_float_model(evaluations, make_checkpoint, tmp_path):
-    """``--quantize int8``: the same weights quantized give each choice's log-likelihood within int8's
-    rounding of the float32 model's (and not exactly it: the int8 weights are used)."""
+@pytest.mark.parametrize("flag", ["--quantize", "--kv_cache_dtype"])
+def test_int8_weights_or_kv_cache_score_within_int8_rounding_of_the_float_model(
+    evaluations, make_checkpoint, tmp_path, flag
+):
+    """``--quantize int8`` (the weights) or ``--kv_cache_dtype int8`` (the KV cache): each choice's
+    log-likelihood within int8's rounding of the float32 model's (and not exactly it: int8 is used)."""
     _, our_samples, _, _ = evaluations
     ckpt_dir, _ = make_checkpoint(dtype=torch.float32, seed=3)
     llama2_style_tokenizer(Path(ckpt_dir) / "tokenizer.model")
@@ -325,7 +328,7 @@ def test_an_int8_model_scores_within_int8_rounding_of_the_float_model(evaluation
                 "float32",
                 "--device",
                 "cpu",
-                "--quantize",
+                flag,
                 "int8",
             ]
         )
