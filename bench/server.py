@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,7 +56,8 @@ POLICIES = ("continuous", "static")
 
 class Server:
     """A server process on a free loopback port, started in its own process group, from the code in
-    ``root``; ``label`` names it in the tables."""
+    ``root``; ``label`` names it in the tables. It serves ``ckpt_dir`` (the bundled model by default), with
+    ``flags`` added to its command line."""
 
     def __init__(
         self,
@@ -67,6 +68,8 @@ class Server:
         admission: str = "continuous",
         max_queue: int = 1000,
         slots: Optional[int] = None,
+        ckpt_dir: Path = BUNDLED,
+        flags: Sequence[str] = (),
     ):
         command = [
             sys.executable,
@@ -89,7 +92,8 @@ class Server:
             "--threads",
             str(args.threads),
             "--ckpt_dir",
-            str(BUNDLED),
+            str(ckpt_dir),
+            *flags,
         ]
         self.label, self.admission, self.log_path = label, admission, log_path
         with open(log_path, "w") as log:

@@ -144,6 +144,13 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama's tokenizer: it has no pad piece
         if self.sp_model.vocab_size() != self.sp_model.get_piece_size():
             raise ValueError(f"{model_path}: vocab_size differs from piece size")
+        # the control pieces (<s>, </s>) and the unknown piece (<unk>) by their texts: found once, a scan of
+        # every piece, which every encode_with_special_tokens call (each of an evaluation's requests) reads
+        self.special_pieces: Dict[str, int] = {
+            self.sp_model.id_to_piece(i): i
+            for i in range(self.n_words)
+            if self.sp_model.IsControl(i) or self.sp_model.IsUnknown(i)
+        }
 
     def encode_text(self, s: str) -> List[int]:
         return self.sp_model.encode(s)
@@ -159,8 +166,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def special_token_texts(self) -> List[str]:
         """The control pieces (<s>, </s>) and the unknown piece (<unk>)."""
-        ids = range(self.sp_model.get_piece_size())
-        return [self.sp_model.id_to_piece(i) for i in ids if self.sp_model.IsControl(i) or self.sp_model.IsUnknown(i)]
+        return list(self.special_pieces)
 
     def encode_with_special_tokens(self, text: str, legacy: bool = False) -> List[int]:
         """Each stretch between special tokens is encoded on its own: with sentencepiece's leading space
@@ -168,7 +174,7 @@ class SentencePieceTokenizer(Tokenizer):
         (``legacy=False``, transformers 5's default), and never before a stretch that begins with a space
         (transformers' Metaspace step). Without the leading space a stretch is encoded behind the unknown
         piece's text, whose pieces are then dropped, as transformers' own sentencepiece code does."""
-        specials = {piece: self.sp_model.piece_to_id(piece) for piece in self.special_token_texts()}
+        specials = self.special_pieces
         pattern = "(" + "|".join(re.escape(piece) for piece in sorted(specials, key=len, reverse=True)) + ")"
         unk = self.sp_model.id_to_piece(self.sp_model.unk_id())
         tokens = []
