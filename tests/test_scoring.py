@@ -107,3 +107,19 @@ def test_a_long_pair_loses_its_oldest_context_tokens():
     assert fit_to_context([1, 2, 3, 4, 5], [6, 7], max_seq_len=4) == ([3, 4, 5], [6, 7])
     with pytest.raises(ValueError, match="continuation of 5 tokens does not fit max_seq_len=4"):
         fit_to_context([1], [2, 3, 4, 5, 6], max_seq_len=4)
+
+
+def test_a_pair_filling_the_context_scores_the_same_beside_a_longer_chunk_of_another_pair(make_llama):
+    """A pair of max_seq_len + 1 tokens whose context the prefix cache holds prefills its last 8 tokens
+    beside a pair prefilling 12: the pass pads it to 12 tokens, and the padding, past the context, must not
+    be written where the pair's own last token is."""
+    engine = make_llama(max_seq_len=MAX_SEQ_LEN, max_batch_size=2).engine
+    filling = ([1] + list(range(300, 319)), [320, 321, 322, 323, 324])  # 25 tokens: the context and one more
+    longer = ([1] + list(range(100, 110)), [111, 112])  # 13 tokens, none cached
+    alone = engine.score([filling])
+    hits = engine.pool_use()["hit_tokens"]
+    ((logprobs, greedy),) = alone
+    beside = engine.score([longer, filling])[1]
+    assert beside[0] == pytest.approx(logprobs, abs=1e-5) and beside[1] == greedy
+    assert engine.pool_use()["hit_tokens"] == hits + 16  # the second time its first block came from the cache
+    assert_equal_to_the_reference(engine.model, [filling], loglikelihoods(engine, [filling]))

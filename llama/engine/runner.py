@@ -256,11 +256,14 @@ class Runner:
         for i, (row, n) in enumerate(batch):
             tokens[i, :n] = torch.tensor(row.target[row.prefilled : row.prefilled + n])
         starts = torch.tensor([row.prefilled for row, _ in batch])
+        # a shorter row's padding stays within the rotary table and writes to the scratch block (``lengths``),
+        # never over a position of its own
         positions = (starts[:, None] + torch.arange(width)).clamp(max=max_seq_len - 1).to(self.device)
         slots = torch.tensor([row.slot for row, _ in batch], device=self.device)
         tables = self.block_tables[slots]
         ends = torch.tensor([n - 1 for _, n in batch], device=self.device)
-        cache = BlockTables(attended_tables(tables, max(row.prefilled + n for row, n in batch), self.block_size))
+        attended = attended_tables(tables, max(row.prefilled + n for row, n in batch), self.block_size)
+        cache = BlockTables(attended, lengths=ends + 1)
         scored = [scored_indices(row, n) for row, n in batch]
         tokens = tokens.to(self.device)
         at = ends  # the last position's logits: (rows, 1, vocab)

@@ -47,10 +47,13 @@ LARGEST = {torch.int8: 127.0, torch.float8_e4m3fn: torch.finfo(torch.float8_e4m3
 class BlockTables(NamedTuple):
     """Which blocks of the pool a cached pass's rows hold, in order: (bsz, blocks). The rows attend over
     all of them up to each query's own position. ``starts``: ``block_starts`` of the whole tables
-    (bsz, n_blocks), given for a pass that reads the pool in place with FlexAttention (one token per row)."""
+    (bsz, n_blocks), given for a pass that reads the pool in place with FlexAttention (one token per row).
+    ``lengths``: each row's tokens in a pass whose shorter rows are padded (bsz,): the padding writes to the
+    scratch block, wherever its positions point."""
 
     tables: torch.Tensor
     starts: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
 
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -197,6 +200,9 @@ class CachePass(NamedTuple):
         blocks = torch.where(
             index < tables.shape[1], tables.gather(1, index.clamp(max=tables.shape[1] - 1)), SCRATCH_BLOCK
         )
+        if cache.lengths is not None:
+            padding = torch.arange(positions.shape[1], device=positions.device) >= cache.lengths[:, None]
+            blocks = blocks.masked_fill(padding, SCRATCH_BLOCK)
         if cache.starts is not None:
             if positions.shape[1] != 1:
                 raise ValueError(
