@@ -275,7 +275,11 @@ def test_streamed_chat_deltas_join_to_the_whole_and_count_usage(client):
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert usage.total_tokens == whole.usage.total_tokens
+    # the same dialog again: every full block but the one of its last prompt token comes from the prefix cache
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 def test_stream_ends_with_done(server):
