@@ -18,7 +18,16 @@ from conftest import BUNDLED
 from llama.engine import Engine
 from llama.engine.block_manager import BlockManager
 from llama.generation import Llama
-from llama.layers.kv_cache import NOT_HELD, BlockTables, KVCache, block_starts, check_storage, dequantize, quantize
+from llama.layers.kv_cache import (
+    NOT_HELD,
+    BlockTables,
+    CachePass,
+    KVCache,
+    block_starts,
+    check_storage,
+    dequantize,
+    quantize,
+)
 from llama.options import EngineOptions, GenerationOptions
 
 MAX_SEQ_LEN = 64  # four blocks of 16 per row
@@ -364,6 +373,29 @@ def test_an_8_bit_pool_takes_a_byte_per_value_and_a_scale_per_token_and_head_und
         assert stored.nbytes == 2 * heads * blocks * block_size * (head_dim + dtype.itemsize)
         assert full.nbytes == 2 * heads * blocks * block_size * head_dim * dtype.itemsize
         assert stored.nbytes <= ratio * full.nbytes
+
+
+@pytest.mark.parametrize("storage", [torch.int8, torch.float8_e4m3fn])
+def test_a_decode_step_reads_an_8_bit_pool_alike_row_by_row_and_all_rows_at_once(storage):
+    """A CPU's eager step reads each row's blocks in turn, a GPU's (and the compiled step) every row at once:
+    both give the attention of the dequantized keys and values, rows of different lengths and held blocks."""
+    heads, n_heads, head_dim, block_size = 2, 4, 8, 4
+    pool = KVCache(heads, head_dim, 9, block_size, torch.float32, storage)
+    tables = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 0]])  # each row's blocks, then scratch
+    lengths = torch.tensor([11, 6, 12])
+    positions = torch.arange(12).expand(3, 12)
+    generator = torch.Generator().manual_seed(0)
+    xk, xv = (torch.randn(3, 12, heads, head_dim, generator=generator) for _ in range(2))
+    pool.update(CachePass.of(BlockTables(tables, lengths=lengths), positions, pool), xk, xv)
+    assert not pool.scale_k[:, 5, 2:].any()  # row 1's padding, positions 6 and 7, went to the scratch block
+    xq = torch.randn(3, n_heads, 1, head_dim, generator=generator)
+    where = CachePass.of(BlockTables(tables), (lengths - 1)[:, None], pool)
+    rows = pool.attend_stored(xq, where)
+    every_row = pool.attend_rows(xq, where.gather, where.mask)
+    keys, values = pool.gather(CachePass.of(BlockTables(tables), (lengths - 1)[:, None], pool))
+    expected = F.scaled_dot_product_attention(xq, keys, values, attn_mask=where.mask, enable_gqa=True)
+    torch.testing.assert_close(rows, every_row, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_an_int8_built_llamas_pool_holds_its_tokens_with_their_scales(bundled_float):

@@ -299,10 +299,11 @@ class KVCache(nn.Module):
     def attend_stored(self, xq: torch.Tensor, where: CachePass) -> torch.Tensor:
         """A decode step's attention over an 8-bit pool, one query per row: each row's blocks read as stored and
         converted, their scales applied to the scores and to the probabilities rather than to every value.
-        Eagerly row by row: a row's converted blocks (a few MB) stay in the CPU's caches between the two
-        products, and no buffer of every row's blocks is written (fresh pages from the OS each pass);
-        compiled, every row at once, its read and conversion one loop of inductor's."""
-        if torch.compiler.is_compiling():
+        Eagerly on a CPU row by row: a row's converted blocks (a few MB) stay in the CPU's caches between the
+        two products, and no buffer of every row's blocks is written (fresh pages from the OS each pass);
+        compiled, every row at once, its read and conversion one loop of inductor's; on a GPU every row at once
+        (a loop would launch each kernel once a row)."""
+        if torch.compiler.is_compiling() or xq.device.type != "cpu":
             return self.attend_rows(xq, where.gather, where.mask)
         rows = range(xq.shape[0])
         return torch.cat(
