@@ -117,6 +117,14 @@ def test_bad_lora_modules_are_one_line_errors(adapters, monkeypatch):
             (["one"], r"^--lora_modules: expected NAME=DIR \(an adapter's name and its folder\), got 'one'$"),
             (["a=x", "a=y"], r"^--lora_modules: the name 'a' is given twice; each adapter needs a name of its own$"),
             (["tiny-stdlib=x"], r"^--lora_modules: the name 'tiny-stdlib' is the base model's;"),
+            (['{"name": "a"'], r"^--lora_modules: '\{\"name\": \"a\"' is not a JSON object \(Expecting"),
+            (['{"name": "a", "dir": "x"}'], r'^--lora_modules: expected \{"name": NAME, "path": DIR\} and optionally'),
+            (['{"name": "", "path": "x"}'], r"^--lora_modules: the name and the path must be non-empty strings, got"),
+            (
+                ['{"name": "a", "path": "x", "base_model_name": "meta-llama/Llama-2-7b-hf"}'],
+                r"^--lora_modules: adapter 'a' names base_model_name 'meta-llama/Llama-2-7b-hf', but this server "
+                r"serves 'tiny-stdlib': give --served_model_name 'meta-llama/Llama-2-7b-hf', or leave base_model_name",
+            ),
         ]:
             with pytest.raises(ValueError, match=error):
                 main(["--lora_modules", *modules, "--port", "0", "--traceback"])
@@ -124,6 +132,15 @@ def test_bad_lora_modules_are_one_line_errors(adapters, monkeypatch):
         main(["--lora_modules", f"one={adapters['one']}", "--max_lora_rank", "2", "--port", "0", "--traceback"])
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
         main(["--lora_modules", f"nowhere={Path(adapters['one']).parent / 'nowhere'}", "--port", "0", "--traceback"])
+
+
+def test_lora_modules_take_vllms_json_form_beside_name_equals_dir():
+    from llama.server.__main__ import parse_lora_modules
+
+    modules = ['{"name": "sql", "path": "out/sql", "base_model_name": "tiny-stdlib"}', '{"name": "poems", "path": "p"}']
+    assert parse_lora_modules(modules, "tiny-stdlib", False) == {"sql": "out/sql", "poems": "p"}
+    assert parse_lora_modules(["sql=out/sql", "poems=p"], "tiny-stdlib", False) == {"sql": "out/sql", "poems": "p"}
+    assert parse_lora_modules(None, "tiny-stdlib", True) == {} and parse_lora_modules(None, "x", False) is None
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ or an error chunk), and every rank exits.
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -123,7 +124,8 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help=(
             "LoRA adapters in peft's format served per request beside the base model: a request's model names one "
-            "(/v1/models lists them, with the base as their parent)"
+            '(/v1/models lists them, with the base as their parent); or vLLM\'s JSON form {"name": NAME, "path": '
+            'DIR, "base_model_name": the served model}'
         ),
     )
     parser.add_argument(
@@ -234,20 +236,47 @@ def check_serving_flags(args: argparse.Namespace) -> None:
 
 
 def parse_lora_modules(modules: Optional[List[str]], model_name: str, updates: bool) -> Optional[Dict[str, str]]:
-    """--lora_modules NAME=DIR ... as {name: folder}, each name new and not the base model's; None: no adapters
-    (with ``updates``, --allow_adapter_updates: {}, none yet)."""
+    """--lora_modules NAME=DIR ... (or vLLM's JSON form, ``lora_module``) as {name: folder}, each name new and not
+    the base model's; None: no adapters (with ``updates``, --allow_adapter_updates: {}, none yet)."""
     if modules is None:
         return {} if updates else None
     adapters: Dict[str, str] = {}
     for module in modules:
-        name, equals, folder = module.partition("=")
-        if not equals or not name.strip() or not folder:
-            raise ValueError(f"--lora_modules: expected NAME=DIR (an adapter's name and its folder), got {module!r}")
+        name, folder = lora_module(module, model_name)
         if name in adapters or name == model_name:
             taken = "the base model's" if name == model_name else "given twice"
             raise ValueError(f"--lora_modules: the name {name!r} is {taken}; each adapter needs a name of its own")
         adapters[name] = folder
     return adapters
+
+
+def lora_module(module: str, model_name: str) -> Tuple[str, str]:
+    """One --lora_modules value: ``NAME=DIR``, or vLLM's JSON object ``{"name": NAME, "path": DIR}`` with an
+    optional ``"base_model_name"``, which must be the model served (``--served_model_name``)."""
+    if not module.lstrip().startswith("{"):
+        name, equals, folder = module.partition("=")
+        if not equals or not name.strip() or not folder:
+            raise ValueError(f"--lora_modules: expected NAME=DIR (an adapter's name and its folder), got {module!r}")
+        return name, folder
+    try:
+        fields = json.loads(module)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--lora_modules: {module!r} is not a JSON object ({error})") from None
+    keys = {"name", "path", "base_model_name"}
+    if not isinstance(fields, dict) or not {"name", "path"} <= set(fields) or not set(fields) <= keys:
+        raise ValueError(
+            f'--lora_modules: expected {{"name": NAME, "path": DIR}} and optionally "base_model_name", got {module!r}'
+        )
+    name, folder = fields["name"], fields["path"]
+    if not isinstance(name, str) or not name.strip() or not isinstance(folder, str) or not folder:
+        raise ValueError(f"--lora_modules: the name and the path must be non-empty strings, got {module!r}")
+    base = fields.get("base_model_name", model_name)
+    if base != model_name:
+        raise ValueError(
+            f"--lora_modules: adapter {name!r} names base_model_name {base!r}, but this server serves "
+            f"{model_name!r}: give --served_model_name {base!r}, or leave base_model_name out"
+        )
+    return name, folder
 
 
 def load_checkpoint(load: LoadOptions, engine: EngineOptions, choose_context: bool) -> Llama:
