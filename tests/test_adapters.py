@@ -35,19 +35,24 @@ def adapters(checkpoint, tmp_path_factory) -> Dict[str, str]:
     """Four peft adapters of the session's checkpoint, as fine-tuning writes them, B random (an adapter
     fresh from training is the base), by name."""
     ckpt_dir, _ = checkpoint
+    return {
+        name: write_random_adapter(tmp_path_factory.mktemp(f"adapter-{name}"), ckpt_dir, rank, targets, seed)
+        for seed, (name, (rank, targets)) in enumerate(ADAPTER_SHAPES.items())
+    }
+
+
+def write_random_adapter(folder: Path, ckpt_dir: str, rank: int, targets: tuple, seed: int) -> str:
+    """A peft adapter of ``ckpt_dir``'s model (SMALL_PARAMS) as fine-tuning writes it, of ``rank`` on ``targets``,
+    B drawn from ``seed`` (fresh from training B is zero: the adapter would be the base); its folder."""
     args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512})
-    folders = {}
-    for seed, (name, (rank, targets)) in enumerate(ADAPTER_SHAPES.items()):
-        config = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
-        model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
-        torch.manual_seed(seed)
-        for module_name, module in model.named_modules():
-            if module_name.endswith("lora_B"):
-                torch.nn.init.normal_(module.weight, std=0.5)
-        folder = tmp_path_factory.mktemp(f"adapter-{name}")
-        write_adapter(str(folder), adapter_tensors(model), config, args, ckpt_dir)
-        folders[name] = str(folder)
-    return folders
+    config = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+    model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
+    torch.manual_seed(seed)
+    for module_name, module in model.named_modules():
+        if module_name.endswith("lora_B"):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    write_adapter(str(folder), adapter_tensors(model), config, args, ckpt_dir)
+    return str(folder)
 
 
 def encode(llama: Llama, text: str) -> List[int]:
@@ -272,18 +277,10 @@ def test_under_torchrun_every_rank_serves_its_slice_of_each_adapter_loaded_at_bu
     from distributed_worker import ADAPTER_OPTIONS, ADAPTER_ROWS, PROMPTS
 
     ckpt_dir, _ = make_checkpoint(n_shards=2)
-    args = ModelArgs.from_dict({**SMALL_PARAMS, "vocab_size": 512})
     folders = []
     for seed, (rank, targets) in enumerate([(4, TARGET_SETS["all"]), (2, ("wk", "wo", "w2")), (8, ("w1", "w3"))]):
-        config = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
-        model = apply_lora(load_model(ckpt_dir, args, torch.device("cpu"), torch.float32), config)
-        torch.manual_seed(seed)
-        for module_name, module in model.named_modules():
-            if module_name.endswith("lora_B"):
-                torch.nn.init.normal_(module.weight, std=0.5)
-        folders.append(str(tmp_path / f"a{seed}"))
-        Path(folders[-1]).mkdir()
-        write_adapter(folders[-1], adapter_tensors(model), config, args, ckpt_dir)
+        (tmp_path / f"a{seed}").mkdir()
+        folders.append(write_random_adapter(tmp_path / f"a{seed}", ckpt_dir, rank, targets, seed))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     worker = str(Path(__file__).parent / "distributed_worker.py")
     command = [*torchrun, worker, "adapters", str(tmp_path), tokenizer_path, ckpt_dir, *folders]

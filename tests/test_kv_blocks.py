@@ -392,7 +392,7 @@ def test_a_decode_step_reads_an_8_bit_pool_alike_row_by_row_and_all_rows_at_once
     where = CachePass.of(BlockTables(tables), (lengths - 1)[:, None], pool)
     rows = pool.attend_stored(xq, where)
     every_row = pool.attend_rows(xq, where.gather, where.mask)
-    keys, values = pool.gather(CachePass.of(BlockTables(tables), (lengths - 1)[:, None], pool))
+    keys, values = pool.gather(where)
     expected = F.scaled_dot_product_attention(xq, keys, values, attn_mask=where.mask, enable_gqa=True)
     torch.testing.assert_close(rows, every_row, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-4)
