@@ -73,7 +73,7 @@ def default_compiled_attention(device: torch.device, quantized: bool = False) ->
     --sections flex``: 0.84-1.01 of the step's time, and one graph per width instead of two); the
     gather elsewhere, until FlexAttention is measured there, and for a pool stored in 8 bits
     (``quantized``), which FlexAttention reads dequantized whole (``bench/kv_quantized.py --sections decode
-    --compiled``: 4.8x the gather's time)."""
+    --modes gather flex``: 3.2x the gather's time on the bundled model)."""
     return "flex" if device.type == "cpu" and FLEX_ON_CPU and not quantized else "gather"
 
 

@@ -216,7 +216,7 @@ class CachePass(NamedTuple):
         mask = (key_positions <= positions[..., None]).unsqueeze(1)  # broadcast over heads
         # one buffer a pass, which the layers gather into in turn: megabytes allocated anew twice a layer
         # come as fresh pages from the OS (docs/performance.md); compiled, inductor plans its own buffers; a
-        # decode step over an 8-bit pool reads row by row (``KVCache.attend_stored``)
+        # decode step over an 8-bit pool reads its blocks as stored (``KVCache.attend_stored``)
         gathered, stored = None, None
         if not torch.compiler.is_compiling() and not (kv_cache.quantized and positions.shape[1] == 1):
             shape = (2, gather.numel(), block_size, head_dim)
